@@ -1,0 +1,194 @@
+//! Command-line interface of `cargo xtask`.
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "cargo xtask", about = "hmmgpu developer and CI tasks", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Build what is missing and boot a VM with N hmmgpu GPUs running a command.
+    ///
+    /// Exits with the guest command's exit status, or with one of the statuses
+    /// of docs/running.md when the VM itself failed.
+    Run(RunArgs),
+    /// Everything CI runs: cargo test, the driver build (warnings as errors)
+    /// and the VM tests. Ends with "N passed, N failed".
+    Test(TestArgs),
+    // Future work, each in its own module beside vm.rs and tests.rs:
+    //   Inject(InjectArgs)  fault injection through the backend's control socket
+    //   Bench(BenchArgs)    migration throughput/latency benchmarks
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AccelChoice {
+    /// KVM if /dev/kvm is usable and the CPU has VMX/SVM, else TCG.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Flavour {
+    Release,
+    /// lockdep, DEBUG_VM, KASAN (kernel built with clang).
+    Debug,
+}
+
+impl Flavour {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flavour::Release => "release",
+            Flavour::Debug => "debug",
+        }
+    }
+}
+
+/// Options shared by `run` and `test`.
+#[derive(Args, Debug, Clone)]
+pub struct VmOpts {
+    /// Accelerator.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    pub accel: AccelChoice,
+    /// Guest kernel flavour.
+    #[arg(long, value_enum, default_value_t = Flavour::Release)]
+    pub flavour: Flavour,
+    /// Guest RAM (bytes, or with a K/M/G suffix).
+    #[arg(long, default_value = "2G", value_parser = parse_size)]
+    pub memory: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Number of hmmgpu devices (0: a bare boot without backends).
+    #[arg(long, default_value_t = 1)]
+    pub gpus: u32,
+    /// VRAM per GPU: a power of two, at least 2M (K/M/G suffixes).
+    #[arg(long, default_value = "256M", value_parser = parse_vram_size)]
+    pub vram: u64,
+    #[command(flatten)]
+    pub vm: VmOpts,
+    /// Seconds from launch until the command's status must be reported.
+    #[arg(long, default_value_t = 900)]
+    pub timeout: u64,
+    /// Copy a host file into the guest's /host/ (repeatable).
+    #[arg(long = "add", value_name = "PATH")]
+    pub add: Vec<PathBuf>,
+    /// Leave hmmgpu.ko out of the initramfs (it is built and loaded by default).
+    #[arg(long)]
+    pub no_driver: bool,
+    /// Put hmmgpu.ko in the initramfs but do not load it (hmmgpu.noload).
+    #[arg(long)]
+    pub noload: bool,
+    /// Command to run in the guest (cwd /tmp); default: hmmgpu-demo.
+    #[arg(last = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct TestArgs {
+    #[command(flatten)]
+    pub vm: VmOpts,
+    /// Skip `cargo test --workspace` and the driver build; only the VM tests.
+    #[arg(long)]
+    pub vm_only: bool,
+    /// Seconds each VM test may take from launch to the status marker.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    /// Run only these VM tests (default: all). `--list` shows them.
+    #[arg(value_name = "TEST")]
+    pub only: Vec<String>,
+    /// List the VM tests and exit.
+    #[arg(long)]
+    pub list: bool,
+}
+
+/// Parses `4096`, `64K`, `256M`, `2G`, `1T` (binary units; `KiB`/`MB`-style
+/// spellings accepted).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    if digits_end == 0 {
+        return Err(format!(
+            "'{s}' is not a size: want a number with an optional K/M/G/T suffix"
+        ));
+    }
+    let n: u64 = t[..digits_end].parse().map_err(|e| format!("'{s}': {e}"))?;
+    let shift = match t[digits_end..].to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        other => {
+            return Err(format!(
+                "'{s}': unknown size suffix '{other}' (K, M, G or T)"
+            ))
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+pub fn parse_vram_size(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    if n < 2 << 20 || !n.is_power_of_two() {
+        return Err(format!(
+            "VRAM size '{s}' ({n} bytes) must be a power of two of at least 2M"
+        ));
+    }
+    Ok(n)
+}
+
+/// Checks the guest RAM size QEMU gets.
+pub fn check_memory(n: u64) -> Result<()> {
+    if !n.is_multiple_of(1 << 20) || n < 256 << 20 {
+        bail!("--memory {n} bytes: want a whole number of MiB, at least 256M");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert_eq!(parse_vram_size("2M"), Ok(2 << 20));
+        assert!(parse_vram_size("1M").is_err());
+        assert!(parse_vram_size("3M").is_err());
+        assert!(check_memory(2 << 30).is_ok());
+        assert!(check_memory((2 << 30) + 1).is_err());
+    }
+
+    #[test]
+    fn cli_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let c =
+            Cli::try_parse_from(["x", "run", "--gpus", "0", "--", "sh", "-c", "exit 7"]).unwrap();
+        match c.command {
+            Command::Run(r) => {
+                assert_eq!(r.gpus, 0);
+                assert_eq!(r.cmd, ["sh", "-c", "exit 7"]);
+                assert_eq!(r.vram, 256 << 20);
+            }
+            _ => panic!(),
+        }
+        assert!(Cli::try_parse_from(["x", "run", "--vram", "3M"]).is_err());
+    }
+}

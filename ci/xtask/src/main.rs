@@ -1,0 +1,100 @@
+//! `cargo xtask`: builds the hmmgpu stack and runs it in QEMU VMs.
+//! See docs/running.md.
+
+mod build;
+mod cli;
+mod exit;
+mod pattern;
+mod signals;
+mod tests;
+mod vm;
+
+use anyhow::Result;
+use build::log;
+use clap::Parser;
+use cli::{Cli, Command, RunArgs};
+use std::time::Duration;
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match signals::install().and_then(|()| dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("[xtask] error: {e:#}");
+            let code = exit::code_of(&e);
+            eprintln!("[xtask] exit status {code}");
+            code
+        }
+    };
+    std::process::exit(code);
+}
+
+fn dispatch(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Test(args) if args.list => {
+            tests::list();
+            Ok(0)
+        }
+        Command::Test(args) => tests::run(&args),
+    }
+}
+
+fn run(args: RunArgs) -> Result<i32> {
+    cli::check_memory(args.vm.memory)?;
+    for a in &args.add {
+        if !a.is_file() {
+            anyhow::bail!("--add {}: no such file", a.display());
+        }
+    }
+    if args.no_driver && args.noload {
+        anyhow::bail!("--noload and --no-driver together make no sense: --no-driver already leaves hmmgpu.ko out");
+    }
+    let cmd = if args.cmd.is_empty() {
+        vec!["hmmgpu-demo".to_string()]
+    } else {
+        args.cmd.clone()
+    };
+    // Fail on a too-long command before building anything.
+    vm::kernel_cmdline(&cmd, args.noload)?;
+    let accel = vm::resolve_accel(args.vm.accel)?;
+    let art = build::artifacts(&build::Wants {
+        flavour: args.vm.flavour,
+        device: args.gpus > 0,
+        driver: !args.no_driver,
+    })?;
+    let run_dir = vm::RunDir::create()?;
+    let modules: Vec<_> = art.driver.iter().cloned().collect();
+    let initramfs = build::initramfs(
+        &art.kernel,
+        &run_dir.path.join("initramfs.cpio.gz"),
+        &modules,
+        &art.programs,
+        &args.add,
+    )?;
+    let cfg = vm::VmConfig {
+        qemu: art.qemu.clone(),
+        kernel_image: art.kernel.image(),
+        initramfs,
+        device_bin: art.device.clone(),
+        gpus: args.gpus,
+        vram_size: args.vram,
+        memory: args.vm.memory,
+        accel,
+        timeout: Duration::from_secs(args.timeout),
+        cmd,
+        noload: args.noload,
+        echo: vm::Echo::Raw,
+        run_dir: run_dir.path.clone(),
+    };
+    let out = vm::run(&cfg)?;
+    log(format!("timing: {}", out.timings));
+    for s in &out.stats {
+        log(format!("gpu{} stats ({:?}): {}", s.gpu, s.source, s.raw));
+    }
+    match &out.result {
+        vm::VmResult::Exited(n) => log(format!("guest command exited with status {n}")),
+        vm::VmResult::Failed(e, m) => log(format!("VM failed: {e}: {m}")),
+    }
+    Ok(out.result.exit_code())
+}

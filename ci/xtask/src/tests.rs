@@ -1,0 +1,427 @@
+//! `cargo xtask test`: what CI runs. `cargo test --workspace`, the driver
+//! build (warnings as errors), then the VM tests, each a function that boots a
+//! VM with a guest command and checks what came back.
+
+use crate::build::{self, log, Kernel};
+use crate::cli::TestArgs;
+use crate::exit;
+use crate::pattern;
+use crate::signals;
+use crate::vm::{self, Accel, Echo, VmConfig, VmOutcome, VmResult};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// What the VM tests need, each built once; a build's error fails the tests
+/// that need it (and only those).
+struct Ctx {
+    kernel: Result<Kernel, String>,
+    qemu: Result<PathBuf, String>,
+    device: Result<PathBuf, String>,
+    driver: Result<PathBuf, String>,
+    programs: Result<Vec<PathBuf>, String>,
+    accel: Accel,
+    memory: u64,
+    timeout: Duration,
+    /// bare-boot's launch→init, for the boot-time comparison.
+    bare_init: Option<Duration>,
+    /// demo's launch→ready (driver loaded and bound).
+    demo_ready: Option<Duration>,
+}
+
+/// One boot of a VM test.
+struct Boot<'a> {
+    test: &'a str,
+    gpus: u32,
+    /// Include and load hmmgpu.ko.
+    driver: bool,
+    cmd: Vec<String>,
+}
+
+const VRAM_SIZE: u64 = 256 << 20;
+
+fn s<T>(r: Result<T>) -> Result<T, String> {
+    r.map_err(|e| format!("{e:#}"))
+}
+
+fn argv(s: &[&str]) -> Vec<String> {
+    s.iter().map(|a| a.to_string()).collect()
+}
+
+fn need<'a, T>(what: &str, r: &'a Result<T, String>) -> Result<&'a T> {
+    r.as_ref().map_err(|e| anyhow!("{what} unavailable: {e}"))
+}
+
+impl Ctx {
+    fn boot(&self, b: Boot) -> Result<VmOutcome> {
+        let kernel = need("the guest kernel", &self.kernel)?;
+        let qemu = need("QEMU", &self.qemu)?;
+        let programs = need("the guest programs", &self.programs)?;
+        let mut modules = Vec::new();
+        if b.driver {
+            modules.push(need("hmmgpu.ko", &self.driver)?.clone());
+        }
+        let device_bin = if b.gpus > 0 {
+            Some(need("hmmgpu-device", &self.device)?.clone())
+        } else {
+            None
+        };
+        let run_dir = vm::RunDir::create()?;
+        let initramfs = build::initramfs(
+            kernel,
+            &run_dir.path.join("initramfs.cpio.gz"),
+            &modules,
+            programs,
+            &[],
+        )?;
+        let cfg = VmConfig {
+            qemu: qemu.clone(),
+            kernel_image: kernel.image(),
+            initramfs,
+            device_bin,
+            gpus: b.gpus,
+            vram_size: VRAM_SIZE,
+            memory: self.memory,
+            accel: self.accel,
+            timeout: self.timeout,
+            cmd: b.cmd,
+            noload: false,
+            echo: Echo::Prefixed(format!("  {}| ", b.test)),
+            run_dir: run_dir.path.clone(),
+        };
+        let out = vm::run(&cfg)?;
+        log(format!("{}: {}", b.test, out.timings));
+        for s in &out.stats {
+            log(format!(
+                "{}: gpu{} stats ({:?}): {}",
+                b.test, s.gpu, s.source, s.raw
+            ));
+        }
+        Ok(out)
+    }
+}
+
+fn expect_status(out: &VmOutcome, want: i32) -> Result<()> {
+    match &out.result {
+        VmResult::Exited(n) if *n == want => Ok(()),
+        VmResult::Exited(n) => bail!("the guest command exited with {n}, want {want}"),
+        VmResult::Failed(e, m) => bail!("the VM failed: {e}: {m}"),
+    }
+}
+
+struct VmTest {
+    name: &'static str,
+    about: &'static str,
+    run: fn(&mut Ctx) -> Result<()>,
+}
+
+const VM_TESTS: &[VmTest] = &[
+    VmTest {
+        name: "bare-boot",
+        about: "--gpus 0, no driver, `true`: the baseline boot",
+        run: t_bare_boot,
+    },
+    VmTest {
+        name: "exit-status",
+        about: "`sh -c 'exit 7'` gives 7",
+        run: t_exit_status,
+    },
+    VmTest {
+        name: "device-bound",
+        about: "the driver binds the virtio device and registers device-private memory",
+        run: t_device_bound,
+    },
+    VmTest {
+        name: "demo",
+        about: "hmmgpu-demo exits 0",
+        run: t_demo,
+    },
+    VmTest {
+        name: "vram-holds-data",
+        about: "a buffer left in VRAM is in the host's VRAM file",
+        run: t_vram_holds_data,
+    },
+    VmTest {
+        name: "rmmod-resident",
+        about: "rmmod with a buffer in VRAM brings every byte back",
+        run: t_rmmod_resident,
+    },
+];
+
+fn t_bare_boot(ctx: &mut Ctx) -> Result<()> {
+    let out = ctx.boot(Boot {
+        test: "bare-boot",
+        gpus: 0,
+        driver: false,
+        cmd: argv(&["true"]),
+    })?;
+    ctx.bare_init = out.timings.init;
+    expect_status(&out, 0)
+}
+
+fn t_exit_status(ctx: &mut Ctx) -> Result<()> {
+    let out = ctx.boot(Boot {
+        test: "exit-status",
+        gpus: 1,
+        driver: true,
+        cmd: argv(&["sh", "-c", "exit 7"]),
+    })?;
+    expect_status(&out, 7)
+}
+
+fn t_device_bound(ctx: &mut Ctx) -> Result<()> {
+    let script = r#"
+set -e
+echo "virtio devices bound to hmmgpu:"; ls /sys/bus/virtio/drivers/hmmgpu/
+ls /sys/bus/virtio/drivers/hmmgpu/ | grep -q '^virtio[0-9]' || { echo "FAIL: no device bound to the hmmgpu virtio driver"; exit 1; }
+grep -l 0x107f /sys/bus/pci/devices/*/device || { echo "FAIL: no PCI device 0x107f"; exit 1; }
+dmesg | grep 'device-private' || true
+dmesg | grep -q 'device-private' || { echo "FAIL: no 'device-private' line in dmesg"; exit 1; }
+echo "device-bound: all checks passed"
+"#;
+    let out = ctx.boot(Boot {
+        test: "device-bound",
+        gpus: 1,
+        driver: true,
+        cmd: argv(&["sh", "-c", script]),
+    })?;
+    expect_status(&out, 0)
+}
+
+fn t_demo(ctx: &mut Ctx) -> Result<()> {
+    let out = ctx.boot(Boot {
+        test: "demo",
+        gpus: 1,
+        driver: true,
+        cmd: argv(&["hmmgpu-demo"]),
+    })?;
+    ctx.demo_ready = out.timings.ready;
+    expect_status(&out, 0)
+}
+
+fn t_vram_holds_data(ctx: &mut Ctx) -> Result<()> {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos() as u64
+        ^ std::process::id() as u64;
+    let seed = seed & 0xFFFF_FFFF_FFFF; // short enough to read in logs
+    let out = ctx.boot(Boot {
+        test: "vram-holds-data",
+        gpus: 1,
+        driver: true,
+        cmd: argv(&["hmmgpu-demo", "--leave-in-vram", &seed.to_string()]),
+    })?;
+    expect_status(&out, 0)?;
+    let marker = format!("HMMGPU-VRAM-PATTERN seed={seed} bytes=");
+    let line = out
+        .console
+        .iter()
+        .find(|l| l.contains(&marker))
+        .with_context(|| format!("the console has no '{marker}N' line"))?;
+    let bytes: usize = line[line.find(&marker).unwrap() + marker.len()..]
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .parse()
+        .with_context(|| format!("bad pattern marker: {line}"))?;
+    let vram = out.vram.paths.first().context("the run has no VRAM file")?;
+    let scan = pattern::scan_vram(vram, seed, bytes)?;
+    log(format!(
+        "vram-holds-data: {} of {} pattern pages found in {}",
+        scan.pages - scan.missing(),
+        scan.pages,
+        vram.display()
+    ));
+    ensure!(
+        scan.missing() == 0,
+        "{} of {} pages of the pattern are not in the VRAM file",
+        scan.missing(),
+        scan.pages
+    );
+    let stats = out.stats.first().context("gpu0 reported no stats")?;
+    let g2v = stats.counter("bytes_guest_to_vram")?;
+    ensure!(
+        g2v >= bytes as u64,
+        "backend stats: bytes_guest_to_vram {g2v} bytes < buffer size {bytes}"
+    );
+    log(format!(
+        "vram-holds-data: backend bytes_guest_to_vram {g2v} bytes >= {bytes}"
+    ));
+    Ok(())
+}
+
+fn t_rmmod_resident(ctx: &mut Ctx) -> Result<()> {
+    let out = ctx.boot(Boot {
+        test: "rmmod-resident",
+        gpus: 1,
+        driver: true,
+        cmd: argv(&["hmmgpu-demo", "--rmmod-resident"]),
+    })?;
+    expect_status(&out, 0)
+}
+
+pub fn list() {
+    for t in VM_TESTS {
+        println!("{:16} {}", t.name, t.about);
+    }
+}
+
+struct Outcome {
+    name: String,
+    pass: bool,
+    time: Duration,
+    note: String,
+}
+
+fn record(results: &mut Vec<Outcome>, name: &str, start: Instant, r: Result<()>) -> Result<()> {
+    let time = start.elapsed();
+    if signals::interrupted() {
+        return Err(exit::interrupted());
+    }
+    let (pass, note) = match r {
+        Ok(()) => (true, String::new()),
+        Err(e) => (false, format!("{e:#}")),
+    };
+    println!(
+        "--- {name}: {} ({:.1}s){}",
+        if pass { "PASS" } else { "FAIL" },
+        time.as_secs_f64(),
+        if note.is_empty() {
+            String::new()
+        } else {
+            format!("\n    {}", note.replace('\n', "\n    "))
+        }
+    );
+    results.push(Outcome {
+        name: name.to_string(),
+        pass,
+        time,
+        note,
+    });
+    Ok(())
+}
+
+fn cargo_test() -> Result<()> {
+    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["test", "--workspace"])
+        .current_dir(build::repo_root())
+        .status()
+        .context("running cargo test")?;
+    ensure!(status.success(), "cargo test --workspace failed ({status})");
+    Ok(())
+}
+
+/// Runs the tests; returns the exit status (0 if all passed).
+pub fn run(args: &TestArgs) -> Result<i32> {
+    crate::cli::check_memory(args.vm.memory)?;
+    for name in &args.only {
+        if !VM_TESTS.iter().any(|t| t.name == name) {
+            bail!("no VM test named '{name}' (cargo xtask test --list)");
+        }
+    }
+    let accel = vm::resolve_accel(args.vm.accel)?;
+    let mut results = Vec::new();
+
+    println!("=== host setup");
+    let t = Instant::now();
+    let setup = build::setup_host();
+    let setup_failed = setup.is_err();
+    record(&mut results, "host-setup", t, setup)?;
+    if setup_failed {
+        log("host setup failed: the builds below will likely fail too");
+    }
+
+    if !args.vm_only {
+        println!("=== cargo test --workspace");
+        let t = Instant::now();
+        record(&mut results, "cargo-test", t, cargo_test())?;
+    }
+
+    println!("=== builds");
+    let t = Instant::now();
+    let kernel = s(build::kernel(args.vm.flavour));
+    let driver = match &kernel {
+        Ok(k) => s(build::driver(k)),
+        Err(e) => Err(format!("no kernel to build it against: {e}")),
+    };
+    if !args.vm_only {
+        // images/build-driver.sh builds with W=1 and warnings as errors.
+        record(
+            &mut results,
+            "driver-build",
+            t,
+            driver.as_ref().map(|_| ()).map_err(|e| anyhow!("{e}")),
+        )?;
+    }
+    let qemu = s(build::qemu());
+    let device = s(build::device());
+    let programs = match &kernel {
+        Ok(k) => s(build::guest_programs(k, args.vm.flavour)),
+        Err(e) => Err(format!("no kernel: {e}")),
+    };
+    if signals::interrupted() {
+        return Err(exit::interrupted());
+    }
+    for (what, e) in [
+        ("kernel", kernel.as_ref().err()),
+        ("driver", driver.as_ref().err()),
+        ("qemu", qemu.as_ref().err()),
+        ("hmmgpu-device", device.as_ref().err()),
+        ("guest programs", programs.as_ref().err()),
+    ] {
+        if let Some(e) = e {
+            log(format!("build of {what} failed: {e}"));
+        }
+    }
+
+    let mut ctx = Ctx {
+        kernel,
+        qemu,
+        device,
+        driver,
+        programs,
+        accel,
+        memory: args.vm.memory,
+        timeout: Duration::from_secs(args.timeout),
+        bare_init: None,
+        demo_ready: None,
+    };
+    for t in VM_TESTS {
+        if !args.only.is_empty() && !args.only.iter().any(|n| n == t.name) {
+            continue;
+        }
+        println!("=== {}: {}", t.name, t.about);
+        let start = Instant::now();
+        let r = (t.run)(&mut ctx);
+        record(&mut results, t.name, start, r)?;
+    }
+
+    println!();
+    println!("=== summary");
+    for r in &results {
+        println!(
+            "{:18} {} {:7.1}s{}",
+            r.name,
+            if r.pass { "PASS" } else { "FAIL" },
+            r.time.as_secs_f64(),
+            if r.pass {
+                String::new()
+            } else {
+                format!("  {}", r.note.lines().next().unwrap_or(""))
+            }
+        );
+    }
+    let fmt =
+        |d: Option<Duration>| d.map_or("n/a".to_string(), |d| format!("{:.2}s", d.as_secs_f64()));
+    println!(
+        "boot time ({}): bare-boot launch→init {}, demo launch→ready (driver bound) {}",
+        if accel == Accel::Kvm { "KVM" } else { "TCG" },
+        fmt(ctx.bare_init),
+        fmt(ctx.demo_ready)
+    );
+    let passed = results.iter().filter(|r| r.pass).count();
+    let failed = results.len() - passed;
+    println!("{passed} passed, {failed} failed");
+    Ok(if failed == 0 { 0 } else { 1 })
+}

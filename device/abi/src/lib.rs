@@ -1,0 +1,49 @@
+// SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0
+//! The hmmgpu device interface (see docs/device-spec.md).
+//!
+//! The definitions live in `abi.rs` so that the guest driver can compile the
+//! very same file as a module of its own crate (`#[path]`); this root only
+//! makes it a `no_std` crate for the backend.
+#![no_std]
+#![deny(missing_docs)]
+
+include!("abi.rs");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn structs_round_trip() {
+        let c = DeviceConfig {
+            magic: CONFIG_MAGIC,
+            version: ABI_VERSION,
+            vram_size: 0x1234_5678_9abc,
+            page_size: 4096,
+            max_ranges: MAX_RANGES,
+        };
+        assert_eq!(DeviceConfig::from_bytes(&c.to_bytes()), Some(c));
+        let h = CmdHeader { opcode: opcode::COPY, flags: 0, tag: u64::MAX - 1, count: 7, reserved: 0 };
+        assert_eq!(CmdHeader::from_bytes(&h.to_bytes()), Some(h));
+        let r = Range { src: 1 << 40, dst: 3, len: 4096, flags: range_flags::DST_VRAM };
+        assert_eq!(Range::from_bytes(&r.to_bytes()), Some(r));
+        let s = Response { status: status::COPY_ERROR, failed_index: 9, bytes: 1 << 33 };
+        assert_eq!(Response::from_bytes(&s.to_bytes()), Some(s));
+    }
+
+    #[test]
+    fn wire_format_is_little_endian() {
+        let h = CmdHeader { opcode: 0x0102_0304, ..Default::default() };
+        assert_eq!(&h.to_bytes()[..4], &[4, 3, 2, 1]);
+        assert_eq!(&CONFIG_MAGIC.to_le_bytes(), b"HMMG");
+        assert_eq!(PCI_DEVICE_ID_HMMGPU, 0x107f);
+    }
+
+    #[test]
+    fn short_input_is_rejected() {
+        assert_eq!(CmdHeader::from_bytes(&[0; CmdHeader::SIZE - 1]), None);
+        assert_eq!(Range::from_bytes(&[]), None);
+        assert_eq!(Response::from_bytes(&[0; 15]), None);
+        assert_eq!(DeviceConfig::from_bytes(&[0; 23]), None);
+    }
+}

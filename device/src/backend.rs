@@ -1,0 +1,335 @@
+// SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0
+//! The vhost-user glue: feature negotiation, the config space, and turning
+//! descriptor chains of the command queue into [`Engine`] calls.
+//!
+//! Everything a chain holds comes from the guest and may be garbage. Nothing
+//! here panics or returns an error to the vhost-user event loop because of
+//! it (an error would stop the queue's worker thread for good): bad chains
+//! are completed with an error status, or with used length 0 when there is
+//! no room for a response, and counted as failed.
+
+use std::io::{self, Read, Write};
+
+use hmmgpu_abi::{
+    status, DeviceConfig, Response, ABI_VERSION, CONFIG_MAGIC, MAX_RANGES, NUM_QUEUES, PAGE_SIZE,
+    QUEUE_COMMAND, QUEUE_SIZE,
+};
+use log::{debug, error, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{DescriptorChain, QueueOwnedT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::engine::{Engine, GuestRam, MAX_COMMAND_LEN};
+
+/// Virtio feature bits the device offers.
+pub const DEVICE_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
+    | (1 << VIRTIO_RING_F_EVENT_IDX)
+    | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+    | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+
+/// A descriptor chain of the command queue, holding its view of guest RAM.
+type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestRam>>;
+
+/// The hmmgpu vhost-user device. The daemon wraps it in a `RwLock`
+/// (`VhostUserBackendMut`), so one command is executed at a time, in queue
+/// order, as the spec promises.
+pub struct HmmGpuBackend {
+    engine: Engine,
+    mem: GuestMemoryAtomic<GuestRam>,
+    event_idx: bool,
+    acked_features: u64,
+}
+
+impl HmmGpuBackend {
+    /// A device whose copy engine is `engine`. Guest memory arrives later,
+    /// with the front end's SET_MEM_TABLE.
+    pub fn new(engine: Engine) -> Self {
+        Self {
+            engine,
+            mem: GuestMemoryAtomic::new(GuestRam::new()),
+            event_idx: false,
+            acked_features: 0,
+        }
+    }
+
+    /// The copy engine (and through it the VRAM and counters).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The config space the driver reads.
+    pub fn config(&self) -> DeviceConfig {
+        DeviceConfig {
+            magic: CONFIG_MAGIC,
+            version: ABI_VERSION,
+            vram_size: self.engine.vram().size(),
+            page_size: PAGE_SIZE as u32,
+            max_ranges: MAX_RANGES,
+        }
+    }
+
+    /// Executes every available chain of `vring`, then interrupts the driver
+    /// if it asked for it. Returns whether any chain was used.
+    fn process_queue(&self, vring: &VringRwLock) -> io::Result<bool> {
+        let chains: Vec<Chain> = vring
+            .get_mut()
+            .get_queue_mut()
+            .iter(self.mem.memory())
+            .map_err(|e| queue_error("reading the avail ring", e))?
+            .collect();
+        if chains.is_empty() {
+            return Ok(false);
+        }
+        for chain in chains {
+            let head = chain.head_index();
+            let used_len = self.process_chain(chain);
+            vring
+                .add_used(head, used_len)
+                .map_err(|e| queue_error("writing the used ring", e))?;
+        }
+        if vring
+            .needs_notification()
+            .map_err(|e| queue_error("reading used_event", e))?
+        {
+            vring.signal_used_queue()?;
+        }
+        Ok(true)
+    }
+
+    /// Executes one command chain and writes its response; returns the used
+    /// length (0 when the chain had no room for a response).
+    fn process_chain(&self, chain: Chain) -> u32 {
+        let mem = chain.memory();
+        let head = chain.head_index();
+        let mut writer = match chain.clone().writer(mem) {
+            Ok(writer) if writer.available_bytes() >= Response::SIZE => writer,
+            Ok(writer) => {
+                warn!(
+                    "chain {head}: {} writable bytes, a response needs {}; dropped",
+                    writer.available_bytes(),
+                    Response::SIZE
+                );
+                self.engine.stats().count_failed();
+                return 0;
+            }
+            Err(e) => {
+                warn!("chain {head}: bad writable part ({e}); dropped");
+                self.engine.stats().count_failed();
+                return 0;
+            }
+        };
+        let response = match read_command(&chain, mem) {
+            Ok(request) => self.engine.execute(mem, &request),
+            Err(e) => {
+                warn!("chain {head}: cannot read the command ({e})");
+                self.engine.stats().count_failed();
+                Response {
+                    status: status::BAD_REQUEST,
+                    failed_index: 0,
+                    bytes: 0,
+                }
+            }
+        };
+        if let Err(e) = writer.write_all(&response.to_bytes()) {
+            // Cannot happen (room was checked), but never trust it.
+            error!("chain {head}: writing the response: {e}");
+            return 0;
+        }
+        debug!("chain {head}: {}", status::name(response.status));
+        Response::SIZE as u32
+    }
+}
+
+/// Reads the device-readable part of `chain` (at most [`MAX_COMMAND_LEN`]
+/// bytes: no command is longer, and a hostile chain could claim gigabytes).
+fn read_command(chain: &Chain, mem: &GuestRam) -> io::Result<Vec<u8>> {
+    let mut reader = chain.clone().reader(mem).map_err(io::Error::other)?;
+    let mut request = vec![0u8; reader.available_bytes().min(MAX_COMMAND_LEN)];
+    reader.read_exact(&mut request)?;
+    Ok(request)
+}
+
+fn queue_error(what: &str, e: virtio_queue::Error) -> io::Error {
+    io::Error::other(format!("command queue: {what}: {e}"))
+}
+
+impl VhostUserBackendMut for HmmGpuBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(QUEUE_SIZE)
+    }
+
+    fn features(&self) -> u64 {
+        DEVICE_FEATURES
+    }
+
+    fn acked_features(&mut self, features: u64) {
+        debug!("features acked: {features:#x}");
+        self.acked_features = features;
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn reset_device(&mut self) {
+        self.event_idx = false;
+        self.acked_features = 0;
+    }
+
+    fn set_event_idx(&mut self, enabled: bool) {
+        self.event_idx = enabled;
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let config = self.config().to_bytes();
+        let range = usize::try_from(offset)
+            .ok()
+            .and_then(|start| Some(start..start.checked_add(usize::try_from(size).ok()?)?));
+        match range.and_then(|range| config.get(range)) {
+            Some(bytes) => bytes.to_vec(),
+            None => {
+                // An empty reply is how vhost-user reports a failed GET_CONFIG.
+                warn!(
+                    "GET_CONFIG of {size} bytes at {offset} is outside the {}-byte config",
+                    config.len()
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    fn set_config(&mut self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        warn!(
+            "SET_CONFIG of {} bytes at {offset} refused: the config space is read-only",
+            buf.len()
+        );
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "hmmgpu config space is read-only",
+        ))
+    }
+
+    fn update_memory(&mut self, mem: GuestMemoryAtomic<GuestRam>) -> io::Result<()> {
+        self.mem = mem;
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Lets the daemon stop the queue worker thread when the session ends.
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
+            .inspect_err(|e| error!("creating the exit event: {e}"))
+            .ok()
+    }
+
+    fn handle_event(
+        &mut self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            warn!("unexpected event set {evset:?} for event {device_event}");
+            return Ok(());
+        }
+        if device_event != QUEUE_COMMAND {
+            warn!("event for unknown queue {device_event}");
+            return Ok(());
+        }
+        let Some(vring) = vrings.get(usize::from(QUEUE_COMMAND)) else {
+            return Ok(());
+        };
+        // A broken ring (bogus avail index, used ring outside guest RAM) is
+        // the guest's fault: log it and wait for the next kick rather than
+        // kill the worker thread.
+        let result = if self.event_idx {
+            // With EVENT_IDX the driver only kicks when told to: keep draining
+            // until re-enabling notifications finds no new work, or a chain
+            // added in the window between the two would wait forever.
+            loop {
+                if let Err(e) = vring.disable_notification() {
+                    break Err(queue_error("disabling notifications", e));
+                }
+                if let Err(e) = self.process_queue(vring) {
+                    break Err(e);
+                }
+                match vring.enable_notification() {
+                    Ok(true) => continue,
+                    Ok(false) => break Ok(()),
+                    Err(e) => break Err(queue_error("enabling notifications", e)),
+                }
+            }
+        } else {
+            self.process_queue(vring).map(drop)
+        };
+        if let Err(e) = result {
+            error!("{e}");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{NoFaults, Stats};
+    use crate::vram::Vram;
+    use std::sync::Arc;
+
+    fn backend(dir: &tempfile::TempDir) -> HmmGpuBackend {
+        let vram = Arc::new(Vram::open(&dir.path().join("vram"), 4 << 20).unwrap());
+        HmmGpuBackend::new(Engine::new(
+            vram,
+            Arc::new(Stats::default()),
+            Arc::new(NoFaults),
+        ))
+    }
+
+    #[test]
+    fn config_space_reads_are_bounds_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = backend(&dir);
+        let whole = b.get_config(0, DeviceConfig::SIZE as u32);
+        let config = DeviceConfig::from_bytes(&whole).unwrap();
+        assert_eq!(config.magic, CONFIG_MAGIC);
+        assert_eq!(config.version, ABI_VERSION);
+        assert_eq!(config.vram_size, 4 << 20);
+        assert_eq!(config.page_size, 4096);
+        assert_eq!(config.max_ranges, MAX_RANGES);
+        assert_eq!(b.get_config(8, 8), (4u64 << 20).to_le_bytes());
+        assert_eq!(b.get_config(24, 0), Vec::<u8>::new());
+        for (offset, size) in [(0, 25), (20, 8), (24, 1), (u32::MAX, 2), (1, u32::MAX)] {
+            assert!(b.get_config(offset, size).is_empty(), "{offset}+{size}");
+        }
+    }
+
+    #[test]
+    fn offers_the_spec_features() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = backend(&dir);
+        assert_eq!(b.num_queues(), 1);
+        assert_eq!(b.max_queue_size(), 256);
+        assert_eq!(b.features() & (1 << 32), 1 << 32, "VIRTIO_F_VERSION_1");
+        assert_eq!(b.features() & (1 << 33), 0, "no VIRTIO_F_ACCESS_PLATFORM");
+        assert!(b
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::CONFIG));
+        assert!(b.set_config(0, &[0; 4]).is_err());
+    }
+}

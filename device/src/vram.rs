@@ -1,0 +1,290 @@
+// SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0
+//! The device's VRAM: a file mapped `MAP_SHARED`, the very file QEMU's memory
+//! backend maps for BAR 2, so what the copy engine writes is what the guest
+//! CPU sees through the BAR and the reverse.
+//!
+//! Every access goes through [`Vram::slice`], which checks the range against
+//! the VRAM size with checked arithmetic; nothing here can touch memory
+//! outside the mapping.
+//!
+//! The guest may access the same bytes concurrently through the BAR, so the
+//! mapping is only ever handled as volatile memory ([`VolatileSlice`]), never
+//! as a Rust `&[u8]`.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
+
+/// Smallest VRAM the device accepts (one 2 MiB huge page, the unit the
+/// guest driver's ZONE_DEVICE chunks are made of).
+pub const MIN_VRAM_SIZE: u64 = 2 << 20;
+
+/// Why the VRAM could not be set up or accessed.
+#[derive(Debug)]
+pub enum VramError {
+    /// The requested size is not a power of two, or below [`MIN_VRAM_SIZE`].
+    BadSize(u64),
+    /// The file exists but has another size than requested.
+    SizeMismatch {
+        /// The file.
+        path: PathBuf,
+        /// Its size on disk.
+        file_size: u64,
+        /// The size asked for.
+        wanted: u64,
+    },
+    /// Opening, creating or sizing the file failed.
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: io::Error,
+    },
+    /// mmap() failed.
+    Map(vm_memory::mmap::MmapRegionError),
+    /// An access was (partly) outside the VRAM.
+    OutOfRange {
+        /// Offset of the access.
+        offset: u64,
+        /// Length of the access.
+        len: u64,
+    },
+}
+
+impl fmt::Display for VramError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BadSize(size) => write!(
+                f,
+                "VRAM size {size} is not a power of two of at least {MIN_VRAM_SIZE} bytes (2 MiB)"
+            ),
+            Self::SizeMismatch {
+                path,
+                file_size,
+                wanted,
+            } => write!(
+                f,
+                "VRAM file {} is {file_size} bytes but the VRAM size is {wanted} bytes; \
+                 remove the file or give the matching --vram-size",
+                path.display()
+            ),
+            Self::Io { path, source } => write!(f, "VRAM file {}: {source}", path.display()),
+            Self::Map(e) => write!(f, "mapping the VRAM file: {e}"),
+            Self::OutOfRange { offset, len } => {
+                write!(
+                    f,
+                    "VRAM access of {len} bytes at offset {offset:#x} is outside the VRAM"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for VramError {}
+
+/// The VRAM mapping.
+#[derive(Debug)]
+pub struct Vram {
+    region: MmapRegion<()>,
+    size: u64,
+}
+
+impl Vram {
+    /// Maps `path` as a VRAM of `size` bytes. The file is created (sparse)
+    /// when it does not exist; an existing file must already have exactly
+    /// `size` bytes, so the backend never silently truncates or grows a file
+    /// that QEMU maps too.
+    pub fn open(path: &Path, size: u64) -> Result<Self, VramError> {
+        if !size.is_power_of_two() || size < MIN_VRAM_SIZE {
+            return Err(VramError::BadSize(size));
+        }
+        let io_err = |source| VramError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+        {
+            Ok(file) => {
+                file.set_len(size).map_err(io_err)?;
+                file
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(path)
+                    .map_err(io_err)?;
+                let file_size = file.metadata().map_err(io_err)?.len();
+                if file_size != size {
+                    return Err(VramError::SizeMismatch {
+                        path: path.to_owned(),
+                        file_size,
+                        wanted: size,
+                    });
+                }
+                file
+            }
+            Err(e) => return Err(io_err(e)),
+        };
+        Self::from_file(file, size)
+    }
+
+    /// Maps the first `size` bytes of an already sized `file` shared.
+    fn from_file(file: File, size: u64) -> Result<Self, VramError> {
+        let len = usize::try_from(size).map_err(|_| VramError::BadSize(size))?;
+        // MAP_SHARED: writes must reach the file (and QEMU's mapping of it);
+        // MAP_NORESERVE: a sparse multi-GiB VRAM must not need swap backing.
+        let region = MmapRegion::build(
+            Some(FileOffset::new(file, 0)),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+        )
+        .map_err(VramError::Map)?;
+        Ok(Self { region, size })
+    }
+
+    /// Size of the VRAM in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether `[offset, offset + len)` lies entirely inside the VRAM.
+    pub fn contains(&self, offset: u64, len: u64) -> bool {
+        offset.checked_add(len).is_some_and(|end| end <= self.size)
+    }
+
+    /// The volatile view of `[offset, offset + len)`, or `OutOfRange`.
+    pub fn slice(&self, offset: u64, len: u64) -> Result<VolatileSlice<'_>, VramError> {
+        let out_of_range = || VramError::OutOfRange { offset, len };
+        if !self.contains(offset, len) {
+            return Err(out_of_range());
+        }
+        // Both fit in usize: they are bounded by the size of the mapping.
+        let start = usize::try_from(offset).map_err(|_| out_of_range())?;
+        let count = usize::try_from(len).map_err(|_| out_of_range())?;
+        self.region
+            .get_slice(start, count)
+            .map_err(|_| out_of_range())
+    }
+
+    /// Copies `buf.len()` bytes at `offset` into `buf`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), VramError> {
+        let slice = self.slice(offset, buf.len() as u64)?;
+        slice.copy_to(buf);
+        Ok(())
+    }
+
+    /// Copies `buf` to `offset`.
+    pub fn write(&self, offset: u64, buf: &[u8]) -> Result<(), VramError> {
+        let slice = self.slice(offset, buf.len() as u64)?;
+        slice.copy_from(buf);
+        Ok(())
+    }
+
+    /// Copies `len` bytes from `src` to `dst` inside the VRAM, with memmove
+    /// semantics when the two overlap.
+    pub fn copy_within(&self, src: u64, dst: u64, len: u64) -> Result<(), VramError> {
+        let from = self.slice(src, len)?;
+        let to = self.slice(dst, len)?;
+        from.copy_to_volatile_slice(to);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SIZE: u64 = MIN_VRAM_SIZE;
+
+    #[test]
+    fn creates_file_of_the_given_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vram");
+        let vram = Vram::open(&path, SIZE).unwrap();
+        assert_eq!(vram.size(), SIZE);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), SIZE);
+    }
+
+    #[test]
+    fn rejects_bad_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vram");
+        for size in [0, 4096, MIN_VRAM_SIZE / 2, MIN_VRAM_SIZE + 4096, 3 << 20] {
+            assert!(matches!(Vram::open(&path, size), Err(VramError::BadSize(s)) if s == size));
+        }
+        assert!(!path.exists(), "a rejected size must not create the file");
+    }
+
+    #[test]
+    fn existing_file_must_match_the_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vram");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(SIZE * 2)
+            .unwrap();
+        let err = Vram::open(&path, SIZE).unwrap_err();
+        assert!(
+            matches!(err, VramError::SizeMismatch { file_size, wanted, .. }
+            if file_size == SIZE * 2 && wanted == SIZE)
+        );
+        assert!(err.to_string().contains("--vram-size"));
+        // The file was left alone.
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), SIZE * 2);
+        // The matching size maps it.
+        Vram::open(&path, SIZE * 2).unwrap();
+    }
+
+    #[test]
+    fn writes_reach_the_file_and_survive_remapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vram");
+        let vram = Vram::open(&path, SIZE).unwrap();
+        vram.write(SIZE - 4, b"HMMG").unwrap();
+        drop(vram);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[bytes.len() - 4..], b"HMMG");
+        let vram = Vram::open(&path, SIZE).unwrap();
+        let mut buf = [0u8; 4];
+        vram.read(SIZE - 4, &mut buf).unwrap();
+        assert_eq!(&buf, b"HMMG");
+    }
+
+    #[test]
+    fn accesses_are_bounds_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let vram = Vram::open(&dir.path().join("vram"), SIZE).unwrap();
+        assert!(vram.contains(0, SIZE));
+        assert!(vram.contains(SIZE, 0));
+        assert!(!vram.contains(SIZE, 1));
+        assert!(!vram.contains(1, SIZE));
+        assert!(!vram.contains(u64::MAX, 2), "wrapping end must not pass");
+        assert!(vram.slice(SIZE - 1, 2).is_err());
+        assert!(vram.slice(u64::MAX - 1, 4).is_err());
+        assert!(vram.write(SIZE - 2, &[1, 2, 3]).is_err());
+        let mut buf = [0u8; 8];
+        assert!(vram.read(SIZE - 4, &mut buf).is_err());
+        assert!(vram.copy_within(0, SIZE - 4, 8).is_err());
+        assert!(vram.copy_within(SIZE - 4, 0, 8).is_err());
+    }
+
+    #[test]
+    fn copy_within_handles_overlap() {
+        let dir = tempfile::tempdir().unwrap();
+        let vram = Vram::open(&dir.path().join("vram"), SIZE).unwrap();
+        vram.write(100, &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+        vram.copy_within(100, 102, 8).unwrap();
+        let mut buf = [0u8; 10];
+        vram.read(100, &mut buf).unwrap();
+        assert_eq!(buf, [1, 2, 1, 2, 3, 4, 5, 6, 7, 8]);
+    }
+}

@@ -1,0 +1,854 @@
+// SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0
+//! The backend driven through a real vhost-user socket, with this test
+//! playing QEMU (vhost's `Frontend`) and the guest driver (writing split
+//! virtqueue rings into memfd-backed guest memory), no VM involved.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{fence, Ordering};
+use std::sync::{Arc, RwLock};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use hmmgpu_abi::range_flags::{DST_VRAM, SRC_VRAM};
+use hmmgpu_abi::{
+    opcode, status, CmdHeader, DeviceConfig, Range, Response, ABI_VERSION, CONFIG_MAGIC,
+    MAX_RANGES, QUEUE_SIZE,
+};
+use hmmgpu_device::{Engine, FaultInjector, HmmGpuBackend, Stats, Vram};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+};
+use vhost::vhost_user::{Frontend, Listener, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, Le16,
+    Le32, Le64,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+const VRAM_SIZE: u64 = 4 << 20;
+/// Guest RAM: one memfd region at a GPA unlike its host address, so any
+/// confusion of the two shows.
+const RAM_BASE: u64 = 0x4000_0000;
+const RAM_SIZE: u64 = 2 << 20;
+/// Where the test driver keeps its rings and buffers in guest RAM.
+const DESC_TABLE: u64 = RAM_BASE;
+const AVAIL_RING: u64 = RAM_BASE + 0x1000;
+const USED_RING: u64 = RAM_BASE + 0x2000;
+const CMD_BUF: u64 = RAM_BASE + 0x4000;
+const RESP_BUF: u64 = RAM_BASE + 0x3f000;
+const DATA: u64 = RAM_BASE + 0x40000;
+
+const VIRTQ_DESC_F_NEXT: u16 = 1;
+const VIRTQ_DESC_F_WRITE: u16 = 2;
+const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One device-visible buffer of a descriptor chain.
+#[derive(Clone, Copy)]
+struct Buf {
+    addr: u64,
+    len: u32,
+    writable: bool,
+}
+
+fn ro(addr: u64, len: u32) -> Buf {
+    Buf {
+        addr,
+        len,
+        writable: false,
+    }
+}
+
+fn wo(addr: u64, len: u32) -> Buf {
+    Buf {
+        addr,
+        len,
+        writable: true,
+    }
+}
+
+/// The VMM and guest driver rolled into one.
+struct Vm {
+    frontend: Frontend,
+    mem: GuestMemoryMmap,
+    kick: EventFd,
+    call: EventFd,
+    next_avail: u16,
+    next_desc: u16,
+    last_used: u16,
+}
+
+fn memfd(size: u64) -> File {
+    // SAFETY: a plain syscall with a NUL-terminated name; the fd it returns
+    // is owned by the File from here on.
+    let fd = unsafe { libc::memfd_create(c"hmmgpu-test-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).unwrap();
+    file
+}
+
+impl Vm {
+    /// Connects to the backend at `socket` and brings the command queue up
+    /// the way QEMU does, acking every offered feature.
+    fn connect(socket: &Path) -> Vm {
+        Self::connect_without(socket, 0)
+    }
+
+    /// Like `connect`, but does not ack the features in `refused`.
+    fn connect_without(socket: &Path, refused: u64) -> Vm {
+        let mut frontend = Frontend::connect(socket, 1).expect("connect to the backend");
+        frontend.set_owner().unwrap();
+        let features = frontend.get_features().unwrap();
+        assert_eq!(features & VIRTIO_F_VERSION_1, VIRTIO_F_VERSION_1);
+        assert_eq!(features & VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_EVENT_IDX);
+        assert_eq!(
+            features & VIRTIO_RING_F_INDIRECT_DESC,
+            VIRTIO_RING_F_INDIRECT_DESC
+        );
+        frontend.set_features(features & !refused).unwrap();
+        let protocol = frontend.get_protocol_features().unwrap();
+        assert!(protocol.contains(VhostUserProtocolFeatures::CONFIG));
+        assert!(protocol.contains(VhostUserProtocolFeatures::REPLY_ACK));
+        frontend.set_protocol_features(protocol).unwrap();
+        // Every message from now on waits for the backend's ack, so the
+        // queue is fully set up before the first kick.
+        frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        assert_eq!(frontend.get_queue_num().unwrap(), 1);
+
+        let file = memfd(RAM_SIZE);
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+            GuestAddress(RAM_BASE),
+            RAM_SIZE as usize,
+            Some(FileOffset::new(file, 0)),
+        )])
+        .unwrap();
+        let host = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
+        // The region's memfd goes along with SET_MEM_TABLE, as QEMU sends it.
+        let region = mem.find_region(GuestAddress(RAM_BASE)).unwrap();
+        let region = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
+        frontend.set_mem_table(&[region]).unwrap();
+
+        frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
+        // Ring addresses are the VMM's virtual addresses, as with QEMU.
+        let rings = VringConfigData {
+            queue_max_size: QUEUE_SIZE,
+            queue_size: QUEUE_SIZE,
+            flags: 0,
+            desc_table_addr: host(DESC_TABLE),
+            used_ring_addr: host(USED_RING),
+            avail_ring_addr: host(AVAIL_RING),
+            log_addr: None,
+        };
+        frontend.set_vring_addr(0, &rings).unwrap();
+        frontend.set_vring_base(0, 0).unwrap();
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        frontend.set_vring_kick(0, &kick).unwrap();
+        frontend.set_vring_call(0, &call).unwrap();
+        frontend.set_vring_enable(0, true).unwrap();
+        Vm {
+            frontend,
+            mem,
+            kick,
+            call,
+            next_avail: 0,
+            next_desc: 0,
+            last_used: 0,
+        }
+    }
+
+    fn config(&mut self) -> DeviceConfig {
+        let (_, bytes) = self
+            .frontend
+            .get_config(
+                0,
+                DeviceConfig::SIZE as u32,
+                VhostUserConfigFlags::empty(),
+                &[0; DeviceConfig::SIZE],
+            )
+            .unwrap();
+        DeviceConfig::from_bytes(&bytes).unwrap()
+    }
+
+    fn write_desc(&self, index: u16, buf: Buf, flags: u16, next: u16) {
+        let at = DESC_TABLE + 16 * u64::from(index);
+        self.mem
+            .write_obj(Le64::from(buf.addr), GuestAddress(at))
+            .unwrap();
+        self.mem
+            .write_obj(Le32::from(buf.len), GuestAddress(at + 8))
+            .unwrap();
+        self.mem
+            .write_obj(Le16::from(flags), GuestAddress(at + 12))
+            .unwrap();
+        self.mem
+            .write_obj(Le16::from(next), GuestAddress(at + 14))
+            .unwrap();
+    }
+
+    /// Writes `bufs` as a chain in the descriptor table, returning its head.
+    fn write_chain(&mut self, bufs: &[Buf]) -> u16 {
+        let head = self.next_desc;
+        for (i, buf) in bufs.iter().enumerate() {
+            let index = self.next_desc;
+            self.next_desc = (self.next_desc + 1) % QUEUE_SIZE;
+            let mut flags = if buf.writable { VIRTQ_DESC_F_WRITE } else { 0 };
+            if i + 1 < bufs.len() {
+                flags |= VIRTQ_DESC_F_NEXT;
+            }
+            self.write_desc(index, *buf, flags, self.next_desc);
+        }
+        head
+    }
+
+    /// Makes the chain at `head` available and kicks the device.
+    fn publish(&mut self, head: u16) {
+        let slot = AVAIL_RING + 4 + 2 * u64::from(self.next_avail % QUEUE_SIZE);
+        self.mem
+            .write_obj(Le16::from(head), GuestAddress(slot))
+            .unwrap();
+        // EVENT_IDX: ask for an interrupt as soon as anything new is used.
+        let used_event = AVAIL_RING + 4 + 2 * u64::from(QUEUE_SIZE);
+        self.mem
+            .write_obj(Le16::from(self.last_used), GuestAddress(used_event))
+            .unwrap();
+        fence(Ordering::SeqCst);
+        self.next_avail = self.next_avail.wrapping_add(1);
+        self.mem
+            .write_obj(Le16::from(self.next_avail), GuestAddress(AVAIL_RING + 2))
+            .unwrap();
+        fence(Ordering::SeqCst);
+        self.kick.write(1).unwrap();
+    }
+
+    /// Waits for the device's interrupt (the call eventfd) and returns the
+    /// next used element (id, len). Each test command gets its own
+    /// interrupt: `publish` set used_event to ask for exactly that.
+    fn wait_used(&mut self) -> (u16, u32) {
+        let mut pollfd = libc::pollfd {
+            fd: self.call.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(&mut pollfd, 1, TIMEOUT.as_millis() as i32) };
+        assert_eq!(ready, 1, "no interrupt within {TIMEOUT:?}");
+        self.call.read().unwrap();
+        let used_idx: Le16 = self.mem.read_obj(GuestAddress(USED_RING + 2)).unwrap();
+        assert_ne!(
+            u16::from(used_idx),
+            self.last_used,
+            "interrupt without a used buffer"
+        );
+        fence(Ordering::SeqCst);
+        let elem = USED_RING + 4 + 8 * u64::from(self.last_used % QUEUE_SIZE);
+        let id: Le32 = self.mem.read_obj(GuestAddress(elem)).unwrap();
+        let len: Le32 = self.mem.read_obj(GuestAddress(elem + 4)).unwrap();
+        self.last_used = self.last_used.wrapping_add(1);
+        (u32::from(id) as u16, u32::from(len))
+    }
+
+    /// Submits `bufs` as one chain and waits for its completion; returns the
+    /// used length.
+    fn submit(&mut self, bufs: &[Buf]) -> u32 {
+        let head = self.write_chain(bufs);
+        self.publish(head);
+        let (id, len) = self.wait_used();
+        assert_eq!(id, head, "commands complete in order");
+        len
+    }
+
+    /// Sends a command (header and ranges in two readable descriptors, as a
+    /// driver with a separate range array would) and returns its response.
+    fn command(&mut self, op: u32, ranges: &[Range]) -> Response {
+        let header = CmdHeader {
+            opcode: op,
+            flags: 0,
+            tag: 42,
+            count: ranges.len() as u32,
+            reserved: 0,
+        };
+        let ranges_at = CMD_BUF + 0x100;
+        self.mem
+            .write_slice(&header.to_bytes(), GuestAddress(CMD_BUF))
+            .unwrap();
+        let bytes: Vec<u8> = ranges.iter().flat_map(|r| r.to_bytes()).collect();
+        self.mem
+            .write_slice(&bytes, GuestAddress(ranges_at))
+            .unwrap();
+        self.mem
+            .write_slice(&[0xee; Response::SIZE], GuestAddress(RESP_BUF))
+            .unwrap();
+        let mut chain = vec![ro(CMD_BUF, CmdHeader::SIZE as u32)];
+        if !bytes.is_empty() {
+            chain.push(ro(ranges_at, bytes.len() as u32));
+        }
+        chain.push(wo(RESP_BUF, Response::SIZE as u32));
+        assert_eq!(self.submit(&chain), Response::SIZE as u32);
+        self.response()
+    }
+
+    fn response(&self) -> Response {
+        let mut bytes = [0u8; Response::SIZE];
+        self.mem
+            .read_slice(&mut bytes, GuestAddress(RESP_BUF))
+            .unwrap();
+        Response::from_bytes(&bytes).unwrap()
+    }
+
+    fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        self.mem.read_slice(&mut buf, GuestAddress(gpa)).unwrap();
+        buf
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(13) ^ seed ^ (i >> 8) as u8)
+        .collect()
+}
+
+fn ok(bytes: u64) -> Response {
+    Response {
+        status: status::OK,
+        failed_index: 0,
+        bytes,
+    }
+}
+
+/// A backend daemon serving one session on a thread of this process.
+struct InProcess {
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    stats: Arc<Stats>,
+    faults: Arc<FaultInjector>,
+    session: JoinHandle<Result<(), String>>,
+}
+
+impl InProcess {
+    fn start() -> InProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("vhost.sock");
+        let vram = Arc::new(Vram::open(&dir.path().join("vram"), VRAM_SIZE).unwrap());
+        let stats = Arc::new(Stats::default());
+        let faults = Arc::new(FaultInjector::default());
+        let engine = Engine::new(vram, stats.clone(), faults.clone());
+        let backend = Arc::new(RwLock::new(HmmGpuBackend::new(engine)));
+        let mut daemon = VhostUserDaemon::new(
+            "hmmgpu-test".to_owned(),
+            backend,
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .unwrap();
+        // Bound before the thread starts, so the front end can connect at once.
+        let mut listener = Listener::new(&socket, true).unwrap();
+        let session = thread::spawn(move || {
+            daemon.start(&mut listener).map_err(|e| e.to_string())?;
+            // A front end hanging up is how a session ends (VhostUserDaemon::serve
+            // treats it the same way).
+            match daemon.wait() {
+                Ok(())
+                | Err(vhost_user_backend::Error::HandleRequest(
+                    vhost::vhost_user::Error::Disconnected,
+                )) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            }
+        });
+        InProcess {
+            dir,
+            socket,
+            stats,
+            faults,
+            session,
+        }
+    }
+
+    fn vram_file(&self) -> Vec<u8> {
+        std::fs::read(self.dir.path().join("vram")).unwrap()
+    }
+
+    /// Waits for the session to end after the front end hung up.
+    fn join(self) -> Result<(), String> {
+        let deadline = Instant::now() + TIMEOUT;
+        while !self.session.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "the backend did not notice the disconnect"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        self.session.join().unwrap()
+    }
+}
+
+#[test]
+fn config_space_and_copies_through_the_vram() {
+    let backend = InProcess::start();
+    let mut vm = Vm::connect(&backend.socket);
+
+    let config = vm.config();
+    assert_eq!(config.magic, CONFIG_MAGIC);
+    assert_eq!(config.version, ABI_VERSION);
+    assert_eq!(config.vram_size, VRAM_SIZE);
+    assert_eq!(config.page_size, 4096);
+    assert_eq!(config.max_ranges, MAX_RANGES);
+
+    assert_eq!(vm.command(opcode::NOP, &[]), ok(0));
+
+    // Guest -> VRAM: three scattered 4 KiB pages into one contiguous block,
+    // as a migration to device memory does.
+    let data = pattern(3 * 4096, 0x5c);
+    let pages = [DATA + 0x2000, DATA + 0x9000, DATA + 0x4000];
+    for (i, page) in pages.iter().enumerate() {
+        vm.mem
+            .write_slice(&data[i * 4096..(i + 1) * 4096], GuestAddress(*page))
+            .unwrap();
+    }
+    let vram_at = 0x20_0000u64;
+    let to_vram: Vec<Range> = pages
+        .iter()
+        .enumerate()
+        .map(|(i, page)| Range {
+            src: *page,
+            dst: vram_at + i as u64 * 4096,
+            len: 4096,
+            flags: DST_VRAM,
+        })
+        .collect();
+    assert_eq!(vm.command(opcode::COPY, &to_vram), ok(3 * 4096));
+    // The bytes are in the VRAM file itself, where QEMU's BAR maps them.
+    let file = backend.vram_file();
+    assert_eq!(
+        &file[vram_at as usize..vram_at as usize + data.len()],
+        &data[..]
+    );
+
+    // VRAM -> guest, somewhere else, in one range.
+    let back = DATA + 0x10_0000;
+    let from_vram = Range {
+        src: vram_at,
+        dst: back,
+        len: data.len() as u32,
+        flags: SRC_VRAM,
+    };
+    assert_eq!(
+        vm.command(opcode::COPY, &[from_vram]),
+        ok(data.len() as u64)
+    );
+    assert_eq!(vm.read(back, data.len()), data);
+
+    // FILL of VRAM with an odd length, checked in the file.
+    let fill = Range {
+        src: 0x1122_3344_5566_7788,
+        dst: 5,
+        len: 21,
+        flags: DST_VRAM,
+    };
+    assert_eq!(vm.command(opcode::FILL, &[fill]), ok(21));
+    let file = backend.vram_file();
+    let expect: Vec<u8> = (0..21)
+        .map(|i| 0x1122_3344_5566_7788u64.to_le_bytes()[i % 8])
+        .collect();
+    assert_eq!(&file[5..26], &expect[..]);
+    assert_eq!((file[4], file[26]), (0, 0));
+
+    let stats = backend.stats.snapshot();
+    assert_eq!(stats.commands_ok, 4);
+    assert_eq!(stats.commands_failed, 0);
+    assert_eq!(stats.bytes_guest_to_vram, 3 * 4096);
+    assert_eq!(stats.bytes_vram_to_guest, 3 * 4096);
+    assert_eq!(stats.bytes_filled, 21);
+
+    drop(vm);
+    assert_eq!(backend.join(), Ok(()));
+}
+
+#[test]
+fn indirect_descriptors_and_many_commands_without_event_idx() {
+    let backend = InProcess::start();
+    // Without EVENT_IDX the device interrupts after every batch.
+    let mut vm = Vm::connect_without(&backend.socket, VIRTIO_RING_F_EVENT_IDX);
+    // More commands than the ring has slots, so indices wrap.
+    for round in 0..300u32 {
+        let data = pattern(64, round as u8);
+        vm.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+        let range = Range {
+            src: DATA,
+            dst: u64::from(round) * 64,
+            len: 64,
+            flags: DST_VRAM,
+        };
+        assert_eq!(vm.command(opcode::COPY, &[range]), ok(64));
+    }
+    // One command through an indirect table: header, ranges and response
+    // buffers all described by a table in guest RAM.
+    let table = RAM_BASE + 0x3000;
+    let data = pattern(512, 0xa1);
+    vm.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    let header = CmdHeader {
+        opcode: opcode::COPY,
+        flags: 0,
+        tag: 7,
+        count: 1,
+        reserved: 0,
+    };
+    let range = Range {
+        src: DATA,
+        dst: 0x1000,
+        len: 512,
+        flags: DST_VRAM,
+    };
+    let mut request = header.to_bytes().to_vec();
+    request.extend_from_slice(&range.to_bytes());
+    vm.mem.write_slice(&request, GuestAddress(CMD_BUF)).unwrap();
+    let entries = [
+        (ro(CMD_BUF, 30), VIRTQ_DESC_F_NEXT), // split mid-range on purpose
+        (
+            ro(CMD_BUF + 30, request.len() as u32 - 30),
+            VIRTQ_DESC_F_NEXT,
+        ),
+        (wo(RESP_BUF, Response::SIZE as u32), VIRTQ_DESC_F_WRITE),
+    ];
+    for (i, (buf, flags)) in entries.iter().enumerate() {
+        let at = table + 16 * i as u64;
+        vm.mem
+            .write_obj(Le64::from(buf.addr), GuestAddress(at))
+            .unwrap();
+        vm.mem
+            .write_obj(Le32::from(buf.len), GuestAddress(at + 8))
+            .unwrap();
+        vm.mem
+            .write_obj(Le16::from(*flags), GuestAddress(at + 12))
+            .unwrap();
+        vm.mem
+            .write_obj(Le16::from(i as u16 + 1), GuestAddress(at + 14))
+            .unwrap();
+    }
+    let head = vm.next_desc;
+    vm.next_desc = (vm.next_desc + 1) % QUEUE_SIZE;
+    vm.write_desc(
+        head,
+        ro(table, 16 * entries.len() as u32),
+        VIRTQ_DESC_F_INDIRECT,
+        0,
+    );
+    vm.publish(head);
+    assert_eq!(vm.wait_used(), (head, Response::SIZE as u32));
+    assert_eq!(vm.response(), ok(512));
+    assert_eq!(&backend.vram_file()[0x1000..0x1200], &data[..]);
+    assert_eq!(backend.stats.snapshot().commands_ok, 301);
+    drop(vm);
+    assert_eq!(backend.join(), Ok(()));
+}
+
+#[test]
+fn bad_commands_fail_and_the_queue_keeps_serving() {
+    let backend = InProcess::start();
+    let mut vm = Vm::connect(&backend.socket);
+    let good = Range {
+        src: DATA,
+        dst: 0,
+        len: 4096,
+        flags: DST_VRAM,
+    };
+    vm.mem
+        .write_slice(&pattern(4096, 3), GuestAddress(DATA))
+        .unwrap();
+
+    // A range whose guest address is outside guest RAM, after a valid one:
+    // nothing moves, the bad range is named.
+    let outside = Range {
+        src: RAM_BASE + RAM_SIZE - 8,
+        dst: 0x1000,
+        len: 16,
+        flags: DST_VRAM,
+    };
+    let response = vm.command(opcode::COPY, &[good, outside]);
+    assert_eq!(
+        response,
+        Response {
+            status: status::BAD_GUEST_ADDR,
+            failed_index: 1,
+            bytes: 0
+        }
+    );
+    assert!(
+        backend.vram_file()[..4096].iter().all(|&b| b == 0),
+        "a rejected command moved bytes"
+    );
+
+    // A VRAM range past the end.
+    let past = Range {
+        src: DATA,
+        dst: VRAM_SIZE - 8,
+        len: 16,
+        flags: DST_VRAM,
+    };
+    assert_eq!(
+        vm.command(opcode::COPY, &[past]).status,
+        status::BAD_VRAM_RANGE
+    );
+
+    // An injected copy-engine error: the first range is done, the second not.
+    backend.faults.copy_error_next(1);
+    let second = Range {
+        src: DATA,
+        dst: 0x2000,
+        len: 4096,
+        flags: DST_VRAM,
+    };
+    let response = vm.command(opcode::COPY, &[good, second]);
+    assert_eq!(
+        response,
+        Response {
+            status: status::COPY_ERROR,
+            failed_index: 1,
+            bytes: 4096
+        }
+    );
+    let file = backend.vram_file();
+    assert_eq!(&file[..4096], &pattern(4096, 3)[..]);
+    assert!(file[0x2000..0x3000].iter().all(|&b| b == 0));
+
+    // The command's readable descriptor points outside guest memory: the
+    // device cannot read it and says so in the response.
+    vm.mem
+        .write_slice(&[0xee; Response::SIZE], GuestAddress(RESP_BUF))
+        .unwrap();
+    let len = vm.submit(&[
+        ro(RAM_BASE + RAM_SIZE + 0x1000, 48),
+        wo(RESP_BUF, Response::SIZE as u32),
+    ]);
+    assert_eq!(len, Response::SIZE as u32);
+    assert_eq!(vm.response().status, status::BAD_REQUEST);
+
+    // A readable part cut short of its announced ranges.
+    let header = CmdHeader {
+        opcode: opcode::COPY,
+        flags: 0,
+        tag: 1,
+        count: 2,
+        reserved: 0,
+    };
+    vm.mem
+        .write_slice(&header.to_bytes(), GuestAddress(CMD_BUF))
+        .unwrap();
+    vm.mem
+        .write_slice(&good.to_bytes(), GuestAddress(CMD_BUF + 24))
+        .unwrap();
+    let len = vm.submit(&[
+        ro(CMD_BUF, 24 + 24 + 10),
+        wo(RESP_BUF, Response::SIZE as u32),
+    ]);
+    assert_eq!(len, Response::SIZE as u32);
+    assert_eq!(
+        vm.response(),
+        Response {
+            status: status::BAD_REQUEST,
+            failed_index: 1,
+            bytes: 0
+        }
+    );
+
+    // The response buffer points outside guest memory: dropped, used len 0.
+    let header = CmdHeader {
+        opcode: opcode::NOP,
+        ..Default::default()
+    };
+    vm.mem
+        .write_slice(&header.to_bytes(), GuestAddress(CMD_BUF))
+        .unwrap();
+    assert_eq!(
+        vm.submit(&[ro(CMD_BUF, 24), wo(u64::MAX - 7, Response::SIZE as u32)]),
+        0
+    );
+    // No writable buffer at all, and one too small: dropped too.
+    assert_eq!(vm.submit(&[ro(CMD_BUF, 24)]), 0);
+    assert_eq!(vm.submit(&[ro(CMD_BUF, 24), wo(RESP_BUF, 8)]), 0);
+
+    // The device keeps serving.
+    assert_eq!(vm.command(opcode::COPY, &[second]), ok(4096));
+    assert_eq!(&backend.vram_file()[0x2000..0x3000], &pattern(4096, 3)[..]);
+
+    let stats = backend.stats.snapshot();
+    assert_eq!((stats.commands_ok, stats.commands_failed), (1, 8));
+    assert_eq!(stats.bytes_guest_to_vram, 2 * 4096);
+    drop(vm);
+    assert_eq!(backend.join(), Ok(()));
+}
+
+// ---------------------------------------------------------------------------
+// The real binary.
+// ---------------------------------------------------------------------------
+
+fn device_binary() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hmmgpu-device"))
+}
+
+fn wait_for_path(path: &Path, child: &mut Child) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !path.exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("hmmgpu-device exited early with {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn wait_with_timeout(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("hmmgpu-device did not exit after the front end disconnected");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn daemon_exits_cleanly_when_the_front_end_disconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vhost.sock");
+    let control = dir.path().join("control.sock");
+    let mut child = device_binary()
+        .args(["--socket".as_ref(), socket.as_os_str()])
+        .args(["--vram-path".as_ref(), dir.path().join("vram").as_os_str()])
+        .args(["--vram-size", "4M", "--log-level", "warn"])
+        .args(["--control".as_ref(), control.as_os_str()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_path(&socket, &mut child);
+    let mut vm = Vm::connect(&socket);
+    assert_eq!(vm.config().vram_size, VRAM_SIZE);
+    vm.mem
+        .write_slice(&pattern(100, 9), GuestAddress(DATA))
+        .unwrap();
+    let range = Range {
+        src: DATA,
+        dst: 0x3000,
+        len: 100,
+        flags: DST_VRAM,
+    };
+    assert_eq!(vm.command(opcode::COPY, &[range]), ok(100));
+
+    // The control socket reports the same counters.
+    let mut stream = UnixStream::connect(&control).unwrap();
+    stream.write_all(b"{\"cmd\":\"stats\"}\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(stream.try_clone().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(reply["ok"], true);
+    assert_eq!(reply["stats"]["bytes_guest_to_vram"], 100);
+
+    drop(vm);
+    let status = wait_with_timeout(&mut child);
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "exit {status}; stderr:\n{stderr}");
+    let json = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("hmmgpu-device: stats: "))
+        .unwrap_or_else(|| panic!("no stats line in stderr:\n{stderr}"));
+    let stats: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(stats["commands_ok"], 1);
+    assert_eq!(stats["bytes_guest_to_vram"], 100);
+    assert!(!control.exists(), "the control socket was left behind");
+}
+
+#[test]
+fn bad_command_lines_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let vram = dir.path().join("vram");
+    let vram_arg = vram.to_str().unwrap();
+    // Unknown flag and bad size: clap's usage error, status 2.
+    for args in [
+        vec![
+            "--socket",
+            "/nonexistent/s",
+            "--vram-path",
+            vram_arg,
+            "--vram-size",
+            "4M",
+            "--bogus",
+        ],
+        vec![
+            "--socket",
+            "/nonexistent/s",
+            "--vram-path",
+            vram_arg,
+            "--vram-size",
+            "4Q",
+        ],
+        vec!["--vram-path", vram_arg, "--vram-size", "4M"],
+    ] {
+        let out = device_binary().args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
+    // A VRAM file of another size: a clear error, status 1, file untouched.
+    std::fs::File::create(&vram)
+        .unwrap()
+        .set_len(2 << 20)
+        .unwrap();
+    let out = device_binary()
+        .args([
+            "--socket",
+            "/nonexistent/s",
+            "--vram-path",
+            vram_arg,
+            "--vram-size",
+            "4M",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("2097152 bytes") && stderr.contains("--vram-size"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::metadata(&vram).unwrap().len(), 2 << 20);
+    // Not a power of two.
+    let out = device_binary()
+        .args([
+            "--socket",
+            "/nonexistent/s",
+            "--vram-path",
+            vram_arg,
+            "--vram-size",
+            "3M",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}

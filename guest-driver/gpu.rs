@@ -1,0 +1,508 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! One hmmgpu device: probe (config space, VRAM region, queue, memory
+//! registration, uAPI) and removal (evict VRAM, then tear down).
+
+use crate::abi::{self, opcode, DeviceConfig, Event, Range, Response};
+use crate::migrate;
+use crate::queue::{InFlight, Queues, RangeList, Wait};
+use crate::shim;
+use crate::uapi::MirrorDevice;
+use crate::vram::Vram;
+use core::ffi::c_void;
+use core::ptr;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use kernel::prelude::*;
+use kernel::sync::{Arc, Mutex, SpinLockIrq};
+use kernel::{new_mutex, new_spinlock_irq};
+
+/// One device MMU context's slot: who waits on its command, and the fault
+/// the device reported for it.
+struct CtxSlot {
+    used: bool,
+    waiter: *mut shim::Cmd,
+    fault: Option<Event>,
+}
+
+/// The contexts in use; `slots[i]` is context `i + 1`.
+struct Contexts {
+    slots: KVec<CtxSlot>,
+}
+
+// SAFETY: only touched under its lock; `waiter` is a shim token.
+unsafe impl Send for Contexts {}
+
+/// GPU indices in use (bit n: GPU n), which name the uAPI devices.
+static GPU_INDICES: AtomicU32 = AtomicU32::new(0);
+
+/// Most GPUs one guest can have (each gets /dev/hmm_dmirror<index>).
+pub(crate) const MAX_GPUS: u32 = 2;
+
+/// A bound hmmgpu device.
+#[pin_data]
+pub(crate) struct Gpu {
+    vdev: *mut shim::VirtioDevice,
+    index: u32,
+    config: DeviceConfig,
+    /// Guest-physical address of the VRAM BAR (the shared memory region).
+    vram_bar: u64,
+    queues: Queues,
+    /// False once the queues are torn down (removal): no more submissions.
+    #[pin]
+    queues_live: Mutex<bool>,
+    #[pin]
+    contexts: SpinLockIrq<Contexts>,
+    #[pin]
+    pub(crate) vram: Vram,
+    /// Set when the device is being removed or stopped working: every new
+    /// uAPI operation fails with ENODEV (device commands still run).
+    dead: AtomicBool,
+    tags: AtomicU64,
+    /// The uAPI device; taken (deregistered) on removal.
+    #[pin]
+    mirror_dev: Mutex<Option<Pin<KBox<MirrorDevice>>>>,
+}
+
+// SAFETY: `vdev` is only used for calls the virtio core allows from any
+// thread while the device is bound; everything else is Send + Sync.
+unsafe impl Send for Gpu {}
+// SAFETY: as above.
+unsafe impl Sync for Gpu {}
+
+impl Gpu {
+    /// This GPU as the opaque owner/cookie handed to C.
+    pub(crate) fn as_cookie(&self) -> *mut c_void {
+        (self as *const Self).cast_mut().cast()
+    }
+
+    /// GPU index (0 for the first one probed).
+    pub(crate) fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Fails with ENODEV once the device is gone.
+    pub(crate) fn check_alive(&self) -> Result {
+        if self.dead.load(Ordering::Acquire) {
+            Err(ENODEV)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Marks the device dead after it failed to complete a command.
+    fn hung(&self, e: Error) -> Error {
+        if e == ETIMEDOUT {
+            if !self.dead.swap(true, Ordering::AcqRel) {
+                pr_err!("hmmgpu{}: the device stopped answering; it is dead\n", self.index);
+            }
+            return ENODEV;
+        }
+        e
+    }
+
+    /// Submits a command unless the queues are gone.
+    fn submit(&self, opcode: u32, ctx: u32, ranges: &[Range]) -> Result<InFlight> {
+        let tag = self.tags.fetch_add(1, Ordering::Relaxed);
+        let live = self.queues_live.lock();
+        if !*live {
+            return Err(ENODEV);
+        }
+        self.queues.submit(opcode, ctx, tag, ranges)
+    }
+
+    /// Executes one command on the device and waits for its response.
+    pub(crate) fn execute(&self, opcode: u32, ctx: u32, ranges: &[Range]) -> Result<Response> {
+        let mut flight = self.submit(opcode, ctx, ranges)?;
+        loop {
+            match flight.wait().map_err(|e| self.hung(e))? {
+                Wait::Done(resp) => return Ok(resp),
+                Wait::Woken => continue,
+            }
+        }
+    }
+
+    /// Executes a device MMU access (VREAD, VWRITE, ATOMIC) of context
+    /// `ctx`. Each device fault it raises is handed to `resolve`; on success
+    /// the command is replayed, on error it is cancelled and the error
+    /// returned.
+    pub(crate) fn execute_mmu(
+        &self,
+        opcode: u32,
+        ctx: u32,
+        ranges: &[Range],
+        mut resolve: impl FnMut(&Event) -> Result,
+    ) -> Result<Response> {
+        let mut flight = self.submit(opcode, ctx, ranges)?;
+        self.set_waiter(ctx, flight.token());
+        let mut failure = None;
+        let result = loop {
+            if let Some(fault) = self.take_fault(ctx) {
+                let next = match resolve(&fault) {
+                    Ok(()) => opcode::REPLAY,
+                    Err(e) => {
+                        failure = Some(e);
+                        opcode::CANCEL
+                    }
+                };
+                if let Err(e) = self.execute(next, ctx, &[]) {
+                    break Err(e);
+                }
+                continue;
+            }
+            match flight.wait() {
+                Ok(Wait::Done(resp)) => break Ok(resp),
+                Ok(Wait::Woken) => continue,
+                Err(e) => break Err(self.hung(e)),
+            }
+        };
+        self.set_waiter(ctx, ptr::null_mut());
+        match (result, failure) {
+            (Ok(_), Some(e)) => Err(e),
+            (result, _) => result,
+        }
+    }
+
+    /// Allocates a device MMU context and creates it on the device.
+    pub(crate) fn ctx_create(&self) -> Result<u32> {
+        let ctx = {
+            let mut contexts = self.contexts.lock();
+            let free = contexts.slots.iter().position(|s| !s.used);
+            let index = match free {
+                Some(i) => i,
+                None => {
+                    if contexts.slots.len() >= abi::MAX_CONTEXTS as usize {
+                        return Err(EBUSY);
+                    }
+                    contexts.slots.push(
+                        CtxSlot { used: false, waiter: ptr::null_mut(), fault: None },
+                        GFP_ATOMIC,
+                    )?;
+                    contexts.slots.len() - 1
+                }
+            };
+            contexts.slots[index] = CtxSlot { used: true, waiter: ptr::null_mut(), fault: None };
+            index as u32 + 1
+        };
+        match self.execute(opcode::CTX_CREATE, ctx, &[]) {
+            Ok(r) if r.status == abi::status::OK => Ok(ctx),
+            other => {
+                self.contexts.lock().slots[ctx as usize - 1].used = false;
+                pr_err!("hmmgpu{}: CTX_CREATE {} failed: {:?}\n", self.index, ctx, other.map(|r| r.status));
+                Err(EIO)
+            }
+        }
+    }
+
+    /// Destroys a context created by [`Gpu::ctx_create`].
+    pub(crate) fn ctx_destroy(&self, ctx: u32) {
+        // Best effort: a dead device has no contexts to destroy.
+        let _ = self.execute(opcode::CTX_DESTROY, ctx, &[]);
+        self.contexts.lock().slots[ctx as usize - 1] =
+            CtxSlot { used: false, waiter: ptr::null_mut(), fault: None };
+    }
+
+    fn set_waiter(&self, ctx: u32, waiter: *mut shim::Cmd) {
+        if let Some(slot) = self.contexts.lock().slots.get_mut(ctx as usize - 1) {
+            slot.waiter = waiter;
+        }
+    }
+
+    fn take_fault(&self, ctx: u32) -> Option<Event> {
+        self.contexts.lock().slots.get_mut(ctx as usize - 1)?.fault.take()
+    }
+
+    /// An event from the device (interrupt context).
+    fn on_event(&self, event: Event) {
+        if event.kind != abi::event::FAULT {
+            pr_warn!("hmmgpu{}: unknown event kind {}\n", self.index, event.kind);
+            return;
+        }
+        let mut contexts = self.contexts.lock();
+        let Some(slot) = (event.ctx as usize).checked_sub(1).and_then(|i| contexts.slots.get_mut(i)) else {
+            pr_warn!("hmmgpu{}: fault for unknown context {}\n", self.index, event.ctx);
+            return;
+        };
+        slot.fault = Some(event);
+        if !slot.waiter.is_null() {
+            // SAFETY: the waiter's command is in flight until it clears
+            // itself under this lock.
+            unsafe { shim::hmmgpu_shim_cmd_wake(slot.waiter) };
+        }
+    }
+
+    /// Reads the device's counters (COUNTERS command).
+    pub(crate) fn counters(&self) -> Result<[u64; abi::counter::COUNT]> {
+        let mut buf = KVec::<u8>::with_capacity(abi::counter::BLOCK_SIZE, GFP_KERNEL)?;
+        buf.extend_with(abi::counter::BLOCK_SIZE, 0, GFP_KERNEL)?;
+        // SAFETY: kmalloc'd, in the direct map.
+        let phys = unsafe { shim::hmmgpu_shim_virt_to_phys(buf.as_mut_ptr().cast()) };
+        let range = Range { src: 0, dst: phys, len: abi::counter::BLOCK_SIZE as u32, flags: 0 };
+        let resp = self.execute(opcode::COUNTERS, 0, &[range])?;
+        if resp.status != abi::status::OK {
+            return Err(EIO);
+        }
+        let mut out = [0u64; abi::counter::COUNT];
+        for (i, v) in out.iter_mut().enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&buf[i * 8..i * 8 + 8]);
+            *v = u64::from_le_bytes(b);
+        }
+        Ok(out)
+    }
+
+    /// Runs every range of `list` as `opcode` (COPY or FILL); fails with EIO
+    /// if the device reports an error for any of them.
+    pub(crate) fn run(&self, opcode: u32, list: &RangeList) -> Result<u64> {
+        self.run_ctx(opcode, 0, list)
+    }
+
+    /// [`Gpu::run`] for an opcode of context `ctx` (MAP, UNMAP).
+    pub(crate) fn run_ctx(&self, opcode: u32, ctx: u32, list: &RangeList) -> Result<u64> {
+        let mut bytes = 0;
+        for chunk in list.chunks() {
+            let resp = self.execute(opcode, ctx, chunk)?;
+            if resp.status != abi::status::OK {
+                pr_err!(
+                    "hmmgpu{}: command {} failed: {} at range {}\n",
+                    self.index,
+                    opcode,
+                    abi::status::name(resp.status),
+                    resp.failed_index
+                );
+                return Err(EIO);
+            }
+            bytes += resp.bytes;
+        }
+        Ok(bytes)
+    }
+
+    fn probe(vdev: *mut shim::VirtioDevice) -> Result<Arc<Gpu>> {
+        let mut raw = [0u8; DeviceConfig::SIZE];
+        // SAFETY: `vdev` is being probed; the buffer is `raw.len()` bytes.
+        unsafe {
+            shim::hmmgpu_shim_read_config(vdev, 0, raw.as_mut_ptr().cast(), raw.len())
+        };
+        let config = DeviceConfig::from_bytes(&raw).ok_or(EINVAL)?;
+        if config.magic != abi::CONFIG_MAGIC || config.version != abi::ABI_VERSION {
+            pr_err!(
+                "hmmgpu: unsupported device (magic {:#x}, version {})\n",
+                config.magic,
+                config.version
+            );
+            return Err(ENODEV);
+        }
+        if config.page_size as u64 != abi::PAGE_SIZE
+            || config.vram_size < abi::PAGE_SIZE
+            || config.vram_size % abi::PAGE_SIZE != 0
+        {
+            pr_err!(
+                "hmmgpu: bad config: page size {}, VRAM {} bytes\n",
+                config.page_size,
+                config.vram_size
+            );
+            return Err(EINVAL);
+        }
+        let (mut bar, mut bar_len) = (0u64, 0u64);
+        // SAFETY: `vdev` is being probed; out-pointers are valid.
+        if !unsafe { shim::hmmgpu_shim_get_shm(vdev, abi::SHM_ID_VRAM, &mut bar, &mut bar_len) } {
+            pr_err!("hmmgpu: the device has no VRAM shared memory region\n");
+            return Err(ENODEV);
+        }
+        if bar_len != config.vram_size {
+            pr_err!(
+                "hmmgpu: VRAM region is {} bytes but config says {}\n",
+                bar_len,
+                config.vram_size
+            );
+            return Err(EINVAL);
+        }
+
+        let index = claim_index()?;
+        let gpu = Self::create(vdev, index, config, bar).inspect_err(|_| release_index(index))?;
+        Ok(gpu)
+    }
+
+    fn create(
+        vdev: *mut shim::VirtioDevice,
+        index: u32,
+        config: DeviceConfig,
+        vram_bar: u64,
+    ) -> Result<Arc<Gpu>> {
+        // SAFETY: `vdev` is being probed.
+        let queues = unsafe { shim::hmmgpu_shim_queues_create(vdev) };
+        if shim::is_err(queues) {
+            return Err(shim::ptr_err(queues));
+        }
+        let gpu = Arc::pin_init(
+            try_pin_init!(Gpu {
+                vdev,
+                index,
+                config,
+                vram_bar,
+                queues: Queues::new(queues),
+                queues_live <- new_mutex!(true),
+                contexts <- new_spinlock_irq!(Contexts { slots: KVec::new() }),
+                vram <- Vram::new(config.vram_size)?,
+                dead: AtomicBool::new(false),
+                tags: AtomicU64::new(0),
+                mirror_dev <- new_mutex!(None),
+            }),
+            GFP_KERNEL,
+        );
+        let gpu = match gpu {
+            Ok(gpu) => gpu,
+            Err(e) => {
+                // SAFETY: the queue was created on this device.
+                unsafe { shim::hmmgpu_shim_device_reset(vdev) };
+                return Err(e);
+            }
+        };
+        // SAFETY: the queues are set up; the device may start.
+        unsafe { shim::hmmgpu_shim_device_ready(vdev) };
+        if let Err(e) = gpu.queues.start_events(gpu.as_cookie()) {
+            // SAFETY: the device was set up above.
+            unsafe { shim::hmmgpu_shim_device_reset(vdev) };
+            return Err(e);
+        }
+
+        // A devm action registered before the pagemap holds a reference, so
+        // page callbacks always find the Gpu until the pages are unmapped.
+        // SAFETY: `vdev` is being probed.
+        let dev = unsafe { shim::hmmgpu_shim_vdev_dev(vdev) };
+        let cookie = Arc::into_raw(gpu.clone()).cast_mut().cast::<c_void>();
+        // SAFETY: `cookie` is an `Arc<Gpu>` reference; the action drops it.
+        let ret = unsafe { shim::hmmgpu_shim_devm_put_on_release(dev, cookie) };
+        let result = if ret < 0 {
+            // The shim already dropped the reference on failure.
+            Err(Error::from_errno(ret))
+        } else {
+            gpu.vram.register_private(dev, gpu.as_cookie())
+        };
+        let result = result.and_then(|()| {
+            let md = MirrorDevice::register(gpu.clone())?;
+            *gpu.mirror_dev.lock() = Some(md);
+            Ok(())
+        });
+        if let Err(e) = result {
+            gpu.dead.store(true, Ordering::Release);
+            // SAFETY: the device was set up above.
+            unsafe { shim::hmmgpu_shim_device_reset(vdev) };
+            return Err(e);
+        }
+        pr_info!(
+            "hmmgpu{}: registered {} MiB VRAM (BAR at {:#x}) as device-private memory, pfns {:#x}..{:#x}, uAPI /dev/hmm_dmirror{}\n",
+            index,
+            config.vram_size >> 20,
+            gpu.vram_bar,
+            gpu.vram.pfn_first(),
+            gpu.vram.pfn_first() + gpu.vram.pages(),
+            index
+        );
+        Ok(gpu)
+    }
+
+    fn remove(&self) {
+        // No new opens; open files see ENODEV from now on, except the
+        // eviction below which still needs the device.
+        let md = self.mirror_dev.lock().take();
+        drop(md);
+        // Commands still run (the queue does not look at `dead`), so the
+        // eviction can copy VRAM back.
+        self.dead.store(true, Ordering::Release);
+        let evicted = migrate::evict_all(self);
+        self.vram.reclaim_deferred();
+        match self.counters() {
+            Ok(c) => {
+                pr_info!("hmmgpu{}: device counters:\n", self.index);
+                for (name, value) in abi::counter::NAMES.iter().zip(c.iter()) {
+                    pr_info!("hmmgpu{}:   {} {}\n", self.index, name, value);
+                }
+            }
+            Err(e) => pr_warn!("hmmgpu{}: cannot read device counters: {:?}\n", self.index, e),
+        }
+        pr_info!(
+            "hmmgpu{}: removed; {} pages evicted to system memory, {} of {} KiB VRAM free\n",
+            self.index,
+            evicted,
+            self.vram.avail() >> 10,
+            self.vram.size() >> 10
+        );
+        *self.queues_live.lock() = false;
+        // SAFETY: the device is bound; nothing submits any more.
+        unsafe { shim::hmmgpu_shim_device_reset(self.vdev) };
+        release_index(self.index);
+    }
+}
+
+fn claim_index() -> Result<u32> {
+    loop {
+        let used = GPU_INDICES.load(Ordering::Acquire);
+        let index = (!used).trailing_zeros();
+        if index >= MAX_GPUS {
+            pr_err!("hmmgpu: at most {} GPUs are supported\n", MAX_GPUS);
+            return Err(EBUSY);
+        }
+        if GPU_INDICES
+            .compare_exchange(used, used | (1 << index), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            return Ok(index);
+        }
+    }
+}
+
+fn release_index(index: u32) {
+    GPU_INDICES.fetch_and(!(1 << index), Ordering::AcqRel);
+}
+
+/// Called by the shim's virtio probe.
+#[no_mangle]
+pub(crate) extern "C" fn hmmgpu_rust_probe(vdev: *mut shim::VirtioDevice) -> core::ffi::c_int {
+    match Gpu::probe(vdev) {
+        Ok(gpu) => {
+            let raw = Arc::into_raw(gpu).cast_mut().cast::<c_void>();
+            // SAFETY: `vdev` is being probed; the reference is dropped in remove.
+            unsafe { shim::hmmgpu_shim_set_priv(vdev, raw) };
+            0
+        }
+        Err(e) => e.to_errno(),
+    }
+}
+
+/// Called by the shim's virtio remove.
+#[no_mangle]
+pub(crate) extern "C" fn hmmgpu_rust_remove(vdev: *mut shim::VirtioDevice) {
+    // SAFETY: probe stored an `Arc<Gpu>` in priv.
+    let gpu = unsafe { Arc::from_raw(shim::hmmgpu_shim_get_priv(vdev).cast::<Gpu>()) };
+    gpu.remove();
+    // SAFETY: `vdev` is being removed.
+    unsafe { shim::hmmgpu_shim_set_priv(vdev, core::ptr::null_mut()) };
+}
+
+/// Called by the devm action registered in probe: drops its reference.
+#[no_mangle]
+pub(crate) extern "C" fn hmmgpu_rust_gpu_put(cookie: *mut c_void) {
+    // SAFETY: `cookie` came from `Arc::into_raw` in `Gpu::create`.
+    drop(unsafe { Arc::from_raw(cookie.cast::<Gpu>()) });
+}
+
+/// `dev_pagemap_ops.folio_free` for our device pages.
+#[no_mangle]
+pub(crate) extern "C" fn hmmgpu_rust_folio_free(cookie: *mut c_void, page: *mut shim::Page) {
+    // SAFETY: the pgmap's cookie is a `Gpu` kept alive by the devm action.
+    let gpu = unsafe { &*cookie.cast::<Gpu>() };
+    gpu.vram.page_freed(page);
+}
+
+/// An event from the device's event queue (interrupt context).
+#[no_mangle]
+pub(crate) extern "C" fn hmmgpu_rust_event(cookie: *mut c_void, buf: *const u8, len: core::ffi::c_uint) {
+    // SAFETY: the events were started with a `Gpu` cookie that outlives the queues.
+    let gpu = unsafe { &*cookie.cast::<Gpu>() };
+    // SAFETY: the shim hands us its event buffer of at least `len` bytes.
+    let bytes = unsafe { core::slice::from_raw_parts(buf, len as usize) };
+    match Event::from_bytes(bytes) {
+        Some(event) => gpu.on_event(event),
+        None => pr_warn!("hmmgpu{}: short event ({} bytes)\n", gpu.index, len),
+    }
+}

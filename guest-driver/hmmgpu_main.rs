@@ -1,0 +1,57 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! hmmgpu: the guest driver of the hmmgpu virtual GPU.
+//!
+//! Binds the virtio device (id 63), registers its VRAM as ZONE_DEVICE memory,
+//! migrates process memory to and from VRAM with the device's copy engine and
+//! offers the dmirror uAPI of lib/test_hmm_uapi.h. Layout:
+//! - `gpu`: probe/remove and the device's state
+//! - `queue`: the command virtqueue
+//! - `vram`: the VRAM allocator (GPU buddy) and its device pages
+//! - `migrate`: migrate_vma_* / migrate_device_* and migrate_to_ram
+//! - `mirror`: hmm_range_fault + mmu_interval_notifier per open file
+//! - `uapi`: /dev/hmm_dmirrorN and its ioctls
+//! - `shim`: the C functions for kernel APIs without Rust bindings
+
+use kernel::prelude::*;
+
+// The device interface, shared verbatim with the backend: its items are `pub`
+// for the backend's crate and not all of them are used here.
+#[path = "../device/abi/src/abi.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod abi;
+mod gpu;
+mod migrate;
+mod mirror;
+mod queue;
+mod shim;
+mod uapi;
+mod vram;
+
+module! {
+    type: HmmGpuModule,
+    name: "hmmgpu",
+    authors: ["hmmgpu developers"],
+    description: "Driver for the hmmgpu virtual GPU (HMM / ZONE_DEVICE test device)",
+    license: "GPL",
+}
+
+struct HmmGpuModule;
+
+impl kernel::Module for HmmGpuModule {
+    fn init(_module: &'static ThisModule) -> Result<Self> {
+        // SAFETY: registers the shim's static virtio_driver once.
+        let ret = unsafe { shim::hmmgpu_shim_register_driver() };
+        if ret < 0 {
+            return Err(Error::from_errno(ret));
+        }
+        Ok(HmmGpuModule)
+    }
+}
+
+impl Drop for HmmGpuModule {
+    fn drop(&mut self) {
+        // SAFETY: registered in `init`; removes every bound device first.
+        unsafe { shim::hmmgpu_shim_unregister_driver() };
+    }
+}

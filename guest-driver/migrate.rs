@@ -1,0 +1,388 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Migration between system memory and VRAM with migrate_vma_* and
+//! migrate_device_*, every byte moved by the device's copy engine.
+
+use crate::abi::{opcode, range_flags, PAGE_SIZE};
+use crate::gpu::Gpu;
+use crate::queue::RangeList;
+use crate::shim::{self, Migrate};
+use core::ffi::c_ulong;
+use core::ptr;
+use kernel::prelude::*;
+
+fn mpfn_valid() -> c_ulong {
+    // SAFETY: constant exported by the shim.
+    unsafe { shim::hmmgpu_MIGRATE_PFN_VALID }
+}
+
+fn mpfn_migrate() -> c_ulong {
+    // SAFETY: constant exported by the shim.
+    unsafe { shim::hmmgpu_MIGRATE_PFN_MIGRATE }
+}
+
+fn mpfn_write() -> c_ulong {
+    // SAFETY: constant exported by the shim.
+    unsafe { shim::hmmgpu_MIGRATE_PFN_WRITE }
+}
+
+/// Most pages one migrate_vma step covers (one page table).
+pub(crate) fn max_pages() -> usize {
+    // SAFETY: constant exported by the shim.
+    unsafe { shim::hmmgpu_PTRS_PER_PTE as usize }
+}
+
+fn page_phys(page: *mut shim::Page) -> u64 {
+    // SAFETY: `page` is a valid struct page.
+    (unsafe { shim::hmmgpu_shim_page_to_pfn(page) } as u64) * PAGE_SIZE
+}
+
+/// A `struct hmmgpu_migrate` (migrate_vma plus its pfn arrays), freed on drop.
+pub(crate) struct MigrateArgs(*mut Migrate);
+
+impl MigrateArgs {
+    pub(crate) fn new() -> Result<Self> {
+        // SAFETY: plain allocation.
+        let m = unsafe { shim::hmmgpu_shim_migrate_alloc() };
+        if m.is_null() {
+            return Err(ENOMEM);
+        }
+        Ok(Self(m))
+    }
+
+    fn src(&mut self, n: usize) -> &mut [c_ulong] {
+        // SAFETY: the array has `max_pages()` entries; `n` is at most that.
+        unsafe { core::slice::from_raw_parts_mut(shim::hmmgpu_shim_migrate_src(self.0), n) }
+    }
+
+    fn src_dst(&mut self, n: usize) -> (&[c_ulong], &mut [c_ulong]) {
+        // SAFETY: as for `src`; the two arrays do not overlap.
+        unsafe {
+            (
+                core::slice::from_raw_parts(shim::hmmgpu_shim_migrate_src(self.0), n),
+                core::slice::from_raw_parts_mut(shim::hmmgpu_shim_migrate_dst(self.0), n),
+            )
+        }
+    }
+}
+
+impl Drop for MigrateArgs {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `hmmgpu_shim_migrate_alloc`.
+        unsafe { shim::hmmgpu_shim_migrate_free(self.0) };
+    }
+}
+
+/// Fills `dst` with freshly allocated VRAM pages for every migrating entry
+/// of `src` and copies (or zero-fills) the data into them with the device.
+/// On any failure no entry is migrated: the pages stay in system memory.
+fn alloc_and_copy_to_vram(
+    gpu: &Gpu,
+    src: &[c_ulong],
+    dst: &mut [c_ulong],
+    fail_alloc: &mut bool,
+) -> usize {
+    let mut copies = RangeList::new();
+    let mut zeroes = RangeList::new();
+    let mut result = Ok(());
+    for (s, d) in src.iter().zip(dst.iter_mut()) {
+        *d = 0;
+        if s & mpfn_migrate() == 0 || result.is_err() {
+            continue;
+        }
+        // SAFETY: `*s` is a migrate pfn from migrate_vma_setup().
+        let spage = unsafe { shim::hmmgpu_shim_migrate_pfn_to_page(*s) };
+        // SAFETY: as above; a NULL page means "not populated, zero".
+        if !spage.is_null() && unsafe { shim::hmmgpu_shim_is_zone_device_page(spage) } {
+            continue;
+        }
+        if *fail_alloc {
+            // HMM_DMIRROR_FLAG_FAIL_ALLOC: fail exactly one allocation.
+            *fail_alloc = false;
+            continue;
+        }
+        let Ok((dpage, offset)) = gpu.vram.alloc_page() else {
+            // VRAM full: this page stays in system memory.
+            continue;
+        };
+        // SAFETY: `dpage` was initialized by `alloc_page`.
+        *d = unsafe { shim::hmmgpu_shim_migrate_pfn(shim::hmmgpu_shim_page_to_pfn(dpage)) }
+            | (s & mpfn_write());
+        result = if spage.is_null() {
+            zeroes.push_fill(0, offset, PAGE_SIZE as u32, range_flags::DST_VRAM)
+        } else {
+            copies.push(page_phys(spage), offset, PAGE_SIZE as u32, range_flags::DST_VRAM)
+        };
+    }
+    let result = result
+        .and_then(|()| gpu.run(opcode::COPY, &copies))
+        .and_then(|_| gpu.run(opcode::FILL, &zeroes));
+    if result.is_err() {
+        // The copy did not happen: give the VRAM pages back, migrate nothing.
+        for d in dst.iter_mut().filter(|d| **d != 0) {
+            // SAFETY: `*d` holds a device page prepared above.
+            unsafe {
+                shim::hmmgpu_shim_device_page_discard(shim::hmmgpu_shim_migrate_pfn_to_page(*d))
+            };
+            *d = 0;
+        }
+        return 0;
+    }
+    dst.iter().filter(|d| **d != 0).count()
+}
+
+/// Allocates system pages for every migrating device page of `src` and
+/// copies the data back from VRAM. `vma`/`start` place the new pages (may
+/// be NULL for eviction). Returns the number of pages prepared, or an error
+/// after which no entry is migrated.
+fn alloc_and_copy_to_ram(
+    gpu: &Gpu,
+    vma: *mut shim::Vma,
+    start: u64,
+    src: &[c_ulong],
+    dst: &mut [c_ulong],
+) -> Result<usize> {
+    let mut copies = RangeList::new();
+    let mut result = Ok(());
+    for (i, (s, d)) in src.iter().zip(dst.iter_mut()).enumerate() {
+        *d = 0;
+        if s & mpfn_migrate() == 0 || result.is_err() {
+            continue;
+        }
+        // SAFETY: `*s` is a migrate pfn from the setup call.
+        let spage = unsafe { shim::hmmgpu_shim_migrate_pfn_to_page(*s) };
+        if spage.is_null() {
+            continue;
+        }
+        // SAFETY: valid page.
+        let pfn = unsafe { shim::hmmgpu_shim_page_to_pfn(spage) } as u64;
+        let Some(offset) = gpu.vram.offset_of_pfn(pfn) else {
+            continue;
+        };
+        let addr = start + i as u64 * PAGE_SIZE;
+        // SAFETY: `vma` is NULL or the VMA being migrated, locked by the caller.
+        let dpage = unsafe { shim::hmmgpu_shim_alloc_sys_page(vma, addr as c_ulong) };
+        if dpage.is_null() {
+            result = Err(ENOMEM);
+            continue;
+        }
+        // SAFETY: `dpage` is a locked system page.
+        *d = unsafe { shim::hmmgpu_shim_migrate_pfn(shim::hmmgpu_shim_page_to_pfn(dpage)) }
+            | (s & mpfn_write());
+        if let Err(e) = copies.push(offset, page_phys(dpage), PAGE_SIZE as u32, range_flags::SRC_VRAM) {
+            result = Err(e);
+        }
+    }
+    let result = result.and_then(|()| gpu.run(opcode::COPY, &copies).map(|_| ()));
+    let prepared = dst.iter().filter(|d| **d != 0).count();
+    if let Err(e) = result {
+        for d in dst.iter_mut().filter(|d| **d != 0) {
+            // SAFETY: `*d` holds a locked system page allocated above.
+            unsafe { shim::hmmgpu_shim_free_sys_page(shim::hmmgpu_shim_migrate_pfn_to_page(*d)) };
+            *d = 0;
+        }
+        return Err(e);
+    }
+    Ok(prepared)
+}
+
+/// Counts the entries the core actually migrated.
+fn migrated(src: &[c_ulong]) -> u64 {
+    src.iter()
+        .filter(|s| **s & mpfn_valid() != 0 && **s & mpfn_migrate() != 0)
+        .count() as u64
+}
+
+/// Walks the VMAs of [start, end) of `mm` in page-table-sized steps.
+fn for_each_step(
+    mm: *mut shim::Mm,
+    start: u64,
+    end: u64,
+    mut step: impl FnMut(*mut shim::Vma, u64, u64) -> Result,
+) -> Result {
+    // SAFETY: `mm` is the mirrored mm; the caller holds a reference.
+    unsafe { shim::hmmgpu_shim_mmap_read_lock(mm) };
+    let mut addr = start;
+    let mut result = Ok(());
+    while addr < end {
+        let mut next = core::cmp::min(end, addr + max_pages() as u64 * PAGE_SIZE) as c_ulong;
+        // SAFETY: the mmap lock is held.
+        let vma = unsafe { shim::hmmgpu_shim_vma_lookup(mm, addr as c_ulong, &mut next) };
+        if vma.is_null() {
+            result = Err(EINVAL);
+            break;
+        }
+        if let Err(e) = step(vma, addr, next as u64) {
+            result = Err(e);
+            break;
+        }
+        addr = next as u64;
+    }
+    // SAFETY: locked above.
+    unsafe { shim::hmmgpu_shim_mmap_read_unlock(mm) };
+    result
+}
+
+/// Migrates the pages of [start, end) of `mm` to VRAM. Pages that cannot be
+/// migrated (no VRAM, copy failed, pinned) stay in system memory. Returns the
+/// number of pages now in VRAM.
+pub(crate) fn to_device(gpu: &Gpu, mm: *mut shim::Mm, start: u64, end: u64, fail_alloc: &mut bool) -> Result<u64> {
+    let mut args = MigrateArgs::new()?;
+    let mut moved = 0;
+    for_each_step(mm, start, end, |vma, s, e| {
+        let n = ((e - s) / PAGE_SIZE) as usize;
+        // SAFETY: `vma` is locked by `for_each_step`; `n` <= max_pages().
+        let ret = unsafe {
+            shim::hmmgpu_shim_migrate_setup(
+                args.0,
+                vma,
+                s as c_ulong,
+                e as c_ulong,
+                gpu.as_cookie(),
+                true,
+                ptr::null_mut(),
+            )
+        };
+        if ret < 0 {
+            return Err(Error::from_errno(ret));
+        }
+        let (src, dst) = args.src_dst(n);
+        alloc_and_copy_to_vram(gpu, src, dst, fail_alloc);
+        // SAFETY: set up above.
+        unsafe { shim::hmmgpu_shim_migrate_pages(args.0) };
+        let (src, dst) = args.src_dst(n);
+        moved += src
+            .iter()
+            .zip(dst.iter())
+            .filter(|(s, d)| **d != 0 && **s & mpfn_migrate() != 0)
+            .count() as u64;
+        // SAFETY: as above.
+        unsafe { shim::hmmgpu_shim_migrate_finalize(args.0) };
+        Ok(())
+    })?;
+    Ok(moved)
+}
+
+/// Migrates this GPU's pages in [start, end) of `mm` back to system memory.
+pub(crate) fn to_system(gpu: &Gpu, mm: *mut shim::Mm, start: u64, end: u64) -> Result<u64> {
+    let mut args = MigrateArgs::new()?;
+    let mut moved = 0;
+    for_each_step(mm, start, end, |vma, s, e| {
+        let n = ((e - s) / PAGE_SIZE) as usize;
+        // SAFETY: `vma` is locked by `for_each_step`; `n` <= max_pages().
+        let ret = unsafe {
+            shim::hmmgpu_shim_migrate_setup(
+                args.0,
+                vma,
+                s as c_ulong,
+                e as c_ulong,
+                gpu.as_cookie(),
+                false,
+                ptr::null_mut(),
+            )
+        };
+        if ret < 0 {
+            return Err(Error::from_errno(ret));
+        }
+        let (src, dst) = args.src_dst(n);
+        let copied = alloc_and_copy_to_ram(gpu, vma, s, src, dst);
+        // SAFETY: set up above; on a failed copy every dst is 0 and the
+        // pages stay where they are.
+        unsafe { shim::hmmgpu_shim_migrate_pages(args.0) };
+        moved += migrated(args.src(n));
+        // SAFETY: as above.
+        unsafe { shim::hmmgpu_shim_migrate_finalize(args.0) };
+        copied.map(|_| ())
+    })?;
+    Ok(moved)
+}
+
+/// `dev_pagemap_ops.migrate_to_ram`: a CPU touched a page in VRAM.
+#[no_mangle]
+pub(crate) extern "C" fn hmmgpu_rust_migrate_to_ram(
+    cookie: *mut core::ffi::c_void,
+    vmf: *mut shim::VmFault,
+) -> shim::VmFaultT {
+    // SAFETY: the pgmap's cookie is a `Gpu` kept alive by the devm action.
+    let gpu = unsafe { &*cookie.cast::<Gpu>() };
+    let (mut vma, mut addr, mut page) = (ptr::null_mut(), 0, ptr::null_mut());
+    // SAFETY: `vmf` is the fault being handled.
+    unsafe { shim::hmmgpu_shim_vmf_info(vmf, &mut vma, &mut addr, &mut page) };
+    // SAFETY: constants exported by the shim.
+    let (sigbus, oom) = unsafe { (shim::hmmgpu_VM_FAULT_SIGBUS, shim::hmmgpu_VM_FAULT_OOM) };
+    let Ok(mut args) = MigrateArgs::new() else {
+        return oom;
+    };
+    // SAFETY: the fault handler holds the mm/VMA lock; one page.
+    let ret = unsafe {
+        shim::hmmgpu_shim_migrate_setup(
+            args.0,
+            vma,
+            addr,
+            addr + PAGE_SIZE as c_ulong,
+            gpu.as_cookie(),
+            false,
+            page,
+        )
+    };
+    if ret < 0 {
+        return sigbus;
+    }
+    let (src, dst) = args.src_dst(1);
+    let result = alloc_and_copy_to_ram(gpu, vma, addr as u64, src, dst);
+    // SAFETY: set up above.
+    unsafe {
+        shim::hmmgpu_shim_migrate_pages(args.0);
+        shim::hmmgpu_shim_migrate_finalize(args.0);
+    }
+    match result {
+        Ok(_) => 0,
+        Err(ENOMEM) => oom,
+        Err(_) => {
+            pr_err!("hmmgpu{}: copy from VRAM failed in a CPU fault at {:#x}\n", gpu.index(), addr);
+            sigbus
+        }
+    }
+}
+
+/// Migrates every page still in this GPU's VRAM back to system memory,
+/// whichever process owns it. Returns the number of pages evicted.
+pub(crate) fn evict_all(gpu: &Gpu) -> u64 {
+    let Ok(mut args) = MigrateArgs::new() else {
+        pr_err!("hmmgpu{}: no memory to evict VRAM\n", gpu.index());
+        return 0;
+    };
+    let total = gpu.vram.pages() as usize;
+    let first = gpu.vram.pfn_first();
+    if first == 0 {
+        return 0;
+    }
+    let mut evicted = 0;
+    let mut done = 0;
+    while done < total {
+        let n = core::cmp::min(max_pages(), total - done);
+        let start_pfn = first + done as u64;
+        let (src, dst) = args.src_dst(n);
+        // SAFETY: [start_pfn, start_pfn + n) is in our device-private range.
+        let ret = unsafe { shim::hmmgpu_shim_evict_range(src.as_ptr().cast_mut(), start_pfn as c_ulong, n as c_ulong) };
+        if ret < 0 {
+            pr_err!("hmmgpu{}: migrate_device_range failed: {}\n", gpu.index(), ret);
+            done += n;
+            continue;
+        }
+        let before = src.iter().filter(|s| **s & mpfn_migrate() != 0).count();
+        if let Err(e) = alloc_and_copy_to_ram(gpu, ptr::null_mut(), 0, src, dst) {
+            pr_err!(
+                "hmmgpu{}: eviction copy failed ({:?}): {} pages stay in VRAM\n",
+                gpu.index(),
+                e,
+                before
+            );
+        }
+        // SAFETY: `src`/`dst` are the arrays filled above, `n` entries.
+        unsafe { shim::hmmgpu_shim_evict_finish(src.as_ptr().cast_mut(), dst.as_mut_ptr(), n as c_ulong) };
+        evicted += dst.iter().filter(|d| **d != 0).count() as u64;
+        done += n;
+    }
+    evicted
+}

@@ -1,0 +1,415 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Mirroring a process address space: one `Mirror` per open file of the
+//! uAPI. The device accesses the process's memory at the addresses
+//! hmm_range_fault() resolves, under an mmu_interval_notifier so that an
+//! invalidation never races with a device access.
+
+use crate::abi::{self, opcode, range_flags, PAGE_SIZE};
+use crate::gpu::Gpu;
+use crate::migrate;
+use crate::queue::RangeList;
+use crate::shim;
+use core::ffi::{c_ulong, c_void};
+use core::ptr;
+use core::sync::atomic::{AtomicPtr, Ordering};
+use kernel::new_mutex;
+use kernel::prelude::*;
+use kernel::sync::{Arc, Mutex};
+use kernel::uaccess::{UserPtr, UserSlice};
+
+/// Pages per hmm_range_fault() step.
+const STEP_PAGES: usize = 64;
+
+/// Per-mirror state protected by the mirror lock.
+pub(crate) struct MirrorState {
+    /// HMM_DMIRROR_FLAG_* set with HMM_DMIRROR_FLAGS.
+    pub(crate) flags: u64,
+    /// Bounds of every device MMU translation made since the last full
+    /// invalidation: invalidations outside them need no UNMAP.
+    mapped: Option<(u64, u64)>,
+}
+
+impl MirrorState {
+    fn note_mapped(&mut self, start: u64, end: u64) {
+        self.mapped = Some(match self.mapped {
+            Some((s, e)) => (core::cmp::min(s, start), core::cmp::max(e, end)),
+            None => (start, end),
+        });
+    }
+
+    fn overlaps_mapped(&self, start: u64, end: u64) -> bool {
+        matches!(self.mapped, Some((s, e)) if start < e && s < end)
+    }
+}
+
+/// Result counters of one uAPI command.
+#[derive(Default)]
+pub(crate) struct Counts {
+    /// Pages processed.
+    pub(crate) cpages: u64,
+    /// Device faults (hmm_range_fault calls) needed.
+    pub(crate) faults: u64,
+}
+
+/// A process address space mirrored by one GPU.
+#[pin_data(PinnedDrop)]
+pub(crate) struct Mirror {
+    pub(crate) gpu: Arc<Gpu>,
+    /// The device MMU context mirroring this address space.
+    ctx: u32,
+    notifier: AtomicPtr<shim::Notifier>,
+    /// Held across every device access to the mirrored pages and by the
+    /// invalidation callback: an invalidation waits for accesses in flight.
+    #[pin]
+    pub(crate) state: Mutex<MirrorState>,
+}
+
+/// A vmalloc'd, page-aligned buffer the device reads or writes page by page
+/// at guest-physical addresses.
+struct Bounce {
+    buf: VVec<u8>,
+}
+
+impl Bounce {
+    fn new(pages: usize) -> Result<Self> {
+        let mut buf = VVec::with_capacity(pages * PAGE_SIZE as usize, GFP_KERNEL)?;
+        buf.extend_with(pages * PAGE_SIZE as usize, 0u8, GFP_KERNEL)?;
+        Ok(Self { buf })
+    }
+
+    fn phys(&mut self, page: usize) -> u64 {
+        let addr = self.buf.as_mut_ptr().wrapping_add(page * PAGE_SIZE as usize);
+        // SAFETY: `addr` is inside the vmalloc'd buffer.
+        unsafe { shim::hmmgpu_shim_vmalloc_to_phys(addr.cast()) }
+    }
+}
+
+/// A reference on the mirrored mm for the duration of a command.
+struct MmRef(*mut shim::Mm);
+
+impl MmRef {
+    fn get(mm: *mut shim::Mm) -> Result<Self> {
+        // SAFETY: the notifier keeps `mm` itself allocated.
+        if unsafe { shim::hmmgpu_shim_mmget_not_zero(mm) } {
+            Ok(Self(mm))
+        } else {
+            Err(EFAULT)
+        }
+    }
+}
+
+impl Drop for MmRef {
+    fn drop(&mut self) {
+        // SAFETY: taken in `get`.
+        unsafe { shim::hmmgpu_shim_mmput(self.0) };
+    }
+}
+
+impl Mirror {
+    /// Mirrors the calling process's address space for `gpu`.
+    pub(crate) fn new(gpu: Arc<Gpu>) -> Result<Pin<KBox<Self>>> {
+        gpu.check_alive()?;
+        let owner = gpu.as_cookie();
+        let ctx = gpu.ctx_create()?;
+        let gpu2 = gpu.clone();
+        let mirror = KBox::pin_init(
+            try_pin_init!(Mirror {
+                gpu: gpu2,
+                ctx,
+                notifier: AtomicPtr::new(ptr::null_mut()),
+                state <- new_mutex!(MirrorState { flags: 0, mapped: None }),
+            }),
+            GFP_KERNEL,
+        )
+        .inspect_err(|_| gpu.ctx_destroy(ctx))?;
+        let cookie = (&*mirror as *const Mirror).cast_mut().cast::<c_void>();
+        // SAFETY: `mirror` is pinned and outlives the notifier (removed in drop).
+        let n = unsafe { shim::hmmgpu_shim_notifier_create(cookie, owner) };
+        if shim::is_err(n) {
+            return Err(shim::ptr_err(n));
+        }
+        mirror.notifier.store(n, Ordering::Release);
+        Ok(mirror)
+    }
+
+    fn notifier(&self) -> *mut shim::Notifier {
+        self.notifier.load(Ordering::Acquire)
+    }
+
+    /// The mirrored mm.
+    pub(crate) fn mm(&self) -> *mut shim::Mm {
+        // SAFETY: the notifier is set for the mirror's whole life.
+        unsafe { shim::hmmgpu_shim_notifier_get_mm(self.notifier()) }
+    }
+
+    /// Resolves a device fault: faults [addr, end) of the process in with
+    /// hmm_range_fault() and maps it into the device MMU, with write
+    /// permission where the CPU has it. The whole rest of the access is
+    /// resolved at once, as test_hmm does, so one access faults once.
+    fn resolve(&self, addr: u64, end: u64, write: bool) -> Result {
+        let mut start = addr & !(PAGE_SIZE - 1);
+        let mut pfns = [0 as c_ulong; STEP_PAGES];
+        while start < end {
+            let step_end = core::cmp::min(end, start + STEP_PAGES as u64 * PAGE_SIZE);
+            let n = ((step_end - start) / PAGE_SIZE) as usize;
+            loop {
+                let mut seq: c_ulong = 0;
+                // SAFETY: `pfns` has room for `n` <= STEP_PAGES entries.
+                let ret = unsafe {
+                    shim::hmmgpu_shim_range_fault(
+                        self.notifier(),
+                        start as c_ulong,
+                        step_end as c_ulong,
+                        pfns.as_mut_ptr(),
+                        true,
+                        write,
+                        &mut seq,
+                    )
+                };
+                if ret < 0 {
+                    return Err(Error::from_errno(ret));
+                }
+                let mut state = self.state.lock();
+                // SAFETY: the notifier is valid.
+                if unsafe { shim::hmmgpu_shim_notifier_retry(self.notifier(), seq) } {
+                    continue;
+                }
+                let mut map = RangeList::new();
+                for (i, entry) in pfns[..n].iter().enumerate() {
+                    let (target, flags) = self.translation(*entry)?;
+                    map.push(target, start + i as u64 * PAGE_SIZE, PAGE_SIZE as u32, flags)?;
+                }
+                self.gpu.run_ctx(opcode::MAP, self.ctx, &map)?;
+                state.note_mapped(start, step_end);
+                break;
+            }
+            start = step_end;
+        }
+        Ok(())
+    }
+
+    /// The device MMU target and MAP flags for an hmm_pfns entry.
+    fn translation(&self, entry: c_ulong) -> Result<(u64, u32)> {
+        let mut pfn: c_ulong = 0;
+        // SAFETY: `entry` was filled by hmm_range_fault().
+        let info = unsafe { shim::hmmgpu_shim_hmm_pfn_info(entry, self.gpu.as_cookie(), &mut pfn) };
+        if info & shim::PFN_VALID == 0 {
+            return Err(EFAULT);
+        }
+        let mut flags = range_flags::MAP_READ;
+        if info & shim::PFN_WRITE != 0 {
+            flags |= range_flags::MAP_WRITE;
+        }
+        if info & shim::PFN_DEVICE_PRIVATE != 0 {
+            let offset = self.gpu.vram.offset_of_pfn(pfn as u64).ok_or(EFAULT)?;
+            return Ok((offset, flags | range_flags::SRC_VRAM));
+        }
+        Ok((pfn as u64 * PAGE_SIZE, flags))
+    }
+
+    /// Runs a VREAD or VWRITE of `npages` at `addr` against the bounce
+    /// buffer, resolving device faults as they come.
+    fn access(&self, op: u32, addr: u64, npages: u64, bounce: &mut Bounce, counts: &mut Counts) -> Result {
+        let end = addr + npages * PAGE_SIZE;
+        let write = op == opcode::VWRITE;
+        let mut list = RangeList::new();
+        for i in 0..npages as usize {
+            let va = addr + i as u64 * PAGE_SIZE;
+            let buf = bounce.phys(i);
+            if write {
+                list.push(buf, va, PAGE_SIZE as u32, 0)?;
+            } else {
+                list.push(va, buf, PAGE_SIZE as u32, 0)?;
+            }
+        }
+        for chunk in list.chunks() {
+            let resp = self.gpu.execute_mmu(op, self.ctx, chunk, |fault| {
+                counts.faults += 1;
+                self.resolve(fault.addr, end, write)
+            })?;
+            if resp.status != abi::status::OK {
+                pr_err!(
+                    "hmmgpu{}: device access failed: {}\n",
+                    self.gpu.index(),
+                    abi::status::name(resp.status)
+                );
+                return Err(EIO);
+            }
+        }
+        Ok(())
+    }
+
+    /// HMM_DMIRROR_READ: the device reads `npages` at `addr` into user `ptr`.
+    pub(crate) fn read(&self, addr: u64, ptr: u64, npages: u64) -> Result<Counts> {
+        self.gpu.check_alive()?;
+        let _mm = MmRef::get(self.mm())?;
+        let mut bounce = Bounce::new(npages as usize)?;
+        let mut counts = Counts::default();
+        self.access(opcode::VREAD, addr, npages, &mut bounce, &mut counts)?;
+        let mut out = UserSlice::new(UserPtr::from_addr(ptr as usize), (npages * PAGE_SIZE) as usize).writer();
+        out.write_slice(&bounce.buf)?;
+        counts.cpages = npages;
+        Ok(counts)
+    }
+
+    /// HMM_DMIRROR_WRITE: the device writes user `ptr` into `npages` at `addr`.
+    pub(crate) fn write(&self, addr: u64, ptr: u64, npages: u64) -> Result<Counts> {
+        self.gpu.check_alive()?;
+        let _mm = MmRef::get(self.mm())?;
+        let mut bounce = Bounce::new(npages as usize)?;
+        let mut input = UserSlice::new(UserPtr::from_addr(ptr as usize), (npages * PAGE_SIZE) as usize).reader();
+        input.read_slice(&mut bounce.buf)?;
+        let mut counts = Counts::default();
+        self.access(opcode::VWRITE, addr, npages, &mut bounce, &mut counts)?;
+        counts.cpages = npages;
+        Ok(counts)
+    }
+
+    /// HMM_DMIRROR_MIGRATE_TO_DEV: migrates the range to VRAM, then reads it
+    /// back through the device into user `ptr` (as test_hmm does).
+    pub(crate) fn migrate_to_device(&self, addr: u64, ptr: u64, npages: u64) -> Result<Counts> {
+        self.gpu.check_alive()?;
+        {
+            let _mm = MmRef::get(self.mm())?;
+            let mut fail_alloc = {
+                let mut state = self.state.lock();
+                let fail = state.flags & crate::uapi::HMM_DMIRROR_FLAG_FAIL_ALLOC != 0;
+                state.flags &= !crate::uapi::HMM_DMIRROR_FLAG_FAIL_ALLOC;
+                fail
+            };
+            migrate::to_device(&self.gpu, self.mm(), addr, addr + npages * PAGE_SIZE, &mut fail_alloc)?;
+        }
+        // The data as the device now sees it; test_hmm reports no faults here.
+        let counts = self.read(addr, ptr, npages)?;
+        Ok(Counts { cpages: counts.cpages, faults: 0 })
+    }
+
+    /// HMM_DMIRROR_MIGRATE_TO_SYS: migrates this GPU's pages in the range
+    /// back to system memory.
+    pub(crate) fn migrate_to_system(&self, addr: u64, npages: u64) -> Result<Counts> {
+        self.gpu.check_alive()?;
+        let _mm = MmRef::get(self.mm())?;
+        let moved = migrate::to_system(&self.gpu, self.mm(), addr, addr + npages * PAGE_SIZE)?;
+        Ok(Counts { cpages: moved, faults: 0 })
+    }
+
+    /// HMM_DMIRROR_SNAPSHOT: the state of every page of the range as the
+    /// device would see it, one HMM_DMIRROR_PROT_* byte per page into `ptr`.
+    pub(crate) fn snapshot(&self, addr: u64, ptr: u64, npages: u64) -> Result<Counts> {
+        self.gpu.check_alive()?;
+        let _mm = MmRef::get(self.mm())?;
+        let mut out = UserSlice::new(UserPtr::from_addr(ptr as usize), npages as usize).writer();
+        let mut counts = Counts::default();
+        let end = addr + npages * PAGE_SIZE;
+        let mut start = addr;
+        let mut pfns = [0 as c_ulong; STEP_PAGES];
+        let mut perms = [0u8; STEP_PAGES];
+        while start < end {
+            let step_end = core::cmp::min(end, start + STEP_PAGES as u64 * PAGE_SIZE);
+            let n = ((step_end - start) / PAGE_SIZE) as usize;
+            loop {
+                let mut seq: c_ulong = 0;
+                // SAFETY: `pfns` has room for `n` entries.
+                let ret = unsafe {
+                    shim::hmmgpu_shim_range_fault(
+                        self.notifier(),
+                        start as c_ulong,
+                        step_end as c_ulong,
+                        pfns.as_mut_ptr(),
+                        false,
+                        false,
+                        &mut seq,
+                    )
+                };
+                if ret < 0 {
+                    return Err(Error::from_errno(ret));
+                }
+                let _guard = self.state.lock();
+                // SAFETY: the notifier is valid.
+                if unsafe { shim::hmmgpu_shim_notifier_retry(self.notifier(), seq) } {
+                    continue;
+                }
+                for (p, entry) in perms[..n].iter_mut().zip(pfns[..n].iter()) {
+                    let mut pfn: c_ulong = 0;
+                    // SAFETY: `entry` was filled by hmm_range_fault().
+                    let info = unsafe { shim::hmmgpu_shim_hmm_pfn_info(*entry, self.gpu.as_cookie(), &mut pfn) };
+                    *p = crate::uapi::snapshot_prot(info);
+                }
+                break;
+            }
+            out.write_slice(&perms[..n])?;
+            counts.cpages += n as u64;
+            start = step_end;
+        }
+        Ok(counts)
+    }
+
+    /// Called from the mmu_interval_notifier: the CPU page tables of
+    /// [start, end) change. Waits for device accesses in flight.
+    fn invalidate(&self, start: u64, end: u64, blockable: bool, seq: c_ulong) -> bool {
+        let mut state = if blockable {
+            self.state.lock()
+        } else {
+            match self.state.try_lock() {
+                Some(g) => g,
+                None => return false,
+            }
+        };
+        if state.overlaps_mapped(start, end) {
+            if !blockable {
+                // UNMAP waits for the device: not possible here.
+                return false;
+            }
+            let mut list = RangeList::new();
+            // UNMAP ranges are at most 4 GiB - 4 KiB each.
+            let mut s = start;
+            while s < end {
+                let len = core::cmp::min(end - s, (u32::MAX as u64) & !(PAGE_SIZE - 1));
+                if list.push(0, s, len as u32, 0).is_err() {
+                    break;
+                }
+                s += len;
+            }
+            if let Err(e) = self.gpu.run_ctx(opcode::UNMAP, self.ctx, &list) {
+                // A dead device accesses nothing any more.
+                pr_warn!("hmmgpu{}: UNMAP failed: {:?}\n", self.gpu.index(), e);
+            }
+            if let Some((ms, me)) = state.mapped {
+                if start <= ms && me <= end {
+                    state.mapped = None;
+                }
+            }
+        }
+        // SAFETY: the notifier is valid while callbacks run.
+        unsafe { shim::hmmgpu_shim_notifier_set_seq(self.notifier(), seq) };
+        drop(state);
+        true
+    }
+}
+
+#[pinned_drop]
+impl PinnedDrop for Mirror {
+    fn drop(self: Pin<&mut Self>) {
+        let n = self.notifier.swap(ptr::null_mut(), Ordering::AcqRel);
+        if !n.is_null() {
+            // SAFETY: created in `new`; removal waits for running callbacks.
+            unsafe { shim::hmmgpu_shim_notifier_destroy(n) };
+        }
+        self.gpu.ctx_destroy(self.ctx);
+    }
+}
+
+/// The notifier's invalidate callback.
+#[no_mangle]
+pub(crate) extern "C" fn hmmgpu_rust_invalidate(
+    mirror: *mut c_void,
+    start: c_ulong,
+    end: c_ulong,
+    blockable: bool,
+    cur_seq: c_ulong,
+) -> bool {
+    // SAFETY: the notifier is removed before its `Mirror` is freed.
+    let mirror = unsafe { &*mirror.cast::<Mirror>() };
+    mirror.invalidate(start as u64, end as u64, blockable, cur_seq)
+}

@@ -1,0 +1,707 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * hmmgpu C shim: thin wrappers for the kernel APIs that have no Rust
+ * abstraction yet (virtio, memremap, migrate, hmm, mmu_interval_notifier).
+ * Each function is one API call plus the struct marshalling it needs; the
+ * decisions (what to migrate, where, how to copy, locking) live in Rust.
+ * Declarations for Rust are in shim.rs; keep the two in sync.
+ */
+#include <linux/hmm.h>
+#include <linux/memremap.h>
+#include <linux/migrate.h>
+#include <linux/mm.h>
+#include <linux/mmu_notifier.h>
+#include <linux/module.h>
+#include <linux/pagemap.h>
+#include <linux/sched/mm.h>
+#include <linux/slab.h>
+#include <linux/vmalloc.h>
+#include <linux/virtio.h>
+#include <linux/virtio_config.h>
+
+#include "shim.h"
+
+/* ---- constants Rust needs (macros or enums on the C side) ---- */
+
+const unsigned long hmmgpu_MIGRATE_PFN_VALID = MIGRATE_PFN_VALID;
+const unsigned long hmmgpu_MIGRATE_PFN_MIGRATE = MIGRATE_PFN_MIGRATE;
+const unsigned long hmmgpu_MIGRATE_PFN_WRITE = MIGRATE_PFN_WRITE;
+const unsigned long hmmgpu_MIGRATE_PFN_COMPOUND = MIGRATE_PFN_COMPOUND;
+const unsigned long hmmgpu_PTRS_PER_PTE = PTRS_PER_PTE;
+const unsigned int hmmgpu_VM_FAULT_SIGBUS = VM_FAULT_SIGBUS;
+const unsigned int hmmgpu_VM_FAULT_OOM = VM_FAULT_OOM;
+
+/* ---- virtio ---- */
+
+static const struct virtio_device_id hmmgpu_id_table[] = {
+	{ 63 /* VIRTIO_ID_HMMGPU, see device/abi */, VIRTIO_DEV_ANY_ID },
+	{ 0 },
+};
+MODULE_DEVICE_TABLE(virtio, hmmgpu_id_table);
+
+static int hmmgpu_virtio_probe(struct virtio_device *vdev)
+{
+	/* Commands carry guest-physical addresses: no IOMMU in between. */
+	if (virtio_has_feature(vdev, VIRTIO_F_ACCESS_PLATFORM)) {
+		dev_err(&vdev->dev, "VIRTIO_F_ACCESS_PLATFORM is not supported\n");
+		return -EINVAL;
+	}
+	return hmmgpu_rust_probe(vdev);
+}
+
+static void hmmgpu_virtio_remove(struct virtio_device *vdev)
+{
+	hmmgpu_rust_remove(vdev);
+}
+
+static struct virtio_driver hmmgpu_virtio_driver = {
+	.driver.name = KBUILD_MODNAME,
+	.id_table = hmmgpu_id_table,
+	.probe = hmmgpu_virtio_probe,
+	.remove = hmmgpu_virtio_remove,
+};
+
+int hmmgpu_shim_register_driver(void)
+{
+	return register_virtio_driver(&hmmgpu_virtio_driver);
+}
+
+void hmmgpu_shim_unregister_driver(void)
+{
+	unregister_virtio_driver(&hmmgpu_virtio_driver);
+}
+
+static void hmmgpu_devm_put(void *gpu)
+{
+	hmmgpu_rust_gpu_put(gpu);
+}
+
+/* Drops a Gpu reference when @dev's devm resources are released. */
+int hmmgpu_shim_devm_put_on_release(struct device *dev, void *gpu)
+{
+	return devm_add_action_or_reset(dev, hmmgpu_devm_put, gpu);
+}
+
+struct device *hmmgpu_shim_vdev_dev(struct virtio_device *vdev)
+{
+	return &vdev->dev;
+}
+
+void hmmgpu_shim_set_priv(struct virtio_device *vdev, void *priv)
+{
+	vdev->priv = priv;
+}
+
+void *hmmgpu_shim_get_priv(struct virtio_device *vdev)
+{
+	return vdev->priv;
+}
+
+void hmmgpu_shim_read_config(struct virtio_device *vdev, unsigned int offset,
+			     void *buf, size_t len)
+{
+	virtio_cread_bytes(vdev, offset, buf, len);
+}
+
+bool hmmgpu_shim_get_shm(struct virtio_device *vdev, u8 id, u64 *addr,
+			 u64 *len)
+{
+	struct virtio_shm_region region;
+
+	if (!virtio_get_shm_region(vdev, &region, id))
+		return false;
+	*addr = region.addr;
+	*len = region.len;
+	return true;
+}
+
+/*
+ * The queues. Commands may be in flight concurrently and complete out of
+ * order (a command parked on a device fault completes after later ones);
+ * each carries a struct hmmgpu_cmd as its token, completed by the interrupt.
+ * Event buffers are handed to Rust from the interrupt and reposted.
+ */
+#define HMMGPU_EVENT_SIZE	32	/* abi::Event::SIZE */
+#define HMMGPU_EVENT_BUFS	64
+
+struct hmmgpu_cmd {
+	struct completion done;
+	unsigned int len;
+	bool completed;
+};
+
+struct hmmgpu_queues {
+	struct virtqueue *cmd_vq;
+	spinlock_t cmd_lock;		/* serializes cmd_vq operations */
+	struct virtqueue *event_vq;
+	spinlock_t event_lock;		/* serializes event_vq operations */
+	void *gpu;			/* Rust cookie for events; NULL until started */
+	u8 event_bufs[HMMGPU_EVENT_BUFS][HMMGPU_EVENT_SIZE];
+};
+
+static void hmmgpu_cmd_interrupt(struct virtqueue *vq)
+{
+	struct hmmgpu_queues *q = vq->priv;
+	struct hmmgpu_cmd *cmd;
+	unsigned long flags;
+	unsigned int len;
+
+	spin_lock_irqsave(&q->cmd_lock, flags);
+	do {
+		virtqueue_disable_cb(vq);
+		while ((cmd = virtqueue_get_buf(vq, &len))) {
+			cmd->len = len;
+			smp_store_release(&cmd->completed, true);
+			complete(&cmd->done);
+		}
+	} while (!virtqueue_enable_cb(vq));
+	spin_unlock_irqrestore(&q->cmd_lock, flags);
+}
+
+static int hmmgpu_event_post(struct hmmgpu_queues *q, u8 *buf)
+{
+	struct scatterlist sg;
+
+	sg_init_one(&sg, buf, HMMGPU_EVENT_SIZE);
+	return virtqueue_add_inbuf(q->event_vq, &sg, 1, buf, GFP_ATOMIC);
+}
+
+static void hmmgpu_event_interrupt(struct virtqueue *vq)
+{
+	struct hmmgpu_queues *q = vq->priv;
+	unsigned long flags;
+	unsigned int len;
+	u8 *buf;
+
+	spin_lock_irqsave(&q->event_lock, flags);
+	do {
+		virtqueue_disable_cb(vq);
+		while ((buf = virtqueue_get_buf(vq, &len))) {
+			if (q->gpu)
+				hmmgpu_rust_event(q->gpu, buf, len);
+			/* The buffer came from the ring, so there is room. */
+			WARN_ON_ONCE(hmmgpu_event_post(q, buf));
+		}
+	} while (!virtqueue_enable_cb(vq));
+	virtqueue_kick(vq);
+	spin_unlock_irqrestore(&q->event_lock, flags);
+}
+
+struct hmmgpu_queues *hmmgpu_shim_queues_create(struct virtio_device *vdev)
+{
+	struct virtqueue_info infos[] = {
+		{ "command", hmmgpu_cmd_interrupt },
+		{ "event", hmmgpu_event_interrupt },
+	};
+	struct virtqueue *vqs[ARRAY_SIZE(infos)];
+	struct hmmgpu_queues *q;
+	int ret;
+
+	q = devm_kzalloc(&vdev->dev, sizeof(*q), GFP_KERNEL);
+	if (!q)
+		return ERR_PTR(-ENOMEM);
+	spin_lock_init(&q->cmd_lock);
+	spin_lock_init(&q->event_lock);
+	ret = virtio_find_vqs(vdev, ARRAY_SIZE(infos), vqs, infos, NULL);
+	if (ret)
+		return ERR_PTR(ret);
+	q->cmd_vq = vqs[0];
+	q->event_vq = vqs[1];
+	q->cmd_vq->priv = q;
+	q->event_vq->priv = q;
+	return q;
+}
+
+/* Posts the event buffers; events are handed to hmmgpu_rust_event(@gpu). */
+int hmmgpu_shim_events_start(struct hmmgpu_queues *q, void *gpu)
+{
+	unsigned long flags;
+	int i, ret = 0;
+
+	spin_lock_irqsave(&q->event_lock, flags);
+	q->gpu = gpu;
+	for (i = 0; i < HMMGPU_EVENT_BUFS && !ret; i++)
+		ret = hmmgpu_event_post(q, q->event_bufs[i]);
+	virtqueue_kick(q->event_vq);
+	spin_unlock_irqrestore(&q->event_lock, flags);
+	return ret;
+}
+
+void hmmgpu_shim_device_ready(struct virtio_device *vdev)
+{
+	virtio_device_ready(vdev);
+}
+
+void hmmgpu_shim_device_reset(struct virtio_device *vdev)
+{
+	virtio_reset_device(vdev);
+	vdev->config->del_vqs(vdev);
+}
+
+struct hmmgpu_cmd *hmmgpu_shim_cmd_alloc(void)
+{
+	return kzalloc(sizeof(struct hmmgpu_cmd), GFP_KERNEL);
+}
+
+void hmmgpu_shim_cmd_free(struct hmmgpu_cmd *cmd)
+{
+	kfree(cmd);
+}
+
+/*
+ * Queues one command: @out (device-readable) and @in (device-writable) are
+ * kmalloc'd buffers that must stay allocated until it completes.
+ */
+int hmmgpu_shim_cmd_submit(struct hmmgpu_queues *q, struct hmmgpu_cmd *cmd,
+			   void *out, unsigned int out_len, void *in,
+			   unsigned int in_len)
+{
+	struct scatterlist sg_out, sg_in, *sgs[2] = { &sg_out, &sg_in };
+	unsigned long flags;
+	bool notify = false;
+	int ret;
+
+	init_completion(&cmd->done);
+	cmd->completed = false;
+	cmd->len = 0;
+	sg_init_one(&sg_out, out, out_len);
+	sg_init_one(&sg_in, in, in_len);
+	spin_lock_irqsave(&q->cmd_lock, flags);
+	ret = virtqueue_add_sgs(q->cmd_vq, sgs, 1, 1, cmd, GFP_ATOMIC);
+	if (!ret)
+		notify = virtqueue_kick_prepare(q->cmd_vq);
+	spin_unlock_irqrestore(&q->cmd_lock, flags);
+	if (notify && !virtqueue_notify(q->cmd_vq))
+		return -EIO;
+	return ret;
+}
+
+/*
+ * Waits for @cmd. Returns its used length once it completed; -EAGAIN if
+ * woken by hmmgpu_shim_cmd_wake() before completing; -ETIMEDOUT after
+ * @timeout_ms (the command may still complete later: keep its buffers).
+ */
+long hmmgpu_shim_cmd_wait(struct hmmgpu_cmd *cmd, unsigned int timeout_ms)
+{
+	if (!wait_for_completion_timeout(&cmd->done,
+					 msecs_to_jiffies(timeout_ms)))
+		return -ETIMEDOUT;
+	if (smp_load_acquire(&cmd->completed))
+		return cmd->len;
+	return -EAGAIN;
+}
+
+/* Wakes the waiter of @cmd without completing it (a fault to resolve). */
+void hmmgpu_shim_cmd_wake(struct hmmgpu_cmd *cmd)
+{
+	complete(&cmd->done);
+}
+
+/* ---- device memory (ZONE_DEVICE) ---- */
+
+struct hmmgpu_pagemap {
+	struct dev_pagemap pgmap;
+	void *gpu;
+};
+
+static void hmmgpu_folio_free(struct folio *folio)
+{
+	struct hmmgpu_pagemap *pm =
+		container_of(folio->pgmap, struct hmmgpu_pagemap, pgmap);
+
+	hmmgpu_rust_folio_free(pm->gpu, &folio->page);
+}
+
+static vm_fault_t hmmgpu_migrate_to_ram(struct vm_fault *vmf)
+{
+	struct hmmgpu_pagemap *pm = container_of(page_pgmap(vmf->page),
+						 struct hmmgpu_pagemap, pgmap);
+
+	return hmmgpu_rust_migrate_to_ram(pm->gpu, vmf);
+}
+
+static const struct dev_pagemap_ops hmmgpu_pagemap_ops = {
+	.folio_free = hmmgpu_folio_free,
+	.migrate_to_ram = hmmgpu_migrate_to_ram,
+};
+
+/*
+ * Creates device-private struct pages for @size bytes of VRAM, in a free
+ * physical address range, managed by @dev (devm: unmapped after remove).
+ * @owner is the pgmap owner (the GPU). Returns the first pfn or 0.
+ */
+unsigned long hmmgpu_shim_memremap_private(struct device *dev, u64 size,
+					   void *gpu)
+{
+	struct hmmgpu_pagemap *pm;
+	struct resource *res;
+	void *addr;
+
+	pm = devm_kzalloc(dev, sizeof(*pm), GFP_KERNEL);
+	if (!pm)
+		return 0;
+	res = devm_request_free_mem_region(dev, &iomem_resource, size);
+	if (IS_ERR(res)) {
+		dev_err(dev, "no free physical range for %llu bytes of VRAM: %ld\n",
+			size, PTR_ERR(res));
+		return 0;
+	}
+	pm->gpu = gpu;
+	pm->pgmap.type = MEMORY_DEVICE_PRIVATE;
+	pm->pgmap.range.start = res->start;
+	pm->pgmap.range.end = res->end;
+	pm->pgmap.nr_range = 1;
+	pm->pgmap.ops = &hmmgpu_pagemap_ops;
+	pm->pgmap.owner = gpu;
+	addr = devm_memremap_pages(dev, &pm->pgmap);
+	if (IS_ERR(addr)) {
+		dev_err(dev, "devm_memremap_pages failed: %ld\n", PTR_ERR(addr));
+		return 0;
+	}
+	return PHYS_PFN(res->start);
+}
+
+struct page *hmmgpu_shim_pfn_to_page(unsigned long pfn)
+{
+	return pfn_to_page(pfn);
+}
+
+unsigned long hmmgpu_shim_page_to_pfn(struct page *page)
+{
+	return page_to_pfn(page);
+}
+
+u64 hmmgpu_shim_virt_to_phys(void *addr)
+{
+	return virt_to_phys(addr);
+}
+
+u64 hmmgpu_shim_vmalloc_to_phys(void *addr)
+{
+	return PFN_PHYS(vmalloc_to_pfn(addr)) + offset_in_page(addr);
+}
+
+void *hmmgpu_shim_page_get_data(struct page *page)
+{
+	return page->zone_device_data;
+}
+
+void hmmgpu_shim_page_set_data(struct page *page, void *data)
+{
+	page->zone_device_data = data;
+}
+
+/* Prepares a free device page to be handed to migrate_vma_pages(). */
+void hmmgpu_shim_device_page_init(struct page *page)
+{
+	zone_device_page_init(page, page_pgmap(page), 0);
+}
+
+/* Returns a device page prepared for a migration that did not happen. */
+void hmmgpu_shim_device_page_discard(struct page *page)
+{
+	unlock_page(page);
+	put_page(page);
+}
+
+/* A locked system page for data coming back from VRAM. */
+struct page *hmmgpu_shim_alloc_sys_page(struct vm_area_struct *vma,
+					unsigned long addr)
+{
+	struct page *page;
+
+	if (vma)
+		page = alloc_page_vma(GFP_HIGHUSER_MOVABLE, vma, addr);
+	else
+		page = alloc_page(GFP_HIGHUSER_MOVABLE | __GFP_NOFAIL);
+	if (page)
+		lock_page(page);
+	return page;
+}
+
+void hmmgpu_shim_free_sys_page(struct page *page)
+{
+	unlock_page(page);
+	__free_page(page);
+}
+
+unsigned long hmmgpu_shim_migrate_pfn(unsigned long pfn)
+{
+	return migrate_pfn(pfn);
+}
+
+struct page *hmmgpu_shim_migrate_pfn_to_page(unsigned long mpfn)
+{
+	return migrate_pfn_to_page(mpfn);
+}
+
+bool hmmgpu_shim_is_zone_device_page(struct page *page)
+{
+	return is_zone_device_page(page);
+}
+
+/* The faulting VMA, address and device page of a migrate_to_ram() call. */
+void hmmgpu_shim_vmf_info(struct vm_fault *vmf, struct vm_area_struct **vma,
+			  unsigned long *addr, struct page **page)
+{
+	*vma = vmf->vma;
+	*addr = vmf->address & PAGE_MASK;
+	*page = vmf->page;
+}
+
+/* ---- migration ---- */
+
+/* A migrate_vma with src/dst arrays for up to PTRS_PER_PTE pages. */
+struct hmmgpu_migrate {
+	struct migrate_vma args;
+	unsigned long src[PTRS_PER_PTE];
+	unsigned long dst[PTRS_PER_PTE];
+};
+
+struct hmmgpu_migrate *hmmgpu_shim_migrate_alloc(void)
+{
+	return kvzalloc(sizeof(struct hmmgpu_migrate), GFP_KERNEL);
+}
+
+void hmmgpu_shim_migrate_free(struct hmmgpu_migrate *m)
+{
+	kvfree(m);
+}
+
+unsigned long *hmmgpu_shim_migrate_src(struct hmmgpu_migrate *m)
+{
+	return m->src;
+}
+
+unsigned long *hmmgpu_shim_migrate_dst(struct hmmgpu_migrate *m)
+{
+	return m->dst;
+}
+
+/*
+ * migrate_vma_setup() for [start, end) of @vma (at most PTRS_PER_PTE pages):
+ * @to_device selects system pages; otherwise device-private pages of @owner.
+ * @fault_page is vmf->page in migrate_to_ram, else NULL.
+ */
+int hmmgpu_shim_migrate_setup(struct hmmgpu_migrate *m,
+			      struct vm_area_struct *vma, unsigned long start,
+			      unsigned long end, void *owner, bool to_device,
+			      struct page *fault_page)
+{
+	if (WARN_ON((end - start) >> PAGE_SHIFT > PTRS_PER_PTE))
+		return -EINVAL;
+	memset(&m->args, 0, sizeof(m->args));
+	memset(m->dst, 0, sizeof(m->dst));
+	m->args.vma = vma;
+	m->args.src = m->src;
+	m->args.dst = m->dst;
+	m->args.start = start;
+	m->args.end = end;
+	m->args.pgmap_owner = owner;
+	m->args.flags = to_device ? MIGRATE_VMA_SELECT_SYSTEM :
+				    MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
+	m->args.fault_page = fault_page;
+	return migrate_vma_setup(&m->args);
+}
+
+void hmmgpu_shim_migrate_pages(struct hmmgpu_migrate *m)
+{
+	migrate_vma_pages(&m->args);
+}
+
+void hmmgpu_shim_migrate_finalize(struct hmmgpu_migrate *m)
+{
+	migrate_vma_finalize(&m->args);
+}
+
+/* Eviction of device pages by pfn, independent of any process. */
+int hmmgpu_shim_evict_range(unsigned long *src, unsigned long start_pfn,
+			    unsigned long npages)
+{
+	return migrate_device_range(src, start_pfn, npages);
+}
+
+void hmmgpu_shim_evict_finish(unsigned long *src, unsigned long *dst,
+			      unsigned long npages)
+{
+	migrate_device_pages(src, dst, npages);
+	migrate_device_finalize(src, dst, npages);
+}
+
+/* ---- address spaces ---- */
+
+/*
+ * Looks up the VMA containing @addr in @mm (mmap lock held) and returns it
+ * if it is readable, with *@end clamped to its end.
+ */
+struct vm_area_struct *hmmgpu_shim_vma_lookup(struct mm_struct *mm,
+					      unsigned long addr,
+					      unsigned long *end)
+{
+	struct vm_area_struct *vma = vma_lookup(mm, addr);
+
+	if (!vma || !(vma->vm_flags & VM_READ))
+		return NULL;
+	if (*end > vma->vm_end)
+		*end = vma->vm_end;
+	return vma;
+}
+
+bool hmmgpu_shim_mmget_not_zero(struct mm_struct *mm)
+{
+	return mmget_not_zero(mm);
+}
+
+void hmmgpu_shim_mmput(struct mm_struct *mm)
+{
+	mmput(mm);
+}
+
+void hmmgpu_shim_mmap_read_lock(struct mm_struct *mm)
+{
+	mmap_read_lock(mm);
+}
+
+void hmmgpu_shim_mmap_read_unlock(struct mm_struct *mm)
+{
+	mmap_read_unlock(mm);
+}
+
+/* ---- mirroring (hmm_range_fault under an mmu_interval_notifier) ---- */
+
+struct hmmgpu_notifier {
+	struct mmu_interval_notifier notifier;
+	void *mirror;
+	void *owner;
+};
+
+static bool hmmgpu_notifier_invalidate(struct mmu_interval_notifier *mni,
+				       const struct mmu_notifier_range *range,
+				       unsigned long cur_seq)
+{
+	struct hmmgpu_notifier *n =
+		container_of(mni, struct hmmgpu_notifier, notifier);
+
+	/* Our own migrations invalidate nothing the device maps. */
+	if (range->event == MMU_NOTIFY_MIGRATE && range->owner == n->owner)
+		return true;
+	return hmmgpu_rust_invalidate(n->mirror, range->start, range->end,
+				      mmu_notifier_range_blockable(range),
+				      cur_seq);
+}
+
+static const struct mmu_interval_notifier_ops hmmgpu_notifier_ops = {
+	.invalidate = hmmgpu_notifier_invalidate,
+};
+
+/* Mirrors the whole address space of current->mm. */
+struct hmmgpu_notifier *hmmgpu_shim_notifier_create(void *mirror, void *owner)
+{
+	struct hmmgpu_notifier *n;
+	int ret;
+
+	n = kzalloc(sizeof(*n), GFP_KERNEL);
+	if (!n)
+		return ERR_PTR(-ENOMEM);
+	n->mirror = mirror;
+	n->owner = owner;
+	ret = mmu_interval_notifier_insert(&n->notifier, current->mm, 0,
+					   ULONG_MAX & PAGE_MASK,
+					   &hmmgpu_notifier_ops);
+	if (ret) {
+		kfree(n);
+		return ERR_PTR(ret);
+	}
+	return n;
+}
+
+void hmmgpu_shim_notifier_destroy(struct hmmgpu_notifier *n)
+{
+	mmu_interval_notifier_remove(&n->notifier);
+	kfree(n);
+}
+
+struct mm_struct *hmmgpu_shim_notifier_get_mm(struct hmmgpu_notifier *n)
+{
+	return n->notifier.mm;
+}
+
+void hmmgpu_shim_notifier_set_seq(struct hmmgpu_notifier *n,
+				  unsigned long seq)
+{
+	mmu_interval_set_seq(&n->notifier, seq);
+}
+
+bool hmmgpu_shim_notifier_retry(struct hmmgpu_notifier *n, unsigned long seq)
+{
+	return mmu_interval_read_retry(&n->notifier, seq);
+}
+
+/*
+ * hmm_range_fault() over [start, end) into @pfns, retrying while the
+ * range is being invalidated. @fault: fault pages in (for @write, writable);
+ * otherwise only snapshot. Device-private pages of @owner are reported, not
+ * faulted. On success *@seq is the notifier sequence to check with
+ * hmmgpu_shim_notifier_retry() under the mirror's lock.
+ */
+int hmmgpu_shim_range_fault(struct hmmgpu_notifier *n, unsigned long start,
+			    unsigned long end, unsigned long *pfns, bool fault,
+			    bool write, unsigned long *seq)
+{
+	struct mm_struct *mm = n->notifier.mm;
+	unsigned long timeout =
+		jiffies + msecs_to_jiffies(HMM_RANGE_DEFAULT_TIMEOUT);
+	struct hmm_range range = {
+		.notifier = &n->notifier,
+		.start = start,
+		.end = end,
+		.hmm_pfns = pfns,
+		.default_flags = fault ? (HMM_PFN_REQ_FAULT |
+					  (write ? HMM_PFN_REQ_WRITE : 0)) : 0,
+		.dev_private_owner = n->owner,
+	};
+	int ret;
+
+	for (;;) {
+		if (time_after(jiffies, timeout))
+			return -EBUSY;
+		range.notifier_seq = mmu_interval_read_begin(&n->notifier);
+		mmap_read_lock(mm);
+		ret = hmm_range_fault(&range);
+		mmap_read_unlock(mm);
+		if (ret == -EBUSY)
+			continue;
+		if (ret)
+			return ret;
+		*seq = range.notifier_seq;
+		return 0;
+	}
+}
+
+
+unsigned int hmmgpu_shim_hmm_pfn_info(unsigned long entry, void *owner,
+				      unsigned long *pfn)
+{
+	unsigned int info = 0;
+	struct page *page;
+
+	if (entry & HMM_PFN_ERROR)
+		return HMMGPU_PFN_ERROR;
+	if (!(entry & HMM_PFN_VALID))
+		return 0;
+	info |= HMMGPU_PFN_VALID;
+	if (entry & HMM_PFN_WRITE)
+		info |= HMMGPU_PFN_WRITE;
+	page = hmm_pfn_to_page(entry);
+	*pfn = page_to_pfn(page);
+	if (is_device_private_page(page))
+		info |= HMMGPU_PFN_DEVICE_PRIVATE;
+	else if (is_device_coherent_page(page))
+		info |= HMMGPU_PFN_DEVICE_COHERENT;
+	else if (is_zero_pfn(page_to_pfn(page)))
+		info |= HMMGPU_PFN_ZERO;
+	if (is_zone_device_page(page) && page_pgmap(page)->owner == owner)
+		info |= HMMGPU_PFN_OWNED;
+	info |= hmm_pfn_to_map_order(entry) << HMMGPU_PFN_ORDER_SHIFT;
+	return info;
+}

@@ -1,0 +1,123 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * hmmgpu C shim interface. shim.rs declares the same functions for Rust;
+ * keep the two in sync.
+ */
+#ifndef HMMGPU_SHIM_H
+#define HMMGPU_SHIM_H
+
+#include <linux/mm_types.h>
+#include <linux/types.h>
+
+struct device;
+struct hmmgpu_migrate;
+struct hmmgpu_notifier;
+struct hmmgpu_cmd;
+struct hmmgpu_queues;
+struct virtio_device;
+struct vm_area_struct;
+struct vm_fault;
+
+/* Implemented in Rust. */
+int hmmgpu_rust_probe(struct virtio_device *vdev);
+void hmmgpu_rust_remove(struct virtio_device *vdev);
+void hmmgpu_rust_gpu_put(void *gpu);
+void hmmgpu_rust_event(void *gpu, const u8 *buf, unsigned int len);
+vm_fault_t hmmgpu_rust_migrate_to_ram(void *gpu, struct vm_fault *vmf);
+void hmmgpu_rust_folio_free(void *gpu, struct page *page);
+bool hmmgpu_rust_invalidate(void *mirror, unsigned long start,
+			    unsigned long end, bool blockable,
+			    unsigned long cur_seq);
+
+extern const unsigned long hmmgpu_MIGRATE_PFN_VALID;
+extern const unsigned long hmmgpu_MIGRATE_PFN_MIGRATE;
+extern const unsigned long hmmgpu_MIGRATE_PFN_WRITE;
+extern const unsigned long hmmgpu_MIGRATE_PFN_COMPOUND;
+extern const unsigned long hmmgpu_PTRS_PER_PTE;
+extern const unsigned int hmmgpu_VM_FAULT_SIGBUS;
+extern const unsigned int hmmgpu_VM_FAULT_OOM;
+
+/* What an hmm_pfns entry describes, for Rust (mirrored in shim.rs). */
+#define HMMGPU_PFN_VALID		(1u << 0)
+#define HMMGPU_PFN_WRITE		(1u << 1)
+#define HMMGPU_PFN_ERROR		(1u << 2)
+#define HMMGPU_PFN_DEVICE_PRIVATE	(1u << 3)
+#define HMMGPU_PFN_DEVICE_COHERENT	(1u << 4)
+#define HMMGPU_PFN_OWNED		(1u << 5)
+#define HMMGPU_PFN_ZERO			(1u << 6)
+#define HMMGPU_PFN_ORDER_SHIFT		8
+
+/* Implemented in shim.c. */
+int hmmgpu_shim_register_driver(void);
+void hmmgpu_shim_unregister_driver(void);
+int hmmgpu_shim_devm_put_on_release(struct device *dev, void *gpu);
+struct device *hmmgpu_shim_vdev_dev(struct virtio_device *vdev);
+void hmmgpu_shim_set_priv(struct virtio_device *vdev, void *priv);
+void *hmmgpu_shim_get_priv(struct virtio_device *vdev);
+void hmmgpu_shim_read_config(struct virtio_device *vdev, unsigned int offset,
+			     void *buf, size_t len);
+bool hmmgpu_shim_get_shm(struct virtio_device *vdev, u8 id, u64 *addr,
+			 u64 *len);
+struct hmmgpu_queues *hmmgpu_shim_queues_create(struct virtio_device *vdev);
+int hmmgpu_shim_events_start(struct hmmgpu_queues *q, void *gpu);
+void hmmgpu_shim_device_ready(struct virtio_device *vdev);
+void hmmgpu_shim_device_reset(struct virtio_device *vdev);
+struct hmmgpu_cmd *hmmgpu_shim_cmd_alloc(void);
+void hmmgpu_shim_cmd_free(struct hmmgpu_cmd *cmd);
+int hmmgpu_shim_cmd_submit(struct hmmgpu_queues *q, struct hmmgpu_cmd *cmd,
+			   void *out, unsigned int out_len, void *in,
+			   unsigned int in_len);
+long hmmgpu_shim_cmd_wait(struct hmmgpu_cmd *cmd, unsigned int timeout_ms);
+void hmmgpu_shim_cmd_wake(struct hmmgpu_cmd *cmd);
+unsigned long hmmgpu_shim_memremap_private(struct device *dev, u64 size,
+					   void *gpu);
+struct page *hmmgpu_shim_pfn_to_page(unsigned long pfn);
+unsigned long hmmgpu_shim_page_to_pfn(struct page *page);
+u64 hmmgpu_shim_virt_to_phys(void *addr);
+u64 hmmgpu_shim_vmalloc_to_phys(void *addr);
+void *hmmgpu_shim_page_get_data(struct page *page);
+void hmmgpu_shim_page_set_data(struct page *page, void *data);
+void hmmgpu_shim_device_page_init(struct page *page);
+void hmmgpu_shim_device_page_discard(struct page *page);
+struct page *hmmgpu_shim_alloc_sys_page(struct vm_area_struct *vma,
+					unsigned long addr);
+void hmmgpu_shim_free_sys_page(struct page *page);
+unsigned long hmmgpu_shim_migrate_pfn(unsigned long pfn);
+struct page *hmmgpu_shim_migrate_pfn_to_page(unsigned long mpfn);
+bool hmmgpu_shim_is_zone_device_page(struct page *page);
+void hmmgpu_shim_vmf_info(struct vm_fault *vmf, struct vm_area_struct **vma,
+			  unsigned long *addr, struct page **page);
+struct hmmgpu_migrate *hmmgpu_shim_migrate_alloc(void);
+void hmmgpu_shim_migrate_free(struct hmmgpu_migrate *m);
+unsigned long *hmmgpu_shim_migrate_src(struct hmmgpu_migrate *m);
+unsigned long *hmmgpu_shim_migrate_dst(struct hmmgpu_migrate *m);
+int hmmgpu_shim_migrate_setup(struct hmmgpu_migrate *m,
+			      struct vm_area_struct *vma, unsigned long start,
+			      unsigned long end, void *owner, bool to_device,
+			      struct page *fault_page);
+void hmmgpu_shim_migrate_pages(struct hmmgpu_migrate *m);
+void hmmgpu_shim_migrate_finalize(struct hmmgpu_migrate *m);
+int hmmgpu_shim_evict_range(unsigned long *src, unsigned long start_pfn,
+			    unsigned long npages);
+void hmmgpu_shim_evict_finish(unsigned long *src, unsigned long *dst,
+			      unsigned long npages);
+struct vm_area_struct *hmmgpu_shim_vma_lookup(struct mm_struct *mm,
+					      unsigned long addr,
+					      unsigned long *end);
+bool hmmgpu_shim_mmget_not_zero(struct mm_struct *mm);
+void hmmgpu_shim_mmput(struct mm_struct *mm);
+void hmmgpu_shim_mmap_read_lock(struct mm_struct *mm);
+void hmmgpu_shim_mmap_read_unlock(struct mm_struct *mm);
+struct hmmgpu_notifier *hmmgpu_shim_notifier_create(void *mirror, void *owner);
+void hmmgpu_shim_notifier_destroy(struct hmmgpu_notifier *n);
+struct mm_struct *hmmgpu_shim_notifier_get_mm(struct hmmgpu_notifier *n);
+void hmmgpu_shim_notifier_set_seq(struct hmmgpu_notifier *n,
+				  unsigned long seq);
+bool hmmgpu_shim_notifier_retry(struct hmmgpu_notifier *n, unsigned long seq);
+int hmmgpu_shim_range_fault(struct hmmgpu_notifier *n, unsigned long start,
+			    unsigned long end, unsigned long *pfns, bool fault,
+			    bool write, unsigned long *seq);
+unsigned int hmmgpu_shim_hmm_pfn_info(unsigned long entry, void *owner,
+				      unsigned long *pfn);
+
+#endif /* HMMGPU_SHIM_H */

@@ -1,0 +1,171 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Declarations of the C shim (shim.c / shim.h) and the Rust entry points it
+//! calls. Every C type is opaque here; Rust only passes pointers through.
+
+use core::ffi::{c_int, c_long, c_uint, c_ulong, c_void};
+
+macro_rules! opaque {
+    ($($(#[$m:meta])* $name:ident),* $(,)?) => {
+        $( $(#[$m])* #[repr(C)] pub(crate) struct $name { _private: [u8; 0] } )*
+    };
+}
+
+opaque!(
+    /// `struct virtio_device`.
+    VirtioDevice,
+    /// `struct device`.
+    Device,
+    /// The shim's queues (`struct hmmgpu_queues`).
+    Queues,
+    /// The shim's command token (`struct hmmgpu_cmd`).
+    Cmd,
+    /// `struct page`.
+    Page,
+    /// `struct vm_area_struct`.
+    Vma,
+    /// `struct vm_fault`.
+    VmFault,
+    /// `struct mm_struct`.
+    Mm,
+    /// The shim's `struct hmmgpu_migrate` (a migrate_vma with its arrays).
+    Migrate,
+    /// The shim's `struct hmmgpu_notifier` (an mmu_interval_notifier).
+    Notifier,
+);
+
+/// `vm_fault_t`.
+pub(crate) type VmFaultT = c_uint;
+
+// hmmgpu_shim_hmm_pfn_info() result bits: must match HMMGPU_PFN_* in shim.h.
+pub(crate) const PFN_VALID: u32 = 1 << 0;
+pub(crate) const PFN_WRITE: u32 = 1 << 1;
+pub(crate) const PFN_ERROR: u32 = 1 << 2;
+pub(crate) const PFN_DEVICE_PRIVATE: u32 = 1 << 3;
+pub(crate) const PFN_DEVICE_COHERENT: u32 = 1 << 4;
+pub(crate) const PFN_OWNED: u32 = 1 << 5;
+pub(crate) const PFN_ZERO: u32 = 1 << 6;
+pub(crate) const PFN_ORDER_SHIFT: u32 = 8;
+
+extern "C" {
+    pub(crate) static hmmgpu_MIGRATE_PFN_VALID: c_ulong;
+    pub(crate) static hmmgpu_MIGRATE_PFN_MIGRATE: c_ulong;
+    pub(crate) static hmmgpu_MIGRATE_PFN_WRITE: c_ulong;
+    pub(crate) static hmmgpu_PTRS_PER_PTE: c_ulong;
+    pub(crate) static hmmgpu_VM_FAULT_SIGBUS: c_uint;
+    pub(crate) static hmmgpu_VM_FAULT_OOM: c_uint;
+
+    pub(crate) fn hmmgpu_shim_register_driver() -> c_int;
+    pub(crate) fn hmmgpu_shim_unregister_driver();
+    pub(crate) fn hmmgpu_shim_devm_put_on_release(dev: *mut Device, gpu: *mut c_void) -> c_int;
+    pub(crate) fn hmmgpu_shim_vdev_dev(vdev: *mut VirtioDevice) -> *mut Device;
+    pub(crate) fn hmmgpu_shim_set_priv(vdev: *mut VirtioDevice, data: *mut c_void);
+    pub(crate) fn hmmgpu_shim_get_priv(vdev: *mut VirtioDevice) -> *mut c_void;
+    pub(crate) fn hmmgpu_shim_read_config(
+        vdev: *mut VirtioDevice,
+        offset: c_uint,
+        buf: *mut c_void,
+        len: usize,
+    );
+    pub(crate) fn hmmgpu_shim_get_shm(
+        vdev: *mut VirtioDevice,
+        id: u8,
+        addr: *mut u64,
+        len: *mut u64,
+    ) -> bool;
+    pub(crate) fn hmmgpu_shim_queues_create(vdev: *mut VirtioDevice) -> *mut Queues;
+    pub(crate) fn hmmgpu_shim_events_start(q: *mut Queues, gpu: *mut c_void) -> c_int;
+    pub(crate) fn hmmgpu_shim_device_ready(vdev: *mut VirtioDevice);
+    pub(crate) fn hmmgpu_shim_device_reset(vdev: *mut VirtioDevice);
+    pub(crate) fn hmmgpu_shim_cmd_alloc() -> *mut Cmd;
+    pub(crate) fn hmmgpu_shim_cmd_free(cmd: *mut Cmd);
+    pub(crate) fn hmmgpu_shim_cmd_submit(
+        q: *mut Queues,
+        cmd: *mut Cmd,
+        out: *mut c_void,
+        out_len: c_uint,
+        inb: *mut c_void,
+        in_len: c_uint,
+    ) -> c_int;
+    pub(crate) fn hmmgpu_shim_cmd_wait(cmd: *mut Cmd, timeout_ms: c_uint) -> c_long;
+    pub(crate) fn hmmgpu_shim_cmd_wake(cmd: *mut Cmd);
+
+    pub(crate) fn hmmgpu_shim_memremap_private(dev: *mut Device, size: u64, gpu: *mut c_void)
+        -> c_ulong;
+    pub(crate) fn hmmgpu_shim_pfn_to_page(pfn: c_ulong) -> *mut Page;
+    pub(crate) fn hmmgpu_shim_page_to_pfn(page: *mut Page) -> c_ulong;
+    pub(crate) fn hmmgpu_shim_virt_to_phys(addr: *mut c_void) -> u64;
+    pub(crate) fn hmmgpu_shim_vmalloc_to_phys(addr: *mut c_void) -> u64;
+    pub(crate) fn hmmgpu_shim_page_get_data(page: *mut Page) -> *mut c_void;
+    pub(crate) fn hmmgpu_shim_page_set_data(page: *mut Page, data: *mut c_void);
+    pub(crate) fn hmmgpu_shim_device_page_init(page: *mut Page);
+    pub(crate) fn hmmgpu_shim_device_page_discard(page: *mut Page);
+    pub(crate) fn hmmgpu_shim_alloc_sys_page(vma: *mut Vma, addr: c_ulong) -> *mut Page;
+    pub(crate) fn hmmgpu_shim_free_sys_page(page: *mut Page);
+    pub(crate) fn hmmgpu_shim_migrate_pfn(pfn: c_ulong) -> c_ulong;
+    pub(crate) fn hmmgpu_shim_migrate_pfn_to_page(mpfn: c_ulong) -> *mut Page;
+    pub(crate) fn hmmgpu_shim_is_zone_device_page(page: *mut Page) -> bool;
+    pub(crate) fn hmmgpu_shim_vmf_info(
+        vmf: *mut VmFault,
+        vma: *mut *mut Vma,
+        addr: *mut c_ulong,
+        page: *mut *mut Page,
+    );
+
+    pub(crate) fn hmmgpu_shim_migrate_alloc() -> *mut Migrate;
+    pub(crate) fn hmmgpu_shim_migrate_free(m: *mut Migrate);
+    pub(crate) fn hmmgpu_shim_migrate_src(m: *mut Migrate) -> *mut c_ulong;
+    pub(crate) fn hmmgpu_shim_migrate_dst(m: *mut Migrate) -> *mut c_ulong;
+    pub(crate) fn hmmgpu_shim_migrate_setup(
+        m: *mut Migrate,
+        vma: *mut Vma,
+        start: c_ulong,
+        end: c_ulong,
+        owner: *mut c_void,
+        to_device: bool,
+        fault_page: *mut Page,
+    ) -> c_int;
+    pub(crate) fn hmmgpu_shim_migrate_pages(m: *mut Migrate);
+    pub(crate) fn hmmgpu_shim_migrate_finalize(m: *mut Migrate);
+    pub(crate) fn hmmgpu_shim_evict_range(
+        src: *mut c_ulong,
+        start_pfn: c_ulong,
+        npages: c_ulong,
+    ) -> c_int;
+    pub(crate) fn hmmgpu_shim_evict_finish(src: *mut c_ulong, dst: *mut c_ulong, npages: c_ulong);
+
+    pub(crate) fn hmmgpu_shim_vma_lookup(mm: *mut Mm, addr: c_ulong, end: *mut c_ulong)
+        -> *mut Vma;
+    pub(crate) fn hmmgpu_shim_mmget_not_zero(mm: *mut Mm) -> bool;
+    pub(crate) fn hmmgpu_shim_mmput(mm: *mut Mm);
+    pub(crate) fn hmmgpu_shim_mmap_read_lock(mm: *mut Mm);
+    pub(crate) fn hmmgpu_shim_mmap_read_unlock(mm: *mut Mm);
+
+    pub(crate) fn hmmgpu_shim_notifier_create(mirror: *mut c_void, owner: *mut c_void)
+        -> *mut Notifier;
+    pub(crate) fn hmmgpu_shim_notifier_destroy(n: *mut Notifier);
+    pub(crate) fn hmmgpu_shim_notifier_get_mm(n: *mut Notifier) -> *mut Mm;
+    pub(crate) fn hmmgpu_shim_notifier_set_seq(n: *mut Notifier, seq: c_ulong);
+    pub(crate) fn hmmgpu_shim_notifier_retry(n: *mut Notifier, seq: c_ulong) -> bool;
+    pub(crate) fn hmmgpu_shim_range_fault(
+        n: *mut Notifier,
+        start: c_ulong,
+        end: c_ulong,
+        pfns: *mut c_ulong,
+        fault: bool,
+        write: bool,
+        seq: *mut c_ulong,
+    ) -> c_int;
+    pub(crate) fn hmmgpu_shim_hmm_pfn_info(entry: c_ulong, owner: *mut c_void, pfn: *mut c_ulong)
+        -> c_uint;
+}
+
+/// `IS_ERR()` for pointers returned by the shim.
+pub(crate) fn is_err<T>(ptr: *mut T) -> bool {
+    (ptr as usize) >= (-4095isize) as usize
+}
+
+/// `PTR_ERR()` for pointers returned by the shim.
+pub(crate) fn ptr_err<T>(ptr: *mut T) -> kernel::error::Error {
+    kernel::error::Error::from_errno(ptr as isize as i32)
+}

@@ -1,0 +1,172 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The dmirror uAPI of lib/test_hmm_uapi.h on /dev/hmm_dmirrorN: same ioctl
+//! numbers, struct and semantics as the kernel's test_hmm, so the kernel's
+//! hmm-tests run unmodified against real device memory.
+
+use crate::gpu::{Gpu, MAX_GPUS};
+use crate::mirror::{Counts, Mirror};
+use crate::shim;
+use kernel::container_of;
+use kernel::fs::File;
+use kernel::ioctl::_IOWR;
+use kernel::miscdevice::{MiscDevice, MiscDeviceOptions, MiscDeviceRegistration};
+use kernel::prelude::*;
+use kernel::sync::Arc;
+use kernel::transmute::{AsBytes, FromBytes};
+use kernel::uaccess::{UserPtr, UserSlice};
+
+/// `struct hmm_dmirror_cmd`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub(crate) struct DmirrorCmd {
+    addr: u64,
+    ptr: u64,
+    npages: u64,
+    cpages: u64,
+    faults: u64,
+}
+
+// SAFETY: plain integers, any bit pattern is valid, no padding.
+unsafe impl FromBytes for DmirrorCmd {}
+// SAFETY: as above.
+unsafe impl AsBytes for DmirrorCmd {}
+
+const fn dmirror_ioc(nr: u32) -> u32 {
+    _IOWR::<DmirrorCmd>(b'H' as u32, nr)
+}
+
+const HMM_DMIRROR_READ: u32 = dmirror_ioc(0x00);
+const HMM_DMIRROR_WRITE: u32 = dmirror_ioc(0x01);
+const HMM_DMIRROR_MIGRATE_TO_DEV: u32 = dmirror_ioc(0x02);
+const HMM_DMIRROR_MIGRATE_TO_SYS: u32 = dmirror_ioc(0x03);
+const HMM_DMIRROR_SNAPSHOT: u32 = dmirror_ioc(0x04);
+const HMM_DMIRROR_RELEASE: u32 = dmirror_ioc(0x07);
+const HMM_DMIRROR_FLAGS: u32 = dmirror_ioc(0x08);
+const HMM_DMIRROR_READ_UNLOCKED: u32 = dmirror_ioc(0x09);
+
+/// Fail the next VRAM allocation of a migration.
+pub(crate) const HMM_DMIRROR_FLAG_FAIL_ALLOC: u64 = 1 << 0;
+
+// HMM_DMIRROR_PROT_* values of SNAPSHOT.
+const PROT_ERROR: u8 = 0xff;
+const PROT_NONE: u8 = 0x00;
+const PROT_READ: u8 = 0x01;
+const PROT_WRITE: u8 = 0x02;
+const PROT_PMD: u8 = 0x04;
+const PROT_PUD: u8 = 0x08;
+const PROT_ZERO: u8 = 0x10;
+const PROT_DEV_PRIVATE_LOCAL: u8 = 0x20;
+const PROT_DEV_PRIVATE_REMOTE: u8 = 0x30;
+const PROT_DEV_COHERENT_LOCAL: u8 = 0x40;
+const PROT_DEV_COHERENT_REMOTE: u8 = 0x50;
+
+const PMD_ORDER: u32 = 9;
+const PUD_ORDER: u32 = 18;
+
+/// The SNAPSHOT byte for a page described by `info` (shim::PFN_* bits).
+pub(crate) fn snapshot_prot(info: u32) -> u8 {
+    if info & shim::PFN_ERROR != 0 {
+        return PROT_ERROR;
+    }
+    if info & shim::PFN_VALID == 0 {
+        return PROT_NONE;
+    }
+    let owned = info & shim::PFN_OWNED != 0;
+    let mut prot = if info & shim::PFN_DEVICE_PRIVATE != 0 {
+        if owned {
+            PROT_DEV_PRIVATE_LOCAL
+        } else {
+            PROT_DEV_PRIVATE_REMOTE
+        }
+    } else if info & shim::PFN_DEVICE_COHERENT != 0 {
+        if owned {
+            PROT_DEV_COHERENT_LOCAL
+        } else {
+            PROT_DEV_COHERENT_REMOTE
+        }
+    } else if info & shim::PFN_ZERO != 0 {
+        PROT_ZERO
+    } else {
+        PROT_NONE
+    };
+    prot |= if info & shim::PFN_WRITE != 0 { PROT_WRITE } else { PROT_READ };
+    match info >> shim::PFN_ORDER_SHIFT {
+        PMD_ORDER => prot |= PROT_PMD,
+        PUD_ORDER => prot |= PROT_PUD,
+        _ => {}
+    }
+    prot
+}
+
+/// Names of the uAPI devices, by GPU index.
+const NAMES: [&CStr; MAX_GPUS as usize] = [c"hmm_dmirror0", c"hmm_dmirror1"];
+
+/// The registered /dev/hmm_dmirrorN of one GPU.
+#[pin_data]
+pub(crate) struct MirrorDevice {
+    gpu: Arc<Gpu>,
+    #[pin]
+    registration: MiscDeviceRegistration<Mirror>,
+}
+
+impl MirrorDevice {
+    /// Registers the uAPI device of `gpu`.
+    pub(crate) fn register(gpu: Arc<Gpu>) -> Result<Pin<KBox<Self>>> {
+        let name = NAMES[gpu.index() as usize];
+        KBox::try_pin_init(
+            try_pin_init!(MirrorDevice {
+                gpu,
+                registration <- MiscDeviceRegistration::register(MiscDeviceOptions { name }),
+            }),
+            GFP_KERNEL,
+        )
+    }
+}
+
+#[vtable]
+impl MiscDevice for Mirror {
+    type Ptr = Pin<KBox<Mirror>>;
+
+    fn open(_file: &File, misc: &MiscDeviceRegistration<Self>) -> Result<Pin<KBox<Mirror>>> {
+        // SAFETY: every registration of `Mirror` is the `registration` field
+        // of a pinned `MirrorDevice`, alive while the device is registered.
+        let md = unsafe { &*container_of!(misc as *const MiscDeviceRegistration<Mirror>, MirrorDevice, registration) };
+        Mirror::new(md.gpu.clone())
+    }
+
+    fn ioctl(mirror: Pin<&Mirror>, _file: &File, cmd: u32, arg: usize) -> Result<isize> {
+        let (mut reader, mut writer) =
+            UserSlice::new(UserPtr::from_addr(arg), core::mem::size_of::<DmirrorCmd>()).reader_writer();
+        let mut c: DmirrorCmd = reader.read()?;
+        // Same argument checks as test_hmm.
+        if c.addr & (crate::abi::PAGE_SIZE - 1) != 0 {
+            return Err(EINVAL);
+        }
+        let size = c.npages.checked_mul(crate::abi::PAGE_SIZE).ok_or(EINVAL)?;
+        if c.addr.checked_add(size).is_none_or(|end| end <= c.addr) {
+            return Err(EINVAL);
+        }
+        let counts: Counts = match cmd {
+            HMM_DMIRROR_READ | HMM_DMIRROR_READ_UNLOCKED => mirror.read(c.addr, c.ptr, c.npages)?,
+            HMM_DMIRROR_WRITE => mirror.write(c.addr, c.ptr, c.npages)?,
+            HMM_DMIRROR_MIGRATE_TO_DEV => mirror.migrate_to_device(c.addr, c.ptr, c.npages)?,
+            HMM_DMIRROR_MIGRATE_TO_SYS => mirror.migrate_to_system(c.addr, c.npages)?,
+            HMM_DMIRROR_SNAPSHOT => mirror.snapshot(c.addr, c.ptr, c.npages)?,
+            HMM_DMIRROR_RELEASE => {
+                mirror.gpu.check_alive()?;
+                crate::migrate::evict_all(&mirror.gpu);
+                Counts::default()
+            }
+            HMM_DMIRROR_FLAGS => {
+                mirror.state.lock().flags = c.npages;
+                Counts::default()
+            }
+            _ => return Err(EINVAL),
+        };
+        c.cpages = counts.cpages;
+        c.faults = counts.faults;
+        writer.write(&c)?;
+        Ok(0)
+    }
+}

@@ -1,0 +1,173 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! VRAM: the allocator (the kernel's GPU buddy allocator) and the ZONE_DEVICE
+//! pages that stand for it.
+//!
+//! Device page `pfn_first + n` is VRAM page `n`: the mapping is fixed, so a
+//! device page's VRAM offset is computed, never stored. What a page stores
+//! (in `zone_device_data`) is its buddy allocation, returned when the kernel
+//! frees the page.
+
+use crate::abi;
+use crate::shim;
+use core::ffi::c_void;
+use core::ptr;
+use core::sync::atomic::{AtomicU64, Ordering};
+use kernel::gpu::buddy::{
+    AllocatedBlocks, GpuBuddy, GpuBuddyAllocFlags, GpuBuddyAllocMode, GpuBuddyParams,
+};
+use kernel::prelude::*;
+use kernel::ptr::Alignment;
+use kernel::sizes::SZ_4K;
+use kernel::new_spinlock_irq;
+use kernel::sync::SpinLockIrq;
+
+/// One VRAM page's allocation, owned by its device page while in use.
+struct VramAlloc {
+    _blocks: Pin<KBox<AllocatedBlocks>>,
+    /// Next entry of the deferred-free list.
+    next: *mut VramAlloc,
+}
+
+/// Allocations released by `folio_free`, which may run in atomic context
+/// where the buddy allocator's mutex cannot be taken; they are returned to
+/// the allocator from process context (the next allocation, or removal).
+struct FreeList {
+    head: *mut VramAlloc,
+}
+
+// SAFETY: the list is only touched under its `SpinLock`.
+unsafe impl Send for FreeList {}
+
+/// The VRAM of one GPU.
+#[pin_data]
+pub(crate) struct Vram {
+    size: u64,
+    buddy: GpuBuddy,
+    /// First pfn of the device-private range; 0 until registered.
+    pfn_first: AtomicU64,
+    #[pin]
+    deferred: SpinLockIrq<FreeList>,
+}
+
+impl Vram {
+    /// An allocator for `size` bytes of VRAM in pages of [`abi::PAGE_SIZE`].
+    pub(crate) fn new(size: u64) -> Result<impl PinInit<Self, Error>> {
+        let buddy = GpuBuddy::new(GpuBuddyParams {
+            base_offset: 0,
+            size,
+            chunk_size: Alignment::new::<SZ_4K>(),
+        })?;
+        Ok(try_pin_init!(Self {
+            size,
+            buddy,
+            pfn_first: AtomicU64::new(0),
+            deferred <- new_spinlock_irq!(FreeList { head: ptr::null_mut() }),
+        }))
+    }
+
+    /// VRAM size in bytes.
+    pub(crate) fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Number of VRAM pages.
+    pub(crate) fn pages(&self) -> u64 {
+        self.size / abi::PAGE_SIZE
+    }
+
+    /// Creates the device-private struct pages (devm on `dev`); `gpu` is
+    /// the pgmap owner handed back to the page callbacks.
+    pub(crate) fn register_private(&self, dev: *mut shim::Device, gpu: *mut c_void) -> Result {
+        // SAFETY: `dev` is the bound virtio device; `gpu` outlives the
+        // mapping (a devm action registered before it holds a reference).
+        let pfn = unsafe { shim::hmmgpu_shim_memremap_private(dev, self.size, gpu) };
+        if pfn == 0 {
+            return Err(ENOMEM);
+        }
+        self.pfn_first.store(pfn as u64, Ordering::Release);
+        Ok(())
+    }
+
+    /// First device pfn.
+    pub(crate) fn pfn_first(&self) -> u64 {
+        self.pfn_first.load(Ordering::Acquire)
+    }
+
+    /// The VRAM offset of device page `pfn`, if it is one of ours.
+    pub(crate) fn offset_of_pfn(&self, pfn: u64) -> Option<u64> {
+        let first = self.pfn_first();
+        if first == 0 || pfn < first || pfn >= first + self.pages() {
+            return None;
+        }
+        Some((pfn - first) * abi::PAGE_SIZE)
+    }
+
+    /// Bytes free in the allocator.
+    pub(crate) fn avail(&self) -> u64 {
+        self.buddy.avail()
+    }
+
+    /// Allocates one VRAM page and returns its device page, initialized and
+    /// locked for `migrate_vma_pages()`, with its VRAM offset.
+    pub(crate) fn alloc_page(&self) -> Result<(*mut shim::Page, u64)> {
+        self.reclaim_deferred();
+        let blocks = KBox::pin_init(
+            self.buddy.alloc_blocks(
+                GpuBuddyAllocMode::Simple,
+                abi::PAGE_SIZE,
+                Alignment::new::<SZ_4K>(),
+                GpuBuddyAllocFlags::default(),
+            ),
+            GFP_KERNEL,
+        )?;
+        let offset = blocks.iter().next().ok_or(ENOMEM)?.offset();
+        let pfn = self.pfn_first() + offset / abi::PAGE_SIZE;
+        let alloc = KBox::new(
+            VramAlloc {
+                _blocks: blocks,
+                next: ptr::null_mut(),
+            },
+            GFP_KERNEL,
+        )?;
+        // SAFETY: `pfn` is inside our registered device-private range.
+        let page = unsafe { shim::hmmgpu_shim_pfn_to_page(pfn as _) };
+        // SAFETY: the page is free (its VRAM was just allocated) and ours.
+        unsafe {
+            shim::hmmgpu_shim_device_page_init(page);
+            shim::hmmgpu_shim_page_set_data(page, KBox::into_raw(alloc).cast());
+        }
+        Ok((page, offset))
+    }
+
+    /// Called when the kernel frees a device page: its VRAM becomes free.
+    /// May run in atomic context.
+    pub(crate) fn page_freed(&self, page: *mut shim::Page) {
+        // SAFETY: `page` is one of our device pages being freed.
+        let alloc = unsafe { shim::hmmgpu_shim_page_get_data(page) }.cast::<VramAlloc>();
+        if alloc.is_null() {
+            return;
+        }
+        // SAFETY: as above.
+        unsafe { shim::hmmgpu_shim_page_set_data(page, ptr::null_mut()) };
+        let mut list = self.deferred.lock();
+        // SAFETY: `alloc` came from `KBox::into_raw` in `alloc_page` and is
+        // owned by the list from now on.
+        unsafe { (*alloc).next = list.head };
+        list.head = alloc;
+    }
+
+    /// Returns the allocations of freed pages to the buddy allocator.
+    pub(crate) fn reclaim_deferred(&self) {
+        let mut head = {
+            let mut list = self.deferred.lock();
+            core::mem::replace(&mut list.head, ptr::null_mut())
+        };
+        while !head.is_null() {
+            // SAFETY: every list entry came from `KBox::into_raw`.
+            let alloc = unsafe { KBox::from_raw(head) };
+            head = alloc.next;
+            drop(alloc);
+        }
+    }
+}

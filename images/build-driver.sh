@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Builds the hmmgpu guest driver against a kernel from build-kernel.sh, with
+# warnings as errors (C: W=1 -Werror; Rust: the kernel's lints, -Dwarnings).
+# Prints the path of hmmgpu.ko.
+#
+#   build-driver.sh KDIR
+set -euo pipefail
+LOG_TAG=driver
+source "$(dirname "$0")/lib.sh"
+
+KDIR="${1:?usage: build-driver.sh KDIR (from build-kernel.sh)}"
+[[ -d "$KDIR" ]] || die "no kernel directory $KDIR"
+if [[ -f "$KDIR/make.env" ]]; then
+    mapfile -t MAKE_VARS <"$KDIR/make.env"
+    BUILD="$KDIR/build"
+else
+    MAKE_VARS=()          # HMMGPU_KERNEL_DIR: the user's own built tree
+    BUILD="$KDIR"
+fi
+export LIBCLANG_PATH=/usr/lib/llvm-19/lib
+
+# Build in a copy so the source tree stays clean and parallel builds for
+# several kernels do not collide.
+OUT="$HMMGPU_CACHE/driver-$(hash_inputs "$KDIR")"
+mkdir -p "$OUT/guest-driver" "$OUT/device/abi/src"
+rsync -a --delete "$REPO_DIR/guest-driver/" "$OUT/guest-driver/"
+rsync -a "$REPO_DIR/device/abi/src/" "$OUT/device/abi/src/"
+
+log "building hmmgpu.ko against $BUILD"
+if ! make -C "$BUILD" M="$OUT/guest-driver" "${MAKE_VARS[@]}" W=1 \
+        KCFLAGS=-Werror KRUSTFLAGS=-Dwarnings modules >"$OUT/build.log" 2>&1; then
+    cat "$OUT/build.log" >&2
+    die "driver build failed"
+fi
+# Warnings that do not fail the build on their own still fail ours.
+if grep -E "warning:|warning\[" "$OUT/build.log" >&2; then
+    die "driver build produced warnings (above)"
+fi
+echo "$OUT/guest-driver/hmmgpu.ko"
