@@ -87,16 +87,6 @@ struct device *hmmgpu_shim_vdev_dev(struct virtio_device *vdev)
 	return &vdev->dev;
 }
 
-void hmmgpu_shim_set_priv(struct virtio_device *vdev, void *priv)
-{
-	vdev->priv = priv;
-}
-
-void *hmmgpu_shim_get_priv(struct virtio_device *vdev)
-{
-	return vdev->priv;
-}
-
 void hmmgpu_shim_read_config(struct virtio_device *vdev, unsigned int offset,
 			     void *buf, size_t len)
 {
@@ -136,12 +126,32 @@ struct hmmgpu_queues {
 	struct virtqueue *event_vq;
 	spinlock_t event_lock;		/* serializes event_vq operations */
 	void *gpu;			/* Rust cookie for events; NULL until started */
+	void *rust_priv;		/* hmmgpu_shim_set_priv() */
 	u8 event_bufs[HMMGPU_EVENT_BUFS][HMMGPU_EVENT_SIZE];
 };
 
+/*
+ * vdev->priv is the shim's struct hmmgpu_queues (the interrupt handlers
+ * need it; vq->priv belongs to the transport); Rust's per-device data hangs
+ * off it.
+ */
+void hmmgpu_shim_set_priv(struct virtio_device *vdev, void *priv)
+{
+	struct hmmgpu_queues *q = vdev->priv;
+
+	q->rust_priv = priv;
+}
+
+void *hmmgpu_shim_get_priv(struct virtio_device *vdev)
+{
+	struct hmmgpu_queues *q = vdev->priv;
+
+	return q->rust_priv;
+}
+
 static void hmmgpu_cmd_interrupt(struct virtqueue *vq)
 {
-	struct hmmgpu_queues *q = vq->priv;
+	struct hmmgpu_queues *q = vq->vdev->priv;
 	struct hmmgpu_cmd *cmd;
 	unsigned long flags;
 	unsigned int len;
@@ -168,7 +178,7 @@ static int hmmgpu_event_post(struct hmmgpu_queues *q, u8 *buf)
 
 static void hmmgpu_event_interrupt(struct virtqueue *vq)
 {
-	struct hmmgpu_queues *q = vq->priv;
+	struct hmmgpu_queues *q = vq->vdev->priv;
 	unsigned long flags;
 	unsigned int len;
 	u8 *buf;
@@ -202,13 +212,12 @@ struct hmmgpu_queues *hmmgpu_shim_queues_create(struct virtio_device *vdev)
 		return ERR_PTR(-ENOMEM);
 	spin_lock_init(&q->cmd_lock);
 	spin_lock_init(&q->event_lock);
+	vdev->priv = q;
 	ret = virtio_find_vqs(vdev, ARRAY_SIZE(infos), vqs, infos, NULL);
 	if (ret)
 		return ERR_PTR(ret);
 	q->cmd_vq = vqs[0];
 	q->event_vq = vqs[1];
-	q->cmd_vq->priv = q;
-	q->event_vq->priv = q;
 	return q;
 }
 
@@ -582,9 +591,10 @@ static bool hmmgpu_notifier_invalidate(struct mmu_interval_notifier *mni,
 	struct hmmgpu_notifier *n =
 		container_of(mni, struct hmmgpu_notifier, notifier);
 
-	/* Our own migrations invalidate nothing the device maps. */
-	if (range->event == MMU_NOTIFY_MIGRATE && range->owner == n->owner)
-		return true;
+	/*
+	 * Every change reaches the device MMU, our own migrations included:
+	 * the device may map the pages they move.
+	 */
 	return hmmgpu_rust_invalidate(n->mirror, range->start, range->end,
 				      mmu_notifier_range_blockable(range),
 				      cur_seq);

@@ -37,5 +37,20 @@ for c in "${sources[@]}"; do
     gcc "${CFLAGS[@]}" -o "$OUT/$name.tmp" "$c" || die "compiling $c failed"
     mv "$OUT/$name.tmp" "$OUT/$name"
 done
-log "built ${#sources[@]} program(s) in $OUT: $(cd "$OUT" && echo *)"
+
+# The kernel's own HMM selftest, unmodified, built the way its Makefile
+# does (vm_util.c and hugepage_settings.c linked in), but static.
+SELFTESTS="$SRC/tools/testing/selftests"
+if [[ ! -f "$KDIR/build/usr/include/linux/mman.h" ]]; then
+    log "installing the kernel's uapi headers into $KDIR/build/usr/include"
+    make -s -C "$SRC" O="$KDIR/build" $(cat "$KDIR/make.env" 2>/dev/null | grep -E '^ARCH=' || true) headers_install >/dev/null ||
+        die "make headers_install failed"
+fi
+(cd "$SELFTESTS/mm" && gcc -static -Wall -O2 -I"$SELFTESTS" -I"$SRC" \
+    -isystem "$KDIR/build/usr/include" -isystem "$SRC/tools/include/uapi" \
+    hmm-tests.c vm_util.c hugepage_settings.c -lrt -lpthread -lm -o "$OUT/hmm-tests.tmp") ||
+    die "building tools/testing/selftests/mm/hmm-tests failed"
+mv "$OUT/hmm-tests.tmp" "$OUT/hmm-tests"
+
+log "built $((${#sources[@]} + 1)) program(s) in $OUT: $(cd "$OUT" && echo *)"
 echo "$OUT"

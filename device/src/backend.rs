@@ -1,18 +1,31 @@
 // SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0
-//! The vhost-user glue: feature negotiation, the config space, and turning
-//! descriptor chains of the command queue into [`Engine`] calls.
+//! The vhost-user glue: feature negotiation, the config space, turning
+//! descriptor chains of the command queue into [`Engine`] calls, and the
+//! event queue the engine reports device faults through.
 //!
 //! Everything a chain holds comes from the guest and may be garbage. Nothing
 //! here panics or returns an error to the vhost-user event loop because of
 //! it (an error would stop the queue's worker thread for good): bad chains
 //! are completed with an error status, or with used length 0 when there is
 //! no room for a response, and counted as failed.
+//!
+//! Both queues are served by the one worker thread (the default
+//! `queues_per_thread`), so the engine, the parked chains and both rings are
+//! only ever touched from there. The event queue is passive: the driver
+//! posts writable buffers and kicks; the device ignores the kicks and pops a
+//! buffer only when it has an event to write. A command parked on a device
+//! fault keeps its chain here, by head index, until REPLAY, CANCEL or
+//! CTX_DESTROY completes it; its used element is then added just before the
+//! one of the command that completed it, in the same batch, and one
+//! notification check covers both (used-ring order differs from avail order,
+//! which virtio allows).
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 
 use hmmgpu_abi::{
-    status, DeviceConfig, Response, ABI_VERSION, CONFIG_MAGIC, MAX_RANGES, NUM_QUEUES, PAGE_SIZE,
-    QUEUE_COMMAND, QUEUE_SIZE,
+    status, DeviceConfig, Event, Response, ABI_VERSION, CONFIG_MAGIC, MAX_CONTEXTS, MAX_RANGES,
+    NUM_QUEUES, PAGE_SIZE, QUEUE_COMMAND, QUEUE_EVENT, QUEUE_SIZE,
 };
 use log::{debug, error, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -26,7 +39,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::engine::{Engine, GuestRam, MAX_COMMAND_LEN};
+use crate::engine::{Completion, Engine, EventSink, Executed, GuestRam, MAX_COMMAND_LEN};
 
 /// Virtio feature bits the device offers.
 pub const DEVICE_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
@@ -34,7 +47,7 @@ pub const DEVICE_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
     | (1 << VIRTIO_RING_F_INDIRECT_DESC)
     | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
-/// A descriptor chain of the command queue, holding its view of guest RAM.
+/// A descriptor chain of a queue, holding its view of guest RAM.
 type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestRam>>;
 
 /// The hmmgpu vhost-user device. The daemon wraps it in a `RwLock`
@@ -45,6 +58,9 @@ pub struct HmmGpuBackend {
     mem: GuestMemoryAtomic<GuestRam>,
     event_idx: bool,
     acked_features: u64,
+    /// Chains of commands parked on device faults, by head index (the
+    /// token the engine knows them by).
+    parked: HashMap<u16, Chain>,
 }
 
 impl HmmGpuBackend {
@@ -56,6 +72,7 @@ impl HmmGpuBackend {
             mem: GuestMemoryAtomic::new(GuestRam::new()),
             event_idx: false,
             acked_features: 0,
+            parked: HashMap::new(),
         }
     }
 
@@ -72,44 +89,69 @@ impl HmmGpuBackend {
             vram_size: self.engine.vram().size(),
             page_size: PAGE_SIZE as u32,
             max_ranges: MAX_RANGES,
+            max_contexts: MAX_CONTEXTS,
+            reserved: 0,
         }
     }
 
-    /// Executes every available chain of `vring`, then interrupts the driver
-    /// if it asked for it. Returns whether any chain was used.
-    fn process_queue(&self, vring: &VringRwLock) -> io::Result<bool> {
+    /// Executes every available chain of the command queue, then interrupts
+    /// the driver if it asked for it. Returns whether any chain was taken.
+    fn process_queue(&mut self, vrings: &[VringRwLock]) -> io::Result<bool> {
+        let Some(vring) = vrings.get(usize::from(QUEUE_COMMAND)) else {
+            return Ok(false);
+        };
+        let mem = self.mem.memory();
         let chains: Vec<Chain> = vring
             .get_mut()
             .get_queue_mut()
-            .iter(self.mem.memory())
-            .map_err(|e| queue_error("reading the avail ring", e))?
+            .iter(mem.clone())
+            .map_err(|e| queue_error("command queue: reading the avail ring", e))?
             .collect();
         if chains.is_empty() {
             return Ok(false);
         }
+        let mut events = EventQueue {
+            vring: vrings.get(usize::from(QUEUE_EVENT)),
+            mem,
+        };
         for chain in chains {
             let head = chain.head_index();
-            let used_len = self.process_chain(chain);
-            vring
-                .add_used(head, used_len)
-                .map_err(|e| queue_error("writing the used ring", e))?;
+            if self.parked.contains_key(&head) {
+                // The driver made a chain available again while the device
+                // still owns it: a driver bug. Completing either would
+                // confuse it; leave this one unanswered.
+                warn!("chain {head}: made available while its command is parked; ignored");
+                self.engine.stats().count_failed();
+                continue;
+            }
+            let (resumed, own) = self.process_chain(chain, &mut events);
+            for (head, used_len) in resumed.into_iter().chain(own.map(|len| (head, len))) {
+                vring
+                    .add_used(head, used_len)
+                    .map_err(|e| queue_error("command queue: writing the used ring", e))?;
+            }
         }
         if vring
             .needs_notification()
-            .map_err(|e| queue_error("reading used_event", e))?
+            .map_err(|e| queue_error("command queue: reading used_event", e))?
         {
             vring.signal_used_queue()?;
         }
         Ok(true)
     }
 
-    /// Executes one command chain and writes its response; returns the used
-    /// length (0 when the chain had no room for a response).
-    fn process_chain(&self, chain: Chain) -> u32 {
-        let mem = chain.memory();
+    /// Executes one command chain. Returns the used element of a parked
+    /// command it completed, if any, and its own used length (0 when the
+    /// chain had no room for a response; `None` when it parked).
+    fn process_chain(
+        &mut self,
+        chain: Chain,
+        events: &mut dyn EventSink,
+    ) -> (Option<(u16, u32)>, Option<u32>) {
         let head = chain.head_index();
-        let mut writer = match chain.clone().writer(mem) {
-            Ok(writer) if writer.available_bytes() >= Response::SIZE => writer,
+        let mem = chain.memory();
+        match chain.clone().writer(mem) {
+            Ok(writer) if writer.available_bytes() >= Response::SIZE => {}
             Ok(writer) => {
                 warn!(
                     "chain {head}: {} writable bytes, a response needs {}; dropped",
@@ -117,33 +159,153 @@ impl HmmGpuBackend {
                     Response::SIZE
                 );
                 self.engine.stats().count_failed();
-                return 0;
+                return (None, Some(0));
             }
             Err(e) => {
                 warn!("chain {head}: bad writable part ({e}); dropped");
                 self.engine.stats().count_failed();
-                return 0;
+                return (None, Some(0));
             }
-        };
-        let response = match read_command(&chain, mem) {
-            Ok(request) => self.engine.execute(mem, &request),
+        }
+        let executed = match read_command(&chain, mem) {
+            Ok(request) => self
+                .engine
+                .process(mem, &request, u64::from(head), events),
             Err(e) => {
                 warn!("chain {head}: cannot read the command ({e})");
                 self.engine.stats().count_failed();
-                Response {
-                    status: status::BAD_REQUEST,
-                    failed_index: 0,
-                    bytes: 0,
+                Executed {
+                    resumed: None,
+                    response: Some(Response {
+                        status: status::BAD_REQUEST,
+                        failed_index: 0,
+                        bytes: 0,
+                    }),
                 }
             }
         };
-        if let Err(e) = writer.write_all(&response.to_bytes()) {
-            // Cannot happen (room was checked), but never trust it.
-            error!("chain {head}: writing the response: {e}");
-            return 0;
+        let resumed = executed
+            .resumed
+            .and_then(|completion| self.complete_parked(completion));
+        let own = match executed.response {
+            Some(response) => Some(write_response(&chain, response)),
+            None => {
+                debug!("chain {head}: parked on a device fault");
+                self.parked.insert(head, chain);
+                None
+            }
+        };
+        (resumed, own)
+    }
+
+    /// Writes the response of a parked command the engine completed;
+    /// returns its used element.
+    fn complete_parked(&mut self, completion: Completion) -> Option<(u16, u32)> {
+        let head = u16::try_from(completion.token).ok();
+        let Some((head, chain)) = head.and_then(|h| Some((h, self.parked.remove(&h)?))) else {
+            error!("completion of unknown parked chain {}", completion.token);
+            return None;
+        };
+        Some((head, write_response(&chain, completion.response)))
+    }
+}
+
+/// Writes `response` into the writable part of `chain` (checked to have
+/// room); returns the used length.
+fn write_response(chain: &Chain, response: Response) -> u32 {
+    let head = chain.head_index();
+    let written = chain
+        .clone()
+        .writer(chain.memory())
+        .map_err(io::Error::other)
+        .and_then(|mut writer| writer.write_all(&response.to_bytes()));
+    if let Err(e) = written {
+        // Cannot happen (room was checked), but never trust it.
+        error!("chain {head}: writing the response: {e}");
+        return 0;
+    }
+    debug!("chain {head}: {}", status::name(response.status));
+    Response::SIZE as u32
+}
+
+/// The event queue as the engine's [`EventSink`]: each event goes into the
+/// next buffer the driver posted, which is then used and signalled.
+struct EventQueue<'a> {
+    vring: Option<&'a VringRwLock>,
+    mem: GuestMemoryLoadGuard<GuestRam>,
+}
+
+impl EventSink for EventQueue<'_> {
+    fn post(&mut self, event: &Event) -> bool {
+        let Some(vring) = self.vring else {
+            return false;
+        };
+        if !vring.get_ref().is_enabled() {
+            return false;
         }
-        debug!("chain {head}: {}", status::name(response.status));
-        Response::SIZE as u32
+        // Buffers too small for an event are returned unused (length 0) and
+        // the next one is tried; at most a ring's worth.
+        for _ in 0..QUEUE_SIZE {
+            let next = {
+                let mut state = vring.get_mut();
+                match state.get_queue_mut().iter(self.mem.clone()) {
+                    Ok(mut chains) => chains.next(),
+                    Err(e) => {
+                        debug!("event queue: {e}");
+                        return false;
+                    }
+                }
+            };
+            let Some(chain) = next else {
+                return false;
+            };
+            let head = chain.head_index();
+            let used_len = write_event(&chain, event);
+            if let Err(e) = vring.add_used(head, used_len) {
+                error!("{}", queue_error("event queue: writing the used ring", e));
+                return false;
+            }
+            match vring.needs_notification() {
+                Ok(true) => {
+                    if let Err(e) = vring.signal_used_queue() {
+                        error!("event queue: signalling: {e}");
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => error!("{}", queue_error("event queue: reading used_event", e)),
+            }
+            if used_len != 0 {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// Writes `event` into an event-queue chain; returns the used length (0
+/// when the chain has no room for it).
+fn write_event(chain: &Chain, event: &Event) -> u32 {
+    let head = chain.head_index();
+    let written = chain
+        .clone()
+        .writer(chain.memory())
+        .map_err(io::Error::other)
+        .and_then(|mut writer| {
+            if writer.available_bytes() < Event::SIZE {
+                return Err(io::Error::other(format!(
+                    "{} writable bytes, an event needs {}",
+                    writer.available_bytes(),
+                    Event::SIZE
+                )));
+            }
+            writer.write_all(&event.to_bytes())
+        });
+    match written {
+        Ok(()) => Event::SIZE as u32,
+        Err(e) => {
+            warn!("event buffer {head}: {e}; returned unused");
+            0
+        }
     }
 }
 
@@ -157,7 +319,7 @@ fn read_command(chain: &Chain, mem: &GuestRam) -> io::Result<Vec<u8>> {
 }
 
 fn queue_error(what: &str, e: virtio_queue::Error) -> io::Error {
-    io::Error::other(format!("command queue: {what}: {e}"))
+    io::Error::other(format!("{what}: {e}"))
 }
 
 impl VhostUserBackendMut for HmmGpuBackend {
@@ -190,6 +352,10 @@ impl VhostUserBackendMut for HmmGpuBackend {
     fn reset_device(&mut self) {
         self.event_idx = false;
         self.acked_features = 0;
+        // The rings are re-initialized after a reset: parked chains are
+        // forgotten, never completed, and the contexts go with them.
+        self.parked.clear();
+        self.engine.reset();
     }
 
     fn set_event_idx(&mut self, enabled: bool) {
@@ -248,6 +414,11 @@ impl VhostUserBackendMut for HmmGpuBackend {
             warn!("unexpected event set {evset:?} for event {device_event}");
             return Ok(());
         }
+        if device_event == QUEUE_EVENT {
+            // New event buffers: they are taken when an event needs one.
+            debug!("event queue kicked");
+            return Ok(());
+        }
         if device_event != QUEUE_COMMAND {
             warn!("event for unknown queue {device_event}");
             return Ok(());
@@ -264,19 +435,19 @@ impl VhostUserBackendMut for HmmGpuBackend {
             // added in the window between the two would wait forever.
             loop {
                 if let Err(e) = vring.disable_notification() {
-                    break Err(queue_error("disabling notifications", e));
+                    break Err(queue_error("command queue: disabling notifications", e));
                 }
-                if let Err(e) = self.process_queue(vring) {
+                if let Err(e) = self.process_queue(vrings) {
                     break Err(e);
                 }
                 match vring.enable_notification() {
                     Ok(true) => continue,
                     Ok(false) => break Ok(()),
-                    Err(e) => break Err(queue_error("enabling notifications", e)),
+                    Err(e) => break Err(queue_error("command queue: enabling notifications", e)),
                 }
             }
         } else {
-            self.process_queue(vring).map(drop)
+            self.process_queue(vrings).map(drop)
         };
         if let Err(e) = result {
             error!("{e}");
@@ -313,8 +484,11 @@ mod tests {
         assert_eq!(config.page_size, 4096);
         assert_eq!(config.max_ranges, MAX_RANGES);
         assert_eq!(b.get_config(8, 8), (4u64 << 20).to_le_bytes());
-        assert_eq!(b.get_config(24, 0), Vec::<u8>::new());
-        for (offset, size) in [(0, 25), (20, 8), (24, 1), (u32::MAX, 2), (1, u32::MAX)] {
+        assert_eq!(config.max_contexts, MAX_CONTEXTS);
+        assert_eq!(config.reserved, 0);
+        assert_eq!(b.get_config(24, 4), MAX_CONTEXTS.to_le_bytes());
+        assert_eq!(b.get_config(32, 0), Vec::<u8>::new());
+        for (offset, size) in [(0, 33), (28, 8), (32, 1), (u32::MAX, 2), (1, u32::MAX)] {
             assert!(b.get_config(offset, size).is_empty(), "{offset}+{size}");
         }
     }
@@ -323,8 +497,8 @@ mod tests {
     fn offers_the_spec_features() {
         let dir = tempfile::tempdir().unwrap();
         let mut b = backend(&dir);
-        assert_eq!(b.num_queues(), 1);
-        assert_eq!(b.max_queue_size(), 256);
+        assert_eq!(b.num_queues(), 2);
+        assert_eq!(b.max_queue_size(), usize::from(QUEUE_SIZE));
         assert_eq!(b.features() & (1 << 32), 1 << 32, "VIRTIO_F_VERSION_1");
         assert_eq!(b.features() & (1 << 33), 0, "no VIRTIO_F_ACCESS_PLATFORM");
         assert!(b

@@ -1,27 +1,46 @@
 // SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0
-//! The device model: the copy engine that executes one decoded command
-//! (docs/device-spec.md, "Commands") against guest RAM and the VRAM.
+//! The device model: the copy engine and the device MMU executing one
+//! decoded command (docs/device-spec.md, "Commands" and "Device MMU")
+//! against guest RAM and the VRAM.
 //!
-//! It knows nothing of virtqueues: [`Engine::execute`] takes the bytes of a
-//! command (header and ranges) and returns the [`Response`], so it is tested
-//! here with plain guest memory and no vhost-user at all.
+//! It knows nothing of virtqueues: [`Engine::process`] takes the bytes of a
+//! command (header and ranges), an opaque token naming it and an
+//! [`EventSink`] standing for the event queue, and says what completed, so
+//! it is tested here with plain guest memory and no vhost-user at all.
 //!
-//! Execution has two passes. The first decodes and validates every range
-//! (flags, guest ranges entirely inside guest RAM, VRAM ranges entirely
-//! inside the VRAM, all with checked arithmetic); only when the whole command
-//! is valid does the second pass move bytes. So BAD_REQUEST, BAD_GUEST_ADDR
-//! and BAD_VRAM_RANGE never leave memory half-modified; only an injected
-//! COPY_ERROR ([`FaultHooks`]) does, as the spec allows.
+//! Physical commands (COPY, FILL) have two passes. The first decodes and
+//! validates every range (flags, guest ranges entirely inside guest RAM,
+//! VRAM ranges entirely inside the VRAM, all with checked arithmetic); only
+//! when the whole command is valid does the second pass move bytes. So
+//! BAD_REQUEST, BAD_GUEST_ADDR and BAD_VRAM_RANGE never leave memory
+//! half-modified; only an injected COPY_ERROR ([`FaultHooks`]) does, as the
+//! spec allows. MAP validates every range the same way before installing
+//! any translation.
+//!
+//! Device-virtual commands (VREAD, VWRITE, ATOMIC) validate their
+//! guest-physical buffers up front, then translate page by page through the
+//! [`Mmu`], copying each physically contiguous run of pages in one go. A
+//! missing translation or permission is a device fault: the engine reports
+//! an [`Event`] through the sink and *parks* the command with its progress
+//! (range index, offset in the range, bytes done); REPLAY resumes it, CANCEL
+//! and CTX_DESTROY complete it with FAULT. When the sink has no buffer, the
+//! command completes with FAULT at once.
 
 use std::cmp::min;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use hmmgpu_abi::{opcode, range_flags, status, CmdHeader, Range, Response, MAX_RANGES};
+use hmmgpu_abi::{
+    counter, event, opcode, range_flags, status, CmdHeader, Event, Range, Response, MAX_RANGES,
+};
 use log::{debug, error, warn};
 use serde::Serialize;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory, VolatileSlice,
+};
 
+use crate::mmu::{self, Mapping, Mmu, Phys};
 use crate::vram::Vram;
 
 /// Guest RAM as the vhost-user daemon maps it (no dirty-page bitmap).
@@ -35,20 +54,15 @@ pub const MAX_COMMAND_LEN: usize = CmdHeader::SIZE + MAX_RANGES as usize * Range
 /// pattern's worth, so every start phase has a full chunk).
 const FILL_CHUNK: usize = 64 * 1024;
 
-/// The device's counters. Updated by the copy engine, read by the control
-/// socket and printed when the daemon exits.
+/// The device's counters ([`counter`] indices). Updated by the engine, read
+/// by COUNTERS, the control socket, and printed when the daemon exits.
 #[derive(Debug, Default)]
 pub struct Stats {
-    commands_ok: AtomicU64,
-    commands_failed: AtomicU64,
-    bytes_guest_to_vram: AtomicU64,
-    bytes_vram_to_guest: AtomicU64,
-    bytes_vram_to_vram: AtomicU64,
-    bytes_guest_to_guest: AtomicU64,
-    bytes_filled: AtomicU64,
+    counters: [AtomicU64; counter::COUNT],
 }
 
-/// A copy of [`Stats`] at one moment, as the control socket reports it.
+/// A copy of [`Stats`] at one moment, as the control socket reports it: one
+/// field per [`counter::NAMES`] entry, same names, same order.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct StatsSnapshot {
     /// Commands completed with status OK.
@@ -66,56 +80,114 @@ pub struct StatsSnapshot {
     pub bytes_guest_to_guest: u64,
     /// Bytes written by FILL, to guest RAM or VRAM.
     pub bytes_filled: u64,
+    /// Device faults raised (reported or not).
+    pub faults: u64,
+    /// Ranges of completed UNMAP commands.
+    pub invalidations: u64,
+    /// Bytes read through the device MMU (VREAD).
+    pub bytes_vread: u64,
+    /// Bytes written through the device MMU (VWRITE).
+    pub bytes_vwrite: u64,
+    /// Atomics executed.
+    pub atomics: u64,
+    /// REPLAY commands that resumed a parked command.
+    pub replays: u64,
+    /// Faults that could not be reported for want of an event buffer.
+    pub events_dropped: u64,
+}
+
+impl StatsSnapshot {
+    /// From the values in [`counter`] order.
+    pub fn from_values(v: [u64; counter::COUNT]) -> Self {
+        Self {
+            commands_ok: v[counter::COMMANDS_OK],
+            commands_failed: v[counter::COMMANDS_FAILED],
+            bytes_guest_to_vram: v[counter::BYTES_GUEST_TO_VRAM],
+            bytes_vram_to_guest: v[counter::BYTES_VRAM_TO_GUEST],
+            bytes_vram_to_vram: v[counter::BYTES_VRAM_TO_VRAM],
+            bytes_guest_to_guest: v[counter::BYTES_GUEST_TO_GUEST],
+            bytes_filled: v[counter::BYTES_FILLED],
+            faults: v[counter::FAULTS],
+            invalidations: v[counter::INVALIDATIONS],
+            bytes_vread: v[counter::BYTES_VREAD],
+            bytes_vwrite: v[counter::BYTES_VWRITE],
+            atomics: v[counter::ATOMICS],
+            replays: v[counter::REPLAYS],
+            events_dropped: v[counter::EVENTS_DROPPED],
+        }
+    }
 }
 
 impl Stats {
+    /// Counter `index` ([`counter`]).
+    pub fn get(&self, index: usize) -> u64 {
+        self.counters
+            .get(index)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// Adds `n` to counter `index`.
+    pub fn add(&self, index: usize, n: u64) {
+        if let Some(c) = self.counters.get(index) {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Every counter, in [`counter`] order.
+    pub fn values(&self) -> [u64; counter::COUNT] {
+        std::array::from_fn(|i| self.get(i))
+    }
+
     /// The current values.
     pub fn snapshot(&self) -> StatsSnapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        StatsSnapshot {
-            commands_ok: get(&self.commands_ok),
-            commands_failed: get(&self.commands_failed),
-            bytes_guest_to_vram: get(&self.bytes_guest_to_vram),
-            bytes_vram_to_guest: get(&self.bytes_vram_to_guest),
-            bytes_vram_to_vram: get(&self.bytes_vram_to_vram),
-            bytes_guest_to_guest: get(&self.bytes_guest_to_guest),
-            bytes_filled: get(&self.bytes_filled),
+        StatsSnapshot::from_values(self.values())
+    }
+
+    /// The block COUNTERS writes: little-endian u64s at index × 8, the rest
+    /// zero.
+    pub fn block(&self) -> [u8; counter::BLOCK_SIZE] {
+        let mut block = [0u8; counter::BLOCK_SIZE];
+        for (chunk, value) in block.chunks_exact_mut(8).zip(self.values()) {
+            chunk.copy_from_slice(&value.to_le_bytes());
         }
+        block
     }
 
     /// Counts a command that failed before the engine could execute it (a
     /// chain without room for a response, or whose command is unreadable).
     pub fn count_failed(&self) {
-        self.commands_failed.fetch_add(1, Ordering::Relaxed);
+        self.add(counter::COMMANDS_FAILED, 1);
     }
 
     fn count_completion(&self, status: u32) {
-        let counter = if status == status::OK {
-            &self.commands_ok
-        } else {
-            &self.commands_failed
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        self.add(
+            if status == status::OK {
+                counter::COMMANDS_OK
+            } else {
+                counter::COMMANDS_FAILED
+            },
+            1,
+        );
     }
 
-    fn count_bytes(&self, op: Op, src: Side, dst: Side, bytes: u64) {
-        let counter = match (op, src, dst) {
-            (Op::Fill, _, _) => &self.bytes_filled,
-            (Op::Copy, Side::Guest(_), Side::Vram(_)) => &self.bytes_guest_to_vram,
-            (Op::Copy, Side::Vram(_), Side::Guest(_)) => &self.bytes_vram_to_guest,
-            (Op::Copy, Side::Vram(_), Side::Vram(_)) => &self.bytes_vram_to_vram,
-            (Op::Copy, Side::Guest(_), Side::Guest(_)) => &self.bytes_guest_to_guest,
+    fn count_bytes(&self, op: Op, src: Phys, dst: Phys, bytes: u64) {
+        let index = match (op, src, dst) {
+            (Op::Fill, _, _) => counter::BYTES_FILLED,
+            (Op::Copy, Phys::Guest(_), Phys::Vram(_)) => counter::BYTES_GUEST_TO_VRAM,
+            (Op::Copy, Phys::Vram(_), Phys::Guest(_)) => counter::BYTES_VRAM_TO_GUEST,
+            (Op::Copy, Phys::Vram(_), Phys::Vram(_)) => counter::BYTES_VRAM_TO_VRAM,
+            (Op::Copy, Phys::Guest(_), Phys::Guest(_)) => counter::BYTES_GUEST_TO_GUEST,
         };
-        counter.fetch_add(bytes, Ordering::Relaxed);
+        self.add(index, bytes);
     }
 }
 
 // ---------------------------------------------------------------------------
 // Fault injection hook point.
 //
-// The engine asks its `FaultHooks` before executing each range. Today the
-// only fault is a one-shot copy-engine error; the control plane that arms
-// faults (and adds latency, stalls, ...) builds on this trait.
+// The engine asks its `FaultHooks` before executing each range of a COPY or
+// FILL. Today the only fault is a one-shot copy-engine error; the control
+// plane that arms faults (and adds latency, stalls, ...) builds on this trait.
 // ---------------------------------------------------------------------------
 
 /// A fault the copy engine should suffer instead of executing a range.
@@ -189,37 +261,79 @@ impl FaultHooks for FaultInjector {
 }
 
 // ---------------------------------------------------------------------------
+// The event queue, as the engine sees it, and what a command produced.
+// ---------------------------------------------------------------------------
+
+/// Where device faults are reported: the event queue.
+pub trait EventSink {
+    /// Writes `event` into the next event buffer; false when there is none
+    /// (the fault then cannot be reported).
+    fn post(&mut self, event: &Event) -> bool;
+}
+
+/// An event queue without buffers: every fault completes its command with
+/// FAULT at once.
+#[derive(Debug, Default)]
+pub struct NoEventQueue;
+
+impl EventSink for NoEventQueue {
+    fn post(&mut self, _event: &Event) -> bool {
+        false
+    }
+}
+
+/// An endless event queue collecting the events (for tests and tools).
+impl EventSink for Vec<Event> {
+    fn post(&mut self, event: &Event) -> bool {
+        self.push(*event);
+        true
+    }
+}
+
+/// A command that completed, named by the token it was submitted with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// The token given to [`Engine::process`] with the command.
+    pub token: u64,
+    /// Its response.
+    pub response: Response,
+}
+
+/// What [`Engine::process`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Executed {
+    /// A parked command that this one completed (REPLAY, CANCEL,
+    /// CTX_DESTROY). Completing it before this one keeps its result visible
+    /// to the driver by the time it sees this command complete.
+    pub resumed: Option<Completion>,
+    /// This command's response; `None` when it was parked on a device
+    /// fault (its completion comes later, as some command's `resumed`).
+    pub response: Option<Response>,
+}
+
+// ---------------------------------------------------------------------------
 // Decoding and validation.
 // ---------------------------------------------------------------------------
 
-/// What a (validated) command does with each range.
+/// What a (validated) physical command does with each range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Op {
     Copy,
     Fill,
 }
 
-/// One end of a range: a guest-physical address or a VRAM offset.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Side {
-    Guest(u64),
-    Vram(u64),
-}
-
-impl Side {
-    fn new(addr: u64, is_vram: bool) -> Self {
-        if is_vram {
-            Side::Vram(addr)
-        } else {
-            Side::Guest(addr)
-        }
-    }
-}
-
 /// A command whose header is well formed.
 struct Command {
     header: CmdHeader,
     ranges: Vec<Range>,
+}
+
+/// How many ranges an opcode takes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Count {
+    None,
+    One,
+    Any,
 }
 
 fn failure(status: u32, failed_index: u32) -> Response {
@@ -230,18 +344,47 @@ fn failure(status: u32, failed_index: u32) -> Response {
     }
 }
 
+const OK: Response = Response {
+    status: status::OK,
+    failed_index: 0,
+    bytes: 0,
+};
+
+const BAD_CONTEXT: Response = Response {
+    status: status::BAD_CONTEXT,
+    failed_index: 0,
+    bytes: 0,
+};
+
 /// Decodes a command's header and range list, checking everything that does
-/// not depend on memory.
+/// not depend on memory or on device state.
 fn decode(request: &[u8]) -> Result<Command, Response> {
     let header = CmdHeader::from_bytes(request).ok_or(failure(status::BAD_REQUEST, 0))?;
-    if !matches!(header.opcode, opcode::NOP | opcode::COPY | opcode::FILL) {
-        return Err(failure(status::UNSUPPORTED, 0));
-    }
-    if header.flags != 0 || header.reserved != 0 || header.count > MAX_RANGES {
+    let (physical, count) = match header.opcode {
+        opcode::NOP => (true, Count::None),
+        opcode::COPY | opcode::FILL => (true, Count::Any),
+        opcode::COUNTERS => (true, Count::One),
+        opcode::CTX_CREATE | opcode::CTX_DESTROY | opcode::REPLAY | opcode::CANCEL => {
+            (false, Count::None)
+        }
+        opcode::MAP | opcode::UNMAP | opcode::VREAD | opcode::VWRITE => (false, Count::Any),
+        opcode::ATOMIC => (false, Count::One),
+        _ => return Err(failure(status::UNSUPPORTED, 0)),
+    };
+    if header.reserved != 0 || header.count > MAX_RANGES {
         return Err(failure(status::BAD_REQUEST, 0));
     }
-    if header.opcode == opcode::NOP && header.count != 0 {
-        return Err(failure(status::BAD_REQUEST, 0));
+    let ctx_ok = if physical {
+        header.ctx == 0
+    } else {
+        mmu::valid_context(header.ctx)
+    };
+    if !ctx_ok {
+        return Err(BAD_CONTEXT);
+    }
+    match (count, header.count) {
+        (Count::None, 0) | (Count::One, 1) | (Count::Any, _) => {}
+        _ => return Err(failure(status::BAD_REQUEST, 0)),
     }
     let body = &request[CmdHeader::SIZE..];
     let complete = body.len() / Range::SIZE;
@@ -264,25 +407,79 @@ fn guest_contains(mem: &GuestRam, addr: u64, len: u32) -> bool {
         && GuestMemoryBackend::check_range(mem, GuestAddress(addr), len as usize)
 }
 
+/// The event access bit of a device-virtual opcode.
+fn access_of(op: u32) -> u32 {
+    match op {
+        opcode::VWRITE => event::ACCESS_WRITE,
+        opcode::ATOMIC => event::ACCESS_ATOMIC,
+        _ => event::ACCESS_READ,
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The engine.
 // ---------------------------------------------------------------------------
 
-/// The copy engine of one device.
+/// How far a device-virtual command got.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Progress {
+    /// Range being executed.
+    index: u32,
+    /// Bytes of that range done.
+    offset: u32,
+    /// Bytes of the command done.
+    bytes: u64,
+}
+
+/// A command waiting on a device fault (one per context at most).
+struct Parked {
+    token: u64,
+    tag: u64,
+    opcode: u32,
+    ranges: Vec<Range>,
+    progress: Progress,
+}
+
+/// Why a device-virtual command stopped before its end.
+enum Stop {
+    /// A device fault at `addr`.
+    Fault { addr: u64, reason: u32 },
+    /// Any other failure: this status.
+    Failed(u32),
+}
+
+/// The copy engine and device MMU of one device.
 pub struct Engine {
     vram: Arc<Vram>,
     stats: Arc<Stats>,
     faults: Arc<dyn FaultHooks>,
+    mmu: Mmu,
+    parked: HashMap<u32, Parked>,
+    /// Sequence number of the last event reported.
+    last_seq: u64,
 }
 
 impl Engine {
     /// An engine working on `vram`, counting into `stats`, asking `faults`
-    /// before each range.
+    /// before each COPY/FILL range, with an empty MMU.
     pub fn new(vram: Arc<Vram>, stats: Arc<Stats>, faults: Arc<dyn FaultHooks>) -> Self {
+        Self::with_mmu(vram, stats, faults, Mmu::default())
+    }
+
+    /// Like [`Engine::new`] with the given MMU (e.g. a smaller entry cap).
+    pub fn with_mmu(
+        vram: Arc<Vram>,
+        stats: Arc<Stats>,
+        faults: Arc<dyn FaultHooks>,
+        mmu: Mmu,
+    ) -> Self {
         Self {
             vram,
             stats,
             faults,
+            mmu,
+            parked: HashMap::new(),
+            last_seq: 0,
         }
     }
 
@@ -296,14 +493,56 @@ impl Engine {
         &self.stats
     }
 
-    /// Executes the command encoded in `request` (a [`CmdHeader`] followed by
-    /// its ranges; trailing bytes are ignored) and returns its response.
-    pub fn execute(&self, mem: &GuestRam, request: &[u8]) -> Response {
-        let response = match decode(request) {
-            Ok(command) => self.run(mem, &command),
-            Err(response) => response,
-        };
+    /// The device MMU.
+    pub fn mmu(&self) -> &Mmu {
+        &self.mmu
+    }
+
+    /// Number of commands parked on device faults.
+    pub fn parked(&self) -> usize {
+        self.parked.len()
+    }
+
+    /// Device reset: drops every context and every parked command (whose
+    /// chains the caller forgets too; they are never completed).
+    pub fn reset(&mut self) {
+        self.mmu.clear();
+        self.parked.clear();
+    }
+
+    /// Executes the command encoded in `request` (a [`CmdHeader`] followed
+    /// by its ranges; trailing bytes are ignored). `token` names it if it
+    /// parks; `events` is where device faults are reported.
+    pub fn process(
+        &mut self,
+        mem: &GuestRam,
+        request: &[u8],
+        token: u64,
+        events: &mut dyn EventSink,
+    ) -> Executed {
         let tag = CmdHeader::from_bytes(request).map_or(0, |header| header.tag);
+        let mut resumed = None;
+        let response = match decode(request) {
+            Ok(command) => self.dispatch(mem, command, token, events, &mut resumed),
+            Err(response) => Some(response),
+        };
+        match response {
+            Some(response) => self.finish(tag, response),
+            None => debug!("command tag {tag:#x}: parked on a device fault"),
+        }
+        Executed { resumed, response }
+    }
+
+    /// Executes a command when there is no event queue (so nothing parks)
+    /// and returns its response: [`Engine::process`] with [`NoEventQueue`].
+    pub fn execute(&mut self, mem: &GuestRam, request: &[u8]) -> Response {
+        self.process(mem, request, 0, &mut NoEventQueue)
+            .response
+            .unwrap_or(failure(status::FAULT, 0))
+    }
+
+    /// Counts and logs a completion.
+    fn finish(&self, tag: u64, response: Response) {
         self.stats.count_completion(response.status);
         if response.status == status::OK {
             debug!("command tag {tag:#x}: ok, {} bytes", response.bytes);
@@ -315,24 +554,100 @@ impl Engine {
                 response.bytes
             );
         }
-        response
     }
 
-    fn run(&self, mem: &GuestRam, command: &Command) -> Response {
-        let op = match command.header.opcode {
-            opcode::COPY => Op::Copy,
-            opcode::FILL => Op::Fill,
+    fn dispatch(
+        &mut self,
+        mem: &GuestRam,
+        command: Command,
+        token: u64,
+        events: &mut dyn EventSink,
+        resumed: &mut Option<Completion>,
+    ) -> Option<Response> {
+        let Command { header, ranges } = command;
+        let ctx = header.ctx;
+        let response = match header.opcode {
             // NOP: decode() made sure it has no ranges; completing in order
-            // is all a fence needs. (Response::default() is OK, 0 bytes.)
-            _ => return Response::default(),
+            // is all a fence needs.
+            opcode::NOP => OK,
+            opcode::COPY => self.run_physical(mem, Op::Copy, &ranges),
+            opcode::FILL => self.run_physical(mem, Op::Fill, &ranges),
+            opcode::COUNTERS => self.counters(mem, &ranges[0]),
+            opcode::CTX_CREATE if self.mmu.create(ctx) => OK,
+            opcode::CTX_DESTROY if self.mmu.destroy(ctx) => {
+                *resumed = self.cancel_parked(ctx);
+                OK
+            }
+            opcode::MAP => self.map(mem, ctx, &ranges),
+            opcode::UNMAP => self.unmap(ctx, &ranges),
+            opcode::VREAD | opcode::VWRITE | opcode::ATOMIC => {
+                if !self.mmu.exists(ctx) || self.parked.contains_key(&ctx) {
+                    return Some(BAD_CONTEXT);
+                }
+                for (index, range) in ranges.iter().enumerate() {
+                    if let Err(status) = self.validate_virtual(mem, header.opcode, range) {
+                        return Some(failure(status, index as u32));
+                    }
+                }
+                let parked = Parked {
+                    token,
+                    tag: header.tag,
+                    opcode: header.opcode,
+                    ranges,
+                    progress: Progress::default(),
+                };
+                return self.resume(mem, ctx, parked, events);
+            }
+            opcode::REPLAY => {
+                let Some(parked) = self.parked.remove(&ctx) else {
+                    return Some(BAD_CONTEXT);
+                };
+                self.stats.add(counter::REPLAYS, 1);
+                let (token, tag) = (parked.token, parked.tag);
+                if let Some(response) = self.resume(mem, ctx, parked, events) {
+                    self.finish(tag, response);
+                    *resumed = Some(Completion { token, response });
+                }
+                OK
+            }
+            opcode::CANCEL => match self.cancel_parked(ctx) {
+                Some(completion) => {
+                    *resumed = Some(completion);
+                    OK
+                }
+                None => BAD_CONTEXT,
+            },
+            // CTX_CREATE of an existing context, CTX_DESTROY of a missing one.
+            _ => BAD_CONTEXT,
         };
-        for (index, range) in command.ranges.iter().enumerate() {
+        Some(response)
+    }
+
+    /// Completes the parked command of `ctx`, if any, with FAULT.
+    fn cancel_parked(&mut self, ctx: u32) -> Option<Completion> {
+        let parked = self.parked.remove(&ctx)?;
+        let response = Response {
+            status: status::FAULT,
+            failed_index: parked.progress.index,
+            bytes: parked.progress.bytes,
+        };
+        self.finish(parked.tag, response);
+        Some(Completion {
+            token: parked.token,
+            response,
+        })
+    }
+
+    // -- Physical commands ---------------------------------------------------
+
+    fn run_physical(&self, mem: &GuestRam, op: Op, ranges: &[Range]) -> Response {
+        for (index, range) in ranges.iter().enumerate() {
             if let Err(status) = self.validate(mem, op, range) {
                 return failure(status, index as u32);
             }
         }
         let mut bytes = 0u64;
-        for (index, range) in command.ranges.iter().enumerate() {
+        for (index, range) in ranges.iter().enumerate() {
             let index = index as u32;
             let partial = |status| Response {
                 status,
@@ -354,6 +669,19 @@ impl Engine {
         }
     }
 
+    /// Checks that `len` bytes at `side` are inside guest RAM or the VRAM;
+    /// `Err` holds the status.
+    fn check_side(&self, mem: &GuestRam, side: Phys, len: u32) -> Result<(), u32> {
+        match side {
+            _ if len == 0 => Ok(()),
+            Phys::Guest(addr) if !guest_contains(mem, addr, len) => Err(status::BAD_GUEST_ADDR),
+            Phys::Vram(offset) if !self.vram.contains(offset, u64::from(len)) => {
+                Err(status::BAD_VRAM_RANGE)
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Checks one range of a COPY or FILL; `Err` holds the status.
     fn validate(&self, mem: &GuestRam, op: Op, range: &Range) -> Result<(), u32> {
         if range.flags & !range_flags::ALL != 0 {
@@ -364,25 +692,12 @@ impl Engine {
             // A FILL's `src` is the pattern, not an address.
             return Err(status::BAD_REQUEST);
         }
-        if range.len == 0 {
-            // An empty range touches nothing, wherever it points.
-            return Ok(());
-        }
         // A FILL has no source side; a COPY's source is checked first.
-        let src = (op == Op::Copy).then(|| Side::new(range.src, src_vram));
-        let dst = Side::new(range.dst, range.flags & range_flags::DST_VRAM != 0);
-        for side in src.into_iter().chain([dst]) {
-            match side {
-                Side::Guest(addr) if !guest_contains(mem, addr, range.len) => {
-                    return Err(status::BAD_GUEST_ADDR)
-                }
-                Side::Vram(offset) if !self.vram.contains(offset, u64::from(range.len)) => {
-                    return Err(status::BAD_VRAM_RANGE)
-                }
-                _ => {}
-            }
+        if op == Op::Copy {
+            self.check_side(mem, Phys::new(range.src, src_vram), range.len)?;
         }
-        Ok(())
+        let dst = Phys::new(range.dst, range.flags & range_flags::DST_VRAM != 0);
+        self.check_side(mem, dst, range.len)
     }
 
     /// The volatile slices `[side, side + len)` consists of: one for VRAM,
@@ -390,16 +705,16 @@ impl Engine {
     fn slices<'a>(
         &'a self,
         mem: &'a GuestRam,
-        side: Side,
+        side: Phys,
         len: u32,
     ) -> Result<Vec<VolatileSlice<'a>>, u32> {
         match side {
-            Side::Vram(offset) => self
+            Phys::Vram(offset) => self
                 .vram
                 .slice(offset, u64::from(len))
                 .map(|slice| vec![slice])
                 .map_err(|_| status::BAD_VRAM_RANGE),
-            Side::Guest(addr) => {
+            Phys::Guest(addr) => {
                 GuestMemoryBackend::get_slices(mem, GuestAddress(addr), len as usize)
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|_| status::BAD_GUEST_ADDR)
@@ -411,8 +726,8 @@ impl Engine {
     /// would mean validation missed something: they are reported, not
     /// panicked on.
     fn execute_range(&self, mem: &GuestRam, op: Op, range: &Range) -> Result<(), u32> {
-        let dst_side = Side::new(range.dst, range.flags & range_flags::DST_VRAM != 0);
-        let src_side = Side::new(range.src, range.flags & range_flags::SRC_VRAM != 0);
+        let dst_side = Phys::new(range.dst, range.flags & range_flags::DST_VRAM != 0);
+        let src_side = Phys::new(range.src, range.flags & range_flags::SRC_VRAM != 0);
         if range.len == 0 {
             return Ok(());
         }
@@ -425,6 +740,273 @@ impl Engine {
             .count_bytes(op, src_side, dst_side, u64::from(range.len));
         Ok(())
     }
+
+    /// COUNTERS: writes the counter block to the range's guest buffer.
+    fn counters(&self, mem: &GuestRam, range: &Range) -> Response {
+        if range.flags != 0 || (range.len as usize) < counter::BLOCK_SIZE {
+            return failure(status::BAD_REQUEST, 0);
+        }
+        if !guest_contains(mem, range.dst, range.len) {
+            return failure(status::BAD_GUEST_ADDR, 0);
+        }
+        let block = self.stats.block();
+        if let Err(e) = mem.write_slice(&block, GuestAddress(range.dst)) {
+            error!("COUNTERS: writing the block after validation: {e}");
+            return failure(status::BAD_GUEST_ADDR, 0);
+        }
+        Response {
+            status: status::OK,
+            failed_index: 0,
+            bytes: counter::BLOCK_SIZE as u64,
+        }
+    }
+
+    // -- Device MMU ------------------------------------------------------------
+
+    /// MAP: every range is decoded and its physical side checked before any
+    /// is installed.
+    fn map(&mut self, mem: &GuestRam, ctx: u32, ranges: &[Range]) -> Response {
+        if !self.mmu.exists(ctx) {
+            return BAD_CONTEXT;
+        }
+        let mut maps = Vec::with_capacity(ranges.len());
+        for (index, range) in ranges.iter().enumerate() {
+            let checked = Mapping::from_range(range)
+                .and_then(|m| self.check_side(mem, m.phys, range.len).map(|()| m));
+            match checked {
+                Ok(m) => maps.push(m),
+                Err(status) => return failure(status, index as u32),
+            }
+        }
+        match self.mmu.map(ctx, &maps) {
+            Ok(()) => OK,
+            Err(Some(index)) => {
+                warn!(
+                    "MAP: more than {} translation entries refused",
+                    mmu::MAX_ENTRIES
+                );
+                failure(status::BAD_REQUEST, index as u32)
+            }
+            Err(None) => BAD_CONTEXT,
+        }
+    }
+
+    /// UNMAP: ranges are checked (no flags, inside the address space), then
+    /// every overlapping translation goes.
+    fn unmap(&mut self, ctx: u32, ranges: &[Range]) -> Response {
+        if !self.mmu.exists(ctx) {
+            return BAD_CONTEXT;
+        }
+        for (index, range) in ranges.iter().enumerate() {
+            if range.flags != 0 || !mmu::fits(range.dst, u64::from(range.len)) {
+                return failure(status::BAD_REQUEST, index as u32);
+            }
+        }
+        let mut removed = 0;
+        for range in ranges {
+            removed += self
+                .mmu
+                .unmap(ctx, range.dst, u64::from(range.len))
+                .unwrap_or(0);
+        }
+        debug!("UNMAP ctx {ctx}: {removed} entries removed");
+        self.stats
+            .add(counter::INVALIDATIONS, ranges.len() as u64);
+        OK
+    }
+
+    /// Checks one range of a VREAD, VWRITE or ATOMIC; `Err` holds the status.
+    fn validate_virtual(&self, mem: &GuestRam, op: u32, range: &Range) -> Result<(), u32> {
+        if op == opcode::ATOMIC {
+            let known = matches!(
+                range.flags,
+                range_flags::ATOMIC_ADD | range_flags::ATOMIC_XCHG
+            );
+            if !known || range.len != 8 || !range.dst.is_multiple_of(8) {
+                return Err(status::BAD_REQUEST);
+            }
+            return Ok(());
+        }
+        let (va, buffer) = if op == opcode::VWRITE {
+            (range.dst, range.src)
+        } else {
+            (range.src, range.dst)
+        };
+        if range.flags != 0 || !mmu::fits(va, u64::from(range.len)) {
+            return Err(status::BAD_REQUEST);
+        }
+        self.check_side(mem, Phys::Guest(buffer), range.len)
+    }
+
+    /// Runs (or resumes) a device-virtual command from its progress. Returns
+    /// its response, or `None` when it faulted, the fault was reported and
+    /// the command is parked.
+    fn resume(
+        &mut self,
+        mem: &GuestRam,
+        ctx: u32,
+        mut parked: Parked,
+        events: &mut dyn EventSink,
+    ) -> Option<Response> {
+        let result = if parked.opcode == opcode::ATOMIC {
+            self.atomic(mem, ctx, &parked.ranges[0])
+        } else {
+            let write = parked.opcode == opcode::VWRITE;
+            self.transfer(mem, ctx, write, &parked.ranges, &mut parked.progress)
+                .map(|()| parked.progress.bytes)
+        };
+        let progress = parked.progress;
+        let stopped = |status| Response {
+            status,
+            failed_index: progress.index,
+            bytes: progress.bytes,
+        };
+        match result {
+            Ok(bytes) => Some(Response {
+                status: status::OK,
+                failed_index: 0,
+                bytes,
+            }),
+            Err(Stop::Failed(status)) => Some(stopped(status)),
+            Err(Stop::Fault { addr, reason }) => {
+                self.stats.add(counter::FAULTS, 1);
+                let event = Event {
+                    kind: event::FAULT,
+                    ctx,
+                    addr,
+                    access: access_of(parked.opcode),
+                    reason,
+                    seq: self.last_seq + 1,
+                };
+                if events.post(&event) {
+                    self.last_seq += 1;
+                    debug!("device fault reported: {event:?}");
+                    self.parked.insert(ctx, parked);
+                    None
+                } else {
+                    self.stats.add(counter::EVENTS_DROPPED, 1);
+                    warn!("device fault {event:?} not reported: no event buffer");
+                    Some(stopped(status::FAULT))
+                }
+            }
+        }
+    }
+
+    /// The longest run from `va` (at most `len` bytes, at least one byte)
+    /// that translates for `access` to physically contiguous memory.
+    fn piece(&self, ctx: u32, va: u64, len: u64, access: u32) -> Result<(Phys, u64), Stop> {
+        let first = self
+            .mmu
+            .translate(ctx, va, access)
+            .map_err(|fault| Stop::Fault {
+                addr: va,
+                reason: fault.reason,
+            })?;
+        let mut n = min(first.len, len);
+        while n < len {
+            // va + n cannot overflow: the range was checked to fit.
+            match self.mmu.translate(ctx, va + n, access) {
+                Ok(next) if Some(next.phys) == first.phys.offset(n) => {
+                    n += min(next.len, len - n);
+                }
+                _ => break,
+            }
+        }
+        Ok((first.phys, n))
+    }
+
+    /// VREAD (`write` false) or VWRITE from `progress` on, updating it.
+    fn transfer(
+        &self,
+        mem: &GuestRam,
+        ctx: u32,
+        write: bool,
+        ranges: &[Range],
+        progress: &mut Progress,
+    ) -> Result<(), Stop> {
+        let access = if write {
+            event::ACCESS_WRITE
+        } else {
+            event::ACCESS_READ
+        };
+        while let Some(range) = ranges.get(progress.index as usize) {
+            let (va, buffer) = if write {
+                (range.dst, range.src)
+            } else {
+                (range.src, range.dst)
+            };
+            while progress.offset < range.len {
+                let done = u64::from(progress.offset);
+                let (phys, n) =
+                    self.piece(ctx, va + done, u64::from(range.len - progress.offset), access)?;
+                // n <= the rest of the range, which fits in u32.
+                let n32 = n as u32;
+                let buffer = Phys::Guest(buffer + done);
+                let (src, dst) = if write {
+                    (buffer, phys)
+                } else {
+                    (phys, buffer)
+                };
+                let from = self.slices(mem, src, n32).map_err(Stop::Failed)?;
+                let to = self.slices(mem, dst, n32).map_err(Stop::Failed)?;
+                copy_slices(&from, &to).map_err(Stop::Failed)?;
+                self.stats.add(
+                    if write {
+                        counter::BYTES_VWRITE
+                    } else {
+                        counter::BYTES_VREAD
+                    },
+                    n,
+                );
+                progress.offset += n32;
+                progress.bytes += n;
+            }
+            progress.index += 1;
+            progress.offset = 0;
+        }
+        Ok(())
+    }
+
+    /// ATOMIC on the word at the range's `dst`; returns the old value.
+    fn atomic(&self, mem: &GuestRam, ctx: u32, range: &Range) -> Result<u64, Stop> {
+        let va = range.dst;
+        let target = self
+            .mmu
+            .translate(ctx, va, event::ACCESS_ATOMIC)
+            .map_err(|fault| Stop::Fault {
+                addr: va,
+                reason: fault.reason,
+            })?;
+        // One slice: the word is 8-aligned and regions are page aligned.
+        let slices = self.slices(mem, target.phys, 8).map_err(Stop::Failed)?;
+        let [slice] = slices.as_slice() else {
+            error!("ATOMIC: word at {:?} spans memory regions", target.phys);
+            return Err(Stop::Failed(status::COPY_ERROR));
+        };
+        let old = atomic_op(slice, range.flags, range.src).map_err(Stop::Failed)?;
+        self.stats.add(counter::ATOMICS, 1);
+        Ok(old)
+    }
+}
+
+/// Applies ATOMIC_ADD or ATOMIC_XCHG with `operand` to the little-endian u64
+/// in `slice` (8 bytes) as one host atomic instruction on the shared mapping
+/// (so it is atomic against the guest's CPUs too), returning the old value.
+/// vm-memory hands out the `&AtomicU64` after checking size and alignment.
+fn atomic_op(slice: &VolatileSlice<'_>, op: u32, operand: u64) -> Result<u64, u32> {
+    let word: &AtomicU64 = slice.get_atomic_ref(0).map_err(internal_error)?;
+    let old = if op == range_flags::ATOMIC_XCHG {
+        word.swap(operand.to_le(), Ordering::SeqCst)
+    } else if cfg!(target_endian = "little") {
+        word.fetch_add(operand, Ordering::SeqCst)
+    } else {
+        // The word is little-endian in memory: add in host order.
+        word.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+            Some(u64::from_le(v).wrapping_add(operand).to_le())
+        })
+        .unwrap_or_else(|v| v)
+    };
+    Ok(u64::from_le(old))
 }
 
 /// Copies the bytes of `src` (a list of slices read as one stream) to `dst`,
@@ -529,7 +1111,7 @@ mod tests {
     fn command(op: u32, ranges: &[Range]) -> Vec<u8> {
         let header = CmdHeader {
             opcode: op,
-            flags: 0,
+            ctx: 0,
             tag: 0x7a9,
             count: ranges.len() as u32,
             reserved: 0,
@@ -587,14 +1169,14 @@ mod tests {
 
     #[test]
     fn nop_completes() {
-        let f = fixture();
+        let mut f = fixture();
         assert_eq!(f.engine.execute(&f.mem, &command(opcode::NOP, &[])), ok(0));
         assert_eq!(f.engine.stats().snapshot().commands_ok, 1);
     }
 
     #[test]
     fn copies_in_all_four_directions() {
-        let f = fixture();
+        let mut f = fixture();
         let data = pattern(10_000, 3);
         f.mem
             .write_slice(&data, GuestAddress(RAM0 + 0x100))
@@ -629,7 +1211,7 @@ mod tests {
 
     #[test]
     fn guest_range_may_span_adjacent_regions() {
-        let f = fixture();
+        let mut f = fixture();
         let start = RAM1 - 1000;
         let data = pattern(3000, 9);
         f.mem.write_slice(&data, GuestAddress(start)).unwrap();
@@ -647,7 +1229,7 @@ mod tests {
 
     #[test]
     fn fill_with_odd_length_and_phase_across_regions() {
-        let f = fixture();
+        let mut f = fixture();
         let pat = 0x0807_0605_0403_0201u64;
         let expect = |len: usize| -> Vec<u8> { (0..len).map(|i| (i % 8) as u8 + 1).collect() };
         let start = RAM1 - 13; // crosses the region boundary at an odd phase
@@ -670,7 +1252,7 @@ mod tests {
 
     #[test]
     fn zero_length_ranges_are_allowed_anywhere() {
-        let f = fixture();
+        let mut f = fixture();
         let ranges = [
             range(u64::MAX, u64::MAX, 0, 0),
             range(u64::MAX, 0, 0, SRC_VRAM | DST_VRAM),
@@ -683,7 +1265,7 @@ mod tests {
 
     /// Runs `request` after a valid first range and checks that it fails
     /// with `status` at `failed_index` and that no memory changed.
-    fn assert_rejected(f: &Fixture, request: &[u8], status: u32, failed_index: u32) {
+    fn assert_rejected(f: &mut Fixture, request: &[u8], status: u32, failed_index: u32) {
         let before = everything(f);
         let failed_before = f.engine.stats().snapshot().commands_failed;
         let response = f.engine.execute(&f.mem, request);
@@ -714,7 +1296,7 @@ mod tests {
 
     #[test]
     fn bad_guest_addresses_are_rejected_before_any_byte_moves() {
-        let f = fixture();
+        let mut f = fixture();
         f.mem
             .write_slice(&pattern(4096, 1), GuestAddress(RAM0))
             .unwrap();
@@ -740,14 +1322,14 @@ mod tests {
         ] {
             eprintln!("case: {name}");
             assert_rejected(
-                &f,
+                &mut f,
                 &command(opcode::COPY, &[copy_good, bad]),
                 status::BAD_GUEST_ADDR,
                 1,
             );
         }
         assert_rejected(
-            &f,
+            &mut f,
             &command(opcode::FILL, &[good(), range(7, u64::MAX - 3, 8, 0)]),
             status::BAD_GUEST_ADDR,
             1,
@@ -756,7 +1338,7 @@ mod tests {
 
     #[test]
     fn bad_vram_ranges_are_rejected_before_any_byte_moves() {
-        let f = fixture();
+        let mut f = fixture();
         let copy_good = range(RAM0, 0, 4096, DST_VRAM);
         for bad in [
             range(RAM0, VRAM_SIZE - 8, 16, DST_VRAM),
@@ -766,14 +1348,14 @@ mod tests {
             range(0, VRAM_SIZE, 4096, SRC_VRAM | DST_VRAM),
         ] {
             assert_rejected(
-                &f,
+                &mut f,
                 &command(opcode::COPY, &[copy_good, bad]),
                 status::BAD_VRAM_RANGE,
                 1,
             );
         }
         assert_rejected(
-            &f,
+            &mut f,
             &command(
                 opcode::FILL,
                 &[good(), range(1, VRAM_SIZE - 4, 8, DST_VRAM)],
@@ -785,11 +1367,11 @@ mod tests {
 
     #[test]
     fn malformed_commands_are_bad_requests() {
-        let f = fixture();
-        let header = |opcode, flags, count, reserved| {
+        let mut f = fixture();
+        let header = |opcode, ctx, count, reserved| {
             CmdHeader {
                 opcode,
-                flags,
+                ctx,
                 tag: 1,
                 count,
                 reserved,
@@ -799,34 +1381,35 @@ mod tests {
         };
         // Short header.
         assert_rejected(
-            &f,
+            &mut f,
             &command(opcode::NOP, &[])[..CmdHeader::SIZE - 1],
             status::BAD_REQUEST,
             0,
         );
-        assert_rejected(&f, &[], status::BAD_REQUEST, 0);
+        assert_rejected(&mut f, &[], status::BAD_REQUEST, 0);
+        // A context on a physical opcode.
+        assert_rejected(&mut f, &header(opcode::NOP, 1, 0, 0), status::BAD_CONTEXT, 0);
         // Reserved fields.
-        assert_rejected(&f, &header(opcode::NOP, 1, 0, 0), status::BAD_REQUEST, 0);
         assert_rejected(
-            &f,
+            &mut f,
             &header(opcode::NOP, 0, 0, 1 << 31),
             status::BAD_REQUEST,
             0,
         );
         // NOP with ranges.
-        assert_rejected(&f, &command(opcode::NOP, &[good()]), status::BAD_REQUEST, 0);
+        assert_rejected(&mut f, &command(opcode::NOP, &[good()]), status::BAD_REQUEST, 0);
         // Unknown range flags, and SRC_VRAM on a FILL, at index 2.
         let good_copy = range(RAM0, RAM0 + 4096, 4096, 0);
         let bad_flags = range(RAM0, RAM0 + 64, 8, 1 << 2);
         assert_rejected(
-            &f,
+            &mut f,
             &command(opcode::COPY, &[good_copy, good_copy, bad_flags]),
             status::BAD_REQUEST,
             2,
         );
         let fill_from_vram = range(0, 0, 8, SRC_VRAM | DST_VRAM);
         assert_rejected(
-            &f,
+            &mut f,
             &command(opcode::FILL, &[good(), good(), fill_from_vram]),
             status::BAD_REQUEST,
             2,
@@ -836,26 +1419,26 @@ mod tests {
         for _ in 0..=MAX_RANGES {
             too_many.extend_from_slice(&good().to_bytes());
         }
-        assert_rejected(&f, &too_many, status::BAD_REQUEST, 0);
+        assert_rejected(&mut f, &too_many, status::BAD_REQUEST, 0);
         // Truncated range list: 3 announced, 2 and a half present.
         let mut truncated = header(opcode::FILL, 0, 3, 0);
         for _ in 0..3 {
             truncated.extend_from_slice(&good().to_bytes());
         }
         truncated.truncate(truncated.len() - Range::SIZE / 2);
-        assert_rejected(&f, &truncated, status::BAD_REQUEST, 2);
+        assert_rejected(&mut f, &truncated, status::BAD_REQUEST, 2);
     }
 
     #[test]
     fn unknown_opcode_is_unsupported() {
-        let f = fixture();
-        assert_rejected(&f, &command(3, &[good()]), status::UNSUPPORTED, 0);
-        assert_rejected(&f, &command(u32::MAX, &[]), status::UNSUPPORTED, 0);
+        let mut f = fixture();
+        assert_rejected(&mut f, &command(3, &[good()]), status::UNSUPPORTED, 0);
+        assert_rejected(&mut f, &command(u32::MAX, &[]), status::UNSUPPORTED, 0);
     }
 
     #[test]
     fn max_ranges_is_accepted_and_trailing_bytes_ignored() {
-        let f = fixture();
+        let mut f = fixture();
         let ranges: Vec<Range> = (0..MAX_RANGES)
             .map(|i| range(u64::from(i), RAM0 + u64::from(i), 1, 0))
             .collect();
@@ -870,7 +1453,7 @@ mod tests {
 
     #[test]
     fn injected_copy_error_leaves_earlier_ranges_done() {
-        let f = fixture();
+        let mut f = fixture();
         let data = pattern(4 * 4096, 5);
         f.mem.write_slice(&data, GuestAddress(RAM0)).unwrap();
         let ranges: Vec<Range> = (0..4u64)
@@ -917,5 +1500,567 @@ mod tests {
             f.engine.execute(&f.mem, &command(opcode::FILL, &[good()])),
             ok(4096)
         );
+    }
+
+    // -- Device MMU ------------------------------------------------------------
+
+    use hmmgpu_abi::event::{ACCESS_ATOMIC, ACCESS_READ, ACCESS_WRITE};
+    use hmmgpu_abi::event::{REASON_NOT_MAPPED, REASON_PERMISSION};
+    use hmmgpu_abi::range_flags::{
+        ATOMIC_ADD, ATOMIC_XCHG, MAP_ATOMIC, MAP_HUGE, MAP_READ, MAP_WRITE,
+    };
+    use hmmgpu_abi::{HUGE_PAGE_SIZE, MAX_CONTEXTS};
+
+    const RW: u32 = MAP_READ | MAP_WRITE;
+    /// Device virtual addresses used below.
+    const VA: u64 = 0x7f00_0000_0000;
+    const HUGE_VA: u64 = 0x7f00_4000_0000;
+
+    fn ctx_command(op: u32, ctx: u32, ranges: &[Range]) -> Vec<u8> {
+        let mut bytes = command(op, ranges);
+        bytes[4..8].copy_from_slice(&ctx.to_le_bytes());
+        bytes
+    }
+
+    fn exec(f: &mut Fixture, op: u32, ctx: u32, ranges: &[Range]) -> Response {
+        f.engine.execute(&f.mem, &ctx_command(op, ctx, ranges))
+    }
+
+    fn process(
+        f: &mut Fixture,
+        op: u32,
+        ctx: u32,
+        ranges: &[Range],
+        token: u64,
+        events: &mut dyn EventSink,
+    ) -> Executed {
+        f.engine
+            .process(&f.mem, &ctx_command(op, ctx, ranges), token, events)
+    }
+
+    fn status_of(status: u32, failed_index: u32) -> Response {
+        failure(status, failed_index)
+    }
+
+    fn fault_event(ctx: u32, addr: u64, access: u32, reason: u32, seq: u64) -> Event {
+        Event {
+            kind: event::FAULT,
+            ctx,
+            addr,
+            access,
+            reason,
+            seq,
+        }
+    }
+
+    #[test]
+    fn stats_report_every_counter_by_name_in_order() {
+        let stats = Stats::default();
+        for i in 0..counter::COUNT {
+            stats.add(i, i as u64 + 1);
+        }
+        let json = serde_json::to_value(stats.snapshot()).unwrap();
+        let object = json.as_object().unwrap();
+        assert_eq!(object.len(), counter::COUNT);
+        for (i, name) in counter::NAMES.iter().enumerate() {
+            assert_eq!(object[*name], i as u64 + 1, "{name}");
+        }
+        let text = serde_json::to_string(&stats.snapshot()).unwrap();
+        let mut last = 0;
+        for name in counter::NAMES {
+            let at = text.find(&format!("\"{name}\"")).unwrap();
+            assert!(at >= last, "{name} out of order");
+            last = at;
+        }
+    }
+
+    #[test]
+    fn contexts_and_bad_context_cases() {
+        let mut f = fixture();
+        let page = range(RAM0, VA, 4096, RW);
+        // MMU opcodes need a valid context...
+        for ctx in [0, MAX_CONTEXTS + 1, u32::MAX] {
+            for op in [opcode::CTX_CREATE, opcode::REPLAY, opcode::CANCEL] {
+                assert_eq!(exec(&mut f, op, ctx, &[]), BAD_CONTEXT, "{op} {ctx}");
+            }
+            assert_eq!(exec(&mut f, opcode::MAP, ctx, &[page]), BAD_CONTEXT);
+        }
+        // ... that exists.
+        for op in [opcode::CTX_DESTROY, opcode::REPLAY, opcode::CANCEL] {
+            assert_eq!(exec(&mut f, op, 7, &[]), BAD_CONTEXT, "{op}");
+        }
+        for op in [opcode::MAP, opcode::UNMAP, opcode::VREAD, opcode::VWRITE] {
+            assert_eq!(exec(&mut f, op, 7, &[page]), BAD_CONTEXT, "{op}");
+        }
+        let atomic = range(1, VA, 8, ATOMIC_ADD);
+        assert_eq!(exec(&mut f, opcode::ATOMIC, 7, &[atomic]), BAD_CONTEXT);
+        assert_eq!(exec(&mut f, opcode::CTX_CREATE, 7, &[]), OK);
+        assert_eq!(exec(&mut f, opcode::CTX_CREATE, 7, &[]), BAD_CONTEXT);
+        assert_eq!(exec(&mut f, opcode::CTX_CREATE, MAX_CONTEXTS, &[]), OK);
+        // Nothing parked.
+        assert_eq!(exec(&mut f, opcode::REPLAY, 7, &[]), BAD_CONTEXT);
+        assert_eq!(exec(&mut f, opcode::CANCEL, 7, &[]), BAD_CONTEXT);
+        // Physical opcodes need context 0.
+        let counters = range(0, RAM0, 128, 0);
+        for (op, ranges) in [
+            (opcode::NOP, &[][..]),
+            (opcode::COPY, &[good()][..]),
+            (opcode::FILL, &[good()][..]),
+            (opcode::COUNTERS, &[counters][..]),
+        ] {
+            assert_rejected(&mut f, &ctx_command(op, 7, ranges), status::BAD_CONTEXT, 0);
+        }
+        // Range counts.
+        assert_eq!(
+            exec(&mut f, opcode::CTX_CREATE, 8, &[page]),
+            status_of(status::BAD_REQUEST, 0)
+        );
+        assert_eq!(
+            exec(&mut f, opcode::ATOMIC, 7, &[atomic, atomic]),
+            status_of(status::BAD_REQUEST, 0)
+        );
+        assert_eq!(
+            exec(&mut f, opcode::ATOMIC, 7, &[]),
+            status_of(status::BAD_REQUEST, 0)
+        );
+        assert_eq!(exec(&mut f, opcode::CTX_DESTROY, 7, &[]), OK);
+        assert_eq!(exec(&mut f, opcode::CTX_DESTROY, 7, &[]), BAD_CONTEXT);
+        assert_eq!(exec(&mut f, opcode::MAP, 7, &[page]), BAD_CONTEXT);
+    }
+
+    #[test]
+    fn vwrite_and_vread_across_small_and_huge_entries() {
+        let mut f = fixture();
+        assert_eq!(exec(&mut f, opcode::CTX_CREATE, 1, &[]), OK);
+        // VA: a guest page, a VRAM page, then two physically contiguous
+        // guest pages (one piece), and a huge VRAM entry elsewhere.
+        let maps = [
+            range(RAM0 + 0x3000, VA, 4096, RW),
+            range(0x5000, VA + 0x1000, 4096, RW | SRC_VRAM),
+            range(RAM1 - 0x1000, VA + 0x2000, 0x2000, RW), // crosses a region boundary
+            range(0, HUGE_VA, HUGE_PAGE_SIZE as u32, RW | SRC_VRAM | MAP_HUGE),
+        ];
+        assert_eq!(exec(&mut f, opcode::MAP, 1, &maps), OK);
+        assert_eq!(f.engine.mmu().entries(), 5);
+        let data = pattern(0x4000 - 100, 7);
+        let buf = RAM2;
+        f.mem.write_slice(&data, GuestAddress(buf)).unwrap();
+        let huge_data = pattern(5000, 9);
+        f.mem
+            .write_slice(&huge_data, GuestAddress(buf + 0x8000))
+            .unwrap();
+        let writes = [
+            range(buf, VA + 100, data.len() as u32, 0),
+            range(buf + 0x8000, HUGE_VA + 0x1f_f000, 4096, 0), // last page of the huge entry
+            range(buf + 0x9000, HUGE_VA + 0x1000, 5000 - 4096, 0),
+        ];
+        assert_eq!(
+            exec(&mut f, opcode::VWRITE, 1, &writes),
+            ok(data.len() as u64 + 5000)
+        );
+        // Where the bytes landed, physically.
+        assert_eq!(guest(&f.mem, RAM0 + 0x3000 + 100, 4096 - 100), data[..3996]);
+        assert_eq!(vram(&f, 0x5000, 4096), data[3996..3996 + 4096]);
+        assert_eq!(guest(&f.mem, RAM1 - 0x1000, 0x2000), data[3996 + 4096..]);
+        assert_eq!(vram(&f, 0x1f_f000, 4096), huge_data[..4096]);
+        assert_eq!(vram(&f, 0x1000, 5000 - 4096), huge_data[4096..]);
+        // And back through the MMU, into one buffer, in two ranges.
+        let back = RAM2 + 0x1_0000;
+        let reads = [
+            range(VA + 100, back, data.len() as u32, 0),
+            range(HUGE_VA + 0x1f_f000, back + 0x4000, 4096, 0),
+        ];
+        assert_eq!(
+            exec(&mut f, opcode::VREAD, 1, &reads),
+            ok(data.len() as u64 + 4096)
+        );
+        assert_eq!(guest(&f.mem, back, data.len()), data);
+        assert_eq!(guest(&f.mem, back + 0x4000, 4096), huge_data[..4096]);
+        let stats = f.engine.stats().snapshot();
+        assert_eq!(stats.bytes_vwrite, data.len() as u64 + 5000);
+        assert_eq!(stats.bytes_vread, data.len() as u64 + 4096);
+        assert_eq!((stats.faults, stats.commands_failed), (0, 0));
+    }
+
+    #[test]
+    fn virtual_buffers_and_ranges_are_validated_up_front() {
+        let mut f = fixture();
+        exec(&mut f, opcode::CTX_CREATE, 1, &[]);
+        exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 4096, RW)]);
+        let good = range(VA, RAM0 + 0x1000, 64, 0);
+        let before = everything(&f);
+        for (op, bad, status) in [
+            (opcode::VREAD, range(VA, RAM2 - 8, 16, 0), status::BAD_GUEST_ADDR),
+            (opcode::VWRITE, range(RAM2 - 8, VA, 16, 0), status::BAD_GUEST_ADDR),
+            (opcode::VREAD, range(VA, RAM0, 16, DST_VRAM), status::BAD_REQUEST),
+            (opcode::VREAD, range(u64::MAX - 7, RAM0, 16, 0), status::BAD_REQUEST),
+        ] {
+            let good = if op == opcode::VWRITE {
+                range(RAM0 + 0x1000, VA, 64, 0)
+            } else {
+                good
+            };
+            assert_eq!(
+                exec(&mut f, op, 1, &[good, bad]),
+                status_of(status, 1),
+                "{op} {bad:?}"
+            );
+        }
+        for bad in [
+            range(1, VA + 4, 8, ATOMIC_ADD),        // misaligned
+            range(1, VA, 4, ATOMIC_ADD),            // not 8 bytes
+            range(1, VA, 8, 0),                     // no op
+            range(1, VA, 8, 3 << 8),                // unknown op
+            range(1, VA, 8, ATOMIC_ADD | MAP_READ), // stray flag
+        ] {
+            assert_eq!(
+                exec(&mut f, opcode::ATOMIC, 1, &[bad]),
+                status_of(status::BAD_REQUEST, 0),
+                "{bad:?}"
+            );
+        }
+        assert!(everything(&f) == before);
+        assert_eq!(f.engine.parked(), 0);
+    }
+
+    #[test]
+    fn map_validates_every_range_before_installing_any() {
+        let mut f = fixture();
+        exec(&mut f, opcode::CTX_CREATE, 2, &[]);
+        let good = range(RAM0, VA, 0x2000, RW);
+        for (bad, status) in [
+            (range(RAM1 + RAM_LEN as u64 - 0x1000, VA + 0x10_0000, 0x2000, RW), status::BAD_GUEST_ADDR),
+            (range(0, VA + 0x10_0000, 4096, RW), status::BAD_GUEST_ADDR),
+            (range(VRAM_SIZE - 0x1000, VA + 0x10_0000, 0x2000, RW | SRC_VRAM), status::BAD_VRAM_RANGE),
+            (range(!0xfff, VA + 0x10_0000, 0x1000, RW | SRC_VRAM), status::BAD_VRAM_RANGE),
+            (range(0x20_0000, HUGE_VA, HUGE_PAGE_SIZE as u32, RW | MAP_HUGE), status::BAD_GUEST_ADDR),
+            (range(RAM0, VA + 0x10_0000, 4096, RW | DST_VRAM), status::BAD_REQUEST),
+            (range(RAM0, VA + 0x10_0000, 4096, RW | (1 << 9)), status::BAD_REQUEST),
+            (range(RAM0, VA + 0x10_0000, 100, RW), status::BAD_REQUEST),
+            (range(RAM0 + 8, VA + 0x10_0000, 4096, RW), status::BAD_REQUEST),
+        ] {
+            assert_eq!(
+                exec(&mut f, opcode::MAP, 2, &[good, bad]),
+                status_of(status, 1),
+                "{bad:?}"
+            );
+            assert_eq!(f.engine.mmu().entries(), 0, "{bad:?} left entries");
+        }
+        assert_eq!(
+            f.engine.mmu().translate(2, VA, ACCESS_READ),
+            Err(mmu::Fault {
+                reason: REASON_NOT_MAPPED
+            })
+        );
+        // UNMAP: flags and wrapping are bad requests; nothing is removed.
+        assert_eq!(exec(&mut f, opcode::MAP, 2, &[good]), OK);
+        for bad in [range(0, VA, 4096, 1), range(0, u64::MAX, 2, 0)] {
+            assert_eq!(
+                exec(&mut f, opcode::UNMAP, 2, &[range(0, VA, 4096, 0), bad]),
+                status_of(status::BAD_REQUEST, 1)
+            );
+            assert_eq!(f.engine.mmu().entries(), 2);
+        }
+        assert_eq!(f.engine.stats().snapshot().invalidations, 0);
+    }
+
+    #[test]
+    fn the_entry_cap_refuses_maps_beyond_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let vram = Arc::new(Vram::open(&dir.path().join("vram"), VRAM_SIZE).unwrap());
+        let mut f = Fixture {
+            mem: GuestRam::from_ranges(&[(GuestAddress(RAM0), RAM_LEN)]).unwrap(),
+            engine: Engine::with_mmu(
+                vram,
+                Arc::new(Stats::default()),
+                Arc::new(NoFaults),
+                Mmu::with_cap(4),
+            ),
+            faults: Arc::new(FaultInjector::default()),
+            _dir: dir,
+        };
+        exec(&mut f, opcode::CTX_CREATE, 1, &[]);
+        assert_eq!(exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 0x3000, RW)]), OK);
+        let two = [range(RAM0, VA + 0x10_0000, 4096, RW), range(RAM0, VA + 0x20_0000, 4096, RW)];
+        assert_eq!(
+            exec(&mut f, opcode::MAP, 1, &two),
+            status_of(status::BAD_REQUEST, 1)
+        );
+        assert_eq!(f.engine.mmu().entries(), 3);
+        assert_eq!(exec(&mut f, opcode::MAP, 1, &two[..1]), OK);
+        assert_eq!(f.engine.mmu().entries(), 4);
+        // Remapping needs no room; UNMAP makes some.
+        assert_eq!(exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 0x3000, MAP_READ)]), OK);
+        assert_eq!(exec(&mut f, opcode::UNMAP, 1, &[range(0, VA, 1, 0)]), OK);
+        assert_eq!(exec(&mut f, opcode::MAP, 1, &two[1..]), OK);
+        assert_eq!(f.engine.mmu().entries(), 4);
+    }
+
+    #[test]
+    fn unmap_is_an_invalidation_fence() {
+        let mut f = fixture();
+        exec(&mut f, opcode::CTX_CREATE, 1, &[]);
+        let maps = [
+            range(RAM0, VA, 0x2000, RW),
+            range(0, HUGE_VA, HUGE_PAGE_SIZE as u32, RW | SRC_VRAM | MAP_HUGE),
+        ];
+        assert_eq!(exec(&mut f, opcode::MAP, 1, &maps), OK);
+        let read = |va| range(va, RAM2, 16, 0);
+        assert_eq!(exec(&mut f, opcode::VREAD, 1, &[read(VA + 0x1000)]), ok(16));
+        assert_eq!(exec(&mut f, opcode::VREAD, 1, &[read(HUGE_VA + 0x1000)]), ok(16));
+        let unmap = [range(0, VA + 0x1ff0, 1, 0), range(0, HUGE_VA + 0x10_0000, 4096, 0)];
+        assert_eq!(exec(&mut f, opcode::UNMAP, 1, &unmap), OK);
+        // No event queue: the faults complete at once with FAULT.
+        for va in [VA + 0x1000, HUGE_VA + 0x1000] {
+            assert_eq!(
+                exec(&mut f, opcode::VREAD, 1, &[read(va)]),
+                status_of(status::FAULT, 0)
+            );
+        }
+        assert_eq!(exec(&mut f, opcode::VREAD, 1, &[read(VA)]), ok(16));
+        let stats = f.engine.stats().snapshot();
+        assert_eq!(
+            (stats.invalidations, stats.faults, stats.events_dropped),
+            (2, 2, 2)
+        );
+    }
+
+    #[test]
+    fn a_fault_is_reported_parks_the_command_and_replay_finishes_it() {
+        let mut f = fixture();
+        let mut events = Vec::new();
+        exec(&mut f, opcode::CTX_CREATE, 5, &[]);
+        exec(&mut f, opcode::MAP, 5, &[range(RAM0 + 0x1_0000, VA, 4096, RW)]);
+        let data = pattern(0x2000, 3);
+        f.mem
+            .write_slice(&data, GuestAddress(RAM0 + 0x1_0000))
+            .unwrap();
+        // Range 0 is mapped; range 1 runs from the mapped page into an
+        // unmapped one.
+        let reads = [
+            range(VA, RAM2, 0x800, 0),
+            range(VA + 0xc00, RAM2 + 0x800, 0x800, 0),
+        ];
+        let executed = process(&mut f, opcode::VREAD, 5, &reads, 77, &mut events);
+        assert_eq!(executed, Executed::default(), "parked: no completion");
+        assert_eq!(
+            events,
+            [fault_event(5, VA + 0x1000, ACCESS_READ, REASON_NOT_MAPPED, 1)]
+        );
+        assert_eq!(f.engine.parked(), 1);
+        // What came before the fault was done.
+        assert_eq!(guest(&f.mem, RAM2, 0xc00), data[..0xc00]);
+        assert_eq!(guest(&f.mem, RAM2 + 0xc00, 0x400), vec![0; 0x400]);
+        // One parked command per context...
+        let executed = process(&mut f, opcode::VREAD, 5, &reads, 78, &mut events);
+        assert_eq!(executed.response, Some(BAD_CONTEXT));
+        // ... while other contexts and physical commands run.
+        exec(&mut f, opcode::CTX_CREATE, 6, &[]);
+        exec(&mut f, opcode::MAP, 6, &[range(RAM0 + 0x1_0000, VA, 4096, RW)]);
+        assert_eq!(exec(&mut f, opcode::VREAD, 6, &[range(VA, RAM2 + 0x8000, 8, 0)]), ok(8));
+        assert_eq!(exec(&mut f, opcode::NOP, 0, &[]), OK);
+        // Resolve (read-only suffices) and replay.
+        exec(&mut f, opcode::MAP, 5, &[range(RAM0 + 0x1_1000, VA + 0x1000, 4096, MAP_READ)]);
+        let executed = process(&mut f, opcode::REPLAY, 5, &[], 79, &mut events);
+        assert_eq!(
+            executed,
+            Executed {
+                resumed: Some(Completion {
+                    token: 77,
+                    response: ok(0x1000)
+                }),
+                response: Some(OK),
+            }
+        );
+        assert_eq!(guest(&f.mem, RAM2, 0x800), data[..0x800]);
+        assert_eq!(guest(&f.mem, RAM2 + 0x800, 0x800), data[0xc00..0x1400]);
+        assert_eq!(f.engine.parked(), 0);
+        assert_eq!(events.len(), 1);
+        let stats = f.engine.stats().snapshot();
+        assert_eq!((stats.faults, stats.replays, stats.events_dropped), (1, 1, 0));
+        assert_eq!(stats.bytes_vread, 0x1000 + 8);
+        assert_eq!(stats.commands_failed, 1, "only the second VREAD failed");
+    }
+
+    #[test]
+    fn a_replay_may_fault_again() {
+        let mut f = fixture();
+        let mut events = Vec::new();
+        exec(&mut f, opcode::CTX_CREATE, 1, &[]);
+        let data = pattern(0x3000, 11);
+        f.mem.write_slice(&data, GuestAddress(RAM2)).unwrap();
+        // VWRITE of three pages, none mapped.
+        let write = [range(RAM2, VA, 0x3000, 0)];
+        let executed = process(&mut f, opcode::VWRITE, 1, &write, 1, &mut events);
+        assert_eq!(executed.response, None);
+        exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 0x1000, RW)]);
+        let executed = process(&mut f, opcode::REPLAY, 1, &[], 2, &mut events);
+        assert_eq!(executed, Executed { resumed: None, response: Some(OK) });
+        // A write fault on a read-only page: a permission fault.
+        exec(&mut f, opcode::MAP, 1, &[range(RAM0 + 0x1000, VA + 0x1000, 0x2000, MAP_READ)]);
+        let executed = process(&mut f, opcode::REPLAY, 1, &[], 3, &mut events);
+        assert_eq!(executed, Executed { resumed: None, response: Some(OK) });
+        assert_eq!(
+            events,
+            [
+                fault_event(1, VA, ACCESS_WRITE, REASON_NOT_MAPPED, 1),
+                fault_event(1, VA + 0x1000, ACCESS_WRITE, REASON_NOT_MAPPED, 2),
+                fault_event(1, VA + 0x1000, ACCESS_WRITE, REASON_PERMISSION, 3),
+            ]
+        );
+        exec(&mut f, opcode::MAP, 1, &[range(RAM0 + 0x1000, VA + 0x1000, 0x2000, RW)]);
+        let executed = process(&mut f, opcode::REPLAY, 1, &[], 4, &mut events);
+        assert_eq!(executed.resumed, Some(Completion { token: 1, response: ok(0x3000) }));
+        assert_eq!(guest(&f.mem, RAM0, 0x3000), data);
+        assert_eq!(f.engine.stats().snapshot().replays, 3);
+        assert_eq!(f.engine.stats().snapshot().bytes_vwrite, 0x3000);
+    }
+
+    #[test]
+    fn cancel_and_ctx_destroy_complete_the_parked_command_with_fault() {
+        let mut f = fixture();
+        let mut events = Vec::new();
+        exec(&mut f, opcode::CTX_CREATE, 1, &[]);
+        exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 0x1000, RW)]);
+        let reads = [
+            range(VA, RAM2, 0x1000, 0),
+            range(VA + 0x800, RAM2 + 0x1000, 0x1000, 0),
+        ];
+        assert_eq!(process(&mut f, opcode::VREAD, 1, &reads, 10, &mut events).response, None);
+        let executed = process(&mut f, opcode::CANCEL, 1, &[], 11, &mut events);
+        let fault = Response { status: status::FAULT, failed_index: 1, bytes: 0x1800 };
+        assert_eq!(
+            executed,
+            Executed {
+                resumed: Some(Completion { token: 10, response: fault }),
+                response: Some(OK)
+            }
+        );
+        assert_eq!(exec(&mut f, opcode::REPLAY, 1, &[]), BAD_CONTEXT);
+        // Park an atomic this time, then destroy the context.
+        let atomic = [range(5, VA + 0x2000, 8, ATOMIC_ADD)];
+        assert_eq!(process(&mut f, opcode::ATOMIC, 1, &atomic, 12, &mut events).response, None);
+        let executed = process(&mut f, opcode::CTX_DESTROY, 1, &[], 13, &mut events);
+        assert_eq!(
+            executed,
+            Executed {
+                resumed: Some(Completion { token: 12, response: status_of(status::FAULT, 0) }),
+                response: Some(OK)
+            }
+        );
+        assert_eq!(f.engine.parked(), 0);
+        assert_eq!(f.engine.mmu().entries(), 0);
+        assert_eq!(exec(&mut f, opcode::CANCEL, 1, &[]), BAD_CONTEXT);
+        assert_eq!(events[1], fault_event(1, VA + 0x2000, ACCESS_ATOMIC, REASON_NOT_MAPPED, 2));
+        let stats = f.engine.stats().snapshot();
+        assert_eq!(stats.commands_failed, 4, "two FAULTs, the REPLAY and the CANCEL");
+    }
+
+    #[test]
+    fn without_an_event_buffer_a_fault_completes_at_once() {
+        let mut f = fixture();
+        exec(&mut f, opcode::CTX_CREATE, 1, &[]);
+        exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 0x1000, RW)]);
+        let reads = [range(VA + 0xf00, RAM2, 0x200, 0)];
+        let executed = process(&mut f, opcode::VREAD, 1, &reads, 3, &mut NoEventQueue);
+        assert_eq!(
+            executed,
+            Executed {
+                resumed: None,
+                response: Some(Response { status: status::FAULT, failed_index: 0, bytes: 0x100 })
+            }
+        );
+        assert_eq!(f.engine.parked(), 0);
+        let stats = f.engine.stats().snapshot();
+        assert_eq!((stats.faults, stats.events_dropped, stats.commands_failed), (1, 1, 1));
+        // The next reported event still gets sequence number 1.
+        let mut events = Vec::new();
+        process(&mut f, opcode::VREAD, 1, &reads, 4, &mut events);
+        assert_eq!(events[0].seq, 1);
+    }
+
+    #[test]
+    fn atomics_add_and_exchange_and_return_the_old_value() {
+        let mut f = fixture();
+        let mut events = Vec::new();
+        exec(&mut f, opcode::CTX_CREATE, 1, &[]);
+        let maps = [
+            range(RAM0, VA, 0x1000, MAP_ATOMIC),
+            range(0x3000, VA + 0x1000, 0x1000, MAP_ATOMIC | SRC_VRAM),
+            range(RAM0 + 0x1000, VA + 0x2000, 0x1000, RW),
+        ];
+        assert_eq!(exec(&mut f, opcode::MAP, 1, &maps), OK);
+        f.mem
+            .write_slice(&(u64::MAX - 1).to_le_bytes(), GuestAddress(RAM0 + 0x18))
+            .unwrap();
+        f.engine
+            .vram()
+            .write(0x3ff8, &0x1122_3344_5566_7788u64.to_le_bytes())
+            .unwrap();
+        let mut run = |va, operand, flags| {
+            exec(&mut f, opcode::ATOMIC, 1, &[range(operand, va, 8, flags)])
+        };
+        assert_eq!(run(VA + 0x18, 5, ATOMIC_ADD), ok(u64::MAX - 1));
+        assert_eq!(run(VA + 0x18, 0, ATOMIC_ADD), ok(3), "the add wrapped");
+        assert_eq!(run(VA + 0x18, 0xabcd, ATOMIC_XCHG), ok(3));
+        assert_eq!(run(VA + 0x1ff8, 1, ATOMIC_ADD), ok(0x1122_3344_5566_7788));
+        assert_eq!(run(VA + 0x1ff8, 7, ATOMIC_XCHG), ok(0x1122_3344_5566_7789));
+        assert_eq!(guest(&f.mem, RAM0 + 0x18, 8), 0xabcdu64.to_le_bytes());
+        assert_eq!(vram(&f, 0x3ff8, 8), 7u64.to_le_bytes());
+        // Read/write permission is not atomic permission.
+        let executed = process(
+            &mut f,
+            opcode::ATOMIC,
+            1,
+            &[range(1, VA + 0x2008, 8, ATOMIC_ADD)],
+            9,
+            &mut events,
+        );
+        assert_eq!(executed.response, None);
+        assert_eq!(events, [fault_event(1, VA + 0x2008, ACCESS_ATOMIC, REASON_PERMISSION, 1)]);
+        exec(&mut f, opcode::MAP, 1, &[range(RAM0 + 0x1000, VA + 0x2000, 0x1000, MAP_ATOMIC)]);
+        let executed = process(&mut f, opcode::REPLAY, 1, &[], 10, &mut events);
+        assert_eq!(executed.resumed, Some(Completion { token: 9, response: ok(0) }));
+        assert_eq!(guest(&f.mem, RAM0 + 0x1008, 8), 1u64.to_le_bytes());
+        assert_eq!(f.engine.stats().snapshot().atomics, 6);
+    }
+
+    #[test]
+    fn counters_writes_the_block() {
+        let mut f = fixture();
+        assert_eq!(exec(&mut f, opcode::FILL, 0, &[range(1, RAM0, 100, 0)]), ok(100));
+        assert_eq!(exec(&mut f, opcode::CTX_CREATE, 0, &[]), BAD_CONTEXT);
+        exec(&mut f, opcode::CTX_CREATE, 1, &[]);
+        exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 0x1000, RW)]);
+        exec(&mut f, opcode::VREAD, 1, &[range(VA, RAM2, 40, 0)]);
+        exec(&mut f, opcode::VREAD, 1, &[range(VA + 0x1000, RAM2, 40, 0)]);
+        exec(&mut f, opcode::UNMAP, 1, &[range(0, VA, 1, 0)]);
+        let expect = f.engine.stats().values();
+        assert_eq!(expect[counter::COMMANDS_OK], 5);
+        assert_eq!(expect[counter::COMMANDS_FAILED], 2);
+        assert_eq!(expect[counter::BYTES_FILLED], 100);
+        assert_eq!(expect[counter::BYTES_VREAD], 40);
+        assert_eq!(expect[counter::FAULTS], 1);
+        assert_eq!(expect[counter::EVENTS_DROPPED], 1);
+        assert_eq!(expect[counter::INVALIDATIONS], 1);
+        f.mem.write_slice(&[0xff; 200], GuestAddress(RAM2)).unwrap();
+        assert_eq!(
+            exec(&mut f, opcode::COUNTERS, 0, &[range(0, RAM2, 129, 0)]),
+            ok(counter::BLOCK_SIZE as u64)
+        );
+        let block = guest(&f.mem, RAM2, 200);
+        for (i, value) in expect.iter().enumerate() {
+            assert_eq!(block[i * 8..i * 8 + 8], value.to_le_bytes(), "{}", counter::NAMES[i]);
+        }
+        assert!(block[counter::COUNT * 8..128].iter().all(|&b| b == 0));
+        assert!(block[128..].iter().all(|&b| b == 0xff), "wrote past the block");
+        for (bad, status) in [
+            (range(0, RAM2, 127, 0), status::BAD_REQUEST),
+            (range(0, 0, 128, DST_VRAM), status::BAD_REQUEST),
+            (range(0, RAM2 + RAM_LEN as u64 - 64, 128, 0), status::BAD_GUEST_ADDR),
+        ] {
+            assert_rejected(&mut f, &command(opcode::COUNTERS, &[bad]), status, 0);
+        }
+        assert_rejected(&mut f, &command(opcode::COUNTERS, &[]), status::BAD_REQUEST, 0);
     }
 }

@@ -2,9 +2,12 @@
 //! hmmgpu's vhost-user device backend (docs/device-spec.md).
 //!
 //! - [`vram`]: the VRAM file mapping, bounds-checked.
-//! - [`engine`]: the copy engine executing COPY/FILL/NOP, its counters and
-//!   the fault-injection hook point; no vhost-user in it.
-//! - [`backend`]: the vhost-user glue (features, config space, queue).
+//! - [`engine`]: the device model executing every command (copy engine,
+//!   device MMU commands, device faults and parking), its counters and the
+//!   fault-injection hook point; no vhost-user in it.
+//! - [`mmu`]: the device MMU's per-context page tables.
+//! - [`backend`]: the vhost-user glue (features, config space, command and
+//!   event queues).
 //! - [`control`]: the JSON-lines control socket.
 //! - [`cli`]: the command line and the session it runs.
 #![deny(missing_docs)]
@@ -13,8 +16,13 @@ pub mod backend;
 pub mod cli;
 pub mod control;
 pub mod engine;
+pub mod mmu;
 pub mod vram;
 
 pub use backend::HmmGpuBackend;
-pub use engine::{Engine, FaultHooks, FaultInjector, NoFaults, Stats, StatsSnapshot};
+pub use engine::{
+    Completion, Engine, EventSink, Executed, FaultHooks, FaultInjector, NoEventQueue, NoFaults,
+    Stats, StatsSnapshot,
+};
+pub use mmu::Mmu;
 pub use vram::Vram;

@@ -14,10 +14,10 @@ use std::sync::{Arc, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use hmmgpu_abi::range_flags::{DST_VRAM, SRC_VRAM};
+use hmmgpu_abi::range_flags::{DST_VRAM, MAP_READ, MAP_WRITE, SRC_VRAM};
 use hmmgpu_abi::{
-    opcode, status, CmdHeader, DeviceConfig, Range, Response, ABI_VERSION, CONFIG_MAGIC,
-    MAX_RANGES, QUEUE_SIZE,
+    counter, event, opcode, status, CmdHeader, DeviceConfig, Event, Range, Response, ABI_VERSION,
+    CONFIG_MAGIC, MAX_CONTEXTS, MAX_RANGES, QUEUE_COMMAND, QUEUE_EVENT, QUEUE_SIZE,
 };
 use hmmgpu_device::{Engine, FaultInjector, HmmGpuBackend, Stats, Vram};
 use vhost::vhost_user::message::{
@@ -37,12 +37,29 @@ const VRAM_SIZE: u64 = 4 << 20;
 /// confusion of the two shows.
 const RAM_BASE: u64 = 0x4000_0000;
 const RAM_SIZE: u64 = 2 << 20;
-/// Where the test driver keeps its rings and buffers in guest RAM.
+/// Where the test driver keeps its rings and buffers in guest RAM: room for
+/// rings of up to 1024 entries (a 16 KiB descriptor table, an 8 KiB used
+/// ring).
 const DESC_TABLE: u64 = RAM_BASE;
-const AVAIL_RING: u64 = RAM_BASE + 0x1000;
-const USED_RING: u64 = RAM_BASE + 0x2000;
-const CMD_BUF: u64 = RAM_BASE + 0x4000;
+const AVAIL_RING: u64 = RAM_BASE + 0x4000;
+const USED_RING: u64 = RAM_BASE + 0x5000;
+/// An indirect descriptor table.
+const INDIRECT_TABLE: u64 = RAM_BASE + 0x8000;
+const CMD_BUF: u64 = RAM_BASE + 0x9000;
 const RESP_BUF: u64 = RAM_BASE + 0x3f000;
+/// A second command and response buffer, for a command left parked.
+const CMD_BUF2: u64 = RAM_BASE + 0x3e000;
+const RESP_BUF2: u64 = RAM_BASE + 0x3f100;
+/// The event queue's rings and its 32-byte buffers (descriptor i uses
+/// buffer i).
+const EV_DESC_TABLE: u64 = RAM_BASE + 0x10000;
+const EV_AVAIL_RING: u64 = RAM_BASE + 0x14000;
+const EV_USED_RING: u64 = RAM_BASE + 0x15000;
+const EV_BUFS: u64 = RAM_BASE + 0x18000;
+const _: () = assert!(
+    QUEUE_SIZE as u64 <= 1024,
+    "the ring layout above has room for 1024 entries"
+);
 const DATA: u64 = RAM_BASE + 0x40000;
 
 const VIRTQ_DESC_F_NEXT: u16 = 1;
@@ -87,6 +104,10 @@ struct Vm {
     next_avail: u16,
     next_desc: u16,
     last_used: u16,
+    ev_kick: EventFd,
+    ev_call: EventFd,
+    ev_next_avail: u16,
+    ev_last_used: u16,
 }
 
 fn memfd(size: u64) -> File {
@@ -126,7 +147,7 @@ impl Vm {
         // Every message from now on waits for the backend's ack, so the
         // queue is fully set up before the first kick.
         frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        assert_eq!(frontend.get_queue_num().unwrap(), 1);
+        assert_eq!(frontend.get_queue_num().unwrap(), 2);
 
         let file = memfd(RAM_SIZE);
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
@@ -141,24 +162,31 @@ impl Vm {
         let region = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
         frontend.set_mem_table(&[region]).unwrap();
 
-        frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
         // Ring addresses are the VMM's virtual addresses, as with QEMU.
-        let rings = VringConfigData {
-            queue_max_size: QUEUE_SIZE,
-            queue_size: QUEUE_SIZE,
-            flags: 0,
-            desc_table_addr: host(DESC_TABLE),
-            used_ring_addr: host(USED_RING),
-            avail_ring_addr: host(AVAIL_RING),
-            log_addr: None,
+        let mut start_queue = |index: u16, desc: u64, avail: u64, used: u64| {
+            let index = usize::from(index);
+            frontend.set_vring_num(index, QUEUE_SIZE).unwrap();
+            let rings = VringConfigData {
+                queue_max_size: QUEUE_SIZE,
+                queue_size: QUEUE_SIZE,
+                flags: 0,
+                desc_table_addr: host(desc),
+                used_ring_addr: host(used),
+                avail_ring_addr: host(avail),
+                log_addr: None,
+            };
+            frontend.set_vring_addr(index, &rings).unwrap();
+            frontend.set_vring_base(index, 0).unwrap();
+            let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            frontend.set_vring_kick(index, &kick).unwrap();
+            frontend.set_vring_call(index, &call).unwrap();
+            frontend.set_vring_enable(index, true).unwrap();
+            (kick, call)
         };
-        frontend.set_vring_addr(0, &rings).unwrap();
-        frontend.set_vring_base(0, 0).unwrap();
-        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        frontend.set_vring_kick(0, &kick).unwrap();
-        frontend.set_vring_call(0, &call).unwrap();
-        frontend.set_vring_enable(0, true).unwrap();
+        let (kick, call) = start_queue(QUEUE_COMMAND, DESC_TABLE, AVAIL_RING, USED_RING);
+        let (ev_kick, ev_call) =
+            start_queue(QUEUE_EVENT, EV_DESC_TABLE, EV_AVAIL_RING, EV_USED_RING);
         Vm {
             frontend,
             mem,
@@ -167,6 +195,10 @@ impl Vm {
             next_avail: 0,
             next_desc: 0,
             last_used: 0,
+            ev_kick,
+            ev_call,
+            ev_next_avail: 0,
+            ev_last_used: 0,
         }
     }
 
@@ -238,27 +270,64 @@ impl Vm {
     /// next used element (id, len). Each test command gets its own
     /// interrupt: `publish` set used_event to ask for exactly that.
     fn wait_used(&mut self) -> (u16, u32) {
-        let mut pollfd = libc::pollfd {
-            fd: self.call.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let ready = unsafe { libc::poll(&mut pollfd, 1, TIMEOUT.as_millis() as i32) };
-        assert_eq!(ready, 1, "no interrupt within {TIMEOUT:?}");
-        self.call.read().unwrap();
-        let used_idx: Le16 = self.mem.read_obj(GuestAddress(USED_RING + 2)).unwrap();
-        assert_ne!(
-            u16::from(used_idx),
-            self.last_used,
-            "interrupt without a used buffer"
-        );
-        fence(Ordering::SeqCst);
-        let elem = USED_RING + 4 + 8 * u64::from(self.last_used % QUEUE_SIZE);
-        let id: Le32 = self.mem.read_obj(GuestAddress(elem)).unwrap();
-        let len: Le32 = self.mem.read_obj(GuestAddress(elem + 4)).unwrap();
+        wait_interrupt(&self.call);
+        self.take_used().expect("interrupt without a used buffer")
+    }
+
+    /// The next used element of the command queue, if there is one, without
+    /// waiting.
+    fn take_used(&mut self) -> Option<(u16, u32)> {
+        let used = take_used(&self.mem, USED_RING, self.last_used)?;
         self.last_used = self.last_used.wrapping_add(1);
-        (u32::from(id) as u16, u32::from(len))
+        Some(used)
+    }
+
+    /// Posts event buffer `index` (32 bytes at EV_BUFS + 32 * index, with
+    /// descriptor `index`) to the event queue and kicks it.
+    fn post_event_buffer(&mut self, index: u16, len: u32) {
+        let at = EV_DESC_TABLE + 16 * u64::from(index);
+        let addr = EV_BUFS + 32 * u64::from(index);
+        self.mem.write_slice(&[0xee; 32], GuestAddress(addr)).unwrap();
+        self.mem.write_obj(Le64::from(addr), GuestAddress(at)).unwrap();
+        self.mem.write_obj(Le32::from(len), GuestAddress(at + 8)).unwrap();
+        self.mem
+            .write_obj(Le16::from(VIRTQ_DESC_F_WRITE), GuestAddress(at + 12))
+            .unwrap();
+        let slot = EV_AVAIL_RING + 4 + 2 * u64::from(self.ev_next_avail % QUEUE_SIZE);
+        self.mem.write_obj(Le16::from(index), GuestAddress(slot)).unwrap();
+        let used_event = EV_AVAIL_RING + 4 + 2 * u64::from(QUEUE_SIZE);
+        self.mem
+            .write_obj(Le16::from(self.ev_last_used), GuestAddress(used_event))
+            .unwrap();
+        fence(Ordering::SeqCst);
+        self.ev_next_avail = self.ev_next_avail.wrapping_add(1);
+        self.mem
+            .write_obj(Le16::from(self.ev_next_avail), GuestAddress(EV_AVAIL_RING + 2))
+            .unwrap();
+        fence(Ordering::SeqCst);
+        self.ev_kick.write(1).unwrap();
+    }
+
+    /// Waits for the event queue's interrupt and returns the next used
+    /// event buffer: its index, used length and the event in it.
+    fn wait_event(&mut self) -> (u16, u32, Event) {
+        wait_interrupt(&self.ev_call);
+        let (id, len) = take_used(&self.mem, EV_USED_RING, self.ev_last_used)
+            .expect("event interrupt without a used buffer");
+        self.ev_last_used = self.ev_last_used.wrapping_add(1);
+        // Re-arm (EVENT_IDX): interrupt for the next used buffer too.
+        let used_event = EV_AVAIL_RING + 4 + 2 * u64::from(QUEUE_SIZE);
+        self.mem
+            .write_obj(Le16::from(self.ev_last_used), GuestAddress(used_event))
+            .unwrap();
+        fence(Ordering::SeqCst);
+        let bytes = self.read(EV_BUFS + 32 * u64::from(id), Event::SIZE);
+        (id, len, Event::from_bytes(&bytes).unwrap())
+    }
+
+    /// Whether the event queue has a used buffer not taken yet.
+    fn event_pending(&self) -> bool {
+        take_used(&self.mem, EV_USED_RING, self.ev_last_used).is_some()
     }
 
     /// Submits `bufs` as one chain and waits for its completion; returns the
@@ -274,39 +343,61 @@ impl Vm {
     /// Sends a command (header and ranges in two readable descriptors, as a
     /// driver with a separate range array would) and returns its response.
     fn command(&mut self, op: u32, ranges: &[Range]) -> Response {
+        self.command_ctx(op, 0, ranges)
+    }
+
+    /// `command` with a device MMU context.
+    fn command_ctx(&mut self, op: u32, ctx: u32, ranges: &[Range]) -> Response {
+        let head = self.post_command(op, ctx, ranges, CMD_BUF, RESP_BUF);
+        assert_eq!(self.wait_used(), (head, Response::SIZE as u32));
+        self.response()
+    }
+
+    /// Makes a command available (header at `cmd_at`, ranges 0x100 after
+    /// it, response at `resp_at`, prefilled with 0xee) without waiting for
+    /// it; returns its head.
+    fn post_command(
+        &mut self,
+        op: u32,
+        ctx: u32,
+        ranges: &[Range],
+        cmd_at: u64,
+        resp_at: u64,
+    ) -> u16 {
         let header = CmdHeader {
             opcode: op,
-            flags: 0,
+            ctx,
             tag: 42,
             count: ranges.len() as u32,
             reserved: 0,
         };
-        let ranges_at = CMD_BUF + 0x100;
+        let ranges_at = cmd_at + 0x100;
         self.mem
-            .write_slice(&header.to_bytes(), GuestAddress(CMD_BUF))
+            .write_slice(&header.to_bytes(), GuestAddress(cmd_at))
             .unwrap();
         let bytes: Vec<u8> = ranges.iter().flat_map(|r| r.to_bytes()).collect();
         self.mem
             .write_slice(&bytes, GuestAddress(ranges_at))
             .unwrap();
         self.mem
-            .write_slice(&[0xee; Response::SIZE], GuestAddress(RESP_BUF))
+            .write_slice(&[0xee; Response::SIZE], GuestAddress(resp_at))
             .unwrap();
-        let mut chain = vec![ro(CMD_BUF, CmdHeader::SIZE as u32)];
+        let mut chain = vec![ro(cmd_at, CmdHeader::SIZE as u32)];
         if !bytes.is_empty() {
             chain.push(ro(ranges_at, bytes.len() as u32));
         }
-        chain.push(wo(RESP_BUF, Response::SIZE as u32));
-        assert_eq!(self.submit(&chain), Response::SIZE as u32);
-        self.response()
+        chain.push(wo(resp_at, Response::SIZE as u32));
+        let head = self.write_chain(&chain);
+        self.publish(head);
+        head
     }
 
     fn response(&self) -> Response {
-        let mut bytes = [0u8; Response::SIZE];
-        self.mem
-            .read_slice(&mut bytes, GuestAddress(RESP_BUF))
-            .unwrap();
-        Response::from_bytes(&bytes).unwrap()
+        self.response_at(RESP_BUF)
+    }
+
+    fn response_at(&self, at: u64) -> Response {
+        Response::from_bytes(&self.read(at, Response::SIZE)).unwrap()
     }
 
     fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
@@ -314,6 +405,33 @@ impl Vm {
         self.mem.read_slice(&mut buf, GuestAddress(gpa)).unwrap();
         buf
     }
+}
+
+/// Waits for an interrupt on `call` and consumes it.
+fn wait_interrupt(call: &EventFd) {
+    let mut pollfd = libc::pollfd {
+        fd: call.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let ready = unsafe { libc::poll(&mut pollfd, 1, TIMEOUT.as_millis() as i32) };
+    assert_eq!(ready, 1, "no interrupt within {TIMEOUT:?}");
+    call.read().unwrap();
+}
+
+/// Element `last_used` of the used ring at `ring`, if the device has
+/// written it.
+fn take_used(mem: &GuestMemoryMmap, ring: u64, last_used: u16) -> Option<(u16, u32)> {
+    let used_idx: Le16 = mem.read_obj(GuestAddress(ring + 2)).unwrap();
+    if u16::from(used_idx) == last_used {
+        return None;
+    }
+    fence(Ordering::SeqCst);
+    let elem = ring + 4 + 8 * u64::from(last_used % QUEUE_SIZE);
+    let id: Le32 = mem.read_obj(GuestAddress(elem)).unwrap();
+    let len: Le32 = mem.read_obj(GuestAddress(elem + 4)).unwrap();
+    Some((u32::from(id) as u16, u32::from(len)))
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -496,12 +614,12 @@ fn indirect_descriptors_and_many_commands_without_event_idx() {
     }
     // One command through an indirect table: header, ranges and response
     // buffers all described by a table in guest RAM.
-    let table = RAM_BASE + 0x3000;
+    let table = INDIRECT_TABLE;
     let data = pattern(512, 0xa1);
     vm.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
     let header = CmdHeader {
         opcode: opcode::COPY,
-        flags: 0,
+        ctx: 0,
         tag: 7,
         count: 1,
         reserved: 0,
@@ -639,7 +757,7 @@ fn bad_commands_fail_and_the_queue_keeps_serving() {
     // A readable part cut short of its announced ranges.
     let header = CmdHeader {
         opcode: opcode::COPY,
-        flags: 0,
+        ctx: 0,
         tag: 1,
         count: 2,
         reserved: 0,
@@ -687,6 +805,177 @@ fn bad_commands_fail_and_the_queue_keeps_serving() {
     let stats = backend.stats.snapshot();
     assert_eq!((stats.commands_ok, stats.commands_failed), (1, 8));
     assert_eq!(stats.bytes_guest_to_vram, 2 * 4096);
+    drop(vm);
+    assert_eq!(backend.join(), Ok(()));
+}
+
+#[test]
+fn device_mmu_faults_are_reported_parked_and_replayed() {
+    device_mmu_flow(0);
+}
+
+#[test]
+fn device_mmu_faults_without_event_idx() {
+    device_mmu_flow(VIRTIO_RING_F_EVENT_IDX);
+}
+
+/// Contexts, MAP, VWRITE/VREAD, a fault without event buffer, a reported
+/// fault that parks and is replayed, one that is cancelled, COUNTERS; with
+/// the features in `refused` not acked.
+fn device_mmu_flow(refused: u64) {
+    let backend = InProcess::start();
+    let mut vm = Vm::connect_without(&backend.socket, refused);
+    assert_eq!(vm.config().max_contexts, MAX_CONTEXTS);
+    const CTX: u32 = 3;
+    const VA: u64 = 0x7f12_3400_0000;
+    let rw = MAP_READ | MAP_WRITE;
+    let (page, other, buf) = (DATA, DATA + 0x1000, DATA + 0x1_0000);
+    let r = |src, dst, len, flags| Range {
+        src,
+        dst,
+        len,
+        flags,
+    };
+
+    assert_eq!(vm.command_ctx(opcode::CTX_CREATE, CTX, &[]), ok(0));
+    assert_eq!(
+        vm.command_ctx(opcode::MAP, CTX, &[r(page, VA, 4096, rw)]),
+        ok(0)
+    );
+    // VWRITE, then VREAD back part of it.
+    let data = pattern(4096, 0x33);
+    vm.mem.write_slice(&data, GuestAddress(buf)).unwrap();
+    assert_eq!(
+        vm.command_ctx(opcode::VWRITE, CTX, &[r(buf, VA, 4096, 0)]),
+        ok(4096)
+    );
+    assert_eq!(vm.read(page, 4096), data);
+    assert_eq!(
+        vm.command_ctx(opcode::VREAD, CTX, &[r(VA + 100, buf + 0x2000, 1000, 0)]),
+        ok(1000)
+    );
+    assert_eq!(vm.read(buf + 0x2000, 1000), data[100..1100]);
+
+    // No event buffer posted yet: a fault fails the command at once.
+    let unmapped = r(VA + 0x1008, buf, 16, 0);
+    assert_eq!(
+        vm.command_ctx(opcode::VREAD, CTX, &[unmapped]),
+        Response {
+            status: status::FAULT,
+            failed_index: 0,
+            bytes: 0
+        }
+    );
+    assert_eq!(backend.stats.snapshot().events_dropped, 1);
+    assert!(!vm.event_pending());
+
+    // With event buffers: a VREAD from the mapped page into the unmapped
+    // one faults, is reported, and parks.
+    vm.post_event_buffer(0, Event::SIZE as u32);
+    vm.post_event_buffer(1, Event::SIZE as u32);
+    let parked = vm.post_command(
+        opcode::VREAD,
+        CTX,
+        &[r(VA + 0x800, buf + 0x4000, 0x1000, 0)],
+        CMD_BUF2,
+        RESP_BUF2,
+    );
+    let (id, len, fault) = vm.wait_event();
+    assert_eq!((id, len), (0, Event::SIZE as u32));
+    assert_eq!(
+        fault,
+        Event {
+            kind: event::FAULT,
+            ctx: CTX,
+            addr: VA + 0x1000,
+            access: event::ACCESS_READ,
+            reason: event::REASON_NOT_MAPPED,
+            seq: 1,
+        }
+    );
+    // It did not complete: a NOP sent after it completes alone.
+    assert_eq!(vm.command(opcode::NOP, &[]), ok(0));
+    assert_eq!(vm.take_used(), None);
+    assert_eq!(vm.read(RESP_BUF2, Response::SIZE), [0xee; Response::SIZE]);
+    assert_eq!(vm.read(buf + 0x4000, 0x800), data[0x800..]);
+
+    // Resolve the fault and replay: the parked VREAD completes first, then
+    // the REPLAY, with one interrupt.
+    let other_data = pattern(4096, 0x44);
+    vm.mem.write_slice(&other_data, GuestAddress(other)).unwrap();
+    assert_eq!(
+        vm.command_ctx(opcode::MAP, CTX, &[r(other, VA + 0x1000, 4096, MAP_READ)]),
+        ok(0)
+    );
+    let replay = vm.post_command(opcode::REPLAY, CTX, &[], CMD_BUF, RESP_BUF);
+    assert_eq!(vm.wait_used(), (parked, Response::SIZE as u32));
+    assert_eq!(vm.take_used(), Some((replay, Response::SIZE as u32)));
+    assert_eq!(vm.response_at(RESP_BUF2), ok(0x1000));
+    assert_eq!(vm.response(), ok(0));
+    assert_eq!(vm.read(buf + 0x4000, 0x800), data[0x800..]);
+    assert_eq!(vm.read(buf + 0x4800, 0x800), other_data[..0x800]);
+
+    // A write to the read-only page: a permission fault; CANCEL fails it.
+    let parked = vm.post_command(
+        opcode::VWRITE,
+        CTX,
+        &[r(buf, VA + 0xff8, 16, 0)],
+        CMD_BUF2,
+        RESP_BUF2,
+    );
+    let (id, _, fault) = vm.wait_event();
+    assert_eq!(id, 1);
+    assert_eq!(
+        (fault.addr, fault.access, fault.reason, fault.seq),
+        (VA + 0x1000, event::ACCESS_WRITE, event::REASON_PERMISSION, 2)
+    );
+    let cancel = vm.post_command(opcode::CANCEL, CTX, &[], CMD_BUF, RESP_BUF);
+    assert_eq!(vm.wait_used(), (parked, Response::SIZE as u32));
+    assert_eq!(vm.take_used(), Some((cancel, Response::SIZE as u32)));
+    assert_eq!(
+        vm.response_at(RESP_BUF2),
+        Response {
+            status: status::FAULT,
+            failed_index: 0,
+            bytes: 8
+        }
+    );
+    assert_eq!(vm.response(), ok(0));
+    assert_eq!(vm.read(page + 0xff8, 8), data[..8]);
+    assert_eq!(
+        vm.command_ctx(opcode::REPLAY, CTX, &[]).status,
+        status::BAD_CONTEXT
+    );
+
+    // COUNTERS agrees with the backend's counters (which include the
+    // COUNTERS command itself once it completed).
+    let block_at = DATA + 0x8000;
+    assert_eq!(
+        vm.command(
+            opcode::COUNTERS,
+            &[r(0, block_at, counter::BLOCK_SIZE as u32, 0)]
+        ),
+        ok(counter::BLOCK_SIZE as u64)
+    );
+    let block = vm.read(block_at, counter::BLOCK_SIZE);
+    let mut expect = backend.stats.values();
+    expect[counter::COMMANDS_OK] -= 1;
+    for (i, value) in expect.iter().enumerate() {
+        assert_eq!(
+            block[i * 8..i * 8 + 8],
+            value.to_le_bytes(),
+            "{}",
+            counter::NAMES[i]
+        );
+    }
+    let stats = backend.stats.snapshot();
+    assert_eq!(
+        (stats.faults, stats.events_dropped, stats.replays),
+        (3, 1, 1)
+    );
+    assert_eq!((stats.bytes_vread, stats.bytes_vwrite), (1000 + 0x1000, 4096 + 8));
+    assert_eq!(stats.commands_failed, 3, "dropped fault, CANCELed VWRITE, REPLAY");
+
     drop(vm);
     assert_eq!(backend.join(), Ok(()));
 }
@@ -765,6 +1054,14 @@ fn daemon_exits_cleanly_when_the_front_end_disconnects() {
     let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(reply["ok"], true);
     assert_eq!(reply["stats"]["bytes_guest_to_vram"], 100);
+    for name in counter::NAMES {
+        let expect = match name {
+            "commands_ok" => 1,
+            "bytes_guest_to_vram" => 100,
+            _ => 0,
+        };
+        assert_eq!(reply["stats"][name], expect, "{name}");
+    }
 
     drop(vm);
     let status = wait_with_timeout(&mut child);

@@ -25,8 +25,9 @@ pub const QUEUE_COMMAND: u16 = 0;
 pub const QUEUE_EVENT: u16 = 1;
 /// Number of virtqueues the device has.
 pub const NUM_QUEUES: usize = 2;
-/// Maximum (and default) size of each virtqueue.
-pub const QUEUE_SIZE: u16 = 256;
+/// Maximum size of each virtqueue. (QEMU 10.0.13 as Debian ships it sizes
+/// every virtqueue at 1024, its maximum.)
+pub const QUEUE_SIZE: u16 = 1024;
 
 /// The device's page size: VRAM is managed, and migrations are done, in
 /// units of this size.
