@@ -356,16 +356,19 @@ impl Mirror {
                 None => return false,
             }
         };
-        if state.overlaps_mapped(start, end) {
+        if let Some((ms, me)) = state.mapped.filter(|_| state.overlaps_mapped(start, end)) {
             if !blockable {
                 // UNMAP waits for the device: not possible here.
                 return false;
             }
+            // Only the part that can hold translations (an exiting process
+            // invalidates its whole address space).
+            let (us, ue) = (core::cmp::max(start, ms), core::cmp::min(end, me));
             let mut list = RangeList::new();
-            // UNMAP ranges are at most 4 GiB - 4 KiB each.
-            let mut s = start;
-            while s < end {
-                let len = core::cmp::min(end - s, (u32::MAX as u64) & !(PAGE_SIZE - 1));
+            let max_len = (u32::MAX as u64) & !(PAGE_SIZE - 1);
+            let mut s = us;
+            while s < ue {
+                let len = core::cmp::min(ue - s, max_len);
                 if list.push(0, s, len as u32, 0).is_err() {
                     break;
                 }
@@ -375,10 +378,8 @@ impl Mirror {
                 // A dead device accesses nothing any more.
                 pr_warn!("hmmgpu{}: UNMAP failed: {:?}\n", self.gpu.index(), e);
             }
-            if let Some((ms, me)) = state.mapped {
-                if start <= ms && me <= end {
-                    state.mapped = None;
-                }
+            if start <= ms && me <= end {
+                state.mapped = None;
             }
         }
         // SAFETY: the notifier is valid while callbacks run.

@@ -114,6 +114,7 @@ impl HmmGpuBackend {
             vring: vrings.get(usize::from(QUEUE_EVENT)),
             mem,
         };
+        let mut used_any = false;
         for chain in chains {
             let head = chain.head_index();
             if self.parked.contains_key(&head) {
@@ -129,11 +130,14 @@ impl HmmGpuBackend {
                 vring
                     .add_used(head, used_len)
                     .map_err(|e| queue_error("command queue: writing the used ring", e))?;
+                used_any = true;
             }
         }
-        if vring
-            .needs_notification()
-            .map_err(|e| queue_error("command queue: reading used_event", e))?
+        // A batch that only parked commands used nothing: no interrupt.
+        if used_any
+            && vring
+                .needs_notification()
+                .map_err(|e| queue_error("command queue: reading used_event", e))?
         {
             vring.signal_used_queue()?;
         }
@@ -168,9 +172,7 @@ impl HmmGpuBackend {
             }
         }
         let executed = match read_command(&chain, mem) {
-            Ok(request) => self
-                .engine
-                .process(mem, &request, u64::from(head), events),
+            Ok(request) => self.engine.process(mem, &request, u64::from(head), events),
             Err(e) => {
                 warn!("chain {head}: cannot read the command ({e})");
                 self.engine.stats().count_failed();

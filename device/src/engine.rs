@@ -572,7 +572,11 @@ impl Engine {
             opcode::NOP => OK,
             opcode::COPY => self.run_physical(mem, Op::Copy, &ranges),
             opcode::FILL => self.run_physical(mem, Op::Fill, &ranges),
-            opcode::COUNTERS => self.counters(mem, &ranges[0]),
+            // decode() made sure there is exactly one range.
+            opcode::COUNTERS => match ranges.first() {
+                Some(range) => self.counters(mem, range),
+                None => failure(status::BAD_REQUEST, 0),
+            },
             opcode::CTX_CREATE if self.mmu.create(ctx) => OK,
             opcode::CTX_DESTROY if self.mmu.destroy(ctx) => {
                 *resumed = self.cancel_parked(ctx);
@@ -810,8 +814,7 @@ impl Engine {
                 .unwrap_or(0);
         }
         debug!("UNMAP ctx {ctx}: {removed} entries removed");
-        self.stats
-            .add(counter::INVALIDATIONS, ranges.len() as u64);
+        self.stats.add(counter::INVALIDATIONS, ranges.len() as u64);
         OK
     }
 
@@ -849,7 +852,11 @@ impl Engine {
         events: &mut dyn EventSink,
     ) -> Option<Response> {
         let result = if parked.opcode == opcode::ATOMIC {
-            self.atomic(mem, ctx, &parked.ranges[0])
+            // decode() made sure there is exactly one range.
+            match parked.ranges.first() {
+                Some(range) => self.atomic(mem, ctx, range),
+                None => Err(Stop::Failed(status::BAD_REQUEST)),
+            }
         } else {
             let write = parked.opcode == opcode::VWRITE;
             self.transfer(mem, ctx, write, &parked.ranges, &mut parked.progress)
@@ -937,8 +944,12 @@ impl Engine {
             };
             while progress.offset < range.len {
                 let done = u64::from(progress.offset);
-                let (phys, n) =
-                    self.piece(ctx, va + done, u64::from(range.len - progress.offset), access)?;
+                let (phys, n) = self.piece(
+                    ctx,
+                    va + done,
+                    u64::from(range.len - progress.offset),
+                    access,
+                )?;
                 // n <= the rest of the range, which fits in u32.
                 let n32 = n as u32;
                 let buffer = Phys::Guest(buffer + done);
@@ -1388,7 +1399,12 @@ mod tests {
         );
         assert_rejected(&mut f, &[], status::BAD_REQUEST, 0);
         // A context on a physical opcode.
-        assert_rejected(&mut f, &header(opcode::NOP, 1, 0, 0), status::BAD_CONTEXT, 0);
+        assert_rejected(
+            &mut f,
+            &header(opcode::NOP, 1, 0, 0),
+            status::BAD_CONTEXT,
+            0,
+        );
         // Reserved fields.
         assert_rejected(
             &mut f,
@@ -1397,7 +1413,12 @@ mod tests {
             0,
         );
         // NOP with ranges.
-        assert_rejected(&mut f, &command(opcode::NOP, &[good()]), status::BAD_REQUEST, 0);
+        assert_rejected(
+            &mut f,
+            &command(opcode::NOP, &[good()]),
+            status::BAD_REQUEST,
+            0,
+        );
         // Unknown range flags, and SRC_VRAM on a FILL, at index 2.
         let good_copy = range(RAM0, RAM0 + 4096, 4096, 0);
         let bad_flags = range(RAM0, RAM0 + 64, 8, 1 << 2);
@@ -1690,10 +1711,26 @@ mod tests {
         let good = range(VA, RAM0 + 0x1000, 64, 0);
         let before = everything(&f);
         for (op, bad, status) in [
-            (opcode::VREAD, range(VA, RAM2 - 8, 16, 0), status::BAD_GUEST_ADDR),
-            (opcode::VWRITE, range(RAM2 - 8, VA, 16, 0), status::BAD_GUEST_ADDR),
-            (opcode::VREAD, range(VA, RAM0, 16, DST_VRAM), status::BAD_REQUEST),
-            (opcode::VREAD, range(u64::MAX - 7, RAM0, 16, 0), status::BAD_REQUEST),
+            (
+                opcode::VREAD,
+                range(VA, RAM2 - 8, 16, 0),
+                status::BAD_GUEST_ADDR,
+            ),
+            (
+                opcode::VWRITE,
+                range(RAM2 - 8, VA, 16, 0),
+                status::BAD_GUEST_ADDR,
+            ),
+            (
+                opcode::VREAD,
+                range(VA, RAM0, 16, DST_VRAM),
+                status::BAD_REQUEST,
+            ),
+            (
+                opcode::VREAD,
+                range(u64::MAX - 7, RAM0, 16, 0),
+                status::BAD_REQUEST,
+            ),
         ] {
             let good = if op == opcode::VWRITE {
                 range(RAM0 + 0x1000, VA, 64, 0)
@@ -1729,15 +1766,36 @@ mod tests {
         exec(&mut f, opcode::CTX_CREATE, 2, &[]);
         let good = range(RAM0, VA, 0x2000, RW);
         for (bad, status) in [
-            (range(RAM1 + RAM_LEN as u64 - 0x1000, VA + 0x10_0000, 0x2000, RW), status::BAD_GUEST_ADDR),
+            (
+                range(RAM1 + RAM_LEN as u64 - 0x1000, VA + 0x10_0000, 0x2000, RW),
+                status::BAD_GUEST_ADDR,
+            ),
             (range(0, VA + 0x10_0000, 4096, RW), status::BAD_GUEST_ADDR),
-            (range(VRAM_SIZE - 0x1000, VA + 0x10_0000, 0x2000, RW | SRC_VRAM), status::BAD_VRAM_RANGE),
-            (range(!0xfff, VA + 0x10_0000, 0x1000, RW | SRC_VRAM), status::BAD_VRAM_RANGE),
-            (range(0x20_0000, HUGE_VA, HUGE_PAGE_SIZE as u32, RW | MAP_HUGE), status::BAD_GUEST_ADDR),
-            (range(RAM0, VA + 0x10_0000, 4096, RW | DST_VRAM), status::BAD_REQUEST),
-            (range(RAM0, VA + 0x10_0000, 4096, RW | (1 << 9)), status::BAD_REQUEST),
+            (
+                range(VRAM_SIZE - 0x1000, VA + 0x10_0000, 0x2000, RW | SRC_VRAM),
+                status::BAD_VRAM_RANGE,
+            ),
+            (
+                range(!0xfff, VA + 0x10_0000, 0x1000, RW | SRC_VRAM),
+                status::BAD_VRAM_RANGE,
+            ),
+            (
+                range(0x20_0000, HUGE_VA, HUGE_PAGE_SIZE as u32, RW | MAP_HUGE),
+                status::BAD_GUEST_ADDR,
+            ),
+            (
+                range(RAM0, VA + 0x10_0000, 4096, RW | DST_VRAM),
+                status::BAD_REQUEST,
+            ),
+            (
+                range(RAM0, VA + 0x10_0000, 4096, RW | (1 << 9)),
+                status::BAD_REQUEST,
+            ),
             (range(RAM0, VA + 0x10_0000, 100, RW), status::BAD_REQUEST),
-            (range(RAM0 + 8, VA + 0x10_0000, 4096, RW), status::BAD_REQUEST),
+            (
+                range(RAM0 + 8, VA + 0x10_0000, 4096, RW),
+                status::BAD_REQUEST,
+            ),
         ] {
             assert_eq!(
                 exec(&mut f, opcode::MAP, 2, &[good, bad]),
@@ -1780,8 +1838,14 @@ mod tests {
             _dir: dir,
         };
         exec(&mut f, opcode::CTX_CREATE, 1, &[]);
-        assert_eq!(exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 0x3000, RW)]), OK);
-        let two = [range(RAM0, VA + 0x10_0000, 4096, RW), range(RAM0, VA + 0x20_0000, 4096, RW)];
+        assert_eq!(
+            exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 0x3000, RW)]),
+            OK
+        );
+        let two = [
+            range(RAM0, VA + 0x10_0000, 4096, RW),
+            range(RAM0, VA + 0x20_0000, 4096, RW),
+        ];
         assert_eq!(
             exec(&mut f, opcode::MAP, 1, &two),
             status_of(status::BAD_REQUEST, 1)
@@ -1790,7 +1854,10 @@ mod tests {
         assert_eq!(exec(&mut f, opcode::MAP, 1, &two[..1]), OK);
         assert_eq!(f.engine.mmu().entries(), 4);
         // Remapping needs no room; UNMAP makes some.
-        assert_eq!(exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 0x3000, MAP_READ)]), OK);
+        assert_eq!(
+            exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 0x3000, MAP_READ)]),
+            OK
+        );
         assert_eq!(exec(&mut f, opcode::UNMAP, 1, &[range(0, VA, 1, 0)]), OK);
         assert_eq!(exec(&mut f, opcode::MAP, 1, &two[1..]), OK);
         assert_eq!(f.engine.mmu().entries(), 4);
@@ -1807,8 +1874,14 @@ mod tests {
         assert_eq!(exec(&mut f, opcode::MAP, 1, &maps), OK);
         let read = |va| range(va, RAM2, 16, 0);
         assert_eq!(exec(&mut f, opcode::VREAD, 1, &[read(VA + 0x1000)]), ok(16));
-        assert_eq!(exec(&mut f, opcode::VREAD, 1, &[read(HUGE_VA + 0x1000)]), ok(16));
-        let unmap = [range(0, VA + 0x1ff0, 1, 0), range(0, HUGE_VA + 0x10_0000, 4096, 0)];
+        assert_eq!(
+            exec(&mut f, opcode::VREAD, 1, &[read(HUGE_VA + 0x1000)]),
+            ok(16)
+        );
+        let unmap = [
+            range(0, VA + 0x1ff0, 1, 0),
+            range(0, HUGE_VA + 0x10_0000, 4096, 0),
+        ];
         assert_eq!(exec(&mut f, opcode::UNMAP, 1, &unmap), OK);
         // No event queue: the faults complete at once with FAULT.
         for va in [VA + 0x1000, HUGE_VA + 0x1000] {
@@ -1830,7 +1903,12 @@ mod tests {
         let mut f = fixture();
         let mut events = Vec::new();
         exec(&mut f, opcode::CTX_CREATE, 5, &[]);
-        exec(&mut f, opcode::MAP, 5, &[range(RAM0 + 0x1_0000, VA, 4096, RW)]);
+        exec(
+            &mut f,
+            opcode::MAP,
+            5,
+            &[range(RAM0 + 0x1_0000, VA, 4096, RW)],
+        );
         let data = pattern(0x2000, 3);
         f.mem
             .write_slice(&data, GuestAddress(RAM0 + 0x1_0000))
@@ -1845,7 +1923,13 @@ mod tests {
         assert_eq!(executed, Executed::default(), "parked: no completion");
         assert_eq!(
             events,
-            [fault_event(5, VA + 0x1000, ACCESS_READ, REASON_NOT_MAPPED, 1)]
+            [fault_event(
+                5,
+                VA + 0x1000,
+                ACCESS_READ,
+                REASON_NOT_MAPPED,
+                1
+            )]
         );
         assert_eq!(f.engine.parked(), 1);
         // What came before the fault was done.
@@ -1856,11 +1940,24 @@ mod tests {
         assert_eq!(executed.response, Some(BAD_CONTEXT));
         // ... while other contexts and physical commands run.
         exec(&mut f, opcode::CTX_CREATE, 6, &[]);
-        exec(&mut f, opcode::MAP, 6, &[range(RAM0 + 0x1_0000, VA, 4096, RW)]);
-        assert_eq!(exec(&mut f, opcode::VREAD, 6, &[range(VA, RAM2 + 0x8000, 8, 0)]), ok(8));
+        exec(
+            &mut f,
+            opcode::MAP,
+            6,
+            &[range(RAM0 + 0x1_0000, VA, 4096, RW)],
+        );
+        assert_eq!(
+            exec(&mut f, opcode::VREAD, 6, &[range(VA, RAM2 + 0x8000, 8, 0)]),
+            ok(8)
+        );
         assert_eq!(exec(&mut f, opcode::NOP, 0, &[]), OK);
         // Resolve (read-only suffices) and replay.
-        exec(&mut f, opcode::MAP, 5, &[range(RAM0 + 0x1_1000, VA + 0x1000, 4096, MAP_READ)]);
+        exec(
+            &mut f,
+            opcode::MAP,
+            5,
+            &[range(RAM0 + 0x1_1000, VA + 0x1000, 4096, MAP_READ)],
+        );
         let executed = process(&mut f, opcode::REPLAY, 5, &[], 79, &mut events);
         assert_eq!(
             executed,
@@ -1877,7 +1974,10 @@ mod tests {
         assert_eq!(f.engine.parked(), 0);
         assert_eq!(events.len(), 1);
         let stats = f.engine.stats().snapshot();
-        assert_eq!((stats.faults, stats.replays, stats.events_dropped), (1, 1, 0));
+        assert_eq!(
+            (stats.faults, stats.replays, stats.events_dropped),
+            (1, 1, 0)
+        );
         assert_eq!(stats.bytes_vread, 0x1000 + 8);
         assert_eq!(stats.commands_failed, 1, "only the second VREAD failed");
     }
@@ -1895,11 +1995,28 @@ mod tests {
         assert_eq!(executed.response, None);
         exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 0x1000, RW)]);
         let executed = process(&mut f, opcode::REPLAY, 1, &[], 2, &mut events);
-        assert_eq!(executed, Executed { resumed: None, response: Some(OK) });
+        assert_eq!(
+            executed,
+            Executed {
+                resumed: None,
+                response: Some(OK)
+            }
+        );
         // A write fault on a read-only page: a permission fault.
-        exec(&mut f, opcode::MAP, 1, &[range(RAM0 + 0x1000, VA + 0x1000, 0x2000, MAP_READ)]);
+        exec(
+            &mut f,
+            opcode::MAP,
+            1,
+            &[range(RAM0 + 0x1000, VA + 0x1000, 0x2000, MAP_READ)],
+        );
         let executed = process(&mut f, opcode::REPLAY, 1, &[], 3, &mut events);
-        assert_eq!(executed, Executed { resumed: None, response: Some(OK) });
+        assert_eq!(
+            executed,
+            Executed {
+                resumed: None,
+                response: Some(OK)
+            }
+        );
         assert_eq!(
             events,
             [
@@ -1908,9 +2025,20 @@ mod tests {
                 fault_event(1, VA + 0x1000, ACCESS_WRITE, REASON_PERMISSION, 3),
             ]
         );
-        exec(&mut f, opcode::MAP, 1, &[range(RAM0 + 0x1000, VA + 0x1000, 0x2000, RW)]);
+        exec(
+            &mut f,
+            opcode::MAP,
+            1,
+            &[range(RAM0 + 0x1000, VA + 0x1000, 0x2000, RW)],
+        );
         let executed = process(&mut f, opcode::REPLAY, 1, &[], 4, &mut events);
-        assert_eq!(executed.resumed, Some(Completion { token: 1, response: ok(0x3000) }));
+        assert_eq!(
+            executed.resumed,
+            Some(Completion {
+                token: 1,
+                response: ok(0x3000)
+            })
+        );
         assert_eq!(guest(&f.mem, RAM0, 0x3000), data);
         assert_eq!(f.engine.stats().snapshot().replays, 3);
         assert_eq!(f.engine.stats().snapshot().bytes_vwrite, 0x3000);
@@ -1926,34 +2054,56 @@ mod tests {
             range(VA, RAM2, 0x1000, 0),
             range(VA + 0x800, RAM2 + 0x1000, 0x1000, 0),
         ];
-        assert_eq!(process(&mut f, opcode::VREAD, 1, &reads, 10, &mut events).response, None);
+        assert_eq!(
+            process(&mut f, opcode::VREAD, 1, &reads, 10, &mut events).response,
+            None
+        );
         let executed = process(&mut f, opcode::CANCEL, 1, &[], 11, &mut events);
-        let fault = Response { status: status::FAULT, failed_index: 1, bytes: 0x1800 };
+        let fault = Response {
+            status: status::FAULT,
+            failed_index: 1,
+            bytes: 0x1800,
+        };
         assert_eq!(
             executed,
             Executed {
-                resumed: Some(Completion { token: 10, response: fault }),
+                resumed: Some(Completion {
+                    token: 10,
+                    response: fault
+                }),
                 response: Some(OK)
             }
         );
         assert_eq!(exec(&mut f, opcode::REPLAY, 1, &[]), BAD_CONTEXT);
         // Park an atomic this time, then destroy the context.
         let atomic = [range(5, VA + 0x2000, 8, ATOMIC_ADD)];
-        assert_eq!(process(&mut f, opcode::ATOMIC, 1, &atomic, 12, &mut events).response, None);
+        assert_eq!(
+            process(&mut f, opcode::ATOMIC, 1, &atomic, 12, &mut events).response,
+            None
+        );
         let executed = process(&mut f, opcode::CTX_DESTROY, 1, &[], 13, &mut events);
         assert_eq!(
             executed,
             Executed {
-                resumed: Some(Completion { token: 12, response: status_of(status::FAULT, 0) }),
+                resumed: Some(Completion {
+                    token: 12,
+                    response: status_of(status::FAULT, 0)
+                }),
                 response: Some(OK)
             }
         );
         assert_eq!(f.engine.parked(), 0);
         assert_eq!(f.engine.mmu().entries(), 0);
         assert_eq!(exec(&mut f, opcode::CANCEL, 1, &[]), BAD_CONTEXT);
-        assert_eq!(events[1], fault_event(1, VA + 0x2000, ACCESS_ATOMIC, REASON_NOT_MAPPED, 2));
+        assert_eq!(
+            events[1],
+            fault_event(1, VA + 0x2000, ACCESS_ATOMIC, REASON_NOT_MAPPED, 2)
+        );
         let stats = f.engine.stats().snapshot();
-        assert_eq!(stats.commands_failed, 4, "two FAULTs, the REPLAY and the CANCEL");
+        assert_eq!(
+            stats.commands_failed, 4,
+            "two FAULTs, the REPLAY and the CANCEL"
+        );
     }
 
     #[test]
@@ -1967,12 +2117,19 @@ mod tests {
             executed,
             Executed {
                 resumed: None,
-                response: Some(Response { status: status::FAULT, failed_index: 0, bytes: 0x100 })
+                response: Some(Response {
+                    status: status::FAULT,
+                    failed_index: 0,
+                    bytes: 0x100
+                })
             }
         );
         assert_eq!(f.engine.parked(), 0);
         let stats = f.engine.stats().snapshot();
-        assert_eq!((stats.faults, stats.events_dropped, stats.commands_failed), (1, 1, 1));
+        assert_eq!(
+            (stats.faults, stats.events_dropped, stats.commands_failed),
+            (1, 1, 1)
+        );
         // The next reported event still gets sequence number 1.
         let mut events = Vec::new();
         process(&mut f, opcode::VREAD, 1, &reads, 4, &mut events);
@@ -1997,9 +2154,8 @@ mod tests {
             .vram()
             .write(0x3ff8, &0x1122_3344_5566_7788u64.to_le_bytes())
             .unwrap();
-        let mut run = |va, operand, flags| {
-            exec(&mut f, opcode::ATOMIC, 1, &[range(operand, va, 8, flags)])
-        };
+        let mut run =
+            |va, operand, flags| exec(&mut f, opcode::ATOMIC, 1, &[range(operand, va, 8, flags)]);
         assert_eq!(run(VA + 0x18, 5, ATOMIC_ADD), ok(u64::MAX - 1));
         assert_eq!(run(VA + 0x18, 0, ATOMIC_ADD), ok(3), "the add wrapped");
         assert_eq!(run(VA + 0x18, 0xabcd, ATOMIC_XCHG), ok(3));
@@ -2017,10 +2173,30 @@ mod tests {
             &mut events,
         );
         assert_eq!(executed.response, None);
-        assert_eq!(events, [fault_event(1, VA + 0x2008, ACCESS_ATOMIC, REASON_PERMISSION, 1)]);
-        exec(&mut f, opcode::MAP, 1, &[range(RAM0 + 0x1000, VA + 0x2000, 0x1000, MAP_ATOMIC)]);
+        assert_eq!(
+            events,
+            [fault_event(
+                1,
+                VA + 0x2008,
+                ACCESS_ATOMIC,
+                REASON_PERMISSION,
+                1
+            )]
+        );
+        exec(
+            &mut f,
+            opcode::MAP,
+            1,
+            &[range(RAM0 + 0x1000, VA + 0x2000, 0x1000, MAP_ATOMIC)],
+        );
         let executed = process(&mut f, opcode::REPLAY, 1, &[], 10, &mut events);
-        assert_eq!(executed.resumed, Some(Completion { token: 9, response: ok(0) }));
+        assert_eq!(
+            executed.resumed,
+            Some(Completion {
+                token: 9,
+                response: ok(0)
+            })
+        );
         assert_eq!(guest(&f.mem, RAM0 + 0x1008, 8), 1u64.to_le_bytes());
         assert_eq!(f.engine.stats().snapshot().atomics, 6);
     }
@@ -2028,7 +2204,10 @@ mod tests {
     #[test]
     fn counters_writes_the_block() {
         let mut f = fixture();
-        assert_eq!(exec(&mut f, opcode::FILL, 0, &[range(1, RAM0, 100, 0)]), ok(100));
+        assert_eq!(
+            exec(&mut f, opcode::FILL, 0, &[range(1, RAM0, 100, 0)]),
+            ok(100)
+        );
         assert_eq!(exec(&mut f, opcode::CTX_CREATE, 0, &[]), BAD_CONTEXT);
         exec(&mut f, opcode::CTX_CREATE, 1, &[]);
         exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 0x1000, RW)]);
@@ -2050,17 +2229,33 @@ mod tests {
         );
         let block = guest(&f.mem, RAM2, 200);
         for (i, value) in expect.iter().enumerate() {
-            assert_eq!(block[i * 8..i * 8 + 8], value.to_le_bytes(), "{}", counter::NAMES[i]);
+            assert_eq!(
+                block[i * 8..i * 8 + 8],
+                value.to_le_bytes(),
+                "{}",
+                counter::NAMES[i]
+            );
         }
         assert!(block[counter::COUNT * 8..128].iter().all(|&b| b == 0));
-        assert!(block[128..].iter().all(|&b| b == 0xff), "wrote past the block");
+        assert!(
+            block[128..].iter().all(|&b| b == 0xff),
+            "wrote past the block"
+        );
         for (bad, status) in [
             (range(0, RAM2, 127, 0), status::BAD_REQUEST),
             (range(0, 0, 128, DST_VRAM), status::BAD_REQUEST),
-            (range(0, RAM2 + RAM_LEN as u64 - 64, 128, 0), status::BAD_GUEST_ADDR),
+            (
+                range(0, RAM2 + RAM_LEN as u64 - 64, 128, 0),
+                status::BAD_GUEST_ADDR,
+            ),
         ] {
             assert_rejected(&mut f, &command(opcode::COUNTERS, &[bad]), status, 0);
         }
-        assert_rejected(&mut f, &command(opcode::COUNTERS, &[]), status::BAD_REQUEST, 0);
+        assert_rejected(
+            &mut f,
+            &command(opcode::COUNTERS, &[]),
+            status::BAD_REQUEST,
+            0,
+        );
     }
 }

@@ -105,7 +105,10 @@ impl Mapping {
         if (huge && len != HUGE_PAGE_SIZE) || len % PAGE_SIZE != 0 {
             return bad;
         }
-        if !range.src.is_multiple_of(align) || !range.dst.is_multiple_of(align) || !fits(range.dst, len) {
+        if !range.src.is_multiple_of(align)
+            || !range.dst.is_multiple_of(align)
+            || !fits(range.dst, len)
+        {
             return bad;
         }
         if !fits(range.src, len) {
@@ -384,7 +387,14 @@ mod tests {
 
     #[test]
     fn decodes_map_ranges() {
-        let r = |src, dst, len, flags| Mapping::from_range(&Range { src, dst, len, flags });
+        let r = |src, dst, len, flags| {
+            Mapping::from_range(&Range {
+                src,
+                dst,
+                len,
+                flags,
+            })
+        };
         let m = r(0x3000, 0x7000, 0x2000, SRC_VRAM | MAP_READ | MAP_ATOMIC).unwrap();
         assert_eq!(m.phys, Phys::Vram(0x3000));
         assert_eq!(m.perms, ACCESS_READ | ACCESS_ATOMIC);
@@ -535,12 +545,16 @@ mod tests {
         mmu.create(2);
         mmu.map(1, &[mapping(0, 0, 5 * 4096, RW)]).unwrap();
         // 3 more fit, 4 do not; the command is refused whole.
-        let too_many = [mapping(0, 0x10_0000, 2 * 4096, RW), mapping(0, 0x20_0000, 2 * 4096, RW)];
+        let too_many = [
+            mapping(0, 0x10_0000, 2 * 4096, RW),
+            mapping(0, 0x20_0000, 2 * 4096, RW),
+        ];
         assert_eq!(mmu.map(2, &too_many), Err(Some(1)));
         assert_eq!(mmu.entries(), 5);
         assert_eq!(mmu.translate(2, 0x10_0000, ACCESS_READ), NOT_MAPPED);
         // Replacing existing entries needs no room.
-        mmu.map(1, &[mapping(0x1000, 0, 5 * 4096, MAP_READ)]).unwrap();
+        mmu.map(1, &[mapping(0x1000, 0, 5 * 4096, MAP_READ)])
+            .unwrap();
         assert_eq!(mmu.entries(), 5);
         mmu.map(2, &[mapping(0, 0x10_0000, 3 * 4096, RW)]).unwrap();
         assert_eq!(mmu.entries(), 8);

@@ -287,14 +287,22 @@ impl Vm {
     fn post_event_buffer(&mut self, index: u16, len: u32) {
         let at = EV_DESC_TABLE + 16 * u64::from(index);
         let addr = EV_BUFS + 32 * u64::from(index);
-        self.mem.write_slice(&[0xee; 32], GuestAddress(addr)).unwrap();
-        self.mem.write_obj(Le64::from(addr), GuestAddress(at)).unwrap();
-        self.mem.write_obj(Le32::from(len), GuestAddress(at + 8)).unwrap();
+        self.mem
+            .write_slice(&[0xee; 32], GuestAddress(addr))
+            .unwrap();
+        self.mem
+            .write_obj(Le64::from(addr), GuestAddress(at))
+            .unwrap();
+        self.mem
+            .write_obj(Le32::from(len), GuestAddress(at + 8))
+            .unwrap();
         self.mem
             .write_obj(Le16::from(VIRTQ_DESC_F_WRITE), GuestAddress(at + 12))
             .unwrap();
         let slot = EV_AVAIL_RING + 4 + 2 * u64::from(self.ev_next_avail % QUEUE_SIZE);
-        self.mem.write_obj(Le16::from(index), GuestAddress(slot)).unwrap();
+        self.mem
+            .write_obj(Le16::from(index), GuestAddress(slot))
+            .unwrap();
         let used_event = EV_AVAIL_RING + 4 + 2 * u64::from(QUEUE_SIZE);
         self.mem
             .write_obj(Le16::from(self.ev_last_used), GuestAddress(used_event))
@@ -302,7 +310,10 @@ impl Vm {
         fence(Ordering::SeqCst);
         self.ev_next_avail = self.ev_next_avail.wrapping_add(1);
         self.mem
-            .write_obj(Le16::from(self.ev_next_avail), GuestAddress(EV_AVAIL_RING + 2))
+            .write_obj(
+                Le16::from(self.ev_next_avail),
+                GuestAddress(EV_AVAIL_RING + 2),
+            )
             .unwrap();
         fence(Ordering::SeqCst);
         self.ev_kick.write(1).unwrap();
@@ -902,7 +913,9 @@ fn device_mmu_flow(refused: u64) {
     // Resolve the fault and replay: the parked VREAD completes first, then
     // the REPLAY, with one interrupt.
     let other_data = pattern(4096, 0x44);
-    vm.mem.write_slice(&other_data, GuestAddress(other)).unwrap();
+    vm.mem
+        .write_slice(&other_data, GuestAddress(other))
+        .unwrap();
     assert_eq!(
         vm.command_ctx(opcode::MAP, CTX, &[r(other, VA + 0x1000, 4096, MAP_READ)]),
         ok(0)
@@ -927,7 +940,12 @@ fn device_mmu_flow(refused: u64) {
     assert_eq!(id, 1);
     assert_eq!(
         (fault.addr, fault.access, fault.reason, fault.seq),
-        (VA + 0x1000, event::ACCESS_WRITE, event::REASON_PERMISSION, 2)
+        (
+            VA + 0x1000,
+            event::ACCESS_WRITE,
+            event::REASON_PERMISSION,
+            2
+        )
     );
     let cancel = vm.post_command(opcode::CANCEL, CTX, &[], CMD_BUF, RESP_BUF);
     assert_eq!(vm.wait_used(), (parked, Response::SIZE as u32));
@@ -973,8 +991,14 @@ fn device_mmu_flow(refused: u64) {
         (stats.faults, stats.events_dropped, stats.replays),
         (3, 1, 1)
     );
-    assert_eq!((stats.bytes_vread, stats.bytes_vwrite), (1000 + 0x1000, 4096 + 8));
-    assert_eq!(stats.commands_failed, 3, "dropped fault, CANCELed VWRITE, REPLAY");
+    assert_eq!(
+        (stats.bytes_vread, stats.bytes_vwrite),
+        (1000 + 0x1000, 4096 + 8)
+    );
+    assert_eq!(
+        stats.commands_failed, 3,
+        "dropped fault, CANCELed VWRITE, REPLAY"
+    );
 
     drop(vm);
     assert_eq!(backend.join(), Ok(()));
