@@ -183,7 +183,14 @@ impl Gpu {
             contexts.slots[index] = CtxSlot { used: true, waiter: ptr::null_mut(), fault: None };
             index as u32 + 1
         };
-        match self.execute(opcode::CTX_CREATE, ctx, &[]) {
+        let mut result = self.execute(opcode::CTX_CREATE, ctx, &[]);
+        if matches!(result, Ok(r) if r.status == abi::status::BAD_CONTEXT) {
+            // Left over from a previous driver instance (the device keeps
+            // contexts until it is reset): recreate it empty.
+            let _ = self.execute(opcode::CTX_DESTROY, ctx, &[]);
+            result = self.execute(opcode::CTX_CREATE, ctx, &[]);
+        }
+        match result {
             Ok(r) if r.status == abi::status::OK => Ok(ctx),
             other => {
                 self.contexts.lock().slots[ctx as usize - 1].used = false;

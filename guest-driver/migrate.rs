@@ -226,7 +226,19 @@ fn for_each_step(
 /// Migrates the pages of [start, end) of `mm` to VRAM. Pages that cannot be
 /// migrated (no VRAM, copy failed, pinned) stay in system memory. Returns the
 /// number of pages now in VRAM.
-pub(crate) fn to_device(gpu: &Gpu, mm: *mut shim::Mm, start: u64, end: u64, fail_alloc: &mut bool) -> Result<u64> {
+///
+/// `map` gets the MAP ranges (device virtual = process virtual) of the pages
+/// migrated by each step, called before migrate_vma_finalize() while the
+/// pages are still locked, so the device mapping is in place before any CPU
+/// access can move them again.
+pub(crate) fn to_device(
+    gpu: &Gpu,
+    mm: *mut shim::Mm,
+    start: u64,
+    end: u64,
+    fail_alloc: &mut bool,
+    mut map: impl FnMut(&RangeList) -> Result,
+) -> Result<u64> {
     let mut args = MigrateArgs::new()?;
     let mut moved = 0;
     for_each_step(mm, start, end, |vma, s, e| {
@@ -251,14 +263,33 @@ pub(crate) fn to_device(gpu: &Gpu, mm: *mut shim::Mm, start: u64, end: u64, fail
         // SAFETY: set up above.
         unsafe { shim::hmmgpu_shim_migrate_pages(args.0) };
         let (src, dst) = args.src_dst(n);
-        moved += src
-            .iter()
-            .zip(dst.iter())
-            .filter(|(s, d)| **d != 0 && **s & mpfn_migrate() != 0)
-            .count() as u64;
+        let mut list = RangeList::new();
+        let mut result = Ok(());
+        for (i, (sp, dp)) in src.iter().zip(dst.iter()).enumerate() {
+            if *dp == 0 || *sp & mpfn_migrate() == 0 {
+                continue;
+            }
+            moved += 1;
+            // SAFETY: `*dp` is one of our device pages, migrated.
+            let pfn = unsafe { shim::hmmgpu_shim_page_to_pfn(shim::hmmgpu_shim_migrate_pfn_to_page(*dp)) };
+            let Some(offset) = gpu.vram.offset_of_pfn(pfn as u64) else {
+                continue;
+            };
+            let mut flags = range_flags::SRC_VRAM | range_flags::MAP_READ;
+            if *sp & mpfn_write() != 0 {
+                flags |= range_flags::MAP_WRITE;
+            }
+            if let Err(e) = list.push(offset, s + i as u64 * PAGE_SIZE, PAGE_SIZE as u32, flags) {
+                result = Err(e);
+                break;
+            }
+        }
+        if result.is_ok() {
+            result = map(&list);
+        }
         // SAFETY: as above.
         unsafe { shim::hmmgpu_shim_migrate_finalize(args.0) };
-        Ok(())
+        result
     })?;
     Ok(moved)
 }

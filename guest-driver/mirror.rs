@@ -5,7 +5,7 @@
 //! hmm_range_fault() resolves, under an mmu_interval_notifier so that an
 //! invalidation never races with a device access.
 
-use crate::abi::{self, opcode, range_flags, PAGE_SIZE};
+use crate::abi::{self, opcode, range_flags, Range, PAGE_SIZE};
 use crate::gpu::Gpu;
 use crate::migrate;
 use crate::queue::RangeList;
@@ -28,6 +28,24 @@ pub(crate) struct MirrorState {
     /// Bounds of every device MMU translation made since the last full
     /// invalidation: invalidations outside them need no UNMAP.
     mapped: Option<(u64, u64)>,
+    /// Set while this mirror migrates pages to VRAM: the invalidation of
+    /// that migration must keep existing translations (the pages it moves
+    /// get new ones before their migration completes), as test_hmm does.
+    migrating_to_device: bool,
+    /// Pages mapped for device atomics by EXCLUSIVE (process virtual
+    /// addresses), until an invalidation revokes them.
+    atomic: KVec<u64>,
+}
+
+/// What a device access does when it faults.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FaultPolicy {
+    /// Resolve with hmm_range_fault() (mmap lock held throughout).
+    Resolve,
+    /// Resolve with hmm_range_fault_unlocked_timeout() (READ_UNLOCKED).
+    ResolveUnlocked,
+    /// Fail with ENOENT: only what the device already maps is accessible.
+    Refuse,
 }
 
 impl MirrorState {
@@ -118,7 +136,12 @@ impl Mirror {
                 gpu: gpu2,
                 ctx,
                 notifier: AtomicPtr::new(ptr::null_mut()),
-                state <- new_mutex!(MirrorState { flags: 0, mapped: None }),
+                state <- new_mutex!(MirrorState {
+                    flags: 0,
+                    mapped: None,
+                    migrating_to_device: false,
+                    atomic: KVec::new(),
+                }),
             }),
             GFP_KERNEL,
         )
@@ -147,7 +170,7 @@ impl Mirror {
     /// hmm_range_fault() and maps it into the device MMU, with write
     /// permission where the CPU has it. The whole rest of the access is
     /// resolved at once, as test_hmm does, so one access faults once.
-    fn resolve(&self, addr: u64, end: u64, write: bool) -> Result {
+    fn resolve(&self, addr: u64, end: u64, write: bool, unlocked: bool) -> Result {
         let mut start = addr & !(PAGE_SIZE - 1);
         let mut pfns = [0 as c_ulong; STEP_PAGES];
         while start < end {
@@ -164,6 +187,7 @@ impl Mirror {
                         pfns.as_mut_ptr(),
                         true,
                         write,
+                        unlocked,
                         &mut seq,
                     )
                 };
@@ -210,7 +234,15 @@ impl Mirror {
 
     /// Runs a VREAD or VWRITE of `npages` at `addr` against the bounce
     /// buffer, resolving device faults as they come.
-    fn access(&self, op: u32, addr: u64, npages: u64, bounce: &mut Bounce, counts: &mut Counts) -> Result {
+    fn access(
+        &self,
+        op: u32,
+        addr: u64,
+        npages: u64,
+        bounce: &mut Bounce,
+        counts: &mut Counts,
+        policy: FaultPolicy,
+    ) -> Result {
         let end = addr + npages * PAGE_SIZE;
         let write = op == opcode::VWRITE;
         let mut list = RangeList::new();
@@ -224,9 +256,12 @@ impl Mirror {
             }
         }
         for chunk in list.chunks() {
-            let resp = self.gpu.execute_mmu(op, self.ctx, chunk, |fault| {
-                counts.faults += 1;
-                self.resolve(fault.addr, end, write)
+            let resp = self.gpu.execute_mmu(op, self.ctx, chunk, |fault| match policy {
+                FaultPolicy::Refuse => Err(ENOENT),
+                FaultPolicy::Resolve | FaultPolicy::ResolveUnlocked => {
+                    counts.faults += 1;
+                    self.resolve(fault.addr, end, write, policy == FaultPolicy::ResolveUnlocked)
+                }
             })?;
             if resp.status != abi::status::OK {
                 pr_err!(
@@ -241,12 +276,12 @@ impl Mirror {
     }
 
     /// HMM_DMIRROR_READ: the device reads `npages` at `addr` into user `ptr`.
-    pub(crate) fn read(&self, addr: u64, ptr: u64, npages: u64) -> Result<Counts> {
+    pub(crate) fn read(&self, addr: u64, ptr: u64, npages: u64, policy: FaultPolicy) -> Result<Counts> {
         self.gpu.check_alive()?;
         let _mm = MmRef::get(self.mm())?;
         let mut bounce = Bounce::new(npages as usize)?;
         let mut counts = Counts::default();
-        self.access(opcode::VREAD, addr, npages, &mut bounce, &mut counts)?;
+        self.access(opcode::VREAD, addr, npages, &mut bounce, &mut counts, policy)?;
         let mut out = UserSlice::new(UserPtr::from_addr(ptr as usize), (npages * PAGE_SIZE) as usize).writer();
         out.write_slice(&bounce.buf)?;
         counts.cpages = npages;
@@ -261,13 +296,15 @@ impl Mirror {
         let mut input = UserSlice::new(UserPtr::from_addr(ptr as usize), (npages * PAGE_SIZE) as usize).reader();
         input.read_slice(&mut bounce.buf)?;
         let mut counts = Counts::default();
-        self.access(opcode::VWRITE, addr, npages, &mut bounce, &mut counts)?;
+        self.access(opcode::VWRITE, addr, npages, &mut bounce, &mut counts, FaultPolicy::Resolve)?;
         counts.cpages = npages;
         Ok(counts)
     }
 
-    /// HMM_DMIRROR_MIGRATE_TO_DEV: migrates the range to VRAM, then reads it
-    /// back through the device into user `ptr` (as test_hmm does).
+    /// HMM_DMIRROR_MIGRATE_TO_DEV: migrates the range to VRAM, maps what
+    /// moved into the device MMU, and returns the range as the device sees
+    /// it in user `ptr`; like test_hmm, ENOENT if a page is not accessible
+    /// to the device without faulting (it was not migrated).
     pub(crate) fn migrate_to_device(&self, addr: u64, ptr: u64, npages: u64) -> Result<Counts> {
         self.gpu.check_alive()?;
         {
@@ -276,13 +313,85 @@ impl Mirror {
                 let mut state = self.state.lock();
                 let fail = state.flags & crate::uapi::HMM_DMIRROR_FLAG_FAIL_ALLOC != 0;
                 state.flags &= !crate::uapi::HMM_DMIRROR_FLAG_FAIL_ALLOC;
+                state.migrating_to_device = true;
                 fail
             };
-            migrate::to_device(&self.gpu, self.mm(), addr, addr + npages * PAGE_SIZE, &mut fail_alloc)?;
+            let end = addr + npages * PAGE_SIZE;
+            let result = migrate::to_device(&self.gpu, self.mm(), addr, end, &mut fail_alloc, |map| {
+                let mut state = self.state.lock();
+                self.gpu.run_ctx(opcode::MAP, self.ctx, map)?;
+                state.note_mapped(addr, end);
+                Ok(())
+            });
+            self.state.lock().migrating_to_device = false;
+            result?;
         }
-        // The data as the device now sees it; test_hmm reports no faults here.
-        let counts = self.read(addr, ptr, npages)?;
+        let counts = self.read(addr, ptr, npages, FaultPolicy::Refuse)?;
         Ok(Counts { cpages: counts.cpages, faults: 0 })
+    }
+
+    /// HMM_DMIRROR_EXCLUSIVE: makes every page of the range exclusive to the
+    /// device (make_device_exclusive()) and maps it for device atomics, then
+    /// returns the data as the device reads it.
+    pub(crate) fn exclusive(&self, addr: u64, ptr: u64, npages: u64) -> Result<Counts> {
+        self.gpu.check_alive()?;
+        {
+            let mm = MmRef::get(self.mm())?;
+            // SAFETY: `mm` is referenced.
+            unsafe { shim::hmmgpu_shim_mmap_read_lock(mm.0) };
+            let result = (0..npages).try_for_each(|i| self.map_exclusive(addr + i * PAGE_SIZE));
+            // SAFETY: locked above.
+            unsafe { shim::hmmgpu_shim_mmap_read_unlock(mm.0) };
+            result?;
+        }
+        // The device's atomics go through these mappings: one atomic
+        // (add 0) checks the path without changing the data.
+        if npages > 0 {
+            let atomic = Range {
+                src: 0,
+                dst: addr,
+                len: 8,
+                flags: range_flags::ATOMIC_ADD,
+            };
+            let resp = self.gpu.execute_mmu(opcode::ATOMIC, self.ctx, &[atomic], |_| Err(ENOENT))?;
+            if resp.status != abi::status::OK {
+                return Err(EIO);
+            }
+        }
+        self.read(addr, ptr, npages, FaultPolicy::Refuse)
+    }
+
+    fn map_exclusive(&self, va: u64) -> Result {
+        loop {
+            let (mut pfn, mut seq): (c_ulong, c_ulong) = (0, 0);
+            // SAFETY: the mmap lock is held by the caller.
+            let ret = unsafe { shim::hmmgpu_shim_make_exclusive(self.notifier(), va as c_ulong, &mut pfn, &mut seq) };
+            if ret < 0 {
+                return Err(Error::from_errno(ret));
+            }
+            let mut state = self.state.lock();
+            // SAFETY: the notifier is valid.
+            if unsafe { shim::hmmgpu_shim_notifier_retry(self.notifier(), seq) } {
+                continue;
+            }
+            let flags = range_flags::MAP_READ | range_flags::MAP_WRITE | range_flags::MAP_ATOMIC;
+            let mut map = RangeList::new();
+            map.push(pfn as u64 * PAGE_SIZE, va, PAGE_SIZE as u32, flags)?;
+            self.gpu.run_ctx(opcode::MAP, self.ctx, &map)?;
+            state.atomic.push(va, GFP_KERNEL)?;
+            state.note_mapped(va, va + PAGE_SIZE);
+            return Ok(());
+        }
+    }
+
+    /// HMM_DMIRROR_CHECK_EXCLUSIVE: EPERM while the device still holds an
+    /// atomic mapping in the range.
+    pub(crate) fn check_exclusive(&self, addr: u64, npages: u64) -> Result<Counts> {
+        let end = addr + npages * PAGE_SIZE;
+        if self.state.lock().atomic.iter().any(|va| (addr..end).contains(va)) {
+            return Err(EPERM);
+        }
+        Ok(Counts::default())
     }
 
     /// HMM_DMIRROR_MIGRATE_TO_SYS: migrates this GPU's pages in the range
@@ -319,6 +428,7 @@ impl Mirror {
                         pfns.as_mut_ptr(),
                         false,
                         false,
+                        false,
                         &mut seq,
                     )
                 };
@@ -347,7 +457,7 @@ impl Mirror {
 
     /// Called from the mmu_interval_notifier: the CPU page tables of
     /// [start, end) change. Waits for device accesses in flight.
-    fn invalidate(&self, start: u64, end: u64, blockable: bool, seq: c_ulong) -> bool {
+    fn invalidate(&self, start: u64, end: u64, blockable: bool, own_migrate: bool, seq: c_ulong) -> bool {
         let mut state = if blockable {
             self.state.lock()
         } else {
@@ -356,6 +466,12 @@ impl Mirror {
                 None => return false,
             }
         };
+        state.atomic.retain(|va| !(start..end).contains(va));
+        if own_migrate && state.migrating_to_device {
+            // SAFETY: the notifier is valid while callbacks run.
+            unsafe { shim::hmmgpu_shim_notifier_set_seq(self.notifier(), seq) };
+            return true;
+        }
         if let Some((ms, me)) = state.mapped.filter(|_| state.overlaps_mapped(start, end)) {
             if !blockable {
                 // UNMAP waits for the device: not possible here.
@@ -408,9 +524,10 @@ pub(crate) extern "C" fn hmmgpu_rust_invalidate(
     start: c_ulong,
     end: c_ulong,
     blockable: bool,
+    own_migrate: bool,
     cur_seq: c_ulong,
 ) -> bool {
     // SAFETY: the notifier is removed before its `Mirror` is freed.
     let mirror = unsafe { &*mirror.cast::<Mirror>() };
-    mirror.invalidate(start as u64, end as u64, blockable, cur_seq)
+    mirror.invalidate(start as u64, end as u64, blockable, own_migrate, cur_seq)
 }

@@ -13,6 +13,7 @@
 #include <linux/mmu_notifier.h>
 #include <linux/module.h>
 #include <linux/pagemap.h>
+#include <linux/rmap.h>
 #include <linux/sched/mm.h>
 #include <linux/slab.h>
 #include <linux/vmalloc.h>
@@ -591,12 +592,11 @@ static bool hmmgpu_notifier_invalidate(struct mmu_interval_notifier *mni,
 	struct hmmgpu_notifier *n =
 		container_of(mni, struct hmmgpu_notifier, notifier);
 
-	/*
-	 * Every change reaches the device MMU, our own migrations included:
-	 * the device may map the pages they move.
-	 */
+	/* Rust decides what our own migrations need (see mirror.rs). */
 	return hmmgpu_rust_invalidate(n->mirror, range->start, range->end,
 				      mmu_notifier_range_blockable(range),
+				      range->event == MMU_NOTIFY_MIGRATE &&
+				      range->owner == n->owner,
 				      cur_seq);
 }
 
@@ -651,12 +651,13 @@ bool hmmgpu_shim_notifier_retry(struct hmmgpu_notifier *n, unsigned long seq)
  * hmm_range_fault() over [start, end) into @pfns, retrying while the
  * range is being invalidated. @fault: fault pages in (for @write, writable);
  * otherwise only snapshot. Device-private pages of @owner are reported, not
- * faulted. On success *@seq is the notifier sequence to check with
+ * faulted. @unlocked: use hmm_range_fault_unlocked_timeout(), which may drop
+ * the mmap lock while faulting (needed for userfaultfd-backed ranges). On success *@seq is the notifier sequence to check with
  * hmmgpu_shim_notifier_retry() under the mirror's lock.
  */
 int hmmgpu_shim_range_fault(struct hmmgpu_notifier *n, unsigned long start,
 			    unsigned long end, unsigned long *pfns, bool fault,
-			    bool write, unsigned long *seq)
+			    bool write, bool unlocked, unsigned long *seq)
 {
 	struct mm_struct *mm = n->notifier.mm;
 	unsigned long timeout =
@@ -672,6 +673,13 @@ int hmmgpu_shim_range_fault(struct hmmgpu_notifier *n, unsigned long start,
 	};
 	int ret;
 
+	if (unlocked) {
+		/* Lets the fault handler drop the mmap lock (userfaultfd). */
+		ret = hmm_range_fault_unlocked_timeout(&range,
+				msecs_to_jiffies(HMM_RANGE_DEFAULT_TIMEOUT));
+		*seq = range.notifier_seq;
+		return ret;
+	}
 	for (;;) {
 		if (time_after(jiffies, timeout))
 			return -EBUSY;
@@ -714,4 +722,26 @@ unsigned int hmmgpu_shim_hmm_pfn_info(unsigned long entry, void *owner,
 		info |= HMMGPU_PFN_OWNED;
 	info |= hmm_pfn_to_map_order(entry) << HMMGPU_PFN_ORDER_SHIFT;
 	return info;
+}
+
+/*
+ * make_device_exclusive() of the page at @addr (mmap lock held): the CPU
+ * mapping is replaced by a device-exclusive entry. Returns the page's pfn in
+ * *@pfn and, taken while the folio is still locked, the notifier sequence
+ * to validate the device mapping against in *@seq.
+ */
+int hmmgpu_shim_make_exclusive(struct hmmgpu_notifier *n, unsigned long addr,
+			       unsigned long *pfn, unsigned long *seq)
+{
+	struct folio *folio;
+	struct page *page;
+
+	page = make_device_exclusive(n->notifier.mm, addr, n->owner, &folio);
+	if (IS_ERR(page))
+		return PTR_ERR(page);
+	*seq = mmu_interval_read_begin(&n->notifier);
+	*pfn = page_to_pfn(page);
+	folio_unlock(folio);
+	folio_put(folio);
+	return 0;
 }

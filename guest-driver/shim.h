@@ -26,7 +26,7 @@ void hmmgpu_rust_event(void *gpu, const u8 *buf, unsigned int len);
 vm_fault_t hmmgpu_rust_migrate_to_ram(void *gpu, struct vm_fault *vmf);
 void hmmgpu_rust_folio_free(void *gpu, struct page *page);
 bool hmmgpu_rust_invalidate(void *mirror, unsigned long start,
-			    unsigned long end, bool blockable,
+			    unsigned long end, bool blockable, bool own_migrate,
 			    unsigned long cur_seq);
 
 extern const unsigned long hmmgpu_MIGRATE_PFN_VALID;
@@ -116,8 +116,11 @@ void hmmgpu_shim_notifier_set_seq(struct hmmgpu_notifier *n,
 bool hmmgpu_shim_notifier_retry(struct hmmgpu_notifier *n, unsigned long seq);
 int hmmgpu_shim_range_fault(struct hmmgpu_notifier *n, unsigned long start,
 			    unsigned long end, unsigned long *pfns, bool fault,
-			    bool write, unsigned long *seq);
+			    bool write, bool unlocked, unsigned long *seq);
 unsigned int hmmgpu_shim_hmm_pfn_info(unsigned long entry, void *owner,
 				      unsigned long *pfn);
+
+int hmmgpu_shim_make_exclusive(struct hmmgpu_notifier *n, unsigned long addr,
+			       unsigned long *pfn, unsigned long *seq);
 
 #endif /* HMMGPU_SHIM_H */

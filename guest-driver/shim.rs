@@ -154,6 +154,13 @@ extern "C" {
         pfns: *mut c_ulong,
         fault: bool,
         write: bool,
+        unlocked: bool,
+        seq: *mut c_ulong,
+    ) -> c_int;
+    pub(crate) fn hmmgpu_shim_make_exclusive(
+        n: *mut Notifier,
+        addr: c_ulong,
+        pfn: *mut c_ulong,
         seq: *mut c_ulong,
     ) -> c_int;
     pub(crate) fn hmmgpu_shim_hmm_pfn_info(entry: c_ulong, owner: *mut c_void, pfn: *mut c_ulong)

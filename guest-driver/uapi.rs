@@ -5,7 +5,7 @@
 //! hmm-tests run unmodified against real device memory.
 
 use crate::gpu::{Gpu, MAX_GPUS};
-use crate::mirror::{Counts, Mirror};
+use crate::mirror::{Counts, FaultPolicy, Mirror};
 use crate::shim;
 use kernel::container_of;
 use kernel::fs::File;
@@ -41,6 +41,8 @@ const HMM_DMIRROR_WRITE: u32 = dmirror_ioc(0x01);
 const HMM_DMIRROR_MIGRATE_TO_DEV: u32 = dmirror_ioc(0x02);
 const HMM_DMIRROR_MIGRATE_TO_SYS: u32 = dmirror_ioc(0x03);
 const HMM_DMIRROR_SNAPSHOT: u32 = dmirror_ioc(0x04);
+const HMM_DMIRROR_EXCLUSIVE: u32 = dmirror_ioc(0x05);
+const HMM_DMIRROR_CHECK_EXCLUSIVE: u32 = dmirror_ioc(0x06);
 const HMM_DMIRROR_RELEASE: u32 = dmirror_ioc(0x07);
 const HMM_DMIRROR_FLAGS: u32 = dmirror_ioc(0x08);
 const HMM_DMIRROR_READ_UNLOCKED: u32 = dmirror_ioc(0x09);
@@ -148,7 +150,10 @@ impl MiscDevice for Mirror {
             return Err(EINVAL);
         }
         let counts: Counts = match cmd {
-            HMM_DMIRROR_READ | HMM_DMIRROR_READ_UNLOCKED => mirror.read(c.addr, c.ptr, c.npages)?,
+            HMM_DMIRROR_READ => mirror.read(c.addr, c.ptr, c.npages, FaultPolicy::Resolve)?,
+            HMM_DMIRROR_READ_UNLOCKED => mirror.read(c.addr, c.ptr, c.npages, FaultPolicy::ResolveUnlocked)?,
+            HMM_DMIRROR_EXCLUSIVE => mirror.exclusive(c.addr, c.ptr, c.npages)?,
+            HMM_DMIRROR_CHECK_EXCLUSIVE => mirror.check_exclusive(c.addr, c.npages)?,
             HMM_DMIRROR_WRITE => mirror.write(c.addr, c.ptr, c.npages)?,
             HMM_DMIRROR_MIGRATE_TO_DEV => mirror.migrate_to_device(c.addr, c.ptr, c.npages)?,
             HMM_DMIRROR_MIGRATE_TO_SYS => mirror.migrate_to_system(c.addr, c.npages)?,
