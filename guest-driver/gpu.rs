@@ -8,7 +8,7 @@ use crate::migrate;
 use crate::queue::{InFlight, Queues, RangeList, Wait};
 use crate::shim;
 use crate::uapi::MirrorDevice;
-use crate::vram::Vram;
+use crate::vram::{MemKind, Vram};
 use core::ffi::c_void;
 use core::ptr;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -35,7 +35,8 @@ unsafe impl Send for Contexts {}
 /// GPU indices in use (bit n: GPU n), which name the uAPI devices.
 static GPU_INDICES: AtomicU32 = AtomicU32::new(0);
 
-/// Most GPUs one guest can have (each gets /dev/hmm_dmirror<index>).
+/// Most GPUs one guest can have (GPU n gets /dev/hmm_dmirror<n> and
+/// /dev/hmm_dmirror<n + MAX_GPUS>, as test_hmm numbers its devices).
 pub(crate) const MAX_GPUS: u32 = 2;
 
 /// A bound hmmgpu device.
@@ -52,15 +53,19 @@ pub(crate) struct Gpu {
     queues_live: Mutex<bool>,
     #[pin]
     contexts: SpinLockIrq<Contexts>,
+    /// The device-private half of the VRAM (/dev/hmm_dmirror<index>).
     #[pin]
-    pub(crate) vram: Vram,
+    pub(crate) private: Vram,
+    /// The device-coherent half, over the BAR (/dev/hmm_dmirror<index + 2>).
+    #[pin]
+    pub(crate) coherent: Vram,
     /// Set when the device is being removed or stopped working: every new
     /// uAPI operation fails with ENODEV (device commands still run).
     dead: AtomicBool,
     tags: AtomicU64,
-    /// The uAPI device; taken (deregistered) on removal.
+    /// The uAPI devices (private, coherent); taken (deregistered) on removal.
     #[pin]
-    mirror_dev: Mutex<Option<Pin<KBox<MirrorDevice>>>>,
+    mirror_devs: Mutex<KVec<Pin<KBox<MirrorDevice>>>>,
 }
 
 // SAFETY: `vdev` is only used for calls the virtio core allows from any
@@ -78,6 +83,19 @@ impl Gpu {
     /// GPU index (0 for the first one probed).
     pub(crate) fn index(&self) -> u32 {
         self.index
+    }
+
+    /// The VRAM share of a personality.
+    pub(crate) fn vram(&self, kind: MemKind) -> &Vram {
+        match kind {
+            MemKind::Private => &self.private,
+            MemKind::Coherent => &self.coherent,
+        }
+    }
+
+    /// The VRAM offset of `pfn` if it is one of this GPU's device pages.
+    pub(crate) fn vram_offset_of_pfn(&self, pfn: u64) -> Option<u64> {
+        self.private.offset_of_pfn(pfn).or_else(|| self.coherent.offset_of_pfn(pfn))
     }
 
     /// Fails with ENODEV once the device is gone.
@@ -349,10 +367,11 @@ impl Gpu {
                 queues: Queues::new(queues),
                 queues_live <- new_mutex!(true),
                 contexts <- new_spinlock_irq!(Contexts { slots: KVec::new() }),
-                vram <- Vram::new(config.vram_size)?,
+                private <- Vram::new(MemKind::Private, 0, config.vram_size / 2)?,
+                coherent <- Vram::new(MemKind::Coherent, config.vram_size / 2, config.vram_size / 2)?,
                 dead: AtomicBool::new(false),
                 tags: AtomicU64::new(0),
-                mirror_dev <- new_mutex!(None),
+                mirror_devs <- new_mutex!(KVec::new()),
             }),
             GFP_KERNEL,
         );
@@ -383,11 +402,11 @@ impl Gpu {
             // The shim already dropped the reference on failure.
             Err(Error::from_errno(ret))
         } else {
-            gpu.vram.register_private(dev, gpu.as_cookie())
+            gpu.private.register(dev, gpu.vram_bar, gpu.as_cookie())
         };
         let result = result.and_then(|()| {
-            let md = MirrorDevice::register(gpu.clone())?;
-            *gpu.mirror_dev.lock() = Some(md);
+            let md = MirrorDevice::register(gpu.clone(), MemKind::Private)?;
+            gpu.mirror_devs.lock().push(md, GFP_KERNEL)?;
             Ok(())
         });
         if let Err(e) = result {
@@ -396,28 +415,54 @@ impl Gpu {
             unsafe { shim::hmmgpu_shim_device_reset(vdev) };
             return Err(e);
         }
-        pr_info!(
-            "hmmgpu{}: registered {} MiB VRAM (BAR at {:#x}) as device-private memory, pfns {:#x}..{:#x}, uAPI /dev/hmm_dmirror{}\n",
-            index,
-            config.vram_size >> 20,
-            gpu.vram_bar,
-            gpu.vram.pfn_first(),
-            gpu.vram.pfn_first() + gpu.vram.pages(),
-            index
-        );
+        gpu.log_registered(&gpu.private);
+        // The coherent personality needs memremap_pages() to accept the BAR;
+        // without it the private one still works, and the log says why.
+        let coherent = gpu.coherent.register(dev, gpu.vram_bar, gpu.as_cookie()).and_then(|()| {
+            let md = MirrorDevice::register(gpu.clone(), MemKind::Coherent)?;
+            gpu.mirror_devs.lock().push(md, GFP_KERNEL)?;
+            Ok(())
+        });
+        match coherent {
+            Ok(()) => gpu.log_registered(&gpu.coherent),
+            Err(e) => pr_err!(
+                "hmmgpu{}: device-coherent VRAM not registered ({:?}): /dev/hmm_dmirror{} is not available\n",
+                index,
+                e,
+                index + MAX_GPUS
+            ),
+        }
         Ok(gpu)
+    }
+
+    fn log_registered(&self, vram: &Vram) {
+        let minor = match vram.kind() {
+            MemKind::Private => self.index,
+            MemKind::Coherent => self.index + MAX_GPUS,
+        };
+        pr_info!(
+            "hmmgpu{}: registered {} MiB VRAM (BAR at {:#x}) as {} memory, pfns {:#x}..{:#x}, uAPI /dev/hmm_dmirror{}\n",
+            self.index,
+            vram.size() >> 20,
+            self.vram_bar,
+            vram.kind().name(),
+            vram.pfn_first(),
+            vram.pfn_first() + vram.pages(),
+            minor
+        );
     }
 
     fn remove(&self) {
         // No new opens; open files see ENODEV from now on, except the
         // eviction below which still needs the device.
-        let md = self.mirror_dev.lock().take();
-        drop(md);
+        let devs = core::mem::take(&mut *self.mirror_devs.lock());
+        drop(devs);
         // Commands still run (the queue does not look at `dead`), so the
         // eviction can copy VRAM back.
         self.dead.store(true, Ordering::Release);
-        let evicted = migrate::evict_all(self);
-        self.vram.reclaim_deferred();
+        let evicted = migrate::evict_all(self, &self.private) + migrate::evict_all(self, &self.coherent);
+        self.private.reclaim_deferred();
+        self.coherent.reclaim_deferred();
         match self.counters() {
             Ok(c) => {
                 pr_info!("hmmgpu{}: device counters:\n", self.index);
@@ -431,8 +476,8 @@ impl Gpu {
             "hmmgpu{}: removed; {} pages evicted to system memory, {} of {} KiB VRAM free\n",
             self.index,
             evicted,
-            self.vram.avail() >> 10,
-            self.vram.size() >> 10
+            (self.private.avail() + self.coherent.avail()) >> 10,
+            self.config.vram_size >> 10
         );
         *self.queues_live.lock() = false;
         // SAFETY: the device is bound; nothing submits any more.
@@ -495,10 +540,11 @@ pub(crate) extern "C" fn hmmgpu_rust_gpu_put(cookie: *mut c_void) {
 
 /// `dev_pagemap_ops.folio_free` for our device pages.
 #[no_mangle]
-pub(crate) extern "C" fn hmmgpu_rust_folio_free(cookie: *mut c_void, page: *mut shim::Page) {
-    // SAFETY: the pgmap's cookie is a `Gpu` kept alive by the devm action.
-    let gpu = unsafe { &*cookie.cast::<Gpu>() };
-    gpu.vram.page_freed(page);
+pub(crate) extern "C" fn hmmgpu_rust_folio_free(vram: *mut c_void, page: *mut shim::Page) {
+    // SAFETY: the pgmap owner is a `Vram` inside a `Gpu` kept alive by the
+    // devm action until the pages are unmapped.
+    let vram = unsafe { &*vram.cast::<Vram>() };
+    vram.page_freed(page);
 }
 
 /// An event from the device's event queue (interrupt context).

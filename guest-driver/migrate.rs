@@ -7,6 +7,7 @@ use crate::abi::{opcode, range_flags, PAGE_SIZE};
 use crate::gpu::Gpu;
 use crate::queue::RangeList;
 use crate::shim::{self, Migrate};
+use crate::vram::Vram;
 use core::ffi::c_ulong;
 use core::ptr;
 use kernel::prelude::*;
@@ -78,6 +79,7 @@ impl Drop for MigrateArgs {
 /// On any failure no entry is migrated: the pages stay in system memory.
 fn alloc_and_copy_to_vram(
     gpu: &Gpu,
+    vram: &Vram,
     src: &[c_ulong],
     dst: &mut [c_ulong],
     fail_alloc: &mut bool,
@@ -101,7 +103,7 @@ fn alloc_and_copy_to_vram(
             *fail_alloc = false;
             continue;
         }
-        let Ok((dpage, offset)) = gpu.vram.alloc_page() else {
+        let Ok((dpage, offset)) = vram.alloc_page() else {
             // VRAM full: this page stays in system memory.
             continue;
         };
@@ -137,6 +139,7 @@ fn alloc_and_copy_to_vram(
 /// after which no entry is migrated.
 fn alloc_and_copy_to_ram(
     gpu: &Gpu,
+    vram: &Vram,
     vma: *mut shim::Vma,
     start: u64,
     src: &[c_ulong],
@@ -156,7 +159,7 @@ fn alloc_and_copy_to_ram(
         }
         // SAFETY: valid page.
         let pfn = unsafe { shim::hmmgpu_shim_page_to_pfn(spage) } as u64;
-        let Some(offset) = gpu.vram.offset_of_pfn(pfn) else {
+        let Some(offset) = vram.offset_of_pfn(pfn) else {
             continue;
         };
         let addr = start + i as u64 * PAGE_SIZE;
@@ -233,6 +236,7 @@ fn for_each_step(
 /// access can move them again.
 pub(crate) fn to_device(
     gpu: &Gpu,
+    vram: &Vram,
     mm: *mut shim::Mm,
     start: u64,
     end: u64,
@@ -250,8 +254,8 @@ pub(crate) fn to_device(
                 vma,
                 s as c_ulong,
                 e as c_ulong,
-                gpu.as_cookie(),
-                true,
+                vram.owner(),
+                shim::SELECT_SYSTEM,
                 ptr::null_mut(),
             )
         };
@@ -259,7 +263,7 @@ pub(crate) fn to_device(
             return Err(Error::from_errno(ret));
         }
         let (src, dst) = args.src_dst(n);
-        alloc_and_copy_to_vram(gpu, src, dst, fail_alloc);
+        alloc_and_copy_to_vram(gpu, vram, src, dst, fail_alloc);
         // SAFETY: set up above.
         unsafe { shim::hmmgpu_shim_migrate_pages(args.0) };
         let (src, dst) = args.src_dst(n);
@@ -272,7 +276,7 @@ pub(crate) fn to_device(
             moved += 1;
             // SAFETY: `*dp` is one of our device pages, migrated.
             let pfn = unsafe { shim::hmmgpu_shim_page_to_pfn(shim::hmmgpu_shim_migrate_pfn_to_page(*dp)) };
-            let Some(offset) = gpu.vram.offset_of_pfn(pfn as u64) else {
+            let Some(offset) = vram.offset_of_pfn(pfn as u64) else {
                 continue;
             };
             let mut flags = range_flags::SRC_VRAM | range_flags::MAP_READ;
@@ -295,7 +299,7 @@ pub(crate) fn to_device(
 }
 
 /// Migrates this GPU's pages in [start, end) of `mm` back to system memory.
-pub(crate) fn to_system(gpu: &Gpu, mm: *mut shim::Mm, start: u64, end: u64) -> Result<u64> {
+pub(crate) fn to_system(gpu: &Gpu, vram: &Vram, mm: *mut shim::Mm, start: u64, end: u64) -> Result<u64> {
     let mut args = MigrateArgs::new()?;
     let mut moved = 0;
     for_each_step(mm, start, end, |vma, s, e| {
@@ -307,8 +311,8 @@ pub(crate) fn to_system(gpu: &Gpu, mm: *mut shim::Mm, start: u64, end: u64) -> R
                 vma,
                 s as c_ulong,
                 e as c_ulong,
-                gpu.as_cookie(),
-                false,
+                vram.owner(),
+                vram.kind().code(),
                 ptr::null_mut(),
             )
         };
@@ -316,7 +320,7 @@ pub(crate) fn to_system(gpu: &Gpu, mm: *mut shim::Mm, start: u64, end: u64) -> R
             return Err(Error::from_errno(ret));
         }
         let (src, dst) = args.src_dst(n);
-        let copied = alloc_and_copy_to_ram(gpu, vma, s, src, dst);
+        let copied = alloc_and_copy_to_ram(gpu, vram, vma, s, src, dst);
         // SAFETY: set up above; on a failed copy every dst is 0 and the
         // pages stay where they are.
         unsafe { shim::hmmgpu_shim_migrate_pages(args.0) };
@@ -331,11 +335,13 @@ pub(crate) fn to_system(gpu: &Gpu, mm: *mut shim::Mm, start: u64, end: u64) -> R
 /// `dev_pagemap_ops.migrate_to_ram`: a CPU touched a page in VRAM.
 #[no_mangle]
 pub(crate) extern "C" fn hmmgpu_rust_migrate_to_ram(
-    cookie: *mut core::ffi::c_void,
+    gpu: *mut core::ffi::c_void,
+    vram: *mut core::ffi::c_void,
     vmf: *mut shim::VmFault,
 ) -> shim::VmFaultT {
-    // SAFETY: the pgmap's cookie is a `Gpu` kept alive by the devm action.
-    let gpu = unsafe { &*cookie.cast::<Gpu>() };
+    // SAFETY: the pgmap's cookies are a `Gpu` kept alive by the devm
+    // action and the `Vram` inside it that owns the page.
+    let (gpu, vram) = unsafe { (&*gpu.cast::<Gpu>(), &*vram.cast::<Vram>()) };
     let (mut vma, mut addr, mut page) = (ptr::null_mut(), 0, ptr::null_mut());
     // SAFETY: `vmf` is the fault being handled.
     unsafe { shim::hmmgpu_shim_vmf_info(vmf, &mut vma, &mut addr, &mut page) };
@@ -351,8 +357,8 @@ pub(crate) extern "C" fn hmmgpu_rust_migrate_to_ram(
             vma,
             addr,
             addr + PAGE_SIZE as c_ulong,
-            gpu.as_cookie(),
-            false,
+            vram.owner(),
+            vram.kind().code(),
             page,
         )
     };
@@ -360,7 +366,7 @@ pub(crate) extern "C" fn hmmgpu_rust_migrate_to_ram(
         return sigbus;
     }
     let (src, dst) = args.src_dst(1);
-    let result = alloc_and_copy_to_ram(gpu, vma, addr as u64, src, dst);
+    let result = alloc_and_copy_to_ram(gpu, vram, vma, addr as u64, src, dst);
     // SAFETY: set up above.
     unsafe {
         shim::hmmgpu_shim_migrate_pages(args.0);
@@ -376,15 +382,15 @@ pub(crate) extern "C" fn hmmgpu_rust_migrate_to_ram(
     }
 }
 
-/// Migrates every page still in this GPU's VRAM back to system memory,
-/// whichever process owns it. Returns the number of pages evicted.
-pub(crate) fn evict_all(gpu: &Gpu) -> u64 {
+/// Migrates every page still in this share of the GPU's VRAM back to system
+/// memory, whichever process owns it. Returns the number of pages evicted.
+pub(crate) fn evict_all(gpu: &Gpu, vram: &Vram) -> u64 {
     let Ok(mut args) = MigrateArgs::new() else {
         pr_err!("hmmgpu{}: no memory to evict VRAM\n", gpu.index());
         return 0;
     };
-    let total = gpu.vram.pages() as usize;
-    let first = gpu.vram.pfn_first();
+    let total = vram.pages() as usize;
+    let first = vram.pfn_first();
     if first == 0 {
         return 0;
     }
@@ -402,7 +408,7 @@ pub(crate) fn evict_all(gpu: &Gpu) -> u64 {
             continue;
         }
         let before = src.iter().filter(|s| **s & mpfn_migrate() != 0).count();
-        if let Err(e) = alloc_and_copy_to_ram(gpu, ptr::null_mut(), 0, src, dst) {
+        if let Err(e) = alloc_and_copy_to_ram(gpu, vram, ptr::null_mut(), 0, src, dst) {
             pr_err!(
                 "hmmgpu{}: eviction copy failed ({:?}): {} pages stay in VRAM\n",
                 gpu.index(),

@@ -10,6 +10,7 @@ use crate::gpu::Gpu;
 use crate::migrate;
 use crate::queue::RangeList;
 use crate::shim;
+use crate::vram::{MemKind, Vram};
 use core::ffi::{c_ulong, c_void};
 use core::ptr;
 use core::sync::atomic::{AtomicPtr, Ordering};
@@ -74,6 +75,8 @@ pub(crate) struct Counts {
 #[pin_data(PinnedDrop)]
 pub(crate) struct Mirror {
     pub(crate) gpu: Arc<Gpu>,
+    /// The personality (device-private or device-coherent VRAM).
+    kind: MemKind,
     /// The device MMU context mirroring this address space.
     ctx: u32,
     notifier: AtomicPtr<shim::Notifier>,
@@ -126,14 +129,15 @@ impl Drop for MmRef {
 
 impl Mirror {
     /// Mirrors the calling process's address space for `gpu`.
-    pub(crate) fn new(gpu: Arc<Gpu>) -> Result<Pin<KBox<Self>>> {
+    pub(crate) fn new(gpu: Arc<Gpu>, kind: MemKind) -> Result<Pin<KBox<Self>>> {
         gpu.check_alive()?;
-        let owner = gpu.as_cookie();
+        let owner = gpu.vram(kind).owner();
         let ctx = gpu.ctx_create()?;
         let gpu2 = gpu.clone();
         let mirror = KBox::pin_init(
             try_pin_init!(Mirror {
                 gpu: gpu2,
+                kind,
                 ctx,
                 notifier: AtomicPtr::new(ptr::null_mut()),
                 state <- new_mutex!(MirrorState {
@@ -154,6 +158,11 @@ impl Mirror {
         }
         mirror.notifier.store(n, Ordering::Release);
         Ok(mirror)
+    }
+
+    /// This mirror's share of the VRAM.
+    pub(crate) fn vram(&self) -> &Vram {
+        self.gpu.vram(self.kind)
     }
 
     fn notifier(&self) -> *mut shim::Notifier {
@@ -217,7 +226,7 @@ impl Mirror {
     fn translation(&self, entry: c_ulong) -> Result<(u64, u32)> {
         let mut pfn: c_ulong = 0;
         // SAFETY: `entry` was filled by hmm_range_fault().
-        let info = unsafe { shim::hmmgpu_shim_hmm_pfn_info(entry, self.gpu.as_cookie(), &mut pfn) };
+        let info = unsafe { shim::hmmgpu_shim_hmm_pfn_info(entry, self.vram().owner(), &mut pfn) };
         if info & shim::PFN_VALID == 0 {
             return Err(EFAULT);
         }
@@ -225,9 +234,13 @@ impl Mirror {
         if info & shim::PFN_WRITE != 0 {
             flags |= range_flags::MAP_WRITE;
         }
-        if info & shim::PFN_DEVICE_PRIVATE != 0 {
-            let offset = self.gpu.vram.offset_of_pfn(pfn as u64).ok_or(EFAULT)?;
+        // This GPU's pages (either personality) by VRAM offset; device-
+        // private pages of other owners are faulted to RAM by hmm.
+        if let Some(offset) = self.gpu.vram_offset_of_pfn(pfn as u64) {
             return Ok((offset, flags | range_flags::SRC_VRAM));
+        }
+        if info & shim::PFN_DEVICE_PRIVATE != 0 {
+            return Err(EFAULT);
         }
         Ok((pfn as u64 * PAGE_SIZE, flags))
     }
@@ -317,7 +330,7 @@ impl Mirror {
                 fail
             };
             let end = addr + npages * PAGE_SIZE;
-            let result = migrate::to_device(&self.gpu, self.mm(), addr, end, &mut fail_alloc, |map| {
+            let result = migrate::to_device(&self.gpu, self.vram(), self.mm(), addr, end, &mut fail_alloc, |map| {
                 let mut state = self.state.lock();
                 self.gpu.run_ctx(opcode::MAP, self.ctx, map)?;
                 state.note_mapped(addr, end);
@@ -399,7 +412,7 @@ impl Mirror {
     pub(crate) fn migrate_to_system(&self, addr: u64, npages: u64) -> Result<Counts> {
         self.gpu.check_alive()?;
         let _mm = MmRef::get(self.mm())?;
-        let moved = migrate::to_system(&self.gpu, self.mm(), addr, addr + npages * PAGE_SIZE)?;
+        let moved = migrate::to_system(&self.gpu, self.vram(), self.mm(), addr, addr + npages * PAGE_SIZE)?;
         Ok(Counts { cpages: moved, faults: 0 })
     }
 
@@ -443,7 +456,7 @@ impl Mirror {
                 for (p, entry) in perms[..n].iter_mut().zip(pfns[..n].iter()) {
                     let mut pfn: c_ulong = 0;
                     // SAFETY: `entry` was filled by hmm_range_fault().
-                    let info = unsafe { shim::hmmgpu_shim_hmm_pfn_info(*entry, self.gpu.as_cookie(), &mut pfn) };
+                    let info = unsafe { shim::hmmgpu_shim_hmm_pfn_info(*entry, self.vram().owner(), &mut pfn) };
                     *p = crate::uapi::snapshot_prot(info);
                 }
                 break;

@@ -316,32 +316,36 @@ struct hmmgpu_pagemap {
 
 static void hmmgpu_folio_free(struct folio *folio)
 {
-	struct hmmgpu_pagemap *pm =
-		container_of(folio->pgmap, struct hmmgpu_pagemap, pgmap);
-
-	hmmgpu_rust_folio_free(pm->gpu, &folio->page);
+	/* The pgmap owner is the Rust Vram the page belongs to. */
+	hmmgpu_rust_folio_free(folio->pgmap->owner, &folio->page);
 }
 
 static vm_fault_t hmmgpu_migrate_to_ram(struct vm_fault *vmf)
 {
-	struct hmmgpu_pagemap *pm = container_of(page_pgmap(vmf->page),
-						 struct hmmgpu_pagemap, pgmap);
+	struct dev_pagemap *pgmap = page_pgmap(vmf->page);
+	struct hmmgpu_pagemap *pm =
+		container_of(pgmap, struct hmmgpu_pagemap, pgmap);
 
-	return hmmgpu_rust_migrate_to_ram(pm->gpu, vmf);
+	return hmmgpu_rust_migrate_to_ram(pm->gpu, pgmap->owner, vmf);
 }
 
-static const struct dev_pagemap_ops hmmgpu_pagemap_ops = {
+static const struct dev_pagemap_ops hmmgpu_private_ops = {
 	.folio_free = hmmgpu_folio_free,
 	.migrate_to_ram = hmmgpu_migrate_to_ram,
 };
 
+static const struct dev_pagemap_ops hmmgpu_coherent_ops = {
+	.folio_free = hmmgpu_folio_free,
+};
+
 /*
- * Creates device-private struct pages for @size bytes of VRAM, in a free
- * physical address range, managed by @dev (devm: unmapped after remove).
- * @owner is the pgmap owner (the GPU). Returns the first pfn or 0.
+ * Creates struct pages for @size bytes of VRAM, managed by @dev (devm:
+ * unmapped after remove): HMMGPU_MEM_PRIVATE in a free physical range, or
+ * HMMGPU_MEM_COHERENT over the BAR at @phys. @owner is the pgmap owner,
+ * @gpu handed to migrate_to_ram. Returns the first pfn, or 0.
  */
-unsigned long hmmgpu_shim_memremap_private(struct device *dev, u64 size,
-					   void *gpu)
+unsigned long hmmgpu_shim_memremap(struct device *dev, int kind, u64 phys,
+				   u64 size, void *gpu, void *owner)
 {
 	struct hmmgpu_pagemap *pm;
 	struct resource *res;
@@ -350,25 +354,39 @@ unsigned long hmmgpu_shim_memremap_private(struct device *dev, u64 size,
 	pm = devm_kzalloc(dev, sizeof(*pm), GFP_KERNEL);
 	if (!pm)
 		return 0;
-	res = devm_request_free_mem_region(dev, &iomem_resource, size);
-	if (IS_ERR(res)) {
-		dev_err(dev, "no free physical range for %llu bytes of VRAM: %ld\n",
-			size, PTR_ERR(res));
+	switch (kind) {
+	case HMMGPU_MEM_PRIVATE:
+		res = devm_request_free_mem_region(dev, &iomem_resource, size);
+		if (IS_ERR(res)) {
+			dev_err(dev, "no free physical range for %llu bytes of VRAM: %ld\n",
+				size, PTR_ERR(res));
+			return 0;
+		}
+		pm->pgmap.type = MEMORY_DEVICE_PRIVATE;
+		pm->pgmap.range.start = res->start;
+		pm->pgmap.range.end = res->end;
+		pm->pgmap.ops = &hmmgpu_private_ops;
+		break;
+	case HMMGPU_MEM_COHERENT:
+		pm->pgmap.type = MEMORY_DEVICE_COHERENT;
+		pm->pgmap.range.start = phys;
+		pm->pgmap.range.end = phys + size - 1;
+		pm->pgmap.ops = &hmmgpu_coherent_ops;
+		break;
+	default:
 		return 0;
 	}
 	pm->gpu = gpu;
-	pm->pgmap.type = MEMORY_DEVICE_PRIVATE;
-	pm->pgmap.range.start = res->start;
-	pm->pgmap.range.end = res->end;
 	pm->pgmap.nr_range = 1;
-	pm->pgmap.ops = &hmmgpu_pagemap_ops;
-	pm->pgmap.owner = gpu;
+	pm->pgmap.owner = owner;
 	addr = devm_memremap_pages(dev, &pm->pgmap);
 	if (IS_ERR(addr)) {
-		dev_err(dev, "devm_memremap_pages failed: %ld\n", PTR_ERR(addr));
+		dev_err(dev, "devm_memremap_pages (%s) failed: %ld\n",
+			kind == HMMGPU_MEM_PRIVATE ? "private" : "coherent",
+			PTR_ERR(addr));
 		return 0;
 	}
-	return PHYS_PFN(res->start);
+	return PHYS_PFN(pm->pgmap.range.start);
 }
 
 struct page *hmmgpu_shim_pfn_to_page(unsigned long pfn)
@@ -489,13 +507,14 @@ unsigned long *hmmgpu_shim_migrate_dst(struct hmmgpu_migrate *m)
 }
 
 /*
- * migrate_vma_setup() for [start, end) of @vma (at most PTRS_PER_PTE pages):
- * @to_device selects system pages; otherwise device-private pages of @owner.
+ * migrate_vma_setup() for [start, end) of @vma (at most PTRS_PER_PTE pages),
+ * selecting @select pages (HMMGPU_MEM_*): system pages, or the device pages
+ * of pgmap owner @owner.
  * @fault_page is vmf->page in migrate_to_ram, else NULL.
  */
 int hmmgpu_shim_migrate_setup(struct hmmgpu_migrate *m,
 			      struct vm_area_struct *vma, unsigned long start,
-			      unsigned long end, void *owner, bool to_device,
+			      unsigned long end, void *owner, int select,
 			      struct page *fault_page)
 {
 	if (WARN_ON((end - start) >> PAGE_SHIFT > PTRS_PER_PTE))
@@ -508,8 +527,19 @@ int hmmgpu_shim_migrate_setup(struct hmmgpu_migrate *m,
 	m->args.start = start;
 	m->args.end = end;
 	m->args.pgmap_owner = owner;
-	m->args.flags = to_device ? MIGRATE_VMA_SELECT_SYSTEM :
-				    MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
+	switch (select) {
+	case HMMGPU_MEM_SYSTEM:
+		m->args.flags = MIGRATE_VMA_SELECT_SYSTEM;
+		break;
+	case HMMGPU_MEM_PRIVATE:
+		m->args.flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
+		break;
+	case HMMGPU_MEM_COHERENT:
+		m->args.flags = MIGRATE_VMA_SELECT_DEVICE_COHERENT;
+		break;
+	default:
+		return -EINVAL;
+	}
 	m->args.fault_page = fault_page;
 	return migrate_vma_setup(&m->args);
 }

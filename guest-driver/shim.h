@@ -18,13 +18,19 @@ struct virtio_device;
 struct vm_area_struct;
 struct vm_fault;
 
+/* Kinds of memory (MemKind::code() in vram.rs). */
+#define HMMGPU_MEM_SYSTEM	0
+#define HMMGPU_MEM_PRIVATE	1
+#define HMMGPU_MEM_COHERENT	2
+
 /* Implemented in Rust. */
 int hmmgpu_rust_probe(struct virtio_device *vdev);
 void hmmgpu_rust_remove(struct virtio_device *vdev);
 void hmmgpu_rust_gpu_put(void *gpu);
 void hmmgpu_rust_event(void *gpu, const u8 *buf, unsigned int len);
-vm_fault_t hmmgpu_rust_migrate_to_ram(void *gpu, struct vm_fault *vmf);
-void hmmgpu_rust_folio_free(void *gpu, struct page *page);
+vm_fault_t hmmgpu_rust_migrate_to_ram(void *gpu, void *vram,
+				      struct vm_fault *vmf);
+void hmmgpu_rust_folio_free(void *vram, struct page *page);
 bool hmmgpu_rust_invalidate(void *mirror, unsigned long start,
 			    unsigned long end, bool blockable, bool own_migrate,
 			    unsigned long cur_seq);
@@ -69,8 +75,8 @@ int hmmgpu_shim_cmd_submit(struct hmmgpu_queues *q, struct hmmgpu_cmd *cmd,
 			   unsigned int in_len);
 long hmmgpu_shim_cmd_wait(struct hmmgpu_cmd *cmd, unsigned int timeout_ms);
 void hmmgpu_shim_cmd_wake(struct hmmgpu_cmd *cmd);
-unsigned long hmmgpu_shim_memremap_private(struct device *dev, u64 size,
-					   void *gpu);
+unsigned long hmmgpu_shim_memremap(struct device *dev, int kind, u64 phys,
+				   u64 size, void *gpu, void *owner);
 struct page *hmmgpu_shim_pfn_to_page(unsigned long pfn);
 unsigned long hmmgpu_shim_page_to_pfn(struct page *page);
 u64 hmmgpu_shim_virt_to_phys(void *addr);
@@ -93,7 +99,7 @@ unsigned long *hmmgpu_shim_migrate_src(struct hmmgpu_migrate *m);
 unsigned long *hmmgpu_shim_migrate_dst(struct hmmgpu_migrate *m);
 int hmmgpu_shim_migrate_setup(struct hmmgpu_migrate *m,
 			      struct vm_area_struct *vma, unsigned long start,
-			      unsigned long end, void *owner, bool to_device,
+			      unsigned long end, void *owner, int select,
 			      struct page *fault_page);
 void hmmgpu_shim_migrate_pages(struct hmmgpu_migrate *m);
 void hmmgpu_shim_migrate_finalize(struct hmmgpu_migrate *m);

@@ -34,6 +34,9 @@ opaque!(
     Notifier,
 );
 
+/// `HMMGPU_MEM_SYSTEM` of shim.h: migrate_vma selects system pages.
+pub(crate) const SELECT_SYSTEM: c_int = 0;
+
 /// `vm_fault_t`.
 pub(crate) type VmFaultT = c_uint;
 
@@ -90,8 +93,14 @@ extern "C" {
     pub(crate) fn hmmgpu_shim_cmd_wait(cmd: *mut Cmd, timeout_ms: c_uint) -> c_long;
     pub(crate) fn hmmgpu_shim_cmd_wake(cmd: *mut Cmd);
 
-    pub(crate) fn hmmgpu_shim_memremap_private(dev: *mut Device, size: u64, gpu: *mut c_void)
-        -> c_ulong;
+    pub(crate) fn hmmgpu_shim_memremap(
+        dev: *mut Device,
+        kind: c_int,
+        phys: u64,
+        size: u64,
+        gpu: *mut c_void,
+        owner: *mut c_void,
+    ) -> c_ulong;
     pub(crate) fn hmmgpu_shim_pfn_to_page(pfn: c_ulong) -> *mut Page;
     pub(crate) fn hmmgpu_shim_page_to_pfn(page: *mut Page) -> c_ulong;
     pub(crate) fn hmmgpu_shim_virt_to_phys(addr: *mut c_void) -> u64;
@@ -122,7 +131,7 @@ extern "C" {
         start: c_ulong,
         end: c_ulong,
         owner: *mut c_void,
-        to_device: bool,
+        select: c_int,
         fault_page: *mut Page,
     ) -> c_int;
     pub(crate) fn hmmgpu_shim_migrate_pages(m: *mut Migrate);

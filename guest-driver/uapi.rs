@@ -7,6 +7,7 @@
 use crate::gpu::{Gpu, MAX_GPUS};
 use crate::mirror::{Counts, FaultPolicy, Mirror};
 use crate::shim;
+use crate::vram::MemKind;
 use kernel::container_of;
 use kernel::fs::File;
 use kernel::ioctl::_IOWR;
@@ -101,24 +102,31 @@ pub(crate) fn snapshot_prot(info: u32) -> u8 {
     prot
 }
 
-/// Names of the uAPI devices, by GPU index.
-const NAMES: [&CStr; MAX_GPUS as usize] = [c"hmm_dmirror0", c"hmm_dmirror1"];
+/// Names of the uAPI devices: private ones by GPU index, then coherent ones.
+const NAMES: [&CStr; 2 * MAX_GPUS as usize] =
+    [c"hmm_dmirror0", c"hmm_dmirror1", c"hmm_dmirror2", c"hmm_dmirror3"];
 
 /// The registered /dev/hmm_dmirrorN of one GPU.
 #[pin_data]
 pub(crate) struct MirrorDevice {
     gpu: Arc<Gpu>,
+    kind: MemKind,
     #[pin]
     registration: MiscDeviceRegistration<Mirror>,
 }
 
 impl MirrorDevice {
     /// Registers the uAPI device of `gpu`.
-    pub(crate) fn register(gpu: Arc<Gpu>) -> Result<Pin<KBox<Self>>> {
-        let name = NAMES[gpu.index() as usize];
+    pub(crate) fn register(gpu: Arc<Gpu>, kind: MemKind) -> Result<Pin<KBox<Self>>> {
+        let minor = match kind {
+            MemKind::Private => gpu.index(),
+            MemKind::Coherent => gpu.index() + MAX_GPUS,
+        };
+        let name = NAMES[minor as usize];
         KBox::try_pin_init(
             try_pin_init!(MirrorDevice {
                 gpu,
+                kind,
                 registration <- MiscDeviceRegistration::register(MiscDeviceOptions { name }),
             }),
             GFP_KERNEL,
@@ -134,7 +142,7 @@ impl MiscDevice for Mirror {
         // SAFETY: every registration of `Mirror` is the `registration` field
         // of a pinned `MirrorDevice`, alive while the device is registered.
         let md = unsafe { &*container_of!(misc as *const MiscDeviceRegistration<Mirror>, MirrorDevice, registration) };
-        Mirror::new(md.gpu.clone())
+        Mirror::new(md.gpu.clone(), md.kind)
     }
 
     fn ioctl(mirror: Pin<&Mirror>, _file: &File, cmd: u32, arg: usize) -> Result<isize> {
@@ -160,7 +168,7 @@ impl MiscDevice for Mirror {
             HMM_DMIRROR_SNAPSHOT => mirror.snapshot(c.addr, c.ptr, c.npages)?,
             HMM_DMIRROR_RELEASE => {
                 mirror.gpu.check_alive()?;
-                crate::migrate::evict_all(&mirror.gpu);
+                crate::migrate::evict_all(&mirror.gpu, mirror.vram());
                 Counts::default()
             }
             HMM_DMIRROR_FLAGS => {

@@ -3,10 +3,15 @@
 //! VRAM: the allocator (the kernel's GPU buddy allocator) and the ZONE_DEVICE
 //! pages that stand for it.
 //!
-//! Device page `pfn_first + n` is VRAM page `n`: the mapping is fixed, so a
-//! device page's VRAM offset is computed, never stored. What a page stores
-//! (in `zone_device_data`) is its buddy allocation, returned when the kernel
-//! frees the page.
+//! A GPU's VRAM is split in two halves, one per personality: the first half
+//! is MEMORY_DEVICE_PRIVATE (struct pages in a free physical range, not CPU
+//! addressable), the second MEMORY_DEVICE_COHERENT (struct pages over the
+//! BAR itself, CPU addressable). Each half is one `Vram`.
+//!
+//! Device page `pfn_first + n` is VRAM page `base / PAGE_SIZE + n`: the
+//! mapping is fixed, so a device page's VRAM offset is computed, never
+//! stored. What a page stores (in `zone_device_data`) is its buddy
+//! allocation, returned when the kernel frees the page.
 
 use crate::abi;
 use crate::shim;
@@ -39,9 +44,39 @@ struct FreeList {
 // SAFETY: the list is only touched under its `SpinLock`.
 unsafe impl Send for FreeList {}
 
-/// The VRAM of one GPU.
+/// Which kind of ZONE_DEVICE memory a `Vram` is registered as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MemKind {
+    /// MEMORY_DEVICE_PRIVATE.
+    Private,
+    /// MEMORY_DEVICE_COHERENT.
+    Coherent,
+}
+
+impl MemKind {
+    /// The shim's code for the kind (HMMGPU_MEM_* in shim.h).
+    pub(crate) fn code(self) -> core::ffi::c_int {
+        match self {
+            MemKind::Private => 1,
+            MemKind::Coherent => 2,
+        }
+    }
+
+    /// Name for logs.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            MemKind::Private => "device-private",
+            MemKind::Coherent => "device-coherent",
+        }
+    }
+}
+
+/// One personality's share of a GPU's VRAM.
 #[pin_data]
 pub(crate) struct Vram {
+    kind: MemKind,
+    /// VRAM offset of this share.
+    base: u64,
     size: u64,
     buddy: GpuBuddy,
     /// First pfn of the device-private range; 0 until registered.
@@ -51,14 +86,17 @@ pub(crate) struct Vram {
 }
 
 impl Vram {
-    /// An allocator for `size` bytes of VRAM in pages of [`abi::PAGE_SIZE`].
-    pub(crate) fn new(size: u64) -> Result<impl PinInit<Self, Error>> {
+    /// An allocator for `size` bytes of VRAM at offset `base`, in pages of
+    /// [`abi::PAGE_SIZE`].
+    pub(crate) fn new(kind: MemKind, base: u64, size: u64) -> Result<impl PinInit<Self, Error>> {
         let buddy = GpuBuddy::new(GpuBuddyParams {
-            base_offset: 0,
+            base_offset: base,
             size,
             chunk_size: Alignment::new::<SZ_4K>(),
         })?;
         Ok(try_pin_init!(Self {
+            kind,
+            base,
             size,
             buddy,
             pfn_first: AtomicU64::new(0),
@@ -71,17 +109,31 @@ impl Vram {
         self.size
     }
 
+    /// The kind of device memory.
+    pub(crate) fn kind(&self) -> MemKind {
+        self.kind
+    }
+
+    /// This share as the pgmap owner: the identity migrate_vma_*() and
+    /// hmm_range_fault() match device pages against.
+    pub(crate) fn owner(&self) -> *mut c_void {
+        (self as *const Self).cast_mut().cast()
+    }
+
     /// Number of VRAM pages.
     pub(crate) fn pages(&self) -> u64 {
         self.size / abi::PAGE_SIZE
     }
 
-    /// Creates the device-private struct pages (devm on `dev`); `gpu` is
-    /// the pgmap owner handed back to the page callbacks.
-    pub(crate) fn register_private(&self, dev: *mut shim::Device, gpu: *mut c_void) -> Result {
-        // SAFETY: `dev` is the bound virtio device; `gpu` outlives the
-        // mapping (a devm action registered before it holds a reference).
-        let pfn = unsafe { shim::hmmgpu_shim_memremap_private(dev, self.size, gpu) };
+    /// Creates the struct pages (devm on `dev`): device-private ones in a
+    /// free physical range, or device-coherent ones over the VRAM BAR at
+    /// guest-physical `bar`. `gpu` is handed back to the page callbacks.
+    pub(crate) fn register(&self, dev: *mut shim::Device, bar: u64, gpu: *mut c_void) -> Result {
+        // SAFETY: `dev` is the bound virtio device; `gpu` and `self` outlive
+        // the mapping (a devm action registered before it holds a reference).
+        let pfn = unsafe {
+            shim::hmmgpu_shim_memremap(dev, self.kind.code(), bar + self.base, self.size, gpu, self.owner())
+        };
         if pfn == 0 {
             return Err(ENOMEM);
         }
@@ -100,7 +152,7 @@ impl Vram {
         if first == 0 || pfn < first || pfn >= first + self.pages() {
             return None;
         }
-        Some((pfn - first) * abi::PAGE_SIZE)
+        Some(self.base + (pfn - first) * abi::PAGE_SIZE)
     }
 
     /// Bytes free in the allocator.
@@ -122,7 +174,7 @@ impl Vram {
             GFP_KERNEL,
         )?;
         let offset = blocks.iter().next().ok_or(ENOMEM)?.offset();
-        let pfn = self.pfn_first() + offset / abi::PAGE_SIZE;
+        let pfn = self.pfn_first() + (offset - self.base) / abi::PAGE_SIZE;
         let alloc = KBox::new(
             VramAlloc {
                 _blocks: blocks,
