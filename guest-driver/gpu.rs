@@ -39,6 +39,9 @@ static GPU_INDICES: AtomicU32 = AtomicU32::new(0);
 /// /dev/hmm_dmirror<n + MAX_GPUS>, as test_hmm numbers its devices).
 pub(crate) const MAX_GPUS: u32 = 2;
 
+/// Smallest VRAM the driver can use.
+const MIN_VRAM: u64 = 4 << 20;
+
 /// A bound hmmgpu device.
 #[pin_data]
 pub(crate) struct Gpu {
@@ -316,12 +319,14 @@ impl Gpu {
             );
             return Err(ENODEV);
         }
+        // Two halves (private, coherent), each a whole number of the 2 MiB
+        // subsections memremap_pages() works in.
         if config.page_size as u64 != abi::PAGE_SIZE
-            || config.vram_size < abi::PAGE_SIZE
-            || config.vram_size % abi::PAGE_SIZE != 0
+            || config.vram_size < MIN_VRAM
+            || config.vram_size % MIN_VRAM != 0
         {
             pr_err!(
-                "hmmgpu: bad config: page size {}, VRAM {} bytes\n",
+                "hmmgpu: unusable config: page size {} (need 4096), VRAM {} bytes (need a multiple of 4 MiB)\n",
                 config.page_size,
                 config.vram_size
             );

@@ -3,11 +3,11 @@
 //! Migration between system memory and VRAM with migrate_vma_* and
 //! migrate_device_*, every byte moved by the device's copy engine.
 
-use crate::abi::{opcode, range_flags, PAGE_SIZE};
+use crate::abi::{self, opcode, range_flags, PAGE_SIZE};
 use crate::gpu::Gpu;
 use crate::queue::RangeList;
 use crate::shim::{self, Migrate};
-use crate::vram::Vram;
+use crate::vram::{Vram, HUGE_ORDER};
 use core::ffi::c_ulong;
 use core::ptr;
 use kernel::prelude::*;
@@ -74,9 +74,31 @@ impl Drop for MigrateArgs {
     }
 }
 
+fn mpfn_compound() -> c_ulong {
+    // SAFETY: constant exported by the shim.
+    unsafe { shim::hmmgpu_MIGRATE_PFN_COMPOUND }
+}
+
+/// Pages of a THP.
+const HUGE_PAGES: usize = 1 << HUGE_ORDER;
+
+fn page_pfn(page: *mut shim::Page) -> c_ulong {
+    // SAFETY: `page` is a valid struct page.
+    unsafe { shim::hmmgpu_shim_page_to_pfn(page) }
+}
+
+/// The migrate pfn entry for `page`.
+fn mpfn(page: *mut shim::Page) -> c_ulong {
+    // SAFETY: constant conversion of a valid pfn.
+    unsafe { shim::hmmgpu_shim_migrate_pfn(page_pfn(page)) }
+}
+
 /// Fills `dst` with freshly allocated VRAM pages for every migrating entry
 /// of `src` and copies (or zero-fills) the data into them with the device.
-/// On any failure no entry is migrated: the pages stay in system memory.
+/// A THP source (MIGRATE_PFN_COMPOUND) gets a 2 MiB VRAM THP, or 512 single
+/// pages if that allocation fails (HMM_DMIRROR_FLAG_FAIL_ALLOC fails it
+/// once, as in test_hmm; for a single page it leaves the page behind). On a
+/// copy failure no entry is migrated: the pages stay in system memory.
 fn alloc_and_copy_to_vram(
     gpu: &Gpu,
     vram: &Vram,
@@ -87,42 +109,70 @@ fn alloc_and_copy_to_vram(
     let mut copies = RangeList::new();
     let mut zeroes = RangeList::new();
     let mut result = Ok(());
-    for (s, d) in src.iter().zip(dst.iter_mut()) {
-        *d = 0;
-        if s & mpfn_migrate() == 0 || result.is_err() {
+    dst.iter_mut().for_each(|d| *d = 0);
+    let mut i = 0;
+    while i < src.len() && result.is_ok() {
+        let s = src[i];
+        if s & mpfn_migrate() == 0 {
+            i += 1;
             continue;
         }
-        // SAFETY: `*s` is a migrate pfn from migrate_vma_setup().
-        let spage = unsafe { shim::hmmgpu_shim_migrate_pfn_to_page(*s) };
+        // SAFETY: `s` is a migrate pfn from migrate_vma_setup().
+        let spage = unsafe { shim::hmmgpu_shim_migrate_pfn_to_page(s) };
         // SAFETY: as above; a NULL page means "not populated, zero".
         if !spage.is_null() && unsafe { shim::hmmgpu_shim_is_zone_device_page(spage) } {
+            i += 1;
             continue;
         }
-        if *fail_alloc {
-            // HMM_DMIRROR_FLAG_FAIL_ALLOC: fail exactly one allocation.
-            *fail_alloc = false;
+        let sphys = (!spage.is_null()).then(|| page_phys(spage));
+        let write = s & mpfn_write();
+        let mut place = |d: &mut c_ulong, page: *mut shim::Page, flags: c_ulong, dst_off: u64, src_off: u64, len: u64| {
+            *d = mpfn(page) | write | flags;
+            match sphys {
+                Some(p) => copies.push(p + src_off, dst_off, len as u32, range_flags::DST_VRAM),
+                None => zeroes.push_fill(0, dst_off, len as u32, range_flags::DST_VRAM),
+            }
+        };
+        if s & mpfn_compound() != 0 {
+            let nr = core::cmp::min(HUGE_PAGES, src.len() - i);
+            let huge = if core::mem::take(fail_alloc) {
+                Err(ENOMEM)
+            } else {
+                vram.alloc_page(true)
+            };
+            if let Ok((page, offset)) = huge {
+                result = place(&mut dst[i], page, mpfn_compound(), offset, 0, abi::HUGE_PAGE_SIZE);
+            } else {
+                for j in 0..nr {
+                    let Ok((page, offset)) = vram.alloc_page(false) else {
+                        break;
+                    };
+                    result = place(&mut dst[i + j], page, 0, offset, j as u64 * PAGE_SIZE, PAGE_SIZE);
+                    if result.is_err() {
+                        break;
+                    }
+                }
+            }
+            i += nr;
             continue;
         }
-        let Ok((dpage, offset)) = vram.alloc_page() else {
-            // VRAM full: this page stays in system memory.
+        if core::mem::take(fail_alloc) {
+            i += 1;
             continue;
-        };
-        // SAFETY: `dpage` was initialized by `alloc_page`.
-        *d = unsafe { shim::hmmgpu_shim_migrate_pfn(shim::hmmgpu_shim_page_to_pfn(dpage)) }
-            | (s & mpfn_write());
-        result = if spage.is_null() {
-            zeroes.push_fill(0, offset, PAGE_SIZE as u32, range_flags::DST_VRAM)
-        } else {
-            copies.push(page_phys(spage), offset, PAGE_SIZE as u32, range_flags::DST_VRAM)
-        };
+        }
+        // VRAM full: this page stays in system memory.
+        if let Ok((page, offset)) = vram.alloc_page(false) {
+            result = place(&mut dst[i], page, 0, offset, 0, PAGE_SIZE);
+        }
+        i += 1;
     }
     let result = result
         .and_then(|()| gpu.run(opcode::COPY, &copies))
         .and_then(|_| gpu.run(opcode::FILL, &zeroes));
     if result.is_err() {
-        // The copy did not happen: give the VRAM pages back, migrate nothing.
+        // The copy did not happen: give the VRAM back, migrate nothing.
         for d in dst.iter_mut().filter(|d| **d != 0) {
-            // SAFETY: `*d` holds a device page prepared above.
+            // SAFETY: `*d` holds a device page or THP prepared above.
             unsafe {
                 shim::hmmgpu_shim_device_page_discard(shim::hmmgpu_shim_migrate_pfn_to_page(*d))
             };
@@ -134,9 +184,10 @@ fn alloc_and_copy_to_vram(
 }
 
 /// Allocates system pages for every migrating device page of `src` and
-/// copies the data back from VRAM. `vma`/`start` place the new pages (may
-/// be NULL for eviction). Returns the number of pages prepared, or an error
-/// after which no entry is migrated.
+/// copies the data back from VRAM. A device THP gets a system THP, or 512
+/// single pages if that allocation fails (or `fail_alloc` fails it once).
+/// `vma`/`start` place the new pages (NULL for eviction). Returns the number
+/// of entries prepared, or an error after which no entry is migrated.
 fn alloc_and_copy_to_ram(
     gpu: &Gpu,
     vram: &Vram,
@@ -144,43 +195,62 @@ fn alloc_and_copy_to_ram(
     start: u64,
     src: &[c_ulong],
     dst: &mut [c_ulong],
+    fail_alloc: &mut bool,
 ) -> Result<usize> {
     let mut copies = RangeList::new();
     let mut result = Ok(());
-    for (i, (s, d)) in src.iter().zip(dst.iter_mut()).enumerate() {
-        *d = 0;
-        if s & mpfn_migrate() == 0 || result.is_err() {
+    dst.iter_mut().for_each(|d| *d = 0);
+    let mut i = 0;
+    while i < src.len() && result.is_ok() {
+        let s = src[i];
+        // SAFETY: `s` is a migrate pfn from the setup call.
+        let spage = unsafe { shim::hmmgpu_shim_migrate_pfn_to_page(s) };
+        if s & mpfn_migrate() == 0 || spage.is_null() {
+            i += 1;
             continue;
         }
-        // SAFETY: `*s` is a migrate pfn from the setup call.
-        let spage = unsafe { shim::hmmgpu_shim_migrate_pfn_to_page(*s) };
-        if spage.is_null() {
-            continue;
-        }
-        // SAFETY: valid page.
-        let pfn = unsafe { shim::hmmgpu_shim_page_to_pfn(spage) } as u64;
-        let Some(offset) = vram.offset_of_pfn(pfn) else {
+        let Some(offset) = vram.offset_of_pfn(page_pfn(spage) as u64) else {
+            i += 1;
             continue;
         };
         let addr = start + i as u64 * PAGE_SIZE;
-        // SAFETY: `vma` is NULL or the VMA being migrated, locked by the caller.
-        let dpage = unsafe { shim::hmmgpu_shim_alloc_sys_page(vma, addr as c_ulong) };
-        if dpage.is_null() {
-            result = Err(ENOMEM);
-            continue;
+        let write = s & mpfn_write();
+        let nr = if s & mpfn_compound() != 0 {
+            core::cmp::min(HUGE_PAGES, src.len() - i)
+        } else {
+            1
+        };
+        if nr > 1 && !core::mem::take(fail_alloc) {
+            // SAFETY: `vma` is NULL or the VMA being migrated, locked by the caller.
+            let thp = unsafe { shim::hmmgpu_shim_alloc_sys_page(vma, addr as c_ulong, HUGE_ORDER) };
+            if !thp.is_null() {
+                dst[i] = mpfn(thp) | write | mpfn_compound();
+                result = copies.push(offset, page_phys(thp), abi::HUGE_PAGE_SIZE as u32, range_flags::SRC_VRAM);
+                i += nr;
+                continue;
+            }
         }
-        // SAFETY: `dpage` is a locked system page.
-        *d = unsafe { shim::hmmgpu_shim_migrate_pfn(shim::hmmgpu_shim_page_to_pfn(dpage)) }
-            | (s & mpfn_write());
-        if let Err(e) = copies.push(offset, page_phys(dpage), PAGE_SIZE as u32, range_flags::SRC_VRAM) {
-            result = Err(e);
+        for j in 0..nr {
+            let a = addr + j as u64 * PAGE_SIZE;
+            // SAFETY: as above.
+            let page = unsafe { shim::hmmgpu_shim_alloc_sys_page(vma, a as c_ulong, 0) };
+            if page.is_null() {
+                result = Err(ENOMEM);
+                break;
+            }
+            dst[i + j] = mpfn(page) | write;
+            result = copies.push(offset + j as u64 * PAGE_SIZE, page_phys(page), PAGE_SIZE as u32, range_flags::SRC_VRAM);
+            if result.is_err() {
+                break;
+            }
         }
+        i += nr;
     }
     let result = result.and_then(|()| gpu.run(opcode::COPY, &copies).map(|_| ()));
     let prepared = dst.iter().filter(|d| **d != 0).count();
     if let Err(e) = result {
         for d in dst.iter_mut().filter(|d| **d != 0) {
-            // SAFETY: `*d` holds a locked system page allocated above.
+            // SAFETY: `*d` holds a locked system page or THP allocated above.
             unsafe { shim::hmmgpu_shim_free_sys_page(shim::hmmgpu_shim_migrate_pfn_to_page(*d)) };
             *d = 0;
         }
@@ -256,6 +326,7 @@ pub(crate) fn to_device(
                 e as c_ulong,
                 vram.owner(),
                 shim::SELECT_SYSTEM,
+                true,
                 ptr::null_mut(),
             )
         };
@@ -283,7 +354,14 @@ pub(crate) fn to_device(
             if *sp & mpfn_write() != 0 {
                 flags |= range_flags::MAP_WRITE;
             }
-            if let Err(e) = list.push(offset, s + i as u64 * PAGE_SIZE, PAGE_SIZE as u32, flags) {
+            // A THP is mapped by one huge device MMU entry.
+            let len = if *dp & mpfn_compound() != 0 {
+                flags |= range_flags::MAP_HUGE;
+                abi::HUGE_PAGE_SIZE
+            } else {
+                PAGE_SIZE
+            };
+            if let Err(e) = list.push(offset, s + i as u64 * PAGE_SIZE, len as u32, flags) {
                 result = Err(e);
                 break;
             }
@@ -299,7 +377,14 @@ pub(crate) fn to_device(
 }
 
 /// Migrates this GPU's pages in [start, end) of `mm` back to system memory.
-pub(crate) fn to_system(gpu: &Gpu, vram: &Vram, mm: *mut shim::Mm, start: u64, end: u64) -> Result<u64> {
+pub(crate) fn to_system(
+    gpu: &Gpu,
+    vram: &Vram,
+    mm: *mut shim::Mm,
+    start: u64,
+    end: u64,
+    fail_alloc: &mut bool,
+) -> Result<u64> {
     let mut args = MigrateArgs::new()?;
     let mut moved = 0;
     for_each_step(mm, start, end, |vma, s, e| {
@@ -313,6 +398,7 @@ pub(crate) fn to_system(gpu: &Gpu, vram: &Vram, mm: *mut shim::Mm, start: u64, e
                 e as c_ulong,
                 vram.owner(),
                 vram.kind().code(),
+                true,
                 ptr::null_mut(),
             )
         };
@@ -320,7 +406,7 @@ pub(crate) fn to_system(gpu: &Gpu, vram: &Vram, mm: *mut shim::Mm, start: u64, e
             return Err(Error::from_errno(ret));
         }
         let (src, dst) = args.src_dst(n);
-        let copied = alloc_and_copy_to_ram(gpu, vram, vma, s, src, dst);
+        let copied = alloc_and_copy_to_ram(gpu, vram, vma, s, src, dst, fail_alloc);
         // SAFETY: set up above; on a failed copy every dst is 0 and the
         // pages stay where they are.
         unsafe { shim::hmmgpu_shim_migrate_pages(args.0) };
@@ -342,9 +428,13 @@ pub(crate) extern "C" fn hmmgpu_rust_migrate_to_ram(
     // SAFETY: the pgmap's cookies are a `Gpu` kept alive by the devm
     // action and the `Vram` inside it that owns the page.
     let (gpu, vram) = unsafe { (&*gpu.cast::<Gpu>(), &*vram.cast::<Vram>()) };
-    let (mut vma, mut addr, mut page) = (ptr::null_mut(), 0, ptr::null_mut());
+    let (mut vma, mut addr, mut page, mut order) = (ptr::null_mut(), 0, ptr::null_mut(), 0);
     // SAFETY: `vmf` is the fault being handled.
-    unsafe { shim::hmmgpu_shim_vmf_info(vmf, &mut vma, &mut addr, &mut page) };
+    unsafe { shim::hmmgpu_shim_vmf_info(vmf, &mut vma, &mut addr, &mut page, &mut order) };
+    // A PMD-mapped THP comes back whole (as test_hmm does).
+    let span = PAGE_SIZE << order;
+    let addr = addr & !(span as c_ulong - 1);
+    let n = 1usize << order;
     // SAFETY: constants exported by the shim.
     let (sigbus, oom) = unsafe { (shim::hmmgpu_VM_FAULT_SIGBUS, shim::hmmgpu_VM_FAULT_OOM) };
     let Ok(mut args) = MigrateArgs::new() else {
@@ -356,17 +446,18 @@ pub(crate) extern "C" fn hmmgpu_rust_migrate_to_ram(
             args.0,
             vma,
             addr,
-            addr + PAGE_SIZE as c_ulong,
+            addr + span as c_ulong,
             vram.owner(),
             vram.kind().code(),
+            order > 0,
             page,
         )
     };
     if ret < 0 {
         return sigbus;
     }
-    let (src, dst) = args.src_dst(1);
-    let result = alloc_and_copy_to_ram(gpu, vram, vma, addr as u64, src, dst);
+    let (src, dst) = args.src_dst(n);
+    let result = alloc_and_copy_to_ram(gpu, vram, vma, addr as u64, src, dst, &mut false);
     // SAFETY: set up above.
     unsafe {
         shim::hmmgpu_shim_migrate_pages(args.0);
@@ -408,7 +499,7 @@ pub(crate) fn evict_all(gpu: &Gpu, vram: &Vram) -> u64 {
             continue;
         }
         let before = src.iter().filter(|s| **s & mpfn_migrate() != 0).count();
-        if let Err(e) = alloc_and_copy_to_ram(gpu, vram, ptr::null_mut(), 0, src, dst) {
+        if let Err(e) = alloc_and_copy_to_ram(gpu, vram, ptr::null_mut(), 0, src, dst, &mut false) {
             pr_err!(
                 "hmmgpu{}: eviction copy failed ({:?}): {} pages stay in VRAM\n",
                 gpu.index(),

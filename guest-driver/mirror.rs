@@ -412,7 +412,14 @@ impl Mirror {
     pub(crate) fn migrate_to_system(&self, addr: u64, npages: u64) -> Result<Counts> {
         self.gpu.check_alive()?;
         let _mm = MmRef::get(self.mm())?;
-        let moved = migrate::to_system(&self.gpu, self.vram(), self.mm(), addr, addr + npages * PAGE_SIZE)?;
+        let mut fail_alloc = {
+            let mut state = self.state.lock();
+            let fail = state.flags & crate::uapi::HMM_DMIRROR_FLAG_FAIL_ALLOC != 0;
+            state.flags &= !crate::uapi::HMM_DMIRROR_FLAG_FAIL_ALLOC;
+            fail
+        };
+        let end = addr + npages * PAGE_SIZE;
+        let moved = migrate::to_system(&self.gpu, self.vram(), self.mm(), addr, end, &mut fail_alloc)?;
         Ok(Counts { cpages: moved, faults: 0 })
     }
 

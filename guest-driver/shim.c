@@ -329,9 +329,24 @@ static vm_fault_t hmmgpu_migrate_to_ram(struct vm_fault *vmf)
 	return hmmgpu_rust_migrate_to_ram(pm->gpu, pgmap->owner, vmf);
 }
 
+/*
+ * A device-private THP is being split: each new folio shares the VRAM
+ * allocation of the original (Rust counts its pages back in folio_free).
+ * With this op set, the core leaves pgmap and mapping to us.
+ */
+static void hmmgpu_folio_split(struct folio *head, struct folio *tail)
+{
+	if (!tail)
+		return;
+	tail->pgmap = head->pgmap;
+	tail->page.mapping = head->page.mapping;
+	tail->page.zone_device_data = head->page.zone_device_data;
+}
+
 static const struct dev_pagemap_ops hmmgpu_private_ops = {
 	.folio_free = hmmgpu_folio_free,
 	.migrate_to_ram = hmmgpu_migrate_to_ram,
+	.folio_split = hmmgpu_folio_split,
 };
 
 static const struct dev_pagemap_ops hmmgpu_coherent_ops = {
@@ -419,10 +434,19 @@ void hmmgpu_shim_page_set_data(struct page *page, void *data)
 	page->zone_device_data = data;
 }
 
-/* Prepares a free device page to be handed to migrate_vma_pages(). */
-void hmmgpu_shim_device_page_init(struct page *page)
+/*
+ * Prepares a free device page (@order 0) or folio (@order > 0, a THP) to be
+ * handed to migrate_vma_pages(): referenced and locked.
+ */
+void hmmgpu_shim_device_page_init(struct page *page, unsigned int order)
 {
-	zone_device_page_init(page, page_pgmap(page), 0);
+	zone_device_folio_init((struct folio *)page, page_pgmap(page), order);
+}
+
+/* Number of pages of the folio @page heads (folio_free and split). */
+unsigned long hmmgpu_shim_folio_nr_pages(struct page *page)
+{
+	return folio_nr_pages(page_folio(page));
 }
 
 /* Returns a device page prepared for a migration that did not happen. */
@@ -432,25 +456,34 @@ void hmmgpu_shim_device_page_discard(struct page *page)
 	put_page(page);
 }
 
-/* A locked system page for data coming back from VRAM. */
+/*
+ * A locked system page (@order 0) or THP (@order > 0) for data coming back
+ * from VRAM; placed for @vma at @addr, or anywhere (eviction) if @vma is
+ * NULL. Order-0 allocations without a VMA do not fail.
+ */
 struct page *hmmgpu_shim_alloc_sys_page(struct vm_area_struct *vma,
-					unsigned long addr)
+					unsigned long addr, unsigned int order)
 {
-	struct page *page;
+	struct folio *folio;
 
 	if (vma)
-		page = alloc_page_vma(GFP_HIGHUSER_MOVABLE, vma, addr);
+		folio = vma_alloc_folio(GFP_HIGHUSER_MOVABLE, order, vma, addr);
+	else if (order)
+		folio = folio_alloc(GFP_HIGHUSER_MOVABLE | __GFP_NOWARN, order);
 	else
-		page = alloc_page(GFP_HIGHUSER_MOVABLE | __GFP_NOFAIL);
-	if (page)
-		lock_page(page);
-	return page;
+		folio = folio_alloc(GFP_HIGHUSER_MOVABLE | __GFP_NOFAIL, 0);
+	if (!folio)
+		return NULL;
+	folio_lock(folio);
+	return &folio->page;
 }
 
 void hmmgpu_shim_free_sys_page(struct page *page)
 {
-	unlock_page(page);
-	__free_page(page);
+	struct folio *folio = page_folio(page);
+
+	folio_unlock(folio);
+	folio_put(folio);
 }
 
 unsigned long hmmgpu_shim_migrate_pfn(unsigned long pfn)
@@ -470,11 +503,14 @@ bool hmmgpu_shim_is_zone_device_page(struct page *page)
 
 /* The faulting VMA, address and device page of a migrate_to_ram() call. */
 void hmmgpu_shim_vmf_info(struct vm_fault *vmf, struct vm_area_struct **vma,
-			  unsigned long *addr, struct page **page)
+			  unsigned long *addr, struct page **page,
+			  unsigned int *order)
 {
 	*vma = vmf->vma;
 	*addr = vmf->address & PAGE_MASK;
 	*page = vmf->page;
+	/* A THP mapped by a PMD comes back whole; one mapped by PTEs per page. */
+	*order = vmf->pte ? 0 : folio_order(page_folio(vmf->page));
 }
 
 /* ---- migration ---- */
@@ -515,7 +551,7 @@ unsigned long *hmmgpu_shim_migrate_dst(struct hmmgpu_migrate *m)
 int hmmgpu_shim_migrate_setup(struct hmmgpu_migrate *m,
 			      struct vm_area_struct *vma, unsigned long start,
 			      unsigned long end, void *owner, int select,
-			      struct page *fault_page)
+			      bool compound, struct page *fault_page)
 {
 	if (WARN_ON((end - start) >> PAGE_SHIFT > PTRS_PER_PTE))
 		return -EINVAL;
@@ -540,6 +576,8 @@ int hmmgpu_shim_migrate_setup(struct hmmgpu_migrate *m,
 	default:
 		return -EINVAL;
 	}
+	if (compound)
+		m->args.flags |= MIGRATE_VMA_SELECT_COMPOUND;
 	m->args.fault_page = fault_page;
 	return migrate_vma_setup(&m->args);
 }

@@ -83,16 +83,18 @@ u64 hmmgpu_shim_virt_to_phys(void *addr);
 u64 hmmgpu_shim_vmalloc_to_phys(void *addr);
 void *hmmgpu_shim_page_get_data(struct page *page);
 void hmmgpu_shim_page_set_data(struct page *page, void *data);
-void hmmgpu_shim_device_page_init(struct page *page);
+void hmmgpu_shim_device_page_init(struct page *page, unsigned int order);
+unsigned long hmmgpu_shim_folio_nr_pages(struct page *page);
 void hmmgpu_shim_device_page_discard(struct page *page);
 struct page *hmmgpu_shim_alloc_sys_page(struct vm_area_struct *vma,
-					unsigned long addr);
+					unsigned long addr, unsigned int order);
 void hmmgpu_shim_free_sys_page(struct page *page);
 unsigned long hmmgpu_shim_migrate_pfn(unsigned long pfn);
 struct page *hmmgpu_shim_migrate_pfn_to_page(unsigned long mpfn);
 bool hmmgpu_shim_is_zone_device_page(struct page *page);
 void hmmgpu_shim_vmf_info(struct vm_fault *vmf, struct vm_area_struct **vma,
-			  unsigned long *addr, struct page **page);
+			  unsigned long *addr, struct page **page,
+			  unsigned int *order);
 struct hmmgpu_migrate *hmmgpu_shim_migrate_alloc(void);
 void hmmgpu_shim_migrate_free(struct hmmgpu_migrate *m);
 unsigned long *hmmgpu_shim_migrate_src(struct hmmgpu_migrate *m);
@@ -100,7 +102,7 @@ unsigned long *hmmgpu_shim_migrate_dst(struct hmmgpu_migrate *m);
 int hmmgpu_shim_migrate_setup(struct hmmgpu_migrate *m,
 			      struct vm_area_struct *vma, unsigned long start,
 			      unsigned long end, void *owner, int select,
-			      struct page *fault_page);
+			      bool compound, struct page *fault_page);
 void hmmgpu_shim_migrate_pages(struct hmmgpu_migrate *m);
 void hmmgpu_shim_migrate_finalize(struct hmmgpu_migrate *m);
 int hmmgpu_shim_evict_range(unsigned long *src, unsigned long start_pfn,

@@ -54,6 +54,7 @@ extern "C" {
     pub(crate) static hmmgpu_MIGRATE_PFN_VALID: c_ulong;
     pub(crate) static hmmgpu_MIGRATE_PFN_MIGRATE: c_ulong;
     pub(crate) static hmmgpu_MIGRATE_PFN_WRITE: c_ulong;
+    pub(crate) static hmmgpu_MIGRATE_PFN_COMPOUND: c_ulong;
     pub(crate) static hmmgpu_PTRS_PER_PTE: c_ulong;
     pub(crate) static hmmgpu_VM_FAULT_SIGBUS: c_uint;
     pub(crate) static hmmgpu_VM_FAULT_OOM: c_uint;
@@ -107,9 +108,10 @@ extern "C" {
     pub(crate) fn hmmgpu_shim_vmalloc_to_phys(addr: *mut c_void) -> u64;
     pub(crate) fn hmmgpu_shim_page_get_data(page: *mut Page) -> *mut c_void;
     pub(crate) fn hmmgpu_shim_page_set_data(page: *mut Page, data: *mut c_void);
-    pub(crate) fn hmmgpu_shim_device_page_init(page: *mut Page);
+    pub(crate) fn hmmgpu_shim_device_page_init(page: *mut Page, order: c_uint);
+    pub(crate) fn hmmgpu_shim_folio_nr_pages(page: *mut Page) -> c_ulong;
     pub(crate) fn hmmgpu_shim_device_page_discard(page: *mut Page);
-    pub(crate) fn hmmgpu_shim_alloc_sys_page(vma: *mut Vma, addr: c_ulong) -> *mut Page;
+    pub(crate) fn hmmgpu_shim_alloc_sys_page(vma: *mut Vma, addr: c_ulong, order: c_uint) -> *mut Page;
     pub(crate) fn hmmgpu_shim_free_sys_page(page: *mut Page);
     pub(crate) fn hmmgpu_shim_migrate_pfn(pfn: c_ulong) -> c_ulong;
     pub(crate) fn hmmgpu_shim_migrate_pfn_to_page(mpfn: c_ulong) -> *mut Page;
@@ -119,6 +121,7 @@ extern "C" {
         vma: *mut *mut Vma,
         addr: *mut c_ulong,
         page: *mut *mut Page,
+        order: *mut c_uint,
     );
 
     pub(crate) fn hmmgpu_shim_migrate_alloc() -> *mut Migrate;
@@ -132,6 +135,7 @@ extern "C" {
         end: c_ulong,
         owner: *mut c_void,
         select: c_int,
+        compound: bool,
         fault_page: *mut Page,
     ) -> c_int;
     pub(crate) fn hmmgpu_shim_migrate_pages(m: *mut Migrate);

@@ -10,7 +10,10 @@ use crate::shim;
 use crate::vram::MemKind;
 use kernel::container_of;
 use kernel::fs::File;
+use kernel::alloc::flags::__GFP_ZERO;
 use kernel::ioctl::_IOWR;
+use kernel::mm::virt::VmaNew;
+use kernel::page::Page;
 use kernel::miscdevice::{MiscDevice, MiscDeviceOptions, MiscDeviceRegistration};
 use kernel::prelude::*;
 use kernel::sync::Arc;
@@ -143,6 +146,20 @@ impl MiscDevice for Mirror {
         // of a pinned `MirrorDevice`, alive while the device is registered.
         let md = unsafe { &*container_of!(misc as *const MiscDeviceRegistration<Mirror>, MirrorDevice, registration) };
         Mirror::new(md.gpu.clone(), md.kind)
+    }
+
+    /// Maps zeroed driver pages (VM_MIXEDMAP), as test_hmm does, so the
+    /// selftest can snapshot a driver mapping.
+    fn mmap(_mirror: Pin<&Mirror>, _file: &File, vma: &VmaNew) -> Result {
+        let mixed = vma.set_mixedmap();
+        let mut addr = vma.start();
+        while addr < vma.end() {
+            let page = Page::alloc_page(GFP_KERNEL | __GFP_ZERO)?;
+            // The mapping takes its own reference; ours goes with `page`.
+            mixed.vm_insert_page(addr, &page)?;
+            addr += crate::abi::PAGE_SIZE as usize;
+        }
+        Ok(())
     }
 
     fn ioctl(mirror: Pin<&Mirror>, _file: &File, cmd: u32, arg: usize) -> Result<isize> {

@@ -19,17 +19,25 @@ use core::ffi::c_void;
 use core::ptr;
 use core::sync::atomic::{AtomicU64, Ordering};
 use kernel::gpu::buddy::{
-    AllocatedBlocks, GpuBuddy, GpuBuddyAllocFlags, GpuBuddyAllocMode, GpuBuddyParams,
+    AllocatedBlocks, GpuBuddy, GpuBuddyAllocFlag, GpuBuddyAllocFlags, GpuBuddyAllocMode,
+    GpuBuddyParams,
 };
 use kernel::prelude::*;
 use kernel::ptr::Alignment;
-use kernel::sizes::SZ_4K;
+use kernel::sizes::{SZ_2M, SZ_4K};
 use kernel::new_spinlock_irq;
 use kernel::sync::SpinLockIrq;
 
-/// One VRAM page's allocation, owned by its device page while in use.
+/// Order of a THP (2 MiB of 4 KiB pages).
+pub(crate) const HUGE_ORDER: u32 = 9;
+
+/// One allocation of VRAM (a page or a 2 MiB THP), owned by its device
+/// pages while in use. A THP split by the kernel shares it among the new
+/// folios; it is freed when all of its pages are.
 struct VramAlloc {
     _blocks: Pin<KBox<AllocatedBlocks>>,
+    /// Pages of this allocation not freed yet.
+    pages: AtomicU64,
     /// Next entry of the deferred-free list.
     next: *mut VramAlloc,
 }
@@ -160,16 +168,22 @@ impl Vram {
         self.buddy.avail()
     }
 
-    /// Allocates one VRAM page and returns its device page, initialized and
-    /// locked for `migrate_vma_pages()`, with its VRAM offset.
-    pub(crate) fn alloc_page(&self) -> Result<(*mut shim::Page, u64)> {
+    /// Allocates one VRAM page (`huge`: a 2 MiB THP) and returns its device
+    /// page (the THP's head), initialized and locked for
+    /// `migrate_vma_pages()`, with its VRAM offset.
+    pub(crate) fn alloc_page(&self, huge: bool) -> Result<(*mut shim::Page, u64)> {
         self.reclaim_deferred();
+        let (size, align, order) = if huge {
+            (abi::HUGE_PAGE_SIZE, Alignment::new::<SZ_2M>(), HUGE_ORDER)
+        } else {
+            (abi::PAGE_SIZE, Alignment::new::<SZ_4K>(), 0)
+        };
         let blocks = KBox::pin_init(
             self.buddy.alloc_blocks(
                 GpuBuddyAllocMode::Simple,
-                abi::PAGE_SIZE,
-                Alignment::new::<SZ_4K>(),
-                GpuBuddyAllocFlags::default(),
+                size,
+                align,
+                GpuBuddyAllocFlags::from(GpuBuddyAllocFlag::Contiguous),
             ),
             GFP_KERNEL,
         )?;
@@ -178,22 +192,24 @@ impl Vram {
         let alloc = KBox::new(
             VramAlloc {
                 _blocks: blocks,
+                pages: AtomicU64::new(1 << order),
                 next: ptr::null_mut(),
             },
             GFP_KERNEL,
         )?;
-        // SAFETY: `pfn` is inside our registered device-private range.
+        // SAFETY: `pfn` is inside our registered range.
         let page = unsafe { shim::hmmgpu_shim_pfn_to_page(pfn as _) };
-        // SAFETY: the page is free (its VRAM was just allocated) and ours.
+        // SAFETY: the pages are free (their VRAM was just allocated) and ours.
         unsafe {
-            shim::hmmgpu_shim_device_page_init(page);
+            shim::hmmgpu_shim_device_page_init(page, order);
             shim::hmmgpu_shim_page_set_data(page, KBox::into_raw(alloc).cast());
         }
         Ok((page, offset))
     }
 
-    /// Called when the kernel frees a device page: its VRAM becomes free.
-    /// May run in atomic context.
+    /// Called when the kernel frees a device folio (`page` is its head):
+    /// once every page of its allocation is free, the VRAM is. May run in
+    /// atomic context.
     pub(crate) fn page_freed(&self, page: *mut shim::Page) {
         // SAFETY: `page` is one of our device pages being freed.
         let alloc = unsafe { shim::hmmgpu_shim_page_get_data(page) }.cast::<VramAlloc>();
@@ -201,7 +217,14 @@ impl Vram {
             return;
         }
         // SAFETY: as above.
-        unsafe { shim::hmmgpu_shim_page_set_data(page, ptr::null_mut()) };
+        let nr = unsafe {
+            shim::hmmgpu_shim_page_set_data(page, ptr::null_mut());
+            shim::hmmgpu_shim_folio_nr_pages(page)
+        } as u64;
+        // SAFETY: `alloc` lives until its last page is freed (below).
+        if unsafe { (*alloc).pages.fetch_sub(nr, Ordering::AcqRel) } != nr {
+            return;
+        }
         let mut list = self.deferred.lock();
         // SAFETY: `alloc` came from `KBox::into_raw` in `alloc_page` and is
         // owned by the list from now on.

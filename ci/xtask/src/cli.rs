@@ -70,7 +70,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1)]
     pub gpus: u32,
     /// VRAM per GPU: a power of two, at least 2M (K/M/G suffixes).
-    #[arg(long, default_value = "256M", value_parser = parse_vram_size)]
+    #[arg(long, default_value = "1G", value_parser = parse_vram_size)]
     pub vram: u64,
     #[command(flatten)]
     pub vm: VmOpts,
@@ -138,9 +138,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 pub fn parse_vram_size(s: &str) -> Result<u64, String> {
     let n = parse_size(s)?;
-    if n < 2 << 20 || !n.is_power_of_two() {
+    // The driver splits it into two halves (device-private and
+    // device-coherent), each registered in 2 MiB subsections.
+    if n < 4 << 20 || !n.is_power_of_two() {
         return Err(format!(
-            "VRAM size '{s}' ({n} bytes) must be a power of two of at least 2M"
+            "VRAM size '{s}' ({n} bytes) must be a power of two of at least 4M"
         ));
     }
     Ok(n)
@@ -185,7 +187,7 @@ mod tests {
             Command::Run(r) => {
                 assert_eq!(r.gpus, 0);
                 assert_eq!(r.cmd, ["sh", "-c", "exit 7"]);
-                assert_eq!(r.vram, 256 << 20);
+                assert_eq!(r.vram, 1 << 30);
             }
             _ => panic!(),
         }
