@@ -7,7 +7,7 @@ use crate::abi::{self, opcode, range_flags, PAGE_SIZE};
 use crate::gpu::Gpu;
 use crate::queue::RangeList;
 use crate::shim::{self, Migrate};
-use crate::vram::{Vram, HUGE_ORDER};
+use crate::vram::{MemKind, Vram, HUGE_ORDER};
 use core::ffi::c_ulong;
 use core::ptr;
 use kernel::prelude::*;
@@ -135,7 +135,11 @@ fn alloc_and_copy_to_vram(
         };
         if s & mpfn_compound() != 0 {
             let nr = core::cmp::min(HUGE_PAGES, src.len() - i);
-            let huge = if core::mem::take(fail_alloc) {
+            // No device-coherent THPs: the kernel migrates a PMD-mapped
+            // coherent folio back only with MIGRATE_VMA_SELECT_SYSTEM (see
+            // migrate_vma_collect_huge_pmd()), so it could never leave VRAM.
+            // The source THP is split into single coherent pages instead.
+            let huge = if core::mem::take(fail_alloc) || vram.kind() == MemKind::Coherent {
                 Err(ENOMEM)
             } else {
                 vram.alloc_page(true)
