@@ -11,7 +11,7 @@ use crate::uapi::MirrorDevice;
 use crate::vram::{MemKind, Vram};
 use core::ffi::c_void;
 use core::ptr;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use kernel::prelude::*;
 use kernel::sync::{Arc, Mutex, SpinLockIrq};
 use kernel::{new_mutex, new_spinlock_irq};
@@ -66,6 +66,8 @@ pub(crate) struct Gpu {
     /// uAPI operation fails with ENODEV (device commands still run).
     dead: AtomicBool,
     tags: AtomicU64,
+    /// /sys/kernel/debug/hmmgpu<index>, removed on removal.
+    debugfs: AtomicPtr<shim::Dentry>,
     /// The uAPI devices (private, coherent); taken (deregistered) on removal.
     #[pin]
     mirror_devs: Mutex<KVec<Pin<KBox<MirrorDevice>>>>,
@@ -376,6 +378,7 @@ impl Gpu {
                 coherent <- Vram::new(MemKind::Coherent, config.vram_size / 2, config.vram_size / 2)?,
                 dead: AtomicBool::new(false),
                 tags: AtomicU64::new(0),
+                debugfs: AtomicPtr::new(ptr::null_mut()),
                 mirror_devs <- new_mutex!(KVec::new()),
             }),
             GFP_KERNEL,
@@ -421,6 +424,9 @@ impl Gpu {
             return Err(e);
         }
         gpu.log_registered(&gpu.private);
+        // SAFETY: the Gpu outlives the directory (removed in `remove`).
+        let dir = unsafe { shim::hmmgpu_shim_debugfs_create(index, gpu.as_cookie()) };
+        gpu.debugfs.store(dir, Ordering::Release);
         // The coherent personality needs memremap_pages() to accept the BAR;
         // without it the private one still works, and the log says why.
         let coherent = gpu.coherent.register(dev, gpu.vram_bar, gpu.as_cookie()).and_then(|()| {
@@ -458,6 +464,9 @@ impl Gpu {
     }
 
     fn remove(&self) {
+        let dir = self.debugfs.swap(ptr::null_mut(), Ordering::AcqRel);
+        // SAFETY: created in `create`; removal waits for open readers.
+        unsafe { shim::hmmgpu_shim_debugfs_remove(dir) };
         // No new opens; open files see ENODEV from now on, except the
         // eviction below which still needs the device.
         let devs = core::mem::take(&mut *self.mirror_devs.lock());
@@ -562,5 +571,41 @@ pub(crate) extern "C" fn hmmgpu_rust_event(cookie: *mut c_void, buf: *const u8, 
     match Event::from_bytes(bytes) {
         Some(event) => gpu.on_event(event),
         None => pr_warn!("hmmgpu{}: short event ({} bytes)\n", gpu.index, len),
+    }
+}
+
+/// debugfs `counters`: the device's counters, read with COUNTERS, one
+/// `name value` line each. Returns the length written into `buf`.
+#[no_mangle]
+pub(crate) extern "C" fn hmmgpu_rust_format_counters(cookie: *mut c_void, buf: *mut u8, len: usize) -> core::ffi::c_long {
+    // SAFETY: the debugfs file is removed before the Gpu goes away.
+    let gpu = unsafe { &*cookie.cast::<Gpu>() };
+    // SAFETY: the shim hands a buffer of `len` bytes.
+    let out = unsafe { core::slice::from_raw_parts_mut(buf, len) };
+    let counters = match gpu.counters() {
+        Ok(c) => c,
+        Err(e) => return e.to_errno() as core::ffi::c_long,
+    };
+    let mut w = SliceWriter { buf: out, pos: 0 };
+    for (name, value) in abi::counter::NAMES.iter().zip(counters.iter()) {
+        if core::fmt::Write::write_fmt(&mut w, format_args!("{} {}\n", name, value)).is_err() {
+            return ENOSPC.to_errno() as core::ffi::c_long;
+        }
+    }
+    w.pos as core::ffi::c_long
+}
+
+/// `core::fmt::Write` into a byte slice.
+struct SliceWriter<'a> {
+    buf: &'a mut [u8],
+    pos: usize,
+}
+
+impl core::fmt::Write for SliceWriter<'_> {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let end = self.pos.checked_add(s.len()).ok_or(core::fmt::Error)?;
+        self.buf.get_mut(self.pos..end).ok_or(core::fmt::Error)?.copy_from_slice(s.as_bytes());
+        self.pos = end;
+        Ok(())
     }
 }

@@ -6,6 +6,7 @@
  * decisions (what to migrate, where, how to copy, locking) live in Rust.
  * Declarations for Rust are in shim.rs; keep the two in sync.
  */
+#include <linux/debugfs.h>
 #include <linux/hmm.h>
 #include <linux/memremap.h>
 #include <linux/migrate.h>
@@ -15,6 +16,7 @@
 #include <linux/pagemap.h>
 #include <linux/rmap.h>
 #include <linux/sched/mm.h>
+#include <linux/seq_file.h>
 #include <linux/slab.h>
 #include <linux/vmalloc.h>
 #include <linux/virtio.h>
@@ -812,4 +814,39 @@ int hmmgpu_shim_make_exclusive(struct hmmgpu_notifier *n, unsigned long addr,
 	folio_unlock(folio);
 	folio_put(folio);
 	return 0;
+}
+
+/* ---- debugfs: /sys/kernel/debug/hmmgpu<N>/counters ---- */
+
+static int hmmgpu_counters_show(struct seq_file *m, void *v)
+{
+	char *buf;
+	long len;
+
+	buf = kmalloc(PAGE_SIZE, GFP_KERNEL);
+	if (!buf)
+		return -ENOMEM;
+	len = hmmgpu_rust_format_counters(m->private, buf, PAGE_SIZE);
+	if (len > 0)
+		seq_write(m, buf, len);
+	kfree(buf);
+	return len < 0 ? len : 0;
+}
+DEFINE_SHOW_ATTRIBUTE(hmmgpu_counters);
+
+/* Creates the GPU's debugfs directory; the files read through @gpu. */
+struct dentry *hmmgpu_shim_debugfs_create(unsigned int index, void *gpu)
+{
+	char name[32];
+	struct dentry *dir;
+
+	snprintf(name, sizeof(name), "hmmgpu%u", index);
+	dir = debugfs_create_dir(name, NULL);
+	debugfs_create_file("counters", 0444, dir, gpu, &hmmgpu_counters_fops);
+	return dir;
+}
+
+void hmmgpu_shim_debugfs_remove(struct dentry *dir)
+{
+	debugfs_remove_recursive(dir);
 }

@@ -9,6 +9,7 @@
 #include <linux/mm_types.h>
 #include <linux/types.h>
 
+struct dentry;
 struct device;
 struct hmmgpu_migrate;
 struct hmmgpu_notifier;
@@ -27,6 +28,7 @@ struct vm_fault;
 int hmmgpu_rust_probe(struct virtio_device *vdev);
 void hmmgpu_rust_remove(struct virtio_device *vdev);
 void hmmgpu_rust_gpu_put(void *gpu);
+long hmmgpu_rust_format_counters(void *gpu, char *buf, size_t len);
 void hmmgpu_rust_event(void *gpu, const u8 *buf, unsigned int len);
 vm_fault_t hmmgpu_rust_migrate_to_ram(void *gpu, void *vram,
 				      struct vm_fault *vmf);
@@ -130,5 +132,8 @@ unsigned int hmmgpu_shim_hmm_pfn_info(unsigned long entry, void *owner,
 
 int hmmgpu_shim_make_exclusive(struct hmmgpu_notifier *n, unsigned long addr,
 			       unsigned long *pfn, unsigned long *seq);
+
+struct dentry *hmmgpu_shim_debugfs_create(unsigned int index, void *gpu);
+void hmmgpu_shim_debugfs_remove(struct dentry *dir);
 
 #endif /* HMMGPU_SHIM_H */

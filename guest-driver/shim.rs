@@ -32,6 +32,8 @@ opaque!(
     Migrate,
     /// The shim's `struct hmmgpu_notifier` (an mmu_interval_notifier).
     Notifier,
+    /// `struct dentry` (debugfs).
+    Dentry,
 );
 
 /// `HMMGPU_MEM_SYSTEM` of shim.h: migrate_vma selects system pages.
@@ -176,6 +178,8 @@ extern "C" {
         pfn: *mut c_ulong,
         seq: *mut c_ulong,
     ) -> c_int;
+    pub(crate) fn hmmgpu_shim_debugfs_create(index: c_uint, gpu: *mut c_void) -> *mut Dentry;
+    pub(crate) fn hmmgpu_shim_debugfs_remove(dir: *mut Dentry);
     pub(crate) fn hmmgpu_shim_hmm_pfn_info(entry: c_ulong, owner: *mut c_void, pfn: *mut c_ulong)
         -> c_uint;
 }
