@@ -5,7 +5,7 @@
 
 use crate::abi::{self, opcode, DeviceConfig, Event, Range, Response};
 use crate::migrate;
-use crate::queue::{InFlight, Queues, RangeList, Wait};
+use crate::queue::{Command, InFlight, Queues, RangeList, Wait};
 use crate::shim;
 use crate::uapi::MirrorDevice;
 use crate::vram::{MemKind, Vram};
@@ -123,25 +123,72 @@ impl Gpu {
         e
     }
 
-    /// Submits a command unless the queues are gone.
-    fn submit(&self, opcode: u32, ctx: u32, ranges: &[Range]) -> Result<InFlight> {
-        let tag = self.tags.fetch_add(1, Ordering::Relaxed);
-        let live = self.queues_live.lock();
-        if !*live {
-            return Err(ENODEV);
-        }
-        self.queues.submit(opcode, ctx, tag, ranges)
+    /// A fresh tag for a command.
+    pub(crate) fn tag(&self) -> u64 {
+        self.tags.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Executes one command on the device and waits for its response.
-    pub(crate) fn execute(&self, opcode: u32, ctx: u32, ranges: &[Range]) -> Result<Response> {
-        let mut flight = self.submit(opcode, ctx, ranges)?;
+    /// Submits a prepared command unless the queues are gone. Allocates
+    /// nothing: callable under the mirror lock (which memory reclaim can
+    /// wait for through the MMU notifier).
+    fn submit(&self, cmd: Command) -> core::result::Result<InFlight, (Error, Command)> {
+        let live = self.queues_live.lock();
+        if !*live {
+            return Err((ENODEV, cmd));
+        }
+        self.queues.submit(cmd)
+    }
+
+    /// Executes a prepared command and waits for its response; hands the
+    /// command back for reuse when the device is done with it.
+    pub(crate) fn execute_cmd(&self, cmd: Command) -> Result<(Response, Command)> {
+        let mut flight = self.submit(cmd).map_err(|(e, _)| e)?;
         loop {
             match flight.wait().map_err(|e| self.hung(e))? {
-                Wait::Done(resp) => return Ok(resp),
+                Wait::Done(resp) => {
+                    let cmd = flight.into_command().ok_or(EINVAL)?;
+                    return Ok((resp, cmd));
+                }
                 Wait::Woken => continue,
             }
         }
+    }
+
+    /// Executes one command on the device and waits for its response.
+    /// Allocates: not under the mirror lock (see [`Gpu::prepare`]).
+    pub(crate) fn execute(&self, opcode: u32, ctx: u32, ranges: &[Range]) -> Result<Response> {
+        let cmd = Command::new(opcode, ctx, self.tag(), ranges)?;
+        self.execute_cmd(cmd).map(|(resp, _)| resp)
+    }
+
+    /// Builds the commands that run `list` as `opcode` of context `ctx`, to
+    /// run later with [`Gpu::run_prepared`] without allocating.
+    pub(crate) fn prepare(&self, opcode: u32, ctx: u32, list: &RangeList) -> Result<KVec<Command>> {
+        let mut cmds = KVec::new();
+        for chunk in list.chunks() {
+            cmds.push(Command::new(opcode, ctx, self.tag(), chunk)?, GFP_KERNEL)?;
+        }
+        Ok(cmds)
+    }
+
+    /// Runs commands built by [`Gpu::prepare`]; EIO if the device reports
+    /// an error for any of them.
+    pub(crate) fn run_prepared(&self, cmds: KVec<Command>) -> Result<u64> {
+        let mut bytes = 0;
+        for cmd in cmds {
+            let (resp, _) = self.execute_cmd(cmd)?;
+            if resp.status != abi::status::OK {
+                pr_err!(
+                    "hmmgpu{}: command failed: {} at range {}\n",
+                    self.index,
+                    abi::status::name(resp.status),
+                    resp.failed_index
+                );
+                return Err(EIO);
+            }
+            bytes += resp.bytes;
+        }
+        Ok(bytes)
     }
 
     /// Executes a device MMU access (VREAD, VWRITE, ATOMIC) of context
@@ -155,7 +202,8 @@ impl Gpu {
         ranges: &[Range],
         mut resolve: impl FnMut(&Event) -> Result,
     ) -> Result<Response> {
-        let mut flight = self.submit(opcode, ctx, ranges)?;
+        let cmd = Command::new(opcode, ctx, self.tag(), ranges)?;
+        let mut flight = self.submit(cmd).map_err(|(e, _)| e)?;
         self.set_waiter(ctx, flight.token());
         let mut failure = None;
         let result = loop {
@@ -287,23 +335,9 @@ impl Gpu {
     }
 
     /// [`Gpu::run`] for an opcode of context `ctx` (MAP, UNMAP).
+    /// Allocates: not under the mirror lock (see [`Gpu::prepare`]).
     pub(crate) fn run_ctx(&self, opcode: u32, ctx: u32, list: &RangeList) -> Result<u64> {
-        let mut bytes = 0;
-        for chunk in list.chunks() {
-            let resp = self.execute(opcode, ctx, chunk)?;
-            if resp.status != abi::status::OK {
-                pr_err!(
-                    "hmmgpu{}: command {} failed: {} at range {}\n",
-                    self.index,
-                    opcode,
-                    abi::status::name(resp.status),
-                    resp.failed_index
-                );
-                return Err(EIO);
-            }
-            bytes += resp.bytes;
-        }
-        Ok(bytes)
+        self.run_prepared(self.prepare(opcode, ctx, list)?)
     }
 
     fn probe(vdev: *mut shim::VirtioDevice) -> Result<Arc<Gpu>> {

@@ -8,7 +8,7 @@
 use crate::abi::{self, opcode, range_flags, Range, PAGE_SIZE};
 use crate::gpu::Gpu;
 use crate::migrate;
-use crate::queue::RangeList;
+use crate::queue::{Command, RangeList};
 use crate::shim;
 use crate::vram::{MemKind, Vram};
 use core::ffi::{c_ulong, c_void};
@@ -36,7 +36,13 @@ pub(crate) struct MirrorState {
     /// Pages mapped for device atomics by EXCLUSIVE (process virtual
     /// addresses), until an invalidation revokes them.
     atomic: KVec<u64>,
+    /// The UNMAP command of invalidations, allocated at open (None while in
+    /// use, or lost to a device that never completed it).
+    unmap_cmd: Option<Command>,
 }
+
+/// Ranges of the preallocated UNMAP command (each up to 4 GiB).
+const UNMAP_RANGES: usize = 16;
 
 /// What a device access does when it faults.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -132,6 +138,7 @@ impl Mirror {
     pub(crate) fn new(gpu: Arc<Gpu>, kind: MemKind) -> Result<Pin<KBox<Self>>> {
         gpu.check_alive()?;
         let owner = gpu.vram(kind).owner();
+        let unmap_cmd = Command::with_capacity(UNMAP_RANGES)?;
         let ctx = gpu.ctx_create()?;
         let gpu2 = gpu.clone();
         let mirror = KBox::pin_init(
@@ -145,6 +152,7 @@ impl Mirror {
                     mapped: None,
                     migrating_to_device: false,
                     atomic: KVec::new(),
+                    unmap_cmd: Some(unmap_cmd),
                 }),
             }),
             GFP_KERNEL,
@@ -203,17 +211,20 @@ impl Mirror {
                 if ret < 0 {
                     return Err(Error::from_errno(ret));
                 }
-                let mut state = self.state.lock();
-                // SAFETY: the notifier is valid.
-                if unsafe { shim::hmmgpu_shim_notifier_retry(self.notifier(), seq) } {
-                    continue;
-                }
+                // Everything is allocated before the lock: the notifier
+                // takes it, and memory reclaim can wait for the notifier.
                 let mut map = RangeList::new();
                 for (i, entry) in pfns[..n].iter().enumerate() {
                     let (target, flags) = self.translation(*entry)?;
                     map.push(target, start + i as u64 * PAGE_SIZE, PAGE_SIZE as u32, flags)?;
                 }
-                self.gpu.run_ctx(opcode::MAP, self.ctx, &map)?;
+                let cmds = self.gpu.prepare(opcode::MAP, self.ctx, &map)?;
+                let mut state = self.state.lock();
+                // SAFETY: the notifier is valid.
+                if unsafe { shim::hmmgpu_shim_notifier_retry(self.notifier(), seq) } {
+                    continue;
+                }
+                self.gpu.run_prepared(cmds)?;
                 state.note_mapped(start, step_end);
                 break;
             }
@@ -288,6 +299,31 @@ impl Mirror {
         Ok(())
     }
 
+    /// Removes the device MMU translations of [start, end) with the
+    /// preallocated UNMAP command, in rounds of [`UNMAP_RANGES`] ranges.
+    fn unmap(&self, state: &mut MirrorState, start: u64, end: u64) -> Result {
+        let max_len = (u32::MAX as u64) & !(PAGE_SIZE - 1);
+        let mut s = start;
+        while s < end {
+            let mut ranges = [Range::default(); UNMAP_RANGES];
+            let mut n = 0;
+            while n < UNMAP_RANGES && s < end {
+                let len = core::cmp::min(end - s, max_len);
+                ranges[n] = Range { src: 0, dst: s, len: len as u32, flags: 0 };
+                n += 1;
+                s += len;
+            }
+            let mut cmd = state.unmap_cmd.take().ok_or(ENODEV)?;
+            cmd.encode(opcode::UNMAP, self.ctx, self.gpu.tag(), &ranges[..n])?;
+            let (resp, cmd) = self.gpu.execute_cmd(cmd)?;
+            state.unmap_cmd = Some(cmd);
+            if resp.status != abi::status::OK {
+                return Err(EIO);
+            }
+        }
+        Ok(())
+    }
+
     /// HMM_DMIRROR_READ: the device reads `npages` at `addr` into user `ptr`.
     pub(crate) fn read(&self, addr: u64, ptr: u64, npages: u64, policy: FaultPolicy) -> Result<Counts> {
         self.gpu.check_alive()?;
@@ -331,8 +367,9 @@ impl Mirror {
             };
             let end = addr + npages * PAGE_SIZE;
             let result = migrate::to_device(&self.gpu, self.vram(), self.mm(), addr, end, &mut fail_alloc, |map| {
+                let cmds = self.gpu.prepare(opcode::MAP, self.ctx, map)?;
                 let mut state = self.state.lock();
-                self.gpu.run_ctx(opcode::MAP, self.ctx, map)?;
+                self.gpu.run_prepared(cmds)?;
                 state.note_mapped(addr, end);
                 Ok(())
             });
@@ -382,16 +419,30 @@ impl Mirror {
             if ret < 0 {
                 return Err(Error::from_errno(ret));
             }
+            let flags = range_flags::MAP_READ | range_flags::MAP_WRITE | range_flags::MAP_ATOMIC;
+            let mut map = RangeList::new();
+            map.push(pfn as u64 * PAGE_SIZE, va, PAGE_SIZE as u32, flags)?;
+            let cmds = self.gpu.prepare(opcode::MAP, self.ctx, &map)?;
             let mut state = self.state.lock();
             // SAFETY: the notifier is valid.
             if unsafe { shim::hmmgpu_shim_notifier_retry(self.notifier(), seq) } {
                 continue;
             }
-            let flags = range_flags::MAP_READ | range_flags::MAP_WRITE | range_flags::MAP_ATOMIC;
-            let mut map = RangeList::new();
-            map.push(pfn as u64 * PAGE_SIZE, va, PAGE_SIZE as u32, flags)?;
-            self.gpu.run_ctx(opcode::MAP, self.ctx, &map)?;
-            state.atomic.push(va, GFP_KERNEL)?;
+            // Room for the entry without allocating under the lock: the
+            // reservation is made unlocked, then checked again.
+            if state.atomic.len() == state.atomic.capacity() {
+                let want = state.atomic.len() + 64;
+                drop(state);
+                let mut spare = KVec::<u64>::with_capacity(want, GFP_KERNEL)?;
+                let mut state = self.state.lock();
+                if state.atomic.capacity() < want {
+                    spare.extend_from_slice(&state.atomic, GFP_ATOMIC)?;
+                    state.atomic = spare;
+                }
+                continue;
+            }
+            self.gpu.run_prepared(cmds)?;
+            state.atomic.push(va, GFP_ATOMIC)?;
             state.note_mapped(va, va + PAGE_SIZE);
             return Ok(());
         }
@@ -498,19 +549,10 @@ impl Mirror {
                 return false;
             }
             // Only the part that can hold translations (an exiting process
-            // invalidates its whole address space).
+            // invalidates its whole address space), with the command
+            // allocated at open: this runs under memory reclaim too.
             let (us, ue) = (core::cmp::max(start, ms), core::cmp::min(end, me));
-            let mut list = RangeList::new();
-            let max_len = (u32::MAX as u64) & !(PAGE_SIZE - 1);
-            let mut s = us;
-            while s < ue {
-                let len = core::cmp::min(ue - s, max_len);
-                if list.push(0, s, len as u32, 0).is_err() {
-                    break;
-                }
-                s += len;
-            }
-            if let Err(e) = self.gpu.run_ctx(opcode::UNMAP, self.ctx, &list) {
+            if let Err(e) = self.unmap(&mut state, us, ue) {
                 // A dead device accesses nothing any more.
                 pr_warn!("hmmgpu{}: UNMAP failed: {:?}\n", self.gpu.index(), e);
             }

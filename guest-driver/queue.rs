@@ -37,55 +37,95 @@ impl Queues {
         Ok(())
     }
 
-    /// Submits one command; the returned [`InFlight`] waits for it.
-    pub(crate) fn submit(&self, opcode: u32, ctx: u32, tag: u64, ranges: &[Range]) -> Result<InFlight> {
-        let count = u32::try_from(ranges.len()).map_err(|_| EINVAL)?;
-        if count > abi::MAX_RANGES {
+    /// Submits a prepared command; the returned [`InFlight`] waits for it.
+    /// Allocates nothing (GFP_ATOMIC inside the virtqueue at most), so it
+    /// may be called under locks that memory reclaim can wait for.
+    pub(crate) fn submit(&self, mut cmd: Command) -> core::result::Result<InFlight, (Error, Command)> {
+        // SAFETY: the buffers and token live in `cmd`, which the returned
+        // `InFlight` keeps until the command completed (or leaks).
+        let ret = unsafe {
+            shim::hmmgpu_shim_cmd_submit(
+                self.0,
+                cmd.token,
+                cmd.out.as_mut_ptr().cast(),
+                cmd.out.len() as u32,
+                cmd.resp.as_mut_ptr().cast(),
+                Response::SIZE as u32,
+            )
+        };
+        if ret < 0 {
+            return Err((Error::from_errno(ret), cmd));
+        }
+        Ok(InFlight {
+            cmd: Some(cmd),
+        })
+    }
+}
+
+/// A command with its buffers, ready to submit; reusable once completed.
+pub(crate) struct Command {
+    token: *mut shim::Cmd,
+    /// Header and ranges (kmalloc'd: the virtqueue needs the direct map).
+    out: KVec<u8>,
+    resp: KBox<[u8; Response::SIZE]>,
+}
+
+// SAFETY: the shim's command token may be used from any thread.
+unsafe impl Send for Command {}
+
+impl Command {
+    /// Allocates a command for up to `capacity` ranges.
+    pub(crate) fn with_capacity(capacity: usize) -> Result<Self> {
+        if capacity > abi::MAX_RANGES as usize {
             return Err(EINVAL);
+        }
+        let out = KVec::<u8>::with_capacity(CmdHeader::SIZE + capacity * Range::SIZE, GFP_KERNEL)?;
+        let resp = KBox::new([0u8; Response::SIZE], GFP_KERNEL)?;
+        // SAFETY: plain allocation.
+        let token = unsafe { shim::hmmgpu_shim_cmd_alloc() };
+        if token.is_null() {
+            return Err(ENOMEM);
+        }
+        Ok(Self { token, out, resp })
+    }
+
+    /// A command for exactly these ranges.
+    pub(crate) fn new(opcode: u32, ctx: u32, tag: u64, ranges: &[Range]) -> Result<Self> {
+        let mut cmd = Self::with_capacity(ranges.len())?;
+        cmd.encode(opcode, ctx, tag, ranges)?;
+        Ok(cmd)
+    }
+
+    /// (Re)writes the command without allocating: ENOSPC if the ranges do
+    /// not fit the capacity it was made with.
+    pub(crate) fn encode(&mut self, opcode: u32, ctx: u32, tag: u64, ranges: &[Range]) -> Result {
+        let len = CmdHeader::SIZE + ranges.len() * Range::SIZE;
+        if len > self.out.capacity() {
+            return Err(ENOSPC);
         }
         let header = CmdHeader {
             opcode,
             ctx,
             tag,
-            count,
+            count: ranges.len() as u32,
             reserved: 0,
         };
-        let len = CmdHeader::SIZE + ranges.len() * Range::SIZE;
-        // kmalloc'd: the virtqueue needs buffers in the direct map.
-        let mut out = KVec::<u8>::with_capacity(len, GFP_KERNEL)?;
-        out.extend_from_slice(&header.to_bytes(), GFP_KERNEL)?;
+        self.out.clear();
+        // Within capacity: these never allocate.
+        self.out.extend_from_slice(&header.to_bytes(), GFP_ATOMIC)?;
         for r in ranges {
-            out.extend_from_slice(&r.to_bytes(), GFP_KERNEL)?;
+            self.out.extend_from_slice(&r.to_bytes(), GFP_ATOMIC)?;
         }
-        let resp = KBox::new([0u8; Response::SIZE], GFP_KERNEL)?;
-        // SAFETY: plain allocation.
-        let cmd = unsafe { shim::hmmgpu_shim_cmd_alloc() };
-        if cmd.is_null() {
-            return Err(ENOMEM);
-        }
-        let mut flight = InFlight {
-            cmd,
-            out,
-            resp,
-            finished: true,
-        };
-        // SAFETY: the buffers and `cmd` live in `flight`, which keeps them
-        // until the command completed (or leaks them if it never does).
-        let ret = unsafe {
-            shim::hmmgpu_shim_cmd_submit(
-                self.0,
-                cmd,
-                flight.out.as_mut_ptr().cast(),
-                len as u32,
-                flight.resp.as_mut_ptr().cast(),
-                Response::SIZE as u32,
-            )
-        };
-        if ret < 0 {
-            return Err(Error::from_errno(ret));
-        }
-        flight.finished = false;
-        Ok(flight)
+        *self.resp = [0u8; Response::SIZE];
+        Ok(())
+    }
+}
+
+impl Drop for Command {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `with_capacity`; not in the ring (an
+        // abandoned in-flight command is leaked, never dropped).
+        unsafe { shim::hmmgpu_shim_cmd_free(self.token) };
     }
 }
 
@@ -97,56 +137,59 @@ pub(crate) enum Wait {
     Woken,
 }
 
-/// A submitted command and its buffers.
+/// A submitted command.
 pub(crate) struct InFlight {
-    cmd: *mut shim::Cmd,
-    out: KVec<u8>,
-    resp: KBox<[u8; Response::SIZE]>,
-    /// Whether the device is done with the buffers.
-    finished: bool,
+    /// `None` once completed and handed back.
+    cmd: Option<Command>,
 }
-
-// SAFETY: the shim's command token may be waited on from any thread.
-unsafe impl Send for InFlight {}
 
 impl InFlight {
     /// The shim token, for `hmmgpu_shim_cmd_wake`.
     pub(crate) fn token(&self) -> *mut shim::Cmd {
-        self.cmd
+        self.cmd.as_ref().map_or(core::ptr::null_mut(), |c| c.token)
     }
 
     /// Waits for completion or a wake-up. `Err(ETIMEDOUT)`: the device did
     /// not answer in time; `Err(EIO)`: it dropped the command.
     pub(crate) fn wait(&mut self) -> Result<Wait> {
-        if self.finished {
+        let token = self.token();
+        if token.is_null() {
             return Err(EINVAL);
         }
-        // SAFETY: `cmd` was submitted and is still ours.
-        let used = unsafe { shim::hmmgpu_shim_cmd_wait(self.cmd, COMMAND_TIMEOUT_MS) };
+        // SAFETY: `token` was submitted and is still ours.
+        let used = unsafe { shim::hmmgpu_shim_cmd_wait(token, COMMAND_TIMEOUT_MS) };
         if used == -(bindings::EAGAIN as c_long) {
             return Ok(Wait::Woken);
         }
         if used < 0 {
             return Err(Error::from_errno(used as i32));
         }
-        self.finished = true;
         if (used as usize) < Response::SIZE {
             return Err(EIO);
         }
-        Ok(Wait::Done(Response::from_bytes(&self.resp[..]).ok_or(EIO)?))
+        let cmd = self.cmd.as_ref().ok_or(EINVAL)?;
+        Ok(Wait::Done(Response::from_bytes(&cmd.resp[..]).ok_or(EIO)?))
+    }
+
+    /// The command back for reuse, once `wait` returned `Done`.
+    pub(crate) fn into_command(mut self) -> Option<Command> {
+        self.cmd.take()
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if !self.finished {
-            // The device may still write these: never free them.
-            pr_err!("hmmgpu: abandoning a command the device never completed\n");
-            core::mem::forget(core::mem::take(&mut self.out));
-            return;
+        if let Some(cmd) = self.cmd.take() {
+            // SAFETY: `cmd.token` is ours.
+            let done = unsafe { shim::hmmgpu_shim_cmd_completed(cmd.token) };
+            if done {
+                drop(cmd);
+            } else {
+                // The device may still write these: never free them.
+                pr_err!("hmmgpu: abandoning a command the device never completed\n");
+                core::mem::forget(cmd);
+            }
         }
-        // SAFETY: allocated in `submit`, no longer in the ring.
-        unsafe { shim::hmmgpu_shim_cmd_free(self.cmd) };
     }
 }
 

@@ -303,6 +303,12 @@ long hmmgpu_shim_cmd_wait(struct hmmgpu_cmd *cmd, unsigned int timeout_ms)
 	return -EAGAIN;
 }
 
+/* Whether the device has completed @cmd (its buffers are free again). */
+bool hmmgpu_shim_cmd_completed(struct hmmgpu_cmd *cmd)
+{
+	return smp_load_acquire(&cmd->completed);
+}
+
 /* Wakes the waiter of @cmd without completing it (a fault to resolve). */
 void hmmgpu_shim_cmd_wake(struct hmmgpu_cmd *cmd)
 {

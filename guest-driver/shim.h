@@ -77,6 +77,7 @@ int hmmgpu_shim_cmd_submit(struct hmmgpu_queues *q, struct hmmgpu_cmd *cmd,
 			   unsigned int in_len);
 long hmmgpu_shim_cmd_wait(struct hmmgpu_cmd *cmd, unsigned int timeout_ms);
 void hmmgpu_shim_cmd_wake(struct hmmgpu_cmd *cmd);
+bool hmmgpu_shim_cmd_completed(struct hmmgpu_cmd *cmd);
 unsigned long hmmgpu_shim_memremap(struct device *dev, int kind, u64 phys,
 				   u64 size, void *gpu, void *owner);
 struct page *hmmgpu_shim_pfn_to_page(unsigned long pfn);

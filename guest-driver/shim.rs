@@ -95,6 +95,7 @@ extern "C" {
     ) -> c_int;
     pub(crate) fn hmmgpu_shim_cmd_wait(cmd: *mut Cmd, timeout_ms: c_uint) -> c_long;
     pub(crate) fn hmmgpu_shim_cmd_wake(cmd: *mut Cmd);
+    pub(crate) fn hmmgpu_shim_cmd_completed(cmd: *mut Cmd) -> bool;
 
     pub(crate) fn hmmgpu_shim_memremap(
         dev: *mut Device,
