@@ -110,6 +110,17 @@ fn alloc_and_copy_to_vram(
     let mut zeroes = RangeList::new();
     let mut result = Ok(());
     dst.iter_mut().for_each(|d| *d = 0);
+    // Single pages come from one batch allocation (falling back to one by
+    // one if the VRAM is too fragmented for the whole batch).
+    let singles = src
+        .iter()
+        .filter(|s| **s & mpfn_migrate() != 0 && **s & mpfn_compound() == 0)
+        .count();
+    let mut batch = match vram.alloc_batch(singles) {
+        Ok(b) => b,
+        Err(_) => return 0,
+    };
+    let mut single = |vram: &Vram| batch.take().map_or_else(|| vram.alloc_page(false), Ok);
     let mut i = 0;
     while i < src.len() && result.is_ok() {
         let s = src[i];
@@ -148,7 +159,7 @@ fn alloc_and_copy_to_vram(
                 result = place(&mut dst[i], page, mpfn_compound(), offset, 0, abi::HUGE_PAGE_SIZE);
             } else {
                 for j in 0..nr {
-                    let Ok((page, offset)) = vram.alloc_page(false) else {
+                    let Ok((page, offset)) = single(vram) else {
                         break;
                     };
                     result = place(&mut dst[i + j], page, 0, offset, j as u64 * PAGE_SIZE, PAGE_SIZE);
@@ -165,7 +176,7 @@ fn alloc_and_copy_to_vram(
             continue;
         }
         // VRAM full: this page stays in system memory.
-        if let Ok((page, offset)) = vram.alloc_page(false) {
+        if let Ok((page, offset)) = single(vram) {
             result = place(&mut dst[i], page, 0, offset, 0, PAGE_SIZE);
         }
         i += 1;

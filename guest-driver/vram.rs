@@ -52,6 +52,48 @@ struct FreeList {
 // SAFETY: the list is only touched under its `SpinLock`.
 unsafe impl Send for FreeList {}
 
+/// Pages of one [`Vram::alloc_batch`], handed out one at a time.
+pub(crate) struct PageBatch<'a> {
+    vram: &'a Vram,
+    /// The shared allocation; NULL for an empty batch.
+    alloc: *mut VramAlloc,
+    offsets: KVec<u64>,
+    next: usize,
+}
+
+impl PageBatch<'_> {
+    /// The next page, initialized and locked for `migrate_vma_pages()`,
+    /// with its VRAM offset; `None` when the batch is used up.
+    pub(crate) fn take(&mut self) -> Option<(*mut shim::Page, u64)> {
+        let offset = *self.offsets.get(self.next)?;
+        self.next += 1;
+        let pfn = self.vram.pfn_first() + (offset - self.vram.base) / abi::PAGE_SIZE;
+        // SAFETY: `pfn` is inside our registered range and its VRAM was
+        // just allocated, so the page is free.
+        unsafe {
+            let page = shim::hmmgpu_shim_pfn_to_page(pfn as _);
+            shim::hmmgpu_shim_device_page_init(page, 0);
+            shim::hmmgpu_shim_page_set_data(page, self.alloc.cast());
+            Some((page, offset))
+        }
+    }
+}
+
+impl Drop for PageBatch<'_> {
+    fn drop(&mut self) {
+        // Pages never handed out are given back now.
+        let unused = (self.offsets.len() - self.next) as u64;
+        if self.alloc.is_null() || unused == 0 {
+            return;
+        }
+        // SAFETY: `alloc` lives until all its pages are released.
+        if unsafe { (*self.alloc).pages.fetch_sub(unused, Ordering::AcqRel) } == unused {
+            // SAFETY: no page refers to it any more.
+            drop(unsafe { KBox::from_raw(self.alloc) });
+        }
+    }
+}
+
 /// Which kind of ZONE_DEVICE memory a `Vram` is registered as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum MemKind {
@@ -205,6 +247,54 @@ impl Vram {
             shim::hmmgpu_shim_page_set_data(page, KBox::into_raw(alloc).cast());
         }
         Ok((page, offset))
+    }
+
+    /// Allocates up to `n` single VRAM pages in one buddy allocation (few
+    /// large blocks instead of `n` splits down to 4 KiB, which dominate the
+    /// cost of page-by-page allocation). The pages share the allocation:
+    /// its VRAM returns to the buddy allocator when the last of them is
+    /// freed. Returns an empty batch if the VRAM cannot hold `n` pages.
+    pub(crate) fn alloc_batch(&self, n: usize) -> Result<PageBatch<'_>> {
+        let mut batch = PageBatch {
+            vram: self,
+            alloc: ptr::null_mut(),
+            offsets: KVec::new(),
+            next: 0,
+        };
+        if n == 0 {
+            return Ok(batch);
+        }
+        self.reclaim_deferred();
+        let Ok(blocks) = KBox::pin_init(
+            self.buddy.alloc_blocks(
+                GpuBuddyAllocMode::Simple,
+                n as u64 * abi::PAGE_SIZE,
+                Alignment::new::<SZ_4K>(),
+                GpuBuddyAllocFlags::default(),
+            ),
+            GFP_KERNEL,
+        ) else {
+            return Ok(batch);
+        };
+        batch.offsets.reserve(n, GFP_KERNEL)?;
+        for block in blocks.iter() {
+            let mut offset = block.offset();
+            let end = offset + block.size();
+            while offset < end && batch.offsets.len() < n {
+                batch.offsets.push(offset, GFP_KERNEL)?;
+                offset += abi::PAGE_SIZE;
+            }
+        }
+        let alloc = KBox::new(
+            VramAlloc {
+                _blocks: blocks,
+                pages: AtomicU64::new(batch.offsets.len() as u64),
+                next: ptr::null_mut(),
+            },
+            GFP_KERNEL,
+        )?;
+        batch.alloc = KBox::into_raw(alloc);
+        Ok(batch)
     }
 
     /// Called when the kernel frees a device folio (`page` is its head):
