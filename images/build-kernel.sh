@@ -6,7 +6,9 @@
 #   $KDIR/image     the bootable kernel image
 #   $KDIR/make.env  the make variables the tree was built with (ARCH, LLVM, ...)
 #
-#   build-kernel.sh [--arch x86_64|ppc64le] [--flavour release|debug]
+#   build-kernel.sh [--arch x86_64|ppc64le] [--flavour release|debug] [--print-dir]
+#
+# --print-dir prints the cache directory the inputs map to, building nothing.
 #
 # HMMGPU_KERNEL_DIR=/path/to/built/tree uses your own kernel instead: it must be
 # a configured and built tree (in-tree or O=) with the options of base.config.
@@ -14,9 +16,10 @@ set -euo pipefail
 LOG_TAG=kernel
 source "$(dirname "$0")/lib.sh"
 
-ARCH_NAME=x86_64 FLAVOUR=release
+ARCH_NAME=x86_64 FLAVOUR=release PRINT_DIR=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
+        --print-dir) PRINT_DIR=1; shift ;;
         --arch) ARCH_NAME="$2"; shift 2 ;;
         --flavour) FLAVOUR="$2"; shift 2 ;;
         *) die "unknown argument '$1' (usage: build-kernel.sh [--arch x86_64|ppc64le] [--flavour release|debug])" ;;
@@ -85,6 +88,10 @@ key=$(hash_inputs "$src_key" "$ARCH_NAME" "$FLAVOUR" "${fragments[@]}" "$toolcha
 SRC="$HMMGPU_CACHE/linux-src-$src_key"
 KDIR="$HMMGPU_CACHE/kernel-$ARCH_NAME-$FLAVOUR-$key"
 LOGDIR="$KDIR/logs"
+if [[ $PRINT_DIR == 1 ]]; then
+    echo "$KDIR"
+    exit 0
+fi
 
 if [[ -f "$KDIR/done" ]]; then
     log "cached: $KDIR"

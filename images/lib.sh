@@ -29,10 +29,11 @@ run_logged() {
     log "$name: done in $((SECONDS - start))s"
 }
 
-# hash_inputs FILE/STRING...: a short stable hash of files' contents and strings.
+# hash_inputs FILE/STRING...: a short stable hash of files' contents (not
+# their paths: a clone elsewhere reuses the cache) and strings.
 hash_inputs() {
     local a
     for a in "$@"; do
-        if [[ -f "$a" ]]; then sha256sum "$a"; else echo "$a"; fi
+        if [[ -f "$a" ]]; then sha256sum <"$a"; else echo "$a"; fi
     done | sha256sum | cut -c1-16
 }

@@ -170,8 +170,8 @@ mod tests {
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("-1").is_err());
         assert!(parse_size("99999999999T").is_err());
-        assert_eq!(parse_vram_size("2M"), Ok(2 << 20));
-        assert!(parse_vram_size("1M").is_err());
+        assert_eq!(parse_vram_size("4M"), Ok(4 << 20));
+        assert!(parse_vram_size("2M").is_err());
         assert!(parse_vram_size("3M").is_err());
         assert!(check_memory(2 << 30).is_ok());
         assert!(check_memory((2 << 30) + 1).is_err());

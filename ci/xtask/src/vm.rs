@@ -598,7 +598,8 @@ fn qemu_args(cfg: &VmConfig, vram: &VramFiles, backends: &[Backend]) -> Result<V
         "-m".into(),
         format!("{mem_mib}M"),
         "-smp".into(),
-        "2".into(),
+        // HMMGPU_SMP overrides the vCPU count (an experiment knob, logged).
+        std::env::var("HMMGPU_SMP").unwrap_or_else(|_| "2".into()),
         "-accel".into(),
         match cfg.accel {
             Accel::Kvm => "kvm".into(),
