@@ -80,6 +80,7 @@ fn run(args: RunArgs) -> Result<i32> {
         gpus: args.gpus,
         vram_size: args.vram,
         memory: args.vm.memory,
+        cpus: args.vm.cpus,
         accel,
         timeout: Duration::from_secs(args.timeout),
         cmd,

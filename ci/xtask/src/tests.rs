@@ -3,6 +3,8 @@
 //! VM with a guest command and checks what came back.
 
 use crate::build::{self, log, Kernel};
+use crate::cli::Flavour;
+mod selftest;
 use crate::cli::TestArgs;
 use crate::exit;
 use crate::pattern;
@@ -23,11 +25,14 @@ struct Ctx {
     programs: Result<Vec<PathBuf>, String>,
     accel: Accel,
     memory: u64,
+    cpus: u32,
     timeout: Duration,
     /// bare-boot's launch→init, for the boot-time comparison.
     bare_init: Option<Duration>,
     /// demo's launch→ready (driver loaded and bound).
     demo_ready: Option<Duration>,
+    /// For tests that always run on the debug flavour.
+    debug: Option<Result<DebugArtifacts, String>>,
 }
 
 /// One boot of a VM test.
@@ -38,6 +43,9 @@ struct Boot<'a> {
     driver: bool,
     cmd: Vec<String>,
 }
+
+/// Kernel, driver and guest programs of the debug flavour, built on first use.
+type DebugArtifacts = (Kernel, PathBuf, Vec<PathBuf>);
 
 /// Per GPU; half of it is device-private, half device-coherent, and
 /// hmm-tests' THP benchmark migrates up to 256 MiB at once.
@@ -56,14 +64,41 @@ fn need<'a, T>(what: &str, r: &'a Result<T, String>) -> Result<&'a T> {
 }
 
 impl Ctx {
+    /// The debug flavour's artifacts (builds them the first time).
+    fn debug_artifacts(&mut self) -> Result<&DebugArtifacts> {
+        if self.debug.is_none() {
+            let built = (|| {
+                let k = build::kernel(Flavour::Debug)?;
+                let ko = build::driver(&k)?;
+                let progs = build::guest_programs(&k, Flavour::Debug)?;
+                Ok::<_, anyhow::Error>((k, ko, progs))
+            })();
+            self.debug = Some(s(built));
+        }
+        need("the debug flavour", self.debug.as_ref().unwrap())
+    }
+
     fn boot(&self, b: Boot) -> Result<VmOutcome> {
         let kernel = need("the guest kernel", &self.kernel)?;
-        let qemu = need("QEMU", &self.qemu)?;
         let programs = need("the guest programs", &self.programs)?;
-        let mut modules = Vec::new();
-        if b.driver {
-            modules.push(need("hmmgpu.ko", &self.driver)?.clone());
-        }
+        let driver = if b.driver {
+            Some(need("hmmgpu.ko", &self.driver)?)
+        } else {
+            None
+        };
+        self.boot_with(b, kernel, driver, programs, self.cpus)
+    }
+
+    fn boot_with(
+        &self,
+        b: Boot,
+        kernel: &Kernel,
+        driver: Option<&PathBuf>,
+        programs: &[PathBuf],
+        cpus: u32,
+    ) -> Result<VmOutcome> {
+        let qemu = need("QEMU", &self.qemu)?;
+        let modules: Vec<PathBuf> = driver.into_iter().cloned().collect();
         let device_bin = if b.gpus > 0 {
             Some(need("hmmgpu-device", &self.device)?.clone())
         } else {
@@ -85,6 +120,7 @@ impl Ctx {
             gpus: b.gpus,
             vram_size: VRAM_SIZE,
             memory: self.memory,
+            cpus,
             accel: self.accel,
             timeout: self.timeout,
             cmd: b.cmd,
@@ -148,6 +184,16 @@ const VM_TESTS: &[VmTest] = &[
         name: "rmmod-resident",
         about: "rmmod with a buffer in VRAM brings every byte back",
         run: t_rmmod_resident,
+    },
+    VmTest {
+        name: "hmm-tests",
+        about: "the kernel's hmm-tests on test_hmm.ko then on hmmgpu (2 GPUs), same boot: hmmgpu must pass all 78",
+        run: selftest::t_hmm_tests,
+    },
+    VmTest {
+        name: "hmm-tests-debug",
+        about: "hmm-tests on hmmgpu on the debug kernel (lockdep, KASAN, DEBUG_VM): all 78, no splat",
+        run: selftest::t_hmm_tests_debug,
     },
 ];
 
@@ -385,9 +431,11 @@ pub fn run(args: &TestArgs) -> Result<i32> {
         programs,
         accel,
         memory: args.vm.memory,
+        cpus: args.vm.cpus,
         timeout: Duration::from_secs(args.timeout),
         bare_init: None,
         demo_ready: None,
+        debug: None,
     };
     for t in VM_TESTS {
         if !args.only.is_empty() && !args.only.iter().any(|n| n == t.name) {

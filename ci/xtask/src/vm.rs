@@ -158,6 +158,8 @@ pub struct VmConfig {
     pub gpus: u32,
     pub vram_size: u64,
     pub memory: u64,
+    /// Guest vCPUs.
+    pub cpus: u32,
     pub accel: Accel,
     pub timeout: Duration,
     /// The guest command's argv; quoted into `hmmgpu.cmd`.
@@ -598,8 +600,7 @@ fn qemu_args(cfg: &VmConfig, vram: &VramFiles, backends: &[Backend]) -> Result<V
         "-m".into(),
         format!("{mem_mib}M"),
         "-smp".into(),
-        // HMMGPU_SMP overrides the vCPU count (an experiment knob, logged).
-        std::env::var("HMMGPU_SMP").unwrap_or_else(|_| "2".into()),
+        cfg.cpus.to_string(),
         "-accel".into(),
         match cfg.accel {
             Accel::Kvm => "kvm".into(),
