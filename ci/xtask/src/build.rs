@@ -263,7 +263,7 @@ pub fn initramfs(
     Ok(PathBuf::from(run_script("initramfs", &mut cmd)?))
 }
 
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(d) => PathBuf::from(d),
         None => repo_root().join("target"),

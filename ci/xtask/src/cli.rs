@@ -21,9 +21,11 @@ pub enum Command {
     /// Everything CI runs: cargo test, the driver build (warnings as errors)
     /// and the VM tests. Ends with "N passed, N failed".
     Test(TestArgs),
-    // Future work, each in its own module beside vm.rs and tests.rs:
+    /// The same HMM workloads on test_hmm.ko and on hmmgpu in one VM boot:
+    /// a table of ratios, also written as JSON. Not a test.
+    Bench(BenchArgs),
+    // Future work, in its own module beside vm.rs and tests.rs:
     //   Inject(InjectArgs)  fault injection through the backend's control socket
-    //   Bench(BenchArgs)    migration throughput/latency benchmarks
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -94,6 +96,18 @@ pub struct RunArgs {
     /// Command to run in the guest (cwd /tmp); default: hmmgpu-demo.
     #[arg(last = true, value_name = "CMD")]
     pub cmd: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub vm: VmOpts,
+    /// Also write the results here (default: target/xtask/bench/<unix time>.json).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Seconds the whole benchmark boot may take.
+    #[arg(long, default_value_t = 1800)]
+    pub timeout: u64,
 }
 
 #[derive(Args, Debug)]

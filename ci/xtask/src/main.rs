@@ -1,6 +1,7 @@
 //! `cargo xtask`: builds the hmmgpu stack and runs it in QEMU VMs.
 //! See docs/running.md.
 
+mod bench;
 mod build;
 mod cli;
 mod exit;
@@ -37,6 +38,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Test(args) => tests::run(&args),
+        Command::Bench(args) => bench::run(&args),
     }
 }
 
