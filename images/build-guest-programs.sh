@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds the guest test programs (ci/guest/*.c) as static binaries with the
-# dmirror uAPI header (lib/test_hmm_uapi.h) from the guest kernel's source.
+# dmirror uAPI header (lib/test_hmm_uapi.h) from the guest kernel's source,
+# copies the guest scripts (ci/guest/*.sh, installed without the .sh) and
+# builds the kernel's hmm-tests.
 # Prints the output directory on stdout when done.
 #
 #   build-guest-programs.sh --kdir KDIR --out DIR
@@ -37,6 +39,13 @@ for c in "${sources[@]}"; do
     gcc "${CFLAGS[@]}" -o "$OUT/$name.tmp" "$c" || die "compiling $c failed"
     mv "$OUT/$name.tmp" "$OUT/$name"
 done
+# Guest shell scripts (busybox sh), e.g. hmm-tests-both.sh -> hmm-tests-both.
+scripts=("$GUEST_SRC"/*.sh)
+for sh in "${scripts[@]}"; do
+    name="$(basename "$sh" .sh)"
+    sh -n "$sh" || die "$sh: syntax error"
+    install -m 0755 "$sh" "$OUT/$name"
+done
 
 # The kernel's own HMM selftest, unmodified, built the way its Makefile
 # does (vm_util.c and hugepage_settings.c linked in), but static.
@@ -52,5 +61,5 @@ fi
     die "building tools/testing/selftests/mm/hmm-tests failed"
 mv "$OUT/hmm-tests.tmp" "$OUT/hmm-tests"
 
-log "built $((${#sources[@]} + 1)) program(s) in $OUT: $(cd "$OUT" && echo *)"
+log "built $((${#sources[@]} + ${#scripts[@]} + 1)) program(s) in $OUT: $(cd "$OUT" && echo *)"
 echo "$OUT"

@@ -5,7 +5,8 @@
  * bench`, which runs it on both in one boot and prints the ratios.
  *
  * Output: one line per figure, `BENCH <name> <value>`:
- *   migrate_to_dev_<size>_gbps, migrate_to_sys_<size>_gbps   median of reps
+ *   migrate_to_dev_<size>_gbps, migrate_to_sys_<size>_gbps   median of 5..50
+ *                                           reps (about 256 MiB per size)
  *   cpu_fault_p50_us, cpu_fault_p99_us      CPU touch of a page in device
  *                                           memory (migrate_to_ram)
  *   dev_fault_p50_us, dev_fault_p99_us      HMM_DMIRROR_READ of one page the
@@ -28,7 +29,10 @@
 
 #define PAGE_SZ 4096UL
 #define TWO_MB (2UL << 20)
-#define REPS 5
+/* Migration repetitions: about 256 MiB per size, at least 5, at most 50. */
+#define MIN_REPS 5
+#define MAX_REPS 50
+#define REPS_BYTES (256UL << 20)
 #define LAT_SAMPLES 200
 
 static int fd;
@@ -87,14 +91,19 @@ static double pct(double *v, int n, int p)
 
 static void migration(size_t size, const char *label)
 {
-	double to_dev[REPS], to_sys[REPS];
+	double to_dev[MAX_REPS], to_sys[MAX_REPS];
 	unsigned long npages = size / PAGE_SZ;
+	int reps = REPS_BYTES / size;
 	void *mirror = malloc(size);
 	int r;
 
 	if (!mirror)
 		die("malloc");
-	for (r = 0; r < REPS; r++) {
+	if (reps < MIN_REPS)
+		reps = MIN_REPS;
+	if (reps > MAX_REPS)
+		reps = MAX_REPS;
+	for (r = 0; r < reps; r++) {
 		void *base;
 		size_t map_len;
 		char *buf = alloc_buf(size, &base, &map_len);
@@ -109,8 +118,8 @@ static void migration(size_t size, const char *label)
 		to_sys[r] = size / (now_s() - t) / 1e9;
 		munmap(base, map_len);
 	}
-	printf("BENCH migrate_to_dev_%s_gbps %.4f\n", label, pct(to_dev, REPS, 50));
-	printf("BENCH migrate_to_sys_%s_gbps %.4f\n", label, pct(to_sys, REPS, 50));
+	printf("BENCH migrate_to_dev_%s_gbps %.4f\n", label, pct(to_dev, reps, 50));
+	printf("BENCH migrate_to_sys_%s_gbps %.4f\n", label, pct(to_sys, reps, 50));
 	free(mirror);
 }
 

@@ -22,6 +22,8 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
+use std::sync::{Arc, RwLock};
+use std::thread;
 
 use hmmgpu_abi::{
     status, DeviceConfig, Event, Response, ABI_VERSION, CONFIG_MAGIC, MAX_CONTEXTS, MAX_RANGES,
@@ -29,17 +31,20 @@ use hmmgpu_abi::{
 };
 use log::{debug, error, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{DescriptorChain, QueueOwnedT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::engine::{Completion, Engine, EventSink, Executed, GuestRam, MAX_COMMAND_LEN};
+use crate::engine::{
+    Completion, Engine, EventSink, Executed, GuestRam, InterruptAction, MAX_COMMAND_LEN,
+};
+use crate::faults::FaultInjector;
 
 /// Virtio feature bits the device offers.
 pub const DEVICE_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
@@ -101,21 +106,25 @@ impl HmmGpuBackend {
             return Ok(false);
         };
         let mem = self.mem.memory();
-        let chains: Vec<Chain> = vring
-            .get_mut()
-            .get_queue_mut()
-            .iter(mem.clone())
-            .map_err(|e| queue_error("command queue: reading the avail ring", e))?
-            .collect();
-        if chains.is_empty() {
-            return Ok(false);
-        }
         let mut events = EventQueue {
             vring: vrings.get(usize::from(QUEUE_EVENT)),
-            mem,
+            mem: mem.clone(),
         };
         let mut used_any = false;
-        for chain in chains {
+        let mut taken = false;
+        // One chain at a time: an injected stall (which a command can arm
+        // through a fault plan) stops the device before the next one.
+        while !self.engine.faults().queue_stalled() {
+            let next = vring
+                .get_mut()
+                .get_queue_mut()
+                .iter(mem.clone())
+                .map_err(|e| queue_error("command queue: reading the avail ring", e))?
+                .next();
+            let Some(chain) = next else {
+                break;
+            };
+            taken = true;
             let head = chain.head_index();
             if self.parked.contains_key(&head) {
                 // The driver made a chain available again while the device
@@ -139,9 +148,18 @@ impl HmmGpuBackend {
                 .needs_notification()
                 .map_err(|e| queue_error("command queue: reading used_event", e))?
         {
-            vring.signal_used_queue()?;
+            signal(vring, self.engine.faults().interrupt())?;
         }
-        Ok(true)
+        Ok(taken)
+    }
+
+    /// Posts the injected events waiting (ECC, spurious faults, storms).
+    fn post_injected(&mut self, vrings: &[VringRwLock]) {
+        let mut events = EventQueue {
+            vring: vrings.get(usize::from(QUEUE_EVENT)),
+            mem: self.mem.memory(),
+        };
+        self.engine.post_injected(&mut events);
     }
 
     /// Executes one command chain. Returns the used element of a parked
@@ -210,6 +228,51 @@ impl HmmGpuBackend {
         };
         Some((head, write_response(&chain, completion.response)))
     }
+}
+
+/// Signals the command queue's interrupt as the fault hooks say: now, never,
+/// or later from a timer thread (the used ring is already updated).
+fn signal(vring: &VringRwLock, action: InterruptAction) -> io::Result<()> {
+    match action {
+        InterruptAction::Signal => vring.signal_used_queue(),
+        InterruptAction::Drop => {
+            debug!("command queue: interrupt dropped (fault injection)");
+            Ok(())
+        }
+        InterruptAction::Delay(delay) => {
+            let vring = vring.clone();
+            thread::Builder::new()
+                .name("hmmgpu-late-irq".into())
+                .spawn(move || {
+                    thread::sleep(delay);
+                    if let Err(e) = vring.signal_used_queue() {
+                        warn!("command queue: delayed interrupt: {e}");
+                    }
+                })
+                .map(drop)
+        }
+    }
+}
+
+/// `handle_event` id of the fault injector's eventfd (ids up to
+/// [`NUM_QUEUES`] belong to the queues and the exit event).
+pub const FAULT_WAKEUP_EVENT: u16 = NUM_QUEUES as u16 + 1;
+
+/// Registers the fault injector's eventfd with the daemon's queue worker, so
+/// events injected through the control socket are posted (and a cleared
+/// stall resumes) without waiting for a kick.
+pub fn register_fault_wakeup(
+    daemon: &VhostUserDaemon<Arc<RwLock<HmmGpuBackend>>>,
+    faults: &FaultInjector,
+) -> io::Result<()> {
+    let Some(fd) = faults.notify_fd() else {
+        return Err(io::Error::other("fault injection has no wakeup eventfd"));
+    };
+    let handlers = daemon.get_epoll_handlers();
+    let handler = handlers
+        .first()
+        .ok_or_else(|| io::Error::other("the daemon has no queue worker"))?;
+    handler.register_listener(fd, EventSet::IN, u64::from(FAULT_WAKEUP_EVENT))
 }
 
 /// Writes `response` into the writable part of `chain` (checked to have
@@ -351,6 +414,16 @@ impl VhostUserBackendMut for HmmGpuBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
     }
 
+    fn stop_vring(&mut self, queue_index: u32) -> io::Result<()> {
+        // The front end stopping the command queue (GET_VRING_BASE: QEMU
+        // sends it when the guest resets the device or the VM stops) ends
+        // an injected stall, as a device reset does.
+        if queue_index == u32::from(QUEUE_COMMAND) && self.engine.faults().queue_stalled() {
+            self.engine.faults().reset();
+        }
+        Ok(())
+    }
+
     fn reset_device(&mut self) {
         self.event_idx = false;
         self.acked_features = 0;
@@ -416,6 +489,18 @@ impl VhostUserBackendMut for HmmGpuBackend {
             warn!("unexpected event set {evset:?} for event {device_event}");
             return Ok(());
         }
+        if device_event == FAULT_WAKEUP_EVENT {
+            // Injected events to post, or a stall was cleared.
+            self.engine.faults().acknowledge_wakeup();
+            self.post_injected(vrings);
+            let ready = vrings
+                .get(usize::from(QUEUE_COMMAND))
+                .is_some_and(|v| v.get_ref().get_queue().ready());
+            if ready && !self.engine.faults().queue_stalled() {
+                return self.handle_event(QUEUE_COMMAND, evset, vrings, _thread_id);
+            }
+            return Ok(());
+        }
         if device_event == QUEUE_EVENT {
             // New event buffers: they are taken when an event needs one.
             debug!("event queue kicked");
@@ -428,6 +513,10 @@ impl VhostUserBackendMut for HmmGpuBackend {
         let Some(vring) = vrings.get(usize::from(QUEUE_COMMAND)) else {
             return Ok(());
         };
+        if self.engine.faults().queue_stalled() {
+            debug!("command queue kicked while stalled (fault injection)");
+            return Ok(());
+        }
         // A broken ring (bogus avail index, used ring outside guest RAM) is
         // the guest's fault: log it and wait for the next kick rather than
         // kill the worker thread.
@@ -441,6 +530,9 @@ impl VhostUserBackendMut for HmmGpuBackend {
                 }
                 if let Err(e) = self.process_queue(vrings) {
                     break Err(e);
+                }
+                if self.engine.faults().queue_stalled() {
+                    break Ok(());
                 }
                 match vring.enable_notification() {
                     Ok(true) => continue,

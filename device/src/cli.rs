@@ -9,16 +9,23 @@ use log::{info, LevelFilter};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::GuestMemoryAtomic;
 
-use crate::backend::HmmGpuBackend;
-use crate::control::ControlServer;
-use crate::engine::{Engine, FaultInjector, GuestRam, Stats, StatsSnapshot};
+use crate::backend::{register_fault_wakeup, HmmGpuBackend};
+use crate::control::{self, Control, ControlServer};
+use crate::engine::{Engine, FaultInjector, GuestRam, Stats};
+use crate::plan::Plan;
 use crate::vram::Vram;
 
 /// hmmgpu vhost-user device backend: serves one VM's virtual GPU (its
 /// command queue, config space and VRAM) over a vhost-user socket, and exits
 /// when the VM disconnects.
 #[derive(Debug, Parser)]
-#[command(name = "hmmgpu-device", version)]
+#[command(
+    name = "hmmgpu-device",
+    version,
+    after_help = "Client of a running backend (docs/fault-injection.md):\n  \
+                  hmmgpu-device inject --control PATH FAULT-JSON | KIND [KEY=VALUE...]\n  \
+                  hmmgpu-device ctl --control PATH REQUEST-JSON"
+)]
 pub struct Args {
     /// vhost-user socket to listen on (QEMU connects to it).
     #[arg(long, value_name = "PATH")]
@@ -34,6 +41,12 @@ pub struct Args {
     /// Control socket (JSON lines, mode 0600; see docs/control.md).
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Fault plan to load at start (JSON; see docs/fault-injection.md).
+    #[arg(long, value_name = "FILE")]
+    pub fault_plan: Option<PathBuf>,
+    /// Also write the fault log (`fault #N: ...` lines) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub fault_log: Option<PathBuf>,
     /// Log level: off, error, warn, info, debug or trace (default: RUST_LOG,
     /// else info).
     #[arg(long, value_name = "LEVEL")]
@@ -68,14 +81,42 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {text:?} does not fit in 64 bits"))
 }
 
+/// The final counters: the device's ([`crate::engine::StatsSnapshot`]) plus `"injected"`.
+pub fn final_stats(stats: &Stats, faults: &FaultInjector) -> serde_json::Value {
+    let mut json = serde_json::json!(stats.snapshot());
+    json["injected"] = serde_json::json!(faults.injected_stats());
+    json
+}
+
 /// Serves one vhost-user session as `args` say and returns the final
-/// counters. Errors are messages for the user.
-pub fn run(args: &Args) -> Result<StatsSnapshot, String> {
+/// counters ([`final_stats`]). Errors are messages for the user.
+pub fn run(args: &Args) -> Result<serde_json::Value, String> {
     let vram = Arc::new(Vram::open(&args.vram_path, args.vram_size).map_err(|e| e.to_string())?);
     let stats = Arc::new(Stats::default());
-    let engine = Engine::new(vram, stats.clone(), Arc::new(FaultInjector::default()));
+    let faults = Arc::new(FaultInjector::with_vram(vram.clone()));
+    if let Some(path) = &args.fault_log {
+        faults
+            .log_to_file(path)
+            .map_err(|e| format!("fault log {}: {e}", path.display()))?;
+    }
+    if let Some(path) = &args.fault_plan {
+        let plan = Plan::load(path)?;
+        info!(
+            "fault plan {}: {} entries",
+            path.display(),
+            plan.faults.len()
+        );
+        faults.load_plan(plan)?;
+    }
+    let engine = Engine::new(vram, stats.clone(), faults.clone());
     let _control = match &args.control {
-        Some(path) => Some(ControlServer::start(path, stats.clone()).map_err(|e| e.to_string())?),
+        Some(path) => {
+            let control = Control {
+                stats: stats.clone(),
+                faults: Some(faults.clone()),
+            };
+            Some(ControlServer::start(path, control).map_err(|e| e.to_string())?)
+        }
         None => None,
     };
     let backend = Arc::new(RwLock::new(HmmGpuBackend::new(engine)));
@@ -85,6 +126,8 @@ pub fn run(args: &Args) -> Result<StatsSnapshot, String> {
         GuestMemoryAtomic::new(GuestRam::new()),
     )
     .map_err(|e| format!("creating the vhost-user daemon: {e}"))?;
+    register_fault_wakeup(&daemon, &faults)
+        .map_err(|e| format!("registering the fault injector with the queue worker: {e}"))?;
     info!(
         "listening on {} (VRAM {} bytes in {})",
         args.socket.display(),
@@ -94,7 +137,7 @@ pub fn run(args: &Args) -> Result<StatsSnapshot, String> {
     // serve() accepts one front end and returns when it disconnects: one VM,
     // one session.
     let served = daemon.serve(&args.socket);
-    let snapshot = stats.snapshot();
+    let snapshot = final_stats(&stats, &faults);
     match served {
         Ok(()) => {
             info!("front end disconnected");
@@ -104,6 +147,153 @@ pub fn run(args: &Args) -> Result<StatsSnapshot, String> {
             "vhost-user session on {}: {e}",
             args.socket.display()
         )),
+    }
+}
+
+/// `hmmgpu-device inject|ctl ...`: talks to a running backend's control
+/// socket.
+#[derive(Debug, Parser)]
+#[command(
+    name = "hmmgpu-device",
+    about = "Send a request to a running hmmgpu-device's control socket"
+)]
+pub struct CtlArgs {
+    /// What to send.
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+/// A control-socket client subcommand.
+#[derive(Debug, clap::Subcommand)]
+pub enum CtlCommand {
+    /// Injects a fault: a JSON object ('{"kind":"copy_error","count":3}')
+    /// or shorthand (copy_error count=3 range=vram:0x1000:4096).
+    Inject {
+        /// The backend's control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// The fault: one JSON object, or KIND [KEY=VALUE...].
+        #[arg(required = true, num_args = 1.., value_name = "FAULT")]
+        fault: Vec<String>,
+    },
+    /// Sends one raw JSON request ('{"cmd":"list"}').
+    Ctl {
+        /// The backend's control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// The request, one JSON object.
+        #[arg(value_name = "JSON")]
+        request: String,
+    },
+}
+
+/// Whether `first` (the first command-line argument) names a client
+/// subcommand rather than a daemon flag.
+pub fn is_ctl_subcommand(first: &str) -> bool {
+    matches!(first, "inject" | "ctl")
+}
+
+/// Parses a number: decimal, or hex with 0x.
+fn parse_number(text: &str) -> Option<u64> {
+    match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
+}
+
+/// The fault a user typed after `inject`: one JSON object, or `KIND
+/// KEY=VALUE...` where VALUE is a number (0x hex allowed), a float (for
+/// probability) or, for `range`, SPACE:START:LEN.
+pub fn parse_fault_args(words: &[String]) -> Result<serde_json::Value, String> {
+    use serde_json::{json, Value};
+    let first = words.first().ok_or("no fault given")?;
+    if first.trim_start().starts_with('{') {
+        if words.len() > 1 {
+            return Err("a JSON fault must be one argument".into());
+        }
+        let value: Value = serde_json::from_str(first).map_err(|e| format!("bad JSON: {e}"))?;
+        return if value.is_object() {
+            Ok(value)
+        } else {
+            Err("the fault must be a JSON object".into())
+        };
+    }
+    let mut fault = json!({ "kind": first });
+    for word in &words[1..] {
+        let (key, value) = word
+            .split_once('=')
+            .ok_or_else(|| format!("{word:?}: expected KEY=VALUE"))?;
+        let value = if key == "range" {
+            let parts: Vec<&str> = value.split(':').collect();
+            let [space, start, len] = parts[..] else {
+                return Err(format!("range {value:?}: expected SPACE:START:LEN"));
+            };
+            let start = parse_number(start).ok_or_else(|| format!("bad range start {start:?}"))?;
+            let len = parse_number(len).ok_or_else(|| format!("bad range length {len:?}"))?;
+            json!({ "space": space, "start": start, "len": len })
+        } else if let Some(n) = parse_number(value) {
+            json!(n)
+        } else if let Ok(x) = value.parse::<f64>() {
+            json!(x)
+        } else {
+            return Err(format!("{key}={value}: not a number"));
+        };
+        fault[key] = value;
+    }
+    Ok(fault)
+}
+
+/// Runs a client subcommand (the arguments include the program name):
+/// prints the JSON answer; exit 0 when it says ok, 1 when it does not or
+/// the backend cannot be reached, 2 for a bad command line.
+pub fn ctl_main(argv: impl IntoIterator<Item = std::ffi::OsString>) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let args = match CtlArgs::try_parse_from(argv) {
+        Ok(args) => args,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let (path, request) = match args.command {
+        CtlCommand::Inject { control, fault } => match parse_fault_args(&fault) {
+            Ok(fault) => (
+                control,
+                serde_json::json!({ "cmd": "inject", "fault": fault }),
+            ),
+            Err(e) => {
+                eprintln!("hmmgpu-device inject: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        CtlCommand::Ctl { control, request } => {
+            match serde_json::from_str::<serde_json::Value>(&request) {
+                Ok(value) if value.is_object() => (control, value),
+                Ok(_) => {
+                    eprintln!("hmmgpu-device ctl: the request must be a JSON object");
+                    return ExitCode::from(2);
+                }
+                Err(e) => {
+                    eprintln!("hmmgpu-device ctl: bad JSON: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    };
+    match control::request(&path, &request) {
+        Ok(reply) => {
+            println!("{reply}");
+            if reply["ok"] == true {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("hmmgpu-device: control socket: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -149,6 +339,23 @@ mod tests {
         .unwrap();
         assert_eq!(args.vram_size, 64 << 20);
         assert_eq!(args.control, None);
+        assert_eq!(args.fault_plan, None);
+        let with_faults = Args::try_parse_from([
+            "hmmgpu-device",
+            "--socket",
+            "/s",
+            "--vram-path",
+            "/v",
+            "--vram-size",
+            "2M",
+            "--fault-plan",
+            "/p.json",
+            "--fault-log",
+            "/l",
+        ])
+        .unwrap();
+        assert_eq!(with_faults.fault_plan, Some(PathBuf::from("/p.json")));
+        assert_eq!(with_faults.fault_log, Some(PathBuf::from("/l")));
         assert_eq!(args.log_level, Some(LevelFilter::Debug));
         assert!(Args::try_parse_from(["hmmgpu-device", "--socket", "/s"]).is_err());
         assert!(Args::try_parse_from([
@@ -161,5 +368,35 @@ mod tests {
             "big",
         ])
         .is_err());
+    }
+
+    #[test]
+    fn fault_shorthand() {
+        let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            parse_fault_args(&words(&["copy_error", "count=3", "range=vram:0x1000:4096"])),
+            Ok(serde_json::json!({"kind":"copy_error","count":3,
+                "range":{"space":"vram","start":4096,"len":4096}}))
+        );
+        assert_eq!(
+            parse_fault_args(&words(&["copy_error", "probability=0.5"])),
+            Ok(serde_json::json!({"kind":"copy_error","probability":0.5}))
+        );
+        assert_eq!(
+            parse_fault_args(&words(&[r#"{"kind":"stall_queue"}"#])),
+            Ok(serde_json::json!({"kind":"stall_queue"}))
+        );
+        for bad in [
+            &["copy_error", "count"][..],
+            &["copy_error", "count=lots"],
+            &["copy_error", "range=vram:1"],
+            &["{\"kind\":", "x"],
+            &["{\"kind\":\"stall_queue\"}", "count=1"],
+            &[],
+        ] {
+            assert!(parse_fault_args(&words(bad)).is_err(), "{bad:?}");
+        }
+        assert!(CtlArgs::try_parse_from(["hmmgpu-device", "inject", "stall_queue"]).is_err());
+        assert!(CtlArgs::try_parse_from(["hmmgpu-device", "ctl", "--control", "/c"]).is_err());
     }
 }

@@ -2,47 +2,96 @@
 //! The control socket: a unix stream socket speaking JSON lines, one request
 //! object per line, one response object per line (docs/control.md).
 //!
-//! It runs on its own threads (one accepting, one per connection) and only
-//! reads shared counters, so a slow or stuck client never holds up the
-//! command queue.
+//! It runs its own event loop on its own thread (epoll over the listening
+//! socket, every connection and a stop eventfd, all non-blocking), and a
+//! request only touches shared counters and the fault injector, never the
+//! device's queue worker: a stalled or slowed command queue (injected
+//! `stall_queue`, `latency`) or a slow client never holds up an answer.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread;
+use std::thread::{self, JoinHandle};
 
 use log::{debug, warn};
 use serde_json::{json, Value};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::engine::Stats;
+use crate::faults::{Fault, FaultInjector};
+use crate::plan::Plan;
 
 /// Longest request line accepted; longer ones get an error and the
 /// connection is closed (a line is a few dozen bytes in practice).
-const MAX_LINE: u64 = 64 * 1024;
+const MAX_LINE: usize = 64 * 1024;
 
-/// A running control socket. Dropping it removes the socket file (the
-/// accepting thread ends with the process).
+/// Epoll tokens of the listener and the stop eventfd; connections count up
+/// from [`FIRST_CONN`].
+const LISTENER: u64 = 0;
+const STOP: u64 = 1;
+const FIRST_CONN: u64 = 2;
+
+/// What a request may act on.
+#[derive(Clone, Debug)]
+pub struct Control {
+    /// The device's counters.
+    pub stats: Arc<Stats>,
+    /// The fault injector (`None`: fault requests answer an error).
+    pub faults: Option<Arc<FaultInjector>>,
+}
+
+impl Control {
+    /// Counters only, no fault injection.
+    pub fn stats_only(stats: Arc<Stats>) -> Self {
+        Self {
+            stats,
+            faults: None,
+        }
+    }
+}
+
+/// A running control socket. Dropping it stops its thread and removes the
+/// socket file.
 #[derive(Debug)]
 pub struct ControlServer {
     path: PathBuf,
+    stop: Option<EventFd>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl ControlServer {
     /// Creates the socket at `path` with mode 0600 and serves it on a
     /// background thread. A stale socket at `path` is replaced; any other
     /// kind of file there is an error.
-    pub fn start(path: &Path, stats: Arc<Stats>) -> io::Result<Self> {
+    pub fn start(path: &Path, control: Control) -> io::Result<Self> {
         let listener = bind_private(path)?;
-        let server = Self {
-            path: path.to_owned(),
-        };
-        thread::Builder::new()
+        listener.set_nonblocking(true)?;
+        let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            listener.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, LISTENER),
+        )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, STOP),
+        )?;
+        let thread = thread::Builder::new()
             .name("hmmgpu-control".into())
-            .spawn(move || accept_loop(listener, stats))?;
-        Ok(server)
+            .spawn(move || event_loop(epoll, listener, control))?;
+        Ok(Self {
+            path: path.to_owned(),
+            stop: Some(stop),
+            thread: Some(thread),
+        })
     }
 
     /// Where the socket is.
@@ -53,6 +102,13 @@ impl ControlServer {
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            if stop.write(1).is_ok() {
+                if let Some(thread) = self.thread.take() {
+                    let _ = thread.join();
+                }
+            }
+        }
         let _ = fs::remove_file(&self.path);
     }
 }
@@ -98,66 +154,252 @@ fn bind_private(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-fn accept_loop(listener: UnixListener, stats: Arc<Stats>) {
-    for conn in listener.incoming() {
-        match conn {
-            Ok(stream) => {
-                let stats = stats.clone();
-                let spawned = thread::Builder::new()
-                    .name("hmmgpu-control-conn".into())
-                    .spawn(move || {
-                        if let Err(e) = serve_connection(stream, &stats) {
-                            debug!("control connection: {e}");
+/// One client connection: bytes read but not yet a full line, replies not
+/// yet written.
+struct Conn {
+    stream: UnixStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    /// Close once `output` is written (the client sent an over-long line).
+    closing: bool,
+    /// Whether epoll also waits for writability.
+    want_out: bool,
+}
+
+/// The control thread: accepts connections and answers their lines until
+/// the stop eventfd fires.
+fn event_loop(epoll: Epoll, listener: UnixListener, control: Control) {
+    let mut conns: HashMap<u64, Conn> = HashMap::new();
+    let mut next_token = FIRST_CONN;
+    let mut ready = vec![EpollEvent::default(); 32];
+    loop {
+        let n = match epoll.wait(-1, &mut ready) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                warn!("control socket: epoll_wait: {e}; control socket stopped");
+                return;
+            }
+        };
+        for event in &ready[..n] {
+            match event.data() {
+                STOP => return,
+                LISTENER => loop {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let token = next_token;
+                            next_token += 1;
+                            let added = stream.set_nonblocking(true).and_then(|()| {
+                                epoll.ctl(
+                                    ControlOperation::Add,
+                                    stream.as_raw_fd(),
+                                    EpollEvent::new(EventSet::IN | EventSet::READ_HANG_UP, token),
+                                )
+                            });
+                            match added {
+                                Ok(()) => {
+                                    conns.insert(
+                                        token,
+                                        Conn {
+                                            stream,
+                                            input: Vec::new(),
+                                            output: Vec::new(),
+                                            closing: false,
+                                            want_out: false,
+                                        },
+                                    );
+                                }
+                                Err(e) => warn!("control socket: new connection: {e}"),
+                            }
                         }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            warn!("control socket: accept: {e}");
+                            break;
+                        }
+                    }
+                },
+                token => {
+                    let Some(conn) = conns.get_mut(&token) else {
+                        continue;
+                    };
+                    let keep = serve(conn, &control).and_then(|keep| {
+                        let want_out = !conn.output.is_empty();
+                        if keep && want_out != conn.want_out {
+                            let mut set = EventSet::IN | EventSet::READ_HANG_UP;
+                            if want_out {
+                                set |= EventSet::OUT;
+                            }
+                            epoll.ctl(
+                                ControlOperation::Modify,
+                                conn.stream.as_raw_fd(),
+                                EpollEvent::new(set, token),
+                            )?;
+                            conn.want_out = want_out;
+                        }
+                        Ok(keep)
                     });
-                if let Err(e) = spawned {
-                    warn!("control socket: cannot start a connection thread: {e}");
+                    match keep {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            conns.remove(&token);
+                        }
+                        Err(e) => {
+                            debug!("control connection: {e}");
+                            conns.remove(&token);
+                        }
+                    }
                 }
             }
-            Err(e) => warn!("control socket: accept: {e}"),
         }
     }
 }
 
-/// Answers request lines until the client closes the connection.
-fn serve_connection(stream: UnixStream, stats: &Stats) -> io::Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut writer = stream;
-    loop {
-        let mut line = Vec::new();
-        let n = (&mut reader).take(MAX_LINE).read_until(b'\n', &mut line)?;
-        if n == 0 {
-            return Ok(());
+/// Reads what a connection has, answers its complete lines and writes what
+/// it can. Ok(false) when the connection is done.
+fn serve(conn: &mut Conn, control: &Control) -> io::Result<bool> {
+    let mut eof = false;
+    if !conn.closing {
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.stream.read(&mut buf) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => conn.input.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            if conn.input.len() > MAX_LINE {
+                break;
+            }
         }
-        if line.last() != Some(&b'\n') && n as u64 == MAX_LINE {
+        while let Some(end) = conn.input.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = conn.input.drain(..=end).collect();
+            if line.len() > MAX_LINE {
+                conn.closing = true;
+                break;
+            }
+            let text = String::from_utf8_lossy(&line);
+            if text.trim().is_empty() {
+                continue;
+            }
+            let reply = handle_request(&text, control);
+            conn.output
+                .extend_from_slice(format!("{reply}\n").as_bytes());
+        }
+        if conn.input.len() > MAX_LINE {
+            conn.closing = true;
+        }
+        if conn.closing {
+            conn.input.clear();
             let reply = error_reply(&format!("request line longer than {MAX_LINE} bytes"));
-            writeln!(writer, "{reply}")?;
-            return Ok(());
+            conn.output
+                .extend_from_slice(format!("{reply}\n").as_bytes());
         }
-        let text = String::from_utf8_lossy(&line);
-        if text.trim().is_empty() {
-            continue;
-        }
-        writeln!(writer, "{}", handle_request(&text, stats))?;
     }
+    while !conn.output.is_empty() {
+        match conn.stream.write(&conn.output) {
+            Ok(n) => {
+                conn.output.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let flushed = conn.output.is_empty();
+    Ok(!(flushed && (eof || conn.closing)))
 }
 
 fn error_reply(message: &str) -> Value {
     json!({ "ok": false, "error": message })
 }
 
+const KNOWN: &str = "ping, stats, inject, clear, list, load_plan";
+
 /// Answers one request line (a JSON object with a `cmd` member).
-pub fn handle_request(line: &str, stats: &Stats) -> Value {
+pub fn handle_request(line: &str, control: &Control) -> Value {
     let request: Value = match serde_json::from_str(line) {
         Ok(value) => value,
         Err(e) => return error_reply(&format!("bad JSON: {e}")),
     };
-    match request.get("cmd").and_then(Value::as_str) {
-        Some("ping") => json!({ "ok": true }),
-        Some("stats") => json!({ "ok": true, "stats": stats.snapshot() }),
-        Some(other) => error_reply(&format!("unknown cmd {other:?}; known: ping, stats")),
-        None => error_reply("request needs a string member \"cmd\""),
+    let cmd = match request.get("cmd").and_then(Value::as_str) {
+        Some(cmd) => cmd,
+        None => return error_reply("request needs a string member \"cmd\""),
+    };
+    match cmd {
+        "ping" => return json!({ "ok": true }),
+        "stats" => {
+            let mut stats = json!(control.stats.snapshot());
+            if let Some(faults) = &control.faults {
+                stats["injected"] = json!(faults.injected_stats());
+            }
+            return json!({ "ok": true, "stats": stats });
+        }
+        "inject" | "clear" | "list" | "load_plan" => {}
+        other => return error_reply(&format!("unknown cmd {other:?}; known: {KNOWN}")),
     }
+    let Some(faults) = &control.faults else {
+        return error_reply("fault injection is not enabled in this backend");
+    };
+    let result = match cmd {
+        "inject" => match request.get("fault") {
+            Some(fault) => Fault::from_json(fault)
+                .and_then(|fault| faults.inject(fault))
+                .map(|id| json!({ "ok": true, "id": id })),
+            None => Err("inject needs a \"fault\" object".into()),
+        },
+        "clear" => match request.get("id") {
+            None => Ok(json!({ "ok": true, "cleared": faults.clear() })),
+            Some(id) => match id.as_u64() {
+                Some(id) if faults.clear_id(id) => Ok(json!({ "ok": true, "cleared": 1 })),
+                Some(id) => Err(format!("no armed fault with id {id}")),
+                None => Err("id must be an unsigned integer".into()),
+            },
+        },
+        "list" => Ok(json!({
+            "ok": true,
+            "faults": faults.list(),
+            "stalled": faults.stalled(),
+            "plan_pending": faults.plan_pending(),
+        })),
+        _ => {
+            let plan = match (request.get("path"), request.get("plan")) {
+                (Some(Value::String(path)), None) => Plan::load(Path::new(path)),
+                (None, Some(plan)) => Plan::from_json(plan),
+                _ => Err("load_plan needs a string \"path\" or a \"plan\" object".into()),
+            };
+            plan.and_then(|plan| {
+                let entries = plan.faults.len();
+                faults.load_plan(plan)?;
+                Ok(json!({ "ok": true, "entries": entries }))
+            })
+        }
+    };
+    result.unwrap_or_else(|e: String| error_reply(&e))
+}
+
+/// Sends one request line to the control socket at `path` and returns the
+/// reply line, parsed (for `hmmgpu-device ctl` and `inject`).
+pub fn request(path: &Path, request: &Value) -> io::Result<Value> {
+    let mut stream = UnixStream::connect(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    let timeout = Some(std::time::Duration::from_secs(10));
+    stream.set_read_timeout(timeout)?;
+    stream.set_write_timeout(timeout)?;
+    writeln!(stream, "{request}")?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    serde_json::from_str(line.trim()).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("control socket answered {:?}: {e}", line.trim()),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -173,7 +415,7 @@ mod tests {
 
     #[test]
     fn answers_requests() {
-        let stats = Stats::default();
+        let stats = Control::stats_only(Arc::new(Stats::default()));
         assert_eq!(
             handle_request(r#"{"cmd":"ping"}"#, &stats),
             json!({"ok": true})
@@ -184,6 +426,7 @@ mod tests {
         assert_eq!(reply["stats"]["bytes_filled"], 0);
         for bad in [
             r#"{"cmd":"reboot"}"#,
+            r#"{"cmd":"inject","fault":{"kind":"stall_queue"}}"#,
             r#"{"cmd":7}"#,
             "{}",
             "not json",
@@ -201,7 +444,8 @@ mod tests {
         let path = dir.path().join("control.sock");
         // A stale socket from an earlier run is replaced.
         drop(UnixListener::bind(&path).unwrap());
-        let server = ControlServer::start(&path, Arc::new(Stats::default())).unwrap();
+        let server =
+            ControlServer::start(&path, Control::stats_only(Arc::new(Stats::default()))).unwrap();
         let mode = fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
 
@@ -227,8 +471,211 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("control.sock");
         fs::write(&path, b"precious").unwrap();
-        let err = ControlServer::start(&path, Arc::new(Stats::default())).unwrap_err();
+        let err = ControlServer::start(&path, Control::stats_only(Arc::new(Stats::default())))
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(fs::read(&path).unwrap(), b"precious");
+    }
+
+    fn with_faults() -> (Control, Arc<FaultInjector>) {
+        let faults = Arc::new(FaultInjector::default().quiet());
+        let control = Control {
+            stats: Arc::new(Stats::default()),
+            faults: Some(faults.clone()),
+        };
+        (control, faults)
+    }
+
+    fn ask_json(control: &Control, request: Value) -> Value {
+        handle_request(&request.to_string(), control)
+    }
+
+    #[test]
+    fn injects_lists_and_clears_faults() {
+        let (control, faults) = with_faults();
+        let reply = ask_json(
+            &control,
+            json!({"cmd":"inject","fault":{"kind":"copy_error","count":3}}),
+        );
+        assert_eq!(reply, json!({"ok": true, "id": 1}));
+        let range =
+            json!({"kind":"copy_error","range":{"space":"vram","start":4096,"len":8192},"count":2});
+        assert_eq!(
+            ask_json(&control, json!({"cmd":"inject","fault":range}))["id"],
+            2
+        );
+        for fault in [
+            json!({"kind":"latency","us":10}),
+            json!({"kind":"bandwidth","bytes_per_sec":1000}),
+            json!({"kind":"drop_interrupts","count":2}),
+            json!({"kind":"delay_interrupts","ms":5,"count":1}),
+            json!({"kind":"stall_queue"}),
+            json!({"kind":"spurious_faults","ctx":1,"addr":4096,"count":2}),
+            json!({"kind":"fault_storm","ctx":2,"count":10}),
+        ] {
+            let reply = ask_json(&control, json!({"cmd":"inject","fault":fault}));
+            assert_eq!(reply["ok"], true, "{fault}: {reply}");
+        }
+        let list = ask_json(&control, json!({"cmd":"list"}));
+        assert_eq!(list["ok"], true);
+        assert_eq!(list["stalled"], true);
+        // The immediate ones (spurious_faults, fault_storm) are not armed.
+        let kinds: Vec<&str> = list["faults"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["fault"]["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "copy_error",
+                "copy_error",
+                "latency",
+                "bandwidth",
+                "drop_interrupts",
+                "delay_interrupts",
+                "stall_queue"
+            ]
+        );
+        assert_eq!(list["faults"][1], json!({"id": 2, "fault": range}));
+        assert_eq!(
+            ask_json(&control, json!({"cmd":"clear","id":7})),
+            json!({"ok": true, "cleared": 1})
+        );
+        assert!(
+            !faults.stalled(),
+            "clearing the stall_queue fault un-stalls"
+        );
+        assert_eq!(
+            ask_json(&control, json!({"cmd":"clear","id":7}))["ok"],
+            false
+        );
+        assert_eq!(
+            ask_json(&control, json!({"cmd":"clear","id":"x"}))["ok"],
+            false
+        );
+        let stats = ask_json(&control, json!({"cmd":"stats"}));
+        assert_eq!(stats["stats"]["injected"]["injected"], 9);
+        assert_eq!(stats["stats"]["injected"]["queue_stalls"], 1);
+        assert_eq!(stats["stats"]["commands_ok"], 0);
+        assert_eq!(
+            ask_json(&control, json!({"cmd":"clear"})),
+            json!({"ok": true, "cleared": 6})
+        );
+        assert_eq!(
+            ask_json(&control, json!({"cmd":"list"}))["faults"],
+            json!([])
+        );
+    }
+
+    #[test]
+    fn bad_fault_requests_are_errors() {
+        let (control, _faults) = with_faults();
+        for bad in [
+            json!({"cmd":"inject"}),
+            json!({"cmd":"inject","fault":3}),
+            json!({"cmd":"inject","fault":{"kind":"meteor"}}),
+            json!({"cmd":"inject","fault":{"count":3}}),
+            json!({"cmd":"inject","fault":{"kind":"copy_error","count":0}}),
+            json!({"cmd":"inject","fault":{"kind":"copy_error","count":-1}}),
+            json!({"cmd":"inject","fault":{"kind":"copy_error","cuont":1}}),
+            json!({"cmd":"inject","fault":{"kind":"copy_error","range":{"space":"disk","start":0,"len":1}}}),
+            json!({"cmd":"inject","fault":{"kind":"copy_error","range":{"space":"vram","start":0,"len":0}}}),
+            json!({"cmd":"inject","fault":{"kind":"copy_error","probability":2.0}}),
+            json!({"cmd":"inject","fault":{"kind":"latency"}}),
+            json!({"cmd":"inject","fault":{"kind":"bandwidth","bytes_per_sec":0}}),
+            json!({"cmd":"inject","fault":{"kind":"ecc","offset":0,"bit":8}}),
+            // No VRAM attached to this injector.
+            json!({"cmd":"inject","fault":{"kind":"ecc","offset":0,"bit":1}}),
+            json!({"cmd":"inject","fault":{"kind":"spurious_faults","ctx":0,"addr":0}}),
+            json!({"cmd":"inject","fault":{"kind":"fault_storm","ctx":5000,"count":1}}),
+            json!({"cmd":"inject","fault":{"kind":"fault_storm","ctx":1,"count":0}}),
+            json!({"cmd":"inject","fault":{"kind":"fault_storm","ctx":1,"count":1_000_000_000u64}}),
+            json!({"cmd":"load_plan"}),
+            json!({"cmd":"load_plan","path":"/nonexistent/plan.json"}),
+            json!({"cmd":"load_plan","plan":{"faults":[{"fault":{"kind":"nope"}}]}}),
+            json!({"cmd":"load_plan","plan":{"faults":[]},"path":"/x"}),
+        ] {
+            let reply = ask_json(&control, bad.clone());
+            assert_eq!(reply["ok"], false, "{bad}: {reply}");
+            assert!(reply["error"].as_str().is_some_and(|e| !e.is_empty()));
+        }
+        let stats = ask_json(&control, json!({"cmd":"stats"}));
+        assert_eq!(stats["stats"]["injected"]["injected"], 0);
+    }
+
+    #[test]
+    fn loads_plans_inline_and_from_files() {
+        let (control, faults) = with_faults();
+        let plan = json!({"seed": 3, "faults": [
+            {"fault": {"kind": "drop_interrupts", "count": 1}},
+            {"after_commands": 10, "fault": {"kind": "stall_queue"}}
+        ]});
+        assert_eq!(
+            ask_json(&control, json!({"cmd":"load_plan","plan":plan})),
+            json!({"ok": true, "entries": 2})
+        );
+        let list = ask_json(&control, json!({"cmd":"list"}));
+        assert_eq!(list["faults"][0]["fault"]["kind"], "drop_interrupts");
+        assert_eq!(list["plan_pending"], 1);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plan.json");
+        fs::write(&path, r#"{"faults":[{"fault":{"kind":"latency","us":5}}]}"#).unwrap();
+        let reply = ask_json(
+            &control,
+            json!({"cmd":"load_plan","path":path.to_str().unwrap()}),
+        );
+        assert_eq!(reply, json!({"ok": true, "entries": 1}));
+        assert_eq!(faults.list().len(), 2);
+        assert_eq!(faults.plan_pending(), Some(0));
+    }
+
+    #[test]
+    fn a_slow_client_does_not_hold_up_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let (control, _faults) = with_faults();
+        let server = ControlServer::start(&path, control).unwrap();
+        // One client sends half a line and stalls; another gets answers.
+        let mut slow = UnixStream::connect(&path).unwrap();
+        slow.write_all(b"{\"cmd\":").unwrap();
+        let mut fast = UnixStream::connect(&path).unwrap();
+        let mut reader = BufReader::new(fast.try_clone().unwrap());
+        assert_eq!(
+            ask(
+                &mut fast,
+                &mut reader,
+                "{\"cmd\":\"ping\"}\n{\"cmd\":\"ping\"}\n"
+            ),
+            json!({"ok": true})
+        );
+        let mut second = String::new();
+        reader.read_line(&mut second).unwrap();
+        assert_eq!(second.trim(), r#"{"ok":true}"#);
+        // The slow one finishes its line later and is answered.
+        slow.write_all(b"\"list\"}\n").unwrap();
+        let mut reply = String::new();
+        BufReader::new(slow.try_clone().unwrap())
+            .read_line(&mut reply)
+            .unwrap();
+        assert!(reply.contains("\"ok\":true"), "{reply}");
+        // An over-long line: an error, then the connection is closed.
+        let mut long = UnixStream::connect(&path).unwrap();
+        let mut junk = vec![b' '; MAX_LINE + 10];
+        junk.push(b'\n');
+        long.write_all(&junk).unwrap();
+        let mut reader = BufReader::new(long);
+        let mut text = String::new();
+        reader.read_line(&mut text).unwrap();
+        assert!(text.contains("longer than"), "{text}");
+        let mut rest = String::new();
+        // Closed: end of file (or a reset, for the unread bytes).
+        assert!(
+            !matches!(reader.read_line(&mut rest), Ok(n) if n > 0),
+            "{rest}"
+        );
+        drop(server);
+        assert!(!path.exists());
     }
 }

@@ -28,7 +28,7 @@
 
 use std::cmp::min;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use hmmgpu_abi::{
@@ -183,27 +183,91 @@ impl Stats {
 }
 
 // ---------------------------------------------------------------------------
-// Fault injection hook point.
+// Fault injection hook points.
 //
-// The engine asks its `FaultHooks` before executing each range of a COPY or
-// FILL. Today the only fault is a one-shot copy-engine error; the control
-// plane that arms faults (and adds latency, stalls, ...) builds on this trait.
+// The engine asks its `FaultHooks` before each copy (a range of COPY/FILL, a
+// physically contiguous piece of a VREAD/VWRITE range), before and after
+// each command, and for injected events to post; the vhost-user glue asks
+// it whether to signal an interrupt and whether the command queue is
+// stalled. `FaultInjector` (crate::faults) is the implementation the
+// control socket and fault plans arm; `NoFaults` does nothing.
 // ---------------------------------------------------------------------------
 
-/// A fault the copy engine should suffer instead of executing a range.
+pub use crate::faults::FaultInjector;
+
+/// A fault the copy engine should suffer instead of executing a copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InjectedFault {
-    /// The range fails with COPY_ERROR; it and the ranges after it are not
-    /// executed, those before it were.
+    /// The copy fails with COPY_ERROR; it and everything after it in its
+    /// command are not executed, what came before was.
     CopyError,
 }
 
-/// Consulted by the engine before it executes each range of a valid command.
+/// One copy the engine is about to execute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CopyInfo {
+    /// Index of the range within its command.
+    pub index: u32,
+    /// Source (`None` for FILL).
+    pub src: Option<Phys>,
+    /// Destination.
+    pub dst: Phys,
+    /// Bytes.
+    pub len: u64,
+}
+
+/// What to do with an interrupt the command queue is about to signal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InterruptAction {
+    /// Signal it now.
+    Signal,
+    /// Do not signal it (the used ring is updated all the same).
+    Drop,
+    /// Signal it after this long.
+    Delay(std::time::Duration),
+}
+
+/// Consulted by the engine and the vhost-user glue at fixed points. Every
+/// method but `before_copy` has a do-nothing default.
 pub trait FaultHooks: Send + Sync {
-    /// Called before range `index` (0-based within its command) is executed;
-    /// `None` lets it run. An implementation may also block here to model
-    /// latency.
-    fn before_range(&self, index: u32, range: &Range) -> Option<InjectedFault>;
+    /// Called before a copy is executed; `None` lets it run.
+    fn before_copy(&self, copy: &CopyInfo) -> Option<InjectedFault>;
+
+    /// Called before each command (`op`: its opcode, 0 when unreadable) is
+    /// executed; may block to model latency.
+    fn before_command(&self, _op: u32) {}
+
+    /// Called after each command executed (completed or parked): it moved
+    /// `bytes` and took `elapsed`. May block to model a bandwidth cap.
+    fn after_command(&self, _op: u32, _bytes: u64, _elapsed: std::time::Duration) {}
+
+    /// Injected events waiting to be posted (their `seq` is assigned by the
+    /// engine); `mmu` tells which addresses contexts map.
+    fn take_events(&self, _mmu: &Mmu) -> Vec<Event> {
+        Vec::new()
+    }
+
+    /// How many of the events [`FaultHooks::take_events`] returned were
+    /// posted, and how many found no buffer.
+    fn events_posted(&self, _posted: u64, _dropped: u64) {}
+
+    /// Called when the command queue is about to signal an interrupt.
+    fn interrupt(&self) -> InterruptAction {
+        InterruptAction::Signal
+    }
+
+    /// Whether the device must take no commands from the command queue.
+    fn queue_stalled(&self) -> bool {
+        false
+    }
+
+    /// Device reset (RESET_DEVICE, or the front end stopping the command
+    /// queue): ends a stall.
+    fn reset(&self) {}
+
+    /// The queue worker was woken through the injector's eventfd (see
+    /// `backend::register_fault_wakeup`): consume the wakeup.
+    fn acknowledge_wakeup(&self) {}
 }
 
 /// No faults: the default.
@@ -211,52 +275,8 @@ pub trait FaultHooks: Send + Sync {
 pub struct NoFaults;
 
 impl FaultHooks for NoFaults {
-    fn before_range(&self, _index: u32, _range: &Range) -> Option<InjectedFault> {
+    fn before_copy(&self, _copy: &CopyInfo) -> Option<InjectedFault> {
         None
-    }
-}
-
-/// Faults armed at run time (by tests now, by the control socket later).
-#[derive(Debug)]
-pub struct FaultInjector {
-    /// Range executions still to succeed before the armed copy error fires;
-    /// negative when no copy error is armed.
-    copy_error_countdown: AtomicI64,
-}
-
-impl Default for FaultInjector {
-    fn default() -> Self {
-        Self {
-            copy_error_countdown: AtomicI64::new(-1),
-        }
-    }
-}
-
-impl FaultInjector {
-    /// Arms one copy-engine error: the next `n` range executions (across
-    /// commands) succeed and the one after them fails with COPY_ERROR. With
-    /// `n` = 0 the very next range fails. Re-arming replaces the count.
-    pub fn copy_error_next(&self, n: u32) {
-        self.copy_error_countdown
-            .store(i64::from(n), Ordering::SeqCst);
-    }
-
-    /// Disarms every fault.
-    pub fn clear(&self) {
-        self.copy_error_countdown.store(-1, Ordering::SeqCst);
-    }
-}
-
-impl FaultHooks for FaultInjector {
-    fn before_range(&self, _index: u32, _range: &Range) -> Option<InjectedFault> {
-        // Counts down to 0, fires at 0 and then disarms to -1.
-        let previous = self
-            .copy_error_countdown
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n >= 0).then_some(n - 1)
-            })
-            .ok()?;
-        (previous == 0).then_some(InjectedFault::CopyError)
     }
 }
 
@@ -498,6 +518,11 @@ impl Engine {
         &self.mmu
     }
 
+    /// The fault hooks.
+    pub fn faults(&self) -> &Arc<dyn FaultHooks> {
+        &self.faults
+    }
+
     /// Number of commands parked on device faults.
     pub fn parked(&self) -> usize {
         self.parked.len()
@@ -508,6 +533,50 @@ impl Engine {
     pub fn reset(&mut self) {
         self.mmu.clear();
         self.parked.clear();
+        self.faults.reset();
+    }
+
+    /// Posts the injected events the fault hooks have waiting (ECC,
+    /// spurious faults, storms), numbering them like device faults; those
+    /// that find no buffer are dropped. Returns how many were posted.
+    pub fn post_injected(&mut self, events: &mut dyn EventSink) -> u64 {
+        let injected = self.faults.take_events(&self.mmu);
+        if injected.is_empty() {
+            return 0;
+        }
+        let (mut posted, mut dropped) = (0, 0);
+        for mut event in injected {
+            // After the first failure the queue has no buffer left: the
+            // rest are dropped without trying.
+            event.seq = self.last_seq + 1;
+            if dropped == 0 && events.post(&event) {
+                self.last_seq += 1;
+                posted += 1;
+            } else {
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            warn!("{dropped} injected events dropped: no event buffer");
+        }
+        self.faults.events_posted(posted, dropped);
+        posted
+    }
+
+    /// Bytes moved so far (the byte counters added up), for bandwidth caps.
+    fn bytes_moved(&self) -> u64 {
+        [
+            counter::BYTES_GUEST_TO_VRAM,
+            counter::BYTES_VRAM_TO_GUEST,
+            counter::BYTES_VRAM_TO_VRAM,
+            counter::BYTES_GUEST_TO_GUEST,
+            counter::BYTES_FILLED,
+            counter::BYTES_VREAD,
+            counter::BYTES_VWRITE,
+        ]
+        .iter()
+        .map(|&i| self.stats.get(i))
+        .fold(0u64, u64::wrapping_add)
     }
 
     /// Executes the command encoded in `request` (a [`CmdHeader`] followed
@@ -520,7 +589,12 @@ impl Engine {
         token: u64,
         events: &mut dyn EventSink,
     ) -> Executed {
-        let tag = CmdHeader::from_bytes(request).map_or(0, |header| header.tag);
+        let header = CmdHeader::from_bytes(request);
+        let tag = header.map_or(0, |header| header.tag);
+        let op = header.map_or(0, |header| header.opcode);
+        self.faults.before_command(op);
+        let started = std::time::Instant::now();
+        let bytes_before = self.bytes_moved();
         let mut resumed = None;
         let response = match decode(request) {
             Ok(command) => self.dispatch(mem, command, token, events, &mut resumed),
@@ -530,6 +604,9 @@ impl Engine {
             Some(response) => self.finish(tag, response),
             None => debug!("command tag {tag:#x}: parked on a device fault"),
         }
+        let moved = self.bytes_moved().wrapping_sub(bytes_before);
+        self.faults.after_command(op, moved, started.elapsed());
+        self.post_injected(events);
         Executed { resumed, response }
     }
 
@@ -658,7 +735,14 @@ impl Engine {
                 failed_index: index,
                 bytes,
             };
-            if let Some(InjectedFault::CopyError) = self.faults.before_range(index, range) {
+            let copy = CopyInfo {
+                index,
+                src: (op == Op::Copy)
+                    .then(|| Phys::new(range.src, range.flags & range_flags::SRC_VRAM != 0)),
+                dst: Phys::new(range.dst, range.flags & range_flags::DST_VRAM != 0),
+                len: u64::from(range.len),
+            };
+            if let Some(InjectedFault::CopyError) = self.faults.before_copy(&copy) {
                 return partial(status::COPY_ERROR);
             }
             if let Err(status) = self.execute_range(mem, op, range) {
@@ -958,6 +1042,15 @@ impl Engine {
                 } else {
                     (phys, buffer)
                 };
+                let copy = CopyInfo {
+                    index: progress.index,
+                    src: Some(src),
+                    dst,
+                    len: n,
+                };
+                if let Some(InjectedFault::CopyError) = self.faults.before_copy(&copy) {
+                    return Err(Stop::Failed(status::COPY_ERROR));
+                }
                 let from = self.slices(mem, src, n32).map_err(Stop::Failed)?;
                 let to = self.slices(mem, dst, n32).map_err(Stop::Failed)?;
                 copy_slices(&from, &to).map_err(Stop::Failed)?;

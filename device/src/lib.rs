@@ -5,6 +5,8 @@
 //! - [`engine`]: the device model executing every command (copy engine,
 //!   device MMU commands, device faults and parking), its counters and the
 //!   fault-injection hook point; no vhost-user in it.
+//! - [`faults`]: the fault-injection catalogue and its armed state.
+//! - [`plan`]: fault plan files and the seeded generator behind them.
 //! - [`mmu`]: the device MMU's per-context page tables.
 //! - [`backend`]: the vhost-user glue (features, config space, command and
 //!   event queues).
@@ -16,13 +18,17 @@ pub mod backend;
 pub mod cli;
 pub mod control;
 pub mod engine;
+pub mod faults;
 pub mod mmu;
+pub mod plan;
 pub mod vram;
 
 pub use backend::HmmGpuBackend;
 pub use engine::{
-    Completion, Engine, EventSink, Executed, FaultHooks, FaultInjector, NoEventQueue, NoFaults,
-    Stats, StatsSnapshot,
+    Completion, CopyInfo, Engine, EventSink, Executed, FaultHooks, FaultInjector, InterruptAction,
+    NoEventQueue, NoFaults, Stats, StatsSnapshot,
 };
+pub use faults::Fault;
 pub use mmu::Mmu;
+pub use plan::Plan;
 pub use vram::Vram;

@@ -7,6 +7,13 @@ use clap::Parser;
 use hmmgpu_device::cli::{self, Args};
 
 fn main() -> ExitCode {
+    // `hmmgpu-device inject|ctl ...`: a client of a running backend.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|first| cli::is_ctl_subcommand(&first.to_string_lossy()))
+    {
+        return cli::ctl_main(std::env::args_os());
+    }
     // Wrong flags: clap prints the error and exits with status 2.
     let args = Args::parse();
     let mut logger =
@@ -19,7 +26,7 @@ fn main() -> ExitCode {
     match cli::run(&args) {
         Ok(stats) => {
             // The VM runner reads this line to prove bytes went through the device.
-            let json = serde_json::to_string(&stats).unwrap_or_default();
+            let json = stats.to_string();
             eprintln!("hmmgpu-device: stats: {json}");
             ExitCode::SUCCESS
         }

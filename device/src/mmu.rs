@@ -231,6 +231,17 @@ impl Mmu {
         }
     }
 
+    /// Device virtual addresses of up to `limit` pages `ctx` maps (4 KiB
+    /// entries first, then huge ones, each in address order).
+    pub fn mapped_pages(&self, ctx: u32, limit: usize) -> Vec<u64> {
+        let Some(context) = self.contexts.get(&ctx) else {
+            return Vec::new();
+        };
+        let small = context.small.keys().map(|vpn| vpn << PAGE_SHIFT);
+        let huge = context.huge.keys().map(|hpn| hpn << HUGE_SHIFT);
+        small.chain(huge).take(limit).collect()
+    }
+
     /// Drops every context (device reset).
     pub fn clear(&mut self) {
         self.contexts.clear();

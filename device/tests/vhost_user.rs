@@ -19,6 +19,7 @@ use hmmgpu_abi::{
     counter, event, opcode, status, CmdHeader, DeviceConfig, Event, Range, Response, ABI_VERSION,
     CONFIG_MAGIC, MAX_CONTEXTS, MAX_RANGES, QUEUE_COMMAND, QUEUE_EVENT, QUEUE_SIZE,
 };
+use hmmgpu_device::backend::register_fault_wakeup;
 use hmmgpu_device::{Engine, FaultInjector, HmmGpuBackend, Stats, Vram};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
@@ -474,7 +475,8 @@ impl InProcess {
         let socket = dir.path().join("vhost.sock");
         let vram = Arc::new(Vram::open(&dir.path().join("vram"), VRAM_SIZE).unwrap());
         let stats = Arc::new(Stats::default());
-        let faults = Arc::new(FaultInjector::default());
+        let faults = Arc::new(FaultInjector::with_vram(vram.clone()));
+        faults.capture_log();
         let engine = Engine::new(vram, stats.clone(), faults.clone());
         let backend = Arc::new(RwLock::new(HmmGpuBackend::new(engine)));
         let mut daemon = VhostUserDaemon::new(
@@ -483,6 +485,7 @@ impl InProcess {
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .unwrap();
+        register_fault_wakeup(&daemon, &faults).unwrap();
         // Bound before the thread starts, so the front end can connect at once.
         let mut listener = Listener::new(&socket, true).unwrap();
         let session = thread::spawn(move || {
@@ -1172,4 +1175,353 @@ fn bad_command_lines_are_refused() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
+}
+
+// ---------------------------------------------------------------------------
+// Fault injection through the control socket and the real queues.
+// ---------------------------------------------------------------------------
+
+/// Sends one request line to a control socket and returns the reply.
+fn control_request(path: &Path, request: serde_json::Value) -> serde_json::Value {
+    let mut stream = UnixStream::connect(path).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    writeln!(stream, "{request}").unwrap();
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+/// A control socket on an in-process backend's counters and injector.
+fn control_for(backend: &InProcess) -> (hmmgpu_device::control::ControlServer, PathBuf) {
+    let path = backend.dir.path().join("control.sock");
+    let control = hmmgpu_device::control::Control {
+        stats: backend.stats.clone(),
+        faults: Some(backend.faults.clone()),
+    };
+    let server = hmmgpu_device::control::ControlServer::start(&path, control).unwrap();
+    (server, path)
+}
+
+/// Whether `call` fires within `wait`.
+fn interrupt_within(call: &EventFd, wait: Duration) -> bool {
+    let mut pollfd = libc::pollfd {
+        fd: call.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let ready = unsafe { libc::poll(&mut pollfd, 1, wait.as_millis() as i32) };
+    ready == 1 && call.read().is_ok()
+}
+
+impl Vm {
+    /// Stops the command queue the way QEMU does when the guest resets the
+    /// device (GET_VRING_BASE), then starts it again where it was.
+    fn restart_command_queue(&mut self) {
+        let base = self.frontend.get_vring_base(0).unwrap();
+        self.frontend.set_vring_base(0, base as u16).unwrap();
+        self.kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        self.call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        // Call first, as QEMU does: the kick starts the ring, and the
+        // device may complete what is pending at once.
+        self.frontend.set_vring_call(0, &self.call).unwrap();
+        self.frontend.set_vring_kick(0, &self.kick).unwrap();
+        self.frontend.set_vring_enable(0, true).unwrap();
+    }
+}
+
+#[test]
+fn injected_copy_error_on_a_range_through_the_control_socket() {
+    let backend = InProcess::start();
+    let (_server, control) = control_for(&backend);
+    let mut vm = Vm::connect(&backend.socket);
+    vm.mem
+        .write_slice(&pattern(8192, 5), GuestAddress(DATA))
+        .unwrap();
+    let reply = control_request(
+        &control,
+        serde_json::json!({"cmd":"inject","fault":{"kind":"copy_error",
+            "range":{"space":"vram","start":0x2000,"len":0x1000},"count":1}}),
+    );
+    assert_eq!(reply, serde_json::json!({"ok": true, "id": 1}));
+    let first = Range {
+        src: DATA,
+        dst: 0,
+        len: 4096,
+        flags: DST_VRAM,
+    };
+    let second = Range {
+        src: DATA + 4096,
+        dst: 0x2000,
+        len: 4096,
+        flags: DST_VRAM,
+    };
+    assert_eq!(
+        vm.command(opcode::COPY, &[first, second]),
+        Response {
+            status: status::COPY_ERROR,
+            failed_index: 1,
+            bytes: 4096
+        }
+    );
+    let file = backend.vram_file();
+    assert_eq!(&file[..4096], &pattern(8192, 5)[..4096]);
+    assert!(file[0x2000..0x3000].iter().all(|&b| b == 0));
+    // Spent: the retry goes through.
+    assert_eq!(vm.command(opcode::COPY, &[second]), ok(4096));
+    let stats = control_request(&control, serde_json::json!({"cmd":"stats"}));
+    assert_eq!(stats["stats"]["injected"]["copy_errors"], 1);
+    assert_eq!(stats["stats"]["commands_failed"], 1);
+    assert_eq!(
+        backend.faults.log_lines(),
+        ["fault #1: copy_error range=1 src=guest:0x40041000 dst=vram:0x2000 len=0x1000 at command 1"]
+    );
+    drop(vm);
+    assert_eq!(backend.join(), Ok(()));
+}
+
+#[test]
+fn injected_ecc_error_flips_the_bit_and_reaches_the_event_queue() {
+    let backend = InProcess::start();
+    let (_server, control) = control_for(&backend);
+    let mut vm = Vm::connect(&backend.socket);
+    vm.post_event_buffer(0, 32);
+    let before = backend.vram_file();
+    let reply = control_request(
+        &control,
+        serde_json::json!({"cmd":"inject","fault":{"kind":"ecc","offset":0x3005,"bit":6}}),
+    );
+    assert_eq!(reply["ok"], true);
+    // No command needed: the injector wakes the queue worker.
+    let (id, len, event) = vm.wait_event();
+    assert_eq!((id, len), (0, Event::SIZE as u32));
+    assert_eq!(
+        event,
+        Event {
+            kind: event::ECC,
+            ctx: 0,
+            addr: 0x3005,
+            access: 0,
+            reason: 6,
+            seq: 1
+        }
+    );
+    let after = backend.vram_file();
+    let changed: Vec<usize> = (0..after.len())
+        .filter(|&i| before[i] != after[i])
+        .collect();
+    assert_eq!(changed, [0x3005]);
+    assert_eq!(before[0x3005] ^ after[0x3005], 1 << 6);
+    // No buffer left: the next one is dropped, and the device keeps going.
+    control_request(
+        &control,
+        serde_json::json!({"cmd":"inject","fault":{"kind":"ecc","offset":0,"bit":0}}),
+    );
+    assert_eq!(vm.command(opcode::NOP, &[]), ok(0));
+    let stats = control_request(&control, serde_json::json!({"cmd":"stats"}));
+    assert_eq!(stats["stats"]["injected"]["events_posted"], 1);
+    assert_eq!(stats["stats"]["injected"]["events_dropped"], 1);
+    assert_eq!(stats["stats"]["injected"]["ecc_flips"], 2);
+    assert!(!vm.event_pending());
+    drop(vm);
+    assert_eq!(backend.join(), Ok(()));
+}
+
+#[test]
+fn a_stalled_or_slow_queue_leaves_the_control_socket_responsive() {
+    let backend = InProcess::start();
+    let (_server, control) = control_for(&backend);
+    let mut vm = Vm::connect(&backend.socket);
+    assert_eq!(vm.command(opcode::NOP, &[]), ok(0));
+    let reply = control_request(
+        &control,
+        serde_json::json!({"cmd":"inject","fault":{"kind":"stall_queue"}}),
+    );
+    assert_eq!(reply["ok"], true);
+    let head = vm.post_command(opcode::NOP, 0, &[], CMD_BUF, RESP_BUF);
+    assert!(!interrupt_within(&vm.call, Duration::from_millis(300)));
+    assert_eq!(vm.take_used(), None, "a stalled queue takes no command");
+    // Control answers while the queue is stalled.
+    let asked = Instant::now();
+    let stats = control_request(&control, serde_json::json!({"cmd":"stats"}));
+    assert_eq!(stats["stats"]["commands_ok"], 1);
+    let list = control_request(&control, serde_json::json!({"cmd":"list"}));
+    assert_eq!(list["stalled"], true);
+    assert_eq!(list["faults"][0]["fault"]["kind"], "stall_queue");
+    assert!(asked.elapsed() < Duration::from_secs(5));
+    // Kicks do not help; a device reset does: the front end stopping and
+    // restarting the command queue, as QEMU does when the guest resets it.
+    vm.kick.write(1).unwrap();
+    assert!(!interrupt_within(&vm.call, Duration::from_millis(100)));
+    vm.restart_command_queue();
+    let list = control_request(&control, serde_json::json!({"cmd":"list"}));
+    assert_eq!(list["stalled"], false);
+    assert_eq!(list["faults"], serde_json::json!([]));
+    vm.kick.write(1).unwrap();
+    assert_eq!(vm.wait_used(), (head, Response::SIZE as u32));
+    assert_eq!(vm.response(), ok(0));
+
+    // A latency of a minute: control still answers, and `clear` ends it.
+    let reply = control_request(
+        &control,
+        serde_json::json!({"cmd":"inject","fault":{"kind":"latency","us":60_000_000u64}}),
+    );
+    assert_eq!(reply["ok"], true);
+    let fill = Range {
+        src: 0x5a,
+        dst: DATA,
+        len: 64,
+        flags: 0,
+    };
+    let head = vm.post_command(opcode::FILL, 0, &[fill], CMD_BUF, RESP_BUF);
+    assert!(!interrupt_within(&vm.call, Duration::from_millis(200)));
+    let asked = Instant::now();
+    let stats = control_request(&control, serde_json::json!({"cmd":"stats"}));
+    assert_eq!(stats["stats"]["injected"]["delayed_commands"], 1);
+    let list = control_request(&control, serde_json::json!({"cmd":"list"}));
+    assert_eq!(list["faults"][0]["fault"]["kind"], "latency");
+    let clear = control_request(&control, serde_json::json!({"cmd":"clear"}));
+    assert_eq!(clear, serde_json::json!({"ok": true, "cleared": 1}));
+    assert!(asked.elapsed() < Duration::from_secs(5));
+    assert_eq!(vm.wait_used(), (head, Response::SIZE as u32));
+    assert_eq!(vm.response(), ok(64));
+    assert!(asked.elapsed() < TIMEOUT);
+    drop(vm);
+    assert_eq!(backend.join(), Ok(()));
+}
+
+#[test]
+fn a_dropped_interrupt_leaves_the_used_entry_unsignalled() {
+    let backend = InProcess::start();
+    let mut vm = Vm::connect(&backend.socket);
+    backend
+        .faults
+        .inject(hmmgpu_device::Fault::DropInterrupts { count: 1 })
+        .unwrap();
+    let head = vm.post_command(opcode::NOP, 0, &[], CMD_BUF, RESP_BUF);
+    assert!(!interrupt_within(&vm.call, Duration::from_millis(300)));
+    // The device did complete it: the used ring has the entry.
+    assert_eq!(vm.take_used(), Some((head, Response::SIZE as u32)));
+    assert_eq!(vm.response(), ok(0));
+    // The next completion is signalled again.
+    assert_eq!(vm.command(opcode::NOP, &[]), ok(0));
+    // A delayed one arrives, late.
+    backend
+        .faults
+        .inject(hmmgpu_device::Fault::DelayInterrupts { ms: 300, count: 1 })
+        .unwrap();
+    let start = Instant::now();
+    let head = vm.post_command(opcode::NOP, 0, &[], CMD_BUF, RESP_BUF);
+    assert_eq!(vm.wait_used(), (head, Response::SIZE as u32));
+    assert!(start.elapsed() >= Duration::from_millis(300));
+    let stats = backend.faults.injected_stats();
+    assert_eq!((stats.interrupts_dropped, stats.interrupts_delayed), (1, 1));
+    drop(vm);
+    assert_eq!(backend.join(), Ok(()));
+}
+
+#[test]
+fn fault_plans_logs_and_the_client_subcommands() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vhost.sock");
+    let control = dir.path().join("control.sock");
+    let plan = dir.path().join("plan.json");
+    let log = dir.path().join("faults.log");
+    std::fs::write(
+        &plan,
+        r#"{"seed": 1, "faults": [
+            {"after_commands": 1, "fault": {"kind": "copy_error"}},
+            {"after_commands": 3, "fault": {"kind": "spurious_faults", "ctx": 4, "addr": 8192}}
+        ]}"#,
+    )
+    .unwrap();
+    let mut child = device_binary()
+        .args(["--socket".as_ref(), socket.as_os_str()])
+        .args(["--vram-path".as_ref(), dir.path().join("vram").as_os_str()])
+        .args(["--vram-size", "4M", "--log-level", "error"])
+        .args(["--control".as_ref(), control.as_os_str()])
+        .args(["--fault-plan".as_ref(), plan.as_os_str()])
+        .args(["--fault-log".as_ref(), log.as_os_str()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_path(&socket, &mut child);
+    wait_for_path(&control, &mut child);
+    let mut vm = Vm::connect(&socket);
+    vm.post_event_buffer(0, 32);
+    let copy = Range {
+        src: DATA,
+        dst: 0,
+        len: 64,
+        flags: DST_VRAM,
+    };
+    assert_eq!(vm.command(opcode::COPY, &[copy]), ok(64));
+    assert_eq!(vm.command(opcode::COPY, &[copy]).status, status::COPY_ERROR);
+    assert_eq!(vm.command(opcode::COPY, &[copy]), ok(64));
+    let (_, _, event) = vm.wait_event();
+    assert_eq!((event.kind, event.ctx, event.addr), (event::FAULT, 4, 8192));
+
+    let ctl = |args: &[&str]| {
+        let out = device_binary().args(args).output().unwrap();
+        let reply = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (out.status.code(), reply)
+    };
+    let path = control.to_str().unwrap();
+    let (code, reply) = ctl(&["inject", "--control", path, "drop_interrupts", "count=2"]);
+    assert_eq!((code, reply.as_str()), (Some(0), r#"{"id":3,"ok":true}"#));
+    let (code, reply) = ctl(&["inject", "--control", path, r#"{"kind":"latency","us":10}"#]);
+    assert_eq!(code, Some(0), "{reply}");
+    let (code, reply) = ctl(&["ctl", "--control", path, r#"{"cmd":"list"}"#]);
+    assert_eq!(code, Some(0));
+    let list: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(list["faults"].as_array().unwrap().len(), 2);
+    let (code, reply) = ctl(&["ctl", "--control", path, r#"{"cmd":"clear","id":99}"#]);
+    assert_eq!(code, Some(1), "{reply}");
+    assert!(reply.contains("\"ok\":false"));
+    assert_eq!(ctl(&["inject", "--control", path, "nonsense"]).0, Some(1));
+    assert_eq!(
+        ctl(&["inject", "--control", path, "copy_error", "count"]).0,
+        Some(2)
+    );
+    assert_eq!(ctl(&["ctl", "--control", path, "not json"]).0, Some(2));
+    assert_eq!(ctl(&["ctl", "--bogus"]).0, Some(2));
+    let missing = dir.path().join("nope.sock");
+    let (code, _) = ctl(&[
+        "ctl",
+        "--control",
+        missing.to_str().unwrap(),
+        "{\"cmd\":\"ping\"}",
+    ]);
+    assert_eq!(code, Some(1));
+
+    drop(vm);
+    let status = wait_with_timeout(&mut child);
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "exit {status}; stderr:\n{stderr}");
+    let expect = [
+        "fault #1: copy_error range=0 src=guest:0x40040000 dst=vram:0x0 len=0x40 at command 2",
+        "fault #2: spurious_faults ctx=4 addr=0x2000 count=1 at command 3",
+    ];
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(logged.lines().collect::<Vec<_>>(), expect);
+    for line in expect {
+        assert!(
+            stderr.lines().any(|l| l == line),
+            "{line} not in:\n{stderr}"
+        );
+    }
+    let json = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("hmmgpu-device: stats: "))
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(stats["commands_failed"], 1);
+    assert_eq!(stats["injected"]["copy_errors"], 1);
+    assert_eq!(stats["injected"]["events_posted"], 1);
 }

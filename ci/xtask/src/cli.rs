@@ -52,7 +52,7 @@ impl Flavour {
     }
 }
 
-/// Options shared by `run` and `test`.
+/// Options shared by `run`, `test` and `bench`.
 #[derive(Args, Debug, Clone)]
 pub struct VmOpts {
     /// Accelerator.
@@ -102,6 +102,11 @@ pub struct RunArgs {
 pub struct BenchArgs {
     #[command(flatten)]
     pub vm: VmOpts,
+    /// hmmgpu devices. The workloads use GPU 0 only; the second GPU makes
+    /// hmmgpu's full hmm-tests run (hmm2 cases need /dev/hmm_dmirror1) the
+    /// same set of cases as test_hmm.ko's, so their wall times compare.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2))]
+    pub gpus: u32,
     /// Also write the results here (default: target/xtask/bench/<unix time>.json).
     #[arg(long)]
     pub json: Option<PathBuf>,

@@ -429,6 +429,10 @@ impl Response {
 pub mod event {
     /// A device access faulted; its command is parked until REPLAY/CANCEL.
     pub const FAULT: u32 = 1;
+    /// An uncorrectable VRAM error (fault injection): `addr` is the VRAM
+    /// byte offset, `reason` the index (0..=7) of the flipped bit in that
+    /// byte; `ctx` and `access` are 0. No command is parked.
+    pub const ECC: u32 = 2;
 
     /// [`super::Event::access`]: a read.
     pub const ACCESS_READ: u32 = 1 << 0;
