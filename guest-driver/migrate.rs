@@ -67,6 +67,45 @@ impl MigrateArgs {
     }
 }
 
+impl MigrateArgs {
+    /// migrate_vma_setup() for [start, end) of `vma`, selecting `select`
+    /// pages (`shim::SELECT_SYSTEM` or a `MemKind` code) of `vram`'s owner.
+    ///
+    /// # Safety
+    ///
+    /// `vma` must be locked for the whole migration (mmap lock, or the fault
+    /// handler's lock), [start, end) inside it and at most `max_pages()`
+    /// pages; `fault_page` is NULL or the page of a migrate_to_ram() fault.
+    unsafe fn setup(
+        &mut self,
+        vma: *mut shim::Vma,
+        start: u64,
+        end: u64,
+        vram: &Vram,
+        select: core::ffi::c_int,
+        compound: bool,
+        fault_page: *mut shim::Page,
+    ) -> Result {
+        // SAFETY: per this function's contract.
+        let ret = unsafe {
+            shim::hmmgpu_shim_migrate_setup(
+                self.0,
+                vma,
+                start as c_ulong,
+                end as c_ulong,
+                vram.owner(),
+                select,
+                compound,
+                fault_page,
+            )
+        };
+        if ret < 0 {
+            return Err(Error::from_errno(ret));
+        }
+        Ok(())
+    }
+}
+
 impl Drop for MigrateArgs {
     fn drop(&mut self) {
         // SAFETY: allocated by `hmmgpu_shim_migrate_alloc`.
@@ -333,21 +372,7 @@ pub(crate) fn to_device(
     for_each_step(mm, start, end, |vma, s, e| {
         let n = ((e - s) / PAGE_SIZE) as usize;
         // SAFETY: `vma` is locked by `for_each_step`; `n` <= max_pages().
-        let ret = unsafe {
-            shim::hmmgpu_shim_migrate_setup(
-                args.0,
-                vma,
-                s as c_ulong,
-                e as c_ulong,
-                vram.owner(),
-                shim::SELECT_SYSTEM,
-                true,
-                ptr::null_mut(),
-            )
-        };
-        if ret < 0 {
-            return Err(Error::from_errno(ret));
-        }
+        unsafe { args.setup(vma, s, e, vram, shim::SELECT_SYSTEM, true, ptr::null_mut())? };
         let (src, dst) = args.src_dst(n);
         alloc_and_copy_to_vram(gpu, vram, src, dst, fail_alloc);
         // SAFETY: set up above.
@@ -405,21 +430,7 @@ pub(crate) fn to_system(
     for_each_step(mm, start, end, |vma, s, e| {
         let n = ((e - s) / PAGE_SIZE) as usize;
         // SAFETY: `vma` is locked by `for_each_step`; `n` <= max_pages().
-        let ret = unsafe {
-            shim::hmmgpu_shim_migrate_setup(
-                args.0,
-                vma,
-                s as c_ulong,
-                e as c_ulong,
-                vram.owner(),
-                vram.kind().code(),
-                true,
-                ptr::null_mut(),
-            )
-        };
-        if ret < 0 {
-            return Err(Error::from_errno(ret));
-        }
+        unsafe { args.setup(vma, s, e, vram, vram.kind().code(), true, ptr::null_mut())? };
         let (src, dst) = args.src_dst(n);
         let copied = alloc_and_copy_to_ram(gpu, vram, vma, s, src, dst, fail_alloc);
         // SAFETY: set up above; on a failed copy every dst is 0 and the
@@ -448,31 +459,19 @@ pub(crate) extern "C" fn hmmgpu_rust_migrate_to_ram(
     unsafe { shim::hmmgpu_shim_vmf_info(vmf, &mut vma, &mut addr, &mut page, &mut order) };
     // A PMD-mapped THP comes back whole (as test_hmm does).
     let span = PAGE_SIZE << order;
-    let addr = addr & !(span as c_ulong - 1);
+    let addr = addr as u64 & !(span - 1);
     let n = 1usize << order;
     // SAFETY: constants exported by the shim.
     let (sigbus, oom) = unsafe { (shim::hmmgpu_VM_FAULT_SIGBUS, shim::hmmgpu_VM_FAULT_OOM) };
     let Ok(mut args) = MigrateArgs::new() else {
         return oom;
     };
-    // SAFETY: the fault handler holds the mm/VMA lock; one page.
-    let ret = unsafe {
-        shim::hmmgpu_shim_migrate_setup(
-            args.0,
-            vma,
-            addr,
-            addr + span as c_ulong,
-            vram.owner(),
-            vram.kind().code(),
-            order > 0,
-            page,
-        )
-    };
-    if ret < 0 {
+    // SAFETY: the fault handler holds the mm/VMA lock; one page or one THP.
+    if unsafe { args.setup(vma, addr, addr + span, vram, vram.kind().code(), order > 0, page) }.is_err() {
         return sigbus;
     }
     let (src, dst) = args.src_dst(n);
-    let result = alloc_and_copy_to_ram(gpu, vram, vma, addr as u64, src, dst, &mut false);
+    let result = alloc_and_copy_to_ram(gpu, vram, vma, addr, src, dst, &mut false);
     // SAFETY: set up above.
     unsafe {
         shim::hmmgpu_shim_migrate_pages(args.0);
