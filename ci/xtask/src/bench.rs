@@ -21,7 +21,10 @@ const SELFTEST_RUNS: usize = 3;
 /// benchmark, and a timed full hmm-tests run, delimited for the host.
 fn script() -> String {
     let mut s = String::from("rmmod hmmgpu || exit 90\n");
-    let runs = (1..=SELFTEST_RUNS).map(|i| i.to_string()).collect::<Vec<_>>().join(" ");
+    let runs = (1..=SELFTEST_RUNS)
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
     for d in DRIVERS {
         s += &format!(
             r#"insmod /lib/modules/{d}.ko || exit 91
@@ -180,14 +183,7 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
         driver: true,
     })?;
     let run_dir = vm::RunDir::create()?;
-    let modules: Vec<_> = art.driver.iter().cloned().collect();
-    let initramfs = build::initramfs(
-        &art.kernel,
-        &run_dir.path.join("initramfs.cpio.gz"),
-        &modules,
-        &art.programs,
-        &[],
-    )?;
+    let initramfs = art.initramfs(&run_dir.path, &[])?;
     let cfg = VmConfig {
         qemu: art.qemu.clone(),
         kernel_image: art.kernel.image(),
@@ -240,11 +236,15 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
             ratio.map_or("-".to_string(), |r| format!("{r:.2}")),
         );
     }
-    println!("(GB/s: higher is better; us and s: lower is better; 'better'/'worse' is hmmgpu's side)");
+    println!(
+        "(GB/s: higher is better; us and s: lower is better; 'better'/'worse' is hmmgpu's side)"
+    );
     for (d, f) in [("test_hmm.ko", &base), ("hmmgpu", &ours)] {
         println!(
             "hmm-tests (timed run) on {d}: {}",
-            f.hmm_tests_totals.as_deref().unwrap_or("no Totals line seen")
+            f.hmm_tests_totals
+                .as_deref()
+                .unwrap_or("no Totals line seen")
         );
     }
 
@@ -280,8 +280,7 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
         None => build::target_dir().join(format!("xtask/bench/{unix_time}.json")),
     };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     std::fs::write(&path, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("writing {}", path.display()))?;
@@ -329,8 +328,15 @@ mod tests {
         let mut base = Figures::default();
         base.add("cpu_fault_p50_us".into(), 25.0);
         let r = rows(&base, &f);
-        assert_eq!(r[0], ("cpu_fault_p50_us".into(), Some(25.0), Some(12.5), Some(0.5)));
-        assert!(r.iter().any(|(n, b, _, ratio)| n == "migrate_to_dev_4K_gbps" && b.is_none() && ratio.is_none()));
+        assert_eq!(
+            r[0],
+            ("cpu_fault_p50_us".into(), Some(25.0), Some(12.5), Some(0.5))
+        );
+        assert!(r
+            .iter()
+            .any(|(n, b, _, ratio)| n == "migrate_to_dev_4K_gbps"
+                && b.is_none()
+                && ratio.is_none()));
         assert!(lower_is_better("cpu_fault_p50_us") && !lower_is_better("migrate_to_dev_4K_gbps"));
     }
 }

@@ -282,6 +282,21 @@ pub struct Artifacts {
     pub programs: Vec<PathBuf>,
 }
 
+impl Artifacts {
+    /// The initramfs of these artifacts (driver, guest programs, `adds`
+    /// under /host/), built into `run_dir`.
+    pub fn initramfs(&self, run_dir: &Path, adds: &[PathBuf]) -> Result<PathBuf> {
+        let modules: Vec<_> = self.driver.iter().cloned().collect();
+        initramfs(
+            &self.kernel,
+            &run_dir.join("initramfs.cpio.gz"),
+            &modules,
+            &self.programs,
+            adds,
+        )
+    }
+}
+
 pub struct Wants {
     pub flavour: Flavour,
     pub device: bool,

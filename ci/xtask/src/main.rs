@@ -66,14 +66,7 @@ fn run(args: RunArgs) -> Result<i32> {
         driver: !args.no_driver,
     })?;
     let run_dir = vm::RunDir::create()?;
-    let modules: Vec<_> = art.driver.iter().cloned().collect();
-    let initramfs = build::initramfs(
-        &art.kernel,
-        &run_dir.path.join("initramfs.cpio.gz"),
-        &modules,
-        &art.programs,
-        &args.add,
-    )?;
+    let initramfs = art.initramfs(&run_dir.path, &args.add)?;
     let cfg = vm::VmConfig {
         qemu: art.qemu.clone(),
         kernel_image: art.kernel.image(),
