@@ -174,9 +174,15 @@ impl Expected {
                 ),
             };
             if reason.is_empty() {
-                bail!("{EXPECTED_FILE}:{}: {name}: no reason given (want `NAME  fail|skip  REASON`)", i + 1);
+                bail!(
+                    "{EXPECTED_FILE}:{}: {name}: no reason given (want `NAME  fail|skip  REASON`)",
+                    i + 1
+                );
             }
-            if e.cases.insert(name.to_string(), (outcome, reason.to_string())).is_some() {
+            if e.cases
+                .insert(name.to_string(), (outcome, reason.to_string()))
+                .is_some()
+            {
                 bail!("{EXPECTED_FILE}:{}: {name} is listed twice", i + 1);
             }
         }
@@ -216,9 +222,14 @@ fn judge(t: &Tally, exp: &Expected) -> Verdict {
         ),
         Some(tot) => {
             if tot.error > 0 {
-                v.broken.push(format!("hmm-tests reported error:{}", tot.error));
+                v.broken
+                    .push(format!("hmm-tests reported error:{}", tot.error));
             }
-            let counted = (t.count(Outcome::Pass), t.count(Outcome::Fail), t.count(Outcome::Skip));
+            let counted = (
+                t.count(Outcome::Pass),
+                t.count(Outcome::Fail),
+                t.count(Outcome::Skip),
+            );
             let claimed = (
                 (tot.pass + tot.xpass) as usize,
                 (tot.fail + tot.xfail) as usize,
@@ -269,7 +280,10 @@ fn verdict_message(v: &Verdict, exp: &Expected) -> String {
         }
     }
     if !v.stale.is_empty() {
-        m.push(format!("{EXPECTED_FILE} is stale: {} listed case(s) now pass or did not run:", v.stale.len()));
+        m.push(format!(
+            "{EXPECTED_FILE} is stale: {} listed case(s) now pass or did not run:",
+            v.stale.len()
+        ));
         for (case, got) in &v.stale {
             m.push(match got {
                 Some(o) => format!("  {case}: {o}"),
@@ -285,7 +299,9 @@ fn verdict_message(v: &Verdict, exp: &Expected) -> String {
             format!("  - {case}  {o}  {reason}")
         })
         .chain(v.unexpected.iter().map(|(case, got, listed)| match listed {
-            None => format!("  + {case}  {got}  REASON   (only if this is accepted, not a regression to fix)"),
+            None => format!(
+                "  + {case}  {got}  REASON   (only if this is accepted, not a regression to fix)"
+            ),
             Some(l) => format!(
                 "  ~ {case}  {l} -> {got}  {}",
                 exp.cases.get(case).map_or("", |(_, r)| r.as_str())
@@ -332,7 +348,10 @@ fn print_tallies(title: &str, runs: &[(&str, &Tally)], exp: &Expected) {
     for (label, f) in fields {
         print!("  {label:<12}");
         for (_, t) in runs {
-            let v = t.totals.as_ref().map_or("-".to_string(), |tot| f(tot).to_string());
+            let v = t
+                .totals
+                .as_ref()
+                .map_or("-".to_string(), |tot| f(tot).to_string());
             print!(" {v:>12}");
         }
         println!();
@@ -340,8 +359,12 @@ fn print_tallies(title: &str, runs: &[(&str, &Tally)], exp: &Expected) {
     type Row = fn(&Tally) -> String;
     let rows: [(&str, Row); 3] = [
         ("cases", |t| t.cases.len().to_string()),
-        ("wall time", |t| t.seconds.map_or("?".into(), |s| format!("{s:.1} s"))),
-        ("exit status", |t| t.status.map_or("?".into(), |s| s.to_string())),
+        ("wall time", |t| {
+            t.seconds.map_or("?".into(), |s| format!("{s:.1} s"))
+        }),
+        ("exit status", |t| {
+            t.status.map_or("?".into(), |s| s.to_string())
+        }),
     ];
     for (label, f) in rows {
         print!("  {label:<12}");
@@ -366,7 +389,8 @@ fn print_tallies(title: &str, runs: &[(&str, &Tally)], exp: &Expected) {
         .keys()
         .copied()
         .filter(|case| {
-            let outs: Vec<Option<&Outcome>> = runs.iter().map(|(_, t)| t.cases.get(*case)).collect();
+            let outs: Vec<Option<&Outcome>> =
+                runs.iter().map(|(_, t)| t.cases.get(*case)).collect();
             exp.cases.contains_key(*case)
                 || if outs.len() == 1 {
                     outs[0] != Some(&Outcome::Pass)
@@ -376,14 +400,21 @@ fn print_tallies(title: &str, runs: &[(&str, &Tally)], exp: &Expected) {
         })
         .collect();
     if differing.is_empty() {
-        println!("  every case has the same outcome{}", if runs.len() > 1 { " on both" } else { "" });
+        println!(
+            "  every case has the same outcome{}",
+            if runs.len() > 1 { " on both" } else { "" }
+        );
         return;
     }
     let width = differing.iter().map(|c| c.len()).max().unwrap_or(4).max(4);
     println!(
         "  {} case(s) whose outcome differs{}:",
         differing.len(),
-        if runs.len() == 1 { " from pass or is listed" } else { " (or that are listed)" }
+        if runs.len() == 1 {
+            " from pass or is listed"
+        } else {
+            " (or that are listed)"
+        }
     );
     print!("  {:<width$}", "case");
     for (name, _) in runs {
@@ -461,7 +492,10 @@ pub(super) fn t_hmm_tests_debug(ctx: &mut Ctx) -> Result<()> {
     let ours = parse(&out.console, "hmmgpu");
     if let Ok(o) = &ours {
         print_tallies(
-            &format!("hmm-tests on the debug kernel ({}, 1 vCPU, 2 GPUs):", accel_name(ctx.accel)),
+            &format!(
+                "hmm-tests on the debug kernel ({}, 1 vCPU, 2 GPUs):",
+                accel_name(ctx.accel)
+            ),
             &[("hmmgpu", o)],
             &exp,
         );
@@ -528,11 +562,23 @@ mod tests {
         )
         .unwrap();
         // Exactly as listed: OK.
-        let t = tally(&[("hmm.p.a", Pass), ("hmm.p.exclusive", Fail), ("hmm.c.open_close", Skip)], true);
+        let t = tally(
+            &[
+                ("hmm.p.a", Pass),
+                ("hmm.p.exclusive", Fail),
+                ("hmm.c.open_close", Skip),
+            ],
+            true,
+        );
         assert!(judge(&t, &exp).ok());
         // A new failure and a new skip.
         let t = tally(
-            &[("hmm.p.a", Fail), ("hmm.p.b", Skip), ("hmm.p.exclusive", Fail), ("hmm.c.open_close", Skip)],
+            &[
+                ("hmm.p.a", Fail),
+                ("hmm.p.b", Skip),
+                ("hmm.p.exclusive", Fail),
+                ("hmm.c.open_close", Skip),
+            ],
             true,
         );
         let v = judge(&t, &exp);
@@ -540,9 +586,15 @@ mod tests {
         assert!(v.stale.is_empty());
         assert!(verdict_message(&v, &exp).contains("+ hmm.p.a  fail"));
         // Listed as skip, now fails: unexpected, with a change edit.
-        let t = tally(&[("hmm.p.exclusive", Fail), ("hmm.c.open_close", Fail)], true);
+        let t = tally(
+            &[("hmm.p.exclusive", Fail), ("hmm.c.open_close", Fail)],
+            true,
+        );
         let v = judge(&t, &exp);
-        assert_eq!(v.unexpected, vec![("hmm.c.open_close".to_string(), Fail, Some(Skip))]);
+        assert_eq!(
+            v.unexpected,
+            vec![("hmm.c.open_close".to_string(), Fail, Some(Skip))]
+        );
         assert!(verdict_message(&v, &exp).contains("~ hmm.c.open_close  skip -> fail"));
         // A listed case passes now, another is not run: stale, with removals.
         let t = tally(&[("hmm.p.exclusive", Pass)], true);
@@ -553,10 +605,16 @@ mod tests {
         assert!(m.contains("- hmm.p.exclusive  fail  not yet"), "{m}");
         assert!(m.contains("- hmm.c.open_close  skip  no coherent"), "{m}");
         // No Totals line: broken even if every case seen passed.
-        let t = tally(&[("hmm.p.exclusive", Fail), ("hmm.c.open_close", Skip)], false);
+        let t = tally(
+            &[("hmm.p.exclusive", Fail), ("hmm.c.open_close", Skip)],
+            false,
+        );
         assert!(!judge(&t, &exp).ok());
         // Totals that disagree with the TAP lines (a lost line).
-        let mut t = tally(&[("hmm.p.exclusive", Fail), ("hmm.c.open_close", Skip)], true);
+        let mut t = tally(
+            &[("hmm.p.exclusive", Fail), ("hmm.c.open_close", Skip)],
+            true,
+        );
         t.totals.as_mut().unwrap().fail += 1;
         assert!(!judge(&t, &exp).ok());
     }
@@ -564,8 +622,14 @@ mod tests {
     #[test]
     fn expected_file_syntax() {
         assert!(Expected::parse("a fail\n").is_err(), "no reason");
-        assert!(Expected::parse("a pass ok\n").is_err(), "pass is not a known-bad outcome");
-        assert!(Expected::parse("a fail x\na skip y\n").is_err(), "listed twice");
+        assert!(
+            Expected::parse("a pass ok\n").is_err(),
+            "pass is not a known-bad outcome"
+        );
+        assert!(
+            Expected::parse("a fail x\na skip y\n").is_err(),
+            "listed twice"
+        );
         assert_eq!(Expected::parse("  # c\n\n").unwrap().cases.len(), 0);
     }
 
