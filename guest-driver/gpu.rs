@@ -368,6 +368,11 @@ impl Gpu {
             );
             return Err(EINVAL);
         }
+        // SAFETY: reads a kernel constant.
+        if !unsafe { shim::hmmgpu_shim_pmd_is_2m() } {
+            pr_err!("hmmgpu: needs 2 MiB PMDs (4 KiB pages; on ppc64, the radix MMU)\n");
+            return Err(ENODEV);
+        }
         let (mut bar, mut bar_len) = (0u64, 0u64);
         // SAFETY: `vdev` is being probed; out-pointers are valid.
         if !unsafe { shim::hmmgpu_shim_get_shm(vdev, abi::SHM_ID_VRAM, &mut bar, &mut bar_len) } {

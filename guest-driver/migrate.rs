@@ -27,10 +27,10 @@ fn mpfn_write() -> c_ulong {
     unsafe { shim::hmmgpu_MIGRATE_PFN_WRITE }
 }
 
-/// Most pages one migrate_vma step covers (one page table).
+/// Most pages one migrate_vma step covers (2 MiB: one PMD, one THP).
 pub(crate) fn max_pages() -> usize {
     // SAFETY: constant exported by the shim.
-    unsafe { shim::hmmgpu_PTRS_PER_PTE as usize }
+    unsafe { shim::hmmgpu_MIGRATE_MAX_PAGES as usize }
 }
 
 fn page_phys(page: *mut shim::Page) -> u64 {

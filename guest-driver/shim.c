@@ -30,7 +30,14 @@ const unsigned long hmmgpu_MIGRATE_PFN_VALID = MIGRATE_PFN_VALID;
 const unsigned long hmmgpu_MIGRATE_PFN_MIGRATE = MIGRATE_PFN_MIGRATE;
 const unsigned long hmmgpu_MIGRATE_PFN_WRITE = MIGRATE_PFN_WRITE;
 const unsigned long hmmgpu_MIGRATE_PFN_COMPOUND = MIGRATE_PFN_COMPOUND;
-const unsigned long hmmgpu_PTRS_PER_PTE = PTRS_PER_PTE;
+/*
+ * One migrate_vma step covers at most one 2 MiB range: a PMD (one THP) on
+ * x86_64 and on ppc64 radix with 4 KiB pages, and one device huge page. Not
+ * PTRS_PER_PTE itself: on book3s64 that is chosen at boot (hash or radix)
+ * and cannot size an array; hmmgpu_shim_pmd_is_2m() checks it at probe.
+ */
+#define HMMGPU_MIGRATE_MAX_PAGES (SZ_2M >> PAGE_SHIFT)
+const unsigned long hmmgpu_MIGRATE_MAX_PAGES = HMMGPU_MIGRATE_MAX_PAGES;
 const unsigned int hmmgpu_VM_FAULT_SIGBUS = VM_FAULT_SIGBUS;
 const unsigned int hmmgpu_VM_FAULT_OOM = VM_FAULT_OOM;
 
@@ -523,11 +530,16 @@ void hmmgpu_shim_vmf_info(struct vm_fault *vmf, struct vm_area_struct **vma,
 
 /* ---- migration ---- */
 
-/* A migrate_vma with src/dst arrays for up to PTRS_PER_PTE pages. */
+bool hmmgpu_shim_pmd_is_2m(void)
+{
+	return PTRS_PER_PTE == HMMGPU_MIGRATE_MAX_PAGES;
+}
+
+/* A migrate_vma with src/dst arrays for up to HMMGPU_MIGRATE_MAX_PAGES pages. */
 struct hmmgpu_migrate {
 	struct migrate_vma args;
-	unsigned long src[PTRS_PER_PTE];
-	unsigned long dst[PTRS_PER_PTE];
+	unsigned long src[HMMGPU_MIGRATE_MAX_PAGES];
+	unsigned long dst[HMMGPU_MIGRATE_MAX_PAGES];
 };
 
 struct hmmgpu_migrate *hmmgpu_shim_migrate_alloc(void)
@@ -551,7 +563,8 @@ unsigned long *hmmgpu_shim_migrate_dst(struct hmmgpu_migrate *m)
 }
 
 /*
- * migrate_vma_setup() for [start, end) of @vma (at most PTRS_PER_PTE pages),
+ * migrate_vma_setup() for [start, end) of @vma (at most
+ * HMMGPU_MIGRATE_MAX_PAGES pages),
  * selecting @select pages (HMMGPU_MEM_*): system pages, or the device pages
  * of pgmap owner @owner.
  * @fault_page is vmf->page in migrate_to_ram, else NULL.
@@ -561,7 +574,7 @@ int hmmgpu_shim_migrate_setup(struct hmmgpu_migrate *m,
 			      unsigned long end, void *owner, int select,
 			      bool compound, struct page *fault_page)
 {
-	if (WARN_ON((end - start) >> PAGE_SHIFT > PTRS_PER_PTE))
+	if (WARN_ON((end - start) >> PAGE_SHIFT > HMMGPU_MIGRATE_MAX_PAGES))
 		return -EINVAL;
 	memset(&m->args, 0, sizeof(m->args));
 	memset(m->dst, 0, sizeof(m->dst));

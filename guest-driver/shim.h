@@ -41,7 +41,7 @@ extern const unsigned long hmmgpu_MIGRATE_PFN_VALID;
 extern const unsigned long hmmgpu_MIGRATE_PFN_MIGRATE;
 extern const unsigned long hmmgpu_MIGRATE_PFN_WRITE;
 extern const unsigned long hmmgpu_MIGRATE_PFN_COMPOUND;
-extern const unsigned long hmmgpu_PTRS_PER_PTE;
+extern const unsigned long hmmgpu_MIGRATE_MAX_PAGES;
 extern const unsigned int hmmgpu_VM_FAULT_SIGBUS;
 extern const unsigned int hmmgpu_VM_FAULT_OOM;
 
@@ -64,6 +64,7 @@ void hmmgpu_shim_set_priv(struct virtio_device *vdev, void *priv);
 void *hmmgpu_shim_get_priv(struct virtio_device *vdev);
 void hmmgpu_shim_read_config(struct virtio_device *vdev, unsigned int offset,
 			     void *buf, size_t len);
+bool hmmgpu_shim_pmd_is_2m(void);
 bool hmmgpu_shim_get_shm(struct virtio_device *vdev, u8 id, u64 *addr,
 			 u64 *len);
 struct hmmgpu_queues *hmmgpu_shim_queues_create(struct virtio_device *vdev);

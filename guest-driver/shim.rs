@@ -57,7 +57,7 @@ extern "C" {
     pub(crate) static hmmgpu_MIGRATE_PFN_MIGRATE: c_ulong;
     pub(crate) static hmmgpu_MIGRATE_PFN_WRITE: c_ulong;
     pub(crate) static hmmgpu_MIGRATE_PFN_COMPOUND: c_ulong;
-    pub(crate) static hmmgpu_PTRS_PER_PTE: c_ulong;
+    pub(crate) static hmmgpu_MIGRATE_MAX_PAGES: c_ulong;
     pub(crate) static hmmgpu_VM_FAULT_SIGBUS: c_uint;
     pub(crate) static hmmgpu_VM_FAULT_OOM: c_uint;
 
@@ -73,6 +73,7 @@ extern "C" {
         buf: *mut c_void,
         len: usize,
     );
+    pub(crate) fn hmmgpu_shim_pmd_is_2m() -> bool;
     pub(crate) fn hmmgpu_shim_get_shm(
         vdev: *mut VirtioDevice,
         id: u8,

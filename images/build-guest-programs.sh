@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the guest test programs (ci/guest/*.c) as static binaries with the
+# Builds the guest test programs (ci/guest/*.c) as static binaries for the
+# kernel's architecture (a cross gcc for another one) with the
 # dmirror uAPI header (lib/test_hmm_uapi.h) from the guest kernel's source,
 # copies the guest scripts (ci/guest/*.sh, installed without the .sh) and
 # builds the kernel's hmm-tests.
@@ -26,7 +27,9 @@ done
 SRC="$(cat "$KDIR/src")"
 UAPI="$SRC/lib/test_hmm_uapi.h"
 [[ -f "$UAPI" ]] || die "$UAPI missing (kernel source $SRC)"
-command -v gcc >/dev/null || die "gcc missing: run ci/setup-host.sh"
+ARCH_NAME="$(kdir_arch "$KDIR")"
+CC="$(guest_cc "$ARCH_NAME")"
+command -v "$CC" >/dev/null || die "$CC missing: run ci/setup-host.sh"
 
 GUEST_SRC="$REPO_DIR/ci/guest"
 mkdir -p "$OUT"
@@ -36,7 +39,7 @@ sources=("$GUEST_SRC"/*.c)
 CFLAGS=(-static -O2 -g -Wall -Wextra -Wno-unused-parameter -Werror -I"$SRC/lib")
 for c in "${sources[@]}"; do
     name="$(basename "$c" .c)"
-    gcc "${CFLAGS[@]}" -o "$OUT/$name.tmp" "$c" || die "compiling $c failed"
+    "$CC" "${CFLAGS[@]}" -o "$OUT/$name.tmp" "$c" || die "compiling $c failed"
     mv "$OUT/$name.tmp" "$OUT/$name"
 done
 # Guest shell scripts (busybox sh), e.g. hmm-tests-both.sh -> hmm-tests-both.
@@ -55,11 +58,11 @@ if [[ ! -f "$KDIR/build/usr/include/linux/mman.h" ]]; then
     make -s -C "$SRC" O="$KDIR/build" $(cat "$KDIR/make.env" 2>/dev/null | grep -E '^ARCH=' || true) headers_install >/dev/null ||
         die "make headers_install failed"
 fi
-(cd "$SELFTESTS/mm" && gcc -static -Wall -O2 -I"$SELFTESTS" -I"$SRC" \
+(cd "$SELFTESTS/mm" && "$CC" -static -Wall -O2 -I"$SELFTESTS" -I"$SRC" \
     -isystem "$KDIR/build/usr/include" -isystem "$SRC/tools/include/uapi" \
     hmm-tests.c vm_util.c hugepage_settings.c -lrt -lpthread -lm -o "$OUT/hmm-tests.tmp") ||
     die "building tools/testing/selftests/mm/hmm-tests failed"
 mv "$OUT/hmm-tests.tmp" "$OUT/hmm-tests"
 
-log "built $((${#sources[@]} + ${#scripts[@]} + 1)) program(s) in $OUT: $(cd "$OUT" && echo *)"
+log "built $((${#sources[@]} + ${#scripts[@]} + 1)) $ARCH_NAME program(s) in $OUT: $(cd "$OUT" && echo *)"
 echo "$OUT"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the guest initramfs: a gzip'd newc cpio with Debian's static busybox
-# (and its applet links), images/init as /init, kernel modules in
+# for the kernel's architecture (and its applet links), images/init as /init, kernel modules in
 # /lib/modules/, guest programs in /usr/bin/ and extra host files in /host/.
 # Cheap (well under a second), so `cargo xtask run` rebuilds it per run.
 # Prints the output file on stdout when done.
@@ -31,8 +31,9 @@ done
 [[ -n "$KDIR" && -n "$OUT" ]] || die "--kdir and --out are required ($usage)"
 [[ -d "$KDIR/build" ]] || die "--kdir $KDIR has no build/ directory (run images/build-kernel.sh)"
 
-BUSYBOX=/bin/busybox
-[[ -x "$BUSYBOX" ]] || die "$BUSYBOX missing: run ci/setup-host.sh (installs busybox-static)"
+ARCH_NAME="$(kdir_arch "$KDIR")"
+BUSYBOX="$(guest_busybox "$ARCH_NAME")"
+[[ -x "$BUSYBOX" ]] || die "$BUSYBOX missing: run ci/setup-host.sh (installs busybox-static for $ARCH_NAME)"
 # The dynamic busybox package installs /bin/busybox too; the initramfs has no libc.
 if ! file_out=$(LC_ALL=C readelf -l "$BUSYBOX" 2>&1); then
     die "cannot inspect $BUSYBOX: $file_out"
@@ -61,7 +62,7 @@ while read -r applet; do
         [[ -e "$root/$d/$applet" ]] && continue 2
     done
     ln -s /bin/busybox "$root/bin/$applet"
-done < <("$BUSYBOX" --list)
+done < <(run_guest_binary "$ARCH_NAME" "$BUSYBOX" --list)
 # /sbin/rmmod, /sbin/insmod, /sbin/poweroff are where programs look for them.
 for a in insmod rmmod modprobe lsmod poweroff reboot; do
     ln -sf /bin/busybox "$root/sbin/$a"

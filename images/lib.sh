@@ -37,3 +37,66 @@ hash_inputs() {
         if [[ -f "$a" ]]; then sha256sum <"$a"; else echo "$a"; fi
     done | sha256sum | cut -c1-16
 }
+
+# kdir_arch KDIR: the guest architecture (x86_64 or ppc64le) of a kernel
+# tree from build-kernel.sh (KDIR/build/.config) or HMMGPU_KERNEL_DIR.
+kdir_arch() {
+    local cfg="$1/build/.config"
+    [[ -f "$cfg" ]] || cfg="$1/.config"
+    [[ -f "$cfg" ]] || die "$1 has no .config"
+    if grep -q '^CONFIG_X86_64=y' "$cfg"; then
+        echo x86_64
+    elif grep -q '^CONFIG_PPC64=y' "$cfg"; then
+        grep -q '^CONFIG_CPU_LITTLE_ENDIAN=y' "$cfg" || die "$cfg: big-endian ppc64 guests are not supported (ppc64le only)"
+        echo ppc64le
+    else
+        die "$cfg: neither an x86_64 nor a ppc64le kernel"
+    fi
+}
+
+# host_arch: this machine's architecture, in kdir_arch's names.
+host_arch() {
+    case "$(uname -m)" in
+        x86_64) echo x86_64 ;;
+        ppc64le) echo ppc64le ;;
+        *) die "unsupported host architecture $(uname -m) (x86_64 or ppc64le)" ;;
+    esac
+}
+
+# gnu_triple ARCH: the Debian cross-toolchain prefix for a guest architecture.
+gnu_triple() {
+    case "$1" in
+        x86_64) echo x86_64-linux-gnu ;;
+        ppc64le) echo powerpc64le-linux-gnu ;;
+    esac
+}
+
+# guest_cc ARCH: the C compiler for static guest programs of ARCH.
+guest_cc() {
+    if [[ "$1" == "$(host_arch)" ]]; then echo gcc; else echo "$(gnu_triple "$1")-gcc"; fi
+}
+
+# guest_busybox ARCH: Debian's static busybox for ARCH. The host's own comes
+# from busybox-static; another architecture's is unpacked by ci/setup-host.sh
+# (a foreign busybox-static cannot be installed beside the native one).
+guest_busybox() {
+    if [[ "$1" == "$(host_arch)" ]]; then
+        echo /bin/busybox
+    else
+        echo "$HMMGPU_CACHE/busybox-$1/bin/busybox"
+    fi
+}
+
+# run_guest_binary ARCH BINARY ARGS...: runs a static binary of ARCH on this
+# host (through qemu-user for another architecture).
+run_guest_binary() {
+    local arch="$1"; shift
+    if [[ "$arch" == "$(host_arch)" ]]; then
+        "$@"
+    else
+        local q
+        case "$arch" in x86_64) q=qemu-x86_64 ;; ppc64le) q=qemu-ppc64le ;; esac
+        command -v "$q" >/dev/null || die "$q missing: run ci/setup-host.sh (installs qemu-user)"
+        "$q" "$@"
+    fi
+}

@@ -176,8 +176,9 @@ fn git(args: &[&str]) -> Option<String> {
 
 pub fn run(args: &BenchArgs) -> Result<i32> {
     crate::cli::check_memory(args.vm.memory)?;
-    let accel = vm::resolve_accel(args.vm.accel)?;
+    let accel = vm::resolve_accel(args.vm.accel, args.vm.arch)?;
     let art = build::artifacts(&build::Wants {
+        arch: args.vm.arch,
         flavour: args.vm.flavour,
         device: true,
         driver: true,
@@ -185,6 +186,7 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
     let run_dir = vm::RunDir::create()?;
     let initramfs = art.initramfs(&run_dir.path, &[])?;
     let cfg = VmConfig {
+        arch: args.vm.arch,
         qemu: art.qemu.clone(),
         kernel_image: art.kernel.image(),
         initramfs,

@@ -2,7 +2,7 @@
 //! script logs progress on stderr (passed through) and prints its result as
 //! the last line of its stdout.
 
-use crate::cli::Flavour;
+use crate::cli::{Arch, Flavour};
 use crate::exit;
 use crate::signals;
 use anyhow::{bail, Context, Result};
@@ -108,6 +108,7 @@ pub fn setup_host() -> Result<()> {
 #[derive(Clone, Debug)]
 pub struct Kernel {
     pub kdir: PathBuf,
+    pub arch: Arch,
 }
 
 impl Kernel {
@@ -116,12 +117,17 @@ impl Kernel {
     }
 }
 
-pub fn kernel(flavour: Flavour) -> Result<Kernel> {
+pub fn kernel(arch: Arch, flavour: Flavour) -> Result<Kernel> {
     let kdir = PathBuf::from(run_script(
         "kernel",
-        bash("images/build-kernel.sh")?.args(["--flavour", flavour.as_str()]),
+        bash("images/build-kernel.sh")?.args([
+            "--arch",
+            arch.as_str(),
+            "--flavour",
+            flavour.as_str(),
+        ]),
     )?);
-    let k = Kernel { kdir };
+    let k = Kernel { kdir, arch };
     if !k.image().is_file() {
         bail!(
             "images/build-kernel.sh printed {}, which has no kernel image",
@@ -131,27 +137,34 @@ pub fn kernel(flavour: Flavour) -> Result<Kernel> {
     Ok(k)
 }
 
-/// The patched QEMU: qemu-patches/build-qemu.sh prints its install prefix.
-/// HMMGPU_QEMU=/path/to/qemu-system-x86_64 uses that binary instead (it must
-/// have vhost-user-hmmgpu-pci for runs with GPUs).
-pub fn qemu() -> Result<PathBuf> {
-    if let Some(q) = std::env::var_os("HMMGPU_QEMU") {
+/// The patched QEMU for `arch` guests: qemu-patches/build-qemu.sh prints its
+/// install prefix. HMMGPU_QEMU=/path/to/qemu-system-x86_64 (x86_64 guests) or
+/// HMMGPU_QEMU_PPC64=/path/to/qemu-system-ppc64 (ppc64le guests) uses that
+/// binary instead (it must have vhost-user-hmmgpu-pci for runs with GPUs).
+pub fn qemu(arch: Arch) -> Result<PathBuf> {
+    let var = match arch {
+        Arch::X86_64 => "HMMGPU_QEMU",
+        Arch::Ppc64le => "HMMGPU_QEMU_PPC64",
+    };
+    if let Some(q) = std::env::var_os(var) {
         let q = PathBuf::from(q);
         if !q.is_file() {
-            bail!("HMMGPU_QEMU={} is not a file", q.display());
+            bail!("{var}={} is not a file", q.display());
         }
-        log(format!("qemu: HMMGPU_QEMU={}", q.display()));
+        log(format!("qemu: {var}={}", q.display()));
         return Ok(q);
     }
     let prefix = PathBuf::from(run_script(
         "qemu",
-        &mut bash("qemu-patches/build-qemu.sh").context("building QEMU (or set HMMGPU_QEMU)")?,
+        &mut bash("qemu-patches/build-qemu.sh")
+            .with_context(|| format!("building QEMU (or set {var})"))?,
     )?);
-    let bin = prefix.join("bin/qemu-system-x86_64");
+    let bin = prefix.join("bin").join(arch.qemu_binary());
     if !bin.is_file() {
         bail!(
-            "qemu-patches/build-qemu.sh printed {}, which has no bin/qemu-system-x86_64",
-            prefix.display()
+            "qemu-patches/build-qemu.sh printed {}, which has no bin/{}",
+            prefix.display(),
+            arch.qemu_binary()
         );
     }
     Ok(bin)
@@ -219,9 +232,14 @@ pub fn driver(k: &Kernel) -> Result<PathBuf> {
     Ok(ko)
 }
 
-/// The static guest programs of ci/guest/, built into target/xtask/guest-<flavour>.
+/// The static guest programs of ci/guest/ for `k`'s architecture, built into
+/// target/xtask/guest-<arch>-<flavour>.
 pub fn guest_programs(k: &Kernel, flavour: Flavour) -> Result<Vec<PathBuf>> {
-    let out = target_dir().join(format!("xtask/guest-{}", flavour.as_str()));
+    let out = target_dir().join(format!(
+        "xtask/guest-{}-{}",
+        k.arch.as_str(),
+        flavour.as_str()
+    ));
     let mut cmd = bash("images/build-guest-programs.sh")?;
     cmd.arg("--kdir").arg(&k.kdir).arg("--out").arg(&out);
     let dir = PathBuf::from(run_script("guest programs", &mut cmd)?);
@@ -298,6 +316,7 @@ impl Artifacts {
 }
 
 pub struct Wants {
+    pub arch: Arch,
     pub flavour: Flavour,
     pub device: bool,
     pub driver: bool,
@@ -305,8 +324,8 @@ pub struct Wants {
 
 pub fn artifacts(w: &Wants) -> Result<Artifacts> {
     setup_host()?;
-    let kernel = kernel(w.flavour)?;
-    let qemu = qemu()?;
+    let kernel = kernel(w.arch, w.flavour)?;
+    let qemu = qemu(w.arch)?;
     let device = if w.device { Some(device()?) } else { None };
     let driver = if w.driver {
         Some(driver(&kernel)?)

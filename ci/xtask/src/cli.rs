@@ -24,6 +24,9 @@ pub enum Command {
     /// The same HMM workloads on test_hmm.ko and on hmmgpu in one VM boot:
     /// a table of ratios, also written as JSON. Not a test.
     Bench(BenchArgs),
+    /// The backend's tests (unit and vhost-user socket tests) built for
+    /// PowerPC hosts and run under qemu-user (also part of `test`).
+    CrossTest(CrossTestArgs),
     // Future work, in its own module beside vm.rs and tests.rs:
     //   Inject(InjectArgs)  fault injection through the backend's control socket
 }
@@ -43,6 +46,43 @@ pub enum Flavour {
     Debug,
 }
 
+/// The guest architecture (the host's is whatever this runs on: x86_64 or
+/// PowerPC; a guest of another architecture runs under TCG).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Arch {
+    /// q35, console on ttyS0.
+    #[value(name = "x86_64")]
+    X86_64,
+    /// pseries (little-endian), console on hvc0.
+    #[value(name = "ppc64le")]
+    Ppc64le,
+}
+
+impl Arch {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Ppc64le => "ppc64le",
+        }
+    }
+
+    /// The QEMU system emulator for this guest.
+    pub fn qemu_binary(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "qemu-system-x86_64",
+            Arch::Ppc64le => "qemu-system-ppc64",
+        }
+    }
+
+    /// Whether this guest can use the host's KVM (same architecture).
+    pub fn is_host(self) -> bool {
+        match self {
+            Arch::X86_64 => cfg!(target_arch = "x86_64"),
+            Arch::Ppc64le => cfg!(all(target_arch = "powerpc64", target_endian = "little")),
+        }
+    }
+}
+
 impl Flavour {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -55,6 +95,10 @@ impl Flavour {
 /// Options shared by `run`, `test` and `bench`.
 #[derive(Args, Debug, Clone)]
 pub struct VmOpts {
+    /// Guest architecture (`test` always adds its ppc64le tests; this picks
+    /// the architecture of the others).
+    #[arg(long, value_enum, default_value_t = Arch::X86_64)]
+    pub arch: Arch,
     /// Accelerator.
     #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
     pub accel: AccelChoice,
@@ -116,10 +160,18 @@ pub struct BenchArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct CrossTestArgs {
+    /// Targets (default: both).
+    #[arg(long = "target", value_enum)]
+    pub targets: Vec<crate::cross::CrossTarget>,
+}
+
+#[derive(Args, Debug)]
 pub struct TestArgs {
     #[command(flatten)]
     pub vm: VmOpts,
-    /// Skip `cargo test --workspace` and the driver build; only the VM tests.
+    /// Skip `cargo test --workspace`, the PowerPC backend tests and the
+    /// driver build; only the VM tests.
     #[arg(long)]
     pub vm_only: bool,
     /// Seconds each VM test may take from launch to the status marker.
@@ -216,5 +268,11 @@ mod tests {
             _ => panic!(),
         }
         assert!(Cli::try_parse_from(["x", "run", "--vram", "3M"]).is_err());
+        let c = Cli::try_parse_from(["x", "run", "--arch", "ppc64le"]).unwrap();
+        match c.command {
+            Command::Run(r) => assert_eq!(r.vm.arch, Arch::Ppc64le),
+            _ => panic!(),
+        }
+        assert!(Cli::try_parse_from(["x", "run", "--arch", "arm64"]).is_err());
     }
 }

@@ -4,6 +4,7 @@
 mod bench;
 mod build;
 mod cli;
+mod cross;
 mod exit;
 mod pattern;
 mod signals;
@@ -39,6 +40,17 @@ fn dispatch(cli: Cli) -> Result<i32> {
         }
         Command::Test(args) => tests::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::CrossTest(args) => {
+            let targets = if args.targets.is_empty() {
+                cross::CrossTarget::ALL.to_vec()
+            } else {
+                args.targets
+            };
+            for t in targets {
+                cross::device_tests(t)?;
+            }
+            Ok(0)
+        }
     }
 }
 
@@ -58,9 +70,10 @@ fn run(args: RunArgs) -> Result<i32> {
         args.cmd.clone()
     };
     // Fail on a too-long command before building anything.
-    vm::kernel_cmdline(&cmd, args.noload)?;
-    let accel = vm::resolve_accel(args.vm.accel)?;
+    vm::kernel_cmdline(args.vm.arch, &cmd, args.noload)?;
+    let accel = vm::resolve_accel(args.vm.accel, args.vm.arch)?;
     let art = build::artifacts(&build::Wants {
+        arch: args.vm.arch,
         flavour: args.vm.flavour,
         device: args.gpus > 0,
         driver: !args.no_driver,
@@ -68,6 +81,7 @@ fn run(args: RunArgs) -> Result<i32> {
     let run_dir = vm::RunDir::create()?;
     let initramfs = art.initramfs(&run_dir.path, &args.add)?;
     let cfg = vm::VmConfig {
+        arch: args.vm.arch,
         qemu: art.qemu.clone(),
         kernel_image: art.kernel.image(),
         initramfs,

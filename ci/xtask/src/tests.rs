@@ -3,7 +3,7 @@
 //! VM with a guest command and checks what came back.
 
 use crate::build::{self, log, Kernel};
-use crate::cli::Flavour;
+use crate::cli::{AccelChoice, Arch, Flavour};
 mod selftest;
 use crate::cli::TestArgs;
 use crate::exit;
@@ -18,6 +18,10 @@ use std::time::{Duration, Instant};
 /// What the VM tests need, each built once; a build's error fails the tests
 /// that need it (and only those).
 struct Ctx {
+    /// The architecture of the main tests (`--arch`).
+    arch: Arch,
+    /// `--accel`, for builds of `arch` made on demand.
+    accel_choice: AccelChoice,
     kernel: Result<Kernel, String>,
     qemu: Result<PathBuf, String>,
     device: Result<PathBuf, String>,
@@ -31,8 +35,9 @@ struct Ctx {
     bare_init: Option<Duration>,
     /// demo's launch→ready (driver loaded and bound).
     demo_ready: Option<Duration>,
-    /// For tests that always run on the debug flavour.
-    debug: Option<Result<DebugArtifacts, String>>,
+    /// For tests that always run on another flavour or architecture, built
+    /// on first use.
+    stacks: Vec<((Arch, Flavour), Result<Stack, String>)>,
 }
 
 /// One boot of a VM test.
@@ -44,8 +49,15 @@ struct Boot<'a> {
     cmd: Vec<String>,
 }
 
-/// Kernel, driver and guest programs of the debug flavour, built on first use.
-type DebugArtifacts = (Kernel, PathBuf, Vec<PathBuf>);
+/// Everything a boot of one architecture and flavour needs.
+#[derive(Clone)]
+struct Stack {
+    kernel: Kernel,
+    driver: PathBuf,
+    programs: Vec<PathBuf>,
+    qemu: PathBuf,
+    accel: Accel,
+}
 
 /// Per GPU; half of it is device-private, half device-coherent, and
 /// hmm-tests' THP benchmark migrates up to 256 MiB at once.
@@ -64,18 +76,38 @@ fn need<'a, T>(what: &str, r: &'a Result<T, String>) -> Result<&'a T> {
 }
 
 impl Ctx {
-    /// The debug flavour's artifacts (builds them the first time).
-    fn debug_artifacts(&mut self) -> Result<&DebugArtifacts> {
-        if self.debug.is_none() {
+    /// The build of `arch` and `flavour` (built the first time it is asked
+    /// for; a failed build fails every test that asks for it).
+    fn stack(&mut self, arch: Arch, flavour: Flavour) -> Result<Stack> {
+        let key = (arch, flavour);
+        if !self.stacks.iter().any(|(k, _)| *k == key) {
             let built = (|| {
-                let k = build::kernel(Flavour::Debug)?;
-                let ko = build::driver(&k)?;
-                let progs = build::guest_programs(&k, Flavour::Debug)?;
-                Ok::<_, anyhow::Error>((k, ko, progs))
+                let kernel = build::kernel(arch, flavour)?;
+                let driver = build::driver(&kernel)?;
+                let programs = build::guest_programs(&kernel, flavour)?;
+                let qemu = build::qemu(arch)?;
+                let choice = if arch == self.arch {
+                    self.accel_choice
+                } else {
+                    AccelChoice::Auto
+                };
+                let accel = vm::resolve_accel(choice, arch)?;
+                Ok::<_, anyhow::Error>(Stack {
+                    kernel,
+                    driver,
+                    programs,
+                    qemu,
+                    accel,
+                })
             })();
-            self.debug = Some(s(built));
+            self.stacks.push((key, s(built)));
         }
-        need("the debug flavour", self.debug.as_ref().unwrap())
+        let (_, r) = self.stacks.iter().find(|(k, _)| *k == key).unwrap();
+        need(
+            &format!("the {} {} build", arch.as_str(), flavour.as_str()),
+            r,
+        )
+        .cloned()
     }
 
     fn boot(&self, b: Boot) -> Result<VmOutcome> {
@@ -86,18 +118,35 @@ impl Ctx {
         } else {
             None
         };
-        self.boot_with(b, kernel, driver, programs, self.cpus)
+        let qemu = need("QEMU", &self.qemu)?;
+        self.boot_with(b, kernel, driver, programs, qemu, self.accel, self.cpus)
     }
 
+    /// Boots `b` on another build (see [`Ctx::stack`]).
+    fn boot_on(&self, b: Boot, st: &Stack, cpus: u32) -> Result<VmOutcome> {
+        let driver = b.driver.then_some(&st.driver);
+        self.boot_with(
+            b,
+            &st.kernel,
+            driver,
+            &st.programs,
+            &st.qemu,
+            st.accel,
+            cpus,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn boot_with(
         &self,
         b: Boot,
         kernel: &Kernel,
         driver: Option<&PathBuf>,
         programs: &[PathBuf],
+        qemu: &PathBuf,
+        accel: Accel,
         cpus: u32,
     ) -> Result<VmOutcome> {
-        let qemu = need("QEMU", &self.qemu)?;
         let modules: Vec<PathBuf> = driver.into_iter().cloned().collect();
         let device_bin = if b.gpus > 0 {
             Some(need("hmmgpu-device", &self.device)?.clone())
@@ -113,6 +162,7 @@ impl Ctx {
             &[],
         )?;
         let cfg = VmConfig {
+            arch: kernel.arch,
             qemu: qemu.clone(),
             kernel_image: kernel.image(),
             initramfs,
@@ -121,7 +171,7 @@ impl Ctx {
             vram_size: VRAM_SIZE,
             memory: self.memory,
             cpus,
-            accel: self.accel,
+            accel,
             timeout: self.timeout,
             cmd: b.cmd,
             noload: false,
@@ -195,6 +245,16 @@ const VM_TESTS: &[VmTest] = &[
         about: "hmm-tests on hmmgpu on the debug kernel (lockdep, KASAN, DEBUG_VM): as expected, no splat",
         run: selftest::t_hmm_tests_debug,
     },
+    VmTest {
+        name: "ppc64le-smoke",
+        about: "a ppc64le pseries guest (TCG): driver bound, then hmmgpu-demo (migrations to VRAM and back, every byte checked)",
+        run: t_ppc64le_smoke,
+    },
+    VmTest {
+        name: "ppc64le-hmm-tests",
+        about: "the kernel's hmm-tests on hmmgpu in a ppc64le pseries guest (2 GPUs): as expected",
+        run: selftest::t_hmm_tests_ppc64le,
+    },
 ];
 
 fn t_bare_boot(ctx: &mut Ctx) -> Result<()> {
@@ -219,20 +279,11 @@ fn t_exit_status(ctx: &mut Ctx) -> Result<()> {
 }
 
 fn t_device_bound(ctx: &mut Ctx) -> Result<()> {
-    let script = r#"
-set -e
-echo "virtio devices bound to hmmgpu:"; ls /sys/bus/virtio/drivers/hmmgpu/
-ls /sys/bus/virtio/drivers/hmmgpu/ | grep -q '^virtio[0-9]' || { echo "FAIL: no device bound to the hmmgpu virtio driver"; exit 1; }
-grep -l 0x107f /sys/bus/pci/devices/*/device || { echo "FAIL: no PCI device 0x107f"; exit 1; }
-dmesg | grep 'device-private' || true
-dmesg | grep -q 'device-private' || { echo "FAIL: no 'device-private' line in dmesg"; exit 1; }
-echo "device-bound: all checks passed"
-"#;
     let out = ctx.boot(Boot {
         test: "device-bound",
         gpus: 1,
         driver: true,
-        cmd: argv(&["sh", "-c", script]),
+        cmd: argv(&["sh", "-c", DEVICE_BOUND_SCRIPT]),
     })?;
     expect_status(&out, 0)
 }
@@ -295,6 +346,49 @@ fn t_vram_holds_data(ctx: &mut Ctx) -> Result<()> {
     );
     log(format!(
         "vram-holds-data: backend bytes_guest_to_vram {g2v} bytes >= {bytes}"
+    ));
+    Ok(())
+}
+
+/// Checks that hmmgpu bound a virtio device and registered its VRAM.
+const DEVICE_BOUND_SCRIPT: &str = r#"
+set -e
+echo "virtio devices bound to hmmgpu:"; ls /sys/bus/virtio/drivers/hmmgpu/
+ls /sys/bus/virtio/drivers/hmmgpu/ | grep -q '^virtio[0-9]' || { echo "FAIL: no device bound to the hmmgpu virtio driver"; exit 1; }
+grep -l 0x107f /sys/bus/pci/devices/*/device || { echo "FAIL: no PCI device 0x107f"; exit 1; }
+dmesg | grep 'device-private' || true
+dmesg | grep -q 'device-private' || { echo "FAIL: no 'device-private' line in dmesg"; exit 1; }
+echo "device-bound: all checks passed"
+"#;
+
+fn t_ppc64le_smoke(ctx: &mut Ctx) -> Result<()> {
+    let st = ctx.stack(Arch::Ppc64le, Flavour::Release)?;
+    let script = format!("{DEVICE_BOUND_SCRIPT}\nuname -m\nhmmgpu-demo");
+    let out = ctx.boot_on(
+        Boot {
+            test: "ppc64le-smoke",
+            gpus: 1,
+            driver: true,
+            cmd: argv(&["sh", "-c", &script]),
+        },
+        &st,
+        ctx.cpus,
+    )?;
+    expect_status(&out, 0)?;
+    ensure!(
+        out.console
+            .iter()
+            .any(|l| l.trim_end().ends_with("ppc64le")),
+        "the guest's `uname -m` did not print ppc64le"
+    );
+    log(format!(
+        "boot time (TCG, ppc64le): launch→init {}, launch→ready (driver bound) {}",
+        out.timings
+            .init
+            .map_or("n/a".into(), |d| format!("{:.2}s", d.as_secs_f64())),
+        out.timings
+            .ready
+            .map_or("n/a".into(), |d| format!("{:.2}s", d.as_secs_f64()))
     ));
     Ok(())
 }
@@ -368,7 +462,7 @@ pub fn run(args: &TestArgs) -> Result<i32> {
             bail!("no VM test named '{name}' (cargo xtask test --list)");
         }
     }
-    let accel = vm::resolve_accel(args.vm.accel)?;
+    let accel = vm::resolve_accel(args.vm.accel, args.vm.arch)?;
     let mut results = Vec::new();
 
     println!("=== host setup");
@@ -384,11 +478,17 @@ pub fn run(args: &TestArgs) -> Result<i32> {
         println!("=== cargo test --workspace");
         let t = Instant::now();
         record(&mut results, "cargo-test", t, cargo_test())?;
+        for target in crate::cross::CrossTarget::ALL {
+            println!("=== backend tests on {} (qemu-user)", target.name());
+            let t = Instant::now();
+            let name = format!("device-tests-{}", target.name());
+            record(&mut results, &name, t, crate::cross::device_tests(target))?;
+        }
     }
 
     println!("=== builds");
     let t = Instant::now();
-    let kernel = s(build::kernel(args.vm.flavour));
+    let kernel = s(build::kernel(args.vm.arch, args.vm.flavour));
     let driver = match &kernel {
         Ok(k) => s(build::driver(k)),
         Err(e) => Err(format!("no kernel to build it against: {e}")),
@@ -402,7 +502,7 @@ pub fn run(args: &TestArgs) -> Result<i32> {
             driver.as_ref().map(|_| ()).map_err(|e| anyhow!("{e}")),
         )?;
     }
-    let qemu = s(build::qemu());
+    let qemu = s(build::qemu(args.vm.arch));
     let device = s(build::device());
     let programs = match &kernel {
         Ok(k) => s(build::guest_programs(k, args.vm.flavour)),
@@ -424,6 +524,8 @@ pub fn run(args: &TestArgs) -> Result<i32> {
     }
 
     let mut ctx = Ctx {
+        arch: args.vm.arch,
+        accel_choice: args.vm.accel,
         kernel,
         qemu,
         device,
@@ -435,7 +537,7 @@ pub fn run(args: &TestArgs) -> Result<i32> {
         timeout: Duration::from_secs(args.timeout),
         bare_init: None,
         demo_ready: None,
-        debug: None,
+        stacks: Vec::new(),
     };
     for t in VM_TESTS {
         if !args.only.is_empty() && !args.only.iter().any(|n| n == t.name) {
@@ -451,7 +553,7 @@ pub fn run(args: &TestArgs) -> Result<i32> {
     println!("=== summary");
     for r in &results {
         println!(
-            "{:18} {} {:7.1}s{}",
+            "{:24} {} {:7.1}s{}",
             r.name,
             if r.pass { "PASS" } else { "FAIL" },
             r.time.as_secs_f64(),

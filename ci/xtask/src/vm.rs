@@ -3,7 +3,7 @@
 //! exit path (the guards' Drop impls run on errors, panics and Ctrl-C).
 
 use crate::build::log;
-use crate::cli::AccelChoice;
+use crate::cli::{AccelChoice, Arch};
 use crate::exit::{self, Exit, ExitError};
 use crate::signals;
 use anyhow::{bail, Context, Result};
@@ -28,15 +28,32 @@ pub enum Accel {
     Tcg,
 }
 
-/// Resolves `--accel`; `auto` picks KVM only if /dev/kvm opens read-write and
-/// the CPU flags have vmx or svm, and says which it chose and why.
-pub fn resolve_accel(choice: AccelChoice) -> Result<Accel> {
+/// Resolves `--accel` for a guest of `arch`; `auto` picks KVM only for a
+/// guest of the host's architecture, if /dev/kvm opens read-write and (on
+/// x86) the CPU flags have vmx or svm, and says which it chose and why.
+pub fn resolve_accel(choice: AccelChoice, arch: Arch) -> Result<Accel> {
+    if !arch.is_host() {
+        if choice == AccelChoice::Kvm {
+            bail!(
+                "--accel kvm: a {} guest cannot use this host's KVM (another architecture)",
+                arch.as_str()
+            );
+        }
+        log(format!(
+            "accel: TCG (a {} guest on a {} host)",
+            arch.as_str(),
+            std::env::consts::ARCH
+        ));
+        return Ok(Accel::Tcg);
+    }
     let kvm_open = OpenOptions::new().read(true).write(true).open("/dev/kvm");
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let virt_flag = cpuinfo
         .lines()
         .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        // PowerPC hosts have no such flag: KVM-HV or KVM-PR works if /dev/kvm does.
+        || !cfg!(target_arch = "x86_64");
     match choice {
         AccelChoice::Tcg => Ok(Accel::Tcg),
         AccelChoice::Kvm => {
@@ -150,6 +167,7 @@ pub enum Echo {
 }
 
 pub struct VmConfig {
+    pub arch: Arch,
     pub qemu: PathBuf,
     pub kernel_image: PathBuf,
     pub initramfs: PathBuf,
@@ -574,8 +592,12 @@ pub fn base64(data: &[u8]) -> String {
 }
 
 /// The kernel command line for a run.
-pub fn kernel_cmdline(cmd: &[String], noload: bool) -> Result<String> {
-    let mut s = String::from("console=ttyS0 panic=-1 oops=panic loglevel=6 printk.time=1");
+pub fn kernel_cmdline(arch: Arch, cmd: &[String], noload: bool) -> Result<String> {
+    let console = match arch {
+        Arch::X86_64 => "ttyS0",
+        Arch::Ppc64le => "hvc0",
+    };
+    let mut s = format!("console={console} panic=-1 oops=panic loglevel=6 printk.time=1");
     if noload {
         s.push_str(" hmmgpu.noload");
     }
@@ -583,7 +605,7 @@ pub fn kernel_cmdline(cmd: &[String], noload: bool) -> Result<String> {
         s.push_str(" hmmgpu.cmd=");
         s.push_str(&base64(shell_join(cmd).as_bytes()));
     }
-    // x86's COMMAND_LINE_SIZE is 2048.
+    // COMMAND_LINE_SIZE is 2048 on x86 and powerpc.
     if s.len() > 2000 {
         bail!("the guest command is too long for the kernel command line ({} bytes, 2000 at most): put it in a script and --add it", s.len());
     }
@@ -592,9 +614,14 @@ pub fn kernel_cmdline(cmd: &[String], noload: bool) -> Result<String> {
 
 fn qemu_args(cfg: &VmConfig, vram: &VramFiles, backends: &[Backend]) -> Result<Vec<String>> {
     let mem_mib = cfg.memory >> 20;
+    let machine = match cfg.arch {
+        Arch::X86_64 => "q35,memory-backend=mem",
+        // vhost-user needs guest RAM in a shareable backend on pseries too.
+        Arch::Ppc64le => "pseries,memory-backend=mem",
+    };
     let mut a: Vec<String> = vec![
         "-M".into(),
-        "q35,memory-backend=mem".into(),
+        machine.into(),
         "-object".into(),
         format!("memory-backend-memfd,id=mem,size={mem_mib}M,share=on"),
         "-m".into(),
@@ -627,7 +654,7 @@ fn qemu_args(cfg: &VmConfig, vram: &VramFiles, backends: &[Backend]) -> Result<V
     a.push("-initrd".into());
     a.push(cfg.initramfs.display().to_string());
     a.push("-append".into());
-    a.push(kernel_cmdline(&cfg.cmd, cfg.noload)?);
+    a.push(kernel_cmdline(cfg.arch, &cfg.cmd, cfg.noload)?);
     a.push("-qmp".into());
     a.push(format!(
         "unix:{},server=on,wait=off",
@@ -636,12 +663,22 @@ fn qemu_args(cfg: &VmConfig, vram: &VramFiles, backends: &[Backend]) -> Result<V
     for (b, path) in backends.iter().zip(&vram.paths) {
         let n = b.gpu;
         let sock = cfg.run_dir.join(format!("gpu{n}.sock"));
+        // q35: each GPU behind its own PCIe root port (hotplug, AER);
+        // pseries: on the default PHB's conventional PCI bus.
+        let bus = match cfg.arch {
+            Arch::X86_64 => {
+                a.extend([
+                    "-device".into(),
+                    format!(
+                        "pcie-root-port,id=rp{n},bus=pcie.0,chassis={},slot=0",
+                        n + 1
+                    ),
+                ]);
+                format!(",bus=rp{n}")
+            }
+            Arch::Ppc64le => String::new(),
+        };
         a.extend([
-            "-device".into(),
-            format!(
-                "pcie-root-port,id=rp{n},bus=pcie.0,chassis={},slot=0",
-                n + 1
-            ),
             "-object".into(),
             format!(
                 "memory-backend-file,id=vram{n},mem-path={},size={},share=on",
@@ -651,7 +688,7 @@ fn qemu_args(cfg: &VmConfig, vram: &VramFiles, backends: &[Backend]) -> Result<V
             "-chardev".into(),
             format!("socket,id=gpu{n},path={}", sock.display()),
             "-device".into(),
-            format!("vhost-user-hmmgpu-pci,chardev=gpu{n},memdev=vram{n},bus=rp{n}"),
+            format!("vhost-user-hmmgpu-pci,chardev=gpu{n},memdev=vram{n}{bus}"),
         ]);
     }
     Ok(a)

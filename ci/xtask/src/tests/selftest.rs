@@ -11,6 +11,7 @@
 
 use super::{argv, expect_status, Boot, Ctx};
 use crate::build;
+use crate::cli::{Arch, Flavour};
 use crate::vm::Accel;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -473,20 +474,18 @@ pub(super) fn t_hmm_tests(ctx: &mut Ctx) -> Result<()> {
 
 pub(super) fn t_hmm_tests_debug(ctx: &mut Ctx) -> Result<()> {
     let exp = Expected::load()?;
-    let (kernel, driver, programs) = ctx.debug_artifacts()?.clone();
+    let debug = ctx.stack(ctx.arch, Flavour::Debug)?;
     // One vCPU: under TCG, TLB-shootdown IPIs between vCPUs make the debug
     // kernel's migrations slow enough to hit the selftest's 120 s timeout
     // for benchmark_thp_migration.
-    let out = ctx.boot_with(
+    let out = ctx.boot_on(
         Boot {
             test: "hmm-tests-debug",
             gpus: 2,
             driver: true,
             cmd: argv(&["hmm-tests-both", "hmmgpu"]),
         },
-        &kernel,
-        Some(&driver),
-        &programs,
+        &debug,
         1,
     )?;
     let ours = parse(&out.console, "hmmgpu");
@@ -501,6 +500,35 @@ pub(super) fn t_hmm_tests_debug(ctx: &mut Ctx) -> Result<()> {
         );
     }
     // A lockdep, KASAN or DEBUG_VM report fails the boot itself (status 120).
+    expect_status(&out, 0)?;
+    check_hmmgpu(&ours?, &exp)
+}
+
+pub(super) fn t_hmm_tests_ppc64le(ctx: &mut Ctx) -> Result<()> {
+    let exp = Expected::load()?;
+    let st = ctx.stack(Arch::Ppc64le, Flavour::Release)?;
+    let out = ctx.boot_on(
+        Boot {
+            test: "ppc64le-hmm-tests",
+            gpus: 2,
+            driver: true,
+            cmd: argv(&["hmm-tests-both", "hmmgpu"]),
+        },
+        &st,
+        ctx.cpus,
+    )?;
+    let ours = parse(&out.console, "hmmgpu");
+    if let Ok(o) = &ours {
+        print_tallies(
+            &format!(
+                "hmm-tests in a ppc64le pseries guest ({}, {} vCPUs, 2 GPUs):",
+                accel_name(st.accel),
+                ctx.cpus
+            ),
+            &[("hmmgpu", o)],
+            &exp,
+        );
+    }
     expect_status(&out, 0)?;
     check_hmmgpu(&ours?, &exp)
 }
