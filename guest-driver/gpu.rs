@@ -21,7 +21,41 @@ use kernel::{new_mutex, new_spinlock_irq};
 struct CtxSlot {
     used: bool,
     waiter: *mut shim::Cmd,
+    /// The device virtual range [start, end) of the access (VREAD, VWRITE,
+    /// ATOMIC) being submitted or in flight; None: no access, so every
+    /// FAULT event for this context is spurious.
+    access: Option<(u64, u64)>,
+    /// The pending FAULT event in `access` (the lowest address if several
+    /// came before the waiter took it).
     fault: Option<Event>,
+}
+
+impl CtxSlot {
+    const fn new(used: bool) -> Self {
+        CtxSlot { used, waiter: ptr::null_mut(), access: None, fault: None }
+    }
+}
+
+/// The device virtual range an MMU access command touches (VREAD reads
+/// through `src`, VWRITE and ATOMIC write through `dst`).
+fn access_span(opcode: u32, ranges: &[Range]) -> (u64, u64) {
+    let va = |r: &Range| if opcode == opcode::VREAD { r.src } else { r.dst };
+    let start = ranges.iter().map(va).min().unwrap_or(0);
+    let end = ranges.iter().map(|r| va(r).saturating_add(u64::from(r.len))).max().unwrap_or(0);
+    (start, end)
+}
+
+/// Counters of the driver's own, shown after the device's in debugfs.
+#[derive(Default)]
+struct DriverCounters {
+    /// FAULT events received from the event queue.
+    fault_events: AtomicU64,
+    /// FAULT events no command was parked on: for a context with no access
+    /// in flight or an address outside it, or answered BAD_CONTEXT by the
+    /// REPLAY/CANCEL they led to. Ignored (bounded work each).
+    spurious_faults: AtomicU64,
+    /// Commands that completed with COPY_ERROR.
+    copy_errors: AtomicU64,
 }
 
 /// The contexts in use; `slots[i]` is context `i + 1`.
@@ -66,6 +100,9 @@ pub(crate) struct Gpu {
     /// uAPI operation fails with ENODEV (device commands still run).
     dead: AtomicBool,
     tags: AtomicU64,
+    counters: DriverCounters,
+    /// Set once the first spurious FAULT event was logged.
+    spurious_logged: AtomicBool,
     /// /sys/kernel/debug/hmmgpu<index>, removed on removal.
     debugfs: AtomicPtr<shim::Dentry>,
     /// The uAPI devices (private, coherent); taken (deregistered) on removal.
@@ -178,6 +215,7 @@ impl Gpu {
         for cmd in cmds {
             let (resp, _) = self.execute_cmd(cmd)?;
             if resp.status != abi::status::OK {
+                self.note_failure(&resp);
                 pr_err!(
                     "hmmgpu{}: command failed: {} at range {}\n",
                     self.index,
@@ -191,10 +229,57 @@ impl Gpu {
         Ok(bytes)
     }
 
+    /// Counts a failed command's status.
+    fn note_failure(&self, resp: &Response) {
+        if resp.status == abi::status::COPY_ERROR {
+            self.counters.copy_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Runs every range of `list` as `opcode` (COPY or FILL) until one
+    /// fails. Returns how many ranges, from the start of the list, were done
+    /// in full, and EIO if the device failed one (with COPY_ERROR: the
+    /// ranges before its `failed_index` were done, the rest were not), or
+    /// the error that stopped the submission.
+    pub(crate) fn run_partial(&self, opcode: u32, list: &RangeList) -> (usize, Result) {
+        let cmds = match self.prepare(opcode, 0, list) {
+            Ok(cmds) => cmds,
+            Err(e) => return (0, Err(e)),
+        };
+        let mut done = 0;
+        for (cmd, chunk) in cmds.into_iter().zip(list.chunks()) {
+            let resp = match self.execute_cmd(cmd) {
+                Ok((resp, _)) => resp,
+                Err(e) => return (done, Err(e)),
+            };
+            if resp.status == abi::status::OK {
+                done += chunk.len();
+                continue;
+            }
+            self.note_failure(&resp);
+            let what = if opcode == opcode::FILL { "FILL" } else { "COPY" };
+            pr_warn!(
+                "hmmgpu{}: {} failed: {} at range {} of {}\n",
+                self.index,
+                what,
+                abi::status::name(resp.status),
+                resp.failed_index,
+                chunk.len()
+            );
+            if resp.status == abi::status::COPY_ERROR {
+                done += core::cmp::min(resp.failed_index as usize, chunk.len());
+            }
+            return (done, Err(EIO));
+        }
+        (done, Ok(()))
+    }
+
     /// Executes a device MMU access (VREAD, VWRITE, ATOMIC) of context
     /// `ctx`. Each device fault it raises is handed to `resolve`; on success
     /// the command is replayed, on error it is cancelled and the error
-    /// returned.
+    /// returned. A FAULT event that turns out not to be this command's (the
+    /// REPLAY or CANCEL finds nothing parked: BAD_CONTEXT) is counted as
+    /// spurious and changes nothing; the command keeps running.
     pub(crate) fn execute_mmu(
         &self,
         opcode: u32,
@@ -203,20 +288,33 @@ impl Gpu {
         mut resolve: impl FnMut(&Event) -> Result,
     ) -> Result<Response> {
         let cmd = Command::new(opcode, ctx, self.tag(), ranges)?;
-        let mut flight = self.submit(cmd).map_err(|(e, _)| e)?;
+        // Before the submission: the device may report a fault before the
+        // waiter is set, and on_event must know the access by then.
+        self.begin_access(ctx, access_span(opcode, ranges));
+        let mut flight = match self.submit(cmd) {
+            Ok(flight) => flight,
+            Err((e, _)) => {
+                self.end_access(ctx);
+                return Err(e);
+            }
+        };
         self.set_waiter(ctx, flight.token());
         let mut failure = None;
         let result = loop {
             if let Some(fault) = self.take_fault(ctx) {
-                let next = match resolve(&fault) {
-                    Ok(()) => opcode::REPLAY,
-                    Err(e) => {
-                        failure = Some(e);
-                        opcode::CANCEL
-                    }
+                let (next, error) = match resolve(&fault) {
+                    Ok(()) => (opcode::REPLAY, None),
+                    Err(e) => (opcode::CANCEL, Some(e)),
                 };
-                if let Err(e) = self.execute(next, ctx, &[]) {
-                    break Err(e);
+                match self.execute(next, ctx, &[]) {
+                    Err(e) => break Err(e),
+                    // Nothing parked: the event was spurious.
+                    Ok(r) if r.status == abi::status::BAD_CONTEXT => self.note_spurious(&fault),
+                    Ok(_) => {
+                        if error.is_some() {
+                            failure = error;
+                        }
+                    }
                 }
                 continue;
             }
@@ -226,7 +324,7 @@ impl Gpu {
                 Err(e) => break Err(self.hung(e)),
             }
         };
-        self.set_waiter(ctx, ptr::null_mut());
+        self.end_access(ctx);
         match (result, failure) {
             (Ok(_), Some(e)) => Err(e),
             (result, _) => result,
@@ -244,14 +342,11 @@ impl Gpu {
                     if contexts.slots.len() >= abi::MAX_CONTEXTS as usize {
                         return Err(EBUSY);
                     }
-                    contexts.slots.push(
-                        CtxSlot { used: false, waiter: ptr::null_mut(), fault: None },
-                        GFP_ATOMIC,
-                    )?;
+                    contexts.slots.push(CtxSlot::new(false), GFP_ATOMIC)?;
                     contexts.slots.len() - 1
                 }
             };
-            contexts.slots[index] = CtxSlot { used: true, waiter: ptr::null_mut(), fault: None };
+            contexts.slots[index] = CtxSlot::new(true);
             index as u32 + 1
         };
         let mut result = self.execute(opcode::CTX_CREATE, ctx, &[]);
@@ -275,8 +370,16 @@ impl Gpu {
     pub(crate) fn ctx_destroy(&self, ctx: u32) {
         // Best effort: a dead device has no contexts to destroy.
         let _ = self.execute(opcode::CTX_DESTROY, ctx, &[]);
-        self.contexts.lock().slots[ctx as usize - 1] =
-            CtxSlot { used: false, waiter: ptr::null_mut(), fault: None };
+        self.contexts.lock().slots[ctx as usize - 1] = CtxSlot::new(false);
+    }
+
+    /// Marks an access of [span.0, span.1) in flight on `ctx`, dropping any
+    /// stale fault.
+    fn begin_access(&self, ctx: u32, span: (u64, u64)) {
+        if let Some(slot) = self.contexts.lock().slots.get_mut(ctx as usize - 1) {
+            slot.access = Some(span);
+            slot.fault = None;
+        }
     }
 
     fn set_waiter(&self, ctx: u32, waiter: *mut shim::Cmd) {
@@ -285,26 +388,66 @@ impl Gpu {
         }
     }
 
+    /// The access of `ctx` is over: later FAULT events for it are spurious.
+    fn end_access(&self, ctx: u32) {
+        if let Some(slot) = self.contexts.lock().slots.get_mut(ctx as usize - 1) {
+            slot.waiter = ptr::null_mut();
+            slot.access = None;
+            slot.fault = None;
+        }
+    }
+
+    /// Counts a FAULT event no command was parked on (logged once: a fault
+    /// storm would flood the console).
+    fn note_spurious(&self, event: &Event) {
+        self.counters.spurious_faults.fetch_add(1, Ordering::Relaxed);
+        if !self.spurious_logged.swap(true, Ordering::Relaxed) {
+            pr_info!(
+                "hmmgpu{}: ignoring a FAULT event no command waits on (context {}, address {:#x}); further ones are only counted (debugfs counters)\n",
+                self.index,
+                event.ctx,
+                event.addr
+            );
+        }
+    }
+
     fn take_fault(&self, ctx: u32) -> Option<Event> {
         self.contexts.lock().slots.get_mut(ctx as usize - 1)?.fault.take()
     }
 
-    /// An event from the device (interrupt context).
+    /// An event from the device (interrupt context). A FAULT event counts
+    /// only if an access of its context is in flight and the address is in
+    /// it; it then wakes the waiter, which resolves and replays. Anything
+    /// else is counted as spurious and dropped: O(1) work per event, so a
+    /// storm of them cannot livelock the driver.
     fn on_event(&self, event: Event) {
         if event.kind != abi::event::FAULT {
             pr_warn!("hmmgpu{}: unknown event kind {}\n", self.index, event.kind);
             return;
         }
+        self.counters.fault_events.fetch_add(1, Ordering::Relaxed);
         let mut contexts = self.contexts.lock();
-        let Some(slot) = (event.ctx as usize).checked_sub(1).and_then(|i| contexts.slots.get_mut(i)) else {
-            pr_warn!("hmmgpu{}: fault for unknown context {}\n", self.index, event.ctx);
+        let slot = (event.ctx as usize).checked_sub(1).and_then(|i| contexts.slots.get_mut(i));
+        let Some(slot) = slot.filter(|s| matches!(s.access, Some((a, b)) if a <= event.addr && event.addr < b)) else {
+            drop(contexts);
+            self.note_spurious(&event);
             return;
         };
-        slot.fault = Some(event);
-        if !slot.waiter.is_null() {
-            // SAFETY: the waiter's command is in flight until it clears
-            // itself under this lock.
-            unsafe { shim::hmmgpu_shim_cmd_wake(slot.waiter) };
+        match &slot.fault {
+            // Already pending: the waiter resolves from the lower address.
+            Some(pending) => {
+                if event.addr < pending.addr {
+                    slot.fault = Some(event);
+                }
+            }
+            None => {
+                slot.fault = Some(event);
+                if !slot.waiter.is_null() {
+                    // SAFETY: the waiter's command is in flight until it
+                    // clears itself under this lock.
+                    unsafe { shim::hmmgpu_shim_cmd_wake(slot.waiter) };
+                }
+            }
         }
     }
 
@@ -417,6 +560,8 @@ impl Gpu {
                 coherent <- Vram::new(MemKind::Coherent, config.vram_size / 2, config.vram_size / 2)?,
                 dead: AtomicBool::new(false),
                 tags: AtomicU64::new(0),
+                counters: DriverCounters::default(),
+                spurious_logged: AtomicBool::new(false),
                 debugfs: AtomicPtr::new(ptr::null_mut()),
                 mirror_devs <- new_mutex!(KVec::new()),
             }),
@@ -626,7 +771,14 @@ pub(crate) extern "C" fn hmmgpu_rust_format_counters(cookie: *mut c_void, buf: *
         Err(e) => return e.to_errno() as core::ffi::c_long,
     };
     let mut w = SliceWriter { buf: out, pos: 0 };
-    for (name, value) in abi::counter::NAMES.iter().zip(counters.iter()) {
+    let c = &gpu.counters;
+    let driver = [
+        ("driver_fault_events", c.fault_events.load(Ordering::Relaxed)),
+        ("driver_spurious_faults", c.spurious_faults.load(Ordering::Relaxed)),
+        ("driver_copy_errors", c.copy_errors.load(Ordering::Relaxed)),
+    ];
+    let device = abi::counter::NAMES.iter().copied().zip(counters.iter().copied());
+    for (name, value) in Iterator::chain(device, driver) {
         if core::fmt::Write::write_fmt(&mut w, format_args!("{} {}\n", name, value)).is_err() {
             return ENOSPC.to_errno() as core::ffi::c_long;
         }

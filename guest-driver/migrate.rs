@@ -136,19 +136,27 @@ fn mpfn(page: *mut shim::Page) -> c_ulong {
 /// of `src` and copies (or zero-fills) the data into them with the device.
 /// A THP source (MIGRATE_PFN_COMPOUND) gets a 2 MiB VRAM THP, or 512 single
 /// pages if that allocation fails (HMM_DMIRROR_FLAG_FAIL_ALLOC fails it
-/// once, as in test_hmm; for a single page it leaves the page behind). On a
-/// copy failure no entry is migrated: the pages stay in system memory.
+/// once, as in test_hmm; for a single page it leaves the page behind).
+///
+/// Entries whose copy failed (COPY_ERROR: the failing range and every later
+/// one; or the device stopped) get their VRAM page back and a zero `dst`, so
+/// migrate_vma_pages() leaves those pages in system memory, data intact.
+/// Returns the number of pages whose copy failed.
 fn alloc_and_copy_to_vram(
     gpu: &Gpu,
     vram: &Vram,
     src: &[c_ulong],
     dst: &mut [c_ulong],
     fail_alloc: &mut bool,
-) -> usize {
+) -> u64 {
     let mut copies = RangeList::new();
     let mut zeroes = RangeList::new();
     let mut result = Ok(());
     dst.iter_mut().for_each(|d| *d = 0);
+    // Which range moves each prepared entry: (dst index, FILL?, range index).
+    let Ok(mut placed) = KVec::<(usize, bool, usize)>::with_capacity(src.len(), GFP_KERNEL) else {
+        return 0;
+    };
     // Single pages come from one batch allocation (falling back to one by
     // one if the VRAM is too fragmented for the whole batch).
     let singles = src
@@ -176,12 +184,20 @@ fn alloc_and_copy_to_vram(
         }
         let sphys = (!spage.is_null()).then(|| page_phys(spage));
         let write = s & mpfn_write();
-        let mut place = |d: &mut c_ulong, page: *mut shim::Page, flags: c_ulong, dst_off: u64, src_off: u64, len: u64| {
-            *d = mpfn(page) | write | flags;
-            match sphys {
-                Some(p) => copies.push(p + src_off, dst_off, len as u32, range_flags::DST_VRAM),
-                None => zeroes.push_fill(0, dst_off, len as u32, range_flags::DST_VRAM),
-            }
+        let mut place = |idx: usize, page: *mut shim::Page, flags: c_ulong, dst_off: u64, src_off: u64, len: u64| -> Result {
+            // Set first: on an error below the page is discarded with the rest.
+            dst[idx] = mpfn(page) | write | flags;
+            let (fill, range) = match sphys {
+                Some(p) => copies
+                    .push(p + src_off, dst_off, len as u32, range_flags::DST_VRAM)
+                    .map(|()| (false, copies.len() - 1))?,
+                None => zeroes
+                    .push_fill(0, dst_off, len as u32, range_flags::DST_VRAM)
+                    .map(|()| (true, zeroes.len() - 1))?,
+            };
+            // Within the capacity reserved above: never allocates.
+            placed.push((idx, fill, range), GFP_ATOMIC)?;
+            Ok(())
         };
         if s & mpfn_compound() != 0 {
             let nr = core::cmp::min(HUGE_PAGES, src.len() - i);
@@ -195,13 +211,13 @@ fn alloc_and_copy_to_vram(
                 vram.alloc_page(true)
             };
             if let Ok((page, offset)) = huge {
-                result = place(&mut dst[i], page, mpfn_compound(), offset, 0, abi::HUGE_PAGE_SIZE);
+                result = place(i, page, mpfn_compound(), offset, 0, abi::HUGE_PAGE_SIZE);
             } else {
                 for j in 0..nr {
                     let Ok((page, offset)) = single(vram) else {
                         break;
                     };
-                    result = place(&mut dst[i + j], page, 0, offset, j as u64 * PAGE_SIZE, PAGE_SIZE);
+                    result = place(i + j, page, 0, offset, j as u64 * PAGE_SIZE, PAGE_SIZE);
                     if result.is_err() {
                         break;
                     }
@@ -216,25 +232,34 @@ fn alloc_and_copy_to_vram(
         }
         // VRAM full: this page stays in system memory.
         if let Ok((page, offset)) = single(vram) {
-            result = place(&mut dst[i], page, 0, offset, 0, PAGE_SIZE);
+            result = place(i, page, 0, offset, 0, PAGE_SIZE);
         }
         i += 1;
     }
-    let result = result
-        .and_then(|()| gpu.run(opcode::COPY, &copies))
-        .and_then(|_| gpu.run(opcode::FILL, &zeroes));
     if result.is_err() {
-        // The copy did not happen: give the VRAM back, migrate nothing.
+        // Out of memory preparing the copy: nothing is migrated.
         for d in dst.iter_mut().filter(|d| **d != 0) {
             // SAFETY: `*d` holds a device page or THP prepared above.
-            unsafe {
-                shim::hmmgpu_shim_device_page_discard(shim::hmmgpu_shim_migrate_pfn_to_page(*d))
-            };
+            unsafe { shim::hmmgpu_shim_device_page_discard(shim::hmmgpu_shim_migrate_pfn_to_page(*d)) };
             *d = 0;
         }
         return 0;
     }
-    dst.iter().filter(|d| **d != 0).count()
+    // Ranges done in full by each list.
+    let copied = gpu.run_partial(opcode::COPY, &copies).0;
+    let filled = gpu.run_partial(opcode::FILL, &zeroes).0;
+    let mut failed = 0;
+    for &(idx, fill, range) in placed.iter() {
+        if range < if fill { filled } else { copied } {
+            continue;
+        }
+        // Not copied: give the VRAM back, leave the page where it is.
+        failed += if dst[idx] & mpfn_compound() != 0 { HUGE_PAGES as u64 } else { 1 };
+        // SAFETY: `dst[idx]` holds a device page or THP prepared above.
+        unsafe { shim::hmmgpu_shim_device_page_discard(shim::hmmgpu_shim_migrate_pfn_to_page(dst[idx])) };
+        dst[idx] = 0;
+    }
+    failed
 }
 
 /// Allocates system pages for every migrating device page of `src` and
@@ -352,7 +377,7 @@ fn for_each_step(
 
 /// Migrates the pages of [start, end) of `mm` to VRAM. Pages that cannot be
 /// migrated (no VRAM, copy failed, pinned) stay in system memory. Returns the
-/// number of pages now in VRAM.
+/// number of pages now in VRAM and the number whose copy failed.
 ///
 /// `map` gets the MAP ranges (device virtual = process virtual) of the pages
 /// migrated by each step, called before migrate_vma_finalize() while the
@@ -366,15 +391,16 @@ pub(crate) fn to_device(
     end: u64,
     fail_alloc: &mut bool,
     mut map: impl FnMut(&RangeList) -> Result,
-) -> Result<u64> {
+) -> Result<(u64, u64)> {
     let mut args = MigrateArgs::new()?;
     let mut moved = 0;
+    let mut failed = 0;
     for_each_step(mm, start, end, |vma, s, e| {
         let n = ((e - s) / PAGE_SIZE) as usize;
         // SAFETY: `vma` is locked by `for_each_step`; `n` <= max_pages().
         unsafe { args.setup(vma, s, e, vram, shim::SELECT_SYSTEM, true, ptr::null_mut())? };
         let (src, dst) = args.src_dst(n);
-        alloc_and_copy_to_vram(gpu, vram, src, dst, fail_alloc);
+        failed += alloc_and_copy_to_vram(gpu, vram, src, dst, fail_alloc);
         // SAFETY: set up above.
         unsafe { shim::hmmgpu_shim_migrate_pages(args.0) };
         let (src, dst) = args.src_dst(n);
@@ -413,7 +439,7 @@ pub(crate) fn to_device(
         unsafe { shim::hmmgpu_shim_migrate_finalize(args.0) };
         result
     })?;
-    Ok(moved)
+    Ok((moved, failed))
 }
 
 /// Migrates this GPU's pages in [start, end) of `mm` back to system memory.

@@ -353,7 +353,9 @@ impl Mirror {
     /// HMM_DMIRROR_MIGRATE_TO_DEV: migrates the range to VRAM, maps what
     /// moved into the device MMU, and returns the range as the device sees
     /// it in user `ptr`; like test_hmm, ENOENT if a page is not accessible
-    /// to the device without faulting (it was not migrated).
+    /// to the device without faulting (it was not migrated). EIO if the
+    /// device's copy engine failed for some pages: those stay in system
+    /// memory with their data, the others are in VRAM (SNAPSHOT tells).
     pub(crate) fn migrate_to_device(&self, addr: u64, ptr: u64, npages: u64) -> Result<Counts> {
         self.gpu.check_alive()?;
         {
@@ -374,7 +376,17 @@ impl Mirror {
                 Ok(())
             });
             self.state.lock().migrating_to_device = false;
-            result?;
+            let (_, failed) = result?;
+            if failed > 0 {
+                // Those pages stayed in system memory, data intact; the rest
+                // moved. The caller learns which with SNAPSHOT.
+                pr_warn!(
+                    "hmmgpu{}: copy engine failed for {} pages of a migration to VRAM: they stay in system memory\n",
+                    self.gpu.index(),
+                    failed
+                );
+                return Err(EIO);
+            }
         }
         let counts = self.read(addr, ptr, npages, FaultPolicy::Refuse)?;
         Ok(Counts { cpages: counts.cpages, faults: 0 })

@@ -239,6 +239,12 @@ impl RangeList {
         Ok(())
     }
 
+    /// Number of ranges; the last range pushed (or merged into) is
+    /// `len() - 1`.
+    pub(crate) fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
     /// The ranges, in chunks that each fit in one command.
     pub(crate) fn chunks(&self) -> impl Iterator<Item = &[Range]> {
         self.ranges.chunks(abi::MAX_RANGES as usize)
