@@ -201,6 +201,7 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
         noload: false,
         echo: Echo::Prefixed("  bench| ".into()),
         run_dir: run_dir.path.clone(),
+        extra: Default::default(),
     };
     let out = vm::run(&cfg)?;
     match &out.result {

@@ -27,8 +27,9 @@ pub enum Command {
     /// The backend's tests (unit and vhost-user socket tests) built for
     /// PowerPC hosts and run under qemu-user (also part of `test`).
     CrossTest(CrossTestArgs),
-    // Future work, in its own module beside vm.rs and tests.rs:
-    //   Inject(InjectArgs)  fault injection through the backend's control socket
+    /// Injects a fault into a running `cargo xtask run` VM's backend (its
+    /// control socket), or sends it another request (docs/running.md).
+    Inject(crate::inject::InjectArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

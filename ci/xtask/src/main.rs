@@ -6,6 +6,7 @@ mod build;
 mod cli;
 mod cross;
 mod exit;
+mod inject;
 mod pattern;
 mod signals;
 mod tests;
@@ -51,6 +52,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+        Command::Inject(args) => inject::run(&args),
     }
 }
 
@@ -96,8 +98,18 @@ fn run(args: RunArgs) -> Result<i32> {
         noload: args.noload,
         echo: vm::Echo::Raw,
         run_dir: run_dir.path.clone(),
+        extra: vm::VmExtra::default(),
     };
-    let out = vm::run(&cfg)?;
+    // Where `cargo xtask inject` finds this run's control sockets.
+    inject::record_run(&run_dir.path)?;
+    log(format!(
+        "run directory {} (control sockets gpuN.control; recorded in {} for `cargo xtask inject`)",
+        run_dir.path.display(),
+        inject::last_run_file().display()
+    ));
+    let out = vm::run(&cfg);
+    inject::forget_run(&run_dir.path);
+    let out = out?;
     log(format!("timing: {}", out.timings));
     for s in &out.stats {
         log(format!("gpu{} stats ({:?}): {}", s.gpu, s.source, s.raw));

@@ -4,6 +4,7 @@
 
 use crate::build::{self, log, Kernel};
 use crate::cli::{AccelChoice, Arch, Flavour};
+mod faults;
 mod selftest;
 use crate::cli::TestArgs;
 use crate::exit;
@@ -111,6 +112,11 @@ impl Ctx {
     }
 
     fn boot(&self, b: Boot) -> Result<VmOutcome> {
+        self.boot_extra(b, vm::VmExtra::default())
+    }
+
+    /// [`Ctx::boot`] with backend arguments or a console hook.
+    fn boot_extra(&self, b: Boot, extra: vm::VmExtra) -> Result<VmOutcome> {
         let kernel = need("the guest kernel", &self.kernel)?;
         let programs = need("the guest programs", &self.programs)?;
         let driver = if b.driver {
@@ -119,7 +125,9 @@ impl Ctx {
             None
         };
         let qemu = need("QEMU", &self.qemu)?;
-        self.boot_with(b, kernel, driver, programs, qemu, self.accel, self.cpus)
+        self.boot_with(
+            b, kernel, driver, programs, qemu, self.accel, self.cpus, extra,
+        )
     }
 
     /// Boots `b` on another build (see [`Ctx::stack`]).
@@ -133,6 +141,7 @@ impl Ctx {
             &st.qemu,
             st.accel,
             cpus,
+            vm::VmExtra::default(),
         )
     }
 
@@ -143,9 +152,10 @@ impl Ctx {
         kernel: &Kernel,
         driver: Option<&PathBuf>,
         programs: &[PathBuf],
-        qemu: &PathBuf,
+        qemu: &std::path::Path,
         accel: Accel,
         cpus: u32,
+        extra: vm::VmExtra,
     ) -> Result<VmOutcome> {
         let modules: Vec<PathBuf> = driver.into_iter().cloned().collect();
         let device_bin = if b.gpus > 0 {
@@ -163,7 +173,7 @@ impl Ctx {
         )?;
         let cfg = VmConfig {
             arch: kernel.arch,
-            qemu: qemu.clone(),
+            qemu: qemu.to_path_buf(),
             kernel_image: kernel.image(),
             initramfs,
             device_bin,
@@ -177,6 +187,7 @@ impl Ctx {
             noload: false,
             echo: Echo::Prefixed(format!("  {}| ", b.test)),
             run_dir: run_dir.path.clone(),
+            extra,
         };
         let out = vm::run(&cfg)?;
         log(format!("{}: {}", b.test, out.timings));
@@ -244,6 +255,26 @@ const VM_TESTS: &[VmTest] = &[
         name: "hmm-tests-debug",
         about: "hmm-tests on hmmgpu on the debug kernel (lockdep, KASAN, DEBUG_VM): as expected, no splat",
         run: selftest::t_hmm_tests_debug,
+    },
+    VmTest {
+        name: "fault-copy-error",
+        about: "copy-engine errors: a failed migration to VRAM leaves pages in RAM (EIO, data intact), a failed CPU fault gives that process SIGBUS, a failed MIGRATE_TO_SYS gives EIO",
+        run: faults::t_copy_error,
+    },
+    VmTest {
+        name: "fault-slow-copies",
+        about: "latency per command and a bandwidth cap (fault plan): every byte correct, migrations measurably slower",
+        run: faults::t_slow_copies,
+    },
+    VmTest {
+        name: "fault-storm",
+        about: "a fault plan offers 100000 FAULT events (storm on the workload's context) plus spurious ones while a workload runs: correct data, no livelock",
+        run: faults::t_storm,
+    },
+    VmTest {
+        name: "fault-plan-replay",
+        about: "one seeded fault plan, two boots: the two fault logs are identical and non-empty",
+        run: faults::t_plan_replay,
     },
     VmTest {
         name: "ppc64le-smoke",

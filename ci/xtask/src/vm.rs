@@ -187,6 +187,23 @@ pub struct VmConfig {
     pub echo: Echo,
     /// Where sockets go; the run's directory.
     pub run_dir: PathBuf,
+    /// Optional additions (fault injection tests).
+    pub extra: VmExtra,
+}
+
+/// Called with the run directory and each console line; a returned line
+/// is typed into the guest's console (its stdin), newline added.
+pub type ConsoleHook = Box<dyn Fn(&Path, &str) -> Option<String>>;
+
+/// Optional parts of a [`VmConfig`].
+#[derive(Default)]
+pub struct VmExtra {
+    /// Extra `hmmgpu-device` arguments per GPU (index = GPU; e.g.
+    /// `--fault-plan FILE --fault-log FILE`).
+    pub backend_args: Vec<Vec<String>>,
+    /// Answers console lines: with it, QEMU's stdin (the guest console's
+    /// input) is a pipe the hook's replies are written to.
+    pub console_hook: Option<ConsoleHook>,
 }
 
 /// How the run ended.
@@ -420,16 +437,27 @@ fn spawn_backend(cfg: &VmConfig, bin: &Path, gpu: u32, vram: &Path) -> Result<Ba
         .arg(cfg.vram_size.to_string())
         .arg("--control")
         .arg(&control)
+        .args(
+            cfg.extra
+                .backend_args
+                .get(gpu as usize)
+                .into_iter()
+                .flatten(),
+        )
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(Stdio::piped());
     log(format!(
-        "gpu{gpu}: {} --socket {} --vram-path {} --vram-size {} --control {}",
+        "gpu{gpu}: {} --socket {} --vram-path {} --vram-size {} --control {}{}",
         bin.display(),
         socket.display(),
         vram.display(),
         cfg.vram_size,
-        control.display()
+        control.display(),
+        cfg.extra
+            .backend_args
+            .get(gpu as usize)
+            .map_or(String::new(), |a| format!(" {}", shell_join(a)))
     ));
     let mut proc = Proc::spawn(&format!("hmmgpu-device gpu{gpu}"), &mut cmd)?;
     let stderr = proc.child.stderr.take().unwrap();
@@ -789,11 +817,17 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
         "qemu",
         Command::new(&cfg.qemu)
             .args(&args)
-            .stdin(Stdio::null())
+            .stdin(if cfg.extra.console_hook.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
     )?;
 
+    // The guest console's input, for the console hook.
+    let mut console_in = qemu.child.stdin.take();
     // The console, line by line with host timestamps.
     let (tx, rx) = mpsc::channel::<(Instant, String)>();
     let stdout = qemu.child.stdout.take().unwrap();
@@ -837,7 +871,16 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
             return Err(exit::interrupted());
         }
         match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok((t, line)) => scan.feed(t, line),
+            Ok((t, line)) => {
+                if let (Some(hook), Some(input)) = (&cfg.extra.console_hook, console_in.as_mut()) {
+                    if let Some(reply) = hook(&cfg.run_dir, &line) {
+                        if let Err(e) = input.write_all(format!("{reply}\n").as_bytes()) {
+                            log(format!("warning: writing to the guest console: {e}"));
+                        }
+                    }
+                }
+                scan.feed(t, line)
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break, // QEMU closed its stdout: it exited
         }

@@ -1,0 +1,577 @@
+// SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0
+/*
+ * hmmgpu-faults: guest workloads of the fault-injection VM tests
+ * (ci/xtask/src/tests/faults.rs, docs/fault-injection.md "Expected outcomes
+ * in the guest"), on the dmirror uAPI (lib/test_hmm_uapi.h).
+ *
+ *   hmmgpu-faults copy-error
+ *   hmmgpu-faults data [--rounds N] [--size BYTES] [--seed N] [--nohuge]
+ *                      [--min-migrate-ms MS]
+ *   hmmgpu-faults storm [--size BYTES]
+ *   options of all: [-d DEV] (default /dev/hmm_dmirror0)
+ *
+ * copy-error asks the host to inject faults at precise points: the
+ * program prints
+ *     HMMGPU-INJECT-REQUEST gpu=0 {FAULT JSON}
+ * on the console and reads the host's answer from its stdin (the console):
+ *     HMMGPU-INJECT-REPLY ok {backend reply}     or
+ *     HMMGPU-INJECT-REPLY error MESSAGE
+ * The fault is armed when the reply arrives.
+ *
+ * copy-error checks catalogue entry 1 (copy-engine errors):
+ *   1. MIGRATE_TO_DEV whose 17th copy (range) fails: the ioctl fails with
+ *      EIO, the pages of the first 16 ranges are in device memory, the rest
+ *      stayed in system memory, every byte is intact; a retry migrates
+ *      everything.
+ *   2. A CPU fault (migrate_to_ram) whose copy fails: a forked child touching
+ *      the page dies of SIGBUS; the parent's data (that page included) is
+ *      intact afterwards.
+ *   3. MIGRATE_TO_SYS while the next copy fails: EIO, the pages stay in
+ *      device memory; a retry brings them back intact.
+ * data runs rounds of a checksummed workload (device READ through device
+ * faults, MIGRATE_TO_DEV, SNAPSHOT, CPU read back through migrate_to_ram,
+ * device WRITE); --min-migrate-ms fails a round whose MIGRATE_TO_DEV was
+ * faster (to show injected latency/bandwidth limits took effect).
+ * storm is run while the host's fault plan posts FAULT events after every
+ * device command (a fault storm on this context, ctx 1: the first one
+ * opened, cycling over the pages it maps; spurious events on an unused
+ * context): it maps a buffer on the device, runs data rounds (with device
+ * READs of that buffer) until the driver's FAULT event counter has been
+ * still for a round, waits until it is still for a second, checks the data
+ * and that the device still works, and prints the driver's counters.
+ *
+ * The pattern is hmmgpu-demo's (xorshift64, see there).
+ * Exit status: 0 all checks passed, 1 a check failed, 2 usage error, 3 the
+ * injection handshake with the host failed.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "test_hmm_uapi.h"
+
+#define PAGE_SZ 4096UL
+#define PROT_KIND_MASK 0xF0
+#define TAG "hmmgpu-faults: "
+
+static const char *dev_path = "/dev/hmm_dmirror0";
+static int failures;
+
+static double now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static void say(const char *fmt, ...)
+{
+	va_list ap;
+
+	printf(TAG);
+	va_start(ap, fmt);
+	vprintf(fmt, ap);
+	va_end(ap);
+	printf("\n");
+	fflush(stdout);
+}
+
+/* Records a failed check. */
+static void fail(const char *fmt, ...)
+{
+	va_list ap;
+
+	printf(TAG "FAIL: ");
+	va_start(ap, fmt);
+	vprintf(fmt, ap);
+	va_end(ap);
+	printf("\n");
+	fflush(stdout);
+	failures++;
+}
+
+static void check(bool ok, const char *what)
+{
+	if (ok)
+		say("PASS: %s", what);
+	else
+		fail("%s", what);
+}
+
+static uint64_t xorshift_init(uint64_t seed)
+{
+	uint64_t x = seed ^ 0x9E3779B97F4A7C15ULL;
+
+	return x ? x : 1;
+}
+
+static uint64_t xorshift_next(uint64_t *x)
+{
+	*x ^= *x << 13;
+	*x ^= *x >> 7;
+	*x ^= *x << 17;
+	return *x;
+}
+
+static void fill_pattern(void *buf, size_t size, uint64_t seed)
+{
+	uint64_t *w = buf, x = xorshift_init(seed);
+	size_t i;
+
+	for (i = 0; i < size / 8; i++)
+		w[i] = xorshift_next(&x);
+}
+
+/* Touches every byte; returns whether all match the pattern of seed. */
+static bool pattern_ok(const void *buf, size_t size, uint64_t seed, const char *what)
+{
+	const volatile uint64_t *w = buf;
+	uint64_t x = xorshift_init(seed);
+	size_t i, bad = 0;
+
+	for (i = 0; i < size / 8; i++) {
+		uint64_t want = xorshift_next(&x), got = w[i];
+
+		if (got != want) {
+			if (bad < 3)
+				say("  %s: word %zu (page %zu) is 0x%016" PRIx64 ", want 0x%016" PRIx64,
+				    what, i, i * 8 / PAGE_SZ, got, want);
+			bad++;
+		}
+	}
+	if (bad)
+		say("  %s: %zu of %zu words differ", what, bad, size / 8);
+	return bad == 0;
+}
+
+static void *map_buffer(size_t size, bool nohuge)
+{
+	void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	if (p == MAP_FAILED) {
+		say("mmap %zu bytes: %s", size, strerror(errno));
+		exit(1);
+	}
+	if (nohuge && madvise(p, size, MADV_NOHUGEPAGE)) {
+		say("madvise(MADV_NOHUGEPAGE): %s", strerror(errno));
+		exit(1);
+	}
+	return p;
+}
+
+/* One dmirror ioctl; returns 0 or the errno. */
+static int dmirror(int fd, unsigned long req, void *addr, void *ptr, size_t npages,
+		   struct hmm_dmirror_cmd *out)
+{
+	struct hmm_dmirror_cmd cmd;
+	int ret;
+
+	do {
+		memset(&cmd, 0, sizeof(cmd));
+		cmd.addr = (uintptr_t)addr;
+		cmd.ptr = (uintptr_t)ptr;
+		cmd.npages = npages;
+		ret = ioctl(fd, req, &cmd);
+	} while (ret && errno == EINTR);
+	if (out)
+		*out = cmd;
+	return ret ? errno : 0;
+}
+
+/* Counts the pages of buf that SNAPSHOT shows in this device's private memory. */
+static size_t device_pages(int fd, void *buf, size_t npages)
+{
+	uint8_t *perm = calloc(npages, 1);
+	size_t i, n = 0;
+	int e;
+
+	if (!perm)
+		exit(1);
+	e = dmirror(fd, HMM_DMIRROR_SNAPSHOT, buf, perm, npages, NULL);
+	if (e) {
+		fail("HMM_DMIRROR_SNAPSHOT: %s", strerror(e));
+		free(perm);
+		return (size_t)-1;
+	}
+	for (i = 0; i < npages; i++)
+		if (perm[i] != HMM_DMIRROR_PROT_ERROR &&
+		    (perm[i] & PROT_KIND_MASK) == HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL)
+			n++;
+	free(perm);
+	return n;
+}
+
+/* A counter of /sys/kernel/debug/hmmgpu0/counters (device's and driver's). */
+static uint64_t counter(const char *name)
+{
+	FILE *f = fopen("/sys/kernel/debug/hmmgpu0/counters", "r");
+	char key[64];
+	uint64_t v, found = UINT64_MAX;
+
+	if (!f) {
+		fail("open /sys/kernel/debug/hmmgpu0/counters: %s", strerror(errno));
+		return UINT64_MAX;
+	}
+	while (fscanf(f, "%63s %" SCNu64, key, &v) == 2)
+		if (!strcmp(key, name))
+			found = v;
+	fclose(f);
+	if (found == UINT64_MAX)
+		fail("no counter %s in /sys/kernel/debug/hmmgpu0/counters", name);
+	return found;
+}
+
+static void print_counters(void)
+{
+	FILE *f = fopen("/sys/kernel/debug/hmmgpu0/counters", "r");
+	char line[128];
+
+	if (!f)
+		return;
+	while (fgets(line, sizeof(line), f))
+		printf(TAG "counter %s", line);
+	fclose(f);
+	fflush(stdout);
+}
+
+/* Asks the host to inject `fault` (JSON) into GPU 0; exits 3 if it did not. */
+static void inject(const char *fault)
+{
+	char line[1024];
+
+	printf("HMMGPU-INJECT-REQUEST gpu=0 %s\n", fault);
+	fflush(stdout);
+	while (fgets(line, sizeof(line), stdin)) {
+		char *p = strstr(line, "HMMGPU-INJECT-REPLY ");
+
+		if (!p)
+			continue;
+		p += strlen("HMMGPU-INJECT-REPLY ");
+		if (!strncmp(p, "ok", 2)) {
+			say("injected %s", fault);
+			return;
+		}
+		say("FAIL: the host did not inject %s: %s", fault, p);
+		exit(3);
+	}
+	say("FAIL: no answer from the host to the injection request (stdin: %s)",
+	    feof(stdin) ? "end of file" : strerror(errno));
+	exit(3);
+}
+
+static int open_dev(void)
+{
+	int fd = open(dev_path, O_RDWR | O_CLOEXEC);
+
+	if (fd < 0) {
+		say("FAIL: open %s: %s", dev_path, strerror(errno));
+		exit(1);
+	}
+	return fd;
+}
+
+/* Catalogue entry 1. */
+static int run_copy_error(void)
+{
+	const size_t na = 256, nb = 64, nc = 128;
+	uint8_t *a = map_buffer(na * PAGE_SZ, true), *b = map_buffer(nb * PAGE_SZ, true);
+	uint8_t *c = map_buffer(nc * PAGE_SZ, true), *out = map_buffer(na * PAGE_SZ, false);
+	struct hmm_dmirror_cmd cmd;
+	uint64_t errors0;
+	size_t ndev;
+	int fd = open_dev(), e, status;
+	pid_t pid;
+
+	errors0 = counter("driver_copy_errors");
+
+	say("[1] migration to VRAM whose 17th copy fails (%zu pages)", na);
+	fill_pattern(a, na * PAGE_SZ, 11);
+	/* 16 ranges (one or more pages each) go through, the 17th fails. */
+	inject("{\"kind\":\"copy_error\",\"count\":1,\"skip\":16}");
+	e = dmirror(fd, HMM_DMIRROR_MIGRATE_TO_DEV, a, out, na, NULL);
+	say("  HMM_DMIRROR_MIGRATE_TO_DEV: %s", e ? strerror(e) : "ok");
+	check(e == EIO, "MIGRATE_TO_DEV reports the copy error with EIO");
+	ndev = device_pages(fd, a, na);
+	say("  after it: %zu pages in device memory, %zu in system memory", ndev, na - ndev);
+	check(ndev < na, "the pages whose copy failed stayed in system memory");
+	check(ndev > 0 && ndev != (size_t)-1, "the pages copied before the failure moved to device memory");
+	check(counter("driver_copy_errors") == errors0 + 1, "the driver counted one COPY_ERROR");
+	check(pattern_ok(a, na * PAGE_SZ, 11, "buffer A"), "every byte of A is intact (CPU reads all)");
+	e = dmirror(fd, HMM_DMIRROR_MIGRATE_TO_DEV, a, out, na, &cmd);
+	check(!e && cmd.cpages == na, "a retry without the fault migrates every page");
+	check(device_pages(fd, a, na) == na, "SNAPSHOT: all of A is in device memory");
+	check(pattern_ok(out, na * PAGE_SZ, 11, "A read by the device"),
+	      "the device reads A back intact");
+
+	say("[2] CPU fault (migrate_to_ram) whose copy fails, in a forked child");
+	fill_pattern(b, nb * PAGE_SZ, 22);
+	e = dmirror(fd, HMM_DMIRROR_MIGRATE_TO_DEV, b, out, nb, &cmd);
+	check(!e && cmd.cpages == nb && device_pages(fd, b, nb) == nb, "B is in device memory");
+	inject("{\"kind\":\"copy_error\",\"count\":1}");
+	pid = fork();
+	if (pid < 0) {
+		fail("fork: %s", strerror(errno));
+	} else if (pid == 0) {
+		volatile uint8_t v = b[5 * PAGE_SZ + 7];
+
+		printf(TAG "child: read 0x%02x from a page whose copy should have failed\n", v);
+		fflush(stdout);
+		_exit(0);
+	} else {
+		if (waitpid(pid, &status, 0) != pid)
+			fail("waitpid: %s", strerror(errno));
+		if (WIFSIGNALED(status))
+			say("  child killed by signal %d (%s)", WTERMSIG(status), strsignal(WTERMSIG(status)));
+		else
+			say("  child exited with status %d", WEXITSTATUS(status));
+		check(WIFSIGNALED(status) && WTERMSIG(status) == SIGBUS,
+		      "the child touching the page got SIGBUS");
+		check(counter("driver_copy_errors") == errors0 + 2, "the driver counted a second COPY_ERROR");
+		check(device_pages(fd, b, nb) == nb, "the page stayed in device memory (B all there)");
+		check(pattern_ok(b, nb * PAGE_SZ, 22, "buffer B"), "the parent reads all of B intact");
+		check(pattern_ok(a, na * PAGE_SZ, 11, "buffer A"), "the parent's other data (A) is intact");
+	}
+
+	say("[3] HMM_DMIRROR_MIGRATE_TO_SYS whose copy fails (%zu pages)", nc);
+	fill_pattern(c, nc * PAGE_SZ, 33);
+	e = dmirror(fd, HMM_DMIRROR_MIGRATE_TO_DEV, c, out, nc, &cmd);
+	check(!e && cmd.cpages == nc && device_pages(fd, c, nc) == nc, "C is in device memory");
+	inject("{\"kind\":\"copy_error\",\"count\":1}");
+	e = dmirror(fd, HMM_DMIRROR_MIGRATE_TO_SYS, c, NULL, nc, NULL);
+	say("  HMM_DMIRROR_MIGRATE_TO_SYS: %s", e ? strerror(e) : "ok");
+	check(e == EIO, "MIGRATE_TO_SYS reports the copy error with EIO");
+	check(device_pages(fd, c, nc) == nc, "every page of C stayed in device memory");
+	check(counter("driver_copy_errors") == errors0 + 3, "the driver counted a third COPY_ERROR");
+	e = dmirror(fd, HMM_DMIRROR_MIGRATE_TO_SYS, c, NULL, nc, &cmd);
+	check(!e && cmd.cpages == nc, "a retry migrates every page back");
+	check(device_pages(fd, c, nc) == 0, "SNAPSHOT: none of C is in device memory");
+	check(pattern_ok(c, nc * PAGE_SZ, 33, "buffer C"), "every byte of C is intact");
+	close(fd);
+	return failures ? 1 : 0;
+}
+
+/*
+ * One round of the checksummed workload on a fresh buffer; returns the
+ * MIGRATE_TO_DEV time in ms, or -1 after a failure (reported).
+ */
+static double data_round(int fd, size_t size, uint64_t seed, bool nohuge)
+{
+	size_t npages = size / PAGE_SZ;
+	uint8_t *buf = map_buffer(size, nohuge), *out = map_buffer(size, false);
+	struct hmm_dmirror_cmd cmd;
+	int before = failures, e;
+	double t, ms;
+
+	fill_pattern(buf, size, seed);
+	e = dmirror(fd, HMM_DMIRROR_READ, buf, out, npages, &cmd);
+	if (e || cmd.cpages != npages || !pattern_ok(out, size, seed, "device READ"))
+		fail("round %" PRIu64 ": device READ of system memory (%s)", seed, e ? strerror(e) : "data");
+	t = now_ms();
+	e = dmirror(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, out, npages, &cmd);
+	ms = now_ms() - t;
+	if (e || cmd.cpages != npages || !pattern_ok(out, size, seed, "migrated data"))
+		fail("round %" PRIu64 ": MIGRATE_TO_DEV (%s, cpages %" PRIu64 ")", seed,
+		     e ? strerror(e) : "data", (uint64_t)cmd.cpages);
+	if (device_pages(fd, buf, npages) != npages)
+		fail("round %" PRIu64 ": not every page is in device memory", seed);
+	if (!pattern_ok(buf, size, seed, "CPU read back"))
+		fail("round %" PRIu64 ": CPU read back through migrate_to_ram", seed);
+	fill_pattern(out, size, seed + 1000);
+	e = dmirror(fd, HMM_DMIRROR_WRITE, buf, out, npages, &cmd);
+	if (e || !pattern_ok(buf, size, seed + 1000, "device WRITE"))
+		fail("round %" PRIu64 ": device WRITE (%s)", seed, e ? strerror(e) : "data");
+	munmap(buf, size);
+	munmap(out, size);
+	return failures == before ? ms : -1;
+}
+
+static int run_data(unsigned int rounds, size_t size, uint64_t seed, bool nohuge, double min_ms)
+{
+	int fd = open_dev();
+	unsigned int r;
+
+	for (r = 0; r < rounds; r++) {
+		double ms = data_round(fd, size, seed + r, nohuge);
+
+		if (ms < 0)
+			continue;
+		say("round %u: %zu bytes verified; MIGRATE_TO_DEV took %.1f ms", r, size, ms);
+		if (ms < min_ms)
+			fail("round %u: MIGRATE_TO_DEV took %.1f ms, less than the %.1f ms the injected limits imply",
+			     r, ms, min_ms);
+	}
+	close(fd);
+	if (!failures)
+		say("PASS: %u rounds of %zu bytes, every byte verified", rounds, size);
+	return failures ? 1 : 0;
+}
+
+/* FAULT events the driver received that no device fault raised (injected). */
+static uint64_t injected_events(void)
+{
+	return counter("driver_fault_events") - counter("faults");
+}
+
+/* Catalogue entry 6. */
+static int run_storm(size_t size)
+{
+	const size_t np = 512;
+	uint8_t *p = map_buffer(np * PAGE_SZ, true), *out = map_buffer(np * PAGE_SZ, false);
+	uint64_t ev0, sp0, ev, last, seen_during = 0;
+	unsigned int r = 0;
+	struct hmm_dmirror_cmd cmd;
+	double t0, t;
+	int fd = open_dev(), e;
+
+	/* Mapped on the device, so the storm cycles over these addresses. */
+	fill_pattern(p, np * PAGE_SZ, 77);
+	e = dmirror(fd, HMM_DMIRROR_READ, p, out, np, &cmd);
+	check(!e && pattern_ok(out, np * PAGE_SZ, 77, "P"), "P is mapped on the device");
+	ev0 = injected_events();
+	sp0 = counter("driver_spurious_faults");
+	t0 = now_ms();
+	last = ev0;
+	/*
+	 * Rounds until the injected events have stopped for a round (at least 3
+	 * rounds); the rounds' own device faults are events too, not counted.
+	 */
+	while (r < 200) {
+		uint64_t before = injected_events();
+
+		if (data_round(fd, size, 500 + r, false) < 0)
+			break;
+		e = dmirror(fd, HMM_DMIRROR_READ, p, out, np, &cmd);
+		if (e || !pattern_ok(out, np * PAGE_SZ, 77, "P"))
+			fail("round %u: device READ of P (%s)", r, e ? strerror(e) : "data");
+		ev = injected_events();
+		seen_during += ev - before;
+		r++;
+		if (ev == last && r >= 3)
+			break;
+		last = ev;
+	}
+	t = now_ms();
+	say("%u workload rounds in %.0f ms; %" PRIu64 " injected FAULT events arrived during them", r, t - t0,
+	    seen_during);
+	/* Wait for the storm's end: the counter still for a second. */
+	do {
+		last = injected_events();
+		usleep(1000 * 1000);
+	} while (injected_events() != last && now_ms() - t < 120000);
+	ev = injected_events();
+	say("injected FAULT events received +%" PRIu64 ", driver_spurious_faults +%" PRIu64, ev - ev0,
+	    counter("driver_spurious_faults") - sp0);
+	check(seen_during > 0, "FAULT events arrived while the workload ran");
+	check(counter("driver_spurious_faults") > sp0, "the driver counted spurious FAULT events");
+	check(pattern_ok(p, np * PAGE_SZ, 77, "P (CPU)"), "P is intact");
+	t = now_ms();
+	e = dmirror(fd, HMM_DMIRROR_MIGRATE_TO_DEV, p, out, np, &cmd);
+	check(!e && cmd.cpages == np && device_pages(fd, p, np) == np,
+	      "the device still migrates after the storm");
+	say("a 2 MiB migration after the storm took %.1f ms", now_ms() - t);
+	print_counters();
+	close(fd);
+	return failures ? 1 : 0;
+}
+
+static void usage(void)
+{
+	fprintf(stderr,
+		"usage: hmmgpu-faults [-d DEV] copy-error\n"
+		"       hmmgpu-faults [-d DEV] data [--rounds N] [--size BYTES] [--seed N] [--nohuge] [--min-migrate-ms MS]\n"
+		"       hmmgpu-faults [-d DEV] storm [--size BYTES]\n");
+	exit(2);
+}
+
+static uint64_t number(const char *opt, const char *s)
+{
+	char *end;
+	uint64_t v;
+
+	if (!s)
+		usage();
+	errno = 0;
+	v = strtoull(s, &end, 0);
+	if (errno || end == s) {
+		fprintf(stderr, "hmmgpu-faults: %s: not a number: %s\n", opt, s);
+		exit(2);
+	}
+	switch (*end) {
+	case 'K': v <<= 10; end++; break;
+	case 'M': v <<= 20; end++; break;
+	case 'G': v <<= 30; end++; break;
+	}
+	if (*end) {
+		fprintf(stderr, "hmmgpu-faults: %s: not a number: %s\n", opt, s);
+		exit(2);
+	}
+	return v;
+}
+
+int main(int argc, char **argv)
+{
+	unsigned long rounds = 1;
+	size_t size = 4 << 20;
+	uint64_t seed = 1;
+	double min_ms = 0;
+	bool nohuge = false;
+	const char *mode;
+	int i = 1;
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	if (i + 1 < argc && !strcmp(argv[i], "-d")) {
+		dev_path = argv[i + 1];
+		i += 2;
+	}
+	if (i >= argc)
+		usage();
+	mode = argv[i++];
+	for (; i < argc; i++) {
+		const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+
+		if (!strcmp(o, "--nohuge")) {
+			nohuge = true;
+			continue;
+		}
+		if (!strcmp(o, "--rounds"))
+			rounds = number(o, v);
+		else if (!strcmp(o, "--size"))
+			size = number(o, v);
+		else if (!strcmp(o, "--seed"))
+			seed = number(o, v);
+		else if (!strcmp(o, "--min-migrate-ms"))
+			min_ms = number(o, v);
+		else {
+			fprintf(stderr, "hmmgpu-faults: unknown option %s\n", o);
+			usage();
+		}
+		i++;
+	}
+	if (!size || size % PAGE_SZ) {
+		fprintf(stderr, "hmmgpu-faults: --size must be a nonzero multiple of 4096\n");
+		exit(2);
+	}
+	if (!strcmp(mode, "copy-error"))
+		return run_copy_error();
+	if (!strcmp(mode, "data"))
+		return run_data(rounds, size, seed, nohuge, min_ms);
+	if (!strcmp(mode, "storm"))
+		return run_storm(size);
+	fprintf(stderr, "hmmgpu-faults: unknown mode %s\n", mode);
+	usage();
+	return 2;
+}

@@ -1,0 +1,180 @@
+//! `cargo xtask inject`: sends a fault (or any request) to the control socket
+//! of a running `cargo xtask run` VM's backend (docs/control.md,
+//! docs/fault-injection.md). The fault is passed through as JSON; shorthand
+//! (`copy_error count=3`) is parsed by the backend crate's own parser, so the
+//! catalogue is known in one place only.
+
+use crate::build;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+#[derive(Args, Debug)]
+pub struct InjectArgs {
+    /// The GPU whose backend gets the request (its `gpuN.control` socket).
+    #[arg(long, default_value_t = 0)]
+    pub gpu: u32,
+    /// The run directory of the VM (default: the latest `cargo xtask run`,
+    /// recorded in target/xtask/last-run).
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Send this raw JSON request instead of a fault, e.g. '{"cmd":"list"}',
+    /// '{"cmd":"stats"}', '{"cmd":"clear"}'.
+    #[arg(long, value_name = "JSON", conflicts_with = "fault")]
+    pub request: Option<String>,
+    /// The fault: one JSON object ('{"kind":"copy_error","count":3}') or
+    /// KIND [KEY=VALUE...] (copy_error count=3 range=vram:0x100000:4096).
+    #[arg(value_name = "FAULT", required_unless_present = "request")]
+    pub fault: Vec<String>,
+}
+
+/// The file `cargo xtask run` records its run directory in while it runs.
+pub fn last_run_file() -> PathBuf {
+    build::repo_root().join("target/xtask/last-run")
+}
+
+/// Records `run_dir` as the latest run's (for `cargo xtask inject`).
+pub fn record_run(run_dir: &Path) -> Result<()> {
+    let f = last_run_file();
+    if let Some(dir) = f.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&f, format!("{}\n", run_dir.display()))
+        .with_context(|| format!("writing {}", f.display()))
+}
+
+/// Removes the record if it still names `run_dir` (the run is over).
+pub fn forget_run(run_dir: &Path) {
+    let f = last_run_file();
+    if std::fs::read_to_string(&f).is_ok_and(|s| Path::new(s.trim()) == run_dir) {
+        let _ = std::fs::remove_file(&f);
+    }
+}
+
+/// The control socket of GPU `gpu` in `run_dir`.
+pub fn control_socket(run_dir: &Path, gpu: u32) -> PathBuf {
+    run_dir.join(format!("gpu{gpu}.control"))
+}
+
+/// Sends `request` to GPU `gpu`'s backend in `run_dir`; returns the reply,
+/// or an error if it cannot be reached or answers `"ok":false`.
+pub fn send(run_dir: &Path, gpu: u32, request: &Value) -> Result<Value> {
+    let socket = control_socket(run_dir, gpu);
+    if !socket.exists() {
+        bail!(
+            "no control socket {} (is the VM still running, and does it have GPU {gpu}?)",
+            socket.display()
+        );
+    }
+    let reply = hmmgpu_device::control::request(&socket, request)
+        .with_context(|| format!("asking {}", socket.display()))?;
+    if reply["ok"] != true {
+        bail!("gpu{gpu} refused {request}: {reply}");
+    }
+    Ok(reply)
+}
+
+/// Injects one fault (a catalogue JSON object).
+pub fn inject(run_dir: &Path, gpu: u32, fault: Value) -> Result<Value> {
+    send(run_dir, gpu, &json!({ "cmd": "inject", "fault": fault }))
+}
+
+/// The request `args` describe.
+fn request_of(args: &InjectArgs) -> Result<Value> {
+    if let Some(r) = &args.request {
+        let v: Value =
+            serde_json::from_str(r).with_context(|| format!("--request {r}: bad JSON"))?;
+        if !v.is_object() {
+            bail!("--request must be a JSON object, got {v}");
+        }
+        return Ok(v);
+    }
+    let fault = hmmgpu_device::cli::parse_fault_args(&args.fault)
+        .map_err(|e| anyhow::anyhow!("bad fault {:?}: {e}", args.fault.join(" ")))?;
+    Ok(json!({ "cmd": "inject", "fault": fault }))
+}
+
+/// `cargo xtask inject`: prints the backend's JSON answer; status 0 when it
+/// says ok, 1 when it does not or cannot be reached, 2 for a bad fault.
+pub fn run(args: &InjectArgs) -> Result<i32> {
+    let request = match request_of(args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("[xtask] inject: {e:#}");
+            return Ok(2);
+        }
+    };
+    let run_dir = match &args.run_dir {
+        Some(d) => d.clone(),
+        None => {
+            let f = last_run_file();
+            match std::fs::read_to_string(&f) {
+                Ok(s) => PathBuf::from(s.trim()),
+                Err(e) => {
+                    eprintln!(
+                        "[xtask] inject: no running `cargo xtask run` recorded in {} ({e}); pass --run-dir",
+                        f.display()
+                    );
+                    return Ok(1);
+                }
+            }
+        }
+    };
+    match send(&run_dir, args.gpu, &request) {
+        Ok(reply) => {
+            println!("{reply}");
+            Ok(0)
+        }
+        Err(e) => {
+            eprintln!("[xtask] inject: {e:#}");
+            Ok(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: InjectArgs,
+    }
+
+    fn parse(argv: &[&str]) -> Result<Value> {
+        let cli = Cli::try_parse_from(std::iter::once("inject").chain(argv.iter().copied()))?;
+        request_of(&cli.args)
+    }
+
+    #[test]
+    fn requests() {
+        assert_eq!(
+            parse(&["copy_error", "count=3"]).unwrap(),
+            json!({"cmd": "inject", "fault": {"kind": "copy_error", "count": 3}})
+        );
+        assert_eq!(
+            parse(&[r#"{"kind":"latency","us":2000}"#]).unwrap(),
+            json!({"cmd": "inject", "fault": {"kind": "latency", "us": 2000}})
+        );
+        assert_eq!(
+            parse(&["--request", r#"{"cmd":"list"}"#]).unwrap(),
+            json!({"cmd": "list"})
+        );
+        assert!(parse(&[]).is_err(), "a fault or --request is required");
+        assert!(parse(&["copy_error", "count"]).is_err());
+        assert!(parse(&["--request", "[1]"]).is_err());
+        assert!(parse(&["--request", "{", "ecc"]).is_err());
+    }
+
+    #[test]
+    fn unreachable_socket_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("xtask-inject-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let e = send(&dir, 3, &json!({"cmd": "ping"})).unwrap_err();
+        assert!(format!("{e:#}").contains("gpu3.control"), "{e:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
