@@ -28,6 +28,8 @@
  *      intact afterwards.
  *   3. MIGRATE_TO_SYS while the next copy fails: EIO, the pages stay in
  *      device memory; a retry brings them back intact.
+ *   4. MIGRATE_TO_DEV of a 2 MiB THP whose (single, 2 MiB) copy fails: EIO,
+ *      the whole THP stays in system memory intact; a retry moves it.
  * data runs rounds of a checksummed workload (device READ through device
  * faults, MIGRATE_TO_DEV, SNAPSHOT, CPU read back through migrate_to_ram,
  * device WRITE); --min-migrate-ms fails a round whose MIGRATE_TO_DEV was
@@ -360,6 +362,33 @@ static int run_copy_error(void)
 	check(!e && cmd.cpages == nc, "a retry migrates every page back");
 	check(device_pages(fd, c, nc) == 0, "SNAPSHOT: none of C is in device memory");
 	check(pattern_ok(c, nc * PAGE_SZ, 33, "buffer C"), "every byte of C is intact");
+
+	say("[4] migration of a THP to VRAM whose copy fails");
+	{
+		const size_t nh = 512, huge = nh * PAGE_SZ;
+		uint8_t *raw = map_buffer(2 * huge, false), *h;
+		uint8_t prot = 0;
+
+		h = (uint8_t *)(((uintptr_t)raw + huge - 1) & ~(uintptr_t)(huge - 1));
+		if (madvise(h, huge, MADV_HUGEPAGE))
+			say("  madvise(MADV_HUGEPAGE): %s", strerror(errno));
+		fill_pattern(h, huge, 44);
+		dmirror(fd, HMM_DMIRROR_SNAPSHOT, h, &prot, 1, NULL);
+		say("  page 0 before: snapshot 0x%02x (%s)", prot,
+		    prot & HMM_DMIRROR_PROT_PMD ? "a PMD-mapped THP" : "not a THP");
+		inject("{\"kind\":\"copy_error\",\"count\":1}");
+		e = dmirror(fd, HMM_DMIRROR_MIGRATE_TO_DEV, h, out, nh, NULL);
+		say("  HMM_DMIRROR_MIGRATE_TO_DEV: %s", e ? strerror(e) : "ok");
+		check(e == EIO, "MIGRATE_TO_DEV reports the copy error with EIO");
+		check(device_pages(fd, h, nh) == 0, "the whole THP stayed in system memory");
+		check(counter("driver_copy_errors") == errors0 + 4, "the driver counted a fourth COPY_ERROR");
+		check(pattern_ok(h, huge, 44, "THP"), "every byte of the THP is intact");
+		e = dmirror(fd, HMM_DMIRROR_MIGRATE_TO_DEV, h, out, nh, &cmd);
+		check(!e && cmd.cpages == nh && device_pages(fd, h, nh) == nh,
+		      "a retry moves the whole THP to device memory");
+		check(pattern_ok(out, huge, 44, "THP read by the device"), "the device reads it intact");
+		check(pattern_ok(h, huge, 44, "THP"), "the CPU reads it back intact");
+	}
 	close(fd);
 	return failures ? 1 : 0;
 }

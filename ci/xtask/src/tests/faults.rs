@@ -121,8 +121,8 @@ pub(super) fn t_copy_error(ctx: &mut Ctx) -> Result<()> {
         "fault-copy-error: backend injected.copy_errors = {errors}"
     ));
     ensure!(
-        errors == 3,
-        "the backend failed {errors} copies, want 3 (one per injection)"
+        errors == 4,
+        "the backend failed {errors} copies, want 4 (one per injection)"
     );
     ensure!(
         out.console
