@@ -826,8 +826,20 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
             .stderr(Stdio::piped()),
     )?;
 
-    // The guest console's input, for the console hook.
+    // The guest console's input, for the console hook; non-blocking, so a
+    // guest that never reads cannot stall this loop (a reply is dropped).
     let mut console_in = qemu.child.stdin.take();
+    if let Some(input) = &console_in {
+        use std::os::fd::AsRawFd;
+        unsafe {
+            let fd = input.as_raw_fd();
+            libc::fcntl(
+                fd,
+                libc::F_SETFL,
+                libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK,
+            );
+        }
+    }
     // The console, line by line with host timestamps.
     let (tx, rx) = mpsc::channel::<(Instant, String)>();
     let stdout = qemu.child.stdout.take().unwrap();
