@@ -10,8 +10,9 @@
 #
 # --print-dir prints the cache directory the inputs map to, building nothing.
 #
-# HMMGPU_KERNEL_DIR=/path/to/built/tree uses your own kernel instead: it must be
-# a configured and built tree (in-tree or O=) with the options of base.config.
+# HMMGPU_KERNEL_DIR=/path/to/built/tree uses your own x86_64 kernel instead
+# (HMMGPU_KERNEL_DIR_PPC64LE a ppc64le one): a configured and built tree
+# (in-tree or O=) with the options of base.config and <arch>.config.
 set -euo pipefail
 LOG_TAG=kernel
 source "$(dirname "$0")/lib.sh"
@@ -64,11 +65,15 @@ check_config() {
     return $missing
 }
 
-if [[ -n "${HMMGPU_KERNEL_DIR:-}" ]]; then
-    [[ -f "$HMMGPU_KERNEL_DIR/.config" ]] || die "HMMGPU_KERNEL_DIR=$HMMGPU_KERNEL_DIR has no .config"
-    [[ -f "$HMMGPU_KERNEL_DIR/$IMAGE_PATH" ]] || die "HMMGPU_KERNEL_DIR has no $IMAGE_PATH: build it first"
-    check_config "$HMMGPU_KERNEL_DIR/.config" || die "HMMGPU_KERNEL_DIR lacks options hmmgpu needs (listed above)"
-    echo "$HMMGPU_KERNEL_DIR"
+own_var=HMMGPU_KERNEL_DIR
+[[ "$ARCH_NAME" == x86_64 ]] || own_var="HMMGPU_KERNEL_DIR_${ARCH_NAME^^}"
+own="${!own_var:-}"
+if [[ -n "$own" ]]; then
+    [[ -f "$own/.config" ]] || die "$own_var=$own has no .config"
+    [[ -f "$own/$IMAGE_PATH" ]] || die "$own_var has no $IMAGE_PATH: build it first"
+    [[ "$(kdir_arch "$own")" == "$ARCH_NAME" ]] || die "$own_var=$own is a $(kdir_arch "$own") kernel, not $ARCH_NAME"
+    check_config "$own/.config" || die "$own_var lacks options hmmgpu needs (listed above)"
+    echo "$own"
     exit 0
 fi
 

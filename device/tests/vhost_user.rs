@@ -1011,8 +1011,22 @@ fn device_mmu_flow(refused: u64) {
 // The real binary.
 // ---------------------------------------------------------------------------
 
+/// The backend binary. `cargo xtask cross-test` runs these tests under
+/// qemu-user, where a PowerPC binary cannot be exec'd directly: it sets
+/// HMMGPU_TEST_RUNNER (e.g. "qemu-ppc64le -L /usr/powerpc64le-linux-gnu") and
+/// the binary runs through that.
 fn device_binary() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_hmmgpu-device"))
+    let bin = env!("CARGO_BIN_EXE_hmmgpu-device");
+    let runner = std::env::var("HMMGPU_TEST_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    match words.next() {
+        Some(prog) => {
+            let mut c = Command::new(prog);
+            c.args(words).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    }
 }
 
 fn wait_for_path(path: &Path, child: &mut Child) {

@@ -84,6 +84,7 @@ pub fn device_tests(target: CrossTarget) -> Result<()> {
         }
     }
     let env_target = target.triple().to_uppercase().replace('-', "_");
+    let runner = format!("{} -L {sysroot}", target.qemu_user());
     let target_dir = build::target_dir().join("cross");
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.args([
@@ -103,10 +104,9 @@ pub fn device_tests(target: CrossTarget) -> Result<()> {
     .env("__CARGO_TESTS_ONLY_SRC_ROOT", RUST_LIBRARY_SRC)
     .env("CARGO_TARGET_DIR", &target_dir)
     .env(format!("CARGO_TARGET_{env_target}_LINKER"), &linker)
-    .env(
-        format!("CARGO_TARGET_{env_target}_RUNNER"),
-        format!("{} -L {sysroot}", target.qemu_user()),
-    );
+    .env(format!("CARGO_TARGET_{env_target}_RUNNER"), &runner)
+    // The socket tests also start the backend binary: through qemu-user too.
+    .env("HMMGPU_TEST_RUNNER", &runner);
     log(format!(
         "cross: cargo test -Zbuild-std --target {} (under {}; std is built first, a few minutes the first time)",
         target.triple(),
