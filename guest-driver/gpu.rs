@@ -75,6 +75,8 @@ pub(crate) const MAX_GPUS: u32 = 2;
 
 /// Smallest VRAM the driver can use.
 const MIN_VRAM: u64 = 4 << 20;
+/// The link canary's mark ("HMMGPU-L"); a failed link reads all-ones instead.
+const LINK_CANARY: u64 = u64::from_le_bytes(*b"HMMGPU-L");
 
 /// A bound hmmgpu device.
 #[pin_data]
@@ -99,6 +101,17 @@ pub(crate) struct Gpu {
     /// Set when the device is being removed or stopped working: every new
     /// uAPI operation fails with ENODEV (device commands still run).
     dead: AtomicBool,
+    /// Set when the device stopped answering (a command timed out) or its
+    /// link went down: no command is submitted any more, so nothing waits
+    /// for it again.
+    lost: AtomicBool,
+    /// A device-coherent page the driver keeps as the link canary: its first
+    /// word holds [`LINK_CANARY`] while the VRAM BAR works. Null without
+    /// device-coherent VRAM (then a failed link goes unnoticed).
+    canary: AtomicPtr<shim::Page>,
+    /// Set once the canary read all-ones: the BAR's link is down, and what
+    /// the CPU reads through it is not the VRAM.
+    link_down: AtomicBool,
     tags: AtomicU64,
     counters: DriverCounters,
     /// Set once the first spurious FAULT event was logged.
@@ -140,19 +153,73 @@ impl Gpu {
         self.private.offset_of_pfn(pfn).or_else(|| self.coherent.offset_of_pfn(pfn))
     }
 
-    /// Fails with ENODEV once the device is gone.
+    /// Fails with ENODEV once the device is gone (and checks the link).
     pub(crate) fn check_alive(&self) -> Result {
-        if self.dead.load(Ordering::Acquire) {
+        if self.dead.load(Ordering::Acquire) || !self.link_ok() {
             Err(ENODEV)
         } else {
             Ok(())
         }
     }
 
-    /// Marks the device dead after it failed to complete a command.
+    /// Whether the VRAM BAR's link is down (see [`Gpu::link_ok`]).
+    pub(crate) fn is_link_down(&self) -> bool {
+        self.link_down.load(Ordering::Acquire)
+    }
+
+    /// Reads the link canary: a PCIe link that failed makes the BAR read
+    /// all-ones, as real hardware does; the driver then stops using the
+    /// device (dead and lost). Checked at every uAPI operation and at removal.
+    fn link_ok(&self) -> bool {
+        let page = self.canary.load(Ordering::Acquire);
+        if page.is_null() || self.is_link_down() {
+            return !self.is_link_down();
+        }
+        // SAFETY: the canary is a coherent page we hold, in the direct map.
+        let word = unsafe { shim::hmmgpu_shim_page_address(page) }.cast::<u64>();
+        // SAFETY: as above; volatile: it is device memory that can change.
+        if unsafe { ptr::read_volatile(word) } != u64::MAX {
+            return true;
+        }
+        self.dead.store(true, Ordering::Release);
+        self.lost.store(true, Ordering::Release);
+        if !self.link_down.swap(true, Ordering::AcqRel) {
+            pr_err!(
+                "hmmgpu{}: the VRAM BAR reads all-ones: the link is down; the device is dead\n",
+                self.index
+            );
+        }
+        false
+    }
+
+    /// Takes a device-coherent page as the link canary and writes its mark.
+    fn set_canary(&self) {
+        match self.coherent.alloc_page(false) {
+            Ok((page, _)) => {
+                // SAFETY: a coherent page is in the direct map; ours.
+                let word = unsafe { shim::hmmgpu_shim_page_address(page) }.cast::<u64>();
+                // SAFETY: as above.
+                unsafe { ptr::write_volatile(word, LINK_CANARY) };
+                self.canary.store(page, Ordering::Release);
+            }
+            Err(e) => pr_warn!(
+                "hmmgpu{}: no VRAM for the link canary ({:?}): a failed link will not be noticed\n",
+                self.index,
+                e
+            ),
+        }
+    }
+
+    /// Whether the device stopped answering (see [`Gpu::hung`]).
+    pub(crate) fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+
+    /// Marks the device dead and lost after it failed to complete a command.
     fn hung(&self, e: Error) -> Error {
         if e == ETIMEDOUT {
-            if !self.dead.swap(true, Ordering::AcqRel) {
+            self.dead.store(true, Ordering::Release);
+            if !self.lost.swap(true, Ordering::AcqRel) {
                 pr_err!("hmmgpu{}: the device stopped answering; it is dead\n", self.index);
             }
             return ENODEV;
@@ -170,7 +237,7 @@ impl Gpu {
     /// wait for through the MMU notifier).
     fn submit(&self, cmd: Command) -> core::result::Result<InFlight, (Error, Command)> {
         let live = self.queues_live.lock();
-        if !*live {
+        if !*live || self.is_lost() {
             return Err((ENODEV, cmd));
         }
         self.queues.submit(cmd)
@@ -559,6 +626,9 @@ impl Gpu {
                 private <- Vram::new(MemKind::Private, 0, config.vram_size / 2)?,
                 coherent <- Vram::new(MemKind::Coherent, config.vram_size / 2, config.vram_size / 2)?,
                 dead: AtomicBool::new(false),
+                lost: AtomicBool::new(false),
+                canary: AtomicPtr::new(ptr::null_mut()),
+                link_down: AtomicBool::new(false),
                 tags: AtomicU64::new(0),
                 counters: DriverCounters::default(),
                 spurious_logged: AtomicBool::new(false),
@@ -619,7 +689,10 @@ impl Gpu {
             Ok(())
         });
         match coherent {
-            Ok(()) => gpu.log_registered(&gpu.coherent),
+            Ok(()) => {
+                gpu.log_registered(&gpu.coherent);
+                gpu.set_canary();
+            }
             Err(e) => pr_err!(
                 "hmmgpu{}: device-coherent VRAM not registered ({:?}): /dev/hmm_dmirror{} is not available\n",
                 index,
@@ -655,6 +728,14 @@ impl Gpu {
         // eviction below which still needs the device.
         let devs = core::mem::take(&mut *self.mirror_devs.lock());
         drop(devs);
+        // A link that went down since the last operation is noticed here.
+        self.link_ok();
+        let canary = self.canary.swap(ptr::null_mut(), Ordering::AcqRel);
+        if !canary.is_null() {
+            // SAFETY: the canary page, locked since its allocation; this
+            // unlocks it and drops the last reference (its VRAM is freed).
+            unsafe { shim::hmmgpu_shim_free_sys_page(canary) };
+        }
         // Commands still run (the queue does not look at `dead`), so the
         // eviction can copy VRAM back.
         self.dead.store(true, Ordering::Release);

@@ -538,19 +538,108 @@ pub(crate) fn evict_all(gpu: &Gpu, vram: &Vram) -> u64 {
             done += n;
             continue;
         }
-        let before = src.iter().filter(|s| **s & mpfn_migrate() != 0).count();
+        let mut lost = false;
         if let Err(e) = alloc_and_copy_to_ram(gpu, vram, ptr::null_mut(), 0, src, dst, &mut false) {
+            // Through a failed link the CPU would copy all-ones, not VRAM.
+            let cpu_reads_vram = vram.kind() == MemKind::Coherent && !gpu.is_link_down();
+            let (saved, gone) = evict_without_device(vram, cpu_reads_vram, src, dst);
             pr_err!(
-                "hmmgpu{}: eviction copy failed ({:?}): {} pages stay in VRAM\n",
+                "hmmgpu{}: eviction copy failed ({:?}): {} {} pages copied by the CPU, {} pages lost with the device\n",
                 gpu.index(),
                 e,
-                before
+                saved,
+                vram.kind().name(),
+                gone
             );
+            lost = gone > 0;
         }
         // SAFETY: `src`/`dst` are the arrays filled above, `n` entries.
         unsafe { shim::hmmgpu_shim_evict_finish(src.as_ptr().cast_mut(), dst.as_mut_ptr(), n as c_ulong) };
         evicted += dst.iter().filter(|d| **d != 0).count() as u64;
+        if lost {
+            // Now mapped where the VRAM pages were: poison them, so their
+            // owners get SIGBUS rather than a page of zeroes.
+            for (s, d) in src.iter().zip(dst.iter()) {
+                if *d == 0 || *s & mpfn_migrate() == 0 {
+                    continue;
+                }
+                // SAFETY: `*d` is the migrate pfn of a page we allocated.
+                let first = unsafe { shim::hmmgpu_shim_page_to_pfn(shim::hmmgpu_shim_migrate_pfn_to_page(*d)) };
+                let n = if *d & mpfn_compound() != 0 { HUGE_PAGES } else { 1 };
+                for pfn in first..first + n as c_ulong {
+                    // SAFETY: `pfn` is a system page of ours, now mapped by
+                    // its owner (memory_failure splits a THP first).
+                    let ret = unsafe { shim::hmmgpu_shim_poison_pfn(pfn) };
+                    if ret < 0 {
+                        pr_err!("hmmgpu{}: poisoning pfn {:#x} failed: {}\n", gpu.index(), pfn, ret);
+                    }
+                }
+            }
+        }
         done += n;
     }
     evicted
+}
+
+/// What a page standing in for lost VRAM holds until it is poisoned (see
+/// hmmgpu_shim_fill_pages: not zero).
+const LOST_FILL: core::ffi::c_int = 0xff;
+
+/// Eviction once the device cannot copy (it is lost): device-coherent pages
+/// are copied by the CPU through the BAR if `cpu_reads_vram` (the link is
+/// up); otherwise their data, like device-private data, is gone with the
+/// device, and the pages get fresh system pages that the caller poisons
+/// after the migration. Fills `dst`; returns (pages copied, pages lost).
+fn evict_without_device(vram: &Vram, cpu_reads_vram: bool, src: &[c_ulong], dst: &mut [c_ulong]) -> (u64, u64) {
+    let coherent = vram.kind() == MemKind::Coherent;
+    let (mut saved, mut gone) = (0, 0);
+    let mut i = 0;
+    while i < src.len() {
+        let s = src[i];
+        // SAFETY: `s` is a migrate pfn from migrate_device_range().
+        let spage = unsafe { shim::hmmgpu_shim_migrate_pfn_to_page(s) };
+        if s & mpfn_migrate() == 0 || spage.is_null() || vram.offset_of_pfn(page_pfn(spage) as u64).is_none() {
+            i += 1;
+            continue;
+        }
+        let nr = if s & mpfn_compound() != 0 && !coherent {
+            core::cmp::min(HUGE_PAGES, src.len() - i)
+        } else {
+            1
+        };
+        if nr > 1 {
+            // A device THP needs a system THP: eviction (no VMA) cannot
+            // split it into small pages.
+            // SAFETY: no VMA: anywhere.
+            let thp = unsafe { shim::hmmgpu_shim_alloc_sys_page(ptr::null_mut(), 0, HUGE_ORDER) };
+            if !thp.is_null() {
+                // SAFETY: a THP we just allocated.
+                unsafe { shim::hmmgpu_shim_fill_pages(thp, HUGE_ORDER, LOST_FILL) };
+                dst[i] = mpfn(thp) | (s & mpfn_write()) | mpfn_compound();
+                gone += nr as u64;
+            }
+            i += nr;
+            continue;
+        }
+        for j in 0..nr {
+            // SAFETY: no VMA: eviction allocates on the local node.
+            let page = unsafe { shim::hmmgpu_shim_alloc_sys_page(ptr::null_mut(), 0, 0) };
+            if page.is_null() {
+                // This page stays in VRAM (unmapping the memory waits for it).
+                continue;
+            }
+            if cpu_reads_vram {
+                // SAFETY: both are valid pages; a coherent page is in the direct map.
+                unsafe { shim::hmmgpu_shim_copy_page(page, spage) };
+                saved += 1;
+            } else {
+                // SAFETY: a page we just allocated.
+                unsafe { shim::hmmgpu_shim_fill_pages(page, 0, LOST_FILL) };
+                gone += 1;
+            }
+            dst[i + j] = mpfn(page) | (s & mpfn_write());
+        }
+        i += nr;
+    }
+    (saved, gone)
 }

@@ -377,6 +377,8 @@ impl Mirror {
             });
             self.state.lock().migrating_to_device = false;
             let (_, failed) = result?;
+            // The device stopped answering during the migration: say so.
+            self.gpu.check_alive()?;
             if failed > 0 {
                 // Those pages stayed in system memory, data intact; the rest
                 // moved. The caller learns which with SNAPSHOT.

@@ -7,6 +7,7 @@
  * Declarations for Rust are in shim.rs; keep the two in sync.
  */
 #include <linux/debugfs.h>
+#include <linux/highmem.h>
 #include <linux/hmm.h>
 #include <linux/memremap.h>
 #include <linux/migrate.h>
@@ -625,6 +626,50 @@ void hmmgpu_shim_evict_finish(unsigned long *src, unsigned long *dst,
 {
 	migrate_device_pages(src, dst, npages);
 	migrate_device_finalize(src, dst, npages);
+}
+
+/*
+ * CPU copy of a device-coherent page (in the direct map, like RAM) to a
+ * system page: how eviction saves coherent VRAM once the device is lost.
+ */
+void hmmgpu_shim_copy_page(struct page *dst, struct page *src)
+{
+	copy_highpage(dst, src);
+}
+
+/*
+ * Poisons the system page at @pfn that took the place of a device-private
+ * page whose data was lost with the device: memory_failure() unmaps it from
+ * its owners with hwpoison entries, so a later touch gets SIGBUS
+ * (BUS_MCEERR_AR) instead of reading made-up data. The page is retired.
+ */
+int hmmgpu_shim_poison_pfn(unsigned long pfn)
+{
+	return memory_failure(pfn, 0);
+}
+
+/*
+ * Fills the 1 << @order pages at @page with @c: a page standing in for lost
+ * VRAM must not be all zeroes, or splitting its THP (memory_failure does)
+ * would map the shared zero page in its place and the loss would read as
+ * zeroes instead of raising SIGBUS.
+ */
+void hmmgpu_shim_fill_pages(struct page *page, unsigned int order, int c)
+{
+	unsigned long i;
+
+	for (i = 0; i < (1UL << order); i++) {
+		void *p = kmap_local_page(folio_page(page_folio(page), i));
+
+		memset(p, c, PAGE_SIZE);
+		kunmap_local(p);
+	}
+}
+
+/* The kernel address of a device-coherent page (in the direct map). */
+void *hmmgpu_shim_page_address(struct page *page)
+{
+	return page_address(page);
 }
 
 /* ---- address spaces ---- */

@@ -65,6 +65,10 @@ void *hmmgpu_shim_get_priv(struct virtio_device *vdev);
 void hmmgpu_shim_read_config(struct virtio_device *vdev, unsigned int offset,
 			     void *buf, size_t len);
 bool hmmgpu_shim_pmd_is_2m(void);
+void hmmgpu_shim_copy_page(struct page *dst, struct page *src);
+int hmmgpu_shim_poison_pfn(unsigned long pfn);
+void *hmmgpu_shim_page_address(struct page *page);
+void hmmgpu_shim_fill_pages(struct page *page, unsigned int order, int c);
 bool hmmgpu_shim_get_shm(struct virtio_device *vdev, u8 id, u64 *addr,
 			 u64 *len);
 struct hmmgpu_queues *hmmgpu_shim_queues_create(struct virtio_device *vdev);

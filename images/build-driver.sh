@@ -20,9 +20,13 @@ fi
 export LIBCLANG_PATH=/usr/lib/llvm-19/lib
 
 # Build in a copy so the source tree stays clean and parallel builds for
-# several kernels do not collide.
-OUT="$HMMGPU_CACHE/driver-$(hash_inputs "$KDIR")"
+# several kernels, or from several checkouts, do not collide (the .ko is used
+# after this script returns, so each checkout needs its own).
+OUT="$HMMGPU_CACHE/driver-$(hash_inputs "$KDIR" "$REPO_DIR")"
 mkdir -p "$OUT/guest-driver" "$OUT/device/abi/src"
+# Two builds against one kernel (two runs at once) share $OUT: one at a time.
+exec 8>"$OUT.lock"
+flock 8
 rsync -a --delete "$REPO_DIR/guest-driver/" "$OUT/guest-driver/"
 rsync -a "$REPO_DIR/device/abi/src/" "$OUT/device/abi/src/"
 

@@ -97,14 +97,19 @@ fi
 
 if [[ ! -f "$SRC/.hmmgpu-unpacked" ]]; then
     log "unpacking qemu $QEMU_DEB_VERSION into $SRC"
-    rm -rf "$SRC.tmp" && mkdir -p "$SRC.tmp"
-    tar -xf "$ORIG" -C "$SRC.tmp" --strip-components=1 --no-same-owner
+    # A private directory, renamed into place: two runs may unpack at once.
+    tmp_src="$(mktemp -d "$SRC.tmp.XXXXXX")"
+    tar -xf "$ORIG" -C "$tmp_src" --strip-components=1 --no-same-owner
     for p in "${debian_patches[@]}" "${patches[@]}"; do
         log "applying $(basename "$p")"
-        patch -d "$SRC.tmp" -p1 --quiet --forward <"$p" || die "$(basename "$p") does not apply"
+        patch -d "$tmp_src" -p1 --quiet --forward <"$p" || die "$(basename "$p") does not apply"
     done
-    touch "$SRC.tmp/.hmmgpu-unpacked"
-    rm -rf "$SRC" && mv "$SRC.tmp" "$SRC"
+    touch "$tmp_src/.hmmgpu-unpacked"
+    if [[ -f "$SRC/.hmmgpu-unpacked" ]]; then
+        rm -rf "$tmp_src"   # another run was first
+    else
+        rm -rf "$SRC" && mv "$tmp_src" "$SRC"
+    fi
 fi
 
 # One heavy build at a time on this machine (kernel and QEMU share the lock).

@@ -8,6 +8,7 @@
  *   hmmgpu-faults data [--rounds N] [--size BYTES] [--seed N] [--nohuge]
  *                      [--min-migrate-ms MS]
  *   hmmgpu-faults storm [--size BYTES]
+ *   hmmgpu-faults loss kill|link
  *   options of all: [-d DEV] (default /dev/hmm_dmirror0)
  *
  * copy-error asks the host to inject faults at precise points: the
@@ -41,6 +42,18 @@
  * READs of that buffer) until the driver's FAULT event counter has been
  * still for a round, waits until it is still for a second, checks the data
  * and that the device still works, and prints the driver's counters.
+ *
+ * loss checks catalogue entries 9 (kill: the backend process is killed, a
+ * surprise loss) and 4 (link: the VRAM BAR's link goes down, QEMU's
+ * link-down property), with 2 MiB in device-private VRAM (P), 2 MiB in
+ * device-coherent VRAM (C, /dev/hmm_dmirror2) and 2 MiB in system memory
+ * (S): the next ioctl fails with ENODEV (kill: after the driver's command
+ * timeout), and so does the one after, at once; a child touching P dies of
+ * SIGBUS; C reads intact (kill: the BAR still maps the VRAM) or all-ones
+ * (link: as real hardware reads a failed link); S is intact; rmmod hmmgpu
+ * works; afterwards a child touching P dies of SIGBUS (its page was
+ * poisoned: the data went with the device), C is intact (kill: the CPU
+ * copied it out) or a child touching it dies of SIGBUS (link), S is intact.
  *
  * The pattern is hmmgpu-demo's (xorshift64, see there).
  * Exit status: 0 all checks passed, 1 a check failed, 2 usage error, 3 the
@@ -517,12 +530,120 @@ static int run_storm(size_t size)
 	return failures ? 1 : 0;
 }
 
+/* Forks a child that reads one byte of p; returns the signal that killed it (0: none). */
+static int touch_in_child(const volatile uint8_t *p)
+{
+	int status;
+	pid_t pid = fork();
+
+	if (pid < 0) {
+		fail("fork: %s", strerror(errno));
+		return -1;
+	}
+	if (pid == 0) {
+		uint8_t v = *p;
+
+		printf(TAG "child: read 0x%02x\n", v);
+		fflush(stdout);
+		_exit(0);
+	}
+	if (waitpid(pid, &status, 0) != pid) {
+		fail("waitpid: %s", strerror(errno));
+		return -1;
+	}
+	return WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+}
+
+static bool all_ones(const uint8_t *p, size_t size)
+{
+	size_t i;
+
+	for (i = 0; i < size; i++)
+		if (p[i] != 0xff)
+			return false;
+	return true;
+}
+
+/* Catalogue entries 9 (how = "kill") and 4 (how = "link"). */
+static int run_loss(const char *how)
+{
+	const size_t n = 512, size = n * PAGE_SZ;
+	bool link = !strcmp(how, "link");
+	uint8_t *p = map_buffer(size, false), *c = map_buffer(size, false), *s = map_buffer(size, false);
+	uint8_t *out = map_buffer(size, false);
+	int fdp, fdc, e, sig, status;
+	bool lost_ok = true;
+	size_t i;
+	struct hmm_dmirror_cmd cmd;
+	double t0, t1;
+
+	if (!link && strcmp(how, "kill")) {
+		fprintf(stderr, "hmmgpu-faults: loss kill|link, not %s\n", how);
+		exit(2);
+	}
+	fdp = open_dev();
+	dev_path = "/dev/hmm_dmirror2";
+	fdc = open_dev();
+	fill_pattern(p, size, 91);
+	fill_pattern(c, size, 92);
+	fill_pattern(s, size, 93);
+	e = dmirror(fdp, HMM_DMIRROR_MIGRATE_TO_DEV, p, out, n, &cmd);
+	check(!e && cmd.cpages == n, "P migrated to device-private VRAM");
+	e = dmirror(fdc, HMM_DMIRROR_MIGRATE_TO_DEV, c, out, n, &cmd);
+	check(!e && cmd.cpages == n, "C migrated to device-coherent VRAM");
+
+	inject(link ? "{\"kind\":\"link_down\",\"down\":true}" : "{\"kind\":\"kill_backend\"}");
+
+	t0 = now_ms();
+	e = dmirror(fdp, HMM_DMIRROR_MIGRATE_TO_DEV, s, out, n, NULL);
+	t1 = now_ms();
+	say("  MIGRATE_TO_DEV after the loss: %s after %.0f ms", e ? strerror(e) : "success", t1 - t0);
+	check(e == ENODEV, "the first ioctl after the loss fails with ENODEV");
+	t0 = now_ms();
+	e = dmirror(fdc, HMM_DMIRROR_READ, c, out, n, NULL);
+	t1 = now_ms();
+	check(e == ENODEV && t1 - t0 < 1000, "the next one (the coherent device) fails with ENODEV at once");
+
+	sig = touch_in_child(p + 3 * PAGE_SZ + 5);
+	check(sig == SIGBUS, "a child touching P (its only copy in VRAM) dies of SIGBUS");
+	if (link)
+		check(all_ones(c, size), "C reads all-ones through the failed link");
+	else
+		check(pattern_ok(c, size, 92, "buffer C"), "C (device-coherent) reads intact");
+	check(pattern_ok(s, size, 93, "buffer S"), "S (system memory) is intact");
+
+	close(fdp);
+	close(fdc);
+	say("  rmmod hmmgpu");
+	status = system("rmmod hmmgpu");
+	check(status == 0, "rmmod hmmgpu succeeds");
+
+	for (i = 0; i < n; i += 73) {
+		if (touch_in_child(p + i * PAGE_SZ + 7) != SIGBUS)
+			lost_ok = false;
+		if (link && touch_in_child(c + i * PAGE_SZ + 7) != SIGBUS)
+			lost_ok = false;
+	}
+	check(lost_ok, link ? "after rmmod, children touching 8 pages of P and of C each die of SIGBUS (poisoned)"
+			    : "after rmmod, children touching 8 pages of P each die of SIGBUS (poisoned)");
+	if (!link) {
+		check(pattern_ok(c, size, 92, "buffer C"), "after rmmod, C is intact (copied out by the CPU)");
+	}
+	check(pattern_ok(s, size, 93, "buffer S"), "after rmmod, S is intact");
+	if (failures)
+		say("FAIL: %d check(s) failed", failures);
+	else
+		say("PASS: loss (%s): all checks passed", how);
+	return failures ? 1 : 0;
+}
+
 static void usage(void)
 {
 	fprintf(stderr,
 		"usage: hmmgpu-faults [-d DEV] copy-error\n"
 		"       hmmgpu-faults [-d DEV] data [--rounds N] [--size BYTES] [--seed N] [--nohuge] [--min-migrate-ms MS]\n"
-		"       hmmgpu-faults [-d DEV] storm [--size BYTES]\n");
+		"       hmmgpu-faults [-d DEV] storm [--size BYTES]\n"
+		"       hmmgpu-faults loss kill|link\n");
 	exit(2);
 }
 
@@ -569,6 +690,11 @@ int main(int argc, char **argv)
 	if (i >= argc)
 		usage();
 	mode = argv[i++];
+	if (!strcmp(mode, "loss")) {
+		if (i + 1 != argc)
+			usage();
+		return run_loss(argv[i]);
+	}
 	for (; i < argc; i++) {
 		const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
 
@@ -600,6 +726,7 @@ int main(int argc, char **argv)
 		return run_data(rounds, size, seed, nohuge, min_ms);
 	if (!strcmp(mode, "storm"))
 		return run_storm(size);
+
 	fprintf(stderr, "hmmgpu-faults: unknown mode %s\n", mode);
 	usage();
 	return 2;

@@ -2,9 +2,11 @@
 //! of a running `cargo xtask run` VM's backend (docs/control.md,
 //! docs/fault-injection.md). The fault is passed through as JSON; shorthand
 //! (`copy_error count=3`) is parsed by the backend crate's own parser, so the
-//! catalogue is known in one place only.
+//! catalogue is known in one place only. Host-side faults (a failed link, a
+//! killed backend) are applied by xtask itself (src/hostfault.rs).
 
 use crate::build;
+use crate::hostfault;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
@@ -25,6 +27,8 @@ pub struct InjectArgs {
     pub request: Option<String>,
     /// The fault: one JSON object ('{"kind":"copy_error","count":3}') or
     /// KIND [KEY=VALUE...] (copy_error count=3 range=vram:0x100000:4096).
+    /// Host-side faults go to QEMU or the backend process instead:
+    /// `link_down on|off` (QMP qom-set), `kill_backend` (SIGKILL).
     #[arg(value_name = "FAULT", required_unless_present = "request")]
     pub fault: Vec<String>,
 }
@@ -95,11 +99,40 @@ fn request_of(args: &InjectArgs) -> Result<Value> {
     Ok(json!({ "cmd": "inject", "fault": fault }))
 }
 
-/// `cargo xtask inject`: prints the backend's JSON answer; status 0 when it
-/// says ok, 1 when it does not or cannot be reached, 2 for a bad fault.
+/// A host-side fault (src/hostfault.rs) named by `words`: its JSON, or
+/// `link_down on|off`, or `kill_backend`. None: a backend fault.
+fn host_fault_of(words: &[String]) -> Result<Option<Value>> {
+    let words: Vec<&str> = words.iter().map(|w| w.as_str()).collect();
+    match words.as_slice() {
+        [w] if w.trim_start().starts_with('{') => {
+            let v: Value = serde_json::from_str(w).with_context(|| format!("bad JSON {w}"))?;
+            Ok(hostfault::is_host_fault(&v).then_some(v))
+        }
+        ["kill_backend"] => Ok(Some(json!({ "kind": "kill_backend" }))),
+        ["link_down", "on" | "down=true"] => Ok(Some(json!({ "kind": "link_down", "down": true }))),
+        ["link_down", "off" | "down=false"] => {
+            Ok(Some(json!({ "kind": "link_down", "down": false })))
+        }
+        ["link_down", ..] => bail!("usage: link_down on|off"),
+        ["kill_backend", ..] => bail!("kill_backend takes no arguments"),
+        _ => Ok(None),
+    }
+}
+
+/// `cargo xtask inject`: prints the backend's JSON answer (or, for a
+/// host-side fault, what xtask did); status 0 when it says ok, 1 when it
+/// does not or cannot be reached, 2 for a bad fault.
 pub fn run(args: &InjectArgs) -> Result<i32> {
-    let request = match request_of(args) {
-        Ok(r) => r,
+    let host = match args.request {
+        Some(_) => Ok(None),
+        None => host_fault_of(&args.fault),
+    };
+    let parsed = host.and_then(|h| match h {
+        Some(fault) => Ok((Some(fault), Value::Null)),
+        None => request_of(args).map(|r| (None, r)),
+    });
+    let (host, request) = match parsed {
+        Ok(p) => p,
         Err(e) => {
             eprintln!("[xtask] inject: {e:#}");
             return Ok(2);
@@ -121,7 +154,11 @@ pub fn run(args: &InjectArgs) -> Result<i32> {
             }
         }
     };
-    match send(&run_dir, args.gpu, &request) {
+    let result = match &host {
+        Some(fault) => hostfault::apply(&run_dir, args.gpu, fault),
+        None => send(&run_dir, args.gpu, &request),
+    };
+    match result {
         Ok(reply) => {
             println!("{reply}");
             Ok(0)
@@ -167,6 +204,22 @@ mod tests {
         assert!(parse(&["copy_error", "count"]).is_err());
         assert!(parse(&["--request", "[1]"]).is_err());
         assert!(parse(&["--request", "{", "ecc"]).is_err());
+    }
+
+    #[test]
+    fn host_faults() {
+        let w = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            host_fault_of(&w(&["link_down", "on"])).unwrap(),
+            Some(json!({"kind": "link_down", "down": true}))
+        );
+        assert_eq!(
+            host_fault_of(&w(&[r#"{"kind":"kill_backend"}"#])).unwrap(),
+            Some(json!({"kind": "kill_backend"}))
+        );
+        assert_eq!(host_fault_of(&w(&["copy_error", "count=3"])).unwrap(), None);
+        assert!(host_fault_of(&w(&["link_down"])).is_err());
+        assert!(host_fault_of(&w(&["kill_backend", "now"])).is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod build;
 mod cli;
 mod cross;
 mod exit;
+mod hostfault;
 mod inject;
 mod pattern;
 mod signals;

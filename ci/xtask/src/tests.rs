@@ -5,6 +5,7 @@
 use crate::build::{self, log, Kernel};
 use crate::cli::{AccelChoice, Arch, Flavour};
 mod faults;
+mod loss;
 mod selftest;
 use crate::cli::TestArgs;
 use crate::exit;
@@ -275,6 +276,16 @@ const VM_TESTS: &[VmTest] = &[
         name: "fault-plan-replay",
         about: "one seeded fault plan, two boots: the two fault logs are identical and non-empty",
         run: faults::t_plan_replay,
+    },
+    VmTest {
+        name: "fault-surprise-loss",
+        about: "the backend is killed with data in VRAM: ENODEV, SIGBUS for device-private data, coherent data intact, rmmod works",
+        run: loss::t_surprise_loss,
+    },
+    VmTest {
+        name: "fault-link-down",
+        about: "the VRAM BAR's link goes down (QEMU link-down): ENODEV, all-ones through the BAR, SIGBUS for lost data, rmmod works",
+        run: loss::t_link_down,
     },
     VmTest {
         name: "ppc64le-smoke",

@@ -204,6 +204,9 @@ pub struct VmExtra {
     /// Answers console lines: with it, QEMU's stdin (the guest console's
     /// input) is a pipe the hook's replies are written to.
     pub console_hook: Option<ConsoleHook>,
+    /// A backend that exits while the guest runs is part of the test (a
+    /// surprise loss), not a failure of the run.
+    pub backends_may_die: bool,
 }
 
 /// How the run ended.
@@ -460,6 +463,10 @@ fn spawn_backend(cfg: &VmConfig, bin: &Path, gpu: u32, vram: &Path) -> Result<Ba
             .map_or(String::new(), |a| format!(" {}", shell_join(a)))
     ));
     let mut proc = Proc::spawn(&format!("hmmgpu-device gpu{gpu}"), &mut cmd)?;
+    // For fault injection from outside (a killed backend: surprise loss).
+    let pid_file = cfg.run_dir.join(format!("gpu{gpu}.pid"));
+    std::fs::write(&pid_file, format!("{}\n", proc.child.id()))
+        .with_context(|| format!("writing {}", pid_file.display()))?;
     let stderr = proc.child.stderr.take().unwrap();
     let exit_stats = Arc::new(Mutex::new(None));
     let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
@@ -721,7 +728,8 @@ fn qemu_args(cfg: &VmConfig, vram: &VramFiles, backends: &[Backend]) -> Result<V
             "-chardev".into(),
             format!("socket,id=gpu{n},path={}", sock.display()),
             "-device".into(),
-            format!("vhost-user-hmmgpu-pci,chardev=gpu{n},memdev=vram{n}{bus}"),
+            // id: the QOM path /machine/peripheral/gpuN (qom-set link-down).
+            format!("vhost-user-hmmgpu-pci,id=gpu{n},chardev=gpu{n},memdev=vram{n}{bus}"),
         ]);
     }
     Ok(a)
@@ -916,7 +924,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
                 break; // handled below: QEMU did not power off
             }
         }
-        if scan.status.is_none() {
+        if scan.status.is_none() && !cfg.extra.backends_may_die {
             if let Some(i) = backends.iter_mut().position(|b| b.proc.poll().is_some()) {
                 let b = &mut backends[i];
                 let s = b.proc.poll().unwrap();
@@ -966,7 +974,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
 
     // A backend that failed before the guest reported a status is the likelier
     // cause of QEMU's failure than QEMU itself.
-    if failure.is_none() && status.is_none() {
+    if failure.is_none() && status.is_none() && !cfg.extra.backends_may_die {
         if let Some(i) = backends
             .iter_mut()
             .position(|b| b.proc.poll().is_some_and(|s| !s.success()))

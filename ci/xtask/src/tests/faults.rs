@@ -12,6 +12,7 @@
 
 use super::{argv, expect_status, Boot, Ctx};
 use crate::build::log;
+use crate::hostfault;
 use crate::inject;
 use crate::vm::{self, VmOutcome};
 use anyhow::{bail, ensure, Context, Result};
@@ -38,13 +39,19 @@ fn parse_request(line: &str) -> Option<Result<(u32, serde_json::Value)>> {
     })())
 }
 
-/// The console hook that serves the guest's injection requests.
-fn inject_hook() -> vm::ConsoleHook {
+/// The console hook that serves the guest's injection requests: backend
+/// faults through the control socket, host-side ones (link down, a killed
+/// backend) by xtask itself.
+pub(super) fn inject_hook() -> vm::ConsoleHook {
     Box::new(|run_dir: &Path, line: &str| {
         let request = parse_request(line)?;
         let answer = request.and_then(|(gpu, fault)| {
             log(format!("injecting into gpu{gpu} for the guest: {fault}"));
-            inject::inject(run_dir, gpu, fault)
+            if hostfault::is_host_fault(&fault) {
+                hostfault::apply(run_dir, gpu, &fault)
+            } else {
+                inject::inject(run_dir, gpu, fault)
+            }
         });
         Some(match answer {
             Ok(reply) => format!("{REPLY}ok {reply}"),

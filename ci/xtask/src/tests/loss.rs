@@ -1,0 +1,51 @@
+//! VM tests for losing the device (docs/fault-injection.md, "Host-side
+//! faults"): the backend killed mid-run (catalogue entry 9, surprise loss)
+//! and the VRAM BAR's link going down (entry 4). The guest side is
+//! `hmmgpu-faults loss kill|link` (ci/guest/hmmgpu-faults.c), which asks for
+//! the fault through the console (see tests/faults.rs) and checks the
+//! outcomes in the guest; here the host checks the driver said why.
+
+use super::faults::inject_hook;
+use super::{argv, expect_status, Boot, Ctx};
+use crate::vm::{self, VmOutcome};
+use anyhow::{ensure, Result};
+
+fn loss_boot(ctx: &mut Ctx, test: &'static str, how: &str) -> Result<VmOutcome> {
+    ctx.boot_extra(
+        Boot {
+            test,
+            gpus: 1,
+            driver: true,
+            cmd: argv(&["hmmgpu-faults", "loss", how]),
+        },
+        vm::VmExtra {
+            console_hook: Some(inject_hook()),
+            backends_may_die: true,
+            ..Default::default()
+        },
+    )
+}
+
+fn console_has(out: &VmOutcome, what: &str) -> Result<()> {
+    ensure!(
+        out.console.iter().any(|l| l.contains(what)),
+        "the console has no line with '{what}'"
+    );
+    Ok(())
+}
+
+pub(super) fn t_surprise_loss(ctx: &mut Ctx) -> Result<()> {
+    let out = loss_boot(ctx, "fault-surprise-loss", "kill")?;
+    expect_status(&out, 0)?;
+    console_has(&out, "the device stopped answering; it is dead")?;
+    console_has(&out, "pages lost with the device")?;
+    Ok(())
+}
+
+pub(super) fn t_link_down(ctx: &mut Ctx) -> Result<()> {
+    let out = loss_boot(ctx, "fault-link-down", "link")?;
+    expect_status(&out, 0)?;
+    console_has(&out, "the link is down; the device is dead")?;
+    console_has(&out, "pages lost with the device")?;
+    Ok(())
+}
