@@ -365,8 +365,24 @@ static const struct dev_pagemap_ops hmmgpu_private_ops = {
 	.folio_split = hmmgpu_folio_split,
 };
 
+/*
+ * memory_failure() on a device-coherent page (a machine check in the BAR):
+ * the kernel's generic handler does nothing for MEMORY_DEVICE_COHERENT
+ * (mf_generic_kill_procs: -ENXIO), so the driver moves the page's owners
+ * onto a poisoned system page; see hmmgpu_rust_memory_failure.
+ */
+static int hmmgpu_memory_failure(struct dev_pagemap *pgmap, unsigned long pfn,
+				 unsigned long nr_pages, int mf_flags)
+{
+	struct hmmgpu_pagemap *pm =
+		container_of(pgmap, struct hmmgpu_pagemap, pgmap);
+
+	return hmmgpu_rust_memory_failure(pm->gpu, pgmap->owner, pfn, nr_pages);
+}
+
 static const struct dev_pagemap_ops hmmgpu_coherent_ops = {
 	.folio_free = hmmgpu_folio_free,
+	.memory_failure = hmmgpu_memory_failure,
 };
 
 /*
@@ -646,6 +662,12 @@ void hmmgpu_shim_copy_page(struct page *dst, struct page *src)
 int hmmgpu_shim_poison_pfn(unsigned long pfn)
 {
 	return memory_failure(pfn, 0);
+}
+
+/* The same from inside memory_failure() (its mutex is held): queued. */
+void hmmgpu_shim_poison_pfn_later(unsigned long pfn)
+{
+	memory_failure_queue(pfn, 0);
 }
 
 /*

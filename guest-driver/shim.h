@@ -33,6 +33,8 @@ void hmmgpu_rust_event(void *gpu, const u8 *buf, unsigned int len);
 vm_fault_t hmmgpu_rust_migrate_to_ram(void *gpu, void *vram,
 				      struct vm_fault *vmf);
 void hmmgpu_rust_folio_free(void *vram, struct page *page);
+int hmmgpu_rust_memory_failure(void *gpu, void *vram, unsigned long pfn,
+			       unsigned long nr_pages);
 bool hmmgpu_rust_invalidate(void *mirror, unsigned long start,
 			    unsigned long end, bool blockable, bool own_migrate,
 			    unsigned long cur_seq);
@@ -67,6 +69,7 @@ void hmmgpu_shim_read_config(struct virtio_device *vdev, unsigned int offset,
 bool hmmgpu_shim_pmd_is_2m(void);
 void hmmgpu_shim_copy_page(struct page *dst, struct page *src);
 int hmmgpu_shim_poison_pfn(unsigned long pfn);
+void hmmgpu_shim_poison_pfn_later(unsigned long pfn);
 void *hmmgpu_shim_page_address(struct page *page);
 void hmmgpu_shim_fill_pages(struct page *page, unsigned int order, int c);
 bool hmmgpu_shim_get_shm(struct virtio_device *vdev, u8 id, u64 *addr,

@@ -76,6 +76,7 @@ extern "C" {
     pub(crate) fn hmmgpu_shim_pmd_is_2m() -> bool;
     pub(crate) fn hmmgpu_shim_copy_page(dst: *mut Page, src: *mut Page);
     pub(crate) fn hmmgpu_shim_poison_pfn(pfn: c_ulong) -> c_int;
+    pub(crate) fn hmmgpu_shim_poison_pfn_later(pfn: c_ulong);
     pub(crate) fn hmmgpu_shim_page_address(page: *mut Page) -> *mut c_void;
     pub(crate) fn hmmgpu_shim_fill_pages(page: *mut Page, order: c_uint, c: c_int);
     pub(crate) fn hmmgpu_shim_get_shm(

@@ -9,6 +9,7 @@
  *                      [--min-migrate-ms MS]
  *   hmmgpu-faults storm [--size BYTES]
  *   hmmgpu-faults loss kill|link
+ *   hmmgpu-faults mce
  *   options of all: [-d DEV] (default /dev/hmm_dmirror0)
  *
  * copy-error asks the host to inject faults at precise points: the
@@ -54,6 +55,13 @@
  * works; afterwards a child touching P dies of SIGBUS (its page was
  * poisoned: the data went with the device), C is intact (kill: the CPU
  * copied it out) or a child touching it dies of SIGBUS (link), S is intact.
+ *
+ * mce checks catalogue entry 10: 2 MiB in device-coherent VRAM
+ * (/dev/hmm_dmirror2), then a machine check (an action-optional uncorrected
+ * memory error) at the BAR address of one of its pages, found in
+ * /proc/self/pagemap: a child touching that page dies of SIGBUS (within
+ * 20 s: the kernel handles the error asynchronously), every other page
+ * reads intact, the device still migrates and reads data, rmmod works.
  *
  * The pattern is hmmgpu-demo's (xorshift64, see there).
  * Exit status: 0 all checks passed, 1 a check failed, 2 usage error, 3 the
@@ -564,6 +572,73 @@ static bool all_ones(const uint8_t *p, size_t size)
 	return true;
 }
 
+/* The physical address of the page at va (root reads PFNs in pagemap), or 0. */
+static uint64_t phys_of(const void *va)
+{
+	uint64_t entry = 0;
+	int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+
+	if (fd < 0)
+		return 0;
+	if (pread(fd, &entry, sizeof(entry), (uintptr_t)va / PAGE_SZ * sizeof(entry)) != sizeof(entry))
+		entry = 0;
+	close(fd);
+	if (!(entry & (1ULL << 63)))
+		return 0;
+	return (entry & ((1ULL << 55) - 1)) * PAGE_SZ;
+}
+
+/* Catalogue entry 10. */
+static int run_mce(void)
+{
+	const size_t n = 512, size = n * PAGE_SZ, bad = 5;
+	uint8_t *c = map_buffer(size, false), *want = map_buffer(size, false);
+	uint8_t *s = map_buffer(size, false), *out = map_buffer(size, false);
+	struct hmm_dmirror_cmd cmd;
+	char fault[128];
+	uint64_t pa;
+	int fd, e, sig = 0, tries;
+	size_t i, mismatched = 0;
+
+	dev_path = "/dev/hmm_dmirror2";
+	fd = open_dev();
+	fill_pattern(c, size, 94);
+	memcpy(want, c, size);
+	e = dmirror(fd, HMM_DMIRROR_MIGRATE_TO_DEV, c, out, n, &cmd);
+	check(!e && cmd.cpages == n, "C migrated to device-coherent VRAM");
+	pa = phys_of(c + bad * PAGE_SZ);
+	say("  page %zu of C is at physical address %#" PRIx64, bad, pa);
+	check(pa != 0, "its physical address is known (pagemap)");
+	if (!pa)
+		return 1;
+	snprintf(fault, sizeof(fault), "{\"kind\":\"mce\",\"addr\":%" PRIu64 "}", pa);
+	inject(fault);
+	for (tries = 0; tries < 200; tries++) {
+		sig = touch_in_child(c + bad * PAGE_SZ + 9);
+		if (sig == SIGBUS)
+			break;
+		usleep(100 * 1000);
+	}
+	say("  a child touching the page: %s after %d tries", sig == SIGBUS ? "SIGBUS" : "no signal", tries + 1);
+	check(sig == SIGBUS, "a child touching the page with the machine check dies of SIGBUS");
+	for (i = 0; i < n; i++)
+		if (i != bad && memcmp(c + i * PAGE_SZ, want + i * PAGE_SZ, PAGE_SZ))
+			mismatched++;
+	check(mismatched == 0, "every other page of C reads intact");
+	fill_pattern(s, size, 95);
+	e = dmirror(fd, HMM_DMIRROR_MIGRATE_TO_DEV, s, out, n, &cmd);
+	check(!e && cmd.cpages == n && pattern_ok(out, size, 95, "S read by the device"),
+	      "the device still migrates and reads data");
+	close(fd);
+	check(system("rmmod hmmgpu") == 0, "rmmod hmmgpu succeeds");
+	check(pattern_ok(s, size, 95, "buffer S"), "after rmmod, S is intact");
+	if (failures)
+		say("FAIL: %d check(s) failed", failures);
+	else
+		say("PASS: mce: all checks passed");
+	return failures ? 1 : 0;
+}
+
 /* Catalogue entries 9 (how = "kill") and 4 (how = "link"). */
 static int run_loss(const char *how)
 {
@@ -643,7 +718,8 @@ static void usage(void)
 		"usage: hmmgpu-faults [-d DEV] copy-error\n"
 		"       hmmgpu-faults [-d DEV] data [--rounds N] [--size BYTES] [--seed N] [--nohuge] [--min-migrate-ms MS]\n"
 		"       hmmgpu-faults [-d DEV] storm [--size BYTES]\n"
-		"       hmmgpu-faults loss kill|link\n");
+		"       hmmgpu-faults loss kill|link\n"
+		"       hmmgpu-faults mce\n");
 	exit(2);
 }
 
@@ -690,6 +766,11 @@ int main(int argc, char **argv)
 	if (i >= argc)
 		usage();
 	mode = argv[i++];
+	if (!strcmp(mode, "mce")) {
+		if (i != argc)
+			usage();
+		return run_mce();
+	}
 	if (!strcmp(mode, "loss")) {
 		if (i + 1 != argc)
 			usage();

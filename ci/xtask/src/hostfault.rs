@@ -6,6 +6,10 @@
 //!   `link-down` QOM property of `vhost-user-hmmgpu-pci` (qom-set over QMP).
 //! - `{"kind":"kill_backend"}`: the GPU's `hmmgpu-device` process is killed
 //!   (SIGKILL): a surprise loss of the device.
+//! - `{"kind":"mce","addr":PHYS}`: an uncorrected, action-optional memory
+//!   error (a machine check, QEMU's HMP `mce`) at guest-physical PHYS, e.g.
+//!   a device-coherent page in the VRAM BAR. x86 guests only; the guest
+//!   must see an Intel CPU for Linux to recover from it (see `MCE_CPU`).
 //!
 //! Both act on a run directory of `cargo xtask run` (its `qmp.sock` and
 //! `gpuN.pid`).
@@ -19,7 +23,10 @@ use std::time::Duration;
 
 /// Whether `fault` is one of the host-side kinds above.
 pub fn is_host_fault(fault: &Value) -> bool {
-    matches!(fault["kind"].as_str(), Some("link_down" | "kill_backend"))
+    matches!(
+        fault["kind"].as_str(),
+        Some("link_down" | "kill_backend" | "mce")
+    )
 }
 
 /// Applies a host-side fault to GPU `gpu` of the VM in `run_dir`.
@@ -36,6 +43,15 @@ pub fn apply(run_dir: &Path, gpu: u32, fault: &Value) -> Result<Value> {
                 .as_bool()
                 .context("link_down needs \"down\": true or false")?;
             set_link_down(run_dir, gpu, down)
+        }
+        Some("mce") => {
+            if let Some(k) = obj.keys().find(|k| *k != "kind" && *k != "addr") {
+                bail!("mce: unknown member '{k}' (only \"addr\")");
+            }
+            let addr = fault["addr"]
+                .as_u64()
+                .context("mce needs \"addr\": the guest-physical address")?;
+            machine_check(run_dir, addr)
         }
         Some("kill_backend") => {
             if let Some(k) = obj.keys().find(|k| *k != "kind") {
@@ -65,6 +81,32 @@ pub fn set_link_down(run_dir: &Path, gpu: u32, down: bool) -> Result<Value> {
         bail!("qom-set {path} link-down={down} did not stick: qom-get says {now}");
     }
     Ok(json!({ "ok": true, "link_down": down }))
+}
+
+/// The TCG guest CPU for machine-check tests: Linux recovers from an
+/// uncorrected memory error only with MCA recovery, which QEMU's MCG_CAP
+/// offers (MCG_SER_P) but Linux uses on Intel CPUs only (AMD needs SUCCOR,
+/// which qemu64 lacks: the guest panics "Uncorrected error without MCA
+/// Recovery").
+pub const MCE_CPU: &str = "qemu64,vendor=GenuineIntel";
+
+/// Injects an action-optional uncorrected memory error (SRAO, "memory
+/// scrubbing": MCi_STATUS VAL|UC|EN|MISCV|ADDRV|S, MCACOD 0xc0) at `addr`
+/// into bank 9, broadcast from CPU 0; Linux queues memory_failure() for its
+/// page.
+pub fn machine_check(run_dir: &Path, addr: u64) -> Result<Value> {
+    // -b: to every CPU, as the hardware does (Linux waits for all of them).
+    let line = format!("mce -b 0 9 0xbd000000000000c0 5 {addr:#x} 0x86");
+    let out = qmp(
+        &run_dir.join("qmp.sock"),
+        "human-monitor-command",
+        json!({ "command-line": line }),
+    )?;
+    // HMP reports its errors as text.
+    if out.as_str().is_some_and(|s| !s.trim().is_empty()) {
+        bail!("QEMU: {line}: {}", out.as_str().unwrap().trim());
+    }
+    Ok(json!({ "ok": true, "mce": addr }))
 }
 
 /// SIGKILLs GPU `gpu`'s backend (its pid from `gpuN.pid`).

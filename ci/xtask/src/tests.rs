@@ -288,6 +288,11 @@ const VM_TESTS: &[VmTest] = &[
         run: loss::t_link_down,
     },
     VmTest {
+        name: "fault-machine-check",
+        about: "a machine check (QEMU mce) on a device-coherent page: its owner gets SIGBUS, the other pages are intact, the guest stays up, rmmod works",
+        run: loss::t_machine_check,
+    },
+    VmTest {
         name: "ppc64le-smoke",
         about: "a ppc64le pseries guest (TCG): driver bound, then hmmgpu-demo (migrations to VRAM and back, every byte checked)",
         run: t_ppc64le_smoke,

@@ -207,6 +207,8 @@ pub struct VmExtra {
     /// A backend that exits while the guest runs is part of the test (a
     /// surprise loss), not a failure of the run.
     pub backends_may_die: bool,
+    /// `-cpu` for a TCG guest (e.g. [`crate::hostfault::MCE_CPU`]).
+    pub tcg_cpu: Option<String>,
 }
 
 /// How the run ended.
@@ -676,6 +678,8 @@ fn qemu_args(cfg: &VmConfig, vram: &VramFiles, backends: &[Backend]) -> Result<V
     ];
     if cfg.accel == Accel::Kvm {
         a.extend(["-cpu".into(), "host".into()]);
+    } else if let Some(cpu) = &cfg.extra.tcg_cpu {
+        a.extend(["-cpu".into(), cpu.clone()]);
     }
     a.extend(
         [

@@ -42,6 +42,30 @@ pub(super) fn t_surprise_loss(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
+pub(super) fn t_machine_check(ctx: &mut Ctx) -> Result<()> {
+    ensure!(
+        ctx.arch == crate::cli::Arch::X86_64,
+        "machine-check injection is x86-only (QEMU's mce)"
+    );
+    let out = ctx.boot_extra(
+        Boot {
+            test: "fault-machine-check",
+            gpus: 1,
+            driver: true,
+            cmd: argv(&["hmmgpu-faults", "mce"]),
+        },
+        vm::VmExtra {
+            console_hook: Some(inject_hook()),
+            tcg_cpu: Some(crate::hostfault::MCE_CPU.to_string()),
+            ..Default::default()
+        },
+    )?;
+    expect_status(&out, 0)?;
+    console_has(&out, "machine check on 1 device-coherent page(s)")?;
+    console_has(&out, "1 moved to poisoned system pages")?;
+    Ok(())
+}
+
 pub(super) fn t_link_down(ctx: &mut Ctx) -> Result<()> {
     let out = loss_boot(ctx, "fault-link-down", "link")?;
     expect_status(&out, 0)?;
