@@ -346,12 +346,14 @@ impl Gpu {
     /// the command is replayed, on error it is cancelled and the error
     /// returned. A FAULT event that turns out not to be this command's (the
     /// REPLAY or CANCEL finds nothing parked: BAD_CONTEXT) is counted as
-    /// spurious and changes nothing; the command keeps running.
+    /// spurious and changes nothing; the command keeps running. `faults`
+    /// counts the device faults resolved and replayed (not spurious ones).
     pub(crate) fn execute_mmu(
         &self,
         opcode: u32,
         ctx: u32,
         ranges: &[Range],
+        faults: &mut u64,
         mut resolve: impl FnMut(&Event) -> Result,
     ) -> Result<Response> {
         let cmd = Command::new(opcode, ctx, self.tag(), ranges)?;
@@ -380,6 +382,8 @@ impl Gpu {
                     Ok(_) => {
                         if error.is_some() {
                             failure = error;
+                        } else {
+                            *faults += 1;
                         }
                     }
                 }

@@ -44,6 +44,10 @@ pub(crate) struct MirrorState {
 /// Ranges of the preallocated UNMAP command (each up to 4 GiB).
 const UNMAP_RANGES: usize = 16;
 
+/// How often one chunk of a device access is run again after the device
+/// completed it with an unreported fault (see `Mirror::access`).
+const MAX_UNREPORTED_FAULTS: u32 = 64;
+
 /// What a device access does when it faults.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FaultPolicy {
@@ -279,14 +283,30 @@ impl Mirror {
                 list.push(va, buf, PAGE_SIZE as u32, 0)?;
             }
         }
+        let unlocked = policy == FaultPolicy::ResolveUnlocked;
         for chunk in list.chunks() {
-            let resp = self.gpu.execute_mmu(op, self.ctx, chunk, |fault| match policy {
-                FaultPolicy::Refuse => Err(ENOENT),
-                FaultPolicy::Resolve | FaultPolicy::ResolveUnlocked => {
-                    counts.faults += 1;
-                    self.resolve(fault.addr, end, write, policy == FaultPolicy::ResolveUnlocked)
+            let mut unreported = 0;
+            let resp = loop {
+                let resp = self.gpu.execute_mmu(op, self.ctx, chunk, &mut counts.faults, |fault| match policy {
+                    FaultPolicy::Refuse => Err(ENOENT),
+                    FaultPolicy::Resolve | FaultPolicy::ResolveUnlocked => self.resolve(fault.addr, end, write, unlocked),
+                })?;
+                // A fault the device could not report (no free event buffer,
+                // e.g. during an event storm) completes the command with
+                // FAULT at once: resolve from the failing range on and run
+                // the chunk again (VREAD/VWRITE are plain copies), a bounded
+                // number of times.
+                if resp.status != abi::status::FAULT || unreported == MAX_UNREPORTED_FAULTS {
+                    break resp;
                 }
-            })?;
+                if policy == FaultPolicy::Refuse {
+                    return Err(ENOENT);
+                }
+                let failed = chunk.get(resp.failed_index as usize).ok_or(EIO)?;
+                self.resolve(if write { failed.dst } else { failed.src }, end, write, unlocked)?;
+                counts.faults += 1;
+                unreported += 1;
+            };
             if resp.status != abi::status::OK {
                 pr_err!(
                     "hmmgpu{}: device access failed: {}\n",
@@ -417,7 +437,7 @@ impl Mirror {
                 len: 8,
                 flags: range_flags::ATOMIC_ADD,
             };
-            let resp = self.gpu.execute_mmu(opcode::ATOMIC, self.ctx, &[atomic], |_| Err(ENOENT))?;
+            let resp = self.gpu.execute_mmu(opcode::ATOMIC, self.ctx, &[atomic], &mut 0, |_| Err(ENOENT))?;
             if resp.status != abi::status::OK {
                 return Err(EIO);
             }
