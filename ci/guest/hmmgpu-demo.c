@@ -19,10 +19,8 @@
  * runs `/sbin/rmmod NAME` (default hmmgpu) and checks every byte came back
  * to system memory intact.
  *
- * The pattern: xorshift64 over little-endian u64 words, state seeded with
- * SEED ^ 0x9E3779B97F4A7C15 (1 if that is 0), each word is the state after
- * x ^= x << 13; x ^= x >> 7; x ^= x << 17. ci/xtask/src/pattern.rs is the
- * host's copy; keep them identical.
+ * The pattern is ci/guest/pattern.h's (xorshift64 over little-endian u64
+ * words); ci/xtask/src/pattern.rs is the host's copy; keep them identical.
  *
  * Exit status: 0 all steps passed, 1 a step failed, 2 usage error.
  */
@@ -44,6 +42,7 @@
 #include <unistd.h>
 
 #include "test_hmm_uapi.h"
+#include "pattern.h"
 
 #define PAGE_SZ 4096UL
 #define PROT_KIND_MASK 0xF0
@@ -95,30 +94,6 @@ static void fail_msg(const char *fmt, ...)
 	va_end(ap);
 	printf("\n");
 	fflush(stdout);
-}
-
-static uint64_t xorshift_init(uint64_t seed)
-{
-	uint64_t x = seed ^ 0x9E3779B97F4A7C15ULL;
-
-	return x ? x : 1;
-}
-
-static uint64_t xorshift_next(uint64_t *x)
-{
-	*x ^= *x << 13;
-	*x ^= *x >> 7;
-	*x ^= *x << 17;
-	return *x;
-}
-
-static void fill_pattern(void *buf, size_t size, uint64_t seed)
-{
-	uint64_t *w = buf, x = xorshift_init(seed);
-	size_t i;
-
-	for (i = 0; i < size / 8; i++)
-		w[i] = xorshift_next(&x);
 }
 
 /*

@@ -63,7 +63,7 @@
  * 20 s: the kernel handles the error asynchronously), every other page
  * reads intact, the device still migrates and reads data, rmmod works.
  *
- * The pattern is hmmgpu-demo's (xorshift64, see there).
+ * The pattern is ci/guest/pattern.h's (xorshift64).
  * Exit status: 0 all checks passed, 1 a check failed, 2 usage error, 3 the
  * injection handshake with the host failed.
  */
@@ -85,6 +85,7 @@
 #include <unistd.h>
 
 #include "test_hmm_uapi.h"
+#include "pattern.h"
 
 #define PAGE_SZ 4096UL
 #define PROT_KIND_MASK 0xF0
@@ -133,30 +134,6 @@ static void check(bool ok, const char *what)
 		say("PASS: %s", what);
 	else
 		fail("%s", what);
-}
-
-static uint64_t xorshift_init(uint64_t seed)
-{
-	uint64_t x = seed ^ 0x9E3779B97F4A7C15ULL;
-
-	return x ? x : 1;
-}
-
-static uint64_t xorshift_next(uint64_t *x)
-{
-	*x ^= *x << 13;
-	*x ^= *x >> 7;
-	*x ^= *x << 17;
-	return *x;
-}
-
-static void fill_pattern(void *buf, size_t size, uint64_t seed)
-{
-	uint64_t *w = buf, x = xorshift_init(seed);
-	size_t i;
-
-	for (i = 0; i < size / 8; i++)
-		w[i] = xorshift_next(&x);
 }
 
 /* Touches every byte; returns whether all match the pattern of seed. */

@@ -1,4 +1,4 @@
-//! The test pattern of ci/guest/hmmgpu-demo.c (keep them identical):
+//! The test pattern of the guest programs, ci/guest/pattern.h (keep them identical):
 //! xorshift64 over little-endian u64 words, state seeded with
 //! `seed ^ 0x9E3779B97F4A7C15` (1 if that is 0).
 
@@ -119,7 +119,7 @@ mod tests {
 
     #[test]
     fn matches_the_c_implementation() {
-        // Printed by ci/guest/hmmgpu-demo.c's xorshift_init/xorshift_next.
+        // Printed by ci/guest/pattern.h's xorshift_init/xorshift_next.
         let v: Vec<u64> = XorShift64::new(1).take(3).collect();
         assert_eq!(
             v,
