@@ -171,9 +171,12 @@ impl Gpu {
     /// all-ones, as real hardware does; the driver then stops using the
     /// device (dead and lost). Checked at every uAPI operation and at removal.
     fn link_ok(&self) -> bool {
+        if self.is_link_down() {
+            return false;
+        }
         let page = self.canary.load(Ordering::Acquire);
-        if page.is_null() || self.is_link_down() {
-            return !self.is_link_down();
+        if page.is_null() {
+            return true; // no canary: nothing to tell by
         }
         // SAFETY: the canary is a coherent page we hold, in the direct map.
         let word = unsafe { shim::hmmgpu_shim_page_address(page) }.cast::<u64>();

@@ -585,6 +585,18 @@ pub(crate) fn evict_all(gpu: &Gpu, vram: &Vram) -> u64 {
 /// hmmgpu_shim_fill_pages: not zero).
 const LOST_FILL: core::ffi::c_int = 0xff;
 
+/// A system page (`order` 0, never null) or THP standing in for VRAM whose
+/// data is lost, filled with [`LOST_FILL`], locked for the migration.
+fn lost_stand_in(order: u32) -> *mut shim::Page {
+    // SAFETY: no VMA: anywhere; order 0 does not fail.
+    let page = unsafe { shim::hmmgpu_shim_alloc_sys_page(ptr::null_mut(), 0, order) };
+    if !page.is_null() {
+        // SAFETY: a page (or THP) we just allocated.
+        unsafe { shim::hmmgpu_shim_fill_pages(page, order, LOST_FILL) };
+    }
+    page
+}
+
 /// Eviction once the device cannot copy (it is lost): device-coherent pages
 /// are copied by the CPU through the BAR if `cpu_reads_vram` (the link is
 /// up); otherwise their data, like device-private data, is gone with the
@@ -602,44 +614,36 @@ fn evict_without_device(vram: &Vram, cpu_reads_vram: bool, src: &[c_ulong], dst:
             i += 1;
             continue;
         }
-        let nr = if s & mpfn_compound() != 0 && !coherent {
-            core::cmp::min(HUGE_PAGES, src.len() - i)
-        } else {
-            1
-        };
-        if nr > 1 {
+        if s & mpfn_compound() != 0 && !coherent {
             // A device THP needs a system THP: eviction (no VMA) cannot
             // split it into small pages.
-            // SAFETY: no VMA: anywhere.
-            let thp = unsafe { shim::hmmgpu_shim_alloc_sys_page(ptr::null_mut(), 0, HUGE_ORDER) };
+            let nr = core::cmp::min(HUGE_PAGES, src.len() - i);
+            let thp = lost_stand_in(HUGE_ORDER);
             if !thp.is_null() {
-                // SAFETY: a THP we just allocated.
-                unsafe { shim::hmmgpu_shim_fill_pages(thp, HUGE_ORDER, LOST_FILL) };
                 dst[i] = mpfn(thp) | (s & mpfn_write()) | mpfn_compound();
                 gone += nr as u64;
             }
             i += nr;
             continue;
         }
-        for j in 0..nr {
+        let page = if cpu_reads_vram {
             // SAFETY: no VMA: eviction allocates on the local node.
-            let page = unsafe { shim::hmmgpu_shim_alloc_sys_page(ptr::null_mut(), 0, 0) };
-            if page.is_null() {
-                // This page stays in VRAM (unmapping the memory waits for it).
-                continue;
-            }
+            unsafe { shim::hmmgpu_shim_alloc_sys_page(ptr::null_mut(), 0, 0) }
+        } else {
+            lost_stand_in(0)
+        };
+        // A null page stays in VRAM (unmapping the memory waits for it).
+        if !page.is_null() {
             if cpu_reads_vram {
                 // SAFETY: both are valid pages; a coherent page is in the direct map.
                 unsafe { shim::hmmgpu_shim_copy_page(page, spage) };
                 saved += 1;
             } else {
-                // SAFETY: a page we just allocated.
-                unsafe { shim::hmmgpu_shim_fill_pages(page, 0, LOST_FILL) };
                 gone += 1;
             }
-            dst[i + j] = mpfn(page) | (s & mpfn_write());
+            dst[i] = mpfn(page) | (s & mpfn_write());
         }
-        i += nr;
+        i += 1;
     }
     (saved, gone)
 }
@@ -677,13 +681,8 @@ pub(crate) extern "C" fn hmmgpu_rust_memory_failure(
         let spage = unsafe { shim::hmmgpu_shim_migrate_pfn_to_page(src[0]) };
         let mut page = ptr::null_mut();
         if src[0] & mpfn_migrate() != 0 && !spage.is_null() {
-            // SAFETY: no VMA: anywhere; order 0 does not fail.
-            page = unsafe { shim::hmmgpu_shim_alloc_sys_page(ptr::null_mut(), 0, 0) };
-            if !page.is_null() {
-                // SAFETY: a page we just allocated.
-                unsafe { shim::hmmgpu_shim_fill_pages(page, 0, LOST_FILL) };
-                dst[0] = mpfn(page) | (src[0] & mpfn_write());
-            }
+            page = lost_stand_in(0);
+            dst[0] = mpfn(page) | (src[0] & mpfn_write());
         }
         // SAFETY: the arrays of the call above, one entry (dst 0: nothing moves).
         unsafe { shim::hmmgpu_shim_evict_finish(src.as_mut_ptr(), dst.as_mut_ptr(), 1) };

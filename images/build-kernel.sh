@@ -104,22 +104,7 @@ if [[ -f "$KDIR/done" ]]; then
     exit 0
 fi
 
-if [[ ! -f "$SRC/.hmmgpu-unpacked" ]]; then
-    log "unpacking linux-source $KERNEL_VERSION into $SRC"
-    # A private directory, renamed into place: two runs may unpack at once.
-    tmp_src="$(mktemp -d "$SRC.tmp.XXXXXX")"
-    tar -xf "$KERNEL_TARBALL" -C "$tmp_src" --strip-components=1
-    for p in "${patches[@]}"; do
-        log "applying $(basename "$p")"
-        patch -d "$tmp_src" -p1 --quiet <"$p"
-    done
-    touch "$tmp_src/.hmmgpu-unpacked"
-    if [[ -f "$SRC/.hmmgpu-unpacked" ]]; then
-        rm -rf "$tmp_src"   # another run was first
-    else
-        rm -rf "$SRC" && mv "$tmp_src" "$SRC"
-    fi
-fi
+unpack_patched "$SRC" "$KERNEL_TARBALL" "linux-source $KERNEL_VERSION" "${patches[@]}"
 
 # One heavy build at a time on this machine (kernel and QEMU share the lock).
 exec 9>"$HMMGPU_CACHE/heavy-build.lock"

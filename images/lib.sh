@@ -100,3 +100,26 @@ run_guest_binary() {
         "$q" "$@"
     fi
 }
+
+# unpack_patched DIR TARBALL WHAT [PATCH...]: unpacks TARBALL (its top
+# directory stripped) into DIR with the patches applied, unless DIR is
+# complete already. Two runs may do this at once: each unpacks into a private
+# directory and the first renames its copy into place.
+unpack_patched() {
+    local dir="$1" tarball="$2" what="$3" tmp p
+    shift 3
+    [[ -f "$dir/.hmmgpu-unpacked" ]] && return 0
+    log "unpacking $what into $dir"
+    tmp="$(mktemp -d "$dir.tmp.XXXXXX")"
+    tar -xf "$tarball" -C "$tmp" --strip-components=1 --no-same-owner
+    for p in "$@"; do
+        log "applying $(basename "$p")"
+        patch -d "$tmp" -p1 --quiet --forward <"$p" || die "$(basename "$p") does not apply"
+    done
+    touch "$tmp/.hmmgpu-unpacked"
+    if [[ -f "$dir/.hmmgpu-unpacked" ]]; then
+        rm -rf "$tmp"   # another run was first
+    else
+        rm -rf "$dir" && mv "$tmp" "$dir"
+    fi
+}

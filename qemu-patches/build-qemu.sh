@@ -95,22 +95,7 @@ if [[ -f "$QDIR/done" ]]; then
     exit 0
 fi
 
-if [[ ! -f "$SRC/.hmmgpu-unpacked" ]]; then
-    log "unpacking qemu $QEMU_DEB_VERSION into $SRC"
-    # A private directory, renamed into place: two runs may unpack at once.
-    tmp_src="$(mktemp -d "$SRC.tmp.XXXXXX")"
-    tar -xf "$ORIG" -C "$tmp_src" --strip-components=1 --no-same-owner
-    for p in "${debian_patches[@]}" "${patches[@]}"; do
-        log "applying $(basename "$p")"
-        patch -d "$tmp_src" -p1 --quiet --forward <"$p" || die "$(basename "$p") does not apply"
-    done
-    touch "$tmp_src/.hmmgpu-unpacked"
-    if [[ -f "$SRC/.hmmgpu-unpacked" ]]; then
-        rm -rf "$tmp_src"   # another run was first
-    else
-        rm -rf "$SRC" && mv "$tmp_src" "$SRC"
-    fi
-fi
+unpack_patched "$SRC" "$ORIG" "qemu $QEMU_DEB_VERSION" "${debian_patches[@]}" "${patches[@]}"
 
 # One heavy build at a time on this machine (kernel and QEMU share the lock).
 exec 9>"$HMMGPU_CACHE/heavy-build.lock"

@@ -34,33 +34,36 @@ pub fn apply(run_dir: &Path, gpu: u32, fault: &Value) -> Result<Value> {
     let obj = fault.as_object().context("a fault is a JSON object")?;
     match fault["kind"].as_str() {
         Some("link_down") => {
-            for k in obj.keys() {
-                if k != "kind" && k != "down" {
-                    bail!("link_down: unknown member '{k}' (only \"down\": true|false)");
-                }
-            }
+            only_members(obj, "link_down", &["down"])?;
             let down = fault["down"]
                 .as_bool()
                 .context("link_down needs \"down\": true or false")?;
             set_link_down(run_dir, gpu, down)
         }
         Some("mce") => {
-            if let Some(k) = obj.keys().find(|k| *k != "kind" && *k != "addr") {
-                bail!("mce: unknown member '{k}' (only \"addr\")");
-            }
+            only_members(obj, "mce", &["addr"])?;
             let addr = fault["addr"]
                 .as_u64()
                 .context("mce needs \"addr\": the guest-physical address")?;
             machine_check(run_dir, addr)
         }
         Some("kill_backend") => {
-            if let Some(k) = obj.keys().find(|k| *k != "kind") {
-                bail!("kill_backend: unknown member '{k}'");
-            }
+            only_members(obj, "kill_backend", &[])?;
             kill_backend(run_dir, gpu)
         }
         _ => bail!("not a host-side fault: {fault}"),
     }
+}
+
+/// Fails on a member of the `kind` fault `obj` other than "kind" and `allowed`.
+fn only_members(obj: &serde_json::Map<String, Value>, kind: &str, allowed: &[&str]) -> Result<()> {
+    if let Some(k) = obj
+        .keys()
+        .find(|k| *k != "kind" && !allowed.contains(&k.as_str()))
+    {
+        bail!("{kind}: unknown member '{k}' (it takes {allowed:?})");
+    }
+    Ok(())
 }
 
 /// Sets `link-down` of GPU `gpu`'s device (QOM path /machine/peripheral/gpuN).

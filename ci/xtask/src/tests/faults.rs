@@ -105,7 +105,7 @@ fn guest_counter(out: &VmOutcome, name: &str) -> Result<u64> {
         .with_context(|| format!("bad counter line {line:?}"))
 }
 
-fn faults_boot<'a>(test: &'a str, cmd: &[&str]) -> Boot<'a> {
+pub(super) fn faults_boot<'a>(test: &'a str, cmd: &[&str]) -> Boot<'a> {
     Boot {
         test,
         gpus: 1,

@@ -5,19 +5,14 @@
 //! the fault through the console (see tests/faults.rs) and checks the
 //! outcomes in the guest; here the host checks the driver said why.
 
-use super::faults::inject_hook;
-use super::{argv, expect_status, Boot, Ctx};
+use super::faults::{faults_boot, inject_hook};
+use super::{expect_status, Ctx};
 use crate::vm::{self, VmOutcome};
 use anyhow::{ensure, Result};
 
 fn loss_boot(ctx: &mut Ctx, test: &'static str, how: &str) -> Result<VmOutcome> {
     ctx.boot_extra(
-        Boot {
-            test,
-            gpus: 1,
-            driver: true,
-            cmd: argv(&["hmmgpu-faults", "loss", how]),
-        },
+        faults_boot(test, &["hmmgpu-faults", "loss", how]),
         vm::VmExtra {
             console_hook: Some(inject_hook()),
             backends_may_die: true,
@@ -48,12 +43,7 @@ pub(super) fn t_machine_check(ctx: &mut Ctx) -> Result<()> {
         "machine-check injection is x86-only (QEMU's mce)"
     );
     let out = ctx.boot_extra(
-        Boot {
-            test: "fault-machine-check",
-            gpus: 1,
-            driver: true,
-            cmd: argv(&["hmmgpu-faults", "mce"]),
-        },
+        faults_boot("fault-machine-check", &["hmmgpu-faults", "mce"]),
         vm::VmExtra {
             console_hook: Some(inject_hook()),
             tcg_cpu: Some(crate::hostfault::MCE_CPU.to_string()),
