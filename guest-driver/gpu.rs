@@ -5,7 +5,7 @@
 
 use crate::abi::{self, opcode, DeviceConfig, Event, Range, Response};
 use crate::migrate;
-use crate::queue::{Command, InFlight, Queues, RangeList, Wait};
+use crate::queue::{Command, InFlight, Queues, RangeList, Wait, COMMAND_TIMEOUT_MS};
 use crate::shim;
 use crate::uapi::MirrorDevice;
 use crate::vram::{MemKind, Vram};
@@ -44,6 +44,9 @@ fn access_span(opcode: u32, ranges: &[Range]) -> (u64, u64) {
     let end = ranges.iter().map(|r| va(r).saturating_add(u64::from(r.len))).max().unwrap_or(0);
     (start, end)
 }
+
+/// A command a device reset gave back unexecuted, to submit again.
+struct Resubmit(Command);
 
 /// Counters of the driver's own, shown after the device's in debugfs.
 #[derive(Default)]
@@ -90,6 +93,12 @@ pub(crate) struct Gpu {
     /// False once the queues are torn down (removal): no more submissions.
     #[pin]
     queues_live: Mutex<bool>,
+    /// Serializes device resets (see [`Gpu::recover`]).
+    #[pin]
+    reset_lock: Mutex<()>,
+    /// Device resets done; a command submitted in generation N that times
+    /// out asks for a reset only if no other reset came since.
+    resets: AtomicU64,
     #[pin]
     contexts: SpinLockIrq<Contexts>,
     /// The device-private half of the VRAM (/dev/hmm_dmirror<index>).
@@ -199,11 +208,8 @@ impl Gpu {
     fn set_canary(&self) {
         match self.coherent.alloc_page(false) {
             Ok((page, _)) => {
-                // SAFETY: a coherent page is in the direct map; ours.
-                let word = unsafe { shim::hmmgpu_shim_page_address(page) }.cast::<u64>();
-                // SAFETY: as above.
-                unsafe { ptr::write_volatile(word, LINK_CANARY) };
                 self.canary.store(page, Ordering::Release);
+                self.write_canary();
             }
             Err(e) => pr_warn!(
                 "hmmgpu{}: no VRAM for the link canary ({:?}): a failed link will not be noticed\n",
@@ -211,6 +217,19 @@ impl Gpu {
                 e
             ),
         }
+    }
+
+    /// Writes the link canary's mark (at setup, and after a device reset,
+    /// which on real hardware would have lost it with the rest of VRAM).
+    fn write_canary(&self) {
+        let page = self.canary.load(Ordering::Acquire);
+        if page.is_null() {
+            return;
+        }
+        // SAFETY: the canary is a coherent page we hold, in the direct map.
+        let word = unsafe { shim::hmmgpu_shim_page_address(page) }.cast::<u64>();
+        // SAFETY: as above.
+        unsafe { ptr::write_volatile(word, LINK_CANARY) };
     }
 
     /// Whether the device stopped answering (see [`Gpu::hung`]).
@@ -235,28 +254,218 @@ impl Gpu {
         self.tags.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Submits a prepared command unless the queues are gone. Allocates
-    /// nothing: callable under the mirror lock (which memory reclaim can
-    /// wait for through the MMU notifier).
-    fn submit(&self, cmd: Command) -> core::result::Result<InFlight, (Error, Command)> {
-        let live = self.queues_live.lock();
-        if !*live || self.is_lost() {
-            return Err((ENODEV, cmd));
+    /// Submits a prepared command unless the queues are gone, waiting for
+    /// a reset under way to end. Allocates nothing: callable under the
+    /// mirror lock (which memory reclaim can wait for through the MMU
+    /// notifier; a reset never enters reclaim, see [`Gpu::recover`]).
+    /// Returns the reset generation the command runs in.
+    fn submit(&self, mut cmd: Command) -> core::result::Result<(InFlight, u64), (Error, Command)> {
+        loop {
+            {
+                let live = self.queues_live.lock();
+                if !*live || self.is_lost() {
+                    return Err((ENODEV, cmd));
+                }
+                match self.queues.submit(cmd, false) {
+                    Ok(flight) => return Ok((flight, self.resets.load(Ordering::Acquire))),
+                    Err((e, back)) if e == EAGAIN => cmd = back,
+                    Err(other) => return Err(other),
+                }
+            }
+            if !self.queues.wait_running(COMMAND_TIMEOUT_MS) {
+                return Err((ENODEV, cmd));
+            }
         }
-        self.queues.submit(cmd)
+    }
+
+    /// Waits for a submitted command. A timeout resets the device (see
+    /// [`Gpu::recover`]), which finishes the command: completed, or given
+    /// back with `Err(ECANCELED)`.
+    fn wait(&self, flight: &mut InFlight, generation: u64) -> Result<Wait> {
+        match flight.wait() {
+            Err(e) if e == ETIMEDOUT => {
+                self.recover(generation)?;
+                // The reset finished the command; still nothing: give up.
+                flight.wait().map_err(|e| if e == ETIMEDOUT { self.hung(e) } else { e })
+            }
+            other => other,
+        }
     }
 
     /// Executes a prepared command and waits for its response; hands the
-    /// command back for reuse when the device is done with it.
+    /// command back for reuse when the device is done with it. A command a
+    /// device reset gave back is submitted once more if that is harmless
+    /// ([`Command::can_resubmit`]), else fails with EIO.
     pub(crate) fn execute_cmd(&self, cmd: Command) -> Result<(Response, Command)> {
-        let mut flight = self.submit(cmd).map_err(|(e, _)| e)?;
+        let mut cmd = cmd;
+        let mut resubmitted = false;
         loop {
-            match flight.wait().map_err(|e| self.hung(e))? {
-                Wait::Done(resp) => {
-                    let cmd = flight.into_command().ok_or(EINVAL)?;
-                    return Ok((resp, cmd));
+            let (mut flight, generation) = self.submit(cmd).map_err(|(e, _)| e)?;
+            let error = loop {
+                match self.wait(&mut flight, generation) {
+                    Ok(Wait::Done(resp)) => {
+                        let cmd = flight.into_command().ok_or(EINVAL)?;
+                        return Ok((resp, cmd));
+                    }
+                    Ok(Wait::Woken) => continue,
+                    Err(e) => break e,
                 }
+            };
+            if error != ECANCELED {
+                return Err(error);
+            }
+            cmd = flight.into_command().ok_or(EIO)?;
+            if resubmitted || !cmd.can_resubmit() {
+                return Err(EIO);
+            }
+            resubmitted = true;
+        }
+    }
+
+    /// Executes a command while the queues restart after a reset (only the
+    /// resetter may): no waiting for the reset, no recovery.
+    fn execute_privileged(&self, opcode: u32, ctx: u32) -> Result<Response> {
+        let cmd = Command::new(opcode, ctx, self.tag(), &[])?;
+        let mut flight = self.queues.submit(cmd, true).map_err(|(e, _)| e)?;
+        loop {
+            match flight.wait()? {
+                Wait::Done(resp) => return Ok(resp),
                 Wait::Woken => continue,
+            }
+        }
+    }
+
+    /// Resets the device after a command of reset generation `generation`
+    /// got no answer in [`COMMAND_TIMEOUT_MS`] (even by polling: not a lost
+    /// interrupt but a stalled queue). Unless another reset came since: the
+    /// virtio reset stops the device, every command in the queue is
+    /// finished (completed or given back), the queues restart and every
+    /// context is recreated empty, since the device may hold mappings
+    /// that an UNMAP refused during the reset should have removed. VRAM is
+    /// untouched: this resets the queues, not the memory. The device is
+    /// declared lost (ENODEV) if it does not come back.
+    fn recover(&self, generation: u64) -> Result {
+        let _serialized = self.reset_lock.lock();
+        if self.resets.load(Ordering::Acquire) != generation {
+            return Ok(()); // another waiter's reset finished our command too
+        }
+        if self.is_lost() || !*self.queues_live.lock() {
+            return Err(ENODEV);
+        }
+        pr_warn!(
+            "hmmgpu{}: a command got no answer in {} ms; resetting the device\n",
+            self.index,
+            COMMAND_TIMEOUT_MS
+        );
+        // SAFETY: plain flag save; restored below on this task.
+        let flags = unsafe { shim::hmmgpu_shim_noreclaim_save() };
+        // SAFETY: the device is bound and its queues exist.
+        unsafe { shim::hmmgpu_shim_queues_stop(self.vdev) };
+        let result = self.restart(true);
+        // SAFETY: saved above.
+        unsafe { shim::hmmgpu_shim_noreclaim_restore(flags) };
+        match result {
+            Ok(contexts) => {
+                pr_notice!(
+                    "hmmgpu{}: reset done ({} contexts recreated); commands in flight were retried\n",
+                    self.index,
+                    contexts
+                );
+                Ok(())
+            }
+            Err(e) => {
+                pr_err!("hmmgpu{}: the device did not come back from its reset: {:?}\n", self.index, e);
+                Err(self.hung(ETIMEDOUT))
+            }
+        }
+    }
+
+    /// Restarts stopped queues (`negotiate`: the features too, which the
+    /// virtio core does itself after a transport reset), recreates every
+    /// context in use empty and lets submissions resume. On failure the
+    /// queues stay dead. Returns how many contexts were recreated.
+    fn restart(&self, negotiate: bool) -> Result<usize> {
+        let result = self.restart_queues(negotiate);
+        // Before resuming, so a command submitted after it gets the new one.
+        self.resets.fetch_add(1, Ordering::AcqRel);
+        self.queues.set_running(result.is_ok());
+        result
+    }
+
+    fn restart_queues(&self, negotiate: bool) -> Result<usize> {
+        // SAFETY: the device is bound; its queues were stopped.
+        let ret = unsafe { shim::hmmgpu_shim_queues_restart(self.vdev, negotiate) };
+        if ret < 0 {
+            return Err(Error::from_errno(ret));
+        }
+        let mut recreated = 0;
+        let mut index = 0;
+        loop {
+            let used = {
+                let contexts = self.contexts.lock();
+                match contexts.slots.get(index) {
+                    None => break,
+                    Some(slot) => slot.used,
+                }
+            };
+            index += 1;
+            if !used {
+                continue;
+            }
+            let ctx = index as u32;
+            // Whatever the destroy answers, the create must succeed.
+            self.execute_privileged(opcode::CTX_DESTROY, ctx)?;
+            let resp = self.execute_privileged(opcode::CTX_CREATE, ctx)?;
+            if resp.status != abi::status::OK {
+                pr_err!("hmmgpu{}: recreating context {}: {}\n", self.index, ctx, abi::status::name(resp.status));
+                return Err(EIO);
+            }
+            recreated += 1;
+        }
+        Ok(recreated)
+    }
+
+    /// `virtio_driver.reset_prepare`: a transport reset (PCI function
+    /// reset, bus reset) is coming, which on a real GPU loses VRAM. While
+    /// the device still works, every page in VRAM is migrated to system
+    /// memory (as on removal); then the queues stop.
+    fn reset_prepare(&self) {
+        let _serialized = self.reset_lock.lock();
+        pr_notice!("hmmgpu{}: device reset requested: evicting VRAM, then stopping\n", self.index);
+        if !self.is_lost() && self.link_ok() {
+            let evicted = migrate::evict_all(self, &self.private) + migrate::evict_all(self, &self.coherent);
+            self.private.reclaim_deferred();
+            self.coherent.reclaim_deferred();
+            pr_notice!("hmmgpu{}: {} pages evicted to system memory before the reset\n", self.index, evicted);
+        }
+        // SAFETY: the device is bound.
+        unsafe { shim::hmmgpu_shim_queues_stop(self.vdev) };
+    }
+
+    /// `virtio_driver.reset_done`: the virtio core reset the device and
+    /// renegotiated its features; the queues restart and the device is used
+    /// again (its VRAM holds nothing of anyone's but the link canary).
+    fn reset_done(&self) -> Result {
+        let _serialized = self.reset_lock.lock();
+        if self.is_lost() {
+            self.queues.set_running(false);
+            pr_err!("hmmgpu{}: the device was lost before its reset; it stays dead\n", self.index);
+            return Err(ENODEV);
+        }
+        // SAFETY: plain flag save; restored below on this task.
+        let flags = unsafe { shim::hmmgpu_shim_noreclaim_save() };
+        let result = self.restart(false);
+        // SAFETY: saved above.
+        unsafe { shim::hmmgpu_shim_noreclaim_restore(flags) };
+        match result {
+            Ok(contexts) => {
+                self.write_canary();
+                pr_notice!("hmmgpu{}: reset done ({} contexts recreated); the device is back\n", self.index, contexts);
+                Ok(())
+            }
+            Err(e) => {
+                pr_err!("hmmgpu{}: the device did not come back from its reset: {:?}\n", self.index, e);
+                Err(self.hung(ETIMEDOUT))
             }
         }
     }
@@ -359,15 +568,41 @@ impl Gpu {
         faults: &mut u64,
         mut resolve: impl FnMut(&Event) -> Result,
     ) -> Result<Response> {
-        let cmd = Command::new(opcode, ctx, self.tag(), ranges)?;
+        let span = access_span(opcode, ranges);
+        let mut cmd = Command::new(opcode, ctx, self.tag(), ranges)?;
+        let mut resubmitted = false;
+        loop {
+            match self.execute_access(cmd, ctx, span, faults, &mut resolve) {
+                Err(Resubmit(back)) if !resubmitted && back.can_resubmit() => {
+                    // A device reset gave it back; the context is empty now,
+                    // so the access faults its pages in again.
+                    cmd = back;
+                    resubmitted = true;
+                }
+                Err(Resubmit(_)) => return Err(EIO),
+                Ok(result) => return result,
+            }
+        }
+    }
+
+    /// One submission of an MMU access for [`Gpu::execute_mmu`]; gives the
+    /// command back if a device reset returned it unexecuted.
+    fn execute_access(
+        &self,
+        cmd: Command,
+        ctx: u32,
+        span: (u64, u64),
+        faults: &mut u64,
+        resolve: &mut impl FnMut(&Event) -> Result,
+    ) -> core::result::Result<Result<Response>, Resubmit> {
         // Before the submission: the device may report a fault before the
         // waiter is set, and on_event must know the access by then.
-        self.begin_access(ctx, access_span(opcode, ranges));
-        let mut flight = match self.submit(cmd) {
-            Ok(flight) => flight,
+        self.begin_access(ctx, span);
+        let (mut flight, generation) = match self.submit(cmd) {
+            Ok(submitted) => submitted,
             Err((e, _)) => {
                 self.end_access(ctx);
-                return Err(e);
+                return Ok(Err(e));
             }
         };
         self.set_waiter(ctx, flight.token());
@@ -392,16 +627,20 @@ impl Gpu {
                 }
                 continue;
             }
-            match flight.wait() {
+            match self.wait(&mut flight, generation) {
                 Ok(Wait::Done(resp)) => break Ok(resp),
                 Ok(Wait::Woken) => continue,
-                Err(e) => break Err(self.hung(e)),
+                Err(e) => break Err(e),
             }
         };
         self.end_access(ctx);
         match (result, failure) {
-            (Ok(_), Some(e)) => Err(e),
-            (result, _) => result,
+            (Err(e), _) if e == ECANCELED => match flight.into_command() {
+                Some(cmd) => Err(Resubmit(cmd)),
+                None => Ok(Err(EIO)),
+            },
+            (Ok(_), Some(e)) => Ok(Err(e)),
+            (result, _) => Ok(result),
         }
     }
 
@@ -629,6 +868,8 @@ impl Gpu {
                 vram_bar,
                 queues: Queues::new(queues),
                 queues_live <- new_mutex!(true),
+                reset_lock <- new_mutex!(()),
+                resets: AtomicU64::new(0),
                 contexts <- new_spinlock_irq!(Contexts { slots: KVec::new() }),
                 private <- Vram::new(MemKind::Private, 0, config.vram_size / 2)?,
                 coherent <- Vram::new(MemKind::Coherent, config.vram_size / 2, config.vram_size / 2)?,
@@ -817,6 +1058,26 @@ pub(crate) extern "C" fn hmmgpu_rust_remove(vdev: *mut shim::VirtioDevice) {
     unsafe { shim::hmmgpu_shim_set_priv(vdev, core::ptr::null_mut()) };
 }
 
+/// Called by the shim's virtio reset_prepare (a PCI function or bus reset).
+#[no_mangle]
+pub(crate) extern "C" fn hmmgpu_rust_reset_prepare(vdev: *mut shim::VirtioDevice) {
+    // SAFETY: probe stored an `Arc<Gpu>` in priv; the driver stays bound
+    // across a reset (the PCI core holds the device lock).
+    let gpu = unsafe { &*shim::hmmgpu_shim_get_priv(vdev).cast::<Gpu>() };
+    gpu.reset_prepare();
+}
+
+/// Called by the shim's virtio reset_done.
+#[no_mangle]
+pub(crate) extern "C" fn hmmgpu_rust_reset_done(vdev: *mut shim::VirtioDevice) -> core::ffi::c_int {
+    // SAFETY: as in `hmmgpu_rust_reset_prepare`.
+    let gpu = unsafe { &*shim::hmmgpu_shim_get_priv(vdev).cast::<Gpu>() };
+    match gpu.reset_done() {
+        Ok(()) => 0,
+        Err(e) => e.to_errno(),
+    }
+}
+
 /// Called by the devm action registered in probe: drops its reference.
 #[no_mangle]
 pub(crate) extern "C" fn hmmgpu_rust_gpu_put(cookie: *mut c_void) {
@@ -864,6 +1125,8 @@ pub(crate) extern "C" fn hmmgpu_rust_format_counters(cookie: *mut c_void, buf: *
         ("driver_fault_events", c.fault_events.load(Ordering::Relaxed)),
         ("driver_spurious_faults", c.spurious_faults.load(Ordering::Relaxed)),
         ("driver_copy_errors", c.copy_errors.load(Ordering::Relaxed)),
+        ("driver_polled_completions", gpu.queues.polled_completions()),
+        ("driver_resets", gpu.resets.load(Ordering::Relaxed)),
     ];
     let device = abi::counter::NAMES.iter().copied().zip(counters.iter().copied());
     for (name, value) in Iterator::chain(device, driver) {

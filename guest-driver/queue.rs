@@ -39,8 +39,14 @@ impl Queues {
 
     /// Submits a prepared command; the returned [`InFlight`] waits for it.
     /// Allocates nothing (GFP_ATOMIC inside the virtqueue at most), so it
-    /// may be called under locks that memory reclaim can wait for.
-    pub(crate) fn submit(&self, mut cmd: Command) -> core::result::Result<InFlight, (Error, Command)> {
+    /// may be called under locks that memory reclaim can wait for. While a
+    /// reset is under way it fails with EAGAIN, except for the resetter's
+    /// own `privileged` commands; after a failed reset with ENODEV.
+    pub(crate) fn submit(
+        &self,
+        mut cmd: Command,
+        privileged: bool,
+    ) -> core::result::Result<InFlight, (Error, Command)> {
         // SAFETY: the buffers and token live in `cmd`, which the returned
         // `InFlight` keeps until the command completed (or leaks).
         let ret = unsafe {
@@ -51,20 +57,43 @@ impl Queues {
                 cmd.out.len() as u32,
                 cmd.resp.as_mut_ptr().cast(),
                 Response::SIZE as u32,
+                privileged,
             )
         };
         if ret < 0 {
             return Err((Error::from_errno(ret), cmd));
         }
         Ok(InFlight {
+            queues: self.0,
             cmd: Some(cmd),
         })
+    }
+
+    /// Waits (up to `timeout_ms`) for a reset under way to end; whether
+    /// commands may be submitted again.
+    pub(crate) fn wait_running(&self, timeout_ms: u32) -> bool {
+        // SAFETY: the queues are live.
+        unsafe { shim::hmmgpu_shim_queues_wait_running(self.0, timeout_ms) }
+    }
+
+    /// Completions the driver found by polling, their interrupt lost or late.
+    pub(crate) fn polled_completions(&self) -> u64 {
+        // SAFETY: the queues are live.
+        unsafe { shim::hmmgpu_shim_polled_completions(self.0) as u64 }
+    }
+
+    /// Ends a reset: commands run again, or (`false`) never again.
+    pub(crate) fn set_running(&self, running: bool) {
+        // SAFETY: the queues are live.
+        unsafe { shim::hmmgpu_shim_queues_set_running(self.0, running) }
     }
 }
 
 /// A command with its buffers, ready to submit; reusable once completed.
 pub(crate) struct Command {
     token: *mut shim::Cmd,
+    /// The opcode last encoded.
+    opcode: u32,
     /// Header and ranges (kmalloc'd: the virtqueue needs the direct map).
     out: KVec<u8>,
     resp: KBox<[u8; Response::SIZE]>,
@@ -86,7 +115,7 @@ impl Command {
         if token.is_null() {
             return Err(ENOMEM);
         }
-        Ok(Self { token, out, resp })
+        Ok(Self { token, opcode: abi::opcode::NOP, out, resp })
     }
 
     /// A command for exactly these ranges.
@@ -110,6 +139,7 @@ impl Command {
             count: ranges.len() as u32,
             reserved: 0,
         };
+        self.opcode = opcode;
         self.out.clear();
         // Within capacity: these never allocate.
         self.out.extend_from_slice(&header.to_bytes(), GFP_ATOMIC)?;
@@ -118,6 +148,15 @@ impl Command {
         }
         *self.resp = [0u8; Response::SIZE];
         Ok(())
+    }
+}
+
+impl Command {
+    /// Whether running the command a second time, after a reset gave it
+    /// back, does no harm: not for ATOMIC, which the device may have
+    /// executed before its completion was lost.
+    pub(crate) fn can_resubmit(&self) -> bool {
+        self.opcode != abi::opcode::ATOMIC
     }
 }
 
@@ -139,6 +178,7 @@ pub(crate) enum Wait {
 
 /// A submitted command.
 pub(crate) struct InFlight {
+    queues: *mut shim::Queues,
     /// `None` once completed and handed back.
     cmd: Option<Command>,
 }
@@ -150,14 +190,16 @@ impl InFlight {
     }
 
     /// Waits for completion or a wake-up. `Err(ETIMEDOUT)`: the device did
-    /// not answer in time; `Err(EIO)`: it dropped the command.
+    /// not answer in time; `Err(ECANCELED)`: a device reset gave the
+    /// command back unexecuted (it may be resubmitted); `Err(EIO)`: the
+    /// device dropped it.
     pub(crate) fn wait(&mut self) -> Result<Wait> {
         let token = self.token();
         if token.is_null() {
             return Err(EINVAL);
         }
         // SAFETY: `token` was submitted and is still ours.
-        let used = unsafe { shim::hmmgpu_shim_cmd_wait(token, COMMAND_TIMEOUT_MS) };
+        let used = unsafe { shim::hmmgpu_shim_cmd_wait(self.queues, token, COMMAND_TIMEOUT_MS) };
         if used == -(bindings::EAGAIN as c_long) {
             return Ok(Wait::Woken);
         }
@@ -171,7 +213,8 @@ impl InFlight {
         Ok(Wait::Done(Response::from_bytes(&cmd.resp[..]).ok_or(EIO)?))
     }
 
-    /// The command back for reuse, once `wait` returned `Done`.
+    /// The command back for reuse, once `wait` returned `Done` or
+    /// `Err(ECANCELED)` (the device no longer owns its buffers).
     pub(crate) fn into_command(mut self) -> Option<Command> {
         self.cmd.take()
     }

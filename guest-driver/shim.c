@@ -65,11 +65,26 @@ static void hmmgpu_virtio_remove(struct virtio_device *vdev)
 	hmmgpu_rust_remove(vdev);
 }
 
+/* A transport reset (PCI function or bus reset) is coming: quiesce. */
+static int hmmgpu_virtio_reset_prepare(struct virtio_device *vdev)
+{
+	hmmgpu_rust_reset_prepare(vdev);
+	return 0;
+}
+
+/* The virtio core reset and renegotiated the device: bring it back. */
+static int hmmgpu_virtio_reset_done(struct virtio_device *vdev)
+{
+	return hmmgpu_rust_reset_done(vdev);
+}
+
 static struct virtio_driver hmmgpu_virtio_driver = {
 	.driver.name = KBUILD_MODNAME,
 	.id_table = hmmgpu_id_table,
 	.probe = hmmgpu_virtio_probe,
 	.remove = hmmgpu_virtio_remove,
+	.reset_prepare = hmmgpu_virtio_reset_prepare,
+	.reset_done = hmmgpu_virtio_reset_done,
 };
 
 int hmmgpu_shim_register_driver(void)
@@ -125,15 +140,36 @@ bool hmmgpu_shim_get_shm(struct virtio_device *vdev, u8 id, u64 *addr,
 #define HMMGPU_EVENT_SIZE	32	/* abi::Event::SIZE */
 #define HMMGPU_EVENT_BUFS	64
 
+/*
+ * A waiter that sees no completion for this long polls the used ring
+ * itself: the device may have completed the command without an interrupt
+ * (a lost interrupt; with VIRTIO_RING_F_EVENT_IDX none comes until the
+ * driver moves used_event on).
+ */
+#define HMMGPU_POLL_MS		250
+
 struct hmmgpu_cmd {
 	struct completion done;
 	unsigned int len;
 	bool completed;
+	bool aborted;		/* given back by a device reset, not executed */
+};
+
+/* Whether commands may be submitted (see hmmgpu_shim_queues_stop()). */
+enum hmmgpu_queue_state {
+	HMMGPU_QUEUES_RUNNING,
+	HMMGPU_QUEUES_STOPPED,		/* no virtqueues: being reset */
+	HMMGPU_QUEUES_RESTARTING,	/* new virtqueues, for the resetter only */
+	HMMGPU_QUEUES_DEAD,		/* the reset failed */
 };
 
 struct hmmgpu_queues {
+	struct virtio_device *vdev;
 	struct virtqueue *cmd_vq;
-	spinlock_t cmd_lock;		/* serializes cmd_vq operations */
+	spinlock_t cmd_lock;		/* serializes cmd_vq operations, state */
+	enum hmmgpu_queue_state state;
+	wait_queue_head_t state_wq;	/* woken when state leaves STOPPED/RESTARTING */
+	unsigned long polled;		/* completions found by polling */
 	struct virtqueue *event_vq;
 	spinlock_t event_lock;		/* serializes event_vq operations */
 	void *gpu;			/* Rust cookie for events; NULL until started */
@@ -160,23 +196,55 @@ void *hmmgpu_shim_get_priv(struct virtio_device *vdev)
 	return q->rust_priv;
 }
 
-static void hmmgpu_cmd_interrupt(struct virtqueue *vq)
+static void hmmgpu_cmd_finish(struct hmmgpu_cmd *cmd, unsigned int len,
+			      bool aborted)
 {
-	struct hmmgpu_queues *q = vq->vdev->priv;
-	struct hmmgpu_cmd *cmd;
-	unsigned long flags;
-	unsigned int len;
+	cmd->len = len;
+	cmd->aborted = aborted;
+	smp_store_release(&cmd->completed, true);
+	complete(&cmd->done);
+}
 
-	spin_lock_irqsave(&q->cmd_lock, flags);
+/* Completes every used command; returns how many. Under cmd_lock. */
+static unsigned int hmmgpu_cmd_harvest(struct virtqueue *vq)
+{
+	struct hmmgpu_cmd *cmd;
+	unsigned int len, n = 0;
+
 	do {
 		virtqueue_disable_cb(vq);
 		while ((cmd = virtqueue_get_buf(vq, &len))) {
-			cmd->len = len;
-			smp_store_release(&cmd->completed, true);
-			complete(&cmd->done);
+			hmmgpu_cmd_finish(cmd, len, false);
+			n++;
 		}
 	} while (!virtqueue_enable_cb(vq));
+	return n;
+}
+
+static void hmmgpu_cmd_interrupt(struct virtqueue *vq)
+{
+	struct hmmgpu_queues *q = vq->vdev->priv;
+	unsigned long flags;
+
+	spin_lock_irqsave(&q->cmd_lock, flags);
+	hmmgpu_cmd_harvest(vq);
 	spin_unlock_irqrestore(&q->cmd_lock, flags);
+}
+
+/* What an interrupt would have done, for a waiter that got none. */
+static void hmmgpu_cmd_poll(struct hmmgpu_queues *q)
+{
+	unsigned long flags;
+
+	spin_lock_irqsave(&q->cmd_lock, flags);
+	if (q->cmd_vq)
+		q->polled += hmmgpu_cmd_harvest(q->cmd_vq);
+	spin_unlock_irqrestore(&q->cmd_lock, flags);
+}
+
+unsigned long hmmgpu_shim_polled_completions(struct hmmgpu_queues *q)
+{
+	return READ_ONCE(q->polled);
 }
 
 static int hmmgpu_event_post(struct hmmgpu_queues *q, u8 *buf)
@@ -208,27 +276,44 @@ static void hmmgpu_event_interrupt(struct virtqueue *vq)
 	spin_unlock_irqrestore(&q->event_lock, flags);
 }
 
-struct hmmgpu_queues *hmmgpu_shim_queues_create(struct virtio_device *vdev)
+static int hmmgpu_find_vqs(struct hmmgpu_queues *q)
 {
 	struct virtqueue_info infos[] = {
 		{ "command", hmmgpu_cmd_interrupt },
 		{ "event", hmmgpu_event_interrupt },
 	};
 	struct virtqueue *vqs[ARRAY_SIZE(infos)];
+	unsigned long flags;
+	int ret;
+
+	ret = virtio_find_vqs(q->vdev, ARRAY_SIZE(infos), vqs, infos, NULL);
+	if (ret)
+		return ret;
+	spin_lock_irqsave(&q->cmd_lock, flags);
+	q->cmd_vq = vqs[0];
+	spin_unlock_irqrestore(&q->cmd_lock, flags);
+	spin_lock_irqsave(&q->event_lock, flags);
+	q->event_vq = vqs[1];
+	spin_unlock_irqrestore(&q->event_lock, flags);
+	return 0;
+}
+
+struct hmmgpu_queues *hmmgpu_shim_queues_create(struct virtio_device *vdev)
+{
 	struct hmmgpu_queues *q;
 	int ret;
 
 	q = devm_kzalloc(&vdev->dev, sizeof(*q), GFP_KERNEL);
 	if (!q)
 		return ERR_PTR(-ENOMEM);
+	q->vdev = vdev;
 	spin_lock_init(&q->cmd_lock);
 	spin_lock_init(&q->event_lock);
+	init_waitqueue_head(&q->state_wq);
 	vdev->priv = q;
-	ret = virtio_find_vqs(vdev, ARRAY_SIZE(infos), vqs, infos, NULL);
+	ret = hmmgpu_find_vqs(q);
 	if (ret)
 		return ERR_PTR(ret);
-	q->cmd_vq = vqs[0];
-	q->event_vq = vqs[1];
 	return q;
 }
 
@@ -252,10 +337,127 @@ void hmmgpu_shim_device_ready(struct virtio_device *vdev)
 	virtio_device_ready(vdev);
 }
 
+/*
+ * Resets the device and deletes the virtqueues. Every command still in the
+ * command queue is finished: completed if the device got to it, aborted
+ * (hmmgpu_shim_cmd_wait() returns -ECANCELED) otherwise, and the device no
+ * longer owns its buffers. Submissions fail with -EAGAIN until
+ * hmmgpu_shim_queues_restart(). Idempotent: nothing to do without queues.
+ */
+void hmmgpu_shim_queues_stop(struct virtio_device *vdev)
+{
+	struct hmmgpu_queues *q = vdev->priv;
+	struct hmmgpu_cmd *cmd;
+	unsigned long flags;
+	unsigned int len;
+
+	spin_lock_irqsave(&q->cmd_lock, flags);
+	if (q->state != HMMGPU_QUEUES_DEAD)
+		q->state = HMMGPU_QUEUES_STOPPED;
+	spin_unlock_irqrestore(&q->cmd_lock, flags);
+	if (!q->cmd_vq)
+		return;
+	virtio_reset_device(vdev);
+	spin_lock_irqsave(&q->cmd_lock, flags);
+	while ((cmd = virtqueue_get_buf(q->cmd_vq, &len)))
+		hmmgpu_cmd_finish(cmd, len, false);
+	while ((cmd = virtqueue_detach_unused_buf(q->cmd_vq)))
+		hmmgpu_cmd_finish(cmd, 0, true);
+	q->cmd_vq = NULL;
+	spin_unlock_irqrestore(&q->cmd_lock, flags);
+	spin_lock_irqsave(&q->event_lock, flags);
+	while (virtqueue_detach_unused_buf(q->event_vq))
+		; /* our static event buffers */
+	q->event_vq = NULL;
+	spin_unlock_irqrestore(&q->event_lock, flags);
+	vdev->config->del_vqs(vdev);
+}
+
+/* Removal: the device stops for good. */
 void hmmgpu_shim_device_reset(struct virtio_device *vdev)
 {
-	virtio_reset_device(vdev);
-	vdev->config->del_vqs(vdev);
+	struct hmmgpu_queues *q = vdev->priv;
+
+	hmmgpu_shim_queues_stop(vdev);
+	hmmgpu_shim_queues_set_running(q, false);
+}
+
+/*
+ * After hmmgpu_shim_queues_stop(): renegotiates the features if
+ * @negotiate (the virtio core did it already after a transport reset),
+ * creates the virtqueues, posts the event buffers and sets DRIVER_OK. Only
+ * privileged submissions (the resetter's) are accepted until
+ * hmmgpu_shim_queues_set_running().
+ */
+int hmmgpu_shim_queues_restart(struct virtio_device *vdev, bool negotiate)
+{
+	struct hmmgpu_queues *q = vdev->priv;
+	unsigned long flags;
+	int ret;
+
+	if (negotiate) {
+		virtio_add_status(vdev, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+		virtio_add_status(vdev, VIRTIO_CONFIG_S_DRIVER);
+		ret = vdev->config->finalize_features(vdev);
+		if (ret)
+			return ret;
+		virtio_add_status(vdev, VIRTIO_CONFIG_S_FEATURES_OK);
+		if (!(vdev->config->get_status(vdev) & VIRTIO_CONFIG_S_FEATURES_OK))
+			return -ENODEV;
+	}
+	ret = hmmgpu_find_vqs(q);
+	if (ret)
+		return ret;
+	ret = hmmgpu_shim_events_start(q, q->gpu);
+	if (ret)
+		return ret;
+	spin_lock_irqsave(&q->cmd_lock, flags);
+	q->state = HMMGPU_QUEUES_RESTARTING;
+	spin_unlock_irqrestore(&q->cmd_lock, flags);
+	virtio_device_ready(vdev);
+	return 0;
+}
+
+/* Ends a reset: submissions resume, or fail with -ENODEV for good. */
+void hmmgpu_shim_queues_set_running(struct hmmgpu_queues *q, bool running)
+{
+	unsigned long flags;
+
+	spin_lock_irqsave(&q->cmd_lock, flags);
+	q->state = running ? HMMGPU_QUEUES_RUNNING : HMMGPU_QUEUES_DEAD;
+	spin_unlock_irqrestore(&q->cmd_lock, flags);
+	wake_up_all(&q->state_wq);
+}
+
+static bool hmmgpu_queues_settled(struct hmmgpu_queues *q)
+{
+	enum hmmgpu_queue_state state = READ_ONCE(q->state);
+
+	return state == HMMGPU_QUEUES_RUNNING || state == HMMGPU_QUEUES_DEAD;
+}
+
+/* Waits up to @timeout_ms for a reset to end; whether the queues run. */
+bool hmmgpu_shim_queues_wait_running(struct hmmgpu_queues *q,
+				     unsigned int timeout_ms)
+{
+	wait_event_timeout(q->state_wq, hmmgpu_queues_settled(q),
+			   msecs_to_jiffies(timeout_ms));
+	return READ_ONCE(q->state) == HMMGPU_QUEUES_RUNNING;
+}
+
+/*
+ * A reset allocates (virtqueues, commands) while submitters wait for it,
+ * some under locks that reclaim's MMU notifiers take: it must not enter
+ * reclaim itself.
+ */
+unsigned int hmmgpu_shim_noreclaim_save(void)
+{
+	return memalloc_noreclaim_save();
+}
+
+void hmmgpu_shim_noreclaim_restore(unsigned int flags)
+{
+	memalloc_noreclaim_restore(flags);
 }
 
 struct hmmgpu_cmd *hmmgpu_shim_cmd_alloc(void)
@@ -274,41 +476,60 @@ void hmmgpu_shim_cmd_free(struct hmmgpu_cmd *cmd)
  */
 int hmmgpu_shim_cmd_submit(struct hmmgpu_queues *q, struct hmmgpu_cmd *cmd,
 			   void *out, unsigned int out_len, void *in,
-			   unsigned int in_len)
+			   unsigned int in_len, bool privileged)
 {
 	struct scatterlist sg_out, sg_in, *sgs[2] = { &sg_out, &sg_in };
+	struct virtqueue *vq;
 	unsigned long flags;
-	bool notify = false;
 	int ret;
 
 	init_completion(&cmd->done);
 	cmd->completed = false;
+	cmd->aborted = false;
 	cmd->len = 0;
 	sg_init_one(&sg_out, out, out_len);
 	sg_init_one(&sg_in, in, in_len);
 	spin_lock_irqsave(&q->cmd_lock, flags);
-	ret = virtqueue_add_sgs(q->cmd_vq, sgs, 1, 1, cmd, GFP_ATOMIC);
-	if (!ret)
-		notify = virtqueue_kick_prepare(q->cmd_vq);
+	vq = q->cmd_vq;
+	if (q->state == HMMGPU_QUEUES_DEAD)
+		ret = -ENODEV;
+	else if (q->state == HMMGPU_QUEUES_RUNNING ||
+		 (q->state == HMMGPU_QUEUES_RESTARTING && privileged))
+		ret = virtqueue_add_sgs(vq, sgs, 1, 1, cmd, GFP_ATOMIC);
+	else
+		ret = -EAGAIN;	/* a reset is under way */
+	/* Notified under the lock: a reset may delete @vq once it is dropped. */
+	if (!ret && virtqueue_kick_prepare(vq) && !virtqueue_notify(vq))
+		ret = -EIO;
 	spin_unlock_irqrestore(&q->cmd_lock, flags);
-	if (notify && !virtqueue_notify(q->cmd_vq))
-		return -EIO;
 	return ret;
 }
 
 /*
  * Waits for @cmd. Returns its used length once it completed; -EAGAIN if
- * woken by hmmgpu_shim_cmd_wake() before completing; -ETIMEDOUT after
- * @timeout_ms (the command may still complete later: keep its buffers).
+ * woken by hmmgpu_shim_cmd_wake() before completing; -ECANCELED if a reset
+ * gave it back unexecuted; -ETIMEDOUT after @timeout_ms (the command may
+ * still complete later: keep its buffers). Polls the ring every
+ * HMMGPU_POLL_MS without an answer, so a lost interrupt costs that much.
  */
-long hmmgpu_shim_cmd_wait(struct hmmgpu_cmd *cmd, unsigned int timeout_ms)
+long hmmgpu_shim_cmd_wait(struct hmmgpu_queues *q, struct hmmgpu_cmd *cmd,
+			  unsigned int timeout_ms)
 {
-	if (!wait_for_completion_timeout(&cmd->done,
-					 msecs_to_jiffies(timeout_ms)))
-		return -ETIMEDOUT;
-	if (smp_load_acquire(&cmd->completed))
-		return cmd->len;
-	return -EAGAIN;
+	unsigned long deadline = jiffies + msecs_to_jiffies(timeout_ms);
+	unsigned long slice = msecs_to_jiffies(HMMGPU_POLL_MS);
+
+	while (!wait_for_completion_timeout(&cmd->done, slice)) {
+		hmmgpu_cmd_poll(q);
+		if (smp_load_acquire(&cmd->completed))
+			break;
+		if (time_after_eq(jiffies, deadline))
+			return -ETIMEDOUT;
+	}
+	if (!smp_load_acquire(&cmd->completed))
+		return -EAGAIN;
+	if (cmd->aborted)
+		return -ECANCELED;
+	return cmd->len;
 }
 
 /* Whether the device has completed @cmd (its buffers are free again). */

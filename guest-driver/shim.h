@@ -27,6 +27,8 @@ struct vm_fault;
 /* Implemented in Rust. */
 int hmmgpu_rust_probe(struct virtio_device *vdev);
 void hmmgpu_rust_remove(struct virtio_device *vdev);
+void hmmgpu_rust_reset_prepare(struct virtio_device *vdev);
+int hmmgpu_rust_reset_done(struct virtio_device *vdev);
 void hmmgpu_rust_gpu_put(void *gpu);
 long hmmgpu_rust_format_counters(void *gpu, char *buf, size_t len);
 void hmmgpu_rust_event(void *gpu, const u8 *buf, unsigned int len);
@@ -78,12 +80,21 @@ struct hmmgpu_queues *hmmgpu_shim_queues_create(struct virtio_device *vdev);
 int hmmgpu_shim_events_start(struct hmmgpu_queues *q, void *gpu);
 void hmmgpu_shim_device_ready(struct virtio_device *vdev);
 void hmmgpu_shim_device_reset(struct virtio_device *vdev);
+void hmmgpu_shim_queues_stop(struct virtio_device *vdev);
+int hmmgpu_shim_queues_restart(struct virtio_device *vdev, bool negotiate);
+void hmmgpu_shim_queues_set_running(struct hmmgpu_queues *q, bool running);
+bool hmmgpu_shim_queues_wait_running(struct hmmgpu_queues *q,
+				     unsigned int timeout_ms);
+unsigned long hmmgpu_shim_polled_completions(struct hmmgpu_queues *q);
+unsigned int hmmgpu_shim_noreclaim_save(void);
+void hmmgpu_shim_noreclaim_restore(unsigned int flags);
 struct hmmgpu_cmd *hmmgpu_shim_cmd_alloc(void);
 void hmmgpu_shim_cmd_free(struct hmmgpu_cmd *cmd);
 int hmmgpu_shim_cmd_submit(struct hmmgpu_queues *q, struct hmmgpu_cmd *cmd,
 			   void *out, unsigned int out_len, void *in,
-			   unsigned int in_len);
-long hmmgpu_shim_cmd_wait(struct hmmgpu_cmd *cmd, unsigned int timeout_ms);
+			   unsigned int in_len, bool privileged);
+long hmmgpu_shim_cmd_wait(struct hmmgpu_queues *q, struct hmmgpu_cmd *cmd,
+			  unsigned int timeout_ms);
 void hmmgpu_shim_cmd_wake(struct hmmgpu_cmd *cmd);
 bool hmmgpu_shim_cmd_completed(struct hmmgpu_cmd *cmd);
 unsigned long hmmgpu_shim_memremap(struct device *dev, int kind, u64 phys,

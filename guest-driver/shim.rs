@@ -89,6 +89,13 @@ extern "C" {
     pub(crate) fn hmmgpu_shim_events_start(q: *mut Queues, gpu: *mut c_void) -> c_int;
     pub(crate) fn hmmgpu_shim_device_ready(vdev: *mut VirtioDevice);
     pub(crate) fn hmmgpu_shim_device_reset(vdev: *mut VirtioDevice);
+    pub(crate) fn hmmgpu_shim_queues_stop(vdev: *mut VirtioDevice);
+    pub(crate) fn hmmgpu_shim_queues_restart(vdev: *mut VirtioDevice, negotiate: bool) -> c_int;
+    pub(crate) fn hmmgpu_shim_queues_set_running(q: *mut Queues, running: bool);
+    pub(crate) fn hmmgpu_shim_queues_wait_running(q: *mut Queues, timeout_ms: c_uint) -> bool;
+    pub(crate) fn hmmgpu_shim_polled_completions(q: *mut Queues) -> c_ulong;
+    pub(crate) fn hmmgpu_shim_noreclaim_save() -> c_uint;
+    pub(crate) fn hmmgpu_shim_noreclaim_restore(flags: c_uint);
     pub(crate) fn hmmgpu_shim_cmd_alloc() -> *mut Cmd;
     pub(crate) fn hmmgpu_shim_cmd_free(cmd: *mut Cmd);
     pub(crate) fn hmmgpu_shim_cmd_submit(
@@ -98,8 +105,9 @@ extern "C" {
         out_len: c_uint,
         inb: *mut c_void,
         in_len: c_uint,
+        privileged: bool,
     ) -> c_int;
-    pub(crate) fn hmmgpu_shim_cmd_wait(cmd: *mut Cmd, timeout_ms: c_uint) -> c_long;
+    pub(crate) fn hmmgpu_shim_cmd_wait(q: *mut Queues, cmd: *mut Cmd, timeout_ms: c_uint) -> c_long;
     pub(crate) fn hmmgpu_shim_cmd_wake(cmd: *mut Cmd);
     pub(crate) fn hmmgpu_shim_cmd_completed(cmd: *mut Cmd) -> bool;
 

@@ -10,6 +10,8 @@
  *   hmmgpu-faults storm [--size BYTES]
  *   hmmgpu-faults loss kill|link
  *   hmmgpu-faults mce
+ *   hmmgpu-faults irq
+ *   hmmgpu-faults reset flr|aer
  *   options of all: [-d DEV] (default /dev/hmm_dmirror0)
  *
  * copy-error asks the host to inject faults at precise points: the
@@ -192,8 +194,8 @@ static int dmirror(int fd, unsigned long req, void *addr, void *ptr, size_t npag
 	return ret ? errno : 0;
 }
 
-/* Counts the pages of buf that SNAPSHOT shows in this device's private memory. */
-static size_t device_pages(int fd, void *buf, size_t npages)
+/* Counts the pages of buf that SNAPSHOT shows as memory of `kind`. */
+static size_t pages_of_kind(int fd, void *buf, size_t npages, uint8_t kind)
 {
 	uint8_t *perm = calloc(npages, 1);
 	size_t i, n = 0;
@@ -208,11 +210,16 @@ static size_t device_pages(int fd, void *buf, size_t npages)
 		return (size_t)-1;
 	}
 	for (i = 0; i < npages; i++)
-		if (perm[i] != HMM_DMIRROR_PROT_ERROR &&
-		    (perm[i] & PROT_KIND_MASK) == HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL)
+		if (perm[i] != HMM_DMIRROR_PROT_ERROR && (perm[i] & PROT_KIND_MASK) == kind)
 			n++;
 	free(perm);
 	return n;
+}
+
+/* Counts the pages of buf that SNAPSHOT shows in this device's private memory. */
+static size_t device_pages(int fd, void *buf, size_t npages)
+{
+	return pages_of_kind(fd, buf, npages, HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL);
 }
 
 /* A counter of /sys/kernel/debug/hmmgpu0/counters (device's and driver's). */
@@ -689,6 +696,156 @@ static int run_loss(const char *how)
 	return failures ? 1 : 0;
 }
 
+/* Catalogue entry 5: lost and late interrupts, a stalled queue. */
+static int run_irq(void)
+{
+	const size_t size = 1 << 20, keep_size = 2 << 20;
+	uint8_t *keep = map_buffer(keep_size, true), *out = map_buffer(keep_size, false);
+	uint64_t polled0, resets0;
+	struct hmm_dmirror_cmd cmd;
+	double t, ms;
+	int fd = open_dev(), e;
+
+	polled0 = counter("driver_polled_completions");
+	resets0 = counter("driver_resets");
+
+	inject("{\"kind\":\"drop_interrupts\",\"count\":8}");
+	ms = data_round(fd, size, 51, true);
+	check(ms >= 0, "with 8 command interrupts dropped, a data round verifies every byte");
+	say("  completions found by polling: %" PRIu64, counter("driver_polled_completions") - polled0);
+	check(counter("driver_polled_completions") > polled0,
+	      "the driver found the completions whose interrupt was dropped by polling");
+
+	inject("{\"kind\":\"delay_interrupts\",\"ms\":600,\"count\":4}");
+	ms = data_round(fd, size, 52, true);
+	check(ms >= 0, "with 4 command interrupts 600 ms late, a data round verifies every byte");
+
+	/* Data in VRAM before the stall must survive the reset that ends it. */
+	fill_pattern(keep, keep_size, 53);
+	e = dmirror(fd, HMM_DMIRROR_MIGRATE_TO_DEV, keep, out, keep_size / PAGE_SZ, &cmd);
+	check(!e && device_pages(fd, keep, keep_size / PAGE_SZ) == keep_size / PAGE_SZ,
+	      "K (2 MiB) migrated to VRAM before the stall");
+	inject("{\"kind\":\"stall_queue\"}");
+	t = now_ms();
+	ms = data_round(fd, size, 54, true);
+	t = now_ms() - t;
+	say("  the data round across the stall took %.0f ms", t);
+	check(ms >= 0, "a data round across the stalled queue verifies every byte");
+	check(t >= 9000, "it waited for the driver's command timeout (10 s)");
+	check(counter("driver_resets") == resets0 + 1, "the driver reset the device once");
+	check(pattern_ok(keep, keep_size, 53, "buffer K"), "K, in VRAM across the reset, reads back intact");
+	check(data_round(fd, size, 55, false) >= 0, "after the reset the device works (a data round verifies)");
+	print_counters();
+	close(fd);
+	if (failures)
+		say("FAIL: %d check(s) failed", failures);
+	else
+		say("PASS: irq: all checks passed");
+	return failures ? 1 : 0;
+}
+
+/* Writes "1" to the PCI reset file of the device hmmgpu is bound to. */
+static bool pci_function_reset(void)
+{
+	char path[512], link[256];
+	ssize_t n;
+	int fd;
+
+	/* /sys/bus/virtio/drivers/hmmgpu/virtioN -> .../0000:01:00.0/virtioN */
+	fd = open("/sys/bus/virtio/drivers/hmmgpu", O_RDONLY | O_DIRECTORY);
+	if (fd < 0) {
+		fail("open /sys/bus/virtio/drivers/hmmgpu: %s", strerror(errno));
+		return false;
+	}
+	close(fd);
+	n = readlink("/sys/bus/virtio/drivers/hmmgpu/virtio0", link, sizeof(link) - 1);
+	if (n < 0) {
+		fail("readlink /sys/bus/virtio/drivers/hmmgpu/virtio0: %s", strerror(errno));
+		return false;
+	}
+	link[n] = 0;
+	snprintf(path, sizeof(path), "/sys/bus/virtio/drivers/hmmgpu/%s/../reset", link);
+	fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (fd < 0 || write(fd, "1", 1) != 1) {
+		fail("reset through %s: %s", path, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return false;
+	}
+	close(fd);
+	return true;
+}
+
+/* Catalogue entry 7: a PCI function reset (flr) or an AER error (aer). */
+static int run_reset(const char *how)
+{
+	const size_t np = 1024, nc = 512, ns = 256;
+	uint8_t *p = map_buffer(np * PAGE_SZ, false), *c = map_buffer(nc * PAGE_SZ, true);
+	uint8_t *s = map_buffer(ns * PAGE_SZ, false), *out = map_buffer(np * PAGE_SZ, false);
+	bool aer = !strcmp(how, "aer");
+	struct hmm_dmirror_cmd cmd;
+	uint64_t resets0;
+	int fdp, fdc, e, status;
+	double t;
+	pid_t pid;
+
+	if (!aer && strcmp(how, "flr")) {
+		fprintf(stderr, "hmmgpu-faults: reset flr|aer, not %s\n", how);
+		exit(2);
+	}
+	fdp = open_dev();
+	dev_path = "/dev/hmm_dmirror2";
+	fdc = open_dev();
+	fill_pattern(p, np * PAGE_SZ, 71);
+	fill_pattern(c, nc * PAGE_SZ, 72);
+	fill_pattern(s, ns * PAGE_SZ, 73);
+	e = dmirror(fdp, HMM_DMIRROR_MIGRATE_TO_DEV, p, out, np, &cmd);
+	check(!e && device_pages(fdp, p, np) == np, "P (4 MiB) migrated to device-private VRAM");
+	e = dmirror(fdc, HMM_DMIRROR_MIGRATE_TO_DEV, c, out, nc, &cmd);
+	check(!e && pages_of_kind(fdc, c, nc, HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL) == nc,
+	      "C (2 MiB) migrated to device-coherent VRAM");
+	resets0 = counter("driver_resets");
+
+	t = now_ms();
+	if (aer)
+		inject("{\"kind\":\"aer\",\"error\":\"fatal\"}");
+	else
+		check(pci_function_reset(), "the PCI function reset (sysfs reset) ran");
+	/* AER recovery runs in a kernel thread: wait for it to finish. */
+	while (counter("driver_resets") == resets0 && now_ms() - t < 30000)
+		usleep(100 * 1000);
+	say("  the reset took %.0f ms", now_ms() - t);
+	check(counter("driver_resets") == resets0 + 1, "the driver went through reset_prepare/reset_done");
+	check(device_pages(fdp, p, np) == 0, "no page of P is left in device-private VRAM");
+	check(pages_of_kind(fdc, c, nc, HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL) == 0,
+	      "no page of C is left in device-coherent VRAM");
+	pid = fork();
+	if (pid == 0) {
+		bool ok = pattern_ok(p, np * PAGE_SZ, 71, "child: P") &&
+			  pattern_ok(c, nc * PAGE_SZ, 72, "child: C") &&
+			  pattern_ok(s, ns * PAGE_SZ, 73, "child: S");
+
+		_exit(ok ? 0 : 1);
+	}
+	check(pid > 0 && waitpid(pid, &status, 0) == pid && WIFEXITED(status) && !WEXITSTATUS(status),
+	      "a forked child reads P, C and S intact");
+	check(pattern_ok(p, np * PAGE_SZ, 71, "buffer P"), "P (evicted before the reset) is intact");
+	check(pattern_ok(c, nc * PAGE_SZ, 72, "buffer C"), "C (evicted before the reset) is intact");
+	check(pattern_ok(s, ns * PAGE_SZ, 73, "buffer S"), "S (system memory) is intact");
+	check(data_round(fdp, 1 << 20, 74, false) >= 0, "after the reset the device works (a data round verifies)");
+	e = dmirror(fdc, HMM_DMIRROR_MIGRATE_TO_DEV, c, out, nc, &cmd);
+	check(!e && cmd.cpages == nc && pattern_ok(out, nc * PAGE_SZ, 72, "C read by the device"),
+	      "after the reset C migrates to device-coherent VRAM again");
+	print_counters();
+	close(fdp);
+	close(fdc);
+	if (failures)
+		say("FAIL: %d check(s) failed", failures);
+	else
+		say("PASS: reset (%s): all checks passed", how);
+	return failures ? 1 : 0;
+}
+
 static void usage(void)
 {
 	fprintf(stderr,
@@ -696,7 +853,9 @@ static void usage(void)
 		"       hmmgpu-faults [-d DEV] data [--rounds N] [--size BYTES] [--seed N] [--nohuge] [--min-migrate-ms MS]\n"
 		"       hmmgpu-faults [-d DEV] storm [--size BYTES]\n"
 		"       hmmgpu-faults loss kill|link\n"
-		"       hmmgpu-faults mce\n");
+		"       hmmgpu-faults mce\n"
+		"       hmmgpu-faults irq\n"
+		"       hmmgpu-faults reset flr|aer\n");
 	exit(2);
 }
 
@@ -747,6 +906,16 @@ int main(int argc, char **argv)
 		if (i != argc)
 			usage();
 		return run_mce();
+	}
+	if (!strcmp(mode, "irq")) {
+		if (i != argc)
+			usage();
+		return run_irq();
+	}
+	if (!strcmp(mode, "reset")) {
+		if (i + 1 != argc)
+			usage();
+		return run_reset(argv[i]);
 	}
 	if (!strcmp(mode, "loss")) {
 		if (i + 1 != argc)

@@ -29,7 +29,7 @@ use hmmgpu_abi::{
     status, DeviceConfig, Event, Response, ABI_VERSION, CONFIG_MAGIC, MAX_CONTEXTS, MAX_RANGES,
     NUM_QUEUES, PAGE_SIZE, QUEUE_COMMAND, QUEUE_EVENT, QUEUE_SIZE,
 };
-use log::{debug, error, warn};
+use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -415,11 +415,22 @@ impl VhostUserBackendMut for HmmGpuBackend {
     }
 
     fn stop_vring(&mut self, queue_index: u32) -> io::Result<()> {
+        if queue_index != u32::from(QUEUE_COMMAND) {
+            return Ok(());
+        }
         // The front end stopping the command queue (GET_VRING_BASE: QEMU
         // sends it when the guest resets the device or the VM stops) ends
         // an injected stall, as a device reset does.
-        if queue_index == u32::from(QUEUE_COMMAND) && self.engine.faults().queue_stalled() {
+        if self.engine.faults().queue_stalled() {
             self.engine.faults().reset();
+        }
+        // Parked chains belong to the ring being stopped: completing one
+        // later would put a stale head into the ring the driver sets up
+        // after its reset. They are forgotten; the driver gives them up.
+        let forgotten = self.engine.forget_parked();
+        self.parked.clear();
+        if forgotten > 0 {
+            info!("command queue stopped: {forgotten} parked command(s) forgotten");
         }
         Ok(())
     }

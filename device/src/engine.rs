@@ -536,6 +536,17 @@ impl Engine {
         self.faults.reset();
     }
 
+    /// The command queue stopped (its ring is reset or paused): forgets the
+    /// parked commands, whose chains the caller forgets too (never
+    /// completed: a later REPLAY, CANCEL or CTX_DESTROY of their context
+    /// finds nothing parked). Contexts and their mappings stay. Returns how
+    /// many were forgotten.
+    pub fn forget_parked(&mut self) -> usize {
+        let n = self.parked.len();
+        self.parked.clear();
+        n
+    }
+
     /// Posts the injected events the fault hooks have waiting (ECC,
     /// spurious faults, storms), numbering them like device faults; those
     /// that find no buffer are dropped. Returns how many were posted.

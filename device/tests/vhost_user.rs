@@ -1244,6 +1244,60 @@ impl Vm {
     }
 }
 
+/// A device reset (GET_VRING_BASE) forgets a parked command: its chain is
+/// never completed, so nothing stale lands in the ring the driver sets up
+/// afterwards; the context and its mappings stay.
+#[test]
+fn stopping_the_command_queue_forgets_parked_commands() {
+    let backend = InProcess::start();
+    let mut vm = Vm::connect(&backend.socket);
+    const CTX: u32 = 5;
+    const VA: u64 = 0x7f00_0000_0000;
+    let data = pattern(4096, 0x21);
+    vm.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    assert_eq!(vm.command_ctx(opcode::CTX_CREATE, CTX, &[]), ok(0));
+    let mapped = Range {
+        src: DATA,
+        dst: VA,
+        len: 4096,
+        flags: MAP_READ,
+    };
+    assert_eq!(vm.command_ctx(opcode::MAP, CTX, &[mapped]), ok(0));
+    vm.post_event_buffer(0, Event::SIZE as u32);
+    let unmapped = Range {
+        src: VA + 0x1000,
+        dst: DATA + 0x8000,
+        len: 16,
+        flags: 0,
+    };
+    vm.post_command(opcode::VREAD, CTX, &[unmapped], CMD_BUF2, RESP_BUF2);
+    let (_, _, fault) = vm.wait_event();
+    assert_eq!(fault.addr, VA + 0x1000);
+
+    vm.restart_command_queue();
+    // Nothing parked any more: REPLAY finds nothing, and only its own
+    // completion is used.
+    assert_eq!(
+        vm.command_ctx(opcode::REPLAY, CTX, &[]),
+        Response {
+            status: status::BAD_CONTEXT,
+            failed_index: 0,
+            bytes: 0
+        }
+    );
+    assert_eq!(vm.take_used(), None);
+    assert_eq!(vm.read(RESP_BUF2, Response::SIZE), [0xee; Response::SIZE]);
+    // The mapping survived.
+    let read_back = Range {
+        src: VA,
+        dst: DATA + 0x4000,
+        len: 4096,
+        flags: 0,
+    };
+    assert_eq!(vm.command_ctx(opcode::VREAD, CTX, &[read_back]), ok(4096));
+    assert_eq!(vm.read(DATA + 0x4000, 4096), data);
+}
+
 #[test]
 fn injected_copy_error_on_a_range_through_the_control_socket() {
     let backend = InProcess::start();

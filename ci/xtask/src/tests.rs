@@ -6,6 +6,7 @@ use crate::build::{self, log, Kernel};
 use crate::cli::{AccelChoice, Arch, Flavour};
 mod faults;
 mod loss;
+mod reset;
 mod selftest;
 use crate::cli::TestArgs;
 use crate::exit;
@@ -291,6 +292,16 @@ const VM_TESTS: &[VmTest] = &[
         name: "fault-machine-check",
         about: "a machine check (QEMU mce) on a device-coherent page: its owner gets SIGBUS, the other pages are intact, the guest stays up, rmmod works",
         run: loss::t_machine_check,
+    },
+    VmTest {
+        name: "fault-interrupts-stall",
+        about: "8 dropped and 4 late command interrupts, then a stalled command queue: the driver polls, resets the device after its 10 s timeout, retries; every byte correct, VRAM data kept",
+        run: reset::t_interrupts_and_stall,
+    },
+    VmTest {
+        name: "fault-pci-reset",
+        about: "a PCI function reset (sysfs reset) with data in VRAM: reset_prepare evicts everything, reset_done restarts the device; every byte intact, the device works after",
+        run: reset::t_function_reset,
     },
     VmTest {
         name: "ppc64le-smoke",

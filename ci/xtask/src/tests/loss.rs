@@ -21,7 +21,7 @@ fn loss_boot(ctx: &mut Ctx, test: &'static str, how: &str) -> Result<VmOutcome> 
     )
 }
 
-fn console_has(out: &VmOutcome, what: &str) -> Result<()> {
+pub(super) fn console_has(out: &VmOutcome, what: &str) -> Result<()> {
     ensure!(
         out.console.iter().any(|l| l.contains(what)),
         "the console has no line with '{what}'"

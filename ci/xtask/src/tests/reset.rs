@@ -1,0 +1,71 @@
+//! VM tests for device resets (docs/fault-injection.md): lost and late
+//! interrupts and a stalled command queue, which the driver survives by
+//! polling and by resetting the device (catalogue entry 5), and a PCI reset
+//! announced to the driver through virtio's reset_prepare/reset_done
+//! (entry 7). The guest side is `hmmgpu-faults irq` and `hmmgpu-faults
+//! reset flr` (ci/guest/hmmgpu-faults.c), which ask for the faults through
+//! the console (see tests/faults.rs) and check the outcomes in the guest;
+//! here the host checks what the backend injected and what the driver said.
+
+use super::faults::{faults_boot, guest_counter, inject_hook, injected};
+use super::loss::console_has;
+use super::{expect_status, Ctx};
+use crate::build::log;
+use crate::vm;
+use anyhow::{ensure, Result};
+
+pub(super) fn t_interrupts_and_stall(ctx: &mut Ctx) -> Result<()> {
+    let out = ctx.boot_extra(
+        faults_boot("fault-interrupts-stall", &["hmmgpu-faults", "irq"]),
+        vm::VmExtra {
+            console_hook: Some(inject_hook()),
+            ..Default::default()
+        },
+    )?;
+    expect_status(&out, 0)?;
+    let dropped = injected(&out, "interrupts_dropped")?;
+    let delayed = injected(&out, "interrupts_delayed")?;
+    let stalls = injected(&out, "queue_stalls")?;
+    let polled = guest_counter(&out, "driver_polled_completions")?;
+    let resets = guest_counter(&out, "driver_resets")?;
+    log(format!(
+        "fault-interrupts-stall: backend dropped {dropped} and delayed {delayed} interrupts, stalled {stalls} time(s); \
+         driver polled {polled} completion(s), reset {resets} time(s)"
+    ));
+    ensure!(
+        dropped == 8,
+        "the backend dropped {dropped} interrupts, not 8"
+    );
+    ensure!(
+        delayed == 4,
+        "the backend delayed {delayed} interrupts, not 4"
+    );
+    ensure!(stalls == 1, "the backend stalled {stalls} times, not once");
+    ensure!(polled >= 1, "the driver found no completion by polling");
+    ensure!(
+        resets == 1,
+        "the driver reset the device {resets} times, not once"
+    );
+    console_has(&out, "resetting the device")?;
+    console_has(&out, "reset done")?;
+    Ok(())
+}
+
+pub(super) fn t_function_reset(ctx: &mut Ctx) -> Result<()> {
+    ensure!(
+        ctx.arch == crate::cli::Arch::X86_64,
+        "the PCI function reset test needs the q35 PCIe topology (x86_64)"
+    );
+    let out = ctx.boot_extra(
+        faults_boot("fault-pci-reset", &["hmmgpu-faults", "reset", "flr"]),
+        vm::VmExtra {
+            console_hook: Some(inject_hook()),
+            ..Default::default()
+        },
+    )?;
+    expect_status(&out, 0)?;
+    console_has(&out, "device reset requested: evicting VRAM")?;
+    console_has(&out, "pages evicted to system memory before the reset")?;
+    console_has(&out, "the device is back")?;
+    Ok(())
+}
