@@ -430,7 +430,6 @@ impl Gpu {
     /// the device still works, every page in VRAM is migrated to system
     /// memory (as on removal); then the queues stop.
     fn reset_prepare(&self) {
-        let _serialized = self.reset_lock.lock();
         pr_notice!("hmmgpu{}: device reset requested: evicting VRAM, then stopping\n", self.index);
         if !self.is_lost() && self.link_ok() {
             let evicted = migrate::evict_all(self, &self.private) + migrate::evict_all(self, &self.coherent);
@@ -438,6 +437,9 @@ impl Gpu {
             self.coherent.reclaim_deferred();
             pr_notice!("hmmgpu{}: {} pages evicted to system memory before the reset\n", self.index, evicted);
         }
+        // Not held while evicting: the eviction's MMU notifiers take mirror
+        // locks, under which a timed-out command takes this lock to recover.
+        let _serialized = self.reset_lock.lock();
         // SAFETY: the device is bound.
         unsafe { shim::hmmgpu_shim_queues_stop(self.vdev) };
     }
