@@ -709,7 +709,7 @@ fn qemu_args(cfg: &VmConfig, vram: &VramFiles, backends: &[Backend]) -> Result<V
         let sock = cfg.run_dir.join(format!("gpu{n}.sock"));
         // q35: each GPU behind its own PCIe root port (hotplug, AER);
         // pseries: on the default PHB's conventional PCI bus.
-        let bus = match cfg.arch {
+        let (bus, aer) = match cfg.arch {
             Arch::X86_64 => {
                 a.extend([
                     "-device".into(),
@@ -718,9 +718,9 @@ fn qemu_args(cfg: &VmConfig, vram: &VramFiles, backends: &[Backend]) -> Result<V
                         n + 1
                     ),
                 ]);
-                format!(",bus=rp{n}")
+                (format!(",bus=rp{n}"), ",aer=on")
             }
-            Arch::Ppc64le => String::new(),
+            Arch::Ppc64le => (String::new(), ""),
         };
         a.extend([
             "-object".into(),
@@ -733,7 +733,7 @@ fn qemu_args(cfg: &VmConfig, vram: &VramFiles, backends: &[Backend]) -> Result<V
             format!("socket,id=gpu{n},path={}", sock.display()),
             "-device".into(),
             // id: the QOM path /machine/peripheral/gpuN (qom-set link-down).
-            format!("vhost-user-hmmgpu-pci,id=gpu{n},chardev=gpu{n},memdev=vram{n}{bus}"),
+            format!("vhost-user-hmmgpu-pci,id=gpu{n},chardev=gpu{n},memdev=vram{n}{bus}{aer}"),
         ]);
     }
     Ok(a)
