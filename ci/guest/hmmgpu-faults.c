@@ -14,6 +14,15 @@
  *   hmmgpu-faults reset flr|aer
  *   options of all: [-d DEV] (default /dev/hmm_dmirror0)
  *
+ * irq checks catalogue entry 5: data rounds with command interrupts dropped,
+ * then late, then across a stalled command queue (the driver polls, then
+ * resets the device after its command timeout); data kept in VRAM across
+ * the reset reads back intact.
+ * reset flr|aer checks entry 7: with data in both kinds of VRAM, a PCI
+ * function reset through sysfs (flr), or AER errors (aer: correctable and
+ * non-fatal change nothing, a fatal one resets the bus): reset_prepare
+ * evicts everything, every byte reads back intact, the device works after.
+ *
  * copy-error asks the host to inject faults at precise points: the
  * program prints
  *     HMMGPU-INJECT-REQUEST gpu=0 {FAULT JSON}
@@ -776,7 +785,54 @@ static bool pci_function_reset(void)
 	return true;
 }
 
-/* Catalogue entry 7: a PCI function reset (flr) or an AER error (aer). */
+/* How many lines of the kernel log contain `needle`. */
+static int dmesg_count(const char *needle)
+{
+	FILE *f = popen("dmesg", "r");
+	char line[512];
+	int n = 0;
+
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof(line), f))
+		if (strstr(line, needle))
+			n++;
+	pclose(f);
+	return n;
+}
+
+/* Waits up to 30 s for the kernel log to have `count` lines with `needle`. */
+static bool wait_dmesg(const char *needle, int count)
+{
+	double t = now_ms();
+
+	while (dmesg_count(needle) < count) {
+		if (now_ms() - t > 30000) {
+			fail("the kernel did not log \"%s\" %d time(s) within 30 s", needle, count);
+			return false;
+		}
+		usleep(100 * 1000);
+	}
+	return true;
+}
+
+/*
+ * AER errors the guest recovers from without a reset: the driver notices
+ * nothing, P stays in VRAM.
+ */
+static void aer_without_reset(int fdp, uint8_t *p, size_t np, uint64_t resets0)
+{
+	inject("{\"kind\":\"aer\",\"error\":\"correctable\"}");
+	wait_dmesg("severity=Correctable", 1);
+	check(counter("driver_resets") == resets0 && device_pages(fdp, p, np) == np,
+	      "a correctable AER error is only logged: no reset, P still in VRAM");
+	inject("{\"kind\":\"aer\",\"error\":\"nonfatal\"}");
+	wait_dmesg("AER: device recovery successful", 1);
+	check(counter("driver_resets") == resets0 && device_pages(fdp, p, np) == np,
+	      "a non-fatal AER error is recovered without a reset: P still in VRAM");
+}
+
+/* Catalogue entry 7: a PCI function reset (flr) or AER errors (aer). */
 static int run_reset(const char *how)
 {
 	const size_t np = 1024, nc = 512, ns = 256;
@@ -806,11 +862,16 @@ static int run_reset(const char *how)
 	      "C (2 MiB) migrated to device-coherent VRAM");
 	resets0 = counter("driver_resets");
 
-	t = now_ms();
 	if (aer)
+		aer_without_reset(fdp, p, np, resets0);
+	t = now_ms();
+	if (aer) {
 		inject("{\"kind\":\"aer\",\"error\":\"fatal\"}");
-	else
+		check(wait_dmesg("AER: device recovery successful", 2),
+		      "the fatal AER error is recovered (secondary bus reset)");
+	} else {
 		check(pci_function_reset(), "the PCI function reset (sysfs reset) ran");
+	}
 	/* AER recovery runs in a kernel thread: wait for it to finish. */
 	while (counter("driver_resets") == resets0 && now_ms() - t < 30000)
 		usleep(100 * 1000);

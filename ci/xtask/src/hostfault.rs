@@ -25,7 +25,7 @@ use std::time::Duration;
 pub fn is_host_fault(fault: &Value) -> bool {
     matches!(
         fault["kind"].as_str(),
-        Some("link_down" | "kill_backend" | "mce")
+        Some("link_down" | "kill_backend" | "mce" | "aer")
     )
 }
 
@@ -50,6 +50,13 @@ pub fn apply(run_dir: &Path, gpu: u32, fault: &Value) -> Result<Value> {
         Some("kill_backend") => {
             only_members(obj, "kill_backend", &[])?;
             kill_backend(run_dir, gpu)
+        }
+        Some("aer") => {
+            only_members(obj, "aer", &["error"])?;
+            let severity = fault["error"]
+                .as_str()
+                .context("aer needs \"error\": \"correctable\", \"nonfatal\" or \"fatal\"")?;
+            inject_aer(run_dir, gpu, severity)
         }
         _ => bail!("not a host-side fault: {fault}"),
     }
@@ -113,6 +120,38 @@ pub fn machine_check(run_dir: &Path, addr: u64) -> Result<Value> {
 }
 
 /// SIGKILLs GPU `gpu`'s backend (its pid from `gpuN.pid`).
+/// The PCIe error `pcie_aer_inject_error` raises for an AER severity: one
+/// that QEMU's AER capability does not mask by default and that has this
+/// severity in the default severity register (INTN, the obvious "internal
+/// error", is masked, so injecting it does nothing).
+pub fn aer_error_name(severity: &str) -> Result<&'static str> {
+    Ok(match severity {
+        "correctable" => "RCVR",   // receiver error
+        "nonfatal" => "COMP_TIME", // completion timeout
+        "fatal" => "DLP",          // data link protocol error
+        other => bail!("aer: error must be correctable, nonfatal or fatal, not {other:?}"),
+    })
+}
+
+/// Raises a PCIe AER error of `severity` on GPU `gpu` (HMP
+/// `pcie_aer_inject_error`; the device has `aer=on` behind its root port,
+/// x86_64 q35 only): the guest's AER driver handles it.
+pub fn inject_aer(run_dir: &Path, gpu: u32, severity: &str) -> Result<Value> {
+    let name = aer_error_name(severity)?;
+    let line = format!("pcie_aer_inject_error gpu{gpu} {name}");
+    let out = qmp(
+        &run_dir.join("qmp.sock"),
+        "human-monitor-command",
+        json!({ "command-line": line }),
+    )?;
+    // "OK id: gpu0 root bus: ..." on success, "Error: ..." otherwise.
+    let text = out.as_str().unwrap_or_default().trim();
+    if !text.starts_with("OK") {
+        bail!("QEMU: {line}: {text}");
+    }
+    Ok(json!({ "ok": true, "aer": severity, "error": name }))
+}
+
 pub fn kill_backend(run_dir: &Path, gpu: u32) -> Result<Value> {
     let pid_file = run_dir.join(format!("gpu{gpu}.pid"));
     let pid: u32 = std::fs::read_to_string(&pid_file)
@@ -189,6 +228,10 @@ mod tests {
         assert!(apply(dir, 0, &json!({"kind": "link_down"})).is_err());
         assert!(apply(dir, 0, &json!({"kind": "link_down", "down": true, "x": 1})).is_err());
         assert!(apply(dir, 0, &json!({"kind": "kill_backend", "x": 1})).is_err());
+        assert!(is_host_fault(&json!({"kind": "aer", "error": "fatal"})));
+        assert!(apply(dir, 0, &json!({"kind": "aer", "error": "bad"})).is_err());
+        assert!(apply(dir, 0, &json!({"kind": "aer"})).is_err());
+        assert_eq!(aer_error_name("fatal").unwrap(), "DLP");
     }
 
     /// A fake QMP server on a socket pair: greeting, capabilities, command.

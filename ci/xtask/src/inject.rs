@@ -28,7 +28,8 @@ pub struct InjectArgs {
     /// The fault: one JSON object ('{"kind":"copy_error","count":3}') or
     /// KIND [KEY=VALUE...] (copy_error count=3 range=vram:0x100000:4096).
     /// Host-side faults go to QEMU or the backend process instead:
-    /// `link_down on|off` (QMP qom-set), `kill_backend` (SIGKILL).
+    /// `link_down on|off` (QMP qom-set), `kill_backend` (SIGKILL),
+    /// `aer correctable|nonfatal|fatal` (HMP pcie_aer_inject_error).
     #[arg(value_name = "FAULT", required_unless_present = "request")]
     pub fault: Vec<String>,
 }
@@ -115,6 +116,11 @@ fn host_fault_of(words: &[String]) -> Result<Option<Value>> {
         }
         ["link_down", ..] => bail!("usage: link_down on|off"),
         ["kill_backend", ..] => bail!("kill_backend takes no arguments"),
+        ["aer", severity] => {
+            hostfault::aer_error_name(severity)?;
+            Ok(Some(json!({ "kind": "aer", "error": severity })))
+        }
+        ["aer", ..] => bail!("usage: aer correctable|nonfatal|fatal"),
         _ => Ok(None),
     }
 }
@@ -220,6 +226,11 @@ mod tests {
         assert_eq!(host_fault_of(&w(&["copy_error", "count=3"])).unwrap(), None);
         assert!(host_fault_of(&w(&["link_down"])).is_err());
         assert!(host_fault_of(&w(&["kill_backend", "now"])).is_err());
+        assert_eq!(
+            host_fault_of(&w(&["aer", "fatal"])).unwrap(),
+            Some(json!({"kind": "aer", "error": "fatal"}))
+        );
+        assert!(host_fault_of(&w(&["aer", "severe"])).is_err());
     }
 
     #[test]

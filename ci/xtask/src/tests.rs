@@ -304,6 +304,11 @@ const VM_TESTS: &[VmTest] = &[
         run: reset::t_function_reset,
     },
     VmTest {
+        name: "fault-aer",
+        about: "PCIe AER errors (QEMU pcie_aer_inject_error): correctable and non-fatal change nothing; a fatal one resets the bus, the driver evicts VRAM first and comes back; every byte intact",
+        run: reset::t_aer,
+    },
+    VmTest {
         name: "ppc64le-smoke",
         about: "a ppc64le pseries guest (TCG): driver bound, then hmmgpu-demo (migrations to VRAM and back, every byte checked)",
         run: t_ppc64le_smoke,

@@ -707,14 +707,17 @@ fn qemu_args(cfg: &VmConfig, vram: &VramFiles, backends: &[Backend]) -> Result<V
     for (b, path) in backends.iter().zip(&vram.paths) {
         let n = b.gpu;
         let sock = cfg.run_dir.join(format!("gpu{n}.sock"));
-        // q35: each GPU behind its own PCIe root port (hotplug, AER);
+        // q35: each GPU behind its own PCIe root port (hotplug, AER). The
+        // port's link runs at 5 GT/s: above that Linux waits for Data Link
+        // Layer Link Active after a bus reset (AER recovery), which QEMU
+        // only sets in native hotplug, and gives the reset up as failed.
         // pseries: on the default PHB's conventional PCI bus.
         let (bus, aer) = match cfg.arch {
             Arch::X86_64 => {
                 a.extend([
                     "-device".into(),
                     format!(
-                        "pcie-root-port,id=rp{n},bus=pcie.0,chassis={},slot=0",
+                        "pcie-root-port,id=rp{n},bus=pcie.0,chassis={},slot=0,x-speed=5",
                         n + 1
                     ),
                 ]);

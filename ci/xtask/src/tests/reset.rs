@@ -69,3 +69,38 @@ pub(super) fn t_function_reset(ctx: &mut Ctx) -> Result<()> {
     console_has(&out, "the device is back")?;
     Ok(())
 }
+
+pub(super) fn t_aer(ctx: &mut Ctx) -> Result<()> {
+    ensure!(
+        ctx.arch == crate::cli::Arch::X86_64,
+        "AER injection needs the q35 PCIe topology (x86_64)"
+    );
+    let out = ctx.boot_extra(
+        faults_boot("fault-aer", &["hmmgpu-faults", "reset", "aer"]),
+        vm::VmExtra {
+            console_hook: Some(inject_hook()),
+            ..Default::default()
+        },
+    )?;
+    expect_status(&out, 0)?;
+    console_has(&out, "AER: Correctable Error message received")?;
+    console_has(&out, "AER: Uncorrectable (Non-Fatal) Error message received")?;
+    console_has(&out, "AER: Uncorrectable (Fatal) Error message received")?;
+    console_has(&out, "Root Port link has been reset (0)")?;
+    console_has(&out, "device reset requested: evicting VRAM")?;
+    console_has(&out, "the device is back")?;
+    let recovered = out
+        .console
+        .iter()
+        .filter(|l| l.contains("AER: device recovery successful"))
+        .count();
+    ensure!(
+        recovered == 2,
+        "the guest logged 'device recovery successful' {recovered} times, not 2 (non-fatal, fatal)"
+    );
+    ensure!(
+        !out.console.iter().any(|l| l.contains("device recovery failed")),
+        "the guest logged 'device recovery failed'"
+    );
+    Ok(())
+}
