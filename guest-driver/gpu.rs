@@ -621,6 +621,17 @@ impl Gpu {
         if shim::is_err(queues) {
             return Err(shim::ptr_err(queues));
         }
+        let half = config.vram_size / 2;
+        let vram = Vram::new(index, MemKind::Private, 0, half)
+            .and_then(|private| Ok((private, Vram::new(index, MemKind::Coherent, half, half)?)));
+        let (private, coherent) = match vram {
+            Ok(v) => v,
+            Err(e) => {
+                // SAFETY: the queue was created on this device.
+                unsafe { shim::hmmgpu_shim_device_reset(vdev) };
+                return Err(e);
+            }
+        };
         let gpu = Arc::pin_init(
             try_pin_init!(Gpu {
                 vdev,
@@ -630,8 +641,8 @@ impl Gpu {
                 queues: Queues::new(queues),
                 queues_live <- new_mutex!(true),
                 contexts <- new_spinlock_irq!(Contexts { slots: KVec::new() }),
-                private <- Vram::new(MemKind::Private, 0, config.vram_size / 2)?,
-                coherent <- Vram::new(MemKind::Coherent, config.vram_size / 2, config.vram_size / 2)?,
+                private <- private,
+                coherent <- coherent,
                 dead: AtomicBool::new(false),
                 lost: AtomicBool::new(false),
                 canary: AtomicPtr::new(ptr::null_mut()),
@@ -759,11 +770,12 @@ impl Gpu {
             Err(e) => pr_warn!("hmmgpu{}: cannot read device counters: {:?}\n", self.index, e),
         }
         pr_info!(
-            "hmmgpu{}: removed; {} pages evicted to system memory, {} of {} KiB VRAM free\n",
+            "hmmgpu{}: removed; {} pages evicted to system memory, {} of {} KiB VRAM free, {} KiB retired\n",
             self.index,
             evicted,
             (self.private.avail() + self.coherent.avail()) >> 10,
-            self.config.vram_size >> 10
+            self.config.vram_size >> 10,
+            ((self.private.retired_pages() + self.coherent.retired_pages()) * abi::PAGE_SIZE) >> 10
         );
         *self.queues_live.lock() = false;
         // SAFETY: the device is bound; nothing submits any more.
@@ -864,6 +876,10 @@ pub(crate) extern "C" fn hmmgpu_rust_format_counters(cookie: *mut c_void, buf: *
         ("driver_fault_events", c.fault_events.load(Ordering::Relaxed)),
         ("driver_spurious_faults", c.spurious_faults.load(Ordering::Relaxed)),
         ("driver_copy_errors", c.copy_errors.load(Ordering::Relaxed)),
+        (
+            "driver_retired_pages",
+            gpu.private.retired_pages() + gpu.coherent.retired_pages(),
+        ),
     ];
     let device = abi::counter::NAMES.iter().copied().zip(counters.iter().copied());
     for (name, value) in Iterator::chain(device, driver) {

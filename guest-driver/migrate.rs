@@ -654,7 +654,8 @@ fn evict_without_device(vram: &Vram, cpu_reads_vram: bool, src: &[c_ulong], dst:
 /// a fresh system page filled with 0xff (see [`LOST_FILL`]), which is then
 /// poisoned, so its owners get SIGBUS on their next touch instead of reading
 /// anything; other pages are untouched. The poisoning is queued: this runs
-/// inside memory_failure(), which holds its mutex. Runs in process context.
+/// inside memory_failure(), which holds its mutex. The VRAM pages are
+/// retired. Runs in process context.
 #[no_mangle]
 pub(crate) extern "C" fn hmmgpu_rust_memory_failure(
     gpu: *mut core::ffi::c_void,
@@ -667,33 +668,35 @@ pub(crate) extern "C" fn hmmgpu_rust_memory_failure(
     let (gpu, vram) = unsafe { (&*gpu.cast::<Gpu>(), &*vram.cast::<Vram>()) };
     let mut moved = 0;
     for p in pfn..pfn + nr_pages {
-        if vram.offset_of_pfn(p as u64).is_none() {
+        let Some(offset) = vram.offset_of_pfn(p as u64) else {
             continue;
-        }
+        };
         let (mut src, mut dst) = ([0 as c_ulong; 1], [0 as c_ulong; 1]);
         // SAFETY: `p` is one of our device pages.
         let ret = unsafe { shim::hmmgpu_shim_evict_range(src.as_mut_ptr(), p, 1) };
         if ret < 0 {
-            pr_err!("hmmgpu{}: machine check at pfn {:#x}: cannot unmap it: {}\n", gpu.index(), p, ret);
-            continue;
+            pr_err!("hmmgpu{}: memory failure at pfn {:#x}: cannot unmap it: {}\n", gpu.index(), p, ret);
+        } else {
+            // SAFETY: `src[0]` is a migrate pfn from migrate_device_range().
+            let spage = unsafe { shim::hmmgpu_shim_migrate_pfn_to_page(src[0]) };
+            let mut page = ptr::null_mut();
+            if src[0] & mpfn_migrate() != 0 && !spage.is_null() {
+                page = lost_stand_in(0);
+                dst[0] = mpfn(page) | (src[0] & mpfn_write());
+            }
+            // SAFETY: the arrays of the call above, one entry (dst 0: nothing moves).
+            unsafe { shim::hmmgpu_shim_evict_finish(src.as_mut_ptr(), dst.as_mut_ptr(), 1) };
+            if !page.is_null() && src[0] & mpfn_migrate() != 0 {
+                // SAFETY: a system page of ours, now mapped where the VRAM page was.
+                unsafe { shim::hmmgpu_shim_poison_pfn_later(page_pfn(page)) };
+                moved += 1;
+            }
         }
-        // SAFETY: `src[0]` is a migrate pfn from migrate_device_range().
-        let spage = unsafe { shim::hmmgpu_shim_migrate_pfn_to_page(src[0]) };
-        let mut page = ptr::null_mut();
-        if src[0] & mpfn_migrate() != 0 && !spage.is_null() {
-            page = lost_stand_in(0);
-            dst[0] = mpfn(page) | (src[0] & mpfn_write());
-        }
-        // SAFETY: the arrays of the call above, one entry (dst 0: nothing moves).
-        unsafe { shim::hmmgpu_shim_evict_finish(src.as_mut_ptr(), dst.as_mut_ptr(), 1) };
-        if !page.is_null() && src[0] & mpfn_migrate() != 0 {
-            // SAFETY: a system page of ours, now mapped where the VRAM page was.
-            unsafe { shim::hmmgpu_shim_poison_pfn_later(page_pfn(page)) };
-            moved += 1;
-        }
+        // Whether or not its data moved: the page must not be used again.
+        vram.retire_and_log(offset, "memory failure");
     }
     pr_err!(
-        "hmmgpu{}: machine check on {} device-coherent page(s) at pfn {:#x}: {} moved to poisoned system pages\n",
+        "hmmgpu{}: memory failure on {} device-coherent page(s) at pfn {:#x}: {} moved to poisoned system pages\n",
         gpu.index(),
         nr_pages,
         pfn,

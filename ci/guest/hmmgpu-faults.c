@@ -60,8 +60,9 @@
  * (/dev/hmm_dmirror2), then a machine check (an action-optional uncorrected
  * memory error) at the BAR address of one of its pages, found in
  * /proc/self/pagemap: a child touching that page dies of SIGBUS (within
- * 20 s: the kernel handles the error asynchronously), every other page
- * reads intact, the device still migrates and reads data, rmmod works.
+ * 20 s: the kernel handles the error asynchronously), the driver retired
+ * the VRAM page, every other page reads intact, the device still migrates
+ * and reads data, rmmod works.
  *
  * The pattern is ci/guest/pattern.h's (xorshift64).
  * Exit status: 0 all checks passed, 1 a check failed, 2 usage error, 3 the
@@ -573,12 +574,13 @@ static int run_mce(void)
 	uint8_t *s = map_buffer(size, false), *out = map_buffer(size, false);
 	struct hmm_dmirror_cmd cmd;
 	char fault[128];
-	uint64_t pa;
+	uint64_t pa, retired0;
 	int fd, e, sig = 0, tries;
 	size_t i, mismatched = 0;
 
 	dev_path = "/dev/hmm_dmirror2";
 	fd = open_dev();
+	retired0 = counter("driver_retired_pages");
 	fill_pattern(c, size, 94);
 	memcpy(want, c, size);
 	e = dmirror(fd, HMM_DMIRROR_MIGRATE_TO_DEV, c, out, n, &cmd);
@@ -598,6 +600,7 @@ static int run_mce(void)
 	}
 	say("  a child touching the page: %s after %d tries", sig == SIGBUS ? "SIGBUS" : "no signal", tries + 1);
 	check(sig == SIGBUS, "a child touching the page with the machine check dies of SIGBUS");
+	check(counter("driver_retired_pages") == retired0 + 1, "the driver retired the VRAM page");
 	for (i = 0; i < n; i++)
 		if (i != bad && memcmp(c + i * PAGE_SZ, want + i * PAGE_SZ, PAGE_SZ))
 			mismatched++;
