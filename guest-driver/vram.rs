@@ -251,6 +251,23 @@ impl Vram {
         Some(self.base + (pfn - first) * abi::PAGE_SIZE)
     }
 
+    /// Whether VRAM offset `offset` is in this share.
+    pub(crate) fn contains(&self, offset: u64) -> bool {
+        offset >= self.base && offset - self.base < self.size
+    }
+
+    /// The device page pfn of VRAM offset `offset` (in this share), if the
+    /// pages are registered.
+    pub(crate) fn pfn_of_offset(&self, offset: u64) -> Option<u64> {
+        let first = self.pfn_first();
+        (first != 0 && self.contains(offset)).then(|| first + (offset - self.base) / abi::PAGE_SIZE)
+    }
+
+    /// VRAM offset of this share.
+    pub(crate) fn base(&self) -> u64 {
+        self.base
+    }
+
     /// Bytes free in the allocator.
     pub(crate) fn avail(&self) -> u64 {
         self.buddy.avail()
