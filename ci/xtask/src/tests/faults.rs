@@ -82,7 +82,7 @@ impl Drop for TempDir {
 }
 
 /// An `"injected"` counter of GPU 0's final stats.
-fn injected(out: &VmOutcome, name: &str) -> Result<u64> {
+pub(super) fn injected(out: &VmOutcome, name: &str) -> Result<u64> {
     let s = out.stats.first().context("gpu0 reported no stats")?;
     s.raw["injected"][name]
         .as_u64()
@@ -91,7 +91,7 @@ fn injected(out: &VmOutcome, name: &str) -> Result<u64> {
 
 /// The last value the guest printed for a driver/device counter
 /// (`hmmgpu-faults: counter NAME VALUE`).
-fn guest_counter(out: &VmOutcome, name: &str) -> Result<u64> {
+pub(super) fn guest_counter(out: &VmOutcome, name: &str) -> Result<u64> {
     let key = format!("hmmgpu-faults: counter {name} ");
     let line = out
         .console
