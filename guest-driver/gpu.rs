@@ -4,6 +4,7 @@
 //! registration, uAPI) and removal (evict VRAM, then tear down).
 
 use crate::abi::{self, opcode, DeviceConfig, Event, Range, Response};
+use crate::ecc::EccQueue;
 use crate::migrate;
 use crate::queue::{Command, InFlight, Queues, RangeList, Wait, COMMAND_TIMEOUT_MS};
 use crate::shim;
@@ -14,7 +15,8 @@ use core::ptr;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use kernel::prelude::*;
 use kernel::sync::{Arc, Mutex, SpinLockIrq};
-use kernel::{new_mutex, new_spinlock_irq};
+use kernel::workqueue::Work;
+use kernel::{new_mutex, new_spinlock_irq, new_work};
 
 /// One device MMU context's slot: who waits on its command, and the fault
 /// the device reported for it.
@@ -50,7 +52,7 @@ struct Resubmit(Command);
 
 /// Counters of the driver's own, shown after the device's in debugfs.
 #[derive(Default)]
-struct DriverCounters {
+pub(crate) struct DriverCounters {
     /// FAULT events received from the event queue.
     fault_events: AtomicU64,
     /// FAULT events no command was parked on: for a context with no access
@@ -59,6 +61,10 @@ struct DriverCounters {
     spurious_faults: AtomicU64,
     /// Commands that completed with COPY_ERROR.
     copy_errors: AtomicU64,
+    /// ECC events handled (counted when the ECC work is done with one).
+    pub(crate) ecc_events: AtomicU64,
+    /// ECC events dropped because the ECC queue was full.
+    pub(crate) ecc_dropped: AtomicU64,
 }
 
 /// The contexts in use; `slots[i]` is context `i + 1`.
@@ -116,20 +122,33 @@ pub(crate) struct Gpu {
     lost: AtomicBool,
     /// A device-coherent page the driver keeps as the link canary: its first
     /// word holds [`LINK_CANARY`] while the VRAM BAR works. Null without
-    /// device-coherent VRAM (then a failed link goes unnoticed).
+    /// device-coherent VRAM (then a failed link goes unnoticed). Replaced
+    /// only by the ECC work, which removal stops before it frees the page.
     canary: AtomicPtr<shim::Page>,
     /// Set once the canary read all-ones: the BAR's link is down, and what
     /// the CPU reads through it is not the VRAM.
     link_down: AtomicBool,
     tags: AtomicU64,
-    counters: DriverCounters,
+    pub(crate) counters: DriverCounters,
     /// Set once the first spurious FAULT event was logged.
     spurious_logged: AtomicBool,
+    /// Set once dropped ECC events were logged.
+    pub(crate) ecc_dropped_logged: AtomicBool,
     /// /sys/kernel/debug/hmmgpu<index>, removed on removal.
     debugfs: AtomicPtr<shim::Dentry>,
     /// The uAPI devices (private, coherent); taken (deregistered) on removal.
     #[pin]
     mirror_devs: Mutex<KVec<Pin<KBox<MirrorDevice>>>>,
+    /// ECC errors from the event queue, waiting for `ecc_work` (ecc.rs).
+    #[pin]
+    pub(crate) ecc_queue: SpinLockIrq<EccQueue>,
+    /// Handles `ecc_queue` in process context.
+    #[pin]
+    pub(crate) ecc_work: Work<Gpu>,
+    /// Held by the ECC work while it runs; true once removal began: the
+    /// work does nothing more (see [`Gpu::stop_ecc_work`]).
+    #[pin]
+    pub(crate) ecc_stopped: Mutex<bool>,
 }
 
 // SAFETY: `vdev` is only used for calls the virtio core allows from any
@@ -147,6 +166,11 @@ impl Gpu {
     /// GPU index (0 for the first one probed).
     pub(crate) fn index(&self) -> u32 {
         self.index
+    }
+
+    /// VRAM size in bytes.
+    pub(crate) fn vram_size(&self) -> u64 {
+        self.config.vram_size
     }
 
     /// The VRAM share of a personality.
@@ -204,13 +228,21 @@ impl Gpu {
         false
     }
 
+    /// A fresh device-coherent page with the link canary's mark, locked
+    /// and held until it is freed with `hmmgpu_shim_free_sys_page`.
+    fn new_canary(&self) -> Result<*mut shim::Page> {
+        let (page, _) = self.coherent.alloc_page(false)?;
+        // SAFETY: a coherent page is in the direct map; ours.
+        let word = unsafe { shim::hmmgpu_shim_page_address(page) }.cast::<u64>();
+        // SAFETY: as above.
+        unsafe { ptr::write_volatile(word, LINK_CANARY) };
+        Ok(page)
+    }
+
     /// Takes a device-coherent page as the link canary and writes its mark.
     fn set_canary(&self) {
-        match self.coherent.alloc_page(false) {
-            Ok((page, _)) => {
-                self.canary.store(page, Ordering::Release);
-                self.write_canary();
-            }
+        match self.new_canary() {
+            Ok(page) => self.canary.store(page, Ordering::Release),
             Err(e) => pr_warn!(
                 "hmmgpu{}: no VRAM for the link canary ({:?}): a failed link will not be noticed\n",
                 self.index,
@@ -230,6 +262,29 @@ impl Gpu {
         let word = unsafe { shim::hmmgpu_shim_page_address(page) }.cast::<u64>();
         // SAFETY: as above.
         unsafe { ptr::write_volatile(word, LINK_CANARY) };
+    }
+
+    /// The pfn of the link canary's page, if there is one.
+    pub(crate) fn canary_pfn(&self) -> Option<u64> {
+        let page = self.canary.load(Ordering::Acquire);
+        // SAFETY: the canary page is ours until removal.
+        (!page.is_null()).then(|| unsafe { shim::hmmgpu_shim_page_to_pfn(page) } as u64)
+    }
+
+    /// Moves the link canary to a fresh device-coherent page (its page went
+    /// bad) and frees the old one. Only the ECC work calls this, and
+    /// removal stops that work before it frees the canary. A reader still
+    /// on the old page reads retired VRAM, which stays mapped and is never
+    /// reused, so its answer is as good as before.
+    pub(crate) fn move_canary(&self) -> Result {
+        let page = self.new_canary()?;
+        let old = self.canary.swap(page, Ordering::AcqRel);
+        if !old.is_null() {
+            // SAFETY: the old canary page, locked since its allocation;
+            // this unlocks it and drops the last reference.
+            unsafe { shim::hmmgpu_shim_free_sys_page(old) };
+        }
+        Ok(())
     }
 
     /// Whether the device stopped answering (see [`Gpu::hung`]).
@@ -736,6 +791,10 @@ impl Gpu {
     /// else is counted as spurious and dropped: O(1) work per event, so a
     /// storm of them cannot livelock the driver.
     fn on_event(&self, event: Event) {
+        if event.kind == abi::event::ECC {
+            self.on_ecc_event(&event);
+            return;
+        }
         if event.kind != abi::event::FAULT {
             pr_warn!("hmmgpu{}: unknown event kind {}\n", self.index, event.kind);
             return;
@@ -862,6 +921,17 @@ impl Gpu {
         if shim::is_err(queues) {
             return Err(shim::ptr_err(queues));
         }
+        let half = config.vram_size / 2;
+        let vram = Vram::new(index, MemKind::Private, 0, half)
+            .and_then(|private| Ok((private, Vram::new(index, MemKind::Coherent, half, half)?)));
+        let (private, coherent) = match vram {
+            Ok(v) => v,
+            Err(e) => {
+                // SAFETY: the queue was created on this device.
+                unsafe { shim::hmmgpu_shim_device_reset(vdev) };
+                return Err(e);
+            }
+        };
         let gpu = Arc::pin_init(
             try_pin_init!(Gpu {
                 vdev,
@@ -873,8 +943,8 @@ impl Gpu {
                 reset_lock <- new_mutex!(()),
                 resets: AtomicU64::new(0),
                 contexts <- new_spinlock_irq!(Contexts { slots: KVec::new() }),
-                private <- Vram::new(MemKind::Private, 0, config.vram_size / 2)?,
-                coherent <- Vram::new(MemKind::Coherent, config.vram_size / 2, config.vram_size / 2)?,
+                private <- private,
+                coherent <- coherent,
                 dead: AtomicBool::new(false),
                 lost: AtomicBool::new(false),
                 canary: AtomicPtr::new(ptr::null_mut()),
@@ -882,8 +952,12 @@ impl Gpu {
                 tags: AtomicU64::new(0),
                 counters: DriverCounters::default(),
                 spurious_logged: AtomicBool::new(false),
+                ecc_dropped_logged: AtomicBool::new(false),
                 debugfs: AtomicPtr::new(ptr::null_mut()),
                 mirror_devs <- new_mutex!(KVec::new()),
+                ecc_queue <- new_spinlock_irq!(EccQueue::new()),
+                ecc_work <- new_work!("hmmgpu::ecc_work"),
+                ecc_stopped <- new_mutex!(false),
             }),
             GFP_KERNEL,
         );
@@ -898,8 +972,10 @@ impl Gpu {
         // SAFETY: the queues are set up; the device may start.
         unsafe { shim::hmmgpu_shim_device_ready(vdev) };
         if let Err(e) = gpu.queues.start_events(gpu.as_cookie()) {
+            gpu.stop_ecc_work();
             // SAFETY: the device was set up above.
             unsafe { shim::hmmgpu_shim_device_reset(vdev) };
+            gpu.flush_ecc_work();
             return Err(e);
         }
 
@@ -923,8 +999,10 @@ impl Gpu {
         });
         if let Err(e) = result {
             gpu.dead.store(true, Ordering::Release);
+            gpu.stop_ecc_work();
             // SAFETY: the device was set up above.
             unsafe { shim::hmmgpu_shim_device_reset(vdev) };
+            gpu.flush_ecc_work();
             return Err(e);
         }
         gpu.log_registered(&gpu.private);
@@ -971,6 +1049,8 @@ impl Gpu {
     }
 
     fn remove(&self) {
+        // Before the canary and the VRAM go: the ECC work touches both.
+        self.stop_ecc_work();
         let dir = self.debugfs.swap(ptr::null_mut(), Ordering::AcqRel);
         // SAFETY: created in `create`; removal waits for open readers.
         unsafe { shim::hmmgpu_shim_debugfs_remove(dir) };
@@ -1002,15 +1082,18 @@ impl Gpu {
             Err(e) => pr_warn!("hmmgpu{}: cannot read device counters: {:?}\n", self.index, e),
         }
         pr_info!(
-            "hmmgpu{}: removed; {} pages evicted to system memory, {} of {} KiB VRAM free\n",
+            "hmmgpu{}: removed; {} pages evicted to system memory, {} of {} KiB VRAM free, {} KiB retired\n",
             self.index,
             evicted,
             (self.private.avail() + self.coherent.avail()) >> 10,
-            self.config.vram_size >> 10
+            self.config.vram_size >> 10,
+            ((self.private.retired_pages() + self.coherent.retired_pages()) * abi::PAGE_SIZE) >> 10
         );
         *self.queues_live.lock() = false;
         // SAFETY: the device is bound; nothing submits any more.
         unsafe { shim::hmmgpu_shim_device_reset(self.vdev) };
+        // No more events: an ECC work queued until now finds it stopped.
+        self.flush_ecc_work();
         release_index(self.index);
     }
 }
@@ -1129,6 +1212,12 @@ pub(crate) extern "C" fn hmmgpu_rust_format_counters(cookie: *mut c_void, buf: *
         ("driver_copy_errors", c.copy_errors.load(Ordering::Relaxed)),
         ("driver_polled_completions", gpu.queues.polled_completions()),
         ("driver_resets", gpu.resets.load(Ordering::Relaxed)),
+        ("driver_ecc_events", c.ecc_events.load(Ordering::Relaxed)),
+        ("driver_ecc_dropped", c.ecc_dropped.load(Ordering::Relaxed)),
+        (
+            "driver_retired_pages",
+            gpu.private.retired_pages() + gpu.coherent.retired_pages(),
+        ),
     ];
     let device = abi::counter::NAMES.iter().copied().zip(counters.iter().copied());
     for (name, value) in Iterator::chain(device, driver) {
@@ -1137,6 +1226,50 @@ pub(crate) extern "C" fn hmmgpu_rust_format_counters(cookie: *mut c_void, buf: *
         }
     }
     w.pos as core::ffi::c_long
+}
+
+/// debugfs `vram`: per half of the VRAM its offset, size, first device pfn,
+/// free bytes and retired pages, then the link canary's VRAM offset. Tests
+/// use it to tell a page's VRAM offset from its pfn (/proc/self/pagemap).
+/// Returns the length written into `buf`.
+#[no_mangle]
+pub(crate) extern "C" fn hmmgpu_rust_format_vram(cookie: *mut c_void, buf: *mut u8, len: usize) -> core::ffi::c_long {
+    // SAFETY: the debugfs file is removed before the Gpu goes away.
+    let gpu = unsafe { &*cookie.cast::<Gpu>() };
+    // SAFETY: the shim hands a buffer of `len` bytes.
+    let out = unsafe { core::slice::from_raw_parts_mut(buf, len) };
+    let mut w = SliceWriter { buf: out, pos: 0 };
+    let mut result = Ok(());
+    for vram in [&gpu.private, &gpu.coherent] {
+        // Pages freed by now count as free.
+        vram.reclaim_deferred();
+        result = result.and_then(|()| {
+            core::fmt::Write::write_fmt(
+                &mut w,
+                format_args!(
+                    "{} base {:#x} size {:#x} pfn_first {:#x} free {:#x} retired {}\n",
+                    match vram.kind() {
+                        MemKind::Private => "private",
+                        MemKind::Coherent => "coherent",
+                    },
+                    vram.base(),
+                    vram.size(),
+                    vram.pfn_first(),
+                    vram.avail(),
+                    vram.retired_pages()
+                ),
+            )
+        });
+    }
+    let canary = gpu.canary_pfn().and_then(|pfn| gpu.coherent.offset_of_pfn(pfn));
+    result = result.and_then(|()| match canary {
+        Some(offset) => core::fmt::Write::write_fmt(&mut w, format_args!("canary {:#x}\n", offset)),
+        None => core::fmt::Write::write_str(&mut w, "canary none\n"),
+    });
+    match result {
+        Ok(()) => w.pos as core::ffi::c_long,
+        Err(_) => ENOSPC.to_errno() as core::ffi::c_long,
+    }
 }
 
 /// `core::fmt::Write` into a byte slice.

@@ -6,6 +6,7 @@
 //! migrates process memory to and from VRAM with the device's copy engine and
 //! offers the dmirror uAPI of lib/test_hmm_uapi.h. Layout:
 //! - `gpu`: probe/remove and the device's state
+//! - `ecc`: VRAM ECC errors: retiring pages, moving their data away
 //! - `queue`: the command virtqueue
 //! - `vram`: the VRAM allocator (GPU buddy) and its device pages
 //! - `migrate`: migrate_vma_* / migrate_device_* and migrate_to_ram
@@ -20,6 +21,7 @@ use kernel::prelude::*;
 #[path = "../device/abi/src/abi.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod abi;
+mod ecc;
 mod gpu;
 mod migrate;
 mod mirror;

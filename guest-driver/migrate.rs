@@ -529,17 +529,37 @@ pub(crate) fn evict_all(gpu: &Gpu, vram: &Vram) -> u64 {
     let mut done = 0;
     while done < total {
         let n = core::cmp::min(max_pages(), total - done);
-        let start_pfn = first + done as u64;
-        let (src, dst) = args.src_dst(n);
-        // SAFETY: [start_pfn, start_pfn + n) is in our device-private range.
-        let ret = unsafe { shim::hmmgpu_shim_evict_range(src.as_ptr().cast_mut(), start_pfn as c_ulong, n as c_ulong) };
-        if ret < 0 {
-            pr_err!("hmmgpu{}: migrate_device_range failed: {}\n", gpu.index(), ret);
-            done += n;
-            continue;
-        }
-        let mut lost = false;
-        if let Err(e) = alloc_and_copy_to_ram(gpu, vram, ptr::null_mut(), 0, src, dst, &mut false) {
+        evicted += evict_pfns(gpu, vram, &mut args, first + done as u64, n, true).pages;
+        done += n;
+    }
+    evicted
+}
+
+/// What [`evict_pfns`] did.
+struct Eviction {
+    /// Pages given a system page (evicted, or poisoned if `lost`).
+    pages: u64,
+    /// The device could not copy: the data of those pages is lost and
+    /// their system pages are poisoned.
+    lost: bool,
+}
+
+/// Migrates the device pages [start_pfn, start_pfn + n) of `vram` (n at most
+/// `max_pages()`) to system memory, whichever process owns them, copied by
+/// the device. If the copy fails: with `must_leave` (removal) or once the
+/// device is lost, as [`evict_without_device`] does, poisoning what is
+/// lost; otherwise nothing moves. `args` keeps the src/dst arrays.
+fn evict_pfns(gpu: &Gpu, vram: &Vram, args: &mut MigrateArgs, start_pfn: u64, n: usize, must_leave: bool) -> Eviction {
+    let (src, dst) = args.src_dst(n);
+    // SAFETY: [start_pfn, start_pfn + n) is in our device page range.
+    let ret = unsafe { shim::hmmgpu_shim_evict_range(src.as_ptr().cast_mut(), start_pfn as c_ulong, n as c_ulong) };
+    if ret < 0 {
+        pr_err!("hmmgpu{}: migrate_device_range failed: {}\n", gpu.index(), ret);
+        return Eviction { pages: 0, lost: false };
+    }
+    let mut lost = false;
+    if let Err(e) = alloc_and_copy_to_ram(gpu, vram, ptr::null_mut(), 0, src, dst, &mut false) {
+        if must_leave || gpu.is_lost() {
             // Through a failed link the CPU would copy all-ones, not VRAM.
             let cpu_reads_vram = vram.kind() == MemKind::Coherent && !gpu.is_link_down();
             let (saved, gone) = evict_without_device(vram, cpu_reads_vram, src, dst);
@@ -553,37 +573,79 @@ pub(crate) fn evict_all(gpu: &Gpu, vram: &Vram) -> u64 {
             );
             lost = gone > 0;
         }
-        // SAFETY: `src`/`dst` are the arrays filled above, `n` entries.
-        unsafe { shim::hmmgpu_shim_evict_finish(src.as_ptr().cast_mut(), dst.as_mut_ptr(), n as c_ulong) };
-        // In 4 KiB pages: a THP entry moves 512 of them.
-        evicted += dst
-            .iter()
-            .filter(|d| **d != 0)
-            .map(|d| if *d & mpfn_compound() != 0 { HUGE_PAGES as u64 } else { 1 })
-            .sum::<u64>();
-        if lost {
-            // Now mapped where the VRAM pages were: poison them, so their
-            // owners get SIGBUS rather than a page of zeroes.
-            for (s, d) in src.iter().zip(dst.iter()) {
-                if *d == 0 || *s & mpfn_migrate() == 0 {
-                    continue;
-                }
-                // SAFETY: `*d` is the migrate pfn of a page we allocated.
-                let first = unsafe { shim::hmmgpu_shim_page_to_pfn(shim::hmmgpu_shim_migrate_pfn_to_page(*d)) };
-                let n = if *d & mpfn_compound() != 0 { HUGE_PAGES } else { 1 };
-                for pfn in first..first + n as c_ulong {
-                    // SAFETY: `pfn` is a system page of ours, now mapped by
-                    // its owner (memory_failure splits a THP first).
-                    let ret = unsafe { shim::hmmgpu_shim_poison_pfn(pfn) };
-                    if ret < 0 {
-                        pr_err!("hmmgpu{}: poisoning pfn {:#x} failed: {}\n", gpu.index(), pfn, ret);
-                    }
+    }
+    // SAFETY: `src`/`dst` are the arrays filled above, `n` entries (a
+    // zero `dst` leaves its page in VRAM).
+    unsafe { shim::hmmgpu_shim_evict_finish(src.as_ptr().cast_mut(), dst.as_mut_ptr(), n as c_ulong) };
+    // In 4 KiB pages: a THP entry moves 512 of them.
+    let pages = dst
+        .iter()
+        .filter(|d| **d != 0)
+        .map(|d| if *d & mpfn_compound() != 0 { HUGE_PAGES as u64 } else { 1 })
+        .sum::<u64>();
+    if lost {
+        // Now mapped where the VRAM pages were: poison them, so their
+        // owners get SIGBUS rather than a page of zeroes.
+        for (s, d) in src.iter().zip(dst.iter()) {
+            if *d == 0 || *s & mpfn_migrate() == 0 {
+                continue;
+            }
+            // SAFETY: `*d` is the migrate pfn of a page we allocated.
+            let first = unsafe { shim::hmmgpu_shim_page_to_pfn(shim::hmmgpu_shim_migrate_pfn_to_page(*d)) };
+            let n = if *d & mpfn_compound() != 0 { HUGE_PAGES } else { 1 };
+            for pfn in first..first + n as c_ulong {
+                // SAFETY: `pfn` is a system page of ours, now mapped by
+                // its owner (memory_failure splits a THP first).
+                let ret = unsafe { shim::hmmgpu_shim_poison_pfn(pfn) };
+                if ret < 0 {
+                    pr_err!("hmmgpu{}: poisoning pfn {:#x} failed: {}\n", gpu.index(), pfn, ret);
                 }
             }
         }
-        done += n;
     }
-    evicted
+    Eviction { pages, lost }
+}
+
+/// What [`evict_corrupt_folio`] did with a device-private folio.
+pub(crate) enum CorruptFolio {
+    /// Copied to system memory; its corrupt page is poisoned there.
+    Moved,
+    /// The device could not copy it (it is lost): all of its pages are
+    /// poisoned.
+    Lost,
+    /// Not migrated (locked by a migration in flight, or the copy failed):
+    /// it is still in VRAM.
+    NotMoved,
+}
+
+/// An ECC error corrupted device page `pfn` of the device-private folio
+/// [head, head + nr) of `vram`: copies the folio to system memory with the
+/// device (the rest of its data is good), whichever process owns it, then
+/// poisons the system page that got `pfn`'s data, so its owner gets SIGBUS
+/// there and nowhere else (memory_failure() splits a THP first).
+pub(crate) fn evict_corrupt_folio(gpu: &Gpu, vram: &Vram, head: u64, nr: usize, pfn: u64) -> Result<CorruptFolio> {
+    let idx = pfn.checked_sub(head).map(|i| i as usize).filter(|i| *i < nr && nr <= max_pages()).ok_or(EINVAL)?;
+    let mut args = MigrateArgs::new()?;
+    let eviction = evict_pfns(gpu, vram, &mut args, head, nr, false);
+    if eviction.lost {
+        return Ok(CorruptFolio::Lost);
+    }
+    let (src, dst) = args.src_dst(nr);
+    // A THP moves whole (entry 0, compound), single pages each on their own.
+    let entry = if src[0] & mpfn_compound() != 0 { 0 } else { idx };
+    if src[entry] & mpfn_migrate() == 0 || dst[entry] == 0 {
+        return Ok(CorruptFolio::NotMoved);
+    }
+    // SAFETY: `dst[entry]` is the migrate pfn of the system page (or THP)
+    // that now holds the data.
+    let sys = unsafe { shim::hmmgpu_shim_page_to_pfn(shim::hmmgpu_shim_migrate_pfn_to_page(dst[entry])) };
+    let sys = sys + (idx - entry) as c_ulong;
+    // SAFETY: a system page of ours, now mapped by the folio's owners.
+    let ret = unsafe { shim::hmmgpu_shim_poison_pfn(sys) };
+    if ret < 0 {
+        pr_err!("hmmgpu{}: poisoning pfn {:#x} failed: {}\n", gpu.index(), sys, ret);
+    }
+    Ok(CorruptFolio::Moved)
 }
 
 /// What a page standing in for lost VRAM holds until it is poisoned (see
@@ -655,11 +717,13 @@ fn evict_without_device(vram: &Vram, cpu_reads_vram: bool, src: &[c_ulong], dst:
 
 /// `dev_pagemap_ops.memory_failure` of device-coherent VRAM: a machine check
 /// on BAR pages (the kernel's generic handler does nothing for
-/// MEMORY_DEVICE_COHERENT). Their data is corrupt: each mapped page moves to
-/// a fresh system page filled with 0xff (see [`LOST_FILL`]), which is then
-/// poisoned, so its owners get SIGBUS on their next touch instead of reading
-/// anything; other pages are untouched. The poisoning is queued: this runs
-/// inside memory_failure(), which holds its mutex. Runs in process context.
+/// MEMORY_DEVICE_COHERENT), or an ECC error the ECC work hands over
+/// (ecc.rs). Their data is corrupt: each mapped page moves to a fresh system
+/// page filled with 0xff (see [`LOST_FILL`]), which is then poisoned, so its
+/// owners get SIGBUS on their next touch instead of reading anything; other
+/// pages are untouched. The poisoning is queued: this runs inside
+/// memory_failure(), which holds its mutex. The VRAM pages are retired.
+/// Runs in process context.
 #[no_mangle]
 pub(crate) extern "C" fn hmmgpu_rust_memory_failure(
     gpu: *mut core::ffi::c_void,
@@ -672,33 +736,35 @@ pub(crate) extern "C" fn hmmgpu_rust_memory_failure(
     let (gpu, vram) = unsafe { (&*gpu.cast::<Gpu>(), &*vram.cast::<Vram>()) };
     let mut moved = 0;
     for p in pfn..pfn + nr_pages {
-        if vram.offset_of_pfn(p as u64).is_none() {
+        let Some(offset) = vram.offset_of_pfn(p as u64) else {
             continue;
-        }
+        };
         let (mut src, mut dst) = ([0 as c_ulong; 1], [0 as c_ulong; 1]);
         // SAFETY: `p` is one of our device pages.
         let ret = unsafe { shim::hmmgpu_shim_evict_range(src.as_mut_ptr(), p, 1) };
         if ret < 0 {
-            pr_err!("hmmgpu{}: machine check at pfn {:#x}: cannot unmap it: {}\n", gpu.index(), p, ret);
-            continue;
+            pr_err!("hmmgpu{}: memory failure at pfn {:#x}: cannot unmap it: {}\n", gpu.index(), p, ret);
+        } else {
+            // SAFETY: `src[0]` is a migrate pfn from migrate_device_range().
+            let spage = unsafe { shim::hmmgpu_shim_migrate_pfn_to_page(src[0]) };
+            let mut page = ptr::null_mut();
+            if src[0] & mpfn_migrate() != 0 && !spage.is_null() {
+                page = lost_stand_in(0);
+                dst[0] = mpfn(page) | (src[0] & mpfn_write());
+            }
+            // SAFETY: the arrays of the call above, one entry (dst 0: nothing moves).
+            unsafe { shim::hmmgpu_shim_evict_finish(src.as_mut_ptr(), dst.as_mut_ptr(), 1) };
+            if !page.is_null() && src[0] & mpfn_migrate() != 0 {
+                // SAFETY: a system page of ours, now mapped where the VRAM page was.
+                unsafe { shim::hmmgpu_shim_poison_pfn_later(page_pfn(page)) };
+                moved += 1;
+            }
         }
-        // SAFETY: `src[0]` is a migrate pfn from migrate_device_range().
-        let spage = unsafe { shim::hmmgpu_shim_migrate_pfn_to_page(src[0]) };
-        let mut page = ptr::null_mut();
-        if src[0] & mpfn_migrate() != 0 && !spage.is_null() {
-            page = lost_stand_in(0);
-            dst[0] = mpfn(page) | (src[0] & mpfn_write());
-        }
-        // SAFETY: the arrays of the call above, one entry (dst 0: nothing moves).
-        unsafe { shim::hmmgpu_shim_evict_finish(src.as_mut_ptr(), dst.as_mut_ptr(), 1) };
-        if !page.is_null() && src[0] & mpfn_migrate() != 0 {
-            // SAFETY: a system page of ours, now mapped where the VRAM page was.
-            unsafe { shim::hmmgpu_shim_poison_pfn_later(page_pfn(page)) };
-            moved += 1;
-        }
+        // Whether or not its data moved: the page must not be used again.
+        vram.retire_and_log(offset, "memory failure");
     }
     pr_err!(
-        "hmmgpu{}: machine check on {} device-coherent page(s) at pfn {:#x}: {} moved to poisoned system pages\n",
+        "hmmgpu{}: memory failure on {} device-coherent page(s) at pfn {:#x}: {} moved to poisoned system pages\n",
         gpu.index(),
         nr_pages,
         pfn,

@@ -702,6 +702,21 @@ unsigned long hmmgpu_shim_folio_nr_pages(struct page *page)
 	return folio_nr_pages(page_folio(page));
 }
 
+/*
+ * The head page of the folio @page belongs to. For a free device page it
+ * may be stale (a folio freed since): check the result covers @page.
+ */
+struct page *hmmgpu_shim_folio_head(struct page *page)
+{
+	return &page_folio(page)->page;
+}
+
+/* References to @page's folio: 0 while a device page is free. */
+int hmmgpu_shim_folio_ref_count(struct page *page)
+{
+	return folio_ref_count(page_folio(page));
+}
+
 /* Returns a device page prepared for a migration that did not happen. */
 void hmmgpu_shim_device_page_discard(struct page *page)
 {
@@ -875,10 +890,12 @@ void hmmgpu_shim_copy_page(struct page *dst, struct page *src)
 }
 
 /*
- * Poisons the system page at @pfn that took the place of a device-private
- * page whose data was lost with the device: memory_failure() unmaps it from
- * its owners with hwpoison entries, so a later touch gets SIGBUS
- * (BUS_MCEERR_AR) instead of reading made-up data. The page is retired.
+ * Poisons the system page at @pfn that took the place of VRAM whose data
+ * was lost (with the device, or to an ECC error): memory_failure() unmaps
+ * it from its owners with hwpoison entries (splitting a THP first, so only
+ * that page goes), so a later touch gets SIGBUS (BUS_MCEERR_AR) instead of
+ * reading made-up data. The page is retired. On a device-coherent pfn it
+ * calls the pgmap's memory_failure op (hmmgpu_memory_failure).
  */
 int hmmgpu_shim_poison_pfn(unsigned long pfn)
 {
@@ -1123,7 +1140,7 @@ int hmmgpu_shim_make_exclusive(struct hmmgpu_notifier *n, unsigned long addr,
 	return 0;
 }
 
-/* ---- debugfs: /sys/kernel/debug/hmmgpu<N>/counters ---- */
+/* ---- debugfs: /sys/kernel/debug/hmmgpu<N>/{counters,vram} ---- */
 
 static int hmmgpu_counters_show(struct seq_file *m, void *v)
 {
@@ -1141,6 +1158,24 @@ static int hmmgpu_counters_show(struct seq_file *m, void *v)
 }
 DEFINE_SHOW_ATTRIBUTE(hmmgpu_counters);
 
+/* ---- debugfs: /sys/kernel/debug/hmmgpu<N>/vram ---- */
+
+static int hmmgpu_vram_show(struct seq_file *m, void *v)
+{
+	char *buf;
+	long len;
+
+	buf = kmalloc(PAGE_SIZE, GFP_KERNEL);
+	if (!buf)
+		return -ENOMEM;
+	len = hmmgpu_rust_format_vram(m->private, buf, PAGE_SIZE);
+	if (len > 0)
+		seq_write(m, buf, len);
+	kfree(buf);
+	return len < 0 ? len : 0;
+}
+DEFINE_SHOW_ATTRIBUTE(hmmgpu_vram);
+
 /* Creates the GPU's debugfs directory; the files read through @gpu. */
 struct dentry *hmmgpu_shim_debugfs_create(unsigned int index, void *gpu)
 {
@@ -1150,6 +1185,7 @@ struct dentry *hmmgpu_shim_debugfs_create(unsigned int index, void *gpu)
 	snprintf(name, sizeof(name), "hmmgpu%u", index);
 	dir = debugfs_create_dir(name, NULL);
 	debugfs_create_file("counters", 0444, dir, gpu, &hmmgpu_counters_fops);
+	debugfs_create_file("vram", 0444, dir, gpu, &hmmgpu_vram_fops);
 	return dir;
 }
 

@@ -31,6 +31,7 @@ void hmmgpu_rust_reset_prepare(struct virtio_device *vdev);
 int hmmgpu_rust_reset_done(struct virtio_device *vdev);
 void hmmgpu_rust_gpu_put(void *gpu);
 long hmmgpu_rust_format_counters(void *gpu, char *buf, size_t len);
+long hmmgpu_rust_format_vram(void *gpu, char *buf, size_t len);
 void hmmgpu_rust_event(void *gpu, const u8 *buf, unsigned int len);
 vm_fault_t hmmgpu_rust_migrate_to_ram(void *gpu, void *vram,
 				      struct vm_fault *vmf);
@@ -107,6 +108,8 @@ void *hmmgpu_shim_page_get_data(struct page *page);
 void hmmgpu_shim_page_set_data(struct page *page, void *data);
 void hmmgpu_shim_device_page_init(struct page *page, unsigned int order);
 unsigned long hmmgpu_shim_folio_nr_pages(struct page *page);
+struct page *hmmgpu_shim_folio_head(struct page *page);
+int hmmgpu_shim_folio_ref_count(struct page *page);
 void hmmgpu_shim_device_page_discard(struct page *page);
 struct page *hmmgpu_shim_alloc_sys_page(struct vm_area_struct *vma,
 					unsigned long addr, unsigned int order);

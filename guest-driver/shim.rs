@@ -127,6 +127,8 @@ extern "C" {
     pub(crate) fn hmmgpu_shim_page_set_data(page: *mut Page, data: *mut c_void);
     pub(crate) fn hmmgpu_shim_device_page_init(page: *mut Page, order: c_uint);
     pub(crate) fn hmmgpu_shim_folio_nr_pages(page: *mut Page) -> c_ulong;
+    pub(crate) fn hmmgpu_shim_folio_head(page: *mut Page) -> *mut Page;
+    pub(crate) fn hmmgpu_shim_folio_ref_count(page: *mut Page) -> c_int;
     pub(crate) fn hmmgpu_shim_device_page_discard(page: *mut Page);
     pub(crate) fn hmmgpu_shim_alloc_sys_page(vma: *mut Vma, addr: c_ulong, order: c_uint) -> *mut Page;
     pub(crate) fn hmmgpu_shim_free_sys_page(page: *mut Page);

@@ -12,6 +12,10 @@
 //! mapping is fixed, so a device page's VRAM offset is computed, never
 //! stored. What a page stores (in `zone_device_data`) is its buddy
 //! allocation, returned when the kernel frees the page.
+//!
+//! A page whose VRAM went bad (an ECC error, a machine check) is retired:
+//! taken out of the buddy allocator for good, at once if it is free, or
+//! when the allocation it belongs to is freed (see [`Retired`]).
 
 use crate::abi;
 use crate::shim;
@@ -25,8 +29,8 @@ use kernel::gpu::buddy::{
 use kernel::prelude::*;
 use kernel::ptr::Alignment;
 use kernel::sizes::{SZ_2M, SZ_4K};
-use kernel::new_spinlock_irq;
-use kernel::sync::SpinLockIrq;
+use kernel::sync::{Mutex, SpinLockIrq};
+use kernel::{new_mutex, new_spinlock_irq};
 
 /// Order of a THP (2 MiB of 4 KiB pages).
 pub(crate) const HUGE_ORDER: u32 = 9;
@@ -89,9 +93,41 @@ impl Drop for PageBatch<'_> {
         // SAFETY: `alloc` lives until all its pages are released.
         if unsafe { (*self.alloc).pages.fetch_sub(unused, Ordering::AcqRel) } == unused {
             // SAFETY: no page refers to it any more.
-            drop(unsafe { KBox::from_raw(self.alloc) });
+            self.vram.release(unsafe { KBox::from_raw(self.alloc) });
         }
     }
+}
+
+/// The retired VRAM pages of a [`Vram`] (by VRAM offset). Its lock also
+/// serializes every allocation from and every return to the buddy
+/// allocator, so a retired page whose allocation is freed is held before
+/// anyone else can allocate it.
+struct Retired {
+    /// Retired pages still inside a live allocation (in use, or sharing a
+    /// batch or THP allocation with pages in use): held when it is freed.
+    pending: KVec<u64>,
+    /// Retired pages held out of the allocator, one 4 KiB block each. They
+    /// go back with the allocator itself (the blocks keep it alive), so its
+    /// teardown finds everything returned.
+    held: KVec<Pin<KBox<AllocatedBlocks>>>,
+}
+
+impl Retired {
+    fn contains(&self, offset: u64) -> bool {
+        self.pending.contains(&offset) || self.held.iter().any(|b| b.iter().any(|b| b.offset() == offset))
+    }
+}
+
+/// What [`Vram::retire`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Retirement {
+    /// The page was retired before.
+    Already,
+    /// The page was free: it is out of the allocator now.
+    Held,
+    /// The page's VRAM is allocated: it leaves the allocator when that
+    /// allocation is freed.
+    Pending,
 }
 
 /// Which kind of ZONE_DEVICE memory a `Vram` is registered as.
@@ -133,12 +169,19 @@ pub(crate) struct Vram {
     pfn_first: AtomicU64,
     #[pin]
     deferred: SpinLockIrq<FreeList>,
+    /// The retired pages; its lock is the allocator's (see [`Retired`]).
+    #[pin]
+    retired: Mutex<Retired>,
+    /// Pages retired (held or pending), for the counters.
+    retired_pages: AtomicU64,
+    /// The GPU's index, for logs.
+    gpu: u32,
 }
 
 impl Vram {
-    /// An allocator for `size` bytes of VRAM at offset `base`, in pages of
-    /// [`abi::PAGE_SIZE`].
-    pub(crate) fn new(kind: MemKind, base: u64, size: u64) -> Result<impl PinInit<Self, Error>> {
+    /// An allocator for `size` bytes of VRAM at offset `base` of GPU `gpu`,
+    /// in pages of [`abi::PAGE_SIZE`].
+    pub(crate) fn new(gpu: u32, kind: MemKind, base: u64, size: u64) -> Result<impl PinInit<Self, Error>> {
         let buddy = GpuBuddy::new(GpuBuddyParams {
             base_offset: base,
             size,
@@ -151,6 +194,9 @@ impl Vram {
             buddy,
             pfn_first: AtomicU64::new(0),
             deferred <- new_spinlock_irq!(FreeList { head: ptr::null_mut() }),
+            retired <- new_mutex!(Retired { pending: KVec::new(), held: KVec::new() }),
+            retired_pages: AtomicU64::new(0),
+            gpu,
         }))
     }
 
@@ -205,16 +251,119 @@ impl Vram {
         Some(self.base + (pfn - first) * abi::PAGE_SIZE)
     }
 
+    /// Whether VRAM offset `offset` is in this share.
+    pub(crate) fn contains(&self, offset: u64) -> bool {
+        offset >= self.base && offset - self.base < self.size
+    }
+
+    /// The device page pfn of VRAM offset `offset` (in this share), if the
+    /// pages are registered.
+    pub(crate) fn pfn_of_offset(&self, offset: u64) -> Option<u64> {
+        let first = self.pfn_first();
+        (first != 0 && self.contains(offset)).then(|| first + (offset - self.base) / abi::PAGE_SIZE)
+    }
+
+    /// VRAM offset of this share.
+    pub(crate) fn base(&self) -> u64 {
+        self.base
+    }
+
     /// Bytes free in the allocator.
     pub(crate) fn avail(&self) -> u64 {
         self.buddy.avail()
+    }
+
+    /// Pages retired so far.
+    pub(crate) fn retired_pages(&self) -> u64 {
+        self.retired_pages.load(Ordering::Relaxed)
+    }
+
+    /// Retires the VRAM page at `offset` (page aligned, in this share): it
+    /// is never allocated again. A free page leaves the allocator at once;
+    /// one whose VRAM is allocated when its allocation is freed (the caller
+    /// moves its data away first, if it has any).
+    pub(crate) fn retire(&self, offset: u64) -> Result<Retirement> {
+        let mut retired = self.retired.lock();
+        if retired.contains(offset) {
+            return Ok(Retirement::Already);
+        }
+        // Room to hold every pending page, so holding one never fails for
+        // want of it.
+        let room = retired.pending.len() + 1;
+        retired.held.reserve(room, GFP_KERNEL)?;
+        retired.pending.push(offset, GFP_KERNEL)?;
+        self.retired_pages.fetch_add(1, Ordering::Relaxed);
+        // Freed pages of the deferred list may include it.
+        self.reclaim_locked(&mut retired);
+        self.hold_pending(&mut retired);
+        Ok(if retired.pending.contains(&offset) { Retirement::Pending } else { Retirement::Held })
+    }
+
+    /// [`Vram::retire`] for a cause that handles the page's data itself
+    /// (`why`, e.g. memory_failure()); logs a page retired for the first
+    /// time.
+    pub(crate) fn retire_and_log(&self, offset: u64, why: &str) {
+        match self.retire(offset) {
+            Ok(Retirement::Already) => {}
+            Ok(_) => pr_warn!("hmmgpu{}: VRAM page {:#x} retired ({})\n", self.gpu, offset, why),
+            Err(e) => pr_err!("hmmgpu{}: cannot retire VRAM page {:#x}: {:?}\n", self.gpu, offset, e),
+        }
+    }
+
+    /// Takes every pending retired page that is free out of the allocator.
+    /// Under the `retired` lock, right after anything was returned to the
+    /// allocator: nobody can have allocated the page in between.
+    fn hold_pending(&self, retired: &mut Retired) {
+        let Retired { pending, held } = retired;
+        pending.retain(|offset| !self.try_hold(*offset, held));
+    }
+
+    /// Allocates the page at `offset` into `held` if it is free; false if
+    /// it is still allocated (or cannot be held, which is logged).
+    fn try_hold(&self, offset: u64, held: &mut KVec<Pin<KBox<AllocatedBlocks>>>) -> bool {
+        let start = offset - self.base;
+        let blocks = KBox::pin_init(
+            self.buddy.alloc_blocks(
+                GpuBuddyAllocMode::Range(start..start + abi::PAGE_SIZE),
+                abi::PAGE_SIZE,
+                Alignment::new::<SZ_4K>(),
+                GpuBuddyAllocFlags::default(),
+            ),
+            GFP_KERNEL,
+        );
+        let result = blocks.and_then(|b| held.push(b, GFP_KERNEL).map_err(Error::from));
+        match result {
+            Ok(()) => true,
+            // Allocated: held once its allocation is freed.
+            Err(e) if e == ENOSPC => false,
+            Err(e) => {
+                // Out of memory for the block: the page stays pending and
+                // free, so it may be handed out before a later return
+                // holds it.
+                pr_err!(
+                    "hmmgpu{}: cannot take retired VRAM page {:#x} out of the allocator ({:?}): it may be allocated again\n",
+                    self.gpu,
+                    offset,
+                    e
+                );
+                false
+            }
+        }
+    }
+
+    /// Returns an allocation to the buddy allocator (see [`Retired`]).
+    fn release(&self, alloc: KBox<VramAlloc>) {
+        let mut retired = self.retired.lock();
+        drop(alloc);
+        self.hold_pending(&mut retired);
     }
 
     /// Allocates one VRAM page (`huge`: a 2 MiB THP) and returns its device
     /// page (the THP's head), initialized and locked for
     /// `migrate_vma_pages()`, with its VRAM offset.
     pub(crate) fn alloc_page(&self, huge: bool) -> Result<(*mut shim::Page, u64)> {
-        self.reclaim_deferred();
+        let mut retired = self.retired.lock();
+        self.reclaim_locked(&mut retired);
         let (size, align, order) = if huge {
             (abi::HUGE_PAGE_SIZE, Alignment::new::<SZ_2M>(), HUGE_ORDER)
         } else {
@@ -264,7 +413,8 @@ impl Vram {
         if n == 0 {
             return Ok(batch);
         }
-        self.reclaim_deferred();
+        let mut retired = self.retired.lock();
+        self.reclaim_locked(&mut retired);
         let Ok(blocks) = KBox::pin_init(
             self.buddy.alloc_blocks(
                 GpuBuddyAllocMode::Simple,
@@ -324,15 +474,25 @@ impl Vram {
 
     /// Returns the allocations of freed pages to the buddy allocator.
     pub(crate) fn reclaim_deferred(&self) {
+        let mut retired = self.retired.lock();
+        self.reclaim_locked(&mut retired);
+    }
+
+    /// [`Vram::reclaim_deferred`] under the `retired` lock.
+    fn reclaim_locked(&self, retired: &mut Retired) {
         let mut head = {
             let mut list = self.deferred.lock();
             core::mem::replace(&mut list.head, ptr::null_mut())
         };
+        if head.is_null() {
+            return;
+        }
         while !head.is_null() {
             // SAFETY: every list entry came from `KBox::into_raw`.
             let alloc = unsafe { KBox::from_raw(head) };
             head = alloc.next;
             drop(alloc);
         }
+        self.hold_pending(retired);
     }
 }

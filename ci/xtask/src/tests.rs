@@ -4,6 +4,7 @@
 
 use crate::build::{self, log, Kernel};
 use crate::cli::{AccelChoice, Arch, Flavour};
+mod ecc;
 mod faults;
 mod loss;
 mod reset;
@@ -173,6 +174,7 @@ impl Ctx {
             programs,
             &[],
         )?;
+        let vram_size = extra.vram_size.unwrap_or(VRAM_SIZE);
         let cfg = VmConfig {
             arch: kernel.arch,
             qemu: qemu.to_path_buf(),
@@ -180,7 +182,7 @@ impl Ctx {
             initramfs,
             device_bin,
             gpus: b.gpus,
-            vram_size: VRAM_SIZE,
+            vram_size,
             memory: self.memory,
             cpus,
             accel,
@@ -277,6 +279,11 @@ const VM_TESTS: &[VmTest] = &[
         name: "fault-plan-replay",
         about: "one seeded fault plan, two boots: the two fault logs are identical and non-empty",
         run: faults::t_plan_replay,
+    },
+    VmTest {
+        name: "fault-ecc",
+        about: "VRAM ECC errors (free page, device-private page, THP, device-coherent page, link canary): the page is retired, only its owner gets SIGBUS and only there, all other data intact, rmmod works",
+        run: ecc::t_ecc,
     },
     VmTest {
         name: "fault-surprise-loss",

@@ -209,6 +209,9 @@ pub struct VmExtra {
     pub backends_may_die: bool,
     /// `-cpu` for a TCG guest (e.g. [`crate::hostfault::MCE_CPU`]).
     pub tcg_cpu: Option<String>,
+    /// VRAM per GPU instead of the tests' default (small enough for a
+    /// guest to fill it all).
+    pub vram_size: Option<u64>,
 }
 
 /// How the run ended.

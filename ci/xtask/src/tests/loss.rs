@@ -51,7 +51,8 @@ pub(super) fn t_machine_check(ctx: &mut Ctx) -> Result<()> {
         },
     )?;
     expect_status(&out, 0)?;
-    console_has(&out, "machine check on 1 device-coherent page(s)")?;
+    console_has(&out, "memory failure on 1 device-coherent page(s)")?;
+    console_has(&out, "retired (memory failure)")?;
     console_has(&out, "1 moved to poisoned system pages")?;
     Ok(())
 }
