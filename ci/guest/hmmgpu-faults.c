@@ -1236,6 +1236,8 @@ static int run_reset(const char *how)
 		inject("{\"kind\":\"aer\",\"error\":\"fatal\"}");
 		check(wait_dmesg("AER: device recovery successful", 2),
 		      "the fatal AER error is recovered (secondary bus reset)");
+		check(wait_dmesg("Root Port link has been reset (0)", 1), "the root port's link was reset");
+		check(dmesg_count("AER: device recovery failed") == 0, "no AER recovery failed");
 	} else {
 		check(pci_function_reset(), "the PCI function reset (sysfs reset) ran");
 	}

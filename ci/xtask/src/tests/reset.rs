@@ -83,24 +83,12 @@ pub(super) fn t_aer(ctx: &mut Ctx) -> Result<()> {
         },
     )?;
     expect_status(&out, 0)?;
-    console_has(&out, "AER: Correctable Error message received")?;
-    console_has(&out, "AER: Uncorrectable (Non-Fatal) Error message received")?;
-    console_has(&out, "AER: Uncorrectable (Fatal) Error message received")?;
-    console_has(&out, "Root Port link has been reset (0)")?;
+    // The AER driver's pci_info lines (recovery successful or failed) are
+    // below the console level: the guest checks them in dmesg.
+    console_has(&out, "PCIe Bus Error: severity=Correctable")?;
+    console_has(&out, "PCIe Bus Error: severity=Uncorrectable (Non-Fatal)")?;
+    console_has(&out, "PCIe Bus Error: severity=Uncorrectable (Fatal)")?;
     console_has(&out, "device reset requested: evicting VRAM")?;
     console_has(&out, "the device is back")?;
-    let recovered = out
-        .console
-        .iter()
-        .filter(|l| l.contains("AER: device recovery successful"))
-        .count();
-    ensure!(
-        recovered == 2,
-        "the guest logged 'device recovery successful' {recovered} times, not 2 (non-fatal, fatal)"
-    );
-    ensure!(
-        !out.console.iter().any(|l| l.contains("device recovery failed")),
-        "the guest logged 'device recovery failed'"
-    );
     Ok(())
 }
