@@ -157,6 +157,16 @@ impl Drop for VramFiles {
     }
 }
 
+/// The x86 TCG guest CPU unless a test asks for another: QEMU's default
+/// qemu64 (an AMD CPU) with 39 rather than 40 physical address bits. With
+/// 40, QEMU reserves the AMD HyperTransport hole [0xfd00000000, 1 TiB) in
+/// the e820 map and SeaBIOS puts the 64-bit PCI window at the top of the
+/// address space, inside that hole; Linux keeps what the firmware assigned
+/// at boot but never allocates from an e820-reserved range, so a GPU
+/// plugged back after a hot-unplug gets no room for its VRAM BAR ("can't
+/// assign; no space"). With 39 bits there is no hole.
+pub const TCG_X86_CPU: &str = "qemu64,phys-bits=39";
+
 /// How the guest console is shown while it is scanned.
 #[derive(Clone, Debug)]
 pub enum Echo {
@@ -207,7 +217,8 @@ pub struct VmExtra {
     /// A backend that exits while the guest runs is part of the test (a
     /// surprise loss), not a failure of the run.
     pub backends_may_die: bool,
-    /// `-cpu` for a TCG guest (e.g. [`crate::hostfault::MCE_CPU`]).
+    /// `-cpu` for a TCG guest (e.g. [`crate::hostfault::MCE_CPU`]; default
+    /// [`TCG_X86_CPU`] on x86_64, QEMU's default on ppc64le).
     pub tcg_cpu: Option<String>,
 }
 
@@ -680,6 +691,8 @@ fn qemu_args(cfg: &VmConfig, vram: &VramFiles, backends: &[Backend]) -> Result<V
         a.extend(["-cpu".into(), "host".into()]);
     } else if let Some(cpu) = &cfg.extra.tcg_cpu {
         a.extend(["-cpu".into(), cpu.clone()]);
+    } else if cfg.arch == Arch::X86_64 {
+        a.extend(["-cpu".into(), TCG_X86_CPU.into()]);
     }
     a.extend(
         [
