@@ -555,7 +555,15 @@ pub(crate) fn evict_all(gpu: &Gpu, vram: &Vram) -> u64 {
         }
         // SAFETY: `src`/`dst` are the arrays filled above, `n` entries.
         unsafe { shim::hmmgpu_shim_evict_finish(src.as_ptr().cast_mut(), dst.as_mut_ptr(), n as c_ulong) };
-        evicted += dst.iter().filter(|d| **d != 0).count() as u64;
+        // A THP is one entry, its head's, marked compound.
+        evicted += dst
+            .iter()
+            .map(|d| match *d {
+                0 => 0,
+                d if d & mpfn_compound() != 0 => HUGE_PAGES as u64,
+                _ => 1,
+            })
+            .sum::<u64>();
         if lost {
             // Now mapped where the VRAM pages were: poison them, so their
             // owners get SIGBUS rather than a page of zeroes.
