@@ -342,6 +342,10 @@ pub fn handle_request(line: &str, control: &Control) -> Value {
             if let Some(faults) = &control.faults {
                 stats["injected"] = json!(faults.injected_stats());
             }
+            // As in the exit line (cli::final_stats).
+            if let Some(sessions) = &control.sessions {
+                stats["sessions"] = json!(sessions.started());
+            }
             return json!({ "ok": true, "stats": stats });
         }
         "session" => return session_request(&request, control),
@@ -480,6 +484,10 @@ mod tests {
         assert_eq!(
             handle_request(r#"{"cmd":"session","serve_next":true}"#, &control),
             json!({"ok": true, "session": {"started": 1, "connected": true, "serve_next": true}})
+        );
+        assert_eq!(
+            handle_request(r#"{"cmd":"stats"}"#, &control)["stats"]["sessions"],
+            1
         );
         assert!(sessions.end());
         assert_eq!(
