@@ -586,9 +586,12 @@ impl Mirror {
             // invalidates its whole address space), with the command
             // allocated at open: this runs under memory reclaim too.
             let (us, ue) = (core::cmp::max(start, ms), core::cmp::min(end, me));
-            if let Err(e) = self.unmap(&mut state, us, ue) {
-                // A dead device accesses nothing any more.
-                pr_warn!("hmmgpu{}: UNMAP failed: {:?}\n", self.gpu.index(), e);
+            match self.unmap(&mut state, us, ue) {
+                // The device is gone (removed, e.g. hot-unplugged, or lost):
+                // its translations went with it, and it accesses nothing.
+                Ok(()) => {}
+                Err(e) if e == ENODEV => {}
+                Err(e) => pr_warn!("hmmgpu{}: UNMAP failed: {:?}\n", self.gpu.index(), e),
             }
             if start <= ms && me <= end {
                 state.mapped = None;

@@ -1,23 +1,26 @@
 // SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0
-//! The command line, and the one vhost-user session the daemon serves.
+//! The command line, and the vhost-user sessions the daemon serves.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use clap::Parser;
 use log::{info, LevelFilter};
-use vhost_user_backend::VhostUserDaemon;
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
 use vm_memory::GuestMemoryAtomic;
 
 use crate::backend::{register_fault_wakeup, HmmGpuBackend};
 use crate::control::{self, Control, ControlServer};
 use crate::engine::{Engine, FaultInjector, GuestRam, Stats};
 use crate::plan::Plan;
+use crate::session::Sessions;
 use crate::vram::Vram;
 
 /// hmmgpu vhost-user device backend: serves one VM's virtual GPU (its
 /// command queue, config space and VRAM) over a vhost-user socket, and exits
-/// when the VM disconnects.
+/// when the VM disconnects (or, when asked on the control socket, serves
+/// the device plugged back after a hot-unplug).
 #[derive(Debug, Parser)]
 #[command(
     name = "hmmgpu-device",
@@ -81,15 +84,73 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {text:?} does not fit in 64 bits"))
 }
 
-/// The final counters: the device's ([`crate::engine::StatsSnapshot`]) plus `"injected"`.
-pub fn final_stats(stats: &Stats, faults: &FaultInjector) -> serde_json::Value {
+/// The final counters: the device's ([`crate::engine::StatsSnapshot`]) plus
+/// `"injected"` and `"sessions"` (front ends served: more than one after a
+/// hot-unplug and re-plug).
+pub fn final_stats(
+    stats: &Stats,
+    faults: &FaultInjector,
+    sessions: &Sessions,
+) -> serde_json::Value {
     let mut json = serde_json::json!(stats.snapshot());
     json["injected"] = serde_json::json!(faults.injected_stats());
+    json["sessions"] = serde_json::json!(sessions.started());
     json
 }
 
-/// Serves one vhost-user session as `args` say and returns the final
-/// counters ([`final_stats`]). Errors are messages for the user.
+/// What every session's device is made of; outlives the sessions.
+struct Device {
+    vram: Arc<Vram>,
+    stats: Arc<Stats>,
+    faults: Arc<FaultInjector>,
+}
+
+/// Serves one front end from `listener` until it hangs up.
+fn serve_session(
+    listener: &mut Listener,
+    device: &Device,
+    sessions: &Sessions,
+    socket: &Path,
+) -> Result<(), String> {
+    // A fresh device and daemon per session: a re-plugged GPU comes up reset
+    // (no contexts, no parked commands, rings set up anew, and the protocol's
+    // per-connection state such as SET_OWNER starts over); the VRAM, the
+    // counters and the armed faults carry over.
+    let engine = Engine::new(
+        device.vram.clone(),
+        device.stats.clone(),
+        device.faults.clone(),
+    );
+    let backend = Arc::new(RwLock::new(HmmGpuBackend::new(engine)));
+    let mut daemon = VhostUserDaemon::new(
+        "hmmgpu-device".to_owned(),
+        backend,
+        GuestMemoryAtomic::new(GuestRam::new()),
+    )
+    .map_err(|e| format!("creating the vhost-user daemon: {e}"))?;
+    register_fault_wakeup(&daemon, &device.faults)
+        .map_err(|e| format!("registering the fault injector with the queue worker: {e}"))?;
+    daemon
+        .start(listener)
+        .map_err(|e| format!("accepting a front end on {}: {e}", socket.display()))?;
+    sessions.begin();
+    let served = daemon.wait();
+    // Dropping the daemon stops its queue worker (and waits for it).
+    drop(daemon);
+    match served {
+        // A front end that goes away is the normal end of a session
+        // (VhostUserDaemon::serve treats these the same).
+        Ok(())
+        | Err(DaemonError::HandleRequest(
+            VhostUserError::Disconnected | VhostUserError::PartialMessage,
+        )) => Ok(()),
+        Err(e) => Err(format!("vhost-user session on {}: {e}", socket.display())),
+    }
+}
+
+/// Serves vhost-user sessions as `args` say (one, or more when asked, see
+/// [`crate::session`]) and returns the final counters ([`final_stats`]).
+/// Errors are messages for the user.
 pub fn run(args: &Args) -> Result<serde_json::Value, String> {
     let vram = Arc::new(Vram::open(&args.vram_path, args.vram_size).map_err(|e| e.to_string())?);
     let stats = Arc::new(Stats::default());
@@ -108,46 +169,47 @@ pub fn run(args: &Args) -> Result<serde_json::Value, String> {
         );
         faults.load_plan(plan)?;
     }
-    let engine = Engine::new(vram, stats.clone(), faults.clone());
+    let sessions = Arc::new(Sessions::default());
     let _control = match &args.control {
         Some(path) => {
             let control = Control {
                 stats: stats.clone(),
                 faults: Some(faults.clone()),
+                sessions: Some(sessions.clone()),
             };
             Some(ControlServer::start(path, control).map_err(|e| e.to_string())?)
         }
         None => None,
     };
-    let backend = Arc::new(RwLock::new(HmmGpuBackend::new(engine)));
-    let mut daemon = VhostUserDaemon::new(
-        "hmmgpu-device".to_owned(),
-        backend,
-        GuestMemoryAtomic::new(GuestRam::new()),
-    )
-    .map_err(|e| format!("creating the vhost-user daemon: {e}"))?;
-    register_fault_wakeup(&daemon, &faults)
-        .map_err(|e| format!("registering the fault injector with the queue worker: {e}"))?;
+    let device = Device {
+        vram,
+        stats,
+        faults,
+    };
+    // Bound once for all sessions: a device re-plugged while the previous
+    // session is still winding down is queued, never refused.
+    let mut listener = Listener::new(&args.socket, true)
+        .map_err(|e| format!("listening on {}: {e}", args.socket.display()))?;
     info!(
         "listening on {} (VRAM {} bytes in {})",
         args.socket.display(),
         args.vram_size,
         args.vram_path.display()
     );
-    // serve() accepts one front end and returns when it disconnects: one VM,
-    // one session.
-    let served = daemon.serve(&args.socket);
-    let snapshot = final_stats(&stats, &faults);
-    match served {
-        Ok(()) => {
+    loop {
+        let served = serve_session(&mut listener, &device, &sessions, &args.socket);
+        let next = sessions.end();
+        served?;
+        if !next {
             info!("front end disconnected");
-            Ok(snapshot)
+            break;
         }
-        Err(e) => Err(format!(
-            "vhost-user session on {}: {e}",
+        info!(
+            "front end disconnected (unplugged): waiting for the next one on {}",
             args.socket.display()
-        )),
+        );
     }
+    Ok(final_stats(&device.stats, &device.faults, &sessions))
 }
 
 /// `hmmgpu-device inject|ctl ...`: talks to a running backend's control

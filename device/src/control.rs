@@ -26,6 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::engine::Stats;
 use crate::faults::{Fault, FaultInjector};
 use crate::plan::Plan;
+use crate::session::Sessions;
 
 /// Longest request line accepted; longer ones get an error and the
 /// connection is closed (a line is a few dozen bytes in practice).
@@ -44,6 +45,8 @@ pub struct Control {
     pub stats: Arc<Stats>,
     /// The fault injector (`None`: fault requests answer an error).
     pub faults: Option<Arc<FaultInjector>>,
+    /// The front-end sessions (`None`: `session` answers an error).
+    pub sessions: Option<Arc<Sessions>>,
 }
 
 impl Control {
@@ -52,6 +55,7 @@ impl Control {
         Self {
             stats,
             faults: None,
+            sessions: None,
         }
     }
 }
@@ -319,7 +323,7 @@ fn error_reply(message: &str) -> Value {
     json!({ "ok": false, "error": message })
 }
 
-const KNOWN: &str = "ping, stats, inject, clear, list, load_plan";
+const KNOWN: &str = "ping, stats, session, inject, clear, list, load_plan";
 
 /// Answers one request line (a JSON object with a `cmd` member).
 pub fn handle_request(line: &str, control: &Control) -> Value {
@@ -338,8 +342,13 @@ pub fn handle_request(line: &str, control: &Control) -> Value {
             if let Some(faults) = &control.faults {
                 stats["injected"] = json!(faults.injected_stats());
             }
+            // As in the exit line (cli::final_stats).
+            if let Some(sessions) = &control.sessions {
+                stats["sessions"] = json!(sessions.started());
+            }
             return json!({ "ok": true, "stats": stats });
         }
+        "session" => return session_request(&request, control),
         "inject" | "clear" | "list" | "load_plan" => {}
         other => return error_reply(&format!("unknown cmd {other:?}; known: {KNOWN}")),
     }
@@ -381,6 +390,32 @@ pub fn handle_request(line: &str, control: &Control) -> Value {
         }
     };
     result.unwrap_or_else(|e: String| error_reply(&e))
+}
+
+/// `session`: reports the front-end sessions; with `"serve_next": bool`
+/// first asks for (or cancels) serving the next front end rather than
+/// exiting when the current one hangs up (a hot-unplug, see
+/// [`crate::session`]).
+fn session_request(request: &Value, control: &Control) -> Value {
+    let Some(sessions) = &control.sessions else {
+        return error_reply("this backend serves no vhost-user sessions");
+    };
+    if let Some(k) = request
+        .as_object()
+        .and_then(|o| o.keys().find(|k| *k != "cmd" && *k != "serve_next"))
+    {
+        return error_reply(&format!(
+            "session: unknown member {k:?} (it takes \"serve_next\")"
+        ));
+    }
+    match request.get("serve_next") {
+        None => {}
+        Some(Value::Bool(on)) => sessions.set_serve_next(*on),
+        Some(other) => {
+            return error_reply(&format!("serve_next must be true or false, not {other}"))
+        }
+    }
+    json!({ "ok": true, "session": sessions.to_json() })
 }
 
 /// Sends one request line to the control socket at `path` and returns the
@@ -439,6 +474,36 @@ mod tests {
     }
 
     #[test]
+    fn session_requests() {
+        let mut control = Control::stats_only(Arc::new(Stats::default()));
+        let reply = handle_request(r#"{"cmd":"session"}"#, &control);
+        assert_eq!(reply["ok"], false, "no sessions in a stats-only control");
+        let sessions = Arc::new(Sessions::default());
+        control.sessions = Some(sessions.clone());
+        sessions.begin();
+        assert_eq!(
+            handle_request(r#"{"cmd":"session","serve_next":true}"#, &control),
+            json!({"ok": true, "session": {"started": 1, "connected": true, "serve_next": true}})
+        );
+        assert_eq!(
+            handle_request(r#"{"cmd":"stats"}"#, &control)["stats"]["sessions"],
+            1
+        );
+        assert!(sessions.end());
+        assert_eq!(
+            handle_request(r#"{"cmd":"session"}"#, &control),
+            json!({"ok": true, "session": {"started": 1, "connected": false, "serve_next": false}})
+        );
+        for bad in [
+            r#"{"cmd":"session","serve_next":1}"#,
+            r#"{"cmd":"session","next":true}"#,
+        ] {
+            let reply = handle_request(bad, &control);
+            assert_eq!(reply["ok"], false, "{bad}");
+        }
+    }
+
+    #[test]
     fn serves_a_private_socket() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("control.sock");
@@ -482,6 +547,7 @@ mod tests {
         let control = Control {
             stats: Arc::new(Stats::default()),
             faults: Some(faults.clone()),
+            sessions: None,
         };
         (control, faults)
     }

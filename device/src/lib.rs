@@ -11,7 +11,9 @@
 //! - [`backend`]: the vhost-user glue (features, config space, command and
 //!   event queues).
 //! - [`control`]: the JSON-lines control socket.
-//! - [`cli`]: the command line and the session it runs.
+//! - [`session`]: the front-end sessions (a hot-unplug ends one, a re-plug
+//!   starts the next).
+//! - [`cli`]: the command line and the sessions it serves.
 #![deny(missing_docs)]
 
 pub mod backend;
@@ -21,6 +23,7 @@ pub mod engine;
 pub mod faults;
 pub mod mmu;
 pub mod plan;
+pub mod session;
 pub mod vram;
 
 pub use backend::HmmGpuBackend;

@@ -1124,6 +1124,105 @@ fn daemon_exits_cleanly_when_the_front_end_disconnects() {
     assert!(!control.exists(), "the control socket was left behind");
 }
 
+/// Waits until the control socket's `session` says `connected` is `want`.
+fn wait_for_session(control: &Path, want: bool) -> serde_json::Value {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let reply = control_request(control, serde_json::json!({"cmd": "session"}));
+        if reply["session"]["connected"] == want {
+            return reply["session"].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "session never became connected={want}: {reply}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A hot-unplug ends the session (QEMU hangs up); with `serve_next` armed
+/// the same process serves the re-plugged device, a fresh session on the
+/// same VRAM, then exits with counters covering both.
+#[test]
+fn a_re_plugged_front_end_gets_a_new_session_on_the_same_vram() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vhost.sock");
+    let control = dir.path().join("control.sock");
+    let mut child = device_binary()
+        .args(["--socket".as_ref(), socket.as_os_str()])
+        .args(["--vram-path".as_ref(), dir.path().join("vram").as_os_str()])
+        .args(["--vram-size", "4M", "--log-level", "warn"])
+        .args(["--control".as_ref(), control.as_os_str()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_path(&socket, &mut child);
+    wait_for_path(&control, &mut child);
+    let mut vm = Vm::connect(&socket);
+    vm.mem
+        .write_slice(&pattern(4096, 21), GuestAddress(DATA))
+        .unwrap();
+    let to_vram = Range {
+        src: DATA,
+        dst: 0x3000,
+        len: 4096,
+        flags: DST_VRAM,
+    };
+    assert_eq!(vm.command(opcode::COPY, &[to_vram]), ok(4096));
+    assert_eq!(
+        control_request(
+            &control,
+            serde_json::json!({"cmd": "session", "serve_next": true})
+        ),
+        serde_json::json!({"ok": true, "session": {"started": 1, "connected": true, "serve_next": true}})
+    );
+
+    drop(vm); // the unplug
+    let session = wait_for_session(&control, false);
+    assert_eq!(session["started"], 1);
+    assert_eq!(session["serve_next"], false, "one re-plug per request");
+    assert!(child.try_wait().unwrap().is_none(), "the backend exited");
+
+    let mut vm = Vm::connect(&socket); // the re-plug: SET_OWNER works again
+    assert_eq!(vm.config().vram_size, VRAM_SIZE);
+    assert_eq!(wait_for_session(&control, true)["started"], 2);
+    let back = Range {
+        src: 0x3000,
+        dst: DATA + 0x2000,
+        len: 4096,
+        flags: SRC_VRAM,
+    };
+    assert_eq!(vm.command(opcode::COPY, &[back]), ok(4096));
+    let mut got = vec![0u8; 4096];
+    vm.mem
+        .read_slice(&mut got, GuestAddress(DATA + 0x2000))
+        .unwrap();
+    assert!(
+        got == pattern(4096, 21),
+        "the VRAM did not survive the re-plug"
+    );
+
+    drop(vm); // nothing armed: the backend exits
+    let status = wait_with_timeout(&mut child);
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "exit {status}; stderr:\n{stderr}");
+    let json = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("hmmgpu-device: stats: "))
+        .unwrap_or_else(|| panic!("no stats line in stderr:\n{stderr}"));
+    let stats: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(stats["sessions"], 2);
+    assert_eq!(stats["commands_ok"], 2, "counters cover both sessions");
+    assert_eq!(stats["bytes_guest_to_vram"], 4096);
+    assert_eq!(stats["bytes_vram_to_guest"], 4096);
+}
+
 #[test]
 fn bad_command_lines_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -1211,6 +1310,7 @@ fn control_for(backend: &InProcess) -> (hmmgpu_device::control::ControlServer, P
     let control = hmmgpu_device::control::Control {
         stats: backend.stats.clone(),
         faults: Some(backend.faults.clone()),
+        sessions: None,
     };
     let server = hmmgpu_device::control::ControlServer::start(&path, control).unwrap();
     (server, path)

@@ -3,7 +3,8 @@
 //! docs/fault-injection.md). The fault is passed through as JSON; shorthand
 //! (`copy_error count=3`) is parsed by the backend crate's own parser, so the
 //! catalogue is known in one place only. Host-side faults (a failed link, a
-//! killed backend) are applied by xtask itself (src/hostfault.rs).
+//! killed backend, a hot-unplug and re-plug) are applied by xtask itself
+//! (src/hostfault.rs).
 
 use crate::build;
 use crate::hostfault;
@@ -29,7 +30,9 @@ pub struct InjectArgs {
     /// KIND [KEY=VALUE...] (copy_error count=3 range=vram:0x100000:4096).
     /// Host-side faults go to QEMU or the backend process instead:
     /// `link_down on|off` (QMP qom-set), `kill_backend` (SIGKILL),
-    /// `aer correctable|nonfatal|fatal` (HMP pcie_aer_inject_error).
+    /// `aer correctable|nonfatal|fatal` (HMP pcie_aer_inject_error),
+    /// `unplug` (QMP device_del, waits for the guest to release the
+    /// device), `plug` (QMP device_add of the unplugged GPU).
     #[arg(value_name = "FAULT", required_unless_present = "request")]
     pub fault: Vec<String>,
 }
@@ -101,7 +104,8 @@ fn request_of(args: &InjectArgs) -> Result<Value> {
 }
 
 /// A host-side fault (src/hostfault.rs) named by `words`: its JSON, or
-/// `link_down on|off`, or `kill_backend`. None: a backend fault.
+/// `link_down on|off`, `kill_backend`, `unplug` or `plug`. None: a backend
+/// fault.
 fn host_fault_of(words: &[String]) -> Result<Option<Value>> {
     let words: Vec<&str> = words.iter().map(|w| w.as_str()).collect();
     match words.as_slice() {
@@ -110,6 +114,12 @@ fn host_fault_of(words: &[String]) -> Result<Option<Value>> {
             Ok(hostfault::is_host_fault(&v).then_some(v))
         }
         ["kill_backend"] => Ok(Some(json!({ "kind": "kill_backend" }))),
+        ["unplug"] => Ok(Some(json!({ "kind": "unplug" }))),
+        ["plug"] => Ok(Some(json!({ "kind": "plug" }))),
+        ["unplug" | "plug", ..] => bail!(
+            "{} takes no arguments (the wait for the guest: '{{\"kind\":\"unplug\",\"timeout_s\":N}}')",
+            words[0]
+        ),
         ["link_down", "on" | "down=true"] => Ok(Some(json!({ "kind": "link_down", "down": true }))),
         ["link_down", "off" | "down=false"] => {
             Ok(Some(json!({ "kind": "link_down", "down": false })))
@@ -231,6 +241,19 @@ mod tests {
             Some(json!({"kind": "aer", "error": "fatal"}))
         );
         assert!(host_fault_of(&w(&["aer", "severe"])).is_err());
+        assert_eq!(
+            host_fault_of(&w(&["unplug"])).unwrap(),
+            Some(json!({"kind": "unplug"}))
+        );
+        assert_eq!(
+            host_fault_of(&w(&["plug"])).unwrap(),
+            Some(json!({"kind": "plug"}))
+        );
+        assert_eq!(
+            host_fault_of(&w(&[r#"{"kind":"unplug","timeout_s":120}"#])).unwrap(),
+            Some(json!({"kind": "unplug", "timeout_s": 120}))
+        );
+        assert!(host_fault_of(&w(&["plug", "gpu=1"])).is_err());
     }
 
     #[test]

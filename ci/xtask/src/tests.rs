@@ -9,6 +9,7 @@ mod faults;
 mod loss;
 mod reset;
 mod selftest;
+mod unplug;
 use crate::cli::TestArgs;
 use crate::exit;
 use crate::pattern;
@@ -296,6 +297,11 @@ const VM_TESTS: &[VmTest] = &[
         run: loss::t_link_down,
     },
     VmTest {
+        name: "fault-hot-unplug",
+        about: "an orderly hot-unplug (device_del) with data in both kinds of VRAM: evicted to system RAM, every byte intact in the process and a forked child, ENODEV on open files; the device plugged back (device_add) works (x86_64)",
+        run: unplug::t_hot_unplug,
+    },
+    VmTest {
         name: "fault-machine-check",
         about: "a machine check (QEMU mce) on a device-coherent page: its owner gets SIGBUS, the other pages are intact, the guest stays up, rmmod works",
         run: loss::t_machine_check,
@@ -370,11 +376,7 @@ fn t_demo(ctx: &mut Ctx) -> Result<()> {
 }
 
 fn t_vram_holds_data(ctx: &mut Ctx) -> Result<()> {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_nanos() as u64
-        ^ std::process::id() as u64;
-    let seed = seed & 0xFFFF_FFFF_FFFF; // short enough to read in logs
+    let seed = vram_seed()?;
     let out = ctx.boot(Boot {
         test: "vram-holds-data",
         gpus: 1,
@@ -382,6 +384,32 @@ fn t_vram_holds_data(ctx: &mut Ctx) -> Result<()> {
         cmd: argv(&["hmmgpu-demo", "--leave-in-vram", &seed.to_string()]),
     })?;
     expect_status(&out, 0)?;
+    let bytes = vram_holds_pattern("vram-holds-data", &out, seed)?;
+    let stats = out.stats.first().context("gpu0 reported no stats")?;
+    let g2v = stats.counter("bytes_guest_to_vram")?;
+    ensure!(
+        g2v >= bytes as u64,
+        "backend stats: bytes_guest_to_vram {g2v} bytes < buffer size {bytes}"
+    );
+    log(format!(
+        "vram-holds-data: backend bytes_guest_to_vram {g2v} bytes >= {bytes}"
+    ));
+    Ok(())
+}
+
+/// A seed for a pattern left in VRAM, different in every run.
+fn vram_seed() -> Result<u64> {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos() as u64
+        ^ std::process::id() as u64;
+    Ok(seed & 0xFFFF_FFFF_FFFF) // short enough to read in logs
+}
+
+/// Checks that every 4 KiB page of the pattern of `seed` that the guest
+/// says it left in VRAM (`HMMGPU-VRAM-PATTERN seed=S bytes=N`) is in GPU 0's
+/// VRAM file; returns N.
+fn vram_holds_pattern(test: &str, out: &VmOutcome, seed: u64) -> Result<usize> {
     let marker = format!("HMMGPU-VRAM-PATTERN seed={seed} bytes=");
     let line = out
         .console
@@ -397,7 +425,7 @@ fn t_vram_holds_data(ctx: &mut Ctx) -> Result<()> {
     let vram = out.vram.paths.first().context("the run has no VRAM file")?;
     let scan = pattern::scan_vram(vram, seed, bytes)?;
     log(format!(
-        "vram-holds-data: {} of {} pattern pages found in {}",
+        "{test}: {} of {} pattern pages found in {}",
         scan.pages - scan.missing(),
         scan.pages,
         vram.display()
@@ -408,16 +436,7 @@ fn t_vram_holds_data(ctx: &mut Ctx) -> Result<()> {
         scan.missing(),
         scan.pages
     );
-    let stats = out.stats.first().context("gpu0 reported no stats")?;
-    let g2v = stats.counter("bytes_guest_to_vram")?;
-    ensure!(
-        g2v >= bytes as u64,
-        "backend stats: bytes_guest_to_vram {g2v} bytes < buffer size {bytes}"
-    );
-    log(format!(
-        "vram-holds-data: backend bytes_guest_to_vram {g2v} bytes >= {bytes}"
-    ));
-    Ok(())
+    Ok(bytes)
 }
 
 /// Checks that hmmgpu bound a virtio device and registered its VRAM.

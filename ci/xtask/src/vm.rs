@@ -157,6 +157,16 @@ impl Drop for VramFiles {
     }
 }
 
+/// The x86 TCG guest CPU unless a test asks for another: QEMU's default
+/// qemu64 (an AMD CPU) with 39 rather than 40 physical address bits. With
+/// 40, QEMU reserves the AMD HyperTransport hole [0xfd00000000, 1 TiB) in
+/// the e820 map and SeaBIOS puts the 64-bit PCI window at the top of the
+/// address space, inside that hole; Linux keeps what the firmware assigned
+/// at boot but never allocates from an e820-reserved range, so a GPU
+/// plugged back after a hot-unplug gets no room for its VRAM BAR ("can't
+/// assign; no space"). With 39 bits there is no hole.
+pub const TCG_X86_CPU: &str = "qemu64,phys-bits=39";
+
 /// How the guest console is shown while it is scanned.
 #[derive(Clone, Debug)]
 pub enum Echo {
@@ -207,7 +217,8 @@ pub struct VmExtra {
     /// A backend that exits while the guest runs is part of the test (a
     /// surprise loss), not a failure of the run.
     pub backends_may_die: bool,
-    /// `-cpu` for a TCG guest (e.g. [`crate::hostfault::MCE_CPU`]).
+    /// `-cpu` for a TCG guest (e.g. [`crate::hostfault::MCE_CPU`]; default
+    /// [`TCG_X86_CPU`] on x86_64, QEMU's default on ppc64le).
     pub tcg_cpu: Option<String>,
     /// VRAM per GPU instead of the tests' default (small enough for a
     /// guest to fill it all).
@@ -683,6 +694,8 @@ fn qemu_args(cfg: &VmConfig, vram: &VramFiles, backends: &[Backend]) -> Result<V
         a.extend(["-cpu".into(), "host".into()]);
     } else if let Some(cpu) = &cfg.extra.tcg_cpu {
         a.extend(["-cpu".into(), cpu.clone()]);
+    } else if cfg.arch == Arch::X86_64 {
+        a.extend(["-cpu".into(), TCG_X86_CPU.into()]);
     }
     a.extend(
         [
@@ -708,41 +721,88 @@ fn qemu_args(cfg: &VmConfig, vram: &VramFiles, backends: &[Backend]) -> Result<V
         cfg.run_dir.join("qmp.sock").display()
     ));
     for (b, path) in backends.iter().zip(&vram.paths) {
-        let n = b.gpu;
-        let sock = cfg.run_dir.join(format!("gpu{n}.sock"));
-        // q35: each GPU behind its own PCIe root port (hotplug, AER). The
-        // port's link runs at 5 GT/s: above that Linux waits for Data Link
-        // Layer Link Active after a bus reset (AER recovery), which QEMU
-        // only sets in native hotplug, and gives the reset up as failed.
-        // pseries: on the default PHB's conventional PCI bus.
-        let (bus, aer) = match cfg.arch {
-            Arch::X86_64 => {
-                a.extend([
-                    "-device".into(),
-                    format!(
-                        "pcie-root-port,id=rp{n},bus=pcie.0,chassis={},slot=0,x-speed=5",
-                        n + 1
-                    ),
-                ]);
-                (format!(",bus=rp{n}"), ",aer=on")
-            }
-            Arch::Ppc64le => (String::new(), ""),
-        };
-        a.extend([
-            "-object".into(),
-            format!(
-                "memory-backend-file,id=vram{n},mem-path={},size={},share=on",
-                path.display(),
-                cfg.vram_size
-            ),
-            "-chardev".into(),
-            format!("socket,id=gpu{n},path={}", sock.display()),
-            "-device".into(),
-            // id: the QOM path /machine/peripheral/gpuN (qom-set link-down).
-            format!("vhost-user-hmmgpu-pci,id=gpu{n},chardev=gpu{n},memdev=vram{n}{bus}{aer}"),
-        ]);
+        a.extend(gpu_qemu_args(
+            cfg.arch,
+            b.gpu,
+            path,
+            cfg.vram_size,
+            &cfg.run_dir,
+        ));
     }
     Ok(a)
+}
+
+/// QEMU arguments for GPU `n`: its root port (q35), VRAM memdev, vhost-user
+/// chardev (the socket `gpuN.sock` in `run_dir`) and the device.
+fn gpu_qemu_args(arch: Arch, n: u32, vram: &Path, vram_size: u64, run_dir: &Path) -> Vec<String> {
+    let props = gpu_device_props(arch, n);
+    let prop = |key: &str| props.iter().find(|(k, _)| *k == key).map(|(_, v)| v);
+    let mut a = Vec::new();
+    if let Some(port) = prop("bus") {
+        // The port's link runs at 5 GT/s: above that, Linux waits after a
+        // bus reset (AER recovery) for Data Link Layer Link Active, which
+        // QEMU only sets with native hotplug, and gives the reset up.
+        a.extend([
+            "-device".into(),
+            format!(
+                "pcie-root-port,id={port},bus=pcie.0,chassis={},slot=0,x-speed=5",
+                n + 1
+            ),
+        ]);
+    }
+    let (memdev, chardev) = (prop("memdev").unwrap(), prop("chardev").unwrap());
+    a.extend([
+        "-object".into(),
+        format!(
+            "memory-backend-file,id={memdev},mem-path={},size={vram_size},share=on",
+            vram.display()
+        ),
+        "-chardev".into(),
+        format!(
+            "socket,id={chardev},path={}",
+            run_dir.join(format!("gpu{n}.sock")).display()
+        ),
+        "-device".into(),
+        props
+            .iter()
+            .map(|(k, v)| {
+                if *k == "driver" {
+                    v.clone()
+                } else {
+                    format!("{k}={v}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(","),
+    ]);
+    a
+}
+
+/// GPU `n`'s `vhost-user-hmmgpu-pci` as QOM properties, "driver" first: the
+/// `-device` of the boot and the `device_add` of a re-plug
+/// (src/hostfault.rs), so both put the same device on the same chardev,
+/// memdev and slot. The chardev (`-chardev socket`), the memdev
+/// (`-object memory-backend-file`) and, on q35, the root port are created
+/// at boot with the ids named here and outlive an unplug.
+pub fn gpu_device_props(arch: Arch, n: u32) -> Vec<(&'static str, String)> {
+    let mut props = vec![
+        ("driver", "vhost-user-hmmgpu-pci".to_string()),
+        // The QOM path /machine/peripheral/gpuN (link-down, device_del).
+        ("id", format!("gpu{n}")),
+        ("chardev", format!("gpu{n}")),
+        ("memdev", format!("vram{n}")),
+    ];
+    match arch {
+        // Each GPU behind its own PCIe root port (hotplug), with an AER
+        // capability (pcie_aer_inject_error).
+        Arch::X86_64 => {
+            props.push(("bus", format!("rp{n}")));
+            props.push(("aer", "on".to_string()));
+        }
+        // The default PHB's conventional PCI bus.
+        Arch::Ppc64le => {}
+    }
+    props
 }
 
 /// Scans console lines for init's markers and kernel errors, echoing them.
@@ -1072,6 +1132,36 @@ mod tests {
         let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         assert_eq!(shell_join(&v(&["sh", "-c", "exit 7"])), "sh -c 'exit 7'");
         assert_eq!(shell_join(&v(&["echo", "it's", ""])), r"echo 'it'\''s' ''");
+    }
+
+    #[test]
+    fn gpu_device_args() {
+        let args = gpu_qemu_args(
+            Arch::X86_64,
+            0,
+            Path::new("/dev/shm/v0"),
+            64 << 20,
+            Path::new("/run/x"),
+        );
+        assert_eq!(
+            args,
+            [
+                "-device",
+                "pcie-root-port,id=rp0,bus=pcie.0,chassis=1,slot=0,x-speed=5",
+                "-object",
+                "memory-backend-file,id=vram0,mem-path=/dev/shm/v0,size=67108864,share=on",
+                "-chardev",
+                "socket,id=gpu0,path=/run/x/gpu0.sock",
+                "-device",
+                "vhost-user-hmmgpu-pci,id=gpu0,chardev=gpu0,memdev=vram0,bus=rp0,aer=on",
+            ]
+        );
+        let ppc = gpu_qemu_args(Arch::Ppc64le, 1, Path::new("/v1"), 1 << 30, Path::new("/r"));
+        assert_eq!(ppc[0], "-object", "no root port on pseries");
+        assert_eq!(
+            ppc[5],
+            "vhost-user-hmmgpu-pci,id=gpu1,chardev=gpu1,memdev=vram1"
+        );
     }
 
     #[test]
