@@ -337,9 +337,18 @@ pub fn plug(run_dir: &Path, gpu: u32) -> Result<Value> {
          so QEMU should have hung up on it"
     );
     let props = gpu_device_props(target_arch(&mut q)?, gpu);
+    // QMP's device_add checks JSON types: a bool property (`aer`) takes a
+    // boolean where the command line takes on/off.
     let args: serde_json::Map<String, Value> = props
         .into_iter()
-        .map(|(k, v)| (k.to_string(), Value::String(v)))
+        .map(|(k, v)| {
+            let v = match v.as_str() {
+                "on" => Value::Bool(true),
+                "off" => Value::Bool(false),
+                _ => Value::String(v),
+            };
+            (k.to_string(), v)
+        })
         .collect();
     let start = Instant::now();
     let args = Value::Object(args);
