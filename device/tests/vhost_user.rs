@@ -1029,6 +1029,19 @@ fn device_binary() -> Command {
     }
 }
 
+/// The backend binary with a socket, a 4 MiB VRAM file and a control
+/// socket in `dir` (`vhost.sock`, `vram`, `control.sock`), its stderr
+/// piped; callers add arguments and spawn it.
+fn backend_in(dir: &Path, log_level: &str) -> Command {
+    let mut c = device_binary();
+    c.args(["--socket".as_ref(), dir.join("vhost.sock").as_os_str()])
+        .args(["--vram-path".as_ref(), dir.join("vram").as_os_str()])
+        .args(["--vram-size", "4M", "--log-level", log_level])
+        .args(["--control".as_ref(), dir.join("control.sock").as_os_str()])
+        .stderr(Stdio::piped());
+    c
+}
+
 fn wait_for_path(path: &Path, child: &mut Child) {
     let deadline = Instant::now() + TIMEOUT;
     while !path.exists() {
@@ -1063,14 +1076,7 @@ fn daemon_exits_cleanly_when_the_front_end_disconnects() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("vhost.sock");
     let control = dir.path().join("control.sock");
-    let mut child = device_binary()
-        .args(["--socket".as_ref(), socket.as_os_str()])
-        .args(["--vram-path".as_ref(), dir.path().join("vram").as_os_str()])
-        .args(["--vram-size", "4M", "--log-level", "warn"])
-        .args(["--control".as_ref(), control.as_os_str()])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = backend_in(dir.path(), "warn").spawn().unwrap();
     wait_for_path(&socket, &mut child);
     let mut vm = Vm::connect(&socket);
     assert_eq!(vm.config().vram_size, VRAM_SIZE);
@@ -1148,14 +1154,7 @@ fn a_re_plugged_front_end_gets_a_new_session_on_the_same_vram() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("vhost.sock");
     let control = dir.path().join("control.sock");
-    let mut child = device_binary()
-        .args(["--socket".as_ref(), socket.as_os_str()])
-        .args(["--vram-path".as_ref(), dir.path().join("vram").as_os_str()])
-        .args(["--vram-size", "4M", "--log-level", "warn"])
-        .args(["--control".as_ref(), control.as_os_str()])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = backend_in(dir.path(), "warn").spawn().unwrap();
     wait_for_path(&socket, &mut child);
     wait_for_path(&control, &mut child);
     let mut vm = Vm::connect(&socket);
@@ -1603,14 +1602,9 @@ fn fault_plans_logs_and_the_client_subcommands() {
         ]}"#,
     )
     .unwrap();
-    let mut child = device_binary()
-        .args(["--socket".as_ref(), socket.as_os_str()])
-        .args(["--vram-path".as_ref(), dir.path().join("vram").as_os_str()])
-        .args(["--vram-size", "4M", "--log-level", "error"])
-        .args(["--control".as_ref(), control.as_os_str()])
+    let mut child = backend_in(dir.path(), "error")
         .args(["--fault-plan".as_ref(), plan.as_os_str()])
         .args(["--fault-log".as_ref(), log.as_os_str()])
-        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     wait_for_path(&socket, &mut child);
