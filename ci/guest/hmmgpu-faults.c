@@ -304,6 +304,23 @@ static void print_counters(void)
 	fflush(stdout);
 }
 
+/*
+ * Ends a mode: prints its verdict (the tests look for "PASS: MODE" or
+ * "PASS: MODE (ARG)") and returns the exit status.
+ */
+static int verdict(const char *mode, const char *arg)
+{
+	if (failures) {
+		say("FAIL: %d check(s) failed", failures);
+		return 1;
+	}
+	if (arg)
+		say("PASS: %s (%s): all checks passed", mode, arg);
+	else
+		say("PASS: %s: all checks passed", mode);
+	return 0;
+}
+
 /* Asks the host to inject `fault` (JSON) into GPU 0; exits 3 if it did not. */
 static void inject(const char *fault)
 {
@@ -698,11 +715,7 @@ static int run_mce(void)
 	close(fd);
 	check(system("rmmod hmmgpu") == 0, "rmmod hmmgpu succeeds");
 	check(pattern_ok(s, size, 95, "buffer S"), "after rmmod, S is intact");
-	if (failures)
-		say("FAIL: %d check(s) failed", failures);
-	else
-		say("PASS: mce: all checks passed");
-	return failures ? 1 : 0;
+	return verdict("mce", NULL);
 }
 
 /* One half of the VRAM, from /sys/kernel/debug/hmmgpu0/vram. */
@@ -1016,11 +1029,7 @@ static int run_ecc(void)
 	close(fdp);
 	close(fdc);
 	check(system("rmmod hmmgpu") == 0, "rmmod hmmgpu succeeds");
-	if (failures)
-		say("FAIL: %d check(s) failed", failures);
-	else
-		say("PASS: ecc: all checks passed");
-	return failures ? 1 : 0;
+	return verdict("ecc", NULL);
 }
 
 /* Catalogue entries 9 (how = "kill") and 4 (how = "link"). */
@@ -1089,11 +1098,7 @@ static int run_loss(const char *how)
 		check(pattern_ok(c, size, 92, "buffer C"), "after rmmod, C is intact (copied out by the CPU)");
 	}
 	check(pattern_ok(s, size, 93, "buffer S"), "after rmmod, S is intact");
-	if (failures)
-		say("FAIL: %d check(s) failed", failures);
-	else
-		say("PASS: loss (%s): all checks passed", how);
-	return failures ? 1 : 0;
+	return verdict("loss", how);
 }
 
 /* Catalogue entry 5: lost and late interrupts, a stalled queue. */
@@ -1137,11 +1142,7 @@ static int run_irq(void)
 	check(data_round(fd, size, 55, false) >= 0, "after the reset the device works (a data round verifies)");
 	print_counters();
 	close(fd);
-	if (failures)
-		say("FAIL: %d check(s) failed", failures);
-	else
-		say("PASS: irq: all checks passed");
-	return failures ? 1 : 0;
+	return verdict("irq", NULL);
 }
 
 /* Writes "1" to the PCI reset file of the device hmmgpu is bound to. */
@@ -1293,11 +1294,7 @@ static int run_reset(const char *how)
 	print_counters();
 	close(fdp);
 	close(fdc);
-	if (failures)
-		say("FAIL: %d check(s) failed", failures);
-	else
-		say("PASS: reset (%s): all checks passed", how);
-	return failures ? 1 : 0;
+	return verdict("reset", how);
 }
 
 /* A 2 MiB-aligned THP-eligible buffer of 2 MiB (the rest of the mapping stays unused). */
@@ -1544,11 +1541,7 @@ static int run_unplug(bool leave, uint64_t vram_seed)
 	}
 	close(fdp);
 	close(fdc);
-	if (failures)
-		say("FAIL: %d check(s) failed", failures);
-	else
-		say("PASS: unplug: all checks passed");
-	return failures ? 1 : 0;
+	return verdict("unplug", NULL);
 }
 
 static void usage(void)
