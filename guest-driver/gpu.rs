@@ -412,39 +412,36 @@ impl Gpu {
             self.index,
             COMMAND_TIMEOUT_MS
         );
-        // SAFETY: plain flag save; restored below on this task.
-        let flags = unsafe { shim::hmmgpu_shim_noreclaim_save() };
         // SAFETY: the device is bound and its queues exist.
         unsafe { shim::hmmgpu_shim_queues_stop(self.vdev) };
-        let result = self.restart(true);
-        // SAFETY: saved above.
-        unsafe { shim::hmmgpu_shim_noreclaim_restore(flags) };
-        match result {
-            Ok(contexts) => {
-                pr_notice!(
-                    "hmmgpu{}: reset done ({} contexts recreated); commands in flight were retried\n",
-                    self.index,
-                    contexts
-                );
-                Ok(())
-            }
-            Err(e) => {
-                pr_err!("hmmgpu{}: the device did not come back from its reset: {:?}\n", self.index, e);
-                Err(self.hung(ETIMEDOUT))
-            }
-        }
+        let contexts = self.restart(true)?;
+        pr_notice!(
+            "hmmgpu{}: reset done ({} contexts recreated); commands in flight were retried\n",
+            self.index,
+            contexts
+        );
+        Ok(())
     }
 
     /// Restarts stopped queues (`negotiate`: the features too, which the
     /// virtio core does itself after a transport reset), recreates every
-    /// context in use empty and lets submissions resume. On failure the
-    /// queues stay dead. Returns how many contexts were recreated.
+    /// context in use empty and lets submissions resume, with reclaim off
+    /// (submitters wait for this, some under the mirror lock that reclaim's
+    /// notifiers take). Returns how many contexts were recreated. On
+    /// failure the queues stay dead and the device is lost: ENODEV.
     fn restart(&self, negotiate: bool) -> Result<usize> {
+        // SAFETY: plain flag save; restored below on this task.
+        let flags = unsafe { shim::hmmgpu_shim_noreclaim_save() };
         let result = self.restart_queues(negotiate);
         // Before resuming, so a command submitted after it gets the new one.
         self.resets.fetch_add(1, Ordering::AcqRel);
         self.queues.set_running(result.is_ok());
-        result
+        // SAFETY: saved above.
+        unsafe { shim::hmmgpu_shim_noreclaim_restore(flags) };
+        result.map_err(|e| {
+            pr_err!("hmmgpu{}: the device did not come back from its reset: {:?}\n", self.index, e);
+            self.hung(ETIMEDOUT)
+        })
     }
 
     fn restart_queues(&self, negotiate: bool) -> Result<usize> {
@@ -509,22 +506,10 @@ impl Gpu {
             pr_err!("hmmgpu{}: the device was lost before its reset; it stays dead\n", self.index);
             return Err(ENODEV);
         }
-        // SAFETY: plain flag save; restored below on this task.
-        let flags = unsafe { shim::hmmgpu_shim_noreclaim_save() };
-        let result = self.restart(false);
-        // SAFETY: saved above.
-        unsafe { shim::hmmgpu_shim_noreclaim_restore(flags) };
-        match result {
-            Ok(contexts) => {
-                self.write_canary();
-                pr_notice!("hmmgpu{}: reset done ({} contexts recreated); the device is back\n", self.index, contexts);
-                Ok(())
-            }
-            Err(e) => {
-                pr_err!("hmmgpu{}: the device did not come back from its reset: {:?}\n", self.index, e);
-                Err(self.hung(ETIMEDOUT))
-            }
-        }
+        let contexts = self.restart(false)?;
+        self.write_canary();
+        pr_notice!("hmmgpu{}: reset done ({} contexts recreated); the device is back\n", self.index, contexts);
+        Ok(())
     }
 
     /// Executes one command on the device and waits for its response.

@@ -10,7 +10,9 @@
 //! injected and what the driver logged, and that the guest is still
 //! responsive afterwards.
 
-use super::faults::{faults_boot, guest_counter, inject_hook, injected};
+use super::faults::{
+    expect_responsive, faults_boot, guest_counter, inject_hook, injected, THEN_RESPONSIVE,
+};
 use super::{expect_status, Ctx};
 use crate::build::log;
 use crate::vm::{self, VmOutcome};
@@ -73,10 +75,9 @@ fn removal_accounting(out: &VmOutcome) -> Result<(u64, u64, u64)> {
 
 pub(super) fn t_ecc(ctx: &mut Ctx) -> Result<()> {
     // The removal line is pr_info, below the console's log level: dmesg.
-    let script = "hmmgpu-faults ecc && dmesg | grep 'hmmgpu0: removed;' \
-                  && echo guest-responsive: $(cat /proc/uptime)";
+    let script = format!("hmmgpu-faults ecc && dmesg | grep 'hmmgpu0: removed;'{THEN_RESPONSIVE}");
     let out = ctx.boot_extra(
-        faults_boot("fault-ecc", &["sh", "-c", script]),
+        faults_boot("fault-ecc", &["sh", "-c", &script]),
         vm::VmExtra {
             console_hook: Some(inject_hook()),
             vram_size: Some(ECC_VRAM_SIZE),
@@ -84,10 +85,7 @@ pub(super) fn t_ecc(ctx: &mut Ctx) -> Result<()> {
         },
     )?;
     expect_status(&out, 0)?;
-    ensure!(
-        out.console.iter().any(|l| l.contains("guest-responsive:")),
-        "the guest shell did not run its next command"
-    );
+    expect_responsive(&out)?;
     let flips = injected(&out, "ecc_flips")?;
     let posted = injected(&out, "events_posted")?;
     let dropped = injected(&out, "events_dropped")?;

@@ -105,6 +105,28 @@ pub(super) fn guest_counter(out: &VmOutcome, name: &str) -> Result<u64> {
         .with_context(|| format!("bad counter line {line:?}"))
 }
 
+/// Appended to a guest command: a line the guest shell prints only if it
+/// still runs commands after the workload (see [`expect_responsive`]).
+pub(super) const THEN_RESPONSIVE: &str = " && echo guest-responsive: $(cat /proc/uptime)";
+
+/// Fails unless the guest shell ran the command [`THEN_RESPONSIVE`] adds.
+pub(super) fn expect_responsive(out: &VmOutcome) -> Result<()> {
+    ensure!(
+        out.console.iter().any(|l| l.contains("guest-responsive:")),
+        "the guest shell did not run its next command"
+    );
+    Ok(())
+}
+
+/// Fails unless a console line contains `what`.
+pub(super) fn console_has(out: &VmOutcome, what: &str) -> Result<()> {
+    ensure!(
+        out.console.iter().any(|l| l.contains(what)),
+        "the console has no line with '{what}'"
+    );
+    Ok(())
+}
+
 pub(super) fn faults_boot<'a>(test: &'a str, cmd: &[&str]) -> Boot<'a> {
     Boot {
         test,
@@ -214,19 +236,16 @@ pub(super) fn t_storm(ctx: &mut Ctx) -> Result<()> {
         ]
     });
     std::fs::write(&plan, json.to_string())?;
-    let script = "hmmgpu-faults storm --size 1M && echo guest-responsive: $(cat /proc/uptime)";
+    let script = format!("hmmgpu-faults storm --size 1M{THEN_RESPONSIVE}");
     let out = ctx.boot_extra(
-        faults_boot("fault-storm", &["sh", "-c", script]),
+        faults_boot("fault-storm", &["sh", "-c", &script]),
         vm::VmExtra {
             backend_args: vec![vec!["--fault-plan".into(), plan.display().to_string()]],
             ..Default::default()
         },
     )?;
     expect_status(&out, 0)?;
-    ensure!(
-        out.console.iter().any(|l| l.contains("guest-responsive:")),
-        "the guest shell did not run its next command"
-    );
+    expect_responsive(&out)?;
     let posted = injected(&out, "events_posted")?;
     let dropped = injected(&out, "events_dropped")?;
     let received = guest_counter(&out, "driver_fault_events")?;

@@ -5,7 +5,7 @@
 //! the fault through the console (see tests/faults.rs) and checks the
 //! outcomes in the guest; here the host checks the driver said why.
 
-use super::faults::{faults_boot, inject_hook};
+use super::faults::{console_has, faults_boot, inject_hook};
 use super::{expect_status, Ctx};
 use crate::vm::{self, VmOutcome};
 use anyhow::{ensure, Result};
@@ -19,14 +19,6 @@ fn loss_boot(ctx: &mut Ctx, test: &'static str, how: &str) -> Result<VmOutcome> 
             ..Default::default()
         },
     )
-}
-
-pub(super) fn console_has(out: &VmOutcome, what: &str) -> Result<()> {
-    ensure!(
-        out.console.iter().any(|l| l.contains(what)),
-        "the console has no line with '{what}'"
-    );
-    Ok(())
 }
 
 pub(super) fn t_surprise_loss(ctx: &mut Ctx) -> Result<()> {

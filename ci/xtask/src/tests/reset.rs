@@ -7,11 +7,10 @@
 //! the console (see tests/faults.rs) and check the outcomes in the guest;
 //! here the host checks what the backend injected and what the driver said.
 
-use super::faults::{faults_boot, guest_counter, inject_hook, injected};
-use super::loss::console_has;
+use super::faults::{console_has, faults_boot, guest_counter, inject_hook, injected};
 use super::{expect_status, Ctx};
 use crate::build::log;
-use crate::vm;
+use crate::vm::{self, VmOutcome};
 use anyhow::{ensure, Result};
 
 pub(super) fn t_interrupts_and_stall(ctx: &mut Ctx) -> Result<()> {
@@ -51,19 +50,26 @@ pub(super) fn t_interrupts_and_stall(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn t_function_reset(ctx: &mut Ctx) -> Result<()> {
+/// Boots `hmmgpu-faults reset how` (x86_64 only: both resets need the q35
+/// PCIe topology); the guest must report success.
+fn reset_boot(ctx: &mut Ctx, test: &'static str, how: &str) -> Result<VmOutcome> {
     ensure!(
         ctx.arch == crate::cli::Arch::X86_64,
-        "the PCI function reset test needs the q35 PCIe topology (x86_64)"
+        "{test} needs the q35 PCIe topology (x86_64)"
     );
     let out = ctx.boot_extra(
-        faults_boot("fault-pci-reset", &["hmmgpu-faults", "reset", "flr"]),
+        faults_boot(test, &["hmmgpu-faults", "reset", how]),
         vm::VmExtra {
             console_hook: Some(inject_hook()),
             ..Default::default()
         },
     )?;
     expect_status(&out, 0)?;
+    Ok(out)
+}
+
+pub(super) fn t_function_reset(ctx: &mut Ctx) -> Result<()> {
+    let out = reset_boot(ctx, "fault-pci-reset", "flr")?;
     console_has(&out, "device reset requested: evicting VRAM")?;
     console_has(&out, "pages evicted to system memory before the reset")?;
     console_has(&out, "the device is back")?;
@@ -71,18 +77,7 @@ pub(super) fn t_function_reset(ctx: &mut Ctx) -> Result<()> {
 }
 
 pub(super) fn t_aer(ctx: &mut Ctx) -> Result<()> {
-    ensure!(
-        ctx.arch == crate::cli::Arch::X86_64,
-        "AER injection needs the q35 PCIe topology (x86_64)"
-    );
-    let out = ctx.boot_extra(
-        faults_boot("fault-aer", &["hmmgpu-faults", "reset", "aer"]),
-        vm::VmExtra {
-            console_hook: Some(inject_hook()),
-            ..Default::default()
-        },
-    )?;
-    expect_status(&out, 0)?;
+    let out = reset_boot(ctx, "fault-aer", "aer")?;
     // The AER driver's pci_info lines (recovery successful or failed) are
     // below the console level: the guest checks them in dmesg.
     console_has(&out, "PCIe Bus Error: severity=Correctable")?;

@@ -8,7 +8,7 @@
 //! process serving both sessions, the re-plugged device's data in the VRAM
 //! file it was given at boot, and a guest that still runs commands.
 
-use super::faults::{faults_boot, inject_hook};
+use super::faults::{expect_responsive, faults_boot, inject_hook, THEN_RESPONSIVE};
 use super::{expect_status, vram_holds_pattern, vram_seed, Ctx};
 use crate::build::log;
 use crate::cli::Arch;
@@ -54,9 +54,7 @@ pub(super) fn t_hot_unplug(ctx: &mut Ctx) -> Result<()> {
          unplug request needs userspace drmgr (powerpc-utils), which the initramfs lacks"
     );
     let seed = vram_seed()?;
-    let script = format!(
-        "hmmgpu-faults unplug --vram-seed {seed} && echo guest-responsive: $(cat /proc/uptime)"
-    );
+    let script = format!("hmmgpu-faults unplug --vram-seed {seed}{THEN_RESPONSIVE}");
     let out = ctx.boot_extra(
         faults_boot("fault-hot-unplug", &["sh", "-c", &script]),
         vm::VmExtra {
@@ -65,10 +63,7 @@ pub(super) fn t_hot_unplug(ctx: &mut Ctx) -> Result<()> {
         },
     )?;
     expect_status(&out, 0)?;
-    ensure!(
-        out.console.iter().any(|l| l.contains("guest-responsive:")),
-        "the guest shell did not run its next command"
-    );
+    expect_responsive(&out)?;
     let evicted = evicted_pages(&out)?;
     ensure!(
         evicted == WORKLOAD_VRAM_PAGES,
