@@ -121,6 +121,16 @@ fn mpfn_compound() -> c_ulong {
 /// Pages of a THP.
 const HUGE_PAGES: usize = 1 << HUGE_ORDER;
 
+/// The 4 KiB pages a migrate entry moves: a THP is one entry, its head's,
+/// marked compound.
+fn entry_pages(entry: c_ulong) -> usize {
+    if entry & mpfn_compound() != 0 {
+        HUGE_PAGES
+    } else {
+        1
+    }
+}
+
 fn page_pfn(page: *mut shim::Page) -> c_ulong {
     // SAFETY: `page` is a valid struct page.
     unsafe { shim::hmmgpu_shim_page_to_pfn(page) }
@@ -254,7 +264,7 @@ fn alloc_and_copy_to_vram(
             continue;
         }
         // Not copied: give the VRAM back, leave the page where it is.
-        failed += if dst[idx] & mpfn_compound() != 0 { HUGE_PAGES as u64 } else { 1 };
+        failed += entry_pages(dst[idx]) as u64;
         // SAFETY: `dst[idx]` holds a device page or THP prepared above.
         unsafe { shim::hmmgpu_shim_device_page_discard(shim::hmmgpu_shim_migrate_pfn_to_page(dst[idx])) };
         dst[idx] = 0;
@@ -577,12 +587,7 @@ fn evict_pfns(gpu: &Gpu, vram: &Vram, args: &mut MigrateArgs, start_pfn: u64, n:
     // SAFETY: `src`/`dst` are the arrays filled above, `n` entries (a
     // zero `dst` leaves its page in VRAM).
     unsafe { shim::hmmgpu_shim_evict_finish(src.as_ptr().cast_mut(), dst.as_mut_ptr(), n as c_ulong) };
-    // In 4 KiB pages: a THP entry moves 512 of them.
-    let pages = dst
-        .iter()
-        .filter(|d| **d != 0)
-        .map(|d| if *d & mpfn_compound() != 0 { HUGE_PAGES as u64 } else { 1 })
-        .sum::<u64>();
+    let pages = dst.iter().filter(|d| **d != 0).map(|d| entry_pages(*d) as u64).sum::<u64>();
     if lost {
         // Now mapped where the VRAM pages were: poison them, so their
         // owners get SIGBUS rather than a page of zeroes.
@@ -592,8 +597,7 @@ fn evict_pfns(gpu: &Gpu, vram: &Vram, args: &mut MigrateArgs, start_pfn: u64, n:
             }
             // SAFETY: `*d` is the migrate pfn of a page we allocated.
             let first = unsafe { shim::hmmgpu_shim_page_to_pfn(shim::hmmgpu_shim_migrate_pfn_to_page(*d)) };
-            let n = if *d & mpfn_compound() != 0 { HUGE_PAGES } else { 1 };
-            for pfn in first..first + n as c_ulong {
+            for pfn in first..first + entry_pages(*d) as c_ulong {
                 // SAFETY: `pfn` is a system page of ours, now mapped by
                 // its owner (memory_failure splits a THP first).
                 let ret = unsafe { shim::hmmgpu_shim_poison_pfn(pfn) };
