@@ -115,9 +115,11 @@ if [[ ! -x "$bb_dir/bin/busybox" ]]; then
     mv "$bb_dir/bin/busybox.tmp" "$bb_dir/bin/busybox"
     rm -rf "$tmp"
 fi
-# Exact versions: rust-src must match rustc (1.95.0); the kernel is pinned.
-log "installing rust-src 1.95.0 and linux-source-7.3 from trixie-backports"
-$APT --allow-downgrades rust-src=1.95.0+dfsg1-2~bpo13+1 linux-source-7.3=7.3.4-1~bpo13+1
+# Exact versions: rust-src must match rustc (1.95.0); the kernels are pinned
+# (7.3: the guest kernel; 7.2: the own-kernel test's tree).
+log "installing rust-src 1.95.0, linux-source-7.3 and linux-source-7.2 from trixie-backports"
+$APT --allow-downgrades rust-src=1.95.0+dfsg1-2~bpo13+1 linux-source-7.3=7.3.4-1~bpo13+1 \
+     linux-source-7.2=7.2.12-1~bpo13+1
 
 # bindgen-cli, the version the kernel's Rust build is known to work with.
 if ! bindgen --version 2>/dev/null | grep -q '0.72.1'; then

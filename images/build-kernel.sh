@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Builds the hmmgpu guest kernel from Debian's linux-source-7.3 with the config
-# fragments in images/config/, cached under $HMMGPU_CACHE by a hash of every
-# input. Prints the kernel directory (KDIR) on stdout when done:
+# Builds the hmmgpu guest kernel from Debian's linux-source-7.3 (or 7.2) with
+# the config fragments in images/config/, cached under $HMMGPU_CACHE by a hash
+# of every input. Prints the kernel directory (KDIR) on stdout when done:
 #   $KDIR/build     the O= build tree (out-of-tree modules build against it)
 #   $KDIR/image     the bootable kernel image
 #   $KDIR/make.env  the make variables the tree was built with (ARCH, LLVM, ...)
 #
-#   build-kernel.sh [--arch x86_64|ppc64le] [--flavour release|debug] [--print-dir]
+#   build-kernel.sh [--arch x86_64|ppc64le] [--flavour release|debug]
+#                   [--release 7.3|7.2] [--plain] [--print-dir]
 #
-# --print-dir prints the cache directory the inputs map to, building nothing.
+# --release picks Debian's linux-source package (default 7.3). --plain builds
+# the tree the way a user would: Debian's source as shipped, without
+# images/patches/ (the own-kernel test's 7.2 tree). --print-dir prints the
+# cache directory the inputs map to, building nothing.
 #
 # HMMGPU_KERNEL_DIR=/path/to/built/tree uses your own x86_64 kernel instead
 # (HMMGPU_KERNEL_DIR_PPC64LE a ppc64le one): a configured and built tree
@@ -17,19 +21,33 @@ set -euo pipefail
 LOG_TAG=kernel
 source "$(dirname "$0")/lib.sh"
 
-ARCH_NAME=x86_64 FLAVOUR=release PRINT_DIR=0
+usage="usage: build-kernel.sh [--arch x86_64|ppc64le] [--flavour release|debug] [--release 7.3|7.2] [--plain] [--print-dir]"
+ARCH_NAME=x86_64 FLAVOUR=release RELEASE=7.3 PLAIN=0 PRINT_DIR=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --print-dir) PRINT_DIR=1; shift ;;
-        --arch) ARCH_NAME="$2"; shift 2 ;;
-        --flavour) FLAVOUR="$2"; shift 2 ;;
-        *) die "unknown argument '$1' (usage: build-kernel.sh [--arch x86_64|ppc64le] [--flavour release|debug])" ;;
+        --plain) PLAIN=1; shift ;;
+        --arch|--flavour|--release)
+            [[ $# -ge 2 ]] || die "$1 needs a value ($usage)"
+            case "$1" in
+                --arch) ARCH_NAME="$2" ;;
+                --flavour) FLAVOUR="$2" ;;
+                --release) RELEASE="$2" ;;
+            esac
+            shift 2 ;;
+        *) die "unknown argument '$1' ($usage)" ;;
     esac
 done
 case "$FLAVOUR" in release|debug) ;; *) die "--flavour must be release or debug, not '$FLAVOUR'" ;; esac
 
-KERNEL_VERSION="7.3.4-1~bpo13+1"
-KERNEL_TARBALL=/usr/src/linux-source-7.3.tar.xz
+# The Debian source packages (ci/setup-host.sh installs these versions).
+case "$RELEASE" in
+    7.3) KERNEL_VERSION="7.3.4-1~bpo13+1" ;;
+    7.2) KERNEL_VERSION="7.2.12-1~bpo13+1" ;;
+    *) die "--release must be 7.3 or 7.2, not '$RELEASE'" ;;
+esac
+KERNEL_PACKAGE="linux-source-$RELEASE"
+KERNEL_TARBALL="/usr/src/$KERNEL_PACKAGE.tar.xz"
 RUST_LIB_SRC=/usr/lib/rustlib/src/rust/library
 export LIBCLANG_PATH=/usr/lib/llvm-19/lib
 
@@ -77,12 +95,12 @@ if [[ -n "$own" ]]; then
     exit 0
 fi
 
-[[ -f "$KERNEL_TARBALL" ]] || die "$KERNEL_TARBALL missing: run ci/setup-host.sh (installs linux-source-7.3=$KERNEL_VERSION)"
-installed=$(dpkg-query -W -f='${Version}' linux-source-7.3 2>/dev/null || true)
-[[ "$installed" == "$KERNEL_VERSION" ]] || die "linux-source-7.3 is '$installed', want $KERNEL_VERSION: run ci/setup-host.sh"
+[[ -f "$KERNEL_TARBALL" ]] || die "$KERNEL_TARBALL missing: run ci/setup-host.sh (installs $KERNEL_PACKAGE=$KERNEL_VERSION)"
+installed=$(dpkg-query -W -f='${Version}' "$KERNEL_PACKAGE" 2>/dev/null || true)
+[[ "$installed" == "$KERNEL_VERSION" ]] || die "$KERNEL_PACKAGE is '$installed', want $KERNEL_VERSION: run ci/setup-host.sh"
 
 patches=()
-if [[ -d "$IMAGES_DIR/patches/$ARCH_NAME" ]]; then
+if [[ $PLAIN == 0 && -d "$IMAGES_DIR/patches/$ARCH_NAME" ]]; then
     mapfile -t patches < <(find "$IMAGES_DIR/patches/$ARCH_NAME" -name '*.patch' | sort)
 fi
 toolchain="$(rustc --version) $(bindgen --version 2>&1) $(gcc --version | head -1) $(clang-19 --version 2>/dev/null | head -1)"
@@ -91,7 +109,11 @@ src_key=$(hash_inputs "$KERNEL_VERSION" "${patches[@]}")
 RECIPE=1
 key=$(hash_inputs "$src_key" "$ARCH_NAME" "$FLAVOUR" "${fragments[@]}" "$toolchain" "${MAKE_VARS[*]}" "recipe-$RECIPE")
 SRC="$HMMGPU_CACHE/linux-src-$src_key"
-KDIR="$HMMGPU_CACHE/kernel-$ARCH_NAME-$FLAVOUR-$key"
+# 7.3 keeps its historical name; other releases and plain trees say so.
+name="kernel"
+[[ "$RELEASE" == 7.3 ]] || name+="-$RELEASE"
+[[ $PLAIN == 0 ]] || name+="-plain"
+KDIR="$HMMGPU_CACHE/$name-$ARCH_NAME-$FLAVOUR-$key"
 LOGDIR="$KDIR/logs"
 if [[ $PRINT_DIR == 1 ]]; then
     echo "$KDIR"
@@ -119,7 +141,7 @@ if [[ -f "$KDIR/done" ]]; then
 fi
 rm -rf "$KDIR" && mkdir -p "$KDIR/build"
 MAKE=(make -C "$SRC" O="$KDIR/build" "${MAKE_VARS[@]}" RUST_LIB_SRC="$RUST_LIB_SRC")
-log "configuring $ARCH_NAME/$FLAVOUR ($BASE_TARGET + ${fragments[*]##*/})"
+log "configuring $KERNEL_PACKAGE $ARCH_NAME/$FLAVOUR${patches[*]:+ (patched)} ($BASE_TARGET + ${fragments[*]##*/})"
 "${MAKE[@]}" -s "$BASE_TARGET" >/dev/null
 "${MAKE[@]}" -s rustavailable >&2 || die "the Rust toolchain is not usable for the kernel (see above)"
 # merge_config.sh -m merges fragments without running make; olddefconfig resolves.
