@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Builds the hmmgpu guest kernel from Debian's linux-source-7.3 (or 7.2) with
 # the config fragments in images/config/, cached under $HMMGPU_CACHE by a hash
-# of every input. Prints the kernel directory (KDIR) on stdout when done:
-#   $KDIR/build     the O= build tree (out-of-tree modules build against it)
-#   $KDIR/image     the bootable kernel image
-#   $KDIR/make.env  the make variables the tree was built with (ARCH, LLVM, ...)
+# of every input. Prints the tree on stdout when done: $KDIR/build, a plain
+# O= build directory (its `source` links to the unpacked sources), nothing in
+# it but what make wrote. xtask reads it as it reads a user's own tree
+# (`--kernel-dir`, ci/xtask/src/build/tree.rs): the image, the make variables
+# (LLVM=, ARCH=) and test_hmm.ko all come from the tree itself. $KDIR/logs
+# holds the build log.
 #
 #   build-kernel.sh [--arch x86_64|ppc64le] [--flavour release|debug]
 #                   [--release 7.3|7.2] [--plain] [--print-dir]
@@ -12,11 +14,9 @@
 # --release picks Debian's linux-source package (default 7.3). --plain builds
 # the tree the way a user would: Debian's source as shipped, without
 # images/patches/ (the own-kernel test's 7.2 tree). --print-dir prints the
-# cache directory the inputs map to, building nothing.
+# tree the inputs map to, building nothing.
 #
-# HMMGPU_KERNEL_DIR=/path/to/built/tree uses your own x86_64 kernel instead
-# (HMMGPU_KERNEL_DIR_PPC64LE a ppc64le one): a configured and built tree
-# (in-tree or O=) with the options of base.config and <arch>.config.
+# Your own kernel instead: `cargo xtask run --kernel-dir DIR` (docs/running.md).
 set -euo pipefail
 LOG_TAG=kernel
 source "$(dirname "$0")/lib.sh"
@@ -52,9 +52,9 @@ RUST_LIB_SRC=/usr/lib/rustlib/src/rust/library
 export LIBCLANG_PATH=/usr/lib/llvm-19/lib
 
 case "$ARCH_NAME" in
-    x86_64)  KARCH=x86_64;  IMAGE_PATH=arch/x86/boot/bzImage; BASE_TARGET=allnoconfig
+    x86_64)  BASE_TARGET=allnoconfig
              MAKE_VARS=(ARCH=x86_64) ;;
-    ppc64le) KARCH=powerpc; IMAGE_PATH=vmlinux; BASE_TARGET=allnoconfig
+    ppc64le) BASE_TARGET=allnoconfig
              # bindgen (libclang) cannot parse gcc's powerpc flags: build with LLVM.
              MAKE_VARS=(ARCH=powerpc LLVM=-19 CROSS_COMPILE=powerpc64le-linux-gnu-) ;;
     *) die "unknown --arch '$ARCH_NAME' (x86_64 or ppc64le)" ;;
@@ -67,7 +67,9 @@ if [[ "$FLAVOUR" == debug ]]; then
     [[ " ${MAKE_VARS[*]} " == *" LLVM="* ]] || MAKE_VARS+=(LLVM=-19)
 fi
 
-# Checks that every CONFIG_ line of the fragments holds in a .config.
+# Checks that every CONFIG_ line of the fragments landed in the .config as
+# written: a fail-fast check of this recipe before the long make (xtask then
+# checks the built tree as it checks any user's, build/tree.rs).
 check_config() {
     local config="$1" frag line sym val missing=0
     for frag in "${fragments[@]}"; do
@@ -82,18 +84,6 @@ check_config() {
     done
     return $missing
 }
-
-own_var=HMMGPU_KERNEL_DIR
-[[ "$ARCH_NAME" == x86_64 ]] || own_var="HMMGPU_KERNEL_DIR_${ARCH_NAME^^}"
-own="${!own_var:-}"
-if [[ -n "$own" ]]; then
-    [[ -f "$own/.config" ]] || die "$own_var=$own has no .config"
-    [[ -f "$own/$IMAGE_PATH" ]] || die "$own_var has no $IMAGE_PATH: build it first"
-    [[ "$(kdir_arch "$own")" == "$ARCH_NAME" ]] || die "$own_var=$own is a $(kdir_arch "$own") kernel, not $ARCH_NAME"
-    check_config "$own/.config" || die "$own_var lacks options hmmgpu needs (listed above)"
-    echo "$own"
-    exit 0
-fi
 
 [[ -f "$KERNEL_TARBALL" ]] || die "$KERNEL_TARBALL missing: run ci/setup-host.sh (installs $KERNEL_PACKAGE=$KERNEL_VERSION)"
 installed=$(dpkg-query -W -f='${Version}' "$KERNEL_PACKAGE" 2>/dev/null || true)
@@ -116,13 +106,13 @@ name="kernel"
 KDIR="$HMMGPU_CACHE/$name-$ARCH_NAME-$FLAVOUR-$key"
 LOGDIR="$KDIR/logs"
 if [[ $PRINT_DIR == 1 ]]; then
-    echo "$KDIR"
+    echo "$KDIR/build"
     exit 0
 fi
 
 if [[ -f "$KDIR/done" ]]; then
     log "cached: $KDIR"
-    echo "$KDIR"
+    echo "$KDIR/build"
     exit 0
 fi
 
@@ -136,7 +126,7 @@ if ! flock -n 9; then
 fi
 if [[ -f "$KDIR/done" ]]; then
     log "built meanwhile by another process: $KDIR"
-    echo "$KDIR"
+    echo "$KDIR/build"
     exit 0
 fi
 rm -rf "$KDIR" && mkdir -p "$KDIR/build"
@@ -151,9 +141,6 @@ check_config "$KDIR/build/.config" || die "config fragments did not apply (liste
 
 jobs=$(nproc)
 run_logged build "${MAKE[@]}" -j"$jobs" all
-cp "$KDIR/build/$IMAGE_PATH" "$KDIR/image"
-printf '%s\n' "${MAKE_VARS[@]}" "RUST_LIB_SRC=$RUST_LIB_SRC" >"$KDIR/make.env"
-echo "$SRC" >"$KDIR/src"
 touch "$KDIR/done"
 log "built $KDIR"
-echo "$KDIR"
+echo "$KDIR/build"

@@ -182,6 +182,8 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
         flavour: args.vm.flavour,
         device: true,
         driver: true,
+        kernel_dir: args.vm.kernel_dir.as_deref(),
+        no_setup: args.vm.no_setup,
     })?;
     let run_dir = vm::RunDir::create()?;
     let initramfs = art.initramfs(&run_dir.path, &[])?;

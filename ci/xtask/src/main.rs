@@ -80,6 +80,8 @@ fn run(args: RunArgs) -> Result<i32> {
         flavour: args.vm.flavour,
         device: args.gpus > 0,
         driver: !args.no_driver,
+        kernel_dir: args.vm.kernel_dir.as_deref(),
+        no_setup: args.vm.no_setup,
     })?;
     let run_dir = vm::RunDir::create()?;
     let initramfs = art.initramfs(&run_dir.path, &args.add)?;
