@@ -30,6 +30,15 @@ pub enum Command {
     /// Injects a fault into a running `cargo xtask run` VM's backend (its
     /// control socket), or sends it another request (docs/running.md).
     Inject(crate::inject::InjectArgs),
+    /// Checks, changing nothing, what each command needs on this host: tools
+    /// and packages (versions, Debian packages), the kernel toolchain, QEMU,
+    /// hugepages and /dev/shm, KVM (with a probe guest). Exits 1 if
+    /// something needed is missing.
+    Doctor,
+    /// The KVM probe's child process (`doctor` and `--accel auto` run it
+    /// with a deadline).
+    #[command(hide = true)]
+    KvmProbe,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

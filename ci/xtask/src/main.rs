@@ -5,6 +5,7 @@ mod bench;
 mod build;
 mod cli;
 mod cross;
+mod doctor;
 mod exit;
 mod hostfault;
 mod inject;
@@ -54,6 +55,8 @@ fn dispatch(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Inject(args) => inject::run(&args),
+        Command::Doctor => doctor::run(),
+        Command::KvmProbe => Ok(doctor::kvm::child()),
     }
 }
 
