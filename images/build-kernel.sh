@@ -97,7 +97,9 @@ toolchain="$(rustc --version) $(bindgen --version 2>&1) $(gcc --version | head -
 src_key=$(hash_inputs "$KERNEL_VERSION" "${patches[@]}")
 # Bump when this script changes how a kernel is built.
 RECIPE=1
-key=$(hash_inputs "$src_key" "$ARCH_NAME" "$FLAVOUR" "${fragments[@]}" "$toolchain" "${MAKE_VARS[*]}" "recipe-$RECIPE")
+# The fragments' CONFIG_ lines, in merge order: their comments change no kernel.
+config_lines="$(grep -h '^CONFIG_' "${fragments[@]}")"
+key=$(hash_inputs "$src_key" "$ARCH_NAME" "$FLAVOUR" "$config_lines" "$toolchain" "${MAKE_VARS[*]}" "recipe-$RECIPE")
 SRC="$HMMGPU_CACHE/linux-src-$src_key"
 # 7.3 keeps its historical name; other releases and plain trees say so.
 name="kernel"

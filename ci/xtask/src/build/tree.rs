@@ -623,6 +623,22 @@ mod tests {
     }
 
     #[test]
+    fn committed_fragments() {
+        let base = parse_fragment(include_str!("../../../../images/config/base.config"));
+        let has = |s: &str| base.iter().any(|w| w.symbol == s);
+        // What hmmgpu needs is checked; what only turns it on is not.
+        assert!(has("GPU_BUDDY") && has("DEVICE_PRIVATE") && has("TEST_HMM"));
+        assert!(!has("DRM") && !has("DRM_KUNIT_TEST") && !has("KUNIT"));
+        for f in [
+            include_str!("../../../../images/config/x86_64.config"),
+            include_str!("../../../../images/config/ppc64le.config"),
+            include_str!("../../../../images/config/debug.config"),
+        ] {
+            assert!(!parse_fragment(f).is_empty());
+        }
+    }
+
+    #[test]
     fn option_semantics() {
         let cfg = parse_config("CONFIG_A=y\nCONFIG_M=m\nCONFIG_N=64\n# CONFIG_U is not set\n");
         let want = |s: &str, v: &str| Wanted {
