@@ -82,18 +82,25 @@ fn bash(rel: &str) -> Result<Command> {
     Ok(c)
 }
 
-/// ci/setup-host.sh: idempotent, quick once its stamp exists.
+/// ci/setup-host.sh: installs what is missing (after listing it and asking
+/// on a terminal; it changes nothing without an answer or --yes), quick once
+/// its stamp exists. `--no-setup` / HMMGPU_NO_SETUP=1 skips it.
 pub fn setup_host() -> Result<()> {
     let start = Instant::now();
+    // stdin passed through: on a terminal the script asks before changing
+    // the host.
     let status = bash("ci/setup-host.sh")?
-        .stdin(Stdio::null())
         .status()
         .context("running ci/setup-host.sh")?;
     if signals::interrupted() {
         return Err(exit::interrupted());
     }
     if !status.success() {
-        bail!("ci/setup-host.sh failed ({status})");
+        bail!(
+            "ci/setup-host.sh did not set up this host ({status}; it says why above). \
+             `cargo xtask doctor` lists what is missing; with all of it installed, \
+             --no-setup (or HMMGPU_NO_SETUP=1) skips the script"
+        );
     }
     if start.elapsed().as_secs() >= 2 {
         log(format!(

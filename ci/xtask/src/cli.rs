@@ -130,7 +130,7 @@ pub struct VmOpts {
     #[arg(long, value_name = "PATH")]
     pub kernel_dir: Option<PathBuf>,
     /// Skip ci/setup-host.sh (you installed what `cargo xtask doctor` lists).
-    #[arg(long, env = "HMMGPU_NO_SETUP")]
+    #[arg(long, env = "HMMGPU_NO_SETUP", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_setup: bool,
 }
 
