@@ -690,6 +690,136 @@ mod tests {
         assert!(compiler_vars(&w("gcc"), true).is_err());
     }
 
+    /// A directory under the system's temp dir, removed on drop.
+    struct Scratch(PathBuf);
+    impl Scratch {
+        fn new(name: &str) -> Scratch {
+            let d = std::env::temp_dir().join(format!("hmmgpu-tree-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).unwrap();
+            Scratch(d)
+        }
+        fn put(&self, rel: &str, text: &str) {
+            let p = self.0.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+    }
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const CONFIG: &str = "#\n# Automatically generated file; DO NOT EDIT.\n# Linux/x86 7.2.12 Kernel Configuration\n#\n\
+        CONFIG_CC_IS_CLANG=y\nCONFIG_X86_64=y\nCONFIG_MODULES=y\nCONFIG_DEVICE_PRIVATE=y\nCONFIG_TEST_HMM=m\nCONFIG_NR_CPUS=64\n";
+
+    /// A built x86_64 tree (what make leaves: the files the reader looks
+    /// at) in `dir`, and fragments wanting what CONFIG has.
+    fn built_tree(t: &Scratch, build: &str) -> (PathBuf, PathBuf) {
+        let frags = t.0.join("frags");
+        t.put("frags/base.config", "CONFIG_DEVICE_PRIVATE=y\nCONFIG_TEST_HMM=m\nCONFIG_NR_CPUS=8\n# hmmgpu: not checked\nCONFIG_DRM=m\n");
+        t.put("frags/x86_64.config", "CONFIG_X86_64=y\n");
+        t.put(&format!("{build}/.config"), CONFIG);
+        for f in [
+            "include/config/auto.conf",
+            "arch/x86/boot/bzImage",
+            "Module.symvers",
+            "lib/test_hmm.ko",
+        ] {
+            t.put(&format!("{build}/{f}"), "");
+        }
+        t.put(
+            &format!("{build}/include/config/kernel.release"),
+            "7.2.12\n",
+        );
+        t.put(
+            &format!("{build}/init/.main.o.cmd"),
+            "savedcmd_init/main.o := clang-19 -Wp,-MMD,init/.main.o.d -nostdinc\n",
+        );
+        (t.0.join(build), frags)
+    }
+
+    #[test]
+    fn reads_a_built_tree_and_says_what_is_wrong() {
+        let t = Scratch::new("read");
+        t.put("src/Kconfig", "");
+        t.put("src/Makefile", "");
+        t.put("src/lib/test_hmm_uapi.h", "");
+        let (build, frags) = built_tree(&t, "build");
+        std::os::unix::fs::symlink(t.0.join("src"), build.join("source")).unwrap();
+        let open = |arch| Kernel::open(&build, arch, Flavour::Release, &frags);
+        let k = open(Arch::X86_64).unwrap();
+        assert_eq!(k.make_vars, ["LLVM=-19"]);
+        assert_eq!(k.release, "7.2.12");
+        assert_eq!(k.source, t.0.join("src").canonicalize().unwrap());
+        assert!(!k.in_tree() && k.test_hmm.is_some());
+
+        // Another architecture.
+        let e = open(Arch::Ppc64le).unwrap_err().to_string();
+        assert!(e.contains("built for x86_64, not ppc64le"), "{e}");
+        // An option missing: listed, with the lines that set it.
+        t.put(
+            "frags/x86_64.config",
+            "CONFIG_X86_64=y\nCONFIG_ZONE_DEVICE=y\n",
+        );
+        let e = open(Arch::X86_64).unwrap_err().to_string();
+        assert!(
+            e.contains("CONFIG_ZONE_DEVICE=y wanted, it is not set"),
+            "{e}"
+        );
+        assert!(
+            e.contains("/scripts/config --file ") && e.contains(" -e ZONE_DEVICE"),
+            "{e}"
+        );
+        assert!(
+            e.contains("merge_config.sh -m") && e.contains("LLVM=-19 olddefconfig"),
+            "{e}"
+        );
+        t.put("frags/x86_64.config", "CONFIG_X86_64=y\n");
+        // Configured, not built.
+        std::fs::remove_file(build.join("arch/x86/boot/bzImage")).unwrap();
+        let e = open(Arch::X86_64).unwrap_err().to_string();
+        assert!(
+            e.contains("configured but not built (no arch/x86/boot/bzImage)"),
+            "{e}"
+        );
+        assert!(
+            e.contains(&format!("make -C {} LLVM=-19 -j$(nproc)", build.display())),
+            "{e}"
+        );
+        t.put("build/arch/x86/boot/bzImage", "");
+        // The .config changed after the last build.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        t.put("build/.config", CONFIG);
+        let e = open(Arch::X86_64).unwrap_err().to_string();
+        assert!(e.contains("changed after the last build"), "{e}");
+    }
+
+    #[test]
+    fn in_tree_builds_and_non_trees() {
+        let t = Scratch::new("intree");
+        t.put("linux/Kconfig", "");
+        t.put("linux/Makefile", "");
+        let frags = t.0.join("frags");
+        t.put("frags/base.config", "CONFIG_DEVICE_PRIVATE=y\n");
+        t.put("frags/x86_64.config", "");
+        let e = Kernel::open(&t.0.join("linux"), Arch::X86_64, Flavour::Release, &frags)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("not configured") && e.contains("allnoconfig"),
+            "{e}"
+        );
+        let e = Kernel::open(&frags, Arch::X86_64, Flavour::Release, &frags)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not a kernel tree"), "{e}");
+        let (build, frags) = built_tree(&t, "linux");
+        let k = Kernel::open(&build, Arch::X86_64, Flavour::Release, &frags).unwrap();
+        assert!(k.in_tree());
+    }
+
     #[test]
     fn arch_of_a_config() {
         let a = |s: &str| config_arch(&parse_config(s), Some("x"));
