@@ -425,7 +425,7 @@ pub fn plot(r: &Value) -> Result<String> {
         ymin.log10().floor(),
         ymax.log10().ceil().max(ymin.log10().floor() + 1.0),
     );
-    let (w, h, left, right, top, bottom) = (820.0, 520.0, 70.0, 230.0, 50.0, 60.0);
+    let (w, h, left, right, top, bottom) = (820.0, 520.0, 70.0, 230.0, 55.0, 60.0);
     let px = |x: f64| left + (x.log2() - lx0) / (lx1 - lx0) * (w - left - right);
     let py = |y: f64| h - bottom - (y.log10() - ly0) / (ly1 - ly0) * (h - top - bottom);
     let mut s = String::new();
@@ -436,7 +436,11 @@ pub fn plot(r: &Value) -> Result<String> {
     let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
     let _ = writeln!(
         s,
-        r#"<text x="{left}" y="22" font-size="14">Migration throughput against size (one boot: {})</text>"#,
+        r#"<text x="{left}" y="20" font-size="14">Migration throughput against size, hmmgpu and test_hmm.ko in one boot</text>"#
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{left}" y="38" font-size="10">{}</text>"#,
         xml(&describe(r))
     );
     // Decades of GB/s, and each measured size.
