@@ -445,6 +445,9 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
                 "guest_bytes": f.moved(&c.phase),
                 "qemu_cpu_s": c.qemu_cpu_s,
                 "backend_cpu_s": c.backend_cpu_s,
+                // Seconds their threads waited for a host CPU.
+                "qemu_wait_s": c.qemu_wait_s,
+                "backend_wait_s": c.backend_wait_s,
                 "engine_bytes": c.engine_bytes(),
                 "backend_counters": c.counters,
             })
@@ -581,6 +584,8 @@ mod tests {
             wall_s: 9.0,
             qemu_cpu_s: Some(3.0),
             backend_cpu_s: Some(1.0),
+            qemu_wait_s: None,
+            backend_wait_s: None,
             counters: Default::default(),
         };
         let costs = [

@@ -42,6 +42,21 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     cpu_time_of_stat(&stat)
 }
 
+/// Time the process's threads waited on a run queue for a CPU (the sum of
+/// /proc/PID/task/*/schedstat's second field): how much the host's other
+/// work held it up.
+pub fn run_delay(pid: u32) -> Option<Duration> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let ns: u64 = tasks
+        .flatten()
+        .filter_map(|t| {
+            let s = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+            s.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .sum();
+    Some(Duration::from_nanos(ns))
+}
+
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
@@ -82,6 +97,9 @@ pub struct Mark {
     pub qemu_cpu: Option<Duration>,
     /// Per GPU.
     pub backend_cpu: Vec<Option<Duration>>,
+    /// QEMU's and the backends' (together) run-queue wait.
+    pub qemu_wait: Option<Duration>,
+    pub backend_wait: Option<Duration>,
     /// Per GPU: the control socket's `stats`.
     pub counters: Vec<Option<serde_json::Value>>,
 }
@@ -161,6 +179,12 @@ impl MarkLog {
                 .iter()
                 .map(|p| p.and_then(cpu_time))
                 .collect(),
+            qemu_wait: self.qemu_pid.and_then(run_delay),
+            backend_wait: self
+                .backend_pids
+                .iter()
+                .map(|p| p.and_then(run_delay))
+                .sum(),
             counters: (0..gpus)
                 .map(|g| {
                     inject::send(run_dir, g, &serde_json::json!({"cmd": "stats"}))
@@ -192,6 +216,9 @@ pub struct PhaseCost {
     pub qemu_cpu_s: Option<f64>,
     /// All backends together.
     pub backend_cpu_s: Option<f64>,
+    /// Run-queue wait of QEMU's threads and of the backends' threads.
+    pub qemu_wait_s: Option<f64>,
+    pub backend_wait_s: Option<f64>,
     /// Each counter's change over the phase, all backends together.
     pub counters: serde_json::Map<String, serde_json::Value>,
 }
@@ -202,6 +229,8 @@ impl PhaseCost {
         self.wall_s += o.wall_s;
         self.qemu_cpu_s = add(self.qemu_cpu_s, o.qemu_cpu_s);
         self.backend_cpu_s = add(self.backend_cpu_s, o.backend_cpu_s);
+        self.qemu_wait_s = add(self.qemu_wait_s, o.qemu_wait_s);
+        self.backend_wait_s = add(self.backend_wait_s, o.backend_wait_s);
         for (k, v) in &o.counters {
             let sum = self.counters.get(k).and_then(|s| s.as_u64()).unwrap_or(0);
             self.counters
@@ -220,6 +249,11 @@ impl PhaseCost {
 
 fn delta(a: Option<Duration>, b: Option<Duration>) -> Option<f64> {
     Some(b?.checked_sub(a?)?.as_secs_f64())
+}
+
+/// A thread that exits takes its run-queue wait along: never below 0.
+fn wait(a: Option<Duration>, b: Option<Duration>) -> Option<f64> {
+    Some(b?.saturating_sub(a?).as_secs_f64())
 }
 
 /// Pairs each begin mark with the end mark of the same driver and phase.
@@ -262,6 +296,8 @@ pub fn phase_costs(marks: &[Mark]) -> Vec<PhaseCost> {
                 backend_cpu_s
             },
             counters,
+            qemu_wait_s: wait(b.qemu_wait, e.qemu_wait),
+            backend_wait_s: wait(b.backend_wait, e.backend_wait),
         };
         // A phase run several times (rounds) is one phase: the sums.
         match out
@@ -288,6 +324,8 @@ mod tests {
         assert!(cpu_time_of_stat("42 (x) S 1").is_none());
         let me = cpu_time(std::process::id()).expect("our own /proc/self/stat");
         assert!(me < Duration::from_secs(3600));
+        assert!(run_delay(std::process::id()).is_some(), "our own schedstat");
+        assert!(run_delay(u32::MAX).is_none());
     }
 
     #[test]
@@ -314,6 +352,8 @@ mod tests {
             at: t0 + s(at),
             qemu_cpu: Some(s(10 * cpu)),
             backend_cpu: vec![Some(s(cpu)), Some(s(2 * cpu))],
+            qemu_wait: Some(s(at)),
+            backend_wait: None,
             counters: vec![
                 Some(serde_json::json!({"bytes_guest_to_vram": bytes, "commands_ok": 1})),
                 Some(serde_json::json!({"bytes_guest_to_vram": 2 * bytes, "commands_ok": 1})),
@@ -334,6 +374,7 @@ mod tests {
         assert_eq!(a.wall_s, 4.0);
         assert_eq!(a.qemu_cpu_s, Some(40.0));
         assert_eq!(a.backend_cpu_s, Some(4.0 + 8.0));
+        assert_eq!((a.qemu_wait_s, a.backend_wait_s), (Some(4.0), None));
         assert_eq!(a.engine_bytes(), 300.0 + 600.0);
         assert_eq!(a.counters["commands_ok"], 0);
         let b = p.iter().find(|c| c.phase == "b").unwrap();

@@ -251,8 +251,16 @@ fn costs(r: &Value) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "host CPU per phase: {:<15} {:<9} {:>7} {:>8} {:>9} {:>9} {:>12} {:>14}",
-        "phase", "driver", "wall s", "GiB", "QEMU s", "backend s", "host ms/GiB", "backend ms/GiB"
+        "host CPU per phase: {:<15} {:<9} {:>7} {:>8} {:>9} {:>9} {:>12} {:>14} {:>11}",
+        "phase",
+        "driver",
+        "wall s",
+        "GiB",
+        "QEMU s",
+        "backend s",
+        "host ms/GiB",
+        "backend ms/GiB",
+        "CPU wait s"
     );
     for p in phases {
         let f = |k: &str| p[k].as_f64();
@@ -265,9 +273,13 @@ fn costs(r: &Value) -> String {
             (Some(q), b) => Some(q + b.unwrap_or(0.0)),
             _ => None,
         };
+        let wait = match (f("qemu_wait_s"), f("backend_wait_s")) {
+            (Some(q), b) => format!("{:.2}", q + b.unwrap_or(0.0)),
+            _ => "-".into(),
+        };
         let _ = writeln!(
             o,
-            "                    {:<15} {:<9} {:>7.2} {:>8} {:>9} {:>9} {:>12} {:>14}",
+            "                    {:<15} {:<9} {:>7.2} {:>8} {:>9} {:>9} {:>12} {:>14} {:>11}",
             p["phase"].as_str().unwrap_or("?"),
             p["driver"].as_str().unwrap_or("?"),
             f("wall_s").unwrap_or(f64::NAN),
@@ -276,6 +288,7 @@ fn costs(r: &Value) -> String {
             f("backend_cpu_s").map_or("-".into(), |v| format!("{v:.2}")),
             per(host),
             per(f("backend_cpu_s")),
+            wait,
         );
     }
     o
@@ -573,7 +586,7 @@ mod tests {
                 {"figure": "hostcpu_sizes_ms_per_gib", "test_hmm": 900.0, "hmmgpu": 1200.0},
             ],
             "phases": [{"driver": "hmmgpu", "phase": "sizes", "wall_s": 2.0, "guest_bytes": 2147483648.0,
-                        "qemu_cpu_s": 3.0, "backend_cpu_s": 1.0}],
+                        "qemu_cpu_s": 3.0, "backend_cpu_s": 1.0, "qemu_wait_s": 0.5, "backend_wait_s": 0.25}],
             "hmm_tests_totals": {"test_hmm": "# Totals: pass:39", "hmmgpu": "# Totals: pass:77 fail:1"},
             "hmm_tests_failed": {"hmmgpu": ["not ok 3 hmm.hmm_device_private.open_close"]},
         })
@@ -625,8 +638,12 @@ mod tests {
         let phase = t.lines().find(|l| l.contains(" sizes ")).unwrap();
         // (3 + 1) s over 2 GiB; backend 1 s over 2 GiB.
         assert!(
-            phase.contains(" 2000 ") && phase.trim_end().ends_with(" 500"),
+            phase.contains(" 2000 ") && phase.contains(" 500 "),
             "{phase}"
+        );
+        assert!(
+            phase.trim_end().ends_with(" 0.75"),
+            "run-queue wait: {phase}"
         );
         assert!(t.contains(
             "hmm-tests (timed run) on hmmgpu: # Totals: pass:77 fail:1\n    not ok 3 hmm.hmm_device_private.open_close\n"
