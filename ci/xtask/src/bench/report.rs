@@ -316,7 +316,7 @@ pub fn compare(a: &Value, b: &Value, a_name: &str, b_name: &str) -> String {
     }
     let _ = writeln!(
         o,
-        "{:<30} {:>6} {:>11} {:>11} {:>7} {:<6} {:>13}",
+        "{:<36} {:>6} {:>11} {:>11} {:>7} {:<6} {:>13}",
         "figure", "unit", "hmmgpu A", "hmmgpu B", "B/A", "", "test_hmm B/A"
     );
     let (fa, fb) = (figures(a), figures(b));
@@ -335,7 +335,7 @@ pub fn compare(a: &Value, b: &Value, a_name: &str, b_name: &str) -> String {
         let q = ratio(ha, hb);
         let _ = writeln!(
             o,
-            "{name:<30} {:>6} {:>11} {:>11} {:>7} {:<6} {:>13}",
+            "{name:<36} {:>6} {:>11} {:>11} {:>7} {:<6} {:>13}",
             unit(name),
             fmt(ha),
             fmt(hb),
