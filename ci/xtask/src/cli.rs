@@ -147,9 +147,10 @@ pub struct RunArgs {
 pub struct BenchArgs {
     #[command(flatten)]
     pub vm: VmOpts,
-    /// hmmgpu devices. The workloads use GPU 0 only; the second GPU makes
-    /// hmmgpu's full hmm-tests run (hmm2 cases need /dev/hmm_dmirror1) the
-    /// same set of cases as test_hmm.ko's, so their wall times compare.
+    /// hmmgpu devices. The workloads use GPU 0, except one process per GPU
+    /// on two GPUs; the second GPU also makes hmmgpu's full hmm-tests run
+    /// (hmm2 cases need /dev/hmm_dmirror1) the same set of cases as
+    /// test_hmm.ko's, so their wall times compare.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2))]
     pub gpus: u32,
     /// VRAM per GPU (half device-private, half coherent); the
