@@ -26,7 +26,7 @@ use std::sync::{Arc, RwLock};
 use std::thread;
 
 use hmmgpu_abi::{
-    status, DeviceConfig, Event, Response, ABI_VERSION, CONFIG_MAGIC, MAX_CONTEXTS, MAX_RANGES,
+    DeviceConfig, Event, Response, Status, ABI_VERSION, CONFIG_MAGIC, MAX_CONTEXTS, MAX_RANGES,
     NUM_QUEUES, PAGE_SIZE, QUEUE_COMMAND, QUEUE_EVENT, QUEUE_SIZE,
 };
 use log::{debug, error, info, warn};
@@ -196,11 +196,7 @@ impl HmmGpuBackend {
                 self.engine.stats().count_failed();
                 Executed {
                     resumed: None,
-                    response: Some(Response {
-                        status: status::BAD_REQUEST,
-                        failed_index: 0,
-                        bytes: 0,
-                    }),
+                    response: Some(Response::failed(Status::BadRequest, 0)),
                 }
             }
         };
@@ -289,7 +285,7 @@ fn write_response(chain: &Chain, response: Response) -> u32 {
         error!("chain {head}: writing the response: {e}");
         return 0;
     }
-    debug!("chain {head}: {}", status::name(response.status));
+    debug!("chain {head}: {}", response.status.name());
     Response::SIZE as u32
 }
 

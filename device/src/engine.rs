@@ -32,7 +32,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use hmmgpu_abi::{
-    counter, event, opcode, range_flags, status, CmdHeader, Event, Range, Response, MAX_RANGES,
+    counter, event, Access, AtomicOp, AtomicRange, CmdHeader, Command, ContextId, CopyRange,
+    CountersRange, Event, FillRange, MapRange, Opcode, Phys, Range, Ranges, Response, Status,
+    TransferRange, UnmapRange, MAX_RANGES,
 };
 use log::{debug, error, warn};
 use serde::Serialize;
@@ -40,7 +42,7 @@ use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory, VolatileSlice,
 };
 
-use crate::mmu::{self, Mapping, Mmu, Phys};
+use crate::mmu::{self, Mmu};
 use crate::vram::Vram;
 
 /// Guest RAM as the vhost-user daemon maps it (no dirty-page bitmap).
@@ -159,9 +161,9 @@ impl Stats {
         self.add(counter::COMMANDS_FAILED, 1);
     }
 
-    fn count_completion(&self, status: u32) {
+    fn count_completion(&self, status: Status) {
         self.add(
-            if status == status::OK {
+            if status == Status::Ok {
                 counter::COMMANDS_OK
             } else {
                 counter::COMMANDS_FAILED
@@ -233,13 +235,13 @@ pub trait FaultHooks: Send + Sync {
     /// Called before a copy is executed; `None` lets it run.
     fn before_copy(&self, copy: &CopyInfo) -> Option<InjectedFault>;
 
-    /// Called before each command (`op`: its opcode, 0 when unreadable) is
-    /// executed; may block to model latency.
-    fn before_command(&self, _op: u32) {}
+    /// Called before each command (`op`: its opcode, `None` when its header
+    /// is short or names none) is executed; may block to model latency.
+    fn before_command(&self, _op: Option<Opcode>) {}
 
     /// Called after each command executed (completed or parked): it moved
     /// `bytes` and took `elapsed`. May block to model a bandwidth cap.
-    fn after_command(&self, _op: u32, _bytes: u64, _elapsed: std::time::Duration) {}
+    fn after_command(&self, _op: Option<Opcode>, _bytes: u64, _elapsed: std::time::Duration) {}
 
     /// Injected events waiting to be posted (their `seq` is assigned by the
     /// engine); `mmu` tells which addresses contexts map.
@@ -332,92 +334,49 @@ pub struct Executed {
 }
 
 // ---------------------------------------------------------------------------
-// Decoding and validation.
+// Helpers.
 // ---------------------------------------------------------------------------
 
-/// What a (validated) physical command does with each range.
+/// What a physical command does with each range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Op {
     Copy,
     Fill,
 }
 
-/// A command whose header is well formed.
-struct Command {
-    header: CmdHeader,
-    ranges: Vec<Range>,
+/// A COPY or FILL range, as the copy engine executes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PhysRange {
+    op: Op,
+    /// The source (COPY) or the pattern (FILL, as `Phys::Guest`, unused).
+    src: Phys,
+    pattern: u64,
+    dst: Phys,
+    len: u32,
 }
 
-/// How many ranges an opcode takes.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Count {
-    None,
-    One,
-    Any,
-}
-
-fn failure(status: u32, failed_index: u32) -> Response {
-    Response {
-        status,
-        failed_index,
-        bytes: 0,
-    }
-}
-
-const OK: Response = Response {
-    status: status::OK,
-    failed_index: 0,
-    bytes: 0,
-};
-
-const BAD_CONTEXT: Response = Response {
-    status: status::BAD_CONTEXT,
-    failed_index: 0,
-    bytes: 0,
-};
-
-/// Decodes a command's header and range list, checking everything that does
-/// not depend on memory or on device state.
-fn decode(request: &[u8]) -> Result<Command, Response> {
-    let header = CmdHeader::from_bytes(request).ok_or(failure(status::BAD_REQUEST, 0))?;
-    let (physical, count) = match header.opcode {
-        opcode::NOP => (true, Count::None),
-        opcode::COPY | opcode::FILL => (true, Count::Any),
-        opcode::COUNTERS => (true, Count::One),
-        opcode::CTX_CREATE | opcode::CTX_DESTROY | opcode::REPLAY | opcode::CANCEL => {
-            (false, Count::None)
+impl From<CopyRange> for PhysRange {
+    fn from(r: CopyRange) -> Self {
+        Self {
+            op: Op::Copy,
+            src: r.src,
+            pattern: 0,
+            dst: r.dst,
+            len: r.len,
         }
-        opcode::MAP | opcode::UNMAP | opcode::VREAD | opcode::VWRITE => (false, Count::Any),
-        opcode::ATOMIC => (false, Count::One),
-        _ => return Err(failure(status::UNSUPPORTED, 0)),
-    };
-    if header.reserved != 0 || header.count > MAX_RANGES {
-        return Err(failure(status::BAD_REQUEST, 0));
     }
-    let ctx_ok = if physical {
-        header.ctx == 0
-    } else {
-        mmu::valid_context(header.ctx)
-    };
-    if !ctx_ok {
-        return Err(BAD_CONTEXT);
+}
+
+impl From<FillRange> for PhysRange {
+    fn from(r: FillRange) -> Self {
+        Self {
+            op: Op::Fill,
+            src: Phys::Guest(0),
+            pattern: r.pattern,
+            dst: r.dst,
+            len: r.len,
+        }
     }
-    match (count, header.count) {
-        (Count::None, 0) | (Count::One, 1) | (Count::Any, _) => {}
-        _ => return Err(failure(status::BAD_REQUEST, 0)),
-    }
-    let body = &request[CmdHeader::SIZE..];
-    let complete = body.len() / Range::SIZE;
-    if complete < header.count as usize {
-        // `failed_index` names the first range that is missing or cut short.
-        return Err(failure(status::BAD_REQUEST, complete as u32));
-    }
-    let ranges = body
-        .chunks_exact(Range::SIZE)
-        .take(header.count as usize)
-        .filter_map(Range::from_bytes)
-        .collect();
-    Ok(Command { header, ranges })
 }
 
 /// Whether guest-physical `[addr, addr + len)` is entirely guest RAM. It may
@@ -427,13 +386,10 @@ fn guest_contains(mem: &GuestRam, addr: u64, len: u32) -> bool {
         && GuestMemoryBackend::check_range(mem, GuestAddress(addr), len as usize)
 }
 
-/// The event access bit of a device-virtual opcode.
-fn access_of(op: u32) -> u32 {
-    match op {
-        opcode::VWRITE => event::ACCESS_WRITE,
-        opcode::ATOMIC => event::ACCESS_ATOMIC,
-        _ => event::ACCESS_READ,
-    }
+/// Index `index` of a command's ranges as a `failed_index` (below
+/// MAX_RANGES, so it fits).
+fn index_u32(index: usize) -> u32 {
+    u32::try_from(index).unwrap_or(u32::MAX)
 }
 
 // ---------------------------------------------------------------------------
@@ -451,12 +407,33 @@ struct Progress {
     bytes: u64,
 }
 
+/// The work of a device-virtual command, owned so it can park.
+#[derive(Clone, Debug)]
+enum VirtualWork {
+    /// VREAD (`write` false) or VWRITE.
+    Transfer {
+        write: bool,
+        ranges: Vec<TransferRange>,
+    },
+    /// ATOMIC.
+    Atomic(AtomicRange),
+}
+
+impl VirtualWork {
+    fn access(&self) -> Access {
+        match self {
+            VirtualWork::Transfer { write: true, .. } => Access::WRITE,
+            VirtualWork::Transfer { write: false, .. } => Access::READ,
+            VirtualWork::Atomic(_) => Access::ATOMIC,
+        }
+    }
+}
+
 /// A command waiting on a device fault (one per context at most).
 struct Parked {
     token: u64,
     tag: u64,
-    opcode: u32,
-    ranges: Vec<Range>,
+    work: VirtualWork,
     progress: Progress,
 }
 
@@ -465,7 +442,13 @@ enum Stop {
     /// A device fault at `addr`.
     Fault { addr: u64, reason: u32 },
     /// Any other failure: this status.
-    Failed(u32),
+    Failed(Status),
+}
+
+impl From<Status> for Stop {
+    fn from(status: Status) -> Self {
+        Stop::Failed(status)
+    }
 }
 
 /// The copy engine and device MMU of one device.
@@ -474,7 +457,7 @@ pub struct Engine {
     stats: Arc<Stats>,
     faults: Arc<dyn FaultHooks>,
     mmu: Mmu,
-    parked: HashMap<u32, Parked>,
+    parked: HashMap<ContextId, Parked>,
     /// Sequence number of the last event reported.
     last_seq: u64,
 }
@@ -600,16 +583,18 @@ impl Engine {
         token: u64,
         events: &mut dyn EventSink,
     ) -> Executed {
+        // The header only names the command in logs and for the fault
+        // hooks; decode checks it.
         let header = CmdHeader::from_bytes(request);
         let tag = header.map_or(0, |header| header.tag);
-        let op = header.map_or(0, |header| header.opcode);
+        let op = header.and_then(|header| Opcode::try_from(header.opcode).ok());
         self.faults.before_command(op);
         let started = std::time::Instant::now();
         let bytes_before = self.bytes_moved();
         let mut resumed = None;
-        let response = match decode(request) {
-            Ok(command) => self.dispatch(mem, command, token, events, &mut resumed),
-            Err(response) => Some(response),
+        let response = match Command::decode(request) {
+            Ok(command) => self.dispatch(mem, command, token, tag, events, &mut resumed),
+            Err(rejected) => Some(Response::failed(rejected.status, rejected.failed_index)),
         };
         match response {
             Some(response) => self.finish(tag, response),
@@ -626,73 +611,84 @@ impl Engine {
     pub fn execute(&mut self, mem: &GuestRam, request: &[u8]) -> Response {
         self.process(mem, request, 0, &mut NoEventQueue)
             .response
-            .unwrap_or(failure(status::FAULT, 0))
+            .unwrap_or(Response::failed(Status::Fault, 0))
     }
 
     /// Counts and logs a completion.
     fn finish(&self, tag: u64, response: Response) {
         self.stats.count_completion(response.status);
-        if response.status == status::OK {
+        if response.status == Status::Ok {
             debug!("command tag {tag:#x}: ok, {} bytes", response.bytes);
         } else {
             warn!(
                 "command tag {tag:#x}: {} at range {} after {} bytes",
-                status::name(response.status),
+                response.status.name(),
                 response.failed_index,
                 response.bytes
             );
         }
     }
 
+    /// Executes a decoded command: its response, or `None` when it parked.
     fn dispatch(
         &mut self,
         mem: &GuestRam,
-        command: Command,
+        command: Command<'_>,
         token: u64,
+        tag: u64,
         events: &mut dyn EventSink,
         resumed: &mut Option<Completion>,
     ) -> Option<Response> {
-        let Command { header, ranges } = command;
-        let ctx = header.ctx;
-        let response = match header.opcode {
-            // NOP: decode() made sure it has no ranges; completing in order
-            // is all a fence needs.
-            opcode::NOP => OK,
-            opcode::COPY => self.run_physical(mem, Op::Copy, &ranges),
-            opcode::FILL => self.run_physical(mem, Op::Fill, &ranges),
-            // decode() made sure there is exactly one range.
-            opcode::COUNTERS => match ranges.first() {
-                Some(range) => self.counters(mem, range),
-                None => failure(status::BAD_REQUEST, 0),
-            },
-            opcode::CTX_CREATE if self.mmu.create(ctx) => OK,
-            opcode::CTX_DESTROY if self.mmu.destroy(ctx) => {
-                *resumed = self.cancel_parked(ctx);
-                OK
+        let outcome = match command {
+            // Completing in order is all a fence needs.
+            Command::Nop => Ok(Response::ok(0)),
+            Command::Copy(ranges) => {
+                let ranges: Vec<PhysRange> = ranges.iter().map(PhysRange::from).collect();
+                Ok(self.run_physical(mem, &ranges))
             }
-            opcode::MAP => self.map(mem, ctx, &ranges),
-            opcode::UNMAP => self.unmap(ctx, &ranges),
-            opcode::VREAD | opcode::VWRITE | opcode::ATOMIC => {
-                if !self.mmu.exists(ctx) || self.parked.contains_key(&ctx) {
-                    return Some(BAD_CONTEXT);
+            Command::Fill(ranges) => {
+                let ranges: Vec<PhysRange> = ranges.iter().map(PhysRange::from).collect();
+                Ok(self.run_physical(mem, &ranges))
+            }
+            Command::Counters(range) => self.counters(mem, range).map(Response::ok),
+            Command::CtxCreate(ctx) => {
+                if self.mmu.create(ctx) {
+                    Ok(Response::ok(0))
+                } else {
+                    Err(Response::failed(Status::BadContext, 0))
                 }
-                for (index, range) in ranges.iter().enumerate() {
-                    if let Err(status) = self.validate_virtual(mem, header.opcode, range) {
-                        return Some(failure(status, index as u32));
-                    }
+            }
+            Command::CtxDestroy(ctx) => {
+                if self.mmu.destroy(ctx) {
+                    *resumed = self.cancel_parked(ctx);
+                    Ok(Response::ok(0))
+                } else {
+                    Err(Response::failed(Status::BadContext, 0))
                 }
-                let parked = Parked {
-                    token,
-                    tag: header.tag,
-                    opcode: header.opcode,
-                    ranges,
-                    progress: Progress::default(),
+            }
+            Command::Map(ctx, ranges) => self.map(mem, ctx, ranges),
+            Command::Unmap(ctx, ranges) => self.unmap(ctx, ranges),
+            Command::Vread(ctx, ranges) | Command::Vwrite(ctx, ranges) => {
+                let write = matches!(command, Command::Vwrite(..));
+                let work = VirtualWork::Transfer {
+                    write,
+                    ranges: ranges.iter().collect(),
                 };
-                return self.resume(mem, ctx, parked, events);
+                return self.start_virtual(mem, ctx, work, token, tag, events);
             }
-            opcode::REPLAY => {
+            Command::Atomic(ctx, range) => {
+                return self.start_virtual(
+                    mem,
+                    ctx,
+                    VirtualWork::Atomic(range),
+                    token,
+                    tag,
+                    events,
+                );
+            }
+            Command::Replay(ctx) => {
                 let Some(parked) = self.parked.remove(&ctx) else {
-                    return Some(BAD_CONTEXT);
+                    return Some(Response::failed(Status::BadContext, 0));
                 };
                 self.stats.add(counter::REPLAYS, 1);
                 let (token, tag) = (parked.token, parked.tag);
@@ -700,26 +696,24 @@ impl Engine {
                     self.finish(tag, response);
                     *resumed = Some(Completion { token, response });
                 }
-                OK
+                Ok(Response::ok(0))
             }
-            opcode::CANCEL => match self.cancel_parked(ctx) {
+            Command::Cancel(ctx) => match self.cancel_parked(ctx) {
                 Some(completion) => {
                     *resumed = Some(completion);
-                    OK
+                    Ok(Response::ok(0))
                 }
-                None => BAD_CONTEXT,
+                None => Err(Response::failed(Status::BadContext, 0)),
             },
-            // CTX_CREATE of an existing context, CTX_DESTROY of a missing one.
-            _ => BAD_CONTEXT,
         };
-        Some(response)
+        Some(outcome.unwrap_or_else(|failed| failed))
     }
 
     /// Completes the parked command of `ctx`, if any, with FAULT.
-    fn cancel_parked(&mut self, ctx: u32) -> Option<Completion> {
+    fn cancel_parked(&mut self, ctx: ContextId) -> Option<Completion> {
         let parked = self.parked.remove(&ctx)?;
         let response = Response {
-            status: status::FAULT,
+            status: Status::Fault,
             failed_index: parked.progress.index,
             bytes: parked.progress.bytes,
         };
@@ -732,15 +726,17 @@ impl Engine {
 
     // -- Physical commands ---------------------------------------------------
 
-    fn run_physical(&self, mem: &GuestRam, op: Op, ranges: &[Range]) -> Response {
+    /// COPY or FILL: every range is checked against memory before any byte
+    /// moves.
+    fn run_physical(&self, mem: &GuestRam, ranges: &[PhysRange]) -> Response {
         for (index, range) in ranges.iter().enumerate() {
-            if let Err(status) = self.validate(mem, op, range) {
-                return failure(status, index as u32);
+            if let Err(status) = self.validate(mem, range) {
+                return Response::failed(status, index_u32(index));
             }
         }
         let mut bytes = 0u64;
         for (index, range) in ranges.iter().enumerate() {
-            let index = index as u32;
+            let index = index_u32(index);
             let partial = |status| Response {
                 status,
                 failed_index: index,
@@ -748,55 +744,40 @@ impl Engine {
             };
             let copy = CopyInfo {
                 index,
-                src: (op == Op::Copy)
-                    .then(|| Phys::new(range.src, range.flags & range_flags::SRC_VRAM != 0)),
-                dst: Phys::new(range.dst, range.flags & range_flags::DST_VRAM != 0),
+                src: (range.op == Op::Copy).then_some(range.src),
+                dst: range.dst,
                 len: u64::from(range.len),
             };
             if let Some(InjectedFault::CopyError) = self.faults.before_copy(&copy) {
-                return partial(status::COPY_ERROR);
+                return partial(Status::CopyError);
             }
-            if let Err(status) = self.execute_range(mem, op, range) {
+            if let Err(status) = self.execute_range(mem, range) {
                 return partial(status);
             }
             bytes += u64::from(range.len);
         }
-        Response {
-            status: status::OK,
-            failed_index: 0,
-            bytes,
-        }
+        Response::ok(bytes)
     }
 
-    /// Checks that `len` bytes at `side` are inside guest RAM or the VRAM;
-    /// `Err` holds the status.
-    fn check_side(&self, mem: &GuestRam, side: Phys, len: u32) -> Result<(), u32> {
+    /// Checks that `len` bytes at `side` are inside guest RAM or the VRAM.
+    fn check_side(&self, mem: &GuestRam, side: Phys, len: u32) -> Result<(), Status> {
         match side {
             _ if len == 0 => Ok(()),
-            Phys::Guest(addr) if !guest_contains(mem, addr, len) => Err(status::BAD_GUEST_ADDR),
+            Phys::Guest(addr) if !guest_contains(mem, addr, len) => Err(Status::BadGuestAddr),
             Phys::Vram(offset) if !self.vram.contains(offset, u64::from(len)) => {
-                Err(status::BAD_VRAM_RANGE)
+                Err(Status::BadVramRange)
             }
             _ => Ok(()),
         }
     }
 
-    /// Checks one range of a COPY or FILL; `Err` holds the status.
-    fn validate(&self, mem: &GuestRam, op: Op, range: &Range) -> Result<(), u32> {
-        if range.flags & !range_flags::ALL != 0 {
-            return Err(status::BAD_REQUEST);
+    /// Checks one range of a COPY or FILL against memory (a FILL has no
+    /// source side; a COPY's source is checked first).
+    fn validate(&self, mem: &GuestRam, range: &PhysRange) -> Result<(), Status> {
+        if range.op == Op::Copy {
+            self.check_side(mem, range.src, range.len)?;
         }
-        let src_vram = range.flags & range_flags::SRC_VRAM != 0;
-        if op == Op::Fill && src_vram {
-            // A FILL's `src` is the pattern, not an address.
-            return Err(status::BAD_REQUEST);
-        }
-        // A FILL has no source side; a COPY's source is checked first.
-        if op == Op::Copy {
-            self.check_side(mem, Phys::new(range.src, src_vram), range.len)?;
-        }
-        let dst = Phys::new(range.dst, range.flags & range_flags::DST_VRAM != 0);
-        self.check_side(mem, dst, range.len)
+        self.check_side(mem, range.dst, range.len)
     }
 
     /// The volatile slices `[side, side + len)` consists of: one for VRAM,
@@ -806,134 +787,130 @@ impl Engine {
         mem: &'a GuestRam,
         side: Phys,
         len: u32,
-    ) -> Result<Vec<VolatileSlice<'a>>, u32> {
+    ) -> Result<Vec<VolatileSlice<'a>>, Status> {
         match side {
             Phys::Vram(offset) => self
                 .vram
                 .slice(offset, u64::from(len))
                 .map(|slice| vec![slice])
-                .map_err(|_| status::BAD_VRAM_RANGE),
+                .map_err(|_| Status::BadVramRange),
             Phys::Guest(addr) => {
                 GuestMemoryBackend::get_slices(mem, GuestAddress(addr), len as usize)
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|_| status::BAD_GUEST_ADDR)
+                    .map_err(|_| Status::BadGuestAddr)
             }
         }
     }
 
-    /// Executes one validated range; `Err` holds the status. Errors here
-    /// would mean validation missed something: they are reported, not
-    /// panicked on.
-    fn execute_range(&self, mem: &GuestRam, op: Op, range: &Range) -> Result<(), u32> {
-        let dst_side = Phys::new(range.dst, range.flags & range_flags::DST_VRAM != 0);
-        let src_side = Phys::new(range.src, range.flags & range_flags::SRC_VRAM != 0);
+    /// Executes one validated range. Errors here would mean validation
+    /// missed something: they are reported, not panicked on.
+    fn execute_range(&self, mem: &GuestRam, range: &PhysRange) -> Result<(), Status> {
         if range.len == 0 {
             return Ok(());
         }
-        let dst = self.slices(mem, dst_side, range.len)?;
-        match op {
-            Op::Copy => copy_slices(&self.slices(mem, src_side, range.len)?, &dst)?,
-            Op::Fill => fill_slices(&dst, range.src)?,
+        let dst = self.slices(mem, range.dst, range.len)?;
+        match range.op {
+            Op::Copy => copy_slices(&self.slices(mem, range.src, range.len)?, &dst)?,
+            Op::Fill => fill_slices(&dst, range.pattern)?,
         }
         self.stats
-            .count_bytes(op, src_side, dst_side, u64::from(range.len));
+            .count_bytes(range.op, range.src, range.dst, u64::from(range.len));
         Ok(())
     }
 
-    /// COUNTERS: writes the counter block to the range's guest buffer.
-    fn counters(&self, mem: &GuestRam, range: &Range) -> Response {
-        if range.flags != 0 || (range.len as usize) < counter::BLOCK_SIZE {
-            return failure(status::BAD_REQUEST, 0);
-        }
+    /// COUNTERS: writes the counter block to the range's guest buffer;
+    /// returns the bytes written.
+    fn counters(&self, mem: &GuestRam, range: CountersRange) -> Result<u64, Response> {
         if !guest_contains(mem, range.dst, range.len) {
-            return failure(status::BAD_GUEST_ADDR, 0);
+            return Err(Response::failed(Status::BadGuestAddr, 0));
         }
         let block = self.stats.block();
         if let Err(e) = mem.write_slice(&block, GuestAddress(range.dst)) {
             error!("COUNTERS: writing the block after validation: {e}");
-            return failure(status::BAD_GUEST_ADDR, 0);
+            return Err(Response::failed(Status::BadGuestAddr, 0));
         }
-        Response {
-            status: status::OK,
-            failed_index: 0,
-            bytes: counter::BLOCK_SIZE as u64,
-        }
+        Ok(counter::BLOCK_SIZE as u64)
     }
 
     // -- Device MMU ------------------------------------------------------------
 
-    /// MAP: every range is decoded and its physical side checked before any
-    /// is installed.
-    fn map(&mut self, mem: &GuestRam, ctx: u32, ranges: &[Range]) -> Response {
+    /// MAP: every range's physical side is checked before any is installed.
+    fn map(
+        &mut self,
+        mem: &GuestRam,
+        ctx: ContextId,
+        ranges: Ranges<'_, MapRange>,
+    ) -> Result<Response, Response> {
         if !self.mmu.exists(ctx) {
-            return BAD_CONTEXT;
+            return Err(Response::failed(Status::BadContext, 0));
         }
         let mut maps = Vec::with_capacity(ranges.len());
-        for (index, range) in ranges.iter().enumerate() {
-            let checked = Mapping::from_range(range)
-                .and_then(|m| self.check_side(mem, m.phys, range.len).map(|()| m));
-            match checked {
-                Ok(m) => maps.push(m),
-                Err(status) => return failure(status, index as u32),
-            }
+        for (index, m) in ranges.iter().enumerate() {
+            // The length is at most u32::MAX (it came from a range).
+            let len = u32::try_from(m.len).unwrap_or(u32::MAX);
+            self.check_side(mem, m.phys, len)
+                .map_err(|status| Response::failed(status, index_u32(index)))?;
+            maps.push(m);
         }
         match self.mmu.map(ctx, &maps) {
-            Ok(()) => OK,
+            Ok(()) => Ok(Response::ok(0)),
             Err(Some(index)) => {
                 warn!(
                     "MAP: more than {} translation entries refused",
                     mmu::MAX_ENTRIES
                 );
-                failure(status::BAD_REQUEST, index as u32)
+                Err(Response::failed(Status::BadRequest, index_u32(index)))
             }
-            Err(None) => BAD_CONTEXT,
+            Err(None) => Err(Response::failed(Status::BadContext, 0)),
         }
     }
 
-    /// UNMAP: ranges are checked (no flags, inside the address space), then
-    /// every overlapping translation goes.
-    fn unmap(&mut self, ctx: u32, ranges: &[Range]) -> Response {
+    /// UNMAP: every overlapping translation goes.
+    fn unmap(
+        &mut self,
+        ctx: ContextId,
+        ranges: Ranges<'_, UnmapRange>,
+    ) -> Result<Response, Response> {
         if !self.mmu.exists(ctx) {
-            return BAD_CONTEXT;
-        }
-        for (index, range) in ranges.iter().enumerate() {
-            if range.flags != 0 || !mmu::fits(range.dst, u64::from(range.len)) {
-                return failure(status::BAD_REQUEST, index as u32);
-            }
+            return Err(Response::failed(Status::BadContext, 0));
         }
         let mut removed = 0;
-        for range in ranges {
-            removed += self
-                .mmu
-                .unmap(ctx, range.dst, u64::from(range.len))
-                .unwrap_or(0);
+        for range in ranges.iter() {
+            removed += self.mmu.unmap(ctx, range.va, range.len).unwrap_or(0);
         }
-        debug!("UNMAP ctx {ctx}: {removed} entries removed");
+        debug!("UNMAP ctx {}: {removed} entries removed", ctx.get());
         self.stats.add(counter::INVALIDATIONS, ranges.len() as u64);
-        OK
+        Ok(Response::ok(0))
     }
 
-    /// Checks one range of a VREAD, VWRITE or ATOMIC; `Err` holds the status.
-    fn validate_virtual(&self, mem: &GuestRam, op: u32, range: &Range) -> Result<(), u32> {
-        if op == opcode::ATOMIC {
-            let known = matches!(
-                range.flags,
-                range_flags::ATOMIC_ADD | range_flags::ATOMIC_XCHG
-            );
-            if !known || range.len != 8 || !range.dst.is_multiple_of(8) {
-                return Err(status::BAD_REQUEST);
+    /// Starts VREAD, VWRITE or ATOMIC: the context must exist and have
+    /// nothing parked, the guest buffers must be guest RAM.
+    fn start_virtual(
+        &mut self,
+        mem: &GuestRam,
+        ctx: ContextId,
+        work: VirtualWork,
+        token: u64,
+        tag: u64,
+        events: &mut dyn EventSink,
+    ) -> Option<Response> {
+        if !self.mmu.exists(ctx) || self.parked.contains_key(&ctx) {
+            return Some(Response::failed(Status::BadContext, 0));
+        }
+        if let VirtualWork::Transfer { ranges, .. } = &work {
+            for (index, range) in ranges.iter().enumerate() {
+                if let Err(status) = self.check_side(mem, Phys::Guest(range.buffer), range.len) {
+                    return Some(Response::failed(status, index_u32(index)));
+                }
             }
-            return Ok(());
         }
-        let (va, buffer) = if op == opcode::VWRITE {
-            (range.dst, range.src)
-        } else {
-            (range.src, range.dst)
+        let parked = Parked {
+            token,
+            tag,
+            work,
+            progress: Progress::default(),
         };
-        if range.flags != 0 || !mmu::fits(va, u64::from(range.len)) {
-            return Err(status::BAD_REQUEST);
-        }
-        self.check_side(mem, Phys::Guest(buffer), range.len)
+        self.resume(mem, ctx, parked, events)
     }
 
     /// Runs (or resumes) a device-virtual command from its progress. Returns
@@ -942,20 +919,15 @@ impl Engine {
     fn resume(
         &mut self,
         mem: &GuestRam,
-        ctx: u32,
+        ctx: ContextId,
         mut parked: Parked,
         events: &mut dyn EventSink,
     ) -> Option<Response> {
-        let result = if parked.opcode == opcode::ATOMIC {
-            // decode() made sure there is exactly one range.
-            match parked.ranges.first() {
-                Some(range) => self.atomic(mem, ctx, range),
-                None => Err(Stop::Failed(status::BAD_REQUEST)),
-            }
-        } else {
-            let write = parked.opcode == opcode::VWRITE;
-            self.transfer(mem, ctx, write, &parked.ranges, &mut parked.progress)
-                .map(|()| parked.progress.bytes)
+        let result = match &parked.work {
+            VirtualWork::Atomic(range) => self.atomic(mem, ctx, range),
+            VirtualWork::Transfer { write, ranges } => self
+                .transfer(mem, ctx, *write, ranges, &mut parked.progress)
+                .map(|()| parked.progress.bytes),
         };
         let progress = parked.progress;
         let stopped = |status| Response {
@@ -964,19 +936,15 @@ impl Engine {
             bytes: progress.bytes,
         };
         match result {
-            Ok(bytes) => Some(Response {
-                status: status::OK,
-                failed_index: 0,
-                bytes,
-            }),
+            Ok(bytes) => Some(Response::ok(bytes)),
             Err(Stop::Failed(status)) => Some(stopped(status)),
             Err(Stop::Fault { addr, reason }) => {
                 self.stats.add(counter::FAULTS, 1);
                 let event = Event {
                     kind: event::FAULT,
-                    ctx,
+                    ctx: ctx.get(),
                     addr,
-                    access: access_of(parked.opcode),
+                    access: parked.work.access().bits(),
                     reason,
                     seq: self.last_seq + 1,
                 };
@@ -988,7 +956,7 @@ impl Engine {
                 } else {
                     self.stats.add(counter::EVENTS_DROPPED, 1);
                     warn!("device fault {event:?} not reported: no event buffer");
-                    Some(stopped(status::FAULT))
+                    Some(stopped(Status::Fault))
                 }
             }
         }
@@ -996,7 +964,13 @@ impl Engine {
 
     /// The longest run from `va` (at most `len` bytes, at least one byte)
     /// that translates for `access` to physically contiguous memory.
-    fn piece(&self, ctx: u32, va: u64, len: u64, access: u32) -> Result<(Phys, u64), Stop> {
+    fn piece(
+        &self,
+        ctx: ContextId,
+        va: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<(Phys, u64), Stop> {
         let first = self
             .mmu
             .translate(ctx, va, access)
@@ -1006,7 +980,7 @@ impl Engine {
             })?;
         let mut n = min(first.len, len);
         while n < len {
-            // va + n cannot overflow: the range was checked to fit.
+            // va + n cannot overflow: decode checked the range fits.
             match self.mmu.translate(ctx, va + n, access) {
                 Ok(next) if Some(next.phys) == first.phys.offset(n) => {
                     n += min(next.len, len - n);
@@ -1021,33 +995,24 @@ impl Engine {
     fn transfer(
         &self,
         mem: &GuestRam,
-        ctx: u32,
+        ctx: ContextId,
         write: bool,
-        ranges: &[Range],
+        ranges: &[TransferRange],
         progress: &mut Progress,
     ) -> Result<(), Stop> {
-        let access = if write {
-            event::ACCESS_WRITE
-        } else {
-            event::ACCESS_READ
-        };
+        let access = if write { Access::WRITE } else { Access::READ };
         while let Some(range) = ranges.get(progress.index as usize) {
-            let (va, buffer) = if write {
-                (range.dst, range.src)
-            } else {
-                (range.src, range.dst)
-            };
             while progress.offset < range.len {
                 let done = u64::from(progress.offset);
                 let (phys, n) = self.piece(
                     ctx,
-                    va + done,
+                    range.va + done,
                     u64::from(range.len - progress.offset),
                     access,
                 )?;
                 // n <= the rest of the range, which fits in u32.
-                let n32 = n as u32;
-                let buffer = Phys::Guest(buffer + done);
+                let n32 = u32::try_from(n).unwrap_or(u32::MAX);
+                let buffer = Phys::Guest(range.buffer + done);
                 let (src, dst) = if write {
                     (buffer, phys)
                 } else {
@@ -1060,11 +1025,11 @@ impl Engine {
                     len: n,
                 };
                 if let Some(InjectedFault::CopyError) = self.faults.before_copy(&copy) {
-                    return Err(Stop::Failed(status::COPY_ERROR));
+                    return Err(Stop::Failed(Status::CopyError));
                 }
-                let from = self.slices(mem, src, n32).map_err(Stop::Failed)?;
-                let to = self.slices(mem, dst, n32).map_err(Stop::Failed)?;
-                copy_slices(&from, &to).map_err(Stop::Failed)?;
+                let from = self.slices(mem, src, n32)?;
+                let to = self.slices(mem, dst, n32)?;
+                copy_slices(&from, &to)?;
                 self.stats.add(
                     if write {
                         counter::BYTES_VWRITE
@@ -1082,44 +1047,44 @@ impl Engine {
         Ok(())
     }
 
-    /// ATOMIC on the word at the range's `dst`; returns the old value.
-    fn atomic(&self, mem: &GuestRam, ctx: u32, range: &Range) -> Result<u64, Stop> {
-        let va = range.dst;
+    /// ATOMIC on the word at the range's `va`; returns the old value.
+    fn atomic(&self, mem: &GuestRam, ctx: ContextId, range: &AtomicRange) -> Result<u64, Stop> {
         let target = self
             .mmu
-            .translate(ctx, va, event::ACCESS_ATOMIC)
+            .translate(ctx, range.va, Access::ATOMIC)
             .map_err(|fault| Stop::Fault {
-                addr: va,
+                addr: range.va,
                 reason: fault.reason,
             })?;
         // One slice: the word is 8-aligned and regions are page aligned.
-        let slices = self.slices(mem, target.phys, 8).map_err(Stop::Failed)?;
+        let slices = self.slices(mem, target.phys, 8)?;
         let [slice] = slices.as_slice() else {
             error!("ATOMIC: word at {:?} spans memory regions", target.phys);
-            return Err(Stop::Failed(status::COPY_ERROR));
+            return Err(Stop::Failed(Status::CopyError));
         };
-        let old = atomic_op(slice, range.flags, range.src).map_err(Stop::Failed)?;
+        let old = atomic_op(slice, range.op, range.operand)?;
         self.stats.add(counter::ATOMICS, 1);
         Ok(old)
     }
 }
 
-/// Applies ATOMIC_ADD or ATOMIC_XCHG with `operand` to the little-endian u64
-/// in `slice` (8 bytes) as one host atomic instruction on the shared mapping
-/// (so it is atomic against the guest's CPUs too), returning the old value.
+/// Applies `op` with `operand` to the little-endian u64 in `slice` (8
+/// bytes) as one host atomic instruction on the shared mapping (so it is
+/// atomic against the guest's CPUs too), returning the old value.
 /// vm-memory hands out the `&AtomicU64` after checking size and alignment.
-fn atomic_op(slice: &VolatileSlice<'_>, op: u32, operand: u64) -> Result<u64, u32> {
+fn atomic_op(slice: &VolatileSlice<'_>, op: AtomicOp, operand: u64) -> Result<u64, Status> {
     let word: &AtomicU64 = slice.get_atomic_ref(0).map_err(internal_error)?;
-    let old = if op == range_flags::ATOMIC_XCHG {
-        word.swap(operand.to_le(), Ordering::SeqCst)
-    } else if cfg!(target_endian = "little") {
-        word.fetch_add(operand, Ordering::SeqCst)
-    } else {
+    let old = match op {
+        AtomicOp::Xchg => word.swap(operand.to_le(), Ordering::SeqCst),
+        AtomicOp::Add if cfg!(target_endian = "little") => {
+            word.fetch_add(operand, Ordering::SeqCst)
+        }
         // The word is little-endian in memory: add in host order.
-        word.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
-            Some(u64::from_le(v).wrapping_add(operand).to_le())
-        })
-        .unwrap_or_else(|v| v)
+        AtomicOp::Add => word
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+                Some(u64::from_le(v).wrapping_add(operand).to_le())
+            })
+            .unwrap_or_else(|v| v),
     };
     Ok(u64::from_le(old))
 }
@@ -1127,10 +1092,9 @@ fn atomic_op(slice: &VolatileSlice<'_>, op: u32, operand: u64) -> Result<u64, u3
 /// Copies the bytes of `src` (a list of slices read as one stream) to `dst`,
 /// in as few memmoves as the region boundaries allow. Both lists hold the
 /// same number of bytes (validation made sure).
-fn copy_slices(src: &[VolatileSlice<'_>], dst: &[VolatileSlice<'_>]) -> Result<(), u32> {
+fn copy_slices(src: &[VolatileSlice<'_>], dst: &[VolatileSlice<'_>]) -> Result<(), Status> {
     let (mut si, mut so, mut di, mut doff) = (0, 0, 0, 0);
-    while si < src.len() && di < dst.len() {
-        let (s, d) = (&src[si], &dst[di]);
+    while let (Some(s), Some(d)) = (src.get(si), dst.get(di)) {
         let n = min(s.len() - so, d.len() - doff);
         let from = s.subslice(so, n).map_err(internal_error)?;
         let to = d.subslice(doff, n).map_err(internal_error)?;
@@ -1152,7 +1116,7 @@ fn copy_slices(src: &[VolatileSlice<'_>], dst: &[VolatileSlice<'_>]) -> Result<(
 /// Writes the little-endian bytes of `pattern`, repeated, over the stream of
 /// slices `dst`; the pattern's phase carries over slice boundaries, so the
 /// byte at stream position `i` is `pattern.to_le_bytes()[i % 8]`.
-fn fill_slices(dst: &[VolatileSlice<'_>], pattern: u64) -> Result<(), u32> {
+fn fill_slices(dst: &[VolatileSlice<'_>], pattern: u64) -> Result<(), Status> {
     const PAT: usize = std::mem::size_of::<u64>();
     let total: usize = dst.iter().map(|slice| slice.len()).sum();
     // Only as big as this range needs: a command of many small ranges must
@@ -1168,10 +1132,11 @@ fn fill_slices(dst: &[VolatileSlice<'_>], pattern: u64) -> Result<(), u32> {
         while off < slice.len() {
             let n = min(slice.len() - off, FILL_CHUNK);
             let phase = written % PAT;
+            let bytes = chunk.get(phase..phase + n).ok_or(Status::CopyError)?;
             slice
                 .subslice(off, n)
                 .map_err(internal_error)?
-                .copy_from(&chunk[phase..phase + n]);
+                .copy_from(bytes);
             off += n;
             written += n;
         }
@@ -1179,16 +1144,22 @@ fn fill_slices(dst: &[VolatileSlice<'_>], pattern: u64) -> Result<(), u32> {
     Ok(())
 }
 
-fn internal_error(e: vm_memory::VolatileMemoryError) -> u32 {
+fn internal_error(e: vm_memory::VolatileMemoryError) -> Status {
     error!("copy engine: slice arithmetic failed after validation: {e}");
-    status::COPY_ERROR
+    Status::CopyError
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hmmgpu_abi::range_flags::{DST_VRAM, SRC_VRAM};
+    use hmmgpu_abi::{RangeFlags, Status};
     use vm_memory::Bytes;
+
+    const NONE: RangeFlags = RangeFlags::NONE;
+    const DST_VRAM: RangeFlags = RangeFlags::DST_VRAM;
+    const SRC_VRAM: RangeFlags = RangeFlags::SRC_VRAM;
+    const OK: Response = Response::ok(0);
+    const BAD_CONTEXT: Response = Response::failed(Status::BadContext, 0);
 
     const VRAM_SIZE: u64 = 2 << 20;
     /// Two adjacent regions, then a hole, then a third region.
@@ -1223,9 +1194,9 @@ mod tests {
         }
     }
 
-    fn command(op: u32, ranges: &[Range]) -> Vec<u8> {
+    fn command(op: impl Into<u32>, ranges: &[Range]) -> Vec<u8> {
         let header = CmdHeader {
-            opcode: op,
+            opcode: op.into(),
             ctx: 0,
             tag: 0x7a9,
             count: ranges.len() as u32,
@@ -1257,20 +1228,11 @@ mod tests {
     }
 
     fn ok(bytes: u64) -> Response {
-        Response {
-            status: status::OK,
-            failed_index: 0,
-            bytes,
-        }
+        Response::ok(bytes)
     }
 
-    fn range(src: u64, dst: u64, len: u32, flags: u32) -> Range {
-        Range {
-            src,
-            dst,
-            len,
-            flags,
-        }
+    fn range(src: u64, dst: u64, len: u32, flags: RangeFlags) -> Range {
+        Range::new(src, dst, len, flags)
     }
 
     /// Snapshot of all guest RAM and VRAM, to show a failed command changed nothing.
@@ -1285,7 +1247,7 @@ mod tests {
     #[test]
     fn nop_completes() {
         let mut f = fixture();
-        assert_eq!(f.engine.execute(&f.mem, &command(opcode::NOP, &[])), ok(0));
+        assert_eq!(f.engine.execute(&f.mem, &command(Opcode::Nop, &[])), ok(0));
         assert_eq!(f.engine.stats().snapshot().commands_ok, 1);
     }
 
@@ -1300,10 +1262,10 @@ mod tests {
             range(RAM0 + 0x100, 0x2000, 10_000, DST_VRAM), // guest -> VRAM
             range(0x2000, 0x10_0000, 10_000, SRC_VRAM | DST_VRAM), // VRAM -> VRAM
             range(0x10_0000, RAM2 + 7, 10_000, SRC_VRAM),  // VRAM -> guest
-            range(RAM2 + 7, RAM0 + 0x8000, 10_000, 0),     // guest -> guest
+            range(RAM2 + 7, RAM0 + 0x8000, 10_000, NONE),  // guest -> guest
         ];
         assert_eq!(
-            f.engine.execute(&f.mem, &command(opcode::COPY, &ranges)),
+            f.engine.execute(&f.mem, &command(Opcode::Copy, &ranges)),
             ok(40_000)
         );
         assert_eq!(vram(&f, 0x2000, 10_000), data);
@@ -1335,7 +1297,7 @@ mod tests {
             range(0, start + 5000 - 2000, 3000, SRC_VRAM), // back across the boundary, shifted
         ];
         assert_eq!(
-            f.engine.execute(&f.mem, &command(opcode::COPY, &ranges)),
+            f.engine.execute(&f.mem, &command(Opcode::Copy, &ranges)),
             ok(6000)
         );
         assert_eq!(vram(&f, 0, 3000), data);
@@ -1348,9 +1310,12 @@ mod tests {
         let pat = 0x0807_0605_0403_0201u64;
         let expect = |len: usize| -> Vec<u8> { (0..len).map(|i| (i % 8) as u8 + 1).collect() };
         let start = RAM1 - 13; // crosses the region boundary at an odd phase
-        let ranges = [range(pat, start, 77, 0), range(pat, 3, 100_003, DST_VRAM)];
+        let ranges = [
+            range(pat, start, 77, NONE),
+            range(pat, 3, 100_003, DST_VRAM),
+        ];
         assert_eq!(
-            f.engine.execute(&f.mem, &command(opcode::FILL, &ranges)),
+            f.engine.execute(&f.mem, &command(Opcode::Fill, &ranges)),
             ok(100_080)
         );
         assert_eq!(guest(&f.mem, start, 77), expect(77));
@@ -1369,18 +1334,18 @@ mod tests {
     fn zero_length_ranges_are_allowed_anywhere() {
         let mut f = fixture();
         let ranges = [
-            range(u64::MAX, u64::MAX, 0, 0),
+            range(u64::MAX, u64::MAX, 0, NONE),
             range(u64::MAX, 0, 0, SRC_VRAM | DST_VRAM),
         ];
         assert_eq!(
-            f.engine.execute(&f.mem, &command(opcode::COPY, &ranges)),
+            f.engine.execute(&f.mem, &command(Opcode::Copy, &ranges)),
             ok(0)
         );
     }
 
     /// Runs `request` after a valid first range and checks that it fails
     /// with `status` at `failed_index` and that no memory changed.
-    fn assert_rejected(f: &mut Fixture, request: &[u8], status: u32, failed_index: u32) {
+    fn assert_rejected(f: &mut Fixture, request: &[u8], status: Status, failed_index: u32) {
         let before = everything(f);
         let failed_before = f.engine.stats().snapshot().commands_failed;
         let response = f.engine.execute(&f.mem, request);
@@ -1392,7 +1357,7 @@ mod tests {
                 bytes: 0
             },
             "{}",
-            status::name(status)
+            status.name()
         );
         assert!(
             everything(f) == before,
@@ -1406,7 +1371,7 @@ mod tests {
 
     /// A valid range that would change memory if executed.
     fn good() -> Range {
-        range(0x5a5a_5a5a_5a5a_5a5a, RAM0, 4096, 0)
+        range(0x5a5a_5a5a_5a5a_5a5a, RAM0, 4096, NONE)
     }
 
     #[test]
@@ -1431,22 +1396,22 @@ mod tests {
             ),
             (range(0, u64::MAX - 7, 16, SRC_VRAM), "destination wraps"),
             (
-                range(RAM0, RAM0 - 1, 16, 0),
+                range(RAM0, RAM0 - 1, 16, NONE),
                 "guest-to-guest destination below RAM",
             ),
         ] {
             eprintln!("case: {name}");
             assert_rejected(
                 &mut f,
-                &command(opcode::COPY, &[copy_good, bad]),
-                status::BAD_GUEST_ADDR,
+                &command(Opcode::Copy, &[copy_good, bad]),
+                Status::BadGuestAddr,
                 1,
             );
         }
         assert_rejected(
             &mut f,
-            &command(opcode::FILL, &[good(), range(7, u64::MAX - 3, 8, 0)]),
-            status::BAD_GUEST_ADDR,
+            &command(Opcode::Fill, &[good(), range(7, u64::MAX - 3, 8, NONE)]),
+            Status::BadGuestAddr,
             1,
         );
     }
@@ -1464,18 +1429,18 @@ mod tests {
         ] {
             assert_rejected(
                 &mut f,
-                &command(opcode::COPY, &[copy_good, bad]),
-                status::BAD_VRAM_RANGE,
+                &command(Opcode::Copy, &[copy_good, bad]),
+                Status::BadVramRange,
                 1,
             );
         }
         assert_rejected(
             &mut f,
             &command(
-                opcode::FILL,
+                Opcode::Fill,
                 &[good(), range(1, VRAM_SIZE - 4, 8, DST_VRAM)],
             ),
-            status::BAD_VRAM_RANGE,
+            Status::BadVramRange,
             1,
         );
     }
@@ -1483,9 +1448,9 @@ mod tests {
     #[test]
     fn malformed_commands_are_bad_requests() {
         let mut f = fixture();
-        let header = |opcode, ctx, count, reserved| {
+        let header = |opcode: Opcode, ctx, count, reserved| {
             CmdHeader {
-                opcode,
+                opcode: opcode.bits(),
                 ctx,
                 tag: 1,
                 count,
@@ -1497,77 +1462,72 @@ mod tests {
         // Short header.
         assert_rejected(
             &mut f,
-            &command(opcode::NOP, &[])[..CmdHeader::SIZE - 1],
-            status::BAD_REQUEST,
+            &command(Opcode::Nop, &[])[..CmdHeader::SIZE - 1],
+            Status::BadRequest,
             0,
         );
-        assert_rejected(&mut f, &[], status::BAD_REQUEST, 0);
+        assert_rejected(&mut f, &[], Status::BadRequest, 0);
         // A context on a physical opcode.
-        assert_rejected(
-            &mut f,
-            &header(opcode::NOP, 1, 0, 0),
-            status::BAD_CONTEXT,
-            0,
-        );
+        assert_rejected(&mut f, &header(Opcode::Nop, 1, 0, 0), Status::BadContext, 0);
         // Reserved fields.
         assert_rejected(
             &mut f,
-            &header(opcode::NOP, 0, 0, 1 << 31),
-            status::BAD_REQUEST,
+            &header(Opcode::Nop, 0, 0, 1 << 31),
+            Status::BadRequest,
             0,
         );
         // NOP with ranges.
         assert_rejected(
             &mut f,
-            &command(opcode::NOP, &[good()]),
-            status::BAD_REQUEST,
+            &command(Opcode::Nop, &[good()]),
+            Status::BadRequest,
             0,
         );
         // Unknown range flags, and SRC_VRAM on a FILL, at index 2.
-        let good_copy = range(RAM0, RAM0 + 4096, 4096, 0);
-        let bad_flags = range(RAM0, RAM0 + 64, 8, 1 << 2);
+        let good_copy = range(RAM0, RAM0 + 4096, 4096, NONE);
+        let bad_flags = range(RAM0, RAM0 + 64, 8, RangeFlags::from_bits_retain(1 << 2));
         assert_rejected(
             &mut f,
-            &command(opcode::COPY, &[good_copy, good_copy, bad_flags]),
-            status::BAD_REQUEST,
+            &command(Opcode::Copy, &[good_copy, good_copy, bad_flags]),
+            Status::BadRequest,
             2,
         );
         let fill_from_vram = range(0, 0, 8, SRC_VRAM | DST_VRAM);
         assert_rejected(
             &mut f,
-            &command(opcode::FILL, &[good(), good(), fill_from_vram]),
-            status::BAD_REQUEST,
+            &command(Opcode::Fill, &[good(), good(), fill_from_vram]),
+            Status::BadRequest,
             2,
         );
         // Too many ranges: rejected from the header alone.
-        let mut too_many = header(opcode::COPY, 0, MAX_RANGES + 1, 0);
+        let mut too_many = header(Opcode::Copy, 0, MAX_RANGES + 1, 0);
         for _ in 0..=MAX_RANGES {
             too_many.extend_from_slice(&good().to_bytes());
         }
-        assert_rejected(&mut f, &too_many, status::BAD_REQUEST, 0);
+        assert_rejected(&mut f, &too_many, Status::BadRequest, 0);
         // Truncated range list: 3 announced, 2 and a half present.
-        let mut truncated = header(opcode::FILL, 0, 3, 0);
+        let mut truncated = header(Opcode::Fill, 0, 3, 0);
         for _ in 0..3 {
             truncated.extend_from_slice(&good().to_bytes());
         }
         truncated.truncate(truncated.len() - Range::SIZE / 2);
-        assert_rejected(&mut f, &truncated, status::BAD_REQUEST, 2);
+        assert_rejected(&mut f, &truncated, Status::BadRequest, 2);
     }
 
     #[test]
     fn unknown_opcode_is_unsupported() {
         let mut f = fixture();
-        assert_rejected(&mut f, &command(3, &[good()]), status::UNSUPPORTED, 0);
-        assert_rejected(&mut f, &command(u32::MAX, &[]), status::UNSUPPORTED, 0);
+        assert_rejected(&mut f, &command(3u32, &[good()]), Status::Unsupported, 0);
+        assert_rejected(&mut f, &command(u32::MAX, &[]), Status::Unsupported, 0);
     }
 
     #[test]
     fn max_ranges_is_accepted_and_trailing_bytes_ignored() {
         let mut f = fixture();
         let ranges: Vec<Range> = (0..MAX_RANGES)
-            .map(|i| range(u64::from(i), RAM0 + u64::from(i), 1, 0))
+            .map(|i| range(u64::from(i), RAM0 + u64::from(i), 1, NONE))
             .collect();
-        let mut request = command(opcode::FILL, &ranges);
+        let mut request = command(Opcode::Fill, &ranges);
         request.extend_from_slice(&[0xff; 100]);
         assert_eq!(
             f.engine.execute(&f.mem, &request),
@@ -1586,11 +1546,11 @@ mod tests {
             .collect();
         // Two ranges succeed, the third fails, the fourth never runs.
         f.faults.copy_error_next(2);
-        let response = f.engine.execute(&f.mem, &command(opcode::COPY, &ranges));
+        let response = f.engine.execute(&f.mem, &command(Opcode::Copy, &ranges));
         assert_eq!(
             response,
             Response {
-                status: status::COPY_ERROR,
+                status: Status::CopyError,
                 failed_index: 2,
                 bytes: 8192
             }
@@ -1604,17 +1564,17 @@ mod tests {
         );
         // The fault was one-shot: the retry completes.
         assert_eq!(
-            f.engine.execute(&f.mem, &command(opcode::COPY, &ranges)),
+            f.engine.execute(&f.mem, &command(Opcode::Copy, &ranges)),
             ok(4 * 4096)
         );
         assert_eq!(vram(&f, 0, 4 * 4096), data);
         // Armed with 0, the very next range fails, even across commands.
         f.faults.copy_error_next(0);
-        let response = f.engine.execute(&f.mem, &command(opcode::FILL, &[good()]));
+        let response = f.engine.execute(&f.mem, &command(Opcode::Fill, &[good()]));
         assert_eq!(
             response,
             Response {
-                status: status::COPY_ERROR,
+                status: Status::CopyError,
                 failed_index: 0,
                 bytes: 0
             }
@@ -1622,7 +1582,7 @@ mod tests {
         f.faults.copy_error_next(5);
         f.faults.clear();
         assert_eq!(
-            f.engine.execute(&f.mem, &command(opcode::FILL, &[good()])),
+            f.engine.execute(&f.mem, &command(Opcode::Fill, &[good()])),
             ok(4096)
         );
     }
@@ -1631,29 +1591,32 @@ mod tests {
 
     use hmmgpu_abi::event::{ACCESS_ATOMIC, ACCESS_READ, ACCESS_WRITE};
     use hmmgpu_abi::event::{REASON_NOT_MAPPED, REASON_PERMISSION};
-    use hmmgpu_abi::range_flags::{
-        ATOMIC_ADD, ATOMIC_XCHG, MAP_ATOMIC, MAP_HUGE, MAP_READ, MAP_WRITE,
-    };
     use hmmgpu_abi::{HUGE_PAGE_SIZE, MAX_CONTEXTS};
 
-    const RW: u32 = MAP_READ | MAP_WRITE;
+    const ATOMIC_ADD: RangeFlags = RangeFlags::ATOMIC_ADD;
+    const ATOMIC_XCHG: RangeFlags = RangeFlags::ATOMIC_XCHG;
+    const MAP_ATOMIC: RangeFlags = RangeFlags::MAP_ATOMIC;
+    const MAP_HUGE: RangeFlags = RangeFlags::MAP_HUGE;
+    const MAP_READ: RangeFlags = RangeFlags::MAP_READ;
+    const MAP_WRITE: RangeFlags = RangeFlags::MAP_WRITE;
+    const RW: RangeFlags = MAP_READ.union(MAP_WRITE);
     /// Device virtual addresses used below.
     const VA: u64 = 0x7f00_0000_0000;
     const HUGE_VA: u64 = 0x7f00_4000_0000;
 
-    fn ctx_command(op: u32, ctx: u32, ranges: &[Range]) -> Vec<u8> {
+    fn ctx_command(op: Opcode, ctx: u32, ranges: &[Range]) -> Vec<u8> {
         let mut bytes = command(op, ranges);
         bytes[4..8].copy_from_slice(&ctx.to_le_bytes());
         bytes
     }
 
-    fn exec(f: &mut Fixture, op: u32, ctx: u32, ranges: &[Range]) -> Response {
+    fn exec(f: &mut Fixture, op: Opcode, ctx: u32, ranges: &[Range]) -> Response {
         f.engine.execute(&f.mem, &ctx_command(op, ctx, ranges))
     }
 
     fn process(
         f: &mut Fixture,
-        op: u32,
+        op: Opcode,
         ctx: u32,
         ranges: &[Range],
         token: u64,
@@ -1663,8 +1626,8 @@ mod tests {
             .process(&f.mem, &ctx_command(op, ctx, ranges), token, events)
     }
 
-    fn status_of(status: u32, failed_index: u32) -> Response {
-        failure(status, failed_index)
+    fn status_of(status: Status, failed_index: u32) -> Response {
+        Response::failed(status, failed_index)
     }
 
     fn fault_event(ctx: u32, addr: u64, access: u32, reason: u32, seq: u64) -> Event {
@@ -1705,58 +1668,68 @@ mod tests {
         let page = range(RAM0, VA, 4096, RW);
         // MMU opcodes need a valid context...
         for ctx in [0, MAX_CONTEXTS + 1, u32::MAX] {
-            for op in [opcode::CTX_CREATE, opcode::REPLAY, opcode::CANCEL] {
-                assert_eq!(exec(&mut f, op, ctx, &[]), BAD_CONTEXT, "{op} {ctx}");
+            for op in [Opcode::CtxCreate, Opcode::Replay, Opcode::Cancel] {
+                assert_eq!(exec(&mut f, op, ctx, &[]), BAD_CONTEXT, "{op:?} {ctx}");
             }
-            assert_eq!(exec(&mut f, opcode::MAP, ctx, &[page]), BAD_CONTEXT);
+            assert_eq!(exec(&mut f, Opcode::Map, ctx, &[page]), BAD_CONTEXT);
         }
         // ... that exists.
-        for op in [opcode::CTX_DESTROY, opcode::REPLAY, opcode::CANCEL] {
-            assert_eq!(exec(&mut f, op, 7, &[]), BAD_CONTEXT, "{op}");
+        for op in [Opcode::CtxDestroy, Opcode::Replay, Opcode::Cancel] {
+            assert_eq!(exec(&mut f, op, 7, &[]), BAD_CONTEXT, "{op:?}");
         }
-        for op in [opcode::MAP, opcode::UNMAP, opcode::VREAD, opcode::VWRITE] {
-            assert_eq!(exec(&mut f, op, 7, &[page]), BAD_CONTEXT, "{op}");
+        // (Each with a range that is well formed for it: decode rejects a
+        // malformed one before the context is looked at.)
+        let unmap = range(0, VA, 4096, NONE);
+        let read = range(VA, RAM0, 4096, NONE);
+        let write = range(RAM0, VA, 4096, NONE);
+        for (op, r) in [
+            (Opcode::Map, page),
+            (Opcode::Unmap, unmap),
+            (Opcode::Vread, read),
+            (Opcode::Vwrite, write),
+        ] {
+            assert_eq!(exec(&mut f, op, 7, &[r]), BAD_CONTEXT, "{op:?}");
         }
         let atomic = range(1, VA, 8, ATOMIC_ADD);
-        assert_eq!(exec(&mut f, opcode::ATOMIC, 7, &[atomic]), BAD_CONTEXT);
-        assert_eq!(exec(&mut f, opcode::CTX_CREATE, 7, &[]), OK);
-        assert_eq!(exec(&mut f, opcode::CTX_CREATE, 7, &[]), BAD_CONTEXT);
-        assert_eq!(exec(&mut f, opcode::CTX_CREATE, MAX_CONTEXTS, &[]), OK);
+        assert_eq!(exec(&mut f, Opcode::Atomic, 7, &[atomic]), BAD_CONTEXT);
+        assert_eq!(exec(&mut f, Opcode::CtxCreate, 7, &[]), OK);
+        assert_eq!(exec(&mut f, Opcode::CtxCreate, 7, &[]), BAD_CONTEXT);
+        assert_eq!(exec(&mut f, Opcode::CtxCreate, MAX_CONTEXTS, &[]), OK);
         // Nothing parked.
-        assert_eq!(exec(&mut f, opcode::REPLAY, 7, &[]), BAD_CONTEXT);
-        assert_eq!(exec(&mut f, opcode::CANCEL, 7, &[]), BAD_CONTEXT);
+        assert_eq!(exec(&mut f, Opcode::Replay, 7, &[]), BAD_CONTEXT);
+        assert_eq!(exec(&mut f, Opcode::Cancel, 7, &[]), BAD_CONTEXT);
         // Physical opcodes need context 0.
-        let counters = range(0, RAM0, 128, 0);
+        let counters = range(0, RAM0, 128, NONE);
         for (op, ranges) in [
-            (opcode::NOP, &[][..]),
-            (opcode::COPY, &[good()][..]),
-            (opcode::FILL, &[good()][..]),
-            (opcode::COUNTERS, &[counters][..]),
+            (Opcode::Nop, &[][..]),
+            (Opcode::Copy, &[good()][..]),
+            (Opcode::Fill, &[good()][..]),
+            (Opcode::Counters, &[counters][..]),
         ] {
-            assert_rejected(&mut f, &ctx_command(op, 7, ranges), status::BAD_CONTEXT, 0);
+            assert_rejected(&mut f, &ctx_command(op, 7, ranges), Status::BadContext, 0);
         }
         // Range counts.
         assert_eq!(
-            exec(&mut f, opcode::CTX_CREATE, 8, &[page]),
-            status_of(status::BAD_REQUEST, 0)
+            exec(&mut f, Opcode::CtxCreate, 8, &[page]),
+            status_of(Status::BadRequest, 0)
         );
         assert_eq!(
-            exec(&mut f, opcode::ATOMIC, 7, &[atomic, atomic]),
-            status_of(status::BAD_REQUEST, 0)
+            exec(&mut f, Opcode::Atomic, 7, &[atomic, atomic]),
+            status_of(Status::BadRequest, 0)
         );
         assert_eq!(
-            exec(&mut f, opcode::ATOMIC, 7, &[]),
-            status_of(status::BAD_REQUEST, 0)
+            exec(&mut f, Opcode::Atomic, 7, &[]),
+            status_of(Status::BadRequest, 0)
         );
-        assert_eq!(exec(&mut f, opcode::CTX_DESTROY, 7, &[]), OK);
-        assert_eq!(exec(&mut f, opcode::CTX_DESTROY, 7, &[]), BAD_CONTEXT);
-        assert_eq!(exec(&mut f, opcode::MAP, 7, &[page]), BAD_CONTEXT);
+        assert_eq!(exec(&mut f, Opcode::CtxDestroy, 7, &[]), OK);
+        assert_eq!(exec(&mut f, Opcode::CtxDestroy, 7, &[]), BAD_CONTEXT);
+        assert_eq!(exec(&mut f, Opcode::Map, 7, &[page]), BAD_CONTEXT);
     }
 
     #[test]
     fn vwrite_and_vread_across_small_and_huge_entries() {
         let mut f = fixture();
-        assert_eq!(exec(&mut f, opcode::CTX_CREATE, 1, &[]), OK);
+        assert_eq!(exec(&mut f, Opcode::CtxCreate, 1, &[]), OK);
         // VA: a guest page, a VRAM page, then two physically contiguous
         // guest pages (one piece), and a huge VRAM entry elsewhere.
         let maps = [
@@ -1765,7 +1738,7 @@ mod tests {
             range(RAM1 - 0x1000, VA + 0x2000, 0x2000, RW), // crosses a region boundary
             range(0, HUGE_VA, HUGE_PAGE_SIZE as u32, RW | SRC_VRAM | MAP_HUGE),
         ];
-        assert_eq!(exec(&mut f, opcode::MAP, 1, &maps), OK);
+        assert_eq!(exec(&mut f, Opcode::Map, 1, &maps), OK);
         assert_eq!(f.engine.mmu().entries(), 5);
         let data = pattern(0x4000 - 100, 7);
         let buf = RAM2;
@@ -1775,12 +1748,12 @@ mod tests {
             .write_slice(&huge_data, GuestAddress(buf + 0x8000))
             .unwrap();
         let writes = [
-            range(buf, VA + 100, data.len() as u32, 0),
-            range(buf + 0x8000, HUGE_VA + 0x1f_f000, 4096, 0), // last page of the huge entry
-            range(buf + 0x9000, HUGE_VA + 0x1000, 5000 - 4096, 0),
+            range(buf, VA + 100, data.len() as u32, NONE),
+            range(buf + 0x8000, HUGE_VA + 0x1f_f000, 4096, NONE), // last page of the huge entry
+            range(buf + 0x9000, HUGE_VA + 0x1000, 5000 - 4096, NONE),
         ];
         assert_eq!(
-            exec(&mut f, opcode::VWRITE, 1, &writes),
+            exec(&mut f, Opcode::Vwrite, 1, &writes),
             ok(data.len() as u64 + 5000)
         );
         // Where the bytes landed, physically.
@@ -1792,11 +1765,11 @@ mod tests {
         // And back through the MMU, into one buffer, in two ranges.
         let back = RAM2 + 0x1_0000;
         let reads = [
-            range(VA + 100, back, data.len() as u32, 0),
-            range(HUGE_VA + 0x1f_f000, back + 0x4000, 4096, 0),
+            range(VA + 100, back, data.len() as u32, NONE),
+            range(HUGE_VA + 0x1f_f000, back + 0x4000, 4096, NONE),
         ];
         assert_eq!(
-            exec(&mut f, opcode::VREAD, 1, &reads),
+            exec(&mut f, Opcode::Vread, 1, &reads),
             ok(data.len() as u64 + 4096)
         );
         assert_eq!(guest(&f.mem, back, data.len()), data);
@@ -1810,53 +1783,53 @@ mod tests {
     #[test]
     fn virtual_buffers_and_ranges_are_validated_up_front() {
         let mut f = fixture();
-        exec(&mut f, opcode::CTX_CREATE, 1, &[]);
-        exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 4096, RW)]);
-        let good = range(VA, RAM0 + 0x1000, 64, 0);
+        exec(&mut f, Opcode::CtxCreate, 1, &[]);
+        exec(&mut f, Opcode::Map, 1, &[range(RAM0, VA, 4096, RW)]);
+        let good = range(VA, RAM0 + 0x1000, 64, NONE);
         let before = everything(&f);
         for (op, bad, status) in [
             (
-                opcode::VREAD,
-                range(VA, RAM2 - 8, 16, 0),
-                status::BAD_GUEST_ADDR,
+                Opcode::Vread,
+                range(VA, RAM2 - 8, 16, NONE),
+                Status::BadGuestAddr,
             ),
             (
-                opcode::VWRITE,
-                range(RAM2 - 8, VA, 16, 0),
-                status::BAD_GUEST_ADDR,
+                Opcode::Vwrite,
+                range(RAM2 - 8, VA, 16, NONE),
+                Status::BadGuestAddr,
             ),
             (
-                opcode::VREAD,
+                Opcode::Vread,
                 range(VA, RAM0, 16, DST_VRAM),
-                status::BAD_REQUEST,
+                Status::BadRequest,
             ),
             (
-                opcode::VREAD,
-                range(u64::MAX - 7, RAM0, 16, 0),
-                status::BAD_REQUEST,
+                Opcode::Vread,
+                range(u64::MAX - 7, RAM0, 16, NONE),
+                Status::BadRequest,
             ),
         ] {
-            let good = if op == opcode::VWRITE {
-                range(RAM0 + 0x1000, VA, 64, 0)
+            let good = if op == Opcode::Vwrite {
+                range(RAM0 + 0x1000, VA, 64, NONE)
             } else {
                 good
             };
             assert_eq!(
                 exec(&mut f, op, 1, &[good, bad]),
                 status_of(status, 1),
-                "{op} {bad:?}"
+                "{op:?} {bad:?}"
             );
         }
         for bad in [
-            range(1, VA + 4, 8, ATOMIC_ADD),        // misaligned
-            range(1, VA, 4, ATOMIC_ADD),            // not 8 bytes
-            range(1, VA, 8, 0),                     // no op
-            range(1, VA, 8, 3 << 8),                // unknown op
-            range(1, VA, 8, ATOMIC_ADD | MAP_READ), // stray flag
+            range(1, VA + 4, 8, ATOMIC_ADD),                       // misaligned
+            range(1, VA, 4, ATOMIC_ADD),                           // not 8 bytes
+            range(1, VA, 8, NONE),                                 // no op
+            range(1, VA, 8, RangeFlags::from_bits_retain(3 << 8)), // unknown op
+            range(1, VA, 8, ATOMIC_ADD | MAP_READ),                // stray flag
         ] {
             assert_eq!(
-                exec(&mut f, opcode::ATOMIC, 1, &[bad]),
-                status_of(status::BAD_REQUEST, 0),
+                exec(&mut f, Opcode::Atomic, 1, &[bad]),
+                status_of(Status::BadRequest, 0),
                 "{bad:?}"
             );
         }
@@ -1867,59 +1840,66 @@ mod tests {
     #[test]
     fn map_validates_every_range_before_installing_any() {
         let mut f = fixture();
-        exec(&mut f, opcode::CTX_CREATE, 2, &[]);
+        exec(&mut f, Opcode::CtxCreate, 2, &[]);
         let good = range(RAM0, VA, 0x2000, RW);
         for (bad, status) in [
             (
                 range(RAM1 + RAM_LEN as u64 - 0x1000, VA + 0x10_0000, 0x2000, RW),
-                status::BAD_GUEST_ADDR,
+                Status::BadGuestAddr,
             ),
-            (range(0, VA + 0x10_0000, 4096, RW), status::BAD_GUEST_ADDR),
+            (range(0, VA + 0x10_0000, 4096, RW), Status::BadGuestAddr),
             (
                 range(VRAM_SIZE - 0x1000, VA + 0x10_0000, 0x2000, RW | SRC_VRAM),
-                status::BAD_VRAM_RANGE,
+                Status::BadVramRange,
             ),
             (
                 range(!0xfff, VA + 0x10_0000, 0x1000, RW | SRC_VRAM),
-                status::BAD_VRAM_RANGE,
+                Status::BadVramRange,
             ),
             (
                 range(0x20_0000, HUGE_VA, HUGE_PAGE_SIZE as u32, RW | MAP_HUGE),
-                status::BAD_GUEST_ADDR,
+                Status::BadGuestAddr,
             ),
             (
                 range(RAM0, VA + 0x10_0000, 4096, RW | DST_VRAM),
-                status::BAD_REQUEST,
+                Status::BadRequest,
             ),
             (
-                range(RAM0, VA + 0x10_0000, 4096, RW | (1 << 9)),
-                status::BAD_REQUEST,
+                range(
+                    RAM0,
+                    VA + 0x10_0000,
+                    4096,
+                    RW | RangeFlags::from_bits_retain(1 << 9),
+                ),
+                Status::BadRequest,
             ),
-            (range(RAM0, VA + 0x10_0000, 100, RW), status::BAD_REQUEST),
+            (range(RAM0, VA + 0x10_0000, 100, RW), Status::BadRequest),
             (
                 range(RAM0 + 8, VA + 0x10_0000, 4096, RW),
-                status::BAD_REQUEST,
+                Status::BadRequest,
             ),
         ] {
             assert_eq!(
-                exec(&mut f, opcode::MAP, 2, &[good, bad]),
+                exec(&mut f, Opcode::Map, 2, &[good, bad]),
                 status_of(status, 1),
                 "{bad:?}"
             );
             assert_eq!(f.engine.mmu().entries(), 0, "{bad:?} left entries");
         }
         assert_eq!(
-            f.engine.mmu().translate(2, VA, ACCESS_READ),
+            f.engine
+                .mmu()
+                .translate(ContextId::new(2).unwrap(), VA, Access::READ),
             Err(mmu::Fault {
                 reason: REASON_NOT_MAPPED
             })
         );
         // UNMAP: flags and wrapping are bad requests; nothing is removed.
-        assert_eq!(exec(&mut f, opcode::MAP, 2, &[good]), OK);
-        for bad in [range(0, VA, 4096, 1), range(0, u64::MAX, 2, 0)] {
+        assert_eq!(exec(&mut f, Opcode::Map, 2, &[good]), OK);
+        for bad in [range(0, VA, 4096, SRC_VRAM), range(0, u64::MAX, 2, NONE)] {
             assert_eq!(
-                exec(&mut f, opcode::UNMAP, 2, &[range(0, VA, 4096, 0), bad]),
-                status_of(status::BAD_REQUEST, 1)
+                exec(&mut f, Opcode::Unmap, 2, &[range(0, VA, 4096, NONE), bad]),
+                status_of(Status::BadRequest, 1)
             );
             assert_eq!(f.engine.mmu().entries(), 2);
         }
@@ -1941,9 +1921,9 @@ mod tests {
             faults: Arc::new(FaultInjector::default()),
             _dir: dir,
         };
-        exec(&mut f, opcode::CTX_CREATE, 1, &[]);
+        exec(&mut f, Opcode::CtxCreate, 1, &[]);
         assert_eq!(
-            exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 0x3000, RW)]),
+            exec(&mut f, Opcode::Map, 1, &[range(RAM0, VA, 0x3000, RW)]),
             OK
         );
         let two = [
@@ -1951,50 +1931,50 @@ mod tests {
             range(RAM0, VA + 0x20_0000, 4096, RW),
         ];
         assert_eq!(
-            exec(&mut f, opcode::MAP, 1, &two),
-            status_of(status::BAD_REQUEST, 1)
+            exec(&mut f, Opcode::Map, 1, &two),
+            status_of(Status::BadRequest, 1)
         );
         assert_eq!(f.engine.mmu().entries(), 3);
-        assert_eq!(exec(&mut f, opcode::MAP, 1, &two[..1]), OK);
+        assert_eq!(exec(&mut f, Opcode::Map, 1, &two[..1]), OK);
         assert_eq!(f.engine.mmu().entries(), 4);
         // Remapping needs no room; UNMAP makes some.
         assert_eq!(
-            exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 0x3000, MAP_READ)]),
+            exec(&mut f, Opcode::Map, 1, &[range(RAM0, VA, 0x3000, MAP_READ)]),
             OK
         );
-        assert_eq!(exec(&mut f, opcode::UNMAP, 1, &[range(0, VA, 1, 0)]), OK);
-        assert_eq!(exec(&mut f, opcode::MAP, 1, &two[1..]), OK);
+        assert_eq!(exec(&mut f, Opcode::Unmap, 1, &[range(0, VA, 1, NONE)]), OK);
+        assert_eq!(exec(&mut f, Opcode::Map, 1, &two[1..]), OK);
         assert_eq!(f.engine.mmu().entries(), 4);
     }
 
     #[test]
     fn unmap_is_an_invalidation_fence() {
         let mut f = fixture();
-        exec(&mut f, opcode::CTX_CREATE, 1, &[]);
+        exec(&mut f, Opcode::CtxCreate, 1, &[]);
         let maps = [
             range(RAM0, VA, 0x2000, RW),
             range(0, HUGE_VA, HUGE_PAGE_SIZE as u32, RW | SRC_VRAM | MAP_HUGE),
         ];
-        assert_eq!(exec(&mut f, opcode::MAP, 1, &maps), OK);
-        let read = |va| range(va, RAM2, 16, 0);
-        assert_eq!(exec(&mut f, opcode::VREAD, 1, &[read(VA + 0x1000)]), ok(16));
+        assert_eq!(exec(&mut f, Opcode::Map, 1, &maps), OK);
+        let read = |va| range(va, RAM2, 16, NONE);
+        assert_eq!(exec(&mut f, Opcode::Vread, 1, &[read(VA + 0x1000)]), ok(16));
         assert_eq!(
-            exec(&mut f, opcode::VREAD, 1, &[read(HUGE_VA + 0x1000)]),
+            exec(&mut f, Opcode::Vread, 1, &[read(HUGE_VA + 0x1000)]),
             ok(16)
         );
         let unmap = [
-            range(0, VA + 0x1ff0, 1, 0),
-            range(0, HUGE_VA + 0x10_0000, 4096, 0),
+            range(0, VA + 0x1ff0, 1, NONE),
+            range(0, HUGE_VA + 0x10_0000, 4096, NONE),
         ];
-        assert_eq!(exec(&mut f, opcode::UNMAP, 1, &unmap), OK);
+        assert_eq!(exec(&mut f, Opcode::Unmap, 1, &unmap), OK);
         // No event queue: the faults complete at once with FAULT.
         for va in [VA + 0x1000, HUGE_VA + 0x1000] {
             assert_eq!(
-                exec(&mut f, opcode::VREAD, 1, &[read(va)]),
-                status_of(status::FAULT, 0)
+                exec(&mut f, Opcode::Vread, 1, &[read(va)]),
+                status_of(Status::Fault, 0)
             );
         }
-        assert_eq!(exec(&mut f, opcode::VREAD, 1, &[read(VA)]), ok(16));
+        assert_eq!(exec(&mut f, Opcode::Vread, 1, &[read(VA)]), ok(16));
         let stats = f.engine.stats().snapshot();
         assert_eq!(
             (stats.invalidations, stats.faults, stats.events_dropped),
@@ -2006,10 +1986,10 @@ mod tests {
     fn a_fault_is_reported_parks_the_command_and_replay_finishes_it() {
         let mut f = fixture();
         let mut events = Vec::new();
-        exec(&mut f, opcode::CTX_CREATE, 5, &[]);
+        exec(&mut f, Opcode::CtxCreate, 5, &[]);
         exec(
             &mut f,
-            opcode::MAP,
+            Opcode::Map,
             5,
             &[range(RAM0 + 0x1_0000, VA, 4096, RW)],
         );
@@ -2020,10 +2000,10 @@ mod tests {
         // Range 0 is mapped; range 1 runs from the mapped page into an
         // unmapped one.
         let reads = [
-            range(VA, RAM2, 0x800, 0),
-            range(VA + 0xc00, RAM2 + 0x800, 0x800, 0),
+            range(VA, RAM2, 0x800, NONE),
+            range(VA + 0xc00, RAM2 + 0x800, 0x800, NONE),
         ];
-        let executed = process(&mut f, opcode::VREAD, 5, &reads, 77, &mut events);
+        let executed = process(&mut f, Opcode::Vread, 5, &reads, 77, &mut events);
         assert_eq!(executed, Executed::default(), "parked: no completion");
         assert_eq!(
             events,
@@ -2040,29 +2020,34 @@ mod tests {
         assert_eq!(guest(&f.mem, RAM2, 0xc00), data[..0xc00]);
         assert_eq!(guest(&f.mem, RAM2 + 0xc00, 0x400), vec![0; 0x400]);
         // One parked command per context...
-        let executed = process(&mut f, opcode::VREAD, 5, &reads, 78, &mut events);
+        let executed = process(&mut f, Opcode::Vread, 5, &reads, 78, &mut events);
         assert_eq!(executed.response, Some(BAD_CONTEXT));
         // ... while other contexts and physical commands run.
-        exec(&mut f, opcode::CTX_CREATE, 6, &[]);
+        exec(&mut f, Opcode::CtxCreate, 6, &[]);
         exec(
             &mut f,
-            opcode::MAP,
+            Opcode::Map,
             6,
             &[range(RAM0 + 0x1_0000, VA, 4096, RW)],
         );
         assert_eq!(
-            exec(&mut f, opcode::VREAD, 6, &[range(VA, RAM2 + 0x8000, 8, 0)]),
+            exec(
+                &mut f,
+                Opcode::Vread,
+                6,
+                &[range(VA, RAM2 + 0x8000, 8, NONE)]
+            ),
             ok(8)
         );
-        assert_eq!(exec(&mut f, opcode::NOP, 0, &[]), OK);
+        assert_eq!(exec(&mut f, Opcode::Nop, 0, &[]), OK);
         // Resolve (read-only suffices) and replay.
         exec(
             &mut f,
-            opcode::MAP,
+            Opcode::Map,
             5,
             &[range(RAM0 + 0x1_1000, VA + 0x1000, 4096, MAP_READ)],
         );
-        let executed = process(&mut f, opcode::REPLAY, 5, &[], 79, &mut events);
+        let executed = process(&mut f, Opcode::Replay, 5, &[], 79, &mut events);
         assert_eq!(
             executed,
             Executed {
@@ -2090,15 +2075,15 @@ mod tests {
     fn a_replay_may_fault_again() {
         let mut f = fixture();
         let mut events = Vec::new();
-        exec(&mut f, opcode::CTX_CREATE, 1, &[]);
+        exec(&mut f, Opcode::CtxCreate, 1, &[]);
         let data = pattern(0x3000, 11);
         f.mem.write_slice(&data, GuestAddress(RAM2)).unwrap();
         // VWRITE of three pages, none mapped.
-        let write = [range(RAM2, VA, 0x3000, 0)];
-        let executed = process(&mut f, opcode::VWRITE, 1, &write, 1, &mut events);
+        let write = [range(RAM2, VA, 0x3000, NONE)];
+        let executed = process(&mut f, Opcode::Vwrite, 1, &write, 1, &mut events);
         assert_eq!(executed.response, None);
-        exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 0x1000, RW)]);
-        let executed = process(&mut f, opcode::REPLAY, 1, &[], 2, &mut events);
+        exec(&mut f, Opcode::Map, 1, &[range(RAM0, VA, 0x1000, RW)]);
+        let executed = process(&mut f, Opcode::Replay, 1, &[], 2, &mut events);
         assert_eq!(
             executed,
             Executed {
@@ -2109,11 +2094,11 @@ mod tests {
         // A write fault on a read-only page: a permission fault.
         exec(
             &mut f,
-            opcode::MAP,
+            Opcode::Map,
             1,
             &[range(RAM0 + 0x1000, VA + 0x1000, 0x2000, MAP_READ)],
         );
-        let executed = process(&mut f, opcode::REPLAY, 1, &[], 3, &mut events);
+        let executed = process(&mut f, Opcode::Replay, 1, &[], 3, &mut events);
         assert_eq!(
             executed,
             Executed {
@@ -2131,11 +2116,11 @@ mod tests {
         );
         exec(
             &mut f,
-            opcode::MAP,
+            Opcode::Map,
             1,
             &[range(RAM0 + 0x1000, VA + 0x1000, 0x2000, RW)],
         );
-        let executed = process(&mut f, opcode::REPLAY, 1, &[], 4, &mut events);
+        let executed = process(&mut f, Opcode::Replay, 1, &[], 4, &mut events);
         assert_eq!(
             executed.resumed,
             Some(Completion {
@@ -2152,19 +2137,19 @@ mod tests {
     fn cancel_and_ctx_destroy_complete_the_parked_command_with_fault() {
         let mut f = fixture();
         let mut events = Vec::new();
-        exec(&mut f, opcode::CTX_CREATE, 1, &[]);
-        exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 0x1000, RW)]);
+        exec(&mut f, Opcode::CtxCreate, 1, &[]);
+        exec(&mut f, Opcode::Map, 1, &[range(RAM0, VA, 0x1000, RW)]);
         let reads = [
-            range(VA, RAM2, 0x1000, 0),
-            range(VA + 0x800, RAM2 + 0x1000, 0x1000, 0),
+            range(VA, RAM2, 0x1000, NONE),
+            range(VA + 0x800, RAM2 + 0x1000, 0x1000, NONE),
         ];
         assert_eq!(
-            process(&mut f, opcode::VREAD, 1, &reads, 10, &mut events).response,
+            process(&mut f, Opcode::Vread, 1, &reads, 10, &mut events).response,
             None
         );
-        let executed = process(&mut f, opcode::CANCEL, 1, &[], 11, &mut events);
+        let executed = process(&mut f, Opcode::Cancel, 1, &[], 11, &mut events);
         let fault = Response {
-            status: status::FAULT,
+            status: Status::Fault,
             failed_index: 1,
             bytes: 0x1800,
         };
@@ -2178,27 +2163,27 @@ mod tests {
                 response: Some(OK)
             }
         );
-        assert_eq!(exec(&mut f, opcode::REPLAY, 1, &[]), BAD_CONTEXT);
+        assert_eq!(exec(&mut f, Opcode::Replay, 1, &[]), BAD_CONTEXT);
         // Park an atomic this time, then destroy the context.
         let atomic = [range(5, VA + 0x2000, 8, ATOMIC_ADD)];
         assert_eq!(
-            process(&mut f, opcode::ATOMIC, 1, &atomic, 12, &mut events).response,
+            process(&mut f, Opcode::Atomic, 1, &atomic, 12, &mut events).response,
             None
         );
-        let executed = process(&mut f, opcode::CTX_DESTROY, 1, &[], 13, &mut events);
+        let executed = process(&mut f, Opcode::CtxDestroy, 1, &[], 13, &mut events);
         assert_eq!(
             executed,
             Executed {
                 resumed: Some(Completion {
                     token: 12,
-                    response: status_of(status::FAULT, 0)
+                    response: status_of(Status::Fault, 0)
                 }),
                 response: Some(OK)
             }
         );
         assert_eq!(f.engine.parked(), 0);
         assert_eq!(f.engine.mmu().entries(), 0);
-        assert_eq!(exec(&mut f, opcode::CANCEL, 1, &[]), BAD_CONTEXT);
+        assert_eq!(exec(&mut f, Opcode::Cancel, 1, &[]), BAD_CONTEXT);
         assert_eq!(
             events[1],
             fault_event(1, VA + 0x2000, ACCESS_ATOMIC, REASON_NOT_MAPPED, 2)
@@ -2213,16 +2198,16 @@ mod tests {
     #[test]
     fn without_an_event_buffer_a_fault_completes_at_once() {
         let mut f = fixture();
-        exec(&mut f, opcode::CTX_CREATE, 1, &[]);
-        exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 0x1000, RW)]);
-        let reads = [range(VA + 0xf00, RAM2, 0x200, 0)];
-        let executed = process(&mut f, opcode::VREAD, 1, &reads, 3, &mut NoEventQueue);
+        exec(&mut f, Opcode::CtxCreate, 1, &[]);
+        exec(&mut f, Opcode::Map, 1, &[range(RAM0, VA, 0x1000, RW)]);
+        let reads = [range(VA + 0xf00, RAM2, 0x200, NONE)];
+        let executed = process(&mut f, Opcode::Vread, 1, &reads, 3, &mut NoEventQueue);
         assert_eq!(
             executed,
             Executed {
                 resumed: None,
                 response: Some(Response {
-                    status: status::FAULT,
+                    status: Status::Fault,
                     failed_index: 0,
                     bytes: 0x100
                 })
@@ -2236,7 +2221,7 @@ mod tests {
         );
         // The next reported event still gets sequence number 1.
         let mut events = Vec::new();
-        process(&mut f, opcode::VREAD, 1, &reads, 4, &mut events);
+        process(&mut f, Opcode::Vread, 1, &reads, 4, &mut events);
         assert_eq!(events[0].seq, 1);
     }
 
@@ -2244,13 +2229,13 @@ mod tests {
     fn atomics_add_and_exchange_and_return_the_old_value() {
         let mut f = fixture();
         let mut events = Vec::new();
-        exec(&mut f, opcode::CTX_CREATE, 1, &[]);
+        exec(&mut f, Opcode::CtxCreate, 1, &[]);
         let maps = [
             range(RAM0, VA, 0x1000, MAP_ATOMIC),
             range(0x3000, VA + 0x1000, 0x1000, MAP_ATOMIC | SRC_VRAM),
             range(RAM0 + 0x1000, VA + 0x2000, 0x1000, RW),
         ];
-        assert_eq!(exec(&mut f, opcode::MAP, 1, &maps), OK);
+        assert_eq!(exec(&mut f, Opcode::Map, 1, &maps), OK);
         f.mem
             .write_slice(&(u64::MAX - 1).to_le_bytes(), GuestAddress(RAM0 + 0x18))
             .unwrap();
@@ -2259,7 +2244,7 @@ mod tests {
             .write(0x3ff8, &0x1122_3344_5566_7788u64.to_le_bytes())
             .unwrap();
         let mut run =
-            |va, operand, flags| exec(&mut f, opcode::ATOMIC, 1, &[range(operand, va, 8, flags)]);
+            |va, operand, flags| exec(&mut f, Opcode::Atomic, 1, &[range(operand, va, 8, flags)]);
         assert_eq!(run(VA + 0x18, 5, ATOMIC_ADD), ok(u64::MAX - 1));
         assert_eq!(run(VA + 0x18, 0, ATOMIC_ADD), ok(3), "the add wrapped");
         assert_eq!(run(VA + 0x18, 0xabcd, ATOMIC_XCHG), ok(3));
@@ -2270,7 +2255,7 @@ mod tests {
         // Read/write permission is not atomic permission.
         let executed = process(
             &mut f,
-            opcode::ATOMIC,
+            Opcode::Atomic,
             1,
             &[range(1, VA + 0x2008, 8, ATOMIC_ADD)],
             9,
@@ -2289,11 +2274,11 @@ mod tests {
         );
         exec(
             &mut f,
-            opcode::MAP,
+            Opcode::Map,
             1,
             &[range(RAM0 + 0x1000, VA + 0x2000, 0x1000, MAP_ATOMIC)],
         );
-        let executed = process(&mut f, opcode::REPLAY, 1, &[], 10, &mut events);
+        let executed = process(&mut f, Opcode::Replay, 1, &[], 10, &mut events);
         assert_eq!(
             executed.resumed,
             Some(Completion {
@@ -2309,15 +2294,20 @@ mod tests {
     fn counters_writes_the_block() {
         let mut f = fixture();
         assert_eq!(
-            exec(&mut f, opcode::FILL, 0, &[range(1, RAM0, 100, 0)]),
+            exec(&mut f, Opcode::Fill, 0, &[range(1, RAM0, 100, NONE)]),
             ok(100)
         );
-        assert_eq!(exec(&mut f, opcode::CTX_CREATE, 0, &[]), BAD_CONTEXT);
-        exec(&mut f, opcode::CTX_CREATE, 1, &[]);
-        exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 0x1000, RW)]);
-        exec(&mut f, opcode::VREAD, 1, &[range(VA, RAM2, 40, 0)]);
-        exec(&mut f, opcode::VREAD, 1, &[range(VA + 0x1000, RAM2, 40, 0)]);
-        exec(&mut f, opcode::UNMAP, 1, &[range(0, VA, 1, 0)]);
+        assert_eq!(exec(&mut f, Opcode::CtxCreate, 0, &[]), BAD_CONTEXT);
+        exec(&mut f, Opcode::CtxCreate, 1, &[]);
+        exec(&mut f, Opcode::Map, 1, &[range(RAM0, VA, 0x1000, RW)]);
+        exec(&mut f, Opcode::Vread, 1, &[range(VA, RAM2, 40, NONE)]);
+        exec(
+            &mut f,
+            Opcode::Vread,
+            1,
+            &[range(VA + 0x1000, RAM2, 40, NONE)],
+        );
+        exec(&mut f, Opcode::Unmap, 1, &[range(0, VA, 1, NONE)]);
         let expect = f.engine.stats().values();
         assert_eq!(expect[counter::COMMANDS_OK], 5);
         assert_eq!(expect[counter::COMMANDS_FAILED], 2);
@@ -2328,7 +2318,7 @@ mod tests {
         assert_eq!(expect[counter::INVALIDATIONS], 1);
         f.mem.write_slice(&[0xff; 200], GuestAddress(RAM2)).unwrap();
         assert_eq!(
-            exec(&mut f, opcode::COUNTERS, 0, &[range(0, RAM2, 129, 0)]),
+            exec(&mut f, Opcode::Counters, 0, &[range(0, RAM2, 129, NONE)]),
             ok(counter::BLOCK_SIZE as u64)
         );
         let block = guest(&f.mem, RAM2, 200);
@@ -2346,19 +2336,19 @@ mod tests {
             "wrote past the block"
         );
         for (bad, status) in [
-            (range(0, RAM2, 127, 0), status::BAD_REQUEST),
-            (range(0, 0, 128, DST_VRAM), status::BAD_REQUEST),
+            (range(0, RAM2, 127, NONE), Status::BadRequest),
+            (range(0, 0, 128, DST_VRAM), Status::BadRequest),
             (
-                range(0, RAM2 + RAM_LEN as u64 - 64, 128, 0),
-                status::BAD_GUEST_ADDR,
+                range(0, RAM2 + RAM_LEN as u64 - 64, 128, NONE),
+                Status::BadGuestAddr,
             ),
         ] {
-            assert_rejected(&mut f, &command(opcode::COUNTERS, &[bad]), status, 0);
+            assert_rejected(&mut f, &command(Opcode::Counters, &[bad]), status, 0);
         }
         assert_rejected(
             &mut f,
-            &command(opcode::COUNTERS, &[]),
-            status::BAD_REQUEST,
+            &command(Opcode::Counters, &[]),
+            Status::BadRequest,
             0,
         );
     }

@@ -27,7 +27,7 @@ use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hmmgpu_abi::{event, opcode, Event, MAX_CONTEXTS, PAGE_SIZE};
+use hmmgpu_abi::{event, ContextId, Event, Opcode, MAX_CONTEXTS, PAGE_SIZE};
 use log::{error, info, warn};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
@@ -651,11 +651,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Whether `op` moves data (latency and bandwidth apply to it).
-fn moves_data(op: u32) -> bool {
-    matches!(
-        op,
-        opcode::COPY | opcode::FILL | opcode::VREAD | opcode::VWRITE | opcode::ATOMIC
-    )
+fn moves_data(op: Option<Opcode>) -> bool {
+    op.is_some_and(Opcode::moves_data)
 }
 
 impl FaultHooks for FaultInjector {
@@ -709,7 +706,7 @@ impl FaultHooks for FaultInjector {
         Some(InjectedFault::CopyError)
     }
 
-    fn before_command(&self, op: u32) {
+    fn before_command(&self, op: Option<Opcode>) {
         let delay = {
             let mut state = self.lock();
             let state = &mut *state;
@@ -744,7 +741,7 @@ impl FaultHooks for FaultInjector {
         self.sleep(delay);
     }
 
-    fn after_command(&self, op: u32, bytes: u64, elapsed: Duration) {
+    fn after_command(&self, op: Option<Opcode>, bytes: u64, elapsed: Duration) {
         let delay = {
             let mut state = self.lock();
             let cap = state.active.values().find_map(|f| match f {
@@ -789,7 +786,9 @@ impl FaultHooks for FaultInjector {
                     events.extend((0..count).map(|_| fault_event(ctx, addr)));
                 }
                 Fault::FaultStorm { ctx, count } => {
-                    let pages = mmu.mapped_pages(ctx, count as usize);
+                    let pages = ContextId::new(ctx)
+                        .map(|ctx| mmu.mapped_pages(ctx, count as usize))
+                        .unwrap_or_default();
                     events.extend((0..count).map(|i| {
                         let addr = if pages.is_empty() {
                             i * PAGE_SIZE
@@ -888,8 +887,13 @@ mod tests {
     use super::*;
     use crate::engine::{Engine, EventSink, GuestRam, NoEventQueue, Stats};
     use crate::plan::Plan;
-    use hmmgpu_abi::range_flags::{DST_VRAM, MAP_READ, MAP_WRITE, SRC_VRAM};
-    use hmmgpu_abi::{status, CmdHeader, Range, Response};
+    use hmmgpu_abi::{CmdHeader, Range, RangeFlags, Response, Status};
+
+    const NONE: RangeFlags = RangeFlags::NONE;
+    const DST_VRAM: RangeFlags = RangeFlags::DST_VRAM;
+    const SRC_VRAM: RangeFlags = RangeFlags::SRC_VRAM;
+    const MAP_READ: RangeFlags = RangeFlags::MAP_READ;
+    const MAP_WRITE: RangeFlags = RangeFlags::MAP_WRITE;
     use vm_memory::{Bytes, GuestAddress};
 
     const RAM: u64 = 0x10_0000;
@@ -921,23 +925,12 @@ mod tests {
         }
     }
 
-    fn range(src: u64, dst: u64, len: u32, flags: u32) -> Range {
-        Range {
-            src,
-            dst,
-            len,
-            flags,
-        }
+    fn range(src: u64, dst: u64, len: u32, flags: RangeFlags) -> Range {
+        Range::new(src, dst, len, flags)
     }
 
-    fn command(op: u32, ctx: u32, ranges: &[Range]) -> Vec<u8> {
-        let header = CmdHeader {
-            opcode: op,
-            ctx,
-            tag: 1,
-            count: ranges.len() as u32,
-            reserved: 0,
-        };
+    fn command(op: Opcode, ctx: u32, ranges: &[Range]) -> Vec<u8> {
+        let header = CmdHeader::new(op, ctx, 1, ranges.len() as u32);
         let mut bytes = header.to_bytes().to_vec();
         for r in ranges {
             bytes.extend_from_slice(&r.to_bytes());
@@ -947,7 +940,7 @@ mod tests {
 
     fn run(
         f: &mut Fixture,
-        op: u32,
+        op: Opcode,
         ctx: u32,
         ranges: &[Range],
         events: &mut dyn EventSink,
@@ -958,21 +951,17 @@ mod tests {
             .expect("completed")
     }
 
-    fn exec(f: &mut Fixture, op: u32, ranges: &[Range]) -> Response {
+    fn exec(f: &mut Fixture, op: Opcode, ranges: &[Range]) -> Response {
         run(f, op, 0, ranges, &mut NoEventQueue)
     }
 
     fn ok(bytes: u64) -> Response {
-        Response {
-            status: status::OK,
-            failed_index: 0,
-            bytes,
-        }
+        Response::ok(bytes)
     }
 
     fn copy_error(index: u32, bytes: u64) -> Response {
         Response {
-            status: status::COPY_ERROR,
+            status: Status::CopyError,
             failed_index: index,
             bytes,
         }
@@ -993,12 +982,12 @@ mod tests {
         let mut f = fixture();
         let to_vram = range(RAM, 0, 4096, DST_VRAM);
         inject(&f, serde_json::json!({"kind":"copy_error","count":2}));
-        assert_eq!(exec(&mut f, opcode::COPY, &[to_vram]), copy_error(0, 0));
+        assert_eq!(exec(&mut f, Opcode::Copy, &[to_vram]), copy_error(0, 0));
         assert_eq!(
-            exec(&mut f, opcode::FILL, &[range(7, RAM, 64, 0)]),
+            exec(&mut f, Opcode::Fill, &[range(7, RAM, 64, NONE)]),
             copy_error(0, 0)
         );
-        assert_eq!(exec(&mut f, opcode::COPY, &[to_vram]), ok(4096));
+        assert_eq!(exec(&mut f, Opcode::Copy, &[to_vram]), ok(4096));
         assert!(f.faults.list().is_empty(), "spent faults are disarmed");
         assert_eq!(f.faults.injected_stats().copy_errors, 2);
         assert_eq!(
@@ -1022,10 +1011,10 @@ mod tests {
         );
         let outside = range(RAM, 0x8000, 4096, DST_VRAM);
         let inside = range(RAM + 4096, 0x2ff0, 0x20, DST_VRAM);
-        assert_eq!(exec(&mut f, opcode::COPY, &[outside]), ok(4096));
-        assert_eq!(exec(&mut f, opcode::COPY, &[inside]), ok(0x20), "skipped");
+        assert_eq!(exec(&mut f, Opcode::Copy, &[outside]), ok(4096));
+        assert_eq!(exec(&mut f, Opcode::Copy, &[inside]), ok(0x20), "skipped");
         let command = [outside, range(RAM, 0x1000, 4096, DST_VRAM), inside, outside];
-        assert_eq!(exec(&mut f, opcode::COPY, &command), copy_error(2, 8192));
+        assert_eq!(exec(&mut f, Opcode::Copy, &command), copy_error(2, 8192));
         // Ranges before the failing one were done, it and later ones not.
         assert_eq!(vram_bytes(&f, 0x1000, 4096), data[..4096]);
         assert_eq!(
@@ -1037,9 +1026,9 @@ mod tests {
             &f,
             serde_json::json!({"kind":"copy_error","range":{"space":"vram","start":0x2000,"len":0x1000}}),
         );
-        assert_eq!(exec(&mut f, opcode::COPY, &[outside]), ok(4096));
+        assert_eq!(exec(&mut f, Opcode::Copy, &[outside]), ok(4096));
         let from = range(0x2800, RAM, 16, SRC_VRAM);
-        assert_eq!(exec(&mut f, opcode::COPY, &[from]), copy_error(0, 0));
+        assert_eq!(exec(&mut f, Opcode::Copy, &[from]), copy_error(0, 0));
     }
 
     #[test]
@@ -1048,20 +1037,20 @@ mod tests {
         let mut events = Vec::new();
         let data: Vec<u8> = (0..4096u32).map(|i| (i * 3) as u8).collect();
         f.engine.vram().write(0, &data).unwrap();
-        assert_eq!(run(&mut f, opcode::CTX_CREATE, 1, &[], &mut events), ok(0));
+        assert_eq!(run(&mut f, Opcode::CtxCreate, 1, &[], &mut events), ok(0));
         let map = range(0, 0x7000_0000, 4096, SRC_VRAM | MAP_READ | MAP_WRITE);
-        assert_eq!(run(&mut f, opcode::MAP, 1, &[map], &mut events), ok(0));
+        assert_eq!(run(&mut f, Opcode::Map, 1, &[map], &mut events), ok(0));
         // The guest buffer of the second range is in the fault's range.
         inject(
             &f,
             serde_json::json!({"kind":"copy_error","range":{"space":"guest","start":RAM + 0x8000,"len":1}}),
         );
         let reads = [
-            range(0x7000_0000, RAM + 0x1000, 0x100, 0),
-            range(0x7000_0100, RAM + 0x8000, 0x100, 0),
+            range(0x7000_0000, RAM + 0x1000, 0x100, NONE),
+            range(0x7000_0100, RAM + 0x8000, 0x100, NONE),
         ];
         assert_eq!(
-            run(&mut f, opcode::VREAD, 1, &reads, &mut events),
+            run(&mut f, Opcode::Vread, 1, &reads, &mut events),
             copy_error(1, 0x100)
         );
         let mut got = vec![0; 0x100];
@@ -1071,13 +1060,13 @@ mod tests {
         assert_eq!(got, data[..0x100]);
         // VWRITE: the next copy fails, into VRAM through the MMU.
         inject(&f, serde_json::json!({"kind":"copy_error"}));
-        let write = [range(RAM, 0x7000_0000, 0x10, 0)];
+        let write = [range(RAM, 0x7000_0000, 0x10, NONE)];
         assert_eq!(
-            run(&mut f, opcode::VWRITE, 1, &write, &mut events),
+            run(&mut f, Opcode::Vwrite, 1, &write, &mut events),
             copy_error(0, 0)
         );
         assert_eq!(
-            run(&mut f, opcode::VWRITE, 1, &write, &mut events),
+            run(&mut f, Opcode::Vwrite, 1, &write, &mut events),
             ok(0x10)
         );
         assert!(events.is_empty());
@@ -1093,7 +1082,7 @@ mod tests {
             serde_json::json!({"kind":"copy_error","count":5,"probability":0.0}),
         );
         for _ in 0..20 {
-            assert_eq!(exec(&mut f, opcode::COPY, &[copy]), ok(64));
+            assert_eq!(exec(&mut f, Opcode::Copy, &[copy]), ok(64));
         }
         f.faults.clear();
         inject(
@@ -1101,14 +1090,14 @@ mod tests {
             serde_json::json!({"kind":"copy_error","count":2,"probability":1.0}),
         );
         assert_eq!(
-            exec(&mut f, opcode::COPY, &[copy]).status,
-            status::COPY_ERROR
+            exec(&mut f, Opcode::Copy, &[copy]).status,
+            Status::CopyError
         );
         assert_eq!(
-            exec(&mut f, opcode::COPY, &[copy]).status,
-            status::COPY_ERROR
+            exec(&mut f, Opcode::Copy, &[copy]).status,
+            Status::CopyError
         );
-        assert_eq!(exec(&mut f, opcode::COPY, &[copy]), ok(64));
+        assert_eq!(exec(&mut f, Opcode::Copy, &[copy]), ok(64));
     }
 
     #[test]
@@ -1119,14 +1108,14 @@ mod tests {
             serde_json::json!({"kind":"latency","us":30_000,"count":2}),
         );
         // Not a data-moving command: no delay, and the count is untouched.
-        assert_eq!(exec(&mut f, opcode::NOP, &[]), ok(0));
+        assert_eq!(exec(&mut f, Opcode::Nop, &[]), ok(0));
         for _ in 0..2 {
             let start = Instant::now();
-            assert_eq!(exec(&mut f, opcode::FILL, &[range(1, RAM, 8, 0)]), ok(8));
+            assert_eq!(exec(&mut f, Opcode::Fill, &[range(1, RAM, 8, NONE)]), ok(8));
             assert!(start.elapsed() >= Duration::from_millis(30));
         }
         assert!(f.faults.list().is_empty());
-        assert_eq!(exec(&mut f, opcode::FILL, &[range(1, RAM, 8, 0)]), ok(8));
+        assert_eq!(exec(&mut f, Opcode::Fill, &[range(1, RAM, 8, NONE)]), ok(8));
         assert_eq!(f.faults.injected_stats().delayed_commands, 2);
         assert_eq!(
             f.faults.log_lines(),
@@ -1147,7 +1136,7 @@ mod tests {
             faults.clear()
         });
         let start = Instant::now();
-        assert_eq!(exec(&mut f, opcode::FILL, &[range(1, RAM, 8, 0)]), ok(8));
+        assert_eq!(exec(&mut f, Opcode::Fill, &[range(1, RAM, 8, NONE)]), ok(8));
         assert!(start.elapsed() < Duration::from_secs(30));
         assert_eq!(clearer.join().unwrap(), 1);
     }
@@ -1172,12 +1161,12 @@ mod tests {
         );
         let start = Instant::now();
         assert_eq!(
-            exec(&mut f, opcode::COPY, &[range(RAM, 0, 50_000, DST_VRAM)]),
+            exec(&mut f, Opcode::Copy, &[range(RAM, 0, 50_000, DST_VRAM)]),
             ok(50_000)
         );
         assert!(start.elapsed() >= Duration::from_millis(50));
         // Commands that move nothing are not throttled.
-        assert_eq!(exec(&mut f, opcode::NOP, &[]), ok(0));
+        assert_eq!(exec(&mut f, Opcode::Nop, &[]), ok(0));
         assert_eq!(
             f.faults.log_lines(),
             ["fault #1: bandwidth bytes_per_sec=1000000 bytes=50000 delay_us=50000 at command 1"]
@@ -1291,18 +1280,18 @@ mod tests {
     fn spurious_faults_and_storms_are_fault_events_without_a_parked_command() {
         let mut f = fixture();
         let mut events = Vec::new();
-        run(&mut f, opcode::CTX_CREATE, 2, &[], &mut events);
+        run(&mut f, Opcode::CtxCreate, 2, &[], &mut events);
         let map = range(RAM, 0x40_0000, 3 * 4096, MAP_READ);
-        run(&mut f, opcode::MAP, 2, &[map], &mut events);
+        run(&mut f, Opcode::Map, 2, &[map], &mut events);
         // A real fault first, to show the numbering is shared.
-        let read = [range(0x50_0000, RAM + 0x8000, 8, 0)];
+        let read = [range(0x50_0000, RAM + 0x8000, 8, NONE)];
         assert_eq!(
             f.engine
-                .process(&f.mem, &command(opcode::VREAD, 2, &read), 5, &mut events)
+                .process(&f.mem, &command(Opcode::Vread, 2, &read), 5, &mut events)
                 .response,
             None
         );
-        run(&mut f, opcode::CANCEL, 2, &[], &mut events);
+        run(&mut f, Opcode::Cancel, 2, &[], &mut events);
         inject(
             &f,
             serde_json::json!({"kind":"spurious_faults","ctx":2,"addr":0x40_1008,"count":2}),
@@ -1335,8 +1324,8 @@ mod tests {
         // Nothing is parked: REPLAY answers BAD_CONTEXT, as the spec says.
         assert_eq!(f.engine.parked(), 0);
         assert_eq!(
-            run(&mut f, opcode::REPLAY, 2, &[], &mut events).status,
-            status::BAD_CONTEXT
+            run(&mut f, Opcode::Replay, 2, &[], &mut events).status,
+            Status::BadContext
         );
         // A storm on a context with nothing mapped uses page addresses from 0.
         inject(
@@ -1373,7 +1362,7 @@ mod tests {
             .unwrap();
         for i in 0..300u64 {
             let copy = range(RAM + (i % 16) * 4096, (i % 64) * 4096, 4096, DST_VRAM);
-            let _ = exec(&mut f, opcode::COPY, &[copy, copy]);
+            let _ = exec(&mut f, Opcode::Copy, &[copy, copy]);
             let _ = f.faults.interrupt();
         }
         f.faults.log_lines()
@@ -1415,7 +1404,7 @@ mod tests {
         let path = f._dir.path().join("faults.log");
         f.faults.log_to_file(&path).unwrap();
         inject(&f, serde_json::json!({"kind":"copy_error"}));
-        let _ = exec(&mut f, opcode::COPY, &[range(RAM, 0, 8, DST_VRAM)]);
+        let _ = exec(&mut f, Opcode::Copy, &[range(RAM, 0, 8, DST_VRAM)]);
         inject(&f, serde_json::json!({"kind":"stall_queue"}));
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().collect::<Vec<_>>(), f.faults.log_lines());

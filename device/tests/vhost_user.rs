@@ -14,10 +14,9 @@ use std::sync::{Arc, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use hmmgpu_abi::range_flags::{DST_VRAM, MAP_READ, MAP_WRITE, SRC_VRAM};
 use hmmgpu_abi::{
-    counter, event, opcode, status, CmdHeader, DeviceConfig, Event, Range, Response, ABI_VERSION,
-    CONFIG_MAGIC, MAX_CONTEXTS, MAX_RANGES, QUEUE_COMMAND, QUEUE_EVENT, QUEUE_SIZE,
+    counter, event, CmdHeader, DeviceConfig, Event, Opcode, Range, RangeFlags, Response, Status,
+    ABI_VERSION, CONFIG_MAGIC, MAX_CONTEXTS, MAX_RANGES, QUEUE_COMMAND, QUEUE_EVENT, QUEUE_SIZE,
 };
 use hmmgpu_device::backend::register_fault_wakeup;
 use hmmgpu_device::{Engine, FaultInjector, HmmGpuBackend, Stats, Vram};
@@ -32,6 +31,12 @@ use vm_memory::{
     Le32, Le64,
 };
 use vmm_sys_util::eventfd::EventFd;
+
+/// Range flags as the wire's `Range::flags` holds them.
+const DST_VRAM: u32 = RangeFlags::DST_VRAM.bits();
+const SRC_VRAM: u32 = RangeFlags::SRC_VRAM.bits();
+const MAP_READ: u32 = RangeFlags::MAP_READ.bits();
+const MAP_WRITE: u32 = RangeFlags::MAP_WRITE.bits();
 
 const VRAM_SIZE: u64 = 4 << 20;
 /// Guest RAM: one memfd region at a GPA unlike its host address, so any
@@ -354,12 +359,12 @@ impl Vm {
 
     /// Sends a command (header and ranges in two readable descriptors, as a
     /// driver with a separate range array would) and returns its response.
-    fn command(&mut self, op: u32, ranges: &[Range]) -> Response {
+    fn command(&mut self, op: Opcode, ranges: &[Range]) -> Response {
         self.command_ctx(op, 0, ranges)
     }
 
     /// `command` with a device MMU context.
-    fn command_ctx(&mut self, op: u32, ctx: u32, ranges: &[Range]) -> Response {
+    fn command_ctx(&mut self, op: Opcode, ctx: u32, ranges: &[Range]) -> Response {
         let head = self.post_command(op, ctx, ranges, CMD_BUF, RESP_BUF);
         assert_eq!(self.wait_used(), (head, Response::SIZE as u32));
         self.response()
@@ -370,19 +375,13 @@ impl Vm {
     /// it; returns its head.
     fn post_command(
         &mut self,
-        op: u32,
+        op: Opcode,
         ctx: u32,
         ranges: &[Range],
         cmd_at: u64,
         resp_at: u64,
     ) -> u16 {
-        let header = CmdHeader {
-            opcode: op,
-            ctx,
-            tag: 42,
-            count: ranges.len() as u32,
-            reserved: 0,
-        };
+        let header = CmdHeader::new(op, ctx, 42, ranges.len() as u32);
         let ranges_at = cmd_at + 0x100;
         self.mem
             .write_slice(&header.to_bytes(), GuestAddress(cmd_at))
@@ -453,11 +452,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 }
 
 fn ok(bytes: u64) -> Response {
-    Response {
-        status: status::OK,
-        failed_index: 0,
-        bytes,
-    }
+    Response::ok(bytes)
 }
 
 /// A backend daemon serving one session on a thread of this process.
@@ -539,7 +534,7 @@ fn config_space_and_copies_through_the_vram() {
     assert_eq!(config.page_size, 4096);
     assert_eq!(config.max_ranges, MAX_RANGES);
 
-    assert_eq!(vm.command(opcode::NOP, &[]), ok(0));
+    assert_eq!(vm.command(Opcode::Nop, &[]), ok(0));
 
     // Guest -> VRAM: three scattered 4 KiB pages into one contiguous block,
     // as a migration to device memory does.
@@ -561,7 +556,7 @@ fn config_space_and_copies_through_the_vram() {
             flags: DST_VRAM,
         })
         .collect();
-    assert_eq!(vm.command(opcode::COPY, &to_vram), ok(3 * 4096));
+    assert_eq!(vm.command(Opcode::Copy, &to_vram), ok(3 * 4096));
     // The bytes are in the VRAM file itself, where QEMU's BAR maps them.
     let file = backend.vram_file();
     assert_eq!(
@@ -578,7 +573,7 @@ fn config_space_and_copies_through_the_vram() {
         flags: SRC_VRAM,
     };
     assert_eq!(
-        vm.command(opcode::COPY, &[from_vram]),
+        vm.command(Opcode::Copy, &[from_vram]),
         ok(data.len() as u64)
     );
     assert_eq!(vm.read(back, data.len()), data);
@@ -590,7 +585,7 @@ fn config_space_and_copies_through_the_vram() {
         len: 21,
         flags: DST_VRAM,
     };
-    assert_eq!(vm.command(opcode::FILL, &[fill]), ok(21));
+    assert_eq!(vm.command(Opcode::Fill, &[fill]), ok(21));
     let file = backend.vram_file();
     let expect: Vec<u8> = (0..21)
         .map(|i| 0x1122_3344_5566_7788u64.to_le_bytes()[i % 8])
@@ -624,7 +619,7 @@ fn indirect_descriptors_and_many_commands_without_event_idx() {
             len: 64,
             flags: DST_VRAM,
         };
-        assert_eq!(vm.command(opcode::COPY, &[range]), ok(64));
+        assert_eq!(vm.command(Opcode::Copy, &[range]), ok(64));
     }
     // One command through an indirect table: header, ranges and response
     // buffers all described by a table in guest RAM.
@@ -632,7 +627,7 @@ fn indirect_descriptors_and_many_commands_without_event_idx() {
     let data = pattern(512, 0xa1);
     vm.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
     let header = CmdHeader {
-        opcode: opcode::COPY,
+        opcode: Opcode::Copy.bits(),
         ctx: 0,
         tag: 7,
         count: 1,
@@ -709,11 +704,11 @@ fn bad_commands_fail_and_the_queue_keeps_serving() {
         len: 16,
         flags: DST_VRAM,
     };
-    let response = vm.command(opcode::COPY, &[good, outside]);
+    let response = vm.command(Opcode::Copy, &[good, outside]);
     assert_eq!(
         response,
         Response {
-            status: status::BAD_GUEST_ADDR,
+            status: Status::BadGuestAddr,
             failed_index: 1,
             bytes: 0
         }
@@ -731,8 +726,8 @@ fn bad_commands_fail_and_the_queue_keeps_serving() {
         flags: DST_VRAM,
     };
     assert_eq!(
-        vm.command(opcode::COPY, &[past]).status,
-        status::BAD_VRAM_RANGE
+        vm.command(Opcode::Copy, &[past]).status,
+        Status::BadVramRange
     );
 
     // An injected copy-engine error: the first range is done, the second not.
@@ -743,11 +738,11 @@ fn bad_commands_fail_and_the_queue_keeps_serving() {
         len: 4096,
         flags: DST_VRAM,
     };
-    let response = vm.command(opcode::COPY, &[good, second]);
+    let response = vm.command(Opcode::Copy, &[good, second]);
     assert_eq!(
         response,
         Response {
-            status: status::COPY_ERROR,
+            status: Status::CopyError,
             failed_index: 1,
             bytes: 4096
         }
@@ -766,11 +761,11 @@ fn bad_commands_fail_and_the_queue_keeps_serving() {
         wo(RESP_BUF, Response::SIZE as u32),
     ]);
     assert_eq!(len, Response::SIZE as u32);
-    assert_eq!(vm.response().status, status::BAD_REQUEST);
+    assert_eq!(vm.response().status, Status::BadRequest);
 
     // A readable part cut short of its announced ranges.
     let header = CmdHeader {
-        opcode: opcode::COPY,
+        opcode: Opcode::Copy.bits(),
         ctx: 0,
         tag: 1,
         count: 2,
@@ -790,7 +785,7 @@ fn bad_commands_fail_and_the_queue_keeps_serving() {
     assert_eq!(
         vm.response(),
         Response {
-            status: status::BAD_REQUEST,
+            status: Status::BadRequest,
             failed_index: 1,
             bytes: 0
         }
@@ -798,7 +793,7 @@ fn bad_commands_fail_and_the_queue_keeps_serving() {
 
     // The response buffer points outside guest memory: dropped, used len 0.
     let header = CmdHeader {
-        opcode: opcode::NOP,
+        opcode: Opcode::Nop.bits(),
         ..Default::default()
     };
     vm.mem
@@ -813,7 +808,7 @@ fn bad_commands_fail_and_the_queue_keeps_serving() {
     assert_eq!(vm.submit(&[ro(CMD_BUF, 24), wo(RESP_BUF, 8)]), 0);
 
     // The device keeps serving.
-    assert_eq!(vm.command(opcode::COPY, &[second]), ok(4096));
+    assert_eq!(vm.command(Opcode::Copy, &[second]), ok(4096));
     assert_eq!(&backend.vram_file()[0x2000..0x3000], &pattern(4096, 3)[..]);
 
     let stats = backend.stats.snapshot();
@@ -851,21 +846,21 @@ fn device_mmu_flow(refused: u64) {
         flags,
     };
 
-    assert_eq!(vm.command_ctx(opcode::CTX_CREATE, CTX, &[]), ok(0));
+    assert_eq!(vm.command_ctx(Opcode::CtxCreate, CTX, &[]), ok(0));
     assert_eq!(
-        vm.command_ctx(opcode::MAP, CTX, &[r(page, VA, 4096, rw)]),
+        vm.command_ctx(Opcode::Map, CTX, &[r(page, VA, 4096, rw)]),
         ok(0)
     );
     // VWRITE, then VREAD back part of it.
     let data = pattern(4096, 0x33);
     vm.mem.write_slice(&data, GuestAddress(buf)).unwrap();
     assert_eq!(
-        vm.command_ctx(opcode::VWRITE, CTX, &[r(buf, VA, 4096, 0)]),
+        vm.command_ctx(Opcode::Vwrite, CTX, &[r(buf, VA, 4096, 0)]),
         ok(4096)
     );
     assert_eq!(vm.read(page, 4096), data);
     assert_eq!(
-        vm.command_ctx(opcode::VREAD, CTX, &[r(VA + 100, buf + 0x2000, 1000, 0)]),
+        vm.command_ctx(Opcode::Vread, CTX, &[r(VA + 100, buf + 0x2000, 1000, 0)]),
         ok(1000)
     );
     assert_eq!(vm.read(buf + 0x2000, 1000), data[100..1100]);
@@ -873,9 +868,9 @@ fn device_mmu_flow(refused: u64) {
     // No event buffer posted yet: a fault fails the command at once.
     let unmapped = r(VA + 0x1008, buf, 16, 0);
     assert_eq!(
-        vm.command_ctx(opcode::VREAD, CTX, &[unmapped]),
+        vm.command_ctx(Opcode::Vread, CTX, &[unmapped]),
         Response {
-            status: status::FAULT,
+            status: Status::Fault,
             failed_index: 0,
             bytes: 0
         }
@@ -888,7 +883,7 @@ fn device_mmu_flow(refused: u64) {
     vm.post_event_buffer(0, Event::SIZE as u32);
     vm.post_event_buffer(1, Event::SIZE as u32);
     let parked = vm.post_command(
-        opcode::VREAD,
+        Opcode::Vread,
         CTX,
         &[r(VA + 0x800, buf + 0x4000, 0x1000, 0)],
         CMD_BUF2,
@@ -908,7 +903,7 @@ fn device_mmu_flow(refused: u64) {
         }
     );
     // It did not complete: a NOP sent after it completes alone.
-    assert_eq!(vm.command(opcode::NOP, &[]), ok(0));
+    assert_eq!(vm.command(Opcode::Nop, &[]), ok(0));
     assert_eq!(vm.take_used(), None);
     assert_eq!(vm.read(RESP_BUF2, Response::SIZE), [0xee; Response::SIZE]);
     assert_eq!(vm.read(buf + 0x4000, 0x800), data[0x800..]);
@@ -920,10 +915,10 @@ fn device_mmu_flow(refused: u64) {
         .write_slice(&other_data, GuestAddress(other))
         .unwrap();
     assert_eq!(
-        vm.command_ctx(opcode::MAP, CTX, &[r(other, VA + 0x1000, 4096, MAP_READ)]),
+        vm.command_ctx(Opcode::Map, CTX, &[r(other, VA + 0x1000, 4096, MAP_READ)]),
         ok(0)
     );
-    let replay = vm.post_command(opcode::REPLAY, CTX, &[], CMD_BUF, RESP_BUF);
+    let replay = vm.post_command(Opcode::Replay, CTX, &[], CMD_BUF, RESP_BUF);
     assert_eq!(vm.wait_used(), (parked, Response::SIZE as u32));
     assert_eq!(vm.take_used(), Some((replay, Response::SIZE as u32)));
     assert_eq!(vm.response_at(RESP_BUF2), ok(0x1000));
@@ -933,7 +928,7 @@ fn device_mmu_flow(refused: u64) {
 
     // A write to the read-only page: a permission fault; CANCEL fails it.
     let parked = vm.post_command(
-        opcode::VWRITE,
+        Opcode::Vwrite,
         CTX,
         &[r(buf, VA + 0xff8, 16, 0)],
         CMD_BUF2,
@@ -950,13 +945,13 @@ fn device_mmu_flow(refused: u64) {
             2
         )
     );
-    let cancel = vm.post_command(opcode::CANCEL, CTX, &[], CMD_BUF, RESP_BUF);
+    let cancel = vm.post_command(Opcode::Cancel, CTX, &[], CMD_BUF, RESP_BUF);
     assert_eq!(vm.wait_used(), (parked, Response::SIZE as u32));
     assert_eq!(vm.take_used(), Some((cancel, Response::SIZE as u32)));
     assert_eq!(
         vm.response_at(RESP_BUF2),
         Response {
-            status: status::FAULT,
+            status: Status::Fault,
             failed_index: 0,
             bytes: 8
         }
@@ -964,8 +959,8 @@ fn device_mmu_flow(refused: u64) {
     assert_eq!(vm.response(), ok(0));
     assert_eq!(vm.read(page + 0xff8, 8), data[..8]);
     assert_eq!(
-        vm.command_ctx(opcode::REPLAY, CTX, &[]).status,
-        status::BAD_CONTEXT
+        vm.command_ctx(Opcode::Replay, CTX, &[]).status,
+        Status::BadContext
     );
 
     // COUNTERS agrees with the backend's counters (which include the
@@ -973,7 +968,7 @@ fn device_mmu_flow(refused: u64) {
     let block_at = DATA + 0x8000;
     assert_eq!(
         vm.command(
-            opcode::COUNTERS,
+            Opcode::Counters,
             &[r(0, block_at, counter::BLOCK_SIZE as u32, 0)]
         ),
         ok(counter::BLOCK_SIZE as u64)
@@ -1089,7 +1084,7 @@ fn daemon_exits_cleanly_when_the_front_end_disconnects() {
         len: 100,
         flags: DST_VRAM,
     };
-    assert_eq!(vm.command(opcode::COPY, &[range]), ok(100));
+    assert_eq!(vm.command(Opcode::Copy, &[range]), ok(100));
 
     // The control socket reports the same counters.
     let mut stream = UnixStream::connect(&control).unwrap();
@@ -1167,7 +1162,7 @@ fn a_re_plugged_front_end_gets_a_new_session_on_the_same_vram() {
         len: 4096,
         flags: DST_VRAM,
     };
-    assert_eq!(vm.command(opcode::COPY, &[to_vram]), ok(4096));
+    assert_eq!(vm.command(Opcode::Copy, &[to_vram]), ok(4096));
     assert_eq!(
         control_request(
             &control,
@@ -1191,7 +1186,7 @@ fn a_re_plugged_front_end_gets_a_new_session_on_the_same_vram() {
         len: 4096,
         flags: SRC_VRAM,
     };
-    assert_eq!(vm.command(opcode::COPY, &[back]), ok(4096));
+    assert_eq!(vm.command(Opcode::Copy, &[back]), ok(4096));
     let mut got = vec![0u8; 4096];
     vm.mem
         .read_slice(&mut got, GuestAddress(DATA + 0x2000))
@@ -1354,14 +1349,14 @@ fn stopping_the_command_queue_forgets_parked_commands() {
     const VA: u64 = 0x7f00_0000_0000;
     let data = pattern(4096, 0x21);
     vm.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
-    assert_eq!(vm.command_ctx(opcode::CTX_CREATE, CTX, &[]), ok(0));
+    assert_eq!(vm.command_ctx(Opcode::CtxCreate, CTX, &[]), ok(0));
     let mapped = Range {
         src: DATA,
         dst: VA,
         len: 4096,
         flags: MAP_READ,
     };
-    assert_eq!(vm.command_ctx(opcode::MAP, CTX, &[mapped]), ok(0));
+    assert_eq!(vm.command_ctx(Opcode::Map, CTX, &[mapped]), ok(0));
     vm.post_event_buffer(0, Event::SIZE as u32);
     let unmapped = Range {
         src: VA + 0x1000,
@@ -1369,7 +1364,7 @@ fn stopping_the_command_queue_forgets_parked_commands() {
         len: 16,
         flags: 0,
     };
-    vm.post_command(opcode::VREAD, CTX, &[unmapped], CMD_BUF2, RESP_BUF2);
+    vm.post_command(Opcode::Vread, CTX, &[unmapped], CMD_BUF2, RESP_BUF2);
     let (_, _, fault) = vm.wait_event();
     assert_eq!(fault.addr, VA + 0x1000);
 
@@ -1377,9 +1372,9 @@ fn stopping_the_command_queue_forgets_parked_commands() {
     // Nothing parked any more: REPLAY finds nothing, and only its own
     // completion is used.
     assert_eq!(
-        vm.command_ctx(opcode::REPLAY, CTX, &[]),
+        vm.command_ctx(Opcode::Replay, CTX, &[]),
         Response {
-            status: status::BAD_CONTEXT,
+            status: Status::BadContext,
             failed_index: 0,
             bytes: 0
         }
@@ -1393,7 +1388,7 @@ fn stopping_the_command_queue_forgets_parked_commands() {
         len: 4096,
         flags: 0,
     };
-    assert_eq!(vm.command_ctx(opcode::VREAD, CTX, &[read_back]), ok(4096));
+    assert_eq!(vm.command_ctx(Opcode::Vread, CTX, &[read_back]), ok(4096));
     assert_eq!(vm.read(DATA + 0x4000, 4096), data);
 }
 
@@ -1424,9 +1419,9 @@ fn injected_copy_error_on_a_range_through_the_control_socket() {
         flags: DST_VRAM,
     };
     assert_eq!(
-        vm.command(opcode::COPY, &[first, second]),
+        vm.command(Opcode::Copy, &[first, second]),
         Response {
-            status: status::COPY_ERROR,
+            status: Status::CopyError,
             failed_index: 1,
             bytes: 4096
         }
@@ -1435,7 +1430,7 @@ fn injected_copy_error_on_a_range_through_the_control_socket() {
     assert_eq!(&file[..4096], &pattern(8192, 5)[..4096]);
     assert!(file[0x2000..0x3000].iter().all(|&b| b == 0));
     // Spent: the retry goes through.
-    assert_eq!(vm.command(opcode::COPY, &[second]), ok(4096));
+    assert_eq!(vm.command(Opcode::Copy, &[second]), ok(4096));
     let stats = control_request(&control, serde_json::json!({"cmd":"stats"}));
     assert_eq!(stats["stats"]["injected"]["copy_errors"], 1);
     assert_eq!(stats["stats"]["commands_failed"], 1);
@@ -1484,7 +1479,7 @@ fn injected_ecc_error_flips_the_bit_and_reaches_the_event_queue() {
         &control,
         serde_json::json!({"cmd":"inject","fault":{"kind":"ecc","offset":0,"bit":0}}),
     );
-    assert_eq!(vm.command(opcode::NOP, &[]), ok(0));
+    assert_eq!(vm.command(Opcode::Nop, &[]), ok(0));
     let stats = control_request(&control, serde_json::json!({"cmd":"stats"}));
     assert_eq!(stats["stats"]["injected"]["events_posted"], 1);
     assert_eq!(stats["stats"]["injected"]["events_dropped"], 1);
@@ -1499,13 +1494,13 @@ fn a_stalled_or_slow_queue_leaves_the_control_socket_responsive() {
     let backend = InProcess::start();
     let (_server, control) = control_for(&backend);
     let mut vm = Vm::connect(&backend.socket);
-    assert_eq!(vm.command(opcode::NOP, &[]), ok(0));
+    assert_eq!(vm.command(Opcode::Nop, &[]), ok(0));
     let reply = control_request(
         &control,
         serde_json::json!({"cmd":"inject","fault":{"kind":"stall_queue"}}),
     );
     assert_eq!(reply["ok"], true);
-    let head = vm.post_command(opcode::NOP, 0, &[], CMD_BUF, RESP_BUF);
+    let head = vm.post_command(Opcode::Nop, 0, &[], CMD_BUF, RESP_BUF);
     assert!(!interrupt_within(&vm.call, Duration::from_millis(300)));
     assert_eq!(vm.take_used(), None, "a stalled queue takes no command");
     // Control answers while the queue is stalled.
@@ -1540,7 +1535,7 @@ fn a_stalled_or_slow_queue_leaves_the_control_socket_responsive() {
         len: 64,
         flags: 0,
     };
-    let head = vm.post_command(opcode::FILL, 0, &[fill], CMD_BUF, RESP_BUF);
+    let head = vm.post_command(Opcode::Fill, 0, &[fill], CMD_BUF, RESP_BUF);
     assert!(!interrupt_within(&vm.call, Duration::from_millis(200)));
     let asked = Instant::now();
     let stats = control_request(&control, serde_json::json!({"cmd":"stats"}));
@@ -1565,20 +1560,20 @@ fn a_dropped_interrupt_leaves_the_used_entry_unsignalled() {
         .faults
         .inject(hmmgpu_device::Fault::DropInterrupts { count: 1 })
         .unwrap();
-    let head = vm.post_command(opcode::NOP, 0, &[], CMD_BUF, RESP_BUF);
+    let head = vm.post_command(Opcode::Nop, 0, &[], CMD_BUF, RESP_BUF);
     assert!(!interrupt_within(&vm.call, Duration::from_millis(300)));
     // The device did complete it: the used ring has the entry.
     assert_eq!(vm.take_used(), Some((head, Response::SIZE as u32)));
     assert_eq!(vm.response(), ok(0));
     // The next completion is signalled again.
-    assert_eq!(vm.command(opcode::NOP, &[]), ok(0));
+    assert_eq!(vm.command(Opcode::Nop, &[]), ok(0));
     // A delayed one arrives, late.
     backend
         .faults
         .inject(hmmgpu_device::Fault::DelayInterrupts { ms: 300, count: 1 })
         .unwrap();
     let start = Instant::now();
-    let head = vm.post_command(opcode::NOP, 0, &[], CMD_BUF, RESP_BUF);
+    let head = vm.post_command(Opcode::Nop, 0, &[], CMD_BUF, RESP_BUF);
     assert_eq!(vm.wait_used(), (head, Response::SIZE as u32));
     assert!(start.elapsed() >= Duration::from_millis(300));
     let stats = backend.faults.injected_stats();
@@ -1617,9 +1612,9 @@ fn fault_plans_logs_and_the_client_subcommands() {
         len: 64,
         flags: DST_VRAM,
     };
-    assert_eq!(vm.command(opcode::COPY, &[copy]), ok(64));
-    assert_eq!(vm.command(opcode::COPY, &[copy]).status, status::COPY_ERROR);
-    assert_eq!(vm.command(opcode::COPY, &[copy]), ok(64));
+    assert_eq!(vm.command(Opcode::Copy, &[copy]), ok(64));
+    assert_eq!(vm.command(Opcode::Copy, &[copy]).status, Status::CopyError);
+    assert_eq!(vm.command(Opcode::Copy, &[copy]), ok(64));
     let (_, _, event) = vm.wait_event();
     assert_eq!((event.kind, event.ctx, event.addr), (event::FAULT, 4, 8192));
 
