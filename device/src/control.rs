@@ -19,14 +19,16 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
 use log::{debug, warn};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::engine::Stats;
-use crate::faults::{Fault, FaultInjector};
-use crate::plan::Plan;
+use crate::faults::{Fault, FaultError, FaultInjector};
+use crate::plan::{Plan, PlanError};
 use crate::session::Sessions;
+use crate::stats::DeviceStats;
 
 /// Longest request line accepted; longer ones get an error and the
 /// connection is closed (a line is a few dozen bytes in practice).
@@ -323,99 +325,143 @@ fn error_reply(message: &str) -> Value {
     json!({ "ok": false, "error": message })
 }
 
-const KNOWN: &str = "ping, stats, session, inject, clear, list, load_plan";
+/// One request, as a line of the control socket spells it: a JSON object
+/// whose `cmd` names the variant. A member the request does not take is an
+/// error (a misspelt `{"cmd":"clear","idd":1}` must not clear every fault).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Is the backend there?
+    Ping {},
+    /// The counters ([`DeviceStats`]).
+    Stats {},
+    /// The front-end sessions; with `serve_next`, first asks for (or
+    /// cancels) serving the next front end ([`crate::session`]).
+    Session {
+        /// Serve the next front end after this one hangs up.
+        #[serde(default)]
+        serve_next: Option<bool>,
+    },
+    /// Injects one fault of the catalogue.
+    Inject {
+        /// The fault.
+        fault: Fault,
+    },
+    /// Disarms fault `id`, or every fault.
+    Clear {
+        /// The fault to disarm (all when absent).
+        #[serde(default)]
+        id: Option<u64>,
+    },
+    /// The armed faults.
+    List {},
+    /// Loads a fault plan from a file the backend reads, or inline.
+    LoadPlan {
+        /// The plan file.
+        #[serde(default)]
+        path: Option<PathBuf>,
+        /// The plan itself.
+        #[serde(default)]
+        plan: Option<Plan>,
+    },
+}
+
+/// Why a request was refused (the `error` of the reply).
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// Not JSON, or no request of the protocol.
+    #[error("bad request: {0}")]
+    Parse(#[from] serde_json::Error),
+    /// A fault request to a backend without fault injection.
+    #[error("fault injection is not enabled in this backend")]
+    NoFaultInjection,
+    /// `session` to a backend without sessions.
+    #[error("this backend serves no vhost-user sessions")]
+    NoSessions,
+    /// The fault cannot be injected.
+    #[error(transparent)]
+    Fault(#[from] FaultError),
+    /// The plan cannot be loaded.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// `clear` of an id that is not armed.
+    #[error("no armed fault with id {0}")]
+    NoSuchFault(u64),
+    /// `load_plan` without exactly one of `path` and `plan`.
+    #[error("load_plan needs a string \"path\" or a \"plan\" object")]
+    PlanSource,
+}
 
 /// Answers one request line (a JSON object with a `cmd` member).
 pub fn handle_request(line: &str, control: &Control) -> Value {
-    let request: Value = match serde_json::from_str(line) {
-        Ok(value) => value,
-        Err(e) => return error_reply(&format!("bad JSON: {e}")),
-    };
-    let cmd = match request.get("cmd").and_then(Value::as_str) {
-        Some(cmd) => cmd,
-        None => return error_reply("request needs a string member \"cmd\""),
-    };
-    match cmd {
-        "ping" => return json!({ "ok": true }),
-        "stats" => {
-            let mut stats = json!(control.stats.snapshot());
-            if let Some(faults) = &control.faults {
-                stats["injected"] = json!(faults.injected_stats());
-            }
-            // As in the exit line (cli::final_stats).
-            if let Some(sessions) = &control.sessions {
-                stats["sessions"] = json!(sessions.started());
-            }
-            return json!({ "ok": true, "stats": stats });
-        }
-        "session" => return session_request(&request, control),
-        "inject" | "clear" | "list" | "load_plan" => {}
-        other => return error_reply(&format!("unknown cmd {other:?}; known: {KNOWN}")),
-    }
-    let Some(faults) = &control.faults else {
-        return error_reply("fault injection is not enabled in this backend");
-    };
-    let result = match cmd {
-        "inject" => match request.get("fault") {
-            Some(fault) => Fault::from_json(fault)
-                .and_then(|fault| faults.inject(fault))
-                .map(|id| json!({ "ok": true, "id": id })),
-            None => Err("inject needs a \"fault\" object".into()),
-        },
-        "clear" => match request.get("id") {
-            None => Ok(json!({ "ok": true, "cleared": faults.clear() })),
-            Some(id) => match id.as_u64() {
-                Some(id) if faults.clear_id(id) => Ok(json!({ "ok": true, "cleared": 1 })),
-                Some(id) => Err(format!("no armed fault with id {id}")),
-                None => Err("id must be an unsigned integer".into()),
-            },
-        },
-        "list" => Ok(json!({
-            "ok": true,
-            "faults": faults.list(),
-            "stalled": faults.stalled(),
-            "plan_pending": faults.plan_pending(),
-        })),
-        _ => {
-            let plan = match (request.get("path"), request.get("plan")) {
-                (Some(Value::String(path)), None) => Plan::load(Path::new(path)),
-                (None, Some(plan)) => Plan::from_json(plan),
-                _ => Err("load_plan needs a string \"path\" or a \"plan\" object".into()),
-            };
-            plan.and_then(|plan| {
-                let entries = plan.faults.len();
-                faults.load_plan(plan)?;
-                Ok(json!({ "ok": true, "entries": entries }))
-            })
-        }
-    };
-    result.unwrap_or_else(|e: String| error_reply(&e))
+    let answer = serde_json::from_str::<Request>(line)
+        .map_err(RequestError::from)
+        .and_then(|request| answer(request, control));
+    answer.unwrap_or_else(|e| error_reply(&e.to_string()))
 }
 
-/// `session`: reports the front-end sessions; with `"serve_next": bool`
-/// first asks for (or cancels) serving the next front end rather than
-/// exiting when the current one hangs up (a hot-unplug, see
-/// [`crate::session`]).
-fn session_request(request: &Value, control: &Control) -> Value {
-    let Some(sessions) = &control.sessions else {
-        return error_reply("this backend serves no vhost-user sessions");
+/// The stats a `stats` request and the exit line report.
+pub fn device_stats(control: &Control) -> DeviceStats {
+    DeviceStats {
+        device: control.stats.snapshot(),
+        injected: control.faults.as_ref().map(|f| f.injected_stats()),
+        sessions: control.sessions.as_ref().map(|s| s.started()),
+    }
+}
+
+/// Carries out `request`.
+fn answer(request: Request, control: &Control) -> Result<Value, RequestError> {
+    let faults = || {
+        control
+            .faults
+            .as_ref()
+            .ok_or(RequestError::NoFaultInjection)
     };
-    if let Some(k) = request
-        .as_object()
-        .and_then(|o| o.keys().find(|k| *k != "cmd" && *k != "serve_next"))
-    {
-        return error_reply(&format!(
-            "session: unknown member {k:?} (it takes \"serve_next\")"
-        ));
-    }
-    match request.get("serve_next") {
-        None => {}
-        Some(Value::Bool(on)) => sessions.set_serve_next(*on),
-        Some(other) => {
-            return error_reply(&format!("serve_next must be true or false, not {other}"))
+    Ok(match request {
+        Request::Ping {} => json!({ "ok": true }),
+        Request::Stats {} => json!({ "ok": true, "stats": device_stats(control) }),
+        Request::Session { serve_next } => {
+            let sessions = control.sessions.as_ref().ok_or(RequestError::NoSessions)?;
+            if let Some(on) = serve_next {
+                sessions.set_serve_next(on);
+            }
+            json!({ "ok": true, "session": sessions.to_json() })
         }
-    }
-    json!({ "ok": true, "session": sessions.to_json() })
+        Request::Inject { fault } => {
+            let id = faults()?.inject(fault)?;
+            json!({ "ok": true, "id": id })
+        }
+        Request::Clear { id: None } => json!({ "ok": true, "cleared": faults()?.clear() }),
+        Request::Clear { id: Some(id) } => {
+            if !faults()?.clear_id(id) {
+                return Err(RequestError::NoSuchFault(id));
+            }
+            json!({ "ok": true, "cleared": 1 })
+        }
+        Request::List {} => {
+            let faults = faults()?;
+            json!({
+                "ok": true,
+                "faults": faults.list(),
+                "stalled": faults.stalled(),
+                "plan_pending": faults.plan_pending(),
+            })
+        }
+        Request::LoadPlan { path, plan } => {
+            let faults = faults()?;
+            let plan = match (path, plan) {
+                (Some(path), None) => Plan::load(&path)?,
+                (None, Some(plan)) => {
+                    plan.validate()?;
+                    plan
+                }
+                _ => return Err(RequestError::PlanSource),
+            };
+            let entries = plan.faults.len();
+            faults.load_plan(plan)?;
+            json!({ "ok": true, "entries": entries })
+        }
+    })
 }
 
 /// Sends one request line to the control socket at `path` and returns the
@@ -671,6 +717,44 @@ mod tests {
         assert_eq!(stats["stats"]["injected"]["injected"], 0);
     }
 
+    /// A misspelt member must not be ignored: `{"cmd":"clear","idd":1}`
+    /// read as `{"cmd":"clear"}` would disarm every fault.
+    #[test]
+    fn a_request_with_an_unknown_member_is_refused_and_changes_nothing() {
+        let (control, faults) = with_faults();
+        for fault in [
+            json!({"kind":"copy_error","count":3}),
+            json!({"kind":"stall_queue"}),
+        ] {
+            assert_eq!(
+                ask_json(&control, json!({"cmd":"inject","fault":fault}))["ok"],
+                true
+            );
+        }
+        let before = faults.list();
+        for bad in [
+            json!({"cmd":"clear","idd":1}),
+            json!({"cmd":"clear","id":1,"all":true}),
+            json!({"cmd":"ping","verbose":true}),
+            json!({"cmd":"stats","reset":true}),
+            json!({"cmd":"list","all":true}),
+            json!({"cmd":"inject","fault":{"kind":"stall_queue"},"gpu":1}),
+            json!({"cmd":"load_plan","plan":{"faults":[]},"replace":true}),
+        ] {
+            let reply = ask_json(&control, bad.clone());
+            assert_eq!(reply["ok"], false, "{bad}: {reply}");
+            let error = reply["error"].as_str().unwrap_or_default();
+            assert!(error.contains("unknown field"), "{bad}: {reply}");
+        }
+        assert_eq!(
+            faults.list(),
+            before,
+            "a refused request changed the faults"
+        );
+        assert!(faults.stalled());
+        assert_eq!(faults.injected_stats().injected, 2);
+    }
+
     #[test]
     fn loads_plans_inline_and_from_files() {
         let (control, faults) = with_faults();
@@ -695,6 +779,41 @@ mod tests {
         assert_eq!(reply, json!({"ok": true, "entries": 1}));
         assert_eq!(faults.list().len(), 2);
         assert_eq!(faults.plan_pending(), Some(0));
+    }
+
+    /// `load_plan` runs on the control thread: a path naming a device, a
+    /// FIFO nobody writes or a huge file must be refused at once, not read
+    /// without end or waited on.
+    #[test]
+    fn load_plan_refuses_devices_fifos_and_huge_files_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let huge = dir.path().join("huge.json");
+        let file = fs::File::create(&huge).unwrap();
+        file.set_len(crate::plan::MAX_PLAN_FILE + 1).unwrap();
+        for path in [Path::new("/dev/zero"), &fifo, &huge] {
+            let request = json!({"cmd":"load_plan","path":path});
+            let (tx, rx) = std::sync::mpsc::channel();
+            thread::spawn(move || {
+                let (control, _faults) = with_faults();
+                let _ = tx.send(ask_json(&control, request));
+            });
+            let reply = rx
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .unwrap_or_else(|_| panic!("load_plan {} did not answer", path.display()));
+            assert_eq!(reply["ok"], false, "{}: {reply}", path.display());
+            let error = reply["error"].as_str().unwrap_or_default();
+            assert!(
+                error.contains("not a regular file") || error.contains("at most"),
+                "{}: {reply}",
+                path.display()
+            );
+        }
     }
 
     #[test]

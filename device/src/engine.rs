@@ -37,7 +37,7 @@ use hmmgpu_abi::{
     TransferRange, UnmapRange, MAX_RANGES,
 };
 use log::{debug, error, warn};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory, VolatileSlice,
 };
@@ -65,7 +65,7 @@ pub struct Stats {
 
 /// A copy of [`Stats`] at one moment, as the control socket reports it: one
 /// field per [`counter::NAMES`] entry, same names, same order.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatsSnapshot {
     /// Commands completed with status OK.
     pub commands_ok: u64,
@@ -99,6 +99,26 @@ pub struct StatsSnapshot {
 }
 
 impl StatsSnapshot {
+    /// The values in [`counter`] order.
+    pub fn values(&self) -> [u64; counter::COUNT] {
+        let mut v = [0; counter::COUNT];
+        v[counter::COMMANDS_OK] = self.commands_ok;
+        v[counter::COMMANDS_FAILED] = self.commands_failed;
+        v[counter::BYTES_GUEST_TO_VRAM] = self.bytes_guest_to_vram;
+        v[counter::BYTES_VRAM_TO_GUEST] = self.bytes_vram_to_guest;
+        v[counter::BYTES_VRAM_TO_VRAM] = self.bytes_vram_to_vram;
+        v[counter::BYTES_GUEST_TO_GUEST] = self.bytes_guest_to_guest;
+        v[counter::BYTES_FILLED] = self.bytes_filled;
+        v[counter::FAULTS] = self.faults;
+        v[counter::INVALIDATIONS] = self.invalidations;
+        v[counter::BYTES_VREAD] = self.bytes_vread;
+        v[counter::BYTES_VWRITE] = self.bytes_vwrite;
+        v[counter::ATOMICS] = self.atomics;
+        v[counter::REPLAYS] = self.replays;
+        v[counter::EVENTS_DROPPED] = self.events_dropped;
+        v
+    }
+
     /// From the values in [`counter`] order.
     pub fn from_values(v: [u64; counter::COUNT]) -> Self {
         Self {

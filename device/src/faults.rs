@@ -34,11 +34,59 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::engine::{CopyInfo, FaultHooks, InjectedFault, InterruptAction};
 use crate::mmu::{Mmu, Phys};
-use crate::plan::{Plan, PlanState, SplitMix64};
+use crate::plan::{Plan, PlanError, PlanState, SplitMix64};
 use crate::vram::Vram;
 
 /// Most events one spurious_faults or fault_storm injection may ask for.
 pub const MAX_INJECTED_EVENTS: u64 = 1 << 20;
+
+/// Why a fault cannot be injected.
+#[derive(Debug, thiserror::Error)]
+pub enum FaultError {
+    /// The JSON is no fault of the catalogue.
+    #[error("bad fault: {0}")]
+    Parse(#[from] serde_json::Error),
+    /// `ctx` names no context.
+    #[error("ctx {0} is not a context (1..={MAX_CONTEXTS})")]
+    Context(u32),
+    /// A count outside its range.
+    #[error("count {count} out of range 1..={max}")]
+    Count {
+        /// The count given.
+        count: u64,
+        /// The largest allowed.
+        max: u64,
+    },
+    /// An empty `range`.
+    #[error("range.len must be at least 1")]
+    EmptyRange,
+    /// A probability outside 0..=1.
+    #[error("probability must be within 0..=1")]
+    Probability,
+    /// A sleep (`us`, `ms`) longer than an hour.
+    #[error("{0} must be at most one hour")]
+    TooLong(&'static str),
+    /// A bandwidth of 0.
+    #[error("bytes_per_sec must be at least 1")]
+    ZeroBandwidth,
+    /// A bit index above 7.
+    #[error("bit {0} out of range 0..=7")]
+    Bit(u8),
+    /// `unplug` with `timeout_s` 0.
+    #[error("unplug: \"timeout_s\" is a number of seconds, at least 1")]
+    ZeroTimeout,
+    /// ECC injection without a VRAM (tests).
+    #[error("no VRAM attached")]
+    NoVram,
+    /// The ECC offset is outside the VRAM.
+    #[error("ecc offset {offset:#x}: {source}")]
+    EccOffset {
+        /// The offset.
+        offset: u64,
+        /// What the VRAM said.
+        source: crate::vram::VramError,
+    },
+}
 
 /// Which address space an [`AddrRange`] is in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,26 +223,23 @@ impl Fault {
     }
 
     /// Parses a fault from JSON, validated.
-    pub fn from_json(value: &serde_json::Value) -> Result<Self, String> {
-        let fault: Fault = Fault::deserialize(value).map_err(|e| format!("bad fault: {e}"))?;
+    pub fn from_json(value: &serde_json::Value) -> Result<Self, FaultError> {
+        let fault = Fault::deserialize(value)?;
         fault.validate()?;
         Ok(fault)
     }
 
     /// Checks the values serde cannot.
-    pub fn validate(&self) -> Result<(), String> {
-        let ctx_ok = |ctx: u32| {
-            if (1..=MAX_CONTEXTS).contains(&ctx) {
-                Ok(())
-            } else {
-                Err(format!("ctx {ctx} is not a context (1..={MAX_CONTEXTS})"))
-            }
+    pub fn validate(&self) -> Result<(), FaultError> {
+        let ctx_ok = |ctx: u32| match ContextId::new(ctx) {
+            Some(_) => Ok(()),
+            None => Err(FaultError::Context(ctx)),
         };
         let count_ok = |count: u64, max: u64| {
             if (1..=max).contains(&count) {
                 Ok(())
             } else {
-                Err(format!("count {count} out of range 1..={max}"))
+                Err(FaultError::Count { count, max })
             }
         };
         match self {
@@ -206,27 +251,27 @@ impl Fault {
             } => {
                 count_ok(*count, u64::MAX)?;
                 if range.is_some_and(|r| r.len == 0) {
-                    return Err("range.len must be at least 1".into());
+                    return Err(FaultError::EmptyRange);
                 }
                 if probability.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
-                    return Err("probability must be within 0..=1".into());
+                    return Err(FaultError::Probability);
                 }
                 Ok(())
             }
             Fault::Latency { us, count } => {
                 if *us > 3_600_000_000 {
-                    return Err("us must be at most one hour".into());
+                    return Err(FaultError::TooLong("us"));
                 }
                 count.map_or(Ok(()), |c| count_ok(c, u64::MAX))
             }
-            Fault::Bandwidth { bytes_per_sec: 0 } => Err("bytes_per_sec must be at least 1".into()),
+            Fault::Bandwidth { bytes_per_sec: 0 } => Err(FaultError::ZeroBandwidth),
             Fault::Bandwidth { .. } | Fault::StallQueue => Ok(()),
-            Fault::Ecc { bit, .. } if *bit > 7 => Err(format!("bit {bit} out of range 0..=7")),
+            Fault::Ecc { bit, .. } if *bit > 7 => Err(FaultError::Bit(*bit)),
             Fault::Ecc { .. } => Ok(()),
             Fault::DropInterrupts { count } => count_ok(*count, u64::MAX),
             Fault::DelayInterrupts { ms, count } => {
                 if *ms > 3_600_000 {
-                    return Err("ms must be at most one hour".into());
+                    return Err(FaultError::TooLong("ms"));
                 }
                 count_ok(*count, u64::MAX)
             }
@@ -276,6 +321,77 @@ impl Fault {
     }
 }
 
+/// The severity of an injected PCIe AER error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AerSeverity {
+    /// Corrected by the link.
+    Correctable,
+    /// Uncorrectable, non-fatal.
+    Nonfatal,
+    /// Uncorrectable, fatal.
+    Fatal,
+}
+
+/// A fault a running VM gets from the host side rather than from the
+/// backend's catalogue ([`Fault`]): applied by `cargo xtask inject`
+/// through QEMU or to the backend process (docs/fault-injection.md,
+/// "Host-side faults"). Spelt like a [`Fault`], with `kind`; here so the
+/// whole catalogue parses in one crate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum HostFault {
+    /// The VRAM BAR's link fails (`down`) or comes back.
+    LinkDown {
+        /// Down (true) or up.
+        down: bool,
+    },
+    /// SIGKILL of the GPU's backend.
+    KillBackend {},
+    /// A machine check at guest-physical `addr`.
+    Mce {
+        /// The guest-physical address.
+        addr: u64,
+    },
+    /// A PCIe AER error.
+    Aer {
+        /// Its severity.
+        error: AerSeverity,
+    },
+    /// An orderly hot-unplug; waits at most `timeout_s` seconds (at least
+    /// 1) for the guest to release the device.
+    Unplug {
+        /// The wait, seconds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_s: Option<u64>,
+    },
+    /// Plugs the unplugged GPU back.
+    Plug {},
+}
+
+impl HostFault {
+    /// The `kind`s of host-side faults.
+    pub const KINDS: [&'static str; 6] =
+        ["link_down", "kill_backend", "mce", "aer", "unplug", "plug"];
+
+    /// Whether `fault` (a JSON object) is a host-side fault by its `kind`
+    /// (it may still be malformed).
+    pub fn is_host_fault(fault: &serde_json::Value) -> bool {
+        fault["kind"]
+            .as_str()
+            .is_some_and(|kind| Self::KINDS.contains(&kind))
+    }
+
+    /// Parses a host-side fault, checked.
+    pub fn from_json(value: &serde_json::Value) -> Result<Self, FaultError> {
+        let fault = Self::deserialize(value)?;
+        if let HostFault::Unplug { timeout_s: Some(0) } = fault {
+            return Err(FaultError::ZeroTimeout);
+        }
+        Ok(fault)
+    }
+}
+
 fn describe_range(r: &AddrRange) -> String {
     let space = match r.space {
         Space::Vram => "vram",
@@ -304,7 +420,7 @@ pub fn bandwidth_delay(bytes: u64, bytes_per_sec: u64) -> Duration {
 
 /// Counts of what injection did, reported by the control socket's `stats`
 /// (under `"injected"`), not in the guest-visible COUNTERS block.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InjectedStats {
     /// Fault log lines written (the last `#N`).
     pub logged: u64,
@@ -472,13 +588,13 @@ impl FaultInjector {
     /// Injects `fault`: faults with an immediate effect (ecc,
     /// spurious_faults, fault_storm) take it now, the others are armed.
     /// Returns its id.
-    pub fn inject(&self, fault: Fault) -> Result<u64, String> {
+    pub fn inject(&self, fault: Fault) -> Result<u64, FaultError> {
         fault.validate()?;
         let mut state = self.lock();
         self.inject_locked(&mut state, fault)
     }
 
-    fn inject_locked(&self, state: &mut State, fault: Fault) -> Result<u64, String> {
+    fn inject_locked(&self, state: &mut State, fault: Fault) -> Result<u64, FaultError> {
         let id = state.next_id;
         match &fault {
             Fault::Ecc { offset, bit } => {
@@ -509,14 +625,13 @@ impl FaultInjector {
     }
 
     /// Flips bit `bit` of VRAM byte `offset`.
-    fn flip(&self, offset: u64, bit: u8) -> Result<(), String> {
-        let vram = lock(&self.vram).clone().ok_or("no VRAM attached")?;
+    fn flip(&self, offset: u64, bit: u8) -> Result<(), FaultError> {
+        let vram = lock(&self.vram).clone().ok_or(FaultError::NoVram)?;
+        let at = |source| FaultError::EccOffset { offset, source };
         let mut byte = [0u8];
-        vram.read(offset, &mut byte)
-            .map_err(|e| format!("ecc offset {offset:#x}: {e}"))?;
+        vram.read(offset, &mut byte).map_err(at)?;
         byte[0] ^= 1 << bit;
-        vram.write(offset, &byte)
-            .map_err(|e| format!("ecc offset {offset:#x}: {e}"))
+        vram.write(offset, &byte).map_err(at)
     }
 
     /// Disarms every fault, forgets the plan and pending events, and
@@ -587,7 +702,7 @@ impl FaultInjector {
     /// Loads `plan`: replaces any earlier plan, reseeds the generator with
     /// its seed and fires the entries due at once (no trigger, or
     /// `after_commands: 0`). Plan command counts start from here.
-    pub fn load_plan(&self, plan: Plan) -> Result<(), String> {
+    pub fn load_plan(&self, plan: Plan) -> Result<(), PlanError> {
         plan.validate()?;
         let mut state = self.lock();
         state.rng = SplitMix64::new(plan.seed);
@@ -1396,6 +1511,49 @@ mod tests {
                 .any(|l| l.ends_with(": ecc offset=0x1000 bit=2 at command 250")),
             "{first:#?}"
         );
+    }
+
+    #[test]
+    fn host_faults_parse_strictly() {
+        use serde_json::json;
+        let ok = |v: serde_json::Value| HostFault::from_json(&v).unwrap();
+        assert_eq!(
+            ok(json!({"kind":"link_down","down":true})),
+            HostFault::LinkDown { down: true }
+        );
+        assert_eq!(
+            ok(json!({"kind":"kill_backend"})),
+            HostFault::KillBackend {}
+        );
+        assert_eq!(
+            ok(json!({"kind":"aer","error":"nonfatal"})),
+            HostFault::Aer {
+                error: AerSeverity::Nonfatal
+            }
+        );
+        assert_eq!(
+            ok(json!({"kind":"unplug"})),
+            HostFault::Unplug { timeout_s: None }
+        );
+        assert_eq!(
+            ok(json!({"kind":"mce","addr":4096})),
+            HostFault::Mce { addr: 4096 }
+        );
+        for bad in [
+            json!({"kind":"link_down"}),
+            json!({"kind":"link_down","down":true,"x":1}),
+            json!({"kind":"kill_backend","x":1}),
+            json!({"kind":"aer","error":"bad"}),
+            json!({"kind":"unplug","timeout_s":0}),
+            json!({"kind":"plug","bus":"rp1"}),
+            json!({"kind":"copy_error"}),
+        ] {
+            assert!(HostFault::from_json(&bad).is_err(), "{bad}");
+        }
+        for kind in HostFault::KINDS {
+            assert!(HostFault::is_host_fault(&json!({ "kind": kind })));
+        }
+        assert!(!HostFault::is_host_fault(&json!({"kind":"copy_error"})));
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! - [`backend`]: the vhost-user glue (features, config space, command and
 //!   event queues).
 //! - [`control`]: the JSON-lines control socket.
+//! - [`stats`]: the stats record the control socket, the exit line and
+//!   xtask share.
 //! - [`session`]: the front-end sessions (a hot-unplug ends one, a re-plug
 //!   starts the next).
 //! - [`cli`]: the command line and the sessions it serves.
@@ -24,6 +26,7 @@ pub mod faults;
 pub mod mmu;
 pub mod plan;
 pub mod session;
+pub mod stats;
 pub mod vram;
 
 pub use backend::HmmGpuBackend;

@@ -26,8 +26,7 @@ fn main() -> ExitCode {
     match cli::run(&args) {
         Ok(stats) => {
             // The VM runner reads this line to prove bytes went through the device.
-            let json = stats.to_string();
-            eprintln!("hmmgpu-device: stats: {json}");
+            eprintln!("{}", stats.exit_line());
             ExitCode::SUCCESS
         }
         Err(message) => {

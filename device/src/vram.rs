@@ -11,7 +11,6 @@
 //! mapping is only ever handled as volatile memory ([`VolatileSlice`]), never
 //! as a Rust `&[u8]`.
 
-use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -23,11 +22,17 @@ use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
 pub const MIN_VRAM_SIZE: u64 = 2 << 20;
 
 /// Why the VRAM could not be set up or accessed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum VramError {
     /// The requested size is not a power of two, or below [`MIN_VRAM_SIZE`].
+    #[error("VRAM size {0} is not a power of two of at least {MIN_VRAM_SIZE} bytes (2 MiB)")]
     BadSize(u64),
     /// The file exists but has another size than requested.
+    #[error(
+        "VRAM file {} is {file_size} bytes but the VRAM size is {wanted} bytes; \
+         remove the file or give the matching --vram-size",
+        path.display()
+    )]
     SizeMismatch {
         /// The file.
         path: PathBuf,
@@ -37,6 +42,7 @@ pub enum VramError {
         wanted: u64,
     },
     /// Opening, creating or sizing the file failed.
+    #[error("VRAM file {}: {source}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
@@ -44,8 +50,10 @@ pub enum VramError {
         source: io::Error,
     },
     /// mmap() failed.
+    #[error("mapping the VRAM file: {0}")]
     Map(vm_memory::mmap::MmapRegionError),
     /// An access was (partly) outside the VRAM.
+    #[error("VRAM access of {len} bytes at offset {offset:#x} is outside the VRAM")]
     OutOfRange {
         /// Offset of the access.
         offset: u64,
@@ -53,37 +61,6 @@ pub enum VramError {
         len: u64,
     },
 }
-
-impl fmt::Display for VramError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::BadSize(size) => write!(
-                f,
-                "VRAM size {size} is not a power of two of at least {MIN_VRAM_SIZE} bytes (2 MiB)"
-            ),
-            Self::SizeMismatch {
-                path,
-                file_size,
-                wanted,
-            } => write!(
-                f,
-                "VRAM file {} is {file_size} bytes but the VRAM size is {wanted} bytes; \
-                 remove the file or give the matching --vram-size",
-                path.display()
-            ),
-            Self::Io { path, source } => write!(f, "VRAM file {}: {source}", path.display()),
-            Self::Map(e) => write!(f, "mapping the VRAM file: {e}"),
-            Self::OutOfRange { offset, len } => {
-                write!(
-                    f,
-                    "VRAM access of {len} bytes at offset {offset:#x} is outside the VRAM"
-                )
-            }
-        }
-    }
-}
-
-impl std::error::Error for VramError {}
 
 /// The VRAM mapping.
 #[derive(Debug)]
