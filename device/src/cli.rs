@@ -598,8 +598,8 @@ mod tests {
         assert_eq!(with_faults.fault_plan, Some(PathBuf::from("/p.json")));
         assert_eq!(with_faults.fault_log, Some(PathBuf::from("/l")));
         assert_eq!(args.log_level, Some(LevelFilter::Debug));
-        assert!(Args::try_parse_from(["hmmgpu-device", "--socket", "/s"]).is_err());
-        assert!(Args::try_parse_from([
+        Args::try_parse_from(["hmmgpu-device", "--socket", "/s"]).unwrap_err();
+        let big = Args::try_parse_from([
             "hmmgpu-device",
             "--socket",
             "/s",
@@ -607,8 +607,8 @@ mod tests {
             "/v",
             "--vram-size",
             "big",
-        ])
-        .is_err());
+        ]);
+        big.unwrap_err();
     }
 
     #[test]
@@ -637,7 +637,7 @@ mod tests {
         ] {
             assert!(parse_fault_args(&words(bad)).is_err(), "{bad:?}");
         }
-        assert!(CtlArgs::try_parse_from(["hmmgpu-device", "inject", "stall_queue"]).is_err());
-        assert!(CtlArgs::try_parse_from(["hmmgpu-device", "ctl", "--control", "/c"]).is_err());
+        CtlArgs::try_parse_from(["hmmgpu-device", "inject", "stall_queue"]).unwrap_err();
+        CtlArgs::try_parse_from(["hmmgpu-device", "ctl", "--control", "/c"]).unwrap_err();
     }
 }

@@ -1338,7 +1338,7 @@ mod tests {
             offset: VRAM_SIZE,
             bit: 0,
         };
-        assert!(f.faults.inject(bad).is_err());
+        f.faults.inject(bad).unwrap_err();
         assert_eq!(
             f.faults.log_lines(),
             [

@@ -16,7 +16,7 @@
 //! - [`session`]: the front-end sessions (a hot-unplug ends one, a re-plug
 //!   starts the next).
 //! - [`cli`]: the command line and the sessions it serves.
-#![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod backend;
 pub mod cli;

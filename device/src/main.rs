@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0
 //! `hmmgpu-device`: the hmmgpu vhost-user backend process (one per GPU).
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 

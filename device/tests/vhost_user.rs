@@ -1,11 +1,12 @@
 // SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0
 //! The backend driven through a real vhost-user socket, with this test
 //! playing QEMU (vhost's `Frontend`) and the guest driver (writing split
-//! virtqueue rings into memfd-backed guest memory), no VM involved.
+//! virtqueue rings into file-backed guest memory), no VM involved.
+#![forbid(unsafe_code)]
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -30,6 +31,7 @@ use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, Le16,
     Le32, Le64,
 };
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Range flags as the wire's `Range::flags` holds them.
@@ -116,13 +118,11 @@ struct Vm {
     ev_last_used: u16,
 }
 
-fn memfd(size: u64) -> File {
-    // SAFETY: a plain syscall with a NUL-terminated name; the fd it returns
-    // is owned by the File from here on.
-    let fd = unsafe { libc::memfd_create(c"hmmgpu-test-ram".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is a fresh descriptor nobody else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
+/// Guest RAM's backing file: an unlinked temporary file the backend maps
+/// through the descriptor SET_MEM_TABLE passes (QEMU uses a memfd; any
+/// shareable file does).
+fn ram_file(size: u64) -> File {
+    let file = tempfile::tempfile().unwrap();
     file.set_len(size).unwrap();
     file
 }
@@ -155,7 +155,7 @@ impl Vm {
         frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         assert_eq!(frontend.get_queue_num().unwrap(), 2);
 
-        let file = memfd(RAM_SIZE);
+        let file = ram_file(RAM_SIZE);
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
             GuestAddress(RAM_BASE),
             RAM_SIZE as usize,
@@ -420,15 +420,10 @@ impl Vm {
 
 /// Waits for an interrupt on `call` and consumes it.
 fn wait_interrupt(call: &EventFd) {
-    let mut pollfd = libc::pollfd {
-        fd: call.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let ready = unsafe { libc::poll(&mut pollfd, 1, TIMEOUT.as_millis() as i32) };
-    assert_eq!(ready, 1, "no interrupt within {TIMEOUT:?}");
-    call.read().unwrap();
+    assert!(
+        interrupt_within(call, TIMEOUT),
+        "no interrupt within {TIMEOUT:?}"
+    );
 }
 
 /// Element `last_used` of the used ring at `ring`, if the device has
@@ -1312,14 +1307,23 @@ fn control_for(backend: &InProcess) -> (hmmgpu_device::control::ControlServer, P
 
 /// Whether `call` fires within `wait`.
 fn interrupt_within(call: &EventFd, wait: Duration) -> bool {
-    let mut pollfd = libc::pollfd {
-        fd: call.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
+    let epoll = Epoll::new().unwrap();
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            call.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, 0),
+        )
+        .unwrap();
+    let mut ready = [EpollEvent::default()];
+    let timeout = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
+    let n = loop {
+        match epoll.wait(timeout, &mut ready) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => break other.unwrap(),
+        }
     };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let ready = unsafe { libc::poll(&mut pollfd, 1, wait.as_millis() as i32) };
-    ready == 1 && call.read().is_ok()
+    n == 1 && call.read().is_ok()
 }
 
 impl Vm {

@@ -234,7 +234,7 @@ mod tests {
             Ok(Command::Atomic(c, AtomicRange { va: 8, op: AtomicOp::Xchg, operand: 9 })) if c == ctx
         ));
         for op in Opcode::ALL {
-            let ctx = if op.takes_context() { 1 } else { 0 };
+            let ctx = u32::from(op.takes_context());
             let range = match op {
                 Opcode::Atomic => raw(0, 0, 8, RangeFlags::ATOMIC_ADD),
                 Opcode::Counters => raw(0, 0, 128, RangeFlags::NONE),
@@ -308,7 +308,10 @@ mod tests {
         // Trailing bytes are ignored.
         let mut trailing = Request::new(Opcode::Nop.bits(), 0, &[]);
         trailing.len += 7;
-        assert!(Command::decode(trailing.bytes()).is_ok());
+        assert!(matches!(
+            Command::decode(trailing.bytes()),
+            Ok(Command::Nop)
+        ));
     }
 
     #[test]
@@ -370,13 +373,11 @@ mod tests {
             );
         }
         // Edges that are fine: a range ending exactly at 2^64, empty MAP.
-        assert!(decode(Opcode::Unmap, 1, &[raw(0, u64::MAX, 1, RangeFlags::NONE)]).is_ok());
-        assert!(decode(Opcode::Map, 1, &[raw(0, 0, 0, RangeFlags::MAP_READ)]).is_ok());
-        assert!(decode(
-            Opcode::Copy,
-            0,
-            &[raw(u64::MAX, u64::MAX, 0, RangeFlags::NONE)]
-        )
-        .is_ok());
+        let top = raw(0, u64::MAX, 1, RangeFlags::NONE);
+        assert_eq!(decode(Opcode::Unmap, 1, &[top]), Ok(()));
+        let empty = raw(0, 0, 0, RangeFlags::MAP_READ);
+        assert_eq!(decode(Opcode::Map, 1, &[empty]), Ok(()));
+        let nothing = raw(u64::MAX, u64::MAX, 0, RangeFlags::NONE);
+        assert_eq!(decode(Opcode::Copy, 0, &[nothing]), Ok(()));
     }
 }
