@@ -594,6 +594,296 @@ mod tests {
         }
     }
 
+    // -- Chain shapes, with virtio-queue's MockSplitQueue as the driver. -----
+
+    use hmmgpu_abi::{CmdHeader, Opcode, Range, RangeFlags};
+    use virtio_bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// Guest RAM: 16 MiB from 0; the rings at 0, buffers from 1 MiB.
+    const RAM_LEN: usize = 16 << 20;
+    const CMD: u64 = 0x10_0000;
+    const RESP: u64 = 0x20_0000;
+    const DATA: u64 = 0x30_0000;
+    const RING_LEN: u16 = 64;
+    const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+    const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+
+    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+    }
+
+    /// A backend whose command queue is a MockSplitQueue in `mem`.
+    struct Rig {
+        _dir: tempfile::TempDir,
+        /// Leaked: the mock borrows it for the whole test (creating a mock
+        /// resets the ring indices, so there is only one).
+        mem: &'static GuestRam,
+        queue: MockSplitQueue<'static, GuestRam>,
+        backend: HmmGpuBackend,
+        vrings: Vec<VringRwLock>,
+        /// Descriptors written so far (chains go one after another).
+        next_desc: u16,
+    }
+
+    impl Rig {
+        fn new() -> Rig {
+            let dir = tempfile::tempdir().unwrap();
+            let mut backend = backend(&dir);
+            let mem: &'static GuestRam = Box::leak(Box::new(
+                GuestRam::from_ranges(&[(GuestAddress(0), RAM_LEN)]).unwrap(),
+            ));
+            let atomic = GuestMemoryAtomic::new(mem.clone());
+            backend.update_memory(atomic.clone()).unwrap();
+            let queue = MockSplitQueue::create(mem, GuestAddress(0), RING_LEN);
+            let command = VringRwLock::new(atomic.clone(), QUEUE_SIZE).unwrap();
+            command.set_queue_size(RING_LEN);
+            command
+                .set_queue_info(
+                    queue.desc_table_addr().0,
+                    queue.avail_addr().0,
+                    queue.used_addr().0,
+                )
+                .unwrap();
+            command.set_queue_ready(true);
+            command.set_enabled(true);
+            // The event queue is not set up: faults cannot be reported.
+            let event = VringRwLock::new(atomic, QUEUE_SIZE).unwrap();
+            Rig {
+                _dir: dir,
+                mem,
+                queue,
+                backend,
+                vrings: vec![command, event],
+                next_desc: 0,
+            }
+        }
+
+        fn queue(&self) -> &MockSplitQueue<'static, GuestRam> {
+            &self.queue
+        }
+
+        /// Makes `descs` (their NEXT flags and links as given) available as
+        /// one chain whose head is the first, then kicks the device.
+        fn submit_raw(&mut self, descs: &[RawDescriptor]) -> u16 {
+            let head = self.next_desc;
+            self.queue().add_desc_chains(descs, head).unwrap();
+            self.next_desc += u16::try_from(descs.len()).unwrap();
+            self.kick();
+            head
+        }
+
+        /// Like `submit_raw`, linking `bufs` (addr, len, flags) with NEXT.
+        fn submit(&mut self, bufs: &[(u64, u32, u16)]) -> u16 {
+            let first = self.next_desc;
+            let last = bufs.len() - 1;
+            let descs: Vec<RawDescriptor> = bufs
+                .iter()
+                .enumerate()
+                .map(|(i, &(addr, len, flags))| {
+                    let i = u16::try_from(i).unwrap();
+                    let more = usize::from(i) < last;
+                    let flags = if more { flags | NEXT } else { flags };
+                    desc(addr, len, flags, if more { first + i + 1 } else { 0 })
+                })
+                .collect();
+            self.submit_raw(&descs)
+        }
+
+        fn kick(&mut self) {
+            self.backend
+                .handle_event(QUEUE_COMMAND, EventSet::IN, &self.vrings, 0)
+                .unwrap();
+        }
+
+        /// The used elements (id, len) so far.
+        fn used(&self) -> Vec<(u32, u32)> {
+            let queue = self.queue();
+            let n = queue.used().idx().load();
+            (0..n)
+                .map(|i| {
+                    let elem = queue.used().ring().ref_at(usize::from(i)).unwrap().load();
+                    (elem.id(), elem.len())
+                })
+                .collect()
+        }
+
+        fn response(&self, at: u64) -> Option<Response> {
+            let mut bytes = [0u8; Response::SIZE];
+            self.mem.read_slice(&mut bytes, GuestAddress(at)).unwrap();
+            Response::from_bytes(&bytes)
+        }
+
+        fn write_command(&self, at: u64, op: Opcode, ranges: &[Range]) -> u32 {
+            let count = u32::try_from(ranges.len()).unwrap();
+            let mut bytes = CmdHeader::new(op, 0, 7, count).to_bytes().to_vec();
+            for r in ranges {
+                bytes.extend_from_slice(&r.to_bytes());
+            }
+            self.mem.write_slice(&bytes, GuestAddress(at)).unwrap();
+            u32::try_from(bytes.len()).unwrap()
+        }
+
+        fn stats(&self) -> crate::StatsSnapshot {
+            self.backend.engine().stats().snapshot()
+        }
+    }
+
+    const RESP_LEN: u32 = Response::SIZE as u32;
+
+    #[test]
+    fn a_chain_without_room_for_a_response_is_dropped_and_counted() {
+        let mut rig = Rig::new();
+        let len = rig.write_command(CMD, Opcode::Nop, &[]);
+        // Read-only chain: no writable part at all.
+        let head = rig.submit(&[(CMD, len, 0)]);
+        // A writable part 8 bytes short.
+        let short = rig.submit(&[(CMD, len, 0), (RESP, RESP_LEN - 8, WRITE)]);
+        // A writable part outside guest RAM.
+        let outside = rig.submit(&[(CMD, len, 0), (RAM_LEN as u64, RESP_LEN, WRITE)]);
+        assert_eq!(
+            rig.used(),
+            [
+                (u32::from(head), 0),
+                (u32::from(short), 0),
+                (u32::from(outside), 0)
+            ]
+        );
+        assert_eq!(rig.response(RESP), Some(Response::ok(0)), "RAM was zero");
+        assert_eq!(
+            (rig.stats().commands_ok, rig.stats().commands_failed),
+            (0, 3)
+        );
+        // The queue still serves a well-formed chain.
+        let good = rig.submit(&[(CMD, len, 0), (RESP, RESP_LEN, WRITE)]);
+        assert_eq!(rig.used().last(), Some(&(u32::from(good), RESP_LEN)));
+        assert_eq!(rig.stats().commands_ok, 1);
+    }
+
+    #[test]
+    fn commands_and_responses_may_be_split_over_many_descriptors() {
+        let mut rig = Rig::new();
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+        rig.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+        let copy = Range::new(DATA, 0x1000, 4096, RangeFlags::DST_VRAM);
+        let len = rig.write_command(CMD, Opcode::Copy, &[copy]);
+        // The 48-byte command in 5 pieces (one empty), the response in two.
+        let head = rig.submit(&[
+            (CMD, 1, 0),
+            (CMD + 1, 0, 0),
+            (CMD + 1, 22, 0),
+            (CMD + 23, 20, 0),
+            (CMD + 43, len - 43, 0),
+            (RESP, 5, WRITE),
+            (RESP + 0x100, RESP_LEN - 5, WRITE),
+        ]);
+        assert_eq!(rig.used(), [(u32::from(head), RESP_LEN)]);
+        let mut resp = [0u8; Response::SIZE];
+        rig.mem
+            .read_slice(&mut resp[..5], GuestAddress(RESP))
+            .unwrap();
+        rig.mem
+            .read_slice(&mut resp[5..], GuestAddress(RESP + 0x100))
+            .unwrap();
+        assert_eq!(Response::from_bytes(&resp), Some(Response::ok(4096)));
+        let mut vram = vec![0u8; 4096];
+        rig.backend.engine().vram().read(0x1000, &mut vram).unwrap();
+        assert!(vram == data, "the copy did not land");
+    }
+
+    #[test]
+    fn an_indirect_table_carries_the_whole_chain() {
+        let mut rig = Rig::new();
+        let len = rig.write_command(CMD, Opcode::Nop, &[]);
+        let table = DATA + 0x10_0000;
+        for (i, d) in [desc(CMD, len, NEXT, 1), desc(RESP, RESP_LEN, WRITE, 0)]
+            .iter()
+            .enumerate()
+        {
+            rig.mem
+                .write_obj(*d, GuestAddress(table + 16 * i as u64))
+                .unwrap();
+        }
+        let head = rig.submit_raw(&[desc(table, 32, VRING_DESC_F_INDIRECT as u16, 0)]);
+        assert_eq!(rig.used(), [(u32::from(head), RESP_LEN)]);
+        assert_eq!(rig.response(RESP), Some(Response::ok(0)));
+        // An indirect table outside guest RAM: nothing readable or
+        // writable, so the chain is dropped.
+        let bad = rig.submit_raw(&[desc(
+            RAM_LEN as u64 - 16,
+            32,
+            VRING_DESC_F_INDIRECT as u16,
+            0,
+        )]);
+        assert_eq!(rig.used().last(), Some(&(u32::from(bad), 0)));
+    }
+
+    #[test]
+    fn an_unreadable_or_truncated_command_is_a_bad_request() {
+        let mut rig = Rig::new();
+        // The readable descriptor is outside guest RAM.
+        let head = rig.submit(&[(RAM_LEN as u64 - 8, 24, 0), (RESP, RESP_LEN, WRITE)]);
+        assert_eq!(rig.used(), [(u32::from(head), RESP_LEN)]);
+        assert_eq!(
+            rig.response(RESP),
+            Some(Response::failed(Status::BadRequest, 0))
+        );
+        // A writable-only chain: no command at all.
+        let head = rig.submit(&[(RESP + 0x100, RESP_LEN, WRITE)]);
+        assert_eq!(rig.used().last(), Some(&(u32::from(head), RESP_LEN)));
+        assert_eq!(
+            rig.response(RESP + 0x100),
+            Some(Response::failed(Status::BadRequest, 0))
+        );
+        // A command announcing two ranges with the readable part ending
+        // halfway through the first.
+        let copy = Range::new(DATA, 0, 16, RangeFlags::DST_VRAM);
+        rig.write_command(CMD, Opcode::Copy, &[copy, copy]);
+        let head = rig.submit(&[(CMD, 24 + 12, 0), (RESP, RESP_LEN, WRITE)]);
+        assert_eq!(rig.used().last(), Some(&(u32::from(head), RESP_LEN)));
+        assert_eq!(
+            rig.response(RESP),
+            Some(Response::failed(Status::BadRequest, 0))
+        );
+        assert_eq!(rig.stats().commands_failed, 3);
+    }
+
+    #[test]
+    fn a_descriptor_loop_or_a_bad_head_does_not_hang_the_queue() {
+        let mut rig = Rig::new();
+        let len = rig.write_command(CMD, Opcode::Nop, &[]);
+        // A chain whose last descriptor points back at its first: the
+        // device walks at most a ring's worth of descriptors.
+        let first = rig.next_desc;
+        let looping = rig.submit_raw(&[
+            desc(CMD, len, NEXT, first + 1),
+            desc(RESP, RESP_LEN, WRITE | NEXT, first),
+        ]);
+        let used = rig.used();
+        assert_eq!(used.len(), 1);
+        assert_eq!(used[0].0, u32::from(looping));
+        // A head index beyond the ring: the device logs it and goes on
+        // with the next chain on the next kick.
+        let queue = rig.queue();
+        let idx = queue.avail().idx().load();
+        queue
+            .avail()
+            .ring()
+            .ref_at(usize::from(idx % RING_LEN))
+            .unwrap()
+            .store(RING_LEN + 5);
+        queue.avail().idx().store(idx.wrapping_add(1));
+        rig.kick();
+        let good = rig.submit(&[(CMD, len, 0), (RESP + 0x200, RESP_LEN, WRITE)]);
+        assert_eq!(rig.used().last(), Some(&(u32::from(good), RESP_LEN)));
+        assert_eq!(rig.response(RESP + 0x200), Some(Response::ok(0)));
+    }
+
     #[test]
     fn offers_the_spec_features() {
         let dir = tempfile::tempdir().unwrap();
