@@ -22,6 +22,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, RwLock};
 use std::thread;
 
@@ -40,9 +41,11 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::engine::{
-    Completion, Engine, EventSink, Executed, GuestRam, InterruptAction, MAX_COMMAND_LEN,
+    Budget, Completion, Engine, EventSink, Executed, GuestRam, InterruptAction, Step,
+    MAX_COMMAND_LEN,
 };
 use crate::faults::FaultInjector;
 
@@ -58,6 +61,12 @@ type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestRam>>;
 /// The hmmgpu vhost-user device. The daemon wraps it in a `RwLock`
 /// (`VhostUserBackendMut`), so one command is executed at a time, in queue
 /// order, as the spec promises.
+///
+/// The worker holds that lock while it handles an event, and QEMU's vCPU
+/// threads wait for it on every config-space read (GET_CONFIG), so one call
+/// does at most [`Budget::PER_CALL`] of work: a longer command is suspended
+/// and its chain kept here; the call arms the resume timer and returns,
+/// letting go of the lock, and the worker goes on when the timer fires.
 pub struct HmmGpuBackend {
     engine: Engine,
     mem: GuestMemoryAtomic<GuestRam>,
@@ -66,6 +75,28 @@ pub struct HmmGpuBackend {
     /// Chains of commands parked on device faults, by head index (the
     /// token the engine knows them by).
     parked: HashMap<u16, Chain>,
+    /// The chain of the command the engine suspended, out of budget.
+    current: Option<Chain>,
+    /// Armed when a call ran out of budget with work left; the worker polls
+    /// it ([`register_wakeups`]) and calls again [`RESUME_PAUSE`] later.
+    resume: Option<TimerFd>,
+}
+
+/// How long the worker leaves the device alone between two calls that
+/// share a long command: the vhost-user thread (GET_CONFIG for a vCPU) and
+/// the front end get the lock in that gap. (Rescheduling at once would not
+/// do: the worker would take the lock again before a waiting reader's
+/// thread is even scheduled.)
+pub const RESUME_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// What one pass over the command queue did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct QueueRun {
+    /// Some chain was taken or completed.
+    taken: bool,
+    /// The budget ran out with work left (a suspended command, or chains
+    /// not looked at yet).
+    more: bool,
 }
 
 impl HmmGpuBackend {
@@ -78,12 +109,22 @@ impl HmmGpuBackend {
             event_idx: false,
             acked_features: 0,
             parked: HashMap::new(),
+            current: None,
+            resume: TimerFd::new()
+                .inspect_err(|e| error!("creating the resume timerfd: {e}"))
+                .ok(),
         }
     }
 
     /// The copy engine (and through it the VRAM and counters).
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The timerfd the worker must poll to go on with work a call left
+    /// (see [`register_wakeups`]).
+    pub fn resume_fd(&self) -> Option<RawFd> {
+        self.resume.as_ref().map(AsRawFd::as_raw_fd)
     }
 
     /// The config space the driver reads.
@@ -99,22 +140,55 @@ impl HmmGpuBackend {
         }
     }
 
-    /// Executes every available chain of the command queue, then interrupts
-    /// the driver if it asked for it. Returns whether any chain was taken.
-    fn process_queue(&mut self, vrings: &[VringRwLock]) -> io::Result<bool> {
+    /// Asks the worker to call again, after [`RESUME_PAUSE`] (the budget
+    /// ran out with work left).
+    fn schedule_resume(&mut self) {
+        match &mut self.resume {
+            Some(timer) => {
+                if let Err(e) = timer.reset(RESUME_PAUSE, None) {
+                    error!("command queue: arming the resume timer: {e}");
+                }
+            }
+            None => error!("command queue: no resume timer; waiting for the next kick"),
+        }
+    }
+
+    /// Goes on with the suspended command, then executes available chains of
+    /// the command queue, within one call's budget, then interrupts the
+    /// driver if it asked for it.
+    fn process_queue(&mut self, vrings: &[VringRwLock]) -> io::Result<QueueRun> {
         let Some(vring) = vrings.get(usize::from(QUEUE_COMMAND)) else {
-            return Ok(false);
+            return Ok(QueueRun::default());
         };
         let mem = self.mem.memory();
         let mut events = EventQueue {
             vring: vrings.get(usize::from(QUEUE_EVENT)),
             mem: mem.clone(),
         };
-        let mut used_any = false;
-        let mut taken = false;
+        let mut budget = Budget::new(Budget::PER_CALL);
+        let mut run = QueueRun::default();
+        let mut used = Vec::new();
+        if let Some(chain) = self.current.take() {
+            let step = self
+                .engine
+                .continue_suspended(chain.memory(), &mut events, &mut budget);
+            run.taken = true;
+            match step {
+                Step::Suspended => {
+                    self.current = Some(chain);
+                    run.more = true;
+                }
+                Step::Done(executed) => used.extend(self.complete(chain, executed)),
+            }
+        }
         // One chain at a time: an injected stall (which a command can arm
-        // through a fault plan) stops the device before the next one.
-        while !self.engine.faults().queue_stalled() {
+        // through a fault plan) stops the device before the next one; the
+        // front end may stop the queue between two calls.
+        while !run.more && !self.engine.faults().queue_stalled() && queue_ready(vring) {
+            if budget.exhausted() {
+                run.more = true;
+                break;
+            }
             let next = vring
                 .get_mut()
                 .get_queue_mut()
@@ -124,25 +198,32 @@ impl HmmGpuBackend {
             let Some(chain) = next else {
                 break;
             };
-            taken = true;
+            run.taken = true;
             let head = chain.head_index();
-            if self.parked.contains_key(&head) {
+            let current = self.current.as_ref().map(DescriptorChain::head_index);
+            if self.parked.contains_key(&head) || current == Some(head) {
                 // The driver made a chain available again while the device
                 // still owns it: a driver bug. Completing either would
                 // confuse it; leave this one unanswered.
-                warn!("chain {head}: made available while its command is parked; ignored");
                 self.engine.stats().count_failed();
+                self.engine.stats().guest_error(format_args!(
+                    "chain {head}: made available while the device owns it; ignored"
+                ));
                 continue;
             }
-            let (resumed, own) = self.process_chain(chain, &mut events);
-            for (head, used_len) in resumed.into_iter().chain(own.map(|len| (head, len))) {
-                vring
-                    .add_used(head, used_len)
-                    .map_err(|e| queue_error("command queue: writing the used ring", e))?;
-                used_any = true;
+            match self.process_chain(chain, &mut events, &mut budget) {
+                Some(completed) => used.extend(completed),
+                None => run.more = true,
             }
         }
-        // A batch that only parked commands used nothing: no interrupt.
+        let used_any = !used.is_empty();
+        for (head, used_len) in used {
+            vring
+                .add_used(head, used_len)
+                .map_err(|e| queue_error("command queue: writing the used ring", e))?;
+        }
+        // A batch that only parked or suspended commands used nothing: no
+        // interrupt.
         if used_any
             && vring
                 .needs_notification()
@@ -150,7 +231,7 @@ impl HmmGpuBackend {
         {
             signal(vring, self.engine.faults().interrupt())?;
         }
-        Ok(taken)
+        Ok(run)
     }
 
     /// Posts the injected events waiting (ECC, spurious faults, storms).
@@ -162,56 +243,81 @@ impl HmmGpuBackend {
         self.engine.post_injected(&mut events);
     }
 
-    /// Executes one command chain. Returns the used element of a parked
-    /// command it completed, if any, and its own used length (0 when the
-    /// chain had no room for a response; `None` when it parked).
+    /// Executes one command chain within `budget`. Returns the used
+    /// elements it completed: a parked command it completed, if any, then
+    /// its own (used length 0 when the chain had no room for a response;
+    /// none when it parked). `None` when the budget ran out: the chain is
+    /// kept as the current one.
     fn process_chain(
         &mut self,
         chain: Chain,
         events: &mut dyn EventSink,
-    ) -> (Option<(u16, u32)>, Option<u32>) {
+        budget: &mut Budget,
+    ) -> Option<Vec<(u16, u32)>> {
         let head = chain.head_index();
         let mem = chain.memory();
-        match chain.clone().writer(mem) {
-            Ok(writer) if writer.available_bytes() >= Response::SIZE => {}
-            Ok(writer) => {
-                warn!(
-                    "chain {head}: {} writable bytes, a response needs {}; dropped",
-                    writer.available_bytes(),
-                    Response::SIZE
-                );
-                self.engine.stats().count_failed();
-                return (None, Some(0));
-            }
-            Err(e) => {
-                warn!("chain {head}: bad writable part ({e}); dropped");
-                self.engine.stats().count_failed();
-                return (None, Some(0));
-            }
+        let dropped = match chain.clone().writer(mem) {
+            Ok(writer) if writer.available_bytes() >= Response::SIZE => None,
+            Ok(writer) => Some(format!(
+                "{} writable bytes, a response needs {}",
+                writer.available_bytes(),
+                Response::SIZE
+            )),
+            Err(e) => Some(format!("bad writable part ({e})")),
+        };
+        if let Some(why) = dropped {
+            self.engine.stats().count_failed();
+            self.engine
+                .stats()
+                .guest_error(format_args!("chain {head}: {why}; dropped"));
+            budget.spend(Budget::STEP_COST);
+            return Some(vec![(head, 0)]);
         }
         let executed = match read_command(&chain, mem) {
-            Ok(request) => self.engine.process(mem, &request, u64::from(head), events),
+            Ok(request) => {
+                match self
+                    .engine
+                    .process_budgeted(mem, &request, u64::from(head), events, budget)
+                {
+                    Step::Done(executed) => executed,
+                    Step::Suspended => {
+                        self.current = Some(chain);
+                        return None;
+                    }
+                }
+            }
             Err(e) => {
-                warn!("chain {head}: cannot read the command ({e})");
                 self.engine.stats().count_failed();
+                self.engine
+                    .stats()
+                    .guest_error(format_args!("chain {head}: cannot read the command ({e})"));
+                budget.spend(Budget::STEP_COST);
                 Executed {
                     resumed: None,
                     response: Some(Response::failed(Status::BadRequest, 0)),
                 }
             }
         };
-        let resumed = executed
+        Some(self.complete(chain, executed))
+    }
+
+    /// The used elements of what `executed` completed for `chain`: a parked
+    /// command first, then the chain's own (kept, parked, when it has none).
+    fn complete(&mut self, chain: Chain, executed: Executed) -> Vec<(u16, u32)> {
+        let head = chain.head_index();
+        let mut used: Vec<(u16, u32)> = executed
             .resumed
-            .and_then(|completion| self.complete_parked(completion));
-        let own = match executed.response {
-            Some(response) => Some(write_response(&chain, response)),
+            .and_then(|completion| self.complete_parked(completion))
+            .into_iter()
+            .collect();
+        match executed.response {
+            Some(response) => used.push((head, write_response(&chain, response))),
             None => {
                 debug!("chain {head}: parked on a device fault");
                 self.parked.insert(head, chain);
-                None
             }
-        };
-        (resumed, own)
+        }
+        used
     }
 
     /// Writes the response of a parked command the engine completed;
@@ -224,6 +330,13 @@ impl HmmGpuBackend {
         };
         Some((head, write_response(&chain, completion.response)))
     }
+}
+
+/// Whether the front end has the queue running (it may stop it between two
+/// calls of the worker).
+fn queue_ready(vring: &VringRwLock) -> bool {
+    let state = vring.get_ref();
+    state.get_queue().ready() && state.is_enabled()
 }
 
 /// Signals the command queue's interrupt as the fault hooks say: now, never,
@@ -253,22 +366,29 @@ fn signal(vring: &VringRwLock, action: InterruptAction) -> io::Result<()> {
 /// `handle_event` id of the fault injector's eventfd (ids up to
 /// [`NUM_QUEUES`] belong to the queues and the exit event).
 pub const FAULT_WAKEUP_EVENT: u16 = NUM_QUEUES as u16 + 1;
+/// `handle_event` id of the backend's resume timerfd.
+pub const RESUME_EVENT: u16 = NUM_QUEUES as u16 + 2;
 
-/// Registers the fault injector's eventfd with the daemon's queue worker, so
-/// events injected through the control socket are posted (and a cleared
-/// stall resumes) without waiting for a kick.
-pub fn register_fault_wakeup(
+/// Registers the fault injector's eventfd and the backend's resume timerfd
+/// (`resume`, [`HmmGpuBackend::resume_fd`]) with the daemon's queue worker,
+/// so events injected through the control socket are posted (and a cleared
+/// stall resumes) without waiting for a kick, and work a call left over
+/// goes on.
+pub fn register_wakeups(
     daemon: &VhostUserDaemon<Arc<RwLock<HmmGpuBackend>>>,
     faults: &FaultInjector,
+    resume: Option<RawFd>,
 ) -> io::Result<()> {
-    let Some(fd) = faults.notify_fd() else {
-        return Err(io::Error::other("fault injection has no wakeup eventfd"));
-    };
     let handlers = daemon.get_epoll_handlers();
     let handler = handlers
         .first()
         .ok_or_else(|| io::Error::other("the daemon has no queue worker"))?;
-    handler.register_listener(fd, EventSet::IN, u64::from(FAULT_WAKEUP_EVENT))
+    let fault_fd = faults
+        .notify_fd()
+        .ok_or_else(|| io::Error::other("fault injection has no wakeup eventfd"))?;
+    handler.register_listener(fault_fd, EventSet::IN, u64::from(FAULT_WAKEUP_EVENT))?;
+    let resume = resume.ok_or_else(|| io::Error::other("the backend has no resume timer"))?;
+    handler.register_listener(resume, EventSet::IN, u64::from(RESUME_EVENT))
 }
 
 /// Writes `response` into the writable part of `chain` (checked to have
@@ -425,6 +545,7 @@ impl VhostUserBackendMut for HmmGpuBackend {
         // after its reset. They are forgotten; the driver gives them up.
         let forgotten = self.engine.forget_parked();
         self.parked.clear();
+        self.current = None;
         if forgotten > 0 {
             info!("command queue stopped: {forgotten} parked command(s) forgotten");
         }
@@ -437,6 +558,7 @@ impl VhostUserBackendMut for HmmGpuBackend {
         // The rings are re-initialized after a reset: parked chains are
         // forgotten, never completed, and the contexts go with them.
         self.parked.clear();
+        self.current = None;
         self.engine.reset();
     }
 
@@ -502,18 +624,23 @@ impl VhostUserBackendMut for HmmGpuBackend {
             self.post_injected(vrings);
             let ready = vrings
                 .get(usize::from(QUEUE_COMMAND))
-                .is_some_and(|v| v.get_ref().get_queue().ready());
-            if ready && !self.engine.faults().queue_stalled() {
-                return self.handle_event(QUEUE_COMMAND, evset, vrings, _thread_id);
+                .is_some_and(queue_ready);
+            if !ready || self.engine.faults().queue_stalled() {
+                return Ok(());
             }
-            return Ok(());
-        }
-        if device_event == QUEUE_EVENT {
+        } else if device_event == RESUME_EVENT {
+            // A call before this one ran out of budget. (The timer expired:
+            // epoll said so, so reading it does not block.)
+            if let Some(timer) = &mut self.resume {
+                if let Err(e) = timer.wait() {
+                    warn!("command queue: reading the resume timer: {e}");
+                }
+            }
+        } else if device_event == QUEUE_EVENT {
             // New event buffers: they are taken when an event needs one.
             debug!("event queue kicked");
             return Ok(());
-        }
-        if device_event != QUEUE_COMMAND {
+        } else if device_event != QUEUE_COMMAND {
             warn!("event for unknown queue {device_event}");
             return Ok(());
         }
@@ -530,13 +657,20 @@ impl VhostUserBackendMut for HmmGpuBackend {
         let result = if self.event_idx {
             // With EVENT_IDX the driver only kicks when told to: keep draining
             // until re-enabling notifications finds no new work, or a chain
-            // added in the window between the two would wait forever.
+            // added in the window between the two would wait forever. When a
+            // call runs out of budget, notifications stay off and the resume
+            // eventfd brings the worker back to go on draining.
             loop {
                 if let Err(e) = vring.disable_notification() {
                     break Err(queue_error("command queue: disabling notifications", e));
                 }
-                if let Err(e) = self.process_queue(vrings) {
-                    break Err(e);
+                let run = match self.process_queue(vrings) {
+                    Ok(run) => run,
+                    Err(e) => break Err(e),
+                };
+                if run.more {
+                    self.schedule_resume();
+                    break Ok(());
                 }
                 if self.engine.faults().queue_stalled() {
                     break Ok(());
@@ -548,7 +682,11 @@ impl VhostUserBackendMut for HmmGpuBackend {
                 }
             }
         } else {
-            self.process_queue(vrings).map(drop)
+            self.process_queue(vrings).map(|run| {
+                if run.more {
+                    self.schedule_resume();
+                }
+            })
         };
         if let Err(e) = result {
             error!("{e}");

@@ -10,7 +10,7 @@ use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
 use vm_memory::GuestMemoryAtomic;
 
-use crate::backend::{register_fault_wakeup, HmmGpuBackend};
+use crate::backend::{register_wakeups, HmmGpuBackend};
 use crate::control::{self, Control, ControlServer};
 use crate::engine::{Engine, FaultInjector, GuestRam, Stats};
 use crate::plan::{Plan, PlanError};
@@ -205,9 +205,9 @@ pub enum RunError {
 /// ends served (more than one after a hot-unplug and re-plug).
 pub fn final_stats(stats: &Stats, faults: &FaultInjector, sessions: &Sessions) -> DeviceStats {
     DeviceStats {
-        device: stats.snapshot(),
         injected: Some(faults.injected_stats()),
         sessions: Some(sessions.started()),
+        ..DeviceStats::of(stats)
     }
 }
 
@@ -234,7 +234,9 @@ fn serve_session(
         device.stats.clone(),
         device.faults.clone(),
     );
-    let backend = Arc::new(RwLock::new(HmmGpuBackend::new(engine)));
+    let backend = HmmGpuBackend::new(engine);
+    let resume = backend.resume_fd();
+    let backend = Arc::new(RwLock::new(backend));
     let mut daemon = VhostUserDaemon::new(
         "hmmgpu-device".to_owned(),
         backend,
@@ -245,7 +247,7 @@ fn serve_session(
         what: "creating the daemon",
         error,
     })?;
-    register_fault_wakeup(&daemon, &device.faults).map_err(RunError::FaultWakeup)?;
+    register_wakeups(&daemon, &device.faults, resume).map_err(RunError::FaultWakeup)?;
     daemon.start(listener).map_err(|error| RunError::Session {
         path: socket.to_owned(),
         what: "accepting a front end",

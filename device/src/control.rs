@@ -403,9 +403,9 @@ pub fn handle_request(line: &str, control: &Control) -> Value {
 /// The stats a `stats` request and the exit line report.
 pub fn device_stats(control: &Control) -> DeviceStats {
     DeviceStats {
-        device: control.stats.snapshot(),
         injected: control.faults.as_ref().map(|f| f.injected_stats()),
         sessions: control.sessions.as_ref().map(|s| s.started()),
+        ..DeviceStats::of(&control.stats)
     }
 }
 

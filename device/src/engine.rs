@@ -56,11 +56,21 @@ pub const MAX_COMMAND_LEN: usize = CmdHeader::SIZE + MAX_RANGES as usize * Range
 /// pattern's worth, so every start phase has a full chunk).
 const FILL_CHUNK: usize = 64 * 1024;
 
+/// Guest-caused warnings (failed commands, dropped chains) logged per
+/// second at most; the rest are only counted, so a guest cannot flood the
+/// host's log.
+pub const GUEST_WARNINGS_PER_SEC: u64 = 10;
+
 /// The device's counters ([`counter`] indices). Updated by the engine, read
 /// by COUNTERS, the control socket, and printed when the daemon exits.
 #[derive(Debug, Default)]
 pub struct Stats {
     counters: [AtomicU64; counter::COUNT],
+    /// Guest-caused errors, and how many of them were not logged.
+    guest_errors: AtomicU64,
+    guest_errors_unlogged: AtomicU64,
+    /// The current one-second logging window: its start and lines logged.
+    log_window: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
 }
 
 /// A copy of [`Stats`] at one moment, as the control socket reports it: one
@@ -181,6 +191,40 @@ impl Stats {
         self.add(counter::COMMANDS_FAILED, 1);
     }
 
+    /// Counts an error the guest caused and logs it as a warning, unless
+    /// [`GUEST_WARNINGS_PER_SEC`] were logged in the last second already;
+    /// the first line of the next second says how many were left out.
+    pub fn guest_error(&self, message: std::fmt::Arguments<'_>) {
+        self.guest_errors.fetch_add(1, Ordering::Relaxed);
+        let now = std::time::Instant::now();
+        let mut window = self
+            .log_window
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (start, logged) = window.get_or_insert((now, 0));
+        if now.duration_since(*start) >= std::time::Duration::from_secs(1) {
+            let unlogged = logged.saturating_sub(GUEST_WARNINGS_PER_SEC);
+            if unlogged > 0 {
+                warn!("{unlogged} more guest errors in the last second were not logged");
+            }
+            (*start, *logged) = (now, 0);
+        }
+        *logged += 1;
+        if *logged <= GUEST_WARNINGS_PER_SEC {
+            warn!("{message}");
+        } else {
+            self.guest_errors_unlogged.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Guest-caused errors so far, and how many of them were not logged.
+    pub fn guest_errors(&self) -> (u64, u64) {
+        (
+            self.guest_errors.load(Ordering::Relaxed),
+            self.guest_errors_unlogged.load(Ordering::Relaxed),
+        )
+    }
+
     fn count_completion(&self, status: Status) {
         self.add(
             if status == Status::Ok {
@@ -288,7 +332,7 @@ pub trait FaultHooks: Send + Sync {
     fn reset(&self) {}
 
     /// The queue worker was woken through the injector's eventfd (see
-    /// `backend::register_fault_wakeup`): consume the wakeup.
+    /// `backend::register_wakeups`): consume the wakeup.
     fn acknowledge_wakeup(&self) {}
 }
 
@@ -416,7 +460,51 @@ fn index_u32(index: usize) -> u32 {
 // The engine.
 // ---------------------------------------------------------------------------
 
-/// How far a device-virtual command got.
+/// How much work one call of the queue handler may do before it lets go of
+/// the device (so that the front end's config-space reads and the vhost-user
+/// protocol are answered in time however long a guest's command is): bytes
+/// moved, with every command, range and device-MMU piece costing at least
+/// [`Budget::STEP_COST`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    left: u64,
+}
+
+impl Budget {
+    /// What one call of the queue handler may spend: a few milliseconds of
+    /// copying on a slow host.
+    pub const PER_CALL: u64 = 16 << 20;
+    /// The least a command, a range or a piece costs, however small.
+    pub const STEP_COST: u64 = 4096;
+
+    /// A budget of `bytes`.
+    pub const fn new(bytes: u64) -> Self {
+        Self { left: bytes }
+    }
+
+    /// No limit (tests, tools).
+    pub const fn unlimited() -> Self {
+        Self::new(u64::MAX)
+    }
+
+    /// Whether nothing is left.
+    pub const fn exhausted(&self) -> bool {
+        self.left == 0
+    }
+
+    /// How many of `wanted` bytes may be moved now (at least 1 when not
+    /// exhausted).
+    fn grant(&self, wanted: u64) -> u64 {
+        min(wanted, self.left)
+    }
+
+    /// Spends `bytes` (at least [`Budget::STEP_COST`]).
+    pub fn spend(&mut self, bytes: u64) {
+        self.left = self.left.saturating_sub(bytes.max(Self::STEP_COST));
+    }
+}
+
+/// How far a command got.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Progress {
     /// Range being executed.
@@ -427,7 +515,7 @@ struct Progress {
     bytes: u64,
 }
 
-/// The work of a device-virtual command, owned so it can park.
+/// The work of a device-virtual command.
 #[derive(Clone, Debug)]
 enum VirtualWork {
     /// VREAD (`write` false) or VWRITE.
@@ -449,20 +537,53 @@ impl VirtualWork {
     }
 }
 
-/// A command waiting on a device fault (one per context at most).
-struct Parked {
+/// What a data-moving command does, owned so it can be suspended (out of
+/// budget) or parked (on a device fault).
+#[derive(Clone, Debug)]
+enum Work {
+    /// COPY or FILL, every range already checked against memory.
+    Physical(Vec<PhysRange>),
+    /// VREAD, VWRITE or ATOMIC on a context.
+    Virtual(ContextId, VirtualWork),
+}
+
+/// A data-moving command under way.
+struct Job {
     token: u64,
     tag: u64,
-    work: VirtualWork,
+    work: Work,
     progress: Progress,
 }
 
-/// Why a device-virtual command stopped before its end.
+/// A command that ran out of budget; it goes on at the next call of
+/// [`Engine::continue_suspended`]. At most one: commands run in order.
+struct Suspended {
+    job: Job,
+    /// The REPLAY that resumed this (parked) job: it completes, OK, once
+    /// the job completes or parks again.
+    replay: Option<(u64, u64)>,
+    /// Its opcode, for the fault hooks.
+    op: Option<Opcode>,
+}
+
+/// What one slice of a job came to.
+enum JobEnd {
+    /// It completed with this response.
+    Done(Response),
+    /// It faulted, the fault was reported and the job is parked.
+    Parked,
+    /// The budget ran out; here is the job, to go on later.
+    OutOfBudget(Job),
+}
+
+/// Why a command stopped before its end.
 enum Stop {
     /// A device fault at `addr`.
     Fault { addr: u64, reason: u32 },
     /// Any other failure: this status.
     Failed(Status),
+    /// The budget ran out (the progress says where).
+    Budget,
 }
 
 impl From<Status> for Stop {
@@ -471,13 +592,25 @@ impl From<Status> for Stop {
     }
 }
 
+/// What [`Engine::process_budgeted`] and [`Engine::continue_suspended`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The command completed or parked.
+    Done(Executed),
+    /// The budget ran out in the middle of the command; call
+    /// [`Engine::continue_suspended`] (and take no other command) until it
+    /// is done.
+    Suspended,
+}
+
 /// The copy engine and device MMU of one device.
 pub struct Engine {
     vram: Arc<Vram>,
     stats: Arc<Stats>,
     faults: Arc<dyn FaultHooks>,
     mmu: Mmu,
-    parked: HashMap<ContextId, Parked>,
+    parked: HashMap<ContextId, Job>,
+    suspended: Option<Suspended>,
     /// Sequence number of the last event reported.
     last_seq: u64,
 }
@@ -502,6 +635,7 @@ impl Engine {
             faults,
             mmu,
             parked: HashMap::new(),
+            suspended: None,
             last_seq: 0,
         }
     }
@@ -531,22 +665,30 @@ impl Engine {
         self.parked.len()
     }
 
-    /// Device reset: drops every context and every parked command (whose
-    /// chains the caller forgets too; they are never completed).
+    /// Whether a command is suspended (out of budget).
+    pub fn has_suspended(&self) -> bool {
+        self.suspended.is_some()
+    }
+
+    /// Device reset: drops every context, every parked command and the
+    /// suspended one (whose chains the caller forgets too; they are never
+    /// completed).
     pub fn reset(&mut self) {
         self.mmu.clear();
         self.parked.clear();
+        self.suspended = None;
         self.faults.reset();
     }
 
     /// The command queue stopped (its ring is reset or paused): forgets the
-    /// parked commands, whose chains the caller forgets too (never
-    /// completed: a later REPLAY, CANCEL or CTX_DESTROY of their context
-    /// finds nothing parked). Contexts and their mappings stay. Returns how
-    /// many were forgotten.
+    /// parked commands and the suspended one, whose chains the caller
+    /// forgets too (never completed: a later REPLAY, CANCEL or CTX_DESTROY
+    /// of their context finds nothing parked). Contexts and their mappings
+    /// stay. Returns how many were forgotten.
     pub fn forget_parked(&mut self) -> usize {
-        let n = self.parked.len();
+        let n = self.parked.len() + usize::from(self.suspended.is_some());
         self.parked.clear();
+        self.suspended = None;
         n
     }
 
@@ -594,8 +736,8 @@ impl Engine {
     }
 
     /// Executes the command encoded in `request` (a [`CmdHeader`] followed
-    /// by its ranges; trailing bytes are ignored). `token` names it if it
-    /// parks; `events` is where device faults are reported.
+    /// by its ranges; trailing bytes are ignored) to its end. `token` names
+    /// it if it parks; `events` is where device faults are reported.
     pub fn process(
         &mut self,
         mem: &GuestRam,
@@ -603,27 +745,15 @@ impl Engine {
         token: u64,
         events: &mut dyn EventSink,
     ) -> Executed {
-        // The header only names the command in logs and for the fault
-        // hooks; decode checks it.
-        let header = CmdHeader::from_bytes(request);
-        let tag = header.map_or(0, |header| header.tag);
-        let op = header.and_then(|header| Opcode::try_from(header.opcode).ok());
-        self.faults.before_command(op);
-        let started = std::time::Instant::now();
-        let bytes_before = self.bytes_moved();
-        let mut resumed = None;
-        let response = match Command::decode(request) {
-            Ok(command) => self.dispatch(mem, command, token, tag, events, &mut resumed),
-            Err(rejected) => Some(Response::failed(rejected.status, rejected.failed_index)),
-        };
-        match response {
-            Some(response) => self.finish(tag, response),
-            None => debug!("command tag {tag:#x}: parked on a device fault"),
+        let mut step = self.process_budgeted(mem, request, token, events, &mut Budget::unlimited());
+        loop {
+            match step {
+                Step::Done(executed) => return executed,
+                Step::Suspended => {
+                    step = self.continue_suspended(mem, events, &mut Budget::unlimited());
+                }
+            }
         }
-        let moved = self.bytes_moved().wrapping_sub(bytes_before);
-        self.faults.after_command(op, moved, started.elapsed());
-        self.post_injected(events);
-        Executed { resumed, response }
     }
 
     /// Executes a command when there is no event queue (so nothing parks)
@@ -634,149 +764,369 @@ impl Engine {
             .unwrap_or(Response::failed(Status::Fault, 0))
     }
 
+    /// Starts the command in `request`, spending at most `budget`; when it
+    /// runs out, the command is suspended ([`Step::Suspended`]).
+    pub fn process_budgeted(
+        &mut self,
+        mem: &GuestRam,
+        request: &[u8],
+        token: u64,
+        events: &mut dyn EventSink,
+        budget: &mut Budget,
+    ) -> Step {
+        // The header only names the command in logs and for the fault
+        // hooks; decode checks it.
+        let header = CmdHeader::from_bytes(request);
+        let tag = header.map_or(0, |header| header.tag);
+        let op = header.and_then(|header| Opcode::try_from(header.opcode).ok());
+        self.faults.before_command(op);
+        budget.spend(Budget::STEP_COST);
+        let started = std::time::Instant::now();
+        let bytes_before = self.bytes_moved();
+        let step = match Command::decode(request) {
+            Ok(command) => self.dispatch(mem, command, token, tag, op, events, budget),
+            Err(rejected) => {
+                let response = Response::failed(rejected.status, rejected.failed_index);
+                self.finish(tag, response);
+                Step::Done(Executed {
+                    resumed: None,
+                    response: Some(response),
+                })
+            }
+        };
+        self.end_slice(op, bytes_before, started, events);
+        step
+    }
+
+    /// Goes on with the suspended command, spending at most `budget`.
+    /// Without one, does nothing and says `Done` with nothing completed.
+    pub fn continue_suspended(
+        &mut self,
+        mem: &GuestRam,
+        events: &mut dyn EventSink,
+        budget: &mut Budget,
+    ) -> Step {
+        let Some(Suspended { job, replay, op }) = self.suspended.take() else {
+            return Step::Done(Executed::default());
+        };
+        let started = std::time::Instant::now();
+        let bytes_before = self.bytes_moved();
+        let step = self.run(mem, job, replay, op, events, budget);
+        self.end_slice(op, bytes_before, started, events);
+        step
+    }
+
+    /// After each slice of work: the fault hooks' bandwidth cap and plan,
+    /// and the injected events.
+    fn end_slice(
+        &mut self,
+        op: Option<Opcode>,
+        bytes_before: u64,
+        started: std::time::Instant,
+        events: &mut dyn EventSink,
+    ) {
+        let moved = self.bytes_moved().wrapping_sub(bytes_before);
+        self.faults.after_command(op, moved, started.elapsed());
+        self.post_injected(events);
+    }
+
     /// Counts and logs a completion.
     fn finish(&self, tag: u64, response: Response) {
         self.stats.count_completion(response.status);
         if response.status == Status::Ok {
             debug!("command tag {tag:#x}: ok, {} bytes", response.bytes);
         } else {
-            warn!(
+            self.stats.guest_error(format_args!(
                 "command tag {tag:#x}: {} at range {} after {} bytes",
                 response.status.name(),
                 response.failed_index,
                 response.bytes
-            );
+            ));
         }
     }
 
-    /// Executes a decoded command: its response, or `None` when it parked.
+    /// Runs a slice of `job` (for `replay`, the REPLAY that resumed it) and
+    /// settles what it came to.
+    fn run(
+        &mut self,
+        mem: &GuestRam,
+        job: Job,
+        replay: Option<(u64, u64)>,
+        op: Option<Opcode>,
+        events: &mut dyn EventSink,
+        budget: &mut Budget,
+    ) -> Step {
+        let (token, tag) = (job.token, job.tag);
+        let end = self.run_job(mem, job, events, budget);
+        let own = match end {
+            JobEnd::OutOfBudget(job) => {
+                self.suspended = Some(Suspended { job, replay, op });
+                return Step::Suspended;
+            }
+            JobEnd::Done(response) => {
+                self.finish(tag, response);
+                Some(Completion { token, response })
+            }
+            JobEnd::Parked => {
+                debug!("command tag {tag:#x}: parked on a device fault");
+                None
+            }
+        };
+        Step::Done(match replay {
+            // The REPLAY completes once what it resumed completed or parked.
+            Some((_, replay_tag)) => {
+                let response = Response::ok(0);
+                self.finish(replay_tag, response);
+                Executed {
+                    resumed: own,
+                    response: Some(response),
+                }
+            }
+            None => Executed {
+                resumed: None,
+                response: own.map(|c| c.response),
+            },
+        })
+    }
+
+    /// Executes a decoded command.
+    #[allow(clippy::too_many_arguments)]
     fn dispatch(
         &mut self,
         mem: &GuestRam,
         command: Command<'_>,
         token: u64,
         tag: u64,
+        op: Option<Opcode>,
         events: &mut dyn EventSink,
-        resumed: &mut Option<Completion>,
-    ) -> Option<Response> {
-        let outcome = match command {
+        budget: &mut Budget,
+    ) -> Step {
+        let ok = Response::ok(0);
+        let bad_context = Response::failed(Status::BadContext, 0);
+        match command {
             // Completing in order is all a fence needs.
-            Command::Nop => Ok(Response::ok(0)),
+            Command::Nop => self.immediate(tag, ok, None),
             Command::Copy(ranges) => {
-                let ranges: Vec<PhysRange> = ranges.iter().map(PhysRange::from).collect();
-                Ok(self.run_physical(mem, &ranges))
+                let ranges = ranges.iter().map(PhysRange::from).collect();
+                self.start_physical(mem, ranges, token, tag, op, events, budget)
             }
             Command::Fill(ranges) => {
-                let ranges: Vec<PhysRange> = ranges.iter().map(PhysRange::from).collect();
-                Ok(self.run_physical(mem, &ranges))
+                let ranges = ranges.iter().map(PhysRange::from).collect();
+                self.start_physical(mem, ranges, token, tag, op, events, budget)
             }
-            Command::Counters(range) => self.counters(mem, range).map(Response::ok),
+            Command::Counters(range) => {
+                let response = self.counters(mem, range).map_or_else(|e| e, Response::ok);
+                self.immediate(tag, response, None)
+            }
             Command::CtxCreate(ctx) => {
-                if self.mmu.create(ctx) {
-                    Ok(Response::ok(0))
+                let response = if self.mmu.create(ctx) {
+                    ok
                 } else {
-                    Err(Response::failed(Status::BadContext, 0))
-                }
+                    bad_context
+                };
+                self.immediate(tag, response, None)
             }
             Command::CtxDestroy(ctx) => {
                 if self.mmu.destroy(ctx) {
-                    *resumed = self.cancel_parked(ctx);
-                    Ok(Response::ok(0))
+                    let resumed = self.cancel_parked(ctx);
+                    self.immediate(tag, ok, resumed)
                 } else {
-                    Err(Response::failed(Status::BadContext, 0))
+                    self.immediate(tag, bad_context, None)
                 }
             }
-            Command::Map(ctx, ranges) => self.map(mem, ctx, ranges),
-            Command::Unmap(ctx, ranges) => self.unmap(ctx, ranges),
+            Command::Map(ctx, ranges) => {
+                let response = self.map(mem, ctx, ranges).unwrap_or_else(|e| e);
+                self.immediate(tag, response, None)
+            }
+            Command::Unmap(ctx, ranges) => {
+                let response = self.unmap(ctx, ranges).unwrap_or_else(|e| e);
+                self.immediate(tag, response, None)
+            }
             Command::Vread(ctx, ranges) | Command::Vwrite(ctx, ranges) => {
                 let write = matches!(command, Command::Vwrite(..));
                 let work = VirtualWork::Transfer {
                     write,
                     ranges: ranges.iter().collect(),
                 };
-                return self.start_virtual(mem, ctx, work, token, tag, events);
+                self.start_virtual(mem, ctx, work, token, tag, op, events, budget)
             }
             Command::Atomic(ctx, range) => {
-                return self.start_virtual(
-                    mem,
-                    ctx,
-                    VirtualWork::Atomic(range),
-                    token,
-                    tag,
-                    events,
-                );
+                let work = VirtualWork::Atomic(range);
+                self.start_virtual(mem, ctx, work, token, tag, op, events, budget)
             }
-            Command::Replay(ctx) => {
-                let Some(parked) = self.parked.remove(&ctx) else {
-                    return Some(Response::failed(Status::BadContext, 0));
-                };
-                self.stats.add(counter::REPLAYS, 1);
-                let (token, tag) = (parked.token, parked.tag);
-                if let Some(response) = self.resume(mem, ctx, parked, events) {
-                    self.finish(tag, response);
-                    *resumed = Some(Completion { token, response });
+            Command::Replay(ctx) => match self.parked.remove(&ctx) {
+                Some(job) => {
+                    self.stats.add(counter::REPLAYS, 1);
+                    self.run(mem, job, Some((token, tag)), op, events, budget)
                 }
-                Ok(Response::ok(0))
-            }
-            Command::Cancel(ctx) => match self.cancel_parked(ctx) {
-                Some(completion) => {
-                    *resumed = Some(completion);
-                    Ok(Response::ok(0))
-                }
-                None => Err(Response::failed(Status::BadContext, 0)),
+                None => self.immediate(tag, bad_context, None),
             },
-        };
-        Some(outcome.unwrap_or_else(|failed| failed))
+            Command::Cancel(ctx) => match self.cancel_parked(ctx) {
+                Some(completion) => self.immediate(tag, ok, Some(completion)),
+                None => self.immediate(tag, bad_context, None),
+            },
+        }
+    }
+
+    /// A command that completed at once.
+    fn immediate(&self, tag: u64, response: Response, resumed: Option<Completion>) -> Step {
+        self.finish(tag, response);
+        Step::Done(Executed {
+            resumed,
+            response: Some(response),
+        })
     }
 
     /// Completes the parked command of `ctx`, if any, with FAULT.
     fn cancel_parked(&mut self, ctx: ContextId) -> Option<Completion> {
-        let parked = self.parked.remove(&ctx)?;
+        let job = self.parked.remove(&ctx)?;
         let response = Response {
             status: Status::Fault,
-            failed_index: parked.progress.index,
-            bytes: parked.progress.bytes,
+            failed_index: job.progress.index,
+            bytes: job.progress.bytes,
         };
-        self.finish(parked.tag, response);
+        self.finish(job.tag, response);
         Some(Completion {
-            token: parked.token,
+            token: job.token,
             response,
         })
+    }
+
+    /// Runs `job` from its progress until it completes, parks or the budget
+    /// runs out.
+    fn run_job(
+        &mut self,
+        mem: &GuestRam,
+        mut job: Job,
+        events: &mut dyn EventSink,
+        budget: &mut Budget,
+    ) -> JobEnd {
+        let result = match &job.work {
+            Work::Physical(ranges) => self
+                .physical(mem, ranges, &mut job.progress, budget)
+                .map(|()| job.progress.bytes),
+            Work::Virtual(ctx, VirtualWork::Atomic(range)) => {
+                budget.spend(Budget::STEP_COST);
+                self.atomic(mem, *ctx, range)
+            }
+            Work::Virtual(ctx, VirtualWork::Transfer { write, ranges }) => self
+                .transfer(mem, *ctx, *write, ranges, &mut job.progress, budget)
+                .map(|()| job.progress.bytes),
+        };
+        let progress = job.progress;
+        let stopped = |status| Response {
+            status,
+            failed_index: progress.index,
+            bytes: progress.bytes,
+        };
+        match result {
+            Ok(bytes) => JobEnd::Done(Response::ok(bytes)),
+            Err(Stop::Budget) => JobEnd::OutOfBudget(job),
+            Err(Stop::Failed(status)) => JobEnd::Done(stopped(status)),
+            Err(Stop::Fault { addr, reason }) => {
+                let Work::Virtual(ctx, work) = &job.work else {
+                    // Physical commands translate nothing.
+                    return JobEnd::Done(stopped(Status::Fault));
+                };
+                let ctx = *ctx;
+                self.stats.add(counter::FAULTS, 1);
+                let event = Event {
+                    kind: event::FAULT,
+                    ctx: ctx.get(),
+                    addr,
+                    access: work.access().bits(),
+                    reason,
+                    seq: self.last_seq + 1,
+                };
+                if events.post(&event) {
+                    self.last_seq += 1;
+                    debug!("device fault reported: {event:?}");
+                    self.parked.insert(ctx, job);
+                    JobEnd::Parked
+                } else {
+                    self.stats.add(counter::EVENTS_DROPPED, 1);
+                    self.stats.guest_error(format_args!(
+                        "device fault {event:?} not reported: no event buffer"
+                    ));
+                    JobEnd::Done(stopped(Status::Fault))
+                }
+            }
+        }
     }
 
     // -- Physical commands ---------------------------------------------------
 
     /// COPY or FILL: every range is checked against memory before any byte
-    /// moves.
-    fn run_physical(&self, mem: &GuestRam, ranges: &[PhysRange]) -> Response {
+    /// moves; then the ranges run as a job.
+    #[allow(clippy::too_many_arguments)]
+    fn start_physical(
+        &mut self,
+        mem: &GuestRam,
+        ranges: Vec<PhysRange>,
+        token: u64,
+        tag: u64,
+        op: Option<Opcode>,
+        events: &mut dyn EventSink,
+        budget: &mut Budget,
+    ) -> Step {
         for (index, range) in ranges.iter().enumerate() {
             if let Err(status) = self.validate(mem, range) {
-                return Response::failed(status, index_u32(index));
+                return self.immediate(tag, Response::failed(status, index_u32(index)), None);
             }
         }
-        let mut bytes = 0u64;
-        for (index, range) in ranges.iter().enumerate() {
-            let index = index_u32(index);
-            let partial = |status| Response {
-                status,
-                failed_index: index,
-                bytes,
-            };
-            let copy = CopyInfo {
-                index,
-                src: (range.op == Op::Copy).then_some(range.src),
-                dst: range.dst,
-                len: u64::from(range.len),
-            };
-            if let Some(InjectedFault::CopyError) = self.faults.before_copy(&copy) {
-                return partial(Status::CopyError);
+        let job = Job {
+            token,
+            tag,
+            work: Work::Physical(ranges),
+            progress: Progress::default(),
+        };
+        self.run(mem, job, None, op, events, budget)
+    }
+
+    /// Executes `ranges` from `progress` on, a piece of at most the budget
+    /// at a time. A copy error (fault injection) is asked for when a range
+    /// starts.
+    fn physical(
+        &self,
+        mem: &GuestRam,
+        ranges: &[PhysRange],
+        progress: &mut Progress,
+        budget: &mut Budget,
+    ) -> Result<(), Stop> {
+        while let Some(range) = ranges.get(progress.index as usize) {
+            // Checked before the copy-error hook, so a range is asked about
+            // once, not again when it resumes.
+            if budget.exhausted() {
+                return Err(Stop::Budget);
             }
-            if let Err(status) = self.execute_range(mem, range) {
-                return partial(status);
+            if progress.offset == 0 {
+                let copy = CopyInfo {
+                    index: progress.index,
+                    src: (range.op == Op::Copy).then_some(range.src),
+                    dst: range.dst,
+                    len: u64::from(range.len),
+                };
+                if let Some(InjectedFault::CopyError) = self.faults.before_copy(&copy) {
+                    return Err(Stop::Failed(Status::CopyError));
+                }
             }
-            bytes += u64::from(range.len);
+            while progress.offset < range.len {
+                if budget.exhausted() {
+                    return Err(Stop::Budget);
+                }
+                let rest = u64::from(range.len - progress.offset);
+                // At most the rest of the range, which fits in u32.
+                let n = u32::try_from(budget.grant(rest)).unwrap_or(u32::MAX);
+                self.execute_piece(mem, range, progress.offset, n)?;
+                budget.spend(u64::from(n));
+                progress.offset += n;
+                progress.bytes += u64::from(n);
+            }
+            budget.spend(Budget::STEP_COST);
+            progress.index += 1;
+            progress.offset = 0;
         }
-        Response::ok(bytes)
+        Ok(())
     }
 
     /// Checks that `len` bytes at `side` are inside guest RAM or the VRAM.
@@ -822,19 +1172,28 @@ impl Engine {
         }
     }
 
-    /// Executes one validated range. Errors here would mean validation
-    /// missed something: they are reported, not panicked on.
-    fn execute_range(&self, mem: &GuestRam, range: &PhysRange) -> Result<(), Status> {
-        if range.len == 0 {
+    /// Executes `len` bytes of a validated range from `offset` on. Errors
+    /// here would mean validation missed something: they are reported, not
+    /// panicked on.
+    fn execute_piece(
+        &self,
+        mem: &GuestRam,
+        range: &PhysRange,
+        offset: u32,
+        len: u32,
+    ) -> Result<(), Status> {
+        if len == 0 {
             return Ok(());
         }
-        let dst = self.slices(mem, range.dst, range.len)?;
+        let at = |side: Phys| side.offset(u64::from(offset)).ok_or(Status::CopyError);
+        let dst = self.slices(mem, at(range.dst)?, len)?;
         match range.op {
-            Op::Copy => copy_slices(&self.slices(mem, range.src, range.len)?, &dst)?,
-            Op::Fill => fill_slices(&dst, range.pattern)?,
+            Op::Copy => copy_slices(&self.slices(mem, at(range.src)?, len)?, &dst)?,
+            // The pattern's phase goes on from where the range is.
+            Op::Fill => fill_slices(&dst, range.pattern, offset as usize)?,
         }
         self.stats
-            .count_bytes(range.op, range.src, range.dst, u64::from(range.len));
+            .count_bytes(range.op, range.src, range.dst, u64::from(len));
         Ok(())
     }
 
@@ -905,6 +1264,7 @@ impl Engine {
 
     /// Starts VREAD, VWRITE or ATOMIC: the context must exist and have
     /// nothing parked, the guest buffers must be guest RAM.
+    #[allow(clippy::too_many_arguments)]
     fn start_virtual(
         &mut self,
         mem: &GuestRam,
@@ -912,74 +1272,27 @@ impl Engine {
         work: VirtualWork,
         token: u64,
         tag: u64,
+        op: Option<Opcode>,
         events: &mut dyn EventSink,
-    ) -> Option<Response> {
+        budget: &mut Budget,
+    ) -> Step {
         if !self.mmu.exists(ctx) || self.parked.contains_key(&ctx) {
-            return Some(Response::failed(Status::BadContext, 0));
+            return self.immediate(tag, Response::failed(Status::BadContext, 0), None);
         }
         if let VirtualWork::Transfer { ranges, .. } = &work {
             for (index, range) in ranges.iter().enumerate() {
                 if let Err(status) = self.check_side(mem, Phys::Guest(range.buffer), range.len) {
-                    return Some(Response::failed(status, index_u32(index)));
+                    return self.immediate(tag, Response::failed(status, index_u32(index)), None);
                 }
             }
         }
-        let parked = Parked {
+        let job = Job {
             token,
             tag,
-            work,
+            work: Work::Virtual(ctx, work),
             progress: Progress::default(),
         };
-        self.resume(mem, ctx, parked, events)
-    }
-
-    /// Runs (or resumes) a device-virtual command from its progress. Returns
-    /// its response, or `None` when it faulted, the fault was reported and
-    /// the command is parked.
-    fn resume(
-        &mut self,
-        mem: &GuestRam,
-        ctx: ContextId,
-        mut parked: Parked,
-        events: &mut dyn EventSink,
-    ) -> Option<Response> {
-        let result = match &parked.work {
-            VirtualWork::Atomic(range) => self.atomic(mem, ctx, range),
-            VirtualWork::Transfer { write, ranges } => self
-                .transfer(mem, ctx, *write, ranges, &mut parked.progress)
-                .map(|()| parked.progress.bytes),
-        };
-        let progress = parked.progress;
-        let stopped = |status| Response {
-            status,
-            failed_index: progress.index,
-            bytes: progress.bytes,
-        };
-        match result {
-            Ok(bytes) => Some(Response::ok(bytes)),
-            Err(Stop::Failed(status)) => Some(stopped(status)),
-            Err(Stop::Fault { addr, reason }) => {
-                self.stats.add(counter::FAULTS, 1);
-                let event = Event {
-                    kind: event::FAULT,
-                    ctx: ctx.get(),
-                    addr,
-                    access: parked.work.access().bits(),
-                    reason,
-                    seq: self.last_seq + 1,
-                };
-                if events.post(&event) {
-                    self.last_seq += 1;
-                    debug!("device fault reported: {event:?}");
-                    self.parked.insert(ctx, parked);
-                    None
-                } else {
-                    self.stats.add(counter::EVENTS_DROPPED, 1);
-                    warn!("device fault {event:?} not reported: no event buffer");
-                    Some(stopped(Status::Fault))
-                }
-            }
-        }
+        self.run(mem, job, None, op, events, budget)
     }
 
     /// The longest run from `va` (at most `len` bytes, at least one byte)
@@ -1019,17 +1332,17 @@ impl Engine {
         write: bool,
         ranges: &[TransferRange],
         progress: &mut Progress,
+        budget: &mut Budget,
     ) -> Result<(), Stop> {
         let access = if write { Access::WRITE } else { Access::READ };
         while let Some(range) = ranges.get(progress.index as usize) {
             while progress.offset < range.len {
+                if budget.exhausted() {
+                    return Err(Stop::Budget);
+                }
                 let done = u64::from(progress.offset);
-                let (phys, n) = self.piece(
-                    ctx,
-                    range.va + done,
-                    u64::from(range.len - progress.offset),
-                    access,
-                )?;
+                let rest = u64::from(range.len - progress.offset);
+                let (phys, n) = self.piece(ctx, range.va + done, budget.grant(rest), access)?;
                 // n <= the rest of the range, which fits in u32.
                 let n32 = u32::try_from(n).unwrap_or(u32::MAX);
                 let buffer = Phys::Guest(range.buffer + done);
@@ -1058,9 +1371,11 @@ impl Engine {
                     },
                     n,
                 );
+                budget.spend(n);
                 progress.offset += n32;
                 progress.bytes += n;
             }
+            budget.spend(Budget::STEP_COST);
             progress.index += 1;
             progress.offset = 0;
         }
@@ -1134,9 +1449,10 @@ fn copy_slices(src: &[VolatileSlice<'_>], dst: &[VolatileSlice<'_>]) -> Result<(
 }
 
 /// Writes the little-endian bytes of `pattern`, repeated, over the stream of
-/// slices `dst`; the pattern's phase carries over slice boundaries, so the
-/// byte at stream position `i` is `pattern.to_le_bytes()[i % 8]`.
-fn fill_slices(dst: &[VolatileSlice<'_>], pattern: u64) -> Result<(), Status> {
+/// slices `dst`, which starts `start` bytes into its range; the pattern's
+/// phase carries over slice boundaries, so the byte at range position `i`
+/// is `pattern.to_le_bytes()[i % 8]`.
+fn fill_slices(dst: &[VolatileSlice<'_>], pattern: u64, start: usize) -> Result<(), Status> {
     const PAT: usize = std::mem::size_of::<u64>();
     let total: usize = dst.iter().map(|slice| slice.len()).sum();
     // Only as big as this range needs: a command of many small ranges must
@@ -1146,7 +1462,7 @@ fn fill_slices(dst: &[VolatileSlice<'_>], pattern: u64) -> Result<(), Status> {
     while chunk.len() < chunk_len {
         chunk.extend_from_slice(&pattern.to_le_bytes());
     }
-    let mut written = 0usize;
+    let mut written = start % PAT;
     for slice in dst {
         let mut off = 0;
         while off < slice.len() {
@@ -1173,6 +1489,7 @@ fn internal_error(e: vm_memory::VolatileMemoryError) -> Status {
 mod tests {
     use super::*;
     use hmmgpu_abi::{RangeFlags, Status};
+
     use vm_memory::Bytes;
 
     const NONE: RangeFlags = RangeFlags::NONE;
@@ -2308,6 +2625,172 @@ mod tests {
         );
         assert_eq!(guest(&f.mem, RAM0 + 0x1008, 8), 1u64.to_le_bytes());
         assert_eq!(f.engine.stats().snapshot().atomics, 6);
+    }
+
+    /// Runs `request` with `per_call` bytes of budget per call until it is
+    /// done; returns what it did and how many calls it took.
+    fn run_in_slices(
+        f: &mut Fixture,
+        request: &[u8],
+        token: u64,
+        events: &mut dyn EventSink,
+        per_call: u64,
+    ) -> (Executed, usize) {
+        let mut calls = 1;
+        let mut step =
+            f.engine
+                .process_budgeted(&f.mem, request, token, events, &mut Budget::new(per_call));
+        loop {
+            match step {
+                Step::Done(executed) => return (executed, calls),
+                Step::Suspended => {
+                    assert!(f.engine.has_suspended());
+                    calls += 1;
+                    step = f
+                        .engine
+                        .continue_suspended(&f.mem, events, &mut Budget::new(per_call));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn long_copies_and_fills_are_suspended_and_resumed_exactly() {
+        // The same commands run whole and in slices of 5003 bytes (a piece
+        // size prime to the pattern and the page) leave the same memory.
+        let data = pattern(200_000, 17);
+        let commands = [
+            command(
+                Opcode::Fill,
+                &[
+                    range(0x0102_0304_0506_0708, 3, 100_003, DST_VRAM),
+                    range(0x1111_2222_3333_4444, RAM1 - 7777, 20_001, NONE),
+                    range(5, RAM0, 0, NONE),
+                ],
+            ),
+            command(
+                Opcode::Copy,
+                &[
+                    range(RAM2, 0x10_0000, 200_000, DST_VRAM),
+                    range(0x10_0000, RAM0 + 0x3_0000, 150_000, SRC_VRAM),
+                ],
+            ),
+        ];
+        let mut whole = fixture();
+        let mut sliced = fixture();
+        for f in [&mut whole, &mut sliced] {
+            f.mem.write_slice(&data, GuestAddress(RAM2)).unwrap();
+        }
+        for request in &commands {
+            let expect = whole.engine.execute(&whole.mem, request);
+            let (executed, calls) = run_in_slices(&mut sliced, request, 1, &mut NoEventQueue, 5003);
+            assert_eq!(executed.response, Some(expect));
+            assert!(calls > 20, "{calls} calls: the budget was not applied");
+            assert!(!sliced.engine.has_suspended());
+        }
+        assert!(
+            everything(&whole) == everything(&sliced),
+            "slicing changed the result"
+        );
+        assert_eq!(
+            whole.engine.stats().snapshot(),
+            sliced.engine.stats().snapshot()
+        );
+    }
+
+    #[test]
+    fn a_sliced_command_keeps_copy_errors_and_faults_where_they_were() {
+        let mut f = fixture();
+        let mut events = Vec::new();
+        // A copy error at the third range after two sliced ones.
+        let ranges: Vec<Range> = (0..4u64)
+            .map(|i| range(RAM0 + i * 0x8000, i * 0x8000, 0x8000, DST_VRAM))
+            .collect();
+        f.faults.copy_error_next(2);
+        let (executed, _) = run_in_slices(
+            &mut f,
+            &command(Opcode::Copy, &ranges),
+            1,
+            &mut events,
+            5000,
+        );
+        assert_eq!(
+            executed.response,
+            Some(Response {
+                status: Status::CopyError,
+                failed_index: 2,
+                bytes: 0x10000
+            })
+        );
+        // A VREAD sliced across its mapped page, then faulting, parks; a
+        // REPLAY that is itself sliced completes it.
+        exec(&mut f, Opcode::CtxCreate, 1, &[]);
+        exec(&mut f, Opcode::Map, 1, &[range(RAM0, VA, 0x4000, RW)]);
+        let read = [range(VA, RAM2, 0x8000, NONE)];
+        let (executed, calls) = run_in_slices(
+            &mut f,
+            &ctx_command(Opcode::Vread, 1, &read),
+            7,
+            &mut events,
+            4096,
+        );
+        assert_eq!(executed, Executed::default(), "parked");
+        // Taking the command uses up the first call's 4 KiB; then one call
+        // per mapped page; the last finds the fault.
+        assert_eq!(calls, 6);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].addr, VA + 0x4000);
+        exec(
+            &mut f,
+            Opcode::Map,
+            1,
+            &[range(RAM1, VA + 0x4000, 0x4000, RW)],
+        );
+        let (executed, calls) = run_in_slices(
+            &mut f,
+            &ctx_command(Opcode::Replay, 1, &[]),
+            8,
+            &mut events,
+            4096,
+        );
+        assert_eq!(
+            executed,
+            Executed {
+                resumed: Some(Completion {
+                    token: 7,
+                    response: ok(0x8000)
+                }),
+                response: Some(OK)
+            }
+        );
+        assert_eq!(calls, 5, "the REPLAY, then one call per page");
+        assert_eq!(guest(&f.mem, RAM2, 0x4000), guest(&f.mem, RAM0, 0x4000));
+        assert_eq!(
+            guest(&f.mem, RAM2 + 0x4000, 0x4000),
+            guest(&f.mem, RAM1, 0x4000)
+        );
+        // A reset forgets a suspended command.
+        let fill = command(Opcode::Fill, &[range(1, 0, 0x10_0000, DST_VRAM)]);
+        let step =
+            f.engine
+                .process_budgeted(&f.mem, &fill, 9, &mut NoEventQueue, &mut Budget::new(4096));
+        assert_eq!(step, Step::Suspended);
+        assert_eq!(f.engine.forget_parked(), 1);
+        assert!(!f.engine.has_suspended());
+    }
+
+    #[test]
+    fn guest_errors_are_counted_and_their_log_lines_limited() {
+        let mut f = fixture();
+        let bad = command(Opcode::Fill, &[range(1, u64::MAX, 8, NONE)]);
+        for _ in 0..1000 {
+            f.engine.execute(&f.mem, &bad);
+        }
+        let (errors, unlogged) = f.engine.stats().guest_errors();
+        assert_eq!(errors, 1000);
+        // All in well under a second: only the first few were logged.
+        assert_eq!(unlogged, 1000 - GUEST_WARNINGS_PER_SEC);
+        assert_eq!(f.engine.stats().snapshot().commands_failed, 1000);
     }
 
     #[test]

@@ -556,7 +556,7 @@ impl FaultInjector {
     }
 
     /// The eventfd the queue worker must poll (see
-    /// `backend::register_fault_wakeup`).
+    /// `backend::register_wakeups`).
     pub fn notify_fd(&self) -> Option<RawFd> {
         self.notify.as_ref().map(AsRawFd::as_raw_fd)
     }

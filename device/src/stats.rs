@@ -23,6 +23,13 @@ pub struct DeviceStats {
     /// Front ends served so far (absent where there are no sessions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sessions: Option<u64>,
+    /// Errors the guest caused (failed commands, dropped chains).
+    #[serde(default)]
+    pub guest_errors: u64,
+    /// Of those, how many were not logged (rate limit,
+    /// `engine::GUEST_WARNINGS_PER_SEC`).
+    #[serde(default)]
+    pub guest_errors_unlogged: u64,
 }
 
 /// Why a stats line could not be read.
@@ -47,20 +54,30 @@ impl DeviceStats {
         Some(serde_json::from_str(json).map_err(StatsLineError))
     }
 
+    /// The stats of `control`'s device as they are now.
+    pub fn of(stats: &crate::engine::Stats) -> Self {
+        let (guest_errors, guest_errors_unlogged) = stats.guest_errors();
+        Self {
+            device: stats.snapshot(),
+            injected: None,
+            sessions: None,
+            guest_errors,
+            guest_errors_unlogged,
+        }
+    }
+
     /// A counter by the name the record gives it: a device counter
-    /// (`"bytes_guest_to_vram"`), `"sessions"`, or an injection counter as
-    /// `"injected.copy_errors"`. `None` when there is no such counter (or
-    /// the record lacks its group).
+    /// (`"bytes_guest_to_vram"`), `"sessions"`, `"guest_errors"`, or an
+    /// injection counter as `"injected.copy_errors"`. `None` when there is
+    /// no such counter (or the record lacks its group).
     pub fn counter(&self, name: &str) -> Option<u64> {
-        if name == "sessions" {
-            return self.sessions;
+        if let Some(index) = counter::NAMES.iter().position(|&n| n == name) {
+            return self.device.values().get(index).copied();
         }
-        if let Some(name) = name.strip_prefix("injected.") {
-            let injected = serde_json::to_value(self.injected?).ok()?;
-            return injected.get(name)?.as_u64();
-        }
-        let index = counter::NAMES.iter().position(|&n| n == name)?;
-        self.device.values().get(index).copied()
+        let record = serde_json::to_value(self).ok()?;
+        name.split('.')
+            .try_fold(&record, |value, key| value.get(key))?
+            .as_u64()
     }
 }
 
@@ -77,13 +94,18 @@ mod tests {
                 ..Default::default()
             }),
             sessions: Some(2),
+            guest_errors: 7,
+            guest_errors_unlogged: 1,
         };
         let line = stats.exit_line();
         assert!(
             line.starts_with("hmmgpu-device: stats: {\"commands_ok\":1,"),
             "{line}"
         );
-        assert!(line.ends_with(",\"sessions\":2}"), "{line}");
+        assert!(
+            line.ends_with(",\"sessions\":2,\"guest_errors\":7,\"guest_errors_unlogged\":1}"),
+            "{line}"
+        );
         let back = DeviceStats::from_exit_line(&format!("{line}\n"))
             .unwrap()
             .unwrap();
@@ -92,6 +114,7 @@ mod tests {
             assert_eq!(back.counter(name), Some(i as u64 * 10 + 1), "{name}");
         }
         assert_eq!(back.counter("sessions"), Some(2));
+        assert_eq!(back.counter("guest_errors"), Some(7));
         assert_eq!(back.counter("injected.copy_errors"), Some(3));
         assert_eq!(back.counter("injected.nonsense"), None);
         assert_eq!(back.counter("nonsense"), None);

@@ -19,7 +19,7 @@ use hmmgpu_abi::{
     counter, event, CmdHeader, DeviceConfig, Event, Opcode, Range, RangeFlags, Response, Status,
     ABI_VERSION, CONFIG_MAGIC, MAX_CONTEXTS, MAX_RANGES, QUEUE_COMMAND, QUEUE_EVENT, QUEUE_SIZE,
 };
-use hmmgpu_device::backend::register_fault_wakeup;
+use hmmgpu_device::backend::register_wakeups;
 use hmmgpu_device::{Engine, FaultInjector, HmmGpuBackend, Stats, Vram};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
@@ -468,14 +468,16 @@ impl InProcess {
         let faults = Arc::new(FaultInjector::with_vram(vram.clone()));
         faults.capture_log();
         let engine = Engine::new(vram, stats.clone(), faults.clone());
-        let backend = Arc::new(RwLock::new(HmmGpuBackend::new(engine)));
+        let backend = HmmGpuBackend::new(engine);
+        let resume = backend.resume_fd();
+        let backend = Arc::new(RwLock::new(backend));
         let mut daemon = VhostUserDaemon::new(
             "hmmgpu-test".to_owned(),
             backend,
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .unwrap();
-        register_fault_wakeup(&daemon, &faults).unwrap();
+        register_wakeups(&daemon, &faults, resume).unwrap();
         // Bound before the thread starts, so the front end can connect at once.
         let mut listener = Listener::new(&socket, true).unwrap();
         let session = thread::spawn(move || {
@@ -1685,4 +1687,74 @@ fn fault_plans_logs_and_the_client_subcommands() {
     assert_eq!(stats["commands_failed"], 1);
     assert_eq!(stats["injected"]["copy_errors"], 1);
     assert_eq!(stats["injected"]["events_posted"], 1);
+}
+
+// ---------------------------------------------------------------------------
+// A hostile guest cannot freeze the backend.
+// ---------------------------------------------------------------------------
+
+/// Longest a config-space read (GET_CONFIG, which QEMU sends from a vCPU
+/// thread holding its big lock) may wait while the device is busy.
+const CONFIG_READ_LIMIT: Duration = Duration::from_millis(100);
+
+/// A FILL of the whole VRAM `RANGES` times keeps the device busy for
+/// seconds; config-space reads are answered within [`CONFIG_READ_LIMIT`]
+/// all along, commands queued behind it complete after it, in order, and
+/// the VRAM holds the pattern.
+#[test]
+fn a_huge_fill_does_not_hold_up_config_space_reads() {
+    const RANGES: u32 = MAX_RANGES;
+    let backend = InProcess::start();
+    let mut vm = Vm::connect(&backend.socket);
+    let pattern = 0x0807_0605_0403_0201u64;
+    let whole_vram = Range {
+        src: pattern,
+        dst: 0,
+        len: VRAM_SIZE as u32,
+        flags: DST_VRAM,
+    };
+    let ranges = vec![whole_vram; RANGES as usize];
+    let started = Instant::now();
+    let fill = vm.post_command(Opcode::Fill, 0, &ranges, CMD_BUF, RESP_BUF);
+    let nop = vm.post_command(Opcode::Nop, 0, &[], CMD_BUF2, RESP_BUF2);
+    let mut worst = Duration::ZERO;
+    let mut reads = 0u32;
+    let mut completed = Vec::new();
+    while completed.len() < 2 {
+        let asked = Instant::now();
+        assert_eq!(vm.config().vram_size, VRAM_SIZE);
+        worst = worst.max(asked.elapsed());
+        reads += 1;
+        while let Some(used) = vm.take_used() {
+            completed.push(used);
+        }
+        assert!(started.elapsed() < 20 * TIMEOUT, "the FILL never completed");
+        thread::sleep(Duration::from_millis(5));
+    }
+    let took = started.elapsed();
+    eprintln!(
+        "FILL of {RANGES} x {} MiB took {took:?}; {reads} config-space reads, the slowest {worst:?}",
+        VRAM_SIZE >> 20
+    );
+    assert_eq!(
+        completed,
+        [(fill, Response::SIZE as u32), (nop, Response::SIZE as u32)]
+    );
+    assert_eq!(vm.response(), ok(u64::from(RANGES) * VRAM_SIZE));
+    assert_eq!(vm.response_at(RESP_BUF2), ok(0));
+    assert!(
+        worst < CONFIG_READ_LIMIT,
+        "a config-space read waited {worst:?} while the FILL ran"
+    );
+    assert!(
+        reads >= 10,
+        "only {reads} reads during the FILL: it was too short to tell"
+    );
+    let file = backend.vram_file();
+    assert!(file
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == pattern.to_le_bytes()[i % 8]));
+    drop(vm);
+    assert_eq!(backend.join(), Ok(()));
 }
