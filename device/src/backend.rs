@@ -64,7 +64,8 @@ type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestRam>>;
 ///
 /// The worker holds that lock while it handles an event, and QEMU's vCPU
 /// threads wait for it on every config-space read (GET_CONFIG), so one call
-/// does at most [`Budget::PER_CALL`] of work: a longer command is suspended
+/// does at most [`Budget::PER_CALL`] bytes of work, for at most
+/// [`Budget::CALL_TIME`]: a longer command is suspended
 /// and its chain kept here; the call arms the resume timer and returns,
 /// letting go of the lock, and the worker goes on when the timer fires.
 pub struct HmmGpuBackend {
@@ -165,7 +166,7 @@ impl HmmGpuBackend {
             vring: vrings.get(usize::from(QUEUE_EVENT)),
             mem: mem.clone(),
         };
-        let mut budget = Budget::new(Budget::PER_CALL);
+        let mut budget = Budget::per_call();
         let mut run = QueueRun::default();
         let mut used = Vec::new();
         if let Some(chain) = self.current.take() {

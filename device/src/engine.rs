@@ -464,22 +464,31 @@ fn index_u32(index: usize) -> u32 {
 /// the device (so that the front end's config-space reads and the vhost-user
 /// protocol are answered in time however long a guest's command is): bytes
 /// moved, with every command, range and device-MMU piece costing at least
-/// [`Budget::STEP_COST`].
+/// [`Budget::STEP_COST`], and, for the worker, a deadline, so the time a call
+/// takes does not depend on how fast the host copies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Budget {
     left: u64,
+    deadline: Option<std::time::Instant>,
 }
 
 impl Budget {
-    /// What one call of the queue handler may spend: a few milliseconds of
-    /// copying on a slow host.
+    /// Bytes one call of the queue handler may spend.
     pub const PER_CALL: u64 = 16 << 20;
+    /// Time one call of the queue handler may take (checked between pieces
+    /// of at most [`Budget::TIMED_PIECE`] bytes).
+    pub const CALL_TIME: std::time::Duration = std::time::Duration::from_millis(5);
+    /// The largest piece moved at once under a deadline.
+    pub const TIMED_PIECE: u64 = 256 << 10;
     /// The least a command, a range or a piece costs, however small.
     pub const STEP_COST: u64 = 4096;
 
-    /// A budget of `bytes`.
+    /// A budget of `bytes`, with no deadline (tests, tools).
     pub const fn new(bytes: u64) -> Self {
-        Self { left: bytes }
+        Self {
+            left: bytes,
+            deadline: None,
+        }
     }
 
     /// No limit (tests, tools).
@@ -487,15 +496,32 @@ impl Budget {
         Self::new(u64::MAX)
     }
 
+    /// One call of the queue worker: [`Budget::PER_CALL`] bytes, at most
+    /// [`Budget::CALL_TIME`] from now.
+    pub fn per_call() -> Self {
+        Self {
+            left: Self::PER_CALL,
+            deadline: Some(std::time::Instant::now() + Self::CALL_TIME),
+        }
+    }
+
     /// Whether nothing is left.
-    pub const fn exhausted(&self) -> bool {
+    pub fn exhausted(&self) -> bool {
         self.left == 0
+            || self
+                .deadline
+                .is_some_and(|d| std::time::Instant::now() >= d)
     }
 
     /// How many of `wanted` bytes may be moved now (at least 1 when not
     /// exhausted).
     fn grant(&self, wanted: u64) -> u64 {
-        min(wanted, self.left)
+        let piece = if self.deadline.is_some() {
+            Self::TIMED_PIECE
+        } else {
+            u64::MAX
+        };
+        wanted.min(self.left).min(piece)
     }
 
     /// Spends `bytes` (at least [`Budget::STEP_COST`]).
@@ -1459,8 +1485,14 @@ fn fill_slices(dst: &[VolatileSlice<'_>], pattern: u64, start: usize) -> Result<
     // not build a 64 KiB buffer for each.
     let chunk_len = min(total, FILL_CHUNK) + PAT;
     let mut chunk = Vec::with_capacity(chunk_len.next_multiple_of(PAT));
+    chunk.extend_from_slice(&pattern.to_le_bytes());
+    // Doubling: a few copies, not one per 8 bytes (pieces are small under
+    // a deadline, and this runs once per piece).
     while chunk.len() < chunk_len {
-        chunk.extend_from_slice(&pattern.to_le_bytes());
+        let more = chunk
+            .len()
+            .min(chunk_len.next_multiple_of(PAT) - chunk.len());
+        chunk.extend_from_within(..more);
     }
     let mut written = start % PAT;
     for slice in dst {

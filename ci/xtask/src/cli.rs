@@ -30,6 +30,9 @@ pub enum Command {
     /// Injects a fault into a running `cargo xtask run` VM's backend (its
     /// control socket), or sends it another request (docs/running.md).
     Inject(crate::inject::InjectArgs),
+    /// The backend's fuzz targets: a campaign, or (--regress) the corpus,
+    /// every past crash and a short run each (docs/fuzzing.md).
+    Fuzz(crate::fuzz::FuzzArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
