@@ -526,9 +526,12 @@ impl VhostUserBackendMut for HmmGpuBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // RESET_DEVICE: a guest reboot (or driver reset) that resets the
+        // device drops every MMU context with it.
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::RESET_DEVICE
     }
 
     fn stop_vring(&mut self, queue_index: u32) -> io::Result<()> {
@@ -1033,7 +1036,7 @@ mod tests {
         assert_eq!(b.features() & (1 << 33), 0, "no VIRTIO_F_ACCESS_PLATFORM");
         assert!(b
             .protocol_features()
-            .contains(VhostUserProtocolFeatures::CONFIG));
+            .contains(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::RESET_DEVICE));
         assert!(b.set_config(0, &[0; 4]).is_err());
     }
 }

@@ -179,13 +179,8 @@ pub enum RunError {
     #[error(transparent)]
     Control(std::io::Error),
     /// The vhost-user socket.
-    #[error("listening on {}: {source}", path.display())]
-    Listen {
-        /// The socket.
-        path: PathBuf,
-        /// Why.
-        source: VhostUserError,
-    },
+    #[error(transparent)]
+    Listen(std::io::Error),
     /// A vhost-user session.
     #[error("vhost-user session on {}: {what}: {error}", path.display())]
     Session {
@@ -315,10 +310,12 @@ pub fn run(args: &Args) -> Result<DeviceStats, RunError> {
     };
     // Bound once for all sessions: a device re-plugged while the previous
     // session is still winding down is queued, never refused.
-    let mut listener = Listener::new(&args.socket, true).map_err(|source| RunError::Listen {
-        path: args.socket.clone(),
-        source,
-    })?;
+    // Mode 0600 whatever the umask; a stale socket is replaced, any other
+    // file at the path is an error.
+    let mut listener = Listener::from(
+        crate::socket::bind_private(&args.socket, "vhost-user socket").map_err(RunError::Listen)?,
+    );
+    let _socket_file = crate::socket::SocketFile(args.socket.clone());
     info!(
         "listening on {} (VRAM {} bytes in {})",
         args.socket.display(),

@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,6 +32,14 @@ use crate::stats::DeviceStats;
 /// Longest request line accepted; longer ones get an error and the
 /// connection is closed (a line is a few dozen bytes in practice).
 const MAX_LINE: usize = 64 * 1024;
+
+/// Most clients connected at once; more are turned away with an error.
+pub const MAX_CLIENTS: usize = 16;
+
+/// Most reply bytes waiting for a client that does not read; past it the
+/// connection is closed (a reply is a few hundred bytes; `list` of many
+/// faults a few KiB).
+pub const MAX_OUTPUT: usize = 1 << 20;
 
 /// Epoll tokens of the listener and the stop eventfd; connections count up
 /// from [`FIRST_CONN`].
@@ -76,7 +83,7 @@ impl ControlServer {
     /// background thread. A stale socket at `path` is replaced; any other
     /// kind of file there is an error.
     pub fn start(path: &Path, control: Control) -> io::Result<Self> {
-        let listener = bind_private(path)?;
+        let listener = crate::socket::bind_private(path, "control socket")?;
         listener.set_nonblocking(true)?;
         let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let epoll = Epoll::new()?;
@@ -119,47 +126,6 @@ impl Drop for ControlServer {
     }
 }
 
-/// Binds a listening socket at `path` that only the owner can connect to.
-///
-/// The socket is bound under a temporary name, restricted to 0600 and only
-/// then renamed to `path`, so there is no moment when `path` accepts
-/// connections from other users (chmod after bind would leave one, and
-/// changing the umask would affect every thread of the process).
-fn bind_private(path: &Path) -> io::Result<UnixListener> {
-    let with_path =
-        |e: io::Error| io::Error::new(e.kind(), format!("control socket {}: {e}", path.display()));
-    match fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => fs::remove_file(path).map_err(with_path)?,
-        Ok(_) => {
-            return Err(with_path(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "exists and is not a socket; refusing to replace it",
-            )))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(with_path(e)),
-    }
-    let name = path.file_name().ok_or_else(|| {
-        with_path(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a file name",
-        ))
-    })?;
-    let mut temp_name = std::ffi::OsString::from(".");
-    temp_name.push(name);
-    temp_name.push(format!(".{}.tmp", std::process::id()));
-    let temp = path.with_file_name(temp_name);
-    let _ = fs::remove_file(&temp);
-    let listener = UnixListener::bind(&temp).map_err(with_path)?;
-    let finish = fs::set_permissions(&temp, fs::Permissions::from_mode(0o600))
-        .and_then(|()| fs::rename(&temp, path));
-    if let Err(e) = finish {
-        let _ = fs::remove_file(&temp);
-        return Err(with_path(e));
-    }
-    Ok(listener)
-}
-
 /// One client connection: bytes read but not yet a full line, replies not
 /// yet written.
 struct Conn {
@@ -193,6 +159,11 @@ fn event_loop(epoll: Epoll, listener: UnixListener, control: Control) {
                 LISTENER => loop {
                     match listener.accept() {
                         Ok((stream, _)) => {
+                            if let Err(why) = admit(&stream, conns.len()) {
+                                warn!("control socket: connection refused: {why}");
+                                refuse(stream, &why);
+                                continue;
+                            }
                             let token = next_token;
                             next_token += 1;
                             let added = stream.set_nonblocking(true).and_then(|()| {
@@ -262,6 +233,32 @@ fn event_loop(epoll: Epoll, listener: UnixListener, control: Control) {
     }
 }
 
+/// Whether a new connection may stay: its peer runs as our user (the socket
+/// is 0600, but a descriptor can be passed on), and there is room.
+fn admit(stream: &UnixStream, clients: usize) -> Result<(), String> {
+    let me = rustix::process::geteuid();
+    let peer = rustix::net::sockopt::socket_peercred(stream)
+        .map_err(|e| format!("no peer credentials: {e}"))?;
+    if peer.uid != me {
+        return Err(format!(
+            "peer uid {} is not ours ({})",
+            peer.uid.as_raw(),
+            me.as_raw()
+        ));
+    }
+    if clients >= MAX_CLIENTS {
+        return Err(format!("{MAX_CLIENTS} clients connected already"));
+    }
+    Ok(())
+}
+
+/// Tells a client it is turned away (best effort, never blocking) and
+/// closes the connection.
+fn refuse(stream: UnixStream, why: &str) {
+    let _ = stream.set_nonblocking(true);
+    let _ = writeln!(&stream, "{}", error_reply(why));
+}
+
 /// Reads what a connection has, answers its complete lines and writes what
 /// it can. Ok(false) when the connection is done.
 fn serve(conn: &mut Conn, control: &Control) -> io::Result<bool> {
@@ -284,6 +281,12 @@ fn serve(conn: &mut Conn, control: &Control) -> io::Result<bool> {
             }
         }
         while let Some(end) = conn.input.iter().position(|&b| b == b'\n') {
+            if conn.output.len() > MAX_OUTPUT {
+                // The client sends but does not read its answers.
+                return Err(io::Error::other(format!(
+                    "more than {MAX_OUTPUT} bytes of replies unread"
+                )));
+            }
             let line: Vec<u8> = conn.input.drain(..=end).collect();
             if line.len() > MAX_LINE {
                 conn.closing = true;
@@ -486,6 +489,7 @@ pub fn request(path: &Path, request: &Value) -> io::Result<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn ask(stream: &mut UnixStream, reader: &mut BufReader<UnixStream>, line: &str) -> Value {
         stream.write_all(line.as_bytes()).unwrap();
@@ -814,6 +818,105 @@ mod tests {
                 path.display()
             );
         }
+    }
+
+    #[test]
+    fn clients_beyond_the_cap_and_clients_that_do_not_read_are_turned_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let server = ControlServer::start(&path, with_faults().0).unwrap();
+        let mut clients: Vec<UnixStream> = (0..MAX_CLIENTS)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        // Each is served (so all are registered before the next connects).
+        for c in &mut clients {
+            let mut reader = BufReader::new(c.try_clone().unwrap());
+            assert_eq!(ask(c, &mut reader, "{\"cmd\":\"ping\"}\n")["ok"], true);
+        }
+        let extra = UnixStream::connect(&path).unwrap();
+        let mut line = String::new();
+        BufReader::new(extra).read_line(&mut line).unwrap();
+        assert!(line.contains("clients connected already"), "{line}");
+        // One leaves: there is room again (once the server saw it go).
+        drop(clients.pop());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let mut again = UnixStream::connect(&path).unwrap();
+            let mut reader = BufReader::new(again.try_clone().unwrap());
+            if ask(&mut again, &mut reader, "{\"cmd\":\"ping\"}\n")["ok"] == true {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no room after a client left"
+            );
+            thread::sleep(std::time::Duration::from_millis(10));
+        }
+        drop(clients);
+        // A client that asks and never reads is dropped once its unread
+        // replies pass MAX_OUTPUT, not buffered without end.
+        let mut greedy = UnixStream::connect(&path).unwrap();
+        greedy
+            .set_write_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let request = "{\"cmd\":\"list\"}\n".repeat(1000);
+        let mut sent = 0usize;
+        let closed = loop {
+            match greedy.write_all(request.as_bytes()) {
+                Ok(()) => sent += 1000,
+                Err(_) => break true,
+            }
+            if sent > 100_000 {
+                break false;
+            }
+        };
+        assert!(closed, "{sent} requests written, the server never hung up");
+        greedy
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut replies = Vec::new();
+        let _ = greedy.read_to_end(&mut replies);
+        let one = handle_request("{\"cmd\":\"list\"}", &with_faults().0)
+            .to_string()
+            .len()
+            + 1;
+        assert!(
+            replies.len() < sent * one,
+            "all {sent} replies came: nothing was dropped"
+        );
+        drop(server);
+    }
+
+    /// The socket is 0600, but a descriptor can be passed on: a peer of
+    /// another user is turned away all the same.
+    #[test]
+    fn a_peer_of_another_user_is_turned_away() {
+        if !rustix::process::geteuid().is_root() {
+            return; // only root can run a client as another user
+        }
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("control.sock");
+        let _server = ControlServer::start(&path, with_faults().0).unwrap();
+        // Let the other user reach it (as a passed descriptor would).
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).unwrap();
+        let out = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "socat",
+                "-t2",
+                "-",
+            ])
+            .arg(format!("UNIX-CONNECT:{}", path.display()))
+            .stdin(std::process::Stdio::piped())
+            .output();
+        let Ok(out) = out else {
+            return; // no setpriv or socat here
+        };
+        let reply = String::from_utf8_lossy(&out.stdout);
+        assert!(reply.contains("peer uid 65534 is not ours"), "{reply}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -1122,6 +1123,152 @@ fn daemon_exits_cleanly_when_the_front_end_disconnects() {
     assert!(!control.exists(), "the control socket was left behind");
 }
 
+/// A backend process that is killed if the test fails before it exits
+/// (it would keep the test's output open, and `cargo test` waiting).
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Under umask 0 the backend's files are still private: the VRAM file it
+/// creates, the vhost-user socket and the control socket are 0600 and the
+/// sockets go when it exits.
+#[test]
+fn files_and_sockets_are_private_whatever_the_umask() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vhost.sock");
+    let control = dir.path().join("control.sock");
+    let backend = backend_in(dir.path(), "warn");
+    let mut wrapped = Command::new("sh");
+    wrapped
+        .args(["-c", "umask 000; exec \"$@\"", "sh"])
+        .arg(backend.get_program())
+        .args(backend.get_args())
+        .stderr(Stdio::piped());
+    let mut child = wrapped.spawn().unwrap();
+    wait_for_path(&socket, &mut child);
+    wait_for_path(&control, &mut child);
+    for path in [&socket, &control, &dir.path().join("vram")] {
+        let mode = std::fs::symlink_metadata(path)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", path.display());
+    }
+    let vm = Vm::connect(&socket);
+    drop(vm);
+    let status = wait_with_timeout(&mut child);
+    assert!(status.success(), "exit {status}");
+    assert!(!socket.exists(), "the vhost-user socket was left behind");
+    assert!(!control.exists(), "the control socket was left behind");
+}
+
+/// RESET_DEVICE (offered) drops every MMU context: a context made before
+/// can be made again after, which would be BAD_CONTEXT had it survived.
+#[test]
+fn reset_device_drops_the_contexts() {
+    let backend = InProcess::start();
+    let mut vm = Vm::connect(&backend.socket);
+    let page = Range {
+        src: DATA,
+        dst: 0x7f00_0000_0000,
+        len: 4096,
+        flags: MAP_READ,
+    };
+    assert_eq!(vm.command_ctx(Opcode::CtxCreate, 9, &[]), ok(0));
+    assert_eq!(vm.command_ctx(Opcode::Map, 9, &[page]), ok(0));
+    assert_eq!(
+        vm.command_ctx(Opcode::CtxCreate, 9, &[]).status,
+        Status::BadContext
+    );
+    vm.frontend.reset_device().unwrap();
+    // The front end brings the device up again: features, then the ring.
+    let features = vm.frontend.get_features().unwrap();
+    vm.frontend.set_features(features).unwrap();
+    vm.frontend.set_vring_enable(0, true).unwrap();
+    assert_eq!(vm.command_ctx(Opcode::CtxCreate, 9, &[]), ok(0));
+    let read = Range {
+        src: 0x7f00_0000_0000,
+        dst: DATA + 0x1000,
+        len: 8,
+        flags: 0,
+    };
+    assert_eq!(
+        vm.command_ctx(Opcode::Vread, 9, &[read]).status,
+        Status::Fault,
+        "the mapping survived the reset"
+    );
+    drop(vm);
+    assert_eq!(backend.join(), Ok(()));
+}
+
+/// A backend killed with SIGKILL under a connected front end, and a new
+/// one started on the same socket and VRAM file: the front end connects
+/// again (QEMU's chardev reconnect) and finds the VRAM as it was; MMU
+/// contexts are gone (as after a reset).
+#[test]
+fn a_new_backend_on_the_same_socket_and_vram_after_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vhost.sock");
+    let mut first = Reaped(backend_in(dir.path(), "error").spawn().unwrap());
+    wait_for_path(&socket, &mut first.0);
+    let mut vm = Vm::connect(&socket);
+    let data = pattern(8192, 0x3c);
+    vm.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    let to_vram = Range {
+        src: DATA,
+        dst: 0x10_0000,
+        len: 8192,
+        flags: DST_VRAM,
+    };
+    assert_eq!(vm.command(Opcode::Copy, &[to_vram]), ok(8192));
+    assert_eq!(vm.command_ctx(Opcode::CtxCreate, 2, &[]), ok(0));
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    drop(vm);
+    // The dead one's socket file is still there: the new one replaces it,
+    // and says so on stderr when it listens.
+    assert!(socket.exists());
+    let mut second = Reaped(backend_in(dir.path(), "info").spawn().unwrap());
+    let stderr = second.0.stderr.take().unwrap();
+    let (listening, seen) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("listening on") {
+                let _ = listening.send(());
+            }
+        }
+    });
+    seen.recv_timeout(TIMEOUT)
+        .expect("the new backend never listened");
+    let mut vm = Vm::connect(&socket);
+    let back = Range {
+        src: 0x10_0000,
+        dst: DATA + 0x4000,
+        len: 8192,
+        flags: SRC_VRAM,
+    };
+    assert_eq!(vm.command(Opcode::Copy, &[back]), ok(8192));
+    assert!(
+        vm.read(DATA + 0x4000, 8192) == data,
+        "the VRAM did not survive"
+    );
+    assert_eq!(
+        vm.command_ctx(Opcode::CtxCreate, 2, &[]),
+        ok(0),
+        "a context survived"
+    );
+    drop(vm);
+    let status = wait_with_timeout(&mut second.0);
+    assert!(status.success(), "exit {status}");
+}
+
 /// Waits until the control socket's `session` says `connected` is `want`.
 fn wait_for_session(control: &Path, want: bool) -> serde_json::Value {
     let deadline = Instant::now() + TIMEOUT;
@@ -1244,7 +1391,11 @@ fn bad_command_lines_are_refused() {
         assert_eq!(out.status.code(), Some(2), "{args:?}");
     }
     // A VRAM file of another size: a clear error, status 1, file untouched.
-    std::fs::File::create(&vram)
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&vram)
         .unwrap()
         .set_len(2 << 20)
         .unwrap();
@@ -1266,6 +1417,22 @@ fn bad_command_lines_are_refused() {
         "{stderr}"
     );
     assert_eq!(std::fs::metadata(&vram).unwrap().len(), 2 << 20);
+    // The same file readable by others: refused, untouched.
+    std::fs::set_permissions(&vram, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = device_binary()
+        .args([
+            "--socket",
+            "/nonexistent/s",
+            "--vram-path",
+            vram_arg,
+            "--vram-size",
+            "2M",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("other users"), "{stderr}");
     // Not a power of two.
     let out = device_binary()
         .args([

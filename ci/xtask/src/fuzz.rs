@@ -92,7 +92,7 @@ pub fn build_targets() -> Result<PathBuf> {
     .join(" ");
     log("fuzz: building the targets with coverage instrumentation".to_string());
     let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args(["build", "--release", "--locked", "--target", &triple])
+        .args(["build", "--release", "--target", &triple])
         .arg("--manifest-path")
         .arg(fuzz_dir().join("Cargo.toml"))
         .env("CARGO_TARGET_DIR", &target_dir)
