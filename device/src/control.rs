@@ -2,8 +2,9 @@
 //! The control socket: a unix stream socket speaking JSON lines, one request
 //! object per line, one response object per line (docs/control.md).
 //!
-//! It runs its own event loop on its own thread (epoll over the listening
-//! socket, every connection and a stop eventfd, all non-blocking), and a
+//! It runs its own event loop on its own thread (rust-vmm's event-manager
+//! over the listening socket, every connection and a stop eventfd, all
+//! non-blocking), and a
 //! request only touches shared counters and the fault injector, never the
 //! device's queue worker: a stalled or slowed command queue (injected
 //! `stall_queue`, `latency`) or a slow client never holds up an answer.
@@ -14,13 +15,14 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use log::{debug, warn};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::engine::Stats;
@@ -41,11 +43,11 @@ pub const MAX_CLIENTS: usize = 16;
 /// faults a few KiB).
 pub const MAX_OUTPUT: usize = 1 << 20;
 
-/// Epoll tokens of the listener and the stop eventfd; connections count up
+/// Event data of the listener and the stop eventfd; connections count up
 /// from [`FIRST_CONN`].
-const LISTENER: u64 = 0;
-const STOP: u64 = 1;
-const FIRST_CONN: u64 = 2;
+const LISTENER: u32 = 0;
+const STOP: u32 = 1;
+const FIRST_CONN: u32 = 2;
 
 /// What a request may act on.
 #[derive(Clone, Debug)]
@@ -86,20 +88,28 @@ impl ControlServer {
         let listener = crate::socket::bind_private(path, "control socket")?;
         listener.set_nonblocking(true)?;
         let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
-        let epoll = Epoll::new()?;
-        epoll.ctl(
-            ControlOperation::Add,
-            listener.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, LISTENER),
-        )?;
-        epoll.ctl(
-            ControlOperation::Add,
-            stop.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, STOP),
-        )?;
+        let stopped = Arc::new(AtomicBool::new(false));
+        let plane = ControlPlane {
+            listener,
+            stop: stop.try_clone()?,
+            stopped: stopped.clone(),
+            control,
+            conns: HashMap::new(),
+            next_token: FIRST_CONN,
+        };
+        let mut manager: EventManager<ControlPlane> =
+            EventManager::new().map_err(|e| io::Error::other(format!("event manager: {e}")))?;
+        manager.add_subscriber(plane);
         let thread = thread::Builder::new()
             .name("hmmgpu-control".into())
-            .spawn(move || event_loop(epoll, listener, control))?;
+            .spawn(move || {
+                while !stopped.load(Ordering::Acquire) {
+                    if let Err(e) = manager.run() {
+                        warn!("control socket: {e}; control socket stopped");
+                        return;
+                    }
+                }
+            })?;
         Ok(Self {
             path: path.to_owned(),
             stop: Some(stop),
@@ -138,97 +148,121 @@ struct Conn {
     want_out: bool,
 }
 
-/// The control thread: accepts connections and answers their lines until
-/// the stop eventfd fires.
-fn event_loop(epoll: Epoll, listener: UnixListener, control: Control) {
-    let mut conns: HashMap<u64, Conn> = HashMap::new();
-    let mut next_token = FIRST_CONN;
-    let mut ready = vec![EpollEvent::default(); 32];
-    loop {
-        let n = match epoll.wait(-1, &mut ready) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                warn!("control socket: epoll_wait: {e}; control socket stopped");
-                return;
-            }
-        };
-        for event in &ready[..n] {
-            match event.data() {
-                STOP => return,
-                LISTENER => loop {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            if let Err(why) = admit(&stream, conns.len()) {
-                                warn!("control socket: connection refused: {why}");
-                                refuse(stream, &why);
-                                continue;
-                            }
-                            let token = next_token;
-                            next_token += 1;
-                            let added = stream.set_nonblocking(true).and_then(|()| {
-                                epoll.ctl(
-                                    ControlOperation::Add,
-                                    stream.as_raw_fd(),
-                                    EpollEvent::new(EventSet::IN | EventSet::READ_HANG_UP, token),
-                                )
-                            });
-                            match added {
-                                Ok(()) => {
-                                    conns.insert(
-                                        token,
-                                        Conn {
-                                            stream,
-                                            input: Vec::new(),
-                                            output: Vec::new(),
-                                            closing: false,
-                                            want_out: false,
-                                        },
-                                    );
-                                }
-                                Err(e) => warn!("control socket: new connection: {e}"),
-                            }
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            warn!("control socket: accept: {e}");
-                            break;
-                        }
-                    }
-                },
-                token => {
-                    let Some(conn) = conns.get_mut(&token) else {
+/// The control plane as an event-manager subscriber: the listener, the
+/// stop eventfd and every connection, all non-blocking, on the control
+/// thread.
+struct ControlPlane {
+    listener: UnixListener,
+    stop: EventFd,
+    /// Set when the stop eventfd fires; the thread's loop ends.
+    stopped: Arc<AtomicBool>,
+    control: Control,
+    conns: HashMap<u32, Conn>,
+    next_token: u32,
+}
+
+/// What epoll waits for on a connection.
+fn conn_events(conn: &Conn, token: u32) -> Events {
+    let mut set = EventSet::IN | EventSet::READ_HANG_UP;
+    if conn.want_out {
+        set |= EventSet::OUT;
+    }
+    Events::with_data(&conn.stream, token, set)
+}
+
+impl ControlPlane {
+    /// Accepts every pending connection.
+    fn accept(&mut self, ops: &mut EventOps) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if let Err(why) = admit(&stream, self.conns.len()) {
+                        warn!("control socket: connection refused: {why}");
+                        refuse(stream, &why);
                         continue;
+                    }
+                    let token = self.next_token;
+                    // Tokens are not reused while a connection holds one:
+                    // there are at most MAX_CLIENTS.
+                    self.next_token = self.next_token.wrapping_add(1).max(FIRST_CONN);
+                    let conn = Conn {
+                        stream,
+                        input: Vec::new(),
+                        output: Vec::new(),
+                        closing: false,
+                        want_out: false,
                     };
-                    let keep = serve(conn, &control).and_then(|keep| {
-                        let want_out = !conn.output.is_empty();
-                        if keep && want_out != conn.want_out {
-                            let mut set = EventSet::IN | EventSet::READ_HANG_UP;
-                            if want_out {
-                                set |= EventSet::OUT;
-                            }
-                            epoll.ctl(
-                                ControlOperation::Modify,
-                                conn.stream.as_raw_fd(),
-                                EpollEvent::new(set, token),
-                            )?;
-                            conn.want_out = want_out;
+                    let added = conn
+                        .stream
+                        .set_nonblocking(true)
+                        .map_err(|e| e.to_string())
+                        .and_then(|()| {
+                            ops.add(conn_events(&conn, token))
+                                .map_err(|e| e.to_string())
+                        });
+                    match added {
+                        Ok(()) => {
+                            self.conns.insert(token, conn);
                         }
-                        Ok(keep)
-                    });
-                    match keep {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            conns.remove(&token);
-                        }
-                        Err(e) => {
-                            debug!("control connection: {e}");
-                            conns.remove(&token);
-                        }
+                        Err(e) => warn!("control socket: new connection: {e}"),
                     }
                 }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    warn!("control socket: accept: {e}");
+                    return;
+                }
             }
+        }
+    }
+
+    /// Serves connection `token`; drops it when it is done.
+    fn serve_conn(&mut self, token: u32, ops: &mut EventOps) {
+        let Some(conn) = self.conns.get_mut(&token) else {
+            return;
+        };
+        let was = conn.want_out;
+        let keep = match serve(conn, &self.control) {
+            Ok(keep) => keep,
+            Err(e) => {
+                debug!("control connection: {e}");
+                false
+            }
+        };
+        if keep {
+            conn.want_out = !conn.output.is_empty();
+            if conn.want_out != was {
+                if let Err(e) = ops.modify(conn_events(conn, token)) {
+                    debug!("control connection: {e}");
+                }
+            }
+            return;
+        }
+        if let Some(conn) = self.conns.remove(&token) {
+            let _ = ops.remove(conn_events(&conn, token));
+        }
+    }
+}
+
+impl MutEventSubscriber for ControlPlane {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (fd, token) in [
+            (self.listener.as_raw_fd(), LISTENER),
+            (self.stop.as_raw_fd(), STOP),
+        ] {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
+                warn!("control socket: registering with the event manager: {e}");
+                self.stopped.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            STOP => self.stopped.store(true, Ordering::Release),
+            LISTENER => self.accept(ops),
+            token => self.serve_conn(token, ops),
         }
     }
 }
