@@ -470,6 +470,9 @@ fn index_u32(index: usize) -> u32 {
 pub struct Budget {
     left: u64,
     deadline: Option<std::time::Instant>,
+    /// A piece of data was moved in this call: the deadline applies only
+    /// then, so every call makes progress however slow the host.
+    moved: bool,
 }
 
 impl Budget {
@@ -488,6 +491,7 @@ impl Budget {
         Self {
             left: bytes,
             deadline: None,
+            moved: false,
         }
     }
 
@@ -502,6 +506,7 @@ impl Budget {
         Self {
             left: Self::PER_CALL,
             deadline: Some(std::time::Instant::now() + Self::CALL_TIME),
+            moved: false,
         }
     }
 
@@ -527,6 +532,12 @@ impl Budget {
     /// Spends `bytes` (at least [`Budget::STEP_COST`]).
     pub fn spend(&mut self, bytes: u64) {
         self.left = self.left.saturating_sub(bytes.max(Self::STEP_COST));
+    }
+
+    /// Spends a piece of `bytes` of data moved.
+    fn spend_piece(&mut self, bytes: u64) {
+        self.moved = true;
+        self.spend(bytes);
     }
 }
 
@@ -590,6 +601,10 @@ struct Suspended {
     replay: Option<(u64, u64)>,
     /// Its opcode, for the fault hooks.
     op: Option<Opcode>,
+    /// When it started and the byte counters' total then, for the fault
+    /// hooks' `after_command` when it ends.
+    started: std::time::Instant,
+    bytes_before: u64,
 }
 
 /// What one slice of a job came to.
@@ -820,7 +835,7 @@ impl Engine {
                 })
             }
         };
-        self.end_slice(op, bytes_before, started, events);
+        self.end_slice(step, op, bytes_before, started, events);
         step
     }
 
@@ -832,27 +847,43 @@ impl Engine {
         events: &mut dyn EventSink,
         budget: &mut Budget,
     ) -> Step {
-        let Some(Suspended { job, replay, op }) = self.suspended.take() else {
+        let Some(Suspended {
+            job,
+            replay,
+            op,
+            started,
+            bytes_before,
+        }) = self.suspended.take()
+        else {
             return Step::Done(Executed::default());
         };
-        let started = std::time::Instant::now();
-        let bytes_before = self.bytes_moved();
         let step = self.run(mem, job, replay, op, events, budget);
-        self.end_slice(op, bytes_before, started, events);
+        self.end_slice(step, op, bytes_before, started, events);
         step
     }
 
-    /// After each slice of work: the fault hooks' bandwidth cap and plan,
-    /// and the injected events.
+    /// After each slice of work: the injected events; and when the command
+    /// ended (completed or parked), the fault hooks' `after_command`
+    /// (bandwidth cap, plan), once per command as without slices.
     fn end_slice(
         &mut self,
+        step: Step,
         op: Option<Opcode>,
         bytes_before: u64,
         started: std::time::Instant,
         events: &mut dyn EventSink,
     ) {
-        let moved = self.bytes_moved().wrapping_sub(bytes_before);
-        self.faults.after_command(op, moved, started.elapsed());
+        match (step, self.suspended.as_mut()) {
+            (Step::Suspended, Some(suspended)) => {
+                // Carried to the command's end.
+                suspended.started = started;
+                suspended.bytes_before = bytes_before;
+            }
+            _ => {
+                let moved = self.bytes_moved().wrapping_sub(bytes_before);
+                self.faults.after_command(op, moved, started.elapsed());
+            }
+        }
         self.post_injected(events);
     }
 
@@ -886,7 +917,14 @@ impl Engine {
         let end = self.run_job(mem, job, events, budget);
         let own = match end {
             JobEnd::OutOfBudget(job) => {
-                self.suspended = Some(Suspended { job, replay, op });
+                // (`end_slice` sets when the command started.)
+                self.suspended = Some(Suspended {
+                    job,
+                    replay,
+                    op,
+                    started: std::time::Instant::now(),
+                    bytes_before: 0,
+                });
                 return Step::Suspended;
             }
             JobEnd::Done(response) => {
@@ -1144,7 +1182,7 @@ impl Engine {
                 // At most the rest of the range, which fits in u32.
                 let n = u32::try_from(budget.grant(rest)).unwrap_or(u32::MAX);
                 self.execute_piece(mem, range, progress.offset, n)?;
-                budget.spend(u64::from(n));
+                budget.spend_piece(u64::from(n));
                 progress.offset += n;
                 progress.bytes += u64::from(n);
             }
@@ -1397,7 +1435,7 @@ impl Engine {
                     },
                     n,
                 );
-                budget.spend(n);
+                budget.spend_piece(n);
                 progress.offset += n32;
                 progress.bytes += n;
             }

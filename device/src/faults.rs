@@ -1556,6 +1556,47 @@ mod tests {
         assert!(!HostFault::is_host_fault(&json!({"kind":"copy_error"})));
     }
 
+    /// A plan counts commands, not the slices a long one is cut into: a
+    /// fault due after command 1 hits command 2 even when command 1 ran in
+    /// many calls.
+    #[test]
+    fn plans_count_commands_not_slices() {
+        use crate::engine::{Budget, Step};
+        let mut f = fixture();
+        f.faults
+            .load_plan(
+                Plan::from_json_str(
+                    r#"{"faults":[{"after_commands":1,"fault":{"kind":"copy_error"}}]}"#,
+                )
+                .unwrap(),
+            )
+            .unwrap();
+        let copy = command(Opcode::Copy, 0, &[range(RAM, 0, 0x8000, DST_VRAM)]);
+        let mut slices = 1;
+        let mut step = f.engine.process_budgeted(
+            &f.mem,
+            &copy,
+            1,
+            &mut NoEventQueue,
+            &mut Budget::new(Budget::STEP_COST),
+        );
+        while step == Step::Suspended {
+            slices += 1;
+            step = f
+                .engine
+                .continue_suspended(&f.mem, &mut NoEventQueue, &mut Budget::new(1000));
+        }
+        let Step::Done(executed) = step else {
+            unreachable!()
+        };
+        assert_eq!(executed.response, Some(ok(0x8000)), "after {slices} slices");
+        assert!(slices > 10, "{slices}");
+        assert_eq!(
+            exec(&mut f, Opcode::Copy, &[range(RAM, 0, 8, DST_VRAM)]),
+            copy_error(0, 0)
+        );
+    }
+
     #[test]
     fn the_fault_log_goes_to_a_file_too() {
         let mut f = fixture();
