@@ -855,7 +855,8 @@ mod tests {
         /// The used elements (id, len) so far.
         fn used(&self) -> Vec<(u32, u32)> {
             let queue = self.queue();
-            let n = queue.used().idx().load();
+            // The mock's ring fields are raw: little-endian in memory.
+            let n = u16::from_le(queue.used().idx().load());
             (0..n)
                 .map(|i| {
                     let elem = queue.used().ring().ref_at(usize::from(i)).unwrap().load();
@@ -1021,14 +1022,14 @@ mod tests {
         // A head index beyond the ring: the device logs it and goes on
         // with the next chain on the next kick.
         let queue = rig.queue();
-        let idx = queue.avail().idx().load();
+        let idx = u16::from_le(queue.avail().idx().load());
         queue
             .avail()
             .ring()
             .ref_at(usize::from(idx % RING_LEN))
             .unwrap()
-            .store(RING_LEN + 5);
-        queue.avail().idx().store(idx.wrapping_add(1));
+            .store((RING_LEN + 5).to_le());
+        queue.avail().idx().store(idx.wrapping_add(1).to_le());
         rig.kick();
         let good = rig.submit(&[(CMD, len, 0), (RESP + 0x200, RESP_LEN, WRITE)]);
         assert_eq!(rig.used().last(), Some(&(u32::from(good), RESP_LEN)));
