@@ -15,7 +15,8 @@
 //!   device/fuzz/artifacts/TARGET. Prints executions per target.
 //! - `cargo xtask fuzz --regress`: every target over its corpus and past
 //!   crashes, then [`REGRESS_SECONDS`] of fuzzing each: the short fixed run
-//!   `cargo xtask test` makes ([`regress`]).
+//!   `cargo xtask test` makes ([`regress`]). It leaves the checked-in
+//!   corpus as it is (new inputs go to target/fuzz/scratch).
 
 use crate::build::{self, log};
 use anyhow::{bail, Context, Result};
@@ -106,8 +107,15 @@ pub fn build_targets() -> Result<PathBuf> {
 }
 
 /// Runs `target` for `seconds` (0: only its corpus and past crashes) and
-/// says how it went.
-fn run_target(bin_dir: &Path, target: &str, seconds: u64, jobs: u32) -> Result<Outcome> {
+/// says how it went. New inputs go to the checked-in corpus when `grow`,
+/// else to a scratch directory (a regression run leaves the tree as it was).
+fn run_target(
+    bin_dir: &Path,
+    target: &str,
+    seconds: u64,
+    jobs: u32,
+    grow: bool,
+) -> Result<Outcome> {
     let dir = fuzz_dir();
     let corpus = dir.join("corpus").join(target);
     let regressions = dir.join("regressions").join(target);
@@ -128,8 +136,15 @@ fn run_target(bin_dir: &Path, target: &str, seconds: u64, jobs: u32) -> Result<O
     if jobs > 1 {
         cmd.arg(format!("-fork={jobs}")).arg("-ignore_crashes=0");
     }
-    // The corpus first: new inputs are written there; past crashes are
+    // libFuzzer writes new inputs to the first directory; past crashes are
     // read, never added to.
+    if !grow {
+        let scratch = build::target_dir().join("fuzz/scratch").join(target);
+        let _ = std::fs::remove_dir_all(&scratch);
+        std::fs::create_dir_all(&scratch)
+            .with_context(|| format!("creating {}", scratch.display()))?;
+        cmd.arg(scratch);
+    }
     cmd.arg(&corpus).arg(&regressions);
     let started = std::time::Instant::now();
     let out = cmd
@@ -182,7 +197,7 @@ pub fn campaign(
         if replay_first {
             // The corpus and past crashes on their own first, so that a
             // failing one is reported as such.
-            let replay = run_target(&bin_dir, target, 0, 1)?;
+            let replay = run_target(&bin_dir, target, 0, 1, false)?;
             log(format!(
                 "fuzz {:<10} corpus and past crashes, {} inputs: {}",
                 replay.target,
@@ -191,7 +206,7 @@ pub fn campaign(
             ));
             outcomes.push(replay);
         }
-        let outcome = run_target(&bin_dir, target, seconds, jobs)?;
+        let outcome = run_target(&bin_dir, target, seconds, jobs, !replay_first)?;
         log(format!(
             "fuzz {:<10} {:>12} executions in {:>4} s: {}",
             outcome.target,
