@@ -30,6 +30,9 @@ pub enum Command {
     /// Injects a fault into a running `cargo xtask run` VM's backend (its
     /// control socket), or sends it another request (docs/running.md).
     Inject(crate::inject::InjectArgs),
+    /// The backend's fuzz targets: a campaign, or (--regress) the corpus,
+    /// every past crash and a short run each (docs/fuzzing.md).
+    Fuzz(crate::fuzz::FuzzArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -200,32 +203,9 @@ pub struct TestArgs {
     pub list: bool,
 }
 
-/// Parses `4096`, `64K`, `256M`, `2G`, `1T` (binary units; `KiB`/`MB`-style
-/// spellings accepted).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    if digits_end == 0 {
-        return Err(format!(
-            "'{s}' is not a size: want a number with an optional K/M/G/T suffix"
-        ));
-    }
-    let n: u64 = t[..digits_end].parse().map_err(|e| format!("'{s}': {e}"))?;
-    let shift = match t[digits_end..].to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        other => {
-            return Err(format!(
-                "'{s}': unknown size suffix '{other}' (K, M, G or T)"
-            ))
-        }
-    };
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("'{s}' is too large"))
-}
+/// The project's one size parser (binary units; `64MB` is refused as
+/// ambiguous).
+pub use hmmgpu_device::cli::parse_size;
 
 pub fn parse_vram_size(s: &str) -> Result<u64, String> {
     let n = parse_size(s)?;

@@ -6,6 +6,7 @@ mod build;
 mod cli;
 mod cross;
 mod exit;
+mod fuzz;
 mod hostfault;
 mod inject;
 mod pattern;
@@ -54,6 +55,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Inject(args) => inject::run(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
     }
 }
 
