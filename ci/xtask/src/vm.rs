@@ -382,6 +382,8 @@ impl Proc {
     fn signal(&self, sig: i32) {
         if self.exited.is_none() {
             // The child leads its own group; signal the group.
+            // SAFETY: kill(2) takes plain integers and touches no memory; the
+            // group is our child's, not yet reaped (`exited` is None).
             unsafe {
                 libc::kill(-(self.child.id() as i32), sig);
             }
@@ -862,8 +864,48 @@ fn parse_uint_after(line: &str, marker: &str) -> Option<i64> {
     rest[..end].parse().ok()
 }
 
-/// Boots the VM of `cfg` and waits for the guest command's status.
+/// Boots the VM of `cfg` and waits for the guest command's status: starts
+/// everything ([`spawn`]), follows the console ([`watch`]), ends QEMU and the
+/// backends ([`shut_down`]) and judges what happened ([`verdict`]).
 pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
+    check_inputs(cfg)?;
+    let mut vm = spawn(cfg)?;
+    let mut scan = Scanner {
+        echo: Some(cfg.echo.clone()),
+        launch: Some(vm.launch),
+        ..Default::default()
+    };
+    let stopped = watch(cfg, &mut vm, &mut scan)?;
+    let ended = shut_down(cfg, vm, &mut scan, stopped);
+    let Scanner {
+        console,
+        kernel_errors,
+        mut timings,
+        status,
+        init_failed,
+        ..
+    } = scan;
+    timings.total = ended.launch.elapsed();
+    let result = verdict(&Evidence {
+        stopped: ended.stopped,
+        status,
+        init_failed,
+        kernel_errors: &kernel_errors,
+        qemu_status: ended.qemu_status,
+        qemu_stderr: &ended.qemu_stderr,
+        backend_failure: ended.backend_failure,
+    });
+    Ok(VmOutcome {
+        result,
+        timings,
+        stats: ended.stats,
+        console,
+        kernel_errors,
+        vram: ended.vram,
+    })
+}
+
+fn check_inputs(cfg: &VmConfig) -> Result<()> {
     if !cfg.qemu.is_file() {
         bail!("QEMU binary {} does not exist", cfg.qemu.display());
     }
@@ -873,7 +915,28 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
     if !cfg.initramfs.is_file() {
         bail!("initramfs {} does not exist", cfg.initramfs.display());
     }
-    crate::cli::check_memory(cfg.memory)?;
+    crate::cli::check_memory(cfg.memory)
+}
+
+/// A started VM: its VRAM files, backends, QEMU and the threads that read
+/// QEMU's console and stderr.
+struct Running {
+    vram: VramFiles,
+    backends: Vec<Backend>,
+    qemu: Proc,
+    launch: Instant,
+    /// The guest console's input (for the console hook), non-blocking.
+    console_in: Option<std::process::ChildStdin>,
+    /// Console lines with the host time they arrived.
+    console: mpsc::Receiver<(Instant, String)>,
+    console_reader: JoinHandle<()>,
+    qemu_stderr: Arc<Mutex<Vec<String>>>,
+    stderr_reader: JoinHandle<()>,
+}
+
+/// Creates the VRAM files, starts the backends (each up to its socket), then
+/// QEMU, and the threads that read QEMU's output.
+fn spawn(cfg: &VmConfig) -> Result<Running> {
     let vram = VramFiles::create(cfg.gpus, cfg.vram_size)?;
     let mut backends = Vec::new();
     if cfg.gpus > 0 {
@@ -909,23 +972,14 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
             .stderr(Stdio::piped()),
     )?;
 
-    // The guest console's input, for the console hook; non-blocking, so a
-    // guest that never reads cannot stall this loop (a reply is dropped).
-    let mut console_in = qemu.child.stdin.take();
+    // Non-blocking, so a guest that never reads cannot stall the console
+    // loop (a reply is dropped).
+    let console_in = qemu.child.stdin.take();
     if let Some(input) = &console_in {
-        use std::os::fd::AsRawFd;
-        unsafe {
-            let fd = input.as_raw_fd();
-            libc::fcntl(
-                fd,
-                libc::F_SETFL,
-                libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK,
-            );
-        }
+        set_nonblocking(input)?;
     }
-    // The console, line by line with host timestamps.
-    let (tx, rx) = mpsc::channel::<(Instant, String)>();
-    let stdout = qemu.child.stdout.take().unwrap();
+    let (tx, console) = mpsc::channel::<(Instant, String)>();
+    let stdout = qemu.child.stdout.take().context("QEMU's stdout")?;
     let console_reader = std::thread::spawn(move || {
         let mut r = BufReader::new(stdout);
         let mut buf = Vec::new();
@@ -943,31 +997,72 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
             }
         }
     });
-    let qemu_stderr = Arc::new(Mutex::new(VecDeque::<String>::new()));
+    let qemu_stderr = Arc::new(Mutex::new(Vec::<String>::new()));
     let qs = Arc::clone(&qemu_stderr);
-    let mut stderr = qemu.child.stderr.take().unwrap();
+    let mut stderr = qemu.child.stderr.take().context("QEMU's stderr")?;
     let stderr_reader = std::thread::spawn(move || {
         let mut all = String::new();
         let _ = stderr.read_to_string(&mut all);
         for l in all.lines() {
             eprintln!("[qemu] {l}");
-            qs.lock().unwrap().push_back(l.to_string());
+            qs.lock().unwrap().push(l.to_string());
         }
     });
+    Ok(Running {
+        vram,
+        backends,
+        qemu,
+        launch,
+        console_in,
+        console,
+        console_reader,
+        qemu_stderr,
+        stderr_reader,
+    })
+}
 
-    let mut scan = Scanner {
-        echo: Some(cfg.echo.clone()),
-        launch: Some(launch),
-        ..Default::default()
+fn set_nonblocking(fd: &impl std::os::fd::AsRawFd) -> Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: fcntl on a file descriptor this process owns (a child's pipe
+    // end held by the caller); F_GETFL/F_SETFL touch no memory.
+    let ok = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) >= 0
     };
-    let mut failure: Option<(Exit, String)> = None;
+    if !ok {
+        bail!(
+            "making the guest console's input non-blocking: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Why the console loop stopped before QEMU closed its output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Stopped {
+    /// QEMU closed its stdout (it exited).
+    QemuExited,
+    /// The guest reported its status but QEMU kept running for 30 s.
+    NoPowerOff,
+    /// No status within `--timeout` (seconds).
+    Timeout(u64),
+    /// A backend exited while the guest ran: (gpu, how it exited, stderr tail).
+    BackendDied(u32, String, String),
+}
+
+/// Follows the console until QEMU exits, the guest's status came and QEMU
+/// did not power off, the timeout passes or a backend dies; feeds each line
+/// to `scan` and the console hook.
+fn watch(cfg: &VmConfig, vm: &mut Running, scan: &mut Scanner) -> Result<Stopped> {
     loop {
         if signals::interrupted() {
             return Err(exit::interrupted());
         }
-        match rx.recv_timeout(Duration::from_millis(100)) {
+        match vm.console.recv_timeout(Duration::from_millis(100)) {
             Ok((t, line)) => {
-                if let (Some(hook), Some(input)) = (&cfg.extra.console_hook, console_in.as_mut()) {
+                if let (Some(hook), Some(input)) = (&cfg.extra.console_hook, vm.console_in.as_mut())
+                {
                     if let Some(reply) = hook(&cfg.run_dir, &line) {
                         if let Err(e) = input.write_all(format!("{reply}\n").as_bytes()) {
                             log(format!("warning: writing to the guest console: {e}"));
@@ -977,50 +1072,59 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
                 scan.feed(t, line)
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break, // QEMU closed its stdout: it exited
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(Stopped::QemuExited),
         }
-        if launch.elapsed() > cfg.timeout && scan.status.is_none() {
-            failure = Some((
-                Exit::Timeout,
-                format!(
-                    "no HMMGPU-EXIT-STATUS within {}s (--timeout)",
-                    cfg.timeout.as_secs()
-                ),
-            ));
-            break;
+        if vm.launch.elapsed() > cfg.timeout && scan.status.is_none() {
+            return Ok(Stopped::Timeout(cfg.timeout.as_secs()));
         }
         if let Some(m) = scan.timings.exit_marker {
-            if launch.elapsed() > m + Duration::from_secs(30) {
-                break; // handled below: QEMU did not power off
+            if vm.launch.elapsed() > m + Duration::from_secs(30) {
+                return Ok(Stopped::NoPowerOff);
             }
         }
         if scan.status.is_none() && !cfg.extra.backends_may_die {
-            if let Some(i) = backends.iter_mut().position(|b| b.proc.poll().is_some()) {
-                let b = &mut backends[i];
+            if let Some(i) = vm.backends.iter_mut().position(|b| b.proc.poll().is_some()) {
+                let b = &mut vm.backends[i];
                 let s = b.proc.poll().unwrap();
                 b.join_reader();
-                failure = Some((
-                    Exit::BackendDied,
-                    format!(
-                        "hmmgpu-device for gpu{} exited ({s}) while the guest ran:\n{}",
-                        b.gpu,
-                        b.tail()
-                    ),
-                ));
-                break;
+                return Ok(Stopped::BackendDied(b.gpu, s.to_string(), b.tail()));
             }
         }
     }
+}
 
-    // QEMU powers off after the marker; give it a moment, then stop it.
-    let qemu_status = match qemu.wait_for(Duration::from_secs(if failure.is_some() {
-        0
-    } else {
-        5
-    })) {
+/// What [`shut_down`] collected.
+struct Ended {
+    stopped: Stopped,
+    launch: Instant,
+    qemu_status: std::process::ExitStatus,
+    qemu_stderr: Vec<String>,
+    /// A backend that exited non-zero before the guest's status: (gpu, how,
+    /// stderr tail).
+    backend_failure: Option<(u32, String, String)>,
+    stats: Vec<BackendStats>,
+    vram: VramFiles,
+}
+
+/// Ends QEMU (after a grace period if the guest is powering off by itself)
+/// and the backends; collects the rest of the console and the stats.
+fn shut_down(cfg: &VmConfig, vm: Running, scan: &mut Scanner, stopped: Stopped) -> Ended {
+    let Running {
+        vram,
+        mut backends,
+        mut qemu,
+        launch,
+        console,
+        console_reader,
+        qemu_stderr,
+        stderr_reader,
+        ..
+    } = vm;
+    let failing = matches!(stopped, Stopped::Timeout(_) | Stopped::BackendDied(..));
+    let qemu_status = match qemu.wait_for(Duration::from_secs(if failing { 0 } else { 5 })) {
         Some(s) => s,
         None => {
-            if failure.is_none() {
+            if !failing {
                 log("warning: QEMU did not exit 30s after the guest's status marker: stopping it");
             }
             qemu.stop(Duration::from_secs(5))
@@ -1029,22 +1133,15 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
     // The readers end at QEMU's EOF; then take what the console still had.
     let _ = console_reader.join();
     let _ = stderr_reader.join();
-    for (t, line) in rx.try_iter() {
+    for (t, line) in console.try_iter() {
         scan.feed(t, line);
     }
-    let Scanner {
-        console,
-        kernel_errors,
-        mut timings,
-        status,
-        init_failed,
-        ..
-    } = scan;
-    timings.total = launch.elapsed();
+    let qemu_stderr = std::mem::take(&mut *qemu_stderr.lock().unwrap());
 
     // A backend that failed before the guest reported a status is the likelier
     // cause of QEMU's failure than QEMU itself.
-    if failure.is_none() && status.is_none() && !cfg.extra.backends_may_die {
+    let mut backend_failure = None;
+    if !failing && scan.status.is_none() && !cfg.extra.backends_may_die {
         if let Some(i) = backends
             .iter_mut()
             .position(|b| b.proc.poll().is_some_and(|s| !s.success()))
@@ -1052,14 +1149,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
             let b = &mut backends[i];
             let s = b.proc.poll().unwrap();
             b.join_reader();
-            failure = Some((
-                Exit::BackendDied,
-                format!(
-                    "hmmgpu-device for gpu{} exited ({s}) before the guest reported a status (QEMU: {qemu_status}):\n{}",
-                    b.gpu,
-                    b.tail()
-                ),
-            ));
+            backend_failure = Some((b.gpu, s.to_string(), b.tail()));
         }
     }
 
@@ -1071,56 +1161,90 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
             log(format!("warning: gpu{} reported no stats", b.gpu));
         }
     }
+    Ended {
+        stopped,
+        launch,
+        qemu_status,
+        qemu_stderr,
+        backend_failure,
+        stats,
+        vram,
+    }
+}
 
-    let result = if let Some((e, m)) = failure {
-        VmResult::Failed(e, m)
-    } else if !kernel_errors.is_empty() {
-        VmResult::Failed(
+/// Everything the verdict looks at.
+struct Evidence<'a> {
+    stopped: Stopped,
+    /// The guest command's status from init's marker.
+    status: Option<i32>,
+    init_failed: Option<String>,
+    kernel_errors: &'a [String],
+    qemu_status: std::process::ExitStatus,
+    qemu_stderr: &'a [String],
+    backend_failure: Option<(u32, String, String)>,
+}
+
+/// How the run ended, from what was seen.
+fn verdict(e: &Evidence) -> VmResult {
+    match &e.stopped {
+        Stopped::Timeout(secs) => {
+            return VmResult::Failed(
+                Exit::Timeout,
+                format!("no HMMGPU-EXIT-STATUS within {secs}s (--timeout)"),
+            )
+        }
+        Stopped::BackendDied(gpu, how, tail) => {
+            return VmResult::Failed(
+                Exit::BackendDied,
+                format!("hmmgpu-device for gpu{gpu} exited ({how}) while the guest ran:\n{tail}"),
+            )
+        }
+        Stopped::QemuExited | Stopped::NoPowerOff => {}
+    }
+    if let Some((gpu, how, tail)) = &e.backend_failure {
+        return VmResult::Failed(
+            Exit::BackendDied,
+            format!(
+                "hmmgpu-device for gpu{gpu} exited ({how}) before the guest reported a status (QEMU: {}):\n{tail}",
+                e.qemu_status
+            ),
+        );
+    }
+    if !e.kernel_errors.is_empty() {
+        return VmResult::Failed(
             Exit::GuestKernelError,
             format!(
                 "the guest kernel reported errors (command status: {}):\n{}",
-                status.map_or("none".into(), |s| s.to_string()),
-                kernel_errors
+                e.status.map_or("none".into(), |s| s.to_string()),
+                e.kernel_errors
                     .iter()
                     .map(|l| format!("    {l}\n"))
                     .collect::<String>()
             ),
-        )
-    } else if let (Some(why), Some(s)) = (&init_failed, status) {
-        debug_assert_eq!(s, Exit::GuestInitFailed.code());
-        VmResult::Failed(
+        );
+    }
+    match (&e.init_failed, e.status) {
+        (Some(why), Some(s)) => VmResult::Failed(
             Exit::GuestInitFailed,
             format!("{why} (init reported status {s})"),
-        )
-    } else if let Some(s) = status {
-        VmResult::Exited(s)
-    } else {
-        let tail: String = qemu_stderr
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|l| format!("    {l}\n"))
-            .collect();
-        VmResult::Failed(
-            Exit::QemuFailed,
-            format!(
-                "QEMU exited ({qemu_status}) without an HMMGPU-EXIT-STATUS marker{}",
-                if tail.is_empty() {
-                    String::new()
-                } else {
-                    format!("; its stderr:\n{tail}")
-                }
-            ),
-        )
-    };
-    Ok(VmOutcome {
-        result,
-        timings,
-        stats,
-        console,
-        kernel_errors,
-        vram,
-    })
+        ),
+        (None, Some(s)) => VmResult::Exited(s),
+        (_, None) => {
+            let tail: String = e.qemu_stderr.iter().map(|l| format!("    {l}\n")).collect();
+            VmResult::Failed(
+                Exit::QemuFailed,
+                format!(
+                    "QEMU exited ({}) without an HMMGPU-EXIT-STATUS marker{}",
+                    e.qemu_status,
+                    if tail.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; its stderr:\n{tail}")
+                    }
+                ),
+            )
+        }
+    }
 }
 
 #[cfg(test)]
