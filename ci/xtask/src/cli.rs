@@ -171,8 +171,8 @@ pub struct CrossTestArgs {
 pub struct TestArgs {
     #[command(flatten)]
     pub vm: VmOpts,
-    /// Skip `cargo test --workspace`, the PowerPC backend tests and the
-    /// driver build; only the VM tests.
+    /// Skip the fmt and clippy gates, `cargo test --workspace`, the PowerPC
+    /// backend tests and the driver build; only the VM tests.
     #[arg(long)]
     pub vm_only: bool,
     /// Seconds each VM test may take from launch to the status marker.

@@ -533,6 +533,22 @@ fn record(results: &mut Vec<Outcome>, name: &str, start: Instant, r: Result<()>)
     Ok(())
 }
 
+/// `cargo fmt --all --check` and `cargo clippy --workspace --all-targets --
+/// -D warnings`: style as gates (steps `fmt` and `clippy` of the summary).
+fn cargo_gate(args: &[&str]) -> Result<()> {
+    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(args)
+        .current_dir(build::repo_root())
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    ensure!(
+        status.success(),
+        "cargo {} failed ({status})",
+        args.join(" ")
+    );
+    Ok(())
+}
+
 fn cargo_test() -> Result<()> {
     let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
         .args(["test", "--workspace"])
@@ -564,6 +580,24 @@ pub fn run(args: &TestArgs) -> Result<i32> {
     }
 
     if !args.vm_only {
+        for (name, gate) in [
+            ("fmt", &["fmt", "--all", "--check"][..]),
+            (
+                "clippy",
+                &[
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ][..],
+            ),
+        ] {
+            println!("=== cargo {}", gate.join(" "));
+            let t = Instant::now();
+            record(&mut results, name, t, cargo_gate(gate))?;
+        }
         println!("=== cargo test --workspace");
         let t = Instant::now();
         record(&mut results, "cargo-test", t, cargo_test())?;
