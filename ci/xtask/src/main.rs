@@ -10,6 +10,7 @@ mod hostfault;
 mod inject;
 mod pattern;
 mod signals;
+mod splat;
 mod tests;
 mod vm;
 

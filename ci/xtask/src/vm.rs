@@ -6,8 +6,9 @@ use crate::build::log;
 use crate::cli::{AccelChoice, Arch};
 use crate::exit::{self, Exit, ExitError};
 use crate::signals;
+use crate::splat::{self, Source, Splat};
 use anyhow::{bail, Context, Result};
-use std::collections::VecDeque;
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -214,9 +215,13 @@ pub struct VmExtra {
     /// Answers console lines: with it, QEMU's stdin (the guest console's
     /// input) is a pipe the hook's replies are written to.
     pub console_hook: Option<ConsoleHook>,
-    /// A backend that exits while the guest runs is part of the test (a
-    /// surprise loss), not a failure of the run.
-    pub backends_may_die: bool,
+    /// The test SIGKILLs backends (a surprise loss): a backend ended by
+    /// SIGKILL is part of the test, and has no stats line. Any other early
+    /// or unclean exit still fails the run.
+    pub backends_killed: bool,
+    /// How long QEMU may run after the guest reported its status before the
+    /// run fails with [`Exit::NoPowerOff`] (default [`POWEROFF_GRACE`]).
+    pub poweroff_grace: Option<Duration>,
     /// `-cpu` for a TCG guest (e.g. [`crate::hostfault::MCE_CPU`]; default
     /// [`TCG_X86_CPU`] on x86_64, QEMU's default on ppc64le).
     pub tcg_cpu: Option<String>,
@@ -324,31 +329,42 @@ pub struct VmOutcome {
     pub stats: Vec<BackendStats>,
     /// The whole console, line by line.
     pub console: Vec<String>,
-    /// Kernel error lines seen (panic, oops, BUG, WARNING, KASAN...), for
-    /// tests that assert on them.
+    /// Every splat seen: console, QEMU's and the backends' stderr.
     #[allow(dead_code)]
-    pub kernel_errors: Vec<String>,
+    pub splats: Vec<Splat>,
+    /// The driver's debugfs counters per GPU, as images/init read them
+    /// before power-off (empty if the driver was not loaded then).
+    pub guest_counters: Vec<GpuCounters>,
     /// The VRAM files; removed when the outcome is dropped.
     pub vram: VramFiles,
 }
 
-/// Console substrings that mean the guest kernel hit an error.
-const KERNEL_ERROR_PATTERNS: &[&str] = &[
-    "Kernel panic - not syncing",
-    "Oops: ",
-    "BUG: ",
-    "WARNING: ",
-    "general protection fault",
-    "Unable to handle kernel",
-    "KASAN: ",
-    "UBSAN: ",
-    "Call Trace:",
-];
+/// /sys/kernel/debug/hmmgpu<gpu>/counters at the end of the run, or why it
+/// could not be read (a dead device).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuCounters {
+    pub gpu: u32,
+    pub counters: Result<BTreeMap<String, u64>, String>,
+}
+
+/// How long QEMU may take to exit after the guest's status marker.
+pub const POWEROFF_GRACE: Duration = Duration::from_secs(30);
+
+/// How long a backend may take to exit after QEMU did (it exits when the
+/// front end disconnects).
+const BACKEND_EXIT_GRACE: Duration = Duration::from_secs(10);
 
 const MARKER_INIT: &str = "HMMGPU-INIT uptime=";
 const MARKER_READY: &str = "HMMGPU-READY uptime=";
+// These carry the run's nonce (`MARKER<nonce>...`): images/init reads it from
+// the initramfs and deletes it before the command runs, so the command
+// cannot print them (docs/running.md, "The guest side").
 const MARKER_STATUS: &str = "HMMGPU-EXIT-STATUS=";
-const MARKER_INIT_FAILED: &str = "HMMGPU-INIT-FAILED:";
+const MARKER_INIT_FAILED: &str = "HMMGPU-INIT-FAILED=";
+const MARKER_COUNTERS: &str = "HMMGPU-COUNTERS=";
+
+/// Where images/init finds the run's nonce (then deletes it).
+const NONCE_PATH: &str = "etc/hmmgpu-nonce";
 
 /// A child in its own process group, killed (the whole group) on drop.
 struct Proc {
@@ -438,9 +454,14 @@ struct Backend {
     proc: Proc,
     control: PathBuf,
     exit_stats: Arc<Mutex<Option<serde_json::Value>>>,
-    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    /// Its stderr, line by line (up to [`MAX_STDERR_LINES`]).
+    stderr: Arc<Mutex<Vec<String>>>,
     reader: Option<JoinHandle<()>>,
 }
+
+/// Lines of a backend's stderr kept in memory; a guest that makes a backend
+/// log without end cannot exhaust the host's.
+const MAX_STDERR_LINES: usize = 200_000;
 
 const STATS_PREFIX: &str = "hmmgpu-device: stats: ";
 
@@ -487,9 +508,10 @@ fn spawn_backend(cfg: &VmConfig, bin: &Path, gpu: u32, vram: &Path) -> Result<Ba
         .with_context(|| format!("writing {}", pid_file.display()))?;
     let stderr = proc.child.stderr.take().unwrap();
     let exit_stats = Arc::new(Mutex::new(None));
-    let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
-    let (es, tail) = (Arc::clone(&exit_stats), Arc::clone(&stderr_tail));
+    let stderr_lines = Arc::new(Mutex::new(Vec::new()));
+    let (es, lines) = (Arc::clone(&exit_stats), Arc::clone(&stderr_lines));
     let reader = std::thread::spawn(move || {
+        let mut dropped = 0u64;
         for line in BufReader::new(stderr).split(b'\n') {
             let Ok(line) = line else { break };
             let line = String::from_utf8_lossy(&line).trim_end().to_string();
@@ -500,11 +522,17 @@ fn spawn_backend(cfg: &VmConfig, bin: &Path, gpu: u32, vram: &Path) -> Result<Ba
                     Err(e) => eprintln!("[xtask] warning: gpu{gpu} stats line is not JSON: {e}"),
                 }
             }
-            let mut t = tail.lock().unwrap();
-            t.push_back(line);
-            if t.len() > 40 {
-                t.pop_front();
+            let mut l = lines.lock().unwrap();
+            if l.len() < MAX_STDERR_LINES || line.contains(STATS_PREFIX) {
+                l.push(line);
+            } else {
+                dropped += 1;
             }
+        }
+        if dropped > 0 {
+            lines.lock().unwrap().push(format!(
+                "[xtask: {dropped} more lines of this stderr were not kept]"
+            ));
         }
     });
     let mut b = Backend {
@@ -512,7 +540,7 @@ fn spawn_backend(cfg: &VmConfig, bin: &Path, gpu: u32, vram: &Path) -> Result<Ba
         proc,
         control,
         exit_stats,
-        stderr_tail,
+        stderr: stderr_lines,
         reader: Some(reader),
     };
 
@@ -522,7 +550,7 @@ fn spawn_backend(cfg: &VmConfig, bin: &Path, gpu: u32, vram: &Path) -> Result<Ba
         if let Some(s) = b.proc.poll() {
             b.join_reader();
             bail!(ExitError {
-                exit: Exit::BackendDied,
+                exit: Exit::BackendFailed,
                 message: format!(
                     "hmmgpu-device for gpu{gpu} exited ({s}) before creating its socket:\n{}",
                     b.tail()
@@ -534,7 +562,7 @@ fn spawn_backend(cfg: &VmConfig, bin: &Path, gpu: u32, vram: &Path) -> Result<Ba
         }
         if Instant::now() >= until {
             bail!(ExitError {
-                exit: Exit::BackendDied,
+                exit: Exit::BackendFailed,
                 message: format!(
                     "hmmgpu-device for gpu{gpu} did not create {} within 20s",
                     socket.display()
@@ -553,10 +581,10 @@ impl Backend {
         }
     }
 
+    /// The last 40 lines of its stderr, indented.
     fn tail(&self) -> String {
-        self.stderr_tail
-            .lock()
-            .unwrap()
+        let lines = self.stderr.lock().unwrap();
+        lines[lines.len().saturating_sub(40)..]
             .iter()
             .map(|l| format!("    {l}\n"))
             .collect()
@@ -580,33 +608,75 @@ impl Backend {
         }
     }
 
-    /// Ends the backend and returns its final stats: the exit line if it
-    /// printed one, else what the control socket said before it was stopped.
-    fn finish(&mut self) -> Option<BackendStats> {
-        let mut control = None;
-        if self.proc.poll().is_none() {
-            // QEMU is gone; a backend may exit on the disconnect by itself.
-            if self.proc.wait_for(Duration::from_secs(2)).is_none() {
-                match self.query_stats() {
-                    Ok(v) => control = Some(v),
-                    Err(e) => log(format!("gpu{}: control socket stats: {e:#}", self.gpu)),
-                }
-                self.proc.stop(Duration::from_secs(5));
+    /// Ends the backend (after QEMU exited) and says how it ended: it should
+    /// exit by itself when the front end disconnects, with its stats line.
+    fn finish(&mut self) -> BackendEnd {
+        let mut control_stats = None;
+        let mut stopped = false;
+        if self.proc.wait_for(BACKEND_EXIT_GRACE).is_none() {
+            // Its counters, for the report, before it is stopped.
+            match self.query_stats() {
+                Ok(v) => control_stats = Some(v),
+                Err(e) => log(format!("gpu{}: control socket stats: {e:#}", self.gpu)),
             }
+            self.proc.stop(Duration::from_secs(5));
+            stopped = true;
         }
         self.join_reader();
-        if let Some(v) = self.exit_stats.lock().unwrap().take() {
-            return Some(BackendStats {
-                gpu: self.gpu,
-                source: StatsSource::ExitLine,
-                raw: v,
-            });
-        }
-        control.map(|raw| BackendStats {
+        BackendEnd {
             gpu: self.gpu,
-            source: StatsSource::ControlSocket,
+            status: self.proc.exited,
+            stopped,
+            died_early: None,
+            exit_stats: self.exit_stats.lock().unwrap().take(),
+            control_stats,
+            stderr: std::mem::take(&mut *self.stderr.lock().unwrap()),
+        }
+    }
+}
+
+/// How one backend ended.
+#[derive(Clone, Debug)]
+struct BackendEnd {
+    gpu: u32,
+    /// Its exit status (None: it could not be reaped).
+    status: Option<std::process::ExitStatus>,
+    /// It did not exit within [`BACKEND_EXIT_GRACE`] of QEMU and was stopped.
+    stopped: bool,
+    /// It exited while the guest still ran: its status then.
+    died_early: Option<std::process::ExitStatus>,
+    /// The `hmmgpu-device: stats: {json}` line it printed at exit.
+    exit_stats: Option<serde_json::Value>,
+    /// The control socket's stats, asked before it was stopped.
+    control_stats: Option<serde_json::Value>,
+    stderr: Vec<String>,
+}
+
+impl BackendEnd {
+    /// The stats a test reads: the exit line's, else the control socket's.
+    fn stats(&self) -> Option<BackendStats> {
+        let (source, raw) = match (&self.exit_stats, &self.control_stats) {
+            (Some(v), _) => (StatsSource::ExitLine, v.clone()),
+            (None, Some(v)) => (StatsSource::ControlSocket, v.clone()),
+            (None, None) => return None,
+        };
+        Some(BackendStats {
+            gpu: self.gpu,
+            source,
             raw,
         })
+    }
+
+    fn killed(&self) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        self.status.and_then(|s| s.signal()) == Some(libc::SIGKILL)
+    }
+
+    fn tail(&self) -> String {
+        self.stderr[self.stderr.len().saturating_sub(40)..]
+            .iter()
+            .map(|l| format!("    {l}\n"))
+            .collect()
     }
 }
 
@@ -665,7 +735,12 @@ pub fn kernel_cmdline(arch: Arch, cmd: &[String], noload: bool) -> Result<String
     Ok(s)
 }
 
-fn qemu_args(cfg: &VmConfig, vram: &VramFiles, backends: &[Backend]) -> Result<Vec<String>> {
+fn qemu_args(
+    cfg: &VmConfig,
+    initrd: &Path,
+    vram: &VramFiles,
+    backends: &[Backend],
+) -> Result<Vec<String>> {
     let mem_mib = cfg.memory >> 20;
     let machine = match (cfg.arch, cfg.accel) {
         (Arch::X86_64, _) => "q35,memory-backend=mem",
@@ -714,7 +789,7 @@ fn qemu_args(cfg: &VmConfig, vram: &VramFiles, backends: &[Backend]) -> Result<V
     );
     a.push(cfg.kernel_image.display().to_string());
     a.push("-initrd".into());
-    a.push(cfg.initramfs.display().to_string());
+    a.push(initrd.display().to_string());
     a.push("-append".into());
     a.push(kernel_cmdline(cfg.arch, &cfg.cmd, cfg.noload)?);
     a.push("-qmp".into());
@@ -807,25 +882,29 @@ pub fn gpu_device_props(arch: Arch, n: u32) -> Vec<(&'static str, String)> {
     props
 }
 
-/// Scans console lines for init's markers and kernel errors, echoing them.
+/// Follows console lines: echoes them, times init's markers, takes the
+/// nonce-carrying markers (status, init failure, counters) and notes splats.
 #[derive(Default)]
 struct Scanner {
     echo: Option<Echo>,
     launch: Option<Instant>,
+    /// The run's nonce: markers without it are the command's output.
+    nonce: String,
     console: Vec<String>,
-    kernel_errors: Vec<String>,
+    splats: Vec<Splat>,
     timings: Timings,
     status: Option<i32>,
     init_failed: Option<String>,
+    counters: Vec<GpuCounters>,
 }
 
 impl Scanner {
     fn feed(&mut self, t: Instant, line: String) {
-        {
+        if let Some(echo) = &self.echo {
             let mut out = std::io::stdout().lock();
-            let _ = match &self.echo {
-                Some(Echo::Prefixed(p)) => writeln!(out, "{p}{line}"),
-                _ => writeln!(out, "{line}"),
+            let _ = match echo {
+                Echo::Prefixed(p) => writeln!(out, "{p}{line}"),
+                Echo::Raw => writeln!(out, "{line}"),
             };
             let _ = out.flush();
         }
@@ -836,32 +915,121 @@ impl Scanner {
         if line.contains(MARKER_READY) && self.timings.ready.is_none() {
             self.timings.ready = Some(at);
         }
-        if let Some(pos) = line.find(MARKER_INIT_FAILED) {
-            self.init_failed = Some(line[pos + MARKER_INIT_FAILED.len()..].trim().to_string());
+        if let Some(rest) = self.marker(&line, MARKER_INIT_FAILED) {
+            self.init_failed = Some(rest.trim_start_matches(':').trim().to_string());
         }
-        if line.contains(MARKER_STATUS) {
-            match parse_uint_after(&line, MARKER_STATUS) {
-                Some(n) if self.status.is_none() => {
-                    self.status = Some(n as i32);
-                    self.timings.exit_marker = Some(at);
-                }
-                Some(_) => {}
-                None => log(format!("warning: malformed status marker: {line}")),
+        if let Some(rest) = self.marker(&line, MARKER_COUNTERS) {
+            match parse_counters(rest) {
+                Some(c) => self.counters.push(c),
+                None => log(format!("warning: malformed counters marker: {line}")),
             }
         }
-        if KERNEL_ERROR_PATTERNS.iter().any(|p| line.contains(p)) {
-            self.kernel_errors.push(line.clone());
+        if let Some(rest) = self.marker(&line, MARKER_STATUS) {
+            match rest
+                .strip_prefix(':')
+                .and_then(|n| n.trim().parse::<i32>().ok())
+            {
+                Some(n) if self.status.is_none() => {
+                    self.status = Some(n);
+                    self.timings.exit_marker = Some(at);
+                }
+                Some(_) => log(format!("warning: a second status marker: {line}")),
+                None => log(format!("warning: malformed status marker: {line}")),
+            }
+        } else if line.contains(MARKER_STATUS) {
+            log(format!(
+                "note: a status marker without this run's nonce is the guest's own output, not init's: {line}"
+            ));
+        }
+        if let Some(kind) = splat::classify_line(&Source::Console, &line) {
+            self.splats.push(Splat {
+                kind,
+                source: Source::Console,
+                line: line.clone(),
+            });
         }
         self.console.push(line);
     }
+
+    /// What follows `marker` and this run's nonce in `line`, if both are there.
+    fn marker<'l>(&self, line: &'l str, marker: &str) -> Option<&'l str> {
+        let rest = &line[line.find(marker)? + marker.len()..];
+        rest.strip_prefix(self.nonce.as_str())
+            .filter(|_| !self.nonce.is_empty())
+    }
 }
 
-fn parse_uint_after(line: &str, marker: &str) -> Option<i64> {
-    let rest = &line[line.find(marker)? + marker.len()..];
-    let end = rest
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
+/// `gpu=N name=value...` or `gpu=N unreadable: REASON` (images/init).
+fn parse_counters(rest: &str) -> Option<GpuCounters> {
+    let mut words = rest.split_whitespace();
+    let gpu = words.next()?.strip_prefix("gpu=")?.parse().ok()?;
+    let rest: Vec<&str> = words.collect();
+    if rest.first() == Some(&"unreadable:") {
+        return Some(GpuCounters {
+            gpu,
+            counters: Err(rest[1..].join(" ")),
+        });
+    }
+    let mut counters = BTreeMap::new();
+    for w in rest {
+        let (k, v) = w.split_once('=')?;
+        counters.insert(k.to_string(), v.parse().ok()?);
+    }
+    Some(GpuCounters {
+        gpu,
+        counters: Ok(counters),
+    })
+}
+
+/// A fresh random nonce (hex), from the kernel's CSPRNG.
+fn new_nonce() -> Result<String> {
+    let mut b = [0u8; 12];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("reading /dev/urandom")?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// `file` as one newc cpio archive entry plus the trailer.
+fn cpio_newc(name: &str, mode: u32, data: &[u8]) -> Vec<u8> {
+    fn entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
+        let namesize = name.len() + 1;
+        let header = format!(
+            "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{namesize:08x}{:08x}",
+            0, 0, 1, 0, data.len(), 0, 0, 0, 0, 0
+        );
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        while !out.len().is_multiple_of(4) {
+            out.push(0);
+        }
+        out.extend_from_slice(data);
+        while !out.len().is_multiple_of(4) {
+            out.push(0);
+        }
+    }
+    let mut out = Vec::new();
+    entry(&mut out, 1, name, 0o100000 | mode, data);
+    entry(&mut out, 2, "TRAILER!!!", 0, &[]);
+    out
+}
+
+/// A copy of `initramfs` with the nonce file appended as a second,
+/// uncompressed cpio archive (the kernel unpacks concatenated archives; an
+/// uncompressed one must start 4-byte aligned, hence the zero padding).
+fn initramfs_with_nonce(initramfs: &Path, out: &Path, nonce: &str) -> Result<()> {
+    let mut data =
+        std::fs::read(initramfs).with_context(|| format!("reading {}", initramfs.display()))?;
+    while !data.len().is_multiple_of(4) {
+        data.push(0);
+    }
+    data.extend(cpio_newc(
+        NONCE_PATH,
+        0o400,
+        format!("{nonce}\n").as_bytes(),
+    ));
+    std::fs::write(out, data).with_context(|| format!("writing {}", out.display()))
 }
 
 /// Boots the VM of `cfg` and waits for the guest command's status: starts
@@ -869,38 +1037,58 @@ fn parse_uint_after(line: &str, marker: &str) -> Option<i64> {
 /// backends ([`shut_down`]) and judges what happened ([`verdict`]).
 pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
     check_inputs(cfg)?;
-    let mut vm = spawn(cfg)?;
+    let nonce = new_nonce()?;
+    let initrd = cfg.run_dir.join("initramfs-run.img");
+    initramfs_with_nonce(&cfg.initramfs, &initrd, &nonce)?;
+    let mut vm = spawn(cfg, &initrd)?;
     let mut scan = Scanner {
         echo: Some(cfg.echo.clone()),
         launch: Some(vm.launch),
+        nonce,
         ..Default::default()
     };
     let stopped = watch(cfg, &mut vm, &mut scan)?;
-    let ended = shut_down(cfg, vm, &mut scan, stopped);
+    let ended = shut_down(vm, &mut scan, stopped);
     let Scanner {
         console,
-        kernel_errors,
+        splats: console_splats,
         mut timings,
         status,
         init_failed,
+        counters,
         ..
     } = scan;
     timings.total = ended.launch.elapsed();
-    let result = verdict(&Evidence {
+    let evidence = Evidence {
         stopped: ended.stopped,
+        timeout: cfg.timeout,
         status,
         init_failed,
-        kernel_errors: &kernel_errors,
+        console_splats,
         qemu_status: ended.qemu_status,
-        qemu_stderr: &ended.qemu_stderr,
-        backend_failure: ended.backend_failure,
-    });
+        qemu_stderr: ended.qemu_stderr,
+        backends: ended.backends,
+        backends_killed: cfg.extra.backends_killed,
+    };
+    let result = verdict(&evidence);
+    let stats = evidence
+        .backends
+        .iter()
+        .filter_map(|b| {
+            let s = b.stats();
+            if s.is_none() {
+                log(format!("warning: gpu{} reported no stats", b.gpu));
+            }
+            s
+        })
+        .collect();
     Ok(VmOutcome {
         result,
         timings,
-        stats: ended.stats,
+        stats,
         console,
-        kernel_errors,
+        splats: evidence.all_splats(),
+        guest_counters: counters,
         vram: ended.vram,
     })
 }
@@ -932,11 +1120,13 @@ struct Running {
     console_reader: JoinHandle<()>,
     qemu_stderr: Arc<Mutex<Vec<String>>>,
     stderr_reader: JoinHandle<()>,
+    /// Backends that exited while the guest ran: (index, status).
+    died_early: Vec<(usize, std::process::ExitStatus)>,
 }
 
 /// Creates the VRAM files, starts the backends (each up to its socket), then
-/// QEMU, and the threads that read QEMU's output.
-fn spawn(cfg: &VmConfig) -> Result<Running> {
+/// QEMU (booting `initrd`), and the threads that read QEMU's output.
+fn spawn(cfg: &VmConfig, initrd: &Path) -> Result<Running> {
     let vram = VramFiles::create(cfg.gpus, cfg.vram_size)?;
     let mut backends = Vec::new();
     if cfg.gpus > 0 {
@@ -952,7 +1142,7 @@ fn spawn(cfg: &VmConfig) -> Result<Running> {
         }
     }
 
-    let args = qemu_args(cfg, &vram, &backends)?;
+    let args = qemu_args(cfg, initrd, &vram, &backends)?;
     log(format!(
         "qemu: {} {}",
         cfg.qemu.display(),
@@ -999,13 +1189,16 @@ fn spawn(cfg: &VmConfig) -> Result<Running> {
     });
     let qemu_stderr = Arc::new(Mutex::new(Vec::<String>::new()));
     let qs = Arc::clone(&qemu_stderr);
-    let mut stderr = qemu.child.stderr.take().context("QEMU's stderr")?;
+    let stderr = qemu.child.stderr.take().context("QEMU's stderr")?;
     let stderr_reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        let _ = stderr.read_to_string(&mut all);
-        for l in all.lines() {
-            eprintln!("[qemu] {l}");
-            qs.lock().unwrap().push(l.to_string());
+        for line in BufReader::new(stderr).split(b'\n') {
+            let Ok(line) = line else { break };
+            let line = String::from_utf8_lossy(&line).trim_end().to_string();
+            eprintln!("[qemu] {line}");
+            let mut l = qs.lock().unwrap();
+            if l.len() < MAX_STDERR_LINES {
+                l.push(line);
+            }
         }
     });
     Ok(Running {
@@ -1018,6 +1211,7 @@ fn spawn(cfg: &VmConfig) -> Result<Running> {
         console_reader,
         qemu_stderr,
         stderr_reader,
+        died_early: Vec::new(),
     })
 }
 
@@ -1038,23 +1232,25 @@ fn set_nonblocking(fd: &impl std::os::fd::AsRawFd) -> Result<()> {
     Ok(())
 }
 
-/// Why the console loop stopped before QEMU closed its output.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Why the console loop stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Stopped {
     /// QEMU closed its stdout (it exited).
     QemuExited,
-    /// The guest reported its status but QEMU kept running for 30 s.
+    /// The guest reported its status but QEMU kept running past the grace.
     NoPowerOff,
-    /// No status within `--timeout` (seconds).
-    Timeout(u64),
-    /// A backend exited while the guest ran: (gpu, how it exited, stderr tail).
-    BackendDied(u32, String, String),
+    /// No status within `--timeout`.
+    Timeout,
+    /// A backend exited while the guest ran (and the test does not kill
+    /// backends).
+    BackendDied,
 }
 
 /// Follows the console until QEMU exits, the guest's status came and QEMU
 /// did not power off, the timeout passes or a backend dies; feeds each line
 /// to `scan` and the console hook.
 fn watch(cfg: &VmConfig, vm: &mut Running, scan: &mut Scanner) -> Result<Stopped> {
+    let grace = cfg.extra.poweroff_grace.unwrap_or(POWEROFF_GRACE);
     loop {
         if signals::interrupted() {
             return Err(exit::interrupted());
@@ -1075,19 +1271,23 @@ fn watch(cfg: &VmConfig, vm: &mut Running, scan: &mut Scanner) -> Result<Stopped
             Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(Stopped::QemuExited),
         }
         if vm.launch.elapsed() > cfg.timeout && scan.status.is_none() {
-            return Ok(Stopped::Timeout(cfg.timeout.as_secs()));
+            return Ok(Stopped::Timeout);
         }
         if let Some(m) = scan.timings.exit_marker {
-            if vm.launch.elapsed() > m + Duration::from_secs(30) {
+            if vm.launch.elapsed() > m + grace {
                 return Ok(Stopped::NoPowerOff);
             }
         }
-        if scan.status.is_none() && !cfg.extra.backends_may_die {
-            if let Some(i) = vm.backends.iter_mut().position(|b| b.proc.poll().is_some()) {
-                let b = &mut vm.backends[i];
-                let s = b.proc.poll().unwrap();
-                b.join_reader();
-                return Ok(Stopped::BackendDied(b.gpu, s.to_string(), b.tail()));
+        if scan.status.is_none() {
+            for (i, b) in vm.backends.iter_mut().enumerate() {
+                if let Some(s) = b.proc.poll() {
+                    if !vm.died_early.iter().any(|(j, _)| *j == i) {
+                        vm.died_early.push((i, s));
+                        if !cfg.extra.backends_killed {
+                            return Ok(Stopped::BackendDied);
+                        }
+                    }
+                }
             }
         }
     }
@@ -1097,18 +1297,16 @@ fn watch(cfg: &VmConfig, vm: &mut Running, scan: &mut Scanner) -> Result<Stopped
 struct Ended {
     stopped: Stopped,
     launch: Instant,
-    qemu_status: std::process::ExitStatus,
+    qemu_status: Option<std::process::ExitStatus>,
     qemu_stderr: Vec<String>,
-    /// A backend that exited non-zero before the guest's status: (gpu, how,
-    /// stderr tail).
-    backend_failure: Option<(u32, String, String)>,
-    stats: Vec<BackendStats>,
+    backends: Vec<BackendEnd>,
     vram: VramFiles,
 }
 
 /// Ends QEMU (after a grace period if the guest is powering off by itself)
-/// and the backends; collects the rest of the console and the stats.
-fn shut_down(cfg: &VmConfig, vm: Running, scan: &mut Scanner, stopped: Stopped) -> Ended {
+/// and the backends; collects the rest of the console, the stderr streams
+/// and how each process exited.
+fn shut_down(vm: Running, scan: &mut Scanner, stopped: Stopped) -> Ended {
     let Running {
         vram,
         mut backends,
@@ -1118,16 +1316,20 @@ fn shut_down(cfg: &VmConfig, vm: Running, scan: &mut Scanner, stopped: Stopped) 
         console_reader,
         qemu_stderr,
         stderr_reader,
+        died_early,
         ..
     } = vm;
-    let failing = matches!(stopped, Stopped::Timeout(_) | Stopped::BackendDied(..));
-    let qemu_status = match qemu.wait_for(Duration::from_secs(if failing { 0 } else { 5 })) {
-        Some(s) => s,
+    let grace = if stopped == Stopped::QemuExited {
+        Duration::from_secs(5)
+    } else {
+        Duration::ZERO
+    };
+    let qemu_status = match qemu.wait_for(grace) {
+        Some(s) => Some(s),
         None => {
-            if !failing {
-                log("warning: QEMU did not exit 30s after the guest's status marker: stopping it");
-            }
-            qemu.stop(Duration::from_secs(5))
+            qemu.stop(Duration::from_secs(5));
+            // Stopped by us: its status says nothing about QEMU itself.
+            None
         }
     };
     // The readers end at QEMU's EOF; then take what the console still had.
@@ -1137,113 +1339,215 @@ fn shut_down(cfg: &VmConfig, vm: Running, scan: &mut Scanner, stopped: Stopped) 
         scan.feed(t, line);
     }
     let qemu_stderr = std::mem::take(&mut *qemu_stderr.lock().unwrap());
-
-    // A backend that failed before the guest reported a status is the likelier
-    // cause of QEMU's failure than QEMU itself.
-    let mut backend_failure = None;
-    if !failing && scan.status.is_none() && !cfg.extra.backends_may_die {
-        if let Some(i) = backends
-            .iter_mut()
-            .position(|b| b.proc.poll().is_some_and(|s| !s.success()))
-        {
-            let b = &mut backends[i];
-            let s = b.proc.poll().unwrap();
-            b.join_reader();
-            backend_failure = Some((b.gpu, s.to_string(), b.tail()));
-        }
-    }
-
-    let mut stats = Vec::new();
-    for b in &mut backends {
-        if let Some(s) = b.finish() {
-            stats.push(s);
-        } else {
-            log(format!("warning: gpu{} reported no stats", b.gpu));
-        }
-    }
+    let backends = backends
+        .iter_mut()
+        .enumerate()
+        .map(|(i, b)| {
+            let mut end = b.finish();
+            end.died_early = died_early.iter().find(|(j, _)| *j == i).map(|(_, s)| *s);
+            end
+        })
+        .collect();
     Ended {
         stopped,
         launch,
         qemu_status,
         qemu_stderr,
-        backend_failure,
-        stats,
+        backends,
         vram,
     }
 }
 
 /// Everything the verdict looks at.
-struct Evidence<'a> {
+struct Evidence {
     stopped: Stopped,
-    /// The guest command's status from init's marker.
+    timeout: Duration,
+    /// The guest command's status from init's marker (with the nonce).
     status: Option<i32>,
     init_failed: Option<String>,
-    kernel_errors: &'a [String],
-    qemu_status: std::process::ExitStatus,
-    qemu_stderr: &'a [String],
-    backend_failure: Option<(u32, String, String)>,
+    console_splats: Vec<Splat>,
+    /// None: QEMU did not exit by itself and was stopped.
+    qemu_status: Option<std::process::ExitStatus>,
+    qemu_stderr: Vec<String>,
+    backends: Vec<BackendEnd>,
+    backends_killed: bool,
 }
 
-/// How the run ended, from what was seen.
+impl Evidence {
+    fn host_splats(&self) -> Vec<Splat> {
+        let mut v = splat::scan(Source::QemuStderr, &self.qemu_stderr);
+        for b in &self.backends {
+            v.extend(splat::scan(Source::BackendStderr(b.gpu), &b.stderr));
+        }
+        v
+    }
+
+    fn all_splats(&self) -> Vec<Splat> {
+        let mut v = self.console_splats.clone();
+        v.extend(self.host_splats());
+        v
+    }
+}
+
+fn indented(lines: &[String]) -> String {
+    lines.iter().map(|l| format!("    {l}\n")).collect()
+}
+
+/// How the run ended. It passes (the command's status) only if the guest
+/// reported a status with the run's nonce, powered off by itself, QEMU
+/// exited 0, every backend exited 0 after QEMU with its stats line (or was
+/// SIGKILLed by a test that kills backends), and no splat appeared in the
+/// console, QEMU's stderr or a backend's stderr. Otherwise every problem
+/// found is listed; the exit status is the first one's.
 fn verdict(e: &Evidence) -> VmResult {
-    match &e.stopped {
-        Stopped::Timeout(secs) => {
-            return VmResult::Failed(
-                Exit::Timeout,
-                format!("no HMMGPU-EXIT-STATUS within {secs}s (--timeout)"),
-            )
-        }
-        Stopped::BackendDied(gpu, how, tail) => {
-            return VmResult::Failed(
-                Exit::BackendDied,
-                format!("hmmgpu-device for gpu{gpu} exited ({how}) while the guest ran:\n{tail}"),
-            )
-        }
-        Stopped::QemuExited | Stopped::NoPowerOff => {}
-    }
-    if let Some((gpu, how, tail)) = &e.backend_failure {
-        return VmResult::Failed(
-            Exit::BackendDied,
+    let mut problems: Vec<(Exit, String)> = Vec::new();
+    let mut problem = |exit: Exit, msg: String| problems.push((exit, msg));
+    match e.stopped {
+        Stopped::Timeout => problem(
+            Exit::Timeout,
             format!(
-                "hmmgpu-device for gpu{gpu} exited ({how}) before the guest reported a status (QEMU: {}):\n{tail}",
-                e.qemu_status
+                "no HMMGPU-EXIT-STATUS within {}s (--timeout)",
+                e.timeout.as_secs()
             ),
-        );
+        ),
+        Stopped::NoPowerOff => problem(
+            Exit::NoPowerOff,
+            "the guest reported its status but did not power off: QEMU was stopped".into(),
+        ),
+        Stopped::QemuExited | Stopped::BackendDied => {}
     }
-    if !e.kernel_errors.is_empty() {
-        return VmResult::Failed(
+    for b in &e.backends {
+        if let Some(s) = b.died_early {
+            if !(e.backends_killed && b.killed()) {
+                problem(
+                    Exit::BackendFailed,
+                    format!(
+                        "hmmgpu-device for gpu{} exited ({s}) while the guest ran:\n{}",
+                        b.gpu,
+                        b.tail()
+                    ),
+                );
+            }
+        }
+    }
+    if !e.console_splats.is_empty() {
+        problem(
             Exit::GuestKernelError,
             format!(
                 "the guest kernel reported errors (command status: {}):\n{}",
                 e.status.map_or("none".into(), |s| s.to_string()),
-                e.kernel_errors
-                    .iter()
-                    .map(|l| format!("    {l}\n"))
-                    .collect::<String>()
+                indented(
+                    &e.console_splats
+                        .iter()
+                        .map(|s| format!("[{}] {}", s.kind, s.line))
+                        .collect::<Vec<_>>()
+                )
             ),
         );
     }
-    match (&e.init_failed, e.status) {
-        (Some(why), Some(s)) => VmResult::Failed(
+    if let Some(why) = &e.init_failed {
+        problem(
             Exit::GuestInitFailed,
-            format!("{why} (init reported status {s})"),
-        ),
-        (None, Some(s)) => VmResult::Exited(s),
-        (_, None) => {
-            let tail: String = e.qemu_stderr.iter().map(|l| format!("    {l}\n")).collect();
-            VmResult::Failed(
+            format!(
+                "{why} (init reported status {})",
+                e.status.map_or("none".into(), |s| s.to_string())
+            ),
+        );
+    }
+    let failed_early = matches!(e.stopped, Stopped::Timeout | Stopped::BackendDied);
+    if e.status.is_none() && !failed_early && e.init_failed.is_none() {
+        problem(
+            Exit::QemuFailed,
+            format!(
+                "QEMU exited ({}) without an HMMGPU-EXIT-STATUS marker{}",
+                e.qemu_status.map_or("stopped".into(), |s| s.to_string()),
+                if e.qemu_stderr.is_empty() {
+                    String::new()
+                } else {
+                    format!("; its stderr:\n{}", indented(&e.qemu_stderr))
+                }
+            ),
+        );
+    }
+    if let Some(s) = e.qemu_status.filter(|s| !s.success()) {
+        if e.status.is_some() {
+            problem(
                 Exit::QemuFailed,
                 format!(
-                    "QEMU exited ({}) without an HMMGPU-EXIT-STATUS marker{}",
-                    e.qemu_status,
-                    if tail.is_empty() {
+                    "QEMU exited with {s} after the guest powered off{}",
+                    if e.qemu_stderr.is_empty() {
                         String::new()
                     } else {
-                        format!("; its stderr:\n{tail}")
+                        format!("; its stderr:\n{}", indented(&e.qemu_stderr))
                     }
                 ),
-            )
+            );
         }
+    }
+    let host_splats = e.host_splats();
+    for s in &host_splats {
+        let exit = match s.source {
+            Source::QemuStderr => Exit::QemuFailed,
+            _ => Exit::BackendFailed,
+        };
+        problem(exit, format!("a crash report: {s}"));
+    }
+    // How the backends ended after QEMU: only meaningful if QEMU ended
+    // normally (a stopped QEMU leaves them in any state).
+    if !failed_early {
+        for b in &e.backends {
+            if e.backends_killed && b.killed() {
+                continue;
+            }
+            if b.died_early.is_some() {
+                continue; // reported above
+            }
+            let how = b.status.map_or("unknown".into(), |s| s.to_string());
+            if b.stopped {
+                problem(
+                    Exit::BackendFailed,
+                    format!(
+                        "hmmgpu-device for gpu{} did not exit within {}s of QEMU (stopped; {how}):\n{}",
+                        b.gpu,
+                        BACKEND_EXIT_GRACE.as_secs(),
+                        b.tail()
+                    ),
+                );
+            } else if !b.status.is_some_and(|s| s.success()) {
+                problem(
+                    Exit::BackendFailed,
+                    format!(
+                        "hmmgpu-device for gpu{} exited with {how} at shutdown:\n{}",
+                        b.gpu,
+                        b.tail()
+                    ),
+                );
+            } else if b.exit_stats.is_none() {
+                problem(
+                    Exit::BackendFailed,
+                    format!(
+                        "hmmgpu-device for gpu{} exited 0 without its stats line:\n{}",
+                        b.gpu,
+                        b.tail()
+                    ),
+                );
+            }
+        }
+    }
+    match problems.first() {
+        None => match e.status {
+            Some(s) => VmResult::Exited(s),
+            // Unreachable: no status is a problem above.
+            None => VmResult::Failed(Exit::QemuFailed, "no status".into()),
+        },
+        Some((exit, _)) => VmResult::Failed(
+            *exit,
+            problems
+                .iter()
+                .map(|(_, m)| m.as_str())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
     }
 }
 
@@ -1297,13 +1601,297 @@ mod tests {
         assert_eq!(base64(b"foobar"), "Zm9vYmFy");
     }
 
+    fn scanner(nonce: &str) -> Scanner {
+        Scanner {
+            nonce: nonce.into(),
+            ..Default::default()
+        }
+    }
+
+    fn feed(s: &mut Scanner, lines: &[&str]) {
+        for l in lines {
+            s.feed(Instant::now(), l.to_string());
+        }
+    }
+
     #[test]
-    fn markers() {
-        assert_eq!(
-            parse_uint_after("[ 1.0] x HMMGPU-EXIT-STATUS=7", MARKER_STATUS),
-            Some(7)
+    fn only_markers_with_the_nonce_count() {
+        let mut s = scanner("c0ffee");
+        feed(
+            &mut s,
+            &[
+                // The command printing the marker text itself, with no
+                // nonce, a wrong one and an empty one.
+                "HMMGPU-EXIT-STATUS=0",
+                "HMMGPU-EXIT-STATUS=deadbeef:0",
+                "HMMGPU-EXIT-STATUS=:0",
+                "HMMGPU-INIT-FAILED: forged",
+                "HMMGPU-COUNTERS= gpu=0 driver_resets=0",
+            ],
         );
-        assert_eq!(parse_uint_after("HMMGPU-EXIT-STATUS=", MARKER_STATUS), None);
+        assert_eq!(s.status, None);
+        assert_eq!(s.init_failed, None);
+        assert!(s.counters.is_empty());
+        feed(
+            &mut s,
+            &[
+                "[ 2.0] HMMGPU-COUNTERS=c0ffee gpu=0 commands=12 driver_resets=0 driver_polled_completions=1",
+                "HMMGPU-COUNTERS=c0ffee gpu=1 unreadable: cat: read error: No such device",
+                "HMMGPU-EXIT-STATUS=c0ffee:3",
+                "HMMGPU-EXIT-STATUS=c0ffee:0",
+            ],
+        );
+        assert_eq!(s.status, Some(3), "the first real marker counts");
+        assert_eq!(s.counters.len(), 2);
+        assert_eq!(
+            s.counters[0].counters.as_ref().unwrap()["driver_polled_completions"],
+            1
+        );
+        assert_eq!(
+            s.counters[1].counters,
+            Err("cat: read error: No such device".to_string())
+        );
+        // A scanner without a nonce believes nothing.
+        let mut s = scanner("");
+        feed(&mut s, &["HMMGPU-EXIT-STATUS=:0"]);
+        assert_eq!(s.status, None);
+    }
+
+    #[test]
+    fn init_failure_and_console_splats() {
+        let mut s = scanner("n1");
+        feed(
+            &mut s,
+            &[
+                "HMMGPU-INIT-FAILED=n1: insmod /lib/modules/hmmgpu.ko (exit status 1)",
+                "[ 3.0] BUG: KASAN: slab-use-after-free in hmmgpu_probe+0x10/0x20",
+                "HMMGPU-EXIT-STATUS=n1:118",
+            ],
+        );
+        assert_eq!(
+            s.init_failed.as_deref(),
+            Some("insmod /lib/modules/hmmgpu.ko (exit status 1)")
+        );
+        assert_eq!(s.splats.len(), 1);
+        assert_eq!(s.splats[0].kind, splat::Kind::Kasan);
+    }
+
+    fn status(code: i32) -> std::process::ExitStatus {
+        use std::os::unix::process::ExitStatusExt;
+        std::process::ExitStatus::from_raw(code << 8)
+    }
+
+    fn signalled(sig: i32) -> std::process::ExitStatus {
+        use std::os::unix::process::ExitStatusExt;
+        std::process::ExitStatus::from_raw(sig)
+    }
+
+    fn backend(gpu: u32) -> BackendEnd {
+        BackendEnd {
+            gpu,
+            status: Some(status(0)),
+            stopped: false,
+            died_early: None,
+            exit_stats: Some(serde_json::json!({"commands": 5})),
+            control_stats: None,
+            stderr: vec![
+                "[INFO hmmgpu_device::cli] listening".into(),
+                "hmmgpu-device: stats: {\"commands\":5}".into(),
+            ],
+        }
+    }
+
+    /// A run everything about which is right: the guest said 0, powered off,
+    /// QEMU and two backends exited 0 with stats, no splat.
+    fn clean() -> Evidence {
+        Evidence {
+            stopped: Stopped::QemuExited,
+            timeout: Duration::from_secs(600),
+            status: Some(0),
+            init_failed: None,
+            console_splats: Vec::new(),
+            qemu_status: Some(status(0)),
+            qemu_stderr: Vec::new(),
+            backends: vec![backend(0), backend(1)],
+            backends_killed: false,
+        }
+    }
+
+    fn failed_with(e: &Evidence) -> (Exit, String) {
+        match verdict(e) {
+            VmResult::Failed(x, m) => (x, m),
+            r => panic!("the run passed ({r:?})"),
+        }
+    }
+
+    #[test]
+    fn verdict_passes_only_a_clean_run() {
+        assert_eq!(verdict(&clean()), VmResult::Exited(0));
+        let mut e = clean();
+        e.status = Some(7);
+        assert_eq!(verdict(&e), VmResult::Exited(7));
+    }
+
+    #[test]
+    fn verdict_no_power_off() {
+        // Old behaviour: QEMU stopped 30 s after the marker, and the run
+        // passed with the marker's status.
+        let mut e = clean();
+        e.stopped = Stopped::NoPowerOff;
+        e.qemu_status = None;
+        assert_eq!(failed_with(&e).0, Exit::NoPowerOff);
+    }
+
+    #[test]
+    fn verdict_qemu_exit_status() {
+        let mut e = clean();
+        e.qemu_status = Some(status(1));
+        e.qemu_stderr = vec!["qemu-system-x86_64: vhost lost".into()];
+        let (x, m) = failed_with(&e);
+        assert_eq!(x, Exit::QemuFailed);
+        assert!(m.contains("vhost lost"), "{m}");
+        let mut e = clean();
+        e.qemu_status = Some(signalled(libc::SIGSEGV));
+        assert_eq!(failed_with(&e).0, Exit::QemuFailed);
+    }
+
+    #[test]
+    fn verdict_backend_at_shutdown() {
+        // Exits 1 at shutdown (old behaviour: "reported no stats", pass).
+        let mut e = clean();
+        e.backends[1].status = Some(status(1));
+        e.backends[1].exit_stats = None;
+        let (x, m) = failed_with(&e);
+        assert_eq!(x, Exit::BackendFailed);
+        assert!(m.contains("gpu1") && m.contains("exit status: 1"), "{m}");
+        // Exits 0 but never printed its stats.
+        let mut e = clean();
+        e.backends[0].exit_stats = None;
+        assert_eq!(failed_with(&e).0, Exit::BackendFailed);
+        // Hangs after QEMU exited and has to be stopped.
+        let mut e = clean();
+        e.backends[0].stopped = true;
+        e.backends[0].status = Some(signalled(libc::SIGTERM));
+        e.backends[0].exit_stats = None;
+        e.backends[0].control_stats = Some(serde_json::json!({"commands": 5}));
+        assert_eq!(failed_with(&e).0, Exit::BackendFailed);
+        // Dies while the guest runs.
+        let mut e = clean();
+        e.stopped = Stopped::BackendDied;
+        e.status = None;
+        e.qemu_status = None;
+        e.backends[0].died_early = Some(signalled(libc::SIGSEGV));
+        e.backends[0].status = e.backends[0].died_early;
+        let (x, m) = failed_with(&e);
+        assert_eq!(x, Exit::BackendFailed);
+        assert!(m.contains("while the guest ran"), "{m}");
+    }
+
+    #[test]
+    fn verdict_killed_backends_only_where_the_test_kills_them() {
+        let kill = |e: &mut Evidence| {
+            e.backends[0].died_early = Some(signalled(libc::SIGKILL));
+            e.backends[0].status = e.backends[0].died_early;
+            e.backends[0].exit_stats = None;
+        };
+        // The kill test: SIGKILL expected.
+        let mut e = clean();
+        e.backends_killed = true;
+        kill(&mut e);
+        assert_eq!(verdict(&e), VmResult::Exited(0));
+        // The link-down test shares the guest program but kills nothing: a
+        // backend that died there fails (old behaviour: passed).
+        let mut e = clean();
+        kill(&mut e);
+        assert_eq!(failed_with(&e).0, Exit::BackendFailed);
+        // Even where backends are killed, a crash is not a kill.
+        let mut e = clean();
+        e.backends_killed = true;
+        e.backends[0].died_early = Some(status(101));
+        e.backends[0].status = Some(status(101));
+        assert_eq!(failed_with(&e).0, Exit::BackendFailed);
+    }
+
+    #[test]
+    fn verdict_splats_in_every_stream() {
+        // A backend's stderr (old behaviour: never scanned).
+        let mut e = clean();
+        e.backends[1].stderr.insert(
+            1,
+            "thread 'vhost' panicked at device/src/backend.rs:10:5:".into(),
+        );
+        let (x, m) = failed_with(&e);
+        assert_eq!(x, Exit::BackendFailed);
+        assert!(m.contains("gpu1's backend stderr"), "{m}");
+        let mut e = clean();
+        e.backends[0].stderr.push("BUG: KASAN: planted".into());
+        assert_eq!(failed_with(&e).0, Exit::BackendFailed);
+        // QEMU's stderr.
+        let mut e = clean();
+        e.qemu_stderr =
+            vec!["qemu-system-x86_64: ../hw/virtio/virtio.c:1: f: Assertion `x' failed.".into()];
+        assert_eq!(failed_with(&e).0, Exit::QemuFailed);
+        // The console.
+        let mut e = clean();
+        e.console_splats = splat::scan(
+            Source::Console,
+            &["[ 9.0] INFO: task kworker/0:1:12 blocked for more than 120 seconds.".to_string()],
+        );
+        assert_eq!(failed_with(&e).0, Exit::GuestKernelError);
+    }
+
+    #[test]
+    fn verdict_without_a_status() {
+        let mut e = clean();
+        e.status = None;
+        e.qemu_stderr = vec!["qemu-system-x86_64: cannot set up guest memory".into()];
+        let (x, m) = failed_with(&e);
+        assert_eq!(x, Exit::QemuFailed);
+        assert!(m.contains("cannot set up guest memory"), "{m}");
+        let mut e = clean();
+        e.status = None;
+        e.stopped = Stopped::Timeout;
+        e.qemu_status = None;
+        assert_eq!(failed_with(&e).0, Exit::Timeout);
+        let mut e = clean();
+        e.status = Some(118);
+        e.init_failed = Some("mount proc on /proc".into());
+        assert_eq!(failed_with(&e).0, Exit::GuestInitFailed);
+    }
+
+    #[test]
+    fn nonce_archive_is_a_newc_cpio() {
+        let a = cpio_newc("etc/hmmgpu-nonce", 0o400, b"abc\n");
+        assert!(a.len().is_multiple_of(4));
+        let text = String::from_utf8_lossy(&a);
+        assert!(text.starts_with("070701"));
+        // mode: a regular file, 0400.
+        assert_eq!(&text[14..22], "00008100");
+        // file size 4, name size 17 (with its NUL).
+        assert_eq!(&text[54..62], "00000004");
+        assert_eq!(&text[94..102], "00000011");
+        assert!(text.contains("etc/hmmgpu-nonce\0"));
+        assert!(text.contains("TRAILER!!!"));
+        // The host's cpio reads it back, if it is installed.
+        if let Ok(mut c) = Command::new("cpio")
+            .args(["-t", "--quiet"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+        {
+            c.stdin.take().unwrap().write_all(&a).unwrap();
+            let out = c.wait_with_output().unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "etc/hmmgpu-nonce\n");
+        }
+    }
+
+    #[test]
+    fn nonce_is_fresh_hex() {
+        let (a, b) = (new_nonce().unwrap(), new_nonce().unwrap());
+        assert_eq!(a.len(), 24);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
     }
 
     #[test]
