@@ -7,6 +7,7 @@ use crate::cli::{AccelChoice, Arch, Flavour};
 mod ecc;
 mod faults;
 mod loss;
+mod recovery;
 mod reset;
 mod selftest;
 mod unplug;
@@ -206,12 +207,21 @@ impl Ctx {
     }
 }
 
+/// Fails unless the guest command exited with `want` (in a run the oracle
+/// passed, see vm::verdict) and the driver recovered from nothing: no
+/// reset, no polled completion, no recovery message (tests/recovery.rs).
 fn expect_status(out: &VmOutcome, want: i32) -> Result<()> {
+    expect_status_with(out, want, &recovery::Expected::NONE)
+}
+
+/// [`expect_status`] for a test that expects the recoveries `exp`.
+fn expect_status_with(out: &VmOutcome, want: i32, exp: &recovery::Expected) -> Result<()> {
     match &out.result {
-        VmResult::Exited(n) if *n == want => Ok(()),
+        VmResult::Exited(n) if *n == want => {}
         VmResult::Exited(n) => bail!("the guest command exited with {n}, want {want}"),
         VmResult::Failed(e, m) => bail!("the VM failed: {e}: {m}"),
     }
+    recovery::check(out, exp)
 }
 
 struct VmTest {
@@ -489,7 +499,8 @@ fn t_rmmod_resident(ctx: &mut Ctx) -> Result<()> {
         driver: true,
         cmd: argv(&["hmmgpu-demo", "--rmmod-resident"]),
     })?;
-    expect_status(&out, 0)
+    // The driver's counters go with it; its recovery messages would show.
+    expect_status_with(&out, 0, &recovery::Expected::NONE_UNLOADED)
 }
 
 pub fn list() {
