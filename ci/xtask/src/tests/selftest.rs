@@ -316,10 +316,31 @@ fn verdict_message(v: &Verdict, exp: &Expected) -> String {
     m.join("\n")
 }
 
+/// hmmgpu's cases as the report's own testcases (JUnit, JSON, KTAP).
+fn record_cases(ctx: &Ctx, t: &Tally, exp: &Expected) {
+    ctx.cases
+        .borrow_mut()
+        .extend(t.cases.iter().map(|(name, o)| {
+            let listed = exp.cases.get(name).map(|(l, _)| *l);
+            super::Case {
+                name: name.clone(),
+                outcome: match o {
+                    Outcome::Pass => super::report::CaseOutcome::Pass,
+                    Outcome::Fail => super::report::CaseOutcome::Fail,
+                    Outcome::Skip => super::report::CaseOutcome::Skip,
+                },
+                expected: match o {
+                    Outcome::Pass => listed.is_none(),
+                    _ => listed == Some(*o),
+                },
+            }
+        }));
+}
+
 fn check_hmmgpu(t: &Tally, exp: &Expected) -> Result<()> {
     let v = judge(t, exp);
     if v.ok() {
-        println!(
+        say!(
             "hmmgpu matches {EXPECTED_FILE} ({} case(s) listed as known not to pass)",
             exp.cases.len()
         );
@@ -331,12 +352,12 @@ fn check_hmmgpu(t: &Tally, exp: &Expected) -> Result<()> {
 
 /// The side-by-side tallies of the runs, then the cases whose outcome differs.
 fn print_tallies(title: &str, runs: &[(&str, &Tally)], exp: &Expected) {
-    println!("{title}");
-    print!("  {:<12}", "");
+    say!("{title}");
+    say_part!("  {:<12}", "");
     for (name, _) in runs {
-        print!(" {name:>12}");
+        say_part!(" {name:>12}");
     }
-    println!();
+    say!("");
     type Field = fn(&Totals) -> u32;
     let fields: [(&str, Field); 6] = [
         ("pass", |t| t.pass),
@@ -347,15 +368,15 @@ fn print_tallies(title: &str, runs: &[(&str, &Tally)], exp: &Expected) {
         ("error", |t| t.error),
     ];
     for (label, f) in fields {
-        print!("  {label:<12}");
+        say_part!("  {label:<12}");
         for (_, t) in runs {
             let v = t
                 .totals
                 .as_ref()
                 .map_or("-".to_string(), |tot| f(tot).to_string());
-            print!(" {v:>12}");
+            say_part!(" {v:>12}");
         }
-        println!();
+        say!("");
     }
     type Row = fn(&Tally) -> String;
     let rows: [(&str, Row); 3] = [
@@ -368,15 +389,15 @@ fn print_tallies(title: &str, runs: &[(&str, &Tally)], exp: &Expected) {
         }),
     ];
     for (label, f) in rows {
-        print!("  {label:<12}");
+        say_part!("  {label:<12}");
         for (_, t) in runs {
-            print!(" {:>12}", f(t));
+            say_part!(" {:>12}", f(t));
         }
-        println!();
+        say!("");
     }
     for (name, t) in runs {
         if t.totals.is_none() {
-            println!("  {name}: no '# Totals:' line: hmm-tests did not finish");
+            say!("  {name}: no '# Totals:' line: hmm-tests did not finish");
         }
     }
     // Every case of any run, with its outcome per run and in the list.
@@ -401,14 +422,14 @@ fn print_tallies(title: &str, runs: &[(&str, &Tally)], exp: &Expected) {
         })
         .collect();
     if differing.is_empty() {
-        println!(
+        say!(
             "  every case has the same outcome{}",
             if runs.len() > 1 { " on both" } else { "" }
         );
         return;
     }
     let width = differing.iter().map(|c| c.len()).max().unwrap_or(4).max(4);
-    println!(
+    say!(
         "  {} case(s) whose outcome differs{}:",
         differing.len(),
         if runs.len() == 1 {
@@ -417,17 +438,17 @@ fn print_tallies(title: &str, runs: &[(&str, &Tally)], exp: &Expected) {
             " (or that are listed)"
         }
     );
-    print!("  {:<width$}", "case");
+    say_part!("  {:<width$}", "case");
     for (name, _) in runs {
-        print!(" {name:>12}");
+        say_part!(" {name:>12}");
     }
-    println!(" {:>8}", "listed");
+    say!(" {:>8}", "listed");
     for case in differing {
-        print!("  {case:<width$}");
+        say_part!("  {case:<width$}");
         for (_, t) in runs {
-            print!(" {:>12}", show(t.cases.get(case)));
+            say_part!(" {:>12}", show(t.cases.get(case)));
         }
-        println!(" {:>8}", show(exp.cases.get(case).map(|(o, _)| o)));
+        say!(" {:>8}", show(exp.cases.get(case).map(|(o, _)| o)));
     }
 }
 
@@ -452,6 +473,9 @@ pub(super) fn t_hmm_tests(ctx: &mut Ctx) -> Result<()> {
     // worth seeing.
     let base = parse(&out.console, "test_hmm");
     let ours = parse(&out.console, "hmmgpu");
+    if let Ok(o) = &ours {
+        record_cases(ctx, o, &exp);
+    }
     if let (Ok(b), Ok(o)) = (&base, &ours) {
         print_tallies(
             &format!(
@@ -463,7 +487,7 @@ pub(super) fn t_hmm_tests(ctx: &mut Ctx) -> Result<()> {
             &exp,
         );
         if b.totals.as_ref().is_some_and(|t| t.fail > 0) {
-            println!("note: the kernel's own test_hmm.ko failed cases too (the kernel or the setup, not hmmgpu?)");
+            say!("note: the kernel's own test_hmm.ko failed cases too (the kernel or the setup, not hmmgpu?)");
         }
     }
     // A kernel WARNING/BUG/lockdep/KASAN report fails the boot (status 120).
@@ -489,6 +513,9 @@ pub(super) fn t_hmm_tests_debug(ctx: &mut Ctx) -> Result<()> {
         1,
     )?;
     let ours = parse(&out.console, "hmmgpu");
+    if let Ok(o) = &ours {
+        record_cases(ctx, o, &exp);
+    }
     if let Ok(o) = &ours {
         print_tallies(
             &format!(
@@ -518,6 +545,9 @@ pub(super) fn t_hmm_tests_ppc64le(ctx: &mut Ctx) -> Result<()> {
         ctx.cpus,
     )?;
     let ours = parse(&out.console, "hmmgpu");
+    if let Ok(o) = &ours {
+        record_cases(ctx, o, &exp);
+    }
     if let Ok(o) = &ours {
         print_tallies(
             &format!(
