@@ -175,6 +175,14 @@ pub enum Echo {
     Raw,
     /// Each line behind a prefix, on stdout.
     Prefixed(String),
+    /// Each line behind a prefix, on stderr (stdout carries KTAP).
+    PrefixedStderr(String),
+    /// Only the guest command's own output, on stdout: no kernel messages,
+    /// no init lines or markers (`cargo xtask run --quiet`).
+    CommandOnly,
+    /// The console's bytes as they come, unbuffered, on stdout; the
+    /// terminal's input goes to the guest (`cargo xtask run --shell`).
+    Interactive,
 }
 
 pub struct VmConfig {
@@ -228,6 +236,20 @@ pub struct VmExtra {
     /// VRAM per GPU instead of the tests' default (small enough for a
     /// guest to fill it all).
     pub vram_size: Option<u64>,
+    /// A replacement for images/init (the oracle's self-test boots a
+    /// deliberately broken init); appended to the initramfs with the nonce.
+    pub init_override: Option<String>,
+    /// Another backend binary than the built one (the oracle's self-test
+    /// wraps the real one in scripts that misbehave).
+    pub backend_bin: Option<PathBuf>,
+    /// Write the run's artifacts folder here (src/artifacts.rs).
+    pub artifacts: Option<PathBuf>,
+    /// Added to the kernel command line (`--append`).
+    pub append: Vec<String>,
+    /// Added to QEMU's command line, in order (`--qemu-arg`).
+    pub qemu_args: Vec<String>,
+    /// Host folders mounted in the guest over virtio-9p (`--share`).
+    pub shares: Vec<crate::cli::Share>,
 }
 
 /// How the run ended.
@@ -454,6 +476,8 @@ struct Backend {
     proc: Proc,
     control: PathBuf,
     exit_stats: Arc<Mutex<Option<serde_json::Value>>>,
+    /// Its command line, program first (for reproduce.sh).
+    argv: Vec<String>,
     /// Its stderr, line by line (up to [`MAX_STDERR_LINES`]).
     stderr: Arc<Mutex<Vec<String>>>,
     reader: Option<JoinHandle<()>>,
@@ -470,37 +494,39 @@ fn spawn_backend(cfg: &VmConfig, bin: &Path, gpu: u32, vram: &Path) -> Result<Ba
     let control = cfg.run_dir.join(format!("gpu{gpu}.control"));
     // Its stdout goes to our stderr: stdout carries only the guest console.
     let stdout = Stdio::from(std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned()?);
+    let extra: &[String] = cfg
+        .extra
+        .backend_args
+        .get(gpu as usize)
+        .map_or(&[], |a| a.as_slice());
+    let mut argv: Vec<String> = vec![
+        bin.display().to_string(),
+        "--socket".into(),
+        socket.display().to_string(),
+        "--vram-path".into(),
+        vram.display().to_string(),
+        "--vram-size".into(),
+        cfg.vram_size.to_string(),
+        "--control".into(),
+        control.display().to_string(),
+    ];
+    argv.extend(extra.iter().cloned());
+    // The fault log goes to the artifacts (unless the test reads its own).
+    if !extra.iter().any(|a| a == "--fault-log") {
+        argv.push("--fault-log".into());
+        argv.push(
+            cfg.run_dir
+                .join(format!("gpu{gpu}.faults"))
+                .display()
+                .to_string(),
+        );
+    }
     let mut cmd = Command::new(bin);
-    cmd.arg("--socket")
-        .arg(&socket)
-        .arg("--vram-path")
-        .arg(vram)
-        .arg("--vram-size")
-        .arg(cfg.vram_size.to_string())
-        .arg("--control")
-        .arg(&control)
-        .args(
-            cfg.extra
-                .backend_args
-                .get(gpu as usize)
-                .into_iter()
-                .flatten(),
-        )
+    cmd.args(&argv[1..])
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(Stdio::piped());
-    log(format!(
-        "gpu{gpu}: {} --socket {} --vram-path {} --vram-size {} --control {}{}",
-        bin.display(),
-        socket.display(),
-        vram.display(),
-        cfg.vram_size,
-        control.display(),
-        cfg.extra
-            .backend_args
-            .get(gpu as usize)
-            .map_or(String::new(), |a| format!(" {}", shell_join(a)))
-    ));
+    log(format!("gpu{gpu}: {}", shell_join(&argv)));
     let mut proc = Proc::spawn(&format!("hmmgpu-device gpu{gpu}"), &mut cmd)?;
     // For fault injection from outside (a killed backend: surprise loss).
     let pid_file = cfg.run_dir.join(format!("gpu{gpu}.pid"));
@@ -540,6 +566,7 @@ fn spawn_backend(cfg: &VmConfig, bin: &Path, gpu: u32, vram: &Path) -> Result<Ba
         proc,
         control,
         exit_stats,
+        argv,
         stderr: stderr_lines,
         reader: Some(reader),
     };
@@ -625,6 +652,7 @@ impl Backend {
         self.join_reader();
         BackendEnd {
             gpu: self.gpu,
+            argv: self.argv.clone(),
             status: self.proc.exited,
             stopped,
             died_early: None,
@@ -639,6 +667,7 @@ impl Backend {
 #[derive(Clone, Debug)]
 struct BackendEnd {
     gpu: u32,
+    argv: Vec<String>,
     /// Its exit status (None: it could not be reaped).
     status: Option<std::process::ExitStatus>,
     /// It did not exit within [`BACKEND_EXIT_GRACE`] of QEMU and was stopped.
@@ -714,8 +743,16 @@ pub fn base64(data: &[u8]) -> String {
     out
 }
 
-/// The kernel command line for a run.
-pub fn kernel_cmdline(arch: Arch, cmd: &[String], noload: bool) -> Result<String> {
+/// The kernel command line for a run: the console, init's parameters
+/// (`hmmgpu.noload`, `hmmgpu.share=TAG:DIR[:ro]` per shared folder,
+/// `hmmgpu.cmd=BASE64`) and `append` (`--append`).
+pub fn kernel_cmdline(
+    arch: Arch,
+    cmd: &[String],
+    noload: bool,
+    shares: &[crate::cli::Share],
+    append: &[String],
+) -> Result<String> {
     let console = match arch {
         Arch::X86_64 => "ttyS0",
         Arch::Ppc64le => "hvc0",
@@ -723,6 +760,18 @@ pub fn kernel_cmdline(arch: Arch, cmd: &[String], noload: bool) -> Result<String
     let mut s = format!("console={console} panic=-1 oops=panic loglevel=6 printk.time=1");
     if noload {
         s.push_str(" hmmgpu.noload");
+    }
+    for (i, sh) in shares.iter().enumerate() {
+        s.push_str(&format!(
+            " hmmgpu.share={}:{}{}",
+            share_tag(i),
+            sh.guest,
+            if sh.readonly { ":ro" } else { "" }
+        ));
+    }
+    for a in append {
+        s.push(' ');
+        s.push_str(a);
     }
     if !cmd.is_empty() {
         s.push_str(" hmmgpu.cmd=");
@@ -791,12 +840,28 @@ fn qemu_args(
     a.push("-initrd".into());
     a.push(initrd.display().to_string());
     a.push("-append".into());
-    a.push(kernel_cmdline(cfg.arch, &cfg.cmd, cfg.noload)?);
+    a.push(kernel_cmdline(
+        cfg.arch,
+        &cfg.cmd,
+        cfg.noload,
+        &cfg.extra.shares,
+        &cfg.extra.append,
+    )?);
     a.push("-qmp".into());
     a.push(format!(
         "unix:{},server=on,wait=off",
         cfg.run_dir.join("qmp.sock").display()
     ));
+    for (i, sh) in cfg.extra.shares.iter().enumerate() {
+        a.push("-virtfs".into());
+        a.push(format!(
+            "local,path={},mount_tag={},security_model=none,id={}{}",
+            sh.host.display(),
+            share_tag(i),
+            share_tag(i),
+            if sh.readonly { ",readonly=on" } else { "" }
+        ));
+    }
     for (b, path) in backends.iter().zip(&vram.paths) {
         a.extend(gpu_qemu_args(
             cfg.arch,
@@ -806,7 +871,13 @@ fn qemu_args(
             &cfg.run_dir,
         ));
     }
+    a.extend(cfg.extra.qemu_args.iter().cloned());
     Ok(a)
+}
+
+/// The 9p mount tag (and QEMU id) of shared folder `i`.
+fn share_tag(i: usize) -> String {
+    format!("hmmgpushare{i}")
 }
 
 /// QEMU arguments for GPU `n`: its root port (q35), VRAM memdev, vhost-user
@@ -891,6 +962,13 @@ struct Scanner {
     /// The run's nonce: markers without it are the command's output.
     nonce: String,
     console: Vec<String>,
+    /// Each console line's time after QEMU's launch.
+    console_times: Vec<Duration>,
+    /// [`Echo::CommandOnly`]: whether the command is running (between
+    /// init's "running:" line and its first end marker), and an empty
+    /// line held back (init prints one before its markers).
+    in_command: bool,
+    held_empty: bool,
     splats: Vec<Splat>,
     timings: Timings,
     status: Option<i32>,
@@ -900,14 +978,7 @@ struct Scanner {
 
 impl Scanner {
     fn feed(&mut self, t: Instant, line: String) {
-        if let Some(echo) = &self.echo {
-            let mut out = std::io::stdout().lock();
-            let _ = match echo {
-                Echo::Prefixed(p) => writeln!(out, "{p}{line}"),
-                Echo::Raw => writeln!(out, "{line}"),
-            };
-            let _ = out.flush();
-        }
+        self.echo(&line);
         let at = t.duration_since(self.launch.unwrap_or(t));
         if line.contains(MARKER_INIT) && self.timings.init.is_none() {
             self.timings.init = Some(at);
@@ -949,6 +1020,46 @@ impl Scanner {
             });
         }
         self.console.push(line);
+        self.console_times.push(at);
+    }
+
+    fn echo(&mut self, line: &str) {
+        let to_stdout = |l: &str| {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{l}");
+            let _ = out.flush();
+        };
+        match &self.echo {
+            None | Some(Echo::Interactive) => {}
+            Some(Echo::Raw) => to_stdout(line),
+            Some(Echo::Prefixed(p)) => to_stdout(&format!("{p}{line}")),
+            Some(Echo::PrefixedStderr(p)) => eprintln!("{p}{line}"),
+            Some(Echo::CommandOnly) => {
+                if line.contains(RUNNING) && !self.in_command {
+                    self.in_command = true;
+                    return;
+                }
+                if !self.in_command {
+                    return;
+                }
+                if line.contains(MARKER_COUNTERS) || line.contains(MARKER_STATUS) {
+                    self.in_command = false;
+                    self.held_empty = false;
+                    return;
+                }
+                if is_kernel_message(line) {
+                    return;
+                }
+                if std::mem::take(&mut self.held_empty) {
+                    to_stdout("");
+                }
+                if line.is_empty() {
+                    self.held_empty = true;
+                } else {
+                    to_stdout(line);
+                }
+            }
+        }
     }
 
     /// What follows `marker` and this run's nonce in `line`, if both are there.
@@ -957,6 +1068,21 @@ impl Scanner {
         rest.strip_prefix(self.nonce.as_str())
             .filter(|_| !self.nonce.is_empty())
     }
+}
+
+/// images/init's line before it runs the command.
+const RUNNING: &str = "hmmgpu-init: running: ";
+
+/// A printk line: `[    1.234567] ...` (printk.time=1).
+fn is_kernel_message(line: &str) -> bool {
+    let Some(rest) = line.strip_prefix('[') else {
+        return false;
+    };
+    let Some((stamp, _)) = rest.split_once(']') else {
+        return false;
+    };
+    let stamp = stamp.trim();
+    !stamp.is_empty() && stamp.chars().all(|c| c.is_ascii_digit() || c == '.')
 }
 
 /// `gpu=N name=value...` or `gpu=N unreadable: REASON` (images/init).
@@ -990,9 +1116,10 @@ fn new_nonce() -> Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-/// `file` as one newc cpio archive entry plus the trailer.
-fn cpio_newc(name: &str, mode: u32, data: &[u8]) -> Vec<u8> {
-    fn entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
+/// A newc cpio archive of regular files `(name, mode, data)` plus the
+/// trailer.
+fn cpio_newc(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
+    fn entry(out: &mut Vec<u8>, ino: usize, name: &str, mode: u32, data: &[u8]) {
         let namesize = name.len() + 1;
         let header = format!(
             "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{namesize:08x}{:08x}",
@@ -1010,25 +1137,34 @@ fn cpio_newc(name: &str, mode: u32, data: &[u8]) -> Vec<u8> {
         }
     }
     let mut out = Vec::new();
-    entry(&mut out, 1, name, 0o100000 | mode, data);
-    entry(&mut out, 2, "TRAILER!!!", 0, &[]);
+    for (i, (name, mode, data)) in files.iter().enumerate() {
+        entry(&mut out, i + 1, name, 0o100000 | mode, data);
+    }
+    entry(&mut out, files.len() + 1, "TRAILER!!!", 0, &[]);
     out
 }
 
-/// A copy of `initramfs` with the nonce file appended as a second,
-/// uncompressed cpio archive (the kernel unpacks concatenated archives; an
-/// uncompressed one must start 4-byte aligned, hence the zero padding).
-fn initramfs_with_nonce(initramfs: &Path, out: &Path, nonce: &str) -> Result<()> {
+/// A copy of `initramfs` with the nonce file (and `init`, if given) appended
+/// as a second, uncompressed cpio archive: the kernel unpacks concatenated
+/// archives, later files replacing earlier ones; an uncompressed one must
+/// start 4-byte aligned, hence the zero padding.
+fn initramfs_with_nonce(
+    initramfs: &Path,
+    out: &Path,
+    nonce: &str,
+    init: Option<&str>,
+) -> Result<()> {
     let mut data =
         std::fs::read(initramfs).with_context(|| format!("reading {}", initramfs.display()))?;
     while !data.len().is_multiple_of(4) {
         data.push(0);
     }
-    data.extend(cpio_newc(
-        NONCE_PATH,
-        0o400,
-        format!("{nonce}\n").as_bytes(),
-    ));
+    let nonce_line = format!("{nonce}\n");
+    let mut files = vec![(NONCE_PATH, 0o400, nonce_line.as_bytes())];
+    if let Some(init) = init {
+        files.push(("init", 0o755, init.as_bytes()));
+    }
+    data.extend(cpio_newc(&files));
     std::fs::write(out, data).with_context(|| format!("writing {}", out.display()))
 }
 
@@ -1039,7 +1175,12 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
     check_inputs(cfg)?;
     let nonce = new_nonce()?;
     let initrd = cfg.run_dir.join("initramfs-run.img");
-    initramfs_with_nonce(&cfg.initramfs, &initrd, &nonce)?;
+    initramfs_with_nonce(
+        &cfg.initramfs,
+        &initrd,
+        &nonce,
+        cfg.extra.init_override.as_deref(),
+    )?;
     let mut vm = spawn(cfg, &initrd)?;
     let mut scan = Scanner {
         echo: Some(cfg.echo.clone()),
@@ -1051,6 +1192,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
     let ended = shut_down(vm, &mut scan, stopped);
     let Scanner {
         console,
+        console_times,
         splats: console_splats,
         mut timings,
         status,
@@ -1071,7 +1213,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
         backends_killed: cfg.extra.backends_killed,
     };
     let result = verdict(&evidence);
-    let stats = evidence
+    let stats: Vec<BackendStats> = evidence
         .backends
         .iter()
         .filter_map(|b| {
@@ -1082,6 +1224,56 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
             s
         })
         .collect();
+    if let Some(dir) = &cfg.extra.artifacts {
+        let timed: Vec<(Duration, String)> = console_times
+            .iter()
+            .copied()
+            .zip(console.iter().cloned())
+            .collect();
+        let record = crate::artifacts::Record {
+            dir,
+            run_dir: &cfg.run_dir,
+            vram: &ended.vram.paths,
+            vram_size: cfg.vram_size,
+            initrd: &initrd,
+            qemu: &ended.qemu_argv,
+            backends: &evidence
+                .backends
+                .iter()
+                .map(|b| b.argv.clone())
+                .collect::<Vec<_>>(),
+            console: &timed,
+            qemu_stderr: &evidence.qemu_stderr,
+            backend_stderr: &evidence
+                .backends
+                .iter()
+                .map(|b| b.stderr.clone())
+                .collect::<Vec<_>>(),
+            stats: serde_json::Value::Array(
+                stats
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "gpu": s.gpu,
+                            "source": format!("{:?}", s.source),
+                            "stats": s.raw,
+                        })
+                    })
+                    .collect(),
+            ),
+            verdict: &match &result {
+                VmResult::Exited(n) => format!("passed: the guest command exited with {n}"),
+                VmResult::Failed(e, m) => format!("failed: {e}\n{m}"),
+            },
+            interactive: cfg.extra.console_hook.is_some(),
+        };
+        if let Err(e) = crate::artifacts::write_all(&record) {
+            log(format!(
+                "warning: writing the artifacts to {}: {e:#}",
+                dir.display()
+            ));
+        }
+    }
     Ok(VmOutcome {
         result,
         timings,
@@ -1122,6 +1314,13 @@ struct Running {
     stderr_reader: JoinHandle<()>,
     /// Backends that exited while the guest ran: (index, status).
     died_early: Vec<(usize, std::process::ExitStatus)>,
+    /// QEMU's command line, program first.
+    qemu_argv: Vec<String>,
+    /// Interactive runs: the guest started the command (input may flow),
+    /// the user typed the escape, and the terminal's saved mode.
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    quit: Arc<std::sync::atomic::AtomicBool>,
+    _raw: Option<RawTerminal>,
 }
 
 /// Creates the VRAM files, starts the backends (each up to its socket), then
@@ -1153,40 +1352,37 @@ fn spawn(cfg: &VmConfig, initrd: &Path) -> Result<Running> {
         "qemu",
         Command::new(&cfg.qemu)
             .args(&args)
-            .stdin(if cfg.extra.console_hook.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
+            .stdin(
+                if cfg.extra.console_hook.is_some() || matches!(cfg.echo, Echo::Interactive) {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                },
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
     )?;
 
     // Non-blocking, so a guest that never reads cannot stall the console
     // loop (a reply is dropped).
-    let console_in = qemu.child.stdin.take();
-    if let Some(input) = &console_in {
+    let mut console_in = qemu.child.stdin.take();
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let quit = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut raw = None;
+    if matches!(cfg.echo, Echo::Interactive) {
+        if let Some(to_guest) = console_in.take() {
+            raw = RawTerminal::enter();
+            let (r, q) = (Arc::clone(&ready), Arc::clone(&quit));
+            // Not joined: it may sit in a read of the terminal to the end.
+            std::thread::spawn(move || relay_stdin(to_guest, r, q));
+        }
+    } else if let Some(input) = &console_in {
         set_nonblocking(input)?;
     }
     let (tx, console) = mpsc::channel::<(Instant, String)>();
     let stdout = qemu.child.stdout.take().context("QEMU's stdout")?;
-    let console_reader = std::thread::spawn(move || {
-        let mut r = BufReader::new(stdout);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match r.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let line = String::from_utf8_lossy(&buf);
-                    let line = line.trim_end_matches(['\n', '\r']).replace('\r', "");
-                    if tx.send((Instant::now(), line)).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-    });
+    let passthrough = matches!(cfg.echo, Echo::Interactive);
+    let console_reader = std::thread::spawn(move || read_console(stdout, tx, passthrough));
     let qemu_stderr = Arc::new(Mutex::new(Vec::<String>::new()));
     let qs = Arc::clone(&qemu_stderr);
     let stderr = qemu.child.stderr.take().context("QEMU's stderr")?;
@@ -1212,6 +1408,12 @@ fn spawn(cfg: &VmConfig, initrd: &Path) -> Result<Running> {
         qemu_stderr,
         stderr_reader,
         died_early: Vec::new(),
+        qemu_argv: std::iter::once(cfg.qemu.display().to_string())
+            .chain(args)
+            .collect(),
+        ready,
+        quit,
+        _raw: raw,
     })
 }
 
@@ -1230,6 +1432,139 @@ fn set_nonblocking(fd: &impl std::os::fd::AsRawFd) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Reads QEMU's stdout (the guest console) and sends it line by line; with
+/// `passthrough`, also copies every byte to stdout as it comes (a shell's
+/// prompt has no newline).
+fn read_console(
+    mut stdout: std::process::ChildStdout,
+    tx: mpsc::Sender<(Instant, String)>,
+    passthrough: bool,
+) {
+    let mut buf = [0u8; 4096];
+    let mut line = Vec::new();
+    loop {
+        let n = match stdout.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if passthrough {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&buf[..n]);
+            let _ = out.flush();
+        }
+        for &b in &buf[..n] {
+            if b == b'\n' {
+                let l = String::from_utf8_lossy(&line).replace('\r', "");
+                line.clear();
+                if tx.send((Instant::now(), l)).is_err() {
+                    return;
+                }
+            } else {
+                line.push(b);
+            }
+        }
+    }
+    if !line.is_empty() {
+        let _ = tx.send((
+            Instant::now(),
+            String::from_utf8_lossy(&line).replace('\r', ""),
+        ));
+    }
+}
+
+/// The terminal in raw mode while it feeds an interactive guest console
+/// (Ctrl-C is a byte for the guest, not a signal for xtask); restored on
+/// drop.
+struct RawTerminal(libc::termios);
+
+impl RawTerminal {
+    /// Puts stdin in raw mode if it is a terminal.
+    fn enter() -> Option<RawTerminal> {
+        // SAFETY: isatty/tcgetattr/tcsetattr on fd 0 with a termios this
+        // function owns; no other memory is touched.
+        unsafe {
+            if libc::isatty(0) != 1 {
+                return None;
+            }
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) != 0 {
+                return None;
+            }
+            let saved = t;
+            t.c_iflag &= !(libc::ICRNL | libc::IXON | libc::INLCR | libc::IGNCR);
+            t.c_lflag &= !(libc::ICANON | libc::ECHO | libc::ISIG | libc::IEXTEN);
+            t.c_cc[libc::VMIN] = 1;
+            t.c_cc[libc::VTIME] = 0;
+            if libc::tcsetattr(0, libc::TCSANOW, &t) != 0 {
+                return None;
+            }
+            Some(RawTerminal(saved))
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restores the termios saved by `enter` on fd 0.
+        unsafe {
+            libc::tcsetattr(0, libc::TCSANOW, &self.0);
+        }
+    }
+}
+
+/// Ctrl-A, then `x`: ends an interactive VM (as QEMU's own escape does);
+/// Ctrl-A Ctrl-A types one Ctrl-A.
+const ESCAPE: u8 = 0x01;
+
+/// Copies xtask's stdin to the guest console once `ready` (init started the
+/// command), watching for the escape; sets `quit` on Ctrl-A x. EOF on stdin
+/// closes nothing: the guest ends the run.
+fn relay_stdin(
+    mut to_guest: std::process::ChildStdin,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    quit: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut buf = [0u8; 1024];
+    let mut escape = false;
+    let mut stdin = std::io::stdin().lock();
+    loop {
+        let n = match stdin.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut out = Vec::with_capacity(n);
+        for &b in &buf[..n] {
+            if escape {
+                escape = false;
+                match b {
+                    b'x' | b'X' => {
+                        quit.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    ESCAPE => out.push(ESCAPE),
+                    other => {
+                        out.push(ESCAPE);
+                        out.push(other);
+                    }
+                }
+            } else if b == ESCAPE {
+                escape = true;
+            } else {
+                out.push(b);
+            }
+        }
+        while !ready.load(Ordering::SeqCst) {
+            if quit.load(Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if to_guest.write_all(&out).is_err() {
+            return;
+        }
+    }
 }
 
 /// Why the console loop stopped.
@@ -1265,10 +1600,20 @@ fn watch(cfg: &VmConfig, vm: &mut Running, scan: &mut Scanner) -> Result<Stopped
                         }
                     }
                 }
+                if line.contains(RUNNING) {
+                    vm.ready.store(true, Ordering::SeqCst);
+                }
                 scan.feed(t, line)
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(Stopped::QemuExited),
+        }
+        if vm.quit.load(Ordering::SeqCst) {
+            return Err(ExitError {
+                exit: Exit::Interrupted,
+                message: "the VM was ended with Ctrl-A x".into(),
+            }
+            .into());
         }
         if vm.launch.elapsed() > cfg.timeout && scan.status.is_none() {
             return Ok(Stopped::Timeout);
@@ -1296,6 +1641,7 @@ fn watch(cfg: &VmConfig, vm: &mut Running, scan: &mut Scanner) -> Result<Stopped
 /// What [`shut_down`] collected.
 struct Ended {
     stopped: Stopped,
+    qemu_argv: Vec<String>,
     launch: Instant,
     qemu_status: Option<std::process::ExitStatus>,
     qemu_stderr: Vec<String>,
@@ -1317,6 +1663,7 @@ fn shut_down(vm: Running, scan: &mut Scanner, stopped: Stopped) -> Ended {
         qemu_stderr,
         stderr_reader,
         died_early,
+        qemu_argv,
         ..
     } = vm;
     let grace = if stopped == Stopped::QemuExited {
@@ -1350,6 +1697,7 @@ fn shut_down(vm: Running, scan: &mut Scanner, stopped: Stopped) -> Ended {
         .collect();
     Ended {
         stopped,
+        qemu_argv,
         launch,
         qemu_status,
         qemu_stderr,
@@ -1691,6 +2039,7 @@ mod tests {
             gpu,
             status: Some(status(0)),
             stopped: false,
+            argv: vec!["hmmgpu-device".into()],
             died_early: None,
             exit_stats: Some(serde_json::json!({"commands": 5})),
             control_stats: None,
@@ -1861,7 +2210,7 @@ mod tests {
 
     #[test]
     fn nonce_archive_is_a_newc_cpio() {
-        let a = cpio_newc("etc/hmmgpu-nonce", 0o400, b"abc\n");
+        let a = cpio_newc(&[("etc/hmmgpu-nonce", 0o400, b"abc\n")]);
         assert!(a.len().is_multiple_of(4));
         let text = String::from_utf8_lossy(&a);
         assert!(text.starts_with("070701"));
