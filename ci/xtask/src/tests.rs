@@ -618,7 +618,7 @@ fn all_tests() -> Vec<Entry> {
 
 pub fn list() {
     for (name, about, _, _) in all_tests() {
-        println!("{name:24} {about}");
+        println!("{name:30} {about}");
     }
 }
 
@@ -871,7 +871,7 @@ pub fn run(args: &TestArgs) -> Result<i32> {
     say!("=== summary");
     for r in &results {
         say!(
-            "{:24} {} {:7.1}s{}",
+            "{:30} {} {:7.1}s{}",
             r.name,
             if r.pass { "PASS" } else { "FAIL" },
             r.time.as_secs_f64(),
