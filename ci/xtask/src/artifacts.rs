@@ -176,7 +176,7 @@ fn reproduce_sh(r: &Record) -> Result<String> {
     s.push_str("#!/bin/sh\n");
     s.push_str("# Boots the same VM as this run: the same kernel, initramfs (copied here,\n");
     s.push_str("# with the run's nonce), QEMU and backend command lines; the sockets and\n");
-    s.push_str("# VRAM files are made anew. The console is on this terminal (Ctrl-A X quits).\n");
+    s.push_str("# VRAM files are made anew. The console is on this terminal (Ctrl-C quits).\n");
     if r.interactive {
         s.push_str("# This run's guest asked the test for fault injections over the console\n");
         s.push_str(
