@@ -1374,7 +1374,7 @@ fn spawn(cfg: &VmConfig, initrd: &Path) -> Result<Running> {
             raw = RawTerminal::enter();
             let (r, q) = (Arc::clone(&ready), Arc::clone(&quit));
             // Not joined: it may sit in a read of the terminal to the end.
-            std::thread::spawn(move || relay_stdin(to_guest, r, q));
+            std::thread::spawn(move || relay_stdin(std::io::stdin(), to_guest, r, q));
         }
     } else if let Some(input) = &console_in {
         set_nonblocking(input)?;
@@ -1518,36 +1518,34 @@ impl Drop for RawTerminal {
 /// Ctrl-A Ctrl-A types one Ctrl-A.
 const ESCAPE: u8 = 0x01;
 
-/// Copies xtask's stdin to the guest console once `ready` (init started the
-/// command), watching for the escape; sets `quit` on Ctrl-A x. EOF on stdin
-/// closes nothing: the guest ends the run.
+/// Copies `input` (xtask's stdin) to the guest console once `ready` (init
+/// started the command), watching for the escape; sets `quit` on Ctrl-A x.
+/// EOF on the input closes nothing: the guest ends the run.
 fn relay_stdin(
-    mut to_guest: std::process::ChildStdin,
+    mut input: impl Read,
+    mut to_guest: impl Write,
     ready: Arc<std::sync::atomic::AtomicBool>,
     quit: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let mut buf = [0u8; 1024];
     let mut escape = false;
-    let mut stdin = std::io::stdin().lock();
     loop {
-        let n = match stdin.read(&mut buf) {
+        let n = match input.read(&mut buf) {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
         let mut out = Vec::with_capacity(n);
+        let mut quitting = false;
         for &b in &buf[..n] {
             if escape {
                 escape = false;
                 match b {
                     b'x' | b'X' => {
-                        quit.store(true, Ordering::SeqCst);
-                        return;
+                        quitting = true;
+                        break;
                     }
                     ESCAPE => out.push(ESCAPE),
-                    other => {
-                        out.push(ESCAPE);
-                        out.push(other);
-                    }
+                    other => out.extend([ESCAPE, other]),
                 }
             } else if b == ESCAPE {
                 escape = true;
@@ -1555,13 +1553,17 @@ fn relay_stdin(
                 out.push(b);
             }
         }
-        while !ready.load(Ordering::SeqCst) {
+        while !ready.load(Ordering::SeqCst) && !quitting {
             if quit.load(Ordering::SeqCst) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        if to_guest.write_all(&out).is_err() {
+        if !out.is_empty() && (to_guest.write_all(&out).is_err() || to_guest.flush().is_err()) {
+            return;
+        }
+        if quitting {
+            quit.store(true, Ordering::SeqCst);
             return;
         }
     }
@@ -2233,6 +2235,34 @@ mod tests {
             let out = c.wait_with_output().unwrap();
             assert_eq!(String::from_utf8_lossy(&out.stdout), "etc/hmmgpu-nonce\n");
         }
+    }
+
+    #[test]
+    fn the_shell_escape() {
+        use std::sync::atomic::AtomicBool;
+        let relay = |input: &[u8]| {
+            let (ready, quit) = (
+                Arc::new(AtomicBool::new(true)),
+                Arc::new(AtomicBool::new(false)),
+            );
+            let mut out = Vec::new();
+            relay_stdin(input, &mut out, ready, Arc::clone(&quit));
+            (out, quit.load(Ordering::SeqCst))
+        };
+        // Ctrl-C and everything else go to the guest as typed.
+        assert_eq!(relay(b"echo hi\x03\n"), (b"echo hi\x03\n".to_vec(), false));
+        // Ctrl-A x ends the VM; what came before it still reaches the guest.
+        assert_eq!(relay(b"ls\n\x01xrm -rf /\n"), (b"ls\n".to_vec(), true));
+        assert_eq!(relay(b"\x01X"), (Vec::new(), true));
+        // Ctrl-A Ctrl-A types one Ctrl-A; Ctrl-A other passes both.
+        assert_eq!(relay(b"\x01\x01a\x01b"), (b"\x01a\x01b".to_vec(), false));
+    }
+
+    #[test]
+    fn quiet_echo_keeps_the_command_output_only() {
+        assert!(is_kernel_message("[    1.234567] hmmgpu0: registered"));
+        assert!(!is_kernel_message("[x] not a stamp"));
+        assert!(!is_kernel_message("hello"));
     }
 
     #[test]
