@@ -1007,7 +1007,7 @@ impl Scanner {
                 Some(_) => log(format!("warning: a second status marker: {line}")),
                 None => log(format!("warning: malformed status marker: {line}")),
             }
-        } else if line.contains(MARKER_STATUS) {
+        } else if line.contains(MARKER_STATUS) && !line.contains(RUNNING) {
             log(format!(
                 "note: a status marker without this run's nonce is the guest's own output, not init's: {line}"
             ));
