@@ -351,6 +351,8 @@ pub struct VmOutcome {
     pub stats: Vec<BackendStats>,
     /// The whole console, line by line.
     pub console: Vec<String>,
+    /// When each console line arrived, after QEMU's launch (host clock).
+    pub console_times: Vec<Duration>,
     /// Every splat seen: console, QEMU's and the backends' stderr.
     #[allow(dead_code)]
     pub splats: Vec<Splat>,
@@ -1279,6 +1281,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
         timings,
         stats,
         console,
+        console_times,
         splats: evidence.all_splats(),
         guest_counters: counters,
         vram: ended.vram,

@@ -136,6 +136,7 @@ mod tests {
             console: vec![
                 "[   9.1] hmmgpu0: removed; 1024 pages evicted to system memory, 1048556 of 1048576 KiB VRAM free, 20 KiB retired".into(),
             ],
+            console_times: Vec::new(),
             splats: Vec::new(),
             guest_counters: Vec::new(),
             vram: VramFiles { paths: Vec::new() },

@@ -173,6 +173,7 @@ mod tests {
                 })
                 .collect(),
             console: console.iter().map(|s| s.to_string()).collect(),
+            console_times: Vec::new(),
             splats: Vec::new(),
             guest_counters: counters,
             vram: VramFiles { paths: Vec::new() },

@@ -37,6 +37,8 @@ pub struct Case {
     /// Whether the test's expected list accepts this outcome (a listed
     /// failure is not a failure of the run).
     pub expected: bool,
+    /// From the previous result line to this one, on the host clock.
+    pub time: Option<Duration>,
 }
 
 /// One step or VM test of a `cargo xtask test` run.
@@ -142,9 +144,13 @@ pub fn junit(results: &[TestResult]) -> String {
         for c in &r.cases {
             let _ = write!(
                 x,
-                r#"    <testcase classname="hmmgpu.{}" name="{}""#,
+                r#"    <testcase classname="hmmgpu.{}" name="{}"{}"#,
                 xml_escape(&r.name),
-                xml_escape(&c.name)
+                xml_escape(&c.name),
+                c.time.map_or(String::new(), |t| format!(
+                    r#" time="{:.3}""#,
+                    t.as_secs_f64()
+                ))
             );
             match (c.outcome, c.expected) {
                 (CaseOutcome::Pass, _) | (CaseOutcome::Fail, true) => {
@@ -187,6 +193,7 @@ pub fn json(results: &[TestResult], meta: serde_json::Value) -> serde_json::Valu
                 "name": c.name,
                 "result": c.outcome.as_str(),
                 "expected": c.expected,
+                "seconds": c.time.map(|t| (t.as_secs_f64() * 1000.0).round() / 1000.0),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
@@ -284,11 +291,13 @@ fn sample() -> Vec<TestResult> {
                     name: "hmm.hmm_device_private.open_close".into(),
                     outcome: CaseOutcome::Pass,
                     expected: true,
+                    time: Some(Duration::from_millis(250)),
                 },
                 Case {
                     name: "hmm.hmm_device_coherent.exclusive".into(),
                     outcome: CaseOutcome::Skip,
                     expected: true,
+                    time: None,
                 },
             ],
             ..Default::default()
@@ -381,7 +390,7 @@ mod tests {
         assert!(x.contains("target/xtask/runs/t/demo/1"));
         assert!(!x.contains('\u{1b}'), "control characters are not XML");
         assert!(x.contains(
-            r#"classname="hmmgpu.hmm-tests" name="hmm.hmm_device_private.open_close"/>"#
+            r#"classname="hmmgpu.hmm-tests" name="hmm.hmm_device_private.open_close" time="0.250"/>"#
         ));
         // Well-formed enough for a strict parser: python's, if there is one.
         if let Ok(mut c) = std::process::Command::new("python3")

@@ -12,7 +12,7 @@
 use super::{argv, expect_status, Boot, Ctx};
 use crate::build;
 use crate::cli::{Arch, Flavour};
-use crate::vm::Accel;
+use crate::vm::{Accel, VmOutcome};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -316,14 +316,30 @@ fn verdict_message(v: &Verdict, exp: &Expected) -> String {
     m.join("\n")
 }
 
-/// hmmgpu's cases as the report's own testcases (JUnit, JSON, KTAP).
-fn record_cases(ctx: &Ctx, t: &Tally, exp: &Expected) {
+/// hmmgpu's cases as the report's own testcases (JUnit, JSON, KTAP), each
+/// timed on the host clock from the previous result line (or the run's
+/// begin marker) to its own.
+fn record_cases(ctx: &Ctx, out: &VmOutcome, name: &str, t: &Tally, exp: &Expected) {
+    let begin = format!("HMMGPU-SELFTEST-BEGIN {name}");
+    let mut times = BTreeMap::new();
+    if let Some(start) = out.console.iter().position(|l| l.trim() == begin) {
+        let mut prev = out.console_times.get(start).copied();
+        for (i, l) in out.console.iter().enumerate().skip(start + 1) {
+            if let Some((case, _)) = tap_case(l.trim()) {
+                let at = out.console_times.get(i).copied();
+                if let (Some(a), Some(p)) = (at, prev) {
+                    times.insert(case, a.saturating_sub(p));
+                }
+                prev = at;
+            }
+        }
+    }
     ctx.cases
         .borrow_mut()
-        .extend(t.cases.iter().map(|(name, o)| {
-            let listed = exp.cases.get(name).map(|(l, _)| *l);
+        .extend(t.cases.iter().map(|(case, o)| {
+            let listed = exp.cases.get(case).map(|(l, _)| *l);
             super::Case {
-                name: name.clone(),
+                name: case.clone(),
                 outcome: match o {
                     Outcome::Pass => super::report::CaseOutcome::Pass,
                     Outcome::Fail => super::report::CaseOutcome::Fail,
@@ -333,6 +349,7 @@ fn record_cases(ctx: &Ctx, t: &Tally, exp: &Expected) {
                     Outcome::Pass => listed.is_none(),
                     _ => listed == Some(*o),
                 },
+                time: times.get(case).copied(),
             }
         }));
 }
@@ -474,7 +491,7 @@ pub(super) fn t_hmm_tests(ctx: &mut Ctx) -> Result<()> {
     let base = parse(&out.console, "test_hmm");
     let ours = parse(&out.console, "hmmgpu");
     if let Ok(o) = &ours {
-        record_cases(ctx, o, &exp);
+        record_cases(ctx, &out, "hmmgpu", o, &exp);
     }
     if let (Ok(b), Ok(o)) = (&base, &ours) {
         print_tallies(
@@ -514,7 +531,7 @@ pub(super) fn t_hmm_tests_debug(ctx: &mut Ctx) -> Result<()> {
     )?;
     let ours = parse(&out.console, "hmmgpu");
     if let Ok(o) = &ours {
-        record_cases(ctx, o, &exp);
+        record_cases(ctx, &out, "hmmgpu", o, &exp);
     }
     if let Ok(o) = &ours {
         print_tallies(
@@ -546,7 +563,7 @@ pub(super) fn t_hmm_tests_ppc64le(ctx: &mut Ctx) -> Result<()> {
     )?;
     let ours = parse(&out.console, "hmmgpu");
     if let Ok(o) = &ours {
-        record_cases(ctx, o, &exp);
+        record_cases(ctx, &out, "hmmgpu", o, &exp);
     }
     if let Ok(o) = &ours {
         print_tallies(
