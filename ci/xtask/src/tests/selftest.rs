@@ -17,7 +17,7 @@
 use super::{argv, expect_status, Boot, Ctx};
 use crate::build;
 use crate::cli::{Arch, Flavour};
-use crate::vm::Accel;
+use crate::vm::{Accel, VmOutcome};
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -428,17 +428,65 @@ fn verdict_message(v: &Verdict, exp: &Expected) -> String {
     m.join("\n")
 }
 
+/// hmmgpu's cases as the report's own testcases (JUnit, JSON, KTAP), each
+/// timed on the host clock from the previous result line (or the run's
+/// begin marker) to its own.
+fn record_cases(ctx: &Ctx, out: &VmOutcome, name: &str, t: &Tally, exp: &Expected) {
+    let begin = format!("HMMGPU-SELFTEST-BEGIN {name}");
+    let mut times = BTreeMap::new();
+    if let Some(start) = out.console.iter().position(|l| l.trim() == begin) {
+        let mut prev = out.console_times.get(start).copied();
+        for (i, l) in out.console.iter().enumerate().skip(start + 1) {
+            if let Some((case, _)) = tap_case(l.trim()) {
+                let at = out.console_times.get(i).copied();
+                if let (Some(a), Some(p)) = (at, prev) {
+                    times.insert(case, a.saturating_sub(p));
+                }
+                prev = at;
+            }
+        }
+    }
+    ctx.cases
+        .borrow_mut()
+        .extend(t.cases.iter().map(|(case, o)| {
+            let listed = exp.cases.get(case).map(|(l, _)| *l);
+            super::Case {
+                name: case.clone(),
+                outcome: match o {
+                    Outcome::Pass => super::report::CaseOutcome::Pass,
+                    Outcome::Fail => super::report::CaseOutcome::Fail,
+                    Outcome::Skip => super::report::CaseOutcome::Skip,
+                },
+                expected: match o {
+                    Outcome::Pass => listed.is_none(),
+                    _ => listed == Some(*o),
+                },
+                time: times.get(case).copied(),
+            }
+        }));
+}
+
+/// Both checks' failures, so a run that both recovered and failed cases
+/// says so (the first alone would hide the other).
+pub(super) fn both(a: Result<()>, b: Result<()>) -> Result<()> {
+    match (a, b) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Err(a), Err(b)) => bail!("{a:#}\n{b:#}"),
+    }
+}
+
 fn check_hmmgpu(t: &Tally, exp: &Expected, tree: &BTreeSet<String>) -> Result<()> {
     let v = judge(t, exp, tree);
     if !v.not_in_tree.is_empty() {
-        println!(
+        say!(
             "note: {} case(s) of {EXPECTED_FILE} are not in this kernel's hmm-tests, not judged here: {}",
             v.not_in_tree.len(),
             v.not_in_tree.join(", ")
         );
     }
     if v.ok() {
-        println!(
+        say!(
             "hmmgpu matches {EXPECTED_FILE} on all {} cases of this kernel's hmm-tests ({} listed as known not to pass)",
             tree.len(),
             exp.cases.len() - v.not_in_tree.len()
@@ -451,12 +499,12 @@ fn check_hmmgpu(t: &Tally, exp: &Expected, tree: &BTreeSet<String>) -> Result<()
 
 /// The side-by-side tallies of the runs, then the cases whose outcome differs.
 fn print_tallies(title: &str, runs: &[(&str, &Tally)], exp: &Expected) {
-    println!("{title}");
-    print!("  {:<12}", "");
+    say!("{title}");
+    say_part!("  {:<12}", "");
     for (name, _) in runs {
-        print!(" {name:>12}");
+        say_part!(" {name:>12}");
     }
-    println!();
+    say!("");
     type Field = fn(&Totals) -> u32;
     let fields: [(&str, Field); 6] = [
         ("pass", |t| t.pass),
@@ -467,15 +515,15 @@ fn print_tallies(title: &str, runs: &[(&str, &Tally)], exp: &Expected) {
         ("error", |t| t.error),
     ];
     for (label, f) in fields {
-        print!("  {label:<12}");
+        say_part!("  {label:<12}");
         for (_, t) in runs {
             let v = t
                 .totals
                 .as_ref()
                 .map_or("-".to_string(), |tot| f(tot).to_string());
-            print!(" {v:>12}");
+            say_part!(" {v:>12}");
         }
-        println!();
+        say!("");
     }
     type Row = fn(&Tally) -> String;
     let rows: [(&str, Row); 3] = [
@@ -488,15 +536,15 @@ fn print_tallies(title: &str, runs: &[(&str, &Tally)], exp: &Expected) {
         }),
     ];
     for (label, f) in rows {
-        print!("  {label:<12}");
+        say_part!("  {label:<12}");
         for (_, t) in runs {
-            print!(" {:>12}", f(t));
+            say_part!(" {:>12}", f(t));
         }
-        println!();
+        say!("");
     }
     for (name, t) in runs {
         if t.totals.is_none() {
-            println!("  {name}: no '# Totals:' line: hmm-tests did not finish");
+            say!("  {name}: no '# Totals:' line: hmm-tests did not finish");
         }
     }
     // Every case of any run, with its outcome per run and in the list.
@@ -521,14 +569,14 @@ fn print_tallies(title: &str, runs: &[(&str, &Tally)], exp: &Expected) {
         })
         .collect();
     if differing.is_empty() {
-        println!(
+        say!(
             "  every case has the same outcome{}",
             if runs.len() > 1 { " on both" } else { "" }
         );
         return;
     }
     let width = differing.iter().map(|c| c.len()).max().unwrap_or(4).max(4);
-    println!(
+    say!(
         "  {} case(s) whose outcome differs{}:",
         differing.len(),
         if runs.len() == 1 {
@@ -537,17 +585,17 @@ fn print_tallies(title: &str, runs: &[(&str, &Tally)], exp: &Expected) {
             " (or that are listed)"
         }
     );
-    print!("  {:<width$}", "case");
+    say_part!("  {:<width$}", "case");
     for (name, _) in runs {
-        print!(" {name:>12}");
+        say_part!(" {name:>12}");
     }
-    println!(" {:>8}", "listed");
+    say!(" {:>8}", "listed");
     for case in differing {
-        print!("  {case:<width$}");
+        say_part!("  {case:<width$}");
         for (_, t) in runs {
-            print!(" {:>12}", show(t.cases.get(case)));
+            say_part!(" {:>12}", show(t.cases.get(case)));
         }
-        println!(" {:>8}", show(exp.cases.get(case).map(|(o, _)| o)));
+        say!(" {:>8}", show(exp.cases.get(case).map(|(o, _)| o)));
     }
 }
 
@@ -560,19 +608,25 @@ fn accel_name(a: Accel) -> &'static str {
 }
 
 /// Parses hmmgpu's run of the tree's hmm-tests (the hmm-tests among
-/// `programs`) from `console`, prints its tally under `title`, and passes
-/// only if every case of that hmm-tests passed, none skipped: no
+/// `programs`) from `out`, records and prints its tally under `title`, and
+/// passes only if every case of that hmm-tests passed, none skipped: no
 /// known-failures list applies (own-kernel).
-pub(super) fn check_all_pass(console: &[String], title: &str, programs: &[PathBuf]) -> Result<()> {
+pub(super) fn check_all_pass(
+    ctx: &Ctx,
+    out: &VmOutcome,
+    title: &str,
+    programs: &[PathBuf],
+) -> Result<()> {
     let tree = tree_cases(programs)?;
-    let ours = parse(console, "hmmgpu")?;
+    let ours = parse(&out.console, "hmmgpu")?;
     let none = Expected::default();
+    record_cases(ctx, out, "hmmgpu", &ours, &none);
     print_tallies(title, &[("hmmgpu", &ours)], &none);
     let v = judge(&ours, &none, &tree);
     if !v.ok() {
         bail!("{}", verdict_message(&v, &none));
     }
-    println!(
+    say!(
         "hmmgpu passes all {} cases of this kernel's hmm-tests, 0 skipped",
         tree.len()
     );
@@ -593,6 +647,9 @@ pub(super) fn t_hmm_tests(ctx: &mut Ctx) -> Result<()> {
     // worth seeing.
     let base = parse(&out.console, "test_hmm");
     let ours = parse(&out.console, "hmmgpu");
+    if let Ok(o) = &ours {
+        record_cases(ctx, &out, "hmmgpu", o, &exp);
+    }
     if let (Ok(b), Ok(o)) = (&base, &ours) {
         print_tallies(
             &format!(
@@ -604,13 +661,14 @@ pub(super) fn t_hmm_tests(ctx: &mut Ctx) -> Result<()> {
             &exp,
         );
         if b.totals.as_ref().is_some_and(|t| t.fail > 0) {
-            println!("note: the kernel's own test_hmm.ko failed cases too (the kernel or the setup, not hmmgpu?)");
+            say!("note: the kernel's own test_hmm.ko failed cases too (the kernel or the setup, not hmmgpu?)");
         }
     }
     // A kernel WARNING/BUG/lockdep/KASAN report fails the boot (status 120).
-    expect_status(&out, 0)?;
-    let _ = base?;
-    check_hmmgpu(&ours?, &exp, &tree)
+    both(
+        expect_status(&out, 0),
+        base.and(ours).and_then(|o| check_hmmgpu(&o, &exp, &tree)),
+    )
 }
 
 pub(super) fn t_hmm_tests_debug(ctx: &mut Ctx) -> Result<()> {
@@ -632,6 +690,9 @@ pub(super) fn t_hmm_tests_debug(ctx: &mut Ctx) -> Result<()> {
     )?;
     let ours = parse(&out.console, "hmmgpu");
     if let Ok(o) = &ours {
+        record_cases(ctx, &out, "hmmgpu", o, &exp);
+    }
+    if let Ok(o) = &ours {
         print_tallies(
             &format!(
                 "hmm-tests on the debug kernel ({}, 1 vCPU, 2 GPUs):",
@@ -642,8 +703,10 @@ pub(super) fn t_hmm_tests_debug(ctx: &mut Ctx) -> Result<()> {
         );
     }
     // A lockdep, KASAN or DEBUG_VM report fails the boot itself (status 120).
-    expect_status(&out, 0)?;
-    check_hmmgpu(&ours?, &exp, &tree)
+    both(
+        expect_status(&out, 0),
+        ours.and_then(|o| check_hmmgpu(&o, &exp, &tree)),
+    )
 }
 
 pub(super) fn t_hmm_tests_ppc64le(ctx: &mut Ctx) -> Result<()> {
@@ -662,6 +725,9 @@ pub(super) fn t_hmm_tests_ppc64le(ctx: &mut Ctx) -> Result<()> {
     )?;
     let ours = parse(&out.console, "hmmgpu");
     if let Ok(o) = &ours {
+        record_cases(ctx, &out, "hmmgpu", o, &exp);
+    }
+    if let Ok(o) = &ours {
         print_tallies(
             &format!(
                 "hmm-tests in a ppc64le pseries guest ({}, {} vCPUs, 2 GPUs):",
@@ -672,8 +738,10 @@ pub(super) fn t_hmm_tests_ppc64le(ctx: &mut Ctx) -> Result<()> {
             &exp,
         );
     }
-    expect_status(&out, 0)?;
-    check_hmmgpu(&ours?, &exp, &tree)
+    both(
+        expect_status(&out, 0),
+        ours.and_then(|o| check_hmmgpu(&o, &exp, &tree)),
+    )
 }
 
 #[cfg(test)]
