@@ -199,27 +199,76 @@ bool pattern_ok(const void *buf, size_t size, uint64_t seed, const char *what)
 	return bad == 0;
 }
 
-int touch_in_child(const volatile uint8_t *p)
+/* The child of touch_page(): reads every word of the page, checks them, exits. */
+static void __attribute__((noreturn)) touch_child(const volatile uint64_t *page, const uint64_t *want,
+						  bool ones_ok, const char *what)
+{
+	size_t i, bad = 0, ones = 0;
+
+	for (i = 0; i < PAGE_SZ / 8; i++) {
+		uint64_t got = page[i];
+
+		if (ones_ok && got == UINT64_MAX) {
+			ones++;
+		} else if (want && got != want[i]) {
+			if (bad < 3)
+				printf(TAG "child: %s: word %zu is 0x%016" PRIx64 ", want 0x%016" PRIx64 "%s\n",
+				       what, i, got, want[i], ones_ok ? " or all-ones" : "");
+			bad++;
+		}
+	}
+	if (bad)
+		printf(TAG "child: %s: read %zu wrong word(s) of %lu\n", what, bad, PAGE_SZ / 8);
+	else
+		printf(TAG "child: %s: read the page%s\n", what,
+		       ones == PAGE_SZ / 8 ? " (all-ones)" : ones ? " (some words all-ones)" : "");
+	fflush(stdout);
+	_exit(bad ? 2 : 0);
+}
+
+enum touch touch_page(const void *page, const void *want, bool ones_ok, const char *what)
 {
 	int status;
 	pid_t pid = fork();
 
 	if (pid < 0) {
 		fail("fork: %s", strerror(errno));
-		return -1;
+		return TOUCH_ERROR;
 	}
-	if (pid == 0) {
-		uint8_t v = *p;
-
-		printf(TAG "child: read 0x%02x\n", v);
-		fflush(stdout);
-		_exit(0);
-	}
+	if (pid == 0)
+		touch_child(page, want, ones_ok, what);
 	if (waitpid(pid, &status, 0) != pid) {
 		fail("waitpid: %s", strerror(errno));
-		return -1;
+		return TOUCH_ERROR;
 	}
-	return WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+	if (WIFSIGNALED(status) && WTERMSIG(status) == SIGBUS) {
+		say("  a child touching %s died of SIGBUS", what);
+		return TOUCH_SIGBUS;
+	}
+	if (WIFEXITED(status) && WEXITSTATUS(status) <= 2)
+		return WEXITSTATUS(status) ? TOUCH_WRONG_DATA : TOUCH_READ;
+	if (WIFSIGNALED(status))
+		say("  a child touching %s was killed by signal %d (%s)", what, WTERMSIG(status),
+		    strsignal(WTERMSIG(status)));
+	else
+		say("  a child touching %s exited with status %d", what, WEXITSTATUS(status));
+	return TOUCH_ERROR;
+}
+
+enum touch poll_for_sigbus(const void *page, const void *want, bool ones_ok, const char *what)
+{
+	double t0 = now_ms();
+	enum touch t;
+	int reads = 0;
+
+	while ((t = touch_page(page, want, ones_ok, what)) == TOUCH_READ && now_ms() - t0 < 20000) {
+		reads++;
+		usleep(100 * 1000);
+	}
+	say("  %d child(ren) read %s before: %s after %.0f ms", reads, what,
+	    t == TOUCH_SIGBUS ? "SIGBUS" : t == TOUCH_READ ? "no SIGBUS" :
+	    t == TOUCH_WRONG_DATA ? "wrong data" : "an error", now_ms() - t0);
+	return t;
 }
 
 uint64_t pagemap_entry(const void *va)

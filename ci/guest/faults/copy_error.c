@@ -18,15 +18,40 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <inttypes.h>
-#include <signal.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "faults.h"
+
+/*
+ * AnonHugePages (kB) of the mapping that holds addr, from /proc/self/smaps:
+ * how much of it the kernel backs with THPs; -1 if it is not found.
+ */
+static long anon_huge_kib_at(const void *addr)
+{
+	FILE *f = fopen("/proc/self/smaps", "r");
+	char line[512];
+	bool in = false;
+	long kib = -1;
+
+	if (!f) {
+		fail("open /proc/self/smaps: %s", strerror(errno));
+		return -1;
+	}
+	while (fgets(line, sizeof(line), f)) {
+		unsigned long lo, hi;
+		long v;
+
+		/* A mapping's first line: "lo-hi perms offset dev inode [path]". */
+		if (sscanf(line, "%lx-%lx ", &lo, &hi) == 2)
+			in = (uintptr_t)addr >= lo && (uintptr_t)addr < hi;
+		else if (in && sscanf(line, "AnonHugePages: %ld kB", &v) == 1)
+			kib = v;
+	}
+	fclose(f);
+	return kib;
+}
 
 static int run_copy_error(int argc, char **argv)
 {
@@ -36,8 +61,7 @@ static int run_copy_error(int argc, char **argv)
 	struct hmm_dmirror_cmd cmd;
 	uint64_t errors0;
 	size_t ndev;
-	int fd = open_dev(), e, status;
-	pid_t pid;
+	int fd = open_dev(), e;
 
 	errors0 = counter("driver_copy_errors");
 
@@ -65,29 +89,12 @@ static int run_copy_error(int argc, char **argv)
 	e = dmirror(fd, HMM_DMIRROR_MIGRATE_TO_DEV, b, out, nb, &cmd);
 	check(!e && cmd.cpages == nb && device_pages(fd, b, nb) == nb, "B is in device memory");
 	inject("{\"kind\":\"copy_error\",\"count\":1}");
-	pid = fork();
-	if (pid < 0) {
-		fail("fork: %s", strerror(errno));
-	} else if (pid == 0) {
-		volatile uint8_t v = b[5 * PAGE_SZ + 7];
-
-		printf(TAG "child: read 0x%02x from a page whose copy should have failed\n", v);
-		fflush(stdout);
-		_exit(0);
-	} else {
-		if (waitpid(pid, &status, 0) != pid)
-			fail("waitpid: %s", strerror(errno));
-		if (WIFSIGNALED(status))
-			say("  child killed by signal %d (%s)", WTERMSIG(status), strsignal(WTERMSIG(status)));
-		else
-			say("  child exited with status %d", WEXITSTATUS(status));
-		check(WIFSIGNALED(status) && WTERMSIG(status) == SIGBUS,
-		      "the child touching the page got SIGBUS");
-		check(counter("driver_copy_errors") == errors0 + 2, "the driver counted a second COPY_ERROR");
-		check(device_pages(fd, b, nb) == nb, "the page stayed in device memory (B all there)");
-		check(pattern_ok(b, nb * PAGE_SZ, 22, "buffer B"), "the parent reads all of B intact");
-		check(pattern_ok(a, na * PAGE_SZ, 11, "buffer A"), "the parent's other data (A) is intact");
-	}
+	check(touch_page(b + 5 * PAGE_SZ, NULL, false, "page 5 of B, whose copy fails") == TOUCH_SIGBUS,
+	      "the child touching the page got SIGBUS");
+	check(counter("driver_copy_errors") == errors0 + 2, "the driver counted a second COPY_ERROR");
+	check(device_pages(fd, b, nb) == nb, "the page stayed in device memory (B all there)");
+	check(pattern_ok(b, nb * PAGE_SZ, 22, "buffer B"), "the parent reads all of B intact");
+	check(pattern_ok(a, na * PAGE_SZ, 11, "buffer A"), "the parent's other data (A) is intact");
 
 	say("[3] HMM_DMIRROR_MIGRATE_TO_SYS whose copy fails (%zu pages)", nc);
 	fill_pattern(c, nc * PAGE_SZ, 33);
@@ -106,23 +113,27 @@ static int run_copy_error(int argc, char **argv)
 
 	say("[4] migration of a THP to VRAM whose copy fails");
 	{
-		const size_t nh = 512, huge = nh * PAGE_SZ;
-		uint8_t *raw = map_buffer(2 * huge, false), *h;
-		uint8_t prot = 0;
+		const size_t nh = HUGE_SZ / PAGE_SZ, huge = HUGE_SZ;
+		uint8_t *h = map_huge(huge);
+		long anon_huge_kib;
+		bool pmd = false;
 
-		h = (uint8_t *)(((uintptr_t)raw + huge - 1) & ~(uintptr_t)(huge - 1));
-		if (madvise(h, huge, MADV_HUGEPAGE))
-			say("  madvise(MADV_HUGEPAGE): %s", strerror(errno));
 		fill_pattern(h, huge, 44);
-		dmirror(fd, HMM_DMIRROR_SNAPSHOT, h, &prot, 1, NULL);
-		say("  page 0 before: snapshot 0x%02x (%s)", prot,
-		    prot & HMM_DMIRROR_PROT_PMD ? "a PMD-mapped THP" : "not a THP");
+		/* Else the case would test 4 KiB copies, as case 1 does. */
+		pages_of_kind(fd, h, nh, HMM_DMIRROR_PROT_NONE, &pmd);
+		anon_huge_kib = anon_huge_kib_at(h);
+		say("  before: SNAPSHOT %s, smaps AnonHugePages %ld kB", pmd ? "one PMD entry" : "4 KiB entries",
+		    anon_huge_kib);
+		check(pmd && anon_huge_kib == (long)(huge >> 10),
+		      "the buffer is a 2 MiB THP (PMD-mapped in SNAPSHOT, AnonHugePages in smaps)");
 		inject("{\"kind\":\"copy_error\",\"count\":1}");
 		e = dmirror(fd, HMM_DMIRROR_MIGRATE_TO_DEV, h, out, nh, NULL);
 		say("  HMM_DMIRROR_MIGRATE_TO_DEV: %s", e ? strerror(e) : "ok");
 		check(e == EIO, "MIGRATE_TO_DEV reports the copy error with EIO");
 		check(device_pages(fd, h, nh) == 0, "the whole THP stayed in system memory");
 		check(counter("driver_copy_errors") == errors0 + 4, "the driver counted a fourth COPY_ERROR");
+		pages_of_kind(fd, h, nh, HMM_DMIRROR_PROT_NONE, &pmd);
+		say("  after: SNAPSHOT %s", pmd ? "one PMD entry" : "4 KiB entries");
 		check(pattern_ok(h, huge, 44, "THP"), "every byte of the THP is intact");
 		e = dmirror(fd, HMM_DMIRROR_MIGRATE_TO_DEV, h, out, nh, &cmd);
 		check(!e && cmd.cpages == nh && device_pages(fd, h, nh) == nh,

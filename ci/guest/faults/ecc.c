@@ -19,7 +19,6 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <inttypes.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -225,7 +224,9 @@ static int run_ecc(int argc, char **argv)
 	uint8_t *p, *h, *c, *want_p, *want_h, *want_c;
 	struct vram_info v;
 	size_t i, k, contiguous = 0;
-	int fdp, fdc, sig, tries;
+	static uint8_t ones[PAGE_SZ];
+	enum touch t;
+	int fdp, fdc;
 	uint8_t prot = 0;
 	char msg[160];
 
@@ -259,9 +260,8 @@ static int run_ecc(int argc, char **argv)
 	say("  page %zu of P is at VRAM offset %#" PRIx64, k, bad_private[1]);
 	if (!inject_ecc(bad_private[1] + 1234, 5))
 		return 1;
-	sig = touch_in_child(p + k * PAGE_SZ + 100);
-	say("  a child touching page %zu: %s", k, sig ? strsignal(sig) : "no signal");
-	check(sig == SIGBUS, "a child touching the corrupt page dies of SIGBUS");
+	t = touch_page(p + k * PAGE_SZ, want_p + k * PAGE_SZ, false, "page 77 of P");
+	check(t == TOUCH_SIGBUS, "a child touching the corrupt page dies of SIGBUS");
 	check(pages_intact(p, want_p, n, k, "P"), "the other 511 pages of P read intact");
 	check(counter("driver_retired_pages") == retired0 + 2, "driver_retired_pages counts the page");
 	v = vram_info();
@@ -280,9 +280,8 @@ static int run_ecc(int argc, char **argv)
 	bad_private[2] = offs_h[k];
 	if (!inject_ecc(bad_private[2] + 8, 0))
 		return 1;
-	sig = touch_in_child(h + k * PAGE_SZ + 5);
-	say("  a child touching subpage %zu: %s", k, sig ? strsignal(sig) : "no signal");
-	check(sig == SIGBUS, "a child touching the corrupt subpage dies of SIGBUS");
+	t = touch_page(h + k * PAGE_SZ, want_h + k * PAGE_SZ, false, "subpage 300 of H");
+	check(t == TOUCH_SIGBUS, "a child touching the corrupt subpage dies of SIGBUS");
 	check(pages_intact(h, want_h, n, k, "H"), "the other 511 subpages of H read intact");
 	check(counter("driver_retired_pages") == retired0 + 3, "driver_retired_pages counts the page");
 
@@ -291,17 +290,19 @@ static int run_ecc(int argc, char **argv)
 	k = 200;
 	bad_coherent[0] = offs_c[k];
 	say("  page %zu of C is at VRAM offset %#" PRIx64, k, bad_coherent[0]);
+	/* A device-coherent page is read in place: the check of what the children read below. */
+	check(touch_page(c + k * PAGE_SZ, want_c + k * PAGE_SZ, false, "page 200 of C") == TOUCH_READ,
+	      "before the ECC error a child reads the page's data");
 	if (!inject_ecc(bad_coherent[0] + 4000, 7))
 		return 1;
-	/* The poisoning of its stand-in page is queued: poll, as for mce. */
-	for (tries = 0; tries < 200; tries++) {
-		sig = touch_in_child(c + k * PAGE_SZ + 9);
-		if (sig == SIGBUS)
-			break;
-		usleep(100 * 1000);
-	}
-	say("  a child touching page %zu: %s after %d tries", k, sig ? strsignal(sig) : "no signal", tries + 1);
-	check(sig == SIGBUS, "a child touching the corrupt page dies of SIGBUS");
+	/*
+	 * The driver has moved the page's owners onto an all-ones stand-in page
+	 * (never the corrupt data) and queued its poisoning: poll, as for mce.
+	 */
+	memset(ones, 0xff, PAGE_SZ);
+	t = poll_for_sigbus(c + k * PAGE_SZ, ones, false, "page 200 of C");
+	check(t != TOUCH_WRONG_DATA, "children that read the page before its SIGBUS read the all-ones stand-in");
+	check(t == TOUCH_SIGBUS, "a child touching the corrupt page dies of SIGBUS");
 	check(pages_intact(c, want_c, n, k, "C"), "the other 511 pages of C read intact");
 	check(counter("driver_retired_pages") == retired0 + 4, "driver_retired_pages counts the page");
 

@@ -79,8 +79,28 @@ void print_counters(void);
 /* common.c: memory */
 /* Touches every byte; returns whether all match the pattern of seed. */
 bool pattern_ok(const void *buf, size_t size, uint64_t seed, const char *what);
-/* Forks a child that reads one byte of p; returns the signal that killed it (0: none). */
-int touch_in_child(const volatile uint8_t *p);
+/* What a forked child saw when it read a page (touch_page). */
+enum touch {
+	TOUCH_SIGBUS,		/* it died of SIGBUS */
+	TOUCH_READ,		/* it read the page, every word as expected */
+	TOUCH_WRONG_DATA,	/* it read the page, and a word was not as expected */
+	TOUCH_ERROR,		/* another signal or exit, or fork failed (reported) */
+};
+
+/*
+ * Forks a child that reads every word of the 4 KiB page at `page`: each
+ * must be the word of `want` (the page's data; NULL: any) or, with
+ * ones_ok, all-ones (the stand-in page the driver maps in place of a
+ * poisoned device-coherent page until the poisoning takes effect). Word by
+ * word, since the page may be replaced while the child reads it.
+ */
+enum touch touch_page(const void *page, const void *want, bool ones_ok, const char *what);
+/*
+ * touch_page() every 100 ms, for up to 20 s, until a child does not read
+ * the page as expected (the kernel poisons pages asynchronously, so SIGBUS
+ * may take a while): returns how the last child ended.
+ */
+enum touch poll_for_sigbus(const void *page, const void *want, bool ones_ok, const char *what);
 
 /* /proc/self/pagemap's fields (Documentation/admin-guide/mm/pagemap.rst). */
 #define PM_PRESENT (1ULL << 63)

@@ -16,8 +16,6 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <inttypes.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,7 +39,7 @@ static int run_loss_how(const char *how)
 	bool link = !strcmp(how, "link");
 	uint8_t *p = map_buffer(size, false), *c = map_buffer(size, false), *s = map_buffer(size, false);
 	uint8_t *out = map_buffer(size, false);
-	int fdp, fdc, e, sig, status;
+	int fdp, fdc, e, status;
 	bool lost_ok = true;
 	size_t i;
 	struct hmm_dmirror_cmd cmd;
@@ -73,8 +71,8 @@ static int run_loss_how(const char *how)
 	t1 = now_ms();
 	check(e == ENODEV && t1 - t0 < 1000, "the next one (the coherent device) fails with ENODEV at once");
 
-	sig = touch_in_child(p + 3 * PAGE_SZ + 5);
-	check(sig == SIGBUS, "a child touching P (its only copy in VRAM) dies of SIGBUS");
+	check(touch_page(p + 3 * PAGE_SZ, NULL, false, "page 3 of P") == TOUCH_SIGBUS,
+	      "a child touching P (its only copy in VRAM) dies of SIGBUS");
 	if (link)
 		check(all_ones(c, size), "C reads all-ones through the failed link");
 	else
@@ -88,9 +86,13 @@ static int run_loss_how(const char *how)
 	check(status == 0, "rmmod hmmgpu succeeds");
 
 	for (i = 0; i < n; i += 73) {
-		if (touch_in_child(p + i * PAGE_SZ + 7) != SIGBUS)
+		char what[32];
+
+		snprintf(what, sizeof(what), "page %zu of P", i);
+		if (touch_page(p + i * PAGE_SZ, NULL, false, what) != TOUCH_SIGBUS)
 			lost_ok = false;
-		if (link && touch_in_child(c + i * PAGE_SZ + 7) != SIGBUS)
+		snprintf(what, sizeof(what), "page %zu of C", i);
+		if (link && touch_page(c + i * PAGE_SZ, NULL, false, what) != TOUCH_SIGBUS)
 			lost_ok = false;
 	}
 	check(lost_ok, link ? "after rmmod, children touching 8 pages of P and of C each die of SIGBUS (poisoned)"
