@@ -17,13 +17,15 @@
  *   unplug [--vram-seed N]      entry 8, unplug.c
  *   loss kill                   entry 9, loss.c
  *   mce                         entry 10, mce.c
+ *   responsive --seed N [--no-device]
+ *                               after a workload: the guest still works,
+ *                               responsive.c
  *
  * The pattern is ci/guest/pattern.h's (xorshift64). Exit status: 0 all
  * checks passed, 1 a check failed, 2 usage error, 3 the injection handshake
  * with the host failed.
  */
 #define _GNU_SOURCE
-#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,7 +34,7 @@
 
 static const struct fault_mode *const modes[] = {
 	&mode_copy_error, &mode_data, &mode_storm, &mode_loss, &mode_mce,
-	&mode_irq, &mode_reset, &mode_ecc, &mode_unplug,
+	&mode_irq, &mode_reset, &mode_ecc, &mode_unplug, &mode_responsive,
 };
 
 #define NMODES (sizeof(modes) / sizeof(modes[0]))

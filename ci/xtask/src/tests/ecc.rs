@@ -11,7 +11,7 @@
 //! responsive afterwards.
 
 use super::faults::{
-    expect_responsive, faults_boot, guest_counter, inject_hook, injected, THEN_RESPONSIVE,
+    expect_responsive, faults_boot, guest_counter, inject_hook, injected, then_responsive,
 };
 use super::{expect_status, Ctx};
 use crate::build::log;
@@ -75,7 +75,12 @@ fn removal_accounting(out: &VmOutcome) -> Result<(u64, u64, u64)> {
 
 pub(super) fn t_ecc(ctx: &mut Ctx) -> Result<()> {
     // The removal line is pr_info, below the console's log level: dmesg.
-    let script = format!("hmmgpu-faults ecc && dmesg | grep 'hmmgpu0: removed;'{THEN_RESPONSIVE}");
+    // The workload removed the driver: the round after it is the CPU's.
+    let seed = super::vram_seed()?;
+    let script = format!(
+        "hmmgpu-faults ecc && dmesg | grep 'hmmgpu0: removed;'{}",
+        then_responsive(seed, None)
+    );
     let out = ctx.boot_extra(
         faults_boot("fault-ecc", &["sh", "-c", &script]),
         vm::VmExtra {
@@ -85,7 +90,7 @@ pub(super) fn t_ecc(ctx: &mut Ctx) -> Result<()> {
         },
     )?;
     expect_status(&out, 0)?;
-    expect_responsive(&out)?;
+    expect_responsive(&out, seed)?;
     let flips = injected(&out, "ecc_flips")?;
     let posted = injected(&out, "events_posted")?;
     let dropped = injected(&out, "events_dropped")?;
