@@ -1,5 +1,5 @@
 //! The VRAM ECC error VM test (catalogue entry 3, docs/fault-injection.md
-//! "`ecc`"). The guest side is `hmmgpu-faults ecc` (ci/guest/hmmgpu-faults.c):
+//! "`ecc`"). The guest side is `hmmgpu-faults ecc` (ci/guest/faults/ecc.c):
 //! it asks for an ECC error (through the console, see tests/faults.rs) in a
 //! free VRAM page, in a device-private page in use, in a device-private THP,
 //! in a device-coherent page in use and in the driver's link canary, and

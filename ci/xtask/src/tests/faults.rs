@@ -1,8 +1,9 @@
 //! Fault-injection VM tests (docs/fault-injection.md, "Expected outcomes in
 //! the guest"): each injects faults of the backend's catalogue while the
-//! guest program `hmmgpu-faults` (ci/guest/hmmgpu-faults.c) runs a workload
-//! with checksummed data, and checks the documented outcome. Any kernel
-//! error on the console (oops, WARNING, lockdep, KASAN) fails the boot.
+//! guest program `hmmgpu-faults` (ci/guest/faults/, a file per catalogue
+//! entry) runs a workload with checksummed data, and checks the documented
+//! outcome. Any kernel error on the console (oops, WARNING, lockdep, KASAN)
+//! fails the boot.
 //!
 //! Faults are armed either by a fault plan at backend start (`--fault-plan`,
 //! deterministic) or at a precise point of the guest program: it prints

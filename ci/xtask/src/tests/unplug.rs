@@ -1,5 +1,5 @@
 //! VM test of an orderly hot-unplug (docs/fault-injection.md, catalogue
-//! entry 8): `hmmgpu-faults unplug` (ci/guest/hmmgpu-faults.c) puts data in
+//! entry 8): `hmmgpu-faults unplug` (ci/guest/faults/unplug.c) puts data in
 //! both kinds of VRAM, asks for `unplug` (QMP device_del, src/hostfault.rs)
 //! through the console, checks in the guest that everything was evicted to
 //! system RAM and is intact in the process and a forked child, asks for
