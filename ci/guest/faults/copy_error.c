@@ -89,7 +89,7 @@ static int run_copy_error(int argc, char **argv)
 	e = dmirror(fd, HMM_DMIRROR_MIGRATE_TO_DEV, b, out, nb, &cmd);
 	check(!e && cmd.cpages == nb && device_pages(fd, b, nb) == nb, "B is in device memory");
 	inject("{\"kind\":\"copy_error\",\"count\":1}");
-	check(touch_page(b + 5 * PAGE_SZ, NULL, false, "page 5 of B, whose copy fails") == TOUCH_SIGBUS,
+	check(touch_page(b + 5 * PAGE_SZ, NULL, false, "page 5 of B (its copy fails)") == TOUCH_SIGBUS,
 	      "the child touching the page got SIGBUS");
 	check(counter("driver_copy_errors") == errors0 + 2, "the driver counted a second COPY_ERROR");
 	check(device_pages(fd, b, nb) == nb, "the page stayed in device memory (B all there)");
