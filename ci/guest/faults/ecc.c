@@ -290,7 +290,11 @@ static int run_ecc(int argc, char **argv)
 	k = 200;
 	bad_coherent[0] = offs_c[k];
 	say("  page %zu of C is at VRAM offset %#" PRIx64, k, bad_coherent[0]);
-	/* A device-coherent page is read in place: the check of what the children read below. */
+	/*
+	 * The CPU reads device-coherent pages in place: a child reads this one
+	 * before the fault, so the check of what children read after it is
+	 * seen to pass on the right data (and fail on a wrong read).
+	 */
 	check(touch_page(c + k * PAGE_SZ, want_c + k * PAGE_SZ, false, "page 200 of C") == TOUCH_READ,
 	      "before the ECC error a child reads the page's data");
 	if (!inject_ecc(bad_coherent[0] + 4000, 7))

@@ -44,7 +44,11 @@ static int run_mce(int argc, char **argv)
 	if (!pa)
 		return 1;
 	snprintf(fault, sizeof(fault), "{\"kind\":\"mce\",\"addr\":%" PRIu64 "}", pa);
-	/* A device-coherent page is read in place: the check of what the children read below. */
+	/*
+	 * The CPU reads device-coherent pages in place: a child reads this one
+	 * before the fault, so the check of what children read after it is
+	 * seen to pass on the right data (and fail on a wrong read).
+	 */
 	check(touch_page(c + bad * PAGE_SZ, want + bad * PAGE_SZ, false, "page 5 of C") == TOUCH_READ,
 	      "before the machine check a child reads the page's data");
 	inject(fault);
