@@ -7,7 +7,7 @@
 use crate::abi::{Event, PAGE_SIZE};
 use crate::gpu::Gpu;
 use crate::migrate::{self, CorruptFolio};
-use crate::shim;
+use crate::pages::{self, PageRef};
 use crate::vram::{MemKind, Retirement, Vram};
 use core::sync::atomic::Ordering;
 use kernel::prelude::*;
@@ -100,16 +100,12 @@ enum DataOnPage {
 impl Gpu {
     /// An ECC event (interrupt context): queued for the ECC work. O(1), no
     /// allocation.
-    pub(crate) fn on_ecc_event(&self, event: &Event) {
+    pub(crate) fn on_ecc_event(gpu: ArcBorrow<'_, Gpu>, event: &Event) {
         let error = EccError { offset: event.addr, bit: event.reason };
-        let queued = self.ecc_queue.lock().push(error);
+        let queued = gpu.ecc_queue.lock().push(error);
         if !queued {
-            self.counters.ecc_dropped.fetch_add(1, Ordering::Relaxed);
+            gpu.counters.ecc_dropped.fetch_add(1, Ordering::Relaxed);
         }
-        // SAFETY: a `Gpu` only lives in the `Arc` `Gpu::create` made, so
-        // `self` is its `Arc::as_ptr`; that reference outlives the event
-        // queue (removal resets the device before it drops it).
-        let gpu = unsafe { ArcBorrow::from_raw(self as *const Gpu) };
         // Already queued: that run takes this error too.
         let _ = workqueue::system_long().enqueue(Arc::from(gpu));
     }
@@ -267,10 +263,10 @@ impl Gpu {
                     ),
                 },
                 MemKind::Coherent => {
-                    // memory_failure() calls hmmgpu_rust_memory_failure;
-                    // its result shows in whether the page is still used.
-                    // SAFETY: `pfn` is one of our device-coherent pages.
-                    unsafe { shim::hmmgpu_shim_poison_pfn(pfn as core::ffi::c_ulong) };
+                    // memory_failure() calls our pgmap's handler
+                    // (migrate::memory_failure); its result shows in
+                    // whether the page is still used.
+                    let _ = pages::poison_pfn(pfn);
                     if owner_folio(pfn).is_none() {
                         return DataOnPage::Replaced;
                     }
@@ -289,15 +285,11 @@ impl Gpu {
 fn owner_folio(pfn: u64) -> Option<(u64, usize)> {
     // SAFETY: `pfn` is one of our device pages (its struct page exists for
     // as long as the Gpu does); reading a free page's folio is harmless.
-    unsafe {
-        let page = shim::hmmgpu_shim_pfn_to_page(pfn as core::ffi::c_ulong);
-        let head = shim::hmmgpu_shim_folio_head(page);
-        if shim::hmmgpu_shim_folio_ref_count(head) <= 0 {
-            return None;
-        }
-        let head_pfn = shim::hmmgpu_shim_page_to_pfn(head) as u64;
-        let nr = shim::hmmgpu_shim_folio_nr_pages(head) as usize;
-        // A free page may point at a folio it is no longer part of.
-        (pfn >= head_pfn && pfn - head_pfn < nr as u64).then_some((head_pfn, nr))
+    let head = unsafe { PageRef::from_pfn(pfn) }.folio_head();
+    if head.folio_ref_count() <= 0 {
+        return None;
     }
+    let (head_pfn, nr) = (head.pfn(), head.folio_nr_pages());
+    // A free page may point at a folio it is no longer part of.
+    (pfn >= head_pfn && pfn - head_pfn < nr as u64).then_some((head_pfn, nr))
 }

@@ -5,16 +5,19 @@
 
 use crate::abi::{self, opcode, DeviceConfig, Event, Range, Response};
 use crate::ecc::EccQueue;
+use crate::ffi::SliceWriter;
 use crate::migrate;
+use crate::pages::PageRef;
 use crate::queue::{Command, InFlight, Queues, RangeList, Wait, COMMAND_TIMEOUT_MS};
 use crate::shim;
 use crate::uapi::MirrorDevice;
 use crate::vram::{MemKind, Vram};
-use core::ffi::c_void;
+use kernel::ffi::c_void;
 use core::ptr;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use kernel::bindings;
 use kernel::prelude::*;
-use kernel::sync::{Arc, Mutex, SpinLockIrq};
+use kernel::sync::{Arc, ArcBorrow, Mutex, SpinLockIrq};
 use kernel::workqueue::Work;
 use kernel::{new_mutex, new_spinlock_irq, new_work};
 
@@ -124,7 +127,7 @@ pub(crate) struct Gpu {
     /// word holds [`LINK_CANARY`] while the VRAM BAR works. Null without
     /// device-coherent VRAM (then a failed link goes unnoticed). Replaced
     /// only by the ECC work, which removal stops before it frees the page.
-    canary: AtomicPtr<shim::Page>,
+    canary: AtomicPtr<bindings::page>,
     /// Set once the canary read all-ones: the BAR's link is down, and what
     /// the CPU reads through it is not the VRAM.
     link_down: AtomicBool,
@@ -158,11 +161,6 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 impl Gpu {
-    /// This GPU as the opaque owner/cookie handed to C.
-    pub(crate) fn as_cookie(&self) -> *mut c_void {
-        (self as *const Self).cast_mut().cast()
-    }
-
     /// GPU index (0 for the first one probed).
     pub(crate) fn index(&self) -> u32 {
         self.index
@@ -179,6 +177,18 @@ impl Gpu {
             MemKind::Private => &self.private,
             MemKind::Coherent => &self.coherent,
         }
+    }
+
+    /// The VRAM share whose pgmap owner is `owner` (see [`Vram::owner`]).
+    pub(crate) fn vram_of_owner(&self, owner: *mut c_void) -> Option<&Vram> {
+        [&self.private, &self.coherent].into_iter().find(|v| v.owner() == owner)
+    }
+
+    /// The link canary's page, if there is one.
+    fn canary(&self) -> Option<PageRef> {
+        // SAFETY: the canary is a coherent page we hold (locked and
+        // referenced) until it is replaced or removal frees it.
+        unsafe { PageRef::from_raw(self.canary.load(Ordering::Acquire)) }
     }
 
     /// The VRAM offset of `pfn` if it is one of this GPU's device pages.
@@ -207,12 +217,11 @@ impl Gpu {
         if self.is_link_down() {
             return false;
         }
-        let page = self.canary.load(Ordering::Acquire);
-        if page.is_null() {
+        let Some(page) = self.canary() else {
             return true; // no canary: nothing to tell by
-        }
-        // SAFETY: the canary is a coherent page we hold, in the direct map.
-        let word = unsafe { shim::hmmgpu_shim_page_address(page) }.cast::<u64>();
+        };
+        // A coherent page we hold, in the direct map.
+        let word = page.address().cast::<u64>();
         // SAFETY: as above; volatile: it is device memory that can change.
         if unsafe { ptr::read_volatile(word) } != u64::MAX {
             return true;
@@ -229,20 +238,18 @@ impl Gpu {
     }
 
     /// A fresh device-coherent page with the link canary's mark, locked
-    /// and held until it is freed with `hmmgpu_shim_free_sys_page`.
-    fn new_canary(&self) -> Result<*mut shim::Page> {
+    /// and held until it is freed with [`PageRef::unlock_put`].
+    fn new_canary(&self) -> Result<PageRef> {
         let (page, _) = self.coherent.alloc_page(false)?;
         // SAFETY: a coherent page is in the direct map; ours.
-        let word = unsafe { shim::hmmgpu_shim_page_address(page) }.cast::<u64>();
-        // SAFETY: as above.
-        unsafe { ptr::write_volatile(word, LINK_CANARY) };
+        unsafe { ptr::write_volatile(page.address().cast::<u64>(), LINK_CANARY) };
         Ok(page)
     }
 
     /// Takes a device-coherent page as the link canary and writes its mark.
     fn set_canary(&self) {
         match self.new_canary() {
-            Ok(page) => self.canary.store(page, Ordering::Release),
+            Ok(page) => self.canary.store(page.as_ptr(), Ordering::Release),
             Err(e) => pr_warn!(
                 "hmmgpu{}: no VRAM for the link canary ({:?}): a failed link will not be noticed\n",
                 self.index,
@@ -254,21 +261,15 @@ impl Gpu {
     /// Writes the link canary's mark (at setup, and after a device reset,
     /// which on real hardware would have lost it with the rest of VRAM).
     fn write_canary(&self) {
-        let page = self.canary.load(Ordering::Acquire);
-        if page.is_null() {
-            return;
+        if let Some(page) = self.canary() {
+            // SAFETY: the canary is a coherent page we hold, in the direct map.
+            unsafe { ptr::write_volatile(page.address().cast::<u64>(), LINK_CANARY) };
         }
-        // SAFETY: the canary is a coherent page we hold, in the direct map.
-        let word = unsafe { shim::hmmgpu_shim_page_address(page) }.cast::<u64>();
-        // SAFETY: as above.
-        unsafe { ptr::write_volatile(word, LINK_CANARY) };
     }
 
     /// The pfn of the link canary's page, if there is one.
     pub(crate) fn canary_pfn(&self) -> Option<u64> {
-        let page = self.canary.load(Ordering::Acquire);
-        // SAFETY: the canary page is ours until removal.
-        (!page.is_null()).then(|| unsafe { shim::hmmgpu_shim_page_to_pfn(page) } as u64)
+        self.canary().map(PageRef::pfn)
     }
 
     /// Moves the link canary to a fresh device-coherent page (its page went
@@ -278,11 +279,13 @@ impl Gpu {
     /// reused, so its answer is as good as before.
     pub(crate) fn move_canary(&self) -> Result {
         let page = self.new_canary()?;
-        let old = self.canary.swap(page, Ordering::AcqRel);
-        if !old.is_null() {
-            // SAFETY: the old canary page, locked since its allocation;
-            // this unlocks it and drops the last reference.
-            unsafe { shim::hmmgpu_shim_free_sys_page(old) };
+        let old = self.canary.swap(page.as_ptr(), Ordering::AcqRel);
+        // SAFETY: the old canary page, locked since its allocation and ours
+        // alone now: this unlocks it and drops the last reference.
+        unsafe {
+            if let Some(old) = PageRef::from_raw(old) {
+                old.unlock_put();
+            }
         }
         Ok(())
     }
@@ -481,7 +484,7 @@ impl Gpu {
     /// reset, bus reset) is coming, which on a real GPU loses VRAM. While
     /// the device still works, every page in VRAM is migrated to system
     /// memory (as on removal); then the queues stop.
-    fn reset_prepare(&self) {
+    pub(crate) fn reset_prepare(&self) {
         pr_notice!("hmmgpu{}: device reset requested: evicting VRAM, then stopping\n", self.index);
         if !self.is_lost() && self.link_ok() {
             let evicted = migrate::evict_all(self, &self.private) + migrate::evict_all(self, &self.coherent);
@@ -499,7 +502,7 @@ impl Gpu {
     /// `virtio_driver.reset_done`: the virtio core reset the device and
     /// renegotiated its features; the queues restart and the device is used
     /// again (its VRAM holds nothing of anyone's but the link canary).
-    fn reset_done(&self) -> Result {
+    pub(crate) fn reset_done(&self) -> Result {
         let _serialized = self.reset_lock.lock();
         if self.is_lost() {
             self.queues.set_running(false);
@@ -775,15 +778,24 @@ impl Gpu {
     /// it; it then wakes the waiter, which resolves and replays. Anything
     /// else is counted as spurious and dropped: O(1) work per event, so a
     /// storm of them cannot livelock the driver.
-    fn on_event(&self, event: Event) {
+    pub(crate) fn on_event(gpu: ArcBorrow<'_, Gpu>, bytes: &[u8]) {
+        let Some(event) = Event::from_bytes(bytes) else {
+            pr_warn!("hmmgpu{}: short event ({} bytes)\n", gpu.index, bytes.len());
+            return;
+        };
         if event.kind == abi::event::ECC {
-            self.on_ecc_event(&event);
+            Gpu::on_ecc_event(gpu, &event);
             return;
         }
         if event.kind != abi::event::FAULT {
-            pr_warn!("hmmgpu{}: unknown event kind {}\n", self.index, event.kind);
+            pr_warn!("hmmgpu{}: unknown event kind {}\n", gpu.index, event.kind);
             return;
         }
+        gpu.on_fault_event(event);
+    }
+
+    /// A FAULT event (see [`Gpu::on_event`]).
+    fn on_fault_event(&self, event: Event) {
         self.counters.fault_events.fetch_add(1, Ordering::Relaxed);
         let mut contexts = self.contexts.lock();
         let slot = (event.ctx as usize).checked_sub(1).and_then(|i| contexts.slots.get_mut(i));
@@ -842,7 +854,9 @@ impl Gpu {
         self.run_prepared(self.prepare(opcode, ctx, list)?)
     }
 
-    fn probe(vdev: *mut shim::VirtioDevice) -> Result<Arc<Gpu>> {
+    /// Reads and checks the device's configuration and creates its GPU
+    /// object; [`Gpu::start`] starts it.
+    pub(crate) fn probe(vdev: *mut shim::VirtioDevice) -> Result<Arc<Gpu>> {
         let mut raw = [0u8; DeviceConfig::SIZE];
         // SAFETY: `vdev` is being probed; the buffer is `raw.len()` bytes.
         unsafe {
@@ -894,6 +908,8 @@ impl Gpu {
         let gpu = Self::create(vdev, index, config, bar).inspect_err(|_| release_index(index))?;
         Ok(gpu)
     }
+
+    /// Creates the GPU object and its queues; [`Gpu::start`] starts it.
 
     fn create(
         vdev: *mut shim::VirtioDevice,
@@ -954,66 +970,70 @@ impl Gpu {
                 return Err(e);
             }
         };
-        // SAFETY: the queues are set up; the device may start.
-        unsafe { shim::hmmgpu_shim_device_ready(vdev) };
-        if let Err(e) = gpu.queues.start_events(gpu.as_cookie()) {
-            gpu.stop_ecc_work();
-            // SAFETY: the device was set up above.
-            unsafe { shim::hmmgpu_shim_device_reset(vdev) };
-            gpu.flush_ecc_work();
-            return Err(e);
-        }
+        Ok(gpu)
+    }
 
-        // A devm action registered before the pagemap holds a reference, so
-        // page callbacks always find the Gpu until the pages are unmapped.
-        // SAFETY: `vdev` is being probed.
-        let dev = unsafe { shim::hmmgpu_shim_vdev_dev(vdev) };
-        let cookie = Arc::into_raw(gpu.clone()).cast_mut().cast::<c_void>();
-        // SAFETY: `cookie` is an `Arc<Gpu>` reference; the action drops it.
-        let ret = unsafe { shim::hmmgpu_shim_devm_put_on_release(dev, cookie) };
-        let result = if ret < 0 {
-            // The shim already dropped the reference on failure.
-            Err(Error::from_errno(ret))
-        } else {
-            gpu.private.register(dev, gpu.vram_bar, gpu.as_cookie())
-        };
-        let result = result.and_then(|()| {
-            let md = MirrorDevice::register(gpu.clone(), MemKind::Private)?;
-            gpu.mirror_devs.lock().push(md, GFP_KERNEL)?;
+    /// Starts a GPU [`Gpu::probe`] made, once C holds its `foreign`
+    /// reference (see ffi.rs): the device starts, the event buffers are
+    /// posted, the VRAM is registered as device memory with `dev` and the
+    /// uAPI devices and debugfs directory are created. On failure the
+    /// device is stopped again (see [`Gpu::abandon`]).
+    pub(crate) fn start(&self, dev: *mut bindings::device, foreign: *mut c_void) -> Result {
+        // SAFETY: the queues are set up; the device may start.
+        unsafe { shim::hmmgpu_shim_device_ready(self.vdev) };
+        let result = self.queues.start_events(foreign).and_then(|()| {
+            self.private.register(dev, self.vram_bar, foreign)?;
+            let md = MirrorDevice::register(self.arc(foreign), MemKind::Private)?;
+            self.mirror_devs.lock().push(md, GFP_KERNEL)?;
             Ok(())
         });
         if let Err(e) = result {
-            gpu.dead.store(true, Ordering::Release);
-            gpu.stop_ecc_work();
-            // SAFETY: the device was set up above.
-            unsafe { shim::hmmgpu_shim_device_reset(vdev) };
-            gpu.flush_ecc_work();
+            self.abandon();
             return Err(e);
         }
-        gpu.log_registered(&gpu.private);
+        self.log_registered(&self.private);
         // SAFETY: the Gpu outlives the directory (removed in `remove`).
-        let dir = unsafe { shim::hmmgpu_shim_debugfs_create(index, gpu.as_cookie()) };
-        gpu.debugfs.store(dir, Ordering::Release);
+        let dir = unsafe { shim::hmmgpu_shim_debugfs_create(self.index, foreign) };
+        self.debugfs.store(dir, Ordering::Release);
         // The coherent personality needs memremap_pages() to accept the BAR;
         // without it the private one still works, and the log says why.
-        let coherent = gpu.coherent.register(dev, gpu.vram_bar, gpu.as_cookie()).and_then(|()| {
-            let md = MirrorDevice::register(gpu.clone(), MemKind::Coherent)?;
-            gpu.mirror_devs.lock().push(md, GFP_KERNEL)?;
+        let coherent = self.coherent.register(dev, self.vram_bar, foreign).and_then(|()| {
+            let md = MirrorDevice::register(self.arc(foreign), MemKind::Coherent)?;
+            self.mirror_devs.lock().push(md, GFP_KERNEL)?;
             Ok(())
         });
         match coherent {
             Ok(()) => {
-                gpu.log_registered(&gpu.coherent);
-                gpu.set_canary();
+                self.log_registered(&self.coherent);
+                self.set_canary();
             }
             Err(e) => pr_err!(
                 "hmmgpu{}: device-coherent VRAM not registered ({:?}): /dev/hmm_dmirror{} is not available\n",
-                index,
+                self.index,
                 e,
-                index + MAX_GPUS
+                self.index + MAX_GPUS
             ),
         }
-        Ok(gpu)
+        Ok(())
+    }
+
+    /// A new `Arc` of this GPU from its foreign reference.
+    fn arc(&self, foreign: *mut c_void) -> Arc<Gpu> {
+        // SAFETY: `foreign` is this GPU's foreign reference, alive while it
+        // is bound (its devm action runs after remove).
+        let gpu = unsafe { <Arc<Gpu> as kernel::types::ForeignOwnable>::borrow(foreign) };
+        Arc::from(gpu)
+    }
+
+    /// Undoes a probe that failed after [`Gpu::probe`]: nothing runs on
+    /// the device any more and its GPU index is free again.
+    pub(crate) fn abandon(&self) {
+        self.dead.store(true, Ordering::Release);
+        self.stop_ecc_work();
+        // SAFETY: the device was set up by `probe`.
+        unsafe { shim::hmmgpu_shim_device_reset(self.vdev) };
+        self.flush_ecc_work();
+        release_index(self.index);
     }
 
     fn log_registered(&self, vram: &Vram) {
@@ -1033,7 +1053,7 @@ impl Gpu {
         );
     }
 
-    fn remove(&self) {
+    pub(crate) fn remove(&self) {
         // Before the canary and the VRAM go: the ECC work touches both.
         self.stop_ecc_work();
         let dir = self.debugfs.swap(ptr::null_mut(), Ordering::AcqRel);
@@ -1046,10 +1066,13 @@ impl Gpu {
         // A link that went down since the last operation is noticed here.
         self.link_ok();
         let canary = self.canary.swap(ptr::null_mut(), Ordering::AcqRel);
-        if !canary.is_null() {
-            // SAFETY: the canary page, locked since its allocation; this
-            // unlocks it and drops the last reference (its VRAM is freed).
-            unsafe { shim::hmmgpu_shim_free_sys_page(canary) };
+        // SAFETY: the canary page, locked since its allocation and ours
+        // alone now: this unlocks it and drops the last reference (its VRAM
+        // is freed).
+        unsafe {
+            if let Some(canary) = PageRef::from_raw(canary) {
+                canary.unlock_put();
+            }
         }
         // Commands still run (the queue does not look at `dead`), so the
         // eviction can copy VRAM back.
@@ -1083,6 +1106,66 @@ impl Gpu {
     }
 }
 
+impl Gpu {
+    /// debugfs `counters`: the device's counters, read with COUNTERS, then
+    /// the driver's, one `name value` line each.
+    pub(crate) fn format_counters(&self, w: &mut SliceWriter<'_>) -> Result {
+        let counters = self.counters()?;
+        let c = &self.counters;
+        let driver = [
+            ("driver_fault_events", c.fault_events.load(Ordering::Relaxed)),
+            ("driver_spurious_faults", c.spurious_faults.load(Ordering::Relaxed)),
+            ("driver_copy_errors", c.copy_errors.load(Ordering::Relaxed)),
+            ("driver_polled_completions", self.queues.polled_completions()),
+            ("driver_resets", self.resets.load(Ordering::Relaxed)),
+            ("driver_ecc_events", c.ecc_events.load(Ordering::Relaxed)),
+            ("driver_ecc_dropped", c.ecc_dropped.load(Ordering::Relaxed)),
+            (
+                "driver_retired_pages",
+                self.private.retired_pages() + self.coherent.retired_pages(),
+            ),
+        ];
+        let device = abi::counter::NAMES.iter().copied().zip(counters.iter().copied());
+        for (name, value) in Iterator::chain(device, driver) {
+            core::fmt::Write::write_fmt(w, format_args!("{} {}\n", name, value)).map_err(|_| ENOSPC)?;
+        }
+        Ok(())
+    }
+
+    /// debugfs `vram`: per half of the VRAM its offset, size, first device
+    /// pfn, free bytes and retired pages, then the link canary's VRAM
+    /// offset. Tests use it to tell a page's VRAM offset from its pfn
+    /// (/proc/self/pagemap).
+    pub(crate) fn format_vram(&self, w: &mut SliceWriter<'_>) -> Result {
+        for vram in [&self.private, &self.coherent] {
+            // Pages freed by now count as free.
+            vram.reclaim_deferred();
+            core::fmt::Write::write_fmt(
+                w,
+                format_args!(
+                    "{} base {:#x} size {:#x} pfn_first {:#x} free {:#x} retired {}\n",
+                    match vram.kind() {
+                        MemKind::Private => "private",
+                        MemKind::Coherent => "coherent",
+                    },
+                    vram.base(),
+                    vram.size(),
+                    vram.pfn_first(),
+                    vram.avail(),
+                    vram.retired_pages()
+                ),
+            )
+            .map_err(|_| ENOSPC)?;
+        }
+        let canary = self.canary_pfn().and_then(|pfn| self.coherent.offset_of_pfn(pfn));
+        match canary {
+            Some(offset) => core::fmt::Write::write_fmt(w, format_args!("canary {:#x}\n", offset)),
+            None => core::fmt::Write::write_str(w, "canary none\n"),
+        }
+        .map_err(|_| ENOSPC)
+    }
+}
+
 fn claim_index() -> Result<u32> {
     loop {
         let used = GPU_INDICES.load(Ordering::Acquire);
@@ -1102,172 +1185,4 @@ fn claim_index() -> Result<u32> {
 
 fn release_index(index: u32) {
     GPU_INDICES.fetch_and(!(1 << index), Ordering::AcqRel);
-}
-
-/// Called by the shim's virtio probe.
-#[no_mangle]
-pub(crate) extern "C" fn hmmgpu_rust_probe(vdev: *mut shim::VirtioDevice) -> core::ffi::c_int {
-    match Gpu::probe(vdev) {
-        Ok(gpu) => {
-            let raw = Arc::into_raw(gpu).cast_mut().cast::<c_void>();
-            // SAFETY: `vdev` is being probed; the reference is dropped in remove.
-            unsafe { shim::hmmgpu_shim_set_priv(vdev, raw) };
-            0
-        }
-        Err(e) => e.to_errno(),
-    }
-}
-
-/// Called by the shim's virtio remove.
-#[no_mangle]
-pub(crate) extern "C" fn hmmgpu_rust_remove(vdev: *mut shim::VirtioDevice) {
-    // SAFETY: probe stored an `Arc<Gpu>` in priv.
-    let gpu = unsafe { Arc::from_raw(shim::hmmgpu_shim_get_priv(vdev).cast::<Gpu>()) };
-    gpu.remove();
-    // SAFETY: `vdev` is being removed.
-    unsafe { shim::hmmgpu_shim_set_priv(vdev, core::ptr::null_mut()) };
-}
-
-/// Called by the shim's virtio reset_prepare (a PCI function or bus reset).
-#[no_mangle]
-pub(crate) extern "C" fn hmmgpu_rust_reset_prepare(vdev: *mut shim::VirtioDevice) {
-    // SAFETY: probe stored an `Arc<Gpu>` in priv; the driver stays bound
-    // across a reset (the PCI core holds the device lock).
-    let gpu = unsafe { &*shim::hmmgpu_shim_get_priv(vdev).cast::<Gpu>() };
-    gpu.reset_prepare();
-}
-
-/// Called by the shim's virtio reset_done.
-#[no_mangle]
-pub(crate) extern "C" fn hmmgpu_rust_reset_done(vdev: *mut shim::VirtioDevice) -> core::ffi::c_int {
-    // SAFETY: as in `hmmgpu_rust_reset_prepare`.
-    let gpu = unsafe { &*shim::hmmgpu_shim_get_priv(vdev).cast::<Gpu>() };
-    match gpu.reset_done() {
-        Ok(()) => 0,
-        Err(e) => e.to_errno(),
-    }
-}
-
-/// Called by the devm action registered in probe: drops its reference.
-#[no_mangle]
-pub(crate) extern "C" fn hmmgpu_rust_gpu_put(cookie: *mut c_void) {
-    // SAFETY: `cookie` came from `Arc::into_raw` in `Gpu::create`.
-    drop(unsafe { Arc::from_raw(cookie.cast::<Gpu>()) });
-}
-
-/// `dev_pagemap_ops.folio_free` for our device pages.
-#[no_mangle]
-pub(crate) extern "C" fn hmmgpu_rust_folio_free(vram: *mut c_void, page: *mut shim::Page) {
-    // SAFETY: the pgmap owner is a `Vram` inside a `Gpu` kept alive by the
-    // devm action until the pages are unmapped.
-    let vram = unsafe { &*vram.cast::<Vram>() };
-    vram.page_freed(page);
-}
-
-/// An event from the device's event queue (interrupt context).
-#[no_mangle]
-pub(crate) extern "C" fn hmmgpu_rust_event(cookie: *mut c_void, buf: *const u8, len: core::ffi::c_uint) {
-    // SAFETY: the events were started with a `Gpu` cookie that outlives the queues.
-    let gpu = unsafe { &*cookie.cast::<Gpu>() };
-    // SAFETY: the shim hands us its event buffer of at least `len` bytes.
-    let bytes = unsafe { core::slice::from_raw_parts(buf, len as usize) };
-    match Event::from_bytes(bytes) {
-        Some(event) => gpu.on_event(event),
-        None => pr_warn!("hmmgpu{}: short event ({} bytes)\n", gpu.index, len),
-    }
-}
-
-/// debugfs `counters`: the device's counters, read with COUNTERS, one
-/// `name value` line each. Returns the length written into `buf`.
-#[no_mangle]
-pub(crate) extern "C" fn hmmgpu_rust_format_counters(cookie: *mut c_void, buf: *mut u8, len: usize) -> core::ffi::c_long {
-    // SAFETY: the debugfs file is removed before the Gpu goes away.
-    let gpu = unsafe { &*cookie.cast::<Gpu>() };
-    // SAFETY: the shim hands a buffer of `len` bytes.
-    let out = unsafe { core::slice::from_raw_parts_mut(buf, len) };
-    let counters = match gpu.counters() {
-        Ok(c) => c,
-        Err(e) => return e.to_errno() as core::ffi::c_long,
-    };
-    let mut w = SliceWriter { buf: out, pos: 0 };
-    let c = &gpu.counters;
-    let driver = [
-        ("driver_fault_events", c.fault_events.load(Ordering::Relaxed)),
-        ("driver_spurious_faults", c.spurious_faults.load(Ordering::Relaxed)),
-        ("driver_copy_errors", c.copy_errors.load(Ordering::Relaxed)),
-        ("driver_polled_completions", gpu.queues.polled_completions()),
-        ("driver_resets", gpu.resets.load(Ordering::Relaxed)),
-        ("driver_ecc_events", c.ecc_events.load(Ordering::Relaxed)),
-        ("driver_ecc_dropped", c.ecc_dropped.load(Ordering::Relaxed)),
-        (
-            "driver_retired_pages",
-            gpu.private.retired_pages() + gpu.coherent.retired_pages(),
-        ),
-    ];
-    let device = abi::counter::NAMES.iter().copied().zip(counters.iter().copied());
-    for (name, value) in Iterator::chain(device, driver) {
-        if core::fmt::Write::write_fmt(&mut w, format_args!("{} {}\n", name, value)).is_err() {
-            return ENOSPC.to_errno() as core::ffi::c_long;
-        }
-    }
-    w.pos as core::ffi::c_long
-}
-
-/// debugfs `vram`: per half of the VRAM its offset, size, first device pfn,
-/// free bytes and retired pages, then the link canary's VRAM offset. Tests
-/// use it to tell a page's VRAM offset from its pfn (/proc/self/pagemap).
-/// Returns the length written into `buf`.
-#[no_mangle]
-pub(crate) extern "C" fn hmmgpu_rust_format_vram(cookie: *mut c_void, buf: *mut u8, len: usize) -> core::ffi::c_long {
-    // SAFETY: the debugfs file is removed before the Gpu goes away.
-    let gpu = unsafe { &*cookie.cast::<Gpu>() };
-    // SAFETY: the shim hands a buffer of `len` bytes.
-    let out = unsafe { core::slice::from_raw_parts_mut(buf, len) };
-    let mut w = SliceWriter { buf: out, pos: 0 };
-    let mut result = Ok(());
-    for vram in [&gpu.private, &gpu.coherent] {
-        // Pages freed by now count as free.
-        vram.reclaim_deferred();
-        result = result.and_then(|()| {
-            core::fmt::Write::write_fmt(
-                &mut w,
-                format_args!(
-                    "{} base {:#x} size {:#x} pfn_first {:#x} free {:#x} retired {}\n",
-                    match vram.kind() {
-                        MemKind::Private => "private",
-                        MemKind::Coherent => "coherent",
-                    },
-                    vram.base(),
-                    vram.size(),
-                    vram.pfn_first(),
-                    vram.avail(),
-                    vram.retired_pages()
-                ),
-            )
-        });
-    }
-    let canary = gpu.canary_pfn().and_then(|pfn| gpu.coherent.offset_of_pfn(pfn));
-    result = result.and_then(|()| match canary {
-        Some(offset) => core::fmt::Write::write_fmt(&mut w, format_args!("canary {:#x}\n", offset)),
-        None => core::fmt::Write::write_str(&mut w, "canary none\n"),
-    });
-    match result {
-        Ok(()) => w.pos as core::ffi::c_long,
-        Err(_) => ENOSPC.to_errno() as core::ffi::c_long,
-    }
-}
-
-/// `core::fmt::Write` into a byte slice.
-struct SliceWriter<'a> {
-    buf: &'a mut [u8],
-    pos: usize,
-}
-
-impl core::fmt::Write for SliceWriter<'_> {
-    fn write_str(&mut self, s: &str) -> core::fmt::Result {
-        let end = self.pos.checked_add(s.len()).ok_or(core::fmt::Error)?;
-        self.buf.get_mut(self.pos..end).ok_or(core::fmt::Error)?.copy_from_slice(s.as_bytes());
-        self.pos = end;
-        Ok(())
-    }
 }

@@ -12,6 +12,8 @@
 //! - `migrate`: migrate_vma_* / migrate_device_* and migrate_to_ram
 //! - `mirror`: hmm_range_fault + mmu_interval_notifier per open file
 //! - `uapi`: /dev/hmm_dmirrorN and its ioctls
+//! - `pages`: typed handles for struct pages and migrate entries
+//! - `ffi`: every function C calls into Rust
 //! - `shim`: the C functions for kernel APIs without Rust bindings
 
 use kernel::prelude::*;
@@ -22,9 +24,11 @@ use kernel::prelude::*;
 #[allow(dead_code, unreachable_pub)]
 mod abi;
 mod ecc;
+mod ffi;
 mod gpu;
 mod migrate;
 mod mirror;
+mod pages;
 mod queue;
 mod shim;
 mod uapi;

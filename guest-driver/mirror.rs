@@ -11,11 +11,13 @@ use crate::migrate;
 use crate::queue::{Command, RangeList};
 use crate::shim;
 use crate::vram::{MemKind, Vram};
-use core::ffi::{c_ulong, c_void};
+use kernel::ffi::{c_ulong, c_void};
 use core::ptr;
 use core::sync::atomic::{AtomicPtr, Ordering};
+use kernel::mm::{Mm, MmWithUser};
 use kernel::new_mutex;
 use kernel::prelude::*;
+use kernel::sync::aref::ARef;
 use kernel::sync::{Arc, Mutex};
 use kernel::uaccess::{UserPtr, UserSlice};
 
@@ -112,28 +114,8 @@ impl Bounce {
     fn phys(&mut self, page: usize) -> u64 {
         let addr = self.buf.as_mut_ptr().wrapping_add(page * PAGE_SIZE as usize);
         // SAFETY: `addr` is inside the vmalloc'd buffer.
-        unsafe { shim::hmmgpu_shim_vmalloc_to_phys(addr.cast()) }
-    }
-}
-
-/// A reference on the mirrored mm for the duration of a command.
-struct MmRef(*mut shim::Mm);
-
-impl MmRef {
-    fn get(mm: *mut shim::Mm) -> Result<Self> {
-        // SAFETY: the notifier keeps `mm` itself allocated.
-        if unsafe { shim::hmmgpu_shim_mmget_not_zero(mm) } {
-            Ok(Self(mm))
-        } else {
-            Err(EFAULT)
-        }
-    }
-}
-
-impl Drop for MmRef {
-    fn drop(&mut self) {
-        // SAFETY: taken in `get`.
-        unsafe { shim::hmmgpu_shim_mmput(self.0) };
+        let pfn = unsafe { kernel::bindings::vmalloc_to_pfn(addr.cast()) };
+        pfn as u64 * PAGE_SIZE + (addr as u64 & (PAGE_SIZE - 1))
     }
 }
 
@@ -182,9 +164,16 @@ impl Mirror {
     }
 
     /// The mirrored mm.
-    pub(crate) fn mm(&self) -> *mut shim::Mm {
-        // SAFETY: the notifier is set for the mirror's whole life.
-        unsafe { shim::hmmgpu_shim_notifier_get_mm(self.notifier()) }
+    fn mm(&self) -> &Mm {
+        // SAFETY: the notifier is set for the mirror's whole life and holds
+        // a reference (mmgrab) on its mm.
+        unsafe { Mm::from_raw(shim::hmmgpu_shim_notifier_get_mm(self.notifier())) }
+    }
+
+    /// A user reference (mmget) on the mirrored mm for the duration of a
+    /// command; EFAULT once the process has exited.
+    fn mm_user(&self) -> Result<ARef<MmWithUser>> {
+        self.mm().mmget_not_zero().ok_or(EFAULT)
     }
 
     /// Resolves a device fault: faults [addr, end) of the process in with
@@ -347,7 +336,7 @@ impl Mirror {
     /// HMM_DMIRROR_READ: the device reads `npages` at `addr` into user `ptr`.
     pub(crate) fn read(&self, addr: u64, ptr: u64, npages: u64, policy: FaultPolicy) -> Result<Counts> {
         self.gpu.check_alive()?;
-        let _mm = MmRef::get(self.mm())?;
+        let _mm = self.mm_user()?;
         let mut bounce = Bounce::new(npages as usize)?;
         let mut counts = Counts::default();
         self.access(opcode::VREAD, addr, npages, &mut bounce, &mut counts, policy)?;
@@ -360,7 +349,7 @@ impl Mirror {
     /// HMM_DMIRROR_WRITE: the device writes user `ptr` into `npages` at `addr`.
     pub(crate) fn write(&self, addr: u64, ptr: u64, npages: u64) -> Result<Counts> {
         self.gpu.check_alive()?;
-        let _mm = MmRef::get(self.mm())?;
+        let _mm = self.mm_user()?;
         let mut bounce = Bounce::new(npages as usize)?;
         let mut input = UserSlice::new(UserPtr::from_addr(ptr as usize), (npages * PAGE_SIZE) as usize).reader();
         input.read_slice(&mut bounce.buf)?;
@@ -379,7 +368,7 @@ impl Mirror {
     pub(crate) fn migrate_to_device(&self, addr: u64, ptr: u64, npages: u64) -> Result<Counts> {
         self.gpu.check_alive()?;
         {
-            let _mm = MmRef::get(self.mm())?;
+            let mm = self.mm_user()?;
             let mut fail_alloc = {
                 let mut state = self.state.lock();
                 let fail = state.flags & crate::uapi::HMM_DMIRROR_FLAG_FAIL_ALLOC != 0;
@@ -388,7 +377,7 @@ impl Mirror {
                 fail
             };
             let end = addr + npages * PAGE_SIZE;
-            let result = migrate::to_device(&self.gpu, self.vram(), self.mm(), addr, end, &mut fail_alloc, |map| {
+            let result = migrate::to_device(&self.gpu, self.vram(), &mm, addr, end, &mut fail_alloc, |map| {
                 let cmds = self.gpu.prepare(opcode::MAP, self.ctx, map)?;
                 let mut state = self.state.lock();
                 self.gpu.run_prepared(cmds)?;
@@ -420,13 +409,9 @@ impl Mirror {
     pub(crate) fn exclusive(&self, addr: u64, ptr: u64, npages: u64) -> Result<Counts> {
         self.gpu.check_alive()?;
         {
-            let mm = MmRef::get(self.mm())?;
-            // SAFETY: `mm` is referenced.
-            unsafe { shim::hmmgpu_shim_mmap_read_lock(mm.0) };
-            let result = (0..npages).try_for_each(|i| self.map_exclusive(addr + i * PAGE_SIZE));
-            // SAFETY: locked above.
-            unsafe { shim::hmmgpu_shim_mmap_read_unlock(mm.0) };
-            result?;
+            let mm = self.mm_user()?;
+            let _locked = mm.mmap_read_lock();
+            (0..npages).try_for_each(|i| self.map_exclusive(addr + i * PAGE_SIZE))?;
         }
         // The device's atomics go through these mappings: one atomic
         // (add 0) checks the path without changing the data.
@@ -496,7 +481,7 @@ impl Mirror {
     /// back to system memory.
     pub(crate) fn migrate_to_system(&self, addr: u64, npages: u64) -> Result<Counts> {
         self.gpu.check_alive()?;
-        let _mm = MmRef::get(self.mm())?;
+        let mm = self.mm_user()?;
         let mut fail_alloc = {
             let mut state = self.state.lock();
             let fail = state.flags & crate::uapi::HMM_DMIRROR_FLAG_FAIL_ALLOC != 0;
@@ -504,7 +489,7 @@ impl Mirror {
             fail
         };
         let end = addr + npages * PAGE_SIZE;
-        let moved = migrate::to_system(&self.gpu, self.vram(), self.mm(), addr, end, &mut fail_alloc)?;
+        let moved = migrate::to_system(&self.gpu, self.vram(), &mm, addr, end, &mut fail_alloc)?;
         Ok(Counts { cpages: moved, faults: 0 })
     }
 
@@ -512,7 +497,7 @@ impl Mirror {
     /// device would see it, one HMM_DMIRROR_PROT_* byte per page into `ptr`.
     pub(crate) fn snapshot(&self, addr: u64, ptr: u64, npages: u64) -> Result<Counts> {
         self.gpu.check_alive()?;
-        let _mm = MmRef::get(self.mm())?;
+        let _mm = self.mm_user()?;
         let mut out = UserSlice::new(UserPtr::from_addr(ptr as usize), npages as usize).writer();
         let mut counts = Counts::default();
         let end = addr + npages * PAGE_SIZE;
@@ -562,7 +547,7 @@ impl Mirror {
 
     /// Called from the mmu_interval_notifier: the CPU page tables of
     /// [start, end) change. Waits for device accesses in flight.
-    fn invalidate(&self, start: u64, end: u64, blockable: bool, own_migrate: bool, seq: c_ulong) -> bool {
+    pub(crate) fn invalidate(&self, start: u64, end: u64, blockable: bool, own_migrate: bool, seq: c_ulong) -> bool {
         let mut state = if blockable {
             self.state.lock()
         } else {
@@ -614,19 +599,4 @@ impl PinnedDrop for Mirror {
         }
         self.gpu.ctx_destroy(self.ctx);
     }
-}
-
-/// The notifier's invalidate callback.
-#[no_mangle]
-pub(crate) extern "C" fn hmmgpu_rust_invalidate(
-    mirror: *mut c_void,
-    start: c_ulong,
-    end: c_ulong,
-    blockable: bool,
-    own_migrate: bool,
-    cur_seq: c_ulong,
-) -> bool {
-    // SAFETY: the notifier is removed before its `Mirror` is freed.
-    let mirror = unsafe { &*mirror.cast::<Mirror>() };
-    mirror.invalidate(start as u64, end as u64, blockable, own_migrate, cur_seq)
 }

@@ -6,7 +6,7 @@
 
 use crate::abi::{self, CmdHeader, Range, Response};
 use crate::shim;
-use core::ffi::{c_long, c_void};
+use kernel::ffi::{c_long, c_void};
 use kernel::bindings;
 use kernel::prelude::*;
 

@@ -39,8 +39,6 @@ const unsigned long hmmgpu_MIGRATE_PFN_COMPOUND = MIGRATE_PFN_COMPOUND;
  */
 #define HMMGPU_MIGRATE_MAX_PAGES (SZ_2M >> PAGE_SHIFT)
 const unsigned long hmmgpu_MIGRATE_MAX_PAGES = HMMGPU_MIGRATE_MAX_PAGES;
-const unsigned int hmmgpu_VM_FAULT_SIGBUS = VM_FAULT_SIGBUS;
-const unsigned int hmmgpu_VM_FAULT_OOM = VM_FAULT_OOM;
 
 /* ---- virtio ---- */
 
@@ -95,17 +93,6 @@ int hmmgpu_shim_register_driver(void)
 void hmmgpu_shim_unregister_driver(void)
 {
 	unregister_virtio_driver(&hmmgpu_virtio_driver);
-}
-
-static void hmmgpu_devm_put(void *gpu)
-{
-	hmmgpu_rust_gpu_put(gpu);
-}
-
-/* Drops a Gpu reference when @dev's devm resources are released. */
-int hmmgpu_shim_devm_put_on_release(struct device *dev, void *gpu)
-{
-	return devm_add_action_or_reset(dev, hmmgpu_devm_put, gpu);
 }
 
 struct device *hmmgpu_shim_vdev_dev(struct virtio_device *vdev)
@@ -553,8 +540,10 @@ struct hmmgpu_pagemap {
 
 static void hmmgpu_folio_free(struct folio *folio)
 {
-	/* The pgmap owner is the Rust Vram the page belongs to. */
-	hmmgpu_rust_folio_free(folio->pgmap->owner, &folio->page);
+	struct hmmgpu_pagemap *pm =
+		container_of(folio->pgmap, struct hmmgpu_pagemap, pgmap);
+
+	hmmgpu_rust_folio_free(pm->gpu, folio->pgmap->owner, &folio->page);
 }
 
 static vm_fault_t hmmgpu_migrate_to_ram(struct vm_fault *vmf)
@@ -672,11 +661,6 @@ u64 hmmgpu_shim_virt_to_phys(void *addr)
 	return virt_to_phys(addr);
 }
 
-u64 hmmgpu_shim_vmalloc_to_phys(void *addr)
-{
-	return PFN_PHYS(vmalloc_to_pfn(addr)) + offset_in_page(addr);
-}
-
 void *hmmgpu_shim_page_get_data(struct page *page)
 {
 	return page->zone_device_data;
@@ -715,13 +699,6 @@ struct page *hmmgpu_shim_folio_head(struct page *page)
 int hmmgpu_shim_folio_ref_count(struct page *page)
 {
 	return folio_ref_count(page_folio(page));
-}
-
-/* Returns a device page prepared for a migration that did not happen. */
-void hmmgpu_shim_device_page_discard(struct page *page)
-{
-	unlock_page(page);
-	put_page(page);
 }
 
 /*
@@ -933,43 +910,6 @@ void *hmmgpu_shim_page_address(struct page *page)
 }
 
 /* ---- address spaces ---- */
-
-/*
- * Looks up the VMA containing @addr in @mm (mmap lock held) and returns it
- * if it is readable, with *@end clamped to its end.
- */
-struct vm_area_struct *hmmgpu_shim_vma_lookup(struct mm_struct *mm,
-					      unsigned long addr,
-					      unsigned long *end)
-{
-	struct vm_area_struct *vma = vma_lookup(mm, addr);
-
-	if (!vma || !(vma->vm_flags & VM_READ))
-		return NULL;
-	if (*end > vma->vm_end)
-		*end = vma->vm_end;
-	return vma;
-}
-
-bool hmmgpu_shim_mmget_not_zero(struct mm_struct *mm)
-{
-	return mmget_not_zero(mm);
-}
-
-void hmmgpu_shim_mmput(struct mm_struct *mm)
-{
-	mmput(mm);
-}
-
-void hmmgpu_shim_mmap_read_lock(struct mm_struct *mm)
-{
-	mmap_read_lock(mm);
-}
-
-void hmmgpu_shim_mmap_read_unlock(struct mm_struct *mm)
-{
-	mmap_read_unlock(mm);
-}
 
 /* ---- mirroring (hmm_range_fault under an mmu_interval_notifier) ---- */
 

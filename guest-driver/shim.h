@@ -29,13 +29,12 @@ int hmmgpu_rust_probe(struct virtio_device *vdev);
 void hmmgpu_rust_remove(struct virtio_device *vdev);
 void hmmgpu_rust_reset_prepare(struct virtio_device *vdev);
 int hmmgpu_rust_reset_done(struct virtio_device *vdev);
-void hmmgpu_rust_gpu_put(void *gpu);
 long hmmgpu_rust_format_counters(void *gpu, char *buf, size_t len);
 long hmmgpu_rust_format_vram(void *gpu, char *buf, size_t len);
 void hmmgpu_rust_event(void *gpu, const u8 *buf, unsigned int len);
 vm_fault_t hmmgpu_rust_migrate_to_ram(void *gpu, void *vram,
 				      struct vm_fault *vmf);
-void hmmgpu_rust_folio_free(void *vram, struct page *page);
+void hmmgpu_rust_folio_free(void *gpu, void *vram, struct page *page);
 int hmmgpu_rust_memory_failure(void *gpu, void *vram, unsigned long pfn,
 			       unsigned long nr_pages);
 bool hmmgpu_rust_invalidate(void *mirror, unsigned long start,
@@ -47,8 +46,6 @@ extern const unsigned long hmmgpu_MIGRATE_PFN_MIGRATE;
 extern const unsigned long hmmgpu_MIGRATE_PFN_WRITE;
 extern const unsigned long hmmgpu_MIGRATE_PFN_COMPOUND;
 extern const unsigned long hmmgpu_MIGRATE_MAX_PAGES;
-extern const unsigned int hmmgpu_VM_FAULT_SIGBUS;
-extern const unsigned int hmmgpu_VM_FAULT_OOM;
 
 /* What an hmm_pfns entry describes, for Rust (mirrored in shim.rs). */
 #define HMMGPU_PFN_VALID		(1u << 0)
@@ -63,7 +60,6 @@ extern const unsigned int hmmgpu_VM_FAULT_OOM;
 /* Implemented in shim.c. */
 int hmmgpu_shim_register_driver(void);
 void hmmgpu_shim_unregister_driver(void);
-int hmmgpu_shim_devm_put_on_release(struct device *dev, void *gpu);
 struct device *hmmgpu_shim_vdev_dev(struct virtio_device *vdev);
 void hmmgpu_shim_set_priv(struct virtio_device *vdev, void *priv);
 void *hmmgpu_shim_get_priv(struct virtio_device *vdev);
@@ -103,14 +99,12 @@ unsigned long hmmgpu_shim_memremap(struct device *dev, int kind, u64 phys,
 struct page *hmmgpu_shim_pfn_to_page(unsigned long pfn);
 unsigned long hmmgpu_shim_page_to_pfn(struct page *page);
 u64 hmmgpu_shim_virt_to_phys(void *addr);
-u64 hmmgpu_shim_vmalloc_to_phys(void *addr);
 void *hmmgpu_shim_page_get_data(struct page *page);
 void hmmgpu_shim_page_set_data(struct page *page, void *data);
 void hmmgpu_shim_device_page_init(struct page *page, unsigned int order);
 unsigned long hmmgpu_shim_folio_nr_pages(struct page *page);
 struct page *hmmgpu_shim_folio_head(struct page *page);
 int hmmgpu_shim_folio_ref_count(struct page *page);
-void hmmgpu_shim_device_page_discard(struct page *page);
 struct page *hmmgpu_shim_alloc_sys_page(struct vm_area_struct *vma,
 					unsigned long addr, unsigned int order);
 void hmmgpu_shim_free_sys_page(struct page *page);
@@ -134,13 +128,6 @@ int hmmgpu_shim_evict_range(unsigned long *src, unsigned long start_pfn,
 			    unsigned long npages);
 void hmmgpu_shim_evict_finish(unsigned long *src, unsigned long *dst,
 			      unsigned long npages);
-struct vm_area_struct *hmmgpu_shim_vma_lookup(struct mm_struct *mm,
-					      unsigned long addr,
-					      unsigned long *end);
-bool hmmgpu_shim_mmget_not_zero(struct mm_struct *mm);
-void hmmgpu_shim_mmput(struct mm_struct *mm);
-void hmmgpu_shim_mmap_read_lock(struct mm_struct *mm);
-void hmmgpu_shim_mmap_read_unlock(struct mm_struct *mm);
 struct hmmgpu_notifier *hmmgpu_shim_notifier_create(void *mirror, void *owner);
 void hmmgpu_shim_notifier_destroy(struct hmmgpu_notifier *n);
 struct mm_struct *hmmgpu_shim_notifier_get_mm(struct hmmgpu_notifier *n);

@@ -1,9 +1,12 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! Declarations of the C shim (shim.c / shim.h) and the Rust entry points it
-//! calls. Every C type is opaque here; Rust only passes pointers through.
+//! Declarations of the C shim (shim.c / shim.h). Kernel structs come from
+//! `kernel::bindings`; only the shim's own structs and the virtio ones, which
+//! `kernel::bindings` lacks, are opaque here. The Rust functions the shim
+//! calls are in ffi.rs.
 
-use core::ffi::{c_int, c_long, c_uint, c_ulong, c_void};
+use kernel::ffi::{c_int, c_long, c_uint, c_ulong, c_void};
+use kernel::bindings;
 
 macro_rules! opaque {
     ($($(#[$m:meta])* $name:ident),* $(,)?) => {
@@ -12,35 +15,28 @@ macro_rules! opaque {
 }
 
 opaque!(
-    /// `struct virtio_device`.
+    /// `struct virtio_device` (not in `kernel::bindings`).
     VirtioDevice,
-    /// `struct device`.
-    Device,
     /// The shim's queues (`struct hmmgpu_queues`).
     Queues,
     /// The shim's command token (`struct hmmgpu_cmd`).
     Cmd,
-    /// `struct page`.
-    Page,
-    /// `struct vm_area_struct`.
-    Vma,
-    /// `struct vm_fault`.
-    VmFault,
-    /// `struct mm_struct`.
-    Mm,
     /// The shim's `struct hmmgpu_migrate` (a migrate_vma with its arrays).
     Migrate,
     /// The shim's `struct hmmgpu_notifier` (an mmu_interval_notifier).
     Notifier,
-    /// `struct dentry` (debugfs).
-    Dentry,
 );
+
+pub(crate) type Device = bindings::device;
+pub(crate) type Page = bindings::page;
+pub(crate) type Vma = bindings::vm_area_struct;
+pub(crate) type VmFault = bindings::vm_fault;
+pub(crate) type Mm = bindings::mm_struct;
+pub(crate) type Dentry = bindings::dentry;
 
 /// `HMMGPU_MEM_SYSTEM` of shim.h: migrate_vma selects system pages.
 pub(crate) const SELECT_SYSTEM: c_int = 0;
 
-/// `vm_fault_t`.
-pub(crate) type VmFaultT = c_uint;
 
 // hmmgpu_shim_hmm_pfn_info() result bits: must match HMMGPU_PFN_* in shim.h.
 pub(crate) const PFN_VALID: u32 = 1 << 0;
@@ -52,18 +48,18 @@ pub(crate) const PFN_OWNED: u32 = 1 << 5;
 pub(crate) const PFN_ZERO: u32 = 1 << 6;
 pub(crate) const PFN_ORDER_SHIFT: u32 = 8;
 
+// bindgen's structs end in zero-sized array markers that rustc does not call
+// FFI-safe; pointers to them are (kernel::bindings allows the lint too).
+#[allow(improper_ctypes)]
 extern "C" {
     pub(crate) static hmmgpu_MIGRATE_PFN_VALID: c_ulong;
     pub(crate) static hmmgpu_MIGRATE_PFN_MIGRATE: c_ulong;
     pub(crate) static hmmgpu_MIGRATE_PFN_WRITE: c_ulong;
     pub(crate) static hmmgpu_MIGRATE_PFN_COMPOUND: c_ulong;
     pub(crate) static hmmgpu_MIGRATE_MAX_PAGES: c_ulong;
-    pub(crate) static hmmgpu_VM_FAULT_SIGBUS: c_uint;
-    pub(crate) static hmmgpu_VM_FAULT_OOM: c_uint;
 
     pub(crate) fn hmmgpu_shim_register_driver() -> c_int;
     pub(crate) fn hmmgpu_shim_unregister_driver();
-    pub(crate) fn hmmgpu_shim_devm_put_on_release(dev: *mut Device, gpu: *mut c_void) -> c_int;
     pub(crate) fn hmmgpu_shim_vdev_dev(vdev: *mut VirtioDevice) -> *mut Device;
     pub(crate) fn hmmgpu_shim_set_priv(vdev: *mut VirtioDevice, data: *mut c_void);
     pub(crate) fn hmmgpu_shim_get_priv(vdev: *mut VirtioDevice) -> *mut c_void;
@@ -122,14 +118,12 @@ extern "C" {
     pub(crate) fn hmmgpu_shim_pfn_to_page(pfn: c_ulong) -> *mut Page;
     pub(crate) fn hmmgpu_shim_page_to_pfn(page: *mut Page) -> c_ulong;
     pub(crate) fn hmmgpu_shim_virt_to_phys(addr: *mut c_void) -> u64;
-    pub(crate) fn hmmgpu_shim_vmalloc_to_phys(addr: *mut c_void) -> u64;
     pub(crate) fn hmmgpu_shim_page_get_data(page: *mut Page) -> *mut c_void;
     pub(crate) fn hmmgpu_shim_page_set_data(page: *mut Page, data: *mut c_void);
     pub(crate) fn hmmgpu_shim_device_page_init(page: *mut Page, order: c_uint);
     pub(crate) fn hmmgpu_shim_folio_nr_pages(page: *mut Page) -> c_ulong;
     pub(crate) fn hmmgpu_shim_folio_head(page: *mut Page) -> *mut Page;
     pub(crate) fn hmmgpu_shim_folio_ref_count(page: *mut Page) -> c_int;
-    pub(crate) fn hmmgpu_shim_device_page_discard(page: *mut Page);
     pub(crate) fn hmmgpu_shim_alloc_sys_page(vma: *mut Vma, addr: c_ulong, order: c_uint) -> *mut Page;
     pub(crate) fn hmmgpu_shim_free_sys_page(page: *mut Page);
     pub(crate) fn hmmgpu_shim_migrate_pfn(pfn: c_ulong) -> c_ulong;
@@ -166,12 +160,6 @@ extern "C" {
     ) -> c_int;
     pub(crate) fn hmmgpu_shim_evict_finish(src: *mut c_ulong, dst: *mut c_ulong, npages: c_ulong);
 
-    pub(crate) fn hmmgpu_shim_vma_lookup(mm: *mut Mm, addr: c_ulong, end: *mut c_ulong)
-        -> *mut Vma;
-    pub(crate) fn hmmgpu_shim_mmget_not_zero(mm: *mut Mm) -> bool;
-    pub(crate) fn hmmgpu_shim_mmput(mm: *mut Mm);
-    pub(crate) fn hmmgpu_shim_mmap_read_lock(mm: *mut Mm);
-    pub(crate) fn hmmgpu_shim_mmap_read_unlock(mm: *mut Mm);
 
     pub(crate) fn hmmgpu_shim_notifier_create(mirror: *mut c_void, owner: *mut c_void)
         -> *mut Notifier;

@@ -18,8 +18,9 @@
 //! when the allocation it belongs to is freed (see [`Retired`]).
 
 use crate::abi;
+use crate::pages::PageRef;
 use crate::shim;
-use core::ffi::c_void;
+use kernel::ffi::c_void;
 use core::ptr;
 use core::sync::atomic::{AtomicU64, Ordering};
 use kernel::gpu::buddy::{
@@ -68,16 +69,16 @@ pub(crate) struct PageBatch<'a> {
 impl PageBatch<'_> {
     /// The next page, initialized and locked for `migrate_vma_pages()`,
     /// with its VRAM offset; `None` when the batch is used up.
-    pub(crate) fn take(&mut self) -> Option<(*mut shim::Page, u64)> {
+    pub(crate) fn take(&mut self) -> Option<(PageRef, u64)> {
         let offset = *self.offsets.get(self.next)?;
         self.next += 1;
         let pfn = self.vram.pfn_first() + (offset - self.vram.base) / abi::PAGE_SIZE;
         // SAFETY: `pfn` is inside our registered range and its VRAM was
         // just allocated, so the page is free.
         unsafe {
-            let page = shim::hmmgpu_shim_pfn_to_page(pfn as _);
-            shim::hmmgpu_shim_device_page_init(page, 0);
-            shim::hmmgpu_shim_page_set_data(page, self.alloc.cast());
+            let page = PageRef::from_pfn(pfn);
+            page.init_device_folio(0);
+            page.set_zone_device_data(self.alloc.cast());
             Some((page, offset))
         }
     }
@@ -141,7 +142,7 @@ pub(crate) enum MemKind {
 
 impl MemKind {
     /// The shim's code for the kind (HMMGPU_MEM_* in shim.h).
-    pub(crate) fn code(self) -> core::ffi::c_int {
+    pub(crate) fn code(self) -> kernel::ffi::c_int {
         match self {
             MemKind::Private => 1,
             MemKind::Coherent => 2,
@@ -224,7 +225,7 @@ impl Vram {
     /// Creates the struct pages (devm on `dev`): device-private ones in a
     /// free physical range, or device-coherent ones over the VRAM BAR at
     /// guest-physical `bar`. `gpu` is handed back to the page callbacks.
-    pub(crate) fn register(&self, dev: *mut shim::Device, bar: u64, gpu: *mut c_void) -> Result {
+    pub(crate) fn register(&self, dev: *mut kernel::bindings::device, bar: u64, gpu: *mut c_void) -> Result {
         // SAFETY: `dev` is the bound virtio device; `gpu` and `self` outlive
         // the mapping (a devm action registered before it holds a reference).
         let pfn = unsafe {
@@ -361,7 +362,7 @@ impl Vram {
     /// Allocates one VRAM page (`huge`: a 2 MiB THP) and returns its device
     /// page (the THP's head), initialized and locked for
     /// `migrate_vma_pages()`, with its VRAM offset.
-    pub(crate) fn alloc_page(&self, huge: bool) -> Result<(*mut shim::Page, u64)> {
+    pub(crate) fn alloc_page(&self, huge: bool) -> Result<(PageRef, u64)> {
         let mut retired = self.retired.lock();
         self.reclaim_locked(&mut retired);
         let (size, align, order) = if huge {
@@ -388,14 +389,14 @@ impl Vram {
             },
             GFP_KERNEL,
         )?;
-        // SAFETY: `pfn` is inside our registered range.
-        let page = unsafe { shim::hmmgpu_shim_pfn_to_page(pfn as _) };
-        // SAFETY: the pages are free (their VRAM was just allocated) and ours.
+        // SAFETY: `pfn` is inside our registered range; the pages are free
+        // (their VRAM was just allocated) and ours.
         unsafe {
-            shim::hmmgpu_shim_device_page_init(page, order);
-            shim::hmmgpu_shim_page_set_data(page, KBox::into_raw(alloc).cast());
+            let page = PageRef::from_pfn(pfn);
+            page.init_device_folio(order);
+            page.set_zone_device_data(KBox::into_raw(alloc).cast());
+            Ok((page, offset))
         }
-        Ok((page, offset))
     }
 
     /// Allocates up to `n` single VRAM pages in one buddy allocation (few
@@ -450,17 +451,14 @@ impl Vram {
     /// Called when the kernel frees a device folio (`page` is its head):
     /// once every page of its allocation is free, the VRAM is. May run in
     /// atomic context.
-    pub(crate) fn page_freed(&self, page: *mut shim::Page) {
-        // SAFETY: `page` is one of our device pages being freed.
-        let alloc = unsafe { shim::hmmgpu_shim_page_get_data(page) }.cast::<VramAlloc>();
+    pub(crate) fn page_freed(&self, page: PageRef) {
+        let alloc = page.zone_device_data().cast::<VramAlloc>();
         if alloc.is_null() {
             return;
         }
-        // SAFETY: as above.
-        let nr = unsafe {
-            shim::hmmgpu_shim_page_set_data(page, ptr::null_mut());
-            shim::hmmgpu_shim_folio_nr_pages(page)
-        } as u64;
+        // SAFETY: one of our device pages, being freed.
+        unsafe { page.set_zone_device_data(ptr::null_mut()) };
+        let nr = page.folio_nr_pages() as u64;
         // SAFETY: `alloc` lives until its last page is freed (below).
         if unsafe { (*alloc).pages.fetch_sub(nr, Ordering::AcqRel) } != nr {
             return;

@@ -1,0 +1,268 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Every function C calls into Rust: the virtio driver's callbacks, the
+//! virtqueue interrupts, the ZONE_DEVICE pagemap's operations and the
+//! mirrors' MMU notifier. Each is an `unsafe extern "C" fn` whose `# Safety`
+//! section says what the C caller guarantees.
+//!
+//! The GPU is handed to C as one [`ForeignOwnable`] reference: probe turns
+//! an `Arc<Gpu>` into a foreign pointer owned by a devm action, which gives
+//! it back ([`hmmgpu_rust_gpu_release`]) after the device's pagemaps are
+//! unmapped, so every callback below that gets that pointer may borrow the
+//! `Gpu` from it.
+
+use crate::gpu::Gpu;
+use crate::mirror::Mirror;
+use crate::pages::PageRef;
+use crate::shim;
+use kernel::ffi::{c_int, c_long, c_uint, c_ulong, c_void};
+use kernel::bindings;
+use kernel::prelude::*;
+use kernel::sync::Arc;
+use kernel::types::ForeignOwnable;
+
+/// Borrows the GPU C holds.
+///
+/// # Safety
+///
+/// `gpu` is the foreign pointer of a bound GPU (see the module doc): its
+/// devm action has not run yet and does not run while the borrow lives.
+unsafe fn borrow_gpu<'a>(gpu: *mut c_void) -> <Arc<Gpu> as ForeignOwnable>::Borrowed<'a> {
+    // SAFETY: per this function's contract.
+    unsafe { <Arc<Gpu> as ForeignOwnable>::borrow(gpu) }
+}
+
+/// `virtio_driver.probe`: binds a device.
+///
+/// # Safety
+///
+/// `vdev` is a virtio device being probed by the virtio core.
+#[no_mangle]
+pub(crate) unsafe extern "C" fn hmmgpu_rust_probe(vdev: *mut shim::VirtioDevice) -> c_int {
+    // SAFETY: `vdev` is being probed.
+    let dev = unsafe { shim::hmmgpu_shim_vdev_dev(vdev) };
+    let gpu = match Gpu::probe(vdev) {
+        Ok(gpu) => gpu,
+        Err(e) => return e.to_errno(),
+    };
+    // The GPU's C side (vdev priv, pagemaps, events) borrows it from the one
+    // foreign reference the devm action owns.
+    let foreign = gpu.clone().into_foreign();
+    // SAFETY: `dev` is being probed; the action gives the reference back on
+    // unbind (or at once, if registering fails).
+    let ret = unsafe { bindings::devm_add_action_or_reset(dev, Some(hmmgpu_rust_gpu_release), foreign) };
+    if ret < 0 {
+        gpu.abandon();
+        return ret;
+    }
+    // SAFETY: `vdev` is being probed; `foreign` stays valid until after
+    // remove (the devm action runs after it).
+    unsafe { shim::hmmgpu_shim_set_priv(vdev, foreign) };
+    match gpu.start(dev, foreign) {
+        Ok(()) => 0,
+        Err(e) => e.to_errno(),
+    }
+}
+
+/// The devm action of [`hmmgpu_rust_probe`]: gives the GPU's foreign
+/// reference back, after remove and after the pagemaps are unmapped.
+///
+/// # Safety
+///
+/// `gpu` is the pointer probe registered; the devm core calls this once.
+pub(crate) unsafe extern "C" fn hmmgpu_rust_gpu_release(gpu: *mut c_void) {
+    // SAFETY: the reference probe made with `into_foreign`, given back once.
+    drop(unsafe { <Arc<Gpu> as ForeignOwnable>::from_foreign(gpu) });
+}
+
+/// `virtio_driver.remove`.
+///
+/// # Safety
+///
+/// `vdev` is a device [`hmmgpu_rust_probe`] bound, being removed.
+#[no_mangle]
+pub(crate) unsafe extern "C" fn hmmgpu_rust_remove(vdev: *mut shim::VirtioDevice) {
+    // SAFETY: probe set priv to the GPU's foreign pointer; its devm action
+    // runs after remove.
+    let gpu = unsafe { borrow_gpu(shim::hmmgpu_shim_get_priv(vdev)) };
+    gpu.remove();
+}
+
+/// `virtio_driver.reset_prepare`: a PCI function or bus reset is coming.
+///
+/// # Safety
+///
+/// `vdev` is a device [`hmmgpu_rust_probe`] bound; the PCI core holds the
+/// device lock, so it stays bound.
+#[no_mangle]
+pub(crate) unsafe extern "C" fn hmmgpu_rust_reset_prepare(vdev: *mut shim::VirtioDevice) {
+    // SAFETY: as in `hmmgpu_rust_remove`; bound throughout.
+    let gpu = unsafe { borrow_gpu(shim::hmmgpu_shim_get_priv(vdev)) };
+    gpu.reset_prepare();
+}
+
+/// `virtio_driver.reset_done`: the transport reset is over.
+///
+/// # Safety
+///
+/// As for [`hmmgpu_rust_reset_prepare`].
+#[no_mangle]
+pub(crate) unsafe extern "C" fn hmmgpu_rust_reset_done(vdev: *mut shim::VirtioDevice) -> c_int {
+    // SAFETY: as in `hmmgpu_rust_remove`; bound throughout.
+    let gpu = unsafe { borrow_gpu(shim::hmmgpu_shim_get_priv(vdev)) };
+    match gpu.reset_done() {
+        Ok(()) => 0,
+        Err(e) => e.to_errno(),
+    }
+}
+
+/// An event from the device's event queue (interrupt context).
+///
+/// # Safety
+///
+/// `gpu` is the GPU's foreign pointer (the events are started with it and
+/// stop before its devm action runs); `buf` holds `len` bytes.
+#[no_mangle]
+pub(crate) unsafe extern "C" fn hmmgpu_rust_event(gpu: *mut c_void, buf: *const u8, len: c_uint) {
+    // SAFETY: per this function's contract.
+    let gpu = unsafe { borrow_gpu(gpu) };
+    // SAFETY: per this function's contract.
+    let bytes = unsafe { core::slice::from_raw_parts(buf, len as usize) };
+    Gpu::on_event(gpu, bytes);
+}
+
+/// `dev_pagemap_ops.folio_free` of our device pages.
+///
+/// # Safety
+///
+/// `gpu` is the foreign pointer of the GPU whose pagemap, of owner `owner`,
+/// holds `page`, the head of a folio being freed.
+#[no_mangle]
+pub(crate) unsafe extern "C" fn hmmgpu_rust_folio_free(gpu: *mut c_void, owner: *mut c_void, page: *mut bindings::page) {
+    // SAFETY: per this function's contract (the pages go before the GPU).
+    let gpu = unsafe { borrow_gpu(gpu) };
+    // SAFETY: per this function's contract.
+    let Some(page) = (unsafe { PageRef::from_raw(page) }) else {
+        return;
+    };
+    if let Some(vram) = gpu.vram_of_owner(owner) {
+        vram.page_freed(page);
+    }
+}
+
+/// `dev_pagemap_ops.migrate_to_ram`: a CPU touched a page in VRAM.
+///
+/// # Safety
+///
+/// As for [`hmmgpu_rust_folio_free`]; `vmf` is the fault being handled, on
+/// one of the pagemap's pages.
+#[no_mangle]
+pub(crate) unsafe extern "C" fn hmmgpu_rust_migrate_to_ram(
+    gpu: *mut c_void,
+    owner: *mut c_void,
+    vmf: *mut bindings::vm_fault,
+) -> bindings::vm_fault_t {
+    // SAFETY: per this function's contract.
+    let gpu = unsafe { borrow_gpu(gpu) };
+    match gpu.vram_of_owner(owner) {
+        // SAFETY: per this function's contract.
+        Some(vram) => unsafe { crate::migrate::migrate_to_ram(&gpu, vram, vmf) },
+        None => bindings::vm_fault_reason_VM_FAULT_SIGBUS as bindings::vm_fault_t,
+    }
+}
+
+/// `dev_pagemap_ops.memory_failure` of device-coherent VRAM.
+///
+/// # Safety
+///
+/// As for [`hmmgpu_rust_folio_free`]; called in process context by
+/// memory_failure() for pages of the pagemap.
+#[no_mangle]
+pub(crate) unsafe extern "C" fn hmmgpu_rust_memory_failure(
+    gpu: *mut c_void,
+    owner: *mut c_void,
+    pfn: c_ulong,
+    nr_pages: c_ulong,
+) -> c_int {
+    // SAFETY: per this function's contract.
+    let gpu = unsafe { borrow_gpu(gpu) };
+    if let Some(vram) = gpu.vram_of_owner(owner) {
+        crate::migrate::memory_failure(&gpu, vram, pfn as u64, nr_pages as u64);
+    }
+    0
+}
+
+/// The invalidate callback of a mirror's mmu_interval_notifier.
+///
+/// # Safety
+///
+/// `mirror` is the `Mirror` the notifier was created for: it removes the
+/// notifier (waiting for running callbacks) before it is freed.
+#[no_mangle]
+pub(crate) unsafe extern "C" fn hmmgpu_rust_invalidate(
+    mirror: *mut c_void,
+    start: c_ulong,
+    end: c_ulong,
+    blockable: bool,
+    own_migrate: bool,
+    cur_seq: c_ulong,
+) -> bool {
+    // SAFETY: per this function's contract.
+    let mirror = unsafe { &*mirror.cast::<Mirror>() };
+    mirror.invalidate(start as u64, end as u64, blockable, own_migrate, cur_seq)
+}
+
+/// debugfs `counters`: see [`Gpu::format_counters`]. Returns the length
+/// written into `buf`, or a negative errno.
+///
+/// # Safety
+///
+/// `gpu` is the GPU's foreign pointer (the debugfs directory goes in
+/// remove); `buf` holds `len` writable bytes.
+#[no_mangle]
+pub(crate) unsafe extern "C" fn hmmgpu_rust_format_counters(gpu: *mut c_void, buf: *mut u8, len: usize) -> c_long {
+    // SAFETY: per this function's contract.
+    let gpu = unsafe { borrow_gpu(gpu) };
+    // SAFETY: per this function's contract.
+    let out = unsafe { core::slice::from_raw_parts_mut(buf, len) };
+    format_into(out, |w| gpu.format_counters(w))
+}
+
+/// debugfs `vram`: see [`Gpu::format_vram`]. As for
+/// [`hmmgpu_rust_format_counters`].
+///
+/// # Safety
+///
+/// As for [`hmmgpu_rust_format_counters`].
+#[no_mangle]
+pub(crate) unsafe extern "C" fn hmmgpu_rust_format_vram(gpu: *mut c_void, buf: *mut u8, len: usize) -> c_long {
+    // SAFETY: per this function's contract.
+    let gpu = unsafe { borrow_gpu(gpu) };
+    // SAFETY: per this function's contract.
+    let out = unsafe { core::slice::from_raw_parts_mut(buf, len) };
+    format_into(out, |w| gpu.format_vram(w))
+}
+
+/// Runs `format` into `out`: the length written, or a negative errno.
+fn format_into(out: &mut [u8], format: impl FnOnce(&mut SliceWriter<'_>) -> Result) -> c_long {
+    let mut w = SliceWriter { buf: out, pos: 0 };
+    match format(&mut w) {
+        Ok(()) => w.pos as c_long,
+        Err(e) => e.to_errno() as c_long,
+    }
+}
+
+/// `core::fmt::Write` into a byte slice.
+pub(crate) struct SliceWriter<'a> {
+    buf: &'a mut [u8],
+    pos: usize,
+}
+
+impl core::fmt::Write for SliceWriter<'_> {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let end = self.pos.checked_add(s.len()).ok_or(core::fmt::Error)?;
+        self.buf.get_mut(self.pos..end).ok_or(core::fmt::Error)?.copy_from_slice(s.as_bytes());
+        self.pos = end;
+        Ok(())
+    }
+}
