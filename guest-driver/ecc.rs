@@ -110,14 +110,8 @@ impl Gpu {
         let _ = workqueue::system_long().enqueue(Arc::from(gpu));
     }
 
-    /// Stops the ECC work for good (removal): waits for a run in progress;
-    /// later runs return at once.
-    pub(crate) fn stop_ecc_work(&self) {
-        *self.ecc_stopped.lock() = true;
-    }
-
     /// Waits until no ECC work is queued or running. After
-    /// [`Gpu::stop_ecc_work`] and the device reset (no more events), none
+    /// [`Gpu::begin_removal`] and the device reset (no more events), none
     /// is queued again, so the module can go.
     pub(crate) fn flush_ecc_work(&self) {
         // SAFETY: `ecc_work` is an initialized work item of this live Gpu.
@@ -126,8 +120,8 @@ impl Gpu {
 
     /// The ECC work: handles every queued error, in order.
     fn handle_ecc_errors(&self) {
-        let stopped = self.ecc_stopped.lock();
-        if *stopped {
+        let running = self.ecc_lock.lock();
+        if self.lifecycle().removal_began() {
             return;
         }
         loop {
@@ -148,7 +142,7 @@ impl Gpu {
                 dropped
             );
         }
-        drop(stopped);
+        drop(running);
     }
 
     /// One ECC error: retires its page and takes any data on it away from

@@ -14,8 +14,8 @@
 use crate::gpu::Gpu;
 use crate::mirror::Mirror;
 use crate::pages::PageRef;
-use crate::shim;
-use kernel::ffi::{c_int, c_long, c_uint, c_ulong, c_void};
+use crate::virtio::{RawVirtioDevice, VirtioDevice};
+use kernel::ffi::{c_int, c_long, c_ulong, c_void};
 use kernel::bindings;
 use kernel::prelude::*;
 use kernel::sync::Arc;
@@ -32,15 +32,34 @@ unsafe fn borrow_gpu<'a>(gpu: *mut c_void) -> <Arc<Gpu> as ForeignOwnable>::Borr
     unsafe { <Arc<Gpu> as ForeignOwnable>::borrow(gpu) }
 }
 
+/// The GPU of a bound device, from its priv.
+///
+/// # Safety
+///
+/// `vdev` is a device [`hmmgpu_rust_probe`] bound, still bound while the
+/// borrow lives.
+unsafe fn gpu_of<'a>(vdev: *mut RawVirtioDevice) -> <Arc<Gpu> as ForeignOwnable>::Borrowed<'a> {
+    // SAFETY: per this function's contract.
+    let vdev = unsafe { VirtioDevice::from_raw(vdev) };
+    let foreign = vdev.map_or(core::ptr::null_mut(), VirtioDevice::priv_data);
+    // SAFETY: probe set priv to the GPU's foreign pointer (its devm action
+    // runs after remove).
+    unsafe { borrow_gpu(foreign) }
+}
+
 /// `virtio_driver.probe`: binds a device.
 ///
 /// # Safety
 ///
 /// `vdev` is a virtio device being probed by the virtio core.
 #[no_mangle]
-pub(crate) unsafe extern "C" fn hmmgpu_rust_probe(vdev: *mut shim::VirtioDevice) -> c_int {
-    // SAFETY: `vdev` is being probed.
-    let dev = unsafe { shim::hmmgpu_shim_vdev_dev(vdev) };
+pub(crate) unsafe extern "C" fn hmmgpu_rust_probe(vdev: *mut RawVirtioDevice) -> c_int {
+    // SAFETY: `vdev` is being probed; the `Gpu` holding the handle goes
+    // before it is unbound.
+    let Some(vdev) = (unsafe { VirtioDevice::from_raw(vdev) }) else {
+        return EINVAL.to_errno();
+    };
+    let dev = vdev.dev();
     let gpu = match Gpu::probe(vdev) {
         Ok(gpu) => gpu,
         Err(e) => return e.to_errno(),
@@ -55,10 +74,10 @@ pub(crate) unsafe extern "C" fn hmmgpu_rust_probe(vdev: *mut shim::VirtioDevice)
         gpu.abandon();
         return ret;
     }
-    // SAFETY: `vdev` is being probed; `foreign` stays valid until after
+    // The virtqueue callbacks and remove get it; it stays valid until after
     // remove (the devm action runs after it).
-    unsafe { shim::hmmgpu_shim_set_priv(vdev, foreign) };
-    match gpu.start(dev, foreign) {
+    vdev.set_priv_data(foreign);
+    match gpu.start(foreign) {
         Ok(()) => 0,
         Err(e) => e.to_errno(),
     }
@@ -81,11 +100,9 @@ pub(crate) unsafe extern "C" fn hmmgpu_rust_gpu_release(gpu: *mut c_void) {
 ///
 /// `vdev` is a device [`hmmgpu_rust_probe`] bound, being removed.
 #[no_mangle]
-pub(crate) unsafe extern "C" fn hmmgpu_rust_remove(vdev: *mut shim::VirtioDevice) {
-    // SAFETY: probe set priv to the GPU's foreign pointer; its devm action
-    // runs after remove.
-    let gpu = unsafe { borrow_gpu(shim::hmmgpu_shim_get_priv(vdev)) };
-    gpu.remove();
+pub(crate) unsafe extern "C" fn hmmgpu_rust_remove(vdev: *mut RawVirtioDevice) {
+    // SAFETY: bound until remove returns.
+    unsafe { gpu_of(vdev) }.remove();
 }
 
 /// `virtio_driver.reset_prepare`: a PCI function or bus reset is coming.
@@ -95,10 +112,10 @@ pub(crate) unsafe extern "C" fn hmmgpu_rust_remove(vdev: *mut shim::VirtioDevice
 /// `vdev` is a device [`hmmgpu_rust_probe`] bound; the PCI core holds the
 /// device lock, so it stays bound.
 #[no_mangle]
-pub(crate) unsafe extern "C" fn hmmgpu_rust_reset_prepare(vdev: *mut shim::VirtioDevice) {
-    // SAFETY: as in `hmmgpu_rust_remove`; bound throughout.
-    let gpu = unsafe { borrow_gpu(shim::hmmgpu_shim_get_priv(vdev)) };
-    gpu.reset_prepare();
+pub(crate) unsafe extern "C" fn hmmgpu_rust_reset_prepare(vdev: *mut RawVirtioDevice) -> c_int {
+    // SAFETY: bound throughout, per this function's contract.
+    unsafe { gpu_of(vdev) }.reset_prepare();
+    0
 }
 
 /// `virtio_driver.reset_done`: the transport reset is over.
@@ -107,28 +124,37 @@ pub(crate) unsafe extern "C" fn hmmgpu_rust_reset_prepare(vdev: *mut shim::Virti
 ///
 /// As for [`hmmgpu_rust_reset_prepare`].
 #[no_mangle]
-pub(crate) unsafe extern "C" fn hmmgpu_rust_reset_done(vdev: *mut shim::VirtioDevice) -> c_int {
-    // SAFETY: as in `hmmgpu_rust_remove`; bound throughout.
-    let gpu = unsafe { borrow_gpu(shim::hmmgpu_shim_get_priv(vdev)) };
-    match gpu.reset_done() {
+pub(crate) unsafe extern "C" fn hmmgpu_rust_reset_done(vdev: *mut RawVirtioDevice) -> c_int {
+    // SAFETY: bound throughout, per this function's contract.
+    match unsafe { gpu_of(vdev) }.reset_done() {
         Ok(()) => 0,
         Err(e) => e.to_errno(),
     }
 }
 
-/// An event from the device's event queue (interrupt context).
+/// The command virtqueue's callback (interrupt context).
 ///
 /// # Safety
 ///
-/// `gpu` is the GPU's foreign pointer (the events are started with it and
-/// stop before its devm action runs); `buf` holds `len` bytes.
+/// `gpu` is the device's priv, the GPU's foreign pointer: probe sets it
+/// before it creates the virtqueues, which removal deletes before the devm
+/// action runs.
 #[no_mangle]
-pub(crate) unsafe extern "C" fn hmmgpu_rust_event(gpu: *mut c_void, buf: *const u8, len: c_uint) {
+pub(crate) unsafe extern "C" fn hmmgpu_rust_cmd_interrupt(gpu: *mut c_void) {
+    // SAFETY: per this function's contract.
+    unsafe { borrow_gpu(gpu) }.cmd_interrupt();
+}
+
+/// The event virtqueue's callback (interrupt context).
+///
+/// # Safety
+///
+/// As for [`hmmgpu_rust_cmd_interrupt`].
+#[no_mangle]
+pub(crate) unsafe extern "C" fn hmmgpu_rust_event_interrupt(gpu: *mut c_void) {
     // SAFETY: per this function's contract.
     let gpu = unsafe { borrow_gpu(gpu) };
-    // SAFETY: per this function's contract.
-    let bytes = unsafe { core::slice::from_raw_parts(buf, len as usize) };
-    Gpu::on_event(gpu, bytes);
+    Gpu::event_interrupt(gpu);
 }
 
 /// `dev_pagemap_ops.folio_free` of our device pages.

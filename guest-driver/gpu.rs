@@ -8,8 +8,9 @@ use crate::ecc::EccQueue;
 use crate::ffi::SliceWriter;
 use crate::migrate;
 use crate::pages::PageRef;
-use crate::queue::{Command, InFlight, Queues, RangeList, Wait, COMMAND_TIMEOUT_MS};
+use crate::queue::{Command, InFlight, Lifecycle, Loss, Queues, RangeList, Token, Wait, COMMAND_TIMEOUT_MS};
 use crate::shim;
+use crate::virtio::VirtioDevice;
 use crate::uapi::MirrorDevice;
 use crate::vram::{MemKind, Vram};
 use kernel::ffi::c_void;
@@ -25,7 +26,7 @@ use kernel::{new_mutex, new_spinlock_irq, new_work};
 /// the device reported for it.
 struct CtxSlot {
     used: bool,
-    waiter: *mut shim::Cmd,
+    waiter: *const Token,
     /// The device virtual range [start, end) of the access (VREAD, VWRITE,
     /// ATOMIC) being submitted or in flight; None: no access, so every
     /// FAULT event for this context is spurious.
@@ -37,7 +38,7 @@ struct CtxSlot {
 
 impl CtxSlot {
     const fn new(used: bool) -> Self {
-        CtxSlot { used, waiter: ptr::null_mut(), access: None, fault: None }
+        CtxSlot { used, waiter: ptr::null(), access: None, fault: None }
     }
 }
 
@@ -75,7 +76,7 @@ struct Contexts {
     slots: KVec<CtxSlot>,
 }
 
-// SAFETY: only touched under its lock; `waiter` is a shim token.
+// SAFETY: only touched under its lock; `waiter` is a command's token.
 unsafe impl Send for Contexts {}
 
 /// GPU indices in use (bit n: GPU n), which name the uAPI devices.
@@ -93,15 +94,14 @@ const LINK_CANARY: u64 = u64::from_le_bytes(*b"HMMGPU-L");
 /// A bound hmmgpu device.
 #[pin_data]
 pub(crate) struct Gpu {
-    vdev: *mut shim::VirtioDevice,
+    vdev: VirtioDevice,
     index: u32,
     config: DeviceConfig,
     /// Guest-physical address of the VRAM BAR (the shared memory region).
     vram_bar: u64,
-    queues: Queues,
-    /// False once the queues are torn down (removal): no more submissions.
+    /// The queues and the device's [`Lifecycle`].
     #[pin]
-    queues_live: Mutex<bool>,
+    queues: Queues,
     /// Serializes device resets (see [`Gpu::recover`]).
     #[pin]
     reset_lock: Mutex<()>,
@@ -116,21 +116,11 @@ pub(crate) struct Gpu {
     /// The device-coherent half, over the BAR (/dev/hmm_dmirror<index + 2>).
     #[pin]
     pub(crate) coherent: Vram,
-    /// Set when the device is being removed or stopped working: every new
-    /// uAPI operation fails with ENODEV (device commands still run).
-    dead: AtomicBool,
-    /// Set when the device stopped answering (a command timed out) or its
-    /// link went down: no command is submitted any more, so nothing waits
-    /// for it again.
-    lost: AtomicBool,
     /// A device-coherent page the driver keeps as the link canary: its first
     /// word holds [`LINK_CANARY`] while the VRAM BAR works. Null without
     /// device-coherent VRAM (then a failed link goes unnoticed). Replaced
     /// only by the ECC work, which removal stops before it frees the page.
     canary: AtomicPtr<bindings::page>,
-    /// Set once the canary read all-ones: the BAR's link is down, and what
-    /// the CPU reads through it is not the VRAM.
-    link_down: AtomicBool,
     tags: AtomicU64,
     pub(crate) counters: DriverCounters,
     /// Set once the first spurious FAULT event was logged.
@@ -148,17 +138,13 @@ pub(crate) struct Gpu {
     /// Handles `ecc_queue` in process context.
     #[pin]
     pub(crate) ecc_work: Work<Gpu>,
-    /// Held by the ECC work while it runs; true once removal began: the
-    /// work does nothing more (see [`Gpu::stop_ecc_work`]).
+    /// Held by the ECC work while it runs, and by removal when it begins:
+    /// a work that runs later sees the removal and does nothing (see
+    /// [`Gpu::begin_removal`]).
     #[pin]
-    pub(crate) ecc_stopped: Mutex<bool>,
+    pub(crate) ecc_lock: Mutex<()>,
 }
 
-// SAFETY: `vdev` is only used for calls the virtio core allows from any
-// thread while the device is bound; everything else is Send + Sync.
-unsafe impl Send for Gpu {}
-// SAFETY: as above.
-unsafe impl Sync for Gpu {}
 
 impl Gpu {
     /// GPU index (0 for the first one probed).
@@ -196,9 +182,23 @@ impl Gpu {
         self.private.offset_of_pfn(pfn).or_else(|| self.coherent.offset_of_pfn(pfn))
     }
 
-    /// Fails with ENODEV once the device is gone (and checks the link).
+    /// Where the device is in its life.
+    pub(crate) fn lifecycle(&self) -> Lifecycle {
+        self.queues.lifecycle()
+    }
+
+    /// Begins removal: uAPI calls fail with ENODEV from now on, and the ECC
+    /// work stops for good (this waits for a run in progress, under
+    /// `ecc_lock`; later runs see the removal and return at once).
+    fn begin_removal(&self) {
+        let _ecc_idle = self.ecc_lock.lock();
+        self.queues.begin_removal();
+    }
+
+    /// Fails with ENODEV once uAPI calls are no longer served (removal, a
+    /// lost device; and checks the link).
     pub(crate) fn check_alive(&self) -> Result {
-        if self.dead.load(Ordering::Acquire) || !self.link_ok() {
+        if !self.lifecycle().serves_uapi() || !self.link_ok() {
             Err(ENODEV)
         } else {
             Ok(())
@@ -207,12 +207,13 @@ impl Gpu {
 
     /// Whether the VRAM BAR's link is down (see [`Gpu::link_ok`]).
     pub(crate) fn is_link_down(&self) -> bool {
-        self.link_down.load(Ordering::Acquire)
+        self.lifecycle().loss() == Some(Loss::LinkDown)
     }
 
     /// Reads the link canary: a PCIe link that failed makes the BAR read
     /// all-ones, as real hardware does; the driver then stops using the
-    /// device (dead and lost). Checked at every uAPI operation and at removal.
+    /// device ([`Loss::LinkDown`]). Checked at every uAPI operation
+    /// and at removal.
     fn link_ok(&self) -> bool {
         if self.is_link_down() {
             return false;
@@ -226,9 +227,7 @@ impl Gpu {
         if unsafe { ptr::read_volatile(word) } != u64::MAX {
             return true;
         }
-        self.dead.store(true, Ordering::Release);
-        self.lost.store(true, Ordering::Release);
-        if !self.link_down.swap(true, Ordering::AcqRel) {
+        if self.queues.mark_link_down() {
             pr_err!(
                 "hmmgpu{}: the VRAM BAR reads all-ones: the link is down; the device is dead\n",
                 self.index
@@ -290,21 +289,18 @@ impl Gpu {
         Ok(())
     }
 
-    /// Whether the device stopped answering (see [`Gpu::hung`]).
+    /// Whether the device stopped answering or its link is down.
     pub(crate) fn is_lost(&self) -> bool {
-        self.lost.load(Ordering::Acquire)
+        self.lifecycle().loss().is_some()
     }
 
-    /// Marks the device dead and lost after it failed to complete a command.
-    fn hung(&self, e: Error) -> Error {
-        if e == ETIMEDOUT {
-            self.dead.store(true, Ordering::Release);
-            if !self.lost.swap(true, Ordering::AcqRel) {
-                pr_err!("hmmgpu{}: the device stopped answering; it is dead\n", self.index);
-            }
-            return ENODEV;
+    /// Marks the device lost after it failed to complete a command, or to
+    /// come back from a reset: ENODEV from now on.
+    fn hung(&self) -> Error {
+        if self.queues.mark_lost() {
+            pr_err!("hmmgpu{}: the device stopped answering; it is dead\n", self.index);
         }
-        e
+        ENODEV
     }
 
     /// A fresh tag for a command.
@@ -317,20 +313,14 @@ impl Gpu {
     /// mirror lock (which memory reclaim can wait for through the MMU
     /// notifier; a reset never enters reclaim, see [`Gpu::recover`]).
     /// Returns the reset generation the command runs in.
-    fn submit(&self, mut cmd: Command) -> core::result::Result<(InFlight, u64), (Error, Command)> {
+    fn submit(&self, mut cmd: Command) -> core::result::Result<(InFlight<'_>, u64), (Error, Command)> {
         loop {
-            {
-                let live = self.queues_live.lock();
-                if !*live || self.is_lost() {
-                    return Err((ENODEV, cmd));
-                }
-                match self.queues.submit(cmd, false) {
-                    Ok(flight) => return Ok((flight, self.resets.load(Ordering::Acquire))),
-                    Err((e, back)) if e == EAGAIN => cmd = back,
-                    Err(other) => return Err(other),
-                }
+            match self.queues.submit(cmd, false) {
+                Ok(flight) => return Ok((flight, self.resets.load(Ordering::Acquire))),
+                Err((e, back)) if e == EAGAIN => cmd = back,
+                Err(other) => return Err(other),
             }
-            if !self.queues.wait_running(COMMAND_TIMEOUT_MS) {
+            if !self.queues.wait_settled(COMMAND_TIMEOUT_MS) {
                 return Err((ENODEV, cmd));
             }
         }
@@ -338,15 +328,19 @@ impl Gpu {
 
     /// Waits for a submitted command. A timeout resets the device (see
     /// [`Gpu::recover`]), which finishes the command: completed, or given
-    /// back with `Err(ECANCELED)`.
-    fn wait(&self, flight: &mut InFlight, generation: u64) -> Result<Wait> {
-        match flight.wait() {
-            Err(e) if e == ETIMEDOUT => {
+    /// back ([`Wait::GivenBack`]). Never returns [`Wait::TimedOut`]: a
+    /// command the reset did not finish either makes the device lost.
+    fn wait(&self, flight: &mut InFlight<'_>, generation: u64) -> Result<Wait> {
+        match flight.wait()? {
+            Wait::TimedOut => {
                 self.recover(generation)?;
                 // The reset finished the command; still nothing: give up.
-                flight.wait().map_err(|e| if e == ETIMEDOUT { self.hung(e) } else { e })
+                match flight.wait()? {
+                    Wait::TimedOut => Err(self.hung()),
+                    other => Ok(other),
+                }
             }
-            other => other,
+            other => Ok(other),
         }
     }
 
@@ -359,18 +353,15 @@ impl Gpu {
         let mut resubmitted = false;
         loop {
             let (mut flight, generation) = self.submit(cmd).map_err(|(e, _)| e)?;
-            let error = loop {
-                match self.wait(&mut flight, generation) {
-                    Ok(Wait::Done(resp)) => {
+            loop {
+                match self.wait(&mut flight, generation)? {
+                    Wait::Done(resp) => {
                         let cmd = flight.into_command().ok_or(EINVAL)?;
                         return Ok((resp, cmd));
                     }
-                    Ok(Wait::Woken) => continue,
-                    Err(e) => break e,
+                    Wait::GivenBack => break,
+                    Wait::Woken | Wait::TimedOut => continue,
                 }
-            };
-            if error != ECANCELED {
-                return Err(error);
             }
             cmd = flight.into_command().ok_or(EIO)?;
             if resubmitted || !cmd.can_resubmit() {
@@ -389,6 +380,8 @@ impl Gpu {
             match flight.wait()? {
                 Wait::Done(resp) => return Ok(resp),
                 Wait::Woken => continue,
+                Wait::GivenBack => return Err(EIO),
+                Wait::TimedOut => return Err(ETIMEDOUT),
             }
         }
     }
@@ -407,7 +400,7 @@ impl Gpu {
         if self.resets.load(Ordering::Acquire) != generation {
             return Ok(()); // another waiter's reset finished our command too
         }
-        if self.is_lost() || !*self.queues_live.lock() {
+        if self.lifecycle().is_gone() {
             return Err(ENODEV);
         }
         pr_warn!(
@@ -415,8 +408,7 @@ impl Gpu {
             self.index,
             COMMAND_TIMEOUT_MS
         );
-        // SAFETY: the device is bound and its queues exist.
-        unsafe { shim::hmmgpu_shim_queues_stop(self.vdev) };
+        self.queues.stop();
         let contexts = self.restart(true)?;
         pr_notice!(
             "hmmgpu{}: reset done ({} contexts recreated); commands in flight were retried\n",
@@ -438,21 +430,19 @@ impl Gpu {
         let result = self.restart_queues(negotiate);
         // Before resuming, so a command submitted after it gets the new one.
         self.resets.fetch_add(1, Ordering::AcqRel);
-        self.queues.set_running(result.is_ok());
+        if result.is_ok() {
+            self.queues.resume();
+        }
         // SAFETY: saved above.
         unsafe { shim::hmmgpu_shim_noreclaim_restore(flags) };
         result.map_err(|e| {
             pr_err!("hmmgpu{}: the device did not come back from its reset: {:?}\n", self.index, e);
-            self.hung(ETIMEDOUT)
+            self.hung()
         })
     }
 
     fn restart_queues(&self, negotiate: bool) -> Result<usize> {
-        // SAFETY: the device is bound; its queues were stopped.
-        let ret = unsafe { shim::hmmgpu_shim_queues_restart(self.vdev, negotiate) };
-        if ret < 0 {
-            return Err(Error::from_errno(ret));
-        }
+        self.queues.restart(negotiate)?;
         let mut recreated = 0;
         let mut index = 0;
         loop {
@@ -495,8 +485,7 @@ impl Gpu {
         // Not held while evicting: the eviction's MMU notifiers take mirror
         // locks, under which a timed-out command takes this lock to recover.
         let _serialized = self.reset_lock.lock();
-        // SAFETY: the device is bound.
-        unsafe { shim::hmmgpu_shim_queues_stop(self.vdev) };
+        self.queues.stop();
     }
 
     /// `virtio_driver.reset_done`: the virtio core reset the device and
@@ -505,7 +494,6 @@ impl Gpu {
     pub(crate) fn reset_done(&self) -> Result {
         let _serialized = self.reset_lock.lock();
         if self.is_lost() {
-            self.queues.set_running(false);
             pr_err!("hmmgpu{}: the device was lost before its reset; it stays dead\n", self.index);
             return Err(ENODEV);
         }
@@ -672,20 +660,23 @@ impl Gpu {
                 }
                 continue;
             }
+            // `None`: a device reset gave the command back.
             match self.wait(&mut flight, generation) {
-                Ok(Wait::Done(resp)) => break Ok(resp),
-                Ok(Wait::Woken) => continue,
+                Ok(Wait::Done(resp)) => break Ok(Some(resp)),
+                Ok(Wait::Woken | Wait::TimedOut) => continue,
+                Ok(Wait::GivenBack) => break Ok(None),
                 Err(e) => break Err(e),
             }
         };
         self.end_access(ctx);
         match (result, failure) {
-            (Err(e), _) if e == ECANCELED => match flight.into_command() {
+            (Ok(None), _) => match flight.into_command() {
                 Some(cmd) => Err(Resubmit(cmd)),
                 None => Ok(Err(EIO)),
             },
-            (Ok(_), Some(e)) => Ok(Err(e)),
-            (result, _) => Ok(result),
+            (Ok(Some(_)), Some(e)) => Ok(Err(e)),
+            (Ok(Some(resp)), None) => Ok(Ok(resp)),
+            (Err(e), _) => Ok(Err(e)),
         }
     }
 
@@ -740,7 +731,7 @@ impl Gpu {
         }
     }
 
-    fn set_waiter(&self, ctx: u32, waiter: *mut shim::Cmd) {
+    fn set_waiter(&self, ctx: u32, waiter: *const Token) {
         if let Some(slot) = self.contexts.lock().slots.get_mut(ctx as usize - 1) {
             slot.waiter = waiter;
         }
@@ -749,7 +740,7 @@ impl Gpu {
     /// The access of `ctx` is over: later FAULT events for it are spurious.
     fn end_access(&self, ctx: u32) {
         if let Some(slot) = self.contexts.lock().slots.get_mut(ctx as usize - 1) {
-            slot.waiter = ptr::null_mut();
+            slot.waiter = ptr::null();
             slot.access = None;
             slot.fault = None;
         }
@@ -778,7 +769,17 @@ impl Gpu {
     /// it; it then wakes the waiter, which resolves and replays. Anything
     /// else is counted as spurious and dropped: O(1) work per event, so a
     /// storm of them cannot livelock the driver.
-    pub(crate) fn on_event(gpu: ArcBorrow<'_, Gpu>, bytes: &[u8]) {
+    /// The command queue's interrupt: finishes the completed commands.
+    pub(crate) fn cmd_interrupt(&self) {
+        self.queues.cmd_interrupt();
+    }
+
+    /// The event queue's interrupt: handles every event.
+    pub(crate) fn event_interrupt(gpu: ArcBorrow<'_, Gpu>) {
+        gpu.queues.event_interrupt(|bytes| Gpu::on_event(gpu, bytes));
+    }
+
+    fn on_event(gpu: ArcBorrow<'_, Gpu>, bytes: &[u8]) {
         let Some(event) = Event::from_bytes(bytes) else {
             pr_warn!("hmmgpu{}: short event ({} bytes)\n", gpu.index, bytes.len());
             return;
@@ -816,7 +817,7 @@ impl Gpu {
                 if !slot.waiter.is_null() {
                     // SAFETY: the waiter's command is in flight until it
                     // clears itself under this lock.
-                    unsafe { shim::hmmgpu_shim_cmd_wake(slot.waiter) };
+                    unsafe { &*slot.waiter }.wake();
                 }
             }
         }
@@ -856,12 +857,14 @@ impl Gpu {
 
     /// Reads and checks the device's configuration and creates its GPU
     /// object; [`Gpu::start`] starts it.
-    pub(crate) fn probe(vdev: *mut shim::VirtioDevice) -> Result<Arc<Gpu>> {
+    pub(crate) fn probe(vdev: VirtioDevice) -> Result<Arc<Gpu>> {
+        // Commands carry guest-physical addresses: no IOMMU in between.
+        if vdev.has_access_platform() {
+            pr_err!("hmmgpu: VIRTIO_F_ACCESS_PLATFORM is not supported\n");
+            return Err(EINVAL);
+        }
         let mut raw = [0u8; DeviceConfig::SIZE];
-        // SAFETY: `vdev` is being probed; the buffer is `raw.len()` bytes.
-        unsafe {
-            shim::hmmgpu_shim_read_config(vdev, 0, raw.as_mut_ptr().cast(), raw.len())
-        };
+        vdev.read_config(&mut raw);
         let config = DeviceConfig::from_bytes(&raw).ok_or(EINVAL)?;
         if config.magic != abi::CONFIG_MAGIC || config.version != abi::ABI_VERSION {
             pr_err!(
@@ -889,12 +892,10 @@ impl Gpu {
             pr_err!("hmmgpu: needs 2 MiB PMDs (4 KiB pages; on ppc64, the radix MMU)\n");
             return Err(ENODEV);
         }
-        let (mut bar, mut bar_len) = (0u64, 0u64);
-        // SAFETY: `vdev` is being probed; out-pointers are valid.
-        if !unsafe { shim::hmmgpu_shim_get_shm(vdev, abi::SHM_ID_VRAM, &mut bar, &mut bar_len) } {
+        let Some((bar, bar_len)) = vdev.shm_region(abi::SHM_ID_VRAM) else {
             pr_err!("hmmgpu: the device has no VRAM shared memory region\n");
             return Err(ENODEV);
-        }
+        };
         if bar_len != config.vram_size {
             pr_err!(
                 "hmmgpu: VRAM region is {} bytes but config says {}\n",
@@ -909,47 +910,25 @@ impl Gpu {
         Ok(gpu)
     }
 
-    /// Creates the GPU object and its queues; [`Gpu::start`] starts it.
-
-    fn create(
-        vdev: *mut shim::VirtioDevice,
-        index: u32,
-        config: DeviceConfig,
-        vram_bar: u64,
-    ) -> Result<Arc<Gpu>> {
-        // SAFETY: `vdev` is being probed.
-        let queues = unsafe { shim::hmmgpu_shim_queues_create(vdev) };
-        if shim::is_err(queues) {
-            return Err(shim::ptr_err(queues));
-        }
+    /// Creates the GPU object; [`Gpu::start`] starts its device.
+    fn create(vdev: VirtioDevice, index: u32, config: DeviceConfig, vram_bar: u64) -> Result<Arc<Gpu>> {
         let half = config.vram_size / 2;
-        let vram = Vram::new(index, MemKind::Private, 0, half)
-            .and_then(|private| Ok((private, Vram::new(index, MemKind::Coherent, half, half)?)));
-        let (private, coherent) = match vram {
-            Ok(v) => v,
-            Err(e) => {
-                // SAFETY: the queue was created on this device.
-                unsafe { shim::hmmgpu_shim_device_reset(vdev) };
-                return Err(e);
-            }
-        };
-        let gpu = Arc::pin_init(
+        let private = Vram::new(index, MemKind::Private, 0, half)?;
+        let coherent = Vram::new(index, MemKind::Coherent, half, half)?;
+        let queues = Queues::new(vdev);
+        Arc::pin_init(
             try_pin_init!(Gpu {
                 vdev,
                 index,
                 config,
                 vram_bar,
-                queues: Queues::new(queues),
-                queues_live <- new_mutex!(true),
+                queues <- queues,
                 reset_lock <- new_mutex!(()),
                 resets: AtomicU64::new(0),
                 contexts <- new_spinlock_irq!(Contexts { slots: KVec::new() }),
                 private <- private,
                 coherent <- coherent,
-                dead: AtomicBool::new(false),
-                lost: AtomicBool::new(false),
                 canary: AtomicPtr::new(ptr::null_mut()),
-                link_down: AtomicBool::new(false),
                 tags: AtomicU64::new(0),
                 counters: DriverCounters::default(),
                 spurious_logged: AtomicBool::new(false),
@@ -958,30 +937,20 @@ impl Gpu {
                 mirror_devs <- new_mutex!(KVec::new()),
                 ecc_queue <- new_spinlock_irq!(EccQueue::new()),
                 ecc_work <- new_work!("hmmgpu::ecc_work"),
-                ecc_stopped <- new_mutex!(false),
+                ecc_lock <- new_mutex!(()),
             }),
             GFP_KERNEL,
-        );
-        let gpu = match gpu {
-            Ok(gpu) => gpu,
-            Err(e) => {
-                // SAFETY: the queue was created on this device.
-                unsafe { shim::hmmgpu_shim_device_reset(vdev) };
-                return Err(e);
-            }
-        };
-        Ok(gpu)
+        )
     }
 
     /// Starts a GPU [`Gpu::probe`] made, once C holds its `foreign`
-    /// reference (see ffi.rs): the device starts, the event buffers are
-    /// posted, the VRAM is registered as device memory with `dev` and the
-    /// uAPI devices and debugfs directory are created. On failure the
-    /// device is stopped again (see [`Gpu::abandon`]).
-    pub(crate) fn start(&self, dev: *mut bindings::device, foreign: *mut c_void) -> Result {
-        // SAFETY: the queues are set up; the device may start.
-        unsafe { shim::hmmgpu_shim_device_ready(self.vdev) };
-        let result = self.queues.start_events(foreign).and_then(|()| {
+    /// reference (see ffi.rs) and the device's priv is set: the queues
+    /// start, the VRAM is registered as device memory and the uAPI devices
+    /// and debugfs directory are created. On failure the device is stopped
+    /// again (see [`Gpu::abandon`]).
+    pub(crate) fn start(&self, foreign: *mut c_void) -> Result {
+        let dev = self.vdev.dev();
+        let result = self.queues.start().and_then(|()| {
             self.private.register(dev, self.vram_bar, foreign)?;
             let md = MirrorDevice::register(self.arc(foreign), MemKind::Private)?;
             self.mirror_devs.lock().push(md, GFP_KERNEL)?;
@@ -1028,10 +997,8 @@ impl Gpu {
     /// Undoes a probe that failed after [`Gpu::probe`]: nothing runs on
     /// the device any more and its GPU index is free again.
     pub(crate) fn abandon(&self) {
-        self.dead.store(true, Ordering::Release);
-        self.stop_ecc_work();
-        // SAFETY: the device was set up by `probe`.
-        unsafe { shim::hmmgpu_shim_device_reset(self.vdev) };
+        self.begin_removal();
+        self.queues.shut_down();
         self.flush_ecc_work();
         release_index(self.index);
     }
@@ -1055,7 +1022,7 @@ impl Gpu {
 
     pub(crate) fn remove(&self) {
         // Before the canary and the VRAM go: the ECC work touches both.
-        self.stop_ecc_work();
+        self.begin_removal();
         let dir = self.debugfs.swap(ptr::null_mut(), Ordering::AcqRel);
         // SAFETY: created in `create`; removal waits for open readers.
         unsafe { shim::hmmgpu_shim_debugfs_remove(dir) };
@@ -1074,9 +1041,8 @@ impl Gpu {
                 canary.unlock_put();
             }
         }
-        // Commands still run (the queue does not look at `dead`), so the
-        // eviction can copy VRAM back.
-        self.dead.store(true, Ordering::Release);
+        // Commands still run while removing, so the eviction can copy VRAM
+        // back.
         let evicted = migrate::evict_all(self, &self.private) + migrate::evict_all(self, &self.coherent);
         self.private.reclaim_deferred();
         self.coherent.reclaim_deferred();
@@ -1097,9 +1063,7 @@ impl Gpu {
             self.config.vram_size >> 10,
             ((self.private.retired_pages() + self.coherent.retired_pages()) * abi::PAGE_SIZE) >> 10
         );
-        *self.queues_live.lock() = false;
-        // SAFETY: the device is bound; nothing submits any more.
-        unsafe { shim::hmmgpu_shim_device_reset(self.vdev) };
+        self.queues.shut_down();
         // No more events: an ECC work queued until now finds it stopped.
         self.flush_ecc_work();
         release_index(self.index);

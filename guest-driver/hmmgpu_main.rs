@@ -7,7 +7,9 @@
 //! offers the dmirror uAPI of lib/test_hmm_uapi.h. Layout:
 //! - `gpu`: probe/remove and the device's state
 //! - `ecc`: VRAM ECC errors: retiring pages, moving their data away
-//! - `queue`: the command virtqueue
+//! - `queue`: the command and event virtqueues, commands' completion,
+//!   polling and timeouts, the queue side of resets, the [`Lifecycle`]
+//! - `virtio`: the virtio calls, on typed handles
 //! - `vram`: the VRAM allocator (GPU buddy) and its device pages
 //! - `migrate`: migrate_vma_* / migrate_device_* and migrate_to_ram
 //! - `mirror`: hmm_range_fault + mmu_interval_notifier per open file
@@ -32,6 +34,7 @@ mod pages;
 mod queue;
 mod shim;
 mod uapi;
+mod virtio;
 mod vram;
 
 module! {
@@ -46,8 +49,8 @@ struct HmmGpuModule;
 
 impl kernel::Module for HmmGpuModule {
     fn init(_module: &'static ThisModule) -> Result<Self> {
-        // SAFETY: registers the shim's static virtio_driver once.
-        let ret = unsafe { shim::hmmgpu_shim_register_driver() };
+        // SAFETY: registers virtio.c's static virtio_driver once.
+        let ret = unsafe { virtio::hmmgpu_register_driver() };
         if ret < 0 {
             return Err(Error::from_errno(ret));
         }
@@ -58,6 +61,6 @@ impl kernel::Module for HmmGpuModule {
 impl Drop for HmmGpuModule {
     fn drop(&mut self) {
         // SAFETY: registered in `init`; removes every bound device first.
-        unsafe { shim::hmmgpu_shim_unregister_driver() };
+        unsafe { virtio::hmmgpu_unregister_driver() };
     }
 }

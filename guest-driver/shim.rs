@@ -1,11 +1,10 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! Declarations of the C shim (shim.c / shim.h). Kernel structs come from
-//! `kernel::bindings`; only the shim's own structs and the virtio ones, which
-//! `kernel::bindings` lacks, are opaque here. The Rust functions the shim
-//! calls are in ffi.rs.
+//! Declarations of the C shim (shim.c, hmmgpu.h). Kernel structs come from
+//! `kernel::bindings`; only the shim's own structs are opaque here (virtio
+//! is in virtio.rs). The Rust functions C calls are in ffi.rs.
 
-use kernel::ffi::{c_int, c_long, c_uint, c_ulong, c_void};
+use kernel::ffi::{c_int, c_uint, c_ulong, c_void};
 use kernel::bindings;
 
 macro_rules! opaque {
@@ -15,12 +14,6 @@ macro_rules! opaque {
 }
 
 opaque!(
-    /// `struct virtio_device` (not in `kernel::bindings`).
-    VirtioDevice,
-    /// The shim's queues (`struct hmmgpu_queues`).
-    Queues,
-    /// The shim's command token (`struct hmmgpu_cmd`).
-    Cmd,
     /// The shim's `struct hmmgpu_migrate` (a migrate_vma with its arrays).
     Migrate,
     /// The shim's `struct hmmgpu_notifier` (an mmu_interval_notifier).
@@ -58,54 +51,14 @@ extern "C" {
     pub(crate) static hmmgpu_MIGRATE_PFN_COMPOUND: c_ulong;
     pub(crate) static hmmgpu_MIGRATE_MAX_PAGES: c_ulong;
 
-    pub(crate) fn hmmgpu_shim_register_driver() -> c_int;
-    pub(crate) fn hmmgpu_shim_unregister_driver();
-    pub(crate) fn hmmgpu_shim_vdev_dev(vdev: *mut VirtioDevice) -> *mut Device;
-    pub(crate) fn hmmgpu_shim_set_priv(vdev: *mut VirtioDevice, data: *mut c_void);
-    pub(crate) fn hmmgpu_shim_get_priv(vdev: *mut VirtioDevice) -> *mut c_void;
-    pub(crate) fn hmmgpu_shim_read_config(
-        vdev: *mut VirtioDevice,
-        offset: c_uint,
-        buf: *mut c_void,
-        len: usize,
-    );
     pub(crate) fn hmmgpu_shim_pmd_is_2m() -> bool;
     pub(crate) fn hmmgpu_shim_copy_page(dst: *mut Page, src: *mut Page);
     pub(crate) fn hmmgpu_shim_poison_pfn(pfn: c_ulong) -> c_int;
     pub(crate) fn hmmgpu_shim_poison_pfn_later(pfn: c_ulong);
     pub(crate) fn hmmgpu_shim_page_address(page: *mut Page) -> *mut c_void;
     pub(crate) fn hmmgpu_shim_fill_pages(page: *mut Page, order: c_uint, c: c_int);
-    pub(crate) fn hmmgpu_shim_get_shm(
-        vdev: *mut VirtioDevice,
-        id: u8,
-        addr: *mut u64,
-        len: *mut u64,
-    ) -> bool;
-    pub(crate) fn hmmgpu_shim_queues_create(vdev: *mut VirtioDevice) -> *mut Queues;
-    pub(crate) fn hmmgpu_shim_events_start(q: *mut Queues, gpu: *mut c_void) -> c_int;
-    pub(crate) fn hmmgpu_shim_device_ready(vdev: *mut VirtioDevice);
-    pub(crate) fn hmmgpu_shim_device_reset(vdev: *mut VirtioDevice);
-    pub(crate) fn hmmgpu_shim_queues_stop(vdev: *mut VirtioDevice);
-    pub(crate) fn hmmgpu_shim_queues_restart(vdev: *mut VirtioDevice, negotiate: bool) -> c_int;
-    pub(crate) fn hmmgpu_shim_queues_set_running(q: *mut Queues, running: bool);
-    pub(crate) fn hmmgpu_shim_queues_wait_running(q: *mut Queues, timeout_ms: c_uint) -> bool;
-    pub(crate) fn hmmgpu_shim_polled_completions(q: *mut Queues) -> c_ulong;
     pub(crate) fn hmmgpu_shim_noreclaim_save() -> c_uint;
     pub(crate) fn hmmgpu_shim_noreclaim_restore(flags: c_uint);
-    pub(crate) fn hmmgpu_shim_cmd_alloc() -> *mut Cmd;
-    pub(crate) fn hmmgpu_shim_cmd_free(cmd: *mut Cmd);
-    pub(crate) fn hmmgpu_shim_cmd_submit(
-        q: *mut Queues,
-        cmd: *mut Cmd,
-        out: *mut c_void,
-        out_len: c_uint,
-        inb: *mut c_void,
-        in_len: c_uint,
-        privileged: bool,
-    ) -> c_int;
-    pub(crate) fn hmmgpu_shim_cmd_wait(q: *mut Queues, cmd: *mut Cmd, timeout_ms: c_uint) -> c_long;
-    pub(crate) fn hmmgpu_shim_cmd_wake(cmd: *mut Cmd);
-    pub(crate) fn hmmgpu_shim_cmd_completed(cmd: *mut Cmd) -> bool;
 
     pub(crate) fn hmmgpu_shim_memremap(
         dev: *mut Device,

@@ -1,10 +1,11 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * hmmgpu C shim interface. shim.rs declares the same functions for Rust;
- * keep the two in sync.
+ * What the driver's C and Rust halves call of each other: the Rust entry
+ * points (ffi.rs) and the C functions (declared for Rust in shim.rs and
+ * virtio.rs; keep them in sync).
  */
-#ifndef HMMGPU_SHIM_H
-#define HMMGPU_SHIM_H
+#ifndef HMMGPU_H
+#define HMMGPU_H
 
 #include <linux/mm_types.h>
 #include <linux/types.h>
@@ -13,9 +14,9 @@ struct dentry;
 struct device;
 struct hmmgpu_migrate;
 struct hmmgpu_notifier;
-struct hmmgpu_cmd;
-struct hmmgpu_queues;
+struct completion;
 struct virtio_device;
+struct virtqueue;
 struct vm_area_struct;
 struct vm_fault;
 
@@ -24,14 +25,15 @@ struct vm_fault;
 #define HMMGPU_MEM_PRIVATE	1
 #define HMMGPU_MEM_COHERENT	2
 
-/* Implemented in Rust. */
+/* Implemented in Rust (ffi.rs). */
 int hmmgpu_rust_probe(struct virtio_device *vdev);
 void hmmgpu_rust_remove(struct virtio_device *vdev);
-void hmmgpu_rust_reset_prepare(struct virtio_device *vdev);
+int hmmgpu_rust_reset_prepare(struct virtio_device *vdev);
 int hmmgpu_rust_reset_done(struct virtio_device *vdev);
+void hmmgpu_rust_cmd_interrupt(void *gpu);
+void hmmgpu_rust_event_interrupt(void *gpu);
 long hmmgpu_rust_format_counters(void *gpu, char *buf, size_t len);
 long hmmgpu_rust_format_vram(void *gpu, char *buf, size_t len);
-void hmmgpu_rust_event(void *gpu, const u8 *buf, unsigned int len);
 vm_fault_t hmmgpu_rust_migrate_to_ram(void *gpu, void *vram,
 				      struct vm_fault *vmf);
 void hmmgpu_rust_folio_free(void *gpu, void *vram, struct page *page);
@@ -57,43 +59,37 @@ extern const unsigned long hmmgpu_MIGRATE_MAX_PAGES;
 #define HMMGPU_PFN_ZERO			(1u << 6)
 #define HMMGPU_PFN_ORDER_SHIFT		8
 
-/* Implemented in shim.c. */
-int hmmgpu_shim_register_driver(void);
-void hmmgpu_shim_unregister_driver(void);
-struct device *hmmgpu_shim_vdev_dev(struct virtio_device *vdev);
-void hmmgpu_shim_set_priv(struct virtio_device *vdev, void *priv);
-void *hmmgpu_shim_get_priv(struct virtio_device *vdev);
-void hmmgpu_shim_read_config(struct virtio_device *vdev, unsigned int offset,
-			     void *buf, size_t len);
+/* virtio.c */
+int hmmgpu_register_driver(void);
+void hmmgpu_unregister_driver(void);
+int hmmgpu_virtio_find_vqs(struct virtio_device *vdev, struct virtqueue **vqs);
+struct device *hmmgpu_virtio_dev(struct virtio_device *vdev);
+void hmmgpu_virtio_set_priv(struct virtio_device *vdev, void *priv);
+void *hmmgpu_virtio_priv(struct virtio_device *vdev);
+bool hmmgpu_virtio_has_feature(struct virtio_device *vdev, unsigned int fbit);
+void hmmgpu_virtio_read_config(struct virtio_device *vdev, unsigned int offset,
+			       void *buf, size_t len);
+bool hmmgpu_virtio_shm_region(struct virtio_device *vdev, u8 id, u64 *addr,
+			      u64 *len);
+void hmmgpu_virtio_ready(struct virtio_device *vdev);
+int hmmgpu_virtio_finalize_features(struct virtio_device *vdev);
+u8 hmmgpu_virtio_status(struct virtio_device *vdev);
+void hmmgpu_virtio_del_vqs(struct virtio_device *vdev);
+extern const unsigned int hmmgpu_VIRTIO_F_ACCESS_PLATFORM;
+extern const u8 hmmgpu_VIRTIO_S_ACKNOWLEDGE;
+extern const u8 hmmgpu_VIRTIO_S_DRIVER;
+extern const u8 hmmgpu_VIRTIO_S_FEATURES_OK;
+
+/* shim.c */
+void hmmgpu_reinit_completion(struct completion *x);
 bool hmmgpu_shim_pmd_is_2m(void);
 void hmmgpu_shim_copy_page(struct page *dst, struct page *src);
 int hmmgpu_shim_poison_pfn(unsigned long pfn);
 void hmmgpu_shim_poison_pfn_later(unsigned long pfn);
 void *hmmgpu_shim_page_address(struct page *page);
 void hmmgpu_shim_fill_pages(struct page *page, unsigned int order, int c);
-bool hmmgpu_shim_get_shm(struct virtio_device *vdev, u8 id, u64 *addr,
-			 u64 *len);
-struct hmmgpu_queues *hmmgpu_shim_queues_create(struct virtio_device *vdev);
-int hmmgpu_shim_events_start(struct hmmgpu_queues *q, void *gpu);
-void hmmgpu_shim_device_ready(struct virtio_device *vdev);
-void hmmgpu_shim_device_reset(struct virtio_device *vdev);
-void hmmgpu_shim_queues_stop(struct virtio_device *vdev);
-int hmmgpu_shim_queues_restart(struct virtio_device *vdev, bool negotiate);
-void hmmgpu_shim_queues_set_running(struct hmmgpu_queues *q, bool running);
-bool hmmgpu_shim_queues_wait_running(struct hmmgpu_queues *q,
-				     unsigned int timeout_ms);
-unsigned long hmmgpu_shim_polled_completions(struct hmmgpu_queues *q);
 unsigned int hmmgpu_shim_noreclaim_save(void);
 void hmmgpu_shim_noreclaim_restore(unsigned int flags);
-struct hmmgpu_cmd *hmmgpu_shim_cmd_alloc(void);
-void hmmgpu_shim_cmd_free(struct hmmgpu_cmd *cmd);
-int hmmgpu_shim_cmd_submit(struct hmmgpu_queues *q, struct hmmgpu_cmd *cmd,
-			   void *out, unsigned int out_len, void *in,
-			   unsigned int in_len, bool privileged);
-long hmmgpu_shim_cmd_wait(struct hmmgpu_queues *q, struct hmmgpu_cmd *cmd,
-			  unsigned int timeout_ms);
-void hmmgpu_shim_cmd_wake(struct hmmgpu_cmd *cmd);
-bool hmmgpu_shim_cmd_completed(struct hmmgpu_cmd *cmd);
 unsigned long hmmgpu_shim_memremap(struct device *dev, int kind, u64 phys,
 				   u64 size, void *gpu, void *owner);
 struct page *hmmgpu_shim_pfn_to_page(unsigned long pfn);
@@ -146,4 +142,4 @@ int hmmgpu_shim_make_exclusive(struct hmmgpu_notifier *n, unsigned long addr,
 struct dentry *hmmgpu_shim_debugfs_create(unsigned int index, void *gpu);
 void hmmgpu_shim_debugfs_remove(struct dentry *dir);
 
-#endif /* HMMGPU_SHIM_H */
+#endif /* HMMGPU_H */
