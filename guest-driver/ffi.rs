@@ -14,8 +14,9 @@
 use crate::gpu::Gpu;
 use crate::mirror::Mirror;
 use crate::pages::PageRef;
-use crate::virtio::{RawVirtioDevice, VirtioDevice};
-use kernel::ffi::{c_int, c_long, c_ulong, c_void};
+use crate::shim::VirtioDeviceRaw as RawVirtioDevice;
+use crate::virtio::VirtioDevice;
+use kernel::ffi::{c_int, c_ulong, c_void};
 use kernel::bindings;
 use kernel::prelude::*;
 use kernel::sync::Arc;
@@ -32,7 +33,7 @@ unsafe fn borrow_gpu<'a>(gpu: *mut c_void) -> <Arc<Gpu> as ForeignOwnable>::Borr
     unsafe { <Arc<Gpu> as ForeignOwnable>::borrow(gpu) }
 }
 
-/// The GPU of a bound device, from its priv.
+/// The GPU of a bound device, from its drvdata.
 ///
 /// # Safety
 ///
@@ -41,9 +42,9 @@ unsafe fn borrow_gpu<'a>(gpu: *mut c_void) -> <Arc<Gpu> as ForeignOwnable>::Borr
 unsafe fn gpu_of<'a>(vdev: *mut RawVirtioDevice) -> <Arc<Gpu> as ForeignOwnable>::Borrowed<'a> {
     // SAFETY: per this function's contract.
     let vdev = unsafe { VirtioDevice::from_raw(vdev) };
-    let foreign = vdev.map_or(core::ptr::null_mut(), VirtioDevice::priv_data);
-    // SAFETY: probe set priv to the GPU's foreign pointer (its devm action
-    // runs after remove).
+    let foreign = vdev.map_or(core::ptr::null_mut(), VirtioDevice::drvdata);
+    // SAFETY: probe set the drvdata to the GPU's foreign pointer (its devm
+    // action runs after remove).
     unsafe { borrow_gpu(foreign) }
 }
 
@@ -74,9 +75,9 @@ pub(crate) unsafe extern "C" fn hmmgpu_rust_probe(vdev: *mut RawVirtioDevice) ->
         gpu.abandon();
         return ret;
     }
-    // The virtqueue callbacks and remove get it; it stays valid until after
-    // remove (the devm action runs after it).
-    vdev.set_priv_data(foreign);
+    // The virtqueue callbacks and remove get it as the drvdata; it stays
+    // valid until after remove (the devm action runs after it).
+    vdev.set_drvdata(foreign);
     match gpu.start(foreign) {
         Ok(()) => 0,
         Err(e) => e.to_errno(),
@@ -136,7 +137,7 @@ pub(crate) unsafe extern "C" fn hmmgpu_rust_reset_done(vdev: *mut RawVirtioDevic
 ///
 /// # Safety
 ///
-/// `gpu` is the device's priv, the GPU's foreign pointer: probe sets it
+/// `gpu` is the device's drvdata, the GPU's foreign pointer: probe sets it
 /// before it creates the virtqueues, which removal deletes before the devm
 /// action runs.
 #[no_mangle]
@@ -218,77 +219,26 @@ pub(crate) unsafe extern "C" fn hmmgpu_rust_memory_failure(
     0
 }
 
-/// The invalidate callback of a mirror's mmu_interval_notifier.
+/// The invalidate callback of a mirror's mmu_interval_notifier: the CPU
+/// page tables of [start, end) change; `migrate_owner` is the pgmap owner
+/// of the migration that changes them, NULL for any other change.
 ///
 /// # Safety
 ///
-/// `mirror` is the `Mirror` the notifier was created for: it removes the
-/// notifier (waiting for running callbacks) before it is freed.
+/// `notifier` is the notifier of a live `Mirror` (it removes the notifier,
+/// waiting for running callbacks, before it is freed).
 #[no_mangle]
 pub(crate) unsafe extern "C" fn hmmgpu_rust_invalidate(
-    mirror: *mut c_void,
+    notifier: *mut bindings::mmu_interval_notifier,
     start: c_ulong,
     end: c_ulong,
     blockable: bool,
-    own_migrate: bool,
+    migrate_owner: *mut c_void,
     cur_seq: c_ulong,
 ) -> bool {
     // SAFETY: per this function's contract.
-    let mirror = unsafe { &*mirror.cast::<Mirror>() };
+    let mirror = unsafe { Mirror::of_notifier(notifier) };
+    // Our own migration to VRAM (see `Mirror::invalidate`).
+    let own_migrate = !migrate_owner.is_null() && migrate_owner == mirror.vram().owner();
     mirror.invalidate(start as u64, end as u64, blockable, own_migrate, cur_seq)
-}
-
-/// debugfs `counters`: see [`Gpu::format_counters`]. Returns the length
-/// written into `buf`, or a negative errno.
-///
-/// # Safety
-///
-/// `gpu` is the GPU's foreign pointer (the debugfs directory goes in
-/// remove); `buf` holds `len` writable bytes.
-#[no_mangle]
-pub(crate) unsafe extern "C" fn hmmgpu_rust_format_counters(gpu: *mut c_void, buf: *mut u8, len: usize) -> c_long {
-    // SAFETY: per this function's contract.
-    let gpu = unsafe { borrow_gpu(gpu) };
-    // SAFETY: per this function's contract.
-    let out = unsafe { core::slice::from_raw_parts_mut(buf, len) };
-    format_into(out, |w| gpu.format_counters(w))
-}
-
-/// debugfs `vram`: see [`Gpu::format_vram`]. As for
-/// [`hmmgpu_rust_format_counters`].
-///
-/// # Safety
-///
-/// As for [`hmmgpu_rust_format_counters`].
-#[no_mangle]
-pub(crate) unsafe extern "C" fn hmmgpu_rust_format_vram(gpu: *mut c_void, buf: *mut u8, len: usize) -> c_long {
-    // SAFETY: per this function's contract.
-    let gpu = unsafe { borrow_gpu(gpu) };
-    // SAFETY: per this function's contract.
-    let out = unsafe { core::slice::from_raw_parts_mut(buf, len) };
-    format_into(out, |w| gpu.format_vram(w))
-}
-
-/// Runs `format` into `out`: the length written, or a negative errno.
-fn format_into(out: &mut [u8], format: impl FnOnce(&mut SliceWriter<'_>) -> Result) -> c_long {
-    let mut w = SliceWriter { buf: out, pos: 0 };
-    match format(&mut w) {
-        Ok(()) => w.pos as c_long,
-        Err(e) => e.to_errno() as c_long,
-    }
-}
-
-/// `core::fmt::Write` into a byte slice.
-pub(crate) struct SliceWriter<'a> {
-    buf: &'a mut [u8],
-    pos: usize,
-}
-
-impl core::fmt::Write for SliceWriter<'_> {
-    fn write_str(&mut self, s: &str) -> core::fmt::Result {
-        let end = self.pos.checked_add(s.len()).ok_or(core::fmt::Error)?;
-        self.buf.get_mut(self.pos..end).ok_or(core::fmt::Error)?.copy_from_slice(s.as_bytes());
-        self.pos = end;
-        Ok(())
-    }
 }

@@ -5,7 +5,6 @@
 
 use crate::abi::{self, opcode, DeviceConfig, Event, Range, Response};
 use crate::ecc::EccQueue;
-use crate::ffi::SliceWriter;
 use crate::migrate;
 use crate::pages::PageRef;
 use crate::queue::{Command, InFlight, Lifecycle, Loss, Queues, RangeList, Token, Wait, COMMAND_TIMEOUT_MS};
@@ -16,8 +15,12 @@ use crate::vram::{MemKind, Vram};
 use kernel::ffi::c_void;
 use core::ptr;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use core::fmt;
 use kernel::bindings;
+use kernel::debugfs;
+use kernel::page::Page;
 use kernel::prelude::*;
+use kernel::str::CString;
 use kernel::sync::{Arc, ArcBorrow, Mutex, SpinLockIrq};
 use kernel::workqueue::Work;
 use kernel::{new_mutex, new_spinlock_irq, new_work};
@@ -127,8 +130,10 @@ pub(crate) struct Gpu {
     spurious_logged: AtomicBool,
     /// Set once dropped ECC events were logged.
     pub(crate) ecc_dropped_logged: AtomicBool,
-    /// /sys/kernel/debug/hmmgpu<index>, removed on removal.
-    debugfs: AtomicPtr<shim::Dentry>,
+    /// /sys/kernel/debug/hmmgpu<index>; its files hold a reference to
+    /// the GPU, dropped (the directory removed) on removal.
+    #[pin]
+    debugfs: Mutex<Option<Pin<KBox<debugfs::Scope<Arc<Gpu>>>>>>,
     /// The uAPI devices (private, coherent); taken (deregistered) on removal.
     #[pin]
     mirror_devs: Mutex<KVec<Pin<KBox<MirrorDevice>>>>,
@@ -221,10 +226,8 @@ impl Gpu {
         let Some(page) = self.canary() else {
             return true; // no canary: nothing to tell by
         };
-        // A coherent page we hold, in the direct map.
-        let word = page.address().cast::<u64>();
-        // SAFETY: as above; volatile: it is device memory that can change.
-        if unsafe { ptr::read_volatile(word) } != u64::MAX {
+        // Volatile: it is device memory that can change.
+        if page.read_u64_volatile() != u64::MAX {
             return true;
         }
         if self.queues.mark_link_down() {
@@ -240,8 +243,8 @@ impl Gpu {
     /// and held until it is freed with [`PageRef::unlock_put`].
     fn new_canary(&self) -> Result<PageRef> {
         let (page, _) = self.coherent.alloc_page(false)?;
-        // SAFETY: a coherent page is in the direct map; ours.
-        unsafe { ptr::write_volatile(page.address().cast::<u64>(), LINK_CANARY) };
+        // SAFETY: a page we just allocated.
+        unsafe { page.write_u64_volatile(LINK_CANARY) };
         Ok(page)
     }
 
@@ -261,8 +264,8 @@ impl Gpu {
     /// which on real hardware would have lost it with the rest of VRAM).
     fn write_canary(&self) {
         if let Some(page) = self.canary() {
-            // SAFETY: the canary is a coherent page we hold, in the direct map.
-            unsafe { ptr::write_volatile(page.address().cast::<u64>(), LINK_CANARY) };
+            // SAFETY: the canary is a coherent page we hold.
+            unsafe { page.write_u64_volatile(LINK_CANARY) };
         }
     }
 
@@ -426,7 +429,7 @@ impl Gpu {
     /// failure the queues stay dead and the device is lost: ENODEV.
     fn restart(&self, negotiate: bool) -> Result<usize> {
         // SAFETY: plain flag save; restored below on this task.
-        let flags = unsafe { shim::hmmgpu_shim_noreclaim_save() };
+        let flags = unsafe { shim::hmmgpu_memalloc_noreclaim_save() };
         let result = self.restart_queues(negotiate);
         // Before resuming, so a command submitted after it gets the new one.
         self.resets.fetch_add(1, Ordering::AcqRel);
@@ -434,7 +437,7 @@ impl Gpu {
             self.queues.resume();
         }
         // SAFETY: saved above.
-        unsafe { shim::hmmgpu_shim_noreclaim_restore(flags) };
+        unsafe { shim::hmmgpu_memalloc_noreclaim_restore(flags) };
         result.map_err(|e| {
             pr_err!("hmmgpu{}: the device did not come back from its reset: {:?}\n", self.index, e);
             self.hung()
@@ -825,20 +828,21 @@ impl Gpu {
 
     /// Reads the device's counters (COUNTERS command).
     pub(crate) fn counters(&self) -> Result<[u64; abi::counter::COUNT]> {
-        let mut buf = KVec::<u8>::with_capacity(abi::counter::BLOCK_SIZE, GFP_KERNEL)?;
-        buf.extend_with(abi::counter::BLOCK_SIZE, 0, GFP_KERNEL)?;
-        // SAFETY: kmalloc'd, in the direct map.
-        let phys = unsafe { shim::hmmgpu_shim_virt_to_phys(buf.as_mut_ptr().cast()) };
+        let page = Page::alloc_page(GFP_KERNEL)?;
+        // SAFETY: our page.
+        let phys = unsafe { PageRef::from_raw(page.as_ptr()) }.ok_or(ENOMEM)?.phys();
         let range = Range { src: 0, dst: phys, len: abi::counter::BLOCK_SIZE as u32, flags: 0 };
         let resp = self.execute(opcode::COUNTERS, 0, &[range])?;
         if resp.status != abi::status::OK {
             return Err(EIO);
         }
+        let mut buf = [0u8; abi::counter::BLOCK_SIZE];
+        // SAFETY: `buf` has room for the bytes read; the device is done
+        // writing the page.
+        unsafe { page.read_raw(buf.as_mut_ptr(), 0, buf.len())? };
         let mut out = [0u64; abi::counter::COUNT];
-        for (i, v) in out.iter_mut().enumerate() {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&buf[i * 8..i * 8 + 8]);
-            *v = u64::from_le_bytes(b);
+        for (v, b) in out.iter_mut().zip(buf.chunks_exact(8)) {
+            *v = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
         }
         Ok(out)
     }
@@ -888,7 +892,7 @@ impl Gpu {
             return Err(EINVAL);
         }
         // SAFETY: reads a kernel constant.
-        if !unsafe { shim::hmmgpu_shim_pmd_is_2m() } {
+        if !migrate::pmd_is_2m() {
             pr_err!("hmmgpu: needs 2 MiB PMDs (4 KiB pages; on ppc64, the radix MMU)\n");
             return Err(ENODEV);
         }
@@ -933,7 +937,7 @@ impl Gpu {
                 counters: DriverCounters::default(),
                 spurious_logged: AtomicBool::new(false),
                 ecc_dropped_logged: AtomicBool::new(false),
-                debugfs: AtomicPtr::new(ptr::null_mut()),
+                debugfs <- new_mutex!(None),
                 mirror_devs <- new_mutex!(KVec::new()),
                 ecc_queue <- new_spinlock_irq!(EccQueue::new()),
                 ecc_work <- new_work!("hmmgpu::ecc_work"),
@@ -961,9 +965,7 @@ impl Gpu {
             return Err(e);
         }
         self.log_registered(&self.private);
-        // SAFETY: the Gpu outlives the directory (removed in `remove`).
-        let dir = unsafe { shim::hmmgpu_shim_debugfs_create(self.index, foreign) };
-        self.debugfs.store(dir, Ordering::Release);
+        self.create_debugfs(foreign);
         // The coherent personality needs memremap_pages() to accept the BAR;
         // without it the private one still works, and the log says why.
         let coherent = self.coherent.register(dev, self.vram_bar, foreign).and_then(|()| {
@@ -1023,9 +1025,9 @@ impl Gpu {
     pub(crate) fn remove(&self) {
         // Before the canary and the VRAM go: the ECC work touches both.
         self.begin_removal();
-        let dir = self.debugfs.swap(ptr::null_mut(), Ordering::AcqRel);
-        // SAFETY: created in `create`; removal waits for open readers.
-        unsafe { shim::hmmgpu_shim_debugfs_remove(dir) };
+        // Removing the files waits for readers in progress.
+        let debugfs = self.debugfs.lock().take();
+        drop(debugfs);
         // No new opens; open files see ENODEV from now on, except the
         // eviction below which still needs the device.
         let devs = core::mem::take(&mut *self.mirror_devs.lock());
@@ -1071,10 +1073,32 @@ impl Gpu {
 }
 
 impl Gpu {
+    /// Creates /sys/kernel/debug/hmmgpu<index>: `counters` and `vram`. A
+    /// GPU without it works: the failure is logged.
+    fn create_debugfs(&self, foreign: *mut c_void) {
+        let created = CString::try_from_fmt(fmt!("hmmgpu{}", self.index)).and_then(|name| {
+            let gpu: Result<Arc<Gpu>> = Ok(self.arc(foreign));
+            let scope = debugfs::Scope::dir(gpu, &name, |gpu, dir| {
+                dir.read_callback_file(c"counters", gpu, &|gpu: &Arc<Gpu>, f| gpu.write_counters(f));
+                dir.read_callback_file(c"vram", gpu, &|gpu: &Arc<Gpu>, f| gpu.write_vram(f));
+            });
+            KBox::pin_init(scope, GFP_KERNEL)
+        });
+        match created {
+            Ok(scope) => *self.debugfs.lock() = Some(scope),
+            Err(e) => pr_warn!("hmmgpu{}: no debugfs directory: {:?}\n", self.index, e),
+        }
+    }
+
     /// debugfs `counters`: the device's counters, read with COUNTERS, then
-    /// the driver's, one `name value` line each.
-    pub(crate) fn format_counters(&self, w: &mut SliceWriter<'_>) -> Result {
-        let counters = self.counters()?;
+    /// the driver's, one `name value` line each. A device that does not
+    /// answer COUNTERS shows the driver's alone.
+    fn write_counters(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Ok(counters) = self.counters() {
+            for (name, value) in abi::counter::NAMES.iter().zip(counters.iter()) {
+                writeln!(f, "{} {}", name, value)?;
+            }
+        }
         let c = &self.counters;
         let driver = [
             ("driver_fault_events", c.fault_events.load(Ordering::Relaxed)),
@@ -1089,9 +1113,8 @@ impl Gpu {
                 self.private.retired_pages() + self.coherent.retired_pages(),
             ),
         ];
-        let device = abi::counter::NAMES.iter().copied().zip(counters.iter().copied());
-        for (name, value) in Iterator::chain(device, driver) {
-            core::fmt::Write::write_fmt(w, format_args!("{} {}\n", name, value)).map_err(|_| ENOSPC)?;
+        for (name, value) in driver {
+            writeln!(f, "{} {}", name, value)?;
         }
         Ok(())
     }
@@ -1100,33 +1123,28 @@ impl Gpu {
     /// pfn, free bytes and retired pages, then the link canary's VRAM
     /// offset. Tests use it to tell a page's VRAM offset from its pfn
     /// (/proc/self/pagemap).
-    pub(crate) fn format_vram(&self, w: &mut SliceWriter<'_>) -> Result {
+    fn write_vram(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for vram in [&self.private, &self.coherent] {
             // Pages freed by now count as free.
             vram.reclaim_deferred();
-            core::fmt::Write::write_fmt(
-                w,
-                format_args!(
-                    "{} base {:#x} size {:#x} pfn_first {:#x} free {:#x} retired {}\n",
-                    match vram.kind() {
-                        MemKind::Private => "private",
-                        MemKind::Coherent => "coherent",
-                    },
-                    vram.base(),
-                    vram.size(),
-                    vram.pfn_first(),
-                    vram.avail(),
-                    vram.retired_pages()
-                ),
-            )
-            .map_err(|_| ENOSPC)?;
+            writeln!(
+                f,
+                "{} base {:#x} size {:#x} pfn_first {:#x} free {:#x} retired {}",
+                match vram.kind() {
+                    MemKind::Private => "private",
+                    MemKind::Coherent => "coherent",
+                },
+                vram.base(),
+                vram.size(),
+                vram.pfn_first(),
+                vram.avail(),
+                vram.retired_pages()
+            )?;
         }
-        let canary = self.canary_pfn().and_then(|pfn| self.coherent.offset_of_pfn(pfn));
-        match canary {
-            Some(offset) => core::fmt::Write::write_fmt(w, format_args!("canary {:#x}\n", offset)),
-            None => core::fmt::Write::write_str(w, "canary none\n"),
+        match self.canary_pfn().and_then(|pfn| self.coherent.offset_of_pfn(pfn)) {
+            Some(offset) => writeln!(f, "canary {:#x}", offset),
+            None => writeln!(f, "canary none"),
         }
-        .map_err(|_| ENOSPC)
     }
 }
 

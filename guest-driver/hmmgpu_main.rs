@@ -48,19 +48,15 @@ module! {
 struct HmmGpuModule;
 
 impl kernel::Module for HmmGpuModule {
-    fn init(_module: &'static ThisModule) -> Result<Self> {
-        // SAFETY: registers virtio.c's static virtio_driver once.
-        let ret = unsafe { virtio::hmmgpu_register_driver() };
-        if ret < 0 {
-            return Err(Error::from_errno(ret));
-        }
+    fn init(module: &'static ThisModule) -> Result<Self> {
+        virtio::register_driver(module)?;
         Ok(HmmGpuModule)
     }
 }
 
 impl Drop for HmmGpuModule {
     fn drop(&mut self) {
-        // SAFETY: registered in `init`; removes every bound device first.
-        unsafe { virtio::hmmgpu_unregister_driver() };
+        // SAFETY: registered in `init`.
+        unsafe { virtio::unregister_driver() };
     }
 }

@@ -7,18 +7,24 @@ use crate::abi::{self, opcode, range_flags, PAGE_SIZE};
 use crate::gpu::Gpu;
 use crate::pages::{self, MigratePfn, PageRef};
 use crate::queue::RangeList;
-use crate::shim::{self, Migrate};
+use crate::shim::{self, c_const, MigrateVmaRaw};
 use crate::vram::{MemKind, Vram, HUGE_ORDER};
-use kernel::ffi::c_ulong;
-use core::ptr;
+use core::ptr::{self, NonNull};
 use kernel::bindings;
+use kernel::ffi::c_ulong;
 use kernel::mm::{virt::VmaRef, MmWithUser};
 use kernel::prelude::*;
 
 /// Most pages one migrate_vma step covers (2 MiB: one PMD, one THP).
 pub(crate) fn max_pages() -> usize {
-    // SAFETY: constant exported by the shim.
-    unsafe { shim::hmmgpu_MIGRATE_MAX_PAGES }
+    c_const!(hmmgpu_MIGRATE_MAX_PAGES)
+}
+
+/// Whether a PMD maps 2 MiB (4 KiB pages; on ppc64, the radix MMU), which
+/// the device's huge pages and [`max_pages`] assume.
+pub(crate) fn pmd_is_2m() -> bool {
+    // SAFETY: reads a kernel constant.
+    unsafe { shim::hmmgpu_pmd_is_2m() }
 }
 
 /// Pages of a THP.
@@ -34,39 +40,43 @@ enum Select {
 }
 
 impl Select {
-    /// The shim's code (HMMGPU_MEM_* in shim.h).
-    fn code(self) -> kernel::ffi::c_int {
-        match self {
-            Select::System => shim::SELECT_SYSTEM,
-            Select::Device(kind) => kind.code(),
+    /// The MIGRATE_VMA_SELECT_* flags, `compound` for THPs whole.
+    fn flags(self, compound: bool) -> c_ulong {
+        let select = match self {
+            Select::System => c_const!(hmmgpu_MIGRATE_VMA_SELECT_SYSTEM),
+            Select::Device(MemKind::Private) => c_const!(hmmgpu_MIGRATE_VMA_SELECT_DEVICE_PRIVATE),
+            Select::Device(MemKind::Coherent) => c_const!(hmmgpu_MIGRATE_VMA_SELECT_DEVICE_COHERENT),
+        };
+        if compound {
+            select | c_const!(hmmgpu_MIGRATE_VMA_SELECT_COMPOUND)
+        } else {
+            select
         }
     }
 }
 
-/// A `struct hmmgpu_migrate` (migrate_vma plus its pfn arrays), freed on drop.
-pub(crate) struct MigrateArgs(*mut Migrate);
+/// A `struct migrate_vma` and its src/dst arrays of [`max_pages`] entries.
+pub(crate) struct MigrateArgs {
+    args: NonNull<MigrateVmaRaw>,
+    src: KVec<MigratePfn>,
+    dst: KVec<MigratePfn>,
+}
 
 impl MigrateArgs {
     pub(crate) fn new() -> Result<Self> {
-        // SAFETY: plain allocation.
-        let m = unsafe { shim::hmmgpu_shim_migrate_alloc() };
-        if m.is_null() {
-            return Err(ENOMEM);
-        }
-        Ok(Self(m))
+        let mut src = KVec::with_capacity(max_pages(), GFP_KERNEL)?;
+        let mut dst = KVec::with_capacity(max_pages(), GFP_KERNEL)?;
+        src.extend_with(max_pages(), MigratePfn::NONE, GFP_KERNEL)?;
+        dst.extend_with(max_pages(), MigratePfn::NONE, GFP_KERNEL)?;
+        // SAFETY: plain allocation, freed on drop.
+        let args = NonNull::new(unsafe { shim::hmmgpu_migrate_vma_alloc() }).ok_or(ENOMEM)?;
+        Ok(Self { args, src, dst })
     }
 
     /// The first `n` entries of the src and dst arrays.
     fn src_dst(&mut self, n: usize) -> (&mut [MigratePfn], &mut [MigratePfn]) {
         let n = core::cmp::min(n, max_pages());
-        // SAFETY: the arrays have `max_pages()` entries each, do not
-        // overlap, and are only reached through `&mut self`.
-        unsafe {
-            (
-                MigratePfn::slice_mut(shim::hmmgpu_shim_migrate_src(self.0), n),
-                MigratePfn::slice_mut(shim::hmmgpu_shim_migrate_dst(self.0), n),
-            )
-        }
+        (&mut self.src[..n], &mut self.dst[..n])
     }
 
     /// migrate_vma_setup() for [start, end) of `vma` (at most
@@ -89,16 +99,23 @@ impl MigrateArgs {
         compound: bool,
         fault_page: *mut bindings::page,
     ) -> Result {
-        // SAFETY: per this function's contract.
+        if (end - start) / PAGE_SIZE > max_pages() as u64 {
+            return Err(EINVAL);
+        }
+        self.dst.fill(MigratePfn::NONE);
+        // SAFETY: per this function's contract; the arrays have room for
+        // the range and stay put until the migration is finalized (they
+        // are only reached through `&mut self`).
         let ret = unsafe {
-            shim::hmmgpu_shim_migrate_setup(
-                self.0,
+            shim::hmmgpu_migrate_vma_setup(
+                self.args.as_ptr(),
                 vma,
                 start as c_ulong,
                 end as c_ulong,
+                self.src.as_mut_ptr().cast(),
+                self.dst.as_mut_ptr().cast(),
                 vram.owner(),
-                select.code(),
-                compound,
+                select.flags(compound),
                 fault_page,
             )
         };
@@ -117,13 +134,13 @@ impl MigrateArgs {
     /// migrate_vma_pages(): migrates the entries with a dst page.
     fn pages(&mut self) {
         // SAFETY: called after a successful setup (every caller does).
-        unsafe { shim::hmmgpu_shim_migrate_pages(self.0) }
+        unsafe { shim::migrate_vma_pages(self.args.as_ptr()) }
     }
 
     /// migrate_vma_finalize(): ends the migration, unlocking the pages.
     fn finalize(&mut self) {
         // SAFETY: called after a successful setup (every caller does).
-        unsafe { shim::hmmgpu_shim_migrate_finalize(self.0) }
+        unsafe { shim::migrate_vma_finalize(self.args.as_ptr()) }
     }
 
     /// [`device_range`] into the src array.
@@ -138,14 +155,19 @@ impl MigrateArgs {
     }
 }
 
+impl Drop for MigrateArgs {
+    fn drop(&mut self) {
+        // SAFETY: allocated (kzalloc) by `hmmgpu_migrate_vma_alloc`.
+        unsafe { bindings::kfree(self.args.as_ptr().cast()) };
+    }
+}
+
 /// migrate_device_range(): collects our device pages [start_pfn,
 /// start_pfn + src.len()), whichever process owns them, into `src`.
 /// Callers only pass ranges of their own device pages.
 fn device_range(src: &mut [MigratePfn], start_pfn: u64) -> Result {
     // SAFETY: `src` has room for its length in entries.
-    let ret = unsafe {
-        shim::hmmgpu_shim_evict_range(src.as_mut_ptr().cast(), start_pfn as c_ulong, src.len() as c_ulong)
-    };
+    let ret = unsafe { shim::migrate_device_range(src.as_mut_ptr().cast(), start_pfn as c_ulong, src.len()) };
     if ret < 0 {
         return Err(Error::from_errno(ret));
     }
@@ -157,13 +179,9 @@ fn device_range(src: &mut [MigratePfn], start_pfn: u64) -> Result {
 fn device_finish(src: &mut [MigratePfn], dst: &mut [MigratePfn]) {
     let n = core::cmp::min(src.len(), dst.len());
     // SAFETY: the arrays of a migrate_device_range() call, `n` entries.
-    unsafe { shim::hmmgpu_shim_evict_finish(src.as_mut_ptr().cast(), dst.as_mut_ptr().cast(), n as c_ulong) }
-}
-
-impl Drop for MigrateArgs {
-    fn drop(&mut self) {
-        // SAFETY: allocated by `hmmgpu_shim_migrate_alloc`.
-        unsafe { shim::hmmgpu_shim_migrate_free(self.0) };
+    unsafe {
+        shim::migrate_device_pages(src.as_mut_ptr().cast(), dst.as_mut_ptr().cast(), n);
+        shim::migrate_device_finalize(src.as_mut_ptr().cast(), dst.as_mut_ptr().cast(), n);
     }
 }
 
@@ -501,11 +519,20 @@ pub(crate) fn to_system(
 ///
 /// `vmf` is the fault being handled, on one of `vram`'s device pages.
 pub(crate) unsafe fn migrate_to_ram(gpu: &Gpu, vram: &Vram, vmf: *mut bindings::vm_fault) -> bindings::vm_fault_t {
-    let (mut vma, mut addr, mut page, mut order) = (ptr::null_mut(), 0, ptr::null_mut(), 0);
+    let mut addr = 0;
     // SAFETY: `vmf` is the fault being handled.
-    unsafe { shim::hmmgpu_shim_vmf_info(vmf, &mut vma, &mut addr, &mut page, &mut order) };
+    let vma = unsafe { shim::hmmgpu_vm_fault_vma(vmf, &mut addr) };
+    // SAFETY: as above.
+    let (page, pte) = unsafe { ((*vmf).page, (*vmf).pte) };
+    // SAFETY: the faulting device page, held by the fault handler.
+    let Some(fault_page) = (unsafe { PageRef::from_raw(page) }) else {
+        return bindings::vm_fault_reason_VM_FAULT_SIGBUS as bindings::vm_fault_t;
+    };
+    // A THP mapped by a PMD comes back whole; one mapped by PTEs per page.
+    let order = if pte.is_null() { fault_page.folio_nr_pages().trailing_zeros() } else { 0 };
+    let addr = addr as u64 & !(PAGE_SIZE - 1);
     let span = PAGE_SIZE << order;
-    let addr = addr as u64 & !(span - 1);
+    let addr = addr & !(span - 1);
     let n = 1usize << order;
     let sigbus = bindings::vm_fault_reason_VM_FAULT_SIGBUS as bindings::vm_fault_t;
     let oom = bindings::vm_fault_reason_VM_FAULT_OOM as bindings::vm_fault_t;

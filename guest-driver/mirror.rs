@@ -8,17 +8,20 @@
 use crate::abi::{self, opcode, range_flags, Range, PAGE_SIZE};
 use crate::gpu::Gpu;
 use crate::migrate;
+use crate::pages::{HmmPfn, PageKind, PageRef};
 use crate::queue::{Command, RangeList};
-use crate::shim;
+use crate::shim::{self, c_const};
 use crate::vram::{MemKind, Vram};
-use kernel::ffi::{c_ulong, c_void};
-use core::ptr;
-use core::sync::atomic::{AtomicPtr, Ordering};
+use core::sync::atomic::{AtomicBool, Ordering};
+use kernel::bindings;
+use kernel::ffi::c_ulong;
 use kernel::mm::{Mm, MmWithUser};
 use kernel::new_mutex;
 use kernel::prelude::*;
 use kernel::sync::aref::ARef;
 use kernel::sync::{Arc, Mutex};
+use kernel::time::{Instant, Monotonic};
+use kernel::types::Opaque;
 use kernel::uaccess::{UserPtr, UserSlice};
 
 /// Pages per hmm_range_fault() step.
@@ -91,12 +94,25 @@ pub(crate) struct Mirror {
     kind: MemKind,
     /// The device MMU context mirroring this address space.
     ctx: u32,
-    notifier: AtomicPtr<shim::Notifier>,
+    /// The mmu_interval_notifier over the whole address space, inserted
+    /// once the mirror is pinned (then `notifying`), removed on drop.
+    #[pin]
+    notifier: Notifier,
+    notifying: AtomicBool,
     /// Held across every device access to the mirrored pages and by the
     /// invalidation callback: an invalidation waits for accesses in flight.
     #[pin]
     pub(crate) state: Mutex<MirrorState>,
 }
+
+/// A `struct mmu_interval_notifier`, filled by its insertion.
+#[repr(transparent)]
+struct Notifier(Opaque<bindings::mmu_interval_notifier>);
+
+// SAFETY: the kernel's notifier may be used (removed, read) from any thread.
+unsafe impl Send for Notifier {}
+// SAFETY: as above; the kernel serializes its own use of it.
+unsafe impl Sync for Notifier {}
 
 /// A vmalloc'd, page-aligned buffer the device reads or writes page by page
 /// at guest-physical addresses.
@@ -123,7 +139,8 @@ impl Mirror {
     /// Mirrors the calling process's address space for `gpu`.
     pub(crate) fn new(gpu: Arc<Gpu>, kind: MemKind) -> Result<Pin<KBox<Self>>> {
         gpu.check_alive()?;
-        let owner = gpu.vram(kind).owner();
+        let current = kernel::current!();
+        let mm = current.mm().ok_or(EINVAL)?;
         let unmap_cmd = Command::with_capacity(UNMAP_RANGES)?;
         let ctx = gpu.ctx_create()?;
         let gpu2 = gpu.clone();
@@ -132,7 +149,8 @@ impl Mirror {
                 gpu: gpu2,
                 kind,
                 ctx,
-                notifier: AtomicPtr::new(ptr::null_mut()),
+                notifier: Notifier(Opaque::uninit()),
+                notifying: AtomicBool::new(false),
                 state <- new_mutex!(MirrorState {
                     flags: 0,
                     mapped: None,
@@ -144,13 +162,21 @@ impl Mirror {
             GFP_KERNEL,
         )
         .inspect_err(|_| gpu.ctx_destroy(ctx))?;
-        let cookie = (&*mirror as *const Mirror).cast_mut().cast::<c_void>();
-        // SAFETY: `mirror` is pinned and outlives the notifier (removed in drop).
-        let n = unsafe { shim::hmmgpu_shim_notifier_create(cookie, owner) };
-        if shim::is_err(n) {
-            return Err(shim::ptr_err(n));
+        // SAFETY: the notifier is pinned in `mirror`, which removes it
+        // before it goes (drop); `mm` is the caller's, alive.
+        let ret = unsafe {
+            bindings::mmu_interval_notifier_insert(
+                mirror.notifier(),
+                mm.as_raw(),
+                0,
+                c_ulong::MAX & !(PAGE_SIZE as c_ulong - 1),
+                &raw const shim::hmmgpu_notifier_ops,
+            )
+        };
+        if ret < 0 {
+            return Err(Error::from_errno(ret));
         }
-        mirror.notifier.store(n, Ordering::Release);
+        mirror.notifying.store(true, Ordering::Release);
         Ok(mirror)
     }
 
@@ -159,15 +185,102 @@ impl Mirror {
         self.gpu.vram(self.kind)
     }
 
-    fn notifier(&self) -> *mut shim::Notifier {
-        self.notifier.load(Ordering::Acquire)
+    /// The mirror of the notifier the kernel calls back with.
+    ///
+    /// # Safety
+    ///
+    /// `notifier` is the `notifier` of a live `Mirror`.
+    pub(crate) unsafe fn of_notifier<'a>(notifier: *mut bindings::mmu_interval_notifier) -> &'a Mirror {
+        let notifier = Opaque::cast_from(notifier).cast::<Notifier>();
+        // SAFETY: per this function's contract (`Notifier` is transparent).
+        unsafe { &*kernel::container_of!(notifier, Mirror, notifier) }
+    }
+
+    fn notifier(&self) -> *mut bindings::mmu_interval_notifier {
+        self.notifier.0.get()
     }
 
     /// The mirrored mm.
     fn mm(&self) -> &Mm {
-        // SAFETY: the notifier is set for the mirror's whole life and holds
-        // a reference (mmgrab) on its mm.
-        unsafe { Mm::from_raw(shim::hmmgpu_shim_notifier_get_mm(self.notifier())) }
+        // SAFETY: the notifier is inserted for the mirror's whole life (a
+        // mirror that failed to insert it is never used) and holds a
+        // reference (mmgrab) on its mm.
+        unsafe { Mm::from_raw((*self.notifier()).mm) }
+    }
+
+    /// Whether the CPU page tables of the range `seq` was taken for
+    /// changed since (then its hmm_range_fault() result is stale).
+    fn retry(&self, seq: c_ulong) -> bool {
+        // SAFETY: the inserted notifier.
+        unsafe { shim::hmmgpu_mmu_interval_read_retry(self.notifier(), seq) }
+    }
+
+    /// hmm_range_fault() of [start, start + pfns.len() pages): with
+    /// `fault`, faulting pages in (`write`: writable), otherwise only a
+    /// snapshot; device-private pages of this mirror's VRAM are reported,
+    /// not faulted. `unlocked`: with hmm_range_fault_unlocked_timeout(),
+    /// which may drop the mmap lock while faulting (needed for
+    /// userfaultfd-backed ranges). Retries while the range is being
+    /// invalidated, for up to HMM_RANGE_DEFAULT_TIMEOUT, then EBUSY. On
+    /// success the notifier sequence to check with [`Mirror::retry`] under
+    /// the mirror's lock.
+    fn range_fault(&self, start: u64, pfns: &mut [HmmPfn], fault: bool, write: bool, unlocked: bool) -> Result<c_ulong> {
+        let end = start + pfns.len() as u64 * PAGE_SIZE;
+        let mut flags = 0;
+        if fault {
+            flags |= c_const!(hmmgpu_HMM_PFN_REQ_FAULT);
+        }
+        if write {
+            flags |= c_const!(hmmgpu_HMM_PFN_REQ_WRITE);
+        }
+        let owner = self.vram().owner();
+        if unlocked {
+            let mut seq = 0;
+            // SAFETY: the inserted notifier; `pfns` has room for the range.
+            let ret = unsafe {
+                shim::hmmgpu_hmm_range_fault_unlocked(
+                    self.notifier(),
+                    start as c_ulong,
+                    end as c_ulong,
+                    pfns.as_mut_ptr().cast(),
+                    flags,
+                    owner,
+                    &mut seq,
+                )
+            };
+            return if ret < 0 { Err(Error::from_errno(ret)) } else { Ok(seq) };
+        }
+        let mm = self.mm_user()?;
+        let timeout = i64::from(c_const!(hmmgpu_HMM_RANGE_DEFAULT_TIMEOUT));
+        let started = Instant::<Monotonic>::now();
+        loop {
+            if started.elapsed().as_millis() > timeout {
+                return Err(EBUSY);
+            }
+            // SAFETY: the inserted notifier.
+            let seq = unsafe { bindings::mmu_interval_read_begin(self.notifier()) };
+            let ret = {
+                let _locked = mm.mmap_read_lock();
+                // SAFETY: the inserted notifier; `pfns` has room for the
+                // range; the mmap lock is held.
+                unsafe {
+                    shim::hmmgpu_hmm_range_fault(
+                        self.notifier(),
+                        start as c_ulong,
+                        end as c_ulong,
+                        pfns.as_mut_ptr().cast(),
+                        flags,
+                        owner,
+                        seq,
+                    )
+                }
+            };
+            match ret {
+                0 => return Ok(seq),
+                ret if ret == EBUSY.to_errno() => continue,
+                ret => return Err(Error::from_errno(ret)),
+            }
+        }
     }
 
     /// A user reference (mmget) on the mirrored mm for the duration of a
@@ -182,28 +295,12 @@ impl Mirror {
     /// resolved at once, as test_hmm does, so one access faults once.
     fn resolve(&self, addr: u64, end: u64, write: bool, unlocked: bool) -> Result {
         let mut start = addr & !(PAGE_SIZE - 1);
-        let mut pfns = [0 as c_ulong; STEP_PAGES];
+        let mut pfns = [HmmPfn::default(); STEP_PAGES];
         while start < end {
             let step_end = core::cmp::min(end, start + STEP_PAGES as u64 * PAGE_SIZE);
             let n = ((step_end - start) / PAGE_SIZE) as usize;
             loop {
-                let mut seq: c_ulong = 0;
-                // SAFETY: `pfns` has room for `n` <= STEP_PAGES entries.
-                let ret = unsafe {
-                    shim::hmmgpu_shim_range_fault(
-                        self.notifier(),
-                        start as c_ulong,
-                        step_end as c_ulong,
-                        pfns.as_mut_ptr(),
-                        true,
-                        write,
-                        unlocked,
-                        &mut seq,
-                    )
-                };
-                if ret < 0 {
-                    return Err(Error::from_errno(ret));
-                }
+                let seq = self.range_fault(start, &mut pfns[..n], true, write, unlocked)?;
                 // Everything is allocated before the lock: the notifier
                 // takes it, and memory reclaim can wait for the notifier.
                 let mut map = RangeList::new();
@@ -213,8 +310,7 @@ impl Mirror {
                 }
                 let cmds = self.gpu.prepare(opcode::MAP, self.ctx, &map)?;
                 let mut state = self.state.lock();
-                // SAFETY: the notifier is valid.
-                if unsafe { shim::hmmgpu_shim_notifier_retry(self.notifier(), seq) } {
+                if self.retry(seq) {
                     continue;
                 }
                 self.gpu.run_prepared(cmds)?;
@@ -227,26 +323,21 @@ impl Mirror {
     }
 
     /// The device MMU target and MAP flags for an hmm_pfns entry.
-    fn translation(&self, entry: c_ulong) -> Result<(u64, u32)> {
-        let mut pfn: c_ulong = 0;
-        // SAFETY: `entry` was filled by hmm_range_fault().
-        let info = unsafe { shim::hmmgpu_shim_hmm_pfn_info(entry, self.vram().owner(), &mut pfn) };
-        if info & shim::PFN_VALID == 0 {
-            return Err(EFAULT);
-        }
+    fn translation(&self, entry: HmmPfn) -> Result<(u64, u32)> {
+        let page = entry.mapped(self.vram().owner()).ok_or(EFAULT)?;
         let mut flags = range_flags::MAP_READ;
-        if info & shim::PFN_WRITE != 0 {
+        if page.writable {
             flags |= range_flags::MAP_WRITE;
         }
         // This GPU's pages (either personality) by VRAM offset; device-
         // private pages of other owners are faulted to RAM by hmm.
-        if let Some(offset) = self.gpu.vram_offset_of_pfn(pfn as u64) {
+        if let Some(offset) = self.gpu.vram_offset_of_pfn(page.pfn) {
             return Ok((offset, flags | range_flags::SRC_VRAM));
         }
-        if info & shim::PFN_DEVICE_PRIVATE != 0 {
+        if page.kind == PageKind::DevicePrivate {
             return Err(EFAULT);
         }
-        Ok((pfn as u64 * PAGE_SIZE, flags))
+        Ok((page.pfn * PAGE_SIZE, flags))
     }
 
     /// Runs a VREAD or VWRITE of `npages` at `addr` against the bounce
@@ -430,21 +521,37 @@ impl Mirror {
         self.read(addr, ptr, npages, FaultPolicy::Refuse)
     }
 
+    /// make_device_exclusive() of the page at `va` (the caller holds the
+    /// mmap lock): the CPU mapping is replaced by a device-exclusive entry.
+    /// Returns the page's pfn and, taken while its folio is still locked,
+    /// the notifier sequence to validate the device mapping against.
+    fn make_exclusive(&self, va: u64) -> Result<(u64, c_ulong)> {
+        let mut folio = core::ptr::null_mut();
+        // SAFETY: the mirrored mm, its mmap lock held by the caller.
+        let page = unsafe { shim::make_device_exclusive(self.mm().as_raw(), va as c_ulong, self.vram().owner(), &mut folio) };
+        let page = kernel::error::from_err_ptr(page)?;
+        // SAFETY: the inserted notifier.
+        let seq = unsafe { bindings::mmu_interval_read_begin(self.notifier()) };
+        // SAFETY: the page make_device_exclusive() returned, its folio
+        // locked and referenced for us.
+        let pfn = unsafe { PageRef::from_raw(page) }.map_or(0, PageRef::pfn);
+        // SAFETY: as above: we give up the lock and the reference.
+        unsafe {
+            bindings::folio_unlock(folio);
+            shim::hmmgpu_folio_put(folio);
+        }
+        Ok((pfn, seq))
+    }
+
     fn map_exclusive(&self, va: u64) -> Result {
         loop {
-            let (mut pfn, mut seq): (c_ulong, c_ulong) = (0, 0);
-            // SAFETY: the mmap lock is held by the caller.
-            let ret = unsafe { shim::hmmgpu_shim_make_exclusive(self.notifier(), va as c_ulong, &mut pfn, &mut seq) };
-            if ret < 0 {
-                return Err(Error::from_errno(ret));
-            }
+            let (pfn, seq) = self.make_exclusive(va)?;
             let flags = range_flags::MAP_READ | range_flags::MAP_WRITE | range_flags::MAP_ATOMIC;
             let mut map = RangeList::new();
             map.push(pfn as u64 * PAGE_SIZE, va, PAGE_SIZE as u32, flags)?;
             let cmds = self.gpu.prepare(opcode::MAP, self.ctx, &map)?;
             let mut state = self.state.lock();
-            // SAFETY: the notifier is valid.
-            if unsafe { shim::hmmgpu_shim_notifier_retry(self.notifier(), seq) } {
+            if self.retry(seq) {
                 continue;
             }
             // Room for the entry without allocating under the lock: the
@@ -502,39 +609,20 @@ impl Mirror {
         let mut counts = Counts::default();
         let end = addr + npages * PAGE_SIZE;
         let mut start = addr;
-        let mut pfns = [0 as c_ulong; STEP_PAGES];
+        let mut pfns = [HmmPfn::default(); STEP_PAGES];
         let mut perms = [0u8; STEP_PAGES];
         while start < end {
             let step_end = core::cmp::min(end, start + STEP_PAGES as u64 * PAGE_SIZE);
             let n = ((step_end - start) / PAGE_SIZE) as usize;
             loop {
-                let mut seq: c_ulong = 0;
-                // SAFETY: `pfns` has room for `n` entries.
-                let ret = unsafe {
-                    shim::hmmgpu_shim_range_fault(
-                        self.notifier(),
-                        start as c_ulong,
-                        step_end as c_ulong,
-                        pfns.as_mut_ptr(),
-                        false,
-                        false,
-                        false,
-                        &mut seq,
-                    )
-                };
-                if ret < 0 {
-                    return Err(Error::from_errno(ret));
-                }
+                let seq = self.range_fault(start, &mut pfns[..n], false, false, false)?;
                 let _guard = self.state.lock();
-                // SAFETY: the notifier is valid.
-                if unsafe { shim::hmmgpu_shim_notifier_retry(self.notifier(), seq) } {
+                if self.retry(seq) {
                     continue;
                 }
+                let owner = self.vram().owner();
                 for (p, entry) in perms[..n].iter_mut().zip(pfns[..n].iter()) {
-                    let mut pfn: c_ulong = 0;
-                    // SAFETY: `entry` was filled by hmm_range_fault().
-                    let info = unsafe { shim::hmmgpu_shim_hmm_pfn_info(*entry, self.vram().owner(), &mut pfn) };
-                    *p = crate::uapi::snapshot_prot(info);
+                    *p = crate::uapi::snapshot_prot(*entry, owner);
                 }
                 break;
             }
@@ -559,7 +647,7 @@ impl Mirror {
         state.atomic.retain(|va| !(start..end).contains(va));
         if own_migrate && state.migrating_to_device {
             // SAFETY: the notifier is valid while callbacks run.
-            unsafe { shim::hmmgpu_shim_notifier_set_seq(self.notifier(), seq) };
+            unsafe { shim::hmmgpu_mmu_interval_set_seq(self.notifier(), seq) };
             return true;
         }
         if let Some((ms, me)) = state.mapped.filter(|_| state.overlaps_mapped(start, end)) {
@@ -583,7 +671,7 @@ impl Mirror {
             }
         }
         // SAFETY: the notifier is valid while callbacks run.
-        unsafe { shim::hmmgpu_shim_notifier_set_seq(self.notifier(), seq) };
+        unsafe { shim::hmmgpu_mmu_interval_set_seq(self.notifier(), seq) };
         drop(state);
         true
     }
@@ -592,10 +680,9 @@ impl Mirror {
 #[pinned_drop]
 impl PinnedDrop for Mirror {
     fn drop(self: Pin<&mut Self>) {
-        let n = self.notifier.swap(ptr::null_mut(), Ordering::AcqRel);
-        if !n.is_null() {
-            // SAFETY: created in `new`; removal waits for running callbacks.
-            unsafe { shim::hmmgpu_shim_notifier_destroy(n) };
+        if self.notifying.load(Ordering::Acquire) {
+            // SAFETY: inserted in `new`; removal waits for running callbacks.
+            unsafe { bindings::mmu_interval_notifier_remove(self.notifier()) };
         }
         self.gpu.ctx_destroy(self.ctx);
     }

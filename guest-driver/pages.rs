@@ -2,17 +2,18 @@
 
 //! Typed handles for what the driver passes to and from the kernel's page
 //! APIs: a [`PageRef`] for a `struct page`, a [`MigratePfn`] for an entry of
-//! a migrate_vma / migrate_device src or dst array. They replace chains of
-//! raw shim calls (`page_to_pfn(migrate_pfn_to_page(x))`) with methods.
+//! a migrate_vma / migrate_device src or dst array, an [`HmmPfn`] for an
+//! entry hmm_range_fault() filled. They replace chains of raw calls
+//! (`page_to_pfn(migrate_pfn_to_page(x))`) with methods.
 
-use crate::shim;
-use kernel::ffi::c_ulong;
+use crate::shim::{self, c_const};
 use core::ptr::NonNull;
 use kernel::bindings;
+use kernel::ffi::{c_ulong, c_void};
 use kernel::prelude::*;
 
-/// The size of a base page, as a `u64` like the device's addresses.
-const PAGE_SIZE: u64 = bindings::PAGE_SIZE as u64;
+/// The size of a base page.
+const PAGE_SIZE: usize = bindings::PAGE_SIZE;
 
 /// A `struct page`.
 ///
@@ -47,13 +48,13 @@ impl PageRef {
     /// valid while the handle is used.
     pub(crate) unsafe fn from_pfn(pfn: u64) -> Self {
         // SAFETY: `pfn_to_page` is arithmetic on the memory map.
-        let page = unsafe { shim::hmmgpu_shim_pfn_to_page(pfn as c_ulong) };
+        let page = unsafe { shim::hmmgpu_pfn_to_page(pfn as c_ulong) };
         // SAFETY: the memory map's address of a pfn that has a page is not
         // NULL. INVARIANT: per this function's contract.
         Self(unsafe { NonNull::new_unchecked(page) })
     }
 
-    /// The raw pointer, for the shim.
+    /// The raw pointer, for C.
     pub(crate) fn as_ptr(self) -> *mut bindings::page {
         self.0.as_ptr()
     }
@@ -61,47 +62,59 @@ impl PageRef {
     /// The page frame number.
     pub(crate) fn pfn(self) -> u64 {
         // SAFETY: a valid page by the type invariant.
-        unsafe { shim::hmmgpu_shim_page_to_pfn(self.as_ptr()) as u64 }
+        unsafe { shim::hmmgpu_page_to_pfn(self.as_ptr()) as u64 }
     }
 
     /// The guest-physical address.
     pub(crate) fn phys(self) -> u64 {
-        self.pfn() * PAGE_SIZE
+        self.pfn() * PAGE_SIZE as u64
+    }
+
+    /// The memory type and pgmap owner of a ZONE_DEVICE page (of any
+    /// driver); `None` for other pages.
+    pub(crate) fn pgmap(self) -> Option<(bindings::memory_type, *mut c_void)> {
+        // SAFETY: a valid page by the type invariant.
+        let pgmap = unsafe { shim::hmmgpu_page_pgmap(self.as_ptr()) };
+        // SAFETY: a device page's pagemap lives as long as the page.
+        unsafe { pgmap.as_ref() }.map(|p| (p.type_, p.owner))
     }
 
     /// Whether this is a ZONE_DEVICE page (of any driver).
     pub(crate) fn is_zone_device(self) -> bool {
-        // SAFETY: a valid page by the type invariant.
-        unsafe { shim::hmmgpu_shim_is_zone_device_page(self.as_ptr()) }
+        self.pgmap().is_some()
     }
 
-    /// The head page of the folio this page belongs to. For a free device
-    /// page it may be stale (a folio freed since): check that the folio
-    /// covers this page.
+    /// The folio this page belongs to. For a free device page it may be
+    /// stale (a folio freed since): check that the folio covers this page.
+    fn folio(self) -> *mut bindings::folio {
+        // SAFETY: a valid page by the type invariant.
+        unsafe { shim::hmmgpu_page_folio(self.as_ptr()) }
+    }
+
+    /// The head page of the folio this page belongs to (see
+    /// [`PageRef::folio`] for free device pages).
     pub(crate) fn folio_head(self) -> PageRef {
-        // SAFETY: a valid page by the type invariant.
-        let head = unsafe { shim::hmmgpu_shim_folio_head(self.as_ptr()) };
-        // SAFETY: the head of a page is a page of the same memory map, not
-        // NULL. INVARIANT: it is as valid as this one.
-        Self(unsafe { NonNull::new_unchecked(head) })
+        // INVARIANT: a folio starts with its head page, of the same memory
+        // map as this valid page.
+        Self(NonNull::new(self.folio().cast()).unwrap_or(self.0))
     }
 
-    /// The number of base pages of the folio this page heads.
+    /// The number of base pages of this page's folio.
     pub(crate) fn folio_nr_pages(self) -> usize {
-        // SAFETY: a valid page by the type invariant.
-        unsafe { shim::hmmgpu_shim_folio_nr_pages(self.as_ptr()) as usize }
+        // SAFETY: the folio of a valid page.
+        unsafe { shim::hmmgpu_folio_nr_pages(self.folio()) }
     }
 
     /// References to this page's folio: 0 while a device page is free.
     pub(crate) fn folio_ref_count(self) -> i32 {
-        // SAFETY: a valid page by the type invariant.
-        unsafe { shim::hmmgpu_shim_folio_ref_count(self.as_ptr()) }
+        // SAFETY: the folio of a valid page.
+        unsafe { shim::hmmgpu_folio_ref_count(self.folio()) }
     }
 
     /// The driver's data of a device page (`zone_device_data`).
-    pub(crate) fn zone_device_data(self) -> *mut kernel::ffi::c_void {
+    pub(crate) fn zone_device_data(self) -> *mut c_void {
         // SAFETY: a valid page by the type invariant.
-        unsafe { shim::hmmgpu_shim_page_get_data(self.as_ptr()) }
+        unsafe { shim::hmmgpu_zone_device_data(self.as_ptr()) }
     }
 
     /// Sets the driver's data of a device page of ours.
@@ -110,9 +123,9 @@ impl PageRef {
     ///
     /// The page is one of this driver's device pages, not used by anyone
     /// else for its data (free, or being freed).
-    pub(crate) unsafe fn set_zone_device_data(self, data: *mut kernel::ffi::c_void) {
+    pub(crate) unsafe fn set_zone_device_data(self, data: *mut c_void) {
         // SAFETY: per this function's contract.
-        unsafe { shim::hmmgpu_shim_page_set_data(self.as_ptr(), data) }
+        unsafe { shim::hmmgpu_set_zone_device_data(self.as_ptr(), data) }
     }
 
     /// Prepares a free device page (`order` 0) or folio (`order` > 0, a
@@ -124,19 +137,23 @@ impl PageRef {
     /// of ours whose VRAM was just allocated.
     pub(crate) unsafe fn init_device_folio(self, order: u32) {
         // SAFETY: per this function's contract.
-        unsafe { shim::hmmgpu_shim_device_page_init(self.as_ptr(), order) }
+        unsafe { shim::hmmgpu_zone_device_folio_init(self.as_ptr(), order) }
     }
 
-    /// Unlocks this folio and drops our reference: a device folio prepared
-    /// for a migration that did not happen, or a system page or THP
-    /// allocated for one (or for the link canary).
+    /// Unlocks this page's folio and drops our reference: a device folio
+    /// prepared for a migration that did not happen, or a system page or
+    /// THP allocated for one (or for the link canary).
     ///
     /// # Safety
     ///
     /// The caller holds the folio's lock and a reference it gives up.
     pub(crate) unsafe fn unlock_put(self) {
+        let folio = self.folio();
         // SAFETY: per this function's contract.
-        unsafe { shim::hmmgpu_shim_free_sys_page(self.as_ptr()) }
+        unsafe {
+            bindings::folio_unlock(folio);
+            shim::hmmgpu_folio_put(folio);
+        }
     }
 
     /// A locked system page (`order` 0) or THP (`order` > 0) for data
@@ -150,9 +167,30 @@ impl PageRef {
     /// `vma` is NULL or a VMA locked by the caller.
     pub(crate) unsafe fn alloc_locked(vma: *mut bindings::vm_area_struct, addr: u64, order: u32) -> Option<Self> {
         // SAFETY: per this function's contract.
-        let page = unsafe { shim::hmmgpu_shim_alloc_sys_page(vma, addr as c_ulong, order) };
-        // INVARIANT: a page we just allocated stays valid until we release it.
-        NonNull::new(page).map(Self)
+        let folio = unsafe {
+            if vma.is_null() {
+                shim::hmmgpu_folio_alloc(order)
+            } else {
+                shim::hmmgpu_vma_alloc_folio(vma, addr as c_ulong, order)
+            }
+        };
+        if folio.is_null() {
+            return None;
+        }
+        // SAFETY: a folio we just allocated: ours to lock.
+        unsafe { shim::hmmgpu_folio_lock(folio) };
+        // INVARIANT: its head page, valid until we release it.
+        NonNull::new(folio.cast()).map(Self)
+    }
+
+    /// Runs `f` on this page mapped into the kernel's address space.
+    fn with_mapped<R>(self, f: impl FnOnce(*mut u8) -> R) -> R {
+        // SAFETY: a valid page by the type invariant.
+        let addr = unsafe { bindings::kmap_local_page(self.as_ptr()) };
+        let result = f(addr.cast());
+        // SAFETY: mapped above, on this task.
+        unsafe { bindings::kunmap_local(addr) };
+        result
     }
 
     /// Fills the `1 << order` pages from this one with `byte`.
@@ -161,26 +199,43 @@ impl PageRef {
     ///
     /// The pages are ours to write (allocated by us, not mapped anywhere).
     pub(crate) unsafe fn fill(self, order: u32, byte: u8) {
-        // SAFETY: per this function's contract.
-        unsafe { shim::hmmgpu_shim_fill_pages(self.as_ptr(), order, kernel::ffi::c_int::from(byte)) }
+        for i in 0..1u64 << order {
+            // SAFETY: the pages of an allocation of ours.
+            let page = unsafe { PageRef::from_pfn(self.pfn() + i) };
+            // SAFETY: a whole page, ours to write per the contract.
+            page.with_mapped(|p| unsafe { core::ptr::write_bytes(p, byte, PAGE_SIZE) });
+        }
     }
 
     /// Copies `src` into this page with the CPU.
     ///
     /// # Safety
     ///
-    /// Both are in the direct map (a device-coherent page is); this page is
-    /// ours to write.
+    /// This page is ours to write; `src` is readable memory (a
+    /// device-coherent page is).
     pub(crate) unsafe fn copy_from(self, src: PageRef) {
-        // SAFETY: per this function's contract.
-        unsafe { shim::hmmgpu_shim_copy_page(self.as_ptr(), src.as_ptr()) }
+        src.with_mapped(|from| {
+            self.with_mapped(|to| {
+                // SAFETY: two whole, distinct pages; per the contract.
+                unsafe { core::ptr::copy_nonoverlapping(from, to, PAGE_SIZE) }
+            })
+        })
     }
 
-    /// The kernel address of a page in the direct map (device-coherent VRAM
-    /// is).
-    pub(crate) fn address(self) -> *mut u8 {
-        // SAFETY: a valid page by the type invariant.
-        unsafe { shim::hmmgpu_shim_page_address(self.as_ptr()).cast() }
+    /// Reads the first `u64` of the page, volatile (device memory).
+    pub(crate) fn read_u64_volatile(self) -> u64 {
+        // SAFETY: a mapped, aligned page.
+        self.with_mapped(|p| unsafe { core::ptr::read_volatile(p.cast::<u64>()) })
+    }
+
+    /// Writes the first `u64` of the page, volatile (device memory).
+    ///
+    /// # Safety
+    ///
+    /// The page is ours to write.
+    pub(crate) unsafe fn write_u64_volatile(self, value: u64) {
+        // SAFETY: a mapped, aligned page, ours per the contract.
+        self.with_mapped(|p| unsafe { core::ptr::write_volatile(p.cast::<u64>(), value) })
     }
 }
 
@@ -192,7 +247,7 @@ impl PageRef {
 /// calls our pgmap's memory_failure op.
 pub(crate) fn poison_pfn(pfn: u64) -> Result {
     // SAFETY: memory_failure() checks the pfn itself.
-    let ret = unsafe { shim::hmmgpu_shim_poison_pfn(pfn as c_ulong) };
+    let ret = unsafe { bindings::memory_failure(pfn as c_ulong, 0) };
     if ret < 0 {
         return Err(Error::from_errno(ret));
     }
@@ -202,7 +257,7 @@ pub(crate) fn poison_pfn(pfn: u64) -> Result {
 /// [`poison_pfn`] from inside memory_failure() (its mutex is held): queued.
 pub(crate) fn poison_pfn_later(pfn: u64) {
     // SAFETY: memory_failure_queue() checks the pfn when it runs.
-    unsafe { shim::hmmgpu_shim_poison_pfn_later(pfn as c_ulong) }
+    unsafe { bindings::memory_failure_queue(pfn as c_ulong, 0) }
 }
 
 /// One entry of a migrate_vma / migrate_device src or dst array: a pfn
@@ -218,26 +273,15 @@ impl MigratePfn {
     /// The dst entry for `page`, `writable` if the source was, `compound`
     /// for a THP (one entry for all its pages).
     pub(crate) fn new(page: PageRef, writable: bool, compound: bool) -> Self {
-        // SAFETY: constant conversion of a valid pfn.
-        let mut entry = unsafe { shim::hmmgpu_shim_migrate_pfn(page.pfn() as c_ulong) };
+        // SAFETY: arithmetic on a valid pfn.
+        let mut entry = unsafe { shim::hmmgpu_migrate_pfn(page.pfn() as c_ulong) };
         if writable {
-            entry |= flag_write();
+            entry |= c_const!(hmmgpu_MIGRATE_PFN_WRITE);
         }
         if compound {
-            entry |= flag_compound();
+            entry |= c_const!(hmmgpu_MIGRATE_PFN_COMPOUND);
         }
         Self(entry)
-    }
-
-    /// Views the kernel's array `entries` of `n` entries.
-    ///
-    /// # Safety
-    ///
-    /// `entries` points to `n` entries, not accessed otherwise while the
-    /// slice lives.
-    pub(crate) unsafe fn slice_mut<'a>(entries: *mut c_ulong, n: usize) -> &'a mut [MigratePfn] {
-        // SAFETY: `MigratePfn` is a transparent `c_ulong`; per the contract.
-        unsafe { core::slice::from_raw_parts_mut(entries.cast(), n) }
     }
 
     /// Whether this is [`MigratePfn::NONE`].
@@ -247,22 +291,22 @@ impl MigratePfn {
 
     /// MIGRATE_PFN_VALID: the entry holds a page.
     pub(crate) fn is_valid(self) -> bool {
-        self.0 & flag_valid() != 0
+        self.0 & c_const!(hmmgpu_MIGRATE_PFN_VALID) != 0
     }
 
     /// MIGRATE_PFN_MIGRATE: the core selected the page for migration.
     pub(crate) fn is_migrating(self) -> bool {
-        self.0 & flag_migrate() != 0
+        self.0 & c_const!(hmmgpu_MIGRATE_PFN_MIGRATE) != 0
     }
 
     /// MIGRATE_PFN_WRITE: the page was mapped writable.
     pub(crate) fn is_writable(self) -> bool {
-        self.0 & flag_write() != 0
+        self.0 & c_const!(hmmgpu_MIGRATE_PFN_WRITE) != 0
     }
 
     /// MIGRATE_PFN_COMPOUND: one entry for a whole THP.
     pub(crate) fn is_compound(self) -> bool {
-        self.0 & flag_compound() != 0
+        self.0 & c_const!(hmmgpu_MIGRATE_PFN_COMPOUND) != 0
     }
 
     /// The 4 KiB pages this entry moves: a THP is one entry, its head's.
@@ -277,30 +321,75 @@ impl MigratePfn {
     /// The page of the entry; `None` if there is none (a src entry of an
     /// unpopulated address, or an empty dst).
     pub(crate) fn page(self) -> Option<PageRef> {
-        // SAFETY: a migrate pfn names a page with a `struct page` or none.
-        let page = unsafe { shim::hmmgpu_shim_migrate_pfn_to_page(self.0) };
+        // SAFETY: decodes the entry; a migrate pfn names a page or none.
+        let page = unsafe { shim::hmmgpu_migrate_pfn_to_page(self.0) };
         // SAFETY: the core holds the pages of a migration until it is
         // finalized; the caller uses the handle within it.
         unsafe { PageRef::from_raw(page) }
     }
 }
 
-fn flag_valid() -> c_ulong {
-    // SAFETY: constant exported by the shim.
-    unsafe { shim::hmmgpu_MIGRATE_PFN_VALID }
+/// What kind of memory a mapped page is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PageKind {
+    /// A page of system memory.
+    System,
+    /// The shared zero page.
+    Zero,
+    /// A MEMORY_DEVICE_PRIVATE page.
+    DevicePrivate,
+    /// A MEMORY_DEVICE_COHERENT page.
+    DeviceCoherent,
 }
 
-fn flag_migrate() -> c_ulong {
-    // SAFETY: constant exported by the shim.
-    unsafe { shim::hmmgpu_MIGRATE_PFN_MIGRATE }
+/// A page as an hmm_pfns entry describes it.
+#[derive(Clone, Copy)]
+pub(crate) struct Mapped {
+    pub(crate) pfn: u64,
+    pub(crate) writable: bool,
+    pub(crate) kind: PageKind,
+    /// A device page whose pgmap owner is the one asked about.
+    pub(crate) owned: bool,
+    /// The order of the CPU mapping (9: a PMD, 18: a PUD).
+    pub(crate) order: u32,
 }
 
-fn flag_write() -> c_ulong {
-    // SAFETY: constant exported by the shim.
-    unsafe { shim::hmmgpu_MIGRATE_PFN_WRITE }
-}
+/// One entry of the array hmm_range_fault() fills: a pfn and the
+/// HMM_PFN_* flags.
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+pub(crate) struct HmmPfn(c_ulong);
 
-fn flag_compound() -> c_ulong {
-    // SAFETY: constant exported by the shim.
-    unsafe { shim::hmmgpu_MIGRATE_PFN_COMPOUND }
+impl HmmPfn {
+    /// Whether the range fault could not get at the page.
+    pub(crate) fn is_error(self) -> bool {
+        self.0 & c_const!(hmmgpu_HMM_PFN_ERROR) != 0
+    }
+
+    /// The page the entry maps, if valid, with device pages of pgmap owner
+    /// `owner` marked owned.
+    pub(crate) fn mapped(self, owner: *mut c_void) -> Option<Mapped> {
+        if self.is_error() || self.0 & c_const!(hmmgpu_HMM_PFN_VALID) == 0 {
+            return None;
+        }
+        // SAFETY: decodes a valid entry.
+        let page = unsafe { PageRef::from_raw(shim::hmmgpu_hmm_pfn_to_page(self.0)) }?;
+        let pfn = page.pfn();
+        let pgmap = page.pgmap();
+        let kind = match pgmap.map(|(kind, _)| kind) {
+            Some(bindings::memory_type_MEMORY_DEVICE_PRIVATE) => PageKind::DevicePrivate,
+            Some(bindings::memory_type_MEMORY_DEVICE_COHERENT) => PageKind::DeviceCoherent,
+            // SAFETY: a comparison with the zero page's pfn.
+            _ if unsafe { shim::hmmgpu_is_zero_pfn(pfn as c_ulong) } => PageKind::Zero,
+            _ => PageKind::System,
+        };
+        Some(Mapped {
+            pfn,
+            writable: self.0 & c_const!(hmmgpu_HMM_PFN_WRITE) != 0,
+            kind,
+            owned: pgmap.is_some_and(|(_, o)| o == owner),
+            // SAFETY: decodes a valid entry.
+            order: unsafe { shim::hmmgpu_hmm_pfn_to_map_order(self.0) },
+        })
+    }
 }

@@ -146,11 +146,6 @@ unsafe impl Send for Signal {}
 // SAFETY: as above.
 unsafe impl Sync for Signal {}
 
-extern "C" {
-    /// `reinit_completion()` (a static inline), in hmm.c.
-    fn hmmgpu_reinit_completion(x: *mut bindings::completion);
-}
-
 impl Signal {
     fn new() -> impl PinInit<Self> {
         pin_init!(Self {
@@ -174,7 +169,7 @@ impl Signal {
     /// Forgets completions (waiters keep waiting).
     fn reinit(&self) {
         // SAFETY: an initialized completion.
-        unsafe { hmmgpu_reinit_completion(self.inner.get()) }
+        unsafe { crate::shim::hmmgpu_reinit_completion(self.inner.get()) }
     }
 
     /// Waits up to `ms` milliseconds (uninterruptibly); whether it was

@@ -6,7 +6,7 @@
 
 use crate::gpu::{Gpu, MAX_GPUS};
 use crate::mirror::{Counts, FaultPolicy, Mirror};
-use crate::shim;
+use crate::pages::{HmmPfn, PageKind};
 use crate::vram::MemKind;
 use kernel::container_of;
 use kernel::fs::File;
@@ -70,34 +70,25 @@ const PROT_DEV_COHERENT_REMOTE: u8 = 0x50;
 const PMD_ORDER: u32 = 9;
 const PUD_ORDER: u32 = 18;
 
-/// The SNAPSHOT byte for a page described by `info` (shim::PFN_* bits).
-pub(crate) fn snapshot_prot(info: u32) -> u8 {
-    if info & shim::PFN_ERROR != 0 {
+/// The SNAPSHOT byte for an hmm_pfns entry, device pages of pgmap owner
+/// `owner` being local.
+pub(crate) fn snapshot_prot(entry: HmmPfn, owner: *mut kernel::ffi::c_void) -> u8 {
+    if entry.is_error() {
         return PROT_ERROR;
     }
-    if info & shim::PFN_VALID == 0 {
+    let Some(page) = entry.mapped(owner) else {
         return PROT_NONE;
-    }
-    let owned = info & shim::PFN_OWNED != 0;
-    let mut prot = if info & shim::PFN_DEVICE_PRIVATE != 0 {
-        if owned {
-            PROT_DEV_PRIVATE_LOCAL
-        } else {
-            PROT_DEV_PRIVATE_REMOTE
-        }
-    } else if info & shim::PFN_DEVICE_COHERENT != 0 {
-        if owned {
-            PROT_DEV_COHERENT_LOCAL
-        } else {
-            PROT_DEV_COHERENT_REMOTE
-        }
-    } else if info & shim::PFN_ZERO != 0 {
-        PROT_ZERO
-    } else {
-        PROT_NONE
     };
-    prot |= if info & shim::PFN_WRITE != 0 { PROT_WRITE } else { PROT_READ };
-    match info >> shim::PFN_ORDER_SHIFT {
+    let mut prot = match (page.kind, page.owned) {
+        (PageKind::DevicePrivate, true) => PROT_DEV_PRIVATE_LOCAL,
+        (PageKind::DevicePrivate, false) => PROT_DEV_PRIVATE_REMOTE,
+        (PageKind::DeviceCoherent, true) => PROT_DEV_COHERENT_LOCAL,
+        (PageKind::DeviceCoherent, false) => PROT_DEV_COHERENT_REMOTE,
+        (PageKind::Zero, _) => PROT_ZERO,
+        (PageKind::System, _) => PROT_NONE,
+    };
+    prot |= if page.writable { PROT_WRITE } else { PROT_READ };
+    match page.order {
         PMD_ORDER => prot |= PROT_PMD,
         PUD_ORDER => prot |= PROT_PUD,
         _ => {}

@@ -1,13 +1,11 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * virtio glue. Exists because the kernel crate has no virtio bindings:
- * - the driver and id tables the virtio core wants in C, whose callbacks
- *   are Rust functions (ffi.rs);
- * - the virtqueue callbacks, which hand the interrupt to Rust with the
- *   device's priv (vq->vdev is a field Rust cannot reach);
- * - one function per static inline or config op Rust calls.
- * Exported virtio functions Rust declares itself (virtio.rs); their
- * prototypes are checked below. The queue logic is in queue.rs.
+ * virtio. Exists because kernel::bindings has no virtio: the driver and id
+ * tables the virtio core wants in C (their callbacks are Rust, ffi.rs), the
+ * virtqueue callbacks (vq->vdev is out of Rust's reach), and one function
+ * per static inline or config op Rust calls. Exported virtio functions Rust
+ * declares itself (shim.rs); their prototypes are checked below. The queue
+ * logic is in queue.rs.
  */
 #include <linux/module.h>
 #include <linux/virtio.h>
@@ -21,7 +19,8 @@ static const struct virtio_device_id hmmgpu_id_table[] = {
 };
 MODULE_DEVICE_TABLE(virtio, hmmgpu_id_table);
 
-static struct virtio_driver hmmgpu_virtio_driver = {
+/* Registered by Rust (hmmgpu_main.rs). */
+struct virtio_driver hmmgpu_virtio_driver = {
 	.driver.name = KBUILD_MODNAME,
 	.id_table = hmmgpu_id_table,
 	.probe = hmmgpu_rust_probe,
@@ -30,24 +29,14 @@ static struct virtio_driver hmmgpu_virtio_driver = {
 	.reset_done = hmmgpu_rust_reset_done,
 };
 
-int hmmgpu_register_driver(void)
-{
-	return register_virtio_driver(&hmmgpu_virtio_driver);
-}
-
-void hmmgpu_unregister_driver(void)
-{
-	unregister_virtio_driver(&hmmgpu_virtio_driver);
-}
-
 static void hmmgpu_cmd_done(struct virtqueue *vq)
 {
-	hmmgpu_rust_cmd_interrupt(vq->vdev->priv);
+	hmmgpu_rust_cmd_interrupt(dev_get_drvdata(&vq->vdev->dev));
 }
 
 static void hmmgpu_event_done(struct virtqueue *vq)
 {
-	hmmgpu_rust_event_interrupt(vq->vdev->priv);
+	hmmgpu_rust_event_interrupt(dev_get_drvdata(&vq->vdev->dev));
 }
 
 /* The command and event queues, in the device's queue order. */
@@ -64,16 +53,6 @@ int hmmgpu_virtio_find_vqs(struct virtio_device *vdev, struct virtqueue **vqs)
 struct device *hmmgpu_virtio_dev(struct virtio_device *vdev)
 {
 	return &vdev->dev;
-}
-
-void hmmgpu_virtio_set_priv(struct virtio_device *vdev, void *priv)
-{
-	vdev->priv = priv;
-}
-
-void *hmmgpu_virtio_priv(struct virtio_device *vdev)
-{
-	return vdev->priv;
 }
 
 bool hmmgpu_virtio_has_feature(struct virtio_device *vdev, unsigned int fbit)
@@ -125,21 +104,25 @@ const u8 hmmgpu_VIRTIO_S_ACKNOWLEDGE = VIRTIO_CONFIG_S_ACKNOWLEDGE;
 const u8 hmmgpu_VIRTIO_S_DRIVER = VIRTIO_CONFIG_S_DRIVER;
 const u8 hmmgpu_VIRTIO_S_FEATURES_OK = VIRTIO_CONFIG_S_FEATURES_OK;
 
-/* The prototypes virtio.rs declares. */
+/* The prototypes shim.rs declares. */
 static_assert(__same_type(&virtqueue_add_sgs,
 	int (*)(struct virtqueue *, struct scatterlist **, unsigned int,
 		unsigned int, void *, gfp_t)));
 static_assert(__same_type(&virtqueue_add_inbuf,
 	int (*)(struct virtqueue *, struct scatterlist *, unsigned int, void *,
 		gfp_t)));
-static_assert(__same_type(&virtqueue_kick_prepare, bool (*)(struct virtqueue *)));
-static_assert(__same_type(&virtqueue_notify, bool (*)(struct virtqueue *)));
 static_assert(__same_type(&virtqueue_get_buf,
 	void *(*)(struct virtqueue *, unsigned int *)));
-static_assert(__same_type(&virtqueue_disable_cb, void (*)(struct virtqueue *)));
-static_assert(__same_type(&virtqueue_enable_cb, bool (*)(struct virtqueue *)));
 static_assert(__same_type(&virtqueue_detach_unused_buf,
 	void *(*)(struct virtqueue *)));
-static_assert(__same_type(&virtio_reset_device, void (*)(struct virtio_device *)));
-static_assert(__same_type(&virtio_add_status,
-	void (*)(struct virtio_device *, unsigned int)));
+static_assert(__same_type(&virtqueue_kick_prepare, bool (*)(struct virtqueue *)) &&
+	      __same_type(&virtqueue_notify, bool (*)(struct virtqueue *)) &&
+	      __same_type(&virtqueue_enable_cb, bool (*)(struct virtqueue *)) &&
+	      __same_type(&virtqueue_disable_cb, void (*)(struct virtqueue *)));
+static_assert(__same_type(&virtio_reset_device, void (*)(struct virtio_device *)) &&
+	      __same_type(&virtio_add_status,
+			  void (*)(struct virtio_device *, unsigned int)));
+static_assert(__same_type(&__register_virtio_driver,
+			  int (*)(struct virtio_driver *, struct module *)) &&
+	      __same_type(&unregister_virtio_driver,
+			  void (*)(struct virtio_driver *)));

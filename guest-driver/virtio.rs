@@ -1,75 +1,33 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! The virtio calls the driver makes, on typed handles. `kernel::bindings`
-//! has no virtio: the exported functions are declared here (virtio.c checks
-//! their prototypes), the static inlines and config ops go through
-//! virtio.c.
+//! The virtio calls the driver makes, on typed handles (`kernel::bindings`
+//! has no virtio; the declarations are in shim.rs).
 
 use crate::abi;
+use crate::shim::{self, c_const, VirtioDeviceRaw as RawVirtioDevice, VirtqueueRaw as RawVirtqueue};
 use core::ptr::NonNull;
 use kernel::bindings;
-use kernel::ffi::{c_int, c_uint, c_void};
+use kernel::ffi::{c_uint, c_void};
 use kernel::prelude::*;
 
-/// `struct virtio_device` (not in `kernel::bindings`).
-#[repr(C)]
-pub(crate) struct RawVirtioDevice {
-    _private: [u8; 0],
+/// Registers the driver (virtio.c's `virtio_driver`) for `module`.
+pub(crate) fn register_driver(module: &'static ThisModule) -> Result {
+    // SAFETY: the static driver, registered once (module init).
+    let ret = unsafe { shim::__register_virtio_driver(&raw mut shim::hmmgpu_virtio_driver, module.as_ptr()) };
+    if ret < 0 {
+        return Err(Error::from_errno(ret));
+    }
+    Ok(())
 }
 
-/// `struct virtqueue` (not in `kernel::bindings`).
-#[repr(C)]
-pub(crate) struct RawVirtqueue {
-    _private: [u8; 0],
-}
-
-// bindgen's structs end in zero-sized array markers that rustc does not call
-// FFI-safe; pointers to them are (kernel::bindings allows the lint too).
-#[allow(improper_ctypes)]
-extern "C" {
-    // virtio.c
-    pub(crate) fn hmmgpu_register_driver() -> c_int;
-    pub(crate) fn hmmgpu_unregister_driver();
-    static hmmgpu_VIRTIO_F_ACCESS_PLATFORM: c_uint;
-    static hmmgpu_VIRTIO_S_ACKNOWLEDGE: u8;
-    static hmmgpu_VIRTIO_S_DRIVER: u8;
-    static hmmgpu_VIRTIO_S_FEATURES_OK: u8;
-    fn hmmgpu_virtio_find_vqs(vdev: *mut RawVirtioDevice, vqs: *mut *mut RawVirtqueue) -> c_int;
-    fn hmmgpu_virtio_dev(vdev: *mut RawVirtioDevice) -> *mut bindings::device;
-    fn hmmgpu_virtio_set_priv(vdev: *mut RawVirtioDevice, data: *mut c_void);
-    fn hmmgpu_virtio_priv(vdev: *mut RawVirtioDevice) -> *mut c_void;
-    fn hmmgpu_virtio_has_feature(vdev: *mut RawVirtioDevice, fbit: c_uint) -> bool;
-    fn hmmgpu_virtio_read_config(vdev: *mut RawVirtioDevice, offset: c_uint, buf: *mut c_void, len: usize);
-    fn hmmgpu_virtio_shm_region(vdev: *mut RawVirtioDevice, id: u8, addr: *mut u64, len: *mut u64) -> bool;
-    fn hmmgpu_virtio_ready(vdev: *mut RawVirtioDevice);
-    fn hmmgpu_virtio_finalize_features(vdev: *mut RawVirtioDevice) -> c_int;
-    fn hmmgpu_virtio_status(vdev: *mut RawVirtioDevice) -> u8;
-    fn hmmgpu_virtio_del_vqs(vdev: *mut RawVirtioDevice);
-
-    // The kernel's exported virtio functions (include/linux/virtio.h).
-    fn virtqueue_add_sgs(
-        vq: *mut RawVirtqueue,
-        sgs: *mut *mut bindings::scatterlist,
-        out_sgs: c_uint,
-        in_sgs: c_uint,
-        data: *mut c_void,
-        gfp: bindings::gfp_t,
-    ) -> c_int;
-    fn virtqueue_add_inbuf(
-        vq: *mut RawVirtqueue,
-        sg: *mut bindings::scatterlist,
-        num: c_uint,
-        data: *mut c_void,
-        gfp: bindings::gfp_t,
-    ) -> c_int;
-    fn virtqueue_kick_prepare(vq: *mut RawVirtqueue) -> bool;
-    fn virtqueue_notify(vq: *mut RawVirtqueue) -> bool;
-    fn virtqueue_get_buf(vq: *mut RawVirtqueue, len: *mut c_uint) -> *mut c_void;
-    fn virtqueue_disable_cb(vq: *mut RawVirtqueue);
-    fn virtqueue_enable_cb(vq: *mut RawVirtqueue) -> bool;
-    fn virtqueue_detach_unused_buf(vq: *mut RawVirtqueue) -> *mut c_void;
-    fn virtio_reset_device(vdev: *mut RawVirtioDevice);
-    fn virtio_add_status(vdev: *mut RawVirtioDevice, status: c_uint);
+/// Unregisters the driver: removes every device bound to it first.
+///
+/// # Safety
+///
+/// [`register_driver`] succeeded (module exit).
+pub(crate) unsafe fn unregister_driver() {
+    // SAFETY: registered, per this function's contract.
+    unsafe { shim::unregister_virtio_driver(&raw mut shim::hmmgpu_virtio_driver) }
 }
 
 /// A virtio device bound to this driver.
@@ -107,46 +65,47 @@ impl VirtioDevice {
     /// Its `struct device`.
     pub(crate) fn dev(self) -> *mut bindings::device {
         // SAFETY: a live device by the type invariant.
-        unsafe { hmmgpu_virtio_dev(self.raw()) }
+        unsafe { shim::hmmgpu_virtio_dev(self.raw()) }
     }
 
-    /// The driver's pointer (`vdev->priv`), NULL until set.
-    pub(crate) fn priv_data(self) -> *mut c_void {
+    /// The driver's data (the device's drvdata), NULL until set.
+    pub(crate) fn drvdata(self) -> *mut c_void {
         // SAFETY: a live device by the type invariant.
-        unsafe { hmmgpu_virtio_priv(self.raw()) }
+        unsafe { bindings::dev_get_drvdata(self.dev()) }
     }
 
-    /// Sets the driver's pointer, which the virtqueue callbacks get.
-    pub(crate) fn set_priv_data(self, data: *mut c_void) {
+    /// Sets the driver's data, which the virtqueue callbacks get.
+    pub(crate) fn set_drvdata(self, data: *mut c_void) {
         // SAFETY: a live device by the type invariant.
-        unsafe { hmmgpu_virtio_set_priv(self.raw(), data) }
+        unsafe { bindings::dev_set_drvdata(self.dev(), data) }
     }
 
     /// Whether the transport offers VIRTIO_F_ACCESS_PLATFORM (an IOMMU
     /// between the device and guest memory).
     pub(crate) fn has_access_platform(self) -> bool {
-        // SAFETY: a live device by the type invariant; a constant.
-        unsafe { hmmgpu_virtio_has_feature(self.raw(), hmmgpu_VIRTIO_F_ACCESS_PLATFORM) }
+        let bit = c_const!(hmmgpu_VIRTIO_F_ACCESS_PLATFORM);
+        // SAFETY: a live device by the type invariant.
+        unsafe { shim::hmmgpu_virtio_has_feature(self.raw(), bit) }
     }
 
     /// Reads the device-specific config space from offset 0 into `buf`.
     pub(crate) fn read_config(self, buf: &mut [u8]) {
         // SAFETY: a live device by the type invariant; `buf` is writable.
-        unsafe { hmmgpu_virtio_read_config(self.raw(), 0, buf.as_mut_ptr().cast(), buf.len()) }
+        unsafe { shim::hmmgpu_virtio_read_config(self.raw(), 0, buf.as_mut_ptr().cast(), buf.len()) }
     }
 
     /// The (guest-physical address, length) of shared memory region `id`.
     pub(crate) fn shm_region(self, id: u8) -> Option<(u64, u64)> {
         let (mut addr, mut len) = (0, 0);
         // SAFETY: a live device by the type invariant; valid out-pointers.
-        unsafe { hmmgpu_virtio_shm_region(self.raw(), id, &mut addr, &mut len) }.then_some((addr, len))
+        unsafe { shim::hmmgpu_virtio_shm_region(self.raw(), id, &mut addr, &mut len) }.then_some((addr, len))
     }
 
     /// Creates the command and event virtqueues.
     pub(crate) fn find_vqs(self) -> Result<(Virtqueue, Virtqueue)> {
         let mut vqs = [core::ptr::null_mut(); abi::NUM_QUEUES];
         // SAFETY: a live device by the type invariant; room for its queues.
-        let ret = unsafe { hmmgpu_virtio_find_vqs(self.raw(), vqs.as_mut_ptr()) };
+        let ret = unsafe { shim::hmmgpu_virtio_find_vqs(self.raw(), vqs.as_mut_ptr()) };
         if ret < 0 {
             return Err(Error::from_errno(ret));
         }
@@ -158,13 +117,13 @@ impl VirtioDevice {
     /// Sets DRIVER_OK: the device may use its queues.
     pub(crate) fn ready(self) {
         // SAFETY: a live device by the type invariant.
-        unsafe { hmmgpu_virtio_ready(self.raw()) }
+        unsafe { shim::hmmgpu_virtio_ready(self.raw()) }
     }
 
     /// Resets the device: it stops using its queues (QEMU stops the rings).
     pub(crate) fn reset(self) {
         // SAFETY: a live device by the type invariant.
-        unsafe { virtio_reset_device(self.raw()) }
+        unsafe { shim::virtio_reset_device(self.raw()) }
     }
 
     /// Deletes the virtqueues.
@@ -174,23 +133,26 @@ impl VirtioDevice {
     /// The device was reset, and no handle of its virtqueues is used again.
     pub(crate) unsafe fn del_vqs(self) {
         // SAFETY: a live device by the type invariant; per the contract.
-        unsafe { hmmgpu_virtio_del_vqs(self.raw()) }
+        unsafe { shim::hmmgpu_virtio_del_vqs(self.raw()) }
     }
 
     /// Negotiates the features again after our own reset (the virtio core
     /// does it itself after a transport reset): ACKNOWLEDGE, DRIVER, the
     /// features, FEATURES_OK, which the device must keep.
     pub(crate) fn renegotiate(self) -> Result {
-        // SAFETY: a live device by the type invariant; constants.
+        let acknowledge = c_const!(hmmgpu_VIRTIO_S_ACKNOWLEDGE);
+        let driver = c_const!(hmmgpu_VIRTIO_S_DRIVER);
+        let features_ok = c_const!(hmmgpu_VIRTIO_S_FEATURES_OK);
+        // SAFETY: a live device by the type invariant.
         unsafe {
-            virtio_add_status(self.raw(), c_uint::from(hmmgpu_VIRTIO_S_ACKNOWLEDGE));
-            virtio_add_status(self.raw(), c_uint::from(hmmgpu_VIRTIO_S_DRIVER));
-            let ret = hmmgpu_virtio_finalize_features(self.raw());
+            shim::virtio_add_status(self.raw(), c_uint::from(acknowledge));
+            shim::virtio_add_status(self.raw(), c_uint::from(driver));
+            let ret = shim::hmmgpu_virtio_finalize_features(self.raw());
             if ret < 0 {
                 return Err(Error::from_errno(ret));
             }
-            virtio_add_status(self.raw(), c_uint::from(hmmgpu_VIRTIO_S_FEATURES_OK));
-            if hmmgpu_virtio_status(self.raw()) & hmmgpu_VIRTIO_S_FEATURES_OK == 0 {
+            shim::virtio_add_status(self.raw(), c_uint::from(features_ok));
+            if shim::hmmgpu_virtio_status(self.raw()) & features_ok == 0 {
                 return Err(ENODEV);
             }
         }
@@ -236,7 +198,7 @@ impl Virtqueue {
         }
         let mut sgs = [sg_out as *mut _, sg_in as *mut _];
         // SAFETY: a live virtqueue, serialized by `&mut`; per the contract.
-        let ret = unsafe { virtqueue_add_sgs(self.raw(), sgs.as_mut_ptr(), 1, 1, token, bindings::GFP_ATOMIC) };
+        let ret = unsafe { shim::virtqueue_add_sgs(self.raw(), sgs.as_mut_ptr(), 1, 1, token, bindings::GFP_ATOMIC) };
         if ret < 0 {
             return Err(Error::from_errno(ret));
         }
@@ -254,7 +216,7 @@ impl Virtqueue {
         // SAFETY: a valid scatterlist; per the contract.
         unsafe { bindings::sg_init_one(&mut sg, buf.cast(), len as c_uint) };
         // SAFETY: a live virtqueue, serialized by `&mut`; per the contract.
-        let ret = unsafe { virtqueue_add_inbuf(self.raw(), &mut sg, 1, buf.cast(), bindings::GFP_ATOMIC) };
+        let ret = unsafe { shim::virtqueue_add_inbuf(self.raw(), &mut sg, 1, buf.cast(), bindings::GFP_ATOMIC) };
         if ret < 0 {
             return Err(Error::from_errno(ret));
         }
@@ -265,7 +227,7 @@ impl Virtqueue {
     /// the notification failed (the device is broken).
     pub(crate) fn kick(&mut self) -> bool {
         // SAFETY: a live virtqueue, serialized by `&mut`.
-        unsafe { !virtqueue_kick_prepare(self.raw()) || virtqueue_notify(self.raw()) }
+        unsafe { !shim::virtqueue_kick_prepare(self.raw()) || shim::virtqueue_notify(self.raw()) }
     }
 
     /// The token and used length of the next buffer the device is done
@@ -273,27 +235,27 @@ impl Virtqueue {
     pub(crate) fn get_buf(&mut self) -> Option<(*mut c_void, u32)> {
         let mut len = 0;
         // SAFETY: a live virtqueue, serialized by `&mut`.
-        let token = unsafe { virtqueue_get_buf(self.raw(), &mut len) };
+        let token = unsafe { shim::virtqueue_get_buf(self.raw(), &mut len) };
         (!token.is_null()).then_some((token, len))
     }
 
     /// The token of a buffer the device never used, after a reset.
     pub(crate) fn detach_unused_buf(&mut self) -> Option<*mut c_void> {
         // SAFETY: a live virtqueue, serialized by `&mut`.
-        let token = unsafe { virtqueue_detach_unused_buf(self.raw()) };
+        let token = unsafe { shim::virtqueue_detach_unused_buf(self.raw()) };
         (!token.is_null()).then_some(token)
     }
 
     /// Turns interrupts for this queue off.
     pub(crate) fn disable_cb(&mut self) {
         // SAFETY: a live virtqueue, serialized by `&mut`.
-        unsafe { virtqueue_disable_cb(self.raw()) }
+        unsafe { shim::virtqueue_disable_cb(self.raw()) }
     }
 
     /// Turns interrupts back on; false if buffers were used meanwhile (the
     /// caller harvests again).
     pub(crate) fn enable_cb(&mut self) -> bool {
         // SAFETY: a live virtqueue, serialized by `&mut`.
-        unsafe { virtqueue_enable_cb(self.raw()) }
+        unsafe { shim::virtqueue_enable_cb(self.raw()) }
     }
 }

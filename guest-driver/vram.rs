@@ -20,6 +20,7 @@
 use crate::abi;
 use crate::pages::PageRef;
 use crate::shim;
+use kernel::bindings;
 use kernel::ffi::c_void;
 use core::ptr;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -141,14 +142,6 @@ pub(crate) enum MemKind {
 }
 
 impl MemKind {
-    /// The shim's code for the kind (HMMGPU_MEM_* in shim.h).
-    pub(crate) fn code(self) -> kernel::ffi::c_int {
-        match self {
-            MemKind::Private => 1,
-            MemKind::Coherent => 2,
-        }
-    }
-
     /// Name for logs.
     pub(crate) fn name(self) -> &'static str {
         match self {
@@ -225,14 +218,45 @@ impl Vram {
     /// Creates the struct pages (devm on `dev`): device-private ones in a
     /// free physical range, or device-coherent ones over the VRAM BAR at
     /// guest-physical `bar`. `gpu` is handed back to the page callbacks.
-    pub(crate) fn register(&self, dev: *mut kernel::bindings::device, bar: u64, gpu: *mut c_void) -> Result {
+    pub(crate) fn register(&self, dev: *mut bindings::device, bar: u64, gpu: *mut c_void) -> Result {
+        let (kind, start, end) = match self.kind {
+            MemKind::Private => {
+                // SAFETY: `dev` is the bound virtio device; the region is
+                // released with it (devm).
+                let res = unsafe {
+                    bindings::devm_request_free_mem_region(dev, &raw mut bindings::iomem_resource, self.size as usize)
+                };
+                let res = kernel::error::from_err_ptr(res).inspect_err(|e| {
+                    pr_err!(
+                        "hmmgpu{}: no free physical range for {} bytes of VRAM: {}\n",
+                        self.gpu,
+                        self.size,
+                        e.to_errno()
+                    )
+                })?;
+                // SAFETY: a region just granted to us.
+                let res = unsafe { &*res };
+                (bindings::memory_type_MEMORY_DEVICE_PRIVATE, res.start, res.end)
+            }
+            MemKind::Coherent => {
+                let start = bar + self.base;
+                (bindings::memory_type_MEMORY_DEVICE_COHERENT, start, start + self.size - 1)
+            }
+        };
         // SAFETY: `dev` is the bound virtio device; `gpu` and `self` outlive
         // the mapping (a devm action registered before it holds a reference).
-        let pfn = unsafe {
-            shim::hmmgpu_shim_memremap(dev, self.kind.code(), bar + self.base, self.size, gpu, self.owner())
-        };
-        if pfn == 0 {
-            return Err(ENOMEM);
+        let pfn = unsafe { shim::hmmgpu_memremap_pages(dev, kind, start, end, gpu, self.owner()) };
+        if pfn < 0 {
+            pr_err!(
+                "hmmgpu{}: devm_memremap_pages ({}) failed: {}\n",
+                self.gpu,
+                match self.kind {
+                    MemKind::Private => "private",
+                    MemKind::Coherent => "coherent",
+                },
+                pfn
+            );
+            return Err(Error::from_errno(pfn as i32));
         }
         self.pfn_first.store(pfn as u64, Ordering::Release);
         Ok(())
