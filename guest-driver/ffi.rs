@@ -16,7 +16,7 @@ use crate::mirror::Mirror;
 use crate::pages::PageRef;
 use crate::shim::VirtioDeviceRaw as RawVirtioDevice;
 use crate::virtio::VirtioDevice;
-use kernel::ffi::{c_int, c_ulong, c_void};
+use kernel::ffi::{c_int, c_uint, c_ulong, c_void};
 use kernel::bindings;
 use kernel::prelude::*;
 use kernel::sync::Arc;
@@ -133,7 +133,8 @@ pub(crate) unsafe extern "C" fn hmmgpu_rust_reset_done(vdev: *mut RawVirtioDevic
     }
 }
 
-/// The command virtqueue's callback (interrupt context).
+/// The virtqueues' callback (interrupt context): `index` is the queue's
+/// (command or event).
 ///
 /// # Safety
 ///
@@ -141,21 +142,14 @@ pub(crate) unsafe extern "C" fn hmmgpu_rust_reset_done(vdev: *mut RawVirtioDevic
 /// before it creates the virtqueues, which removal deletes before the devm
 /// action runs.
 #[no_mangle]
-pub(crate) unsafe extern "C" fn hmmgpu_rust_cmd_interrupt(gpu: *mut c_void) {
-    // SAFETY: per this function's contract.
-    unsafe { borrow_gpu(gpu) }.cmd_interrupt();
-}
-
-/// The event virtqueue's callback (interrupt context).
-///
-/// # Safety
-///
-/// As for [`hmmgpu_rust_cmd_interrupt`].
-#[no_mangle]
-pub(crate) unsafe extern "C" fn hmmgpu_rust_event_interrupt(gpu: *mut c_void) {
+pub(crate) unsafe extern "C" fn hmmgpu_rust_vq_interrupt(gpu: *mut c_void, index: c_uint) {
     // SAFETY: per this function's contract.
     let gpu = unsafe { borrow_gpu(gpu) };
-    Gpu::event_interrupt(gpu);
+    match u16::try_from(index) {
+        Ok(crate::abi::QUEUE_COMMAND) => gpu.cmd_interrupt(),
+        Ok(crate::abi::QUEUE_EVENT) => Gpu::event_interrupt(gpu),
+        _ => {}
+    }
 }
 
 /// `dev_pagemap_ops.folio_free` of our device pages.

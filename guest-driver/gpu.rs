@@ -21,9 +21,10 @@ use kernel::debugfs;
 use kernel::page::Page;
 use kernel::prelude::*;
 use kernel::str::CString;
-use kernel::sync::{Arc, ArcBorrow, Mutex, SpinLockIrq};
+use crate::compat::{new_spinlock_irq, SpinLockIrq};
+use kernel::sync::{Arc, ArcBorrow, Mutex};
 use kernel::workqueue::Work;
-use kernel::{new_mutex, new_spinlock_irq, new_work};
+use kernel::{new_mutex, new_work};
 
 /// One device MMU context's slot: who waits on its command, and the fault
 /// the device reported for it.

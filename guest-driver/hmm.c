@@ -1,16 +1,16 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * Mirroring. Exists because hmm.h is not in kernel::bindings (struct
- * hmm_range is filled here, the HMM_PFN_* flags exported), the notifier's
- * ops table is wanted in C, and the notifier's sequence helpers and the
- * hmm_pfns decoders are inlines: one function each. The logic is in
- * mirror.rs.
+ * hmm_range is filled here, HMM_PFN_* exported), the notifier's ops table is
+ * wanted in C, its sequence helpers and the hmm_pfns decoders are inlines.
+ * The logic is in mirror.rs.
  */
 #include <linux/hmm.h>
 #include <linux/mm.h>
 #include <linux/mmu_notifier.h>
 #include <linux/rmap.h>
 
+#include "compat.h"
 #include "hmmgpu.h"
 
 const unsigned long hmmgpu_HMM_PFN_VALID = HMM_PFN_VALID;
@@ -47,34 +47,22 @@ bool hmmgpu_mmu_interval_read_retry(struct mmu_interval_notifier *mni,
 	return mmu_interval_read_retry(mni, seq);
 }
 
-/* The caller holds the mmap lock and took @seq. */
+/*
+ * @unlocked: hmm_range_fault_unlocked_timeout() (compat.h) takes the mmap
+ * lock, else the caller holds it. *@seq: the notifier sequence used.
+ */
 int hmmgpu_hmm_range_fault(struct mmu_interval_notifier *mni,
 			   unsigned long start, unsigned long end,
 			   unsigned long *pfns, unsigned long default_flags,
-			   void *owner, unsigned long seq)
+			   void *owner, unsigned long *seq, bool unlocked)
 {
 	struct hmm_range range = {
-		.notifier = mni, .notifier_seq = seq, .start = start,
+		.notifier = mni, .notifier_seq = *seq, .start = start,
 		.end = end, .hmm_pfns = pfns, .default_flags = default_flags,
 		.dev_private_owner = owner,
 	};
-
-	return hmm_range_fault(&range);
-}
-
-/* Takes the mmap lock itself, may drop it while faulting (userfaultfd). */
-int hmmgpu_hmm_range_fault_unlocked(struct mmu_interval_notifier *mni,
-				    unsigned long start, unsigned long end,
-				    unsigned long *pfns,
-				    unsigned long default_flags, void *owner,
-				    unsigned long *seq)
-{
-	struct hmm_range range = {
-		.notifier = mni, .start = start, .end = end, .hmm_pfns = pfns,
-		.default_flags = default_flags, .dev_private_owner = owner,
-	};
-	int ret = hmm_range_fault_unlocked_timeout(&range,
-			msecs_to_jiffies(HMM_RANGE_DEFAULT_TIMEOUT));
+	int ret = unlocked ? hmmgpu_hmm_range_fault_unlocked(&range) :
+			     hmm_range_fault(&range);
 
 	*seq = range.notifier_seq;
 	return ret;

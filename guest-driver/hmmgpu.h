@@ -26,8 +26,7 @@ int hmmgpu_rust_probe(struct virtio_device *vdev);
 void hmmgpu_rust_remove(struct virtio_device *vdev);
 int hmmgpu_rust_reset_prepare(struct virtio_device *vdev);
 int hmmgpu_rust_reset_done(struct virtio_device *vdev);
-void hmmgpu_rust_cmd_interrupt(void *gpu);
-void hmmgpu_rust_event_interrupt(void *gpu);
+void hmmgpu_rust_vq_interrupt(void *gpu, unsigned int index);
 void hmmgpu_rust_folio_free(void *gpu, void *owner, struct page *page);
 vm_fault_t hmmgpu_rust_migrate_to_ram(void *gpu, void *owner,
 				      struct vm_fault *vmf);
@@ -40,13 +39,12 @@ bool hmmgpu_rust_invalidate(struct mmu_interval_notifier *mni,
 
 /* virtio.c */
 extern struct virtio_driver hmmgpu_virtio_driver;
-extern const unsigned int hmmgpu_VIRTIO_F_ACCESS_PLATFORM;
 extern const u8 hmmgpu_VIRTIO_S_ACKNOWLEDGE;
 extern const u8 hmmgpu_VIRTIO_S_DRIVER;
 extern const u8 hmmgpu_VIRTIO_S_FEATURES_OK;
 int hmmgpu_virtio_find_vqs(struct virtio_device *vdev, struct virtqueue **vqs);
 struct device *hmmgpu_virtio_dev(struct virtio_device *vdev);
-bool hmmgpu_virtio_has_feature(struct virtio_device *vdev, unsigned int fbit);
+bool hmmgpu_virtio_has_access_platform(struct virtio_device *vdev);
 void hmmgpu_virtio_read_config(struct virtio_device *vdev, unsigned int offset,
 			       void *buf, size_t len);
 bool hmmgpu_virtio_shm_region(struct virtio_device *vdev, u8 id, u64 *addr,
@@ -116,14 +114,13 @@ bool hmmgpu_mmu_interval_read_retry(struct mmu_interval_notifier *mni,
 int hmmgpu_hmm_range_fault(struct mmu_interval_notifier *mni,
 			   unsigned long start, unsigned long end,
 			   unsigned long *pfns, unsigned long default_flags,
-			   void *owner, unsigned long seq);
-int hmmgpu_hmm_range_fault_unlocked(struct mmu_interval_notifier *mni,
-				    unsigned long start, unsigned long end,
-				    unsigned long *pfns,
-				    unsigned long default_flags, void *owner,
-				    unsigned long *seq);
+			   void *owner, unsigned long *seq, bool unlocked);
 struct page *hmmgpu_hmm_pfn_to_page(unsigned long entry);
 unsigned int hmmgpu_hmm_pfn_to_map_order(unsigned long entry);
 bool hmmgpu_is_zero_pfn(unsigned long pfn);
+
+/* compat.c (kernels without the kernel crate's SpinLockIrq) */
+unsigned long hmmgpu_local_irq_save(void);
+void hmmgpu_local_irq_restore(unsigned long flags);
 
 #endif /* HMMGPU_H */

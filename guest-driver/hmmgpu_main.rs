@@ -8,15 +8,17 @@
 //! - `gpu`: probe/remove and the device's state
 //! - `ecc`: VRAM ECC errors: retiring pages, moving their data away
 //! - `queue`: the command and event virtqueues, commands' completion,
-//!   polling and timeouts, the queue side of resets, the [`Lifecycle`]
+//!   polling and timeouts, the queue side of resets, the device's lifecycle
 //! - `virtio`: the virtio calls, on typed handles
 //! - `vram`: the VRAM allocator (GPU buddy) and its device pages
 //! - `migrate`: migrate_vma_* / migrate_device_* and migrate_to_ram
 //! - `mirror`: hmm_range_fault + mmu_interval_notifier per open file
 //! - `uapi`: /dev/hmm_dmirrorN and its ioctls
-//! - `pages`: typed handles for struct pages and migrate entries
+//! - `pages`: typed handles for struct pages, migrate and hmm_pfns entries
 //! - `ffi`: every function C calls into Rust
-//! - `shim`: the C functions for kernel APIs without Rust bindings
+//! - `shim`: the declarations of the C files and of the exported kernel
+//!   functions `kernel::bindings` lacks
+//! - `compat`: what differs between the kernels it builds on (7.2, 7.3)
 
 use kernel::prelude::*;
 
@@ -25,6 +27,7 @@ use kernel::prelude::*;
 #[path = "../device/abi/src/abi.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod abi;
+mod compat;
 mod ecc;
 mod ffi;
 mod gpu;

@@ -12,23 +12,16 @@
 
 #include "hmmgpu.h"
 
-/*
- * One migrate_vma step covers at most 2 MiB: a PMD (one THP) with 4 KiB
- * pages, one device huge page. Not PTRS_PER_PTE: on book3s64 that is chosen
- * at boot (hash or radix); hmmgpu_pmd_is_2m() checks it at probe.
- */
+/* One step: a PMD of 4 KiB pages (book3s64 picks PTRS_PER_PTE at boot). */
 const unsigned long hmmgpu_MIGRATE_MAX_PAGES = SZ_2M >> PAGE_SHIFT;
 const unsigned long hmmgpu_MIGRATE_PFN_VALID = MIGRATE_PFN_VALID;
 const unsigned long hmmgpu_MIGRATE_PFN_MIGRATE = MIGRATE_PFN_MIGRATE;
 const unsigned long hmmgpu_MIGRATE_PFN_WRITE = MIGRATE_PFN_WRITE;
 const unsigned long hmmgpu_MIGRATE_PFN_COMPOUND = MIGRATE_PFN_COMPOUND;
 const unsigned long hmmgpu_MIGRATE_VMA_SELECT_SYSTEM = MIGRATE_VMA_SELECT_SYSTEM;
-const unsigned long hmmgpu_MIGRATE_VMA_SELECT_DEVICE_PRIVATE =
-	MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
-const unsigned long hmmgpu_MIGRATE_VMA_SELECT_DEVICE_COHERENT =
-	MIGRATE_VMA_SELECT_DEVICE_COHERENT;
-const unsigned long hmmgpu_MIGRATE_VMA_SELECT_COMPOUND =
-	MIGRATE_VMA_SELECT_COMPOUND;
+const unsigned long hmmgpu_MIGRATE_VMA_SELECT_DEVICE_PRIVATE = MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
+const unsigned long hmmgpu_MIGRATE_VMA_SELECT_DEVICE_COHERENT = MIGRATE_VMA_SELECT_DEVICE_COHERENT;
+const unsigned long hmmgpu_MIGRATE_VMA_SELECT_COMPOUND = MIGRATE_VMA_SELECT_COMPOUND;
 
 bool hmmgpu_pmd_is_2m(void)
 {

@@ -7,6 +7,7 @@
 
 use crate::abi::{self, opcode, range_flags, Range, PAGE_SIZE};
 use crate::gpu::Gpu;
+use crate::compat;
 use crate::migrate;
 use crate::pages::{HmmPfn, PageKind, PageRef};
 use crate::queue::{Command, RangeList};
@@ -234,20 +235,28 @@ impl Mirror {
             flags |= c_const!(hmmgpu_HMM_PFN_REQ_WRITE);
         }
         let owner = self.vram().owner();
-        if unlocked {
-            let mut seq = 0;
-            // SAFETY: the inserted notifier; `pfns` has room for the range.
-            let ret = unsafe {
-                shim::hmmgpu_hmm_range_fault_unlocked(
+        let mut fault = |seq: &mut c_ulong, unlocked: bool| {
+            // SAFETY: the inserted notifier; `pfns` has room for the range;
+            // the caller holds the mmap lock unless `unlocked`.
+            unsafe {
+                shim::hmmgpu_hmm_range_fault(
                     self.notifier(),
                     start as c_ulong,
                     end as c_ulong,
                     pfns.as_mut_ptr().cast(),
                     flags,
                     owner,
-                    &mut seq,
+                    seq,
+                    unlocked,
                 )
-            };
+            }
+        };
+        if unlocked {
+            if !compat::HAS_HMM_RANGE_FAULT_UNLOCKED {
+                return Err(compat::eopnotsupp());
+            }
+            let mut seq = 0;
+            let ret = fault(&mut seq, true);
             return if ret < 0 { Err(Error::from_errno(ret)) } else { Ok(seq) };
         }
         let mm = self.mm_user()?;
@@ -258,22 +267,10 @@ impl Mirror {
                 return Err(EBUSY);
             }
             // SAFETY: the inserted notifier.
-            let seq = unsafe { bindings::mmu_interval_read_begin(self.notifier()) };
+            let mut seq = unsafe { bindings::mmu_interval_read_begin(self.notifier()) };
             let ret = {
                 let _locked = mm.mmap_read_lock();
-                // SAFETY: the inserted notifier; `pfns` has room for the
-                // range; the mmap lock is held.
-                unsafe {
-                    shim::hmmgpu_hmm_range_fault(
-                        self.notifier(),
-                        start as c_ulong,
-                        end as c_ulong,
-                        pfns.as_mut_ptr().cast(),
-                        flags,
-                        owner,
-                        seq,
-                    )
-                }
+                fault(&mut seq, false)
             };
             match ret {
                 0 => return Ok(seq),

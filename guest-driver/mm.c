@@ -62,11 +62,7 @@ void hmmgpu_set_zone_device_data(struct page *page, void *data)
 	page->zone_device_data = data;
 }
 
-/*
- * A free device page (@order 0) or THP, referenced and locked for
- * migrate_vma_pages(). Cast, not page_folio(): a free page's compound head
- * may be left over from a folio freed since.
- */
+/* Cast, not page_folio(): a free page's compound head may be stale. */
 void hmmgpu_zone_device_folio_init(struct page *page, unsigned int order)
 {
 	zone_device_folio_init((struct folio *)page, page_pgmap(page), order);
@@ -78,7 +74,7 @@ struct folio *hmmgpu_vma_alloc_folio(struct vm_area_struct *vma,
 	return vma_alloc_folio(GFP_HIGHUSER_MOVABLE, order, vma, addr);
 }
 
-/* A folio anywhere; a single page may not fail (eviction must finish). */
+/* A single page may not fail: eviction must finish. */
 struct folio *hmmgpu_folio_alloc(unsigned int order)
 {
 	return folio_alloc(GFP_HIGHUSER_MOVABLE |

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * ZONE_DEVICE pagemaps. Exists because dev_pagemap_ops is an ops table the
- * kernel wants in C and struct dev_pagemap's range is in an anonymous union.
- * Each op hands its call to Rust (ffi.rs) with the GPU's pointer.
+ * kernel wants in C and dev_pagemap's range is in an anonymous union. Each
+ * op hands its call to Rust (ffi.rs) with the GPU's pointer.
  */
 #include <linux/device.h>
 #include <linux/memremap.h>
@@ -15,10 +15,7 @@ struct hmmgpu_pagemap {
 	void *gpu;
 };
 
-static void *hmmgpu_pagemap_gpu(struct dev_pagemap *pgmap)
-{
-	return container_of(pgmap, struct hmmgpu_pagemap, pgmap)->gpu;
-}
+#define hmmgpu_pagemap_gpu(p) container_of(p, struct hmmgpu_pagemap, pgmap)->gpu
 
 static void hmmgpu_folio_free(struct folio *folio)
 {
@@ -34,11 +31,7 @@ static vm_fault_t hmmgpu_migrate_to_ram(struct vm_fault *vmf)
 					  pgmap->owner, vmf);
 }
 
-/*
- * A device-private THP is being split: each new folio shares the VRAM
- * allocation of the original (Rust counts its pages back in folio_free).
- * With this op set, the core leaves pgmap and mapping to us.
- */
+/* The new folios share the THP's VRAM (Rust counts it back in folio_free). */
 static void hmmgpu_folio_split(struct folio *head, struct folio *tail)
 {
 	if (!tail)

@@ -20,7 +20,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use kernel::bindings;
 use kernel::ffi::c_void;
 use kernel::prelude::*;
-use kernel::sync::{new_spinlock_irq, SpinLockIrq};
+use crate::compat::{new_spinlock_irq, SpinLockIrq};
 use kernel::time::{msecs_to_jiffies, Instant, Monotonic};
 use kernel::types::Opaque;
 

@@ -37,13 +37,12 @@ opaque!(
 extern "C" {
     // virtio.c
     pub(crate) static mut hmmgpu_virtio_driver: VirtioDriverRaw;
-    pub(crate) static hmmgpu_VIRTIO_F_ACCESS_PLATFORM: c_uint;
     pub(crate) static hmmgpu_VIRTIO_S_ACKNOWLEDGE: u8;
     pub(crate) static hmmgpu_VIRTIO_S_DRIVER: u8;
     pub(crate) static hmmgpu_VIRTIO_S_FEATURES_OK: u8;
     pub(crate) fn hmmgpu_virtio_find_vqs(vdev: *mut VirtioDeviceRaw, vqs: *mut *mut VirtqueueRaw) -> c_int;
     pub(crate) fn hmmgpu_virtio_dev(vdev: *mut VirtioDeviceRaw) -> *mut device;
-    pub(crate) fn hmmgpu_virtio_has_feature(vdev: *mut VirtioDeviceRaw, fbit: c_uint) -> bool;
+    pub(crate) fn hmmgpu_virtio_has_access_platform(vdev: *mut VirtioDeviceRaw) -> bool;
     pub(crate) fn hmmgpu_virtio_read_config(vdev: *mut VirtioDeviceRaw, offset: c_uint, buf: *mut c_void, len: usize);
     pub(crate) fn hmmgpu_virtio_shm_region(vdev: *mut VirtioDeviceRaw, id: u8, addr: *mut u64, len: *mut u64) -> bool;
     pub(crate) fn hmmgpu_virtio_ready(vdev: *mut VirtioDeviceRaw);
@@ -151,6 +150,7 @@ extern "C" {
     pub(crate) static hmmgpu_notifier_ops: mmu_interval_notifier_ops;
     pub(crate) fn hmmgpu_mmu_interval_set_seq(mni: *mut mmu_interval_notifier, seq: c_ulong);
     pub(crate) fn hmmgpu_mmu_interval_read_retry(mni: *mut mmu_interval_notifier, seq: c_ulong) -> bool;
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn hmmgpu_hmm_range_fault(
         mni: *mut mmu_interval_notifier,
         start: c_ulong,
@@ -158,16 +158,8 @@ extern "C" {
         pfns: *mut c_ulong,
         default_flags: c_ulong,
         owner: *mut c_void,
-        seq: c_ulong,
-    ) -> c_int;
-    pub(crate) fn hmmgpu_hmm_range_fault_unlocked(
-        mni: *mut mmu_interval_notifier,
-        start: c_ulong,
-        end: c_ulong,
-        pfns: *mut c_ulong,
-        default_flags: c_ulong,
-        owner: *mut c_void,
         seq: *mut c_ulong,
+        unlocked: bool,
     ) -> c_int;
     pub(crate) fn hmmgpu_hmm_pfn_to_page(entry: c_ulong) -> *mut page;
     pub(crate) fn hmmgpu_hmm_pfn_to_map_order(entry: c_ulong) -> c_uint;

@@ -167,7 +167,15 @@ impl MiscDevice for Mirror {
         }
         let counts: Counts = match cmd {
             HMM_DMIRROR_READ => mirror.read(c.addr, c.ptr, c.npages, FaultPolicy::Resolve)?,
-            HMM_DMIRROR_READ_UNLOCKED => mirror.read(c.addr, c.ptr, c.npages, FaultPolicy::ResolveUnlocked)?,
+            HMM_DMIRROR_READ_UNLOCKED => {
+                crate::compat::unlocked_range_fault(|| {
+                    pr_warn!(
+                        "hmmgpu{}: HMM_DMIRROR_READ_UNLOCKED is not supported: this kernel has no hmm_range_fault_unlocked_timeout()\n",
+                        mirror.gpu.index()
+                    )
+                })?;
+                mirror.read(c.addr, c.ptr, c.npages, FaultPolicy::ResolveUnlocked)?
+            }
             HMM_DMIRROR_EXCLUSIVE => mirror.exclusive(c.addr, c.ptr, c.npages)?,
             HMM_DMIRROR_CHECK_EXCLUSIVE => mirror.check_exclusive(c.addr, c.npages)?,
             HMM_DMIRROR_WRITE => mirror.write(c.addr, c.ptr, c.npages)?,

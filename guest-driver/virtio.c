@@ -1,11 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * virtio. Exists because kernel::bindings has no virtio: the driver and id
- * tables the virtio core wants in C (their callbacks are Rust, ffi.rs), the
- * virtqueue callbacks (vq->vdev is out of Rust's reach), and one function
- * per static inline or config op Rust calls. Exported virtio functions Rust
- * declares itself (shim.rs); their prototypes are checked below. The queue
- * logic is in queue.rs.
+ * tables the virtio core wants in C (callbacks in ffi.rs), the virtqueue
+ * callback, one function per static inline or config op. Rust declares the
+ * exported ones (shim.rs), checked below. The queue logic is in queue.rs.
  */
 #include <linux/module.h>
 #include <linux/virtio.h>
@@ -19,7 +17,6 @@ static const struct virtio_device_id hmmgpu_id_table[] = {
 };
 MODULE_DEVICE_TABLE(virtio, hmmgpu_id_table);
 
-/* Registered by Rust (hmmgpu_main.rs). */
 struct virtio_driver hmmgpu_virtio_driver = {
 	.driver.name = KBUILD_MODNAME,
 	.id_table = hmmgpu_id_table,
@@ -29,22 +26,16 @@ struct virtio_driver hmmgpu_virtio_driver = {
 	.reset_done = hmmgpu_rust_reset_done,
 };
 
-static void hmmgpu_cmd_done(struct virtqueue *vq)
+static void hmmgpu_vq_done(struct virtqueue *vq)
 {
-	hmmgpu_rust_cmd_interrupt(dev_get_drvdata(&vq->vdev->dev));
-}
-
-static void hmmgpu_event_done(struct virtqueue *vq)
-{
-	hmmgpu_rust_event_interrupt(dev_get_drvdata(&vq->vdev->dev));
+	hmmgpu_rust_vq_interrupt(dev_get_drvdata(&vq->vdev->dev), vq->index);
 }
 
 /* The command and event queues, in the device's queue order. */
 int hmmgpu_virtio_find_vqs(struct virtio_device *vdev, struct virtqueue **vqs)
 {
 	struct virtqueue_info infos[] = {
-		{ "command", hmmgpu_cmd_done },
-		{ "event", hmmgpu_event_done },
+		{ "command", hmmgpu_vq_done }, { "event", hmmgpu_vq_done },
 	};
 
 	return virtio_find_vqs(vdev, ARRAY_SIZE(infos), vqs, infos, NULL);
@@ -55,9 +46,10 @@ struct device *hmmgpu_virtio_dev(struct virtio_device *vdev)
 	return &vdev->dev;
 }
 
-bool hmmgpu_virtio_has_feature(struct virtio_device *vdev, unsigned int fbit)
+/* An IOMMU between device and memory: commands carry physical addresses. */
+bool hmmgpu_virtio_has_access_platform(struct virtio_device *vdev)
 {
-	return virtio_has_feature(vdev, fbit);
+	return virtio_has_feature(vdev, VIRTIO_F_ACCESS_PLATFORM);
 }
 
 void hmmgpu_virtio_read_config(struct virtio_device *vdev, unsigned int offset,
@@ -99,7 +91,6 @@ void hmmgpu_virtio_del_vqs(struct virtio_device *vdev)
 }
 
 /* The virtio constants Rust uses (uapi/linux/virtio_config.h). */
-const unsigned int hmmgpu_VIRTIO_F_ACCESS_PLATFORM = VIRTIO_F_ACCESS_PLATFORM;
 const u8 hmmgpu_VIRTIO_S_ACKNOWLEDGE = VIRTIO_CONFIG_S_ACKNOWLEDGE;
 const u8 hmmgpu_VIRTIO_S_DRIVER = VIRTIO_CONFIG_S_DRIVER;
 const u8 hmmgpu_VIRTIO_S_FEATURES_OK = VIRTIO_CONFIG_S_FEATURES_OK;

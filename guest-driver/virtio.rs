@@ -83,9 +83,8 @@ impl VirtioDevice {
     /// Whether the transport offers VIRTIO_F_ACCESS_PLATFORM (an IOMMU
     /// between the device and guest memory).
     pub(crate) fn has_access_platform(self) -> bool {
-        let bit = c_const!(hmmgpu_VIRTIO_F_ACCESS_PLATFORM);
         // SAFETY: a live device by the type invariant.
-        unsafe { shim::hmmgpu_virtio_has_feature(self.raw(), bit) }
+        unsafe { shim::hmmgpu_virtio_has_access_platform(self.raw()) }
     }
 
     /// Reads the device-specific config space from offset 0 into `buf`.

@@ -31,8 +31,9 @@ use kernel::gpu::buddy::{
 use kernel::prelude::*;
 use kernel::ptr::Alignment;
 use kernel::sizes::{SZ_2M, SZ_4K};
-use kernel::sync::{Mutex, SpinLockIrq};
-use kernel::{new_mutex, new_spinlock_irq};
+use crate::compat::{new_spinlock_irq, SpinLockIrq};
+use kernel::new_mutex;
+use kernel::sync::Mutex;
 
 /// Order of a THP (2 MiB of 4 KiB pages).
 pub(crate) const HUGE_ORDER: u32 = 9;
