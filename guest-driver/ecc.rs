@@ -10,7 +10,6 @@ use crate::migrate::{self, CorruptFolio};
 use crate::pages::{self, PageRef};
 use crate::vram::{MemKind, Retirement, Vram};
 use core::sync::atomic::Ordering;
-use kernel::prelude::*;
 use kernel::sync::{Arc, ArcBorrow};
 use kernel::time::Delta;
 use kernel::workqueue::{self, impl_has_work, WorkItem};
@@ -136,11 +135,7 @@ impl Gpu {
         }
         let dropped = self.counters.ecc_dropped.load(Ordering::Relaxed);
         if dropped > 0 && !self.ecc_dropped_logged.swap(true, Ordering::Relaxed) {
-            pr_err!(
-                "hmmgpu{}: ECC events came faster than they were handled: {} dropped, their pages not retired (debugfs counters: driver_ecc_dropped)\n",
-                self.index(),
-                dropped
-            );
+            gpu_err!(self, "ECC events came faster than they were handled: {} dropped, their pages not retired (debugfs counters: driver_ecc_dropped)\n", dropped);
         }
         drop(running);
     }
@@ -148,31 +143,22 @@ impl Gpu {
     /// One ECC error: retires its page and takes any data on it away from
     /// its owner, who gets SIGBUS for that page alone.
     fn handle_ecc_error(&self, error: EccError) {
-        let index = self.index();
         if error.offset >= self.vram_size() {
-            pr_err!(
-                "hmmgpu{}: ECC event for VRAM offset {:#x} (bit {}), beyond the {:#x} bytes of VRAM: ignored\n",
-                index,
-                error.offset,
+            gpu_err!(self, "ECC event for VRAM offset {:#x} (bit {}), beyond the {:#x} bytes of VRAM: ignored\n", error.offset,
                 error.bit,
-                self.vram_size()
-            );
+                self.vram_size());
             return;
         }
         let page = error.offset & !(PAGE_SIZE - 1);
         let vram = if self.private.contains(page) { &self.private } else { &self.coherent };
-        pr_warn!(
-            "hmmgpu{}: ECC error at VRAM offset {:#x} (bit {}): retiring the {} page at {:#x}\n",
-            index,
-            error.offset,
+        gpu_warn!(self, "ECC error at VRAM offset {:#x} (bit {}): retiring the {} page at {:#x}\n", error.offset,
             error.bit,
             vram.kind().name(),
-            page
-        );
+            page);
         let retirement = match vram.retire(page) {
             Ok(r) => r,
             Err(e) => {
-                pr_err!("hmmgpu{}: cannot retire VRAM page {:#x}: {:?}\n", index, page, e);
+                gpu_err!(self, "cannot retire VRAM page {:#x}: {:?}\n", page, e);
                 return;
             }
         };
@@ -183,36 +169,17 @@ impl Gpu {
         let before = if retirement == Retirement::Already { " (retired before)" } else { "" };
         match data {
             DataOnPage::None if retirement == Retirement::Held => {
-                pr_warn!("hmmgpu{}: VRAM page {:#x} retired: it was free\n", index, page)
+                gpu_warn!(self, "VRAM page {:#x} retired: it was free\n", page)
             }
-            DataOnPage::None if retirement == Retirement::Pending => pr_warn!(
-                "hmmgpu{}: VRAM page {:#x} retired: no data on it; it leaves the allocator when the allocation it belongs to is freed\n",
-                index, page
-            ),
-            DataOnPage::None => pr_warn!("hmmgpu{}: VRAM page {:#x} retired before: no data on it\n", index, page),
-            DataOnPage::Moved => pr_warn!(
-                "hmmgpu{}: VRAM page {:#x} retired{}: its data moved to system memory, the corrupt page poisoned (its owner gets SIGBUS there)\n",
-                index, page, before
-            ),
-            DataOnPage::Replaced => pr_warn!(
-                "hmmgpu{}: VRAM page {:#x} retired{}: its owners now map a poisoned system page instead (SIGBUS on their next touch)\n",
-                index, page, before
-            ),
-            DataOnPage::Lost => pr_err!(
-                "hmmgpu{}: VRAM page {:#x} retired{}: the device could not copy its data: lost and poisoned\n",
-                index, page, before
-            ),
-            DataOnPage::Canary => pr_warn!(
-                "hmmgpu{}: VRAM page {:#x} retired{}: it held the link canary, now at VRAM page {:#x}\n",
-                index,
-                page,
+            DataOnPage::None if retirement == Retirement::Pending => gpu_warn!(self, "VRAM page {:#x} retired: no data on it; it leaves the allocator when the allocation it belongs to is freed\n", page),
+            DataOnPage::None => gpu_warn!(self, "VRAM page {:#x} retired before: no data on it\n", page),
+            DataOnPage::Moved => gpu_warn!(self, "VRAM page {:#x} retired{}: its data moved to system memory, the corrupt page poisoned (its owner gets SIGBUS there)\n", page, before),
+            DataOnPage::Replaced => gpu_warn!(self, "VRAM page {:#x} retired{}: its owners now map a poisoned system page instead (SIGBUS on their next touch)\n", page, before),
+            DataOnPage::Lost => gpu_err!(self, "VRAM page {:#x} retired{}: the device could not copy its data: lost and poisoned\n", page, before),
+            DataOnPage::Canary => gpu_warn!(self, "VRAM page {:#x} retired{}: it held the link canary, now at VRAM page {:#x}\n", page,
                 before,
-                self.canary_pfn().and_then(|pfn| self.coherent.offset_of_pfn(pfn)).unwrap_or(0)
-            ),
-            DataOnPage::Stuck => pr_err!(
-                "hmmgpu{}: VRAM page {:#x} retired{}, but its data could not be moved off it: its owner may read the corrupt data\n",
-                index, page, before
-            ),
+                self.canary_pfn().and_then(|pfn| self.coherent.offset_of_pfn(pfn)).unwrap_or(0)),
+            DataOnPage::Stuck => gpu_err!(self, "VRAM page {:#x} retired{}, but its data could not be moved off it: its owner may read the corrupt data\n", page, before),
         }
     }
 
@@ -239,7 +206,7 @@ impl Gpu {
                 match self.move_canary() {
                     Ok(()) => return DataOnPage::Canary,
                     Err(e) => {
-                        pr_err!("hmmgpu{}: cannot move the link canary: {:?}\n", self.index(), e);
+                        gpu_err!(self, "cannot move the link canary: {:?}\n", e);
                         continue;
                     }
                 }
@@ -249,12 +216,8 @@ impl Gpu {
                     Ok(CorruptFolio::Moved) => return DataOnPage::Moved,
                     Ok(CorruptFolio::Lost) => return DataOnPage::Lost,
                     Ok(CorruptFolio::NotMoved) => {}
-                    Err(e) => pr_err!(
-                        "hmmgpu{}: cannot evict the folio at pfn {:#x}: {:?}\n",
-                        self.index(),
-                        head,
-                        e
-                    ),
+                    Err(e) => gpu_err!(self, "cannot evict the folio at pfn {:#x}: {:?}\n", head,
+                        e),
                 },
                 MemKind::Coherent => {
                     // memory_failure() calls our pgmap's handler

@@ -26,7 +26,10 @@ use contexts::Contexts;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use kernel::bindings;
 use kernel::ffi::c_void;
+use crate::log::GpuName;
+use kernel::device::Device;
 use kernel::prelude::*;
+use kernel::sync::aref::ARef;
 use kernel::sync::{Arc, Mutex};
 use kernel::workqueue::Work;
 
@@ -58,6 +61,8 @@ const LINK_CANARY: u64 = u64::from_le_bytes(*b"HMMGPU-L");
 #[pin_data]
 pub(crate) struct Gpu {
     vdev: VirtioDevice,
+    /// The virtio device's `struct device`, which the driver logs on.
+    dev: ARef<Device>,
     index: u32,
     config: DeviceConfig,
     /// Guest-physical address of the VRAM BAR (the shared memory region).
@@ -108,6 +113,16 @@ pub(crate) struct Gpu {
     /// [`Gpu::begin_removal`]).
     #[pin]
     pub(crate) ecc_lock: Mutex<()>,
+}
+
+impl GpuName for Gpu {
+    fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    fn gpu_index(&self) -> u32 {
+        self.index
+    }
 }
 
 impl Gpu {
@@ -182,10 +197,7 @@ impl Gpu {
             return true;
         }
         if self.queues.mark_link_down() {
-            pr_err!(
-                "hmmgpu{}: the VRAM BAR reads all-ones: the link is down; the device is dead\n",
-                self.index
-            );
+            gpu_err!(self, "the VRAM BAR reads all-ones: the link is down; the device is dead\n");
         }
         false
     }
@@ -203,11 +215,7 @@ impl Gpu {
     fn set_canary(&self) {
         match self.new_canary() {
             Ok(page) => self.canary.store(page.as_ptr(), Ordering::Release),
-            Err(e) => pr_warn!(
-                "hmmgpu{}: no VRAM for the link canary ({:?}): a failed link will not be noticed\n",
-                self.index,
-                e
-            ),
+            Err(e) => gpu_warn!(self, "no VRAM for the link canary ({:?}): a failed link will not be noticed\n", e),
         }
     }
 
@@ -252,7 +260,7 @@ impl Gpu {
     /// come back from a reset: ENODEV from now on.
     fn hung(&self) -> Error {
         if self.queues.mark_lost() {
-            pr_err!("hmmgpu{}: the device stopped answering; it is dead\n", self.index);
+            gpu_err!(self, "the device stopped answering; it is dead\n");
         }
         ENODEV
     }

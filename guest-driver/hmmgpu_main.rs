@@ -22,6 +22,9 @@
 
 use kernel::prelude::*;
 
+#[macro_use]
+mod log;
+
 // The device interface, shared verbatim with the backend: its items are `pub`
 // for the backend's crate and not all of them are used here.
 #[path = "../device/abi/src/abi.rs"]

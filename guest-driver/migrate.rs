@@ -551,7 +551,7 @@ pub(crate) unsafe fn migrate_to_ram(gpu: &Gpu, vram: &Vram, vmf: *mut bindings::
         Ok(_) => 0,
         Err(ENOMEM) => oom,
         Err(_) => {
-            pr_err!("hmmgpu{}: copy from VRAM failed in a CPU fault at {:#x}\n", gpu.index(), addr);
+            gpu_err!(gpu, "copy from VRAM failed in a CPU fault at {:#x}\n", addr);
             sigbus
         }
     }
@@ -561,7 +561,7 @@ pub(crate) unsafe fn migrate_to_ram(gpu: &Gpu, vram: &Vram, vmf: *mut bindings::
 /// memory, whichever process owns it. Returns the number of pages evicted.
 pub(crate) fn evict_all(gpu: &Gpu, vram: &Vram) -> u64 {
     let Ok(mut args) = MigrateArgs::new() else {
-        pr_err!("hmmgpu{}: no memory to evict VRAM\n", gpu.index());
+        gpu_err!(gpu, "no memory to evict VRAM\n");
         return 0;
     };
     let total = vram.pages() as usize;
@@ -601,7 +601,7 @@ fn poison_stand_ins(gpu: &Gpu, src: &[MigratePfn], dst: &[MigratePfn]) {
             // A system page of ours, now mapped by its owner
             // (memory_failure splits a THP first).
             if let Err(e) = pages::poison_pfn(pfn) {
-                pr_err!("hmmgpu{}: poisoning pfn {:#x} failed: {}\n", gpu.index(), pfn, e.to_errno());
+                gpu_err!(gpu, "poisoning pfn {:#x} failed: {}\n", pfn, e.to_errno());
             }
         }
     }
@@ -614,7 +614,7 @@ fn poison_stand_ins(gpu: &Gpu, src: &[MigratePfn], dst: &[MigratePfn]) {
 /// lost; otherwise nothing moves. `args` keeps the src/dst arrays.
 fn evict_pfns(gpu: &Gpu, vram: &Vram, args: &mut MigrateArgs, start_pfn: u64, n: usize, must_leave: bool) -> Eviction {
     if let Err(e) = args.device_range(start_pfn, n) {
-        pr_err!("hmmgpu{}: migrate_device_range failed: {}\n", gpu.index(), e.to_errno());
+        gpu_err!(gpu, "migrate_device_range failed: {}\n", e.to_errno());
         return Eviction { pages: 0, lost: false };
     }
     let (src, dst) = args.src_dst(n);
@@ -625,14 +625,10 @@ fn evict_pfns(gpu: &Gpu, vram: &Vram, args: &mut MigrateArgs, start_pfn: u64, n:
             // Through a failed link the CPU would copy all-ones, not VRAM.
             let cpu_reads_vram = vram.kind() == MemKind::Coherent && !gpu.is_link_down();
             let (saved, gone) = evict_without_device(vram, cpu_reads_vram, src, dst);
-            pr_err!(
-                "hmmgpu{}: eviction copy failed ({:?}): {} {} pages copied by the CPU, {} pages lost with the device\n",
-                gpu.index(),
-                e,
+            gpu_err!(gpu, "eviction copy failed ({:?}): {} {} pages copied by the CPU, {} pages lost with the device\n", e,
                 saved,
                 vram.kind().name(),
-                gone
-            );
+                gone);
             lost = gone > 0;
         }
     }
@@ -679,7 +675,7 @@ pub(crate) fn evict_corrupt_folio(gpu: &Gpu, vram: &Vram, head: u64, nr: usize, 
     // The system page (or the page of the THP) that now holds the data.
     let sys = sys.pfn() + (idx - entry) as u64;
     if let Err(e) = pages::poison_pfn(sys) {
-        pr_err!("hmmgpu{}: poisoning pfn {:#x} failed: {}\n", gpu.index(), sys, e.to_errno());
+        gpu_err!(gpu, "poisoning pfn {:#x} failed: {}\n", sys, e.to_errno());
     }
     Ok(CorruptFolio::Moved)
 }
@@ -765,12 +761,8 @@ pub(crate) fn memory_failure(gpu: &Gpu, vram: &Vram, pfn: u64, nr_pages: u64) {
         };
         let (mut src, mut dst) = ([MigratePfn::NONE; 1], [MigratePfn::NONE; 1]);
         if let Err(e) = device_range(&mut src, p) {
-            pr_err!(
-                "hmmgpu{}: memory failure at pfn {:#x}: cannot unmap it: {}\n",
-                gpu.index(),
-                p,
-                e.to_errno()
-            );
+            gpu_err!(gpu, "memory failure at pfn {:#x}: cannot unmap it: {}\n", p,
+                e.to_errno());
         } else {
             let mut stand_in = None;
             if src[0].is_migrating() && src[0].page().is_some() {
@@ -790,11 +782,7 @@ pub(crate) fn memory_failure(gpu: &Gpu, vram: &Vram, pfn: u64, nr_pages: u64) {
         // Whether or not its data moved: the page must not be used again.
         vram.retire_and_log(offset, "memory failure");
     }
-    pr_err!(
-        "hmmgpu{}: memory failure on {} device-coherent page(s) at pfn {:#x}: {} moved to poisoned system pages\n",
-        gpu.index(),
-        nr_pages,
+    gpu_err!(gpu, "memory failure on {} device-coherent page(s) at pfn {:#x}: {} moved to poisoned system pages\n", nr_pages,
         pfn,
-        moved
-    );
+        moved);
 }

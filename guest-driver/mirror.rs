@@ -385,11 +385,7 @@ impl Mirror {
                 unreported += 1;
             };
             if resp.status != abi::status::OK {
-                pr_err!(
-                    "hmmgpu{}: device access failed: {}\n",
-                    self.gpu.index(),
-                    abi::status::name(resp.status)
-                );
+                gpu_err!(self.gpu, "device access failed: {}\n", abi::status::name(resp.status));
                 return Err(EIO);
             }
         }
@@ -479,11 +475,7 @@ impl Mirror {
             if failed > 0 {
                 // Those pages stayed in system memory, data intact; the rest
                 // moved. The caller learns which with SNAPSHOT.
-                pr_warn!(
-                    "hmmgpu{}: copy engine failed for {} pages of a migration to VRAM: they stay in system memory\n",
-                    self.gpu.index(),
-                    failed
-                );
+                gpu_warn!(self.gpu, "copy engine failed for {} pages of a migration to VRAM: they stay in system memory\n", failed);
                 return Err(EIO);
             }
         }
@@ -661,7 +653,7 @@ impl Mirror {
                 // its translations went with it, and it accesses nothing.
                 Ok(()) => {}
                 Err(e) if e == ENODEV => {}
-                Err(e) => pr_warn!("hmmgpu{}: UNMAP failed: {:?}\n", self.gpu.index(), e),
+                Err(e) => gpu_warn!(self.gpu, "UNMAP failed: {:?}\n", e),
             }
             if start <= ms && me <= end {
                 state.mapped = None;

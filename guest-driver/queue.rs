@@ -19,7 +19,9 @@ use crate::virtio::{VirtioDevice, Virtqueue};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use kernel::bindings;
 use kernel::ffi::c_void;
+use kernel::device::Device;
 use kernel::prelude::*;
+use kernel::sync::aref::ARef;
 use crate::compat::{new_spinlock_irq, SpinLockIrq};
 use kernel::time::{msecs_to_jiffies, Instant, Monotonic};
 use kernel::types::Opaque;
@@ -253,6 +255,8 @@ struct EventQueue {
 #[pin_data]
 pub(crate) struct Queues {
     vdev: VirtioDevice,
+    /// Its `struct device`, for logs.
+    dev: ARef<Device>,
     #[pin]
     cmd: SpinLockIrq<CmdQueue>,
     #[pin]
@@ -300,9 +304,10 @@ enum Outcome {
 
 impl Queues {
     /// Queues of `vdev`, without virtqueues until [`Queues::start`].
-    pub(crate) fn new(vdev: VirtioDevice) -> impl PinInit<Self> {
+    pub(crate) fn new(vdev: VirtioDevice, dev: ARef<Device>) -> impl PinInit<Self> {
         pin_init!(Self {
             vdev,
+            dev,
             cmd <- new_spinlock_irq!(CmdQueue { vq: None, lifecycle: Lifecycle::Running }),
             events <- new_spinlock_irq!(EventQueue { vq: None }),
             settled <- Signal::new(),
@@ -385,7 +390,7 @@ impl Queues {
                 // virtqueue: the command, in the ring now, times out and a
                 // reset gives it back.
                 if added.is_ok() && !vq.kick() {
-                    pr_err!("hmmgpu: notifying the command queue failed\n");
+                    dev_err!(self.dev, "notifying the command queue failed\n");
                 }
                 added
             }
@@ -730,7 +735,7 @@ impl Drop for InFlight<'_> {
         if let Some(cmd) = self.cmd.take() {
             if !cmd.token.is_finished() {
                 // The device may still write these: never free them.
-                pr_err!("hmmgpu: abandoning a command the device never completed\n");
+                dev_err!(self.queues.dev, "abandoning a command the device never completed\n");
                 core::mem::forget(cmd);
             }
         }

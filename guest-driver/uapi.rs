@@ -169,10 +169,7 @@ impl MiscDevice for Mirror {
             HMM_DMIRROR_READ => mirror.read(c.addr, c.ptr, c.npages, FaultPolicy::Resolve)?,
             HMM_DMIRROR_READ_UNLOCKED => {
                 crate::compat::unlocked_range_fault(|| {
-                    pr_warn!(
-                        "hmmgpu{}: HMM_DMIRROR_READ_UNLOCKED is not supported: this kernel has no hmm_range_fault_unlocked_timeout()\n",
-                        mirror.gpu.index()
-                    )
+                    gpu_warn!(mirror.gpu, "HMM_DMIRROR_READ_UNLOCKED is not supported: this kernel has no hmm_range_fault_unlocked_timeout()\n")
                 })?;
                 mirror.read(c.addr, c.ptr, c.npages, FaultPolicy::ResolveUnlocked)?
             }

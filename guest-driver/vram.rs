@@ -28,7 +28,10 @@ use kernel::gpu::buddy::{
     AllocatedBlocks, GpuBuddy, GpuBuddyAllocFlag, GpuBuddyAllocFlags, GpuBuddyAllocMode,
     GpuBuddyParams,
 };
+use crate::log::GpuName;
+use kernel::device::Device;
 use kernel::prelude::*;
+use kernel::sync::aref::ARef;
 use kernel::ptr::Alignment;
 use kernel::sizes::{SZ_2M, SZ_4K};
 use crate::compat::{new_spinlock_irq, SpinLockIrq};
@@ -169,14 +172,25 @@ pub(crate) struct Vram {
     retired: Mutex<Retired>,
     /// Pages retired (held or pending), for the counters.
     retired_pages: AtomicU64,
-    /// The GPU's index, for logs.
+    /// The GPU's device and index, for logs.
+    dev: ARef<Device>,
     gpu: u32,
+}
+
+impl GpuName for Vram {
+    fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    fn gpu_index(&self) -> u32 {
+        self.gpu
+    }
 }
 
 impl Vram {
     /// An allocator for `size` bytes of VRAM at offset `base` of GPU `gpu`,
     /// in pages of [`abi::PAGE_SIZE`].
-    pub(crate) fn new(gpu: u32, kind: MemKind, base: u64, size: u64) -> Result<impl PinInit<Self, Error>> {
+    pub(crate) fn new(dev: ARef<Device>, gpu: u32, kind: MemKind, base: u64, size: u64) -> Result<impl PinInit<Self, Error>> {
         let buddy = GpuBuddy::new(GpuBuddyParams {
             base_offset: base,
             size,
@@ -191,6 +205,7 @@ impl Vram {
             deferred <- new_spinlock_irq!(FreeList { head: ptr::null_mut() }),
             retired <- new_mutex!(Retired { pending: KVec::new(), held: KVec::new() }),
             retired_pages: AtomicU64::new(0),
+            dev,
             gpu,
         }))
     }
@@ -228,12 +243,8 @@ impl Vram {
                     bindings::devm_request_free_mem_region(dev, &raw mut bindings::iomem_resource, self.size as usize)
                 };
                 let res = kernel::error::from_err_ptr(res).inspect_err(|e| {
-                    pr_err!(
-                        "hmmgpu{}: no free physical range for {} bytes of VRAM: {}\n",
-                        self.gpu,
-                        self.size,
-                        e.to_errno()
-                    )
+                    gpu_err!(self, "no free physical range for {} bytes of VRAM: {}\n", self.size,
+                        e.to_errno())
                 })?;
                 // SAFETY: a region just granted to us.
                 let res = unsafe { &*res };
@@ -248,15 +259,11 @@ impl Vram {
         // the mapping (a devm action registered before it holds a reference).
         let pfn = unsafe { shim::hmmgpu_memremap_pages(dev, kind, start, end, gpu, self.owner()) };
         if pfn < 0 {
-            pr_err!(
-                "hmmgpu{}: devm_memremap_pages ({}) failed: {}\n",
-                self.gpu,
-                match self.kind {
+            gpu_err!(self, "devm_memremap_pages ({}) failed: {}\n", match self.kind {
                     MemKind::Private => "private",
                     MemKind::Coherent => "coherent",
                 },
-                pfn
-            );
+                pfn);
             return Err(Error::from_errno(pfn as i32));
         }
         self.pfn_first.store(pfn as u64, Ordering::Release);
@@ -331,8 +338,8 @@ impl Vram {
     pub(crate) fn retire_and_log(&self, offset: u64, why: &str) {
         match self.retire(offset) {
             Ok(Retirement::Already) => {}
-            Ok(_) => pr_warn!("hmmgpu{}: VRAM page {:#x} retired ({})\n", self.gpu, offset, why),
-            Err(e) => pr_err!("hmmgpu{}: cannot retire VRAM page {:#x}: {:?}\n", self.gpu, offset, e),
+            Ok(_) => gpu_warn!(self, "VRAM page {:#x} retired ({})\n", offset, why),
+            Err(e) => gpu_err!(self, "cannot retire VRAM page {:#x}: {:?}\n", offset, e),
         }
     }
 
@@ -366,12 +373,8 @@ impl Vram {
                 // Out of memory for the block: the page stays pending and
                 // free, so it may be handed out before a later return
                 // holds it.
-                pr_err!(
-                    "hmmgpu{}: cannot take retired VRAM page {:#x} out of the allocator ({:?}): it may be allocated again\n",
-                    self.gpu,
-                    offset,
-                    e
-                );
+                gpu_err!(self, "cannot take retired VRAM page {:#x} out of the allocator ({:?}): it may be allocated again\n", offset,
+                    e);
                 false
             }
         }

@@ -101,12 +101,8 @@ impl Gpu {
             let (resp, _) = self.execute_cmd(cmd)?;
             if resp.status != abi::status::OK {
                 self.note_failure(&resp);
-                pr_err!(
-                    "hmmgpu{}: command failed: {} at range {}\n",
-                    self.index,
-                    abi::status::name(resp.status),
-                    resp.failed_index
-                );
+                gpu_err!(self, "command failed: {} at range {}\n", abi::status::name(resp.status),
+                    resp.failed_index);
                 return Err(EIO);
             }
             bytes += resp.bytes;
@@ -143,14 +139,10 @@ impl Gpu {
             }
             self.note_failure(&resp);
             let what = if opcode == opcode::FILL { "FILL" } else { "COPY" };
-            pr_warn!(
-                "hmmgpu{}: {} failed: {} at range {} of {}\n",
-                self.index,
-                what,
+            gpu_warn!(self, "{} failed: {} at range {} of {}\n", what,
                 abi::status::name(resp.status),
                 resp.failed_index,
-                chunk.len()
-            );
+                chunk.len());
             if resp.status == abi::status::COPY_ERROR {
                 done += core::cmp::min(resp.failed_index as usize, chunk.len());
             }

@@ -176,7 +176,7 @@ impl Gpu {
             Ok(r) if r.status == abi::status::OK => Ok(ctx),
             other => {
                 self.contexts.lock().slots[ctx as usize - 1].used = false;
-                pr_err!("hmmgpu{}: CTX_CREATE {} failed: {:?}\n", self.index, ctx, other.map(|r| r.status));
+                gpu_err!(self, "CTX_CREATE {} failed: {:?}\n", ctx, other.map(|r| r.status));
                 Err(EIO)
             }
         }
@@ -218,12 +218,8 @@ impl Gpu {
     fn note_spurious(&self, event: &Event) {
         self.counters.spurious_faults.fetch_add(1, Ordering::Relaxed);
         if !self.spurious_logged.swap(true, Ordering::Relaxed) {
-            pr_info!(
-                "hmmgpu{}: ignoring a FAULT event no command waits on (context {}, address {:#x}); further ones are only counted (debugfs counters)\n",
-                self.index,
-                event.ctx,
-                event.addr
-            );
+            gpu_info!(self, "ignoring a FAULT event no command waits on (context {}, address {:#x}); further ones are only counted (debugfs counters)\n", event.ctx,
+                event.addr);
         }
     }
 
@@ -248,7 +244,7 @@ impl Gpu {
 
     fn on_event(gpu: ArcBorrow<'_, Gpu>, bytes: &[u8]) {
         let Some(event) = Event::from_bytes(bytes) else {
-            pr_warn!("hmmgpu{}: short event ({} bytes)\n", gpu.index, bytes.len());
+            gpu_warn!(gpu, "short event ({} bytes)\n", bytes.len());
             return;
         };
         if event.kind == abi::event::ECC {
@@ -256,7 +252,7 @@ impl Gpu {
             return;
         }
         if event.kind != abi::event::FAULT {
-            pr_warn!("hmmgpu{}: unknown event kind {}\n", gpu.index, event.kind);
+            gpu_warn!(gpu, "unknown event kind {}\n", event.kind);
             return;
         }
         gpu.on_fault_event(event);

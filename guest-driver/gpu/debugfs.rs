@@ -26,7 +26,7 @@ impl Gpu {
         });
         match created {
             Ok(scope) => *self.debugfs.lock() = Some(scope),
-            Err(e) => pr_warn!("hmmgpu{}: no debugfs directory: {:?}\n", self.index, e),
+            Err(e) => gpu_warn!(self, "no debugfs directory: {:?}\n", e),
         }
     }
 

@@ -16,7 +16,9 @@ use crate::vram::{MemKind, Vram};
 use core::ptr;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use kernel::ffi::c_void;
+use kernel::device::Device;
 use kernel::prelude::*;
+use kernel::sync::aref::ARef;
 use kernel::sync::Arc;
 use kernel::{new_mutex, new_work};
 
@@ -30,17 +32,20 @@ impl Gpu {
     /// Reads and checks the device's configuration and creates its GPU
     /// object; [`Gpu::start`] starts it.
     pub(crate) fn probe(vdev: VirtioDevice) -> Result<Arc<Gpu>> {
+        // SAFETY: the device being probed, alive; the reference keeps it.
+        let dev = unsafe { Device::get_device(vdev.dev()) };
         // Commands carry guest-physical addresses: no IOMMU in between.
         if vdev.has_access_platform() {
-            pr_err!("hmmgpu: VIRTIO_F_ACCESS_PLATFORM is not supported\n");
+            dev_err!(dev, "VIRTIO_F_ACCESS_PLATFORM is not supported\n");
             return Err(EINVAL);
         }
         let mut raw = [0u8; DeviceConfig::SIZE];
         vdev.read_config(&mut raw);
         let config = DeviceConfig::from_bytes(&raw).ok_or(EINVAL)?;
         if config.magic != abi::CONFIG_MAGIC || config.version != abi::ABI_VERSION {
-            pr_err!(
-                "hmmgpu: unsupported device (magic {:#x}, version {})\n",
+            dev_err!(
+                dev,
+                "unsupported device (magic {:#x}, version {})\n",
                 config.magic,
                 config.version
             );
@@ -52,45 +57,53 @@ impl Gpu {
             || config.vram_size < MIN_VRAM
             || config.vram_size % MIN_VRAM != 0
         {
-            pr_err!(
-                "hmmgpu: unusable config: page size {} (need 4096), VRAM {} bytes (need a multiple of 4 MiB)\n",
+            dev_err!(
+                dev,
+                "unusable config: page size {} (need 4096), VRAM {} bytes (need a multiple of 4 MiB)\n",
                 config.page_size,
                 config.vram_size
             );
             return Err(EINVAL);
         }
-        // SAFETY: reads a kernel constant.
         if !migrate::pmd_is_2m() {
-            pr_err!("hmmgpu: needs 2 MiB PMDs (4 KiB pages; on ppc64, the radix MMU)\n");
+            dev_err!(dev, "needs 2 MiB PMDs (4 KiB pages; on ppc64, the radix MMU)\n");
             return Err(ENODEV);
         }
         let Some((bar, bar_len)) = vdev.shm_region(abi::SHM_ID_VRAM) else {
-            pr_err!("hmmgpu: the device has no VRAM shared memory region\n");
+            dev_err!(dev, "the device has no VRAM shared memory region\n");
             return Err(ENODEV);
         };
         if bar_len != config.vram_size {
-            pr_err!(
-                "hmmgpu: VRAM region is {} bytes but config says {}\n",
+            dev_err!(
+                dev,
+                "VRAM region is {} bytes but config says {}\n",
                 bar_len,
                 config.vram_size
             );
             return Err(EINVAL);
         }
 
-        let index = claim_index()?;
-        let gpu = Self::create(vdev, index, config, bar).inspect_err(|_| release_index(index))?;
+        let index = claim_index(&dev)?;
+        let gpu = Self::create(vdev, dev, index, config, bar).inspect_err(|_| release_index(index))?;
         Ok(gpu)
     }
 
     /// Creates the GPU object; [`Gpu::start`] starts its device.
-    fn create(vdev: VirtioDevice, index: u32, config: DeviceConfig, vram_bar: u64) -> Result<Arc<Gpu>> {
+    fn create(
+        vdev: VirtioDevice,
+        dev: ARef<Device>,
+        index: u32,
+        config: DeviceConfig,
+        vram_bar: u64,
+    ) -> Result<Arc<Gpu>> {
         let half = config.vram_size / 2;
-        let private = Vram::new(index, MemKind::Private, 0, half)?;
-        let coherent = Vram::new(index, MemKind::Coherent, half, half)?;
-        let queues = Queues::new(vdev);
+        let private = Vram::new(dev.clone(), index, MemKind::Private, 0, half)?;
+        let coherent = Vram::new(dev.clone(), index, MemKind::Coherent, half, half)?;
+        let queues = Queues::new(vdev, dev.clone());
         Arc::pin_init(
             try_pin_init!(Gpu {
                 vdev,
+                dev,
                 index,
                 config,
                 vram_bar,
@@ -146,12 +159,8 @@ impl Gpu {
                 self.log_registered(&self.coherent);
                 self.set_canary();
             }
-            Err(e) => pr_err!(
-                "hmmgpu{}: device-coherent VRAM not registered ({:?}): /dev/hmm_dmirror{} is not available\n",
-                self.index,
-                e,
-                self.index + MAX_GPUS
-            ),
+            Err(e) => gpu_err!(self, "device-coherent VRAM not registered ({:?}): /dev/hmm_dmirror{} is not available\n", e,
+                self.index + MAX_GPUS),
         }
         Ok(())
     }
@@ -170,16 +179,12 @@ impl Gpu {
             MemKind::Private => self.index,
             MemKind::Coherent => self.index + MAX_GPUS,
         };
-        pr_info!(
-            "hmmgpu{}: registered {} MiB VRAM (BAR at {:#x}) as {} memory, pfns {:#x}..{:#x}, uAPI /dev/hmm_dmirror{}\n",
-            self.index,
-            vram.size() >> 20,
+        gpu_info!(self, "registered {} MiB VRAM (BAR at {:#x}) as {} memory, pfns {:#x}..{:#x}, uAPI /dev/hmm_dmirror{}\n", vram.size() >> 20,
             self.vram_bar,
             vram.kind().name(),
             vram.pfn_first(),
             vram.pfn_first() + vram.pages(),
-            minor
-        );
+            minor);
     }
 
     pub(crate) fn remove(&self) {
@@ -210,21 +215,17 @@ impl Gpu {
         self.coherent.reclaim_deferred();
         match self.counters() {
             Ok(c) => {
-                pr_info!("hmmgpu{}: device counters:\n", self.index);
+                gpu_info!(self, "device counters:\n");
                 for (name, value) in abi::counter::NAMES.iter().zip(c.iter()) {
-                    pr_info!("hmmgpu{}:   {} {}\n", self.index, name, value);
+                    gpu_info!(self, "  {} {}\n", name, value);
                 }
             }
-            Err(e) => pr_warn!("hmmgpu{}: cannot read device counters: {:?}\n", self.index, e),
+            Err(e) => gpu_warn!(self, "cannot read device counters: {:?}\n", e),
         }
-        pr_info!(
-            "hmmgpu{}: removed; {} pages evicted to system memory, {} of {} KiB VRAM free, {} KiB retired\n",
-            self.index,
-            evicted,
+        gpu_info!(self, "removed; {} pages evicted to system memory, {} of {} KiB VRAM free, {} KiB retired\n", evicted,
             (self.private.avail() + self.coherent.avail()) >> 10,
             self.config.vram_size >> 10,
-            ((self.private.retired_pages() + self.coherent.retired_pages()) * abi::PAGE_SIZE) >> 10
-        );
+            ((self.private.retired_pages() + self.coherent.retired_pages()) * abi::PAGE_SIZE) >> 10);
         self.queues.shut_down();
         // No more events: an ECC work queued until now finds it stopped.
         self.flush_ecc_work();
@@ -240,12 +241,12 @@ impl Gpu {
     }
 }
 
-fn claim_index() -> Result<u32> {
+fn claim_index(dev: &Device) -> Result<u32> {
     loop {
         let used = GPU_INDICES.load(Ordering::Acquire);
         let index = (!used).trailing_zeros();
         if index >= MAX_GPUS {
-            pr_err!("hmmgpu: at most {} GPUs are supported\n", MAX_GPUS);
+            dev_err!(dev, "at most {} GPUs are supported\n", MAX_GPUS);
             return Err(EBUSY);
         }
         if GPU_INDICES

@@ -46,18 +46,10 @@ impl Gpu {
         if self.lifecycle().is_gone() {
             return Err(ENODEV);
         }
-        pr_warn!(
-            "hmmgpu{}: a command got no answer in {} ms; resetting the device\n",
-            self.index,
-            COMMAND_TIMEOUT_MS
-        );
+        gpu_warn!(self, "a command got no answer in {} ms; resetting the device\n", COMMAND_TIMEOUT_MS);
         self.queues.stop();
         let contexts = self.restart(true)?;
-        pr_notice!(
-            "hmmgpu{}: reset done ({} contexts recreated); commands in flight were retried\n",
-            self.index,
-            contexts
-        );
+        gpu_notice!(self, "reset done ({} contexts recreated); commands in flight were retried\n", contexts);
         Ok(())
     }
 
@@ -79,7 +71,7 @@ impl Gpu {
         // SAFETY: saved above.
         unsafe { shim::hmmgpu_memalloc_noreclaim_restore(flags) };
         result.map_err(|e| {
-            pr_err!("hmmgpu{}: the device did not come back from its reset: {:?}\n", self.index, e);
+            gpu_err!(self, "the device did not come back from its reset: {:?}\n", e);
             self.hung()
         })
     }
@@ -105,7 +97,7 @@ impl Gpu {
             self.execute_privileged(opcode::CTX_DESTROY, ctx)?;
             let resp = self.execute_privileged(opcode::CTX_CREATE, ctx)?;
             if resp.status != abi::status::OK {
-                pr_err!("hmmgpu{}: recreating context {}: {}\n", self.index, ctx, abi::status::name(resp.status));
+                gpu_err!(self, "recreating context {}: {}\n", ctx, abi::status::name(resp.status));
                 return Err(EIO);
             }
             recreated += 1;
@@ -118,12 +110,12 @@ impl Gpu {
     /// the device still works, every page in VRAM is migrated to system
     /// memory (as on removal); then the queues stop.
     pub(crate) fn reset_prepare(&self) {
-        pr_notice!("hmmgpu{}: device reset requested: evicting VRAM, then stopping\n", self.index);
+        gpu_notice!(self, "device reset requested: evicting VRAM, then stopping\n");
         if !self.is_lost() && self.link_ok() {
             let evicted = migrate::evict_all(self, &self.private) + migrate::evict_all(self, &self.coherent);
             self.private.reclaim_deferred();
             self.coherent.reclaim_deferred();
-            pr_notice!("hmmgpu{}: {} pages evicted to system memory before the reset\n", self.index, evicted);
+            gpu_notice!(self, "{} pages evicted to system memory before the reset\n", evicted);
         }
         // Not held while evicting: the eviction's MMU notifiers take mirror
         // locks, under which a timed-out command takes this lock to recover.
@@ -137,12 +129,12 @@ impl Gpu {
     pub(crate) fn reset_done(&self) -> Result {
         let _serialized = self.reset_lock.lock();
         if self.is_lost() {
-            pr_err!("hmmgpu{}: the device was lost before its reset; it stays dead\n", self.index);
+            gpu_err!(self, "the device was lost before its reset; it stays dead\n");
             return Err(ENODEV);
         }
         let contexts = self.restart(false)?;
         self.write_canary();
-        pr_notice!("hmmgpu{}: reset done ({} contexts recreated); the device is back\n", self.index, contexts);
+        gpu_notice!(self, "reset done ({} contexts recreated); the device is back\n", contexts);
         Ok(())
     }
 }
