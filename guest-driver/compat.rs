@@ -16,7 +16,8 @@ use kernel::bindings;
 use kernel::prelude::*;
 
 /// Whether the kernel has hmm_range_fault_unlocked_timeout().
-pub(crate) const HAS_HMM_RANGE_FAULT_UNLOCKED: bool = cfg!(hmmgpu_have_hmm_range_fault_unlocked_timeout);
+pub(crate) const HAS_HMM_RANGE_FAULT_UNLOCKED: bool =
+    cfg!(hmmgpu_have_hmm_range_fault_unlocked_timeout);
 
 /// EOPNOTSUPP (`kernel::error::code` has it from 7.3 on).
 pub(crate) fn eopnotsupp() -> Error {
@@ -71,7 +72,11 @@ mod spinlock_irq {
         /// The interrupt flags to restore.
         type GuardState = c_ulong;
 
-        unsafe fn init(ptr: *mut Self::State, name: *const c_char, key: *mut bindings::lock_class_key) {
+        unsafe fn init(
+            ptr: *mut Self::State,
+            name: *const c_char,
+            key: *mut bindings::lock_class_key,
+        ) {
             // SAFETY: per the trait's contract.
             unsafe { bindings::__spin_lock_init(ptr, name, key) }
         }

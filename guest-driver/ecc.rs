@@ -100,7 +100,10 @@ impl Gpu {
     /// An ECC event (interrupt context): queued for the ECC work. O(1), no
     /// allocation.
     pub(crate) fn on_ecc_event(gpu: ArcBorrow<'_, Gpu>, event: &Event) {
-        let error = EccError { offset: event.addr, bit: event.reason };
+        let error = EccError {
+            offset: event.addr,
+            bit: event.reason,
+        };
         let queued = gpu.ecc_queue.lock().push(error);
         if !queued {
             gpu.counters.ecc_dropped.fetch_add(1, Ordering::Relaxed);
@@ -150,11 +153,19 @@ impl Gpu {
             return;
         }
         let page = error.offset & !(PAGE_SIZE - 1);
-        let vram = if self.private.contains(page) { &self.private } else { &self.coherent };
-        gpu_warn!(self, "ECC error at VRAM offset {:#x} (bit {}): retiring the {} page at {:#x}\n", error.offset,
+        let vram = if self.private.contains(page) {
+            &self.private
+        } else {
+            &self.coherent
+        };
+        gpu_warn!(
+            self,
+            "ECC error at VRAM offset {:#x} (bit {}): retiring the {} page at {:#x}\n",
+            error.offset,
             error.bit,
             vram.kind().name(),
-            page);
+            page
+        );
         let retirement = match vram.retire(page) {
             Ok(r) => r,
             Err(e) => {
@@ -166,7 +177,11 @@ impl Gpu {
             (Retirement::Held, _) | (_, None) => DataOnPage::None,
             (_, Some(pfn)) => self.move_data_off(vram, pfn),
         };
-        let before = if retirement == Retirement::Already { " (retired before)" } else { "" };
+        let before = if retirement == Retirement::Already {
+            " (retired before)"
+        } else {
+            ""
+        };
         match data {
             DataOnPage::None if retirement == Retirement::Held => {
                 gpu_warn!(self, "VRAM page {:#x} retired: it was free\n", page)
@@ -216,8 +231,9 @@ impl Gpu {
                     Ok(CorruptFolio::Moved) => return DataOnPage::Moved,
                     Ok(CorruptFolio::Lost) => return DataOnPage::Lost,
                     Ok(CorruptFolio::NotMoved) => {}
-                    Err(e) => gpu_err!(self, "cannot evict the folio at pfn {:#x}: {:?}\n", head,
-                        e),
+                    Err(e) => {
+                        gpu_err!(self, "cannot evict the folio at pfn {:#x}: {:?}\n", head, e)
+                    }
                 },
                 MemKind::Coherent => {
                     // memory_failure() calls our pgmap's handler

@@ -16,8 +16,8 @@ use crate::mirror::Mirror;
 use crate::pages::PageRef;
 use crate::shim::VirtioDeviceRaw as RawVirtioDevice;
 use crate::virtio::VirtioDevice;
-use kernel::ffi::{c_int, c_uint, c_ulong, c_void};
 use kernel::bindings;
+use kernel::ffi::{c_int, c_uint, c_ulong, c_void};
 use kernel::prelude::*;
 use kernel::sync::Arc;
 use kernel::types::ForeignOwnable;
@@ -70,7 +70,8 @@ pub(crate) unsafe extern "C" fn hmmgpu_rust_probe(vdev: *mut RawVirtioDevice) ->
     let foreign = gpu.clone().into_foreign();
     // SAFETY: `dev` is being probed; the action gives the reference back on
     // unbind (or at once, if registering fails).
-    let ret = unsafe { bindings::devm_add_action_or_reset(dev, Some(hmmgpu_rust_gpu_release), foreign) };
+    let ret =
+        unsafe { bindings::devm_add_action_or_reset(dev, Some(hmmgpu_rust_gpu_release), foreign) };
     if ret < 0 {
         gpu.abandon();
         return ret;
@@ -159,7 +160,11 @@ pub(crate) unsafe extern "C" fn hmmgpu_rust_vq_interrupt(gpu: *mut c_void, index
 /// `gpu` is the foreign pointer of the GPU whose pagemap, of owner `owner`,
 /// holds `page`, the head of a folio being freed.
 #[no_mangle]
-pub(crate) unsafe extern "C" fn hmmgpu_rust_folio_free(gpu: *mut c_void, owner: *mut c_void, page: *mut bindings::page) {
+pub(crate) unsafe extern "C" fn hmmgpu_rust_folio_free(
+    gpu: *mut c_void,
+    owner: *mut c_void,
+    page: *mut bindings::page,
+) {
     // SAFETY: per this function's contract (the pages go before the GPU).
     let gpu = unsafe { borrow_gpu(gpu) };
     // SAFETY: per this function's contract.

@@ -17,6 +17,7 @@ mod reset;
 use crate::abi::DeviceConfig;
 use crate::compat::SpinLockIrq;
 use crate::ecc::EccQueue;
+use crate::log::GpuName;
 use crate::pages::PageRef;
 use crate::queue::{Lifecycle, Loss, Queues};
 use crate::uapi::MirrorDevice;
@@ -25,9 +26,8 @@ use crate::vram::{MemKind, Vram};
 use contexts::Contexts;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use kernel::bindings;
-use kernel::ffi::c_void;
-use crate::log::GpuName;
 use kernel::device::Device;
+use kernel::ffi::c_void;
 use kernel::prelude::*;
 use kernel::sync::aref::ARef;
 use kernel::sync::{Arc, Mutex};
@@ -56,6 +56,9 @@ pub(crate) const MAX_GPUS: u32 = 2;
 
 /// The link canary's mark ("HMMGPU-L"); a failed link reads all-ones instead.
 const LINK_CANARY: u64 = u64::from_le_bytes(*b"HMMGPU-L");
+
+/// /sys/kernel/debug/hmmgpu<N>, its files reading through the GPU.
+type DebugfsDir = Pin<KBox<kernel::debugfs::Scope<Arc<Gpu>>>>;
 
 /// A bound hmmgpu device.
 #[pin_data]
@@ -98,7 +101,7 @@ pub(crate) struct Gpu {
     /// /sys/kernel/debug/hmmgpu<index>; its files hold a reference to
     /// the GPU, dropped (the directory removed) on removal.
     #[pin]
-    debugfs: Mutex<Option<Pin<KBox<kernel::debugfs::Scope<Arc<Gpu>>>>>>,
+    debugfs: Mutex<Option<DebugfsDir>>,
     /// The uAPI devices (private, coherent); taken (deregistered) on removal.
     #[pin]
     mirror_devs: Mutex<KVec<Pin<KBox<MirrorDevice>>>>,
@@ -146,7 +149,9 @@ impl Gpu {
 
     /// The VRAM share whose pgmap owner is `owner` (see [`Vram::owner`]).
     pub(crate) fn vram_of_owner(&self, owner: *mut c_void) -> Option<&Vram> {
-        [&self.private, &self.coherent].into_iter().find(|v| v.owner() == owner)
+        [&self.private, &self.coherent]
+            .into_iter()
+            .find(|v| v.owner() == owner)
     }
 
     /// The link canary's page, if there is one.
@@ -158,7 +163,9 @@ impl Gpu {
 
     /// The VRAM offset of `pfn` if it is one of this GPU's device pages.
     pub(crate) fn vram_offset_of_pfn(&self, pfn: u64) -> Option<u64> {
-        self.private.offset_of_pfn(pfn).or_else(|| self.coherent.offset_of_pfn(pfn))
+        self.private
+            .offset_of_pfn(pfn)
+            .or_else(|| self.coherent.offset_of_pfn(pfn))
     }
 
     /// Where the device is in its life.
@@ -197,7 +204,10 @@ impl Gpu {
             return true;
         }
         if self.queues.mark_link_down() {
-            gpu_err!(self, "the VRAM BAR reads all-ones: the link is down; the device is dead\n");
+            gpu_err!(
+                self,
+                "the VRAM BAR reads all-ones: the link is down; the device is dead\n"
+            );
         }
         false
     }
@@ -215,7 +225,11 @@ impl Gpu {
     fn set_canary(&self) {
         match self.new_canary() {
             Ok(page) => self.canary.store(page.as_ptr(), Ordering::Release),
-            Err(e) => gpu_warn!(self, "no VRAM for the link canary ({:?}): a failed link will not be noticed\n", e),
+            Err(e) => gpu_warn!(
+                self,
+                "no VRAM for the link canary ({:?}): a failed link will not be noticed\n",
+                e
+            ),
         }
     }
 

@@ -45,7 +45,9 @@ impl Select {
         let select = match self {
             Select::System => c_const!(hmmgpu_MIGRATE_VMA_SELECT_SYSTEM),
             Select::Device(MemKind::Private) => c_const!(hmmgpu_MIGRATE_VMA_SELECT_DEVICE_PRIVATE),
-            Select::Device(MemKind::Coherent) => c_const!(hmmgpu_MIGRATE_VMA_SELECT_DEVICE_COHERENT),
+            Select::Device(MemKind::Coherent) => {
+                c_const!(hmmgpu_MIGRATE_VMA_SELECT_DEVICE_COHERENT)
+            }
         };
         if compound {
             select | c_const!(hmmgpu_MIGRATE_VMA_SELECT_COMPOUND)
@@ -167,7 +169,9 @@ impl Drop for MigrateArgs {
 /// Callers only pass ranges of their own device pages.
 fn device_range(src: &mut [MigratePfn], start_pfn: u64) -> Result {
     // SAFETY: `src` has room for its length in entries.
-    let ret = unsafe { shim::migrate_device_range(src.as_mut_ptr().cast(), start_pfn as c_ulong, src.len()) };
+    let ret = unsafe {
+        shim::migrate_device_range(src.as_mut_ptr().cast(), start_pfn as c_ulong, src.len())
+    };
     if ret < 0 {
         return Err(Error::from_errno(ret));
     }
@@ -221,7 +225,10 @@ fn alloc_and_copy_to_vram(
     };
     // Single pages come from one batch allocation (falling back to one by
     // one if the VRAM is too fragmented for the whole batch).
-    let singles = src.iter().filter(|s| s.is_migrating() && !s.is_compound()).count();
+    let singles = src
+        .iter()
+        .filter(|s| s.is_migrating() && !s.is_compound())
+        .count();
     let mut batch = match vram.alloc_batch(singles) {
         Ok(b) => b,
         Err(_) => return 0,
@@ -242,7 +249,13 @@ fn alloc_and_copy_to_vram(
         }
         let sphys = spage.map(|p| p.phys());
         let writable = s.is_writable();
-        let mut place = |idx: usize, page: PageRef, compound: bool, dst_off: u64, src_off: u64, len: u64| -> Result {
+        let mut place = |idx: usize,
+                         page: PageRef,
+                         compound: bool,
+                         dst_off: u64,
+                         src_off: u64,
+                         len: u64|
+         -> Result {
             // Set first: on an error below the page is discarded with the rest.
             dst[idx] = MigratePfn::new(page, writable, compound);
             let (fill, range) = match sphys {
@@ -361,7 +374,12 @@ unsafe fn alloc_and_copy_to_ram(
             // SAFETY: `vma` is NULL or locked, per this function's contract.
             if let Some(thp) = unsafe { PageRef::alloc_locked(vma, addr, HUGE_ORDER) } {
                 dst[i] = MigratePfn::new(thp, writable, true);
-                result = copies.push(offset, thp.phys(), abi::HUGE_PAGE_SIZE as u32, range_flags::SRC_VRAM);
+                result = copies.push(
+                    offset,
+                    thp.phys(),
+                    abi::HUGE_PAGE_SIZE as u32,
+                    range_flags::SRC_VRAM,
+                );
                 i += nr;
                 continue;
             }
@@ -374,7 +392,12 @@ unsafe fn alloc_and_copy_to_ram(
                 break;
             };
             dst[i + j] = MigratePfn::new(page, writable, false);
-            result = copies.push(offset + j as u64 * PAGE_SIZE, page.phys(), PAGE_SIZE as u32, range_flags::SRC_VRAM);
+            result = copies.push(
+                offset + j as u64 * PAGE_SIZE,
+                page.phys(),
+                PAGE_SIZE as u32,
+                range_flags::SRC_VRAM,
+            );
             if result.is_err() {
                 break;
             }
@@ -398,14 +421,21 @@ unsafe fn alloc_and_copy_to_ram(
 
 /// Counts the entries the core actually migrated.
 fn migrated(src: &[MigratePfn]) -> u64 {
-    src.iter().filter(|s| s.is_valid() && s.is_migrating()).count() as u64
+    src.iter()
+        .filter(|s| s.is_valid() && s.is_migrating())
+        .count() as u64
 }
 
 /// Walks the VMAs of [start, end) of `mm` in page-table-sized steps, under
 /// the mmap read lock: `step` gets each readable VMA and the part of the
 /// range in it (at most `max_pages()` pages). EINVAL at a hole or an
 /// unreadable VMA.
-fn for_each_step(mm: &MmWithUser, start: u64, end: u64, mut step: impl FnMut(&VmaRef, u64, u64) -> Result) -> Result {
+fn for_each_step(
+    mm: &MmWithUser,
+    start: u64,
+    end: u64,
+    mut step: impl FnMut(&VmaRef, u64, u64) -> Result,
+) -> Result {
     let guard = mm.mmap_read_lock();
     let mut addr = start;
     while addr < end {
@@ -444,7 +474,17 @@ pub(crate) fn to_device(
     for_each_step(mm, start, end, |vma, s, e| {
         let n = ((e - s) / PAGE_SIZE) as usize;
         // SAFETY: `vma` is locked by `for_each_step`; [s, e) is in it.
-        unsafe { args.setup(vma.as_ptr(), s, e, vram, Select::System, true, ptr::null_mut())? };
+        unsafe {
+            args.setup(
+                vma.as_ptr(),
+                s,
+                e,
+                vram,
+                Select::System,
+                true,
+                ptr::null_mut(),
+            )?
+        };
         let (src, dst) = args.src_dst(n);
         failed += alloc_and_copy_to_vram(gpu, vram, src, dst, fail_alloc);
         args.pages();
@@ -498,10 +538,21 @@ pub(crate) fn to_system(
     for_each_step(mm, start, end, |vma, s, e| {
         let n = ((e - s) / PAGE_SIZE) as usize;
         // SAFETY: `vma` is locked by `for_each_step`; [s, e) is in it.
-        unsafe { args.setup(vma.as_ptr(), s, e, vram, Select::Device(vram.kind()), true, ptr::null_mut())? };
+        unsafe {
+            args.setup(
+                vma.as_ptr(),
+                s,
+                e,
+                vram,
+                Select::Device(vram.kind()),
+                true,
+                ptr::null_mut(),
+            )?
+        };
         let (src, dst) = args.src_dst(n);
         // SAFETY: `vma` is locked by `for_each_step`.
-        let copied = unsafe { alloc_and_copy_to_ram(gpu, vram, vma.as_ptr(), s, src, dst, fail_alloc) };
+        let copied =
+            unsafe { alloc_and_copy_to_ram(gpu, vram, vma.as_ptr(), s, src, dst, fail_alloc) };
         // On a failed copy every dst is NONE and the pages stay where they are.
         args.pages();
         moved += migrated(args.src_dst(n).0);
@@ -518,7 +569,11 @@ pub(crate) fn to_system(
 /// # Safety
 ///
 /// `vmf` is the fault being handled, on one of `vram`'s device pages.
-pub(crate) unsafe fn migrate_to_ram(gpu: &Gpu, vram: &Vram, vmf: *mut bindings::vm_fault) -> bindings::vm_fault_t {
+pub(crate) unsafe fn migrate_to_ram(
+    gpu: &Gpu,
+    vram: &Vram,
+    vmf: *mut bindings::vm_fault,
+) -> bindings::vm_fault_t {
     let mut addr = 0;
     // SAFETY: `vmf` is the fault being handled.
     let vma = unsafe { shim::hmmgpu_vm_fault_vma(vmf, &mut addr) };
@@ -529,7 +584,11 @@ pub(crate) unsafe fn migrate_to_ram(gpu: &Gpu, vram: &Vram, vmf: *mut bindings::
         return bindings::vm_fault_reason_VM_FAULT_SIGBUS as bindings::vm_fault_t;
     };
     // A THP mapped by a PMD comes back whole; one mapped by PTEs per page.
-    let order = if pte.is_null() { fault_page.folio_nr_pages().trailing_zeros() } else { 0 };
+    let order = if pte.is_null() {
+        fault_page.folio_nr_pages().trailing_zeros()
+    } else {
+        0
+    };
     let addr = addr as u64 & !(PAGE_SIZE - 1);
     let span = PAGE_SIZE << order;
     let addr = addr & !(span - 1);
@@ -540,7 +599,19 @@ pub(crate) unsafe fn migrate_to_ram(gpu: &Gpu, vram: &Vram, vmf: *mut bindings::
         return oom;
     };
     // SAFETY: the fault handler holds the VMA's lock; one page or one THP.
-    if unsafe { args.setup(vma, addr, addr + span, vram, Select::Device(vram.kind()), order > 0, page) }.is_err() {
+    if unsafe {
+        args.setup(
+            vma,
+            addr,
+            addr + span,
+            vram,
+            Select::Device(vram.kind()),
+            order > 0,
+            page,
+        )
+    }
+    .is_err()
+    {
         return sigbus;
     }
     let (src, dst) = args.src_dst(n);
@@ -612,15 +683,27 @@ fn poison_stand_ins(gpu: &Gpu, src: &[MigratePfn], dst: &[MigratePfn]) {
 /// the device. If the copy fails: with `must_leave` (removal) or once the
 /// device is lost, as [`evict_without_device`] does, poisoning what is
 /// lost; otherwise nothing moves. `args` keeps the src/dst arrays.
-fn evict_pfns(gpu: &Gpu, vram: &Vram, args: &mut MigrateArgs, start_pfn: u64, n: usize, must_leave: bool) -> Eviction {
+fn evict_pfns(
+    gpu: &Gpu,
+    vram: &Vram,
+    args: &mut MigrateArgs,
+    start_pfn: u64,
+    n: usize,
+    must_leave: bool,
+) -> Eviction {
     if let Err(e) = args.device_range(start_pfn, n) {
         gpu_err!(gpu, "migrate_device_range failed: {}\n", e.to_errno());
-        return Eviction { pages: 0, lost: false };
+        return Eviction {
+            pages: 0,
+            lost: false,
+        };
     }
     let (src, dst) = args.src_dst(n);
     let mut lost = false;
     // SAFETY: no VMA: eviction allocates anywhere.
-    if let Err(e) = unsafe { alloc_and_copy_to_ram(gpu, vram, ptr::null_mut(), 0, src, dst, &mut false) } {
+    let copied =
+        unsafe { alloc_and_copy_to_ram(gpu, vram, ptr::null_mut(), 0, src, dst, &mut false) };
+    if let Err(e) = copied {
         if must_leave || gpu.is_lost() {
             // Through a failed link the CPU would copy all-ones, not VRAM.
             let cpu_reads_vram = vram.kind() == MemKind::Coherent && !gpu.is_link_down();
@@ -634,7 +717,11 @@ fn evict_pfns(gpu: &Gpu, vram: &Vram, args: &mut MigrateArgs, start_pfn: u64, n:
     }
     args.device_finish(n);
     let (src, dst) = args.src_dst(n);
-    let pages = dst.iter().filter(|d| !d.is_none()).map(|d| d.pages() as u64).sum::<u64>();
+    let pages = dst
+        .iter()
+        .filter(|d| !d.is_none())
+        .map(|d| d.pages() as u64)
+        .sum::<u64>();
     if lost {
         // Now mapped where the VRAM pages were.
         poison_stand_ins(gpu, src, dst);
@@ -659,8 +746,18 @@ pub(crate) enum CorruptFolio {
 /// device (the rest of its data is good), whichever process owns it, then
 /// poisons the system page that got `pfn`'s data, so its owner gets SIGBUS
 /// there and nowhere else (memory_failure() splits a THP first).
-pub(crate) fn evict_corrupt_folio(gpu: &Gpu, vram: &Vram, head: u64, nr: usize, pfn: u64) -> Result<CorruptFolio> {
-    let idx = pfn.checked_sub(head).map(|i| i as usize).filter(|i| *i < nr && nr <= max_pages()).ok_or(EINVAL)?;
+pub(crate) fn evict_corrupt_folio(
+    gpu: &Gpu,
+    vram: &Vram,
+    head: u64,
+    nr: usize,
+    pfn: u64,
+) -> Result<CorruptFolio> {
+    let idx = pfn
+        .checked_sub(head)
+        .map(|i| i as usize)
+        .filter(|i| *i < nr && nr <= max_pages())
+        .ok_or(EINVAL)?;
     let mut args = MigrateArgs::new()?;
     let eviction = evict_pfns(gpu, vram, &mut args, head, nr, false);
     if eviction.lost {
@@ -701,13 +798,21 @@ fn lost_stand_in(order: u32) -> Option<PageRef> {
 /// up); otherwise their data, like device-private data, is gone with the
 /// device, and the pages get fresh system pages that the caller poisons
 /// after the migration. Fills `dst`; returns (pages copied, pages lost).
-fn evict_without_device(vram: &Vram, cpu_reads_vram: bool, src: &[MigratePfn], dst: &mut [MigratePfn]) -> (u64, u64) {
+fn evict_without_device(
+    vram: &Vram,
+    cpu_reads_vram: bool,
+    src: &[MigratePfn],
+    dst: &mut [MigratePfn],
+) -> (u64, u64) {
     let coherent = vram.kind() == MemKind::Coherent;
     let (mut saved, mut gone) = (0, 0);
     let mut i = 0;
     while i < src.len() {
         let s = src[i];
-        let Some(spage) = s.page().filter(|p| s.is_migrating() && vram.offset_of_pfn(p.pfn()).is_some()) else {
+        let Some(spage) = s
+            .page()
+            .filter(|p| s.is_migrating() && vram.offset_of_pfn(p.pfn()).is_some())
+        else {
             i += 1;
             continue;
         };
@@ -761,8 +866,12 @@ pub(crate) fn memory_failure(gpu: &Gpu, vram: &Vram, pfn: u64, nr_pages: u64) {
         };
         let (mut src, mut dst) = ([MigratePfn::NONE; 1], [MigratePfn::NONE; 1]);
         if let Err(e) = device_range(&mut src, p) {
-            gpu_err!(gpu, "memory failure at pfn {:#x}: cannot unmap it: {}\n", p,
-                e.to_errno());
+            gpu_err!(
+                gpu,
+                "memory failure at pfn {:#x}: cannot unmap it: {}\n",
+                p,
+                e.to_errno()
+            );
         } else {
             let mut stand_in = None;
             if src[0].is_migrating() && src[0].page().is_some() {

@@ -6,8 +6,8 @@
 //! invalidation never races with a device access.
 
 use crate::abi::{self, opcode, range_flags, Range, PAGE_SIZE};
-use crate::gpu::Gpu;
 use crate::compat;
+use crate::gpu::Gpu;
 use crate::migrate;
 use crate::pages::{HmmPfn, PageKind, PageRef};
 use crate::queue::{Command, RangeList};
@@ -129,7 +129,10 @@ impl Bounce {
     }
 
     fn phys(&mut self, page: usize) -> u64 {
-        let addr = self.buf.as_mut_ptr().wrapping_add(page * PAGE_SIZE as usize);
+        let addr = self
+            .buf
+            .as_mut_ptr()
+            .wrapping_add(page * PAGE_SIZE as usize);
         // SAFETY: `addr` is inside the vmalloc'd buffer.
         let pfn = unsafe { kernel::bindings::vmalloc_to_pfn(addr.cast()) };
         pfn as u64 * PAGE_SIZE + (addr as u64 & (PAGE_SIZE - 1))
@@ -191,7 +194,9 @@ impl Mirror {
     /// # Safety
     ///
     /// `notifier` is the `notifier` of a live `Mirror`.
-    pub(crate) unsafe fn of_notifier<'a>(notifier: *mut bindings::mmu_interval_notifier) -> &'a Mirror {
+    pub(crate) unsafe fn of_notifier<'a>(
+        notifier: *mut bindings::mmu_interval_notifier,
+    ) -> &'a Mirror {
         let notifier = Opaque::cast_from(notifier).cast::<Notifier>();
         // SAFETY: per this function's contract (`Notifier` is transparent).
         unsafe { &*kernel::container_of!(notifier, Mirror, notifier) }
@@ -225,7 +230,14 @@ impl Mirror {
     /// invalidated, for up to HMM_RANGE_DEFAULT_TIMEOUT, then EBUSY. On
     /// success the notifier sequence to check with [`Mirror::retry`] under
     /// the mirror's lock.
-    fn range_fault(&self, start: u64, pfns: &mut [HmmPfn], fault: bool, write: bool, unlocked: bool) -> Result<c_ulong> {
+    fn range_fault(
+        &self,
+        start: u64,
+        pfns: &mut [HmmPfn],
+        fault: bool,
+        write: bool,
+        unlocked: bool,
+    ) -> Result<c_ulong> {
         let end = start + pfns.len() as u64 * PAGE_SIZE;
         let mut flags = 0;
         if fault {
@@ -257,7 +269,11 @@ impl Mirror {
             }
             let mut seq = 0;
             let ret = fault(&mut seq, true);
-            return if ret < 0 { Err(Error::from_errno(ret)) } else { Ok(seq) };
+            return if ret < 0 {
+                Err(Error::from_errno(ret))
+            } else {
+                Ok(seq)
+            };
         }
         let mm = self.mm_user()?;
         let timeout = i64::from(c_const!(hmmgpu_HMM_RANGE_DEFAULT_TIMEOUT));
@@ -303,7 +319,12 @@ impl Mirror {
                 let mut map = RangeList::new();
                 for (i, entry) in pfns[..n].iter().enumerate() {
                     let (target, flags) = self.translation(*entry)?;
-                    map.push(target, start + i as u64 * PAGE_SIZE, PAGE_SIZE as u32, flags)?;
+                    map.push(
+                        target,
+                        start + i as u64 * PAGE_SIZE,
+                        PAGE_SIZE as u32,
+                        flags,
+                    )?;
                 }
                 let cmds = self.gpu.prepare(opcode::MAP, self.ctx, &map)?;
                 let mut state = self.state.lock();
@@ -363,29 +384,45 @@ impl Mirror {
         let unlocked = policy == FaultPolicy::ResolveUnlocked;
         for chunk in list.chunks() {
             let mut unreported = 0;
-            let resp = loop {
-                let resp = self.gpu.execute_mmu(op, self.ctx, chunk, &mut counts.faults, |fault| match policy {
-                    FaultPolicy::Refuse => Err(ENOENT),
-                    FaultPolicy::Resolve | FaultPolicy::ResolveUnlocked => self.resolve(fault.addr, end, write, unlocked),
-                })?;
-                // A fault the device could not report (no free event buffer,
-                // e.g. during an event storm) completes the command with
-                // FAULT at once: resolve from the failing range on and run
-                // the chunk again (VREAD/VWRITE are plain copies), a bounded
-                // number of times.
-                if resp.status != abi::status::FAULT || unreported == MAX_UNREPORTED_FAULTS {
-                    break resp;
-                }
-                if policy == FaultPolicy::Refuse {
-                    return Err(ENOENT);
-                }
-                let failed = chunk.get(resp.failed_index as usize).ok_or(EIO)?;
-                self.resolve(if write { failed.dst } else { failed.src }, end, write, unlocked)?;
-                counts.faults += 1;
-                unreported += 1;
-            };
+            let resp =
+                loop {
+                    let resp =
+                        self.gpu
+                            .execute_mmu(op, self.ctx, chunk, &mut counts.faults, |fault| {
+                                match policy {
+                                    FaultPolicy::Refuse => Err(ENOENT),
+                                    FaultPolicy::Resolve | FaultPolicy::ResolveUnlocked => {
+                                        self.resolve(fault.addr, end, write, unlocked)
+                                    }
+                                }
+                            })?;
+                    // A fault the device could not report (no free event buffer,
+                    // e.g. during an event storm) completes the command with
+                    // FAULT at once: resolve from the failing range on and run
+                    // the chunk again (VREAD/VWRITE are plain copies), a bounded
+                    // number of times.
+                    if resp.status != abi::status::FAULT || unreported == MAX_UNREPORTED_FAULTS {
+                        break resp;
+                    }
+                    if policy == FaultPolicy::Refuse {
+                        return Err(ENOENT);
+                    }
+                    let failed = chunk.get(resp.failed_index as usize).ok_or(EIO)?;
+                    self.resolve(
+                        if write { failed.dst } else { failed.src },
+                        end,
+                        write,
+                        unlocked,
+                    )?;
+                    counts.faults += 1;
+                    unreported += 1;
+                };
             if resp.status != abi::status::OK {
-                gpu_err!(self.gpu, "device access failed: {}\n", abi::status::name(resp.status));
+                gpu_err!(
+                    self.gpu,
+                    "device access failed: {}\n",
+                    abi::status::name(resp.status)
+                );
                 return Err(EIO);
             }
         }
@@ -395,14 +432,19 @@ impl Mirror {
     /// Removes the device MMU translations of [start, end) with the
     /// preallocated UNMAP command, in rounds of [`UNMAP_RANGES`] ranges.
     fn unmap(&self, state: &mut MirrorState, start: u64, end: u64) -> Result {
-        let max_len = (u32::MAX as u64) & !(PAGE_SIZE - 1);
+        let max_len = u64::from(u32::MAX) & !(PAGE_SIZE - 1);
         let mut s = start;
         while s < end {
             let mut ranges = [Range::default(); UNMAP_RANGES];
             let mut n = 0;
             while n < UNMAP_RANGES && s < end {
                 let len = core::cmp::min(end - s, max_len);
-                ranges[n] = Range { src: 0, dst: s, len: len as u32, flags: 0 };
+                ranges[n] = Range {
+                    src: 0,
+                    dst: s,
+                    len: len as u32,
+                    flags: 0,
+                };
                 n += 1;
                 s += len;
             }
@@ -418,13 +460,30 @@ impl Mirror {
     }
 
     /// HMM_DMIRROR_READ: the device reads `npages` at `addr` into user `ptr`.
-    pub(crate) fn read(&self, addr: u64, ptr: u64, npages: u64, policy: FaultPolicy) -> Result<Counts> {
+    pub(crate) fn read(
+        &self,
+        addr: u64,
+        ptr: u64,
+        npages: u64,
+        policy: FaultPolicy,
+    ) -> Result<Counts> {
         self.gpu.check_alive()?;
         let _mm = self.mm_user()?;
         let mut bounce = Bounce::new(npages as usize)?;
         let mut counts = Counts::default();
-        self.access(opcode::VREAD, addr, npages, &mut bounce, &mut counts, policy)?;
-        let mut out = UserSlice::new(UserPtr::from_addr(ptr as usize), (npages * PAGE_SIZE) as usize).writer();
+        self.access(
+            opcode::VREAD,
+            addr,
+            npages,
+            &mut bounce,
+            &mut counts,
+            policy,
+        )?;
+        let mut out = UserSlice::new(
+            UserPtr::from_addr(ptr as usize),
+            (npages * PAGE_SIZE) as usize,
+        )
+        .writer();
         out.write_slice(&bounce.buf)?;
         counts.cpages = npages;
         Ok(counts)
@@ -435,10 +494,21 @@ impl Mirror {
         self.gpu.check_alive()?;
         let _mm = self.mm_user()?;
         let mut bounce = Bounce::new(npages as usize)?;
-        let mut input = UserSlice::new(UserPtr::from_addr(ptr as usize), (npages * PAGE_SIZE) as usize).reader();
+        let mut input = UserSlice::new(
+            UserPtr::from_addr(ptr as usize),
+            (npages * PAGE_SIZE) as usize,
+        )
+        .reader();
         input.read_slice(&mut bounce.buf)?;
         let mut counts = Counts::default();
-        self.access(opcode::VWRITE, addr, npages, &mut bounce, &mut counts, FaultPolicy::Resolve)?;
+        self.access(
+            opcode::VWRITE,
+            addr,
+            npages,
+            &mut bounce,
+            &mut counts,
+            FaultPolicy::Resolve,
+        )?;
         counts.cpages = npages;
         Ok(counts)
     }
@@ -461,13 +531,21 @@ impl Mirror {
                 fail
             };
             let end = addr + npages * PAGE_SIZE;
-            let result = migrate::to_device(&self.gpu, self.vram(), &mm, addr, end, &mut fail_alloc, |map| {
-                let cmds = self.gpu.prepare(opcode::MAP, self.ctx, map)?;
-                let mut state = self.state.lock();
-                self.gpu.run_prepared(cmds)?;
-                state.note_mapped(addr, end);
-                Ok(())
-            });
+            let result = migrate::to_device(
+                &self.gpu,
+                self.vram(),
+                &mm,
+                addr,
+                end,
+                &mut fail_alloc,
+                |map| {
+                    let cmds = self.gpu.prepare(opcode::MAP, self.ctx, map)?;
+                    let mut state = self.state.lock();
+                    self.gpu.run_prepared(cmds)?;
+                    state.note_mapped(addr, end);
+                    Ok(())
+                },
+            );
             self.state.lock().migrating_to_device = false;
             let (_, failed) = result?;
             // The device stopped answering during the migration: say so.
@@ -480,7 +558,10 @@ impl Mirror {
             }
         }
         let counts = self.read(addr, ptr, npages, FaultPolicy::Refuse)?;
-        Ok(Counts { cpages: counts.cpages, faults: 0 })
+        Ok(Counts {
+            cpages: counts.cpages,
+            faults: 0,
+        })
     }
 
     /// HMM_DMIRROR_EXCLUSIVE: makes every page of the range exclusive to the
@@ -502,7 +583,9 @@ impl Mirror {
                 len: 8,
                 flags: range_flags::ATOMIC_ADD,
             };
-            let resp = self.gpu.execute_mmu(opcode::ATOMIC, self.ctx, &[atomic], &mut 0, |_| Err(ENOENT))?;
+            let resp = self
+                .gpu
+                .execute_mmu(opcode::ATOMIC, self.ctx, &[atomic], &mut 0, |_| Err(ENOENT))?;
             if resp.status != abi::status::OK {
                 return Err(EIO);
             }
@@ -517,7 +600,14 @@ impl Mirror {
     fn make_exclusive(&self, va: u64) -> Result<(u64, c_ulong)> {
         let mut folio = core::ptr::null_mut();
         // SAFETY: the mirrored mm, its mmap lock held by the caller.
-        let page = unsafe { shim::make_device_exclusive(self.mm().as_raw(), va as c_ulong, self.vram().owner(), &mut folio) };
+        let page = unsafe {
+            shim::make_device_exclusive(
+                self.mm().as_raw(),
+                va as c_ulong,
+                self.vram().owner(),
+                &mut folio,
+            )
+        };
         let page = kernel::error::from_err_ptr(page)?;
         // SAFETY: the inserted notifier.
         let seq = unsafe { bindings::mmu_interval_read_begin(self.notifier()) };
@@ -537,7 +627,7 @@ impl Mirror {
             let (pfn, seq) = self.make_exclusive(va)?;
             let flags = range_flags::MAP_READ | range_flags::MAP_WRITE | range_flags::MAP_ATOMIC;
             let mut map = RangeList::new();
-            map.push(pfn as u64 * PAGE_SIZE, va, PAGE_SIZE as u32, flags)?;
+            map.push(pfn * PAGE_SIZE, va, PAGE_SIZE as u32, flags)?;
             let cmds = self.gpu.prepare(opcode::MAP, self.ctx, &map)?;
             let mut state = self.state.lock();
             if self.retry(seq) {
@@ -567,7 +657,13 @@ impl Mirror {
     /// atomic mapping in the range.
     pub(crate) fn check_exclusive(&self, addr: u64, npages: u64) -> Result<Counts> {
         let end = addr + npages * PAGE_SIZE;
-        if self.state.lock().atomic.iter().any(|va| (addr..end).contains(va)) {
+        if self
+            .state
+            .lock()
+            .atomic
+            .iter()
+            .any(|va| (addr..end).contains(va))
+        {
             return Err(EPERM);
         }
         Ok(Counts::default())
@@ -586,7 +682,10 @@ impl Mirror {
         };
         let end = addr + npages * PAGE_SIZE;
         let moved = migrate::to_system(&self.gpu, self.vram(), &mm, addr, end, &mut fail_alloc)?;
-        Ok(Counts { cpages: moved, faults: 0 })
+        Ok(Counts {
+            cpages: moved,
+            faults: 0,
+        })
     }
 
     /// HMM_DMIRROR_SNAPSHOT: the state of every page of the range as the
@@ -624,7 +723,14 @@ impl Mirror {
 
     /// Called from the mmu_interval_notifier: the CPU page tables of
     /// [start, end) change. Waits for device accesses in flight.
-    pub(crate) fn invalidate(&self, start: u64, end: u64, blockable: bool, own_migrate: bool, seq: c_ulong) -> bool {
+    pub(crate) fn invalidate(
+        &self,
+        start: u64,
+        end: u64,
+        blockable: bool,
+        own_migrate: bool,
+        seq: c_ulong,
+    ) -> bool {
         let mut state = if blockable {
             self.state.lock()
         } else {

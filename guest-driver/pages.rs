@@ -165,7 +165,11 @@ impl PageRef {
     /// # Safety
     ///
     /// `vma` is NULL or a VMA locked by the caller.
-    pub(crate) unsafe fn alloc_locked(vma: *mut bindings::vm_area_struct, addr: u64, order: u32) -> Option<Self> {
+    pub(crate) unsafe fn alloc_locked(
+        vma: *mut bindings::vm_area_struct,
+        addr: u64,
+        order: u32,
+    ) -> Option<Self> {
         // SAFETY: per this function's contract.
         let folio = unsafe {
             if vma.is_null() {

@@ -15,14 +15,14 @@
 //! a reset redoes, is `gpu/reset.rs`.
 
 use crate::abi::{self, CmdHeader, Event, Range, Response};
+use crate::compat::{new_spinlock_irq, SpinLockIrq};
 use crate::virtio::{VirtioDevice, Virtqueue};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use kernel::bindings;
-use kernel::ffi::c_void;
 use kernel::device::Device;
+use kernel::ffi::c_void;
 use kernel::prelude::*;
 use kernel::sync::aref::ARef;
-use crate::compat::{new_spinlock_irq, SpinLockIrq};
 use kernel::time::{msecs_to_jiffies, Instant, Monotonic};
 use kernel::types::Opaque;
 
@@ -86,8 +86,12 @@ impl Lifecycle {
         matches!(
             self,
             Lifecycle::Running
-                | Lifecycle::Resetting { then: Settled::Running }
-                | Lifecycle::Restarting { then: Settled::Running }
+                | Lifecycle::Resetting {
+                    then: Settled::Running
+                }
+                | Lifecycle::Restarting {
+                    then: Settled::Running
+                }
         )
     }
 
@@ -104,8 +108,12 @@ impl Lifecycle {
         matches!(
             self,
             Lifecycle::Removing(_)
-                | Lifecycle::Resetting { then: Settled::Removing }
-                | Lifecycle::Restarting { then: Settled::Removing }
+                | Lifecycle::Resetting {
+                    then: Settled::Removing
+                }
+                | Lifecycle::Restarting {
+                    then: Settled::Removing
+                }
                 | Lifecycle::Removed
         )
     }
@@ -117,16 +125,36 @@ impl Lifecycle {
 
     /// Whether a reset is under way.
     fn is_resetting(self) -> bool {
-        matches!(self, Lifecycle::Resetting { .. } | Lifecycle::Restarting { .. })
+        matches!(
+            self,
+            Lifecycle::Resetting { .. } | Lifecycle::Restarting { .. }
+        )
     }
 
     /// The lifecycle once the device is lost with `loss` (a link that went
     /// down is worse than no answer).
     fn lost(self, loss: Loss) -> Self {
-        let worse = |old: Option<Loss>| if old == Some(Loss::LinkDown) { Loss::LinkDown } else { loss };
+        let worse = |old: Option<Loss>| {
+            if old == Some(Loss::LinkDown) {
+                Loss::LinkDown
+            } else {
+                loss
+            }
+        };
         match self {
-            Lifecycle::Running | Lifecycle::Resetting { then: Settled::Running } | Lifecycle::Restarting { then: Settled::Running } => Lifecycle::Lost(loss),
-            Lifecycle::Resetting { then: Settled::Removing } | Lifecycle::Restarting { then: Settled::Removing } => Lifecycle::Removing(Some(loss)),
+            Lifecycle::Running
+            | Lifecycle::Resetting {
+                then: Settled::Running,
+            }
+            | Lifecycle::Restarting {
+                then: Settled::Running,
+            } => Lifecycle::Lost(loss),
+            Lifecycle::Resetting {
+                then: Settled::Removing,
+            }
+            | Lifecycle::Restarting {
+                then: Settled::Removing,
+            } => Lifecycle::Removing(Some(loss)),
             Lifecycle::Lost(old) => Lifecycle::Lost(worse(Some(old))),
             Lifecycle::Removing(old) => Lifecycle::Removing(Some(worse(old))),
             Lifecycle::Removed => Lifecycle::Removed,
@@ -178,7 +206,9 @@ impl Signal {
     /// completed.
     fn wait_timeout(&self, ms: u32) -> bool {
         // SAFETY: an initialized completion.
-        unsafe { bindings::wait_for_completion_timeout(self.inner.get(), msecs_to_jiffies(ms)) != 0 }
+        unsafe {
+            bindings::wait_for_completion_timeout(self.inner.get(), msecs_to_jiffies(ms)) != 0
+        }
     }
 }
 
@@ -212,7 +242,8 @@ impl Token {
     /// Marks the command finished (under the command queue's lock).
     fn finish(&self, len: u32, aborted: bool) {
         self.len.store(len, Ordering::Relaxed);
-        self.state.store(if aborted { ABORTED } else { COMPLETED }, Ordering::Release);
+        self.state
+            .store(if aborted { ABORTED } else { COMPLETED }, Ordering::Release);
         self.done.complete();
     }
 
@@ -349,7 +380,12 @@ impl Queues {
     }
 
     fn event_buf(&self, i: usize) -> *mut u8 {
-        self.event_bufs.0.get().cast::<[u8; Event::SIZE]>().wrapping_add(i).cast()
+        self.event_bufs
+            .0
+            .get()
+            .cast::<[u8; Event::SIZE]>()
+            .wrapping_add(i)
+            .cast()
     }
 
     /// Where the device is in its life.
@@ -367,11 +403,17 @@ impl Queues {
     /// called under locks that memory reclaim can wait for. While a reset
     /// is under way it fails with EAGAIN, except for the resetter's own
     /// `privileged` commands; once the device is gone with ENODEV.
-    pub(crate) fn submit(&self, mut cmd: Command, privileged: bool) -> core::result::Result<InFlight<'_>, (Error, Command)> {
+    pub(crate) fn submit(
+        &self,
+        mut cmd: Command,
+        privileged: bool,
+    ) -> core::result::Result<InFlight<'_>, (Error, Command)> {
         cmd.token.state.store(PENDING, Ordering::Relaxed);
         cmd.token.len.store(0, Ordering::Relaxed);
         cmd.token.done.reinit();
-        let token = (&*cmd.token as *const Token).cast_mut().cast::<c_void>();
+        let token = core::ptr::from_ref::<Token>(&cmd.token)
+            .cast_mut()
+            .cast::<c_void>();
         let mut queue = self.cmd.lock();
         let result = match (queue.lifecycle, queue.vq.as_mut()) {
             (lifecycle, _) if lifecycle.is_gone() => Err(ENODEV),
@@ -397,7 +439,10 @@ impl Queues {
         };
         drop(queue);
         match result {
-            Ok(()) => Ok(InFlight { queues: self, cmd: Some(cmd) }),
+            Ok(()) => Ok(InFlight {
+                queues: self,
+                cmd: Some(cmd),
+            }),
             Err(e) => Err((e, cmd)),
         }
     }
@@ -500,8 +545,12 @@ impl Queues {
         {
             let mut queue = self.cmd.lock();
             queue.lifecycle = match queue.lifecycle {
-                Lifecycle::Running => Lifecycle::Resetting { then: Settled::Running },
-                Lifecycle::Removing(None) => Lifecycle::Resetting { then: Settled::Removing },
+                Lifecycle::Running => Lifecycle::Resetting {
+                    then: Settled::Running,
+                },
+                Lifecycle::Removing(None) => Lifecycle::Resetting {
+                    then: Settled::Removing,
+                },
                 Lifecycle::Restarting { then } => Lifecycle::Resetting { then },
                 other => other,
             };
@@ -612,8 +661,12 @@ impl Queues {
         let mut queue = self.cmd.lock();
         queue.lifecycle = match queue.lifecycle {
             Lifecycle::Running => Lifecycle::Removing(None),
-            Lifecycle::Resetting { .. } => Lifecycle::Resetting { then: Settled::Removing },
-            Lifecycle::Restarting { .. } => Lifecycle::Restarting { then: Settled::Removing },
+            Lifecycle::Resetting { .. } => Lifecycle::Resetting {
+                then: Settled::Removing,
+            },
+            Lifecycle::Restarting { .. } => Lifecycle::Restarting {
+                then: Settled::Removing,
+            },
             Lifecycle::Lost(loss) => Lifecycle::Removing(Some(loss)),
             other => other,
         };
@@ -703,7 +756,9 @@ pub(crate) struct InFlight<'a> {
 impl InFlight<'_> {
     /// The token, for [`Token::wake`].
     pub(crate) fn token(&self) -> *const Token {
-        self.cmd.as_ref().map_or(core::ptr::null(), |c| &*c.token as *const Token)
+        self.cmd.as_ref().map_or(core::ptr::null(), |c| {
+            core::ptr::from_ref::<Token>(&c.token)
+        })
     }
 
     /// Waits for completion or a wake-up (see [`Wait`]). EIO if the device
@@ -735,7 +790,10 @@ impl Drop for InFlight<'_> {
         if let Some(cmd) = self.cmd.take() {
             if !cmd.token.is_finished() {
                 // The device may still write these: never free them.
-                dev_err!(self.queues.dev, "abandoning a command the device never completed\n");
+                dev_err!(
+                    self.queues.dev,
+                    "abandoning a command the device never completed\n"
+                );
                 core::mem::forget(cmd);
             }
         }
@@ -751,7 +809,9 @@ pub(crate) struct RangeList {
 impl RangeList {
     /// An empty list.
     pub(crate) fn new() -> Self {
-        Self { ranges: KVec::new() }
+        Self {
+            ranges: KVec::new(),
+        }
     }
 
     /// Appends a range, merging it with the previous one when both sides
@@ -767,7 +827,15 @@ impl RangeList {
                 return Ok(());
             }
         }
-        self.ranges.push(Range { src, dst, len, flags }, GFP_KERNEL)?;
+        self.ranges.push(
+            Range {
+                src,
+                dst,
+                len,
+                flags,
+            },
+            GFP_KERNEL,
+        )?;
         Ok(())
     }
 
@@ -784,7 +852,15 @@ impl RangeList {
                 return Ok(());
             }
         }
-        self.ranges.push(Range { src: pattern, dst, len, flags }, GFP_KERNEL)?;
+        self.ranges.push(
+            Range {
+                src: pattern,
+                dst,
+                len,
+                flags,
+            },
+            GFP_KERNEL,
+        )?;
         Ok(())
     }
 

@@ -40,11 +40,24 @@ extern "C" {
     pub(crate) static hmmgpu_VIRTIO_S_ACKNOWLEDGE: u8;
     pub(crate) static hmmgpu_VIRTIO_S_DRIVER: u8;
     pub(crate) static hmmgpu_VIRTIO_S_FEATURES_OK: u8;
-    pub(crate) fn hmmgpu_virtio_find_vqs(vdev: *mut VirtioDeviceRaw, vqs: *mut *mut VirtqueueRaw) -> c_int;
+    pub(crate) fn hmmgpu_virtio_find_vqs(
+        vdev: *mut VirtioDeviceRaw,
+        vqs: *mut *mut VirtqueueRaw,
+    ) -> c_int;
     pub(crate) fn hmmgpu_virtio_dev(vdev: *mut VirtioDeviceRaw) -> *mut device;
     pub(crate) fn hmmgpu_virtio_has_access_platform(vdev: *mut VirtioDeviceRaw) -> bool;
-    pub(crate) fn hmmgpu_virtio_read_config(vdev: *mut VirtioDeviceRaw, offset: c_uint, buf: *mut c_void, len: usize);
-    pub(crate) fn hmmgpu_virtio_shm_region(vdev: *mut VirtioDeviceRaw, id: u8, addr: *mut u64, len: *mut u64) -> bool;
+    pub(crate) fn hmmgpu_virtio_read_config(
+        vdev: *mut VirtioDeviceRaw,
+        offset: c_uint,
+        buf: *mut c_void,
+        len: usize,
+    );
+    pub(crate) fn hmmgpu_virtio_shm_region(
+        vdev: *mut VirtioDeviceRaw,
+        id: u8,
+        addr: *mut u64,
+        len: *mut u64,
+    ) -> bool;
     pub(crate) fn hmmgpu_virtio_ready(vdev: *mut VirtioDeviceRaw);
     pub(crate) fn hmmgpu_virtio_finalize_features(vdev: *mut VirtioDeviceRaw) -> c_int;
     pub(crate) fn hmmgpu_virtio_status(vdev: *mut VirtioDeviceRaw) -> u8;
@@ -89,7 +102,11 @@ extern "C" {
     pub(crate) fn hmmgpu_zone_device_data(page: *mut page) -> *mut c_void;
     pub(crate) fn hmmgpu_set_zone_device_data(page: *mut page, data: *mut c_void);
     pub(crate) fn hmmgpu_zone_device_folio_init(page: *mut page, order: c_uint);
-    pub(crate) fn hmmgpu_vma_alloc_folio(vma: *mut vm_area_struct, addr: c_ulong, order: c_uint) -> *mut folio;
+    pub(crate) fn hmmgpu_vma_alloc_folio(
+        vma: *mut vm_area_struct,
+        addr: c_ulong,
+        order: c_uint,
+    ) -> *mut folio;
     pub(crate) fn hmmgpu_folio_alloc(order: c_uint) -> *mut folio;
     pub(crate) fn hmmgpu_memalloc_noreclaim_save() -> c_uint;
     pub(crate) fn hmmgpu_memalloc_noreclaim_restore(flags: c_uint);
@@ -131,12 +148,16 @@ extern "C" {
     ) -> c_int;
     pub(crate) fn hmmgpu_migrate_pfn(pfn: c_ulong) -> c_ulong;
     pub(crate) fn hmmgpu_migrate_pfn_to_page(mpfn: c_ulong) -> *mut page;
-    pub(crate) fn hmmgpu_vm_fault_vma(vmf: *mut vm_fault, addr: *mut c_ulong) -> *mut vm_area_struct;
+    pub(crate) fn hmmgpu_vm_fault_vma(
+        vmf: *mut vm_fault,
+        addr: *mut c_ulong,
+    ) -> *mut vm_area_struct;
 
     // The kernel's exported migrate functions (include/linux/migrate.h).
     pub(crate) fn migrate_vma_pages(args: *mut MigrateVmaRaw);
     pub(crate) fn migrate_vma_finalize(args: *mut MigrateVmaRaw);
-    pub(crate) fn migrate_device_range(src: *mut c_ulong, start: c_ulong, npages: c_ulong) -> c_int;
+    pub(crate) fn migrate_device_range(src: *mut c_ulong, start: c_ulong, npages: c_ulong)
+        -> c_int;
     pub(crate) fn migrate_device_pages(src: *mut c_ulong, dst: *mut c_ulong, npages: c_ulong);
     pub(crate) fn migrate_device_finalize(src: *mut c_ulong, dst: *mut c_ulong, npages: c_ulong);
 
@@ -149,7 +170,10 @@ extern "C" {
     pub(crate) static hmmgpu_HMM_RANGE_DEFAULT_TIMEOUT: c_uint;
     pub(crate) static hmmgpu_notifier_ops: mmu_interval_notifier_ops;
     pub(crate) fn hmmgpu_mmu_interval_set_seq(mni: *mut mmu_interval_notifier, seq: c_ulong);
-    pub(crate) fn hmmgpu_mmu_interval_read_retry(mni: *mut mmu_interval_notifier, seq: c_ulong) -> bool;
+    pub(crate) fn hmmgpu_mmu_interval_read_retry(
+        mni: *mut mmu_interval_notifier,
+        seq: c_ulong,
+    ) -> bool;
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn hmmgpu_hmm_range_fault(
         mni: *mut mmu_interval_notifier,

@@ -8,13 +8,13 @@ use crate::gpu::{Gpu, MAX_GPUS};
 use crate::mirror::{Counts, FaultPolicy, Mirror};
 use crate::pages::{HmmPfn, PageKind};
 use crate::vram::MemKind;
+use kernel::alloc::flags::__GFP_ZERO;
 use kernel::container_of;
 use kernel::fs::File;
-use kernel::alloc::flags::__GFP_ZERO;
 use kernel::ioctl::_IOWR;
+use kernel::miscdevice::{MiscDevice, MiscDeviceOptions, MiscDeviceRegistration};
 use kernel::mm::virt::VmaNew;
 use kernel::page::Page;
-use kernel::miscdevice::{MiscDevice, MiscDeviceOptions, MiscDeviceRegistration};
 use kernel::prelude::*;
 use kernel::sync::Arc;
 use kernel::transmute::{AsBytes, FromBytes};
@@ -97,8 +97,12 @@ pub(crate) fn snapshot_prot(entry: HmmPfn, owner: *mut kernel::ffi::c_void) -> u
 }
 
 /// Names of the uAPI devices: private ones by GPU index, then coherent ones.
-const NAMES: [&CStr; 2 * MAX_GPUS as usize] =
-    [c"hmm_dmirror0", c"hmm_dmirror1", c"hmm_dmirror2", c"hmm_dmirror3"];
+const NAMES: [&CStr; 2 * MAX_GPUS as usize] = [
+    c"hmm_dmirror0",
+    c"hmm_dmirror1",
+    c"hmm_dmirror2",
+    c"hmm_dmirror3",
+];
 
 /// The registered /dev/hmm_dmirrorN of one GPU.
 #[pin_data]
@@ -135,7 +139,7 @@ impl MiscDevice for Mirror {
     fn open(_file: &File, misc: &MiscDeviceRegistration<Self>) -> Result<Pin<KBox<Mirror>>> {
         // SAFETY: every registration of `Mirror` is the `registration` field
         // of a pinned `MirrorDevice`, alive while the device is registered.
-        let md = unsafe { &*container_of!(misc as *const MiscDeviceRegistration<Mirror>, MirrorDevice, registration) };
+        let md = unsafe { &*container_of!(core::ptr::from_ref(misc), MirrorDevice, registration) };
         Mirror::new(md.gpu.clone(), md.kind)
     }
 
@@ -155,7 +159,8 @@ impl MiscDevice for Mirror {
 
     fn ioctl(mirror: Pin<&Mirror>, _file: &File, cmd: u32, arg: usize) -> Result<isize> {
         let (mut reader, mut writer) =
-            UserSlice::new(UserPtr::from_addr(arg), core::mem::size_of::<DmirrorCmd>()).reader_writer();
+            UserSlice::new(UserPtr::from_addr(arg), core::mem::size_of::<DmirrorCmd>())
+                .reader_writer();
         let mut c: DmirrorCmd = reader.read()?;
         // Same argument checks as test_hmm.
         if c.addr & (crate::abi::PAGE_SIZE - 1) != 0 {

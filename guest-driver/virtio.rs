@@ -4,7 +4,9 @@
 //! has no virtio; the declarations are in shim.rs).
 
 use crate::abi;
-use crate::shim::{self, c_const, VirtioDeviceRaw as RawVirtioDevice, VirtqueueRaw as RawVirtqueue};
+use crate::shim::{
+    self, c_const, VirtioDeviceRaw as RawVirtioDevice, VirtqueueRaw as RawVirtqueue,
+};
 use core::ptr::NonNull;
 use kernel::bindings;
 use kernel::ffi::{c_uint, c_void};
@@ -13,7 +15,9 @@ use kernel::prelude::*;
 /// Registers the driver (virtio.c's `virtio_driver`) for `module`.
 pub(crate) fn register_driver(module: &'static ThisModule) -> Result {
     // SAFETY: the static driver, registered once (module init).
-    let ret = unsafe { shim::__register_virtio_driver(&raw mut shim::hmmgpu_virtio_driver, module.as_ptr()) };
+    let ret = unsafe {
+        shim::__register_virtio_driver(&raw mut shim::hmmgpu_virtio_driver, module.as_ptr())
+    };
     if ret < 0 {
         return Err(Error::from_errno(ret));
     }
@@ -90,14 +94,17 @@ impl VirtioDevice {
     /// Reads the device-specific config space from offset 0 into `buf`.
     pub(crate) fn read_config(self, buf: &mut [u8]) {
         // SAFETY: a live device by the type invariant; `buf` is writable.
-        unsafe { shim::hmmgpu_virtio_read_config(self.raw(), 0, buf.as_mut_ptr().cast(), buf.len()) }
+        unsafe {
+            shim::hmmgpu_virtio_read_config(self.raw(), 0, buf.as_mut_ptr().cast(), buf.len())
+        }
     }
 
     /// The (guest-physical address, length) of shared memory region `id`.
     pub(crate) fn shm_region(self, id: u8) -> Option<(u64, u64)> {
         let (mut addr, mut len) = (0, 0);
         // SAFETY: a live device by the type invariant; valid out-pointers.
-        unsafe { shim::hmmgpu_virtio_shm_region(self.raw(), id, &mut addr, &mut len) }.then_some((addr, len))
+        unsafe { shim::hmmgpu_virtio_shm_region(self.raw(), id, &mut addr, &mut len) }
+            .then_some((addr, len))
     }
 
     /// Creates the command and event virtqueues.
@@ -108,7 +115,11 @@ impl VirtioDevice {
         if ret < 0 {
             return Err(Error::from_errno(ret));
         }
-        let vq = |i: u16| NonNull::new(vqs[usize::from(i)]).map(Virtqueue).ok_or(ENODEV);
+        let vq = |i: u16| {
+            NonNull::new(vqs[usize::from(i)])
+                .map(Virtqueue)
+                .ok_or(ENODEV)
+        };
         // INVARIANT: fresh virtqueues of this device.
         Ok((vq(abi::QUEUE_COMMAND)?, vq(abi::QUEUE_EVENT)?))
     }
@@ -186,7 +197,12 @@ impl Virtqueue {
     /// and untouched by the CPU, until the device is done with them
     /// ([`Virtqueue::get_buf`] or [`Virtqueue::detach_unused_buf`] handed
     /// `token` back).
-    pub(crate) unsafe fn add_cmd(&mut self, out: &[u8], inb: &mut [u8], token: *mut c_void) -> Result {
+    pub(crate) unsafe fn add_cmd(
+        &mut self,
+        out: &[u8],
+        inb: &mut [u8],
+        token: *mut c_void,
+    ) -> Result {
         // SAFETY: plain structs, initialized by `sg_init_one` below.
         let mut sg: [bindings::scatterlist; 2] = unsafe { core::mem::zeroed() };
         let [sg_out, sg_in] = &mut sg;
@@ -195,9 +211,18 @@ impl Virtqueue {
             bindings::sg_init_one(sg_out, out.as_ptr().cast(), out.len() as c_uint);
             bindings::sg_init_one(sg_in, inb.as_mut_ptr().cast(), inb.len() as c_uint);
         }
-        let mut sgs = [sg_out as *mut _, sg_in as *mut _];
+        let mut sgs = [core::ptr::from_mut(sg_out), core::ptr::from_mut(sg_in)];
         // SAFETY: a live virtqueue, serialized by `&mut`; per the contract.
-        let ret = unsafe { shim::virtqueue_add_sgs(self.raw(), sgs.as_mut_ptr(), 1, 1, token, bindings::GFP_ATOMIC) };
+        let ret = unsafe {
+            shim::virtqueue_add_sgs(
+                self.raw(),
+                sgs.as_mut_ptr(),
+                1,
+                1,
+                token,
+                bindings::GFP_ATOMIC,
+            )
+        };
         if ret < 0 {
             return Err(Error::from_errno(ret));
         }
@@ -215,7 +240,9 @@ impl Virtqueue {
         // SAFETY: a valid scatterlist; per the contract.
         unsafe { bindings::sg_init_one(&mut sg, buf.cast(), len as c_uint) };
         // SAFETY: a live virtqueue, serialized by `&mut`; per the contract.
-        let ret = unsafe { shim::virtqueue_add_inbuf(self.raw(), &mut sg, 1, buf.cast(), bindings::GFP_ATOMIC) };
+        let ret = unsafe {
+            shim::virtqueue_add_inbuf(self.raw(), &mut sg, 1, buf.cast(), bindings::GFP_ATOMIC)
+        };
         if ret < 0 {
             return Err(Error::from_errno(ret));
         }

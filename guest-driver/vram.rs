@@ -18,24 +18,24 @@
 //! when the allocation it belongs to is freed (see [`Retired`]).
 
 use crate::abi;
+use crate::compat::{new_spinlock_irq, SpinLockIrq};
+use crate::log::GpuName;
 use crate::pages::PageRef;
 use crate::shim;
-use kernel::bindings;
-use kernel::ffi::c_void;
 use core::ptr;
 use core::sync::atomic::{AtomicU64, Ordering};
+use kernel::bindings;
+use kernel::device::Device;
+use kernel::ffi::c_void;
 use kernel::gpu::buddy::{
     AllocatedBlocks, GpuBuddy, GpuBuddyAllocFlag, GpuBuddyAllocFlags, GpuBuddyAllocMode,
     GpuBuddyParams,
 };
-use crate::log::GpuName;
-use kernel::device::Device;
+use kernel::new_mutex;
 use kernel::prelude::*;
-use kernel::sync::aref::ARef;
 use kernel::ptr::Alignment;
 use kernel::sizes::{SZ_2M, SZ_4K};
-use crate::compat::{new_spinlock_irq, SpinLockIrq};
-use kernel::new_mutex;
+use kernel::sync::aref::ARef;
 use kernel::sync::Mutex;
 
 /// Order of a THP (2 MiB of 4 KiB pages).
@@ -120,7 +120,11 @@ struct Retired {
 
 impl Retired {
     fn contains(&self, offset: u64) -> bool {
-        self.pending.contains(&offset) || self.held.iter().any(|b| b.iter().any(|b| b.offset() == offset))
+        self.pending.contains(&offset)
+            || self
+                .held
+                .iter()
+                .any(|b| b.iter().any(|b| b.offset() == offset))
     }
 }
 
@@ -190,7 +194,13 @@ impl GpuName for Vram {
 impl Vram {
     /// An allocator for `size` bytes of VRAM at offset `base` of GPU `gpu`,
     /// in pages of [`abi::PAGE_SIZE`].
-    pub(crate) fn new(dev: ARef<Device>, gpu: u32, kind: MemKind, base: u64, size: u64) -> Result<impl PinInit<Self, Error>> {
+    pub(crate) fn new(
+        dev: ARef<Device>,
+        gpu: u32,
+        kind: MemKind,
+        base: u64,
+        size: u64,
+    ) -> Result<impl PinInit<Self, Error>> {
         let buddy = GpuBuddy::new(GpuBuddyParams {
             base_offset: base,
             size,
@@ -223,7 +233,7 @@ impl Vram {
     /// This share as the pgmap owner: the identity migrate_vma_*() and
     /// hmm_range_fault() match device pages against.
     pub(crate) fn owner(&self) -> *mut c_void {
-        (self as *const Self).cast_mut().cast()
+        core::ptr::from_ref(self).cast_mut().cast()
     }
 
     /// Number of VRAM pages.
@@ -234,36 +244,61 @@ impl Vram {
     /// Creates the struct pages (devm on `dev`): device-private ones in a
     /// free physical range, or device-coherent ones over the VRAM BAR at
     /// guest-physical `bar`. `gpu` is handed back to the page callbacks.
-    pub(crate) fn register(&self, dev: *mut bindings::device, bar: u64, gpu: *mut c_void) -> Result {
+    pub(crate) fn register(
+        &self,
+        dev: *mut bindings::device,
+        bar: u64,
+        gpu: *mut c_void,
+    ) -> Result {
         let (kind, start, end) = match self.kind {
             MemKind::Private => {
                 // SAFETY: `dev` is the bound virtio device; the region is
                 // released with it (devm).
                 let res = unsafe {
-                    bindings::devm_request_free_mem_region(dev, &raw mut bindings::iomem_resource, self.size as usize)
+                    bindings::devm_request_free_mem_region(
+                        dev,
+                        &raw mut bindings::iomem_resource,
+                        self.size as usize,
+                    )
                 };
                 let res = kernel::error::from_err_ptr(res).inspect_err(|e| {
-                    gpu_err!(self, "no free physical range for {} bytes of VRAM: {}\n", self.size,
-                        e.to_errno())
+                    gpu_err!(
+                        self,
+                        "no free physical range for {} bytes of VRAM: {}\n",
+                        self.size,
+                        e.to_errno()
+                    )
                 })?;
                 // SAFETY: a region just granted to us.
                 let res = unsafe { &*res };
-                (bindings::memory_type_MEMORY_DEVICE_PRIVATE, res.start, res.end)
+                (
+                    bindings::memory_type_MEMORY_DEVICE_PRIVATE,
+                    res.start,
+                    res.end,
+                )
             }
             MemKind::Coherent => {
                 let start = bar + self.base;
-                (bindings::memory_type_MEMORY_DEVICE_COHERENT, start, start + self.size - 1)
+                (
+                    bindings::memory_type_MEMORY_DEVICE_COHERENT,
+                    start,
+                    start + self.size - 1,
+                )
             }
         };
         // SAFETY: `dev` is the bound virtio device; `gpu` and `self` outlive
         // the mapping (a devm action registered before it holds a reference).
         let pfn = unsafe { shim::hmmgpu_memremap_pages(dev, kind, start, end, gpu, self.owner()) };
         if pfn < 0 {
-            gpu_err!(self, "devm_memremap_pages ({}) failed: {}\n", match self.kind {
+            gpu_err!(
+                self,
+                "devm_memremap_pages ({}) failed: {}\n",
+                match self.kind {
                     MemKind::Private => "private",
                     MemKind::Coherent => "coherent",
                 },
-                pfn);
+                pfn
+            );
             return Err(Error::from_errno(pfn as i32));
         }
         self.pfn_first.store(pfn as u64, Ordering::Release);
@@ -329,7 +364,11 @@ impl Vram {
         // Freed pages of the deferred list may include it.
         self.reclaim_locked(&mut retired);
         self.hold_pending(&mut retired);
-        Ok(if retired.pending.contains(&offset) { Retirement::Pending } else { Retirement::Held })
+        Ok(if retired.pending.contains(&offset) {
+            Retirement::Pending
+        } else {
+            Retirement::Held
+        })
     }
 
     /// [`Vram::retire`] for a cause that handles the page's data itself

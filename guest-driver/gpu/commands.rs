@@ -18,7 +18,10 @@ impl Gpu {
     /// mirror lock (which memory reclaim can wait for through the MMU
     /// notifier; a reset never enters reclaim, see [`Gpu::recover`]).
     /// Returns the reset generation the command runs in.
-    pub(super) fn submit(&self, mut cmd: Command) -> core::result::Result<(InFlight<'_>, u64), (Error, Command)> {
+    pub(super) fn submit(
+        &self,
+        mut cmd: Command,
+    ) -> core::result::Result<(InFlight<'_>, u64), (Error, Command)> {
         loop {
             match self.queues.submit(cmd, false) {
                 Ok(flight) => return Ok((flight, self.resets.load(Ordering::Acquire))),
@@ -101,8 +104,12 @@ impl Gpu {
             let (resp, _) = self.execute_cmd(cmd)?;
             if resp.status != abi::status::OK {
                 self.note_failure(&resp);
-                gpu_err!(self, "command failed: {} at range {}\n", abi::status::name(resp.status),
-                    resp.failed_index);
+                gpu_err!(
+                    self,
+                    "command failed: {} at range {}\n",
+                    abi::status::name(resp.status),
+                    resp.failed_index
+                );
                 return Err(EIO);
             }
             bytes += resp.bytes;
@@ -138,11 +145,19 @@ impl Gpu {
                 continue;
             }
             self.note_failure(&resp);
-            let what = if opcode == opcode::FILL { "FILL" } else { "COPY" };
-            gpu_warn!(self, "{} failed: {} at range {} of {}\n", what,
+            let what = if opcode == opcode::FILL {
+                "FILL"
+            } else {
+                "COPY"
+            };
+            gpu_warn!(
+                self,
+                "{} failed: {} at range {} of {}\n",
+                what,
                 abi::status::name(resp.status),
                 resp.failed_index,
-                chunk.len());
+                chunk.len()
+            );
             if resp.status == abi::status::COPY_ERROR {
                 done += core::cmp::min(resp.failed_index as usize, chunk.len());
             }
@@ -167,8 +182,15 @@ impl Gpu {
     pub(crate) fn counters(&self) -> Result<[u64; abi::counter::COUNT]> {
         let page = Page::alloc_page(GFP_KERNEL)?;
         // SAFETY: our page.
-        let phys = unsafe { PageRef::from_raw(page.as_ptr()) }.ok_or(ENOMEM)?.phys();
-        let range = Range { src: 0, dst: phys, len: abi::counter::BLOCK_SIZE as u32, flags: 0 };
+        let phys = unsafe { PageRef::from_raw(page.as_ptr()) }
+            .ok_or(ENOMEM)?
+            .phys();
+        let range = Range {
+            src: 0,
+            dst: phys,
+            len: abi::counter::BLOCK_SIZE as u32,
+            flags: 0,
+        };
         let resp = self.execute(opcode::COUNTERS, 0, &[range])?;
         if resp.status != abi::status::OK {
             return Err(EIO);

@@ -28,16 +28,31 @@ pub(super) struct CtxSlot {
 
 impl CtxSlot {
     pub(super) const fn new(used: bool) -> Self {
-        CtxSlot { used, waiter: ptr::null(), access: None, fault: None }
+        CtxSlot {
+            used,
+            waiter: ptr::null(),
+            access: None,
+            fault: None,
+        }
     }
 }
 
 /// The device virtual range an MMU access command touches (VREAD reads
 /// through `src`, VWRITE and ATOMIC write through `dst`).
 fn access_span(opcode: u32, ranges: &[Range]) -> (u64, u64) {
-    let va = |r: &Range| if opcode == opcode::VREAD { r.src } else { r.dst };
+    let va = |r: &Range| {
+        if opcode == opcode::VREAD {
+            r.src
+        } else {
+            r.dst
+        }
+    };
     let start = ranges.iter().map(va).min().unwrap_or(0);
-    let end = ranges.iter().map(|r| va(r).saturating_add(u64::from(r.len))).max().unwrap_or(0);
+    let end = ranges
+        .iter()
+        .map(|r| va(r).saturating_add(u64::from(r.len)))
+        .max()
+        .unwrap_or(0);
     (start, end)
 }
 
@@ -176,7 +191,12 @@ impl Gpu {
             Ok(r) if r.status == abi::status::OK => Ok(ctx),
             other => {
                 self.contexts.lock().slots[ctx as usize - 1].used = false;
-                gpu_err!(self, "CTX_CREATE {} failed: {:?}\n", ctx, other.map(|r| r.status));
+                gpu_err!(
+                    self,
+                    "CTX_CREATE {} failed: {:?}\n",
+                    ctx,
+                    other.map(|r| r.status)
+                );
                 Err(EIO)
             }
         }
@@ -216,7 +236,9 @@ impl Gpu {
     /// Counts a FAULT event no command was parked on (logged once: a fault
     /// storm would flood the console).
     fn note_spurious(&self, event: &Event) {
-        self.counters.spurious_faults.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .spurious_faults
+            .fetch_add(1, Ordering::Relaxed);
         if !self.spurious_logged.swap(true, Ordering::Relaxed) {
             gpu_info!(self, "ignoring a FAULT event no command waits on (context {}, address {:#x}); further ones are only counted (debugfs counters)\n", event.ctx,
                 event.addr);
@@ -224,7 +246,12 @@ impl Gpu {
     }
 
     fn take_fault(&self, ctx: u32) -> Option<Event> {
-        self.contexts.lock().slots.get_mut(ctx as usize - 1)?.fault.take()
+        self.contexts
+            .lock()
+            .slots
+            .get_mut(ctx as usize - 1)?
+            .fault
+            .take()
     }
 
     /// An event from the device (interrupt context). A FAULT event counts
@@ -239,7 +266,8 @@ impl Gpu {
 
     /// The event queue's interrupt: handles every event.
     pub(crate) fn event_interrupt(gpu: ArcBorrow<'_, Gpu>) {
-        gpu.queues.event_interrupt(|bytes| Gpu::on_event(gpu, bytes));
+        gpu.queues
+            .event_interrupt(|bytes| Gpu::on_event(gpu, bytes));
     }
 
     fn on_event(gpu: ArcBorrow<'_, Gpu>, bytes: &[u8]) {
@@ -262,8 +290,12 @@ impl Gpu {
     fn on_fault_event(&self, event: Event) {
         self.counters.fault_events.fetch_add(1, Ordering::Relaxed);
         let mut contexts = self.contexts.lock();
-        let slot = (event.ctx as usize).checked_sub(1).and_then(|i| contexts.slots.get_mut(i));
-        let Some(slot) = slot.filter(|s| matches!(s.access, Some((a, b)) if a <= event.addr && event.addr < b)) else {
+        let slot = (event.ctx as usize)
+            .checked_sub(1)
+            .and_then(|i| contexts.slots.get_mut(i));
+        let Some(slot) =
+            slot.filter(|s| matches!(s.access, Some((a, b)) if a <= event.addr && event.addr < b))
+        else {
             drop(contexts);
             self.note_spurious(&event);
             return;

@@ -19,7 +19,9 @@ impl Gpu {
         let created = CString::try_from_fmt(fmt!("hmmgpu{}", self.index)).and_then(|name| {
             let gpu: Result<Arc<Gpu>> = Ok(self.arc(foreign));
             let scope = kernel::debugfs::Scope::dir(gpu, &name, |gpu, dir| {
-                dir.read_callback_file(c"counters", gpu, &|gpu: &Arc<Gpu>, f| gpu.write_counters(f));
+                dir.read_callback_file(c"counters", gpu, &|gpu: &Arc<Gpu>, f| {
+                    gpu.write_counters(f)
+                });
                 dir.read_callback_file(c"vram", gpu, &|gpu: &Arc<Gpu>, f| gpu.write_vram(f));
             });
             KBox::pin_init(scope, GFP_KERNEL)
@@ -41,10 +43,19 @@ impl Gpu {
         }
         let c = &self.counters;
         let driver = [
-            ("driver_fault_events", c.fault_events.load(Ordering::Relaxed)),
-            ("driver_spurious_faults", c.spurious_faults.load(Ordering::Relaxed)),
+            (
+                "driver_fault_events",
+                c.fault_events.load(Ordering::Relaxed),
+            ),
+            (
+                "driver_spurious_faults",
+                c.spurious_faults.load(Ordering::Relaxed),
+            ),
             ("driver_copy_errors", c.copy_errors.load(Ordering::Relaxed)),
-            ("driver_polled_completions", self.queues.polled_completions()),
+            (
+                "driver_polled_completions",
+                self.queues.polled_completions(),
+            ),
             ("driver_resets", self.resets.load(Ordering::Relaxed)),
             ("driver_ecc_events", c.ecc_events.load(Ordering::Relaxed)),
             ("driver_ecc_dropped", c.ecc_dropped.load(Ordering::Relaxed)),
@@ -81,7 +92,10 @@ impl Gpu {
                 vram.retired_pages()
             )?;
         }
-        match self.canary_pfn().and_then(|pfn| self.coherent.offset_of_pfn(pfn)) {
+        match self
+            .canary_pfn()
+            .and_then(|pfn| self.coherent.offset_of_pfn(pfn))
+        {
             Some(offset) => writeln!(f, "canary {:#x}", offset),
             None => writeln!(f, "canary none"),
         }

@@ -15,8 +15,8 @@ use crate::virtio::VirtioDevice;
 use crate::vram::{MemKind, Vram};
 use core::ptr;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
-use kernel::ffi::c_void;
 use kernel::device::Device;
+use kernel::ffi::c_void;
 use kernel::prelude::*;
 use kernel::sync::aref::ARef;
 use kernel::sync::Arc;
@@ -53,7 +53,7 @@ impl Gpu {
         }
         // Two halves (private, coherent), each a whole number of the 2 MiB
         // subsections memremap_pages() works in.
-        if config.page_size as u64 != abi::PAGE_SIZE
+        if u64::from(config.page_size) != abi::PAGE_SIZE
             || config.vram_size < MIN_VRAM
             || config.vram_size % MIN_VRAM != 0
         {
@@ -66,7 +66,10 @@ impl Gpu {
             return Err(EINVAL);
         }
         if !migrate::pmd_is_2m() {
-            dev_err!(dev, "needs 2 MiB PMDs (4 KiB pages; on ppc64, the radix MMU)\n");
+            dev_err!(
+                dev,
+                "needs 2 MiB PMDs (4 KiB pages; on ppc64, the radix MMU)\n"
+            );
             return Err(ENODEV);
         }
         let Some((bar, bar_len)) = vdev.shm_region(abi::SHM_ID_VRAM) else {
@@ -84,7 +87,8 @@ impl Gpu {
         }
 
         let index = claim_index(&dev)?;
-        let gpu = Self::create(vdev, dev, index, config, bar).inspect_err(|_| release_index(index))?;
+        let gpu =
+            Self::create(vdev, dev, index, config, bar).inspect_err(|_| release_index(index))?;
         Ok(gpu)
     }
 
@@ -149,18 +153,25 @@ impl Gpu {
         self.create_debugfs(foreign);
         // The coherent personality needs memremap_pages() to accept the BAR;
         // without it the private one still works, and the log says why.
-        let coherent = self.coherent.register(dev, self.vram_bar, foreign).and_then(|()| {
-            let md = MirrorDevice::register(self.arc(foreign), MemKind::Coherent)?;
-            self.mirror_devs.lock().push(md, GFP_KERNEL)?;
-            Ok(())
-        });
+        let coherent = self
+            .coherent
+            .register(dev, self.vram_bar, foreign)
+            .and_then(|()| {
+                let md = MirrorDevice::register(self.arc(foreign), MemKind::Coherent)?;
+                self.mirror_devs.lock().push(md, GFP_KERNEL)?;
+                Ok(())
+            });
         match coherent {
             Ok(()) => {
                 self.log_registered(&self.coherent);
                 self.set_canary();
             }
-            Err(e) => gpu_err!(self, "device-coherent VRAM not registered ({:?}): /dev/hmm_dmirror{} is not available\n", e,
-                self.index + MAX_GPUS),
+            Err(e) => gpu_err!(
+                self,
+                "device-coherent VRAM not registered ({:?}): /dev/hmm_dmirror{} is not available\n",
+                e,
+                self.index + MAX_GPUS
+            ),
         }
         Ok(())
     }
@@ -210,7 +221,8 @@ impl Gpu {
         }
         // Commands still run while removing, so the eviction can copy VRAM
         // back.
-        let evicted = migrate::evict_all(self, &self.private) + migrate::evict_all(self, &self.coherent);
+        let evicted =
+            migrate::evict_all(self, &self.private) + migrate::evict_all(self, &self.coherent);
         self.private.reclaim_deferred();
         self.coherent.reclaim_deferred();
         match self.counters() {
@@ -222,10 +234,14 @@ impl Gpu {
             }
             Err(e) => gpu_warn!(self, "cannot read device counters: {:?}\n", e),
         }
-        gpu_info!(self, "removed; {} pages evicted to system memory, {} of {} KiB VRAM free, {} KiB retired\n", evicted,
+        gpu_info!(
+            self,
+            "removed; {} pages evicted to system memory, {} of {} KiB VRAM free, {} KiB retired\n",
+            evicted,
             (self.private.avail() + self.coherent.avail()) >> 10,
             self.config.vram_size >> 10,
-            ((self.private.retired_pages() + self.coherent.retired_pages()) * abi::PAGE_SIZE) >> 10);
+            ((self.private.retired_pages() + self.coherent.retired_pages()) * abi::PAGE_SIZE) >> 10
+        );
         self.queues.shut_down();
         // No more events: an ECC work queued until now finds it stopped.
         self.flush_ecc_work();
@@ -250,7 +266,12 @@ fn claim_index(dev: &Device) -> Result<u32> {
             return Err(EBUSY);
         }
         if GPU_INDICES
-            .compare_exchange(used, used | (1 << index), Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(
+                used,
+                used | (1 << index),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
             .is_ok()
         {
             return Ok(index);

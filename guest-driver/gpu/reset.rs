@@ -46,10 +46,18 @@ impl Gpu {
         if self.lifecycle().is_gone() {
             return Err(ENODEV);
         }
-        gpu_warn!(self, "a command got no answer in {} ms; resetting the device\n", COMMAND_TIMEOUT_MS);
+        gpu_warn!(
+            self,
+            "a command got no answer in {} ms; resetting the device\n",
+            COMMAND_TIMEOUT_MS
+        );
         self.queues.stop();
         let contexts = self.restart(true)?;
-        gpu_notice!(self, "reset done ({} contexts recreated); commands in flight were retried\n", contexts);
+        gpu_notice!(
+            self,
+            "reset done ({} contexts recreated); commands in flight were retried\n",
+            contexts
+        );
         Ok(())
     }
 
@@ -71,7 +79,11 @@ impl Gpu {
         // SAFETY: saved above.
         unsafe { shim::hmmgpu_memalloc_noreclaim_restore(flags) };
         result.map_err(|e| {
-            gpu_err!(self, "the device did not come back from its reset: {:?}\n", e);
+            gpu_err!(
+                self,
+                "the device did not come back from its reset: {:?}\n",
+                e
+            );
             self.hung()
         })
     }
@@ -97,7 +109,12 @@ impl Gpu {
             self.execute_privileged(opcode::CTX_DESTROY, ctx)?;
             let resp = self.execute_privileged(opcode::CTX_CREATE, ctx)?;
             if resp.status != abi::status::OK {
-                gpu_err!(self, "recreating context {}: {}\n", ctx, abi::status::name(resp.status));
+                gpu_err!(
+                    self,
+                    "recreating context {}: {}\n",
+                    ctx,
+                    abi::status::name(resp.status)
+                );
                 return Err(EIO);
             }
             recreated += 1;
@@ -110,12 +127,20 @@ impl Gpu {
     /// the device still works, every page in VRAM is migrated to system
     /// memory (as on removal); then the queues stop.
     pub(crate) fn reset_prepare(&self) {
-        gpu_notice!(self, "device reset requested: evicting VRAM, then stopping\n");
+        gpu_notice!(
+            self,
+            "device reset requested: evicting VRAM, then stopping\n"
+        );
         if !self.is_lost() && self.link_ok() {
-            let evicted = migrate::evict_all(self, &self.private) + migrate::evict_all(self, &self.coherent);
+            let evicted =
+                migrate::evict_all(self, &self.private) + migrate::evict_all(self, &self.coherent);
             self.private.reclaim_deferred();
             self.coherent.reclaim_deferred();
-            gpu_notice!(self, "{} pages evicted to system memory before the reset\n", evicted);
+            gpu_notice!(
+                self,
+                "{} pages evicted to system memory before the reset\n",
+                evicted
+            );
         }
         // Not held while evicting: the eviction's MMU notifiers take mirror
         // locks, under which a timed-out command takes this lock to recover.
@@ -129,12 +154,19 @@ impl Gpu {
     pub(crate) fn reset_done(&self) -> Result {
         let _serialized = self.reset_lock.lock();
         if self.is_lost() {
-            gpu_err!(self, "the device was lost before its reset; it stays dead\n");
+            gpu_err!(
+                self,
+                "the device was lost before its reset; it stays dead\n"
+            );
             return Err(ENODEV);
         }
         let contexts = self.restart(false)?;
         self.write_canary();
-        gpu_notice!(self, "reset done ({} contexts recreated); the device is back\n", contexts);
+        gpu_notice!(
+            self,
+            "reset done ({} contexts recreated); the device is back\n",
+            contexts
+        );
         Ok(())
     }
 }
