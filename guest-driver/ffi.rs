@@ -65,7 +65,7 @@ pub(crate) unsafe extern "C" fn hmmgpu_rust_probe(vdev: *mut RawVirtioDevice) ->
         Ok(gpu) => gpu,
         Err(e) => return e.to_errno(),
     };
-    // The GPU's C side (vdev priv, pagemaps, events) borrows it from the one
+    // The GPU's C side (drvdata, pagemaps) borrows it from the one
     // foreign reference the devm action owns.
     let foreign = gpu.clone().into_foreign();
     // SAFETY: `dev` is being probed; the action gives the reference back on

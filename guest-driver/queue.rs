@@ -348,7 +348,7 @@ impl Queues {
     }
 
     /// Creates the virtqueues, sets DRIVER_OK and posts the event buffers
-    /// (probe). The virtqueue callbacks get the device's priv: set it first.
+    /// (probe). The virtqueue callbacks get the device's drvdata: set it first.
     pub(crate) fn start(&self) -> Result {
         self.create_vqs()?;
         self.vdev.ready();

@@ -133,7 +133,7 @@ impl Gpu {
     }
 
     /// Starts a GPU [`Gpu::probe`] made, once C holds its `foreign`
-    /// reference (see ffi.rs) and the device's priv is set: the queues
+    /// reference (see ffi.rs) and set it as the drvdata: the queues
     /// start, the VRAM is registered as device memory and the uAPI devices
     /// and debugfs directory are created. On failure the device is stopped
     /// again (see [`Gpu::abandon`]).
