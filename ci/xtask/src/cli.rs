@@ -147,17 +147,31 @@ pub struct RunArgs {
 pub struct BenchArgs {
     #[command(flatten)]
     pub vm: VmOpts,
-    /// hmmgpu devices. The workloads use GPU 0 only; the second GPU makes
-    /// hmmgpu's full hmm-tests run (hmm2 cases need /dev/hmm_dmirror1) the
-    /// same set of cases as test_hmm.ko's, so their wall times compare.
+    /// hmmgpu devices. The workloads use GPU 0, except one process per GPU
+    /// on two GPUs; the second GPU also makes hmmgpu's full hmm-tests run
+    /// (hmm2 cases need /dev/hmm_dmirror1) the same set of cases as
+    /// test_hmm.ko's, so their wall times compare.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2))]
     pub gpus: u32,
+    /// VRAM per GPU (half device-private, half coherent); the
+    /// oversubscription workload is twice the device-private half.
+    #[arg(long, default_value = "1G", value_parser = parse_vram_size)]
+    pub vram: u64,
     /// Also write the results here (default: target/xtask/bench/<unix time>.json).
     #[arg(long)]
     pub json: Option<PathBuf>,
     /// Seconds the whole benchmark boot may take.
-    #[arg(long, default_value_t = 1800)]
+    #[arg(long, default_value_t = 3600)]
     pub timeout: u64,
+    /// Draw throughput against migration size for both drivers (SVG).
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// No VM: print the change from run A to run B (their JSON files).
+    #[arg(long, num_args = 2, value_names = ["A.json", "B.json"], conflicts_with = "from")]
+    pub compare: Option<Vec<PathBuf>>,
+    /// No VM: print (and --plot) a saved run's JSON instead of running.
+    #[arg(long, value_name = "RUN.json")]
+    pub from: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
