@@ -22,11 +22,12 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, RwLock};
 use std::thread;
 
 use hmmgpu_abi::{
-    status, DeviceConfig, Event, Response, ABI_VERSION, CONFIG_MAGIC, MAX_CONTEXTS, MAX_RANGES,
+    DeviceConfig, Event, Response, Status, ABI_VERSION, CONFIG_MAGIC, MAX_CONTEXTS, MAX_RANGES,
     NUM_QUEUES, PAGE_SIZE, QUEUE_COMMAND, QUEUE_EVENT, QUEUE_SIZE,
 };
 use log::{debug, error, info, warn};
@@ -40,9 +41,11 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::engine::{
-    Completion, Engine, EventSink, Executed, GuestRam, InterruptAction, MAX_COMMAND_LEN,
+    Budget, Completion, Engine, EventSink, Executed, GuestRam, InterruptAction, Step,
+    MAX_COMMAND_LEN,
 };
 use crate::faults::FaultInjector;
 
@@ -58,6 +61,13 @@ type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestRam>>;
 /// The hmmgpu vhost-user device. The daemon wraps it in a `RwLock`
 /// (`VhostUserBackendMut`), so one command is executed at a time, in queue
 /// order, as the spec promises.
+///
+/// The worker holds that lock while it handles an event, and QEMU's vCPU
+/// threads wait for it on every config-space read (GET_CONFIG), so one call
+/// does at most [`Budget::PER_CALL`] bytes of work, for at most
+/// [`Budget::CALL_TIME`]: a longer command is suspended
+/// and its chain kept here; the call arms the resume timer and returns,
+/// letting go of the lock, and the worker goes on when the timer fires.
 pub struct HmmGpuBackend {
     engine: Engine,
     mem: GuestMemoryAtomic<GuestRam>,
@@ -66,6 +76,28 @@ pub struct HmmGpuBackend {
     /// Chains of commands parked on device faults, by head index (the
     /// token the engine knows them by).
     parked: HashMap<u16, Chain>,
+    /// The chain of the command the engine suspended, out of budget.
+    current: Option<Chain>,
+    /// Armed when a call ran out of budget with work left; the worker polls
+    /// it ([`register_wakeups`]) and calls again [`RESUME_PAUSE`] later.
+    resume: Option<TimerFd>,
+}
+
+/// How long the worker leaves the device alone between two calls that
+/// share a long command: the vhost-user thread (GET_CONFIG for a vCPU) and
+/// the front end get the lock in that gap. (Rescheduling at once would not
+/// do: the worker would take the lock again before a waiting reader's
+/// thread is even scheduled.)
+pub const RESUME_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// What one pass over the command queue did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct QueueRun {
+    /// Some chain was taken or completed.
+    taken: bool,
+    /// The budget ran out with work left (a suspended command, or chains
+    /// not looked at yet).
+    more: bool,
 }
 
 impl HmmGpuBackend {
@@ -78,12 +110,22 @@ impl HmmGpuBackend {
             event_idx: false,
             acked_features: 0,
             parked: HashMap::new(),
+            current: None,
+            resume: TimerFd::new()
+                .inspect_err(|e| error!("creating the resume timerfd: {e}"))
+                .ok(),
         }
     }
 
     /// The copy engine (and through it the VRAM and counters).
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The timerfd the worker must poll to go on with work a call left
+    /// (see [`register_wakeups`]).
+    pub fn resume_fd(&self) -> Option<RawFd> {
+        self.resume.as_ref().map(AsRawFd::as_raw_fd)
     }
 
     /// The config space the driver reads.
@@ -99,22 +141,55 @@ impl HmmGpuBackend {
         }
     }
 
-    /// Executes every available chain of the command queue, then interrupts
-    /// the driver if it asked for it. Returns whether any chain was taken.
-    fn process_queue(&mut self, vrings: &[VringRwLock]) -> io::Result<bool> {
+    /// Asks the worker to call again, after [`RESUME_PAUSE`] (the budget
+    /// ran out with work left).
+    fn schedule_resume(&mut self) {
+        match &mut self.resume {
+            Some(timer) => {
+                if let Err(e) = timer.reset(RESUME_PAUSE, None) {
+                    error!("command queue: arming the resume timer: {e}");
+                }
+            }
+            None => error!("command queue: no resume timer; waiting for the next kick"),
+        }
+    }
+
+    /// Goes on with the suspended command, then executes available chains of
+    /// the command queue, within one call's budget, then interrupts the
+    /// driver if it asked for it.
+    fn process_queue(&mut self, vrings: &[VringRwLock]) -> io::Result<QueueRun> {
         let Some(vring) = vrings.get(usize::from(QUEUE_COMMAND)) else {
-            return Ok(false);
+            return Ok(QueueRun::default());
         };
         let mem = self.mem.memory();
         let mut events = EventQueue {
             vring: vrings.get(usize::from(QUEUE_EVENT)),
             mem: mem.clone(),
         };
-        let mut used_any = false;
-        let mut taken = false;
+        let mut budget = Budget::per_call();
+        let mut run = QueueRun::default();
+        let mut used = Vec::new();
+        if let Some(chain) = self.current.take() {
+            let step = self
+                .engine
+                .continue_suspended(chain.memory(), &mut events, &mut budget);
+            run.taken = true;
+            match step {
+                Step::Suspended => {
+                    self.current = Some(chain);
+                    run.more = true;
+                }
+                Step::Done(executed) => used.extend(self.complete(chain, executed)),
+            }
+        }
         // One chain at a time: an injected stall (which a command can arm
-        // through a fault plan) stops the device before the next one.
-        while !self.engine.faults().queue_stalled() {
+        // through a fault plan) stops the device before the next one; the
+        // front end may stop the queue between two calls.
+        while !run.more && !self.engine.faults().queue_stalled() && queue_ready(vring) {
+            if budget.exhausted() {
+                run.more = true;
+                break;
+            }
             let next = vring
                 .get_mut()
                 .get_queue_mut()
@@ -124,25 +199,32 @@ impl HmmGpuBackend {
             let Some(chain) = next else {
                 break;
             };
-            taken = true;
+            run.taken = true;
             let head = chain.head_index();
-            if self.parked.contains_key(&head) {
+            let current = self.current.as_ref().map(DescriptorChain::head_index);
+            if self.parked.contains_key(&head) || current == Some(head) {
                 // The driver made a chain available again while the device
                 // still owns it: a driver bug. Completing either would
                 // confuse it; leave this one unanswered.
-                warn!("chain {head}: made available while its command is parked; ignored");
                 self.engine.stats().count_failed();
+                self.engine.stats().guest_error(format_args!(
+                    "chain {head}: made available while the device owns it; ignored"
+                ));
                 continue;
             }
-            let (resumed, own) = self.process_chain(chain, &mut events);
-            for (head, used_len) in resumed.into_iter().chain(own.map(|len| (head, len))) {
-                vring
-                    .add_used(head, used_len)
-                    .map_err(|e| queue_error("command queue: writing the used ring", e))?;
-                used_any = true;
+            match self.process_chain(chain, &mut events, &mut budget) {
+                Some(completed) => used.extend(completed),
+                None => run.more = true,
             }
         }
-        // A batch that only parked commands used nothing: no interrupt.
+        let used_any = !used.is_empty();
+        for (head, used_len) in used {
+            vring
+                .add_used(head, used_len)
+                .map_err(|e| queue_error("command queue: writing the used ring", e))?;
+        }
+        // A batch that only parked or suspended commands used nothing: no
+        // interrupt.
         if used_any
             && vring
                 .needs_notification()
@@ -150,7 +232,7 @@ impl HmmGpuBackend {
         {
             signal(vring, self.engine.faults().interrupt())?;
         }
-        Ok(taken)
+        Ok(run)
     }
 
     /// Posts the injected events waiting (ECC, spurious faults, storms).
@@ -162,60 +244,81 @@ impl HmmGpuBackend {
         self.engine.post_injected(&mut events);
     }
 
-    /// Executes one command chain. Returns the used element of a parked
-    /// command it completed, if any, and its own used length (0 when the
-    /// chain had no room for a response; `None` when it parked).
+    /// Executes one command chain within `budget`. Returns the used
+    /// elements it completed: a parked command it completed, if any, then
+    /// its own (used length 0 when the chain had no room for a response;
+    /// none when it parked). `None` when the budget ran out: the chain is
+    /// kept as the current one.
     fn process_chain(
         &mut self,
         chain: Chain,
         events: &mut dyn EventSink,
-    ) -> (Option<(u16, u32)>, Option<u32>) {
+        budget: &mut Budget,
+    ) -> Option<Vec<(u16, u32)>> {
         let head = chain.head_index();
         let mem = chain.memory();
-        match chain.clone().writer(mem) {
-            Ok(writer) if writer.available_bytes() >= Response::SIZE => {}
-            Ok(writer) => {
-                warn!(
-                    "chain {head}: {} writable bytes, a response needs {}; dropped",
-                    writer.available_bytes(),
-                    Response::SIZE
-                );
-                self.engine.stats().count_failed();
-                return (None, Some(0));
-            }
-            Err(e) => {
-                warn!("chain {head}: bad writable part ({e}); dropped");
-                self.engine.stats().count_failed();
-                return (None, Some(0));
-            }
+        let dropped = match chain.clone().writer(mem) {
+            Ok(writer) if writer.available_bytes() >= Response::SIZE => None,
+            Ok(writer) => Some(format!(
+                "{} writable bytes, a response needs {}",
+                writer.available_bytes(),
+                Response::SIZE
+            )),
+            Err(e) => Some(format!("bad writable part ({e})")),
+        };
+        if let Some(why) = dropped {
+            self.engine.stats().count_failed();
+            self.engine
+                .stats()
+                .guest_error(format_args!("chain {head}: {why}; dropped"));
+            budget.spend(Budget::STEP_COST);
+            return Some(vec![(head, 0)]);
         }
         let executed = match read_command(&chain, mem) {
-            Ok(request) => self.engine.process(mem, &request, u64::from(head), events),
+            Ok(request) => {
+                match self
+                    .engine
+                    .process_budgeted(mem, &request, u64::from(head), events, budget)
+                {
+                    Step::Done(executed) => executed,
+                    Step::Suspended => {
+                        self.current = Some(chain);
+                        return None;
+                    }
+                }
+            }
             Err(e) => {
-                warn!("chain {head}: cannot read the command ({e})");
                 self.engine.stats().count_failed();
+                self.engine
+                    .stats()
+                    .guest_error(format_args!("chain {head}: cannot read the command ({e})"));
+                budget.spend(Budget::STEP_COST);
                 Executed {
                     resumed: None,
-                    response: Some(Response {
-                        status: status::BAD_REQUEST,
-                        failed_index: 0,
-                        bytes: 0,
-                    }),
+                    response: Some(Response::failed(Status::BadRequest, 0)),
                 }
             }
         };
-        let resumed = executed
+        Some(self.complete(chain, executed))
+    }
+
+    /// The used elements of what `executed` completed for `chain`: a parked
+    /// command first, then the chain's own (kept, parked, when it has none).
+    fn complete(&mut self, chain: Chain, executed: Executed) -> Vec<(u16, u32)> {
+        let head = chain.head_index();
+        let mut used: Vec<(u16, u32)> = executed
             .resumed
-            .and_then(|completion| self.complete_parked(completion));
-        let own = match executed.response {
-            Some(response) => Some(write_response(&chain, response)),
+            .and_then(|completion| self.complete_parked(completion))
+            .into_iter()
+            .collect();
+        match executed.response {
+            Some(response) => used.push((head, write_response(&chain, response))),
             None => {
                 debug!("chain {head}: parked on a device fault");
                 self.parked.insert(head, chain);
-                None
             }
-        };
-        (resumed, own)
+        }
+        used
     }
 
     /// Writes the response of a parked command the engine completed;
@@ -228,6 +331,13 @@ impl HmmGpuBackend {
         };
         Some((head, write_response(&chain, completion.response)))
     }
+}
+
+/// Whether the front end has the queue running (it may stop it between two
+/// calls of the worker).
+fn queue_ready(vring: &VringRwLock) -> bool {
+    let state = vring.get_ref();
+    state.get_queue().ready() && state.is_enabled()
 }
 
 /// Signals the command queue's interrupt as the fault hooks say: now, never,
@@ -257,22 +367,29 @@ fn signal(vring: &VringRwLock, action: InterruptAction) -> io::Result<()> {
 /// `handle_event` id of the fault injector's eventfd (ids up to
 /// [`NUM_QUEUES`] belong to the queues and the exit event).
 pub const FAULT_WAKEUP_EVENT: u16 = NUM_QUEUES as u16 + 1;
+/// `handle_event` id of the backend's resume timerfd.
+pub const RESUME_EVENT: u16 = NUM_QUEUES as u16 + 2;
 
-/// Registers the fault injector's eventfd with the daemon's queue worker, so
-/// events injected through the control socket are posted (and a cleared
-/// stall resumes) without waiting for a kick.
-pub fn register_fault_wakeup(
+/// Registers the fault injector's eventfd and the backend's resume timerfd
+/// (`resume`, [`HmmGpuBackend::resume_fd`]) with the daemon's queue worker,
+/// so events injected through the control socket are posted (and a cleared
+/// stall resumes) without waiting for a kick, and work a call left over
+/// goes on.
+pub fn register_wakeups(
     daemon: &VhostUserDaemon<Arc<RwLock<HmmGpuBackend>>>,
     faults: &FaultInjector,
+    resume: Option<RawFd>,
 ) -> io::Result<()> {
-    let Some(fd) = faults.notify_fd() else {
-        return Err(io::Error::other("fault injection has no wakeup eventfd"));
-    };
     let handlers = daemon.get_epoll_handlers();
     let handler = handlers
         .first()
         .ok_or_else(|| io::Error::other("the daemon has no queue worker"))?;
-    handler.register_listener(fd, EventSet::IN, u64::from(FAULT_WAKEUP_EVENT))
+    let fault_fd = faults
+        .notify_fd()
+        .ok_or_else(|| io::Error::other("fault injection has no wakeup eventfd"))?;
+    handler.register_listener(fault_fd, EventSet::IN, u64::from(FAULT_WAKEUP_EVENT))?;
+    let resume = resume.ok_or_else(|| io::Error::other("the backend has no resume timer"))?;
+    handler.register_listener(resume, EventSet::IN, u64::from(RESUME_EVENT))
 }
 
 /// Writes `response` into the writable part of `chain` (checked to have
@@ -289,7 +406,7 @@ fn write_response(chain: &Chain, response: Response) -> u32 {
         error!("chain {head}: writing the response: {e}");
         return 0;
     }
-    debug!("chain {head}: {}", status::name(response.status));
+    debug!("chain {head}: {}", response.status.name());
     Response::SIZE as u32
 }
 
@@ -409,9 +526,12 @@ impl VhostUserBackendMut for HmmGpuBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // RESET_DEVICE: a guest reboot (or driver reset) that resets the
+        // device drops every MMU context with it.
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::RESET_DEVICE
     }
 
     fn stop_vring(&mut self, queue_index: u32) -> io::Result<()> {
@@ -429,6 +549,7 @@ impl VhostUserBackendMut for HmmGpuBackend {
         // after its reset. They are forgotten; the driver gives them up.
         let forgotten = self.engine.forget_parked();
         self.parked.clear();
+        self.current = None;
         if forgotten > 0 {
             info!("command queue stopped: {forgotten} parked command(s) forgotten");
         }
@@ -441,6 +562,7 @@ impl VhostUserBackendMut for HmmGpuBackend {
         // The rings are re-initialized after a reset: parked chains are
         // forgotten, never completed, and the contexts go with them.
         self.parked.clear();
+        self.current = None;
         self.engine.reset();
     }
 
@@ -506,18 +628,23 @@ impl VhostUserBackendMut for HmmGpuBackend {
             self.post_injected(vrings);
             let ready = vrings
                 .get(usize::from(QUEUE_COMMAND))
-                .is_some_and(|v| v.get_ref().get_queue().ready());
-            if ready && !self.engine.faults().queue_stalled() {
-                return self.handle_event(QUEUE_COMMAND, evset, vrings, _thread_id);
+                .is_some_and(queue_ready);
+            if !ready || self.engine.faults().queue_stalled() {
+                return Ok(());
             }
-            return Ok(());
-        }
-        if device_event == QUEUE_EVENT {
+        } else if device_event == RESUME_EVENT {
+            // A call before this one ran out of budget. (The timer expired:
+            // epoll said so, so reading it does not block.)
+            if let Some(timer) = &mut self.resume {
+                if let Err(e) = timer.wait() {
+                    warn!("command queue: reading the resume timer: {e}");
+                }
+            }
+        } else if device_event == QUEUE_EVENT {
             // New event buffers: they are taken when an event needs one.
             debug!("event queue kicked");
             return Ok(());
-        }
-        if device_event != QUEUE_COMMAND {
+        } else if device_event != QUEUE_COMMAND {
             warn!("event for unknown queue {device_event}");
             return Ok(());
         }
@@ -534,13 +661,20 @@ impl VhostUserBackendMut for HmmGpuBackend {
         let result = if self.event_idx {
             // With EVENT_IDX the driver only kicks when told to: keep draining
             // until re-enabling notifications finds no new work, or a chain
-            // added in the window between the two would wait forever.
+            // added in the window between the two would wait forever. When a
+            // call runs out of budget, notifications stay off and the resume
+            // eventfd brings the worker back to go on draining.
             loop {
                 if let Err(e) = vring.disable_notification() {
                     break Err(queue_error("command queue: disabling notifications", e));
                 }
-                if let Err(e) = self.process_queue(vrings) {
-                    break Err(e);
+                let run = match self.process_queue(vrings) {
+                    Ok(run) => run,
+                    Err(e) => break Err(e),
+                };
+                if run.more {
+                    self.schedule_resume();
+                    break Ok(());
                 }
                 if self.engine.faults().queue_stalled() {
                     break Ok(());
@@ -552,7 +686,11 @@ impl VhostUserBackendMut for HmmGpuBackend {
                 }
             }
         } else {
-            self.process_queue(vrings).map(drop)
+            self.process_queue(vrings).map(|run| {
+                if run.more {
+                    self.schedule_resume();
+                }
+            })
         };
         if let Err(e) = result {
             error!("{e}");
@@ -598,6 +736,306 @@ mod tests {
         }
     }
 
+    // -- Chain shapes, with virtio-queue's MockSplitQueue as the driver. -----
+
+    use hmmgpu_abi::{CmdHeader, Opcode, Range, RangeFlags};
+    use virtio_bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// Guest RAM: 16 MiB from 0; the rings at 0, buffers from 1 MiB.
+    const RAM_LEN: usize = 16 << 20;
+    const CMD: u64 = 0x10_0000;
+    const RESP: u64 = 0x20_0000;
+    const DATA: u64 = 0x30_0000;
+    const RING_LEN: u16 = 64;
+    const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+    const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+
+    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+    }
+
+    /// A backend whose command queue is a MockSplitQueue in `mem`.
+    struct Rig {
+        _dir: tempfile::TempDir,
+        /// Leaked: the mock borrows it for the whole test (creating a mock
+        /// resets the ring indices, so there is only one).
+        mem: &'static GuestRam,
+        queue: MockSplitQueue<'static, GuestRam>,
+        backend: HmmGpuBackend,
+        vrings: Vec<VringRwLock>,
+        /// Descriptors written so far (chains go one after another).
+        next_desc: u16,
+    }
+
+    impl Rig {
+        fn new() -> Rig {
+            let dir = tempfile::tempdir().unwrap();
+            let mut backend = backend(&dir);
+            let mem: &'static GuestRam = Box::leak(Box::new(
+                GuestRam::from_ranges(&[(GuestAddress(0), RAM_LEN)]).unwrap(),
+            ));
+            let atomic = GuestMemoryAtomic::new(mem.clone());
+            backend.update_memory(atomic.clone()).unwrap();
+            let queue = MockSplitQueue::create(mem, GuestAddress(0), RING_LEN);
+            let command = VringRwLock::new(atomic.clone(), QUEUE_SIZE).unwrap();
+            command.set_queue_size(RING_LEN);
+            command
+                .set_queue_info(
+                    queue.desc_table_addr().0,
+                    queue.avail_addr().0,
+                    queue.used_addr().0,
+                )
+                .unwrap();
+            command.set_queue_ready(true);
+            command.set_enabled(true);
+            // The event queue is not set up: faults cannot be reported.
+            let event = VringRwLock::new(atomic, QUEUE_SIZE).unwrap();
+            Rig {
+                _dir: dir,
+                mem,
+                queue,
+                backend,
+                vrings: vec![command, event],
+                next_desc: 0,
+            }
+        }
+
+        fn queue(&self) -> &MockSplitQueue<'static, GuestRam> {
+            &self.queue
+        }
+
+        /// Makes `descs` (their NEXT flags and links as given) available as
+        /// one chain whose head is the first, then kicks the device.
+        fn submit_raw(&mut self, descs: &[RawDescriptor]) -> u16 {
+            let head = self.next_desc;
+            self.queue().add_desc_chains(descs, head).unwrap();
+            self.next_desc += u16::try_from(descs.len()).unwrap();
+            self.kick();
+            head
+        }
+
+        /// Like `submit_raw`, linking `bufs` (addr, len, flags) with NEXT.
+        fn submit(&mut self, bufs: &[(u64, u32, u16)]) -> u16 {
+            let first = self.next_desc;
+            let last = bufs.len() - 1;
+            let descs: Vec<RawDescriptor> = bufs
+                .iter()
+                .enumerate()
+                .map(|(i, &(addr, len, flags))| {
+                    let i = u16::try_from(i).unwrap();
+                    let more = usize::from(i) < last;
+                    let flags = if more { flags | NEXT } else { flags };
+                    desc(addr, len, flags, if more { first + i + 1 } else { 0 })
+                })
+                .collect();
+            self.submit_raw(&descs)
+        }
+
+        /// Kicks the device, then calls it again as its worker does when the
+        /// resume timer fires, until no command is left half done (a slow
+        /// host, qemu-user, runs out of a call's time even on small ones).
+        fn kick(&mut self) {
+            for _ in 0..10_000 {
+                self.backend
+                    .handle_event(QUEUE_COMMAND, EventSet::IN, &self.vrings, 0)
+                    .unwrap();
+                if !self.backend.engine().has_suspended() {
+                    return;
+                }
+            }
+            panic!("a command was still suspended after 10000 calls");
+        }
+
+        /// The used elements (id, len) so far.
+        fn used(&self) -> Vec<(u32, u32)> {
+            let queue = self.queue();
+            // The mock's ring fields are raw: little-endian in memory.
+            let n = u16::from_le(queue.used().idx().load());
+            (0..n)
+                .map(|i| {
+                    let elem = queue.used().ring().ref_at(usize::from(i)).unwrap().load();
+                    (elem.id(), elem.len())
+                })
+                .collect()
+        }
+
+        fn response(&self, at: u64) -> Option<Response> {
+            let mut bytes = [0u8; Response::SIZE];
+            self.mem.read_slice(&mut bytes, GuestAddress(at)).unwrap();
+            Response::from_bytes(&bytes)
+        }
+
+        fn write_command(&self, at: u64, op: Opcode, ranges: &[Range]) -> u32 {
+            let count = u32::try_from(ranges.len()).unwrap();
+            let mut bytes = CmdHeader::new(op, 0, 7, count).to_bytes().to_vec();
+            for r in ranges {
+                bytes.extend_from_slice(&r.to_bytes());
+            }
+            self.mem.write_slice(&bytes, GuestAddress(at)).unwrap();
+            u32::try_from(bytes.len()).unwrap()
+        }
+
+        fn stats(&self) -> crate::StatsSnapshot {
+            self.backend.engine().stats().snapshot()
+        }
+    }
+
+    const RESP_LEN: u32 = Response::SIZE as u32;
+
+    #[test]
+    fn a_chain_without_room_for_a_response_is_dropped_and_counted() {
+        let mut rig = Rig::new();
+        let len = rig.write_command(CMD, Opcode::Nop, &[]);
+        // Read-only chain: no writable part at all.
+        let head = rig.submit(&[(CMD, len, 0)]);
+        // A writable part 8 bytes short.
+        let short = rig.submit(&[(CMD, len, 0), (RESP, RESP_LEN - 8, WRITE)]);
+        // A writable part outside guest RAM.
+        let outside = rig.submit(&[(CMD, len, 0), (RAM_LEN as u64, RESP_LEN, WRITE)]);
+        assert_eq!(
+            rig.used(),
+            [
+                (u32::from(head), 0),
+                (u32::from(short), 0),
+                (u32::from(outside), 0)
+            ]
+        );
+        assert_eq!(rig.response(RESP), Some(Response::ok(0)), "RAM was zero");
+        assert_eq!(
+            (rig.stats().commands_ok, rig.stats().commands_failed),
+            (0, 3)
+        );
+        // The queue still serves a well-formed chain.
+        let good = rig.submit(&[(CMD, len, 0), (RESP, RESP_LEN, WRITE)]);
+        assert_eq!(rig.used().last(), Some(&(u32::from(good), RESP_LEN)));
+        assert_eq!(rig.stats().commands_ok, 1);
+    }
+
+    #[test]
+    fn commands_and_responses_may_be_split_over_many_descriptors() {
+        let mut rig = Rig::new();
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+        rig.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+        let copy = Range::new(DATA, 0x1000, 4096, RangeFlags::DST_VRAM);
+        let len = rig.write_command(CMD, Opcode::Copy, &[copy]);
+        // The 48-byte command in 5 pieces (one empty), the response in two.
+        let head = rig.submit(&[
+            (CMD, 1, 0),
+            (CMD + 1, 0, 0),
+            (CMD + 1, 22, 0),
+            (CMD + 23, 20, 0),
+            (CMD + 43, len - 43, 0),
+            (RESP, 5, WRITE),
+            (RESP + 0x100, RESP_LEN - 5, WRITE),
+        ]);
+        assert_eq!(rig.used(), [(u32::from(head), RESP_LEN)]);
+        let mut resp = [0u8; Response::SIZE];
+        rig.mem
+            .read_slice(&mut resp[..5], GuestAddress(RESP))
+            .unwrap();
+        rig.mem
+            .read_slice(&mut resp[5..], GuestAddress(RESP + 0x100))
+            .unwrap();
+        assert_eq!(Response::from_bytes(&resp), Some(Response::ok(4096)));
+        let mut vram = vec![0u8; 4096];
+        rig.backend.engine().vram().read(0x1000, &mut vram).unwrap();
+        assert!(vram == data, "the copy did not land");
+    }
+
+    #[test]
+    fn an_indirect_table_carries_the_whole_chain() {
+        let mut rig = Rig::new();
+        let len = rig.write_command(CMD, Opcode::Nop, &[]);
+        let table = DATA + 0x10_0000;
+        for (i, d) in [desc(CMD, len, NEXT, 1), desc(RESP, RESP_LEN, WRITE, 0)]
+            .iter()
+            .enumerate()
+        {
+            rig.mem
+                .write_obj(*d, GuestAddress(table + 16 * i as u64))
+                .unwrap();
+        }
+        let head = rig.submit_raw(&[desc(table, 32, VRING_DESC_F_INDIRECT as u16, 0)]);
+        assert_eq!(rig.used(), [(u32::from(head), RESP_LEN)]);
+        assert_eq!(rig.response(RESP), Some(Response::ok(0)));
+        // An indirect table outside guest RAM: nothing readable or
+        // writable, so the chain is dropped.
+        let bad = rig.submit_raw(&[desc(
+            RAM_LEN as u64 - 16,
+            32,
+            VRING_DESC_F_INDIRECT as u16,
+            0,
+        )]);
+        assert_eq!(rig.used().last(), Some(&(u32::from(bad), 0)));
+    }
+
+    #[test]
+    fn an_unreadable_or_truncated_command_is_a_bad_request() {
+        let mut rig = Rig::new();
+        // The readable descriptor is outside guest RAM.
+        let head = rig.submit(&[(RAM_LEN as u64 - 8, 24, 0), (RESP, RESP_LEN, WRITE)]);
+        assert_eq!(rig.used(), [(u32::from(head), RESP_LEN)]);
+        assert_eq!(
+            rig.response(RESP),
+            Some(Response::failed(Status::BadRequest, 0))
+        );
+        // A writable-only chain: no command at all.
+        let head = rig.submit(&[(RESP + 0x100, RESP_LEN, WRITE)]);
+        assert_eq!(rig.used().last(), Some(&(u32::from(head), RESP_LEN)));
+        assert_eq!(
+            rig.response(RESP + 0x100),
+            Some(Response::failed(Status::BadRequest, 0))
+        );
+        // A command announcing two ranges with the readable part ending
+        // halfway through the first.
+        let copy = Range::new(DATA, 0, 16, RangeFlags::DST_VRAM);
+        rig.write_command(CMD, Opcode::Copy, &[copy, copy]);
+        let head = rig.submit(&[(CMD, 24 + 12, 0), (RESP, RESP_LEN, WRITE)]);
+        assert_eq!(rig.used().last(), Some(&(u32::from(head), RESP_LEN)));
+        assert_eq!(
+            rig.response(RESP),
+            Some(Response::failed(Status::BadRequest, 0))
+        );
+        assert_eq!(rig.stats().commands_failed, 3);
+    }
+
+    #[test]
+    fn a_descriptor_loop_or_a_bad_head_does_not_hang_the_queue() {
+        let mut rig = Rig::new();
+        let len = rig.write_command(CMD, Opcode::Nop, &[]);
+        // A chain whose last descriptor points back at its first: the
+        // device walks at most a ring's worth of descriptors.
+        let first = rig.next_desc;
+        let looping = rig.submit_raw(&[
+            desc(CMD, len, NEXT, first + 1),
+            desc(RESP, RESP_LEN, WRITE | NEXT, first),
+        ]);
+        let used = rig.used();
+        assert_eq!(used.len(), 1);
+        assert_eq!(used[0].0, u32::from(looping));
+        // A head index beyond the ring: the device logs it and goes on
+        // with the next chain on the next kick.
+        let queue = rig.queue();
+        let idx = u16::from_le(queue.avail().idx().load());
+        queue
+            .avail()
+            .ring()
+            .ref_at(usize::from(idx % RING_LEN))
+            .unwrap()
+            .store((RING_LEN + 5).to_le());
+        queue.avail().idx().store(idx.wrapping_add(1).to_le());
+        rig.kick();
+        let good = rig.submit(&[(CMD, len, 0), (RESP + 0x200, RESP_LEN, WRITE)]);
+        assert_eq!(rig.used().last(), Some(&(u32::from(good), RESP_LEN)));
+        assert_eq!(rig.response(RESP + 0x200), Some(Response::ok(0)));
+    }
+
     #[test]
     fn offers_the_spec_features() {
         let dir = tempfile::tempdir().unwrap();
@@ -608,7 +1046,7 @@ mod tests {
         assert_eq!(b.features() & (1 << 33), 0, "no VIRTIO_F_ACCESS_PLATFORM");
         assert!(b
             .protocol_features()
-            .contains(VhostUserProtocolFeatures::CONFIG));
+            .contains(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::RESET_DEVICE));
         assert!(b.set_config(0, &[0; 4]).is_err());
     }
 }

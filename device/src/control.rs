@@ -2,8 +2,9 @@
 //! The control socket: a unix stream socket speaking JSON lines, one request
 //! object per line, one response object per line (docs/control.md).
 //!
-//! It runs its own event loop on its own thread (epoll over the listening
-//! socket, every connection and a stop eventfd, all non-blocking), and a
+//! It runs its own event loop on its own thread (rust-vmm's event-manager
+//! over the listening socket, every connection and a stop eventfd, all
+//! non-blocking), and a
 //! request only touches shared counters and the fault injector, never the
 //! device's queue worker: a stalled or slowed command queue (injected
 //! `stall_queue`, `latency`) or a slow client never holds up an answer.
@@ -12,31 +13,41 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use log::{debug, warn};
+use serde::Deserialize;
 use serde_json::{json, Value};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::engine::Stats;
-use crate::faults::{Fault, FaultInjector};
-use crate::plan::Plan;
+use crate::faults::{Fault, FaultError, FaultInjector};
+use crate::plan::{Plan, PlanError};
 use crate::session::Sessions;
+use crate::stats::DeviceStats;
 
 /// Longest request line accepted; longer ones get an error and the
 /// connection is closed (a line is a few dozen bytes in practice).
 const MAX_LINE: usize = 64 * 1024;
 
-/// Epoll tokens of the listener and the stop eventfd; connections count up
+/// Most clients connected at once; more are turned away with an error.
+pub const MAX_CLIENTS: usize = 16;
+
+/// Most reply bytes waiting for a client that does not read; past it the
+/// connection is closed (a reply is a few hundred bytes; `list` of many
+/// faults a few KiB).
+pub const MAX_OUTPUT: usize = 1 << 20;
+
+/// Event data of the listener and the stop eventfd; connections count up
 /// from [`FIRST_CONN`].
-const LISTENER: u64 = 0;
-const STOP: u64 = 1;
-const FIRST_CONN: u64 = 2;
+const LISTENER: u32 = 0;
+const STOP: u32 = 1;
+const FIRST_CONN: u32 = 2;
 
 /// What a request may act on.
 #[derive(Clone, Debug)]
@@ -74,23 +85,31 @@ impl ControlServer {
     /// background thread. A stale socket at `path` is replaced; any other
     /// kind of file there is an error.
     pub fn start(path: &Path, control: Control) -> io::Result<Self> {
-        let listener = bind_private(path)?;
+        let listener = crate::socket::bind_private(path, "control socket")?;
         listener.set_nonblocking(true)?;
         let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
-        let epoll = Epoll::new()?;
-        epoll.ctl(
-            ControlOperation::Add,
-            listener.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, LISTENER),
-        )?;
-        epoll.ctl(
-            ControlOperation::Add,
-            stop.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, STOP),
-        )?;
+        let stopped = Arc::new(AtomicBool::new(false));
+        let plane = ControlPlane {
+            listener,
+            stop: stop.try_clone()?,
+            stopped: stopped.clone(),
+            control,
+            conns: HashMap::new(),
+            next_token: FIRST_CONN,
+        };
+        let mut manager: EventManager<ControlPlane> =
+            EventManager::new().map_err(|e| io::Error::other(format!("event manager: {e}")))?;
+        manager.add_subscriber(plane);
         let thread = thread::Builder::new()
             .name("hmmgpu-control".into())
-            .spawn(move || event_loop(epoll, listener, control))?;
+            .spawn(move || {
+                while !stopped.load(Ordering::Acquire) {
+                    if let Err(e) = manager.run() {
+                        warn!("control socket: {e}; control socket stopped");
+                        return;
+                    }
+                }
+            })?;
         Ok(Self {
             path: path.to_owned(),
             stop: Some(stop),
@@ -117,47 +136,6 @@ impl Drop for ControlServer {
     }
 }
 
-/// Binds a listening socket at `path` that only the owner can connect to.
-///
-/// The socket is bound under a temporary name, restricted to 0600 and only
-/// then renamed to `path`, so there is no moment when `path` accepts
-/// connections from other users (chmod after bind would leave one, and
-/// changing the umask would affect every thread of the process).
-fn bind_private(path: &Path) -> io::Result<UnixListener> {
-    let with_path =
-        |e: io::Error| io::Error::new(e.kind(), format!("control socket {}: {e}", path.display()));
-    match fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => fs::remove_file(path).map_err(with_path)?,
-        Ok(_) => {
-            return Err(with_path(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "exists and is not a socket; refusing to replace it",
-            )))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(with_path(e)),
-    }
-    let name = path.file_name().ok_or_else(|| {
-        with_path(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a file name",
-        ))
-    })?;
-    let mut temp_name = std::ffi::OsString::from(".");
-    temp_name.push(name);
-    temp_name.push(format!(".{}.tmp", std::process::id()));
-    let temp = path.with_file_name(temp_name);
-    let _ = fs::remove_file(&temp);
-    let listener = UnixListener::bind(&temp).map_err(with_path)?;
-    let finish = fs::set_permissions(&temp, fs::Permissions::from_mode(0o600))
-        .and_then(|()| fs::rename(&temp, path));
-    if let Err(e) = finish {
-        let _ = fs::remove_file(&temp);
-        return Err(with_path(e));
-    }
-    Ok(listener)
-}
-
 /// One client connection: bytes read but not yet a full line, replies not
 /// yet written.
 struct Conn {
@@ -170,94 +148,149 @@ struct Conn {
     want_out: bool,
 }
 
-/// The control thread: accepts connections and answers their lines until
-/// the stop eventfd fires.
-fn event_loop(epoll: Epoll, listener: UnixListener, control: Control) {
-    let mut conns: HashMap<u64, Conn> = HashMap::new();
-    let mut next_token = FIRST_CONN;
-    let mut ready = vec![EpollEvent::default(); 32];
-    loop {
-        let n = match epoll.wait(-1, &mut ready) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                warn!("control socket: epoll_wait: {e}; control socket stopped");
-                return;
-            }
-        };
-        for event in &ready[..n] {
-            match event.data() {
-                STOP => return,
-                LISTENER => loop {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            let token = next_token;
-                            next_token += 1;
-                            let added = stream.set_nonblocking(true).and_then(|()| {
-                                epoll.ctl(
-                                    ControlOperation::Add,
-                                    stream.as_raw_fd(),
-                                    EpollEvent::new(EventSet::IN | EventSet::READ_HANG_UP, token),
-                                )
-                            });
-                            match added {
-                                Ok(()) => {
-                                    conns.insert(
-                                        token,
-                                        Conn {
-                                            stream,
-                                            input: Vec::new(),
-                                            output: Vec::new(),
-                                            closing: false,
-                                            want_out: false,
-                                        },
-                                    );
-                                }
-                                Err(e) => warn!("control socket: new connection: {e}"),
-                            }
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            warn!("control socket: accept: {e}");
-                            break;
-                        }
-                    }
-                },
-                token => {
-                    let Some(conn) = conns.get_mut(&token) else {
+/// The control plane as an event-manager subscriber: the listener, the
+/// stop eventfd and every connection, all non-blocking, on the control
+/// thread.
+struct ControlPlane {
+    listener: UnixListener,
+    stop: EventFd,
+    /// Set when the stop eventfd fires; the thread's loop ends.
+    stopped: Arc<AtomicBool>,
+    control: Control,
+    conns: HashMap<u32, Conn>,
+    next_token: u32,
+}
+
+/// What epoll waits for on a connection.
+fn conn_events(conn: &Conn, token: u32) -> Events {
+    let mut set = EventSet::IN | EventSet::READ_HANG_UP;
+    if conn.want_out {
+        set |= EventSet::OUT;
+    }
+    Events::with_data(&conn.stream, token, set)
+}
+
+impl ControlPlane {
+    /// Accepts every pending connection.
+    fn accept(&mut self, ops: &mut EventOps) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if let Err(why) = admit(&stream, self.conns.len()) {
+                        warn!("control socket: connection refused: {why}");
+                        refuse(stream, &why);
                         continue;
-                    };
-                    let keep = serve(conn, &control).and_then(|keep| {
-                        let want_out = !conn.output.is_empty();
-                        if keep && want_out != conn.want_out {
-                            let mut set = EventSet::IN | EventSet::READ_HANG_UP;
-                            if want_out {
-                                set |= EventSet::OUT;
-                            }
-                            epoll.ctl(
-                                ControlOperation::Modify,
-                                conn.stream.as_raw_fd(),
-                                EpollEvent::new(set, token),
-                            )?;
-                            conn.want_out = want_out;
-                        }
-                        Ok(keep)
-                    });
-                    match keep {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            conns.remove(&token);
-                        }
-                        Err(e) => {
-                            debug!("control connection: {e}");
-                            conns.remove(&token);
-                        }
                     }
+                    let token = self.next_token;
+                    // Tokens are not reused while a connection holds one:
+                    // there are at most MAX_CLIENTS.
+                    self.next_token = self.next_token.wrapping_add(1).max(FIRST_CONN);
+                    let conn = Conn {
+                        stream,
+                        input: Vec::new(),
+                        output: Vec::new(),
+                        closing: false,
+                        want_out: false,
+                    };
+                    let added = conn
+                        .stream
+                        .set_nonblocking(true)
+                        .map_err(|e| e.to_string())
+                        .and_then(|()| {
+                            ops.add(conn_events(&conn, token))
+                                .map_err(|e| e.to_string())
+                        });
+                    match added {
+                        Ok(()) => {
+                            self.conns.insert(token, conn);
+                        }
+                        Err(e) => warn!("control socket: new connection: {e}"),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    warn!("control socket: accept: {e}");
+                    return;
                 }
             }
         }
     }
+
+    /// Serves connection `token`; drops it when it is done.
+    fn serve_conn(&mut self, token: u32, ops: &mut EventOps) {
+        let Some(conn) = self.conns.get_mut(&token) else {
+            return;
+        };
+        let was = conn.want_out;
+        let keep = match serve(conn, &self.control) {
+            Ok(keep) => keep,
+            Err(e) => {
+                debug!("control connection: {e}");
+                false
+            }
+        };
+        if keep {
+            conn.want_out = !conn.output.is_empty();
+            if conn.want_out != was {
+                if let Err(e) = ops.modify(conn_events(conn, token)) {
+                    debug!("control connection: {e}");
+                }
+            }
+            return;
+        }
+        if let Some(conn) = self.conns.remove(&token) {
+            let _ = ops.remove(conn_events(&conn, token));
+        }
+    }
+}
+
+impl MutEventSubscriber for ControlPlane {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (fd, token) in [
+            (self.listener.as_raw_fd(), LISTENER),
+            (self.stop.as_raw_fd(), STOP),
+        ] {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
+                warn!("control socket: registering with the event manager: {e}");
+                self.stopped.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            STOP => self.stopped.store(true, Ordering::Release),
+            LISTENER => self.accept(ops),
+            token => self.serve_conn(token, ops),
+        }
+    }
+}
+
+/// Whether a new connection may stay: its peer runs as our user (the socket
+/// is 0600, but a descriptor can be passed on), and there is room.
+fn admit(stream: &UnixStream, clients: usize) -> Result<(), String> {
+    let me = rustix::process::geteuid();
+    let peer = rustix::net::sockopt::socket_peercred(stream)
+        .map_err(|e| format!("no peer credentials: {e}"))?;
+    if peer.uid != me {
+        return Err(format!(
+            "peer uid {} is not ours ({})",
+            peer.uid.as_raw(),
+            me.as_raw()
+        ));
+    }
+    if clients >= MAX_CLIENTS {
+        return Err(format!("{MAX_CLIENTS} clients connected already"));
+    }
+    Ok(())
+}
+
+/// Tells a client it is turned away (best effort, never blocking) and
+/// closes the connection.
+fn refuse(stream: UnixStream, why: &str) {
+    let _ = stream.set_nonblocking(true);
+    let _ = writeln!(&stream, "{}", error_reply(why));
 }
 
 /// Reads what a connection has, answers its complete lines and writes what
@@ -282,6 +315,12 @@ fn serve(conn: &mut Conn, control: &Control) -> io::Result<bool> {
             }
         }
         while let Some(end) = conn.input.iter().position(|&b| b == b'\n') {
+            if conn.output.len() > MAX_OUTPUT {
+                // The client sends but does not read its answers.
+                return Err(io::Error::other(format!(
+                    "more than {MAX_OUTPUT} bytes of replies unread"
+                )));
+            }
             let line: Vec<u8> = conn.input.drain(..=end).collect();
             if line.len() > MAX_LINE {
                 conn.closing = true;
@@ -323,99 +362,143 @@ fn error_reply(message: &str) -> Value {
     json!({ "ok": false, "error": message })
 }
 
-const KNOWN: &str = "ping, stats, session, inject, clear, list, load_plan";
+/// One request, as a line of the control socket spells it: a JSON object
+/// whose `cmd` names the variant. A member the request does not take is an
+/// error (a misspelt `{"cmd":"clear","idd":1}` must not clear every fault).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Is the backend there?
+    Ping {},
+    /// The counters ([`DeviceStats`]).
+    Stats {},
+    /// The front-end sessions; with `serve_next`, first asks for (or
+    /// cancels) serving the next front end ([`crate::session`]).
+    Session {
+        /// Serve the next front end after this one hangs up.
+        #[serde(default)]
+        serve_next: Option<bool>,
+    },
+    /// Injects one fault of the catalogue.
+    Inject {
+        /// The fault.
+        fault: Fault,
+    },
+    /// Disarms fault `id`, or every fault.
+    Clear {
+        /// The fault to disarm (all when absent).
+        #[serde(default)]
+        id: Option<u64>,
+    },
+    /// The armed faults.
+    List {},
+    /// Loads a fault plan from a file the backend reads, or inline.
+    LoadPlan {
+        /// The plan file.
+        #[serde(default)]
+        path: Option<PathBuf>,
+        /// The plan itself.
+        #[serde(default)]
+        plan: Option<Plan>,
+    },
+}
+
+/// Why a request was refused (the `error` of the reply).
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// Not JSON, or no request of the protocol.
+    #[error("bad request: {0}")]
+    Parse(#[from] serde_json::Error),
+    /// A fault request to a backend without fault injection.
+    #[error("fault injection is not enabled in this backend")]
+    NoFaultInjection,
+    /// `session` to a backend without sessions.
+    #[error("this backend serves no vhost-user sessions")]
+    NoSessions,
+    /// The fault cannot be injected.
+    #[error(transparent)]
+    Fault(#[from] FaultError),
+    /// The plan cannot be loaded.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// `clear` of an id that is not armed.
+    #[error("no armed fault with id {0}")]
+    NoSuchFault(u64),
+    /// `load_plan` without exactly one of `path` and `plan`.
+    #[error("load_plan needs a string \"path\" or a \"plan\" object")]
+    PlanSource,
+}
 
 /// Answers one request line (a JSON object with a `cmd` member).
 pub fn handle_request(line: &str, control: &Control) -> Value {
-    let request: Value = match serde_json::from_str(line) {
-        Ok(value) => value,
-        Err(e) => return error_reply(&format!("bad JSON: {e}")),
-    };
-    let cmd = match request.get("cmd").and_then(Value::as_str) {
-        Some(cmd) => cmd,
-        None => return error_reply("request needs a string member \"cmd\""),
-    };
-    match cmd {
-        "ping" => return json!({ "ok": true }),
-        "stats" => {
-            let mut stats = json!(control.stats.snapshot());
-            if let Some(faults) = &control.faults {
-                stats["injected"] = json!(faults.injected_stats());
-            }
-            // As in the exit line (cli::final_stats).
-            if let Some(sessions) = &control.sessions {
-                stats["sessions"] = json!(sessions.started());
-            }
-            return json!({ "ok": true, "stats": stats });
-        }
-        "session" => return session_request(&request, control),
-        "inject" | "clear" | "list" | "load_plan" => {}
-        other => return error_reply(&format!("unknown cmd {other:?}; known: {KNOWN}")),
-    }
-    let Some(faults) = &control.faults else {
-        return error_reply("fault injection is not enabled in this backend");
-    };
-    let result = match cmd {
-        "inject" => match request.get("fault") {
-            Some(fault) => Fault::from_json(fault)
-                .and_then(|fault| faults.inject(fault))
-                .map(|id| json!({ "ok": true, "id": id })),
-            None => Err("inject needs a \"fault\" object".into()),
-        },
-        "clear" => match request.get("id") {
-            None => Ok(json!({ "ok": true, "cleared": faults.clear() })),
-            Some(id) => match id.as_u64() {
-                Some(id) if faults.clear_id(id) => Ok(json!({ "ok": true, "cleared": 1 })),
-                Some(id) => Err(format!("no armed fault with id {id}")),
-                None => Err("id must be an unsigned integer".into()),
-            },
-        },
-        "list" => Ok(json!({
-            "ok": true,
-            "faults": faults.list(),
-            "stalled": faults.stalled(),
-            "plan_pending": faults.plan_pending(),
-        })),
-        _ => {
-            let plan = match (request.get("path"), request.get("plan")) {
-                (Some(Value::String(path)), None) => Plan::load(Path::new(path)),
-                (None, Some(plan)) => Plan::from_json(plan),
-                _ => Err("load_plan needs a string \"path\" or a \"plan\" object".into()),
-            };
-            plan.and_then(|plan| {
-                let entries = plan.faults.len();
-                faults.load_plan(plan)?;
-                Ok(json!({ "ok": true, "entries": entries }))
-            })
-        }
-    };
-    result.unwrap_or_else(|e: String| error_reply(&e))
+    let answer = serde_json::from_str::<Request>(line)
+        .map_err(RequestError::from)
+        .and_then(|request| answer(request, control));
+    answer.unwrap_or_else(|e| error_reply(&e.to_string()))
 }
 
-/// `session`: reports the front-end sessions; with `"serve_next": bool`
-/// first asks for (or cancels) serving the next front end rather than
-/// exiting when the current one hangs up (a hot-unplug, see
-/// [`crate::session`]).
-fn session_request(request: &Value, control: &Control) -> Value {
-    let Some(sessions) = &control.sessions else {
-        return error_reply("this backend serves no vhost-user sessions");
+/// The stats a `stats` request and the exit line report.
+pub fn device_stats(control: &Control) -> DeviceStats {
+    DeviceStats {
+        injected: control.faults.as_ref().map(|f| f.injected_stats()),
+        sessions: control.sessions.as_ref().map(|s| s.started()),
+        ..DeviceStats::of(&control.stats)
+    }
+}
+
+/// Carries out `request`.
+fn answer(request: Request, control: &Control) -> Result<Value, RequestError> {
+    let faults = || {
+        control
+            .faults
+            .as_ref()
+            .ok_or(RequestError::NoFaultInjection)
     };
-    if let Some(k) = request
-        .as_object()
-        .and_then(|o| o.keys().find(|k| *k != "cmd" && *k != "serve_next"))
-    {
-        return error_reply(&format!(
-            "session: unknown member {k:?} (it takes \"serve_next\")"
-        ));
-    }
-    match request.get("serve_next") {
-        None => {}
-        Some(Value::Bool(on)) => sessions.set_serve_next(*on),
-        Some(other) => {
-            return error_reply(&format!("serve_next must be true or false, not {other}"))
+    Ok(match request {
+        Request::Ping {} => json!({ "ok": true }),
+        Request::Stats {} => json!({ "ok": true, "stats": device_stats(control) }),
+        Request::Session { serve_next } => {
+            let sessions = control.sessions.as_ref().ok_or(RequestError::NoSessions)?;
+            if let Some(on) = serve_next {
+                sessions.set_serve_next(on);
+            }
+            json!({ "ok": true, "session": sessions.to_json() })
         }
-    }
-    json!({ "ok": true, "session": sessions.to_json() })
+        Request::Inject { fault } => {
+            let id = faults()?.inject(fault)?;
+            json!({ "ok": true, "id": id })
+        }
+        Request::Clear { id: None } => json!({ "ok": true, "cleared": faults()?.clear() }),
+        Request::Clear { id: Some(id) } => {
+            if !faults()?.clear_id(id) {
+                return Err(RequestError::NoSuchFault(id));
+            }
+            json!({ "ok": true, "cleared": 1 })
+        }
+        Request::List {} => {
+            let faults = faults()?;
+            json!({
+                "ok": true,
+                "faults": faults.list(),
+                "stalled": faults.stalled(),
+                "plan_pending": faults.plan_pending(),
+            })
+        }
+        Request::LoadPlan { path, plan } => {
+            let faults = faults()?;
+            let plan = match (path, plan) {
+                (Some(path), None) => Plan::load(&path)?,
+                (None, Some(plan)) => {
+                    plan.validate()?;
+                    plan
+                }
+                _ => return Err(RequestError::PlanSource),
+            };
+            let entries = plan.faults.len();
+            faults.load_plan(plan)?;
+            json!({ "ok": true, "entries": entries })
+        }
+    })
 }
 
 /// Sends one request line to the control socket at `path` and returns the
@@ -440,6 +523,7 @@ pub fn request(path: &Path, request: &Value) -> io::Result<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn ask(stream: &mut UnixStream, reader: &mut BufReader<UnixStream>, line: &str) -> Value {
         stream.write_all(line.as_bytes()).unwrap();
@@ -671,6 +755,44 @@ mod tests {
         assert_eq!(stats["stats"]["injected"]["injected"], 0);
     }
 
+    /// A misspelt member must not be ignored: `{"cmd":"clear","idd":1}`
+    /// read as `{"cmd":"clear"}` would disarm every fault.
+    #[test]
+    fn a_request_with_an_unknown_member_is_refused_and_changes_nothing() {
+        let (control, faults) = with_faults();
+        for fault in [
+            json!({"kind":"copy_error","count":3}),
+            json!({"kind":"stall_queue"}),
+        ] {
+            assert_eq!(
+                ask_json(&control, json!({"cmd":"inject","fault":fault}))["ok"],
+                true
+            );
+        }
+        let before = faults.list();
+        for bad in [
+            json!({"cmd":"clear","idd":1}),
+            json!({"cmd":"clear","id":1,"all":true}),
+            json!({"cmd":"ping","verbose":true}),
+            json!({"cmd":"stats","reset":true}),
+            json!({"cmd":"list","all":true}),
+            json!({"cmd":"inject","fault":{"kind":"stall_queue"},"gpu":1}),
+            json!({"cmd":"load_plan","plan":{"faults":[]},"replace":true}),
+        ] {
+            let reply = ask_json(&control, bad.clone());
+            assert_eq!(reply["ok"], false, "{bad}: {reply}");
+            let error = reply["error"].as_str().unwrap_or_default();
+            assert!(error.contains("unknown field"), "{bad}: {reply}");
+        }
+        assert_eq!(
+            faults.list(),
+            before,
+            "a refused request changed the faults"
+        );
+        assert!(faults.stalled());
+        assert_eq!(faults.injected_stats().injected, 2);
+    }
+
     #[test]
     fn loads_plans_inline_and_from_files() {
         let (control, faults) = with_faults();
@@ -695,6 +817,140 @@ mod tests {
         assert_eq!(reply, json!({"ok": true, "entries": 1}));
         assert_eq!(faults.list().len(), 2);
         assert_eq!(faults.plan_pending(), Some(0));
+    }
+
+    /// `load_plan` runs on the control thread: a path naming a device, a
+    /// FIFO nobody writes or a huge file must be refused at once, not read
+    /// without end or waited on.
+    #[test]
+    fn load_plan_refuses_devices_fifos_and_huge_files_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let huge = dir.path().join("huge.json");
+        let file = fs::File::create(&huge).unwrap();
+        file.set_len(crate::plan::MAX_PLAN_FILE + 1).unwrap();
+        for path in [Path::new("/dev/zero"), &fifo, &huge] {
+            let request = json!({"cmd":"load_plan","path":path});
+            let (tx, rx) = std::sync::mpsc::channel();
+            thread::spawn(move || {
+                let (control, _faults) = with_faults();
+                let _ = tx.send(ask_json(&control, request));
+            });
+            let reply = rx
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .unwrap_or_else(|_| panic!("load_plan {} did not answer", path.display()));
+            assert_eq!(reply["ok"], false, "{}: {reply}", path.display());
+            let error = reply["error"].as_str().unwrap_or_default();
+            assert!(
+                error.contains("not a regular file") || error.contains("at most"),
+                "{}: {reply}",
+                path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn clients_beyond_the_cap_and_clients_that_do_not_read_are_turned_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let server = ControlServer::start(&path, with_faults().0).unwrap();
+        let mut clients: Vec<UnixStream> = (0..MAX_CLIENTS)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        // Each is served (so all are registered before the next connects).
+        for c in &mut clients {
+            let mut reader = BufReader::new(c.try_clone().unwrap());
+            assert_eq!(ask(c, &mut reader, "{\"cmd\":\"ping\"}\n")["ok"], true);
+        }
+        let extra = UnixStream::connect(&path).unwrap();
+        let mut line = String::new();
+        BufReader::new(extra).read_line(&mut line).unwrap();
+        assert!(line.contains("clients connected already"), "{line}");
+        // One leaves: there is room again (once the server saw it go).
+        drop(clients.pop());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let mut again = UnixStream::connect(&path).unwrap();
+            let mut reader = BufReader::new(again.try_clone().unwrap());
+            if ask(&mut again, &mut reader, "{\"cmd\":\"ping\"}\n")["ok"] == true {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no room after a client left"
+            );
+            thread::sleep(std::time::Duration::from_millis(10));
+        }
+        drop(clients);
+        // A client that asks and never reads is dropped once its unread
+        // replies pass MAX_OUTPUT, not buffered without end.
+        let mut greedy = UnixStream::connect(&path).unwrap();
+        greedy
+            .set_write_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let request = "{\"cmd\":\"list\"}\n".repeat(1000);
+        let mut sent = 0usize;
+        let closed = loop {
+            match greedy.write_all(request.as_bytes()) {
+                Ok(()) => sent += 1000,
+                Err(_) => break true,
+            }
+            if sent > 100_000 {
+                break false;
+            }
+        };
+        assert!(closed, "{sent} requests written, the server never hung up");
+        greedy
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut replies = Vec::new();
+        let _ = greedy.read_to_end(&mut replies);
+        let one = handle_request("{\"cmd\":\"list\"}", &with_faults().0)
+            .to_string()
+            .len()
+            + 1;
+        assert!(
+            replies.len() < sent * one,
+            "all {sent} replies came: nothing was dropped"
+        );
+        drop(server);
+    }
+
+    /// The socket is 0600, but a descriptor can be passed on: a peer of
+    /// another user is turned away all the same.
+    #[test]
+    fn a_peer_of_another_user_is_turned_away() {
+        if !rustix::process::geteuid().is_root() {
+            return; // only root can run a client as another user
+        }
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("control.sock");
+        let _server = ControlServer::start(&path, with_faults().0).unwrap();
+        // Let the other user reach it (as a passed descriptor would).
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).unwrap();
+        let out = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "socat",
+                "-t2",
+                "-",
+            ])
+            .arg(format!("UNIX-CONNECT:{}", path.display()))
+            .stdin(std::process::Stdio::piped())
+            .output();
+        let Ok(out) = out else {
+            return; // no setpriv or socat here
+        };
+        let reply = String::from_utf8_lossy(&out.stdout);
+        assert!(reply.contains("peer uid 65534 is not ours"), "{reply}");
     }
 
     #[test]

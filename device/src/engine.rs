@@ -32,15 +32,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use hmmgpu_abi::{
-    counter, event, opcode, range_flags, status, CmdHeader, Event, Range, Response, MAX_RANGES,
+    counter, event, Access, AtomicOp, AtomicRange, CmdHeader, Command, ContextId, CopyRange,
+    CountersRange, Event, FillRange, MapRange, Opcode, Phys, Range, Ranges, Response, Status,
+    TransferRange, UnmapRange, MAX_RANGES,
 };
 use log::{debug, error, warn};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory, VolatileSlice,
 };
 
-use crate::mmu::{self, Mapping, Mmu, Phys};
+use crate::mmu::{self, Mmu};
 use crate::vram::Vram;
 
 /// Guest RAM as the vhost-user daemon maps it (no dirty-page bitmap).
@@ -54,16 +56,26 @@ pub const MAX_COMMAND_LEN: usize = CmdHeader::SIZE + MAX_RANGES as usize * Range
 /// pattern's worth, so every start phase has a full chunk).
 const FILL_CHUNK: usize = 64 * 1024;
 
+/// Guest-caused warnings (failed commands, dropped chains) logged per
+/// second at most; the rest are only counted, so a guest cannot flood the
+/// host's log.
+pub const GUEST_WARNINGS_PER_SEC: u64 = 10;
+
 /// The device's counters ([`counter`] indices). Updated by the engine, read
 /// by COUNTERS, the control socket, and printed when the daemon exits.
 #[derive(Debug, Default)]
 pub struct Stats {
     counters: [AtomicU64; counter::COUNT],
+    /// Guest-caused errors, and how many of them were not logged.
+    guest_errors: AtomicU64,
+    guest_errors_unlogged: AtomicU64,
+    /// The current one-second logging window: its start and lines logged.
+    log_window: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
 }
 
 /// A copy of [`Stats`] at one moment, as the control socket reports it: one
 /// field per [`counter::NAMES`] entry, same names, same order.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatsSnapshot {
     /// Commands completed with status OK.
     pub commands_ok: u64,
@@ -97,6 +109,26 @@ pub struct StatsSnapshot {
 }
 
 impl StatsSnapshot {
+    /// The values in [`counter`] order.
+    pub fn values(&self) -> [u64; counter::COUNT] {
+        let mut v = [0; counter::COUNT];
+        v[counter::COMMANDS_OK] = self.commands_ok;
+        v[counter::COMMANDS_FAILED] = self.commands_failed;
+        v[counter::BYTES_GUEST_TO_VRAM] = self.bytes_guest_to_vram;
+        v[counter::BYTES_VRAM_TO_GUEST] = self.bytes_vram_to_guest;
+        v[counter::BYTES_VRAM_TO_VRAM] = self.bytes_vram_to_vram;
+        v[counter::BYTES_GUEST_TO_GUEST] = self.bytes_guest_to_guest;
+        v[counter::BYTES_FILLED] = self.bytes_filled;
+        v[counter::FAULTS] = self.faults;
+        v[counter::INVALIDATIONS] = self.invalidations;
+        v[counter::BYTES_VREAD] = self.bytes_vread;
+        v[counter::BYTES_VWRITE] = self.bytes_vwrite;
+        v[counter::ATOMICS] = self.atomics;
+        v[counter::REPLAYS] = self.replays;
+        v[counter::EVENTS_DROPPED] = self.events_dropped;
+        v
+    }
+
     /// From the values in [`counter`] order.
     pub fn from_values(v: [u64; counter::COUNT]) -> Self {
         Self {
@@ -159,9 +191,43 @@ impl Stats {
         self.add(counter::COMMANDS_FAILED, 1);
     }
 
-    fn count_completion(&self, status: u32) {
+    /// Counts an error the guest caused and logs it as a warning, unless
+    /// [`GUEST_WARNINGS_PER_SEC`] were logged in the last second already;
+    /// the first line of the next second says how many were left out.
+    pub fn guest_error(&self, message: std::fmt::Arguments<'_>) {
+        self.guest_errors.fetch_add(1, Ordering::Relaxed);
+        let now = std::time::Instant::now();
+        let mut window = self
+            .log_window
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (start, logged) = window.get_or_insert((now, 0));
+        if now.duration_since(*start) >= std::time::Duration::from_secs(1) {
+            let unlogged = logged.saturating_sub(GUEST_WARNINGS_PER_SEC);
+            if unlogged > 0 {
+                warn!("{unlogged} more guest errors in the last second were not logged");
+            }
+            (*start, *logged) = (now, 0);
+        }
+        *logged += 1;
+        if *logged <= GUEST_WARNINGS_PER_SEC {
+            warn!("{message}");
+        } else {
+            self.guest_errors_unlogged.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Guest-caused errors so far, and how many of them were not logged.
+    pub fn guest_errors(&self) -> (u64, u64) {
+        (
+            self.guest_errors.load(Ordering::Relaxed),
+            self.guest_errors_unlogged.load(Ordering::Relaxed),
+        )
+    }
+
+    fn count_completion(&self, status: Status) {
         self.add(
-            if status == status::OK {
+            if status == Status::Ok {
                 counter::COMMANDS_OK
             } else {
                 counter::COMMANDS_FAILED
@@ -233,13 +299,13 @@ pub trait FaultHooks: Send + Sync {
     /// Called before a copy is executed; `None` lets it run.
     fn before_copy(&self, copy: &CopyInfo) -> Option<InjectedFault>;
 
-    /// Called before each command (`op`: its opcode, 0 when unreadable) is
-    /// executed; may block to model latency.
-    fn before_command(&self, _op: u32) {}
+    /// Called before each command (`op`: its opcode, `None` when its header
+    /// is short or names none) is executed; may block to model latency.
+    fn before_command(&self, _op: Option<Opcode>) {}
 
     /// Called after each command executed (completed or parked): it moved
     /// `bytes` and took `elapsed`. May block to model a bandwidth cap.
-    fn after_command(&self, _op: u32, _bytes: u64, _elapsed: std::time::Duration) {}
+    fn after_command(&self, _op: Option<Opcode>, _bytes: u64, _elapsed: std::time::Duration) {}
 
     /// Injected events waiting to be posted (their `seq` is assigned by the
     /// engine); `mmu` tells which addresses contexts map.
@@ -266,7 +332,7 @@ pub trait FaultHooks: Send + Sync {
     fn reset(&self) {}
 
     /// The queue worker was woken through the injector's eventfd (see
-    /// `backend::register_fault_wakeup`): consume the wakeup.
+    /// `backend::register_wakeups`): consume the wakeup.
     fn acknowledge_wakeup(&self) {}
 }
 
@@ -332,92 +398,49 @@ pub struct Executed {
 }
 
 // ---------------------------------------------------------------------------
-// Decoding and validation.
+// Helpers.
 // ---------------------------------------------------------------------------
 
-/// What a (validated) physical command does with each range.
+/// What a physical command does with each range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Op {
     Copy,
     Fill,
 }
 
-/// A command whose header is well formed.
-struct Command {
-    header: CmdHeader,
-    ranges: Vec<Range>,
+/// A COPY or FILL range, as the copy engine executes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PhysRange {
+    op: Op,
+    /// The source (COPY) or the pattern (FILL, as `Phys::Guest`, unused).
+    src: Phys,
+    pattern: u64,
+    dst: Phys,
+    len: u32,
 }
 
-/// How many ranges an opcode takes.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Count {
-    None,
-    One,
-    Any,
-}
-
-fn failure(status: u32, failed_index: u32) -> Response {
-    Response {
-        status,
-        failed_index,
-        bytes: 0,
-    }
-}
-
-const OK: Response = Response {
-    status: status::OK,
-    failed_index: 0,
-    bytes: 0,
-};
-
-const BAD_CONTEXT: Response = Response {
-    status: status::BAD_CONTEXT,
-    failed_index: 0,
-    bytes: 0,
-};
-
-/// Decodes a command's header and range list, checking everything that does
-/// not depend on memory or on device state.
-fn decode(request: &[u8]) -> Result<Command, Response> {
-    let header = CmdHeader::from_bytes(request).ok_or(failure(status::BAD_REQUEST, 0))?;
-    let (physical, count) = match header.opcode {
-        opcode::NOP => (true, Count::None),
-        opcode::COPY | opcode::FILL => (true, Count::Any),
-        opcode::COUNTERS => (true, Count::One),
-        opcode::CTX_CREATE | opcode::CTX_DESTROY | opcode::REPLAY | opcode::CANCEL => {
-            (false, Count::None)
+impl From<CopyRange> for PhysRange {
+    fn from(r: CopyRange) -> Self {
+        Self {
+            op: Op::Copy,
+            src: r.src,
+            pattern: 0,
+            dst: r.dst,
+            len: r.len,
         }
-        opcode::MAP | opcode::UNMAP | opcode::VREAD | opcode::VWRITE => (false, Count::Any),
-        opcode::ATOMIC => (false, Count::One),
-        _ => return Err(failure(status::UNSUPPORTED, 0)),
-    };
-    if header.reserved != 0 || header.count > MAX_RANGES {
-        return Err(failure(status::BAD_REQUEST, 0));
     }
-    let ctx_ok = if physical {
-        header.ctx == 0
-    } else {
-        mmu::valid_context(header.ctx)
-    };
-    if !ctx_ok {
-        return Err(BAD_CONTEXT);
+}
+
+impl From<FillRange> for PhysRange {
+    fn from(r: FillRange) -> Self {
+        Self {
+            op: Op::Fill,
+            src: Phys::Guest(0),
+            pattern: r.pattern,
+            dst: r.dst,
+            len: r.len,
+        }
     }
-    match (count, header.count) {
-        (Count::None, 0) | (Count::One, 1) | (Count::Any, _) => {}
-        _ => return Err(failure(status::BAD_REQUEST, 0)),
-    }
-    let body = &request[CmdHeader::SIZE..];
-    let complete = body.len() / Range::SIZE;
-    if complete < header.count as usize {
-        // `failed_index` names the first range that is missing or cut short.
-        return Err(failure(status::BAD_REQUEST, complete as u32));
-    }
-    let ranges = body
-        .chunks_exact(Range::SIZE)
-        .take(header.count as usize)
-        .filter_map(Range::from_bytes)
-        .collect();
-    Ok(Command { header, ranges })
 }
 
 /// Whether guest-physical `[addr, addr + len)` is entirely guest RAM. It may
@@ -427,20 +450,98 @@ fn guest_contains(mem: &GuestRam, addr: u64, len: u32) -> bool {
         && GuestMemoryBackend::check_range(mem, GuestAddress(addr), len as usize)
 }
 
-/// The event access bit of a device-virtual opcode.
-fn access_of(op: u32) -> u32 {
-    match op {
-        opcode::VWRITE => event::ACCESS_WRITE,
-        opcode::ATOMIC => event::ACCESS_ATOMIC,
-        _ => event::ACCESS_READ,
-    }
+/// Index `index` of a command's ranges as a `failed_index` (below
+/// MAX_RANGES, so it fits).
+fn index_u32(index: usize) -> u32 {
+    u32::try_from(index).unwrap_or(u32::MAX)
 }
 
 // ---------------------------------------------------------------------------
 // The engine.
 // ---------------------------------------------------------------------------
 
-/// How far a device-virtual command got.
+/// How much work one call of the queue handler may do before it lets go of
+/// the device (so that the front end's config-space reads and the vhost-user
+/// protocol are answered in time however long a guest's command is): bytes
+/// moved, with every command, range and device-MMU piece costing at least
+/// [`Budget::STEP_COST`], and, for the worker, a deadline, so the time a call
+/// takes does not depend on how fast the host copies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    left: u64,
+    deadline: Option<std::time::Instant>,
+    /// A piece of data was moved in this call: the deadline applies only
+    /// then, so every call makes progress however slow the host.
+    moved: bool,
+}
+
+impl Budget {
+    /// Bytes one call of the queue handler may spend.
+    pub const PER_CALL: u64 = 16 << 20;
+    /// Time one call of the queue handler may take (checked between pieces
+    /// of at most [`Budget::TIMED_PIECE`] bytes).
+    pub const CALL_TIME: std::time::Duration = std::time::Duration::from_millis(5);
+    /// The largest piece moved at once under a deadline.
+    pub const TIMED_PIECE: u64 = 256 << 10;
+    /// The least a command, a range or a piece costs, however small.
+    pub const STEP_COST: u64 = 4096;
+
+    /// A budget of `bytes`, with no deadline (tests, tools).
+    pub const fn new(bytes: u64) -> Self {
+        Self {
+            left: bytes,
+            deadline: None,
+            moved: false,
+        }
+    }
+
+    /// No limit (tests, tools).
+    pub const fn unlimited() -> Self {
+        Self::new(u64::MAX)
+    }
+
+    /// One call of the queue worker: [`Budget::PER_CALL`] bytes, at most
+    /// [`Budget::CALL_TIME`] from now.
+    pub fn per_call() -> Self {
+        Self {
+            left: Self::PER_CALL,
+            deadline: Some(std::time::Instant::now() + Self::CALL_TIME),
+            moved: false,
+        }
+    }
+
+    /// Whether nothing is left.
+    pub fn exhausted(&self) -> bool {
+        self.left == 0
+            || self
+                .deadline
+                .is_some_and(|d| std::time::Instant::now() >= d)
+    }
+
+    /// How many of `wanted` bytes may be moved now (at least 1 when not
+    /// exhausted).
+    fn grant(&self, wanted: u64) -> u64 {
+        let piece = if self.deadline.is_some() {
+            Self::TIMED_PIECE
+        } else {
+            u64::MAX
+        };
+        wanted.min(self.left).min(piece)
+    }
+
+    /// Spends `bytes` (at least [`Budget::STEP_COST`]).
+    pub fn spend(&mut self, bytes: u64) {
+        self.left = self.left.saturating_sub(bytes.max(Self::STEP_COST));
+    }
+
+    /// Spends a piece of `bytes` of data moved.
+    fn spend_piece(&mut self, bytes: u64) {
+        self.moved = true;
+        self.spend(bytes);
+    }
+}
+
+/// How far a command got.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Progress {
     /// Range being executed.
@@ -451,21 +552,96 @@ struct Progress {
     bytes: u64,
 }
 
-/// A command waiting on a device fault (one per context at most).
-struct Parked {
+/// The work of a device-virtual command.
+#[derive(Clone, Debug)]
+enum VirtualWork {
+    /// VREAD (`write` false) or VWRITE.
+    Transfer {
+        write: bool,
+        ranges: Vec<TransferRange>,
+    },
+    /// ATOMIC.
+    Atomic(AtomicRange),
+}
+
+impl VirtualWork {
+    fn access(&self) -> Access {
+        match self {
+            VirtualWork::Transfer { write: true, .. } => Access::WRITE,
+            VirtualWork::Transfer { write: false, .. } => Access::READ,
+            VirtualWork::Atomic(_) => Access::ATOMIC,
+        }
+    }
+}
+
+/// What a data-moving command does, owned so it can be suspended (out of
+/// budget) or parked (on a device fault).
+#[derive(Clone, Debug)]
+enum Work {
+    /// COPY or FILL, every range already checked against memory.
+    Physical(Vec<PhysRange>),
+    /// VREAD, VWRITE or ATOMIC on a context.
+    Virtual(ContextId, VirtualWork),
+}
+
+/// A data-moving command under way.
+struct Job {
     token: u64,
     tag: u64,
-    opcode: u32,
-    ranges: Vec<Range>,
+    work: Work,
     progress: Progress,
 }
 
-/// Why a device-virtual command stopped before its end.
+/// A command that ran out of budget; it goes on at the next call of
+/// [`Engine::continue_suspended`]. At most one: commands run in order.
+struct Suspended {
+    job: Job,
+    /// The REPLAY that resumed this (parked) job: it completes, OK, once
+    /// the job completes or parks again.
+    replay: Option<(u64, u64)>,
+    /// Its opcode, for the fault hooks.
+    op: Option<Opcode>,
+    /// When it started and the byte counters' total then, for the fault
+    /// hooks' `after_command` when it ends.
+    started: std::time::Instant,
+    bytes_before: u64,
+}
+
+/// What one slice of a job came to.
+enum JobEnd {
+    /// It completed with this response.
+    Done(Response),
+    /// It faulted, the fault was reported and the job is parked.
+    Parked,
+    /// The budget ran out; here is the job, to go on later.
+    OutOfBudget(Job),
+}
+
+/// Why a command stopped before its end.
 enum Stop {
     /// A device fault at `addr`.
     Fault { addr: u64, reason: u32 },
     /// Any other failure: this status.
-    Failed(u32),
+    Failed(Status),
+    /// The budget ran out (the progress says where).
+    Budget,
+}
+
+impl From<Status> for Stop {
+    fn from(status: Status) -> Self {
+        Stop::Failed(status)
+    }
+}
+
+/// What [`Engine::process_budgeted`] and [`Engine::continue_suspended`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The command completed or parked.
+    Done(Executed),
+    /// The budget ran out in the middle of the command; call
+    /// [`Engine::continue_suspended`] (and take no other command) until it
+    /// is done.
+    Suspended,
 }
 
 /// The copy engine and device MMU of one device.
@@ -474,7 +650,8 @@ pub struct Engine {
     stats: Arc<Stats>,
     faults: Arc<dyn FaultHooks>,
     mmu: Mmu,
-    parked: HashMap<u32, Parked>,
+    parked: HashMap<ContextId, Job>,
+    suspended: Option<Suspended>,
     /// Sequence number of the last event reported.
     last_seq: u64,
 }
@@ -499,6 +676,7 @@ impl Engine {
             faults,
             mmu,
             parked: HashMap::new(),
+            suspended: None,
             last_seq: 0,
         }
     }
@@ -528,22 +706,30 @@ impl Engine {
         self.parked.len()
     }
 
-    /// Device reset: drops every context and every parked command (whose
-    /// chains the caller forgets too; they are never completed).
+    /// Whether a command is suspended (out of budget).
+    pub fn has_suspended(&self) -> bool {
+        self.suspended.is_some()
+    }
+
+    /// Device reset: drops every context, every parked command and the
+    /// suspended one (whose chains the caller forgets too; they are never
+    /// completed).
     pub fn reset(&mut self) {
         self.mmu.clear();
         self.parked.clear();
+        self.suspended = None;
         self.faults.reset();
     }
 
     /// The command queue stopped (its ring is reset or paused): forgets the
-    /// parked commands, whose chains the caller forgets too (never
-    /// completed: a later REPLAY, CANCEL or CTX_DESTROY of their context
-    /// finds nothing parked). Contexts and their mappings stay. Returns how
-    /// many were forgotten.
+    /// parked commands and the suspended one, whose chains the caller
+    /// forgets too (never completed: a later REPLAY, CANCEL or CTX_DESTROY
+    /// of their context finds nothing parked). Contexts and their mappings
+    /// stay. Returns how many were forgotten.
     pub fn forget_parked(&mut self) -> usize {
-        let n = self.parked.len();
+        let n = self.parked.len() + usize::from(self.suspended.is_some());
         self.parked.clear();
+        self.suspended = None;
         n
     }
 
@@ -591,8 +777,8 @@ impl Engine {
     }
 
     /// Executes the command encoded in `request` (a [`CmdHeader`] followed
-    /// by its ranges; trailing bytes are ignored). `token` names it if it
-    /// parks; `events` is where device faults are reported.
+    /// by its ranges; trailing bytes are ignored) to its end. `token` names
+    /// it if it parks; `events` is where device faults are reported.
     pub fn process(
         &mut self,
         mem: &GuestRam,
@@ -600,25 +786,15 @@ impl Engine {
         token: u64,
         events: &mut dyn EventSink,
     ) -> Executed {
-        let header = CmdHeader::from_bytes(request);
-        let tag = header.map_or(0, |header| header.tag);
-        let op = header.map_or(0, |header| header.opcode);
-        self.faults.before_command(op);
-        let started = std::time::Instant::now();
-        let bytes_before = self.bytes_moved();
-        let mut resumed = None;
-        let response = match decode(request) {
-            Ok(command) => self.dispatch(mem, command, token, events, &mut resumed),
-            Err(response) => Some(response),
-        };
-        match response {
-            Some(response) => self.finish(tag, response),
-            None => debug!("command tag {tag:#x}: parked on a device fault"),
+        let mut step = self.process_budgeted(mem, request, token, events, &mut Budget::unlimited());
+        loop {
+            match step {
+                Step::Done(executed) => return executed,
+                Step::Suspended => {
+                    step = self.continue_suspended(mem, events, &mut Budget::unlimited());
+                }
+            }
         }
-        let moved = self.bytes_moved().wrapping_sub(bytes_before);
-        self.faults.after_command(op, moved, started.elapsed());
-        self.post_injected(events);
-        Executed { resumed, response }
     }
 
     /// Executes a command when there is no event queue (so nothing parks)
@@ -626,177 +802,416 @@ impl Engine {
     pub fn execute(&mut self, mem: &GuestRam, request: &[u8]) -> Response {
         self.process(mem, request, 0, &mut NoEventQueue)
             .response
-            .unwrap_or(failure(status::FAULT, 0))
+            .unwrap_or(Response::failed(Status::Fault, 0))
+    }
+
+    /// Starts the command in `request`, spending at most `budget`; when it
+    /// runs out, the command is suspended ([`Step::Suspended`]).
+    pub fn process_budgeted(
+        &mut self,
+        mem: &GuestRam,
+        request: &[u8],
+        token: u64,
+        events: &mut dyn EventSink,
+        budget: &mut Budget,
+    ) -> Step {
+        // The header only names the command in logs and for the fault
+        // hooks; decode checks it.
+        let header = CmdHeader::from_bytes(request);
+        let tag = header.map_or(0, |header| header.tag);
+        let op = header.and_then(|header| Opcode::try_from(header.opcode).ok());
+        self.faults.before_command(op);
+        budget.spend(Budget::STEP_COST);
+        let started = std::time::Instant::now();
+        let bytes_before = self.bytes_moved();
+        let step = match Command::decode(request) {
+            Ok(command) => self.dispatch(mem, command, token, tag, op, events, budget),
+            Err(rejected) => {
+                let response = Response::failed(rejected.status, rejected.failed_index);
+                self.finish(tag, response);
+                Step::Done(Executed {
+                    resumed: None,
+                    response: Some(response),
+                })
+            }
+        };
+        self.end_slice(step, op, bytes_before, started, events);
+        step
+    }
+
+    /// Goes on with the suspended command, spending at most `budget`.
+    /// Without one, does nothing and says `Done` with nothing completed.
+    pub fn continue_suspended(
+        &mut self,
+        mem: &GuestRam,
+        events: &mut dyn EventSink,
+        budget: &mut Budget,
+    ) -> Step {
+        let Some(Suspended {
+            job,
+            replay,
+            op,
+            started,
+            bytes_before,
+        }) = self.suspended.take()
+        else {
+            return Step::Done(Executed::default());
+        };
+        let step = self.run(mem, job, replay, op, events, budget);
+        self.end_slice(step, op, bytes_before, started, events);
+        step
+    }
+
+    /// After each slice of work: the injected events; and when the command
+    /// ended (completed or parked), the fault hooks' `after_command`
+    /// (bandwidth cap, plan), once per command as without slices.
+    fn end_slice(
+        &mut self,
+        step: Step,
+        op: Option<Opcode>,
+        bytes_before: u64,
+        started: std::time::Instant,
+        events: &mut dyn EventSink,
+    ) {
+        match (step, self.suspended.as_mut()) {
+            (Step::Suspended, Some(suspended)) => {
+                // Carried to the command's end.
+                suspended.started = started;
+                suspended.bytes_before = bytes_before;
+            }
+            _ => {
+                let moved = self.bytes_moved().wrapping_sub(bytes_before);
+                self.faults.after_command(op, moved, started.elapsed());
+            }
+        }
+        self.post_injected(events);
     }
 
     /// Counts and logs a completion.
     fn finish(&self, tag: u64, response: Response) {
         self.stats.count_completion(response.status);
-        if response.status == status::OK {
+        if response.status == Status::Ok {
             debug!("command tag {tag:#x}: ok, {} bytes", response.bytes);
         } else {
-            warn!(
+            self.stats.guest_error(format_args!(
                 "command tag {tag:#x}: {} at range {} after {} bytes",
-                status::name(response.status),
+                response.status.name(),
                 response.failed_index,
                 response.bytes
-            );
+            ));
         }
     }
 
+    /// Runs a slice of `job` (for `replay`, the REPLAY that resumed it) and
+    /// settles what it came to.
+    fn run(
+        &mut self,
+        mem: &GuestRam,
+        job: Job,
+        replay: Option<(u64, u64)>,
+        op: Option<Opcode>,
+        events: &mut dyn EventSink,
+        budget: &mut Budget,
+    ) -> Step {
+        let (token, tag) = (job.token, job.tag);
+        let end = self.run_job(mem, job, events, budget);
+        let own = match end {
+            JobEnd::OutOfBudget(job) => {
+                // (`end_slice` sets when the command started.)
+                self.suspended = Some(Suspended {
+                    job,
+                    replay,
+                    op,
+                    started: std::time::Instant::now(),
+                    bytes_before: 0,
+                });
+                return Step::Suspended;
+            }
+            JobEnd::Done(response) => {
+                self.finish(tag, response);
+                Some(Completion { token, response })
+            }
+            JobEnd::Parked => {
+                debug!("command tag {tag:#x}: parked on a device fault");
+                None
+            }
+        };
+        Step::Done(match replay {
+            // The REPLAY completes once what it resumed completed or parked.
+            Some((_, replay_tag)) => {
+                let response = Response::ok(0);
+                self.finish(replay_tag, response);
+                Executed {
+                    resumed: own,
+                    response: Some(response),
+                }
+            }
+            None => Executed {
+                resumed: None,
+                response: own.map(|c| c.response),
+            },
+        })
+    }
+
+    /// Executes a decoded command.
+    #[allow(clippy::too_many_arguments)]
     fn dispatch(
         &mut self,
         mem: &GuestRam,
-        command: Command,
+        command: Command<'_>,
         token: u64,
+        tag: u64,
+        op: Option<Opcode>,
         events: &mut dyn EventSink,
-        resumed: &mut Option<Completion>,
-    ) -> Option<Response> {
-        let Command { header, ranges } = command;
-        let ctx = header.ctx;
-        let response = match header.opcode {
-            // NOP: decode() made sure it has no ranges; completing in order
-            // is all a fence needs.
-            opcode::NOP => OK,
-            opcode::COPY => self.run_physical(mem, Op::Copy, &ranges),
-            opcode::FILL => self.run_physical(mem, Op::Fill, &ranges),
-            // decode() made sure there is exactly one range.
-            opcode::COUNTERS => match ranges.first() {
-                Some(range) => self.counters(mem, range),
-                None => failure(status::BAD_REQUEST, 0),
-            },
-            opcode::CTX_CREATE if self.mmu.create(ctx) => OK,
-            opcode::CTX_DESTROY if self.mmu.destroy(ctx) => {
-                *resumed = self.cancel_parked(ctx);
-                OK
+        budget: &mut Budget,
+    ) -> Step {
+        let ok = Response::ok(0);
+        let bad_context = Response::failed(Status::BadContext, 0);
+        match command {
+            // Completing in order is all a fence needs.
+            Command::Nop => self.immediate(tag, ok, None),
+            Command::Copy(ranges) => {
+                let ranges = ranges.iter().map(PhysRange::from).collect();
+                self.start_physical(mem, ranges, token, tag, op, events, budget)
             }
-            opcode::MAP => self.map(mem, ctx, &ranges),
-            opcode::UNMAP => self.unmap(ctx, &ranges),
-            opcode::VREAD | opcode::VWRITE | opcode::ATOMIC => {
-                if !self.mmu.exists(ctx) || self.parked.contains_key(&ctx) {
-                    return Some(BAD_CONTEXT);
-                }
-                for (index, range) in ranges.iter().enumerate() {
-                    if let Err(status) = self.validate_virtual(mem, header.opcode, range) {
-                        return Some(failure(status, index as u32));
-                    }
-                }
-                let parked = Parked {
-                    token,
-                    tag: header.tag,
-                    opcode: header.opcode,
-                    ranges,
-                    progress: Progress::default(),
+            Command::Fill(ranges) => {
+                let ranges = ranges.iter().map(PhysRange::from).collect();
+                self.start_physical(mem, ranges, token, tag, op, events, budget)
+            }
+            Command::Counters(range) => {
+                let response = self.counters(mem, range).map_or_else(|e| e, Response::ok);
+                self.immediate(tag, response, None)
+            }
+            Command::CtxCreate(ctx) => {
+                let response = if self.mmu.create(ctx) {
+                    ok
+                } else {
+                    bad_context
                 };
-                return self.resume(mem, ctx, parked, events);
+                self.immediate(tag, response, None)
             }
-            opcode::REPLAY => {
-                let Some(parked) = self.parked.remove(&ctx) else {
-                    return Some(BAD_CONTEXT);
+            Command::CtxDestroy(ctx) => {
+                if self.mmu.destroy(ctx) {
+                    let resumed = self.cancel_parked(ctx);
+                    self.immediate(tag, ok, resumed)
+                } else {
+                    self.immediate(tag, bad_context, None)
+                }
+            }
+            Command::Map(ctx, ranges) => {
+                let response = self.map(mem, ctx, ranges).unwrap_or_else(|e| e);
+                self.immediate(tag, response, None)
+            }
+            Command::Unmap(ctx, ranges) => {
+                let response = self.unmap(ctx, ranges).unwrap_or_else(|e| e);
+                self.immediate(tag, response, None)
+            }
+            Command::Vread(ctx, ranges) | Command::Vwrite(ctx, ranges) => {
+                let write = matches!(command, Command::Vwrite(..));
+                let work = VirtualWork::Transfer {
+                    write,
+                    ranges: ranges.iter().collect(),
                 };
-                self.stats.add(counter::REPLAYS, 1);
-                let (token, tag) = (parked.token, parked.tag);
-                if let Some(response) = self.resume(mem, ctx, parked, events) {
-                    self.finish(tag, response);
-                    *resumed = Some(Completion { token, response });
-                }
-                OK
+                self.start_virtual(mem, ctx, work, token, tag, op, events, budget)
             }
-            opcode::CANCEL => match self.cancel_parked(ctx) {
-                Some(completion) => {
-                    *resumed = Some(completion);
-                    OK
+            Command::Atomic(ctx, range) => {
+                let work = VirtualWork::Atomic(range);
+                self.start_virtual(mem, ctx, work, token, tag, op, events, budget)
+            }
+            Command::Replay(ctx) => match self.parked.remove(&ctx) {
+                Some(job) => {
+                    self.stats.add(counter::REPLAYS, 1);
+                    self.run(mem, job, Some((token, tag)), op, events, budget)
                 }
-                None => BAD_CONTEXT,
+                None => self.immediate(tag, bad_context, None),
             },
-            // CTX_CREATE of an existing context, CTX_DESTROY of a missing one.
-            _ => BAD_CONTEXT,
-        };
-        Some(response)
+            Command::Cancel(ctx) => match self.cancel_parked(ctx) {
+                Some(completion) => self.immediate(tag, ok, Some(completion)),
+                None => self.immediate(tag, bad_context, None),
+            },
+        }
+    }
+
+    /// A command that completed at once.
+    fn immediate(&self, tag: u64, response: Response, resumed: Option<Completion>) -> Step {
+        self.finish(tag, response);
+        Step::Done(Executed {
+            resumed,
+            response: Some(response),
+        })
     }
 
     /// Completes the parked command of `ctx`, if any, with FAULT.
-    fn cancel_parked(&mut self, ctx: u32) -> Option<Completion> {
-        let parked = self.parked.remove(&ctx)?;
+    fn cancel_parked(&mut self, ctx: ContextId) -> Option<Completion> {
+        let job = self.parked.remove(&ctx)?;
         let response = Response {
-            status: status::FAULT,
-            failed_index: parked.progress.index,
-            bytes: parked.progress.bytes,
+            status: Status::Fault,
+            failed_index: job.progress.index,
+            bytes: job.progress.bytes,
         };
-        self.finish(parked.tag, response);
+        self.finish(job.tag, response);
         Some(Completion {
-            token: parked.token,
+            token: job.token,
             response,
         })
     }
 
-    // -- Physical commands ---------------------------------------------------
-
-    fn run_physical(&self, mem: &GuestRam, op: Op, ranges: &[Range]) -> Response {
-        for (index, range) in ranges.iter().enumerate() {
-            if let Err(status) = self.validate(mem, op, range) {
-                return failure(status, index as u32);
+    /// Runs `job` from its progress until it completes, parks or the budget
+    /// runs out.
+    fn run_job(
+        &mut self,
+        mem: &GuestRam,
+        mut job: Job,
+        events: &mut dyn EventSink,
+        budget: &mut Budget,
+    ) -> JobEnd {
+        let result = match &job.work {
+            Work::Physical(ranges) => self
+                .physical(mem, ranges, &mut job.progress, budget)
+                .map(|()| job.progress.bytes),
+            Work::Virtual(ctx, VirtualWork::Atomic(range)) => {
+                budget.spend(Budget::STEP_COST);
+                self.atomic(mem, *ctx, range)
             }
-        }
-        let mut bytes = 0u64;
-        for (index, range) in ranges.iter().enumerate() {
-            let index = index as u32;
-            let partial = |status| Response {
-                status,
-                failed_index: index,
-                bytes,
-            };
-            let copy = CopyInfo {
-                index,
-                src: (op == Op::Copy)
-                    .then(|| Phys::new(range.src, range.flags & range_flags::SRC_VRAM != 0)),
-                dst: Phys::new(range.dst, range.flags & range_flags::DST_VRAM != 0),
-                len: u64::from(range.len),
-            };
-            if let Some(InjectedFault::CopyError) = self.faults.before_copy(&copy) {
-                return partial(status::COPY_ERROR);
+            Work::Virtual(ctx, VirtualWork::Transfer { write, ranges }) => self
+                .transfer(mem, *ctx, *write, ranges, &mut job.progress, budget)
+                .map(|()| job.progress.bytes),
+        };
+        let progress = job.progress;
+        let stopped = |status| Response {
+            status,
+            failed_index: progress.index,
+            bytes: progress.bytes,
+        };
+        match result {
+            Ok(bytes) => JobEnd::Done(Response::ok(bytes)),
+            Err(Stop::Budget) => JobEnd::OutOfBudget(job),
+            Err(Stop::Failed(status)) => JobEnd::Done(stopped(status)),
+            Err(Stop::Fault { addr, reason }) => {
+                let Work::Virtual(ctx, work) = &job.work else {
+                    // Physical commands translate nothing.
+                    return JobEnd::Done(stopped(Status::Fault));
+                };
+                let ctx = *ctx;
+                self.stats.add(counter::FAULTS, 1);
+                let event = Event {
+                    kind: event::FAULT,
+                    ctx: ctx.get(),
+                    addr,
+                    access: work.access().bits(),
+                    reason,
+                    seq: self.last_seq + 1,
+                };
+                if events.post(&event) {
+                    self.last_seq += 1;
+                    debug!("device fault reported: {event:?}");
+                    self.parked.insert(ctx, job);
+                    JobEnd::Parked
+                } else {
+                    self.stats.add(counter::EVENTS_DROPPED, 1);
+                    self.stats.guest_error(format_args!(
+                        "device fault {event:?} not reported: no event buffer"
+                    ));
+                    JobEnd::Done(stopped(Status::Fault))
+                }
             }
-            if let Err(status) = self.execute_range(mem, op, range) {
-                return partial(status);
-            }
-            bytes += u64::from(range.len);
-        }
-        Response {
-            status: status::OK,
-            failed_index: 0,
-            bytes,
         }
     }
 
-    /// Checks that `len` bytes at `side` are inside guest RAM or the VRAM;
-    /// `Err` holds the status.
-    fn check_side(&self, mem: &GuestRam, side: Phys, len: u32) -> Result<(), u32> {
+    // -- Physical commands ---------------------------------------------------
+
+    /// COPY or FILL: every range is checked against memory before any byte
+    /// moves; then the ranges run as a job.
+    #[allow(clippy::too_many_arguments)]
+    fn start_physical(
+        &mut self,
+        mem: &GuestRam,
+        ranges: Vec<PhysRange>,
+        token: u64,
+        tag: u64,
+        op: Option<Opcode>,
+        events: &mut dyn EventSink,
+        budget: &mut Budget,
+    ) -> Step {
+        for (index, range) in ranges.iter().enumerate() {
+            if let Err(status) = self.validate(mem, range) {
+                return self.immediate(tag, Response::failed(status, index_u32(index)), None);
+            }
+        }
+        let job = Job {
+            token,
+            tag,
+            work: Work::Physical(ranges),
+            progress: Progress::default(),
+        };
+        self.run(mem, job, None, op, events, budget)
+    }
+
+    /// Executes `ranges` from `progress` on, a piece of at most the budget
+    /// at a time. A copy error (fault injection) is asked for when a range
+    /// starts.
+    fn physical(
+        &self,
+        mem: &GuestRam,
+        ranges: &[PhysRange],
+        progress: &mut Progress,
+        budget: &mut Budget,
+    ) -> Result<(), Stop> {
+        while let Some(range) = ranges.get(progress.index as usize) {
+            // Checked before the copy-error hook, so a range is asked about
+            // once, not again when it resumes.
+            if budget.exhausted() {
+                return Err(Stop::Budget);
+            }
+            if progress.offset == 0 {
+                let copy = CopyInfo {
+                    index: progress.index,
+                    src: (range.op == Op::Copy).then_some(range.src),
+                    dst: range.dst,
+                    len: u64::from(range.len),
+                };
+                if let Some(InjectedFault::CopyError) = self.faults.before_copy(&copy) {
+                    return Err(Stop::Failed(Status::CopyError));
+                }
+            }
+            while progress.offset < range.len {
+                if budget.exhausted() {
+                    return Err(Stop::Budget);
+                }
+                let rest = u64::from(range.len - progress.offset);
+                // At most the rest of the range, which fits in u32.
+                let n = u32::try_from(budget.grant(rest)).unwrap_or(u32::MAX);
+                self.execute_piece(mem, range, progress.offset, n)?;
+                budget.spend_piece(u64::from(n));
+                progress.offset += n;
+                progress.bytes += u64::from(n);
+            }
+            budget.spend(Budget::STEP_COST);
+            progress.index += 1;
+            progress.offset = 0;
+        }
+        Ok(())
+    }
+
+    /// Checks that `len` bytes at `side` are inside guest RAM or the VRAM.
+    fn check_side(&self, mem: &GuestRam, side: Phys, len: u32) -> Result<(), Status> {
         match side {
             _ if len == 0 => Ok(()),
-            Phys::Guest(addr) if !guest_contains(mem, addr, len) => Err(status::BAD_GUEST_ADDR),
+            Phys::Guest(addr) if !guest_contains(mem, addr, len) => Err(Status::BadGuestAddr),
             Phys::Vram(offset) if !self.vram.contains(offset, u64::from(len)) => {
-                Err(status::BAD_VRAM_RANGE)
+                Err(Status::BadVramRange)
             }
             _ => Ok(()),
         }
     }
 
-    /// Checks one range of a COPY or FILL; `Err` holds the status.
-    fn validate(&self, mem: &GuestRam, op: Op, range: &Range) -> Result<(), u32> {
-        if range.flags & !range_flags::ALL != 0 {
-            return Err(status::BAD_REQUEST);
+    /// Checks one range of a COPY or FILL against memory (a FILL has no
+    /// source side; a COPY's source is checked first).
+    fn validate(&self, mem: &GuestRam, range: &PhysRange) -> Result<(), Status> {
+        if range.op == Op::Copy {
+            self.check_side(mem, range.src, range.len)?;
         }
-        let src_vram = range.flags & range_flags::SRC_VRAM != 0;
-        if op == Op::Fill && src_vram {
-            // A FILL's `src` is the pattern, not an address.
-            return Err(status::BAD_REQUEST);
-        }
-        // A FILL has no source side; a COPY's source is checked first.
-        if op == Op::Copy {
-            self.check_side(mem, Phys::new(range.src, src_vram), range.len)?;
-        }
-        let dst = Phys::new(range.dst, range.flags & range_flags::DST_VRAM != 0);
-        self.check_side(mem, dst, range.len)
+        self.check_side(mem, range.dst, range.len)
     }
 
     /// The volatile slices `[side, side + len)` consists of: one for VRAM,
@@ -806,197 +1221,153 @@ impl Engine {
         mem: &'a GuestRam,
         side: Phys,
         len: u32,
-    ) -> Result<Vec<VolatileSlice<'a>>, u32> {
+    ) -> Result<Vec<VolatileSlice<'a>>, Status> {
         match side {
             Phys::Vram(offset) => self
                 .vram
                 .slice(offset, u64::from(len))
                 .map(|slice| vec![slice])
-                .map_err(|_| status::BAD_VRAM_RANGE),
+                .map_err(|_| Status::BadVramRange),
             Phys::Guest(addr) => {
                 GuestMemoryBackend::get_slices(mem, GuestAddress(addr), len as usize)
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|_| status::BAD_GUEST_ADDR)
+                    .map_err(|_| Status::BadGuestAddr)
             }
         }
     }
 
-    /// Executes one validated range; `Err` holds the status. Errors here
-    /// would mean validation missed something: they are reported, not
+    /// Executes `len` bytes of a validated range from `offset` on. Errors
+    /// here would mean validation missed something: they are reported, not
     /// panicked on.
-    fn execute_range(&self, mem: &GuestRam, op: Op, range: &Range) -> Result<(), u32> {
-        let dst_side = Phys::new(range.dst, range.flags & range_flags::DST_VRAM != 0);
-        let src_side = Phys::new(range.src, range.flags & range_flags::SRC_VRAM != 0);
-        if range.len == 0 {
+    fn execute_piece(
+        &self,
+        mem: &GuestRam,
+        range: &PhysRange,
+        offset: u32,
+        len: u32,
+    ) -> Result<(), Status> {
+        if len == 0 {
             return Ok(());
         }
-        let dst = self.slices(mem, dst_side, range.len)?;
-        match op {
-            Op::Copy => copy_slices(&self.slices(mem, src_side, range.len)?, &dst)?,
-            Op::Fill => fill_slices(&dst, range.src)?,
+        let at = |side: Phys| side.offset(u64::from(offset)).ok_or(Status::CopyError);
+        let dst = self.slices(mem, at(range.dst)?, len)?;
+        match range.op {
+            Op::Copy => copy_slices(&self.slices(mem, at(range.src)?, len)?, &dst)?,
+            // The pattern's phase goes on from where the range is.
+            Op::Fill => fill_slices(&dst, range.pattern, offset as usize)?,
         }
         self.stats
-            .count_bytes(op, src_side, dst_side, u64::from(range.len));
+            .count_bytes(range.op, range.src, range.dst, u64::from(len));
         Ok(())
     }
 
-    /// COUNTERS: writes the counter block to the range's guest buffer.
-    fn counters(&self, mem: &GuestRam, range: &Range) -> Response {
-        if range.flags != 0 || (range.len as usize) < counter::BLOCK_SIZE {
-            return failure(status::BAD_REQUEST, 0);
-        }
+    /// COUNTERS: writes the counter block to the range's guest buffer;
+    /// returns the bytes written.
+    fn counters(&self, mem: &GuestRam, range: CountersRange) -> Result<u64, Response> {
         if !guest_contains(mem, range.dst, range.len) {
-            return failure(status::BAD_GUEST_ADDR, 0);
+            return Err(Response::failed(Status::BadGuestAddr, 0));
         }
         let block = self.stats.block();
         if let Err(e) = mem.write_slice(&block, GuestAddress(range.dst)) {
             error!("COUNTERS: writing the block after validation: {e}");
-            return failure(status::BAD_GUEST_ADDR, 0);
+            return Err(Response::failed(Status::BadGuestAddr, 0));
         }
-        Response {
-            status: status::OK,
-            failed_index: 0,
-            bytes: counter::BLOCK_SIZE as u64,
-        }
+        Ok(counter::BLOCK_SIZE as u64)
     }
 
     // -- Device MMU ------------------------------------------------------------
 
-    /// MAP: every range is decoded and its physical side checked before any
-    /// is installed.
-    fn map(&mut self, mem: &GuestRam, ctx: u32, ranges: &[Range]) -> Response {
+    /// MAP: every range's physical side is checked before any is installed.
+    fn map(
+        &mut self,
+        mem: &GuestRam,
+        ctx: ContextId,
+        ranges: Ranges<'_, MapRange>,
+    ) -> Result<Response, Response> {
         if !self.mmu.exists(ctx) {
-            return BAD_CONTEXT;
+            return Err(Response::failed(Status::BadContext, 0));
         }
         let mut maps = Vec::with_capacity(ranges.len());
-        for (index, range) in ranges.iter().enumerate() {
-            let checked = Mapping::from_range(range)
-                .and_then(|m| self.check_side(mem, m.phys, range.len).map(|()| m));
-            match checked {
-                Ok(m) => maps.push(m),
-                Err(status) => return failure(status, index as u32),
-            }
+        for (index, m) in ranges.iter().enumerate() {
+            // The length is at most u32::MAX (it came from a range).
+            let len = u32::try_from(m.len).unwrap_or(u32::MAX);
+            self.check_side(mem, m.phys, len)
+                .map_err(|status| Response::failed(status, index_u32(index)))?;
+            maps.push(m);
         }
         match self.mmu.map(ctx, &maps) {
-            Ok(()) => OK,
+            Ok(()) => Ok(Response::ok(0)),
             Err(Some(index)) => {
                 warn!(
                     "MAP: more than {} translation entries refused",
                     mmu::MAX_ENTRIES
                 );
-                failure(status::BAD_REQUEST, index as u32)
+                Err(Response::failed(Status::BadRequest, index_u32(index)))
             }
-            Err(None) => BAD_CONTEXT,
+            Err(None) => Err(Response::failed(Status::BadContext, 0)),
         }
     }
 
-    /// UNMAP: ranges are checked (no flags, inside the address space), then
-    /// every overlapping translation goes.
-    fn unmap(&mut self, ctx: u32, ranges: &[Range]) -> Response {
+    /// UNMAP: every overlapping translation goes.
+    fn unmap(
+        &mut self,
+        ctx: ContextId,
+        ranges: Ranges<'_, UnmapRange>,
+    ) -> Result<Response, Response> {
         if !self.mmu.exists(ctx) {
-            return BAD_CONTEXT;
-        }
-        for (index, range) in ranges.iter().enumerate() {
-            if range.flags != 0 || !mmu::fits(range.dst, u64::from(range.len)) {
-                return failure(status::BAD_REQUEST, index as u32);
-            }
+            return Err(Response::failed(Status::BadContext, 0));
         }
         let mut removed = 0;
-        for range in ranges {
-            removed += self
-                .mmu
-                .unmap(ctx, range.dst, u64::from(range.len))
-                .unwrap_or(0);
+        for range in ranges.iter() {
+            removed += self.mmu.unmap(ctx, range.va, range.len).unwrap_or(0);
         }
-        debug!("UNMAP ctx {ctx}: {removed} entries removed");
+        debug!("UNMAP ctx {}: {removed} entries removed", ctx.get());
         self.stats.add(counter::INVALIDATIONS, ranges.len() as u64);
-        OK
+        Ok(Response::ok(0))
     }
 
-    /// Checks one range of a VREAD, VWRITE or ATOMIC; `Err` holds the status.
-    fn validate_virtual(&self, mem: &GuestRam, op: u32, range: &Range) -> Result<(), u32> {
-        if op == opcode::ATOMIC {
-            let known = matches!(
-                range.flags,
-                range_flags::ATOMIC_ADD | range_flags::ATOMIC_XCHG
-            );
-            if !known || range.len != 8 || !range.dst.is_multiple_of(8) {
-                return Err(status::BAD_REQUEST);
-            }
-            return Ok(());
-        }
-        let (va, buffer) = if op == opcode::VWRITE {
-            (range.dst, range.src)
-        } else {
-            (range.src, range.dst)
-        };
-        if range.flags != 0 || !mmu::fits(va, u64::from(range.len)) {
-            return Err(status::BAD_REQUEST);
-        }
-        self.check_side(mem, Phys::Guest(buffer), range.len)
-    }
-
-    /// Runs (or resumes) a device-virtual command from its progress. Returns
-    /// its response, or `None` when it faulted, the fault was reported and
-    /// the command is parked.
-    fn resume(
+    /// Starts VREAD, VWRITE or ATOMIC: the context must exist and have
+    /// nothing parked, the guest buffers must be guest RAM.
+    #[allow(clippy::too_many_arguments)]
+    fn start_virtual(
         &mut self,
         mem: &GuestRam,
-        ctx: u32,
-        mut parked: Parked,
+        ctx: ContextId,
+        work: VirtualWork,
+        token: u64,
+        tag: u64,
+        op: Option<Opcode>,
         events: &mut dyn EventSink,
-    ) -> Option<Response> {
-        let result = if parked.opcode == opcode::ATOMIC {
-            // decode() made sure there is exactly one range.
-            match parked.ranges.first() {
-                Some(range) => self.atomic(mem, ctx, range),
-                None => Err(Stop::Failed(status::BAD_REQUEST)),
-            }
-        } else {
-            let write = parked.opcode == opcode::VWRITE;
-            self.transfer(mem, ctx, write, &parked.ranges, &mut parked.progress)
-                .map(|()| parked.progress.bytes)
-        };
-        let progress = parked.progress;
-        let stopped = |status| Response {
-            status,
-            failed_index: progress.index,
-            bytes: progress.bytes,
-        };
-        match result {
-            Ok(bytes) => Some(Response {
-                status: status::OK,
-                failed_index: 0,
-                bytes,
-            }),
-            Err(Stop::Failed(status)) => Some(stopped(status)),
-            Err(Stop::Fault { addr, reason }) => {
-                self.stats.add(counter::FAULTS, 1);
-                let event = Event {
-                    kind: event::FAULT,
-                    ctx,
-                    addr,
-                    access: access_of(parked.opcode),
-                    reason,
-                    seq: self.last_seq + 1,
-                };
-                if events.post(&event) {
-                    self.last_seq += 1;
-                    debug!("device fault reported: {event:?}");
-                    self.parked.insert(ctx, parked);
-                    None
-                } else {
-                    self.stats.add(counter::EVENTS_DROPPED, 1);
-                    warn!("device fault {event:?} not reported: no event buffer");
-                    Some(stopped(status::FAULT))
+        budget: &mut Budget,
+    ) -> Step {
+        if !self.mmu.exists(ctx) || self.parked.contains_key(&ctx) {
+            return self.immediate(tag, Response::failed(Status::BadContext, 0), None);
+        }
+        if let VirtualWork::Transfer { ranges, .. } = &work {
+            for (index, range) in ranges.iter().enumerate() {
+                if let Err(status) = self.check_side(mem, Phys::Guest(range.buffer), range.len) {
+                    return self.immediate(tag, Response::failed(status, index_u32(index)), None);
                 }
             }
         }
+        let job = Job {
+            token,
+            tag,
+            work: Work::Virtual(ctx, work),
+            progress: Progress::default(),
+        };
+        self.run(mem, job, None, op, events, budget)
     }
 
     /// The longest run from `va` (at most `len` bytes, at least one byte)
     /// that translates for `access` to physically contiguous memory.
-    fn piece(&self, ctx: u32, va: u64, len: u64, access: u32) -> Result<(Phys, u64), Stop> {
+    fn piece(
+        &self,
+        ctx: ContextId,
+        va: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<(Phys, u64), Stop> {
         let first = self
             .mmu
             .translate(ctx, va, access)
@@ -1006,7 +1377,7 @@ impl Engine {
             })?;
         let mut n = min(first.len, len);
         while n < len {
-            // va + n cannot overflow: the range was checked to fit.
+            // va + n cannot overflow: decode checked the range fits.
             match self.mmu.translate(ctx, va + n, access) {
                 Ok(next) if Some(next.phys) == first.phys.offset(n) => {
                     n += min(next.len, len - n);
@@ -1021,33 +1392,24 @@ impl Engine {
     fn transfer(
         &self,
         mem: &GuestRam,
-        ctx: u32,
+        ctx: ContextId,
         write: bool,
-        ranges: &[Range],
+        ranges: &[TransferRange],
         progress: &mut Progress,
+        budget: &mut Budget,
     ) -> Result<(), Stop> {
-        let access = if write {
-            event::ACCESS_WRITE
-        } else {
-            event::ACCESS_READ
-        };
+        let access = if write { Access::WRITE } else { Access::READ };
         while let Some(range) = ranges.get(progress.index as usize) {
-            let (va, buffer) = if write {
-                (range.dst, range.src)
-            } else {
-                (range.src, range.dst)
-            };
             while progress.offset < range.len {
+                if budget.exhausted() {
+                    return Err(Stop::Budget);
+                }
                 let done = u64::from(progress.offset);
-                let (phys, n) = self.piece(
-                    ctx,
-                    va + done,
-                    u64::from(range.len - progress.offset),
-                    access,
-                )?;
+                let rest = u64::from(range.len - progress.offset);
+                let (phys, n) = self.piece(ctx, range.va + done, budget.grant(rest), access)?;
                 // n <= the rest of the range, which fits in u32.
-                let n32 = n as u32;
-                let buffer = Phys::Guest(buffer + done);
+                let n32 = u32::try_from(n).unwrap_or(u32::MAX);
+                let buffer = Phys::Guest(range.buffer + done);
                 let (src, dst) = if write {
                     (buffer, phys)
                 } else {
@@ -1060,11 +1422,11 @@ impl Engine {
                     len: n,
                 };
                 if let Some(InjectedFault::CopyError) = self.faults.before_copy(&copy) {
-                    return Err(Stop::Failed(status::COPY_ERROR));
+                    return Err(Stop::Failed(Status::CopyError));
                 }
-                let from = self.slices(mem, src, n32).map_err(Stop::Failed)?;
-                let to = self.slices(mem, dst, n32).map_err(Stop::Failed)?;
-                copy_slices(&from, &to).map_err(Stop::Failed)?;
+                let from = self.slices(mem, src, n32)?;
+                let to = self.slices(mem, dst, n32)?;
+                copy_slices(&from, &to)?;
                 self.stats.add(
                     if write {
                         counter::BYTES_VWRITE
@@ -1073,53 +1435,55 @@ impl Engine {
                     },
                     n,
                 );
+                budget.spend_piece(n);
                 progress.offset += n32;
                 progress.bytes += n;
             }
+            budget.spend(Budget::STEP_COST);
             progress.index += 1;
             progress.offset = 0;
         }
         Ok(())
     }
 
-    /// ATOMIC on the word at the range's `dst`; returns the old value.
-    fn atomic(&self, mem: &GuestRam, ctx: u32, range: &Range) -> Result<u64, Stop> {
-        let va = range.dst;
+    /// ATOMIC on the word at the range's `va`; returns the old value.
+    fn atomic(&self, mem: &GuestRam, ctx: ContextId, range: &AtomicRange) -> Result<u64, Stop> {
         let target = self
             .mmu
-            .translate(ctx, va, event::ACCESS_ATOMIC)
+            .translate(ctx, range.va, Access::ATOMIC)
             .map_err(|fault| Stop::Fault {
-                addr: va,
+                addr: range.va,
                 reason: fault.reason,
             })?;
         // One slice: the word is 8-aligned and regions are page aligned.
-        let slices = self.slices(mem, target.phys, 8).map_err(Stop::Failed)?;
+        let slices = self.slices(mem, target.phys, 8)?;
         let [slice] = slices.as_slice() else {
             error!("ATOMIC: word at {:?} spans memory regions", target.phys);
-            return Err(Stop::Failed(status::COPY_ERROR));
+            return Err(Stop::Failed(Status::CopyError));
         };
-        let old = atomic_op(slice, range.flags, range.src).map_err(Stop::Failed)?;
+        let old = atomic_op(slice, range.op, range.operand)?;
         self.stats.add(counter::ATOMICS, 1);
         Ok(old)
     }
 }
 
-/// Applies ATOMIC_ADD or ATOMIC_XCHG with `operand` to the little-endian u64
-/// in `slice` (8 bytes) as one host atomic instruction on the shared mapping
-/// (so it is atomic against the guest's CPUs too), returning the old value.
+/// Applies `op` with `operand` to the little-endian u64 in `slice` (8
+/// bytes) as one host atomic instruction on the shared mapping (so it is
+/// atomic against the guest's CPUs too), returning the old value.
 /// vm-memory hands out the `&AtomicU64` after checking size and alignment.
-fn atomic_op(slice: &VolatileSlice<'_>, op: u32, operand: u64) -> Result<u64, u32> {
+fn atomic_op(slice: &VolatileSlice<'_>, op: AtomicOp, operand: u64) -> Result<u64, Status> {
     let word: &AtomicU64 = slice.get_atomic_ref(0).map_err(internal_error)?;
-    let old = if op == range_flags::ATOMIC_XCHG {
-        word.swap(operand.to_le(), Ordering::SeqCst)
-    } else if cfg!(target_endian = "little") {
-        word.fetch_add(operand, Ordering::SeqCst)
-    } else {
+    let old = match op {
+        AtomicOp::Xchg => word.swap(operand.to_le(), Ordering::SeqCst),
+        AtomicOp::Add if cfg!(target_endian = "little") => {
+            word.fetch_add(operand, Ordering::SeqCst)
+        }
         // The word is little-endian in memory: add in host order.
-        word.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
-            Some(u64::from_le(v).wrapping_add(operand).to_le())
-        })
-        .unwrap_or_else(|v| v)
+        AtomicOp::Add => word
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+                Some(u64::from_le(v).wrapping_add(operand).to_le())
+            })
+            .unwrap_or_else(|v| v),
     };
     Ok(u64::from_le(old))
 }
@@ -1127,10 +1491,9 @@ fn atomic_op(slice: &VolatileSlice<'_>, op: u32, operand: u64) -> Result<u64, u3
 /// Copies the bytes of `src` (a list of slices read as one stream) to `dst`,
 /// in as few memmoves as the region boundaries allow. Both lists hold the
 /// same number of bytes (validation made sure).
-fn copy_slices(src: &[VolatileSlice<'_>], dst: &[VolatileSlice<'_>]) -> Result<(), u32> {
+fn copy_slices(src: &[VolatileSlice<'_>], dst: &[VolatileSlice<'_>]) -> Result<(), Status> {
     let (mut si, mut so, mut di, mut doff) = (0, 0, 0, 0);
-    while si < src.len() && di < dst.len() {
-        let (s, d) = (&src[si], &dst[di]);
+    while let (Some(s), Some(d)) = (src.get(si), dst.get(di)) {
         let n = min(s.len() - so, d.len() - doff);
         let from = s.subslice(so, n).map_err(internal_error)?;
         let to = d.subslice(doff, n).map_err(internal_error)?;
@@ -1150,28 +1513,36 @@ fn copy_slices(src: &[VolatileSlice<'_>], dst: &[VolatileSlice<'_>]) -> Result<(
 }
 
 /// Writes the little-endian bytes of `pattern`, repeated, over the stream of
-/// slices `dst`; the pattern's phase carries over slice boundaries, so the
-/// byte at stream position `i` is `pattern.to_le_bytes()[i % 8]`.
-fn fill_slices(dst: &[VolatileSlice<'_>], pattern: u64) -> Result<(), u32> {
+/// slices `dst`, which starts `start` bytes into its range; the pattern's
+/// phase carries over slice boundaries, so the byte at range position `i`
+/// is `pattern.to_le_bytes()[i % 8]`.
+fn fill_slices(dst: &[VolatileSlice<'_>], pattern: u64, start: usize) -> Result<(), Status> {
     const PAT: usize = std::mem::size_of::<u64>();
     let total: usize = dst.iter().map(|slice| slice.len()).sum();
     // Only as big as this range needs: a command of many small ranges must
     // not build a 64 KiB buffer for each.
     let chunk_len = min(total, FILL_CHUNK) + PAT;
     let mut chunk = Vec::with_capacity(chunk_len.next_multiple_of(PAT));
+    chunk.extend_from_slice(&pattern.to_le_bytes());
+    // Doubling: a few copies, not one per 8 bytes (pieces are small under
+    // a deadline, and this runs once per piece).
     while chunk.len() < chunk_len {
-        chunk.extend_from_slice(&pattern.to_le_bytes());
+        let more = chunk
+            .len()
+            .min(chunk_len.next_multiple_of(PAT) - chunk.len());
+        chunk.extend_from_within(..more);
     }
-    let mut written = 0usize;
+    let mut written = start % PAT;
     for slice in dst {
         let mut off = 0;
         while off < slice.len() {
             let n = min(slice.len() - off, FILL_CHUNK);
             let phase = written % PAT;
+            let bytes = chunk.get(phase..phase + n).ok_or(Status::CopyError)?;
             slice
                 .subslice(off, n)
                 .map_err(internal_error)?
-                .copy_from(&chunk[phase..phase + n]);
+                .copy_from(bytes);
             off += n;
             written += n;
         }
@@ -1179,16 +1550,23 @@ fn fill_slices(dst: &[VolatileSlice<'_>], pattern: u64) -> Result<(), u32> {
     Ok(())
 }
 
-fn internal_error(e: vm_memory::VolatileMemoryError) -> u32 {
+fn internal_error(e: vm_memory::VolatileMemoryError) -> Status {
     error!("copy engine: slice arithmetic failed after validation: {e}");
-    status::COPY_ERROR
+    Status::CopyError
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hmmgpu_abi::range_flags::{DST_VRAM, SRC_VRAM};
+    use hmmgpu_abi::{RangeFlags, Status};
+
     use vm_memory::Bytes;
+
+    const NONE: RangeFlags = RangeFlags::NONE;
+    const DST_VRAM: RangeFlags = RangeFlags::DST_VRAM;
+    const SRC_VRAM: RangeFlags = RangeFlags::SRC_VRAM;
+    const OK: Response = Response::ok(0);
+    const BAD_CONTEXT: Response = Response::failed(Status::BadContext, 0);
 
     const VRAM_SIZE: u64 = 2 << 20;
     /// Two adjacent regions, then a hole, then a third region.
@@ -1223,9 +1601,9 @@ mod tests {
         }
     }
 
-    fn command(op: u32, ranges: &[Range]) -> Vec<u8> {
+    fn command(op: impl Into<u32>, ranges: &[Range]) -> Vec<u8> {
         let header = CmdHeader {
-            opcode: op,
+            opcode: op.into(),
             ctx: 0,
             tag: 0x7a9,
             count: ranges.len() as u32,
@@ -1257,20 +1635,11 @@ mod tests {
     }
 
     fn ok(bytes: u64) -> Response {
-        Response {
-            status: status::OK,
-            failed_index: 0,
-            bytes,
-        }
+        Response::ok(bytes)
     }
 
-    fn range(src: u64, dst: u64, len: u32, flags: u32) -> Range {
-        Range {
-            src,
-            dst,
-            len,
-            flags,
-        }
+    fn range(src: u64, dst: u64, len: u32, flags: RangeFlags) -> Range {
+        Range::new(src, dst, len, flags)
     }
 
     /// Snapshot of all guest RAM and VRAM, to show a failed command changed nothing.
@@ -1285,7 +1654,7 @@ mod tests {
     #[test]
     fn nop_completes() {
         let mut f = fixture();
-        assert_eq!(f.engine.execute(&f.mem, &command(opcode::NOP, &[])), ok(0));
+        assert_eq!(f.engine.execute(&f.mem, &command(Opcode::Nop, &[])), ok(0));
         assert_eq!(f.engine.stats().snapshot().commands_ok, 1);
     }
 
@@ -1300,10 +1669,10 @@ mod tests {
             range(RAM0 + 0x100, 0x2000, 10_000, DST_VRAM), // guest -> VRAM
             range(0x2000, 0x10_0000, 10_000, SRC_VRAM | DST_VRAM), // VRAM -> VRAM
             range(0x10_0000, RAM2 + 7, 10_000, SRC_VRAM),  // VRAM -> guest
-            range(RAM2 + 7, RAM0 + 0x8000, 10_000, 0),     // guest -> guest
+            range(RAM2 + 7, RAM0 + 0x8000, 10_000, NONE),  // guest -> guest
         ];
         assert_eq!(
-            f.engine.execute(&f.mem, &command(opcode::COPY, &ranges)),
+            f.engine.execute(&f.mem, &command(Opcode::Copy, &ranges)),
             ok(40_000)
         );
         assert_eq!(vram(&f, 0x2000, 10_000), data);
@@ -1335,7 +1704,7 @@ mod tests {
             range(0, start + 5000 - 2000, 3000, SRC_VRAM), // back across the boundary, shifted
         ];
         assert_eq!(
-            f.engine.execute(&f.mem, &command(opcode::COPY, &ranges)),
+            f.engine.execute(&f.mem, &command(Opcode::Copy, &ranges)),
             ok(6000)
         );
         assert_eq!(vram(&f, 0, 3000), data);
@@ -1348,9 +1717,12 @@ mod tests {
         let pat = 0x0807_0605_0403_0201u64;
         let expect = |len: usize| -> Vec<u8> { (0..len).map(|i| (i % 8) as u8 + 1).collect() };
         let start = RAM1 - 13; // crosses the region boundary at an odd phase
-        let ranges = [range(pat, start, 77, 0), range(pat, 3, 100_003, DST_VRAM)];
+        let ranges = [
+            range(pat, start, 77, NONE),
+            range(pat, 3, 100_003, DST_VRAM),
+        ];
         assert_eq!(
-            f.engine.execute(&f.mem, &command(opcode::FILL, &ranges)),
+            f.engine.execute(&f.mem, &command(Opcode::Fill, &ranges)),
             ok(100_080)
         );
         assert_eq!(guest(&f.mem, start, 77), expect(77));
@@ -1369,18 +1741,18 @@ mod tests {
     fn zero_length_ranges_are_allowed_anywhere() {
         let mut f = fixture();
         let ranges = [
-            range(u64::MAX, u64::MAX, 0, 0),
+            range(u64::MAX, u64::MAX, 0, NONE),
             range(u64::MAX, 0, 0, SRC_VRAM | DST_VRAM),
         ];
         assert_eq!(
-            f.engine.execute(&f.mem, &command(opcode::COPY, &ranges)),
+            f.engine.execute(&f.mem, &command(Opcode::Copy, &ranges)),
             ok(0)
         );
     }
 
     /// Runs `request` after a valid first range and checks that it fails
     /// with `status` at `failed_index` and that no memory changed.
-    fn assert_rejected(f: &mut Fixture, request: &[u8], status: u32, failed_index: u32) {
+    fn assert_rejected(f: &mut Fixture, request: &[u8], status: Status, failed_index: u32) {
         let before = everything(f);
         let failed_before = f.engine.stats().snapshot().commands_failed;
         let response = f.engine.execute(&f.mem, request);
@@ -1392,7 +1764,7 @@ mod tests {
                 bytes: 0
             },
             "{}",
-            status::name(status)
+            status.name()
         );
         assert!(
             everything(f) == before,
@@ -1406,7 +1778,7 @@ mod tests {
 
     /// A valid range that would change memory if executed.
     fn good() -> Range {
-        range(0x5a5a_5a5a_5a5a_5a5a, RAM0, 4096, 0)
+        range(0x5a5a_5a5a_5a5a_5a5a, RAM0, 4096, NONE)
     }
 
     #[test]
@@ -1431,22 +1803,22 @@ mod tests {
             ),
             (range(0, u64::MAX - 7, 16, SRC_VRAM), "destination wraps"),
             (
-                range(RAM0, RAM0 - 1, 16, 0),
+                range(RAM0, RAM0 - 1, 16, NONE),
                 "guest-to-guest destination below RAM",
             ),
         ] {
             eprintln!("case: {name}");
             assert_rejected(
                 &mut f,
-                &command(opcode::COPY, &[copy_good, bad]),
-                status::BAD_GUEST_ADDR,
+                &command(Opcode::Copy, &[copy_good, bad]),
+                Status::BadGuestAddr,
                 1,
             );
         }
         assert_rejected(
             &mut f,
-            &command(opcode::FILL, &[good(), range(7, u64::MAX - 3, 8, 0)]),
-            status::BAD_GUEST_ADDR,
+            &command(Opcode::Fill, &[good(), range(7, u64::MAX - 3, 8, NONE)]),
+            Status::BadGuestAddr,
             1,
         );
     }
@@ -1464,18 +1836,18 @@ mod tests {
         ] {
             assert_rejected(
                 &mut f,
-                &command(opcode::COPY, &[copy_good, bad]),
-                status::BAD_VRAM_RANGE,
+                &command(Opcode::Copy, &[copy_good, bad]),
+                Status::BadVramRange,
                 1,
             );
         }
         assert_rejected(
             &mut f,
             &command(
-                opcode::FILL,
+                Opcode::Fill,
                 &[good(), range(1, VRAM_SIZE - 4, 8, DST_VRAM)],
             ),
-            status::BAD_VRAM_RANGE,
+            Status::BadVramRange,
             1,
         );
     }
@@ -1483,9 +1855,9 @@ mod tests {
     #[test]
     fn malformed_commands_are_bad_requests() {
         let mut f = fixture();
-        let header = |opcode, ctx, count, reserved| {
+        let header = |opcode: Opcode, ctx, count, reserved| {
             CmdHeader {
-                opcode,
+                opcode: opcode.bits(),
                 ctx,
                 tag: 1,
                 count,
@@ -1497,77 +1869,72 @@ mod tests {
         // Short header.
         assert_rejected(
             &mut f,
-            &command(opcode::NOP, &[])[..CmdHeader::SIZE - 1],
-            status::BAD_REQUEST,
+            &command(Opcode::Nop, &[])[..CmdHeader::SIZE - 1],
+            Status::BadRequest,
             0,
         );
-        assert_rejected(&mut f, &[], status::BAD_REQUEST, 0);
+        assert_rejected(&mut f, &[], Status::BadRequest, 0);
         // A context on a physical opcode.
-        assert_rejected(
-            &mut f,
-            &header(opcode::NOP, 1, 0, 0),
-            status::BAD_CONTEXT,
-            0,
-        );
+        assert_rejected(&mut f, &header(Opcode::Nop, 1, 0, 0), Status::BadContext, 0);
         // Reserved fields.
         assert_rejected(
             &mut f,
-            &header(opcode::NOP, 0, 0, 1 << 31),
-            status::BAD_REQUEST,
+            &header(Opcode::Nop, 0, 0, 1 << 31),
+            Status::BadRequest,
             0,
         );
         // NOP with ranges.
         assert_rejected(
             &mut f,
-            &command(opcode::NOP, &[good()]),
-            status::BAD_REQUEST,
+            &command(Opcode::Nop, &[good()]),
+            Status::BadRequest,
             0,
         );
         // Unknown range flags, and SRC_VRAM on a FILL, at index 2.
-        let good_copy = range(RAM0, RAM0 + 4096, 4096, 0);
-        let bad_flags = range(RAM0, RAM0 + 64, 8, 1 << 2);
+        let good_copy = range(RAM0, RAM0 + 4096, 4096, NONE);
+        let bad_flags = range(RAM0, RAM0 + 64, 8, RangeFlags::from_bits_retain(1 << 2));
         assert_rejected(
             &mut f,
-            &command(opcode::COPY, &[good_copy, good_copy, bad_flags]),
-            status::BAD_REQUEST,
+            &command(Opcode::Copy, &[good_copy, good_copy, bad_flags]),
+            Status::BadRequest,
             2,
         );
         let fill_from_vram = range(0, 0, 8, SRC_VRAM | DST_VRAM);
         assert_rejected(
             &mut f,
-            &command(opcode::FILL, &[good(), good(), fill_from_vram]),
-            status::BAD_REQUEST,
+            &command(Opcode::Fill, &[good(), good(), fill_from_vram]),
+            Status::BadRequest,
             2,
         );
         // Too many ranges: rejected from the header alone.
-        let mut too_many = header(opcode::COPY, 0, MAX_RANGES + 1, 0);
+        let mut too_many = header(Opcode::Copy, 0, MAX_RANGES + 1, 0);
         for _ in 0..=MAX_RANGES {
             too_many.extend_from_slice(&good().to_bytes());
         }
-        assert_rejected(&mut f, &too_many, status::BAD_REQUEST, 0);
+        assert_rejected(&mut f, &too_many, Status::BadRequest, 0);
         // Truncated range list: 3 announced, 2 and a half present.
-        let mut truncated = header(opcode::FILL, 0, 3, 0);
+        let mut truncated = header(Opcode::Fill, 0, 3, 0);
         for _ in 0..3 {
             truncated.extend_from_slice(&good().to_bytes());
         }
         truncated.truncate(truncated.len() - Range::SIZE / 2);
-        assert_rejected(&mut f, &truncated, status::BAD_REQUEST, 2);
+        assert_rejected(&mut f, &truncated, Status::BadRequest, 2);
     }
 
     #[test]
     fn unknown_opcode_is_unsupported() {
         let mut f = fixture();
-        assert_rejected(&mut f, &command(3, &[good()]), status::UNSUPPORTED, 0);
-        assert_rejected(&mut f, &command(u32::MAX, &[]), status::UNSUPPORTED, 0);
+        assert_rejected(&mut f, &command(3u32, &[good()]), Status::Unsupported, 0);
+        assert_rejected(&mut f, &command(u32::MAX, &[]), Status::Unsupported, 0);
     }
 
     #[test]
     fn max_ranges_is_accepted_and_trailing_bytes_ignored() {
         let mut f = fixture();
         let ranges: Vec<Range> = (0..MAX_RANGES)
-            .map(|i| range(u64::from(i), RAM0 + u64::from(i), 1, 0))
+            .map(|i| range(u64::from(i), RAM0 + u64::from(i), 1, NONE))
             .collect();
-        let mut request = command(opcode::FILL, &ranges);
+        let mut request = command(Opcode::Fill, &ranges);
         request.extend_from_slice(&[0xff; 100]);
         assert_eq!(
             f.engine.execute(&f.mem, &request),
@@ -1586,11 +1953,11 @@ mod tests {
             .collect();
         // Two ranges succeed, the third fails, the fourth never runs.
         f.faults.copy_error_next(2);
-        let response = f.engine.execute(&f.mem, &command(opcode::COPY, &ranges));
+        let response = f.engine.execute(&f.mem, &command(Opcode::Copy, &ranges));
         assert_eq!(
             response,
             Response {
-                status: status::COPY_ERROR,
+                status: Status::CopyError,
                 failed_index: 2,
                 bytes: 8192
             }
@@ -1604,17 +1971,17 @@ mod tests {
         );
         // The fault was one-shot: the retry completes.
         assert_eq!(
-            f.engine.execute(&f.mem, &command(opcode::COPY, &ranges)),
+            f.engine.execute(&f.mem, &command(Opcode::Copy, &ranges)),
             ok(4 * 4096)
         );
         assert_eq!(vram(&f, 0, 4 * 4096), data);
         // Armed with 0, the very next range fails, even across commands.
         f.faults.copy_error_next(0);
-        let response = f.engine.execute(&f.mem, &command(opcode::FILL, &[good()]));
+        let response = f.engine.execute(&f.mem, &command(Opcode::Fill, &[good()]));
         assert_eq!(
             response,
             Response {
-                status: status::COPY_ERROR,
+                status: Status::CopyError,
                 failed_index: 0,
                 bytes: 0
             }
@@ -1622,7 +1989,7 @@ mod tests {
         f.faults.copy_error_next(5);
         f.faults.clear();
         assert_eq!(
-            f.engine.execute(&f.mem, &command(opcode::FILL, &[good()])),
+            f.engine.execute(&f.mem, &command(Opcode::Fill, &[good()])),
             ok(4096)
         );
     }
@@ -1631,29 +1998,32 @@ mod tests {
 
     use hmmgpu_abi::event::{ACCESS_ATOMIC, ACCESS_READ, ACCESS_WRITE};
     use hmmgpu_abi::event::{REASON_NOT_MAPPED, REASON_PERMISSION};
-    use hmmgpu_abi::range_flags::{
-        ATOMIC_ADD, ATOMIC_XCHG, MAP_ATOMIC, MAP_HUGE, MAP_READ, MAP_WRITE,
-    };
     use hmmgpu_abi::{HUGE_PAGE_SIZE, MAX_CONTEXTS};
 
-    const RW: u32 = MAP_READ | MAP_WRITE;
+    const ATOMIC_ADD: RangeFlags = RangeFlags::ATOMIC_ADD;
+    const ATOMIC_XCHG: RangeFlags = RangeFlags::ATOMIC_XCHG;
+    const MAP_ATOMIC: RangeFlags = RangeFlags::MAP_ATOMIC;
+    const MAP_HUGE: RangeFlags = RangeFlags::MAP_HUGE;
+    const MAP_READ: RangeFlags = RangeFlags::MAP_READ;
+    const MAP_WRITE: RangeFlags = RangeFlags::MAP_WRITE;
+    const RW: RangeFlags = MAP_READ.union(MAP_WRITE);
     /// Device virtual addresses used below.
     const VA: u64 = 0x7f00_0000_0000;
     const HUGE_VA: u64 = 0x7f00_4000_0000;
 
-    fn ctx_command(op: u32, ctx: u32, ranges: &[Range]) -> Vec<u8> {
+    fn ctx_command(op: Opcode, ctx: u32, ranges: &[Range]) -> Vec<u8> {
         let mut bytes = command(op, ranges);
         bytes[4..8].copy_from_slice(&ctx.to_le_bytes());
         bytes
     }
 
-    fn exec(f: &mut Fixture, op: u32, ctx: u32, ranges: &[Range]) -> Response {
+    fn exec(f: &mut Fixture, op: Opcode, ctx: u32, ranges: &[Range]) -> Response {
         f.engine.execute(&f.mem, &ctx_command(op, ctx, ranges))
     }
 
     fn process(
         f: &mut Fixture,
-        op: u32,
+        op: Opcode,
         ctx: u32,
         ranges: &[Range],
         token: u64,
@@ -1663,8 +2033,8 @@ mod tests {
             .process(&f.mem, &ctx_command(op, ctx, ranges), token, events)
     }
 
-    fn status_of(status: u32, failed_index: u32) -> Response {
-        failure(status, failed_index)
+    fn status_of(status: Status, failed_index: u32) -> Response {
+        Response::failed(status, failed_index)
     }
 
     fn fault_event(ctx: u32, addr: u64, access: u32, reason: u32, seq: u64) -> Event {
@@ -1705,58 +2075,68 @@ mod tests {
         let page = range(RAM0, VA, 4096, RW);
         // MMU opcodes need a valid context...
         for ctx in [0, MAX_CONTEXTS + 1, u32::MAX] {
-            for op in [opcode::CTX_CREATE, opcode::REPLAY, opcode::CANCEL] {
-                assert_eq!(exec(&mut f, op, ctx, &[]), BAD_CONTEXT, "{op} {ctx}");
+            for op in [Opcode::CtxCreate, Opcode::Replay, Opcode::Cancel] {
+                assert_eq!(exec(&mut f, op, ctx, &[]), BAD_CONTEXT, "{op:?} {ctx}");
             }
-            assert_eq!(exec(&mut f, opcode::MAP, ctx, &[page]), BAD_CONTEXT);
+            assert_eq!(exec(&mut f, Opcode::Map, ctx, &[page]), BAD_CONTEXT);
         }
         // ... that exists.
-        for op in [opcode::CTX_DESTROY, opcode::REPLAY, opcode::CANCEL] {
-            assert_eq!(exec(&mut f, op, 7, &[]), BAD_CONTEXT, "{op}");
+        for op in [Opcode::CtxDestroy, Opcode::Replay, Opcode::Cancel] {
+            assert_eq!(exec(&mut f, op, 7, &[]), BAD_CONTEXT, "{op:?}");
         }
-        for op in [opcode::MAP, opcode::UNMAP, opcode::VREAD, opcode::VWRITE] {
-            assert_eq!(exec(&mut f, op, 7, &[page]), BAD_CONTEXT, "{op}");
+        // (Each with a range that is well formed for it: decode rejects a
+        // malformed one before the context is looked at.)
+        let unmap = range(0, VA, 4096, NONE);
+        let read = range(VA, RAM0, 4096, NONE);
+        let write = range(RAM0, VA, 4096, NONE);
+        for (op, r) in [
+            (Opcode::Map, page),
+            (Opcode::Unmap, unmap),
+            (Opcode::Vread, read),
+            (Opcode::Vwrite, write),
+        ] {
+            assert_eq!(exec(&mut f, op, 7, &[r]), BAD_CONTEXT, "{op:?}");
         }
         let atomic = range(1, VA, 8, ATOMIC_ADD);
-        assert_eq!(exec(&mut f, opcode::ATOMIC, 7, &[atomic]), BAD_CONTEXT);
-        assert_eq!(exec(&mut f, opcode::CTX_CREATE, 7, &[]), OK);
-        assert_eq!(exec(&mut f, opcode::CTX_CREATE, 7, &[]), BAD_CONTEXT);
-        assert_eq!(exec(&mut f, opcode::CTX_CREATE, MAX_CONTEXTS, &[]), OK);
+        assert_eq!(exec(&mut f, Opcode::Atomic, 7, &[atomic]), BAD_CONTEXT);
+        assert_eq!(exec(&mut f, Opcode::CtxCreate, 7, &[]), OK);
+        assert_eq!(exec(&mut f, Opcode::CtxCreate, 7, &[]), BAD_CONTEXT);
+        assert_eq!(exec(&mut f, Opcode::CtxCreate, MAX_CONTEXTS, &[]), OK);
         // Nothing parked.
-        assert_eq!(exec(&mut f, opcode::REPLAY, 7, &[]), BAD_CONTEXT);
-        assert_eq!(exec(&mut f, opcode::CANCEL, 7, &[]), BAD_CONTEXT);
+        assert_eq!(exec(&mut f, Opcode::Replay, 7, &[]), BAD_CONTEXT);
+        assert_eq!(exec(&mut f, Opcode::Cancel, 7, &[]), BAD_CONTEXT);
         // Physical opcodes need context 0.
-        let counters = range(0, RAM0, 128, 0);
+        let counters = range(0, RAM0, 128, NONE);
         for (op, ranges) in [
-            (opcode::NOP, &[][..]),
-            (opcode::COPY, &[good()][..]),
-            (opcode::FILL, &[good()][..]),
-            (opcode::COUNTERS, &[counters][..]),
+            (Opcode::Nop, &[][..]),
+            (Opcode::Copy, &[good()][..]),
+            (Opcode::Fill, &[good()][..]),
+            (Opcode::Counters, &[counters][..]),
         ] {
-            assert_rejected(&mut f, &ctx_command(op, 7, ranges), status::BAD_CONTEXT, 0);
+            assert_rejected(&mut f, &ctx_command(op, 7, ranges), Status::BadContext, 0);
         }
         // Range counts.
         assert_eq!(
-            exec(&mut f, opcode::CTX_CREATE, 8, &[page]),
-            status_of(status::BAD_REQUEST, 0)
+            exec(&mut f, Opcode::CtxCreate, 8, &[page]),
+            status_of(Status::BadRequest, 0)
         );
         assert_eq!(
-            exec(&mut f, opcode::ATOMIC, 7, &[atomic, atomic]),
-            status_of(status::BAD_REQUEST, 0)
+            exec(&mut f, Opcode::Atomic, 7, &[atomic, atomic]),
+            status_of(Status::BadRequest, 0)
         );
         assert_eq!(
-            exec(&mut f, opcode::ATOMIC, 7, &[]),
-            status_of(status::BAD_REQUEST, 0)
+            exec(&mut f, Opcode::Atomic, 7, &[]),
+            status_of(Status::BadRequest, 0)
         );
-        assert_eq!(exec(&mut f, opcode::CTX_DESTROY, 7, &[]), OK);
-        assert_eq!(exec(&mut f, opcode::CTX_DESTROY, 7, &[]), BAD_CONTEXT);
-        assert_eq!(exec(&mut f, opcode::MAP, 7, &[page]), BAD_CONTEXT);
+        assert_eq!(exec(&mut f, Opcode::CtxDestroy, 7, &[]), OK);
+        assert_eq!(exec(&mut f, Opcode::CtxDestroy, 7, &[]), BAD_CONTEXT);
+        assert_eq!(exec(&mut f, Opcode::Map, 7, &[page]), BAD_CONTEXT);
     }
 
     #[test]
     fn vwrite_and_vread_across_small_and_huge_entries() {
         let mut f = fixture();
-        assert_eq!(exec(&mut f, opcode::CTX_CREATE, 1, &[]), OK);
+        assert_eq!(exec(&mut f, Opcode::CtxCreate, 1, &[]), OK);
         // VA: a guest page, a VRAM page, then two physically contiguous
         // guest pages (one piece), and a huge VRAM entry elsewhere.
         let maps = [
@@ -1765,7 +2145,7 @@ mod tests {
             range(RAM1 - 0x1000, VA + 0x2000, 0x2000, RW), // crosses a region boundary
             range(0, HUGE_VA, HUGE_PAGE_SIZE as u32, RW | SRC_VRAM | MAP_HUGE),
         ];
-        assert_eq!(exec(&mut f, opcode::MAP, 1, &maps), OK);
+        assert_eq!(exec(&mut f, Opcode::Map, 1, &maps), OK);
         assert_eq!(f.engine.mmu().entries(), 5);
         let data = pattern(0x4000 - 100, 7);
         let buf = RAM2;
@@ -1775,12 +2155,12 @@ mod tests {
             .write_slice(&huge_data, GuestAddress(buf + 0x8000))
             .unwrap();
         let writes = [
-            range(buf, VA + 100, data.len() as u32, 0),
-            range(buf + 0x8000, HUGE_VA + 0x1f_f000, 4096, 0), // last page of the huge entry
-            range(buf + 0x9000, HUGE_VA + 0x1000, 5000 - 4096, 0),
+            range(buf, VA + 100, data.len() as u32, NONE),
+            range(buf + 0x8000, HUGE_VA + 0x1f_f000, 4096, NONE), // last page of the huge entry
+            range(buf + 0x9000, HUGE_VA + 0x1000, 5000 - 4096, NONE),
         ];
         assert_eq!(
-            exec(&mut f, opcode::VWRITE, 1, &writes),
+            exec(&mut f, Opcode::Vwrite, 1, &writes),
             ok(data.len() as u64 + 5000)
         );
         // Where the bytes landed, physically.
@@ -1792,11 +2172,11 @@ mod tests {
         // And back through the MMU, into one buffer, in two ranges.
         let back = RAM2 + 0x1_0000;
         let reads = [
-            range(VA + 100, back, data.len() as u32, 0),
-            range(HUGE_VA + 0x1f_f000, back + 0x4000, 4096, 0),
+            range(VA + 100, back, data.len() as u32, NONE),
+            range(HUGE_VA + 0x1f_f000, back + 0x4000, 4096, NONE),
         ];
         assert_eq!(
-            exec(&mut f, opcode::VREAD, 1, &reads),
+            exec(&mut f, Opcode::Vread, 1, &reads),
             ok(data.len() as u64 + 4096)
         );
         assert_eq!(guest(&f.mem, back, data.len()), data);
@@ -1810,53 +2190,53 @@ mod tests {
     #[test]
     fn virtual_buffers_and_ranges_are_validated_up_front() {
         let mut f = fixture();
-        exec(&mut f, opcode::CTX_CREATE, 1, &[]);
-        exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 4096, RW)]);
-        let good = range(VA, RAM0 + 0x1000, 64, 0);
+        exec(&mut f, Opcode::CtxCreate, 1, &[]);
+        exec(&mut f, Opcode::Map, 1, &[range(RAM0, VA, 4096, RW)]);
+        let good = range(VA, RAM0 + 0x1000, 64, NONE);
         let before = everything(&f);
         for (op, bad, status) in [
             (
-                opcode::VREAD,
-                range(VA, RAM2 - 8, 16, 0),
-                status::BAD_GUEST_ADDR,
+                Opcode::Vread,
+                range(VA, RAM2 - 8, 16, NONE),
+                Status::BadGuestAddr,
             ),
             (
-                opcode::VWRITE,
-                range(RAM2 - 8, VA, 16, 0),
-                status::BAD_GUEST_ADDR,
+                Opcode::Vwrite,
+                range(RAM2 - 8, VA, 16, NONE),
+                Status::BadGuestAddr,
             ),
             (
-                opcode::VREAD,
+                Opcode::Vread,
                 range(VA, RAM0, 16, DST_VRAM),
-                status::BAD_REQUEST,
+                Status::BadRequest,
             ),
             (
-                opcode::VREAD,
-                range(u64::MAX - 7, RAM0, 16, 0),
-                status::BAD_REQUEST,
+                Opcode::Vread,
+                range(u64::MAX - 7, RAM0, 16, NONE),
+                Status::BadRequest,
             ),
         ] {
-            let good = if op == opcode::VWRITE {
-                range(RAM0 + 0x1000, VA, 64, 0)
+            let good = if op == Opcode::Vwrite {
+                range(RAM0 + 0x1000, VA, 64, NONE)
             } else {
                 good
             };
             assert_eq!(
                 exec(&mut f, op, 1, &[good, bad]),
                 status_of(status, 1),
-                "{op} {bad:?}"
+                "{op:?} {bad:?}"
             );
         }
         for bad in [
-            range(1, VA + 4, 8, ATOMIC_ADD),        // misaligned
-            range(1, VA, 4, ATOMIC_ADD),            // not 8 bytes
-            range(1, VA, 8, 0),                     // no op
-            range(1, VA, 8, 3 << 8),                // unknown op
-            range(1, VA, 8, ATOMIC_ADD | MAP_READ), // stray flag
+            range(1, VA + 4, 8, ATOMIC_ADD),                       // misaligned
+            range(1, VA, 4, ATOMIC_ADD),                           // not 8 bytes
+            range(1, VA, 8, NONE),                                 // no op
+            range(1, VA, 8, RangeFlags::from_bits_retain(3 << 8)), // unknown op
+            range(1, VA, 8, ATOMIC_ADD | MAP_READ),                // stray flag
         ] {
             assert_eq!(
-                exec(&mut f, opcode::ATOMIC, 1, &[bad]),
-                status_of(status::BAD_REQUEST, 0),
+                exec(&mut f, Opcode::Atomic, 1, &[bad]),
+                status_of(Status::BadRequest, 0),
                 "{bad:?}"
             );
         }
@@ -1867,59 +2247,66 @@ mod tests {
     #[test]
     fn map_validates_every_range_before_installing_any() {
         let mut f = fixture();
-        exec(&mut f, opcode::CTX_CREATE, 2, &[]);
+        exec(&mut f, Opcode::CtxCreate, 2, &[]);
         let good = range(RAM0, VA, 0x2000, RW);
         for (bad, status) in [
             (
                 range(RAM1 + RAM_LEN as u64 - 0x1000, VA + 0x10_0000, 0x2000, RW),
-                status::BAD_GUEST_ADDR,
+                Status::BadGuestAddr,
             ),
-            (range(0, VA + 0x10_0000, 4096, RW), status::BAD_GUEST_ADDR),
+            (range(0, VA + 0x10_0000, 4096, RW), Status::BadGuestAddr),
             (
                 range(VRAM_SIZE - 0x1000, VA + 0x10_0000, 0x2000, RW | SRC_VRAM),
-                status::BAD_VRAM_RANGE,
+                Status::BadVramRange,
             ),
             (
                 range(!0xfff, VA + 0x10_0000, 0x1000, RW | SRC_VRAM),
-                status::BAD_VRAM_RANGE,
+                Status::BadVramRange,
             ),
             (
                 range(0x20_0000, HUGE_VA, HUGE_PAGE_SIZE as u32, RW | MAP_HUGE),
-                status::BAD_GUEST_ADDR,
+                Status::BadGuestAddr,
             ),
             (
                 range(RAM0, VA + 0x10_0000, 4096, RW | DST_VRAM),
-                status::BAD_REQUEST,
+                Status::BadRequest,
             ),
             (
-                range(RAM0, VA + 0x10_0000, 4096, RW | (1 << 9)),
-                status::BAD_REQUEST,
+                range(
+                    RAM0,
+                    VA + 0x10_0000,
+                    4096,
+                    RW | RangeFlags::from_bits_retain(1 << 9),
+                ),
+                Status::BadRequest,
             ),
-            (range(RAM0, VA + 0x10_0000, 100, RW), status::BAD_REQUEST),
+            (range(RAM0, VA + 0x10_0000, 100, RW), Status::BadRequest),
             (
                 range(RAM0 + 8, VA + 0x10_0000, 4096, RW),
-                status::BAD_REQUEST,
+                Status::BadRequest,
             ),
         ] {
             assert_eq!(
-                exec(&mut f, opcode::MAP, 2, &[good, bad]),
+                exec(&mut f, Opcode::Map, 2, &[good, bad]),
                 status_of(status, 1),
                 "{bad:?}"
             );
             assert_eq!(f.engine.mmu().entries(), 0, "{bad:?} left entries");
         }
         assert_eq!(
-            f.engine.mmu().translate(2, VA, ACCESS_READ),
+            f.engine
+                .mmu()
+                .translate(ContextId::new(2).unwrap(), VA, Access::READ),
             Err(mmu::Fault {
                 reason: REASON_NOT_MAPPED
             })
         );
         // UNMAP: flags and wrapping are bad requests; nothing is removed.
-        assert_eq!(exec(&mut f, opcode::MAP, 2, &[good]), OK);
-        for bad in [range(0, VA, 4096, 1), range(0, u64::MAX, 2, 0)] {
+        assert_eq!(exec(&mut f, Opcode::Map, 2, &[good]), OK);
+        for bad in [range(0, VA, 4096, SRC_VRAM), range(0, u64::MAX, 2, NONE)] {
             assert_eq!(
-                exec(&mut f, opcode::UNMAP, 2, &[range(0, VA, 4096, 0), bad]),
-                status_of(status::BAD_REQUEST, 1)
+                exec(&mut f, Opcode::Unmap, 2, &[range(0, VA, 4096, NONE), bad]),
+                status_of(Status::BadRequest, 1)
             );
             assert_eq!(f.engine.mmu().entries(), 2);
         }
@@ -1941,9 +2328,9 @@ mod tests {
             faults: Arc::new(FaultInjector::default()),
             _dir: dir,
         };
-        exec(&mut f, opcode::CTX_CREATE, 1, &[]);
+        exec(&mut f, Opcode::CtxCreate, 1, &[]);
         assert_eq!(
-            exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 0x3000, RW)]),
+            exec(&mut f, Opcode::Map, 1, &[range(RAM0, VA, 0x3000, RW)]),
             OK
         );
         let two = [
@@ -1951,50 +2338,50 @@ mod tests {
             range(RAM0, VA + 0x20_0000, 4096, RW),
         ];
         assert_eq!(
-            exec(&mut f, opcode::MAP, 1, &two),
-            status_of(status::BAD_REQUEST, 1)
+            exec(&mut f, Opcode::Map, 1, &two),
+            status_of(Status::BadRequest, 1)
         );
         assert_eq!(f.engine.mmu().entries(), 3);
-        assert_eq!(exec(&mut f, opcode::MAP, 1, &two[..1]), OK);
+        assert_eq!(exec(&mut f, Opcode::Map, 1, &two[..1]), OK);
         assert_eq!(f.engine.mmu().entries(), 4);
         // Remapping needs no room; UNMAP makes some.
         assert_eq!(
-            exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 0x3000, MAP_READ)]),
+            exec(&mut f, Opcode::Map, 1, &[range(RAM0, VA, 0x3000, MAP_READ)]),
             OK
         );
-        assert_eq!(exec(&mut f, opcode::UNMAP, 1, &[range(0, VA, 1, 0)]), OK);
-        assert_eq!(exec(&mut f, opcode::MAP, 1, &two[1..]), OK);
+        assert_eq!(exec(&mut f, Opcode::Unmap, 1, &[range(0, VA, 1, NONE)]), OK);
+        assert_eq!(exec(&mut f, Opcode::Map, 1, &two[1..]), OK);
         assert_eq!(f.engine.mmu().entries(), 4);
     }
 
     #[test]
     fn unmap_is_an_invalidation_fence() {
         let mut f = fixture();
-        exec(&mut f, opcode::CTX_CREATE, 1, &[]);
+        exec(&mut f, Opcode::CtxCreate, 1, &[]);
         let maps = [
             range(RAM0, VA, 0x2000, RW),
             range(0, HUGE_VA, HUGE_PAGE_SIZE as u32, RW | SRC_VRAM | MAP_HUGE),
         ];
-        assert_eq!(exec(&mut f, opcode::MAP, 1, &maps), OK);
-        let read = |va| range(va, RAM2, 16, 0);
-        assert_eq!(exec(&mut f, opcode::VREAD, 1, &[read(VA + 0x1000)]), ok(16));
+        assert_eq!(exec(&mut f, Opcode::Map, 1, &maps), OK);
+        let read = |va| range(va, RAM2, 16, NONE);
+        assert_eq!(exec(&mut f, Opcode::Vread, 1, &[read(VA + 0x1000)]), ok(16));
         assert_eq!(
-            exec(&mut f, opcode::VREAD, 1, &[read(HUGE_VA + 0x1000)]),
+            exec(&mut f, Opcode::Vread, 1, &[read(HUGE_VA + 0x1000)]),
             ok(16)
         );
         let unmap = [
-            range(0, VA + 0x1ff0, 1, 0),
-            range(0, HUGE_VA + 0x10_0000, 4096, 0),
+            range(0, VA + 0x1ff0, 1, NONE),
+            range(0, HUGE_VA + 0x10_0000, 4096, NONE),
         ];
-        assert_eq!(exec(&mut f, opcode::UNMAP, 1, &unmap), OK);
+        assert_eq!(exec(&mut f, Opcode::Unmap, 1, &unmap), OK);
         // No event queue: the faults complete at once with FAULT.
         for va in [VA + 0x1000, HUGE_VA + 0x1000] {
             assert_eq!(
-                exec(&mut f, opcode::VREAD, 1, &[read(va)]),
-                status_of(status::FAULT, 0)
+                exec(&mut f, Opcode::Vread, 1, &[read(va)]),
+                status_of(Status::Fault, 0)
             );
         }
-        assert_eq!(exec(&mut f, opcode::VREAD, 1, &[read(VA)]), ok(16));
+        assert_eq!(exec(&mut f, Opcode::Vread, 1, &[read(VA)]), ok(16));
         let stats = f.engine.stats().snapshot();
         assert_eq!(
             (stats.invalidations, stats.faults, stats.events_dropped),
@@ -2006,10 +2393,10 @@ mod tests {
     fn a_fault_is_reported_parks_the_command_and_replay_finishes_it() {
         let mut f = fixture();
         let mut events = Vec::new();
-        exec(&mut f, opcode::CTX_CREATE, 5, &[]);
+        exec(&mut f, Opcode::CtxCreate, 5, &[]);
         exec(
             &mut f,
-            opcode::MAP,
+            Opcode::Map,
             5,
             &[range(RAM0 + 0x1_0000, VA, 4096, RW)],
         );
@@ -2020,10 +2407,10 @@ mod tests {
         // Range 0 is mapped; range 1 runs from the mapped page into an
         // unmapped one.
         let reads = [
-            range(VA, RAM2, 0x800, 0),
-            range(VA + 0xc00, RAM2 + 0x800, 0x800, 0),
+            range(VA, RAM2, 0x800, NONE),
+            range(VA + 0xc00, RAM2 + 0x800, 0x800, NONE),
         ];
-        let executed = process(&mut f, opcode::VREAD, 5, &reads, 77, &mut events);
+        let executed = process(&mut f, Opcode::Vread, 5, &reads, 77, &mut events);
         assert_eq!(executed, Executed::default(), "parked: no completion");
         assert_eq!(
             events,
@@ -2040,29 +2427,34 @@ mod tests {
         assert_eq!(guest(&f.mem, RAM2, 0xc00), data[..0xc00]);
         assert_eq!(guest(&f.mem, RAM2 + 0xc00, 0x400), vec![0; 0x400]);
         // One parked command per context...
-        let executed = process(&mut f, opcode::VREAD, 5, &reads, 78, &mut events);
+        let executed = process(&mut f, Opcode::Vread, 5, &reads, 78, &mut events);
         assert_eq!(executed.response, Some(BAD_CONTEXT));
         // ... while other contexts and physical commands run.
-        exec(&mut f, opcode::CTX_CREATE, 6, &[]);
+        exec(&mut f, Opcode::CtxCreate, 6, &[]);
         exec(
             &mut f,
-            opcode::MAP,
+            Opcode::Map,
             6,
             &[range(RAM0 + 0x1_0000, VA, 4096, RW)],
         );
         assert_eq!(
-            exec(&mut f, opcode::VREAD, 6, &[range(VA, RAM2 + 0x8000, 8, 0)]),
+            exec(
+                &mut f,
+                Opcode::Vread,
+                6,
+                &[range(VA, RAM2 + 0x8000, 8, NONE)]
+            ),
             ok(8)
         );
-        assert_eq!(exec(&mut f, opcode::NOP, 0, &[]), OK);
+        assert_eq!(exec(&mut f, Opcode::Nop, 0, &[]), OK);
         // Resolve (read-only suffices) and replay.
         exec(
             &mut f,
-            opcode::MAP,
+            Opcode::Map,
             5,
             &[range(RAM0 + 0x1_1000, VA + 0x1000, 4096, MAP_READ)],
         );
-        let executed = process(&mut f, opcode::REPLAY, 5, &[], 79, &mut events);
+        let executed = process(&mut f, Opcode::Replay, 5, &[], 79, &mut events);
         assert_eq!(
             executed,
             Executed {
@@ -2090,15 +2482,15 @@ mod tests {
     fn a_replay_may_fault_again() {
         let mut f = fixture();
         let mut events = Vec::new();
-        exec(&mut f, opcode::CTX_CREATE, 1, &[]);
+        exec(&mut f, Opcode::CtxCreate, 1, &[]);
         let data = pattern(0x3000, 11);
         f.mem.write_slice(&data, GuestAddress(RAM2)).unwrap();
         // VWRITE of three pages, none mapped.
-        let write = [range(RAM2, VA, 0x3000, 0)];
-        let executed = process(&mut f, opcode::VWRITE, 1, &write, 1, &mut events);
+        let write = [range(RAM2, VA, 0x3000, NONE)];
+        let executed = process(&mut f, Opcode::Vwrite, 1, &write, 1, &mut events);
         assert_eq!(executed.response, None);
-        exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 0x1000, RW)]);
-        let executed = process(&mut f, opcode::REPLAY, 1, &[], 2, &mut events);
+        exec(&mut f, Opcode::Map, 1, &[range(RAM0, VA, 0x1000, RW)]);
+        let executed = process(&mut f, Opcode::Replay, 1, &[], 2, &mut events);
         assert_eq!(
             executed,
             Executed {
@@ -2109,11 +2501,11 @@ mod tests {
         // A write fault on a read-only page: a permission fault.
         exec(
             &mut f,
-            opcode::MAP,
+            Opcode::Map,
             1,
             &[range(RAM0 + 0x1000, VA + 0x1000, 0x2000, MAP_READ)],
         );
-        let executed = process(&mut f, opcode::REPLAY, 1, &[], 3, &mut events);
+        let executed = process(&mut f, Opcode::Replay, 1, &[], 3, &mut events);
         assert_eq!(
             executed,
             Executed {
@@ -2131,11 +2523,11 @@ mod tests {
         );
         exec(
             &mut f,
-            opcode::MAP,
+            Opcode::Map,
             1,
             &[range(RAM0 + 0x1000, VA + 0x1000, 0x2000, RW)],
         );
-        let executed = process(&mut f, opcode::REPLAY, 1, &[], 4, &mut events);
+        let executed = process(&mut f, Opcode::Replay, 1, &[], 4, &mut events);
         assert_eq!(
             executed.resumed,
             Some(Completion {
@@ -2152,19 +2544,19 @@ mod tests {
     fn cancel_and_ctx_destroy_complete_the_parked_command_with_fault() {
         let mut f = fixture();
         let mut events = Vec::new();
-        exec(&mut f, opcode::CTX_CREATE, 1, &[]);
-        exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 0x1000, RW)]);
+        exec(&mut f, Opcode::CtxCreate, 1, &[]);
+        exec(&mut f, Opcode::Map, 1, &[range(RAM0, VA, 0x1000, RW)]);
         let reads = [
-            range(VA, RAM2, 0x1000, 0),
-            range(VA + 0x800, RAM2 + 0x1000, 0x1000, 0),
+            range(VA, RAM2, 0x1000, NONE),
+            range(VA + 0x800, RAM2 + 0x1000, 0x1000, NONE),
         ];
         assert_eq!(
-            process(&mut f, opcode::VREAD, 1, &reads, 10, &mut events).response,
+            process(&mut f, Opcode::Vread, 1, &reads, 10, &mut events).response,
             None
         );
-        let executed = process(&mut f, opcode::CANCEL, 1, &[], 11, &mut events);
+        let executed = process(&mut f, Opcode::Cancel, 1, &[], 11, &mut events);
         let fault = Response {
-            status: status::FAULT,
+            status: Status::Fault,
             failed_index: 1,
             bytes: 0x1800,
         };
@@ -2178,27 +2570,27 @@ mod tests {
                 response: Some(OK)
             }
         );
-        assert_eq!(exec(&mut f, opcode::REPLAY, 1, &[]), BAD_CONTEXT);
+        assert_eq!(exec(&mut f, Opcode::Replay, 1, &[]), BAD_CONTEXT);
         // Park an atomic this time, then destroy the context.
         let atomic = [range(5, VA + 0x2000, 8, ATOMIC_ADD)];
         assert_eq!(
-            process(&mut f, opcode::ATOMIC, 1, &atomic, 12, &mut events).response,
+            process(&mut f, Opcode::Atomic, 1, &atomic, 12, &mut events).response,
             None
         );
-        let executed = process(&mut f, opcode::CTX_DESTROY, 1, &[], 13, &mut events);
+        let executed = process(&mut f, Opcode::CtxDestroy, 1, &[], 13, &mut events);
         assert_eq!(
             executed,
             Executed {
                 resumed: Some(Completion {
                     token: 12,
-                    response: status_of(status::FAULT, 0)
+                    response: status_of(Status::Fault, 0)
                 }),
                 response: Some(OK)
             }
         );
         assert_eq!(f.engine.parked(), 0);
         assert_eq!(f.engine.mmu().entries(), 0);
-        assert_eq!(exec(&mut f, opcode::CANCEL, 1, &[]), BAD_CONTEXT);
+        assert_eq!(exec(&mut f, Opcode::Cancel, 1, &[]), BAD_CONTEXT);
         assert_eq!(
             events[1],
             fault_event(1, VA + 0x2000, ACCESS_ATOMIC, REASON_NOT_MAPPED, 2)
@@ -2213,16 +2605,16 @@ mod tests {
     #[test]
     fn without_an_event_buffer_a_fault_completes_at_once() {
         let mut f = fixture();
-        exec(&mut f, opcode::CTX_CREATE, 1, &[]);
-        exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 0x1000, RW)]);
-        let reads = [range(VA + 0xf00, RAM2, 0x200, 0)];
-        let executed = process(&mut f, opcode::VREAD, 1, &reads, 3, &mut NoEventQueue);
+        exec(&mut f, Opcode::CtxCreate, 1, &[]);
+        exec(&mut f, Opcode::Map, 1, &[range(RAM0, VA, 0x1000, RW)]);
+        let reads = [range(VA + 0xf00, RAM2, 0x200, NONE)];
+        let executed = process(&mut f, Opcode::Vread, 1, &reads, 3, &mut NoEventQueue);
         assert_eq!(
             executed,
             Executed {
                 resumed: None,
                 response: Some(Response {
-                    status: status::FAULT,
+                    status: Status::Fault,
                     failed_index: 0,
                     bytes: 0x100
                 })
@@ -2236,7 +2628,7 @@ mod tests {
         );
         // The next reported event still gets sequence number 1.
         let mut events = Vec::new();
-        process(&mut f, opcode::VREAD, 1, &reads, 4, &mut events);
+        process(&mut f, Opcode::Vread, 1, &reads, 4, &mut events);
         assert_eq!(events[0].seq, 1);
     }
 
@@ -2244,13 +2636,13 @@ mod tests {
     fn atomics_add_and_exchange_and_return_the_old_value() {
         let mut f = fixture();
         let mut events = Vec::new();
-        exec(&mut f, opcode::CTX_CREATE, 1, &[]);
+        exec(&mut f, Opcode::CtxCreate, 1, &[]);
         let maps = [
             range(RAM0, VA, 0x1000, MAP_ATOMIC),
             range(0x3000, VA + 0x1000, 0x1000, MAP_ATOMIC | SRC_VRAM),
             range(RAM0 + 0x1000, VA + 0x2000, 0x1000, RW),
         ];
-        assert_eq!(exec(&mut f, opcode::MAP, 1, &maps), OK);
+        assert_eq!(exec(&mut f, Opcode::Map, 1, &maps), OK);
         f.mem
             .write_slice(&(u64::MAX - 1).to_le_bytes(), GuestAddress(RAM0 + 0x18))
             .unwrap();
@@ -2259,7 +2651,7 @@ mod tests {
             .write(0x3ff8, &0x1122_3344_5566_7788u64.to_le_bytes())
             .unwrap();
         let mut run =
-            |va, operand, flags| exec(&mut f, opcode::ATOMIC, 1, &[range(operand, va, 8, flags)]);
+            |va, operand, flags| exec(&mut f, Opcode::Atomic, 1, &[range(operand, va, 8, flags)]);
         assert_eq!(run(VA + 0x18, 5, ATOMIC_ADD), ok(u64::MAX - 1));
         assert_eq!(run(VA + 0x18, 0, ATOMIC_ADD), ok(3), "the add wrapped");
         assert_eq!(run(VA + 0x18, 0xabcd, ATOMIC_XCHG), ok(3));
@@ -2270,7 +2662,7 @@ mod tests {
         // Read/write permission is not atomic permission.
         let executed = process(
             &mut f,
-            opcode::ATOMIC,
+            Opcode::Atomic,
             1,
             &[range(1, VA + 0x2008, 8, ATOMIC_ADD)],
             9,
@@ -2289,11 +2681,11 @@ mod tests {
         );
         exec(
             &mut f,
-            opcode::MAP,
+            Opcode::Map,
             1,
             &[range(RAM0 + 0x1000, VA + 0x2000, 0x1000, MAP_ATOMIC)],
         );
-        let executed = process(&mut f, opcode::REPLAY, 1, &[], 10, &mut events);
+        let executed = process(&mut f, Opcode::Replay, 1, &[], 10, &mut events);
         assert_eq!(
             executed.resumed,
             Some(Completion {
@@ -2305,19 +2697,190 @@ mod tests {
         assert_eq!(f.engine.stats().snapshot().atomics, 6);
     }
 
+    /// Runs `request` with `per_call` bytes of budget per call until it is
+    /// done; returns what it did and how many calls it took.
+    fn run_in_slices(
+        f: &mut Fixture,
+        request: &[u8],
+        token: u64,
+        events: &mut dyn EventSink,
+        per_call: u64,
+    ) -> (Executed, usize) {
+        let mut calls = 1;
+        let mut step =
+            f.engine
+                .process_budgeted(&f.mem, request, token, events, &mut Budget::new(per_call));
+        loop {
+            match step {
+                Step::Done(executed) => return (executed, calls),
+                Step::Suspended => {
+                    assert!(f.engine.has_suspended());
+                    calls += 1;
+                    step = f
+                        .engine
+                        .continue_suspended(&f.mem, events, &mut Budget::new(per_call));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn long_copies_and_fills_are_suspended_and_resumed_exactly() {
+        // The same commands run whole and in slices of 5003 bytes (a piece
+        // size prime to the pattern and the page) leave the same memory.
+        let data = pattern(200_000, 17);
+        let commands = [
+            command(
+                Opcode::Fill,
+                &[
+                    range(0x0102_0304_0506_0708, 3, 100_003, DST_VRAM),
+                    range(0x1111_2222_3333_4444, RAM1 - 7777, 20_001, NONE),
+                    range(5, RAM0, 0, NONE),
+                ],
+            ),
+            command(
+                Opcode::Copy,
+                &[
+                    range(RAM2, 0x10_0000, 200_000, DST_VRAM),
+                    range(0x10_0000, RAM0 + 0x3_0000, 150_000, SRC_VRAM),
+                ],
+            ),
+        ];
+        let mut whole = fixture();
+        let mut sliced = fixture();
+        for f in [&mut whole, &mut sliced] {
+            f.mem.write_slice(&data, GuestAddress(RAM2)).unwrap();
+        }
+        for request in &commands {
+            let expect = whole.engine.execute(&whole.mem, request);
+            let (executed, calls) = run_in_slices(&mut sliced, request, 1, &mut NoEventQueue, 5003);
+            assert_eq!(executed.response, Some(expect));
+            assert!(calls > 20, "{calls} calls: the budget was not applied");
+            assert!(!sliced.engine.has_suspended());
+        }
+        assert!(
+            everything(&whole) == everything(&sliced),
+            "slicing changed the result"
+        );
+        assert_eq!(
+            whole.engine.stats().snapshot(),
+            sliced.engine.stats().snapshot()
+        );
+    }
+
+    #[test]
+    fn a_sliced_command_keeps_copy_errors_and_faults_where_they_were() {
+        let mut f = fixture();
+        let mut events = Vec::new();
+        // A copy error at the third range after two sliced ones.
+        let ranges: Vec<Range> = (0..4u64)
+            .map(|i| range(RAM0 + i * 0x8000, i * 0x8000, 0x8000, DST_VRAM))
+            .collect();
+        f.faults.copy_error_next(2);
+        let (executed, _) = run_in_slices(
+            &mut f,
+            &command(Opcode::Copy, &ranges),
+            1,
+            &mut events,
+            5000,
+        );
+        assert_eq!(
+            executed.response,
+            Some(Response {
+                status: Status::CopyError,
+                failed_index: 2,
+                bytes: 0x10000
+            })
+        );
+        // A VREAD sliced across its mapped page, then faulting, parks; a
+        // REPLAY that is itself sliced completes it.
+        exec(&mut f, Opcode::CtxCreate, 1, &[]);
+        exec(&mut f, Opcode::Map, 1, &[range(RAM0, VA, 0x4000, RW)]);
+        let read = [range(VA, RAM2, 0x8000, NONE)];
+        let (executed, calls) = run_in_slices(
+            &mut f,
+            &ctx_command(Opcode::Vread, 1, &read),
+            7,
+            &mut events,
+            4096,
+        );
+        assert_eq!(executed, Executed::default(), "parked");
+        // Taking the command uses up the first call's 4 KiB; then one call
+        // per mapped page; the last finds the fault.
+        assert_eq!(calls, 6);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].addr, VA + 0x4000);
+        exec(
+            &mut f,
+            Opcode::Map,
+            1,
+            &[range(RAM1, VA + 0x4000, 0x4000, RW)],
+        );
+        let (executed, calls) = run_in_slices(
+            &mut f,
+            &ctx_command(Opcode::Replay, 1, &[]),
+            8,
+            &mut events,
+            4096,
+        );
+        assert_eq!(
+            executed,
+            Executed {
+                resumed: Some(Completion {
+                    token: 7,
+                    response: ok(0x8000)
+                }),
+                response: Some(OK)
+            }
+        );
+        assert_eq!(calls, 5, "the REPLAY, then one call per page");
+        assert_eq!(guest(&f.mem, RAM2, 0x4000), guest(&f.mem, RAM0, 0x4000));
+        assert_eq!(
+            guest(&f.mem, RAM2 + 0x4000, 0x4000),
+            guest(&f.mem, RAM1, 0x4000)
+        );
+        // A reset forgets a suspended command.
+        let fill = command(Opcode::Fill, &[range(1, 0, 0x10_0000, DST_VRAM)]);
+        let step =
+            f.engine
+                .process_budgeted(&f.mem, &fill, 9, &mut NoEventQueue, &mut Budget::new(4096));
+        assert_eq!(step, Step::Suspended);
+        assert_eq!(f.engine.forget_parked(), 1);
+        assert!(!f.engine.has_suspended());
+    }
+
+    #[test]
+    fn guest_errors_are_counted_and_their_log_lines_limited() {
+        let mut f = fixture();
+        let bad = command(Opcode::Fill, &[range(1, u64::MAX, 8, NONE)]);
+        for _ in 0..1000 {
+            f.engine.execute(&f.mem, &bad);
+        }
+        let (errors, unlogged) = f.engine.stats().guest_errors();
+        assert_eq!(errors, 1000);
+        // All in well under a second: only the first few were logged.
+        assert_eq!(unlogged, 1000 - GUEST_WARNINGS_PER_SEC);
+        assert_eq!(f.engine.stats().snapshot().commands_failed, 1000);
+    }
+
     #[test]
     fn counters_writes_the_block() {
         let mut f = fixture();
         assert_eq!(
-            exec(&mut f, opcode::FILL, 0, &[range(1, RAM0, 100, 0)]),
+            exec(&mut f, Opcode::Fill, 0, &[range(1, RAM0, 100, NONE)]),
             ok(100)
         );
-        assert_eq!(exec(&mut f, opcode::CTX_CREATE, 0, &[]), BAD_CONTEXT);
-        exec(&mut f, opcode::CTX_CREATE, 1, &[]);
-        exec(&mut f, opcode::MAP, 1, &[range(RAM0, VA, 0x1000, RW)]);
-        exec(&mut f, opcode::VREAD, 1, &[range(VA, RAM2, 40, 0)]);
-        exec(&mut f, opcode::VREAD, 1, &[range(VA + 0x1000, RAM2, 40, 0)]);
-        exec(&mut f, opcode::UNMAP, 1, &[range(0, VA, 1, 0)]);
+        assert_eq!(exec(&mut f, Opcode::CtxCreate, 0, &[]), BAD_CONTEXT);
+        exec(&mut f, Opcode::CtxCreate, 1, &[]);
+        exec(&mut f, Opcode::Map, 1, &[range(RAM0, VA, 0x1000, RW)]);
+        exec(&mut f, Opcode::Vread, 1, &[range(VA, RAM2, 40, NONE)]);
+        exec(
+            &mut f,
+            Opcode::Vread,
+            1,
+            &[range(VA + 0x1000, RAM2, 40, NONE)],
+        );
+        exec(&mut f, Opcode::Unmap, 1, &[range(0, VA, 1, NONE)]);
         let expect = f.engine.stats().values();
         assert_eq!(expect[counter::COMMANDS_OK], 5);
         assert_eq!(expect[counter::COMMANDS_FAILED], 2);
@@ -2328,7 +2891,7 @@ mod tests {
         assert_eq!(expect[counter::INVALIDATIONS], 1);
         f.mem.write_slice(&[0xff; 200], GuestAddress(RAM2)).unwrap();
         assert_eq!(
-            exec(&mut f, opcode::COUNTERS, 0, &[range(0, RAM2, 129, 0)]),
+            exec(&mut f, Opcode::Counters, 0, &[range(0, RAM2, 129, NONE)]),
             ok(counter::BLOCK_SIZE as u64)
         );
         let block = guest(&f.mem, RAM2, 200);
@@ -2346,19 +2909,19 @@ mod tests {
             "wrote past the block"
         );
         for (bad, status) in [
-            (range(0, RAM2, 127, 0), status::BAD_REQUEST),
-            (range(0, 0, 128, DST_VRAM), status::BAD_REQUEST),
+            (range(0, RAM2, 127, NONE), Status::BadRequest),
+            (range(0, 0, 128, DST_VRAM), Status::BadRequest),
             (
-                range(0, RAM2 + RAM_LEN as u64 - 64, 128, 0),
-                status::BAD_GUEST_ADDR,
+                range(0, RAM2 + RAM_LEN as u64 - 64, 128, NONE),
+                Status::BadGuestAddr,
             ),
         ] {
-            assert_rejected(&mut f, &command(opcode::COUNTERS, &[bad]), status, 0);
+            assert_rejected(&mut f, &command(Opcode::Counters, &[bad]), status, 0);
         }
         assert_rejected(
             &mut f,
-            &command(opcode::COUNTERS, &[]),
-            status::BAD_REQUEST,
+            &command(Opcode::Counters, &[]),
+            Status::BadRequest,
             0,
         );
     }

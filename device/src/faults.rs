@@ -27,18 +27,66 @@ use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hmmgpu_abi::{event, opcode, Event, MAX_CONTEXTS, PAGE_SIZE};
+use hmmgpu_abi::{event, ContextId, Event, Opcode, MAX_CONTEXTS, PAGE_SIZE};
 use log::{error, info, warn};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::engine::{CopyInfo, FaultHooks, InjectedFault, InterruptAction};
 use crate::mmu::{Mmu, Phys};
-use crate::plan::{Plan, PlanState, SplitMix64};
+use crate::plan::{Plan, PlanError, PlanState, SplitMix64};
 use crate::vram::Vram;
 
 /// Most events one spurious_faults or fault_storm injection may ask for.
 pub const MAX_INJECTED_EVENTS: u64 = 1 << 20;
+
+/// Why a fault cannot be injected.
+#[derive(Debug, thiserror::Error)]
+pub enum FaultError {
+    /// The JSON is no fault of the catalogue.
+    #[error("bad fault: {0}")]
+    Parse(#[from] serde_json::Error),
+    /// `ctx` names no context.
+    #[error("ctx {0} is not a context (1..={MAX_CONTEXTS})")]
+    Context(u32),
+    /// A count outside its range.
+    #[error("count {count} out of range 1..={max}")]
+    Count {
+        /// The count given.
+        count: u64,
+        /// The largest allowed.
+        max: u64,
+    },
+    /// An empty `range`.
+    #[error("range.len must be at least 1")]
+    EmptyRange,
+    /// A probability outside 0..=1.
+    #[error("probability must be within 0..=1")]
+    Probability,
+    /// A sleep (`us`, `ms`) longer than an hour.
+    #[error("{0} must be at most one hour")]
+    TooLong(&'static str),
+    /// A bandwidth of 0.
+    #[error("bytes_per_sec must be at least 1")]
+    ZeroBandwidth,
+    /// A bit index above 7.
+    #[error("bit {0} out of range 0..=7")]
+    Bit(u8),
+    /// `unplug` with `timeout_s` 0.
+    #[error("unplug: \"timeout_s\" is a number of seconds, at least 1")]
+    ZeroTimeout,
+    /// ECC injection without a VRAM (tests).
+    #[error("no VRAM attached")]
+    NoVram,
+    /// The ECC offset is outside the VRAM.
+    #[error("ecc offset {offset:#x}: {source}")]
+    EccOffset {
+        /// The offset.
+        offset: u64,
+        /// What the VRAM said.
+        source: crate::vram::VramError,
+    },
+}
 
 /// Which address space an [`AddrRange`] is in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,26 +223,23 @@ impl Fault {
     }
 
     /// Parses a fault from JSON, validated.
-    pub fn from_json(value: &serde_json::Value) -> Result<Self, String> {
-        let fault: Fault = Fault::deserialize(value).map_err(|e| format!("bad fault: {e}"))?;
+    pub fn from_json(value: &serde_json::Value) -> Result<Self, FaultError> {
+        let fault = Fault::deserialize(value)?;
         fault.validate()?;
         Ok(fault)
     }
 
     /// Checks the values serde cannot.
-    pub fn validate(&self) -> Result<(), String> {
-        let ctx_ok = |ctx: u32| {
-            if (1..=MAX_CONTEXTS).contains(&ctx) {
-                Ok(())
-            } else {
-                Err(format!("ctx {ctx} is not a context (1..={MAX_CONTEXTS})"))
-            }
+    pub fn validate(&self) -> Result<(), FaultError> {
+        let ctx_ok = |ctx: u32| match ContextId::new(ctx) {
+            Some(_) => Ok(()),
+            None => Err(FaultError::Context(ctx)),
         };
         let count_ok = |count: u64, max: u64| {
             if (1..=max).contains(&count) {
                 Ok(())
             } else {
-                Err(format!("count {count} out of range 1..={max}"))
+                Err(FaultError::Count { count, max })
             }
         };
         match self {
@@ -206,27 +251,27 @@ impl Fault {
             } => {
                 count_ok(*count, u64::MAX)?;
                 if range.is_some_and(|r| r.len == 0) {
-                    return Err("range.len must be at least 1".into());
+                    return Err(FaultError::EmptyRange);
                 }
                 if probability.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
-                    return Err("probability must be within 0..=1".into());
+                    return Err(FaultError::Probability);
                 }
                 Ok(())
             }
             Fault::Latency { us, count } => {
                 if *us > 3_600_000_000 {
-                    return Err("us must be at most one hour".into());
+                    return Err(FaultError::TooLong("us"));
                 }
                 count.map_or(Ok(()), |c| count_ok(c, u64::MAX))
             }
-            Fault::Bandwidth { bytes_per_sec: 0 } => Err("bytes_per_sec must be at least 1".into()),
+            Fault::Bandwidth { bytes_per_sec: 0 } => Err(FaultError::ZeroBandwidth),
             Fault::Bandwidth { .. } | Fault::StallQueue => Ok(()),
-            Fault::Ecc { bit, .. } if *bit > 7 => Err(format!("bit {bit} out of range 0..=7")),
+            Fault::Ecc { bit, .. } if *bit > 7 => Err(FaultError::Bit(*bit)),
             Fault::Ecc { .. } => Ok(()),
             Fault::DropInterrupts { count } => count_ok(*count, u64::MAX),
             Fault::DelayInterrupts { ms, count } => {
                 if *ms > 3_600_000 {
-                    return Err("ms must be at most one hour".into());
+                    return Err(FaultError::TooLong("ms"));
                 }
                 count_ok(*count, u64::MAX)
             }
@@ -276,6 +321,77 @@ impl Fault {
     }
 }
 
+/// The severity of an injected PCIe AER error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AerSeverity {
+    /// Corrected by the link.
+    Correctable,
+    /// Uncorrectable, non-fatal.
+    Nonfatal,
+    /// Uncorrectable, fatal.
+    Fatal,
+}
+
+/// A fault a running VM gets from the host side rather than from the
+/// backend's catalogue ([`Fault`]): applied by `cargo xtask inject`
+/// through QEMU or to the backend process (docs/fault-injection.md,
+/// "Host-side faults"). Spelt like a [`Fault`], with `kind`; here so the
+/// whole catalogue parses in one crate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum HostFault {
+    /// The VRAM BAR's link fails (`down`) or comes back.
+    LinkDown {
+        /// Down (true) or up.
+        down: bool,
+    },
+    /// SIGKILL of the GPU's backend.
+    KillBackend {},
+    /// A machine check at guest-physical `addr`.
+    Mce {
+        /// The guest-physical address.
+        addr: u64,
+    },
+    /// A PCIe AER error.
+    Aer {
+        /// Its severity.
+        error: AerSeverity,
+    },
+    /// An orderly hot-unplug; waits at most `timeout_s` seconds (at least
+    /// 1) for the guest to release the device.
+    Unplug {
+        /// The wait, seconds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_s: Option<u64>,
+    },
+    /// Plugs the unplugged GPU back.
+    Plug {},
+}
+
+impl HostFault {
+    /// The `kind`s of host-side faults.
+    pub const KINDS: [&'static str; 6] =
+        ["link_down", "kill_backend", "mce", "aer", "unplug", "plug"];
+
+    /// Whether `fault` (a JSON object) is a host-side fault by its `kind`
+    /// (it may still be malformed).
+    pub fn is_host_fault(fault: &serde_json::Value) -> bool {
+        fault["kind"]
+            .as_str()
+            .is_some_and(|kind| Self::KINDS.contains(&kind))
+    }
+
+    /// Parses a host-side fault, checked.
+    pub fn from_json(value: &serde_json::Value) -> Result<Self, FaultError> {
+        let fault = Self::deserialize(value)?;
+        if let HostFault::Unplug { timeout_s: Some(0) } = fault {
+            return Err(FaultError::ZeroTimeout);
+        }
+        Ok(fault)
+    }
+}
+
 fn describe_range(r: &AddrRange) -> String {
     let space = match r.space {
         Space::Vram => "vram",
@@ -304,7 +420,7 @@ pub fn bandwidth_delay(bytes: u64, bytes_per_sec: u64) -> Duration {
 
 /// Counts of what injection did, reported by the control socket's `stats`
 /// (under `"injected"`), not in the guest-visible COUNTERS block.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InjectedStats {
     /// Fault log lines written (the last `#N`).
     pub logged: u64,
@@ -440,7 +556,7 @@ impl FaultInjector {
     }
 
     /// The eventfd the queue worker must poll (see
-    /// `backend::register_fault_wakeup`).
+    /// `backend::register_wakeups`).
     pub fn notify_fd(&self) -> Option<RawFd> {
         self.notify.as_ref().map(AsRawFd::as_raw_fd)
     }
@@ -472,13 +588,13 @@ impl FaultInjector {
     /// Injects `fault`: faults with an immediate effect (ecc,
     /// spurious_faults, fault_storm) take it now, the others are armed.
     /// Returns its id.
-    pub fn inject(&self, fault: Fault) -> Result<u64, String> {
+    pub fn inject(&self, fault: Fault) -> Result<u64, FaultError> {
         fault.validate()?;
         let mut state = self.lock();
         self.inject_locked(&mut state, fault)
     }
 
-    fn inject_locked(&self, state: &mut State, fault: Fault) -> Result<u64, String> {
+    fn inject_locked(&self, state: &mut State, fault: Fault) -> Result<u64, FaultError> {
         let id = state.next_id;
         match &fault {
             Fault::Ecc { offset, bit } => {
@@ -509,14 +625,13 @@ impl FaultInjector {
     }
 
     /// Flips bit `bit` of VRAM byte `offset`.
-    fn flip(&self, offset: u64, bit: u8) -> Result<(), String> {
-        let vram = lock(&self.vram).clone().ok_or("no VRAM attached")?;
+    fn flip(&self, offset: u64, bit: u8) -> Result<(), FaultError> {
+        let vram = lock(&self.vram).clone().ok_or(FaultError::NoVram)?;
+        let at = |source| FaultError::EccOffset { offset, source };
         let mut byte = [0u8];
-        vram.read(offset, &mut byte)
-            .map_err(|e| format!("ecc offset {offset:#x}: {e}"))?;
+        vram.read(offset, &mut byte).map_err(at)?;
         byte[0] ^= 1 << bit;
-        vram.write(offset, &byte)
-            .map_err(|e| format!("ecc offset {offset:#x}: {e}"))
+        vram.write(offset, &byte).map_err(at)
     }
 
     /// Disarms every fault, forgets the plan and pending events, and
@@ -587,7 +702,7 @@ impl FaultInjector {
     /// Loads `plan`: replaces any earlier plan, reseeds the generator with
     /// its seed and fires the entries due at once (no trigger, or
     /// `after_commands: 0`). Plan command counts start from here.
-    pub fn load_plan(&self, plan: Plan) -> Result<(), String> {
+    pub fn load_plan(&self, plan: Plan) -> Result<(), PlanError> {
         plan.validate()?;
         let mut state = self.lock();
         state.rng = SplitMix64::new(plan.seed);
@@ -651,11 +766,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Whether `op` moves data (latency and bandwidth apply to it).
-fn moves_data(op: u32) -> bool {
-    matches!(
-        op,
-        opcode::COPY | opcode::FILL | opcode::VREAD | opcode::VWRITE | opcode::ATOMIC
-    )
+fn moves_data(op: Option<Opcode>) -> bool {
+    op.is_some_and(Opcode::moves_data)
 }
 
 impl FaultHooks for FaultInjector {
@@ -709,7 +821,7 @@ impl FaultHooks for FaultInjector {
         Some(InjectedFault::CopyError)
     }
 
-    fn before_command(&self, op: u32) {
+    fn before_command(&self, op: Option<Opcode>) {
         let delay = {
             let mut state = self.lock();
             let state = &mut *state;
@@ -744,7 +856,7 @@ impl FaultHooks for FaultInjector {
         self.sleep(delay);
     }
 
-    fn after_command(&self, op: u32, bytes: u64, elapsed: Duration) {
+    fn after_command(&self, op: Option<Opcode>, bytes: u64, elapsed: Duration) {
         let delay = {
             let mut state = self.lock();
             let cap = state.active.values().find_map(|f| match f {
@@ -789,7 +901,9 @@ impl FaultHooks for FaultInjector {
                     events.extend((0..count).map(|_| fault_event(ctx, addr)));
                 }
                 Fault::FaultStorm { ctx, count } => {
-                    let pages = mmu.mapped_pages(ctx, count as usize);
+                    let pages = ContextId::new(ctx)
+                        .map(|ctx| mmu.mapped_pages(ctx, count as usize))
+                        .unwrap_or_default();
                     events.extend((0..count).map(|i| {
                         let addr = if pages.is_empty() {
                             i * PAGE_SIZE
@@ -888,8 +1002,13 @@ mod tests {
     use super::*;
     use crate::engine::{Engine, EventSink, GuestRam, NoEventQueue, Stats};
     use crate::plan::Plan;
-    use hmmgpu_abi::range_flags::{DST_VRAM, MAP_READ, MAP_WRITE, SRC_VRAM};
-    use hmmgpu_abi::{status, CmdHeader, Range, Response};
+    use hmmgpu_abi::{CmdHeader, Range, RangeFlags, Response, Status};
+
+    const NONE: RangeFlags = RangeFlags::NONE;
+    const DST_VRAM: RangeFlags = RangeFlags::DST_VRAM;
+    const SRC_VRAM: RangeFlags = RangeFlags::SRC_VRAM;
+    const MAP_READ: RangeFlags = RangeFlags::MAP_READ;
+    const MAP_WRITE: RangeFlags = RangeFlags::MAP_WRITE;
     use vm_memory::{Bytes, GuestAddress};
 
     const RAM: u64 = 0x10_0000;
@@ -921,23 +1040,12 @@ mod tests {
         }
     }
 
-    fn range(src: u64, dst: u64, len: u32, flags: u32) -> Range {
-        Range {
-            src,
-            dst,
-            len,
-            flags,
-        }
+    fn range(src: u64, dst: u64, len: u32, flags: RangeFlags) -> Range {
+        Range::new(src, dst, len, flags)
     }
 
-    fn command(op: u32, ctx: u32, ranges: &[Range]) -> Vec<u8> {
-        let header = CmdHeader {
-            opcode: op,
-            ctx,
-            tag: 1,
-            count: ranges.len() as u32,
-            reserved: 0,
-        };
+    fn command(op: Opcode, ctx: u32, ranges: &[Range]) -> Vec<u8> {
+        let header = CmdHeader::new(op, ctx, 1, ranges.len() as u32);
         let mut bytes = header.to_bytes().to_vec();
         for r in ranges {
             bytes.extend_from_slice(&r.to_bytes());
@@ -947,7 +1055,7 @@ mod tests {
 
     fn run(
         f: &mut Fixture,
-        op: u32,
+        op: Opcode,
         ctx: u32,
         ranges: &[Range],
         events: &mut dyn EventSink,
@@ -958,21 +1066,17 @@ mod tests {
             .expect("completed")
     }
 
-    fn exec(f: &mut Fixture, op: u32, ranges: &[Range]) -> Response {
+    fn exec(f: &mut Fixture, op: Opcode, ranges: &[Range]) -> Response {
         run(f, op, 0, ranges, &mut NoEventQueue)
     }
 
     fn ok(bytes: u64) -> Response {
-        Response {
-            status: status::OK,
-            failed_index: 0,
-            bytes,
-        }
+        Response::ok(bytes)
     }
 
     fn copy_error(index: u32, bytes: u64) -> Response {
         Response {
-            status: status::COPY_ERROR,
+            status: Status::CopyError,
             failed_index: index,
             bytes,
         }
@@ -993,12 +1097,12 @@ mod tests {
         let mut f = fixture();
         let to_vram = range(RAM, 0, 4096, DST_VRAM);
         inject(&f, serde_json::json!({"kind":"copy_error","count":2}));
-        assert_eq!(exec(&mut f, opcode::COPY, &[to_vram]), copy_error(0, 0));
+        assert_eq!(exec(&mut f, Opcode::Copy, &[to_vram]), copy_error(0, 0));
         assert_eq!(
-            exec(&mut f, opcode::FILL, &[range(7, RAM, 64, 0)]),
+            exec(&mut f, Opcode::Fill, &[range(7, RAM, 64, NONE)]),
             copy_error(0, 0)
         );
-        assert_eq!(exec(&mut f, opcode::COPY, &[to_vram]), ok(4096));
+        assert_eq!(exec(&mut f, Opcode::Copy, &[to_vram]), ok(4096));
         assert!(f.faults.list().is_empty(), "spent faults are disarmed");
         assert_eq!(f.faults.injected_stats().copy_errors, 2);
         assert_eq!(
@@ -1022,10 +1126,10 @@ mod tests {
         );
         let outside = range(RAM, 0x8000, 4096, DST_VRAM);
         let inside = range(RAM + 4096, 0x2ff0, 0x20, DST_VRAM);
-        assert_eq!(exec(&mut f, opcode::COPY, &[outside]), ok(4096));
-        assert_eq!(exec(&mut f, opcode::COPY, &[inside]), ok(0x20), "skipped");
+        assert_eq!(exec(&mut f, Opcode::Copy, &[outside]), ok(4096));
+        assert_eq!(exec(&mut f, Opcode::Copy, &[inside]), ok(0x20), "skipped");
         let command = [outside, range(RAM, 0x1000, 4096, DST_VRAM), inside, outside];
-        assert_eq!(exec(&mut f, opcode::COPY, &command), copy_error(2, 8192));
+        assert_eq!(exec(&mut f, Opcode::Copy, &command), copy_error(2, 8192));
         // Ranges before the failing one were done, it and later ones not.
         assert_eq!(vram_bytes(&f, 0x1000, 4096), data[..4096]);
         assert_eq!(
@@ -1037,9 +1141,9 @@ mod tests {
             &f,
             serde_json::json!({"kind":"copy_error","range":{"space":"vram","start":0x2000,"len":0x1000}}),
         );
-        assert_eq!(exec(&mut f, opcode::COPY, &[outside]), ok(4096));
+        assert_eq!(exec(&mut f, Opcode::Copy, &[outside]), ok(4096));
         let from = range(0x2800, RAM, 16, SRC_VRAM);
-        assert_eq!(exec(&mut f, opcode::COPY, &[from]), copy_error(0, 0));
+        assert_eq!(exec(&mut f, Opcode::Copy, &[from]), copy_error(0, 0));
     }
 
     #[test]
@@ -1048,20 +1152,20 @@ mod tests {
         let mut events = Vec::new();
         let data: Vec<u8> = (0..4096u32).map(|i| (i * 3) as u8).collect();
         f.engine.vram().write(0, &data).unwrap();
-        assert_eq!(run(&mut f, opcode::CTX_CREATE, 1, &[], &mut events), ok(0));
+        assert_eq!(run(&mut f, Opcode::CtxCreate, 1, &[], &mut events), ok(0));
         let map = range(0, 0x7000_0000, 4096, SRC_VRAM | MAP_READ | MAP_WRITE);
-        assert_eq!(run(&mut f, opcode::MAP, 1, &[map], &mut events), ok(0));
+        assert_eq!(run(&mut f, Opcode::Map, 1, &[map], &mut events), ok(0));
         // The guest buffer of the second range is in the fault's range.
         inject(
             &f,
             serde_json::json!({"kind":"copy_error","range":{"space":"guest","start":RAM + 0x8000,"len":1}}),
         );
         let reads = [
-            range(0x7000_0000, RAM + 0x1000, 0x100, 0),
-            range(0x7000_0100, RAM + 0x8000, 0x100, 0),
+            range(0x7000_0000, RAM + 0x1000, 0x100, NONE),
+            range(0x7000_0100, RAM + 0x8000, 0x100, NONE),
         ];
         assert_eq!(
-            run(&mut f, opcode::VREAD, 1, &reads, &mut events),
+            run(&mut f, Opcode::Vread, 1, &reads, &mut events),
             copy_error(1, 0x100)
         );
         let mut got = vec![0; 0x100];
@@ -1071,13 +1175,13 @@ mod tests {
         assert_eq!(got, data[..0x100]);
         // VWRITE: the next copy fails, into VRAM through the MMU.
         inject(&f, serde_json::json!({"kind":"copy_error"}));
-        let write = [range(RAM, 0x7000_0000, 0x10, 0)];
+        let write = [range(RAM, 0x7000_0000, 0x10, NONE)];
         assert_eq!(
-            run(&mut f, opcode::VWRITE, 1, &write, &mut events),
+            run(&mut f, Opcode::Vwrite, 1, &write, &mut events),
             copy_error(0, 0)
         );
         assert_eq!(
-            run(&mut f, opcode::VWRITE, 1, &write, &mut events),
+            run(&mut f, Opcode::Vwrite, 1, &write, &mut events),
             ok(0x10)
         );
         assert!(events.is_empty());
@@ -1093,7 +1197,7 @@ mod tests {
             serde_json::json!({"kind":"copy_error","count":5,"probability":0.0}),
         );
         for _ in 0..20 {
-            assert_eq!(exec(&mut f, opcode::COPY, &[copy]), ok(64));
+            assert_eq!(exec(&mut f, Opcode::Copy, &[copy]), ok(64));
         }
         f.faults.clear();
         inject(
@@ -1101,14 +1205,14 @@ mod tests {
             serde_json::json!({"kind":"copy_error","count":2,"probability":1.0}),
         );
         assert_eq!(
-            exec(&mut f, opcode::COPY, &[copy]).status,
-            status::COPY_ERROR
+            exec(&mut f, Opcode::Copy, &[copy]).status,
+            Status::CopyError
         );
         assert_eq!(
-            exec(&mut f, opcode::COPY, &[copy]).status,
-            status::COPY_ERROR
+            exec(&mut f, Opcode::Copy, &[copy]).status,
+            Status::CopyError
         );
-        assert_eq!(exec(&mut f, opcode::COPY, &[copy]), ok(64));
+        assert_eq!(exec(&mut f, Opcode::Copy, &[copy]), ok(64));
     }
 
     #[test]
@@ -1119,14 +1223,14 @@ mod tests {
             serde_json::json!({"kind":"latency","us":30_000,"count":2}),
         );
         // Not a data-moving command: no delay, and the count is untouched.
-        assert_eq!(exec(&mut f, opcode::NOP, &[]), ok(0));
+        assert_eq!(exec(&mut f, Opcode::Nop, &[]), ok(0));
         for _ in 0..2 {
             let start = Instant::now();
-            assert_eq!(exec(&mut f, opcode::FILL, &[range(1, RAM, 8, 0)]), ok(8));
+            assert_eq!(exec(&mut f, Opcode::Fill, &[range(1, RAM, 8, NONE)]), ok(8));
             assert!(start.elapsed() >= Duration::from_millis(30));
         }
         assert!(f.faults.list().is_empty());
-        assert_eq!(exec(&mut f, opcode::FILL, &[range(1, RAM, 8, 0)]), ok(8));
+        assert_eq!(exec(&mut f, Opcode::Fill, &[range(1, RAM, 8, NONE)]), ok(8));
         assert_eq!(f.faults.injected_stats().delayed_commands, 2);
         assert_eq!(
             f.faults.log_lines(),
@@ -1147,7 +1251,7 @@ mod tests {
             faults.clear()
         });
         let start = Instant::now();
-        assert_eq!(exec(&mut f, opcode::FILL, &[range(1, RAM, 8, 0)]), ok(8));
+        assert_eq!(exec(&mut f, Opcode::Fill, &[range(1, RAM, 8, NONE)]), ok(8));
         assert!(start.elapsed() < Duration::from_secs(30));
         assert_eq!(clearer.join().unwrap(), 1);
     }
@@ -1172,12 +1276,12 @@ mod tests {
         );
         let start = Instant::now();
         assert_eq!(
-            exec(&mut f, opcode::COPY, &[range(RAM, 0, 50_000, DST_VRAM)]),
+            exec(&mut f, Opcode::Copy, &[range(RAM, 0, 50_000, DST_VRAM)]),
             ok(50_000)
         );
         assert!(start.elapsed() >= Duration::from_millis(50));
         // Commands that move nothing are not throttled.
-        assert_eq!(exec(&mut f, opcode::NOP, &[]), ok(0));
+        assert_eq!(exec(&mut f, Opcode::Nop, &[]), ok(0));
         assert_eq!(
             f.faults.log_lines(),
             ["fault #1: bandwidth bytes_per_sec=1000000 bytes=50000 delay_us=50000 at command 1"]
@@ -1234,7 +1338,7 @@ mod tests {
             offset: VRAM_SIZE,
             bit: 0,
         };
-        assert!(f.faults.inject(bad).is_err());
+        f.faults.inject(bad).unwrap_err();
         assert_eq!(
             f.faults.log_lines(),
             [
@@ -1291,18 +1395,18 @@ mod tests {
     fn spurious_faults_and_storms_are_fault_events_without_a_parked_command() {
         let mut f = fixture();
         let mut events = Vec::new();
-        run(&mut f, opcode::CTX_CREATE, 2, &[], &mut events);
+        run(&mut f, Opcode::CtxCreate, 2, &[], &mut events);
         let map = range(RAM, 0x40_0000, 3 * 4096, MAP_READ);
-        run(&mut f, opcode::MAP, 2, &[map], &mut events);
+        run(&mut f, Opcode::Map, 2, &[map], &mut events);
         // A real fault first, to show the numbering is shared.
-        let read = [range(0x50_0000, RAM + 0x8000, 8, 0)];
+        let read = [range(0x50_0000, RAM + 0x8000, 8, NONE)];
         assert_eq!(
             f.engine
-                .process(&f.mem, &command(opcode::VREAD, 2, &read), 5, &mut events)
+                .process(&f.mem, &command(Opcode::Vread, 2, &read), 5, &mut events)
                 .response,
             None
         );
-        run(&mut f, opcode::CANCEL, 2, &[], &mut events);
+        run(&mut f, Opcode::Cancel, 2, &[], &mut events);
         inject(
             &f,
             serde_json::json!({"kind":"spurious_faults","ctx":2,"addr":0x40_1008,"count":2}),
@@ -1335,8 +1439,8 @@ mod tests {
         // Nothing is parked: REPLAY answers BAD_CONTEXT, as the spec says.
         assert_eq!(f.engine.parked(), 0);
         assert_eq!(
-            run(&mut f, opcode::REPLAY, 2, &[], &mut events).status,
-            status::BAD_CONTEXT
+            run(&mut f, Opcode::Replay, 2, &[], &mut events).status,
+            Status::BadContext
         );
         // A storm on a context with nothing mapped uses page addresses from 0.
         inject(
@@ -1373,7 +1477,7 @@ mod tests {
             .unwrap();
         for i in 0..300u64 {
             let copy = range(RAM + (i % 16) * 4096, (i % 64) * 4096, 4096, DST_VRAM);
-            let _ = exec(&mut f, opcode::COPY, &[copy, copy]);
+            let _ = exec(&mut f, Opcode::Copy, &[copy, copy]);
             let _ = f.faults.interrupt();
         }
         f.faults.log_lines()
@@ -1410,12 +1514,96 @@ mod tests {
     }
 
     #[test]
+    fn host_faults_parse_strictly() {
+        use serde_json::json;
+        let ok = |v: serde_json::Value| HostFault::from_json(&v).unwrap();
+        assert_eq!(
+            ok(json!({"kind":"link_down","down":true})),
+            HostFault::LinkDown { down: true }
+        );
+        assert_eq!(
+            ok(json!({"kind":"kill_backend"})),
+            HostFault::KillBackend {}
+        );
+        assert_eq!(
+            ok(json!({"kind":"aer","error":"nonfatal"})),
+            HostFault::Aer {
+                error: AerSeverity::Nonfatal
+            }
+        );
+        assert_eq!(
+            ok(json!({"kind":"unplug"})),
+            HostFault::Unplug { timeout_s: None }
+        );
+        assert_eq!(
+            ok(json!({"kind":"mce","addr":4096})),
+            HostFault::Mce { addr: 4096 }
+        );
+        for bad in [
+            json!({"kind":"link_down"}),
+            json!({"kind":"link_down","down":true,"x":1}),
+            json!({"kind":"kill_backend","x":1}),
+            json!({"kind":"aer","error":"bad"}),
+            json!({"kind":"unplug","timeout_s":0}),
+            json!({"kind":"plug","bus":"rp1"}),
+            json!({"kind":"copy_error"}),
+        ] {
+            assert!(HostFault::from_json(&bad).is_err(), "{bad}");
+        }
+        for kind in HostFault::KINDS {
+            assert!(HostFault::is_host_fault(&json!({ "kind": kind })));
+        }
+        assert!(!HostFault::is_host_fault(&json!({"kind":"copy_error"})));
+    }
+
+    /// A plan counts commands, not the slices a long one is cut into: a
+    /// fault due after command 1 hits command 2 even when command 1 ran in
+    /// many calls.
+    #[test]
+    fn plans_count_commands_not_slices() {
+        use crate::engine::{Budget, Step};
+        let mut f = fixture();
+        f.faults
+            .load_plan(
+                Plan::from_json_str(
+                    r#"{"faults":[{"after_commands":1,"fault":{"kind":"copy_error"}}]}"#,
+                )
+                .unwrap(),
+            )
+            .unwrap();
+        let copy = command(Opcode::Copy, 0, &[range(RAM, 0, 0x8000, DST_VRAM)]);
+        let mut slices = 1;
+        let mut step = f.engine.process_budgeted(
+            &f.mem,
+            &copy,
+            1,
+            &mut NoEventQueue,
+            &mut Budget::new(Budget::STEP_COST),
+        );
+        while step == Step::Suspended {
+            slices += 1;
+            step = f
+                .engine
+                .continue_suspended(&f.mem, &mut NoEventQueue, &mut Budget::new(1000));
+        }
+        let Step::Done(executed) = step else {
+            unreachable!()
+        };
+        assert_eq!(executed.response, Some(ok(0x8000)), "after {slices} slices");
+        assert!(slices > 10, "{slices}");
+        assert_eq!(
+            exec(&mut f, Opcode::Copy, &[range(RAM, 0, 8, DST_VRAM)]),
+            copy_error(0, 0)
+        );
+    }
+
+    #[test]
     fn the_fault_log_goes_to_a_file_too() {
         let mut f = fixture();
         let path = f._dir.path().join("faults.log");
         f.faults.log_to_file(&path).unwrap();
         inject(&f, serde_json::json!({"kind":"copy_error"}));
-        let _ = exec(&mut f, opcode::COPY, &[range(RAM, 0, 8, DST_VRAM)]);
+        let _ = exec(&mut f, Opcode::Copy, &[range(RAM, 0, 8, DST_VRAM)]);
         inject(&f, serde_json::json!({"kind":"stall_queue"}));
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().collect::<Vec<_>>(), f.faults.log_lines());

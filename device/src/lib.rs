@@ -11,10 +11,13 @@
 //! - [`backend`]: the vhost-user glue (features, config space, command and
 //!   event queues).
 //! - [`control`]: the JSON-lines control socket.
+//! - [`socket`]: the listening sockets, private whatever the umask.
+//! - [`stats`]: the stats record the control socket, the exit line and
+//!   xtask share.
 //! - [`session`]: the front-end sessions (a hot-unplug ends one, a re-plug
 //!   starts the next).
 //! - [`cli`]: the command line and the sessions it serves.
-#![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod backend;
 pub mod cli;
@@ -24,6 +27,8 @@ pub mod faults;
 pub mod mmu;
 pub mod plan;
 pub mod session;
+pub mod socket;
+pub mod stats;
 pub mod vram;
 
 pub use backend::HmmGpuBackend;

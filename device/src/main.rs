@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0
 //! `hmmgpu-device`: the hmmgpu vhost-user backend process (one per GPU).
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 
@@ -26,8 +27,7 @@ fn main() -> ExitCode {
     match cli::run(&args) {
         Ok(stats) => {
             // The VM runner reads this line to prove bytes went through the device.
-            let json = stats.to_string();
-            eprintln!("hmmgpu-device: stats: {json}");
+            eprintln!("{}", stats.exit_line());
             ExitCode::SUCCESS
         }
         Err(message) => {

@@ -20,7 +20,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use hmmgpu_abi::{event, range_flags, status, Range, HUGE_PAGE_SIZE, MAX_CONTEXTS, PAGE_SIZE};
+use hmmgpu_abi::{event, HUGE_PAGE_SIZE, PAGE_SIZE};
+pub use hmmgpu_abi::{fits, Access, ContextId, MapRange, Phys};
 
 /// Most translation entries one device holds (4 KiB and huge entries count
 /// one each, summed over all contexts): 4 Mi entries, 16 GiB of memory
@@ -31,113 +32,20 @@ pub const MAX_ENTRIES: usize = 1 << 22;
 const PAGE_SHIFT: u32 = PAGE_SIZE.trailing_zeros();
 const HUGE_SHIFT: u32 = HUGE_PAGE_SIZE.trailing_zeros();
 
-/// A physical address: a guest-physical address or a VRAM offset.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phys {
-    /// Guest-physical address.
-    Guest(u64),
-    /// Offset into the VRAM.
-    Vram(u64),
-}
-
-impl Phys {
-    /// `addr` as a VRAM offset if `is_vram`, else as a guest-physical address.
-    pub fn new(addr: u64, is_vram: bool) -> Self {
-        if is_vram {
-            Phys::Vram(addr)
-        } else {
-            Phys::Guest(addr)
-        }
-    }
-
-    /// The same kind of address `by` bytes further, `None` on overflow.
-    pub fn offset(self, by: u64) -> Option<Self> {
-        Some(match self {
-            Phys::Guest(a) => Phys::Guest(a.checked_add(by)?),
-            Phys::Vram(a) => Phys::Vram(a.checked_add(by)?),
-        })
-    }
-}
-
-/// Permission bits of an entry; the same bits as the accesses
-/// (`event::ACCESS_READ`, `ACCESS_WRITE`, `ACCESS_ATOMIC`).
-const PERMS: u32 = event::ACCESS_READ | event::ACCESS_WRITE | event::ACCESS_ATOMIC;
-
-/// `MAP_READ`/`MAP_WRITE`/`MAP_ATOMIC` shifted down onto the access bits.
-const MAP_PERM_SHIFT: u32 = range_flags::MAP_READ.trailing_zeros();
-const _: () = assert!(range_flags::MAP_READ >> MAP_PERM_SHIFT == event::ACCESS_READ);
-const _: () = assert!(range_flags::MAP_WRITE >> MAP_PERM_SHIFT == event::ACCESS_WRITE);
-const _: () = assert!(range_flags::MAP_ATOMIC >> MAP_PERM_SHIFT == event::ACCESS_ATOMIC);
-
 /// One translation: where the page starts and what it allows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Entry {
     base: Phys,
-    perms: u32,
+    perms: Access,
 }
 
-/// One decoded MAP range (not yet checked against memory).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Mapping {
-    /// First device virtual address (page aligned).
-    pub va: u64,
-    /// Physical start (page aligned).
-    pub phys: Phys,
-    /// Bytes (multiple of the entry size).
-    pub len: u64,
-    /// Access bits allowed.
-    pub perms: u32,
-    /// One 2 MiB entry rather than 4 KiB ones.
-    pub huge: bool,
-}
-
-impl Mapping {
-    /// Decodes and checks a MAP range: flags, alignment and length. `Err`
-    /// holds the status (BAD_REQUEST).
-    pub fn from_range(range: &Range) -> Result<Self, u32> {
-        let bad = Err(status::BAD_REQUEST);
-        if range.flags & !range_flags::MAP_ALL != 0 {
-            return bad;
-        }
-        let huge = range.flags & range_flags::MAP_HUGE != 0;
-        let len = u64::from(range.len);
-        let align = if huge { HUGE_PAGE_SIZE } else { PAGE_SIZE };
-        if (huge && len != HUGE_PAGE_SIZE) || len % PAGE_SIZE != 0 {
-            return bad;
-        }
-        if !range.src.is_multiple_of(align)
-            || !range.dst.is_multiple_of(align)
-            || !fits(range.dst, len)
-        {
-            return bad;
-        }
-        if !fits(range.src, len) {
-            // The memory check would catch it too; keep Phys arithmetic sane.
-            return bad;
-        }
-        Ok(Self {
-            va: range.dst,
-            phys: Phys::new(range.src, range.flags & range_flags::SRC_VRAM != 0),
-            len,
-            perms: (range.flags >> MAP_PERM_SHIFT) & PERMS,
-            huge,
-        })
+/// Entries a MAP range installs.
+fn entries_of(m: &MapRange) -> u64 {
+    if m.huge {
+        1
+    } else {
+        m.len >> PAGE_SHIFT
     }
-
-    /// Entries this mapping installs.
-    fn entries(&self) -> u64 {
-        if self.huge {
-            1
-        } else {
-            self.len >> PAGE_SHIFT
-        }
-    }
-}
-
-/// Whether `[start, start + len)` fits in the 64-bit address space (it may
-/// end exactly at 2^64).
-pub fn fits(start: u64, len: u64) -> bool {
-    len == 0 || start.checked_add(len - 1).is_some()
 }
 
 /// A successful translation of one address.
@@ -174,7 +82,7 @@ impl Context {
 /// The device MMU: every context's page tables.
 #[derive(Debug)]
 pub struct Mmu {
-    contexts: HashMap<u32, Context>,
+    contexts: HashMap<ContextId, Context>,
     /// Entries in all contexts.
     entries: usize,
     cap: usize,
@@ -184,11 +92,6 @@ impl Default for Mmu {
     fn default() -> Self {
         Self::with_cap(MAX_ENTRIES)
     }
-}
-
-/// Whether `ctx` is a valid context number (1..=MAX_CONTEXTS).
-pub fn valid_context(ctx: u32) -> bool {
-    (1..=MAX_CONTEXTS).contains(&ctx)
 }
 
 impl Mmu {
@@ -207,13 +110,13 @@ impl Mmu {
     }
 
     /// Whether context `ctx` was created.
-    pub fn exists(&self, ctx: u32) -> bool {
+    pub fn exists(&self, ctx: ContextId) -> bool {
         self.contexts.contains_key(&ctx)
     }
 
-    /// Creates `ctx` with empty tables; false if it exists or is invalid.
-    pub fn create(&mut self, ctx: u32) -> bool {
-        if !valid_context(ctx) || self.exists(ctx) {
+    /// Creates `ctx` with empty tables; false if it exists.
+    pub fn create(&mut self, ctx: ContextId) -> bool {
+        if self.exists(ctx) {
             return false;
         }
         self.contexts.insert(ctx, Context::default());
@@ -221,7 +124,7 @@ impl Mmu {
     }
 
     /// Destroys `ctx` and its translations; false if it does not exist.
-    pub fn destroy(&mut self, ctx: u32) -> bool {
+    pub fn destroy(&mut self, ctx: ContextId) -> bool {
         match self.contexts.remove(&ctx) {
             Some(context) => {
                 self.entries -= context.len();
@@ -233,7 +136,7 @@ impl Mmu {
 
     /// Device virtual addresses of up to `limit` pages `ctx` maps (4 KiB
     /// entries first, then huge ones, each in address order).
-    pub fn mapped_pages(&self, ctx: u32, limit: usize) -> Vec<u64> {
+    pub fn mapped_pages(&self, ctx: ContextId, limit: usize) -> Vec<u64> {
         let Some(context) = self.contexts.get(&ctx) else {
             return Vec::new();
         };
@@ -257,12 +160,12 @@ impl Mmu {
     /// (two ranges of one command mapping the same new page count twice),
     /// and a command may not install more than the cap in total, so the
     /// work one MAP does is bounded too.
-    pub fn map(&mut self, ctx: u32, maps: &[Mapping]) -> Result<(), Option<usize>> {
+    pub fn map(&mut self, ctx: ContextId, maps: &[MapRange]) -> Result<(), Option<usize>> {
         let context = self.contexts.get_mut(&ctx).ok_or(None)?;
         let room = self.cap.saturating_sub(self.entries) as u64;
         let (mut total, mut new) = (0u64, 0u64);
         for (index, m) in maps.iter().enumerate() {
-            total += m.entries();
+            total += entries_of(m);
             if total > self.cap as u64 {
                 return Err(Some(index));
             }
@@ -270,9 +173,9 @@ impl Mmu {
                 u64::from(context.huge.contains_key(&(m.va >> HUGE_SHIFT)))
             } else {
                 let first = m.va >> PAGE_SHIFT;
-                context.small.range(first..first + m.entries()).count() as u64
+                context.small.range(first..first + entries_of(m)).count() as u64
             };
-            new += m.entries() - existing;
+            new += entries_of(m) - existing;
             if new > room {
                 return Err(Some(index));
             }
@@ -298,7 +201,7 @@ impl Mmu {
                 }
             } else {
                 let first = m.va >> PAGE_SHIFT;
-                for page in 0..m.entries() {
+                for page in 0..entries_of(m) {
                     if context.small.insert(first + page, entry).is_none() {
                         self.entries += 1;
                     }
@@ -313,7 +216,7 @@ impl Mmu {
     /// Removes every translation of `ctx` overlapping `[va, va + len)` (a
     /// huge entry is removed whole). Returns the number of entries removed,
     /// `None` if `ctx` does not exist. The caller checked the range fits.
-    pub fn unmap(&mut self, ctx: u32, va: u64, len: u64) -> Option<usize> {
+    pub fn unmap(&mut self, ctx: ContextId, va: u64, len: u64) -> Option<usize> {
         let context = self.contexts.get_mut(&ctx)?;
         if len == 0 {
             return Some(0);
@@ -340,9 +243,9 @@ impl Mmu {
         Some(removed)
     }
 
-    /// Translates `va` of `ctx` for `access` (one `event::ACCESS_*` bit).
-    /// A missing context translates nothing (NOT_MAPPED).
-    pub fn translate(&self, ctx: u32, va: u64, access: u32) -> Result<Translation, Fault> {
+    /// Translates `va` of `ctx` for `access` (one kind of access). A
+    /// missing context translates nothing (NOT_MAPPED).
+    pub fn translate(&self, ctx: ContextId, va: u64, access: Access) -> Result<Translation, Fault> {
         let not_mapped = Fault {
             reason: event::REASON_NOT_MAPPED,
         };
@@ -354,7 +257,7 @@ impl Mmu {
         } else {
             return Err(not_mapped);
         };
-        if entry.perms & access != access {
+        if !entry.perms.contains(access) {
             return Err(Fault {
                 reason: event::REASON_PERMISSION,
             });
@@ -370,19 +273,31 @@ impl Mmu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hmmgpu_abi::event::{ACCESS_ATOMIC, ACCESS_READ, ACCESS_WRITE};
-    use hmmgpu_abi::range_flags::{MAP_ATOMIC, MAP_HUGE, MAP_READ, MAP_WRITE, SRC_VRAM};
+    use hmmgpu_abi::{RangeFlags, MAX_CONTEXTS};
 
-    const RW: u32 = MAP_READ | MAP_WRITE;
+    const MAP_READ: RangeFlags = RangeFlags::MAP_READ;
+    const MAP_WRITE: RangeFlags = RangeFlags::MAP_WRITE;
+    const MAP_ATOMIC: RangeFlags = RangeFlags::MAP_ATOMIC;
+    const MAP_HUGE: RangeFlags = RangeFlags::MAP_HUGE;
+    const SRC_VRAM: RangeFlags = RangeFlags::SRC_VRAM;
+    const RW: RangeFlags = RangeFlags::MAP_READ.union(RangeFlags::MAP_WRITE);
+    const ACCESS_READ: Access = Access::READ;
+    const ACCESS_WRITE: Access = Access::WRITE;
+    const ACCESS_ATOMIC: Access = Access::ATOMIC;
 
-    fn mapping(src: u64, dst: u64, len: u32, flags: u32) -> Mapping {
-        Mapping::from_range(&Range {
-            src,
-            dst,
-            len,
-            flags,
-        })
-        .unwrap()
+    /// A MAP range as decode makes it (the checks are decode's).
+    fn mapping(src: u64, dst: u64, len: u32, flags: RangeFlags) -> MapRange {
+        MapRange {
+            va: dst,
+            phys: Phys::new(src, flags.contains(SRC_VRAM)),
+            len: u64::from(len),
+            perms: Access::from_map_flags(flags),
+            huge: flags.contains(MAP_HUGE),
+        }
+    }
+
+    fn ctx(id: u32) -> ContextId {
+        ContextId::new(id).unwrap()
     }
 
     fn t(phys: Phys, len: u64) -> Result<Translation, Fault> {
@@ -397,70 +312,28 @@ mod tests {
     });
 
     #[test]
-    fn decodes_map_ranges() {
-        let r = |src, dst, len, flags| {
-            Mapping::from_range(&Range {
-                src,
-                dst,
-                len,
-                flags,
-            })
-        };
-        let m = r(0x3000, 0x7000, 0x2000, SRC_VRAM | MAP_READ | MAP_ATOMIC).unwrap();
-        assert_eq!(m.phys, Phys::Vram(0x3000));
-        assert_eq!(m.perms, ACCESS_READ | ACCESS_ATOMIC);
-        assert!(!m.huge);
-        assert!(r(0, 0, 0, MAP_READ).is_ok(), "empty MAP is allowed");
-        let huge = HUGE_PAGE_SIZE as u32;
-        assert!(r(0x20_0000, 0x40_0000, huge, MAP_HUGE).unwrap().huge);
-        for (src, dst, len, flags) in [
-            (0, 0, 4096, 1 << 1),                    // DST_VRAM is not a MAP flag
-            (0, 0, 4096, 1 << 8),                    // unknown
-            (0, 0, 4095, MAP_READ),                  // not a page multiple
-            (0x800, 0, 4096, MAP_READ),              // src misaligned
-            (0, 0x800, 4096, MAP_READ),              // dst misaligned
-            (0, 0, 4096, MAP_HUGE),                  // huge needs exactly 2 MiB
-            (0, 0, 2 * huge, MAP_HUGE),              // ... exactly
-            (0x1000, 0, huge, MAP_HUGE),             // src not 2 MiB aligned
-            (0, 0x1000, huge, MAP_HUGE),             // dst not 2 MiB aligned
-            (0, u64::MAX - 0xfff, 0x2000, MAP_READ), // va wraps
-            (u64::MAX - 0xfff, 0, 0x2000, MAP_READ), // pa wraps
-        ] {
-            assert_eq!(
-                r(src, dst, len, flags),
-                Err(status::BAD_REQUEST),
-                "{src:#x} {dst:#x} {len:#x} {flags:#x}"
-            );
-        }
-        // The very last page of the address space can be mapped.
-        assert!(r(0, u64::MAX - 0xfff, 0x1000, MAP_READ).is_ok());
-    }
-
-    #[test]
     fn contexts_are_created_once() {
         let mut mmu = Mmu::default();
-        assert!(!mmu.create(0));
-        assert!(!mmu.create(MAX_CONTEXTS + 1));
-        assert!(mmu.create(MAX_CONTEXTS));
-        assert!(!mmu.create(MAX_CONTEXTS));
-        assert!(mmu.create(1));
-        assert_eq!(mmu.map(2, &[mapping(0, 0, 4096, RW)]), Err(None));
-        assert_eq!(mmu.unmap(2, 0, 4096), None);
-        mmu.map(1, &[mapping(0, 0, 8192, RW)]).unwrap();
+        assert!(mmu.create(ctx(MAX_CONTEXTS)));
+        assert!(!mmu.create(ctx(MAX_CONTEXTS)));
+        assert!(mmu.create(ctx(1)));
+        assert_eq!(mmu.map(ctx(2), &[mapping(0, 0, 4096, RW)]), Err(None));
+        assert_eq!(mmu.unmap(ctx(2), 0, 4096), None);
+        mmu.map(ctx(1), &[mapping(0, 0, 8192, RW)]).unwrap();
         assert_eq!(mmu.entries(), 2);
-        assert!(mmu.destroy(1));
-        assert!(!mmu.destroy(1));
+        assert!(mmu.destroy(ctx(1)));
+        assert!(!mmu.destroy(ctx(1)));
         assert_eq!(mmu.entries(), 0);
-        assert_eq!(mmu.translate(1, 0, ACCESS_READ), NOT_MAPPED);
+        assert_eq!(mmu.translate(ctx(1), 0, ACCESS_READ), NOT_MAPPED);
     }
 
     #[test]
     fn translates_small_and_huge_entries() {
         let mut mmu = Mmu::default();
-        mmu.create(3);
+        mmu.create(ctx(3));
         let huge = HUGE_PAGE_SIZE as u32;
         mmu.map(
-            3,
+            ctx(3),
             &[
                 mapping(0x10_0000, 0x7000_0000, 0x3000, MAP_READ | MAP_WRITE),
                 mapping(0x40_0000, 0x8000_0000, huge, SRC_VRAM | MAP_HUGE | MAP_READ),
@@ -469,52 +342,58 @@ mod tests {
         .unwrap();
         assert_eq!(mmu.entries(), 4);
         assert_eq!(
-            mmu.translate(3, 0x7000_1234, ACCESS_WRITE),
+            mmu.translate(ctx(3), 0x7000_1234, ACCESS_WRITE),
             t(Phys::Guest(0x10_1234), 0x1000 - 0x234)
         );
         assert_eq!(
-            mmu.translate(3, 0x7000_2fff, ACCESS_READ),
+            mmu.translate(ctx(3), 0x7000_2fff, ACCESS_READ),
             t(Phys::Guest(0x10_2fff), 1)
         );
-        assert_eq!(mmu.translate(3, 0x7000_3000, ACCESS_READ), NOT_MAPPED);
-        assert_eq!(mmu.translate(3, 0x6fff_ffff, ACCESS_READ), NOT_MAPPED);
-        assert_eq!(mmu.translate(3, 0x7000_0000, ACCESS_ATOMIC), PERMISSION);
+        assert_eq!(mmu.translate(ctx(3), 0x7000_3000, ACCESS_READ), NOT_MAPPED);
+        assert_eq!(mmu.translate(ctx(3), 0x6fff_ffff, ACCESS_READ), NOT_MAPPED);
         assert_eq!(
-            mmu.translate(3, 0x8012_3456, ACCESS_READ),
+            mmu.translate(ctx(3), 0x7000_0000, ACCESS_ATOMIC),
+            PERMISSION
+        );
+        assert_eq!(
+            mmu.translate(ctx(3), 0x8012_3456, ACCESS_READ),
             t(Phys::Vram(0x52_3456), HUGE_PAGE_SIZE - 0x12_3456)
         );
-        assert_eq!(mmu.translate(3, 0x8012_3456, ACCESS_WRITE), PERMISSION);
-        assert_eq!(mmu.translate(3, 0x8020_0000, ACCESS_READ), NOT_MAPPED);
+        assert_eq!(mmu.translate(ctx(3), 0x8012_3456, ACCESS_WRITE), PERMISSION);
+        assert_eq!(mmu.translate(ctx(3), 0x8020_0000, ACCESS_READ), NOT_MAPPED);
         // Another context sees nothing.
-        mmu.create(4);
-        assert_eq!(mmu.translate(4, 0x7000_0000, ACCESS_READ), NOT_MAPPED);
+        mmu.create(ctx(4));
+        assert_eq!(mmu.translate(ctx(4), 0x7000_0000, ACCESS_READ), NOT_MAPPED);
 
         // A 4 KiB entry inside a huge one overrides that page only.
-        mmu.map(3, &[mapping(0x20_0000, 0x8000_1000, 4096, MAP_ATOMIC)])
+        mmu.map(ctx(3), &[mapping(0x20_0000, 0x8000_1000, 4096, MAP_ATOMIC)])
             .unwrap();
         assert_eq!(
-            mmu.translate(3, 0x8000_1008, ACCESS_ATOMIC),
+            mmu.translate(ctx(3), 0x8000_1008, ACCESS_ATOMIC),
             t(Phys::Guest(0x20_0008), 0xff8)
         );
-        assert_eq!(mmu.translate(3, 0x8000_1008, ACCESS_READ), PERMISSION);
+        assert_eq!(mmu.translate(ctx(3), 0x8000_1008, ACCESS_READ), PERMISSION);
         assert_eq!(
-            mmu.translate(3, 0x8000_2000, ACCESS_READ),
+            mmu.translate(ctx(3), 0x8000_2000, ACCESS_READ),
             t(Phys::Vram(0x40_2000), HUGE_PAGE_SIZE - 0x2000)
         );
         // A huge MAP replaces the 4 KiB entries inside it.
-        mmu.map(3, &[mapping(0, 0x8000_0000, huge, MAP_HUGE | MAP_READ)])
-            .unwrap();
+        mmu.map(
+            ctx(3),
+            &[mapping(0, 0x8000_0000, huge, MAP_HUGE | MAP_READ)],
+        )
+        .unwrap();
         assert_eq!(mmu.entries(), 4);
         assert_eq!(
-            mmu.translate(3, 0x8000_1008, ACCESS_READ),
+            mmu.translate(ctx(3), 0x8000_1008, ACCESS_READ),
             t(Phys::Guest(0x1008), HUGE_PAGE_SIZE - 0x1008)
         );
         // Remapping a page replaces it.
-        mmu.map(3, &[mapping(0x90_0000, 0x7000_1000, 4096, MAP_READ)])
+        mmu.map(ctx(3), &[mapping(0x90_0000, 0x7000_1000, 4096, MAP_READ)])
             .unwrap();
         assert_eq!(mmu.entries(), 4);
         assert_eq!(
-            mmu.translate(3, 0x7000_1000, ACCESS_READ),
+            mmu.translate(ctx(3), 0x7000_1000, ACCESS_READ),
             t(Phys::Guest(0x90_0000), 4096)
         );
     }
@@ -522,10 +401,10 @@ mod tests {
     #[test]
     fn unmap_removes_overlapping_entries_and_whole_huge_ones() {
         let mut mmu = Mmu::default();
-        mmu.create(1);
+        mmu.create(ctx(1));
         let huge = HUGE_PAGE_SIZE as u32;
         mmu.map(
-            1,
+            ctx(1),
             &[
                 mapping(0, 0x1000_0000, 0x4000, RW),
                 mapping(0, 0x2000_0000, huge, MAP_HUGE | RW),
@@ -533,54 +412,59 @@ mod tests {
         )
         .unwrap();
         // One byte in the middle of the second page removes that page.
-        assert_eq!(mmu.unmap(1, 0x1000_1fff, 1), Some(1));
-        assert_eq!(mmu.translate(1, 0x1000_1000, ACCESS_READ), NOT_MAPPED);
-        assert!(mmu.translate(1, 0x1000_0fff, ACCESS_READ).is_ok());
-        assert!(mmu.translate(1, 0x1000_2000, ACCESS_READ).is_ok());
+        assert_eq!(mmu.unmap(ctx(1), 0x1000_1fff, 1), Some(1));
+        assert_eq!(mmu.translate(ctx(1), 0x1000_1000, ACCESS_READ), NOT_MAPPED);
+        mmu.translate(ctx(1), 0x1000_0fff, ACCESS_READ).unwrap();
+        mmu.translate(ctx(1), 0x1000_2000, ACCESS_READ).unwrap();
         // Overlapping the last page and beyond.
-        assert_eq!(mmu.unmap(1, 0x1000_3000, 0x10_0000), Some(1));
+        assert_eq!(mmu.unmap(ctx(1), 0x1000_3000, 0x10_0000), Some(1));
         // One page of the huge entry removes it whole.
-        assert_eq!(mmu.unmap(1, 0x2010_0000, 4096), Some(1));
-        assert_eq!(mmu.translate(1, 0x2000_0000, ACCESS_READ), NOT_MAPPED);
-        assert_eq!(mmu.unmap(1, 0x2010_0000, 4096), Some(0));
-        assert_eq!(mmu.unmap(1, 0, 0), Some(0));
+        assert_eq!(mmu.unmap(ctx(1), 0x2010_0000, 4096), Some(1));
+        assert_eq!(mmu.translate(ctx(1), 0x2000_0000, ACCESS_READ), NOT_MAPPED);
+        assert_eq!(mmu.unmap(ctx(1), 0x2010_0000, 4096), Some(0));
+        assert_eq!(mmu.unmap(ctx(1), 0, 0), Some(0));
         // Everything, up to the top of the address space.
-        assert_eq!(mmu.unmap(1, 0, u64::MAX), Some(2));
+        assert_eq!(mmu.unmap(ctx(1), 0, u64::MAX), Some(2));
         assert_eq!(mmu.entries(), 0);
     }
 
     #[test]
     fn entry_cap_is_enforced_without_partial_maps() {
         let mut mmu = Mmu::with_cap(8);
-        mmu.create(1);
-        mmu.create(2);
-        mmu.map(1, &[mapping(0, 0, 5 * 4096, RW)]).unwrap();
+        mmu.create(ctx(1));
+        mmu.create(ctx(2));
+        mmu.map(ctx(1), &[mapping(0, 0, 5 * 4096, RW)]).unwrap();
         // 3 more fit, 4 do not; the command is refused whole.
         let too_many = [
             mapping(0, 0x10_0000, 2 * 4096, RW),
             mapping(0, 0x20_0000, 2 * 4096, RW),
         ];
-        assert_eq!(mmu.map(2, &too_many), Err(Some(1)));
+        assert_eq!(mmu.map(ctx(2), &too_many), Err(Some(1)));
         assert_eq!(mmu.entries(), 5);
-        assert_eq!(mmu.translate(2, 0x10_0000, ACCESS_READ), NOT_MAPPED);
+        assert_eq!(mmu.translate(ctx(2), 0x10_0000, ACCESS_READ), NOT_MAPPED);
         // Replacing existing entries needs no room.
-        mmu.map(1, &[mapping(0x1000, 0, 5 * 4096, MAP_READ)])
+        mmu.map(ctx(1), &[mapping(0x1000, 0, 5 * 4096, MAP_READ)])
             .unwrap();
         assert_eq!(mmu.entries(), 5);
-        mmu.map(2, &[mapping(0, 0x10_0000, 3 * 4096, RW)]).unwrap();
+        mmu.map(ctx(2), &[mapping(0, 0x10_0000, 3 * 4096, RW)])
+            .unwrap();
         assert_eq!(mmu.entries(), 8);
         assert_eq!(
-            mmu.map(2, &[mapping(0, 0, HUGE_PAGE_SIZE as u32, MAP_HUGE)]),
+            mmu.map(ctx(2), &[mapping(0, 0, HUGE_PAGE_SIZE as u32, MAP_HUGE)]),
             Err(Some(0))
         );
         // A command may not install more than the cap even as replacements.
-        assert_eq!(mmu.map(1, &[mapping(0, 0, 9 * 4096, RW)]), Err(Some(0)));
+        assert_eq!(
+            mmu.map(ctx(1), &[mapping(0, 0, 9 * 4096, RW)]),
+            Err(Some(0))
+        );
         // Destroying a context frees its entries.
-        mmu.destroy(2);
+        mmu.destroy(ctx(2));
         assert_eq!(mmu.entries(), 5);
-        mmu.map(1, &[mapping(0, 0x40_0000, 3 * 4096, RW)]).unwrap();
+        mmu.map(ctx(1), &[mapping(0, 0x40_0000, 3 * 4096, RW)])
+            .unwrap();
         mmu.clear();
         assert_eq!(mmu.entries(), 0);
-        assert!(!mmu.exists(1));
+        assert!(!mmu.exists(ctx(1)));
     }
 }

@@ -21,7 +21,59 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::faults::Fault;
+use crate::faults::{Fault, FaultError};
+
+/// Largest plan file read (a plan is a few hundred bytes in practice; a
+/// path naming /dev/zero must not fill the memory).
+pub const MAX_PLAN_FILE: u64 = 1 << 20;
+
+/// Why a plan cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// Not a plan in JSON.
+    #[error("bad fault plan: {0}")]
+    Parse(#[from] serde_json::Error),
+    /// An entry is inconsistent.
+    #[error("fault plan entry {index}: {reason}")]
+    Entry {
+        /// Its index in `faults`.
+        index: usize,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// An entry's fault is bad.
+    #[error("fault plan entry {index}: {source}")]
+    Fault {
+        /// Its index in `faults`.
+        index: usize,
+        /// What is wrong with the fault.
+        source: FaultError,
+    },
+    /// The plan file cannot be read.
+    #[error("fault plan {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The plan file is not a regular file, or too large.
+    #[error("fault plan {}: {reason}", path.display())]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The plan file holds a bad plan.
+    #[error("{}: {source}", path.display())]
+    InFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        source: Box<PlanError>,
+    },
+}
 
 /// SplitMix64 (Steele, Lea, Flood 2014): a tiny, well-mixed, seedable
 /// generator; the only randomness fault injection uses.
@@ -90,32 +142,36 @@ pub struct PlanEntry {
 
 impl Plan {
     /// Parses a plan from JSON text, validated.
-    pub fn from_json_str(text: &str) -> Result<Self, String> {
-        let plan: Plan = serde_json::from_str(text).map_err(|e| format!("bad fault plan: {e}"))?;
+    pub fn from_json_str(text: &str) -> Result<Self, PlanError> {
+        let plan: Plan = serde_json::from_str(text)?;
         plan.validate()?;
         Ok(plan)
     }
 
     /// Parses a plan from a JSON value, validated.
-    pub fn from_json(value: &serde_json::Value) -> Result<Self, String> {
-        let plan = Plan::deserialize(value).map_err(|e| format!("bad fault plan: {e}"))?;
+    pub fn from_json(value: &serde_json::Value) -> Result<Self, PlanError> {
+        let plan = Plan::deserialize(value)?;
         plan.validate()?;
         Ok(plan)
     }
 
-    /// Reads and parses the plan file at `path`.
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("fault plan {}: {e}", path.display()))?;
-        Self::from_json_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    /// Reads and parses the plan file at `path`: a regular file of at most
+    /// [`MAX_PLAN_FILE`] bytes, opened without blocking (a FIFO or a device
+    /// is refused, never waited on or read without end).
+    pub fn load(path: &Path) -> Result<Self, PlanError> {
+        let text = read_plan_file(path)?;
+        Self::from_json_str(&text).map_err(|e| PlanError::InFile {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })
     }
 
     /// Checks what serde cannot.
-    pub fn validate(&self) -> Result<(), String> {
-        for (i, entry) in self.faults.iter().enumerate() {
-            let bad = |what: &str| Err(format!("fault plan entry {i}: {what}"));
-            if let Err(e) = entry.fault.validate() {
-                return bad(&e);
+    pub fn validate(&self) -> Result<(), PlanError> {
+        for (index, entry) in self.faults.iter().enumerate() {
+            let bad = |reason| Err(PlanError::Entry { index, reason });
+            if let Err(source) = entry.fault.validate() {
+                return Err(PlanError::Fault { index, source });
             }
             if entry.after_ms.is_some()
                 && (entry.after_commands.is_some() || entry.every_commands.is_some())
@@ -137,6 +193,46 @@ impl Plan {
         }
         Ok(())
     }
+}
+
+/// The text of the plan file at `path` (see [`Plan::load`]).
+fn read_plan_file(path: &Path) -> Result<String, PlanError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let read_err = |source| PlanError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let refuse = |reason: String| PlanError::File {
+        path: path.to_owned(),
+        reason,
+    };
+    // O_NONBLOCK: opening a FIFO without a writer would block the control
+    // thread; it is refused below instead.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(refuse("not a regular file".into()));
+    }
+    if meta.len() > MAX_PLAN_FILE {
+        return Err(refuse(format!(
+            "{} bytes; a plan file may have at most {MAX_PLAN_FILE}",
+            meta.len()
+        )));
+    }
+    let mut text = String::new();
+    // The file may grow after the check: read one byte more than allowed.
+    file.take(MAX_PLAN_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(read_err)?;
+    if text.len() as u64 > MAX_PLAN_FILE {
+        return Err(refuse(format!("more than {MAX_PLAN_FILE} bytes")));
+    }
+    Ok(text)
 }
 
 /// A loaded plan: its entries and how far each got.

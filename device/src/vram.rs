@@ -11,9 +11,9 @@
 //! mapping is only ever handled as volatile memory ([`VolatileSlice`]), never
 //! as a Rust `&[u8]`.
 
-use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
@@ -23,11 +23,17 @@ use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
 pub const MIN_VRAM_SIZE: u64 = 2 << 20;
 
 /// Why the VRAM could not be set up or accessed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum VramError {
     /// The requested size is not a power of two, or below [`MIN_VRAM_SIZE`].
+    #[error("VRAM size {0} is not a power of two of at least {MIN_VRAM_SIZE} bytes (2 MiB)")]
     BadSize(u64),
     /// The file exists but has another size than requested.
+    #[error(
+        "VRAM file {} is {file_size} bytes but the VRAM size is {wanted} bytes; \
+         remove the file or give the matching --vram-size",
+        path.display()
+    )]
     SizeMismatch {
         /// The file.
         path: PathBuf,
@@ -37,15 +43,38 @@ pub enum VramError {
         wanted: u64,
     },
     /// Opening, creating or sizing the file failed.
+    #[error("VRAM file {}: {source}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// What went wrong.
         source: io::Error,
     },
+    /// The file is not safe to use: not a regular file, not ours, or open
+    /// to other users (who could change the device's memory).
+    #[error("VRAM file {}: {reason}; refusing it (the backend creates it 0600 when it is missing)", path.display())]
+    Unsafe {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The file's blocks could not be reserved (a full tmpfs): mapping it
+    /// anyway would let a later access die of SIGBUS.
+    #[error("VRAM file {}: reserving {size} bytes: {source}", path.display())]
+    Reserve {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// Why.
+        source: io::Error,
+    },
     /// mmap() failed.
+    #[error("mapping the VRAM file: {0}")]
     Map(vm_memory::mmap::MmapRegionError),
     /// An access was (partly) outside the VRAM.
+    #[error("VRAM access of {len} bytes at offset {offset:#x} is outside the VRAM")]
     OutOfRange {
         /// Offset of the access.
         offset: u64,
@@ -54,36 +83,32 @@ pub enum VramError {
     },
 }
 
-impl fmt::Display for VramError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::BadSize(size) => write!(
-                f,
-                "VRAM size {size} is not a power of two of at least {MIN_VRAM_SIZE} bytes (2 MiB)"
-            ),
-            Self::SizeMismatch {
-                path,
-                file_size,
-                wanted,
-            } => write!(
-                f,
-                "VRAM file {} is {file_size} bytes but the VRAM size is {wanted} bytes; \
-                 remove the file or give the matching --vram-size",
-                path.display()
-            ),
-            Self::Io { path, source } => write!(f, "VRAM file {}: {source}", path.display()),
-            Self::Map(e) => write!(f, "mapping the VRAM file: {e}"),
-            Self::OutOfRange { offset, len } => {
-                write!(
-                    f,
-                    "VRAM access of {len} bytes at offset {offset:#x} is outside the VRAM"
-                )
-            }
-        }
+/// Refuses `file` (at `path`) unless it is a regular file owned by this
+/// process's user and closed to everyone else.
+fn check_owned_and_private(path: &Path, file: &File) -> Result<(), VramError> {
+    let refuse = |reason: String| VramError::Unsafe {
+        path: path.to_owned(),
+        reason,
+    };
+    let meta = file.metadata().map_err(|source| VramError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    if !meta.file_type().is_file() {
+        return Err(refuse("not a regular file".into()));
     }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(refuse(format!("owned by uid {}, not {me}", meta.uid())));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(refuse(format!(
+            "mode {:o} lets other users at it (want 0600)",
+            meta.mode() & 0o777
+        )));
+    }
+    Ok(())
 }
-
-impl std::error::Error for VramError {}
 
 /// The VRAM mapping.
 #[derive(Debug)]
@@ -93,10 +118,13 @@ pub struct Vram {
 }
 
 impl Vram {
-    /// Maps `path` as a VRAM of `size` bytes. The file is created (sparse)
-    /// when it does not exist; an existing file must already have exactly
+    /// Maps `path` as a VRAM of `size` bytes. The file is created (mode
+    /// 0600) when it does not exist; an existing file must be a regular file
+    /// of ours that no other user can access, and already have exactly
     /// `size` bytes, so the backend never silently truncates or grows a file
-    /// that QEMU maps too.
+    /// that QEMU maps too. A symbolic link is refused (O_NOFOLLOW). The
+    /// file's blocks are reserved (posix_fallocate) before it is mapped, so
+    /// a full tmpfs is an error here rather than a SIGBUS later.
     pub fn open(path: &Path, size: u64) -> Result<Self, VramError> {
         if !size.is_power_of_two() || size < MIN_VRAM_SIZE {
             return Err(VramError::BadSize(size));
@@ -105,10 +133,13 @@ impl Vram {
             path: path.to_owned(),
             source,
         };
+        let flags = libc::O_NOFOLLOW | libc::O_CLOEXEC;
         let file = match OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0o600)
+            .custom_flags(flags)
             .open(path)
         {
             Ok(file) => {
@@ -119,8 +150,10 @@ impl Vram {
                 let file = OpenOptions::new()
                     .read(true)
                     .write(true)
+                    .custom_flags(flags)
                     .open(path)
                     .map_err(io_err)?;
+                check_owned_and_private(path, &file)?;
                 let file_size = file.metadata().map_err(io_err)?.len();
                 if file_size != size {
                     return Err(VramError::SizeMismatch {
@@ -133,6 +166,13 @@ impl Vram {
             }
             Err(e) => return Err(io_err(e)),
         };
+        rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size).map_err(
+            |e| VramError::Reserve {
+                path: path.to_owned(),
+                size,
+                source: e.into(),
+            },
+        )?;
         Self::from_file(file, size)
     }
 
@@ -202,16 +242,82 @@ impl Vram {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     const SIZE: u64 = MIN_VRAM_SIZE;
 
     #[test]
-    fn creates_file_of_the_given_size() {
+    fn creates_a_private_file_of_the_given_size_with_its_blocks() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vram");
         let vram = Vram::open(&path, SIZE).unwrap();
         assert_eq!(vram.size(), SIZE);
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), SIZE);
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), SIZE);
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        // Reserved, not sparse: every block is there.
+        assert!(meta.blocks() * 512 >= SIZE, "{} blocks", meta.blocks());
+    }
+
+    #[test]
+    fn refuses_links_shared_and_foreign_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        private_file(&target, SIZE);
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = Vram::open(&link, SIZE).unwrap_err();
+        assert!(
+            matches!(&err, VramError::Io { source, .. } if source.raw_os_error() == Some(libc::ELOOP)),
+            "{err}"
+        );
+        // Readable by the group, or by everyone: refused, untouched.
+        for mode in [0o640, 0o604, 0o660] {
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = Vram::open(&target, SIZE).unwrap_err();
+            assert!(matches!(err, VramError::Unsafe { .. }), "{mode:o}: {err}");
+            assert!(err.to_string().contains("other users"), "{err}");
+        }
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Vram::open(&target, SIZE).unwrap();
+        // A directory, a FIFO: not regular files.
+        let err = Vram::open(dir.path(), SIZE).unwrap_err();
+        assert!(
+            matches!(err, VramError::Io { .. } | VramError::Unsafe { .. }),
+            "{err}"
+        );
+        // Another user's file: only root can make one here.
+        if rustix::process::geteuid().is_root() {
+            let foreign = dir.path().join("foreign");
+            private_file(&foreign, SIZE);
+            std::os::unix::fs::chown(&foreign, Some(65534), None).unwrap();
+            let err = Vram::open(&foreign, SIZE).unwrap_err();
+            assert!(err.to_string().contains("owned by uid 65534"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_vram_a_full_tmpfs_cannot_hold_is_an_error_not_a_sigbus() {
+        // A tmpfs too small for the VRAM: only root can mount one.
+        if !rustix::process::geteuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "hmmgpu-test"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("cannot mount a tmpfs here; skipped");
+            return;
+        }
+        let err = Vram::open(&dir.path().join("vram"), SIZE).map(drop);
+        let _ = std::process::Command::new("umount")
+            .arg(dir.path())
+            .status();
+        let err = err.unwrap_err();
+        assert!(matches!(err, VramError::Reserve { .. }), "{err}");
     }
 
     #[test]
@@ -224,14 +330,23 @@ mod tests {
         assert!(!path.exists(), "a rejected size must not create the file");
     }
 
+    /// A file as QEMU's runner makes it: ours, 0600.
+    fn private_file(path: &Path, len: u64) {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+    }
+
     #[test]
     fn existing_file_must_match_the_size() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vram");
-        std::fs::File::create(&path)
-            .unwrap()
-            .set_len(SIZE * 2)
-            .unwrap();
+        private_file(&path, SIZE * 2);
         let err = Vram::open(&path, SIZE).unwrap_err();
         assert!(
             matches!(err, VramError::SizeMismatch { file_size, wanted, .. }
@@ -268,8 +383,8 @@ mod tests {
         assert!(!vram.contains(SIZE, 1));
         assert!(!vram.contains(1, SIZE));
         assert!(!vram.contains(u64::MAX, 2), "wrapping end must not pass");
-        assert!(vram.slice(SIZE - 1, 2).is_err());
-        assert!(vram.slice(u64::MAX - 1, 4).is_err());
+        vram.slice(SIZE - 1, 2).unwrap_err();
+        vram.slice(u64::MAX - 1, 4).unwrap_err();
         assert!(vram.write(SIZE - 2, &[1, 2, 3]).is_err());
         let mut buf = [0u8; 8];
         assert!(vram.read(SIZE - 4, &mut buf).is_err());

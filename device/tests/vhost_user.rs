@@ -1,11 +1,13 @@
 // SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0
 //! The backend driven through a real vhost-user socket, with this test
 //! playing QEMU (vhost's `Frontend`) and the guest driver (writing split
-//! virtqueue rings into memfd-backed guest memory), no VM involved.
+//! virtqueue rings into file-backed guest memory), no VM involved.
+#![forbid(unsafe_code)]
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,12 +16,11 @@ use std::sync::{Arc, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use hmmgpu_abi::range_flags::{DST_VRAM, MAP_READ, MAP_WRITE, SRC_VRAM};
 use hmmgpu_abi::{
-    counter, event, opcode, status, CmdHeader, DeviceConfig, Event, Range, Response, ABI_VERSION,
-    CONFIG_MAGIC, MAX_CONTEXTS, MAX_RANGES, QUEUE_COMMAND, QUEUE_EVENT, QUEUE_SIZE,
+    counter, event, CmdHeader, DeviceConfig, Event, Opcode, Range, RangeFlags, Response, Status,
+    ABI_VERSION, CONFIG_MAGIC, MAX_CONTEXTS, MAX_RANGES, QUEUE_COMMAND, QUEUE_EVENT, QUEUE_SIZE,
 };
-use hmmgpu_device::backend::register_fault_wakeup;
+use hmmgpu_device::backend::register_wakeups;
 use hmmgpu_device::{Engine, FaultInjector, HmmGpuBackend, Stats, Vram};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
@@ -31,7 +32,14 @@ use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, Le16,
     Le32, Le64,
 };
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+
+/// Range flags as the wire's `Range::flags` holds them.
+const DST_VRAM: u32 = RangeFlags::DST_VRAM.bits();
+const SRC_VRAM: u32 = RangeFlags::SRC_VRAM.bits();
+const MAP_READ: u32 = RangeFlags::MAP_READ.bits();
+const MAP_WRITE: u32 = RangeFlags::MAP_WRITE.bits();
 
 const VRAM_SIZE: u64 = 4 << 20;
 /// Guest RAM: one memfd region at a GPA unlike its host address, so any
@@ -111,13 +119,11 @@ struct Vm {
     ev_last_used: u16,
 }
 
-fn memfd(size: u64) -> File {
-    // SAFETY: a plain syscall with a NUL-terminated name; the fd it returns
-    // is owned by the File from here on.
-    let fd = unsafe { libc::memfd_create(c"hmmgpu-test-ram".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is a fresh descriptor nobody else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
+/// Guest RAM's backing file: an unlinked temporary file the backend maps
+/// through the descriptor SET_MEM_TABLE passes (QEMU uses a memfd; any
+/// shareable file does).
+fn ram_file(size: u64) -> File {
+    let file = tempfile::tempfile().unwrap();
     file.set_len(size).unwrap();
     file
 }
@@ -150,7 +156,7 @@ impl Vm {
         frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         assert_eq!(frontend.get_queue_num().unwrap(), 2);
 
-        let file = memfd(RAM_SIZE);
+        let file = ram_file(RAM_SIZE);
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
             GuestAddress(RAM_BASE),
             RAM_SIZE as usize,
@@ -354,12 +360,12 @@ impl Vm {
 
     /// Sends a command (header and ranges in two readable descriptors, as a
     /// driver with a separate range array would) and returns its response.
-    fn command(&mut self, op: u32, ranges: &[Range]) -> Response {
+    fn command(&mut self, op: Opcode, ranges: &[Range]) -> Response {
         self.command_ctx(op, 0, ranges)
     }
 
     /// `command` with a device MMU context.
-    fn command_ctx(&mut self, op: u32, ctx: u32, ranges: &[Range]) -> Response {
+    fn command_ctx(&mut self, op: Opcode, ctx: u32, ranges: &[Range]) -> Response {
         let head = self.post_command(op, ctx, ranges, CMD_BUF, RESP_BUF);
         assert_eq!(self.wait_used(), (head, Response::SIZE as u32));
         self.response()
@@ -370,19 +376,13 @@ impl Vm {
     /// it; returns its head.
     fn post_command(
         &mut self,
-        op: u32,
+        op: Opcode,
         ctx: u32,
         ranges: &[Range],
         cmd_at: u64,
         resp_at: u64,
     ) -> u16 {
-        let header = CmdHeader {
-            opcode: op,
-            ctx,
-            tag: 42,
-            count: ranges.len() as u32,
-            reserved: 0,
-        };
+        let header = CmdHeader::new(op, ctx, 42, ranges.len() as u32);
         let ranges_at = cmd_at + 0x100;
         self.mem
             .write_slice(&header.to_bytes(), GuestAddress(cmd_at))
@@ -421,15 +421,10 @@ impl Vm {
 
 /// Waits for an interrupt on `call` and consumes it.
 fn wait_interrupt(call: &EventFd) {
-    let mut pollfd = libc::pollfd {
-        fd: call.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let ready = unsafe { libc::poll(&mut pollfd, 1, TIMEOUT.as_millis() as i32) };
-    assert_eq!(ready, 1, "no interrupt within {TIMEOUT:?}");
-    call.read().unwrap();
+    assert!(
+        interrupt_within(call, TIMEOUT),
+        "no interrupt within {TIMEOUT:?}"
+    );
 }
 
 /// Element `last_used` of the used ring at `ring`, if the device has
@@ -453,11 +448,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 }
 
 fn ok(bytes: u64) -> Response {
-    Response {
-        status: status::OK,
-        failed_index: 0,
-        bytes,
-    }
+    Response::ok(bytes)
 }
 
 /// A backend daemon serving one session on a thread of this process.
@@ -478,14 +469,16 @@ impl InProcess {
         let faults = Arc::new(FaultInjector::with_vram(vram.clone()));
         faults.capture_log();
         let engine = Engine::new(vram, stats.clone(), faults.clone());
-        let backend = Arc::new(RwLock::new(HmmGpuBackend::new(engine)));
+        let backend = HmmGpuBackend::new(engine);
+        let resume = backend.resume_fd();
+        let backend = Arc::new(RwLock::new(backend));
         let mut daemon = VhostUserDaemon::new(
             "hmmgpu-test".to_owned(),
             backend,
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .unwrap();
-        register_fault_wakeup(&daemon, &faults).unwrap();
+        register_wakeups(&daemon, &faults, resume).unwrap();
         // Bound before the thread starts, so the front end can connect at once.
         let mut listener = Listener::new(&socket, true).unwrap();
         let session = thread::spawn(move || {
@@ -539,7 +532,7 @@ fn config_space_and_copies_through_the_vram() {
     assert_eq!(config.page_size, 4096);
     assert_eq!(config.max_ranges, MAX_RANGES);
 
-    assert_eq!(vm.command(opcode::NOP, &[]), ok(0));
+    assert_eq!(vm.command(Opcode::Nop, &[]), ok(0));
 
     // Guest -> VRAM: three scattered 4 KiB pages into one contiguous block,
     // as a migration to device memory does.
@@ -561,7 +554,7 @@ fn config_space_and_copies_through_the_vram() {
             flags: DST_VRAM,
         })
         .collect();
-    assert_eq!(vm.command(opcode::COPY, &to_vram), ok(3 * 4096));
+    assert_eq!(vm.command(Opcode::Copy, &to_vram), ok(3 * 4096));
     // The bytes are in the VRAM file itself, where QEMU's BAR maps them.
     let file = backend.vram_file();
     assert_eq!(
@@ -578,7 +571,7 @@ fn config_space_and_copies_through_the_vram() {
         flags: SRC_VRAM,
     };
     assert_eq!(
-        vm.command(opcode::COPY, &[from_vram]),
+        vm.command(Opcode::Copy, &[from_vram]),
         ok(data.len() as u64)
     );
     assert_eq!(vm.read(back, data.len()), data);
@@ -590,7 +583,7 @@ fn config_space_and_copies_through_the_vram() {
         len: 21,
         flags: DST_VRAM,
     };
-    assert_eq!(vm.command(opcode::FILL, &[fill]), ok(21));
+    assert_eq!(vm.command(Opcode::Fill, &[fill]), ok(21));
     let file = backend.vram_file();
     let expect: Vec<u8> = (0..21)
         .map(|i| 0x1122_3344_5566_7788u64.to_le_bytes()[i % 8])
@@ -624,7 +617,7 @@ fn indirect_descriptors_and_many_commands_without_event_idx() {
             len: 64,
             flags: DST_VRAM,
         };
-        assert_eq!(vm.command(opcode::COPY, &[range]), ok(64));
+        assert_eq!(vm.command(Opcode::Copy, &[range]), ok(64));
     }
     // One command through an indirect table: header, ranges and response
     // buffers all described by a table in guest RAM.
@@ -632,7 +625,7 @@ fn indirect_descriptors_and_many_commands_without_event_idx() {
     let data = pattern(512, 0xa1);
     vm.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
     let header = CmdHeader {
-        opcode: opcode::COPY,
+        opcode: Opcode::Copy.bits(),
         ctx: 0,
         tag: 7,
         count: 1,
@@ -709,11 +702,11 @@ fn bad_commands_fail_and_the_queue_keeps_serving() {
         len: 16,
         flags: DST_VRAM,
     };
-    let response = vm.command(opcode::COPY, &[good, outside]);
+    let response = vm.command(Opcode::Copy, &[good, outside]);
     assert_eq!(
         response,
         Response {
-            status: status::BAD_GUEST_ADDR,
+            status: Status::BadGuestAddr,
             failed_index: 1,
             bytes: 0
         }
@@ -731,8 +724,8 @@ fn bad_commands_fail_and_the_queue_keeps_serving() {
         flags: DST_VRAM,
     };
     assert_eq!(
-        vm.command(opcode::COPY, &[past]).status,
-        status::BAD_VRAM_RANGE
+        vm.command(Opcode::Copy, &[past]).status,
+        Status::BadVramRange
     );
 
     // An injected copy-engine error: the first range is done, the second not.
@@ -743,11 +736,11 @@ fn bad_commands_fail_and_the_queue_keeps_serving() {
         len: 4096,
         flags: DST_VRAM,
     };
-    let response = vm.command(opcode::COPY, &[good, second]);
+    let response = vm.command(Opcode::Copy, &[good, second]);
     assert_eq!(
         response,
         Response {
-            status: status::COPY_ERROR,
+            status: Status::CopyError,
             failed_index: 1,
             bytes: 4096
         }
@@ -766,11 +759,11 @@ fn bad_commands_fail_and_the_queue_keeps_serving() {
         wo(RESP_BUF, Response::SIZE as u32),
     ]);
     assert_eq!(len, Response::SIZE as u32);
-    assert_eq!(vm.response().status, status::BAD_REQUEST);
+    assert_eq!(vm.response().status, Status::BadRequest);
 
     // A readable part cut short of its announced ranges.
     let header = CmdHeader {
-        opcode: opcode::COPY,
+        opcode: Opcode::Copy.bits(),
         ctx: 0,
         tag: 1,
         count: 2,
@@ -790,7 +783,7 @@ fn bad_commands_fail_and_the_queue_keeps_serving() {
     assert_eq!(
         vm.response(),
         Response {
-            status: status::BAD_REQUEST,
+            status: Status::BadRequest,
             failed_index: 1,
             bytes: 0
         }
@@ -798,7 +791,7 @@ fn bad_commands_fail_and_the_queue_keeps_serving() {
 
     // The response buffer points outside guest memory: dropped, used len 0.
     let header = CmdHeader {
-        opcode: opcode::NOP,
+        opcode: Opcode::Nop.bits(),
         ..Default::default()
     };
     vm.mem
@@ -813,7 +806,7 @@ fn bad_commands_fail_and_the_queue_keeps_serving() {
     assert_eq!(vm.submit(&[ro(CMD_BUF, 24), wo(RESP_BUF, 8)]), 0);
 
     // The device keeps serving.
-    assert_eq!(vm.command(opcode::COPY, &[second]), ok(4096));
+    assert_eq!(vm.command(Opcode::Copy, &[second]), ok(4096));
     assert_eq!(&backend.vram_file()[0x2000..0x3000], &pattern(4096, 3)[..]);
 
     let stats = backend.stats.snapshot();
@@ -851,21 +844,21 @@ fn device_mmu_flow(refused: u64) {
         flags,
     };
 
-    assert_eq!(vm.command_ctx(opcode::CTX_CREATE, CTX, &[]), ok(0));
+    assert_eq!(vm.command_ctx(Opcode::CtxCreate, CTX, &[]), ok(0));
     assert_eq!(
-        vm.command_ctx(opcode::MAP, CTX, &[r(page, VA, 4096, rw)]),
+        vm.command_ctx(Opcode::Map, CTX, &[r(page, VA, 4096, rw)]),
         ok(0)
     );
     // VWRITE, then VREAD back part of it.
     let data = pattern(4096, 0x33);
     vm.mem.write_slice(&data, GuestAddress(buf)).unwrap();
     assert_eq!(
-        vm.command_ctx(opcode::VWRITE, CTX, &[r(buf, VA, 4096, 0)]),
+        vm.command_ctx(Opcode::Vwrite, CTX, &[r(buf, VA, 4096, 0)]),
         ok(4096)
     );
     assert_eq!(vm.read(page, 4096), data);
     assert_eq!(
-        vm.command_ctx(opcode::VREAD, CTX, &[r(VA + 100, buf + 0x2000, 1000, 0)]),
+        vm.command_ctx(Opcode::Vread, CTX, &[r(VA + 100, buf + 0x2000, 1000, 0)]),
         ok(1000)
     );
     assert_eq!(vm.read(buf + 0x2000, 1000), data[100..1100]);
@@ -873,9 +866,9 @@ fn device_mmu_flow(refused: u64) {
     // No event buffer posted yet: a fault fails the command at once.
     let unmapped = r(VA + 0x1008, buf, 16, 0);
     assert_eq!(
-        vm.command_ctx(opcode::VREAD, CTX, &[unmapped]),
+        vm.command_ctx(Opcode::Vread, CTX, &[unmapped]),
         Response {
-            status: status::FAULT,
+            status: Status::Fault,
             failed_index: 0,
             bytes: 0
         }
@@ -888,7 +881,7 @@ fn device_mmu_flow(refused: u64) {
     vm.post_event_buffer(0, Event::SIZE as u32);
     vm.post_event_buffer(1, Event::SIZE as u32);
     let parked = vm.post_command(
-        opcode::VREAD,
+        Opcode::Vread,
         CTX,
         &[r(VA + 0x800, buf + 0x4000, 0x1000, 0)],
         CMD_BUF2,
@@ -908,7 +901,7 @@ fn device_mmu_flow(refused: u64) {
         }
     );
     // It did not complete: a NOP sent after it completes alone.
-    assert_eq!(vm.command(opcode::NOP, &[]), ok(0));
+    assert_eq!(vm.command(Opcode::Nop, &[]), ok(0));
     assert_eq!(vm.take_used(), None);
     assert_eq!(vm.read(RESP_BUF2, Response::SIZE), [0xee; Response::SIZE]);
     assert_eq!(vm.read(buf + 0x4000, 0x800), data[0x800..]);
@@ -920,10 +913,10 @@ fn device_mmu_flow(refused: u64) {
         .write_slice(&other_data, GuestAddress(other))
         .unwrap();
     assert_eq!(
-        vm.command_ctx(opcode::MAP, CTX, &[r(other, VA + 0x1000, 4096, MAP_READ)]),
+        vm.command_ctx(Opcode::Map, CTX, &[r(other, VA + 0x1000, 4096, MAP_READ)]),
         ok(0)
     );
-    let replay = vm.post_command(opcode::REPLAY, CTX, &[], CMD_BUF, RESP_BUF);
+    let replay = vm.post_command(Opcode::Replay, CTX, &[], CMD_BUF, RESP_BUF);
     assert_eq!(vm.wait_used(), (parked, Response::SIZE as u32));
     assert_eq!(vm.take_used(), Some((replay, Response::SIZE as u32)));
     assert_eq!(vm.response_at(RESP_BUF2), ok(0x1000));
@@ -933,7 +926,7 @@ fn device_mmu_flow(refused: u64) {
 
     // A write to the read-only page: a permission fault; CANCEL fails it.
     let parked = vm.post_command(
-        opcode::VWRITE,
+        Opcode::Vwrite,
         CTX,
         &[r(buf, VA + 0xff8, 16, 0)],
         CMD_BUF2,
@@ -950,13 +943,13 @@ fn device_mmu_flow(refused: u64) {
             2
         )
     );
-    let cancel = vm.post_command(opcode::CANCEL, CTX, &[], CMD_BUF, RESP_BUF);
+    let cancel = vm.post_command(Opcode::Cancel, CTX, &[], CMD_BUF, RESP_BUF);
     assert_eq!(vm.wait_used(), (parked, Response::SIZE as u32));
     assert_eq!(vm.take_used(), Some((cancel, Response::SIZE as u32)));
     assert_eq!(
         vm.response_at(RESP_BUF2),
         Response {
-            status: status::FAULT,
+            status: Status::Fault,
             failed_index: 0,
             bytes: 8
         }
@@ -964,8 +957,8 @@ fn device_mmu_flow(refused: u64) {
     assert_eq!(vm.response(), ok(0));
     assert_eq!(vm.read(page + 0xff8, 8), data[..8]);
     assert_eq!(
-        vm.command_ctx(opcode::REPLAY, CTX, &[]).status,
-        status::BAD_CONTEXT
+        vm.command_ctx(Opcode::Replay, CTX, &[]).status,
+        Status::BadContext
     );
 
     // COUNTERS agrees with the backend's counters (which include the
@@ -973,7 +966,7 @@ fn device_mmu_flow(refused: u64) {
     let block_at = DATA + 0x8000;
     assert_eq!(
         vm.command(
-            opcode::COUNTERS,
+            Opcode::Counters,
             &[r(0, block_at, counter::BLOCK_SIZE as u32, 0)]
         ),
         ok(counter::BLOCK_SIZE as u64)
@@ -1089,7 +1082,7 @@ fn daemon_exits_cleanly_when_the_front_end_disconnects() {
         len: 100,
         flags: DST_VRAM,
     };
-    assert_eq!(vm.command(opcode::COPY, &[range]), ok(100));
+    assert_eq!(vm.command(Opcode::Copy, &[range]), ok(100));
 
     // The control socket reports the same counters.
     let mut stream = UnixStream::connect(&control).unwrap();
@@ -1130,6 +1123,152 @@ fn daemon_exits_cleanly_when_the_front_end_disconnects() {
     assert!(!control.exists(), "the control socket was left behind");
 }
 
+/// A backend process that is killed if the test fails before it exits
+/// (it would keep the test's output open, and `cargo test` waiting).
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Under umask 0 the backend's files are still private: the VRAM file it
+/// creates, the vhost-user socket and the control socket are 0600 and the
+/// sockets go when it exits.
+#[test]
+fn files_and_sockets_are_private_whatever_the_umask() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vhost.sock");
+    let control = dir.path().join("control.sock");
+    let backend = backend_in(dir.path(), "warn");
+    let mut wrapped = Command::new("sh");
+    wrapped
+        .args(["-c", "umask 000; exec \"$@\"", "sh"])
+        .arg(backend.get_program())
+        .args(backend.get_args())
+        .stderr(Stdio::piped());
+    let mut child = wrapped.spawn().unwrap();
+    wait_for_path(&socket, &mut child);
+    wait_for_path(&control, &mut child);
+    for path in [&socket, &control, &dir.path().join("vram")] {
+        let mode = std::fs::symlink_metadata(path)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", path.display());
+    }
+    let vm = Vm::connect(&socket);
+    drop(vm);
+    let status = wait_with_timeout(&mut child);
+    assert!(status.success(), "exit {status}");
+    assert!(!socket.exists(), "the vhost-user socket was left behind");
+    assert!(!control.exists(), "the control socket was left behind");
+}
+
+/// RESET_DEVICE (offered) drops every MMU context: a context made before
+/// can be made again after, which would be BAD_CONTEXT had it survived.
+#[test]
+fn reset_device_drops_the_contexts() {
+    let backend = InProcess::start();
+    let mut vm = Vm::connect(&backend.socket);
+    let page = Range {
+        src: DATA,
+        dst: 0x7f00_0000_0000,
+        len: 4096,
+        flags: MAP_READ,
+    };
+    assert_eq!(vm.command_ctx(Opcode::CtxCreate, 9, &[]), ok(0));
+    assert_eq!(vm.command_ctx(Opcode::Map, 9, &[page]), ok(0));
+    assert_eq!(
+        vm.command_ctx(Opcode::CtxCreate, 9, &[]).status,
+        Status::BadContext
+    );
+    vm.frontend.reset_device().unwrap();
+    // The front end brings the device up again: features, then the ring.
+    let features = vm.frontend.get_features().unwrap();
+    vm.frontend.set_features(features).unwrap();
+    vm.frontend.set_vring_enable(0, true).unwrap();
+    assert_eq!(vm.command_ctx(Opcode::CtxCreate, 9, &[]), ok(0));
+    let read = Range {
+        src: 0x7f00_0000_0000,
+        dst: DATA + 0x1000,
+        len: 8,
+        flags: 0,
+    };
+    assert_eq!(
+        vm.command_ctx(Opcode::Vread, 9, &[read]).status,
+        Status::Fault,
+        "the mapping survived the reset"
+    );
+    drop(vm);
+    assert_eq!(backend.join(), Ok(()));
+}
+
+/// A backend killed with SIGKILL under a connected front end, and a new
+/// one started on the same socket and VRAM file: the front end connects
+/// again (QEMU's chardev reconnect) and finds the VRAM as it was; MMU
+/// contexts are gone (as after a reset).
+#[test]
+fn a_new_backend_on_the_same_socket_and_vram_after_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vhost.sock");
+    let mut first = Reaped(backend_in(dir.path(), "error").spawn().unwrap());
+    wait_for_path(&socket, &mut first.0);
+    let mut vm = Vm::connect(&socket);
+    let data = pattern(8192, 0x3c);
+    vm.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    let to_vram = Range {
+        src: DATA,
+        dst: 0x10_0000,
+        len: 8192,
+        flags: DST_VRAM,
+    };
+    assert_eq!(vm.command(Opcode::Copy, &[to_vram]), ok(8192));
+    assert_eq!(vm.command_ctx(Opcode::CtxCreate, 2, &[]), ok(0));
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    drop(vm);
+    // The dead one's socket file is still there: the new one replaces it,
+    // and says so on stderr when it listens.
+    assert!(socket.exists());
+    let mut second = Reaped(backend_in(dir.path(), "info").spawn().unwrap());
+    let stderr = second.0.stderr.take().unwrap();
+    let (listening, seen) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("listening on") {
+                let _ = listening.send(());
+            }
+        }
+    });
+    seen.recv_timeout(TIMEOUT)
+        .expect("the new backend never listened");
+    let mut vm = Vm::connect(&socket);
+    let back = Range {
+        src: 0x10_0000,
+        dst: DATA + 0x4000,
+        len: 8192,
+        flags: SRC_VRAM,
+    };
+    assert_eq!(vm.command(Opcode::Copy, &[back]), ok(8192));
+    assert!(
+        vm.read(DATA + 0x4000, 8192) == data,
+        "the VRAM did not survive"
+    );
+    assert_eq!(
+        vm.command_ctx(Opcode::CtxCreate, 2, &[]),
+        ok(0),
+        "a context survived"
+    );
+    drop(vm);
+    let status = wait_with_timeout(&mut second.0);
+    assert!(status.success(), "exit {status}");
+}
+
 /// Waits until the control socket's `session` says `connected` is `want`.
 fn wait_for_session(control: &Path, want: bool) -> serde_json::Value {
     let deadline = Instant::now() + TIMEOUT;
@@ -1167,7 +1306,7 @@ fn a_re_plugged_front_end_gets_a_new_session_on_the_same_vram() {
         len: 4096,
         flags: DST_VRAM,
     };
-    assert_eq!(vm.command(opcode::COPY, &[to_vram]), ok(4096));
+    assert_eq!(vm.command(Opcode::Copy, &[to_vram]), ok(4096));
     assert_eq!(
         control_request(
             &control,
@@ -1191,7 +1330,7 @@ fn a_re_plugged_front_end_gets_a_new_session_on_the_same_vram() {
         len: 4096,
         flags: SRC_VRAM,
     };
-    assert_eq!(vm.command(opcode::COPY, &[back]), ok(4096));
+    assert_eq!(vm.command(Opcode::Copy, &[back]), ok(4096));
     let mut got = vec![0u8; 4096];
     vm.mem
         .read_slice(&mut got, GuestAddress(DATA + 0x2000))
@@ -1252,7 +1391,11 @@ fn bad_command_lines_are_refused() {
         assert_eq!(out.status.code(), Some(2), "{args:?}");
     }
     // A VRAM file of another size: a clear error, status 1, file untouched.
-    std::fs::File::create(&vram)
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&vram)
         .unwrap()
         .set_len(2 << 20)
         .unwrap();
@@ -1274,6 +1417,22 @@ fn bad_command_lines_are_refused() {
         "{stderr}"
     );
     assert_eq!(std::fs::metadata(&vram).unwrap().len(), 2 << 20);
+    // The same file readable by others: refused, untouched.
+    std::fs::set_permissions(&vram, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = device_binary()
+        .args([
+            "--socket",
+            "/nonexistent/s",
+            "--vram-path",
+            vram_arg,
+            "--vram-size",
+            "2M",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("other users"), "{stderr}");
     // Not a power of two.
     let out = device_binary()
         .args([
@@ -1317,14 +1476,23 @@ fn control_for(backend: &InProcess) -> (hmmgpu_device::control::ControlServer, P
 
 /// Whether `call` fires within `wait`.
 fn interrupt_within(call: &EventFd, wait: Duration) -> bool {
-    let mut pollfd = libc::pollfd {
-        fd: call.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
+    let epoll = Epoll::new().unwrap();
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            call.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, 0),
+        )
+        .unwrap();
+    let mut ready = [EpollEvent::default()];
+    let timeout = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
+    let n = loop {
+        match epoll.wait(timeout, &mut ready) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => break other.unwrap(),
+        }
     };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let ready = unsafe { libc::poll(&mut pollfd, 1, wait.as_millis() as i32) };
-    ready == 1 && call.read().is_ok()
+    n == 1 && call.read().is_ok()
 }
 
 impl Vm {
@@ -1354,14 +1522,14 @@ fn stopping_the_command_queue_forgets_parked_commands() {
     const VA: u64 = 0x7f00_0000_0000;
     let data = pattern(4096, 0x21);
     vm.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
-    assert_eq!(vm.command_ctx(opcode::CTX_CREATE, CTX, &[]), ok(0));
+    assert_eq!(vm.command_ctx(Opcode::CtxCreate, CTX, &[]), ok(0));
     let mapped = Range {
         src: DATA,
         dst: VA,
         len: 4096,
         flags: MAP_READ,
     };
-    assert_eq!(vm.command_ctx(opcode::MAP, CTX, &[mapped]), ok(0));
+    assert_eq!(vm.command_ctx(Opcode::Map, CTX, &[mapped]), ok(0));
     vm.post_event_buffer(0, Event::SIZE as u32);
     let unmapped = Range {
         src: VA + 0x1000,
@@ -1369,7 +1537,7 @@ fn stopping_the_command_queue_forgets_parked_commands() {
         len: 16,
         flags: 0,
     };
-    vm.post_command(opcode::VREAD, CTX, &[unmapped], CMD_BUF2, RESP_BUF2);
+    vm.post_command(Opcode::Vread, CTX, &[unmapped], CMD_BUF2, RESP_BUF2);
     let (_, _, fault) = vm.wait_event();
     assert_eq!(fault.addr, VA + 0x1000);
 
@@ -1377,9 +1545,9 @@ fn stopping_the_command_queue_forgets_parked_commands() {
     // Nothing parked any more: REPLAY finds nothing, and only its own
     // completion is used.
     assert_eq!(
-        vm.command_ctx(opcode::REPLAY, CTX, &[]),
+        vm.command_ctx(Opcode::Replay, CTX, &[]),
         Response {
-            status: status::BAD_CONTEXT,
+            status: Status::BadContext,
             failed_index: 0,
             bytes: 0
         }
@@ -1393,7 +1561,7 @@ fn stopping_the_command_queue_forgets_parked_commands() {
         len: 4096,
         flags: 0,
     };
-    assert_eq!(vm.command_ctx(opcode::VREAD, CTX, &[read_back]), ok(4096));
+    assert_eq!(vm.command_ctx(Opcode::Vread, CTX, &[read_back]), ok(4096));
     assert_eq!(vm.read(DATA + 0x4000, 4096), data);
 }
 
@@ -1424,9 +1592,9 @@ fn injected_copy_error_on_a_range_through_the_control_socket() {
         flags: DST_VRAM,
     };
     assert_eq!(
-        vm.command(opcode::COPY, &[first, second]),
+        vm.command(Opcode::Copy, &[first, second]),
         Response {
-            status: status::COPY_ERROR,
+            status: Status::CopyError,
             failed_index: 1,
             bytes: 4096
         }
@@ -1435,7 +1603,7 @@ fn injected_copy_error_on_a_range_through_the_control_socket() {
     assert_eq!(&file[..4096], &pattern(8192, 5)[..4096]);
     assert!(file[0x2000..0x3000].iter().all(|&b| b == 0));
     // Spent: the retry goes through.
-    assert_eq!(vm.command(opcode::COPY, &[second]), ok(4096));
+    assert_eq!(vm.command(Opcode::Copy, &[second]), ok(4096));
     let stats = control_request(&control, serde_json::json!({"cmd":"stats"}));
     assert_eq!(stats["stats"]["injected"]["copy_errors"], 1);
     assert_eq!(stats["stats"]["commands_failed"], 1);
@@ -1484,7 +1652,7 @@ fn injected_ecc_error_flips_the_bit_and_reaches_the_event_queue() {
         &control,
         serde_json::json!({"cmd":"inject","fault":{"kind":"ecc","offset":0,"bit":0}}),
     );
-    assert_eq!(vm.command(opcode::NOP, &[]), ok(0));
+    assert_eq!(vm.command(Opcode::Nop, &[]), ok(0));
     let stats = control_request(&control, serde_json::json!({"cmd":"stats"}));
     assert_eq!(stats["stats"]["injected"]["events_posted"], 1);
     assert_eq!(stats["stats"]["injected"]["events_dropped"], 1);
@@ -1499,13 +1667,13 @@ fn a_stalled_or_slow_queue_leaves_the_control_socket_responsive() {
     let backend = InProcess::start();
     let (_server, control) = control_for(&backend);
     let mut vm = Vm::connect(&backend.socket);
-    assert_eq!(vm.command(opcode::NOP, &[]), ok(0));
+    assert_eq!(vm.command(Opcode::Nop, &[]), ok(0));
     let reply = control_request(
         &control,
         serde_json::json!({"cmd":"inject","fault":{"kind":"stall_queue"}}),
     );
     assert_eq!(reply["ok"], true);
-    let head = vm.post_command(opcode::NOP, 0, &[], CMD_BUF, RESP_BUF);
+    let head = vm.post_command(Opcode::Nop, 0, &[], CMD_BUF, RESP_BUF);
     assert!(!interrupt_within(&vm.call, Duration::from_millis(300)));
     assert_eq!(vm.take_used(), None, "a stalled queue takes no command");
     // Control answers while the queue is stalled.
@@ -1540,7 +1708,7 @@ fn a_stalled_or_slow_queue_leaves_the_control_socket_responsive() {
         len: 64,
         flags: 0,
     };
-    let head = vm.post_command(opcode::FILL, 0, &[fill], CMD_BUF, RESP_BUF);
+    let head = vm.post_command(Opcode::Fill, 0, &[fill], CMD_BUF, RESP_BUF);
     assert!(!interrupt_within(&vm.call, Duration::from_millis(200)));
     let asked = Instant::now();
     let stats = control_request(&control, serde_json::json!({"cmd":"stats"}));
@@ -1565,20 +1733,20 @@ fn a_dropped_interrupt_leaves_the_used_entry_unsignalled() {
         .faults
         .inject(hmmgpu_device::Fault::DropInterrupts { count: 1 })
         .unwrap();
-    let head = vm.post_command(opcode::NOP, 0, &[], CMD_BUF, RESP_BUF);
+    let head = vm.post_command(Opcode::Nop, 0, &[], CMD_BUF, RESP_BUF);
     assert!(!interrupt_within(&vm.call, Duration::from_millis(300)));
     // The device did complete it: the used ring has the entry.
     assert_eq!(vm.take_used(), Some((head, Response::SIZE as u32)));
     assert_eq!(vm.response(), ok(0));
     // The next completion is signalled again.
-    assert_eq!(vm.command(opcode::NOP, &[]), ok(0));
+    assert_eq!(vm.command(Opcode::Nop, &[]), ok(0));
     // A delayed one arrives, late.
     backend
         .faults
         .inject(hmmgpu_device::Fault::DelayInterrupts { ms: 300, count: 1 })
         .unwrap();
     let start = Instant::now();
-    let head = vm.post_command(opcode::NOP, 0, &[], CMD_BUF, RESP_BUF);
+    let head = vm.post_command(Opcode::Nop, 0, &[], CMD_BUF, RESP_BUF);
     assert_eq!(vm.wait_used(), (head, Response::SIZE as u32));
     assert!(start.elapsed() >= Duration::from_millis(300));
     let stats = backend.faults.injected_stats();
@@ -1617,9 +1785,9 @@ fn fault_plans_logs_and_the_client_subcommands() {
         len: 64,
         flags: DST_VRAM,
     };
-    assert_eq!(vm.command(opcode::COPY, &[copy]), ok(64));
-    assert_eq!(vm.command(opcode::COPY, &[copy]).status, status::COPY_ERROR);
-    assert_eq!(vm.command(opcode::COPY, &[copy]), ok(64));
+    assert_eq!(vm.command(Opcode::Copy, &[copy]), ok(64));
+    assert_eq!(vm.command(Opcode::Copy, &[copy]).status, Status::CopyError);
+    assert_eq!(vm.command(Opcode::Copy, &[copy]), ok(64));
     let (_, _, event) = vm.wait_event();
     assert_eq!((event.kind, event.ctx, event.addr), (event::FAULT, 4, 8192));
 
@@ -1686,4 +1854,108 @@ fn fault_plans_logs_and_the_client_subcommands() {
     assert_eq!(stats["commands_failed"], 1);
     assert_eq!(stats["injected"]["copy_errors"], 1);
     assert_eq!(stats["injected"]["events_posted"], 1);
+}
+
+// ---------------------------------------------------------------------------
+// A hostile guest cannot freeze the backend.
+// ---------------------------------------------------------------------------
+
+/// Longest a config-space read (GET_CONFIG, which QEMU sends from a vCPU
+/// thread holding its big lock) may wait while the device is busy: 100 ms
+/// on the host; 1 s when the test and the backend run emulated under
+/// qemu-user (`cargo xtask cross-test`, HMMGPU_TEST_RUNNER), where every
+/// thread is tens of times slower and only the function is checked.
+fn config_read_limit() -> Duration {
+    if std::env::var_os("HMMGPU_TEST_RUNNER").is_some() {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_millis(100)
+    }
+}
+
+/// A FILL of the whole VRAM 4096 times (16 GiB) keeps the device busy for
+/// seconds; config-space reads are answered within [`config_read_limit`]
+/// all along. Where it completes within [`BUSY_FOR`] (a fast host), the
+/// NOP queued behind it completes after it, in order, and the VRAM holds
+/// the pattern; elsewhere (qemu-user), a queue reset forgets it and the
+/// device serves the next command.
+#[test]
+fn a_huge_fill_does_not_hold_up_config_space_reads() {
+    /// How long the reads go on at most.
+    const BUSY_FOR: Duration = Duration::from_secs(5);
+    let backend = InProcess::start();
+    let mut vm = Vm::connect(&backend.socket);
+    let pattern = 0x0807_0605_0403_0201u64;
+    let whole_vram = Range {
+        src: pattern,
+        dst: 0,
+        len: VRAM_SIZE as u32,
+        flags: DST_VRAM,
+    };
+    let ranges = vec![whole_vram; MAX_RANGES as usize];
+    let started = Instant::now();
+    let fill = vm.post_command(Opcode::Fill, 0, &ranges, CMD_BUF, RESP_BUF);
+    let nop = vm.post_command(Opcode::Nop, 0, &[], CMD_BUF2, RESP_BUF2);
+    let mut worst = Duration::ZERO;
+    let mut reads = 0u32;
+    let mut completed = Vec::new();
+    while completed.len() < 2 && started.elapsed() < BUSY_FOR {
+        let asked = Instant::now();
+        assert_eq!(vm.config().vram_size, VRAM_SIZE);
+        worst = worst.max(asked.elapsed());
+        reads += 1;
+        while let Some(used) = vm.take_used() {
+            completed.push(used);
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    let took = started.elapsed();
+    eprintln!(
+        "FILL of {MAX_RANGES} x {} MiB: {} after {took:?}; {reads} config-space reads, the slowest {worst:?}",
+        VRAM_SIZE >> 20,
+        if completed.len() == 2 { "done" } else { "still running" }
+    );
+    assert!(
+        worst < config_read_limit(),
+        "a config-space read waited {worst:?} while the FILL ran"
+    );
+    assert!(
+        reads >= 10,
+        "only {reads} reads during the FILL: it was too short to tell"
+    );
+    if completed.len() == 2 {
+        assert_eq!(
+            completed,
+            [(fill, Response::SIZE as u32), (nop, Response::SIZE as u32)]
+        );
+        assert_eq!(vm.response(), ok(u64::from(MAX_RANGES) * VRAM_SIZE));
+        assert_eq!(vm.response_at(RESP_BUF2), ok(0));
+        let file = backend.vram_file();
+        assert!(file
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == pattern.to_le_bytes()[i % 8]));
+    } else {
+        // A reset (the front end stopping the queue) forgets the FILL; the
+        // ring restarts past it and the NOP, which were taken.
+        assert!(completed.is_empty(), "{completed:?}");
+        vm.restart_command_queue();
+        let again = vm.post_command(Opcode::Nop, 0, &[], CMD_BUF, RESP_BUF);
+        let deadline = Instant::now() + TIMEOUT;
+        while completed.len() < 2 && Instant::now() < deadline {
+            match vm.take_used() {
+                Some(used) => completed.push(used),
+                None => thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        let len = Response::SIZE as u32;
+        assert_eq!(
+            completed,
+            [(nop, len), (again, len)],
+            "the FILL completed after all"
+        );
+        assert_eq!(vm.response(), ok(0));
+    }
+    drop(vm);
+    assert_eq!(backend.join(), Ok(()));
 }

@@ -24,6 +24,7 @@ use crate::cli::Arch;
 use crate::inject;
 use crate::vm::gpu_device_props;
 use anyhow::{bail, ensure, Context, Result};
+use hmmgpu_device::faults::{AerSeverity, HostFault};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::net::UnixStream;
@@ -32,10 +33,7 @@ use std::time::{Duration, Instant};
 
 /// Whether `fault` is one of the host-side kinds above.
 pub fn is_host_fault(fault: &Value) -> bool {
-    matches!(
-        fault["kind"].as_str(),
-        Some("link_down" | "kill_backend" | "mce" | "aer" | "unplug" | "plug")
-    )
+    HostFault::is_host_fault(fault)
 }
 
 /// How long `unplug` waits for the guest to release the device by default:
@@ -43,64 +41,23 @@ pub fn is_host_fault(fault: &Value) -> bool {
 /// TCG about 100 MB/s).
 const UNPLUG_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Applies a host-side fault to GPU `gpu` of the VM in `run_dir`.
+/// Applies a host-side fault to GPU `gpu` of the VM in `run_dir` (the JSON
+/// is parsed by the catalogue's [`HostFault`]: a member the fault does not
+/// take is an error).
 pub fn apply(run_dir: &Path, gpu: u32, fault: &Value) -> Result<Value> {
-    let obj = fault.as_object().context("a fault is a JSON object")?;
-    match fault["kind"].as_str() {
-        Some("link_down") => {
-            only_members(obj, "link_down", &["down"])?;
-            let down = fault["down"]
-                .as_bool()
-                .context("link_down needs \"down\": true or false")?;
-            set_link_down(run_dir, gpu, down)
-        }
-        Some("mce") => {
-            only_members(obj, "mce", &["addr"])?;
-            let addr = fault["addr"]
-                .as_u64()
-                .context("mce needs \"addr\": the guest-physical address")?;
-            machine_check(run_dir, addr)
-        }
-        Some("kill_backend") => {
-            only_members(obj, "kill_backend", &[])?;
-            kill_backend(run_dir, gpu)
-        }
-        Some("aer") => {
-            only_members(obj, "aer", &["error"])?;
-            let severity = fault["error"]
-                .as_str()
-                .context("aer needs \"error\": \"correctable\", \"nonfatal\" or \"fatal\"")?;
-            inject_aer(run_dir, gpu, severity)
-        }
-        Some("unplug") => {
-            only_members(obj, "unplug", &["timeout_s"])?;
-            let timeout = match obj.get("timeout_s") {
-                None => UNPLUG_TIMEOUT,
-                Some(t) => Duration::from_secs(
-                    t.as_u64()
-                        .filter(|t| *t > 0)
-                        .context("unplug: \"timeout_s\" is a number of seconds, at least 1")?,
-                ),
-            };
-            unplug(run_dir, gpu, timeout)
-        }
-        Some("plug") => {
-            only_members(obj, "plug", &[])?;
-            plug(run_dir, gpu)
-        }
-        _ => bail!("not a host-side fault: {fault}"),
+    let parsed = HostFault::from_json(fault).with_context(|| format!("host-side fault {fault}"))?;
+    match parsed {
+        HostFault::LinkDown { down } => set_link_down(run_dir, gpu, down),
+        HostFault::Mce { addr } => machine_check(run_dir, addr),
+        HostFault::KillBackend {} => kill_backend(run_dir, gpu),
+        HostFault::Aer { error } => inject_aer(run_dir, gpu, error),
+        HostFault::Unplug { timeout_s } => unplug(
+            run_dir,
+            gpu,
+            timeout_s.map_or(UNPLUG_TIMEOUT, Duration::from_secs),
+        ),
+        HostFault::Plug {} => plug(run_dir, gpu),
     }
-}
-
-/// Fails on a member of the `kind` fault `obj` other than "kind" and `allowed`.
-fn only_members(obj: &serde_json::Map<String, Value>, kind: &str, allowed: &[&str]) -> Result<()> {
-    if let Some(k) = obj
-        .keys()
-        .find(|k| *k != "kind" && !allowed.contains(&k.as_str()))
-    {
-        bail!("{kind}: unknown member '{k}' (it takes {allowed:?})");
-    }
-    Ok(())
 }
 
 /// Sets `link-down` of GPU `gpu`'s device (QOM path /machine/peripheral/gpuN).
@@ -154,20 +111,19 @@ pub fn machine_check(run_dir: &Path, addr: u64) -> Result<Value> {
 /// that QEMU's AER capability does not mask by default and that has this
 /// severity in the default severity register (INTN, the obvious "internal
 /// error", is masked, so injecting it does nothing).
-pub fn aer_error_name(severity: &str) -> Result<&'static str> {
-    Ok(match severity {
-        "correctable" => "RCVR",   // receiver error
-        "nonfatal" => "COMP_TIME", // completion timeout
-        "fatal" => "DLP",          // data link protocol error
-        other => bail!("aer: error must be correctable, nonfatal or fatal, not {other:?}"),
-    })
+pub fn aer_error_name(severity: AerSeverity) -> &'static str {
+    match severity {
+        AerSeverity::Correctable => "RCVR",   // receiver error
+        AerSeverity::Nonfatal => "COMP_TIME", // completion timeout
+        AerSeverity::Fatal => "DLP",          // data link protocol error
+    }
 }
 
 /// Raises a PCIe AER error of `severity` on GPU `gpu` (HMP
 /// `pcie_aer_inject_error`; the device has `aer=on` behind its root port,
 /// x86_64 q35 only): the guest's AER driver handles it.
-pub fn inject_aer(run_dir: &Path, gpu: u32, severity: &str) -> Result<Value> {
-    let name = aer_error_name(severity)?;
+pub fn inject_aer(run_dir: &Path, gpu: u32, severity: AerSeverity) -> Result<Value> {
+    let name = aer_error_name(severity);
     let line = format!("pcie_aer_inject_error gpu{gpu} {name}");
     let out = qmp(
         &run_dir.join("qmp.sock"),
@@ -504,13 +460,13 @@ mod tests {
         assert!(is_host_fault(&json!({"kind": "aer", "error": "fatal"})));
         assert!(apply(dir, 0, &json!({"kind": "aer", "error": "bad"})).is_err());
         assert!(apply(dir, 0, &json!({"kind": "aer"})).is_err());
-        assert_eq!(aer_error_name("fatal").unwrap(), "DLP");
+        assert_eq!(aer_error_name(AerSeverity::Fatal), "DLP");
         assert!(is_host_fault(&json!({"kind": "unplug"})));
         assert!(is_host_fault(&json!({"kind": "plug"})));
         let err = |f: Value| format!("{:#}", apply(dir, 0, &f).unwrap_err());
-        assert!(err(json!({"kind": "unplug", "now": true})).contains("unknown member"));
+        assert!(err(json!({"kind": "unplug", "now": true})).contains("unknown field `now`"));
         assert!(err(json!({"kind": "unplug", "timeout_s": 0})).contains("timeout_s"));
-        assert!(err(json!({"kind": "plug", "bus": "rp1"})).contains("unknown member"));
+        assert!(err(json!({"kind": "plug", "bus": "rp1"})).contains("unknown field `bus`"));
         // Well-formed, but there is no VM.
         assert!(err(json!({"kind": "unplug", "timeout_s": 5})).contains("qmp.sock"));
     }

@@ -10,6 +10,7 @@ use crate::build;
 use crate::hostfault;
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use hmmgpu_device::faults::{AerSeverity, HostFault};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
@@ -108,31 +109,33 @@ fn request_of(args: &InjectArgs) -> Result<Value> {
 /// fault.
 fn host_fault_of(words: &[String]) -> Result<Option<Value>> {
     let words: Vec<&str> = words.iter().map(|w| w.as_str()).collect();
-    match words.as_slice() {
+    let fault = match words.as_slice() {
         [w] if w.trim_start().starts_with('{') => {
             let v: Value = serde_json::from_str(w).with_context(|| format!("bad JSON {w}"))?;
-            Ok(hostfault::is_host_fault(&v).then_some(v))
+            if !hostfault::is_host_fault(&v) {
+                return Ok(None);
+            }
+            HostFault::from_json(&v)?
         }
-        ["kill_backend"] => Ok(Some(json!({ "kind": "kill_backend" }))),
-        ["unplug"] => Ok(Some(json!({ "kind": "unplug" }))),
-        ["plug"] => Ok(Some(json!({ "kind": "plug" }))),
+        ["kill_backend"] => HostFault::KillBackend {},
+        ["unplug"] => HostFault::Unplug { timeout_s: None },
+        ["plug"] => HostFault::Plug {},
         ["unplug" | "plug", ..] => bail!(
             "{} takes no arguments (the wait for the guest: '{{\"kind\":\"unplug\",\"timeout_s\":N}}')",
             words[0]
         ),
-        ["link_down", "on" | "down=true"] => Ok(Some(json!({ "kind": "link_down", "down": true }))),
-        ["link_down", "off" | "down=false"] => {
-            Ok(Some(json!({ "kind": "link_down", "down": false })))
-        }
+        ["link_down", "on" | "down=true"] => HostFault::LinkDown { down: true },
+        ["link_down", "off" | "down=false"] => HostFault::LinkDown { down: false },
         ["link_down", ..] => bail!("usage: link_down on|off"),
         ["kill_backend", ..] => bail!("kill_backend takes no arguments"),
-        ["aer", severity] => {
-            hostfault::aer_error_name(severity)?;
-            Ok(Some(json!({ "kind": "aer", "error": severity })))
-        }
+        ["aer", severity] => HostFault::Aer {
+            error: serde_json::from_value::<AerSeverity>(json!(severity))
+                .with_context(|| "usage: aer correctable|nonfatal|fatal")?,
+        },
         ["aer", ..] => bail!("usage: aer correctable|nonfatal|fatal"),
-        _ => Ok(None),
-    }
+        _ => return Ok(None),
+    };
+    Ok(Some(serde_json::to_value(fault)?))
 }
 
 /// `cargo xtask inject`: prints the backend's JSON answer (or, for a
