@@ -3,7 +3,7 @@
 //! Migration between system memory and VRAM with migrate_vma_* and
 //! migrate_device_*, every byte moved by the device's copy engine.
 
-use crate::abi::{self, opcode, range_flags, PAGE_SIZE};
+use crate::abi::{self, Opcode, RangeFlags, PAGE_SIZE};
 use crate::gpu::Gpu;
 use crate::pages::{self, MigratePfn, PageRef};
 use crate::queue::RangeList;
@@ -260,10 +260,10 @@ fn alloc_and_copy_to_vram(
             dst[idx] = MigratePfn::new(page, writable, compound);
             let (fill, range) = match sphys {
                 Some(p) => copies
-                    .push(p + src_off, dst_off, len as u32, range_flags::DST_VRAM)
+                    .push(p + src_off, dst_off, len as u32, RangeFlags::DST_VRAM)
                     .map(|()| (false, copies.len() - 1))?,
                 None => zeroes
-                    .push_fill(0, dst_off, len as u32, range_flags::DST_VRAM)
+                    .push_fill(0, dst_off, len as u32, RangeFlags::DST_VRAM)
                     .map(|()| (true, zeroes.len() - 1))?,
             };
             // Within the capacity reserved above: never allocates.
@@ -316,8 +316,8 @@ fn alloc_and_copy_to_vram(
         return 0;
     }
     // Ranges done in full by each list.
-    let copied = gpu.run_partial(opcode::COPY, &copies).0;
-    let filled = gpu.run_partial(opcode::FILL, &zeroes).0;
+    let copied = gpu.run_partial(Opcode::Copy, &copies).0;
+    let filled = gpu.run_partial(Opcode::Fill, &zeroes).0;
     let mut failed = 0;
     for &(idx, fill, range) in placed.iter() {
         if range < if fill { filled } else { copied } {
@@ -378,7 +378,7 @@ unsafe fn alloc_and_copy_to_ram(
                     offset,
                     thp.phys(),
                     abi::HUGE_PAGE_SIZE as u32,
-                    range_flags::SRC_VRAM,
+                    RangeFlags::SRC_VRAM,
                 );
                 i += nr;
                 continue;
@@ -396,7 +396,7 @@ unsafe fn alloc_and_copy_to_ram(
                 offset + j as u64 * PAGE_SIZE,
                 page.phys(),
                 PAGE_SIZE as u32,
-                range_flags::SRC_VRAM,
+                RangeFlags::SRC_VRAM,
             );
             if result.is_err() {
                 break;
@@ -404,7 +404,7 @@ unsafe fn alloc_and_copy_to_ram(
         }
         i += nr;
     }
-    let result = result.and_then(|()| gpu.run(opcode::COPY, &copies).map(|_| ()));
+    let result = result.and_then(|()| gpu.run(Opcode::Copy, &copies).map(|_| ()));
     let prepared = dst.iter().filter(|d| !d.is_none()).count();
     if let Err(e) = result {
         for d in dst.iter_mut().filter(|d| !d.is_none()) {
@@ -499,13 +499,13 @@ pub(crate) fn to_device(
             let Some(offset) = vram.offset_of_pfn(page.pfn()) else {
                 continue;
             };
-            let mut flags = range_flags::SRC_VRAM | range_flags::MAP_READ;
+            let mut flags = RangeFlags::SRC_VRAM | RangeFlags::MAP_READ;
             if sp.is_writable() {
-                flags |= range_flags::MAP_WRITE;
+                flags |= RangeFlags::MAP_WRITE;
             }
             // A THP is mapped by one huge device MMU entry.
             let len = if dp.is_compound() {
-                flags |= range_flags::MAP_HUGE;
+                flags |= RangeFlags::MAP_HUGE;
                 abi::HUGE_PAGE_SIZE
             } else {
                 PAGE_SIZE

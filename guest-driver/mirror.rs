@@ -5,7 +5,7 @@
 //! hmm_range_fault() resolves, under an mmu_interval_notifier so that an
 //! invalidation never races with a device access.
 
-use crate::abi::{self, opcode, range_flags, Range, PAGE_SIZE};
+use crate::abi::{Opcode, Range, RangeFlags, Status, PAGE_SIZE};
 use crate::compat;
 use crate::gpu::Gpu;
 use crate::migrate;
@@ -326,7 +326,7 @@ impl Mirror {
                         flags,
                     )?;
                 }
-                let cmds = self.gpu.prepare(opcode::MAP, self.ctx, &map)?;
+                let cmds = self.gpu.prepare(Opcode::Map, self.ctx, &map)?;
                 let mut state = self.state.lock();
                 if self.retry(seq) {
                     continue;
@@ -341,16 +341,16 @@ impl Mirror {
     }
 
     /// The device MMU target and MAP flags for an hmm_pfns entry.
-    fn translation(&self, entry: HmmPfn) -> Result<(u64, u32)> {
+    fn translation(&self, entry: HmmPfn) -> Result<(u64, RangeFlags)> {
         let page = entry.mapped(self.vram().owner()).ok_or(EFAULT)?;
-        let mut flags = range_flags::MAP_READ;
+        let mut flags = RangeFlags::MAP_READ;
         if page.writable {
-            flags |= range_flags::MAP_WRITE;
+            flags |= RangeFlags::MAP_WRITE;
         }
         // This GPU's pages (either personality) by VRAM offset; device-
         // private pages of other owners are faulted to RAM by hmm.
         if let Some(offset) = self.gpu.vram_offset_of_pfn(page.pfn) {
-            return Ok((offset, flags | range_flags::SRC_VRAM));
+            return Ok((offset, flags | RangeFlags::SRC_VRAM));
         }
         if page.kind == PageKind::DevicePrivate {
             return Err(EFAULT);
@@ -362,7 +362,7 @@ impl Mirror {
     /// buffer, resolving device faults as they come.
     fn access(
         &self,
-        op: u32,
+        op: Opcode,
         addr: u64,
         npages: u64,
         bounce: &mut Bounce,
@@ -370,15 +370,15 @@ impl Mirror {
         policy: FaultPolicy,
     ) -> Result {
         let end = addr + npages * PAGE_SIZE;
-        let write = op == opcode::VWRITE;
+        let write = op == Opcode::Vwrite;
         let mut list = RangeList::new();
         for i in 0..npages as usize {
             let va = addr + i as u64 * PAGE_SIZE;
             let buf = bounce.phys(i);
             if write {
-                list.push(buf, va, PAGE_SIZE as u32, 0)?;
+                list.push(buf, va, PAGE_SIZE as u32, RangeFlags::NONE)?;
             } else {
-                list.push(va, buf, PAGE_SIZE as u32, 0)?;
+                list.push(va, buf, PAGE_SIZE as u32, RangeFlags::NONE)?;
             }
         }
         let unlocked = policy == FaultPolicy::ResolveUnlocked;
@@ -401,7 +401,7 @@ impl Mirror {
                     // FAULT at once: resolve from the failing range on and run
                     // the chunk again (VREAD/VWRITE are plain copies), a bounded
                     // number of times.
-                    if resp.status != abi::status::FAULT || unreported == MAX_UNREPORTED_FAULTS {
+                    if resp.status != Status::Fault || unreported == MAX_UNREPORTED_FAULTS {
                         break resp;
                     }
                     if policy == FaultPolicy::Refuse {
@@ -417,12 +417,8 @@ impl Mirror {
                     counts.faults += 1;
                     unreported += 1;
                 };
-            if resp.status != abi::status::OK {
-                gpu_err!(
-                    self.gpu,
-                    "device access failed: {}\n",
-                    abi::status::name(resp.status)
-                );
+            if resp.status != Status::Ok {
+                gpu_err!(self.gpu, "device access failed: {}\n", resp.status.name());
                 return Err(EIO);
             }
         }
@@ -443,16 +439,16 @@ impl Mirror {
                     src: 0,
                     dst: s,
                     len: len as u32,
-                    flags: 0,
+                    flags: RangeFlags::NONE.bits(),
                 };
                 n += 1;
                 s += len;
             }
             let mut cmd = state.unmap_cmd.take().ok_or(ENODEV)?;
-            cmd.encode(opcode::UNMAP, self.ctx, self.gpu.tag(), &ranges[..n])?;
+            cmd.encode(Opcode::Unmap, self.ctx, self.gpu.tag(), &ranges[..n])?;
             let (resp, cmd) = self.gpu.execute_cmd(cmd)?;
             state.unmap_cmd = Some(cmd);
-            if resp.status != abi::status::OK {
+            if resp.status != Status::Ok {
                 return Err(EIO);
             }
         }
@@ -472,7 +468,7 @@ impl Mirror {
         let mut bounce = Bounce::new(npages as usize)?;
         let mut counts = Counts::default();
         self.access(
-            opcode::VREAD,
+            Opcode::Vread,
             addr,
             npages,
             &mut bounce,
@@ -502,7 +498,7 @@ impl Mirror {
         input.read_slice(&mut bounce.buf)?;
         let mut counts = Counts::default();
         self.access(
-            opcode::VWRITE,
+            Opcode::Vwrite,
             addr,
             npages,
             &mut bounce,
@@ -539,7 +535,7 @@ impl Mirror {
                 end,
                 &mut fail_alloc,
                 |map| {
-                    let cmds = self.gpu.prepare(opcode::MAP, self.ctx, map)?;
+                    let cmds = self.gpu.prepare(Opcode::Map, self.ctx, map)?;
                     let mut state = self.state.lock();
                     self.gpu.run_prepared(cmds)?;
                     state.note_mapped(addr, end);
@@ -581,12 +577,12 @@ impl Mirror {
                 src: 0,
                 dst: addr,
                 len: 8,
-                flags: range_flags::ATOMIC_ADD,
+                flags: RangeFlags::ATOMIC_ADD.bits(),
             };
             let resp = self
                 .gpu
-                .execute_mmu(opcode::ATOMIC, self.ctx, &[atomic], &mut 0, |_| Err(ENOENT))?;
-            if resp.status != abi::status::OK {
+                .execute_mmu(Opcode::Atomic, self.ctx, &[atomic], &mut 0, |_| Err(ENOENT))?;
+            if resp.status != Status::Ok {
                 return Err(EIO);
             }
         }
@@ -625,10 +621,10 @@ impl Mirror {
     fn map_exclusive(&self, va: u64) -> Result {
         loop {
             let (pfn, seq) = self.make_exclusive(va)?;
-            let flags = range_flags::MAP_READ | range_flags::MAP_WRITE | range_flags::MAP_ATOMIC;
+            let flags = RangeFlags::MAP_READ | RangeFlags::MAP_WRITE | RangeFlags::MAP_ATOMIC;
             let mut map = RangeList::new();
             map.push(pfn * PAGE_SIZE, va, PAGE_SIZE as u32, flags)?;
-            let cmds = self.gpu.prepare(opcode::MAP, self.ctx, &map)?;
+            let cmds = self.gpu.prepare(Opcode::Map, self.ctx, &map)?;
             let mut state = self.state.lock();
             if self.retry(seq) {
                 continue;

@@ -14,7 +14,7 @@
 //! [`Queues::resume`] lets everyone in again. When to reset, and what else
 //! a reset redoes, is `gpu/reset.rs`.
 
-use crate::abi::{self, CmdHeader, Event, Range, Response};
+use crate::abi::{self, CmdHeader, Event, Opcode, Range, RangeFlags, Response};
 use crate::compat::{new_spinlock_irq, SpinLockIrq};
 use crate::virtio::{VirtioDevice, Virtqueue};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -683,7 +683,7 @@ impl Queues {
 pub(crate) struct Command {
     token: Pin<KBox<Token>>,
     /// The opcode last encoded.
-    opcode: u32,
+    opcode: Opcode,
     /// Header and ranges (kmalloc'd: the virtqueue needs the direct map).
     out: KVec<u8>,
     resp: KBox<[u8; Response::SIZE]>,
@@ -700,14 +700,14 @@ impl Command {
         let token = KBox::pin_init(Token::new(), GFP_KERNEL)?;
         Ok(Self {
             token,
-            opcode: abi::opcode::NOP,
+            opcode: Opcode::Nop,
             out,
             resp,
         })
     }
 
     /// A command for exactly these ranges.
-    pub(crate) fn new(opcode: u32, ctx: u32, tag: u64, ranges: &[Range]) -> Result<Self> {
+    pub(crate) fn new(opcode: Opcode, ctx: u32, tag: u64, ranges: &[Range]) -> Result<Self> {
         let mut cmd = Self::with_capacity(ranges.len())?;
         cmd.encode(opcode, ctx, tag, ranges)?;
         Ok(cmd)
@@ -715,18 +715,18 @@ impl Command {
 
     /// (Re)writes the command without allocating: ENOSPC if the ranges do
     /// not fit the capacity it was made with.
-    pub(crate) fn encode(&mut self, opcode: u32, ctx: u32, tag: u64, ranges: &[Range]) -> Result {
+    pub(crate) fn encode(
+        &mut self,
+        opcode: Opcode,
+        ctx: u32,
+        tag: u64,
+        ranges: &[Range],
+    ) -> Result {
         let len = CmdHeader::SIZE + ranges.len() * Range::SIZE;
         if len > self.out.capacity() {
             return Err(ENOSPC);
         }
-        let header = CmdHeader {
-            opcode,
-            ctx,
-            tag,
-            count: ranges.len() as u32,
-            reserved: 0,
-        };
+        let header = CmdHeader::new(opcode, ctx, tag, ranges.len() as u32);
         self.opcode = opcode;
         self.out.clear();
         // Within capacity: these never allocate.
@@ -742,7 +742,7 @@ impl Command {
     /// back, does no harm: not for ATOMIC, which the device may have
     /// executed before its completion was lost.
     pub(crate) fn can_resubmit(&self) -> bool {
-        self.opcode != abi::opcode::ATOMIC
+        self.opcode != Opcode::Atomic
     }
 }
 
@@ -816,9 +816,9 @@ impl RangeList {
 
     /// Appends a range, merging it with the previous one when both sides
     /// are contiguous.
-    pub(crate) fn push(&mut self, src: u64, dst: u64, len: u32, flags: u32) -> Result {
+    pub(crate) fn push(&mut self, src: u64, dst: u64, len: u32, flags: RangeFlags) -> Result {
         if let Some(last) = self.ranges.last_mut() {
-            if last.flags == flags
+            if last.flags == flags.bits()
                 && last.src + u64::from(last.len) == src
                 && last.dst + u64::from(last.len) == dst
                 && last.len.checked_add(len).is_some()
@@ -832,7 +832,7 @@ impl RangeList {
                 src,
                 dst,
                 len,
-                flags,
+                flags: flags.bits(),
             },
             GFP_KERNEL,
         )?;
@@ -841,9 +841,15 @@ impl RangeList {
 
     /// Appends a FILL range (`src` holds the pattern), merging it with the
     /// previous one when the destinations are contiguous.
-    pub(crate) fn push_fill(&mut self, pattern: u64, dst: u64, len: u32, flags: u32) -> Result {
+    pub(crate) fn push_fill(
+        &mut self,
+        pattern: u64,
+        dst: u64,
+        len: u32,
+        flags: RangeFlags,
+    ) -> Result {
         if let Some(last) = self.ranges.last_mut() {
-            if last.flags == flags
+            if last.flags == flags.bits()
                 && last.src == pattern
                 && last.dst + u64::from(last.len) == dst
                 && last.len.checked_add(len).is_some()
@@ -857,7 +863,7 @@ impl RangeList {
                 src: pattern,
                 dst,
                 len,
-                flags,
+                flags: flags.bits(),
             },
             GFP_KERNEL,
         )?;

@@ -10,9 +10,10 @@
 #include <linux/virtio_config.h>
 
 #include "hmmgpu.h"
+#include "hmmgpu_abi.h"
 
 static const struct virtio_device_id hmmgpu_id_table[] = {
-	{ 63 /* VIRTIO_ID_HMMGPU, see device/abi */, VIRTIO_DEV_ANY_ID },
+	{ HMMGPU_VIRTIO_ID, VIRTIO_DEV_ANY_ID },
 	{ 0 },
 };
 MODULE_DEVICE_TABLE(virtio, hmmgpu_id_table);

@@ -5,7 +5,7 @@
 //! of a command a reset gave back, and the command kinds built on them.
 
 use super::Gpu;
-use crate::abi::{self, opcode, Range, Response};
+use crate::abi::{self, Opcode, Range, Response, Status};
 use crate::pages::PageRef;
 use crate::queue::{Command, InFlight, RangeList, Wait, COMMAND_TIMEOUT_MS};
 use core::sync::atomic::Ordering;
@@ -81,14 +81,19 @@ impl Gpu {
 
     /// Executes one command on the device and waits for its response.
     /// Allocates: not under the mirror lock (see [`Gpu::prepare`]).
-    pub(crate) fn execute(&self, opcode: u32, ctx: u32, ranges: &[Range]) -> Result<Response> {
+    pub(crate) fn execute(&self, opcode: Opcode, ctx: u32, ranges: &[Range]) -> Result<Response> {
         let cmd = Command::new(opcode, ctx, self.tag(), ranges)?;
         self.execute_cmd(cmd).map(|(resp, _)| resp)
     }
 
     /// Builds the commands that run `list` as `opcode` of context `ctx`, to
     /// run later with [`Gpu::run_prepared`] without allocating.
-    pub(crate) fn prepare(&self, opcode: u32, ctx: u32, list: &RangeList) -> Result<KVec<Command>> {
+    pub(crate) fn prepare(
+        &self,
+        opcode: Opcode,
+        ctx: u32,
+        list: &RangeList,
+    ) -> Result<KVec<Command>> {
         let mut cmds = KVec::new();
         for chunk in list.chunks() {
             cmds.push(Command::new(opcode, ctx, self.tag(), chunk)?, GFP_KERNEL)?;
@@ -102,12 +107,12 @@ impl Gpu {
         let mut bytes = 0;
         for cmd in cmds {
             let (resp, _) = self.execute_cmd(cmd)?;
-            if resp.status != abi::status::OK {
+            if resp.status != Status::Ok {
                 self.note_failure(&resp);
                 gpu_err!(
                     self,
                     "command failed: {} at range {}\n",
-                    abi::status::name(resp.status),
+                    resp.status.name(),
                     resp.failed_index
                 );
                 return Err(EIO);
@@ -119,7 +124,7 @@ impl Gpu {
 
     /// Counts a failed command's status.
     fn note_failure(&self, resp: &Response) {
-        if resp.status == abi::status::COPY_ERROR {
+        if resp.status == Status::CopyError {
             self.counters.copy_errors.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -129,7 +134,7 @@ impl Gpu {
     /// in full, and EIO if the device failed one (with COPY_ERROR: the
     /// ranges before its `failed_index` were done, the rest were not), or
     /// the error that stopped the submission.
-    pub(crate) fn run_partial(&self, opcode: u32, list: &RangeList) -> (usize, Result) {
+    pub(crate) fn run_partial(&self, opcode: Opcode, list: &RangeList) -> (usize, Result) {
         let cmds = match self.prepare(opcode, 0, list) {
             Ok(cmds) => cmds,
             Err(e) => return (0, Err(e)),
@@ -140,12 +145,12 @@ impl Gpu {
                 Ok((resp, _)) => resp,
                 Err(e) => return (done, Err(e)),
             };
-            if resp.status == abi::status::OK {
+            if resp.status == Status::Ok {
                 done += chunk.len();
                 continue;
             }
             self.note_failure(&resp);
-            let what = if opcode == opcode::FILL {
+            let what = if opcode == Opcode::Fill {
                 "FILL"
             } else {
                 "COPY"
@@ -154,11 +159,11 @@ impl Gpu {
                 self,
                 "{} failed: {} at range {} of {}\n",
                 what,
-                abi::status::name(resp.status),
+                resp.status.name(),
                 resp.failed_index,
                 chunk.len()
             );
-            if resp.status == abi::status::COPY_ERROR {
+            if resp.status == Status::CopyError {
                 done += core::cmp::min(resp.failed_index as usize, chunk.len());
             }
             return (done, Err(EIO));
@@ -168,13 +173,13 @@ impl Gpu {
 
     /// Runs every range of `list` as `opcode` (COPY or FILL); fails with EIO
     /// if the device reports an error for any of them.
-    pub(crate) fn run(&self, opcode: u32, list: &RangeList) -> Result<u64> {
+    pub(crate) fn run(&self, opcode: Opcode, list: &RangeList) -> Result<u64> {
         self.run_ctx(opcode, 0, list)
     }
 
     /// [`Gpu::run`] for an opcode of context `ctx` (MAP, UNMAP).
     /// Allocates: not under the mirror lock (see [`Gpu::prepare`]).
-    pub(crate) fn run_ctx(&self, opcode: u32, ctx: u32, list: &RangeList) -> Result<u64> {
+    pub(crate) fn run_ctx(&self, opcode: Opcode, ctx: u32, list: &RangeList) -> Result<u64> {
         self.run_prepared(self.prepare(opcode, ctx, list)?)
     }
 
@@ -191,8 +196,8 @@ impl Gpu {
             len: abi::counter::BLOCK_SIZE as u32,
             flags: 0,
         };
-        let resp = self.execute(opcode::COUNTERS, 0, &[range])?;
-        if resp.status != abi::status::OK {
+        let resp = self.execute(Opcode::Counters, 0, &[range])?;
+        if resp.status != Status::Ok {
             return Err(EIO);
         }
         let mut buf = [0u8; abi::counter::BLOCK_SIZE];

@@ -5,7 +5,7 @@
 //! for it is resolved and the access replayed.
 
 use super::Gpu;
-use crate::abi::{self, opcode, Event, Range, Response};
+use crate::abi::{self, Event, Opcode, Range, Response, Status};
 use crate::queue::{Command, Token, Wait};
 use core::ptr;
 use core::sync::atomic::Ordering;
@@ -39,9 +39,9 @@ impl CtxSlot {
 
 /// The device virtual range an MMU access command touches (VREAD reads
 /// through `src`, VWRITE and ATOMIC write through `dst`).
-fn access_span(opcode: u32, ranges: &[Range]) -> (u64, u64) {
+fn access_span(opcode: Opcode, ranges: &[Range]) -> (u64, u64) {
     let va = |r: &Range| {
-        if opcode == opcode::VREAD {
+        if opcode == Opcode::Vread {
             r.src
         } else {
             r.dst
@@ -77,7 +77,7 @@ impl Gpu {
     /// counts the device faults resolved and replayed (not spurious ones).
     pub(crate) fn execute_mmu(
         &self,
-        opcode: u32,
+        opcode: Opcode,
         ctx: u32,
         ranges: &[Range],
         faults: &mut u64,
@@ -125,13 +125,13 @@ impl Gpu {
         let result = loop {
             if let Some(fault) = self.take_fault(ctx) {
                 let (next, error) = match resolve(&fault) {
-                    Ok(()) => (opcode::REPLAY, None),
-                    Err(e) => (opcode::CANCEL, Some(e)),
+                    Ok(()) => (Opcode::Replay, None),
+                    Err(e) => (Opcode::Cancel, Some(e)),
                 };
                 match self.execute(next, ctx, &[]) {
                     Err(e) => break Err(e),
                     // Nothing parked: the event was spurious.
-                    Ok(r) if r.status == abi::status::BAD_CONTEXT => self.note_spurious(&fault),
+                    Ok(r) if r.status == Status::BadContext => self.note_spurious(&fault),
                     Ok(_) => {
                         if error.is_some() {
                             failure = error;
@@ -180,15 +180,15 @@ impl Gpu {
             contexts.slots[index] = CtxSlot::new(true);
             index as u32 + 1
         };
-        let mut result = self.execute(opcode::CTX_CREATE, ctx, &[]);
-        if matches!(result, Ok(r) if r.status == abi::status::BAD_CONTEXT) {
+        let mut result = self.execute(Opcode::CtxCreate, ctx, &[]);
+        if matches!(result, Ok(r) if r.status == Status::BadContext) {
             // Left over from a previous driver instance (the device keeps
             // contexts until it is reset): recreate it empty.
-            let _ = self.execute(opcode::CTX_DESTROY, ctx, &[]);
-            result = self.execute(opcode::CTX_CREATE, ctx, &[]);
+            let _ = self.execute(Opcode::CtxDestroy, ctx, &[]);
+            result = self.execute(Opcode::CtxCreate, ctx, &[]);
         }
         match result {
-            Ok(r) if r.status == abi::status::OK => Ok(ctx),
+            Ok(r) if r.status == Status::Ok => Ok(ctx),
             other => {
                 self.contexts.lock().slots[ctx as usize - 1].used = false;
                 gpu_err!(
@@ -205,7 +205,7 @@ impl Gpu {
     /// Destroys a context created by [`Gpu::ctx_create`].
     pub(crate) fn ctx_destroy(&self, ctx: u32) {
         // Best effort: a dead device has no contexts to destroy.
-        let _ = self.execute(opcode::CTX_DESTROY, ctx, &[]);
+        let _ = self.execute(Opcode::CtxDestroy, ctx, &[]);
         self.contexts.lock().slots[ctx as usize - 1] = CtxSlot::new(false);
     }
 

@@ -6,7 +6,7 @@
 //! what else a reset redoes (contexts, the link canary).
 
 use super::Gpu;
-use crate::abi::{self, opcode, Response};
+use crate::abi::{Opcode, Response, Status};
 use crate::migrate;
 use crate::queue::{Command, Wait, COMMAND_TIMEOUT_MS};
 use crate::shim;
@@ -16,7 +16,7 @@ use kernel::prelude::*;
 impl Gpu {
     /// Executes a command while the queues restart after a reset (only the
     /// resetter may): no waiting for the reset, no recovery.
-    fn execute_privileged(&self, opcode: u32, ctx: u32) -> Result<Response> {
+    fn execute_privileged(&self, opcode: Opcode, ctx: u32) -> Result<Response> {
         let cmd = Command::new(opcode, ctx, self.tag(), &[])?;
         let mut flight = self.queues.submit(cmd, true).map_err(|(e, _)| e)?;
         loop {
@@ -106,15 +106,10 @@ impl Gpu {
             }
             let ctx = index as u32;
             // Whatever the destroy answers, the create must succeed.
-            self.execute_privileged(opcode::CTX_DESTROY, ctx)?;
-            let resp = self.execute_privileged(opcode::CTX_CREATE, ctx)?;
-            if resp.status != abi::status::OK {
-                gpu_err!(
-                    self,
-                    "recreating context {}: {}\n",
-                    ctx,
-                    abi::status::name(resp.status)
-                );
+            self.execute_privileged(Opcode::CtxDestroy, ctx)?;
+            let resp = self.execute_privileged(Opcode::CtxCreate, ctx)?;
+            if resp.status != Status::Ok {
+                gpu_err!(self, "recreating context {}: {}\n", ctx, resp.status.name());
                 return Err(EIO);
             }
             recreated += 1;
