@@ -774,6 +774,23 @@ pub fn run(args: &TestArgs) -> Result<i32> {
             let t = Instant::now();
             record(&mut results, "cargo-test", t, cargo_test(), None, args.keep)?;
         }
+        if !stop(&results) {
+            // Every fuzz target over its checked-in corpus and past crashes,
+            // then a short fixed run each (docs/fuzzing.md).
+            say!(
+                "=== fuzz targets: corpus, past crashes, {}s each",
+                crate::fuzz::REGRESS_SECONDS
+            );
+            let t = Instant::now();
+            record(
+                &mut results,
+                "fuzz-regress",
+                t,
+                crate::fuzz::regress(),
+                None,
+                args.keep,
+            )?;
+        }
         for target in crate::cross::CrossTarget::ALL {
             if stop(&results) {
                 break;
