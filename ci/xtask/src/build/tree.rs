@@ -274,12 +274,17 @@ fn sh(p: &Path) -> String {
 
 /// The `make` command that builds `build` (with `vars`).
 fn make_command(build: &Path, vars: &[String]) -> String {
+    make_target(build, vars, "-j$(nproc)")
+}
+
+/// `make -C BUILD VARS... TARGET`, ready to paste.
+fn make_target(build: &Path, vars: &[String], target: &str) -> String {
     let mut m = format!("make -C {}", sh(build));
     for v in vars {
         m.push(' ');
         m.push_str(v);
     }
-    m + " -j$(nproc)"
+    format!("{m} {target}")
 }
 
 /// The compiler line of a built object: `savedcmd_init/main.o := CC ...`.
@@ -369,14 +374,7 @@ fn fix_for_options(
     make_vars: &[String],
 ) -> String {
     let mut s = String::new();
-    let olddef = format!("make -C {}{} olddefconfig", sh(build), {
-        let mut v = String::new();
-        for x in make_vars {
-            v.push(' ');
-            v.push_str(x);
-        }
-        v
-    });
+    let olddef = make_target(build, make_vars, "olddefconfig");
     let _ = writeln!(
         s,
         "set them with scripts/config, then let Kconfig resolve them and build:\n  \
@@ -400,6 +398,18 @@ fn fix_for_options(
             .join(" "),
         make_command(build, make_vars)
     );
+    // Kconfig drops RUST without a word when it finds no usable toolchain
+    // (RUST_IS_AVAILABLE), so setting it again would not stick.
+    if missing.iter().any(|m| m.symbol == "RUST") {
+        let _ = write!(
+            s,
+            "\nCONFIG_RUST stays unset while the kernel finds no usable Rust toolchain \
+             (the olddefconfig above drops it again); this says what it lacks \
+             (libclang for bindgen: LIBCLANG_PATH; the standard library's sources: \
+             RUST_LIB_SRC or `rustup component add rust-src`):\n  {}",
+            make_target(build, make_vars, "rustavailable")
+        );
+    }
     s
 }
 
@@ -774,6 +784,17 @@ mod tests {
         );
         assert!(
             e.contains("merge_config.sh -m") && e.contains("LLVM=-19 olddefconfig"),
+            "{e}"
+        );
+        assert!(!e.contains("rustavailable"), "{e}");
+        // RUST missing: how to find out why Kconfig dropped it.
+        t.put("frags/x86_64.config", "CONFIG_X86_64=y\nCONFIG_RUST=y\n");
+        let e = open(Arch::X86_64).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "make -C {} LLVM=-19 rustavailable",
+                build.display()
+            )),
             "{e}"
         );
         t.put("frags/x86_64.config", "CONFIG_X86_64=y\n");
