@@ -377,6 +377,24 @@ fn judge(t: &Tally, exp: &Expected, tree: &BTreeSet<String>) -> Verdict {
 }
 
 /// The failure message: what went wrong and the exact edits of the list.
+/// Why a run that must pass every case did not: no list of expected
+/// outcomes applies, so no edit of one is suggested.
+fn all_pass_message(v: &Verdict) -> String {
+    let mut m = v.broken.clone();
+    if !v.unexpected.is_empty() {
+        m.push(format!(
+            "{} case(s) of this kernel's hmm-tests did not pass (every case must, 0 skipped):",
+            v.unexpected.len()
+        ));
+        m.extend(
+            v.unexpected
+                .iter()
+                .map(|(case, got, _)| format!("  {case}: {got}")),
+        );
+    }
+    m.join("\n")
+}
+
 fn verdict_message(v: &Verdict, exp: &Expected) -> String {
     let mut m = Vec::new();
     m.extend(v.broken.iter().cloned());
@@ -624,7 +642,7 @@ pub(super) fn check_all_pass(
     print_tallies(title, &[("hmmgpu", &ours)], &none);
     let v = judge(&ours, &none, &tree);
     if !v.ok() {
-        bail!("{}", verdict_message(&v, &none));
+        bail!("{}", all_pass_message(&v));
     }
     say!(
         "hmmgpu passes all {} cases of this kernel's hmm-tests, 0 skipped",
@@ -867,6 +885,30 @@ mod tests {
         );
         t.totals.as_mut().unwrap().fail += 1;
         assert!(!judge(&t, &exp, &tree_of(&t)).ok());
+    }
+
+    #[test]
+    fn all_pass_names_each_case_and_no_list() {
+        use Outcome::*;
+        let none = Expected::default();
+        let t = tally(
+            &[("hmm.p.a", Pass), ("hmm2.p.b", Fail), ("hmm.c.c", Skip)],
+            true,
+        );
+        let v = judge(&t, &none, &tree_of(&t));
+        assert!(!v.ok());
+        let m = all_pass_message(&v);
+        assert!(
+            m.contains("2 case(s) of this kernel's hmm-tests did not pass"),
+            "{m}"
+        );
+        assert!(
+            m.contains("  hmm2.p.b: fail") && m.contains("  hmm.c.c: skip"),
+            "{m}"
+        );
+        assert!(!m.contains(EXPECTED_FILE), "{m}");
+        let t = tally(&[("hmm.p.a", Pass)], true);
+        assert!(judge(&t, &none, &tree_of(&t)).ok());
     }
 
     #[test]
