@@ -435,12 +435,7 @@ impl Mirror {
             let mut n = 0;
             while n < UNMAP_RANGES && s < end {
                 let len = core::cmp::min(end - s, max_len);
-                ranges[n] = Range {
-                    src: 0,
-                    dst: s,
-                    len: len as u32,
-                    flags: RangeFlags::NONE.bits(),
-                };
+                ranges[n] = Range::new(0, s, len as u32, RangeFlags::NONE);
                 n += 1;
                 s += len;
             }
@@ -573,12 +568,7 @@ impl Mirror {
         // The device's atomics go through these mappings: one atomic
         // (add 0) checks the path without changing the data.
         if npages > 0 {
-            let atomic = Range {
-                src: 0,
-                dst: addr,
-                len: 8,
-                flags: RangeFlags::ATOMIC_ADD.bits(),
-            };
+            let atomic = Range::new(0, addr, 8, RangeFlags::ATOMIC_ADD);
             let resp = self
                 .gpu
                 .execute_mmu(Opcode::Atomic, self.ctx, &[atomic], &mut 0, |_| Err(ENOENT))?;

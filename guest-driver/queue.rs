@@ -818,7 +818,7 @@ impl RangeList {
     /// are contiguous.
     pub(crate) fn push(&mut self, src: u64, dst: u64, len: u32, flags: RangeFlags) -> Result {
         if let Some(last) = self.ranges.last_mut() {
-            if last.flags == flags.bits()
+            if last.range_flags() == flags
                 && last.src + u64::from(last.len) == src
                 && last.dst + u64::from(last.len) == dst
                 && last.len.checked_add(len).is_some()
@@ -827,15 +827,8 @@ impl RangeList {
                 return Ok(());
             }
         }
-        self.ranges.push(
-            Range {
-                src,
-                dst,
-                len,
-                flags: flags.bits(),
-            },
-            GFP_KERNEL,
-        )?;
+        self.ranges
+            .push(Range::new(src, dst, len, flags), GFP_KERNEL)?;
         Ok(())
     }
 
@@ -849,7 +842,7 @@ impl RangeList {
         flags: RangeFlags,
     ) -> Result {
         if let Some(last) = self.ranges.last_mut() {
-            if last.flags == flags.bits()
+            if last.range_flags() == flags
                 && last.src == pattern
                 && last.dst + u64::from(last.len) == dst
                 && last.len.checked_add(len).is_some()
@@ -858,15 +851,8 @@ impl RangeList {
                 return Ok(());
             }
         }
-        self.ranges.push(
-            Range {
-                src: pattern,
-                dst,
-                len,
-                flags: flags.bits(),
-            },
-            GFP_KERNEL,
-        )?;
+        self.ranges
+            .push(Range::new(pattern, dst, len, flags), GFP_KERNEL)?;
         Ok(())
     }
 

@@ -5,7 +5,7 @@
 //! of a command a reset gave back, and the command kinds built on them.
 
 use super::Gpu;
-use crate::abi::{self, Opcode, Range, Response, Status};
+use crate::abi::{self, Opcode, Range, RangeFlags, Response, Status};
 use crate::pages::PageRef;
 use crate::queue::{Command, InFlight, RangeList, Wait, COMMAND_TIMEOUT_MS};
 use core::sync::atomic::Ordering;
@@ -190,12 +190,7 @@ impl Gpu {
         let phys = unsafe { PageRef::from_raw(page.as_ptr()) }
             .ok_or(ENOMEM)?
             .phys();
-        let range = Range {
-            src: 0,
-            dst: phys,
-            len: abi::counter::BLOCK_SIZE as u32,
-            flags: 0,
-        };
+        let range = Range::new(0, phys, abi::counter::BLOCK_SIZE as u32, RangeFlags::NONE);
         let resp = self.execute(Opcode::Counters, 0, &[range])?;
         if resp.status != Status::Ok {
             return Err(EIO);
