@@ -440,7 +440,7 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
             "ratio": ratio,
         })).collect::<Vec<_>>(),
         "phases": costs.iter().map(|c| {
-            let f = &figs[if c.driver == "test_hmm" { 0 } else { 1 }];
+            let f = &figs[usize::from(c.driver != "test_hmm")];
             json!({
                 "driver": c.driver,
                 "phase": c.phase,
@@ -550,7 +550,7 @@ mod tests {
         ]);
         let err = format!("{:#}", parse(&one_sided).unwrap_err());
         assert!(err.contains("no figures for test_hmm"), "{err}");
-        assert!(parse(&lines(&["HMMGPU-BENCH-MARK nouveau sizes begin"])).is_err());
+        parse(&lines(&["HMMGPU-BENCH-MARK nouveau sizes begin"])).unwrap_err();
 
         let mut base = Figures::default();
         base.add("cpu_fault_p50_us".into(), 25.0);

@@ -356,14 +356,14 @@ mod tests {
         assert_eq!(parse_size("256M"), Ok(256 << 20));
         assert_eq!(parse_size("2g"), Ok(2 << 30));
         assert_eq!(parse_size("64KiB"), Ok(64 << 10));
-        assert!(parse_size("M").is_err());
-        assert!(parse_size("12Q").is_err());
-        assert!(parse_size("-1").is_err());
-        assert!(parse_size("99999999999T").is_err());
+        parse_size("M").unwrap_err();
+        parse_size("12Q").unwrap_err();
+        parse_size("-1").unwrap_err();
+        parse_size("99999999999T").unwrap_err();
         assert_eq!(parse_vram_size("4M"), Ok(4 << 20));
-        assert!(parse_vram_size("2M").is_err());
-        assert!(parse_vram_size("3M").is_err());
-        assert!(check_memory(2 << 30).is_ok());
+        parse_vram_size("2M").unwrap_err();
+        parse_vram_size("3M").unwrap_err();
+        check_memory(2 << 30).unwrap();
         assert!(check_memory((2 << 30) + 1).is_err());
     }
 
@@ -381,13 +381,13 @@ mod tests {
             }
             _ => panic!(),
         }
-        assert!(Cli::try_parse_from(["x", "run", "--vram", "3M"]).is_err());
+        Cli::try_parse_from(["x", "run", "--vram", "3M"]).unwrap_err();
         let c = Cli::try_parse_from(["x", "run", "--arch", "ppc64le"]).unwrap();
         match c.command {
             Command::Run(r) => assert_eq!(r.vm.arch, Arch::Ppc64le),
             _ => panic!(),
         }
-        assert!(Cli::try_parse_from(["x", "run", "--arch", "arm64"]).is_err());
+        Cli::try_parse_from(["x", "run", "--arch", "arm64"]).unwrap_err();
     }
 
     #[test]
@@ -417,8 +417,8 @@ mod tests {
         let s = parse_share("/tmp/out:/results,ro").unwrap();
         assert_eq!(s.host, PathBuf::from("/tmp/out"));
         assert_eq!((s.guest.as_str(), s.readonly), ("/results", true));
-        assert!(parse_share(":/x").is_err());
-        assert!(parse_share("/tmp/a:rel").is_err());
+        parse_share(":/x").unwrap_err();
+        parse_share("/tmp/a:rel").unwrap_err();
     }
 
     #[test]
@@ -447,7 +447,7 @@ mod tests {
             }
             _ => panic!(),
         }
-        assert!(Cli::try_parse_from(["x", "run", "--shell", "--", "true"]).is_err());
+        Cli::try_parse_from(["x", "run", "--shell", "--", "true"]).unwrap_err();
         let c = Cli::try_parse_from([
             "x",
             "test",
@@ -473,6 +473,6 @@ mod tests {
             }
             _ => panic!(),
         }
-        assert!(Cli::try_parse_from(["x", "test", "--shard", "3/2"]).is_err());
+        Cli::try_parse_from(["x", "test", "--shard", "3/2"]).unwrap_err();
     }
 }

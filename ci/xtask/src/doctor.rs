@@ -335,7 +335,7 @@ pub fn run() -> anyhow::Result<i32> {
         count(Status::Missing),
         count(Status::Skip)
     );
-    Ok(if count(Status::Missing) == 0 { 0 } else { 1 })
+    Ok(i32::from(count(Status::Missing) != 0))
 }
 
 fn cache_dir() -> PathBuf {
@@ -382,10 +382,11 @@ fn shm_check(r: &mut Report) {
     // Two GPUs of 1 GiB (the tests' hmm-tests), fully used.
     const NEED: u64 = 2 << 30;
     let what = "/dev/shm (VRAM files)";
+    // SAFETY: statvfs is plain integers, for which all-zero bytes are valid.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     let path = c"/dev/shm";
     // SAFETY: a valid C string and a statvfs to fill.
-    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+    if unsafe { libc::statvfs(path.as_ptr(), &raw mut st) } != 0 {
         r.add(
             Status::Missing,
             what,
@@ -396,6 +397,7 @@ fn shm_check(r: &mut Report) {
     }
     let free = st.f_bavail as u64 * st.f_frsize as u64;
     let size = st.f_blocks as u64 * st.f_frsize as u64;
+    // SAFETY: a valid C string; access(2) only reads it.
     let writable = unsafe { libc::access(path.as_ptr(), libc::W_OK) } == 0;
     let found = format!(
         "{:.1} GiB free of {:.1} GiB{}; a run needs up to --vram per GPU (tests: 2 x 1 GiB)",
@@ -1154,7 +1156,7 @@ mod tests {
         let good = "api 12\ncap user_memory 1\ncap irqfd 1\ncap ioeventfd 1\nguest hlt 420\n";
         let p = kvm::Probe::parse(good);
         assert_eq!(p.usable(), Ok(()));
-        assert!(accel_verdict(&p, true).is_ok());
+        accel_verdict(&p, true).unwrap();
         // This machine: the guest runs, but there is no vmx/svm.
         let v = accel_verdict(&p, false).unwrap_err();
         assert!(v.contains("no vmx/svm"), "{v}");

@@ -454,12 +454,12 @@ mod tests {
         assert!(is_host_fault(&json!({"kind": "kill_backend"})));
         assert!(!is_host_fault(&json!({"kind": "copy_error"})));
         let dir = Path::new("/nonexistent");
-        assert!(apply(dir, 0, &json!({"kind": "link_down"})).is_err());
-        assert!(apply(dir, 0, &json!({"kind": "link_down", "down": true, "x": 1})).is_err());
-        assert!(apply(dir, 0, &json!({"kind": "kill_backend", "x": 1})).is_err());
+        apply(dir, 0, &json!({"kind": "link_down"})).unwrap_err();
+        apply(dir, 0, &json!({"kind": "link_down", "down": true, "x": 1})).unwrap_err();
+        apply(dir, 0, &json!({"kind": "kill_backend", "x": 1})).unwrap_err();
         assert!(is_host_fault(&json!({"kind": "aer", "error": "fatal"})));
-        assert!(apply(dir, 0, &json!({"kind": "aer", "error": "bad"})).is_err());
-        assert!(apply(dir, 0, &json!({"kind": "aer"})).is_err());
+        apply(dir, 0, &json!({"kind": "aer", "error": "bad"})).unwrap_err();
+        apply(dir, 0, &json!({"kind": "aer"})).unwrap_err();
         assert_eq!(aer_error_name(AerSeverity::Fatal), "DLP");
         assert!(is_host_fault(&json!({"kind": "unplug"})));
         assert!(is_host_fault(&json!({"kind": "plug"})));

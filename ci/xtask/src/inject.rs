@@ -220,9 +220,9 @@ mod tests {
             json!({"cmd": "list"})
         );
         assert!(parse(&[]).is_err(), "a fault or --request is required");
-        assert!(parse(&["copy_error", "count"]).is_err());
-        assert!(parse(&["--request", "[1]"]).is_err());
-        assert!(parse(&["--request", "{", "ecc"]).is_err());
+        parse(&["copy_error", "count"]).unwrap_err();
+        parse(&["--request", "[1]"]).unwrap_err();
+        parse(&["--request", "{", "ecc"]).unwrap_err();
     }
 
     #[test]
@@ -237,13 +237,13 @@ mod tests {
             Some(json!({"kind": "kill_backend"}))
         );
         assert_eq!(host_fault_of(&w(&["copy_error", "count=3"])).unwrap(), None);
-        assert!(host_fault_of(&w(&["link_down"])).is_err());
-        assert!(host_fault_of(&w(&["kill_backend", "now"])).is_err());
+        host_fault_of(&w(&["link_down"])).unwrap_err();
+        host_fault_of(&w(&["kill_backend", "now"])).unwrap_err();
         assert_eq!(
             host_fault_of(&w(&["aer", "fatal"])).unwrap(),
             Some(json!({"kind": "aer", "error": "fatal"}))
         );
-        assert!(host_fault_of(&w(&["aer", "severe"])).is_err());
+        host_fault_of(&w(&["aer", "severe"])).unwrap_err();
         assert_eq!(
             host_fault_of(&w(&["unplug"])).unwrap(),
             Some(json!({"kind": "unplug"}))
@@ -256,7 +256,7 @@ mod tests {
             host_fault_of(&w(&[r#"{"kind":"unplug","timeout_s":120}"#])).unwrap(),
             Some(json!({"kind": "unplug", "timeout_s": 120}))
         );
-        assert!(host_fault_of(&w(&["plug", "gpu=1"])).is_err());
+        host_fault_of(&w(&["plug", "gpu=1"])).unwrap_err();
     }
 
     #[test]

@@ -492,7 +492,7 @@ fn vram_seed() -> Result<u64> {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_nanos() as u64
-        ^ std::process::id() as u64;
+        ^ u64::from(std::process::id());
     Ok(seed & 0xFFFF_FFFF_FFFF) // short enough to read in logs
 }
 
@@ -951,5 +951,5 @@ pub fn run(args: &TestArgs) -> Result<i32> {
     let passed = results.iter().filter(|r| r.pass).count();
     let failed = results.len() - passed;
     println!("{passed} passed, {failed} failed");
-    Ok(if failed == 0 { 0 } else { 1 })
+    Ok(i32::from(failed != 0))
 }

@@ -427,7 +427,7 @@ impl Proc {
             // SAFETY: kill(2) takes plain integers and touches no memory; the
             // group is our child's, not yet reaped (`exited` is None).
             unsafe {
-                libc::kill(-(self.child.id() as i32), sig);
+                libc::kill(-self.child.id().cast_signed(), sig);
             }
         }
     }
@@ -689,7 +689,7 @@ pub fn base64(data: &[u8]) -> String {
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for c in data.chunks(3) {
         let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
         for i in 0..4 {
             if i <= c.len() {
                 out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
@@ -1362,6 +1362,6 @@ mod tests {
         };
         assert_eq!(s.counter("guest_to_vram").unwrap(), 4096);
         assert_eq!(s.counter("commands").unwrap(), 3);
-        assert!(s.counter("nope").is_err());
+        s.counter("nope").unwrap_err();
     }
 }

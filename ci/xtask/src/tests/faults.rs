@@ -409,12 +409,12 @@ mod tests {
         assert_eq!(gpu, 1);
         assert_eq!(fault, serde_json::json!({"kind": "copy_error", "count": 1}));
         assert!(parse_request("HMMGPU-INJECT-REPLY ok {}").is_none());
-        assert!(parse_request("HMMGPU-INJECT-REQUEST gpu=x {}")
+        parse_request("HMMGPU-INJECT-REQUEST gpu=x {}")
             .unwrap()
-            .is_err());
-        assert!(parse_request("HMMGPU-INJECT-REQUEST gpu=0 {broken")
+            .unwrap_err();
+        parse_request("HMMGPU-INJECT-REQUEST gpu=0 {broken")
             .unwrap()
-            .is_err());
+            .unwrap_err();
     }
 
     #[test]
@@ -425,11 +425,10 @@ mod tests {
             responsive_round_ran(&console, 5)
         };
         let echo = "hmmgpu-init: running: hmmgpu-faults ecc && hmmgpu-faults responsive --seed 5 --no-device";
-        assert!(ran(&[
+        ran(&[
             echo,
             "hmmgpu-faults: responsive: seed=5 bytes=1048576 fnv1a=b24df35af927c496 (read back by a forked child)"
-        ])
-        .is_ok());
+        ]).unwrap();
         // The command's echo alone, a wrong checksum, another seed: no.
         assert!(ran(&[echo]).is_err());
         assert!(

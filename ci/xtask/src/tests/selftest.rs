@@ -848,8 +848,8 @@ mod tests {
         assert_eq!(t.seconds, Some(12.5));
         assert_eq!(t.status, Some(1));
         assert_eq!(t.totals.as_ref().unwrap().xfail, 1);
-        assert!(parse(&console[..3], "x").is_err());
-        assert!(parse(&console, "y").is_err());
+        parse(&console[..3], "x").unwrap_err();
+        parse(&console, "y").unwrap_err();
     }
 
     fn tally(cases: &[(&str, Outcome)], totals: bool) -> Tally {
@@ -1028,11 +1028,11 @@ mod tests {
             "plain.t1",
         ]);
         assert_eq!(c, want);
-        assert!(listed_cases("").is_err());
-        assert!(listed_cases("garbage\n").is_err());
+        listed_cases("").unwrap_err();
+        listed_cases("garbage\n").unwrap_err();
         let overflow = row("# FIXTURE", "VARIANT", "TEST")
             + &row("hmm", "a_variant_name_longer_than_25_chars", "t");
-        assert!(listed_cases(&overflow).is_err());
+        listed_cases(&overflow).unwrap_err();
     }
 
     #[test]

@@ -229,7 +229,7 @@ impl RawTerminal {
                 return None;
             }
             let mut t: libc::termios = std::mem::zeroed();
-            if libc::tcgetattr(0, &mut t) != 0 {
+            if libc::tcgetattr(0, &raw mut t) != 0 {
                 return None;
             }
             let saved = t;
@@ -237,7 +237,7 @@ impl RawTerminal {
             t.c_lflag &= !(libc::ICANON | libc::ECHO | libc::ISIG | libc::IEXTEN);
             t.c_cc[libc::VMIN] = 1;
             t.c_cc[libc::VTIME] = 0;
-            if libc::tcsetattr(0, libc::TCSANOW, &t) != 0 {
+            if libc::tcsetattr(0, libc::TCSANOW, &raw const t) != 0 {
                 return None;
             }
             Some(RawTerminal(saved))
@@ -249,7 +249,7 @@ impl Drop for RawTerminal {
     fn drop(&mut self) {
         // SAFETY: restores the termios saved by `enter` on fd 0.
         unsafe {
-            libc::tcsetattr(0, libc::TCSANOW, &self.0);
+            libc::tcsetattr(0, libc::TCSANOW, &raw const self.0);
         }
     }
 }
