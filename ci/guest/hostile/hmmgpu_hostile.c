@@ -15,6 +15,7 @@
  * the device is unbound (each completion is refilled at once from the
  * interrupt). The phases:
  *
+ *   idle   no command at all: the figures without an attack, to compare
  *   fill   FILL commands of 4096 ranges, each the whole VRAM (up to 2 GiB,
  *          aliased): 8 TiB per command with a 2 GiB VRAM
  *   vread  a context mapping one 2 MiB VRAM page at 4096 device virtual
@@ -28,11 +29,16 @@
  * Meanwhile a real-time kthread reads the config space every few
  * milliseconds and times each read (a config-space read is synchronous for
  * the vCPU: QEMU asks the backend with GET_CONFIG while the vCPU waits).
- * The remove (unbind) resets the device, which abandons whatever is left,
- * and prints what happened on the console for the host test (KERN_NOTICE:
- * the test's console shows levels below 6):
+ * The remove (unbind) resets the device, which abandons whatever is left.
+ * For the host test the module prints (KERN_NOTICE: the test's console
+ * shows levels below 6; kernel records reach the console whole, where a
+ * shell's echo can be cut by them) when the probe starts the attack
  *
- *   HOSTILE-CONFIG phase=P reads=N bad=B p50_us=X p99_us=Y max_us=Z
+ *   HOSTILE-PHASE P
+ *
+ * and when the remove has ended it
+ *
+ *   HOSTILE-CONFIG phase=P reads=N bad=B slow=S p50_us=X p99_us=Y max_us=Z
  *   HOSTILE-CHAINS phase=P ring=R submitted=N completed=C unexpected=U
  *       dropped=D status=S0/S1/.../S7 abandoned=A setup_us=T reset_us=R
  *
@@ -59,11 +65,14 @@
 
 static char phase[16];
 module_param_string(phase, phase, sizeof(phase), 0644);
-MODULE_PARM_DESC(phase, "attack the next bound device runs: fill, vread, ring or flood (empty: bind nothing)");
+MODULE_PARM_DESC(phase, "attack the next bound device runs: idle, fill, vread, ring or flood (empty: bind nothing)");
 
-enum hostile_phase { PHASE_FILL, PHASE_VREAD, PHASE_RING, PHASE_FLOOD, PHASES };
+enum hostile_phase {
+	PHASE_IDLE, PHASE_FILL, PHASE_VREAD, PHASE_RING, PHASE_FLOOD, PHASES
+};
 
 static const char *const phase_names[PHASES] = {
+	[PHASE_IDLE] = "idle",
 	[PHASE_FILL] = "fill",
 	[PHASE_VREAD] = "vread",
 	[PHASE_RING] = "ring",
@@ -80,8 +89,8 @@ static const char *const phase_names[PHASES] = {
 /* Config reads: one every PROBE_INTERVAL_US, at most MAX_SAMPLES kept. */
 #define PROBE_INTERVAL_US 2000
 #define MAX_SAMPLES 65536
-/* A config read slower than this is printed as it happens. */
-#define SLOW_READ_US 50000
+/* A config read slower than this is printed as it happens, and counted. */
+#define SLOW_READ_US 100000
 /* How long a setup command (CTX_CREATE, MAP) may take. */
 #define SETUP_TIMEOUT_MS 30000
 #define NO_STATUS 0xffffffffu
@@ -144,7 +153,7 @@ struct hostile {
 	struct task_struct *prober;
 	u32 *lat_us;
 	unsigned int nlat;
-	u64 reads, bad_reads;
+	u64 reads, bad_reads, slow_reads;
 	u32 max_us;
 };
 
@@ -363,8 +372,8 @@ static int build_fill(struct hostile *h)
 	for (i = 0; i < HMMGPU_MAX_RANGES; i++)
 		put_range(c, i, FILL_PATTERN, 0, len, HMMGPU_RANGE_DST_VRAM);
 	pr_notice("hmmgpu-hostile: fill: FILL commands of %u ranges of %u MiB (VRAM %llu MiB): %llu GiB each\n",
-		HMMGPU_MAX_RANGES, len >> 20, h->vram_size >> 20,
-		((u64)len * HMMGPU_MAX_RANGES) >> 30);
+		  HMMGPU_MAX_RANGES, len >> 20, h->vram_size >> 20,
+		  ((u64)len * HMMGPU_MAX_RANGES) >> 30);
 	return 0;
 }
 
@@ -414,8 +423,8 @@ static int build_vread(struct hostile *h)
 		put_range(c, i, ALIAS_BASE + (u64)i * HMMGPU_HUGE_PAGE_SIZE,
 			  dst, HMMGPU_HUGE_PAGE_SIZE, 0);
 	pr_notice("hmmgpu-hostile: vread: one 2 MiB VRAM page mapped at %u device virtual addresses; VREADs of %u ranges: %llu GiB each\n",
-		HMMGPU_MAX_RANGES, HMMGPU_MAX_RANGES,
-		((u64)HMMGPU_HUGE_PAGE_SIZE * HMMGPU_MAX_RANGES) >> 30);
+		  HMMGPU_MAX_RANGES, HMMGPU_MAX_RANGES,
+		  ((u64)HMMGPU_HUGE_PAGE_SIZE * HMMGPU_MAX_RANGES) >> 30);
 	return 0;
 }
 
@@ -549,9 +558,11 @@ static int prober(void *data)
 			h->max_us = v;
 		if (h->nlat < MAX_SAMPLES)
 			h->lat_us[h->nlat++] = v;
-		if (v > SLOW_READ_US)
+		if (v > SLOW_READ_US) {
+			h->slow_reads++;
 			pr_notice("hmmgpu-hostile: %s: a config-space read took %u us\n",
-				phase_names[h->phase], v);
+				  phase_names[h->phase], v);
+		}
 		usleep_range(PROBE_INTERVAL_US, PROBE_INTERVAL_US + 500);
 	}
 	return 0;
@@ -581,6 +592,7 @@ static int hostile_probe(struct virtio_device *vdev)
 	h->vdev = vdev;
 	h->phase = p;
 	h->vram_size = virtio_cread64(vdev, HMMGPU_CONFIG_OFF_VRAM_SIZE);
+	pr_notice("HOSTILE-PHASE %s\n", phase_names[p]);
 	spin_lock_init(&h->lock);
 	init_completion(&h->setup_done);
 	vdev->priv = h;
@@ -614,6 +626,9 @@ static int hostile_probe(struct virtio_device *vdev)
 	sched_set_fifo(h->prober);
 
 	switch (h->phase) {
+	case PHASE_IDLE:
+		ret = 0;
+		break;
 	case PHASE_FILL:
 		ret = build_fill(h);
 		break;
@@ -632,13 +647,13 @@ static int hostile_probe(struct virtio_device *vdev)
 
 	/* Every descriptor of the ring in use. */
 	spin_lock_irq(&h->lock);
-	for (i = 0; i < h->nslots; i++)
+	for (i = 0; i < h->nslots && h->nkinds; i++)
 		if (refill(h, &h->slots[i], GFP_ATOMIC))
 			break;
 	virtqueue_kick(h->vq);
 	spin_unlock_irq(&h->lock);
 	pr_notice("hmmgpu-hostile: %s: %llu chains on a ring of %u descriptors\n",
-		phase_names[h->phase], h->submitted, h->nslots);
+		  phase_names[h->phase], h->submitted, h->nslots);
 	return 0;
 
 stop:
@@ -683,15 +698,15 @@ static void hostile_remove(struct virtio_device *vdev)
 		p50 = h->lat_us[h->nlat / 2];
 		p99 = h->lat_us[(h->nlat - 1) * 99 / 100];
 	}
-	pr_notice("HOSTILE-CONFIG phase=%s reads=%llu bad=%llu p50_us=%u p99_us=%u max_us=%u\n",
-		phase_names[h->phase], h->reads, h->bad_reads, p50, p99,
-		h->max_us);
+	pr_notice("HOSTILE-CONFIG phase=%s reads=%llu bad=%llu slow=%llu p50_us=%u p99_us=%u max_us=%u\n",
+		  phase_names[h->phase], h->reads, h->bad_reads, h->slow_reads,
+		  p50, p99, h->max_us);
 	pr_notice("HOSTILE-CHAINS phase=%s ring=%u submitted=%llu completed=%llu unexpected=%llu dropped=%llu status=%llu/%llu/%llu/%llu/%llu/%llu/%llu/%llu abandoned=%llu setup_us=%lld reset_us=%lld\n",
-		phase_names[h->phase], h->nslots, h->submitted, h->completed,
-		h->unexpected, h->dropped, h->statuses[0], h->statuses[1],
-		h->statuses[2], h->statuses[3], h->statuses[4], h->statuses[5],
-		h->statuses[6], h->statuses[7], h->abandoned, h->setup_us,
-		h->reset_us);
+		  phase_names[h->phase], h->nslots, h->submitted, h->completed,
+		  h->unexpected, h->dropped, h->statuses[0], h->statuses[1],
+		  h->statuses[2], h->statuses[3], h->statuses[4], h->statuses[5],
+		  h->statuses[6], h->statuses[7], h->abandoned, h->setup_us,
+		  h->reset_us);
 
 	free_kinds(h);
 	__free_pages(h->buf, get_order(HMMGPU_HUGE_PAGE_SIZE));
