@@ -232,6 +232,22 @@ pub fn driver(k: &Kernel) -> Result<PathBuf> {
     Ok(ko)
 }
 
+/// images/build-test-modules.sh KDIR: builds the test-only modules of
+/// ci/guest/*/ (W=1, warnings as errors); returns the directory of the .ko
+/// files. A test puts the one it needs into its own initramfs.
+pub fn test_modules(k: &Kernel) -> Result<PathBuf> {
+    let mut cmd = bash("images/build-test-modules.sh").context("cannot build the test modules")?;
+    cmd.arg(&k.kdir);
+    let dir = PathBuf::from(run_script("test modules", &mut cmd)?);
+    if !dir.is_dir() {
+        bail!(
+            "images/build-test-modules.sh printed {}, which is not a directory",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
 /// The static guest programs of ci/guest/ for `k`'s architecture, built into
 /// target/xtask/guest-<arch>-<flavour>.
 pub fn guest_programs(k: &Kernel, flavour: Flavour) -> Result<Vec<PathBuf>> {

@@ -29,6 +29,7 @@ macro_rules! say_part {
 
 mod ecc;
 mod faults;
+mod hostile;
 mod loss;
 mod oracle;
 mod recovery;
@@ -230,7 +231,7 @@ impl Ctx {
             &run_dir.path.join("initramfs.cpio.gz"),
             &modules,
             programs,
-            &[],
+            &extra.adds,
         )?;
         let vram_size = extra.vram_size.unwrap_or(VRAM_SIZE);
         let cfg = VmConfig {
@@ -401,6 +402,11 @@ const VM_TESTS: &[VmTest] = &[
         name: "fault-aer",
         about: "PCIe AER errors (QEMU pcie_aer_inject_error): correctable and non-fatal change nothing; a fatal one resets the bus, the driver evicts VRAM first and comes back; every byte intact",
         run: reset::t_aer,
+    },
+    VmTest {
+        name: "hostile-guest",
+        about: "a test-only module on the command queue (8 TiB FILL, aliased VREAD, a full ring, a flood of bad chains): config reads, QMP and the control socket answer within 100 ms, a bystander keeps running, guest errors are counted and rate-limited, the data round after passes",
+        run: hostile::t_hostile_guest,
     },
     VmTest {
         name: "ppc64le-smoke",
