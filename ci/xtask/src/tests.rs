@@ -497,6 +497,11 @@ fn vram_seed() -> Result<u64> {
 /// says it left in VRAM (`HMMGPU-VRAM-PATTERN seed=S bytes=N`) is in GPU 0's
 /// VRAM file; returns N.
 fn vram_holds_pattern(test: &str, out: &VmOutcome, seed: u64) -> Result<usize> {
+    vram_of_gpu_holds_pattern(test, out, seed, 0)
+}
+
+/// [`vram_holds_pattern`] in the VRAM file of GPU `gpu`.
+fn vram_of_gpu_holds_pattern(test: &str, out: &VmOutcome, seed: u64, gpu: usize) -> Result<usize> {
     let marker = format!("HMMGPU-VRAM-PATTERN seed={seed} bytes=");
     let line = out
         .console
@@ -509,7 +514,11 @@ fn vram_holds_pattern(test: &str, out: &VmOutcome, seed: u64) -> Result<usize> {
         .unwrap_or("")
         .parse()
         .with_context(|| format!("bad pattern marker: {line}"))?;
-    let vram = out.vram.paths.first().context("the run has no VRAM file")?;
+    let vram = out
+        .vram
+        .paths
+        .get(gpu)
+        .with_context(|| format!("the run has no VRAM file for GPU {gpu}"))?;
     let scan = pattern::scan_vram(vram, seed, bytes)?;
     log(format!(
         "{test}: {} of {} pattern pages found in {}",

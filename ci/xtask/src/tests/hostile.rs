@@ -2,24 +2,26 @@
 //! backend, the VM or the host (docs/device-spec.md, "Against a hostile or
 //! broken guest").
 //!
-//! The guest (ci/guest/hostile-guest.sh) takes GPU 0 away from hmmgpu.ko and
-//! binds the test-only module ci/guest/hostile/ to it, once per phase: none
+//! The guest (ci/guest/hostile-guest.sh) has two GPUs. It takes GPU 1 away
+//! from hmmgpu.ko and binds the test-only module ci/guest/hostile/ to it,
+//! once per phase: none
 //! at all (`idle`, the same figures without an attack), an 8 TiB FILL (4096
 //! ranges of the whole 2 GiB VRAM), VREADs through 4096 aliases of one VRAM
 //! page, a ring kept full of small commands, and a flood of malformed chains
 //! and commands; in each attack every descriptor of the ring is in use.
 //! Throughout, the module times config-space reads in the guest and this
 //! test times QMP `query-status` and the backend's control socket from the
-//! host, while hmmgpu-bystander spins in the guest. Afterwards hmmgpu.ko
-//! gets the device back and a data round checks every byte, and a buffer
-//! left in VRAM is found in the host's VRAM file.
+//! host, while hmmgpu-bystander spins in the guest and hmmgpu-demo rounds
+//! on GPU 0 check every byte they move. Afterwards hmmgpu.ko gets GPU 1
+//! back and a data round checks every byte, and a buffer left in its VRAM
+//! is found in the host's VRAM file of GPU 1.
 //!
 //! The phases are followed by the module's kernel messages (`HOSTILE-PHASE
 //! P` when a bind starts one, `HOSTILE-CHAINS phase=P ...` when the unbind
 //! ended it): kernel records reach the console whole, where a shell's echo
 //! can be cut by them.
 
-use super::{argv, expect_status, need, vram_holds_pattern, vram_seed, Boot, Ctx};
+use super::{argv, expect_status, need, vram_of_gpu_holds_pattern, vram_seed, Boot, Ctx};
 use crate::build::{self, log};
 use crate::hostfault::Qmp;
 use crate::inject;
@@ -53,6 +55,9 @@ const MAX_BOUND: Duration = Duration::from_secs(1);
 /// The longest the bystander may go without finishing a work step (a
 /// frozen VM stops it for as long as the freeze).
 const BYSTANDER_MAX_GAP: Duration = Duration::from_millis(500);
+/// The GPU the hostile module gets; the other one (GPU 0) is the
+/// bystanders'.
+const VICTIM: u32 = 1;
 /// VRAM per GPU: a FILL range may be 2 GiB, so 4096 of them are 8 TiB.
 const VRAM_SIZE: u64 = 2 << 30;
 /// The whole boot's timeout: about five times what a pass takes, so a
@@ -113,7 +118,7 @@ fn probe(run_dir: &Path, shared: &Shared) {
         let changed = last.as_ref() != Some(&label);
         if n % CONTROL_EVERY == 0 || changed {
             let t = Instant::now();
-            match inject::send(run_dir, 0, &json!({ "cmd": "stats" })) {
+            match inject::send(run_dir, VICTIM, &json!({ "cmd": "stats" })) {
                 Ok(reply) => {
                     let mut p = shared.lock().unwrap();
                     p.control.push((phase.clone(), t.elapsed()));
@@ -299,7 +304,12 @@ fn delta(from: &Value, to: &Value, name: &str) -> u64 {
 }
 
 pub(super) fn t_hostile_guest(ctx: &mut Ctx) -> Result<()> {
-    let kernel = need("the guest kernel", &ctx.kernel)?.clone();
+    // The -debug variant boots the debug flavour: the module is built for
+    // the kernel that boots.
+    let kernel = match &ctx.on {
+        Some(stack) => stack.kernel.clone(),
+        None => need("the guest kernel", &ctx.kernel)?.clone(),
+    };
     let module = build::test_modules(&kernel)?.join("hmmgpu_hostile.ko");
     ensure!(module.is_file(), "{} was not built", module.display());
     let seed = vram_seed()?;
@@ -320,7 +330,7 @@ pub(super) fn t_hostile_guest(ctx: &mut Ctx) -> Result<()> {
     let out = ctx.boot_extra(
         Boot {
             test: "hostile-guest",
-            gpus: 1,
+            gpus: 2,
             driver: true,
             cmd,
         },
@@ -353,9 +363,10 @@ pub(super) fn t_hostile_guest(ctx: &mut Ctx) -> Result<()> {
     let passed = status.is_ok();
     check(status);
     check(measured);
+    check(gpu0_rounds(&out.console));
     if passed {
         check(check_backend(&out));
-        check(vram_holds_pattern("hostile-guest", &out, seed).map(drop));
+        check(vram_of_gpu_holds_pattern("hostile-guest", &out, seed, VICTIM as usize).map(drop));
     }
     if problems.is_empty() {
         Ok(())
@@ -542,12 +553,79 @@ fn bystander(console: &[String]) -> Result<String> {
     ))
 }
 
-/// The backend counted the guest's errors and logged few of them.
+/// GPU 0's data rounds (the `HOSTILE-DATA phase=P round=N status=S`
+/// records): every one passed, and each attack had rounds start during it.
+fn gpu0_rounds(console: &[String]) -> Result<()> {
+    let rounds: Vec<BTreeMap<String, String>> = console
+        .iter()
+        .filter_map(|l| {
+            let rest = &l[l.find("HOSTILE-DATA ")? + "HOSTILE-DATA ".len()..];
+            Some(
+                rest.split_whitespace()
+                    .filter_map(|w| w.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        })
+        .collect();
+    let failed: Vec<String> = rounds
+        .iter()
+        .filter(|r| r.get("status").map(String::as_str) != Some("0"))
+        .map(|r| format!("{r:?}"))
+        .collect();
+    let per_phase: Vec<(&str, usize)> = PHASES
+        .iter()
+        .map(|&p| {
+            let n = rounds
+                .iter()
+                .filter(|r| r.get("phase").map(String::as_str) == Some(p))
+                .count();
+            (p, n)
+        })
+        .collect();
+    log(format!(
+        "hostile-guest: GPU 0 bystander: {} hmmgpu-demo rounds, {} failed; started per phase: {}",
+        rounds.len(),
+        failed.len(),
+        per_phase
+            .iter()
+            .map(|(p, n)| format!("{p} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    ensure!(
+        failed.is_empty(),
+        "GPU 0's hmmgpu-demo rounds failed beside the attacks: {}",
+        failed.join("; ")
+    );
+    let idle: Vec<&str> = per_phase
+        .iter()
+        .filter(|(p, n)| *p != "idle" && *n == 0)
+        .map(|(p, _)| *p)
+        .collect();
+    ensure!(
+        idle.is_empty(),
+        "no GPU 0 round started during {} (GPU 0 made no progress)",
+        idle.join(", ")
+    );
+    Ok(())
+}
+
+/// GPU 1's backend counted the guest's errors and logged few of them; GPU
+/// 0's, which only the bystander used, counted none.
 fn check_backend(out: &VmOutcome) -> Result<()> {
-    let stats = out
-        .stats
-        .first()
-        .context("gpu0's backend reported no stats")?;
+    let of_gpu = |gpu: u32| {
+        out.stats
+            .iter()
+            .find(|s| s.gpu == gpu)
+            .with_context(|| format!("gpu{gpu}'s backend reported no stats"))
+    };
+    let bystanders = of_gpu(0)?.counter("guest_errors")?;
+    ensure!(
+        bystanders == 0,
+        "GPU 0's backend counted {bystanders} guest errors: only the bystander used it"
+    );
+    let stats = of_gpu(VICTIM)?;
     let (errors, unlogged) = (
         stats.counter("guest_errors")?,
         stats.counter("guest_errors_unlogged")?,
@@ -678,6 +756,34 @@ mod tests {
         let (a, b) = phase_stats(&stats, "fill").unwrap();
         assert_eq!(delta(a, b, "bytes_filled"), 5u64 << 30);
         assert!(phase_stats(&stats, "vread").is_none());
+    }
+
+    #[test]
+    fn gpu0_rounds_must_pass_in_every_attack() {
+        let rounds = |lines: &[(&str, u32)]| -> Vec<String> {
+            lines
+                .iter()
+                .enumerate()
+                .map(|(n, (p, s))| format!("[ 9.{n}] HOSTILE-DATA phase={p} round={n} status={s}"))
+                .collect()
+        };
+        let all = [
+            ("none", 0),
+            ("idle", 0),
+            ("fill", 0),
+            ("vread", 0),
+            ("ring", 0),
+            ("flood", 0),
+        ];
+        gpu0_rounds(&rounds(&all)).unwrap();
+        let mut bad = all;
+        bad[3].1 = 1;
+        assert!(gpu0_rounds(&rounds(&bad)).is_err(), "a failed round");
+        assert!(
+            gpu0_rounds(&rounds(&all[..4])).is_err(),
+            "no round in ring, flood"
+        );
+        assert!(gpu0_rounds(&[]).is_err());
     }
 
     #[test]
