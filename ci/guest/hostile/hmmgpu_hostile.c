@@ -12,8 +12,11 @@
  * parameters/phase and binds this driver to the device. The probe starts
  * the attack, bypassing hmmgpu.ko, with descriptor chains it builds itself
  * on the command queue, and keeps every descriptor of the ring in use until
- * the device is unbound (each completion is refilled at once from the
- * interrupt). The phases:
+ * the device is unbound (each completion is refilled at once, by a work
+ * item the interrupt queues: refilling in the interrupt itself would keep
+ * a vCPU of a slow guest, the debug kernel's, in hard-interrupt context
+ * for as long as the device keeps up, and starve the guest's own processes
+ * and the timed reads below). The phases:
  *
  *   idle   no command at all: the figures without an attack, to compare
  *   fill   FILL commands of 4096 ranges, each the whole VRAM (up to 2 GiB,
@@ -60,6 +63,7 @@
 #include <linux/unaligned.h>
 #include <linux/virtio.h>
 #include <linux/virtio_config.h>
+#include <linux/workqueue.h>
 
 #include "hmmgpu_abi.h"
 
@@ -132,6 +136,8 @@ struct hostile {
 
 	/* Guards the virtqueue and everything counted below. */
 	spinlock_t lock;
+	/* Takes the completions and refills (queued by the interrupt). */
+	struct work_struct drain;
 	bool stopping;
 	struct kind kinds[MAX_KINDS];
 	unsigned int nkinds, next_kind;
@@ -284,32 +290,52 @@ static void account(struct hostile *h, struct slot *slot, unsigned int len)
 		       k->status == NO_STATUS ? 0 : k->status);
 }
 
+/* The command queue's interrupt: the work item takes it from here. */
 static void hostile_done(struct virtqueue *vq)
 {
 	struct hostile *h = vq->vdev->priv;
-	struct slot *slot;
 	unsigned long flags;
-	unsigned int len;
-	bool kick = false;
 
 	spin_lock_irqsave(&h->lock, flags);
-	do {
-		virtqueue_disable_cb(vq);
-		while ((slot = virtqueue_get_buf(vq, &len))) {
-			if (slot->setup) {
-				h->setup_len = len;
-				complete(&h->setup_done);
-				continue;
-			}
-			account(h, slot, len);
-			/* Every descriptor stays in use: refill at once. */
-			if (!h->stopping && !refill(h, slot, GFP_ATOMIC))
-				kick = true;
+	virtqueue_disable_cb(vq);
+	spin_unlock_irqrestore(&h->lock, flags);
+	queue_work(system_dfl_wq, &h->drain);
+}
+
+/*
+ * Takes at most a ring's worth of completions and refills their slots,
+ * then turns the interrupt back on, or queues itself again when there is
+ * more: the kworker shares its CPU with the guest's processes.
+ */
+static void hostile_drain(struct work_struct *work)
+{
+	struct hostile *h = container_of(work, struct hostile, drain);
+	struct virtqueue *vq = h->vq;
+	unsigned int len, taken = 0;
+	struct slot *slot;
+	bool kick = false, more;
+
+	spin_lock_irq(&h->lock);
+	while (taken < h->nslots && (slot = virtqueue_get_buf(vq, &len))) {
+		taken++;
+		if (slot->setup) {
+			h->setup_len = len;
+			complete(&h->setup_done);
+			continue;
 		}
-	} while (!virtqueue_enable_cb(vq));
+		account(h, slot, len);
+		/* Every descriptor stays in use: refill at once. */
+		if (!h->stopping && !refill(h, slot, GFP_ATOMIC))
+			kick = true;
+	}
 	if (kick)
 		virtqueue_kick(vq);
-	spin_unlock_irqrestore(&h->lock, flags);
+	more = taken == h->nslots || !virtqueue_enable_cb(vq);
+	if (more)
+		virtqueue_disable_cb(vq);
+	spin_unlock_irq(&h->lock);
+	if (more)
+		queue_work(system_dfl_wq, &h->drain);
 }
 
 /*
@@ -594,6 +620,7 @@ static int hostile_probe(struct virtio_device *vdev)
 	h->vram_size = virtio_cread64(vdev, HMMGPU_CONFIG_OFF_VRAM_SIZE);
 	pr_notice("HOSTILE-PHASE %s\n", phase_names[p]);
 	spin_lock_init(&h->lock);
+	INIT_WORK(&h->drain, hostile_drain);
 	init_completion(&h->setup_done);
 	vdev->priv = h;
 
@@ -660,6 +687,7 @@ stop:
 	kthread_stop(h->prober);
 reset:
 	virtio_reset_device(vdev);
+	cancel_work_sync(&h->drain);
 del_vqs:
 	vdev->config->del_vqs(vdev);
 	free_kinds(h);
@@ -689,6 +717,8 @@ static void hostile_remove(struct virtio_device *vdev)
 	t0 = ktime_get();
 	virtio_reset_device(vdev);
 	h->reset_us = ktime_us_delta(ktime_get(), t0);
+	/* No interrupt after the reset: nothing queues the work again. */
+	cancel_work_sync(&h->drain);
 	while (virtqueue_detach_unused_buf(h->vq))
 		h->abandoned++;
 	vdev->config->del_vqs(vdev);
