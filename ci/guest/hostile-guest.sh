@@ -16,9 +16,10 @@
 # The host follows the phases by the module's kernel messages (HOSTILE-PHASE
 # when a bind starts one, HOSTILE-CONFIG and HOSTILE-CHAINS when the unbind
 # ended it) and reads the bystanders' kernel records:
-#   HOSTILE-DATA phase=P round=N status=S    one GPU 0 round (S: the demo's
-#                                            exit status; P: the phase it
-#                                            started in)
+#   HOSTILE-DATA phase=P end=E round=N status=S
+#                                            one GPU 0 round (S: the demo's
+#                                            exit status; P, E: the phases
+#                                            it started and ended in)
 #   HOSTILE-BYSTANDER ...                    hmmgpu-bystander's figures
 # Kernel records reach the console whole, where this script's own echo can
 # be cut by them. Exits 0 when every step ran (the host judges the figures),
@@ -62,8 +63,9 @@ bystander=$!
         p=$(cat /sys/module/hmmgpu_hostile/parameters/phase)
         hmmgpu-demo -d "$bystander_dev" -s 1M --seed "$n" >"$work/demo.log" 2>&1
         s=$?
+        e=$(cat /sys/module/hmmgpu_hostile/parameters/phase)
         [ "$s" = 0 ] || cat "$work/demo.log"
-        echo "<5>HOSTILE-DATA phase=${p:-none} round=$n status=$s" >/dev/kmsg
+        echo "<5>HOSTILE-DATA phase=${p:-none} end=${e:-none} round=$n status=$s" >/dev/kmsg
     done
 ) &
 data=$!

@@ -41,20 +41,23 @@ const PHASES: &[&str] = &["idle", "fill", "vread", "ring", "flood"];
 /// How long each phase lasts.
 const PHASE_SECONDS: u32 = 10;
 /// What 99% of the config reads, QMP queries and control requests of every
-/// phase must be answered within, whatever the guest does.
-const P99_BOUND: Duration = Duration::from_millis(100);
+/// phase must be answered within, whatever the guest does. The device adds
+/// at most its budget (one worker call, about 5 ms, then a 1 ms pause);
+/// passing runs on a loaded 2-core TCG host measure a p99 of 5 to 60 ms.
+const P99_BOUND: Duration = Duration::from_millis(150);
 /// What every one of them, and every device reset, must be answered
-/// within. Not 100 ms: on this 2-core TCG host, shared with other builds
-/// and VMs, the host scheduler alone delays a few answers by tens of
-/// milliseconds with no attack at all (the idle phase shows it), and a lock
-/// holder preempted for a while holds up whoever waits for it. What the
-/// device adds is bounded by its budget (one worker call, about 5 ms, then
-/// a 1 ms pause); a freeze lasts seconds to forever (the old backend's
-/// 8 TiB FILL: minutes).
-const MAX_BOUND: Duration = Duration::from_secs(1);
+/// within. Generous: on a 2-core TCG host shared with other builds and VMs
+/// the host scheduler alone delays a few answers by tens to a couple of
+/// hundred milliseconds with no attack at all (the idle phase shows it),
+/// and a lock holder preempted for a while holds up whoever waits for it.
+/// A freeze is far beyond it: the backend before the work budget froze the
+/// VM for minutes in the fill phase (QMP unanswered after 10 s, then no
+/// console line until the 300 s timeout).
+const MAX_BOUND: Duration = Duration::from_secs(2);
 /// The longest the bystander may go without finishing a work step (a
-/// frozen VM stops it for as long as the freeze).
-const BYSTANDER_MAX_GAP: Duration = Duration::from_millis(500);
+/// frozen VM stops it for as long as the freeze; passing runs: about
+/// 120 ms).
+const BYSTANDER_MAX_GAP: Duration = Duration::from_secs(1);
 /// The GPU the hostile module gets; the other one (GPU 0) is the
 /// bystanders'.
 const VICTIM: u32 = 1;
@@ -553,8 +556,9 @@ fn bystander(console: &[String]) -> Result<String> {
     ))
 }
 
-/// GPU 0's data rounds (the `HOSTILE-DATA phase=P round=N status=S`
-/// records): every one passed, and each attack had rounds start during it.
+/// GPU 0's data rounds (the `HOSTILE-DATA phase=P end=E round=N status=S`
+/// records): every one passed, and in each attack a round started or
+/// ended.
 fn gpu0_rounds(console: &[String]) -> Result<()> {
     let rounds: Vec<BTreeMap<String, String>> = console
         .iter()
@@ -578,13 +582,16 @@ fn gpu0_rounds(console: &[String]) -> Result<()> {
         .map(|&p| {
             let n = rounds
                 .iter()
-                .filter(|r| r.get("phase").map(String::as_str) == Some(p))
+                .filter(|r| {
+                    r.get("phase").map(String::as_str) == Some(p)
+                        || r.get("end").map(String::as_str) == Some(p)
+                })
                 .count();
             (p, n)
         })
         .collect();
     log(format!(
-        "hostile-guest: GPU 0 bystander: {} hmmgpu-demo rounds, {} failed; started per phase: {}",
+        "hostile-guest: GPU 0 bystander: {} hmmgpu-demo rounds, {} failed; started or ended per phase: {}",
         rounds.len(),
         failed.len(),
         per_phase
@@ -605,7 +612,7 @@ fn gpu0_rounds(console: &[String]) -> Result<()> {
         .collect();
     ensure!(
         idle.is_empty(),
-        "no GPU 0 round started during {} (GPU 0 made no progress)",
+        "no GPU 0 round started or ended during {} (GPU 0 made no progress)",
         idle.join(", ")
     );
     Ok(())
@@ -707,7 +714,7 @@ mod tests {
             words("phase=ring ring=256 submitted=9000 completed=8800 unexpected=0 reset_us=4000");
         check_phase("ring", Some(&config), Some(&chains), quick(50)).unwrap();
         // Slow config reads: the p99, the one frozen read.
-        let slow = words("phase=ring reads=500 bad=0 p50_us=800 p99_us=150000 max_us=160000");
+        let slow = words("phase=ring reads=500 bad=0 p50_us=800 p99_us=200000 max_us=210000");
         assert!(check_phase("ring", Some(&slow), Some(&chains), quick(50)).is_err());
         let frozen = words("phase=ring reads=500 bad=0 p50_us=800 p99_us=3000 max_us=144000000");
         assert!(check_phase("ring", Some(&frozen), Some(&chains), quick(50)).is_err());
@@ -716,7 +723,7 @@ mod tests {
         q.max = Duration::from_secs(10);
         assert!(check_phase("ring", Some(&config), Some(&chains), q).is_err());
         let reset = words(
-            "phase=ring ring=256 submitted=9000 completed=8800 unexpected=0 reset_us=2000000",
+            "phase=ring ring=256 submitted=9000 completed=8800 unexpected=0 reset_us=3000000",
         );
         assert!(check_phase("ring", Some(&config), Some(&reset), quick(50)).is_err());
         // A wrong outcome, a ring that never turned over, too few probes.
@@ -764,7 +771,9 @@ mod tests {
             lines
                 .iter()
                 .enumerate()
-                .map(|(n, (p, s))| format!("[ 9.{n}] HOSTILE-DATA phase={p} round={n} status={s}"))
+                .map(|(n, (p, s))| {
+                    format!("[ 9.{n}] HOSTILE-DATA phase={p} end={p} round={n} status={s}")
+                })
                 .collect()
         };
         let all = [
@@ -784,6 +793,10 @@ mod tests {
             "no round in ring, flood"
         );
         assert!(gpu0_rounds(&[]).is_err());
+        // A round that starts in one phase and ends in the next counts for both.
+        let mut spanning = rounds(&all[..4]);
+        spanning.push("[ 9.9] HOSTILE-DATA phase=ring end=flood round=9 status=0".into());
+        gpu0_rounds(&spanning).unwrap();
     }
 
     #[test]
