@@ -7,14 +7,16 @@
 //! The gate is ci/hmm-tests-expected.txt: the cases hmmgpu is known not to
 //! pass. hmmgpu failing or skipping any other case fails the test, and so does
 //! a listed case that now passes (the list only shrinks), or a run that did
-//! not reach hmm-tests' `# Totals:` line.
+//! not reach hmm-tests' `# Totals:` line. A case listed as `debug-timeout`
+//! must pass on the release kernel; on the debug kernel it may also end by
+//! kselftest's own fixed timeout (and only that way).
 
 use super::{argv, expect_status, Boot, Ctx};
 use crate::build;
 use crate::cli::{Arch, Flavour};
 use crate::vm::{Accel, VmOutcome};
 use anyhow::{bail, Context, Result};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 /// The known-failures list, relative to the repository root.
@@ -74,6 +76,9 @@ impl Totals {
 #[derive(Debug, Default)]
 struct Tally {
     cases: BTreeMap<String, Outcome>,
+    /// Failed cases the harness ended itself: `# NAME: Test terminated by
+    /// timeout` right before their result line.
+    timed_out: BTreeSet<String>,
     /// The harness's own `# Totals:` line; None: the binary did not get there.
     totals: Option<Totals>,
     /// Wall time in the guest.
@@ -126,6 +131,8 @@ fn parse(console: &[String], name: &str) -> Result<Tally> {
         .position(|l| l.trim() == begin)
         .with_context(|| format!("hmm-tests on {name} did not start (no '{begin}' line)"))?;
     let mut t = Tally::default();
+    // The short name of the last `# NAME: Test terminated by timeout`.
+    let mut timeout_of: Option<&str> = None;
     for line in &console[start + 1..] {
         let l = line.trim();
         if let Some(rest) = l.strip_prefix(&end) {
@@ -141,7 +148,18 @@ fn parse(console: &[String], name: &str) -> Result<Tally> {
         if let Some(totals) = Totals::parse(l) {
             t.totals = Some(totals);
         } else if let Some((case, o)) = tap_case(l) {
+            if o == Outcome::Fail
+                && timeout_of.is_some_and(|short| case.ends_with(&format!(".{short}")))
+            {
+                t.timed_out.insert(case.clone());
+            }
+            timeout_of = None;
             t.cases.insert(case, o);
+        } else if let Some(short) = l
+            .strip_prefix("# ")
+            .and_then(|r| r.strip_suffix(": Test terminated by timeout"))
+        {
+            timeout_of = Some(short);
         }
     }
     bail!("hmm-tests on {name} did not finish (no '{end}' line)")
@@ -151,6 +169,9 @@ fn parse(console: &[String], name: &str) -> Result<Tally> {
 #[derive(Debug, Default)]
 struct Expected {
     cases: BTreeMap<String, (Outcome, String)>,
+    /// `debug-timeout` cases: pass on the release kernel; on the debug
+    /// kernel pass or end by kselftest's timeout. case -> reason.
+    debug_timeouts: BTreeMap<String, String>,
 }
 
 impl Expected {
@@ -166,24 +187,26 @@ impl Expected {
             let rest = rest.trim_start();
             let (outcome, reason) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
             let reason = reason.trim();
-            let outcome = match outcome {
-                "fail" => Outcome::Fail,
-                "skip" => Outcome::Skip,
-                other => bail!(
-                    "{EXPECTED_FILE}:{}: outcome '{other}' is not fail or skip (want `NAME  fail|skip  REASON`)",
-                    i + 1
-                ),
-            };
             if reason.is_empty() {
                 bail!(
-                    "{EXPECTED_FILE}:{}: {name}: no reason given (want `NAME  fail|skip  REASON`)",
+                    "{EXPECTED_FILE}:{}: {name}: no reason given (want `NAME  fail|skip|debug-timeout  REASON`)",
                     i + 1
                 );
             }
-            if e.cases
-                .insert(name.to_string(), (outcome, reason.to_string()))
-                .is_some()
-            {
+            let twice = e.cases.contains_key(name) || e.debug_timeouts.contains_key(name);
+            match outcome {
+                "fail" => e.cases.insert(name.to_string(), (Outcome::Fail, reason.to_string())),
+                "skip" => e.cases.insert(name.to_string(), (Outcome::Skip, reason.to_string())),
+                "debug-timeout" => e
+                    .debug_timeouts
+                    .insert(name.to_string(), reason.to_string())
+                    .map(|r| (Outcome::Fail, r)),
+                other => bail!(
+                    "{EXPECTED_FILE}:{}: outcome '{other}' is not fail, skip or debug-timeout (want `NAME  fail|skip|debug-timeout  REASON`)",
+                    i + 1
+                ),
+            };
+            if twice {
                 bail!("{EXPECTED_FILE}:{}: {name} is listed twice", i + 1);
             }
         }
@@ -215,7 +238,14 @@ impl Verdict {
     }
 }
 
-fn judge(t: &Tally, exp: &Expected) -> Verdict {
+/// Which kernel flavour the run was on (`debug-timeout` entries differ).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    Release,
+    Debug,
+}
+
+fn judge(t: &Tally, exp: &Expected, kernel: Kernel) -> Verdict {
     let mut v = Verdict::default();
     match &t.totals {
         None => v.broken.push(
@@ -248,6 +278,20 @@ fn judge(t: &Tally, exp: &Expected) -> Verdict {
         v.broken.push("hmm-tests ran no case".into());
     }
     for (case, &got) in &t.cases {
+        if exp.debug_timeouts.contains_key(case) {
+            let timed_out = kernel == Kernel::Debug && t.timed_out.contains(case);
+            if got != Outcome::Pass && !timed_out {
+                v.broken.push(format!(
+                    "{case}: {got}, listed as debug-timeout: it must pass{}",
+                    if kernel == Kernel::Debug {
+                        " or end by kselftest's timeout (it did not)"
+                    } else {
+                        " on the release kernel"
+                    }
+                ));
+            }
+            continue;
+        }
         let listed = exp.cases.get(case).map(|(o, _)| *o);
         match (got, listed) {
             (Outcome::Pass, None) => {}
@@ -256,7 +300,7 @@ fn judge(t: &Tally, exp: &Expected) -> Verdict {
             (_, l) => v.unexpected.push((case.clone(), got, l)),
         }
     }
-    for case in exp.cases.keys() {
+    for case in exp.cases.keys().chain(exp.debug_timeouts.keys()) {
         if !t.cases.contains_key(case) {
             v.stale.push((case.clone(), None));
         }
@@ -295,9 +339,12 @@ fn verdict_message(v: &Verdict, exp: &Expected) -> String {
     let edits: Vec<String> = v
         .stale
         .iter()
-        .map(|(case, _)| {
-            let (o, reason) = &exp.cases[case];
-            format!("  - {case}  {o}  {reason}")
+        .map(|(case, _)| match exp.cases.get(case) {
+            Some((o, reason)) => format!("  - {case}  {o}  {reason}"),
+            None => format!(
+                "  - {case}  debug-timeout  {}",
+                exp.debug_timeouts.get(case).map_or("", String::as_str)
+            ),
         })
         .chain(v.unexpected.iter().map(|(case, got, listed)| match listed {
             None => format!(
@@ -319,7 +366,7 @@ fn verdict_message(v: &Verdict, exp: &Expected) -> String {
 /// hmmgpu's cases as the report's own testcases (JUnit, JSON, KTAP), each
 /// timed on the host clock from the previous result line (or the run's
 /// begin marker) to its own.
-fn record_cases(ctx: &Ctx, out: &VmOutcome, name: &str, t: &Tally, exp: &Expected) {
+fn record_cases(ctx: &Ctx, out: &VmOutcome, name: &str, t: &Tally, exp: &Expected, kernel: Kernel) {
     let begin = format!("HMMGPU-SELFTEST-BEGIN {name}");
     let mut times = BTreeMap::new();
     if let Some(start) = out.console.iter().position(|l| l.trim() == begin) {
@@ -347,6 +394,9 @@ fn record_cases(ctx: &Ctx, out: &VmOutcome, name: &str, t: &Tally, exp: &Expecte
                 },
                 expected: match o {
                     Outcome::Pass => listed.is_none(),
+                    _ if exp.debug_timeouts.contains_key(case) => {
+                        kernel == Kernel::Debug && t.timed_out.contains(case)
+                    }
                     _ => listed == Some(*o),
                 },
                 time: times.get(case).copied(),
@@ -364,13 +414,19 @@ fn both(a: Result<()>, b: Result<()>) -> Result<()> {
     }
 }
 
-fn check_hmmgpu(t: &Tally, exp: &Expected) -> Result<()> {
-    let v = judge(t, exp);
+fn check_hmmgpu(t: &Tally, exp: &Expected, kernel: Kernel) -> Result<()> {
+    let v = judge(t, exp, kernel);
     if v.ok() {
         say!(
             "hmmgpu matches {EXPECTED_FILE} ({} case(s) listed as known not to pass)",
             exp.cases.len()
         );
+        for case in &t.timed_out {
+            say!(
+                "note: {case} ended by kselftest's timeout on the debug kernel (listed as debug-timeout: {})",
+                exp.debug_timeouts.get(case).map_or("", String::as_str)
+            );
+        }
         Ok(())
     } else {
         bail!("{}", verdict_message(&v, exp))
@@ -501,7 +557,7 @@ pub(super) fn t_hmm_tests(ctx: &mut Ctx) -> Result<()> {
     let base = parse(&out.console, "test_hmm");
     let ours = parse(&out.console, "hmmgpu");
     if let Ok(o) = &ours {
-        record_cases(ctx, &out, "hmmgpu", o, &exp);
+        record_cases(ctx, &out, "hmmgpu", o, &exp, Kernel::Release);
     }
     if let (Ok(b), Ok(o)) = (&base, &ours) {
         print_tallies(
@@ -520,7 +576,8 @@ pub(super) fn t_hmm_tests(ctx: &mut Ctx) -> Result<()> {
     // A kernel WARNING/BUG/lockdep/KASAN report fails the boot (status 120).
     both(
         expect_status(&out, 0),
-        base.and(ours).and_then(|o| check_hmmgpu(&o, &exp)),
+        base.and(ours)
+            .and_then(|o| check_hmmgpu(&o, &exp, Kernel::Release)),
     )
 }
 
@@ -542,7 +599,7 @@ pub(super) fn t_hmm_tests_debug(ctx: &mut Ctx) -> Result<()> {
     )?;
     let ours = parse(&out.console, "hmmgpu");
     if let Ok(o) = &ours {
-        record_cases(ctx, &out, "hmmgpu", o, &exp);
+        record_cases(ctx, &out, "hmmgpu", o, &exp, Kernel::Debug);
     }
     if let Ok(o) = &ours {
         print_tallies(
@@ -557,7 +614,7 @@ pub(super) fn t_hmm_tests_debug(ctx: &mut Ctx) -> Result<()> {
     // A lockdep, KASAN or DEBUG_VM report fails the boot itself (status 120).
     both(
         expect_status(&out, 0),
-        ours.and_then(|o| check_hmmgpu(&o, &exp)),
+        ours.and_then(|o| check_hmmgpu(&o, &exp, Kernel::Debug)),
     )
 }
 
@@ -576,7 +633,7 @@ pub(super) fn t_hmm_tests_ppc64le(ctx: &mut Ctx) -> Result<()> {
     )?;
     let ours = parse(&out.console, "hmmgpu");
     if let Ok(o) = &ours {
-        record_cases(ctx, &out, "hmmgpu", o, &exp);
+        record_cases(ctx, &out, "hmmgpu", o, &exp, Kernel::Release);
     }
     if let Ok(o) = &ours {
         print_tallies(
@@ -591,7 +648,7 @@ pub(super) fn t_hmm_tests_ppc64le(ctx: &mut Ctx) -> Result<()> {
     }
     both(
         expect_status(&out, 0),
-        ours.and_then(|o| check_hmmgpu(&o, &exp)),
+        ours.and_then(|o| check_hmmgpu(&o, &exp, Kernel::Release)),
     )
 }
 
@@ -660,7 +717,7 @@ mod tests {
             ],
             true,
         );
-        assert!(judge(&t, &exp).ok());
+        assert!(judge(&t, &exp, Kernel::Release).ok());
         // A new failure and a new skip.
         let t = tally(
             &[
@@ -671,7 +728,7 @@ mod tests {
             ],
             true,
         );
-        let v = judge(&t, &exp);
+        let v = judge(&t, &exp, Kernel::Release);
         assert_eq!(v.unexpected.len(), 2);
         assert!(v.stale.is_empty());
         assert!(verdict_message(&v, &exp).contains("+ hmm.p.a  fail"));
@@ -680,7 +737,7 @@ mod tests {
             &[("hmm.p.exclusive", Fail), ("hmm.c.open_close", Fail)],
             true,
         );
-        let v = judge(&t, &exp);
+        let v = judge(&t, &exp, Kernel::Release);
         assert_eq!(
             v.unexpected,
             vec![("hmm.c.open_close".to_string(), Fail, Some(Skip))]
@@ -688,7 +745,7 @@ mod tests {
         assert!(verdict_message(&v, &exp).contains("~ hmm.c.open_close  skip -> fail"));
         // A listed case passes now, another is not run: stale, with removals.
         let t = tally(&[("hmm.p.exclusive", Pass)], true);
-        let v = judge(&t, &exp);
+        let v = judge(&t, &exp, Kernel::Release);
         assert!(!v.ok());
         assert_eq!(v.stale.len(), 2);
         let m = verdict_message(&v, &exp);
@@ -699,14 +756,51 @@ mod tests {
             &[("hmm.p.exclusive", Fail), ("hmm.c.open_close", Skip)],
             false,
         );
-        assert!(!judge(&t, &exp).ok());
+        assert!(!judge(&t, &exp, Kernel::Release).ok());
         // Totals that disagree with the TAP lines (a lost line).
         let mut t = tally(
             &[("hmm.p.exclusive", Fail), ("hmm.c.open_close", Skip)],
             true,
         );
         t.totals.as_mut().unwrap().fail += 1;
-        assert!(!judge(&t, &exp).ok());
+        assert!(!judge(&t, &exp, Kernel::Release).ok());
+    }
+
+    #[test]
+    fn debug_timeout_accepts_only_a_harness_timeout_on_the_debug_kernel() {
+        let exp = Expected::parse("hmm.c.bench  debug-timeout  slow under TCG\n").unwrap();
+        let console: Vec<String> = [
+            "HMMGPU-SELFTEST-BEGIN hmmgpu",
+            "ok 1 hmm.c.a",
+            "# bench: Test terminated by timeout",
+            "#          FAIL  hmm.c.bench",
+            "not ok 2 hmm.c.bench",
+            "# Totals: pass:1 fail:1 xfail:0 xpass:0 skip:0 error:0",
+            "HMMGPU-SELFTEST-END hmmgpu seconds=1 status=1",
+        ]
+        .iter()
+        .map(|l| l.to_string())
+        .collect();
+        let t = parse(&console, "hmmgpu").unwrap();
+        assert!(t.timed_out.contains("hmm.c.bench"));
+        assert!(judge(&t, &exp, Kernel::Debug).ok());
+        // The release kernel must pass it.
+        assert!(!judge(&t, &exp, Kernel::Release).ok());
+        // A failure that is not the harness's timeout is not accepted.
+        let mut asserted = console.clone();
+        asserted.remove(2);
+        let t = parse(&asserted, "hmmgpu").unwrap();
+        assert!(t.timed_out.is_empty());
+        assert!(!judge(&t, &exp, Kernel::Debug).ok());
+        // Passing is fine on both; not running it is stale.
+        let t = tally(
+            &[("hmm.c.a", Outcome::Pass), ("hmm.c.bench", Outcome::Pass)],
+            true,
+        );
+        assert!(judge(&t, &exp, Kernel::Release).ok());
+        assert!(judge(&t, &exp, Kernel::Debug).ok());
+        let t = tally(&[("hmm.c.a", Outcome::Pass)], true);
+        assert!(!judge(&t, &exp, Kernel::Debug).ok());
     }
 
     #[test]
