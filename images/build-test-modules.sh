@@ -7,18 +7,19 @@
 # uses it, never beside hmmgpu.ko in /lib/modules.
 # Prints the directory holding every built .ko.
 #
-#   build-test-modules.sh KDIR
+#   build-test-modules.sh KDIR    (xtask passes the build directory, with the
+#                                 make variables in the environment)
 set -euo pipefail
 LOG_TAG=test-modules
 source "$(dirname "$0")/lib.sh"
 
-KDIR="${1:?usage: build-test-modules.sh KDIR (from build-kernel.sh)}"
+KDIR="${1:?usage: build-test-modules.sh KDIR (from build-kernel.sh, or a kernel build directory)}"
 [[ -d "$KDIR" ]] || die "no kernel directory $KDIR"
 if [[ -f "$KDIR/make.env" ]]; then
     mapfile -t MAKE_VARS <"$KDIR/make.env"
     BUILD="$KDIR/build"
 else
-    MAKE_VARS=()          # HMMGPU_KERNEL_DIR: the user's own built tree
+    MAKE_VARS=()          # a build directory (xtask: make variables in the environment)
     BUILD="$KDIR"
 fi
 
