@@ -3,7 +3,8 @@
 # architecture (a cross gcc for another one) with the dmirror uAPI header
 # (lib/test_hmm_uapi.h) of the kernel's sources: one program per
 # ci/guest/NAME.c (NAME), and one per directory ci/guest/DIR/ (hmmgpu-DIR,
-# from every DIR/*.c; ci/guest/faults/ is hmmgpu-faults); every source sees
+# from every DIR/*.c; ci/guest/faults/ is hmmgpu-faults; a DIR with a Kbuild
+# is a test module, see build-test-modules.sh); every source sees
 # ci/guest/*.h. Then copies the guest scripts (ci/guest/*.sh, installed
 # without the .sh) and builds the kernel's own hmm-tests, unmodified, with
 # `hmm-tests -l`'s list of its cases beside it (hmm-tests.list: which cases
@@ -60,6 +61,9 @@ for c in "$GUEST_SRC"/*.c; do
 done
 for dir in "$GUEST_SRC"/*/; do
     dir="${dir%/}"
+    # A folder with a Kbuild is a test-only kernel module
+    # (images/build-test-modules.sh), not a program.
+    [[ -f "$dir/Kbuild" ]] && continue
     sources=("$dir"/*.c)
     [[ ${#sources[@]} -gt 0 ]] || die "$dir has no .c files"
     build_program "hmmgpu-$(basename "$dir")" "${sources[@]}"

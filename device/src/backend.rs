@@ -676,7 +676,12 @@ impl VhostUserBackendMut for HmmGpuBackend {
                     self.schedule_resume();
                     break Ok(());
                 }
-                if self.engine.faults().queue_stalled() {
+                // Stopped by the front end (GET_VRING_BASE marks the ring
+                // not ready before it waits for this lock in stop_vring):
+                // chains still in the avail ring cannot be taken, and
+                // looping on them would hold the lock forever. The ring's
+                // restart brings a kick.
+                if self.engine.faults().queue_stalled() || !queue_ready(vring) {
                     break Ok(());
                 }
                 match vring.enable_notification() {
@@ -1034,6 +1039,68 @@ mod tests {
         let good = rig.submit(&[(CMD, len, 0), (RESP + 0x200, RESP_LEN, WRITE)]);
         assert_eq!(rig.used().last(), Some(&(u32::from(good), RESP_LEN)));
         assert_eq!(rig.response(RESP + 0x200), Some(Response::ok(0)));
+    }
+
+    #[test]
+    fn a_resume_after_the_front_end_stopped_the_queue_returns() {
+        // Found by the hostile-guest VM test: a FILL too big for one call is
+        // suspended, more chains wait behind it, and the front end stops the
+        // command queue (a device reset: GET_VRING_BASE) before the resume
+        // timer fires. The resume must return at once: the queue is not
+        // ready, so nothing can be taken, and looping until it is would hold
+        // the device's lock that the front end's next message (GET_CONFIG,
+        // SET_VRING_ENABLE) waits for, freezing the VM for good.
+        let mut rig = Rig::new();
+        rig.backend.set_event_idx(true);
+        let vram = rig.backend.engine().vram().size();
+        let whole = Range::new(0x5a5a, 0, vram as u32, RangeFlags::DST_VRAM);
+        let fill = vec![whole; MAX_RANGES as usize];
+        let len = rig.write_command(CMD, Opcode::Fill, &fill);
+        let head = rig.next_desc;
+        rig.queue()
+            .add_desc_chains(
+                &[
+                    desc(CMD, len, NEXT, head + 1),
+                    desc(RESP, RESP_LEN, WRITE, 0),
+                ],
+                head,
+            )
+            .unwrap();
+        let nop = rig.write_command(DATA, Opcode::Nop, &[]);
+        rig.queue()
+            .add_desc_chains(
+                &[
+                    desc(DATA, nop, NEXT, head + 3),
+                    desc(RESP + 0x100, RESP_LEN, WRITE, 0),
+                ],
+                head + 2,
+            )
+            .unwrap();
+        rig.backend
+            .handle_event(QUEUE_COMMAND, EventSet::IN, &rig.vrings, 0)
+            .unwrap();
+        assert!(
+            rig.backend.engine().has_suspended(),
+            "the FILL took one call"
+        );
+        // GET_VRING_BASE, as vhost-user-backend's handler does it.
+        rig.vrings[0].set_queue_ready(false);
+        rig.backend.stop_vring(u32::from(QUEUE_COMMAND)).unwrap();
+        let Rig {
+            mut backend,
+            vrings,
+            ..
+        } = rig;
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            let r = backend.handle_event(RESUME_EVENT, EventSet::IN, &vrings, 0);
+            let _ = tx.send(r.is_ok());
+        });
+        assert_eq!(
+            rx.recv_timeout(std::time::Duration::from_secs(10)),
+            Ok(true),
+            "the resume on a stopped queue did not return"
+        );
     }
 
     #[test]

@@ -311,6 +311,28 @@ pub fn driver(k: &Kernel) -> Result<PathBuf> {
     Ok(ko)
 }
 
+/// images/build-test-modules.sh: builds the test-only modules of
+/// ci/guest/*/ (W=1, warnings as errors) against `k`, with its make
+/// variables in the environment as for [`driver`]; returns the directory of
+/// the .ko files. A test puts the one it needs into its own initramfs.
+pub fn test_modules(k: &Kernel) -> Result<PathBuf> {
+    let mut cmd = bash("images/build-test-modules.sh").context("cannot build the test modules")?;
+    cmd.arg(&k.build);
+    for v in &k.make_vars {
+        if let Some((name, value)) = v.split_once('=') {
+            cmd.env(name, value);
+        }
+    }
+    let dir = PathBuf::from(run_script("test modules", &mut cmd)?);
+    if !dir.is_dir() {
+        bail!(
+            "images/build-test-modules.sh printed {}, which is not a directory",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
 /// A short stable name for a path (a cache or output directory per tree).
 fn path_key(p: &Path) -> String {
     // FNV-1a: stable across Rust releases, unlike std's DefaultHasher.

@@ -29,6 +29,7 @@ macro_rules! say_part {
 
 mod ecc;
 mod faults;
+mod hostile;
 mod loss;
 mod oracle;
 mod ownkernel;
@@ -234,7 +235,7 @@ impl Ctx {
             &run_dir.path.join("initramfs.cpio.gz"),
             &modules,
             programs,
-            &[],
+            &extra.adds,
         )?;
         let vram_size = extra.vram_size.unwrap_or(VRAM_SIZE);
         let cfg = VmConfig {
@@ -412,6 +413,11 @@ const VM_TESTS: &[VmTest] = &[
         run: reset::t_aer,
     },
     VmTest {
+        name: "hostile-guest",
+        about: "a test-only module on GPU 1's command queue (8 TiB FILL, aliased VREAD, a full ring, a flood of bad chains): config reads, QMP and the control socket answer (p99 150 ms, max 2 s), a CPU bystander keeps running and hmmgpu-demo rounds on GPU 0 pass throughout, guest errors are counted and rate-limited, GPU 1's data round after passes",
+        run: hostile::t_hostile_guest,
+    },
+    VmTest {
         name: "ppc64le-smoke",
         about: "a ppc64le pseries guest (TCG): driver bound, then hmmgpu-demo (migrations to VRAM and back, every byte checked)",
         run: t_ppc64le_smoke,
@@ -500,6 +506,11 @@ fn vram_seed() -> Result<u64> {
 /// says it left in VRAM (`HMMGPU-VRAM-PATTERN seed=S bytes=N`) is in GPU 0's
 /// VRAM file; returns N.
 fn vram_holds_pattern(test: &str, out: &VmOutcome, seed: u64) -> Result<usize> {
+    vram_of_gpu_holds_pattern(test, out, seed, 0)
+}
+
+/// [`vram_holds_pattern`] in the VRAM file of GPU `gpu`.
+fn vram_of_gpu_holds_pattern(test: &str, out: &VmOutcome, seed: u64, gpu: usize) -> Result<usize> {
     let marker = format!("HMMGPU-VRAM-PATTERN seed={seed} bytes=");
     let line = out
         .console
@@ -512,7 +523,11 @@ fn vram_holds_pattern(test: &str, out: &VmOutcome, seed: u64) -> Result<usize> {
         .unwrap_or("")
         .parse()
         .with_context(|| format!("bad pattern marker: {line}"))?;
-    let vram = out.vram.paths.first().context("the run has no VRAM file")?;
+    let vram = out
+        .vram
+        .paths
+        .get(gpu)
+        .with_context(|| format!("the run has no VRAM file for GPU {gpu}"))?;
     let scan = pattern::scan_vram(vram, seed, bytes)?;
     log(format!(
         "{test}: {} of {} pattern pages found in {}",
@@ -583,9 +598,10 @@ fn t_rmmod_resident(ctx: &mut Ctx) -> Result<()> {
     expect_status_with(&out, 0, &recovery::Expected::NONE_UNLOADED)
 }
 
-/// The fault tests that also run on the debug kernel flavour, as
-/// `NAME-debug` (lockdep, KASAN, KFENCE, UBSAN, the lockup detectors): a
-/// recovery path must not splat either.
+/// The fault tests (and hostile-guest) that also run on the debug kernel
+/// flavour, as `NAME-debug` (lockdep, KASAN, KFENCE, UBSAN, the lockup
+/// detectors): a recovery path, or a guest module abusing the device, must
+/// not splat either.
 const DEBUG_VARIANTS: &[&str] = &[
     "fault-copy-error",
     "fault-slow-copies",
@@ -598,6 +614,7 @@ const DEBUG_VARIANTS: &[&str] = &[
     "fault-interrupts-stall",
     "fault-pci-reset",
     "fault-aer",
+    "hostile-guest",
 ];
 
 /// A VM test to run: name, what it checks, its function, and whether it

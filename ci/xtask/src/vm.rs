@@ -264,6 +264,9 @@ pub struct VmExtra {
     pub qemu_args: Vec<String>,
     /// Host folders mounted in the guest over virtio-9p (`--share`).
     pub shares: Vec<crate::cli::Share>,
+    /// Host files the guest finds in /host/ (e.g. a test-only module that
+    /// must not sit beside hmmgpu.ko in /lib/modules).
+    pub adds: Vec<PathBuf>,
 }
 
 /// How the run ended.

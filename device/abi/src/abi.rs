@@ -659,6 +659,16 @@ pub struct CmdHeader {
 impl CmdHeader {
     /// Encoded size in bytes.
     pub const SIZE: usize = 24;
+    /// Byte offset of `opcode`.
+    pub const OFF_OPCODE: usize = 0;
+    /// Byte offset of `ctx`.
+    pub const OFF_CTX: usize = 4;
+    /// Byte offset of `tag`.
+    pub const OFF_TAG: usize = 8;
+    /// Byte offset of `count`.
+    pub const OFF_COUNT: usize = 16;
+    /// Byte offset of `reserved`.
+    pub const OFF_RESERVED: usize = 20;
 
     /// The header of a command of `opcode` on context `ctx` (0 for the
     /// physical opcodes) with `count` ranges.
@@ -675,11 +685,11 @@ impl CmdHeader {
     /// Encodes to the wire format.
     pub fn to_bytes(&self) -> [u8; Self::SIZE] {
         let mut b = [0u8; Self::SIZE];
-        put32(&mut b, 0, self.opcode);
-        put32(&mut b, 4, self.ctx);
-        put64(&mut b, 8, self.tag);
-        put32(&mut b, 16, self.count);
-        put32(&mut b, 20, self.reserved);
+        put32(&mut b, Self::OFF_OPCODE, self.opcode);
+        put32(&mut b, Self::OFF_CTX, self.ctx);
+        put64(&mut b, Self::OFF_TAG, self.tag);
+        put32(&mut b, Self::OFF_COUNT, self.count);
+        put32(&mut b, Self::OFF_RESERVED, self.reserved);
         b
     }
 
@@ -689,11 +699,11 @@ impl CmdHeader {
             return None;
         }
         Some(Self {
-            opcode: le32(b, 0),
-            ctx: le32(b, 4),
-            tag: le64(b, 8),
-            count: le32(b, 16),
-            reserved: le32(b, 20),
+            opcode: le32(b, Self::OFF_OPCODE),
+            ctx: le32(b, Self::OFF_CTX),
+            tag: le64(b, Self::OFF_TAG),
+            count: le32(b, Self::OFF_COUNT),
+            reserved: le32(b, Self::OFF_RESERVED),
         })
     }
 }
@@ -720,6 +730,14 @@ pub struct Range {
 impl Range {
     /// Encoded size in bytes.
     pub const SIZE: usize = 24;
+    /// Byte offset of `src`.
+    pub const OFF_SRC: usize = 0;
+    /// Byte offset of `dst`.
+    pub const OFF_DST: usize = 8;
+    /// Byte offset of `len`.
+    pub const OFF_LEN: usize = 16;
+    /// Byte offset of `flags`.
+    pub const OFF_FLAGS: usize = 20;
 
     /// A range with these fields.
     pub const fn new(src: u64, dst: u64, len: u32, flags: RangeFlags) -> Self {
@@ -739,10 +757,10 @@ impl Range {
     /// Encodes to the wire format.
     pub fn to_bytes(&self) -> [u8; Self::SIZE] {
         let mut b = [0u8; Self::SIZE];
-        put64(&mut b, 0, self.src);
-        put64(&mut b, 8, self.dst);
-        put32(&mut b, 16, self.len);
-        put32(&mut b, 20, self.flags);
+        put64(&mut b, Self::OFF_SRC, self.src);
+        put64(&mut b, Self::OFF_DST, self.dst);
+        put32(&mut b, Self::OFF_LEN, self.len);
+        put32(&mut b, Self::OFF_FLAGS, self.flags);
         b
     }
 
@@ -752,10 +770,10 @@ impl Range {
             return None;
         }
         Some(Self {
-            src: le64(b, 0),
-            dst: le64(b, 8),
-            len: le32(b, 16),
-            flags: le32(b, 20),
+            src: le64(b, Self::OFF_SRC),
+            dst: le64(b, Self::OFF_DST),
+            len: le32(b, Self::OFF_LEN),
+            flags: le32(b, Self::OFF_FLAGS),
         })
     }
 }
@@ -782,6 +800,12 @@ impl Default for Response {
 impl Response {
     /// Encoded size in bytes.
     pub const SIZE: usize = 16;
+    /// Byte offset of `status`.
+    pub const OFF_STATUS: usize = 0;
+    /// Byte offset of `failed_index`.
+    pub const OFF_FAILED_INDEX: usize = 4;
+    /// Byte offset of `bytes`.
+    pub const OFF_BYTES: usize = 8;
 
     /// A successful completion that moved `bytes`.
     pub const fn ok(bytes: u64) -> Self {
@@ -805,9 +829,9 @@ impl Response {
     /// Encodes to the wire format.
     pub fn to_bytes(&self) -> [u8; Self::SIZE] {
         let mut b = [0u8; Self::SIZE];
-        put32(&mut b, 0, self.status.bits());
-        put32(&mut b, 4, self.failed_index);
-        put64(&mut b, 8, self.bytes);
+        put32(&mut b, Self::OFF_STATUS, self.status.bits());
+        put32(&mut b, Self::OFF_FAILED_INDEX, self.failed_index);
+        put64(&mut b, Self::OFF_BYTES, self.bytes);
         b
     }
 
@@ -818,9 +842,9 @@ impl Response {
             return None;
         }
         Some(Self {
-            status: Status::try_from(le32(b, 0)).ok()?,
-            failed_index: le32(b, 4),
-            bytes: le64(b, 8),
+            status: Status::try_from(le32(b, Self::OFF_STATUS)).ok()?,
+            failed_index: le32(b, Self::OFF_FAILED_INDEX),
+            bytes: le64(b, Self::OFF_BYTES),
         })
     }
 }

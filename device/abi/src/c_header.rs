@@ -66,8 +66,44 @@ pub fn render() -> String {
             CmdHeader::SIZE,
             "bytes of a command header"
         ),
+        def("CMD_OFF_OPCODE", CmdHeader::OFF_OPCODE, ""),
+        def("CMD_OFF_CTX", CmdHeader::OFF_CTX, ""),
+        def("CMD_OFF_TAG", CmdHeader::OFF_TAG, ""),
+        def("CMD_OFF_COUNT", CmdHeader::OFF_COUNT, ""),
+        def("CMD_OFF_RESERVED", CmdHeader::OFF_RESERVED, ""),
         def("RANGE_SIZE", Range::SIZE, "bytes of a range"),
+        def("RANGE_OFF_SRC", Range::OFF_SRC, ""),
+        def("RANGE_OFF_DST", Range::OFF_DST, ""),
+        def("RANGE_OFF_LEN", Range::OFF_LEN, ""),
+        def("RANGE_OFF_FLAGS", Range::OFF_FLAGS, ""),
+        def("RANGE_SRC_VRAM", RangeFlags::SRC_VRAM.bits(), "Range.flags"),
+        def("RANGE_DST_VRAM", RangeFlags::DST_VRAM.bits(), "Range.flags"),
+        def("RANGE_MAP_READ", RangeFlags::MAP_READ.bits(), "Range.flags"),
+        def(
+            "RANGE_MAP_WRITE",
+            RangeFlags::MAP_WRITE.bits(),
+            "Range.flags"
+        ),
+        def(
+            "RANGE_MAP_ATOMIC",
+            RangeFlags::MAP_ATOMIC.bits(),
+            "Range.flags"
+        ),
+        def("RANGE_MAP_HUGE", RangeFlags::MAP_HUGE.bits(), "Range.flags"),
+        def(
+            "RANGE_ATOMIC_ADD",
+            RangeFlags::ATOMIC_ADD.bits(),
+            "Range.flags"
+        ),
+        def(
+            "RANGE_ATOMIC_XCHG",
+            RangeFlags::ATOMIC_XCHG.bits(),
+            "Range.flags"
+        ),
         def("RESPONSE_SIZE", Response::SIZE, "bytes of a response"),
+        def("RESPONSE_OFF_STATUS", Response::OFF_STATUS, ""),
+        def("RESPONSE_OFF_FAILED_INDEX", Response::OFF_FAILED_INDEX, ""),
+        def("RESPONSE_OFF_BYTES", Response::OFF_BYTES, ""),
         def("EVENT_SIZE", Event::SIZE, "bytes of an event buffer"),
         def("EVENT_FAULT", event::FAULT, "Event.kind"),
         def("EVENT_ECC", event::ECC, "Event.kind"),
