@@ -141,6 +141,12 @@ pub struct RunArgs {
     /// Put hmmgpu.ko in the initramfs but do not load it (hmmgpu.noload).
     #[arg(long)]
     pub noload: bool,
+    /// Write the device timeline here: a Chrome trace-event JSON file
+    /// (ui.perfetto.dev, chrome://tracing) with every GPU's commands,
+    /// faults, interrupts and resets and the guest's markers, on
+    /// CLOCK_MONOTONIC.
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
     /// Command to run in the guest (cwd /tmp); default: hmmgpu-demo.
     #[arg(last = true, value_name = "CMD")]
     pub cmd: Vec<String>,
@@ -175,6 +181,10 @@ pub struct BenchArgs {
     /// No VM: print (and --plot) a saved run's JSON instead of running.
     #[arg(long, value_name = "RUN.json")]
     pub from: Option<PathBuf>,
+    /// Record the device timeline while benchmarking (its cost shows with
+    /// --compare against a run without it); written here.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["compare", "from"])]
+    pub trace: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -201,6 +211,10 @@ pub struct TestArgs {
     /// List the VM tests and exit.
     #[arg(long)]
     pub list: bool,
+    /// Write each VM test boot's device timeline into this folder
+    /// (TEST.json, TEST.boot2.json...).
+    #[arg(long, value_name = "DIR")]
+    pub trace: Option<PathBuf>,
 }
 
 /// The project's one size parser (binary units; `64MB` is refused as

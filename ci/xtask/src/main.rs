@@ -12,6 +12,7 @@ mod inject;
 mod pattern;
 mod signals;
 mod tests;
+mod trace;
 mod vm;
 
 use anyhow::Result;
@@ -85,6 +86,11 @@ fn run(args: RunArgs) -> Result<i32> {
     })?;
     let run_dir = vm::RunDir::create()?;
     let initramfs = art.initramfs(&run_dir.path, &args.add)?;
+    let mut extra = vm::VmExtra::default();
+    let traced = args
+        .trace
+        .as_ref()
+        .map(|_| trace::arm(&mut extra, &run_dir.path, args.gpus));
     let cfg = vm::VmConfig {
         arch: args.vm.arch,
         qemu: art.qemu.clone(),
@@ -101,7 +107,7 @@ fn run(args: RunArgs) -> Result<i32> {
         noload: args.noload,
         echo: vm::Echo::Raw,
         run_dir: run_dir.path.clone(),
-        extra: vm::VmExtra::default(),
+        extra,
     };
     // Where `cargo xtask inject` finds this run's control sockets.
     inject::record_run(&run_dir.path)?;
@@ -116,6 +122,9 @@ fn run(args: RunArgs) -> Result<i32> {
     log(format!("timing: {}", out.timings));
     for s in &out.stats {
         log(format!("gpu{} stats ({:?}): {}", s.gpu, s.source, s.raw));
+    }
+    if let (Some(dest), Some(armed)) = (&args.trace, &traced) {
+        trace::write(dest, armed, &out, &vm::shell_join(&cfg.cmd))?;
     }
     match &out.result {
         vm::VmResult::Exited(n) => log(format!("guest command exited with status {n}")),

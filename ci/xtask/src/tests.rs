@@ -43,6 +43,10 @@ struct Ctx {
     /// For tests that always run on another flavour or architecture, built
     /// on first use.
     stacks: Vec<((Arch, Flavour), Result<Stack, String>)>,
+    /// `--trace DIR`: each boot's device timeline goes there.
+    trace_dir: Option<PathBuf>,
+    /// Boots per test so far (a test's second boot is TEST.boot2.json).
+    trace_boots: std::cell::RefCell<std::collections::BTreeMap<String, u32>>,
 }
 
 /// One boot of a VM test.
@@ -159,7 +163,7 @@ impl Ctx {
         qemu: &std::path::Path,
         accel: Accel,
         cpus: u32,
-        extra: vm::VmExtra,
+        mut extra: vm::VmExtra,
     ) -> Result<VmOutcome> {
         let modules: Vec<PathBuf> = driver.into_iter().cloned().collect();
         let device_bin = if b.gpus > 0 {
@@ -176,6 +180,20 @@ impl Ctx {
             &[],
         )?;
         let vram_size = extra.vram_size.unwrap_or(VRAM_SIZE);
+        // --trace DIR, unless the test records the timeline itself.
+        let traced = match &self.trace_dir {
+            Some(dir) if !extra.backend_args.iter().flatten().any(|a| a == "--trace") => {
+                let mut boots = self.trace_boots.borrow_mut();
+                let n = boots.entry(b.test.to_string()).or_default();
+                *n += 1;
+                Some((
+                    crate::trace::boot_file(dir, b.test, *n),
+                    crate::trace::arm(&mut extra, &run_dir.path, b.gpus),
+                ))
+            }
+            _ => None,
+        };
+        let test = b.test;
         let cfg = VmConfig {
             arch: kernel.arch,
             qemu: qemu.to_path_buf(),
@@ -195,12 +213,15 @@ impl Ctx {
             extra,
         };
         let out = vm::run(&cfg)?;
-        log(format!("{}: {}", b.test, out.timings));
+        log(format!("{test}: {}", out.timings));
         for s in &out.stats {
             log(format!(
-                "{}: gpu{} stats ({:?}): {}",
-                b.test, s.gpu, s.source, s.raw
+                "{test}: gpu{} stats ({:?}): {}",
+                s.gpu, s.source, s.raw
             ));
+        }
+        if let Some((dest, armed)) = &traced {
+            crate::trace::write(dest, armed, &out, test)?;
         }
         Ok(out)
     }
@@ -240,6 +261,11 @@ const VM_TESTS: &[VmTest] = &[
         name: "demo",
         about: "hmmgpu-demo exits 0",
         run: t_demo,
+    },
+    VmTest {
+        name: "trace-demo",
+        about: "hmmgpu-demo with the device timeline (--trace): a valid Chrome trace whose COPY events add up to the backend's bytes_guest_to_vram and bytes_vram_to_guest, on the guest markers' clock",
+        run: t_trace_demo,
     },
     VmTest {
         name: "vram-holds-data",
@@ -373,6 +399,29 @@ fn t_demo(ctx: &mut Ctx) -> Result<()> {
     })?;
     ctx.demo_ready = out.timings.ready;
     expect_status(&out, 0)
+}
+
+fn t_trace_demo(ctx: &mut Ctx) -> Result<()> {
+    let dest = ctx.trace_dir.clone().map_or_else(
+        || build::target_dir().join("xtask/trace-demo.json"),
+        |dir| dir.join("trace-demo.json"),
+    );
+    let run_dir = vm::RunDir::create()?;
+    let mut extra = vm::VmExtra::default();
+    let armed = crate::trace::arm(&mut extra, &run_dir.path, 1);
+    let out = ctx.boot_extra(
+        Boot {
+            test: "trace-demo",
+            gpus: 1,
+            driver: true,
+            cmd: argv(&["hmmgpu-demo"]),
+        },
+        extra,
+    )?;
+    expect_status(&out, 0)?;
+    crate::trace::write(&dest, &armed, &out, "trace-demo: hmmgpu-demo")?;
+    let stats = out.stats.first().context("gpu0 reported no stats")?;
+    crate::trace::check_against_stats(&dest, stats)
 }
 
 fn t_vram_holds_data(ctx: &mut Ctx) -> Result<()> {
@@ -627,6 +676,8 @@ pub fn run(args: &TestArgs) -> Result<i32> {
         bare_init: None,
         demo_ready: None,
         stacks: Vec::new(),
+        trace_dir: args.trace.clone(),
+        trace_boots: Default::default(),
     };
     for t in VM_TESTS {
         if !args.only.is_empty() && !args.only.iter().any(|n| n == t.name) {

@@ -320,6 +320,8 @@ impl BackendStats {
 pub struct VmOutcome {
     pub result: VmResult,
     pub timings: Timings,
+    /// When QEMU was launched (the timings count from here).
+    pub launched: Instant,
     /// One per GPU that reported stats, in GPU order.
     pub stats: Vec<BackendStats>,
     /// The whole console, line by line.
@@ -1116,6 +1118,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
     Ok(VmOutcome {
         result,
         timings,
+        launched: launch,
         stats,
         console,
         kernel_errors,
