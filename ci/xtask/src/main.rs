@@ -14,6 +14,8 @@ mod signals;
 mod tests;
 mod trace;
 mod vm;
+#[cfg(test)]
+mod workflow;
 
 use anyhow::Result;
 use build::log;
