@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the host packages hmmgpu needs on Debian 12 (bookworm): the kernel
 # and QEMU build toolchains, Debian's rust-src (the rustup toolchain here has
-# no rust-src component), bindgen-cli, busybox for the initramfs, and for
+# no rust-src component), bindgen-cli, busybox for the initramfs, lcov (cargo
+# xtask coverage), and for
 # PowerPC: cross gcc (ppc64le guest programs; the backend's tests for
 # powerpc64le and big-endian powerpc64), qemu-user to run those tests, and
 # ppc64el's static busybox.
@@ -79,7 +80,7 @@ log "installing build packages from bookworm"
 $APT build-essential flex bison bc libelf-dev libssl-dev cpio kmod xz-utils \
      libclang-19-dev llvm-19 clang-19 lld-19 dpkg-dev busybox-static \
      libglib2.0-dev libpixman-1-dev libfdt-dev zlib1g-dev ninja-build pkg-config \
-     python3-venv rsync socat
+     python3-venv rsync socat lcov
 if [[ "$host_deb_arch" == amd64 ]]; then
     log "installing the PowerPC cross compilers (ppc64le guests, powerpc64(le) backend tests)"
     $APT gcc-powerpc64le-linux-gnu libc6-dev-ppc64el-cross gcc-powerpc64-linux-gnu libc6-dev-ppc64-cross
