@@ -6,7 +6,7 @@
 #   $KDIR/image     the bootable kernel image
 #   $KDIR/make.env  the make variables the tree was built with (ARCH, LLVM, ...)
 #
-#   build-kernel.sh [--arch x86_64|ppc64le] [--flavour release|debug] [--print-dir]
+#   build-kernel.sh [--arch x86_64|ppc64le] [--flavour release|debug|gcov] [--print-dir]
 #
 # --print-dir prints the cache directory the inputs map to, building nothing.
 #
@@ -23,10 +23,10 @@ while [[ $# -gt 0 ]]; do
         --print-dir) PRINT_DIR=1; shift ;;
         --arch) ARCH_NAME="$2"; shift 2 ;;
         --flavour) FLAVOUR="$2"; shift 2 ;;
-        *) die "unknown argument '$1' (usage: build-kernel.sh [--arch x86_64|ppc64le] [--flavour release|debug])" ;;
+        *) die "unknown argument '$1' (usage: build-kernel.sh [--arch x86_64|ppc64le] [--flavour release|debug|gcov])" ;;
     esac
 done
-case "$FLAVOUR" in release|debug) ;; *) die "--flavour must be release or debug, not '$FLAVOUR'" ;; esac
+case "$FLAVOUR" in release|debug|gcov) ;; *) die "--flavour must be release, debug or gcov, not '$FLAVOUR'" ;; esac
 
 KERNEL_VERSION="7.3.4-1~bpo13+1"
 KERNEL_TARBALL=/usr/src/linux-source-7.3.tar.xz
@@ -47,6 +47,15 @@ if [[ "$FLAVOUR" == debug ]]; then
     fragments+=("$IMAGES_DIR/config/debug.config")
     # Rust with KASAN requires a clang-built kernel.
     [[ " ${MAKE_VARS[*]} " == *" LLVM="* ]] || MAKE_VARS+=(LLVM=-19)
+fi
+if [[ "$FLAVOUR" == gcov ]]; then
+    fragments+=("$IMAGES_DIR/config/gcov.config")
+    # The files cargo xtask coverage reports, profiled one by one (the whole
+    # kernel, GCOV_PROFILE_ALL, would slow every TCG boot down): Makefile.lib
+    # reads GCOV_PROFILE_<stem>.o, and no other object of this config has
+    # these stems.
+    MAKE_VARS+=(GCOV_PROFILE_hmm.o=y GCOV_PROFILE_migrate_device.o=y
+                GCOV_PROFILE_memremap.o=y GCOV_PROFILE_migrate.o=y)
 fi
 
 # Checks that every CONFIG_ line of the fragments holds in a .config.

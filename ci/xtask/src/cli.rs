@@ -33,6 +33,10 @@ pub enum Command {
     /// The backend's fuzz targets: a campaign, or (--regress) the corpus,
     /// every past crash and a short run each (docs/fuzzing.md).
     Fuzz(crate::fuzz::FuzzArgs),
+    /// Runs VM tests on the gcov kernel and reports the lines of mm/hmm.c,
+    /// mm/migrate_device.c, mm/memremap.c, mm/migrate.c and the driver's C
+    /// they executed: a table, an lcov tracefile and an HTML report.
+    Coverage(crate::coverage::CoverageArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -48,6 +52,9 @@ pub enum Flavour {
     Release,
     /// lockdep, DEBUG_VM, KASAN (kernel built with clang).
     Debug,
+    /// Release plus gcov profiling of mm/hmm.c, mm/migrate_device.c,
+    /// mm/memremap.c, mm/migrate.c and the driver's C (cargo xtask coverage).
+    Gcov,
 }
 
 /// The guest architecture (the host's is whatever this runs on: x86_64 or
@@ -92,6 +99,7 @@ impl Flavour {
         match self {
             Flavour::Release => "release",
             Flavour::Debug => "debug",
+            Flavour::Gcov => "gcov",
         }
     }
 }
@@ -215,6 +223,9 @@ pub struct TestArgs {
     /// (TEST.json, TEST.boot2.json...).
     #[arg(long, value_name = "DIR")]
     pub trace: Option<PathBuf>,
+    /// `cargo xtask coverage`: collects each boot's gcov counters.
+    #[arg(skip)]
+    pub coverage: Option<std::rc::Rc<crate::coverage::Collector>>,
 }
 
 /// The project's one size parser (binary units; `64MB` is refused as

@@ -4,6 +4,7 @@
 mod bench;
 mod build;
 mod cli;
+mod coverage;
 mod cross;
 mod exit;
 mod fuzz;
@@ -59,6 +60,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         }
         Command::Inject(args) => inject::run(&args),
         Command::Fuzz(args) => fuzz::run(&args),
+        Command::Coverage(args) => coverage::run(&args),
     }
 }
 

@@ -47,6 +47,8 @@ struct Ctx {
     trace_dir: Option<PathBuf>,
     /// Boots per test so far (a test's second boot is TEST.boot2.json).
     trace_boots: std::cell::RefCell<std::collections::BTreeMap<String, u32>>,
+    /// `cargo xtask coverage`: every boot dumps its gcov counters.
+    coverage: Option<std::rc::Rc<crate::coverage::Collector>>,
 }
 
 /// One boot of a VM test.
@@ -88,6 +90,11 @@ impl Ctx {
     /// The build of `arch` and `flavour` (built the first time it is asked
     /// for; a failed build fails every test that asks for it).
     fn stack(&mut self, arch: Arch, flavour: Flavour) -> Result<Stack> {
+        // Coverage runs every x86_64 boot on the gcov kernel.
+        let flavour = match (&self.coverage, arch) {
+            (Some(_), Arch::X86_64) => Flavour::Gcov,
+            _ => flavour,
+        };
         let key = (arch, flavour);
         if !self.stacks.iter().any(|(k, _)| *k == key) {
             let built = (|| {
@@ -172,12 +179,16 @@ impl Ctx {
             None
         };
         let run_dir = vm::RunDir::create()?;
+        let (cmd, adds) = match &self.coverage {
+            Some(c) => (c.wrap(&b.cmd), vec![c.dump_script().to_path_buf()]),
+            None => (b.cmd.clone(), Vec::new()),
+        };
         let initramfs = build::initramfs(
             kernel,
             &run_dir.path.join("initramfs.cpio.gz"),
             &modules,
             programs,
-            &[],
+            &adds,
         )?;
         let vram_size = extra.vram_size.unwrap_or(VRAM_SIZE);
         // --trace DIR, unless the test records the timeline itself.
@@ -206,7 +217,7 @@ impl Ctx {
             cpus,
             accel,
             timeout: self.timeout,
-            cmd: b.cmd,
+            cmd,
             noload: false,
             echo: Echo::Prefixed(format!("  {}| ", b.test)),
             run_dir: run_dir.path.clone(),
@@ -222,6 +233,9 @@ impl Ctx {
         }
         if let Some((dest, armed)) = &traced {
             crate::trace::write(dest, armed, &out, test)?;
+        }
+        if let Some(c) = &self.coverage {
+            c.collect(test, &out);
         }
         Ok(out)
     }
@@ -541,6 +555,11 @@ fn t_rmmod_resident(ctx: &mut Ctx) -> Result<()> {
     expect_status(&out, 0)
 }
 
+/// The VM tests' names, in run order.
+pub fn names() -> Vec<&'static str> {
+    VM_TESTS.iter().map(|t| t.name).collect()
+}
+
 pub fn list() {
     for t in VM_TESTS {
         println!("{:16} {}", t.name, t.about);
@@ -678,6 +697,7 @@ pub fn run(args: &TestArgs) -> Result<i32> {
         stacks: Vec::new(),
         trace_dir: args.trace.clone(),
         trace_boots: Default::default(),
+        coverage: args.coverage.clone(),
     };
     for t in VM_TESTS {
         if !args.only.is_empty() && !args.only.iter().any(|n| n == t.name) {
