@@ -77,6 +77,8 @@ CONFIGURE_ARGS=(
     --disable-download --disable-docs --disable-werror --disable-debug-info
     --disable-install-blobs
     --enable-tcg --enable-kvm --enable-vhost-user --enable-fdt=system --enable-pixman
+    # virtio-9p for `cargo xtask run --share`; glibc has the xattr calls.
+    --enable-virtfs --enable-attr
 )
 # Names and contents only: the key must not depend on where the files are.
 contents() { local f; for f; do echo "$(basename "$f") $(sha256sum <"$f" | cut -c1-64)"; done; }

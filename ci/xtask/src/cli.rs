@@ -137,9 +137,10 @@ pub struct RunArgs {
     pub vram: u64,
     #[command(flatten)]
     pub vm: VmOpts,
-    /// Seconds from launch until the command's status must be reported.
-    #[arg(long, default_value_t = 900)]
-    pub timeout: u64,
+    /// Seconds from launch until the command's status must be reported
+    /// (default 900; none with --shell).
+    #[arg(long)]
+    pub timeout: Option<u64>,
     /// Copy a host file into the guest's /host/ (repeatable).
     #[arg(long = "add", value_name = "PATH")]
     pub add: Vec<PathBuf>,
@@ -155,9 +156,77 @@ pub struct RunArgs {
     /// CLOCK_MONOTONIC.
     #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
+    /// An interactive shell on the guest console instead of a command:
+    /// stdin and stdout on the terminal, the shell's exit status is the
+    /// run's; Ctrl-C goes to the guest, Ctrl-A X ends the VM.
+    #[arg(long, conflicts_with = "cmd")]
+    pub shell: bool,
+    /// Mount a host folder in the guest over virtio-9p:
+    /// HOST_DIR[:GUEST_DIR][,ro] (default GUEST_DIR /mnt/NAME, read-write).
+    #[arg(long, value_name = "HOST_DIR[:GUEST_DIR][,ro]", value_parser = parse_share)]
+    pub share: Vec<Share>,
+    /// Add to the guest kernel's command line (repeatable).
+    #[arg(long, value_name = "ARGS")]
+    pub append: Vec<String>,
+    /// Add one argument to QEMU's command line (repeatable, in order).
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    pub qemu_arg: Vec<String>,
+    /// Kernel messages off stdout (they still go to the console log):
+    /// stdout is the command's output.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Keep the run's artifacts folder under target/xtask/runs/ even if
+    /// the run passed.
+    #[arg(long)]
+    pub keep: bool,
     /// Command to run in the guest (cwd /tmp); default: hmmgpu-demo.
     #[arg(last = true, value_name = "CMD")]
     pub cmd: Vec<String>,
+}
+
+/// A host folder shared with the guest (`--share`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Share {
+    pub host: PathBuf,
+    pub guest: String,
+    pub readonly: bool,
+}
+
+/// Parses `HOST_DIR[:GUEST_DIR][,ro]`.
+pub fn parse_share(s: &str) -> Result<Share, String> {
+    let (spec, readonly) = match s.strip_suffix(",ro") {
+        Some(rest) => (rest, true),
+        None => (s.strip_suffix(",rw").unwrap_or(s), false),
+    };
+    let (host, guest) = match spec.split_once(':') {
+        Some((h, g)) => (h, Some(g)),
+        None => (spec, None),
+    };
+    if host.is_empty() {
+        return Err(format!("--share '{s}': no host folder"));
+    }
+    let host = PathBuf::from(host);
+    let guest = match guest {
+        Some(g) if g.starts_with('/') && !g.contains(char::is_whitespace) => g.to_string(),
+        Some(g) => {
+            return Err(format!(
+                "--share '{s}': the guest folder '{g}' must be an absolute path without spaces"
+            ))
+        }
+        None => {
+            let name = host
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .filter(|n| !n.contains(char::is_whitespace))
+                .ok_or_else(|| format!("--share '{s}': name the guest folder (HOST:GUEST)"))?;
+            format!("/mnt/{name}")
+        }
+    };
+    Ok(Share {
+        host,
+        guest,
+        readonly,
+    })
 }
 
 #[derive(Args, Debug)]
@@ -206,14 +275,15 @@ pub struct CrossTestArgs {
 pub struct TestArgs {
     #[command(flatten)]
     pub vm: VmOpts,
-    /// Skip `cargo test --workspace`, the PowerPC backend tests and the
-    /// driver build; only the VM tests.
+    /// Skip the fmt and clippy gates, `cargo test --workspace`, the PowerPC
+    /// backend tests and the driver build; only the VM tests.
     #[arg(long)]
     pub vm_only: bool,
     /// Seconds each VM test may take from launch to the status marker.
     #[arg(long, default_value_t = 600)]
     pub timeout: u64,
-    /// Run only these VM tests (default: all). `--list` shows them.
+    /// Run only the VM tests matching these names or glob patterns
+    /// (`'fault-*'`; default: all). `--list` shows them.
     #[arg(value_name = "TEST")]
     pub only: Vec<String>,
     /// List the VM tests and exit.
@@ -226,6 +296,37 @@ pub struct TestArgs {
     /// `cargo xtask coverage`: collects each boot's gcov counters.
     #[arg(skip)]
     pub coverage: Option<std::rc::Rc<crate::coverage::Collector>>,
+    /// Leave out the VM tests matching this name or glob (repeatable).
+    #[arg(long, value_name = "PATTERN")]
+    pub skip: Vec<String>,
+    /// Stop at the first failure.
+    #[arg(long)]
+    pub fail_fast: bool,
+    /// Run part K of N of the selected VM tests (the i-th goes to shard
+    /// i mod N + 1); the steps before the VM tests run in shard 1 only.
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<crate::tests::Shard>,
+    /// Also write the results as JUnit XML (one testcase per step and VM
+    /// test, hmm-tests' cases as their own).
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+    /// Also write the results as JSON (docs/running.md, "Results").
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// How results go to stdout: `human` (default) or `ktap` (KTAP v1, as
+    /// the kernel's kunit.py parses; the consoles go to stderr then).
+    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+    pub format: OutputFormat,
+    /// Keep every boot's artifacts folder under target/xtask/runs/ (by
+    /// default those of passing tests are removed).
+    #[arg(long)]
+    pub keep: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Human,
+    Ktap,
 }
 
 /// The project's one size parser (binary units; `64MB` is refused as
@@ -294,5 +395,71 @@ mod tests {
             _ => panic!(),
         }
         assert!(Cli::try_parse_from(["x", "run", "--arch", "arm64"]).is_err());
+    }
+
+    #[test]
+    fn shares() {
+        let s = parse_share("/tmp/out").unwrap();
+        assert_eq!((s.guest.as_str(), s.readonly), ("/mnt/out", false));
+        let s = parse_share("/tmp/out:/results,ro").unwrap();
+        assert_eq!(s.host, PathBuf::from("/tmp/out"));
+        assert_eq!((s.guest.as_str(), s.readonly), ("/results", true));
+        assert!(parse_share(":/x").is_err());
+        assert!(parse_share("/tmp/a:rel").is_err());
+    }
+
+    #[test]
+    fn run_and_test_options() {
+        let c = Cli::try_parse_from([
+            "x",
+            "run",
+            "--shell",
+            "--append",
+            "a=1 b",
+            "--qemu-arg",
+            "-d",
+            "--qemu-arg",
+            "guest_errors",
+            "--quiet",
+            "--share",
+            "/tmp/x:/y",
+        ])
+        .unwrap();
+        match c.command {
+            Command::Run(r) => {
+                assert!(r.shell && r.quiet);
+                assert_eq!(r.append, ["a=1 b"]);
+                assert_eq!(r.qemu_arg, ["-d", "guest_errors"]);
+                assert_eq!(r.share[0].guest, "/y");
+            }
+            _ => panic!(),
+        }
+        assert!(Cli::try_parse_from(["x", "run", "--shell", "--", "true"]).is_err());
+        let c = Cli::try_parse_from([
+            "x",
+            "test",
+            "fault-*",
+            "--skip",
+            "*-debug",
+            "--shard",
+            "2/3",
+            "--fail-fast",
+            "--format",
+            "ktap",
+            "--junit",
+            "j.xml",
+        ])
+        .unwrap();
+        match c.command {
+            Command::Test(t) => {
+                assert_eq!(t.only, ["fault-*"]);
+                assert_eq!(t.skip, ["*-debug"]);
+                assert_eq!(t.shard.map(|s| (s.k, s.n)), Some((2, 3)));
+                assert!(t.fail_fast);
+                assert_eq!(t.format, OutputFormat::Ktap);
+            }
+            _ => panic!(),
+        }
+        assert!(Cli::try_parse_from(["x", "test", "--shard", "3/2"]).is_err());
     }
 }

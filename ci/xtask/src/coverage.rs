@@ -25,10 +25,14 @@ use std::process::{Command, Stdio};
 
 #[derive(Args, Debug)]
 pub struct CoverageArgs {
-    /// VM tests to run (default: every x86_64 VM test but the -debug
-    /// reruns, which run the same code on another kernel).
+    /// VM tests to run, names or glob patterns (default: every x86_64 VM
+    /// test but the -debug reruns, which run the same code on another
+    /// kernel).
     #[arg(value_name = "TEST")]
     pub tests: Vec<String>,
+    /// Leave out the VM tests matching this name or glob (repeatable).
+    #[arg(long, value_name = "PATTERN")]
+    pub skip: Vec<String>,
     /// Where the tracefile (coverage.info), the HTML report (html/) and
     /// each boot's counters go.
     #[arg(long, value_name = "DIR")]
@@ -493,6 +497,13 @@ pub fn run(args: &CoverageArgs) -> Result<i32> {
         list: false,
         trace: None,
         coverage: Some(collector.clone()),
+        skip: args.skip.clone(),
+        fail_fast: false,
+        shard: None,
+        junit: None,
+        json: None,
+        format: crate::cli::OutputFormat::Human,
+        keep: false,
     };
     let status = crate::tests::run(&test_args)?;
 

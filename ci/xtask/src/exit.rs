@@ -8,18 +8,25 @@ use std::fmt;
 /// [`Exit::GuestInitFailed`], the status the guest's init reports itself).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exit {
-    /// A kernel panic, oops, BUG, WARNING or KASAN report was seen on the
-    /// guest console (a WARNING does not stop the guest, but fails the run).
+    /// The guest's init could not set up (mount, insmod hmmgpu.ko, decode the
+    /// command) and did not run the command. Reported by images/init itself.
+    GuestInitFailed = 118,
+    /// The guest reported the command's status but did not power off (QEMU
+    /// was still running 30 s later): a hang at shutdown.
+    NoPowerOff = 119,
+    /// A kernel report (panic, oops, BUG, WARNING, KASAN, UBSAN, KFENCE,
+    /// lockdep, a lockup, a hung task, an RCU stall...) was seen on the guest
+    /// console (a WARNING does not stop the guest, but fails the run).
     GuestKernelError = 120,
     /// The VM did not report the command's status within `--timeout`.
     Timeout = 121,
-    /// An `hmmgpu-device` backend exited while the guest was still running.
-    BackendDied = 122,
-    /// QEMU failed to start or exited without the `HMMGPU-EXIT-STATUS` marker.
+    /// An `hmmgpu-device` backend failed: it exited while the guest was
+    /// still running, exited non-zero or by a signal, printed no stats line,
+    /// did not exit after QEMU did, or its stderr has a crash report.
+    BackendFailed = 122,
+    /// QEMU failed to start, exited without the `HMMGPU-EXIT-STATUS` marker,
+    /// exited non-zero, or its stderr has a crash report.
     QemuFailed = 123,
-    /// The guest's init could not set up (mount, insmod hmmgpu.ko, decode the
-    /// command) and did not run the command. Reported by images/init itself.
-    GuestInitFailed = 124,
     /// xtask itself failed before or around the VM: a build, a missing tool
     /// or file, a bad argument value, /dev/shm not writable, ...
     HostError = 125,
@@ -29,12 +36,13 @@ pub enum Exit {
 
 impl Exit {
     #[cfg_attr(not(test), allow(dead_code))]
-    pub const ALL: [Exit; 7] = [
+    pub const ALL: [Exit; 8] = [
+        Exit::GuestInitFailed,
+        Exit::NoPowerOff,
         Exit::GuestKernelError,
         Exit::Timeout,
-        Exit::BackendDied,
+        Exit::BackendFailed,
         Exit::QemuFailed,
-        Exit::GuestInitFailed,
         Exit::HostError,
         Exit::Interrupted,
     ];
@@ -45,11 +53,12 @@ impl Exit {
 
     pub fn name(self) -> &'static str {
         match self {
-            Exit::GuestKernelError => "guest kernel error (panic/oops/BUG/WARNING)",
-            Exit::Timeout => "timeout",
-            Exit::BackendDied => "backend died",
-            Exit::QemuFailed => "QEMU failed or exited without a status",
             Exit::GuestInitFailed => "guest init failed",
+            Exit::NoPowerOff => "the guest did not power off",
+            Exit::GuestKernelError => "guest kernel error (a splat on the console)",
+            Exit::Timeout => "timeout",
+            Exit::BackendFailed => "backend failed",
+            Exit::QemuFailed => "QEMU failed",
             Exit::HostError => "host-side error",
             Exit::Interrupted => "interrupted",
         }
@@ -103,8 +112,11 @@ mod tests {
         codes.sort();
         codes.dedup();
         assert_eq!(codes.len(), Exit::ALL.len());
-        // 126/127 are the shell's "cannot execute"/"not found".
-        assert!(!codes.contains(&126) && !codes.contains(&127));
+        // 126/127 are the shell's "cannot execute"/"not found", 124 is GNU
+        // timeout's and kselftest's "timed out".
+        for taken in [124, 126, 127] {
+            assert!(!codes.contains(&taken), "{taken} has another meaning");
+        }
     }
 
     #[test]

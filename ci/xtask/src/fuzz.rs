@@ -91,7 +91,7 @@ pub fn build_targets() -> Result<PathBuf> {
         "--cfg=fuzzing",
     ]
     .join(" ");
-    log("fuzz: building the targets with coverage instrumentation".to_string());
+    log("fuzz: building the targets with coverage instrumentation");
     let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
         .args(["build", "--release", "--target", &triple])
         .arg("--manifest-path")

@@ -1,6 +1,7 @@
 //! `cargo xtask`: builds the hmmgpu stack and runs it in QEMU VMs.
 //! See docs/running.md.
 
+mod artifacts;
 mod bench;
 mod build;
 mod cli;
@@ -12,6 +13,7 @@ mod hostfault;
 mod inject;
 mod pattern;
 mod signals;
+mod splat;
 mod tests;
 mod trace;
 mod vm;
@@ -64,6 +66,12 @@ fn dispatch(cli: Cli) -> Result<i32> {
     }
 }
 
+/// The guest command of `run --shell`: a shell on the console that owns it
+/// as its controlling terminal (so Ctrl-C interrupts its foreground job).
+/// init's `sh -c` child is no process-group leader, so setsid does not fork
+/// and the shell's status is the command's.
+const SHELL_CMD: [&str; 4] = ["exec", "setsid", "cttyhack", "sh"];
+
 fn run(args: RunArgs) -> Result<i32> {
     cli::check_memory(args.vm.memory)?;
     for a in &args.add {
@@ -74,13 +82,22 @@ fn run(args: RunArgs) -> Result<i32> {
     if args.no_driver && args.noload {
         anyhow::bail!("--noload and --no-driver together make no sense: --no-driver already leaves hmmgpu.ko out");
     }
-    let cmd = if args.cmd.is_empty() {
+    let mut shares = args.share.clone();
+    for sh in &mut shares {
+        if !sh.host.is_dir() {
+            anyhow::bail!("--share {}: no such folder", sh.host.display());
+        }
+        sh.host = sh.host.canonicalize()?;
+    }
+    let cmd = if args.shell {
+        SHELL_CMD.iter().map(|s| s.to_string()).collect()
+    } else if args.cmd.is_empty() {
         vec!["hmmgpu-demo".to_string()]
     } else {
         args.cmd.clone()
     };
     // Fail on a too-long command before building anything.
-    vm::kernel_cmdline(args.vm.arch, &cmd, args.noload)?;
+    vm::kernel_cmdline(args.vm.arch, &cmd, args.noload, &shares, &args.append)?;
     let accel = vm::resolve_accel(args.vm.accel, args.vm.arch)?;
     let art = build::artifacts(&build::Wants {
         arch: args.vm.arch,
@@ -90,7 +107,22 @@ fn run(args: RunArgs) -> Result<i32> {
     })?;
     let run_dir = vm::RunDir::create()?;
     let initramfs = art.initramfs(&run_dir.path, &args.add)?;
-    let mut extra = vm::VmExtra::default();
+    let artifacts_dir = artifacts::runs_root()
+        .join(artifacts::timestamp())
+        .join("run");
+    let timeout = match (args.timeout, args.shell) {
+        (Some(t), _) => Duration::from_secs(t),
+        // A person at the shell: no limit.
+        (None, true) => Duration::from_secs(100 * 365 * 86400),
+        (None, false) => Duration::from_secs(900),
+    };
+    let mut extra = vm::VmExtra {
+        artifacts: Some(artifacts_dir.clone()),
+        append: args.append.clone(),
+        qemu_args: args.qemu_arg.clone(),
+        shares,
+        ..Default::default()
+    };
     let traced = args
         .trace
         .as_ref()
@@ -106,10 +138,16 @@ fn run(args: RunArgs) -> Result<i32> {
         memory: args.vm.memory,
         cpus: args.vm.cpus,
         accel,
-        timeout: Duration::from_secs(args.timeout),
+        timeout,
         cmd,
         noload: args.noload,
-        echo: vm::Echo::Raw,
+        echo: if args.shell {
+            vm::Echo::Interactive
+        } else if args.quiet {
+            vm::Echo::CommandOnly
+        } else {
+            vm::Echo::Raw
+        },
         run_dir: run_dir.path.clone(),
         extra,
     };
@@ -120,6 +158,9 @@ fn run(args: RunArgs) -> Result<i32> {
         run_dir.path.display(),
         inject::last_run_file().display()
     ));
+    if args.shell {
+        log("interactive shell on the guest console: Ctrl-C goes to the guest, Ctrl-A x ends the VM");
+    }
     let out = vm::run(&cfg);
     inject::forget_run(&run_dir.path);
     let out = out?;
@@ -130,9 +171,23 @@ fn run(args: RunArgs) -> Result<i32> {
     if let (Some(dest), Some(armed)) = (&args.trace, &traced) {
         trace::write(dest, armed, &out, &vm::shell_join(&cfg.cmd))?;
     }
-    match &out.result {
-        vm::VmResult::Exited(n) => log(format!("guest command exited with status {n}")),
-        vm::VmResult::Failed(e, m) => log(format!("VM failed: {e}: {m}")),
+    let passed = match &out.result {
+        vm::VmResult::Exited(n) => {
+            log(format!("guest command exited with status {n}"));
+            *n == 0
+        }
+        vm::VmResult::Failed(e, m) => {
+            log(format!("VM failed: {e}: {m}"));
+            false
+        }
+    };
+    if passed && !args.keep {
+        let _ = std::fs::remove_dir_all(&artifacts_dir);
+        if let Some(parent) = artifacts_dir.parent() {
+            let _ = std::fs::remove_dir(parent); // only if empty
+        }
+    } else if artifacts_dir.is_dir() {
+        log(format!("artifacts: {}", artifacts_dir.display()));
     }
     Ok(out.result.exit_code())
 }

@@ -3,11 +3,38 @@
 //! VM with a guest command and checks what came back.
 
 use crate::build::{self, log, Kernel};
-use crate::cli::{AccelChoice, Arch, Flavour};
+use crate::cli::{AccelChoice, Arch, Flavour, OutputFormat};
+
+/// Where the human-readable report goes: stdout, or stderr when stdout
+/// carries KTAP (`--format ktap`).
+static REPORT_TO_STDERR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn report_to_stderr() -> bool {
+    REPORT_TO_STDERR.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// println! for the human-readable report (see [`REPORT_TO_STDERR`]).
+macro_rules! say {
+    ($($t:tt)*) => {
+        if $crate::tests::report_to_stderr() { eprintln!($($t)*) } else { println!($($t)*) }
+    };
+}
+
+/// print! for the human-readable report.
+macro_rules! say_part {
+    ($($t:tt)*) => {
+        if $crate::tests::report_to_stderr() { eprint!($($t)*) } else { print!($($t)*) }
+    };
+}
+
 mod ecc;
 mod faults;
 mod loss;
+mod oracle;
+mod recovery;
+mod report;
 mod reset;
+mod select;
 mod selftest;
 mod unplug;
 use crate::cli::TestArgs;
@@ -16,6 +43,9 @@ use crate::pattern;
 use crate::signals;
 use crate::vm::{self, Accel, Echo, VmConfig, VmOutcome, VmResult};
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use report::{Case, TestResult};
+pub use select::Shard;
+use std::cell::RefCell;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -49,6 +79,17 @@ struct Ctx {
     trace_boots: std::cell::RefCell<std::collections::BTreeMap<String, u32>>,
     /// `cargo xtask coverage`: every boot dumps its gcov counters.
     coverage: Option<std::rc::Rc<crate::coverage::Collector>>,
+    /// When set, every boot runs on this build (a test's `-debug` variant).
+    on: Option<Stack>,
+    /// This run's artifacts folder, target/xtask/runs/<time>.
+    runs_dir: PathBuf,
+    /// How the consoles are echoed.
+    format: OutputFormat,
+    /// The current test's boots' artifacts folders, its last boot's console
+    /// and its cases (hmm-tests'), for the report.
+    boot_dirs: RefCell<Vec<PathBuf>>,
+    last_console: RefCell<Vec<String>>,
+    cases: RefCell<Vec<Case>>,
 }
 
 /// One boot of a VM test.
@@ -69,6 +110,9 @@ struct Stack {
     qemu: PathBuf,
     accel: Accel,
 }
+
+/// Console lines a failed test's report shows (JUnit, JSON).
+const CONSOLE_EXCERPT: usize = 60;
 
 /// Per GPU; half of it is device-private, half device-coherent, and
 /// hmm-tests' THP benchmark migrates up to 256 MiB at once.
@@ -132,6 +176,19 @@ impl Ctx {
 
     /// [`Ctx::boot`] with backend arguments or a console hook.
     fn boot_extra(&self, b: Boot, extra: vm::VmExtra) -> Result<VmOutcome> {
+        if let Some(st) = &self.on {
+            let driver = b.driver.then_some(&st.driver);
+            return self.boot_with(
+                b,
+                &st.kernel,
+                driver,
+                &st.programs,
+                &st.qemu,
+                st.accel,
+                self.cpus,
+                extra,
+            );
+        }
         let kernel = need("the guest kernel", &self.kernel)?;
         let programs = need("the guest programs", &self.programs)?;
         let driver = if b.driver {
@@ -173,10 +230,10 @@ impl Ctx {
         mut extra: vm::VmExtra,
     ) -> Result<VmOutcome> {
         let modules: Vec<PathBuf> = driver.into_iter().cloned().collect();
-        let device_bin = if b.gpus > 0 {
-            Some(need("hmmgpu-device", &self.device)?.clone())
-        } else {
-            None
+        let device_bin = match (b.gpus, &extra.backend_bin) {
+            (0, _) => None,
+            (_, Some(bin)) => Some(bin.clone()),
+            (_, None) => Some(need("hmmgpu-device", &self.device)?.clone()),
         };
         let run_dir = vm::RunDir::create()?;
         let (cmd, adds) = match &self.coverage {
@@ -219,12 +276,22 @@ impl Ctx {
             timeout: self.timeout,
             cmd,
             noload: false,
-            echo: Echo::Prefixed(format!("  {}| ", b.test)),
+            echo: match self.format {
+                OutputFormat::Human => Echo::Prefixed(format!("  {}| ", b.test)),
+                OutputFormat::Ktap => Echo::PrefixedStderr(format!("  {}| ", b.test)),
+            },
             run_dir: run_dir.path.clone(),
-            extra,
+            extra: {
+                let dir = crate::artifacts::boot_dir(&self.runs_dir, b.test);
+                self.boot_dirs.borrow_mut().push(dir.clone());
+                extra.artifacts = Some(dir);
+                extra
+            },
         };
         let out = vm::run(&cfg)?;
-        log(format!("{test}: {}", out.timings));
+        *self.last_console.borrow_mut() =
+            out.console[out.console.len().saturating_sub(CONSOLE_EXCERPT)..].to_vec();
+        log(format!("{}: {}", b.test, out.timings));
         for s in &out.stats {
             log(format!(
                 "{test}: gpu{} stats ({:?}): {}",
@@ -241,12 +308,21 @@ impl Ctx {
     }
 }
 
+/// Fails unless the guest command exited with `want` (in a run the oracle
+/// passed, see vm::verdict) and the driver recovered from nothing: no
+/// reset, no polled completion, no recovery message (tests/recovery.rs).
 fn expect_status(out: &VmOutcome, want: i32) -> Result<()> {
+    expect_status_with(out, want, &recovery::Expected::NONE)
+}
+
+/// [`expect_status`] for a test that expects the recoveries `exp`.
+fn expect_status_with(out: &VmOutcome, want: i32, exp: &recovery::Expected) -> Result<()> {
     match &out.result {
-        VmResult::Exited(n) if *n == want => Ok(()),
+        VmResult::Exited(n) if *n == want => {}
         VmResult::Exited(n) => bail!("the guest command exited with {n}, want {want}"),
         VmResult::Failed(e, m) => bail!("the VM failed: {e}: {m}"),
     }
+    recovery::check(out, exp)
 }
 
 struct VmTest {
@@ -265,6 +341,11 @@ const VM_TESTS: &[VmTest] = &[
         name: "exit-status",
         about: "`sh -c 'exit 7'` gives 7",
         run: t_exit_status,
+    },
+    VmTest {
+        name: "oracle",
+        about: "the run oracle catches broken runs: a forged status marker, an init that does not power off, a backend that exits 1 or prints a crash, a driver that polled a completion",
+        run: oracle::t_oracle,
     },
     VmTest {
         name: "device-bound",
@@ -552,7 +633,50 @@ fn t_rmmod_resident(ctx: &mut Ctx) -> Result<()> {
         driver: true,
         cmd: argv(&["hmmgpu-demo", "--rmmod-resident"]),
     })?;
-    expect_status(&out, 0)
+    // The driver's counters go with it; its recovery messages would show.
+    expect_status_with(&out, 0, &recovery::Expected::NONE_UNLOADED)
+}
+
+/// The fault tests that also run on the debug kernel flavour, as
+/// `NAME-debug` (lockdep, KASAN, KFENCE, UBSAN, the lockup detectors): a
+/// recovery path must not splat either.
+const DEBUG_VARIANTS: &[&str] = &[
+    "fault-copy-error",
+    "fault-slow-copies",
+    "fault-storm",
+    "fault-ecc",
+    "fault-surprise-loss",
+    "fault-link-down",
+    "fault-hot-unplug",
+    "fault-machine-check",
+    "fault-interrupts-stall",
+    "fault-pci-reset",
+    "fault-aer",
+];
+
+/// A VM test to run: name, what it checks, its function, and whether it
+/// boots the debug flavour (a `-debug` variant).
+type Entry = (String, String, fn(&mut Ctx) -> Result<()>, bool);
+
+/// Every VM test by name: the list, then the `-debug` variants.
+fn all_tests() -> Vec<Entry> {
+    let mut v: Vec<_> = VM_TESTS
+        .iter()
+        .map(|t| (t.name.to_string(), t.about.to_string(), t.run, false))
+        .collect();
+    for name in DEBUG_VARIANTS {
+        let t = VM_TESTS
+            .iter()
+            .find(|t| t.name == *name)
+            .expect("a debug variant of a listed test");
+        v.push((
+            format!("{name}-debug"),
+            format!("{} (on the debug kernel)", t.about),
+            t.run,
+            true,
+        ));
+    }
+    v
 }
 
 /// The VM tests' names, in run order.
@@ -561,43 +685,96 @@ pub fn names() -> Vec<&'static str> {
 }
 
 pub fn list() {
-    for t in VM_TESTS {
-        println!("{:16} {}", t.name, t.about);
+    for (name, about, _, _) in all_tests() {
+        println!("{name:30} {about}");
     }
 }
 
-struct Outcome {
-    name: String,
-    pass: bool,
-    time: Duration,
-    note: String,
+/// Runs `run` with every boot on the debug flavour of the tests'
+/// architecture.
+fn on_debug(ctx: &mut Ctx, run: fn(&mut Ctx) -> Result<()>) -> Result<()> {
+    let st = ctx.stack(ctx.arch, Flavour::Debug)?;
+    ctx.on = Some(st);
+    let r = run(ctx);
+    ctx.on = None;
+    r
 }
 
-fn record(results: &mut Vec<Outcome>, name: &str, start: Instant, r: Result<()>) -> Result<()> {
+/// Prints a test's result and adds it to `results`; `boots` are its
+/// artifacts folders, kept if it failed (or with `--keep`).
+fn record(
+    results: &mut Vec<TestResult>,
+    name: &str,
+    start: Instant,
+    r: Result<()>,
+    ctx: Option<&Ctx>,
+    keep: bool,
+) -> Result<()> {
     let time = start.elapsed();
     if signals::interrupted() {
         return Err(exit::interrupted());
     }
-    let (pass, note) = match r {
+    let (pass, message) = match r {
         Ok(()) => (true, String::new()),
         Err(e) => (false, format!("{e:#}")),
     };
-    println!(
-        "--- {name}: {} ({:.1}s){}",
+    let (mut artifacts, console, cases) = match ctx {
+        Some(c) => (c.boot_dirs.take(), c.last_console.take(), c.cases.take()),
+        None => Default::default(),
+    };
+    artifacts.retain(|d| d.is_dir());
+    if pass && !keep {
+        for d in artifacts.drain(..) {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+    say!(
+        "--- {name}: {} ({:.1}s){}{}",
         if pass { "PASS" } else { "FAIL" },
         time.as_secs_f64(),
-        if note.is_empty() {
+        if message.is_empty() {
             String::new()
         } else {
-            format!("\n    {}", note.replace('\n', "\n    "))
+            format!("\n    {}", message.replace('\n', "\n    "))
+        },
+        if pass || artifacts.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "\n    artifacts: {}",
+                artifacts
+                    .iter()
+                    .map(|a| a.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )
         }
     );
-    results.push(Outcome {
+    results.push(TestResult {
         name: name.to_string(),
         pass,
         time,
-        note,
+        message,
+        console: if pass { Vec::new() } else { console },
+        artifacts,
+        cases,
     });
+    Ok(())
+}
+
+/// `cargo fmt --all --check` and `cargo clippy --workspace --all-targets --
+/// -D warnings`: style as gates (steps `fmt` and `clippy` of the summary).
+fn cargo_gate(args: &[&str]) -> Result<()> {
+    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(args)
+        .current_dir(build::repo_root())
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    ensure!(
+        status.success(),
+        "cargo {} failed ({status})",
+        args.join(" ")
+    );
     Ok(())
 }
 
@@ -614,50 +791,103 @@ fn cargo_test() -> Result<()> {
 /// Runs the tests; returns the exit status (0 if all passed).
 pub fn run(args: &TestArgs) -> Result<i32> {
     crate::cli::check_memory(args.vm.memory)?;
-    for name in &args.only {
-        if !VM_TESTS.iter().any(|t| t.name == name) {
-            bail!("no VM test named '{name}' (cargo xtask test --list)");
-        }
-    }
+    let tests = all_tests();
+    let names: Vec<&str> = tests.iter().map(|t| t.0.as_str()).collect();
+    let chosen = select::select(&names, &args.only, &args.skip, args.shard)?;
+    REPORT_TO_STDERR.store(
+        args.format == OutputFormat::Ktap,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    // The steps before the VM tests belong to the first shard.
+    let first_shard = args.shard.is_none_or(|s| s.k == 1);
     let accel = vm::resolve_accel(args.vm.accel, args.vm.arch)?;
+    let runs_dir = crate::artifacts::runs_root().join(crate::artifacts::timestamp());
+    let started = Instant::now();
     let mut results = Vec::new();
+    let stop = |results: &Vec<TestResult>| args.fail_fast && results.iter().any(|r| !r.pass);
 
-    println!("=== host setup");
+    say!("=== host setup");
     let t = Instant::now();
     let setup = build::setup_host();
     let setup_failed = setup.is_err();
-    record(&mut results, "host-setup", t, setup)?;
+    record(&mut results, "host-setup", t, setup, None, args.keep)?;
     if setup_failed {
         log("host setup failed: the builds below will likely fail too");
     }
 
-    if !args.vm_only {
-        println!("=== cargo test --workspace");
-        let t = Instant::now();
-        record(&mut results, "cargo-test", t, cargo_test())?;
+    if !args.vm_only && first_shard {
+        for (name, gate) in [
+            ("fmt", &["fmt", "--all", "--check"][..]),
+            (
+                "clippy",
+                &[
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ][..],
+            ),
+        ] {
+            if stop(&results) {
+                break;
+            }
+            say!("=== cargo {}", gate.join(" "));
+            let t = Instant::now();
+            record(&mut results, name, t, cargo_gate(gate), None, args.keep)?;
+        }
+        if !stop(&results) {
+            say!("=== cargo test --workspace");
+            let t = Instant::now();
+            record(&mut results, "cargo-test", t, cargo_test(), None, args.keep)?;
+        }
+        if !stop(&results) {
+            // Every fuzz target over its checked-in corpus and past crashes,
+            // then a short fixed run each (docs/fuzzing.md).
+            say!(
+                "=== fuzz targets: corpus, past crashes, {}s each",
+                crate::fuzz::REGRESS_SECONDS
+            );
+            let t = Instant::now();
+            record(
+                &mut results,
+                "fuzz-regress",
+                t,
+                crate::fuzz::regress(),
+                None,
+                args.keep,
+            )?;
+        }
         for target in crate::cross::CrossTarget::ALL {
-            println!("=== backend tests on {} (qemu-user)", target.name());
+            if stop(&results) {
+                break;
+            }
+            say!("=== backend tests on {} (qemu-user)", target.name());
             let t = Instant::now();
             let name = format!("device-tests-{}", target.name());
-            record(&mut results, &name, t, crate::cross::device_tests(target))?;
+            let r = crate::cross::device_tests(target);
+            record(&mut results, &name, t, r, None, args.keep)?;
         }
     }
 
-    println!("=== builds");
+    say!("=== builds");
     let t = Instant::now();
     let kernel = s(build::kernel(args.vm.arch, args.vm.flavour));
     let driver = match &kernel {
         Ok(k) => s(build::driver(k)),
         Err(e) => Err(format!("no kernel to build it against: {e}")),
     };
-    if !args.vm_only {
+    if !args.vm_only && first_shard {
         // images/build-driver.sh builds with W=1 and warnings as errors.
-        record(
-            &mut results,
-            "driver-build",
-            t,
-            driver.as_ref().map(|_| ()).map_err(|e| anyhow!("{e}")),
-        )?;
+        let r = driver.as_ref().map(|_| ()).map_err(|e| anyhow!("{e}"));
+        record(&mut results, "driver-build", t, r, None, args.keep)?;
+        let t = Instant::now();
+        let r = match &kernel {
+            Ok(k) => report::kunit_parse_check(k),
+            Err(e) => Err(anyhow!("no kernel source: {e}")),
+        };
+        record(&mut results, "ktap-kunit-parse", t, r, None, args.keep)?;
     }
     let qemu = s(build::qemu(args.vm.arch));
     let device = s(build::device());
@@ -698,40 +928,79 @@ pub fn run(args: &TestArgs) -> Result<i32> {
         trace_dir: args.trace.clone(),
         trace_boots: Default::default(),
         coverage: args.coverage.clone(),
+        on: None,
+        runs_dir: runs_dir.clone(),
+        format: args.format,
+        boot_dirs: RefCell::new(Vec::new()),
+        last_console: RefCell::new(Vec::new()),
+        cases: RefCell::new(Vec::new()),
     };
-    for t in VM_TESTS {
-        if !args.only.is_empty() && !args.only.iter().any(|n| n == t.name) {
+    for (name, about, run, debug) in &tests {
+        if !chosen.contains(&name.as_str()) {
             continue;
         }
-        println!("=== {}: {}", t.name, t.about);
+        if stop(&results) {
+            log(format!("--fail-fast: not running {name} and the rest"));
+            break;
+        }
+        say!("=== {name}: {about}");
         let start = Instant::now();
-        let r = (t.run)(&mut ctx);
-        record(&mut results, t.name, start, r)?;
+        let r = if *debug {
+            on_debug(&mut ctx, *run)
+        } else {
+            run(&mut ctx)
+        };
+        record(&mut results, name, start, r, Some(&ctx), args.keep)?;
     }
+    // Only the folders of failed tests (or all, with --keep) are left.
+    let _ = std::fs::remove_dir(&runs_dir);
 
-    println!();
-    println!("=== summary");
+    say!("");
+    say!("=== summary");
     for r in &results {
-        println!(
-            "{:24} {} {:7.1}s{}",
+        say!(
+            "{:30} {} {:7.1}s{}",
             r.name,
             if r.pass { "PASS" } else { "FAIL" },
             r.time.as_secs_f64(),
             if r.pass {
                 String::new()
             } else {
-                format!("  {}", r.note.lines().next().unwrap_or(""))
+                format!("  {}", r.message.lines().next().unwrap_or(""))
             }
         );
     }
     let fmt =
         |d: Option<Duration>| d.map_or("n/a".to_string(), |d| format!("{:.2}s", d.as_secs_f64()));
-    println!(
+    say!(
         "boot time ({}): bare-boot launch→init {}, demo launch→ready (driver bound) {}",
         if accel == Accel::Kvm { "KVM" } else { "TCG" },
         fmt(ctx.bare_init),
         fmt(ctx.demo_ready)
     );
+    if runs_dir.is_dir() {
+        say!("artifacts: {}", runs_dir.display());
+    }
+    if let Some(path) = &args.junit {
+        std::fs::write(path, report::junit(&results))
+            .with_context(|| format!("writing {}", path.display()))?;
+        log(format!("JUnit results: {}", path.display()));
+    }
+    if let Some(path) = &args.json {
+        let meta = serde_json::json!({
+            "arch": args.vm.arch.as_str(),
+            "flavour": args.vm.flavour.as_str(),
+            "accel": if accel == Accel::Kvm { "kvm" } else { "tcg" },
+            "shard": args.shard.map(|s| s.to_string()),
+            "seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+        });
+        let text = serde_json::to_string_pretty(&report::json(&results, meta))?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        log(format!("JSON results: {}", path.display()));
+    }
+    if args.format == OutputFormat::Ktap {
+        print!("{}", report::ktap(&results));
+    }
     let passed = results.iter().filter(|r| r.pass).count();
     let failed = results.len() - passed;
     println!("{passed} passed, {failed} failed");

@@ -2,8 +2,8 @@
 //! --trace DIR`, `bench --trace FILE`): each backend records its own trace
 //! (`hmmgpu-device --trace`, device/src/trace.rs); after the run they are
 //! merged into one Chrome trace-event JSON file, one process per GPU, with
-//! the guest's markers (HMMGPU-INIT, HMMGPU-READY, HMMGPU-EXIT-STATUS) and
-//! QEMU's launch and exit on a "guest" process.
+//! the guest's markers (HMMGPU-INIT, HMMGPU-READY, HMMGPU-EXIT-STATUS), its
+//! console lines and QEMU's launch and exit on a "guest" process.
 //!
 //! One clock for everything: the backends read CLOCK_MONOTONIC; here the
 //! console's host timestamps are `Instant`s, which on Linux are that same
@@ -167,7 +167,9 @@ pub fn write(dest: &Path, armed: &Armed, out: &VmOutcome, what: &str) -> Result<
         json!({"ph": "M", "pid": GUEST_PID, "tid": 0, "name": "process_sort_index",
                "args": {"sort_index": 0}}),
         json!({"ph": "M", "pid": GUEST_PID, "tid": 1, "name": "thread_name",
-               "args": {"name": "console markers (host clock)"}}),
+               "args": {"name": "markers (host clock)"}}),
+        json!({"ph": "M", "pid": GUEST_PID, "tid": 2, "name": "thread_name",
+               "args": {"name": "console (host clock)"}}),
     ];
     let launch = instant_ns(out.launched);
     let mut marker = |name: &str, at: u64, args: Value| {
@@ -194,6 +196,17 @@ pub fn write(dest: &Path, armed: &Armed, out: &VmOutcome, what: &str) -> Result<
         launch + t.total.as_nanos() as u64,
         json!({"result": format!("{:?}", out.result)}),
     );
+    // Every console line, when xtask read it: the driver's messages beside
+    // the device's commands.
+    for (line, at) in out.console.iter().zip(&out.console_times) {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let name: String = line.trim().chars().take(80).collect();
+        events.push(json!({"ph": "i", "s": "t", "pid": GUEST_PID, "tid": 2,
+                           "ts": micros(launch + at.as_nanos() as u64),
+                           "name": name, "cat": "console", "args": {"line": line}}));
+    }
 
     let mut summary = Summary::default();
     let mut gpus_meta = Vec::new();
@@ -728,11 +741,15 @@ mod tests {
     #[test]
     fn instants_map_onto_clock_monotonic() {
         let a = Instant::now();
-        let (ns_before, ns) = (monotonic_ns(), instant_ns(a));
-        // `a` was read before both: within a millisecond, never after.
-        assert!(
-            ns <= ns_before + 1_000 && ns_before - ns < 1_000_000,
-            "{ns} {ns_before}"
-        );
+        let (later, ns) = (monotonic_ns(), instant_ns(a));
+        // `a` was read before `later`: mapped onto CLOCK_MONOTONIC it is
+        // earlier, by less than a millisecond (the mapping's own error is
+        // a few tens of ns).
+        let ahead = i128::from(later) - i128::from(ns);
+        assert!((-10_000..1_000_000).contains(&ahead), "{ns} {later}");
+        // And one second apart stays one second apart.
+        let b = a + std::time::Duration::from_secs(1);
+        let apart = i128::from(instant_ns(b)) - i128::from(ns);
+        assert!((apart - 1_000_000_000).abs() < 20_000, "{apart}");
     }
 }

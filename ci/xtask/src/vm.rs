@@ -1,15 +1,24 @@
-//! Launching a VM: per-GPU VRAM files and `hmmgpu-device` backends, QEMU, the
-//! console scan for init's markers and kernel errors, and cleanup on every
-//! exit path (the guards' Drop impls run on errors, panics and Ctrl-C).
+//! Launching a VM: per-GPU VRAM files and `hmmgpu-device` backends, QEMU,
+//! and cleanup on every exit path (the guards' Drop impls run on errors,
+//! panics and Ctrl-C). `run` is spawn, the console loop (`watch`), shut-down
+//! and the verdict; console.rs follows the console, initrd.rs puts the run's
+//! nonce in the initramfs, verdict.rs judges the run.
+
+mod console;
+mod initrd;
+mod verdict;
 
 use crate::build::log;
 use crate::cli::{AccelChoice, Arch};
 use crate::exit::{self, Exit, ExitError};
 use crate::signals;
+use crate::splat::Splat;
 use anyhow::{bail, Context, Result};
-use std::collections::VecDeque;
+use console::{read_console, relay_stdin, RawTerminal, Scanner, RUNNING};
+use initrd::{initramfs_with_nonce, new_nonce};
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -20,6 +29,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use verdict::{verdict, BackendEnd, Evidence, Stopped};
 
 /// The accelerator a VM runs under.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,6 +184,14 @@ pub enum Echo {
     Raw,
     /// Each line behind a prefix, on stdout.
     Prefixed(String),
+    /// Each line behind a prefix, on stderr (stdout carries KTAP).
+    PrefixedStderr(String),
+    /// Only the guest command's own output, on stdout: no kernel messages,
+    /// no init lines or markers (`cargo xtask run --quiet`).
+    CommandOnly,
+    /// The console's bytes as they come, unbuffered, on stdout; the
+    /// terminal's input goes to the guest (`cargo xtask run --shell`).
+    Interactive,
 }
 
 pub struct VmConfig {
@@ -214,15 +232,33 @@ pub struct VmExtra {
     /// Answers console lines: with it, QEMU's stdin (the guest console's
     /// input) is a pipe the hook's replies are written to.
     pub console_hook: Option<ConsoleHook>,
-    /// A backend that exits while the guest runs is part of the test (a
-    /// surprise loss), not a failure of the run.
-    pub backends_may_die: bool,
+    /// The test SIGKILLs backends (a surprise loss): a backend ended by
+    /// SIGKILL is part of the test, and has no stats line. Any other early
+    /// or unclean exit still fails the run.
+    pub backends_killed: bool,
+    /// How long QEMU may run after the guest reported its status before the
+    /// run fails with [`Exit::NoPowerOff`] (default [`POWEROFF_GRACE`]).
+    pub poweroff_grace: Option<Duration>,
     /// `-cpu` for a TCG guest (e.g. [`crate::hostfault::MCE_CPU`]; default
     /// [`TCG_X86_CPU`] on x86_64, QEMU's default on ppc64le).
     pub tcg_cpu: Option<String>,
     /// VRAM per GPU instead of the tests' default (small enough for a
     /// guest to fill it all).
     pub vram_size: Option<u64>,
+    /// A replacement for images/init (the oracle's self-test boots a
+    /// deliberately broken init); appended to the initramfs with the nonce.
+    pub init_override: Option<String>,
+    /// Another backend binary than the built one (the oracle's self-test
+    /// wraps the real one in scripts that misbehave).
+    pub backend_bin: Option<PathBuf>,
+    /// Write the run's artifacts folder here (src/artifacts.rs).
+    pub artifacts: Option<PathBuf>,
+    /// Added to the kernel command line (`--append`).
+    pub append: Vec<String>,
+    /// Added to QEMU's command line, in order (`--qemu-arg`).
+    pub qemu_args: Vec<String>,
+    /// Host folders mounted in the guest over virtio-9p (`--share`).
+    pub shares: Vec<crate::cli::Share>,
 }
 
 /// How the run ended.
@@ -326,31 +362,32 @@ pub struct VmOutcome {
     pub stats: Vec<BackendStats>,
     /// The whole console, line by line.
     pub console: Vec<String>,
-    /// Kernel error lines seen (panic, oops, BUG, WARNING, KASAN...), for
-    /// tests that assert on them.
+    /// When each console line arrived, after QEMU's launch (host clock).
+    pub console_times: Vec<Duration>,
+    /// Every splat seen: console, QEMU's and the backends' stderr.
     #[allow(dead_code)]
-    pub kernel_errors: Vec<String>,
+    pub splats: Vec<Splat>,
+    /// The driver's debugfs counters per GPU, as images/init read them
+    /// before power-off (empty if the driver was not loaded then).
+    pub guest_counters: Vec<GpuCounters>,
     /// The VRAM files; removed when the outcome is dropped.
     pub vram: VramFiles,
 }
 
-/// Console substrings that mean the guest kernel hit an error.
-const KERNEL_ERROR_PATTERNS: &[&str] = &[
-    "Kernel panic - not syncing",
-    "Oops: ",
-    "BUG: ",
-    "WARNING: ",
-    "general protection fault",
-    "Unable to handle kernel",
-    "KASAN: ",
-    "UBSAN: ",
-    "Call Trace:",
-];
+/// /sys/kernel/debug/hmmgpu<gpu>/counters at the end of the run, or why it
+/// could not be read (a dead device).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuCounters {
+    pub gpu: u32,
+    pub counters: Result<BTreeMap<String, u64>, String>,
+}
 
-const MARKER_INIT: &str = "HMMGPU-INIT uptime=";
-const MARKER_READY: &str = "HMMGPU-READY uptime=";
-const MARKER_STATUS: &str = "HMMGPU-EXIT-STATUS=";
-const MARKER_INIT_FAILED: &str = "HMMGPU-INIT-FAILED:";
+/// How long QEMU may take to exit after the guest's status marker.
+pub const POWEROFF_GRACE: Duration = Duration::from_secs(30);
+
+/// How long a backend may take to exit after QEMU did (it exits when the
+/// front end disconnects).
+const BACKEND_EXIT_GRACE: Duration = Duration::from_secs(10);
 
 /// A child in its own process group, killed (the whole group) on drop.
 struct Proc {
@@ -384,6 +421,8 @@ impl Proc {
     fn signal(&self, sig: i32) {
         if self.exited.is_none() {
             // The child leads its own group; signal the group.
+            // SAFETY: kill(2) takes plain integers and touches no memory; the
+            // group is our child's, not yet reaped (`exited` is None).
             unsafe {
                 libc::kill(-(self.child.id() as i32), sig);
             }
@@ -438,9 +477,16 @@ struct Backend {
     proc: Proc,
     control: PathBuf,
     exit_stats: Arc<Mutex<Option<serde_json::Value>>>,
-    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    /// Its command line, program first (for reproduce.sh).
+    argv: Vec<String>,
+    /// Its stderr, line by line (up to [`MAX_STDERR_LINES`]).
+    stderr: Arc<Mutex<Vec<String>>>,
     reader: Option<JoinHandle<()>>,
 }
+
+/// Lines of a backend's stderr kept in memory; a guest that makes a backend
+/// log without end cannot exhaust the host's.
+const MAX_STDERR_LINES: usize = 200_000;
 
 const STATS_PREFIX: &str = "hmmgpu-device: stats: ";
 
@@ -449,37 +495,39 @@ fn spawn_backend(cfg: &VmConfig, bin: &Path, gpu: u32, vram: &Path) -> Result<Ba
     let control = cfg.run_dir.join(format!("gpu{gpu}.control"));
     // Its stdout goes to our stderr: stdout carries only the guest console.
     let stdout = Stdio::from(std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned()?);
+    let extra: &[String] = cfg
+        .extra
+        .backend_args
+        .get(gpu as usize)
+        .map_or(&[], |a| a.as_slice());
+    let mut argv: Vec<String> = vec![
+        bin.display().to_string(),
+        "--socket".into(),
+        socket.display().to_string(),
+        "--vram-path".into(),
+        vram.display().to_string(),
+        "--vram-size".into(),
+        cfg.vram_size.to_string(),
+        "--control".into(),
+        control.display().to_string(),
+    ];
+    argv.extend(extra.iter().cloned());
+    // The fault log goes to the artifacts (unless the test reads its own).
+    if !extra.iter().any(|a| a == "--fault-log") {
+        argv.push("--fault-log".into());
+        argv.push(
+            cfg.run_dir
+                .join(format!("gpu{gpu}.faults"))
+                .display()
+                .to_string(),
+        );
+    }
     let mut cmd = Command::new(bin);
-    cmd.arg("--socket")
-        .arg(&socket)
-        .arg("--vram-path")
-        .arg(vram)
-        .arg("--vram-size")
-        .arg(cfg.vram_size.to_string())
-        .arg("--control")
-        .arg(&control)
-        .args(
-            cfg.extra
-                .backend_args
-                .get(gpu as usize)
-                .into_iter()
-                .flatten(),
-        )
+    cmd.args(&argv[1..])
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(Stdio::piped());
-    log(format!(
-        "gpu{gpu}: {} --socket {} --vram-path {} --vram-size {} --control {}{}",
-        bin.display(),
-        socket.display(),
-        vram.display(),
-        cfg.vram_size,
-        control.display(),
-        cfg.extra
-            .backend_args
-            .get(gpu as usize)
-            .map_or(String::new(), |a| format!(" {}", shell_join(a)))
-    ));
+    log(format!("gpu{gpu}: {}", shell_join(&argv)));
     let mut proc = Proc::spawn(&format!("hmmgpu-device gpu{gpu}"), &mut cmd)?;
     // For fault injection from outside (a killed backend: surprise loss).
     let pid_file = cfg.run_dir.join(format!("gpu{gpu}.pid"));
@@ -487,9 +535,10 @@ fn spawn_backend(cfg: &VmConfig, bin: &Path, gpu: u32, vram: &Path) -> Result<Ba
         .with_context(|| format!("writing {}", pid_file.display()))?;
     let stderr = proc.child.stderr.take().unwrap();
     let exit_stats = Arc::new(Mutex::new(None));
-    let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
-    let (es, tail) = (Arc::clone(&exit_stats), Arc::clone(&stderr_tail));
+    let stderr_lines = Arc::new(Mutex::new(Vec::new()));
+    let (es, lines) = (Arc::clone(&exit_stats), Arc::clone(&stderr_lines));
     let reader = std::thread::spawn(move || {
+        let mut dropped = 0u64;
         for line in BufReader::new(stderr).split(b'\n') {
             let Ok(line) = line else { break };
             let line = String::from_utf8_lossy(&line).trim_end().to_string();
@@ -500,11 +549,17 @@ fn spawn_backend(cfg: &VmConfig, bin: &Path, gpu: u32, vram: &Path) -> Result<Ba
                     Err(e) => eprintln!("[xtask] warning: gpu{gpu} stats line is not JSON: {e}"),
                 }
             }
-            let mut t = tail.lock().unwrap();
-            t.push_back(line);
-            if t.len() > 40 {
-                t.pop_front();
+            let mut l = lines.lock().unwrap();
+            if l.len() < MAX_STDERR_LINES || line.contains(STATS_PREFIX) {
+                l.push(line);
+            } else {
+                dropped += 1;
             }
+        }
+        if dropped > 0 {
+            lines.lock().unwrap().push(format!(
+                "[xtask: {dropped} more lines of this stderr were not kept]"
+            ));
         }
     });
     let mut b = Backend {
@@ -512,7 +567,8 @@ fn spawn_backend(cfg: &VmConfig, bin: &Path, gpu: u32, vram: &Path) -> Result<Ba
         proc,
         control,
         exit_stats,
-        stderr_tail,
+        argv,
+        stderr: stderr_lines,
         reader: Some(reader),
     };
 
@@ -522,7 +578,7 @@ fn spawn_backend(cfg: &VmConfig, bin: &Path, gpu: u32, vram: &Path) -> Result<Ba
         if let Some(s) = b.proc.poll() {
             b.join_reader();
             bail!(ExitError {
-                exit: Exit::BackendDied,
+                exit: Exit::BackendFailed,
                 message: format!(
                     "hmmgpu-device for gpu{gpu} exited ({s}) before creating its socket:\n{}",
                     b.tail()
@@ -534,7 +590,7 @@ fn spawn_backend(cfg: &VmConfig, bin: &Path, gpu: u32, vram: &Path) -> Result<Ba
         }
         if Instant::now() >= until {
             bail!(ExitError {
-                exit: Exit::BackendDied,
+                exit: Exit::BackendFailed,
                 message: format!(
                     "hmmgpu-device for gpu{gpu} did not create {} within 20s",
                     socket.display()
@@ -553,10 +609,10 @@ impl Backend {
         }
     }
 
+    /// The last 40 lines of its stderr, indented.
     fn tail(&self) -> String {
-        self.stderr_tail
-            .lock()
-            .unwrap()
+        let lines = self.stderr.lock().unwrap();
+        lines[lines.len().saturating_sub(40)..]
             .iter()
             .map(|l| format!("    {l}\n"))
             .collect()
@@ -580,33 +636,31 @@ impl Backend {
         }
     }
 
-    /// Ends the backend and returns its final stats: the exit line if it
-    /// printed one, else what the control socket said before it was stopped.
-    fn finish(&mut self) -> Option<BackendStats> {
-        let mut control = None;
-        if self.proc.poll().is_none() {
-            // QEMU is gone; a backend may exit on the disconnect by itself.
-            if self.proc.wait_for(Duration::from_secs(2)).is_none() {
-                match self.query_stats() {
-                    Ok(v) => control = Some(v),
-                    Err(e) => log(format!("gpu{}: control socket stats: {e:#}", self.gpu)),
-                }
-                self.proc.stop(Duration::from_secs(5));
+    /// Ends the backend (after QEMU exited) and says how it ended: it should
+    /// exit by itself when the front end disconnects, with its stats line.
+    fn finish(&mut self) -> BackendEnd {
+        let mut control_stats = None;
+        let mut stopped = false;
+        if self.proc.wait_for(BACKEND_EXIT_GRACE).is_none() {
+            // Its counters, for the report, before it is stopped.
+            match self.query_stats() {
+                Ok(v) => control_stats = Some(v),
+                Err(e) => log(format!("gpu{}: control socket stats: {e:#}", self.gpu)),
             }
+            self.proc.stop(Duration::from_secs(5));
+            stopped = true;
         }
         self.join_reader();
-        if let Some(v) = self.exit_stats.lock().unwrap().take() {
-            return Some(BackendStats {
-                gpu: self.gpu,
-                source: StatsSource::ExitLine,
-                raw: v,
-            });
-        }
-        control.map(|raw| BackendStats {
+        BackendEnd {
             gpu: self.gpu,
-            source: StatsSource::ControlSocket,
-            raw,
-        })
+            argv: self.argv.clone(),
+            status: self.proc.exited,
+            stopped,
+            died_early: None,
+            exit_stats: self.exit_stats.lock().unwrap().take(),
+            control_stats,
+            stderr: std::mem::take(&mut *self.stderr.lock().unwrap()),
+        }
     }
 }
 
@@ -644,8 +698,16 @@ pub fn base64(data: &[u8]) -> String {
     out
 }
 
-/// The kernel command line for a run.
-pub fn kernel_cmdline(arch: Arch, cmd: &[String], noload: bool) -> Result<String> {
+/// The kernel command line for a run: the console, init's parameters
+/// (`hmmgpu.noload`, `hmmgpu.share=TAG:DIR[:ro]` per shared folder,
+/// `hmmgpu.cmd=BASE64`) and `append` (`--append`).
+pub fn kernel_cmdline(
+    arch: Arch,
+    cmd: &[String],
+    noload: bool,
+    shares: &[crate::cli::Share],
+    append: &[String],
+) -> Result<String> {
     let console = match arch {
         Arch::X86_64 => "ttyS0",
         Arch::Ppc64le => "hvc0",
@@ -653,6 +715,18 @@ pub fn kernel_cmdline(arch: Arch, cmd: &[String], noload: bool) -> Result<String
     let mut s = format!("console={console} panic=-1 oops=panic loglevel=6 printk.time=1");
     if noload {
         s.push_str(" hmmgpu.noload");
+    }
+    for (i, sh) in shares.iter().enumerate() {
+        s.push_str(&format!(
+            " hmmgpu.share={}:{}{}",
+            share_tag(i),
+            sh.guest,
+            if sh.readonly { ":ro" } else { "" }
+        ));
+    }
+    for a in append {
+        s.push(' ');
+        s.push_str(a);
     }
     if !cmd.is_empty() {
         s.push_str(" hmmgpu.cmd=");
@@ -665,7 +739,12 @@ pub fn kernel_cmdline(arch: Arch, cmd: &[String], noload: bool) -> Result<String
     Ok(s)
 }
 
-fn qemu_args(cfg: &VmConfig, vram: &VramFiles, backends: &[Backend]) -> Result<Vec<String>> {
+fn qemu_args(
+    cfg: &VmConfig,
+    initrd: &Path,
+    vram: &VramFiles,
+    backends: &[Backend],
+) -> Result<Vec<String>> {
     let mem_mib = cfg.memory >> 20;
     let machine = match (cfg.arch, cfg.accel) {
         (Arch::X86_64, _) => "q35,memory-backend=mem",
@@ -714,14 +793,30 @@ fn qemu_args(cfg: &VmConfig, vram: &VramFiles, backends: &[Backend]) -> Result<V
     );
     a.push(cfg.kernel_image.display().to_string());
     a.push("-initrd".into());
-    a.push(cfg.initramfs.display().to_string());
+    a.push(initrd.display().to_string());
     a.push("-append".into());
-    a.push(kernel_cmdline(cfg.arch, &cfg.cmd, cfg.noload)?);
+    a.push(kernel_cmdline(
+        cfg.arch,
+        &cfg.cmd,
+        cfg.noload,
+        &cfg.extra.shares,
+        &cfg.extra.append,
+    )?);
     a.push("-qmp".into());
     a.push(format!(
         "unix:{},server=on,wait=off",
         cfg.run_dir.join("qmp.sock").display()
     ));
+    for (i, sh) in cfg.extra.shares.iter().enumerate() {
+        a.push("-virtfs".into());
+        a.push(format!(
+            "local,path={},mount_tag={},security_model=none,id={}{}",
+            sh.host.display(),
+            share_tag(i),
+            share_tag(i),
+            if sh.readonly { ",readonly=on" } else { "" }
+        ));
+    }
     for (b, path) in backends.iter().zip(&vram.paths) {
         a.extend(gpu_qemu_args(
             cfg.arch,
@@ -731,7 +826,13 @@ fn qemu_args(cfg: &VmConfig, vram: &VramFiles, backends: &[Backend]) -> Result<V
             &cfg.run_dir,
         ));
     }
+    a.extend(cfg.extra.qemu_args.iter().cloned());
     Ok(a)
+}
+
+/// The 9p mount tag (and QEMU id) of shared folder `i`.
+fn share_tag(i: usize) -> String {
+    format!("hmmgpushare{i}")
 }
 
 /// QEMU arguments for GPU `n`: its root port (q35), VRAM memdev, vhost-user
@@ -807,65 +908,127 @@ pub fn gpu_device_props(arch: Arch, n: u32) -> Vec<(&'static str, String)> {
     props
 }
 
-/// Scans console lines for init's markers and kernel errors, echoing them.
-#[derive(Default)]
-struct Scanner {
-    echo: Option<Echo>,
-    launch: Option<Instant>,
-    console: Vec<String>,
-    kernel_errors: Vec<String>,
-    timings: Timings,
-    status: Option<i32>,
-    init_failed: Option<String>,
-}
-
-impl Scanner {
-    fn feed(&mut self, t: Instant, line: String) {
-        {
-            let mut out = std::io::stdout().lock();
-            let _ = match &self.echo {
-                Some(Echo::Prefixed(p)) => writeln!(out, "{p}{line}"),
-                _ => writeln!(out, "{line}"),
-            };
-            let _ = out.flush();
-        }
-        let at = t.duration_since(self.launch.unwrap_or(t));
-        if line.contains(MARKER_INIT) && self.timings.init.is_none() {
-            self.timings.init = Some(at);
-        }
-        if line.contains(MARKER_READY) && self.timings.ready.is_none() {
-            self.timings.ready = Some(at);
-        }
-        if let Some(pos) = line.find(MARKER_INIT_FAILED) {
-            self.init_failed = Some(line[pos + MARKER_INIT_FAILED.len()..].trim().to_string());
-        }
-        if line.contains(MARKER_STATUS) {
-            match parse_uint_after(&line, MARKER_STATUS) {
-                Some(n) if self.status.is_none() => {
-                    self.status = Some(n as i32);
-                    self.timings.exit_marker = Some(at);
-                }
-                Some(_) => {}
-                None => log(format!("warning: malformed status marker: {line}")),
-            }
-        }
-        if KERNEL_ERROR_PATTERNS.iter().any(|p| line.contains(p)) {
-            self.kernel_errors.push(line.clone());
-        }
-        self.console.push(line);
-    }
-}
-
-fn parse_uint_after(line: &str, marker: &str) -> Option<i64> {
-    let rest = &line[line.find(marker)? + marker.len()..];
-    let end = rest
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
-}
-
-/// Boots the VM of `cfg` and waits for the guest command's status.
+/// Boots the VM of `cfg` and waits for the guest command's status: starts
+/// everything ([`spawn`]), follows the console ([`watch`]), ends QEMU and the
+/// backends ([`shut_down`]) and judges what happened ([`verdict`]).
 pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
+    check_inputs(cfg)?;
+    let nonce = new_nonce()?;
+    let initrd = cfg.run_dir.join("initramfs-run.img");
+    initramfs_with_nonce(
+        &cfg.initramfs,
+        &initrd,
+        &nonce,
+        cfg.extra.init_override.as_deref(),
+    )?;
+    let mut vm = spawn(cfg, &initrd)?;
+    let mut scan = Scanner {
+        echo: Some(cfg.echo.clone()),
+        launch: Some(vm.launch),
+        nonce,
+        ..Default::default()
+    };
+    let stopped = watch(cfg, &mut vm, &mut scan)?;
+    let ended = shut_down(vm, &mut scan, stopped);
+    let Scanner {
+        console,
+        console_times,
+        splats: console_splats,
+        mut timings,
+        status,
+        init_failed,
+        counters,
+        ..
+    } = scan;
+    timings.total = ended.launch.elapsed();
+    let launched = ended.launch;
+    let evidence = Evidence {
+        stopped: ended.stopped,
+        timeout: cfg.timeout,
+        status,
+        init_failed,
+        console_splats,
+        qemu_status: ended.qemu_status,
+        qemu_stderr: ended.qemu_stderr,
+        backends: ended.backends,
+        backends_killed: cfg.extra.backends_killed,
+    };
+    let result = verdict(&evidence);
+    let stats: Vec<BackendStats> = evidence
+        .backends
+        .iter()
+        .filter_map(|b| {
+            let s = b.stats();
+            if s.is_none() {
+                log(format!("warning: gpu{} reported no stats", b.gpu));
+            }
+            s
+        })
+        .collect();
+    if let Some(dir) = &cfg.extra.artifacts {
+        let timed: Vec<(Duration, String)> = console_times
+            .iter()
+            .copied()
+            .zip(console.iter().cloned())
+            .collect();
+        let record = crate::artifacts::Record {
+            dir,
+            run_dir: &cfg.run_dir,
+            vram: &ended.vram.paths,
+            vram_size: cfg.vram_size,
+            initrd: &initrd,
+            qemu: &ended.qemu_argv,
+            backends: &evidence
+                .backends
+                .iter()
+                .map(|b| b.argv.clone())
+                .collect::<Vec<_>>(),
+            console: &timed,
+            qemu_stderr: &evidence.qemu_stderr,
+            backend_stderr: &evidence
+                .backends
+                .iter()
+                .map(|b| b.stderr.clone())
+                .collect::<Vec<_>>(),
+            stats: serde_json::Value::Array(
+                stats
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "gpu": s.gpu,
+                            "source": format!("{:?}", s.source),
+                            "stats": s.raw,
+                        })
+                    })
+                    .collect(),
+            ),
+            verdict: &match &result {
+                VmResult::Exited(n) => format!("passed: the guest command exited with {n}"),
+                VmResult::Failed(e, m) => format!("failed: {e}\n{m}"),
+            },
+            interactive: cfg.extra.console_hook.is_some(),
+        };
+        if let Err(e) = crate::artifacts::write_all(&record) {
+            log(format!(
+                "warning: writing the artifacts to {}: {e:#}",
+                dir.display()
+            ));
+        }
+    }
+    Ok(VmOutcome {
+        result,
+        timings,
+        launched,
+        stats,
+        console,
+        console_times,
+        splats: evidence.all_splats(),
+        guest_counters: counters,
+        vram: ended.vram,
+    })
+}
+
+fn check_inputs(cfg: &VmConfig) -> Result<()> {
     if !cfg.qemu.is_file() {
         bail!("QEMU binary {} does not exist", cfg.qemu.display());
     }
@@ -875,7 +1038,37 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
     if !cfg.initramfs.is_file() {
         bail!("initramfs {} does not exist", cfg.initramfs.display());
     }
-    crate::cli::check_memory(cfg.memory)?;
+    crate::cli::check_memory(cfg.memory)
+}
+
+/// A started VM: its VRAM files, backends, QEMU and the threads that read
+/// QEMU's console and stderr.
+struct Running {
+    vram: VramFiles,
+    backends: Vec<Backend>,
+    qemu: Proc,
+    launch: Instant,
+    /// The guest console's input (for the console hook), non-blocking.
+    console_in: Option<std::process::ChildStdin>,
+    /// Console lines with the host time they arrived.
+    console: mpsc::Receiver<(Instant, String)>,
+    console_reader: JoinHandle<()>,
+    qemu_stderr: Arc<Mutex<Vec<String>>>,
+    stderr_reader: JoinHandle<()>,
+    /// Backends that exited while the guest ran: (index, status).
+    died_early: Vec<(usize, std::process::ExitStatus)>,
+    /// QEMU's command line, program first.
+    qemu_argv: Vec<String>,
+    /// Interactive runs: the guest started the command (input may flow),
+    /// the user typed the escape, and the terminal's saved mode.
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    quit: Arc<std::sync::atomic::AtomicBool>,
+    _raw: Option<RawTerminal>,
+}
+
+/// Creates the VRAM files, starts the backends (each up to its socket), then
+/// QEMU (booting `initrd`), and the threads that read QEMU's output.
+fn spawn(cfg: &VmConfig, initrd: &Path) -> Result<Running> {
     let vram = VramFiles::create(cfg.gpus, cfg.vram_size)?;
     let mut backends = Vec::new();
     if cfg.gpus > 0 {
@@ -891,7 +1084,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
         }
     }
 
-    let args = qemu_args(cfg, &vram, &backends)?;
+    let args = qemu_args(cfg, initrd, &vram, &backends)?;
     log(format!(
         "qemu: {} {}",
         cfg.qemu.display(),
@@ -902,228 +1095,211 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
         "qemu",
         Command::new(&cfg.qemu)
             .args(&args)
-            .stdin(if cfg.extra.console_hook.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
+            .stdin(
+                if cfg.extra.console_hook.is_some() || matches!(cfg.echo, Echo::Interactive) {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                },
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
     )?;
 
-    // The guest console's input, for the console hook; non-blocking, so a
-    // guest that never reads cannot stall this loop (a reply is dropped).
+    // Non-blocking, so a guest that never reads cannot stall the console
+    // loop (a reply is dropped).
     let mut console_in = qemu.child.stdin.take();
-    if let Some(input) = &console_in {
-        use std::os::fd::AsRawFd;
-        unsafe {
-            let fd = input.as_raw_fd();
-            libc::fcntl(
-                fd,
-                libc::F_SETFL,
-                libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK,
-            );
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let quit = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut raw = None;
+    if matches!(cfg.echo, Echo::Interactive) {
+        if let Some(to_guest) = console_in.take() {
+            raw = RawTerminal::enter();
+            let (r, q) = (Arc::clone(&ready), Arc::clone(&quit));
+            // Not joined: it may sit in a read of the terminal to the end.
+            std::thread::spawn(move || relay_stdin(std::io::stdin(), to_guest, r, q));
         }
+    } else if let Some(input) = &console_in {
+        set_nonblocking(input)?;
     }
-    // The console, line by line with host timestamps.
-    let (tx, rx) = mpsc::channel::<(Instant, String)>();
-    let stdout = qemu.child.stdout.take().unwrap();
-    let console_reader = std::thread::spawn(move || {
-        let mut r = BufReader::new(stdout);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match r.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let line = String::from_utf8_lossy(&buf);
-                    let line = line.trim_end_matches(['\n', '\r']).replace('\r', "");
-                    if tx.send((Instant::now(), line)).is_err() {
-                        break;
-                    }
-                }
+    let (tx, console) = mpsc::channel::<(Instant, String)>();
+    let stdout = qemu.child.stdout.take().context("QEMU's stdout")?;
+    let passthrough = matches!(cfg.echo, Echo::Interactive);
+    let console_reader = std::thread::spawn(move || read_console(stdout, tx, passthrough));
+    let qemu_stderr = Arc::new(Mutex::new(Vec::<String>::new()));
+    let qs = Arc::clone(&qemu_stderr);
+    let stderr = qemu.child.stderr.take().context("QEMU's stderr")?;
+    let stderr_reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).split(b'\n') {
+            let Ok(line) = line else { break };
+            let line = String::from_utf8_lossy(&line).trim_end().to_string();
+            eprintln!("[qemu] {line}");
+            let mut l = qs.lock().unwrap();
+            if l.len() < MAX_STDERR_LINES {
+                l.push(line);
             }
         }
     });
-    let qemu_stderr = Arc::new(Mutex::new(VecDeque::<String>::new()));
-    let qs = Arc::clone(&qemu_stderr);
-    let mut stderr = qemu.child.stderr.take().unwrap();
-    let stderr_reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        let _ = stderr.read_to_string(&mut all);
-        for l in all.lines() {
-            eprintln!("[qemu] {l}");
-            qs.lock().unwrap().push_back(l.to_string());
-        }
-    });
+    Ok(Running {
+        vram,
+        backends,
+        qemu,
+        launch,
+        console_in,
+        console,
+        console_reader,
+        qemu_stderr,
+        stderr_reader,
+        died_early: Vec::new(),
+        qemu_argv: std::iter::once(cfg.qemu.display().to_string())
+            .chain(args)
+            .collect(),
+        ready,
+        quit,
+        _raw: raw,
+    })
+}
 
-    let mut scan = Scanner {
-        echo: Some(cfg.echo.clone()),
-        launch: Some(launch),
-        ..Default::default()
+fn set_nonblocking(fd: &impl std::os::fd::AsRawFd) -> Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: fcntl on a file descriptor this process owns (a child's pipe
+    // end held by the caller); F_GETFL/F_SETFL touch no memory.
+    let ok = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) >= 0
     };
-    let mut failure: Option<(Exit, String)> = None;
+    if !ok {
+        bail!(
+            "making the guest console's input non-blocking: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Follows the console until QEMU exits, the guest's status came and QEMU
+/// did not power off, the timeout passes or a backend dies; feeds each line
+/// to `scan` and the console hook.
+fn watch(cfg: &VmConfig, vm: &mut Running, scan: &mut Scanner) -> Result<Stopped> {
+    let grace = cfg.extra.poweroff_grace.unwrap_or(POWEROFF_GRACE);
     loop {
         if signals::interrupted() {
             return Err(exit::interrupted());
         }
-        match rx.recv_timeout(Duration::from_millis(100)) {
+        match vm.console.recv_timeout(Duration::from_millis(100)) {
             Ok((t, line)) => {
-                if let (Some(hook), Some(input)) = (&cfg.extra.console_hook, console_in.as_mut()) {
+                if let (Some(hook), Some(input)) = (&cfg.extra.console_hook, vm.console_in.as_mut())
+                {
                     if let Some(reply) = hook(&cfg.run_dir, &line) {
                         if let Err(e) = input.write_all(format!("{reply}\n").as_bytes()) {
                             log(format!("warning: writing to the guest console: {e}"));
                         }
                     }
                 }
+                if line.contains(RUNNING) {
+                    vm.ready.store(true, Ordering::SeqCst);
+                }
                 scan.feed(t, line)
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break, // QEMU closed its stdout: it exited
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(Stopped::QemuExited),
         }
-        if launch.elapsed() > cfg.timeout && scan.status.is_none() {
-            failure = Some((
-                Exit::Timeout,
-                format!(
-                    "no HMMGPU-EXIT-STATUS within {}s (--timeout)",
-                    cfg.timeout.as_secs()
-                ),
-            ));
-            break;
+        if vm.quit.load(Ordering::SeqCst) {
+            return Err(ExitError {
+                exit: Exit::Interrupted,
+                message: "the VM was ended with Ctrl-A x".into(),
+            }
+            .into());
+        }
+        if vm.launch.elapsed() > cfg.timeout && scan.status.is_none() {
+            return Ok(Stopped::Timeout);
         }
         if let Some(m) = scan.timings.exit_marker {
-            if launch.elapsed() > m + Duration::from_secs(30) {
-                break; // handled below: QEMU did not power off
+            if vm.launch.elapsed() > m + grace {
+                return Ok(Stopped::NoPowerOff);
             }
         }
-        if scan.status.is_none() && !cfg.extra.backends_may_die {
-            if let Some(i) = backends.iter_mut().position(|b| b.proc.poll().is_some()) {
-                let b = &mut backends[i];
-                let s = b.proc.poll().unwrap();
-                b.join_reader();
-                failure = Some((
-                    Exit::BackendDied,
-                    format!(
-                        "hmmgpu-device for gpu{} exited ({s}) while the guest ran:\n{}",
-                        b.gpu,
-                        b.tail()
-                    ),
-                ));
-                break;
+        if scan.status.is_none() {
+            for (i, b) in vm.backends.iter_mut().enumerate() {
+                if let Some(s) = b.proc.poll() {
+                    if !vm.died_early.iter().any(|(j, _)| *j == i) {
+                        vm.died_early.push((i, s));
+                        if !cfg.extra.backends_killed {
+                            return Ok(Stopped::BackendDied);
+                        }
+                    }
+                }
             }
         }
     }
+}
 
-    // QEMU powers off after the marker; give it a moment, then stop it.
-    let qemu_status = match qemu.wait_for(Duration::from_secs(if failure.is_some() {
-        0
+/// What [`shut_down`] collected.
+struct Ended {
+    stopped: Stopped,
+    qemu_argv: Vec<String>,
+    launch: Instant,
+    qemu_status: Option<std::process::ExitStatus>,
+    qemu_stderr: Vec<String>,
+    backends: Vec<BackendEnd>,
+    vram: VramFiles,
+}
+
+/// Ends QEMU (after a grace period if the guest is powering off by itself)
+/// and the backends; collects the rest of the console, the stderr streams
+/// and how each process exited.
+fn shut_down(vm: Running, scan: &mut Scanner, stopped: Stopped) -> Ended {
+    let Running {
+        vram,
+        mut backends,
+        mut qemu,
+        launch,
+        console,
+        console_reader,
+        qemu_stderr,
+        stderr_reader,
+        died_early,
+        qemu_argv,
+        ..
+    } = vm;
+    let grace = if stopped == Stopped::QemuExited {
+        Duration::from_secs(5)
     } else {
-        5
-    })) {
-        Some(s) => s,
+        Duration::ZERO
+    };
+    let qemu_status = match qemu.wait_for(grace) {
+        Some(s) => Some(s),
         None => {
-            if failure.is_none() {
-                log("warning: QEMU did not exit 30s after the guest's status marker: stopping it");
-            }
-            qemu.stop(Duration::from_secs(5))
+            qemu.stop(Duration::from_secs(5));
+            // Stopped by us: its status says nothing about QEMU itself.
+            None
         }
     };
     // The readers end at QEMU's EOF; then take what the console still had.
     let _ = console_reader.join();
     let _ = stderr_reader.join();
-    for (t, line) in rx.try_iter() {
+    for (t, line) in console.try_iter() {
         scan.feed(t, line);
     }
-    let Scanner {
-        console,
-        kernel_errors,
-        mut timings,
-        status,
-        init_failed,
-        ..
-    } = scan;
-    timings.total = launch.elapsed();
-
-    // A backend that failed before the guest reported a status is the likelier
-    // cause of QEMU's failure than QEMU itself.
-    if failure.is_none() && status.is_none() && !cfg.extra.backends_may_die {
-        if let Some(i) = backends
-            .iter_mut()
-            .position(|b| b.proc.poll().is_some_and(|s| !s.success()))
-        {
-            let b = &mut backends[i];
-            let s = b.proc.poll().unwrap();
-            b.join_reader();
-            failure = Some((
-                Exit::BackendDied,
-                format!(
-                    "hmmgpu-device for gpu{} exited ({s}) before the guest reported a status (QEMU: {qemu_status}):\n{}",
-                    b.gpu,
-                    b.tail()
-                ),
-            ));
-        }
-    }
-
-    let mut stats = Vec::new();
-    for b in &mut backends {
-        if let Some(s) = b.finish() {
-            stats.push(s);
-        } else {
-            log(format!("warning: gpu{} reported no stats", b.gpu));
-        }
-    }
-
-    let result = if let Some((e, m)) = failure {
-        VmResult::Failed(e, m)
-    } else if !kernel_errors.is_empty() {
-        VmResult::Failed(
-            Exit::GuestKernelError,
-            format!(
-                "the guest kernel reported errors (command status: {}):\n{}",
-                status.map_or("none".into(), |s| s.to_string()),
-                kernel_errors
-                    .iter()
-                    .map(|l| format!("    {l}\n"))
-                    .collect::<String>()
-            ),
-        )
-    } else if let (Some(why), Some(s)) = (&init_failed, status) {
-        debug_assert_eq!(s, Exit::GuestInitFailed.code());
-        VmResult::Failed(
-            Exit::GuestInitFailed,
-            format!("{why} (init reported status {s})"),
-        )
-    } else if let Some(s) = status {
-        VmResult::Exited(s)
-    } else {
-        let tail: String = qemu_stderr
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|l| format!("    {l}\n"))
-            .collect();
-        VmResult::Failed(
-            Exit::QemuFailed,
-            format!(
-                "QEMU exited ({qemu_status}) without an HMMGPU-EXIT-STATUS marker{}",
-                if tail.is_empty() {
-                    String::new()
-                } else {
-                    format!("; its stderr:\n{tail}")
-                }
-            ),
-        )
-    };
-    Ok(VmOutcome {
-        result,
-        timings,
-        launched: launch,
-        stats,
-        console,
-        kernel_errors,
+    let qemu_stderr = std::mem::take(&mut *qemu_stderr.lock().unwrap());
+    let backends = backends
+        .iter_mut()
+        .enumerate()
+        .map(|(i, b)| {
+            let mut end = b.finish();
+            end.died_early = died_early.iter().find(|(j, _)| *j == i).map(|(_, s)| *s);
+            end
+        })
+        .collect();
+    Ended {
+        stopped,
+        qemu_argv,
+        launch,
+        qemu_status,
+        qemu_stderr,
+        backends,
         vram,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -1174,15 +1350,6 @@ mod tests {
         assert_eq!(base64(b"fo"), "Zm8=");
         assert_eq!(base64(b"foo"), "Zm9v");
         assert_eq!(base64(b"foobar"), "Zm9vYmFy");
-    }
-
-    #[test]
-    fn markers() {
-        assert_eq!(
-            parse_uint_after("[ 1.0] x HMMGPU-EXIT-STATUS=7", MARKER_STATUS),
-            Some(7)
-        );
-        assert_eq!(parse_uint_after("HMMGPU-EXIT-STATUS=", MARKER_STATUS), None);
     }
 
     #[test]

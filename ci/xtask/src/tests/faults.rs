@@ -318,12 +318,12 @@ pub(super) fn t_plan_replay(ctx: &mut Ctx) -> Result<()> {
         expect_status(&out, 0).with_context(|| format!("run {run}"))?;
         let text = std::fs::read_to_string(&log_path)
             .with_context(|| format!("reading the fault log {}", log_path.display()))?;
-        println!(
+        say!(
             "--- fault log of run {run} ({} lines):",
             text.lines().count()
         );
         for l in text.lines() {
-            println!("    {l}");
+            say!("    {l}");
         }
         logs.push(text);
     }

@@ -8,7 +8,8 @@
 //! here the host checks what the backend injected and what the driver said.
 
 use super::faults::{console_has, faults_boot, guest_counter, inject_hook, injected};
-use super::{expect_status, Ctx};
+use super::recovery::Expected;
+use super::{expect_status_with, Ctx};
 use crate::build::log;
 use crate::vm::{self, VmOutcome};
 use anyhow::{ensure, Result};
@@ -21,7 +22,20 @@ pub(super) fn t_interrupts_and_stall(ctx: &mut Ctx) -> Result<()> {
             ..Default::default()
         },
     )?;
-    expect_status(&out, 0)?;
+    // 8 dropped interrupts: completions found by polling (up to one each,
+    // and the 4 late ones may be polled too); the stall: one reset.
+    expect_status_with(
+        &out,
+        0,
+        &Expected {
+            counters: &[
+                ("driver_resets", 1..=1),
+                ("driver_polled_completions", 1..=12),
+            ],
+            lines: &["got no answer in", "commands in flight were retried"],
+            loaded_at_end: true,
+        },
+    )?;
     let dropped = injected(&out, "interrupts_dropped")?;
     let delayed = injected(&out, "interrupts_delayed")?;
     let stalls = injected(&out, "queue_stalls")?;
@@ -64,7 +78,17 @@ fn reset_boot(ctx: &mut Ctx, test: &'static str, how: &str) -> Result<VmOutcome>
             ..Default::default()
         },
     )?;
-    expect_status(&out, 0)?;
+    // One announced reset (reset_prepare/reset_done), no polling, no
+    // timeout-driven recovery.
+    expect_status_with(
+        &out,
+        0,
+        &Expected {
+            counters: &[("driver_resets", 1..=1)],
+            lines: &[],
+            loaded_at_end: true,
+        },
+    )?;
     Ok(out)
 }
 

@@ -12,7 +12,7 @@
 use super::{argv, expect_status, Boot, Ctx};
 use crate::build;
 use crate::cli::{Arch, Flavour};
-use crate::vm::Accel;
+use crate::vm::{Accel, VmOutcome};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -316,10 +316,58 @@ fn verdict_message(v: &Verdict, exp: &Expected) -> String {
     m.join("\n")
 }
 
+/// hmmgpu's cases as the report's own testcases (JUnit, JSON, KTAP), each
+/// timed on the host clock from the previous result line (or the run's
+/// begin marker) to its own.
+fn record_cases(ctx: &Ctx, out: &VmOutcome, name: &str, t: &Tally, exp: &Expected) {
+    let begin = format!("HMMGPU-SELFTEST-BEGIN {name}");
+    let mut times = BTreeMap::new();
+    if let Some(start) = out.console.iter().position(|l| l.trim() == begin) {
+        let mut prev = out.console_times.get(start).copied();
+        for (i, l) in out.console.iter().enumerate().skip(start + 1) {
+            if let Some((case, _)) = tap_case(l.trim()) {
+                let at = out.console_times.get(i).copied();
+                if let (Some(a), Some(p)) = (at, prev) {
+                    times.insert(case, a.saturating_sub(p));
+                }
+                prev = at;
+            }
+        }
+    }
+    ctx.cases
+        .borrow_mut()
+        .extend(t.cases.iter().map(|(case, o)| {
+            let listed = exp.cases.get(case).map(|(l, _)| *l);
+            super::Case {
+                name: case.clone(),
+                outcome: match o {
+                    Outcome::Pass => super::report::CaseOutcome::Pass,
+                    Outcome::Fail => super::report::CaseOutcome::Fail,
+                    Outcome::Skip => super::report::CaseOutcome::Skip,
+                },
+                expected: match o {
+                    Outcome::Pass => listed.is_none(),
+                    _ => listed == Some(*o),
+                },
+                time: times.get(case).copied(),
+            }
+        }));
+}
+
+/// Both checks' failures, so a run that both recovered and failed cases
+/// says so (the first alone would hide the other).
+fn both(a: Result<()>, b: Result<()>) -> Result<()> {
+    match (a, b) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Err(a), Err(b)) => bail!("{a:#}\n{b:#}"),
+    }
+}
+
 fn check_hmmgpu(t: &Tally, exp: &Expected) -> Result<()> {
     let v = judge(t, exp);
     if v.ok() {
-        println!(
+        say!(
             "hmmgpu matches {EXPECTED_FILE} ({} case(s) listed as known not to pass)",
             exp.cases.len()
         );
@@ -331,12 +379,12 @@ fn check_hmmgpu(t: &Tally, exp: &Expected) -> Result<()> {
 
 /// The side-by-side tallies of the runs, then the cases whose outcome differs.
 fn print_tallies(title: &str, runs: &[(&str, &Tally)], exp: &Expected) {
-    println!("{title}");
-    print!("  {:<12}", "");
+    say!("{title}");
+    say_part!("  {:<12}", "");
     for (name, _) in runs {
-        print!(" {name:>12}");
+        say_part!(" {name:>12}");
     }
-    println!();
+    say!("");
     type Field = fn(&Totals) -> u32;
     let fields: [(&str, Field); 6] = [
         ("pass", |t| t.pass),
@@ -347,15 +395,15 @@ fn print_tallies(title: &str, runs: &[(&str, &Tally)], exp: &Expected) {
         ("error", |t| t.error),
     ];
     for (label, f) in fields {
-        print!("  {label:<12}");
+        say_part!("  {label:<12}");
         for (_, t) in runs {
             let v = t
                 .totals
                 .as_ref()
                 .map_or("-".to_string(), |tot| f(tot).to_string());
-            print!(" {v:>12}");
+            say_part!(" {v:>12}");
         }
-        println!();
+        say!("");
     }
     type Row = fn(&Tally) -> String;
     let rows: [(&str, Row); 3] = [
@@ -368,15 +416,15 @@ fn print_tallies(title: &str, runs: &[(&str, &Tally)], exp: &Expected) {
         }),
     ];
     for (label, f) in rows {
-        print!("  {label:<12}");
+        say_part!("  {label:<12}");
         for (_, t) in runs {
-            print!(" {:>12}", f(t));
+            say_part!(" {:>12}", f(t));
         }
-        println!();
+        say!("");
     }
     for (name, t) in runs {
         if t.totals.is_none() {
-            println!("  {name}: no '# Totals:' line: hmm-tests did not finish");
+            say!("  {name}: no '# Totals:' line: hmm-tests did not finish");
         }
     }
     // Every case of any run, with its outcome per run and in the list.
@@ -401,14 +449,14 @@ fn print_tallies(title: &str, runs: &[(&str, &Tally)], exp: &Expected) {
         })
         .collect();
     if differing.is_empty() {
-        println!(
+        say!(
             "  every case has the same outcome{}",
             if runs.len() > 1 { " on both" } else { "" }
         );
         return;
     }
     let width = differing.iter().map(|c| c.len()).max().unwrap_or(4).max(4);
-    println!(
+    say!(
         "  {} case(s) whose outcome differs{}:",
         differing.len(),
         if runs.len() == 1 {
@@ -417,17 +465,17 @@ fn print_tallies(title: &str, runs: &[(&str, &Tally)], exp: &Expected) {
             " (or that are listed)"
         }
     );
-    print!("  {:<width$}", "case");
+    say_part!("  {:<width$}", "case");
     for (name, _) in runs {
-        print!(" {name:>12}");
+        say_part!(" {name:>12}");
     }
-    println!(" {:>8}", "listed");
+    say!(" {:>8}", "listed");
     for case in differing {
-        print!("  {case:<width$}");
+        say_part!("  {case:<width$}");
         for (_, t) in runs {
-            print!(" {:>12}", show(t.cases.get(case)));
+            say_part!(" {:>12}", show(t.cases.get(case)));
         }
-        println!(" {:>8}", show(exp.cases.get(case).map(|(o, _)| o)));
+        say!(" {:>8}", show(exp.cases.get(case).map(|(o, _)| o)));
     }
 }
 
@@ -452,6 +500,9 @@ pub(super) fn t_hmm_tests(ctx: &mut Ctx) -> Result<()> {
     // worth seeing.
     let base = parse(&out.console, "test_hmm");
     let ours = parse(&out.console, "hmmgpu");
+    if let Ok(o) = &ours {
+        record_cases(ctx, &out, "hmmgpu", o, &exp);
+    }
     if let (Ok(b), Ok(o)) = (&base, &ours) {
         print_tallies(
             &format!(
@@ -463,13 +514,14 @@ pub(super) fn t_hmm_tests(ctx: &mut Ctx) -> Result<()> {
             &exp,
         );
         if b.totals.as_ref().is_some_and(|t| t.fail > 0) {
-            println!("note: the kernel's own test_hmm.ko failed cases too (the kernel or the setup, not hmmgpu?)");
+            say!("note: the kernel's own test_hmm.ko failed cases too (the kernel or the setup, not hmmgpu?)");
         }
     }
     // A kernel WARNING/BUG/lockdep/KASAN report fails the boot (status 120).
-    expect_status(&out, 0)?;
-    let _ = base?;
-    check_hmmgpu(&ours?, &exp)
+    both(
+        expect_status(&out, 0),
+        base.and(ours).and_then(|o| check_hmmgpu(&o, &exp)),
+    )
 }
 
 pub(super) fn t_hmm_tests_debug(ctx: &mut Ctx) -> Result<()> {
@@ -490,6 +542,9 @@ pub(super) fn t_hmm_tests_debug(ctx: &mut Ctx) -> Result<()> {
     )?;
     let ours = parse(&out.console, "hmmgpu");
     if let Ok(o) = &ours {
+        record_cases(ctx, &out, "hmmgpu", o, &exp);
+    }
+    if let Ok(o) = &ours {
         print_tallies(
             &format!(
                 "hmm-tests on the debug kernel ({}, 1 vCPU, 2 GPUs):",
@@ -500,8 +555,10 @@ pub(super) fn t_hmm_tests_debug(ctx: &mut Ctx) -> Result<()> {
         );
     }
     // A lockdep, KASAN or DEBUG_VM report fails the boot itself (status 120).
-    expect_status(&out, 0)?;
-    check_hmmgpu(&ours?, &exp)
+    both(
+        expect_status(&out, 0),
+        ours.and_then(|o| check_hmmgpu(&o, &exp)),
+    )
 }
 
 pub(super) fn t_hmm_tests_ppc64le(ctx: &mut Ctx) -> Result<()> {
@@ -519,6 +576,9 @@ pub(super) fn t_hmm_tests_ppc64le(ctx: &mut Ctx) -> Result<()> {
     )?;
     let ours = parse(&out.console, "hmmgpu");
     if let Ok(o) = &ours {
+        record_cases(ctx, &out, "hmmgpu", o, &exp);
+    }
+    if let Ok(o) = &ours {
         print_tallies(
             &format!(
                 "hmm-tests in a ppc64le pseries guest ({}, {} vCPUs, 2 GPUs):",
@@ -529,8 +589,10 @@ pub(super) fn t_hmm_tests_ppc64le(ctx: &mut Ctx) -> Result<()> {
             &exp,
         );
     }
-    expect_status(&out, 0)?;
-    check_hmmgpu(&ours?, &exp)
+    both(
+        expect_status(&out, 0),
+        ours.and_then(|o| check_hmmgpu(&o, &exp)),
+    )
 }
 
 #[cfg(test)]
