@@ -27,7 +27,7 @@ use std::process::{Command, Stdio};
 pub struct CoverageArgs {
     /// VM tests to run, names or glob patterns (default: every x86_64 VM
     /// test but the -debug reruns, which run the same code on another
-    /// kernel).
+    /// kernel, and `oracle`, which checks the runner).
     #[arg(value_name = "TEST")]
     pub tests: Vec<String>,
     /// Leave out the VM tests matching this name or glob (repeatable).
@@ -452,11 +452,12 @@ pub fn table(files: &BTreeMap<String, FileCoverage>, strip: &[PathBuf]) -> Strin
 }
 
 /// The VM tests coverage runs by default: every x86_64 one but the reruns
-/// on the debug kernel.
+/// on the debug kernel and `oracle` (deliberately broken runs that check
+/// the runner, not the kernel).
 pub fn default_tests() -> Vec<String> {
     crate::tests::names()
         .into_iter()
-        .filter(|n| !n.starts_with("ppc64le-") && !n.ends_with("-debug"))
+        .filter(|n| !n.starts_with("ppc64le-") && !n.ends_with("-debug") && *n != "oracle")
         .map(str::to_string)
         .collect()
 }
