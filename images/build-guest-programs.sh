@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Builds the guest test programs (ci/guest/*.c) as static binaries for the
-# kernel's architecture (a cross gcc for another one) with the
-# dmirror uAPI header (lib/test_hmm_uapi.h) from the guest kernel's source,
-# copies the guest scripts (ci/guest/*.sh, installed without the .sh) and
-# builds the kernel's hmm-tests.
+# Builds the guest test programs as static binaries for the kernel's
+# architecture (a cross gcc for another one) with the dmirror uAPI header
+# (lib/test_hmm_uapi.h) from the guest kernel's source: one program per
+# ci/guest/NAME.c (NAME), and one per directory ci/guest/DIR/ (hmmgpu-DIR,
+# from every DIR/*.c; ci/guest/faults/ is hmmgpu-faults); every source sees
+# ci/guest/*.h. Then copies the guest scripts (ci/guest/*.sh, installed
+# without the .sh) and builds the kernel's hmm-tests.
 # Prints the output directory on stdout when done.
 #
 #   build-guest-programs.sh --kdir KDIR --out DIR
@@ -34,14 +36,26 @@ command -v "$CC" >/dev/null || die "$CC missing: run ci/setup-host.sh"
 GUEST_SRC="$REPO_DIR/ci/guest"
 mkdir -p "$OUT"
 shopt -s nullglob
-sources=("$GUEST_SRC"/*.c)
-[[ ${#sources[@]} -gt 0 ]] || die "no guest programs in $GUEST_SRC"
-CFLAGS=(-static -O2 -g -Wall -Wextra -Wno-unused-parameter -Werror -I"$SRC/lib")
-for c in "${sources[@]}"; do
-    name="$(basename "$c" .c)"
-    "$CC" "${CFLAGS[@]}" -o "$OUT/$name.tmp" "$c" || die "compiling $c failed"
+CFLAGS=(-static -O2 -g -Wall -Wextra -Wno-unused-parameter -Werror -I"$GUEST_SRC" -I"$SRC/lib")
+programs=0
+# build_program NAME SOURCE...: one static binary $OUT/NAME.
+build_program() {
+    local name="$1"
+    shift
+    "$CC" "${CFLAGS[@]}" -o "$OUT/$name.tmp" "$@" || die "compiling $name ($*) failed"
     mv "$OUT/$name.tmp" "$OUT/$name"
+    programs=$((programs + 1))
+}
+for c in "$GUEST_SRC"/*.c; do
+    build_program "$(basename "$c" .c)" "$c"
 done
+for dir in "$GUEST_SRC"/*/; do
+    dir="${dir%/}"
+    sources=("$dir"/*.c)
+    [[ ${#sources[@]} -gt 0 ]] || die "$dir has no .c files"
+    build_program "hmmgpu-$(basename "$dir")" "${sources[@]}"
+done
+[[ $programs -gt 0 ]] || die "no guest programs in $GUEST_SRC"
 # Guest shell scripts (busybox sh), e.g. hmm-tests-both.sh -> hmm-tests-both.
 scripts=("$GUEST_SRC"/*.sh)
 for sh in "${scripts[@]}"; do
@@ -64,5 +78,5 @@ fi
     die "building tools/testing/selftests/mm/hmm-tests failed"
 mv "$OUT/hmm-tests.tmp" "$OUT/hmm-tests"
 
-log "built $((${#sources[@]} + ${#scripts[@]} + 1)) $ARCH_NAME program(s) in $OUT: $(cd "$OUT" && echo *)"
+log "built $((programs + ${#scripts[@]} + 1)) $ARCH_NAME program(s) in $OUT: $(cd "$OUT" && echo *)"
 echo "$OUT"

@@ -35,30 +35,16 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/ioctl.h>
-#include <sys/mman.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
-#include "test_hmm_uapi.h"
+#include "dmirror.h"
 #include "pattern.h"
-
-#define PAGE_SZ 4096UL
-#define PROT_KIND_MASK 0xF0
 
 static const char *dev_path = "/dev/hmm_dmirror0";
 static int failures;
 static int step_no;
 static double step_start;
-
-static double now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
 
 static void step_begin(const char *fmt, ...)
 {
@@ -127,60 +113,24 @@ static size_t check_pattern(const void *buf, size_t size, uint64_t seed,
 	return bad;
 }
 
-static uint64_t fnv1a(const void *buf, size_t size)
-{
-	const uint8_t *b = buf;
-	uint64_t h = 0xcbf29ce484222325ULL;
-	size_t i;
-
-	for (i = 0; i < size; i++) {
-		h ^= b[i];
-		h *= 0x100000001b3ULL;
-	}
-	return h;
-}
-
-static const char *ioctl_name(unsigned long req)
-{
-	switch (req) {
-	case HMM_DMIRROR_READ: return "HMM_DMIRROR_READ";
-	case HMM_DMIRROR_WRITE: return "HMM_DMIRROR_WRITE";
-	case HMM_DMIRROR_MIGRATE_TO_DEV: return "HMM_DMIRROR_MIGRATE_TO_DEV";
-	case HMM_DMIRROR_MIGRATE_TO_SYS: return "HMM_DMIRROR_MIGRATE_TO_SYS";
-	case HMM_DMIRROR_SNAPSHOT: return "HMM_DMIRROR_SNAPSHOT";
-	default: return "ioctl";
-	}
-}
-
 /*
  * Issues a dmirror command over [addr, addr + npages pages) with ptr as the
- * data/result buffer, retrying on EINTR like hmm-tests.c. Checks cpages.
+ * data/result buffer, and reports it. Checks cpages.
  */
 static bool dmirror_cmd(int fd, unsigned long req, void *addr, void *ptr,
-			size_t npages, struct hmm_dmirror_cmd *out)
+			size_t npages)
 {
 	struct hmm_dmirror_cmd cmd;
-	int ret;
+	int e = dmirror(fd, req, addr, ptr, npages, &cmd);
 
-	for (;;) {
-		memset(&cmd, 0, sizeof(cmd));
-		cmd.addr = (uintptr_t)addr;
-		cmd.ptr = (uintptr_t)ptr;
-		cmd.npages = npages;
-		ret = ioctl(fd, req, &cmd);
-		if (ret == 0 || errno != EINTR)
-			break;
-	}
-	if (ret) {
-		fail_msg("%s(npages=%zu): %s", ioctl_name(req), npages, strerror(errno));
+	if (e) {
+		fail_msg("%s(npages=%zu): %s", dmirror_name(req), npages, strerror(e));
 		return false;
 	}
-	if (out)
-		*out = cmd;
 	printf("hmmgpu-demo:     %s: npages=%zu cpages=%" PRIu64 " faults=%" PRIu64 "\n",
-	       ioctl_name(req), npages, (uint64_t)cmd.cpages, (uint64_t)cmd.faults);
+	       dmirror_name(req), npages, (uint64_t)cmd.cpages, (uint64_t)cmd.faults);
 	if (req != HMM_DMIRROR_SNAPSHOT && cmd.cpages != npages) {
-		fail_msg("%s: cpages %" PRIu64 ", want %zu", ioctl_name(req),
+		fail_msg("%s: cpages %" PRIu64 ", want %zu", dmirror_name(req),
 			 (uint64_t)cmd.cpages, npages);
 		return false;
 	}
@@ -191,7 +141,7 @@ static const char *prot_kind(uint8_t p)
 {
 	if (p == HMM_DMIRROR_PROT_ERROR)
 		return "ERROR";
-	switch (p & PROT_KIND_MASK) {
+	switch (p & DMIRROR_PROT_KIND_MASK) {
 	case HMM_DMIRROR_PROT_NONE: return "system";
 	case HMM_DMIRROR_PROT_ZERO: return "zero-page";
 	case HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL: return "DEV_PRIVATE_LOCAL";
@@ -217,17 +167,17 @@ static bool check_snapshot(int fd, void *buf, size_t npages, bool want_device)
 		return false;
 	}
 	memset(perm, 0xAA, npages);
-	ok = dmirror_cmd(fd, HMM_DMIRROR_SNAPSHOT, buf, perm, npages, NULL);
+	ok = dmirror_cmd(fd, HMM_DMIRROR_SNAPSHOT, buf, perm, npages);
 	for (i = 0; ok && i < npages; i++) {
 		uint8_t p = perm[i];
 		bool good;
 
 		if (want_device)
 			good = p != HMM_DMIRROR_PROT_ERROR &&
-			       (p & PROT_KIND_MASK) == HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL;
+			       (p & DMIRROR_PROT_KIND_MASK) == HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL;
 		else
 			good = p != HMM_DMIRROR_PROT_ERROR &&
-			       (p & PROT_KIND_MASK) == HMM_DMIRROR_PROT_NONE &&
+			       (p & DMIRROR_PROT_KIND_MASK) == HMM_DMIRROR_PROT_NONE &&
 			       (p & (HMM_DMIRROR_PROT_READ | HMM_DMIRROR_PROT_WRITE));
 		if (!good) {
 			if (bad < 5)
@@ -244,18 +194,6 @@ static bool check_snapshot(int fd, void *buf, size_t npages, bool want_device)
 	}
 	free(perm);
 	return ok;
-}
-
-static void *map_buffer(size_t size)
-{
-	void *p = mmap(NULL, size, PROT_READ | PROT_WRITE,
-		       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-
-	if (p == MAP_FAILED) {
-		fprintf(stderr, "hmmgpu-demo: mmap %zu bytes: %s\n", size, strerror(errno));
-		exit(1);
-	}
-	return p;
 }
 
 static int open_dev(void)
@@ -283,7 +221,7 @@ static int finish(void)
 static int run_demo(size_t size, uint64_t seed)
 {
 	size_t npages = size / PAGE_SZ;
-	uint8_t *buf = map_buffer(size), *mirror = map_buffer(size);
+	uint8_t *buf = map_buffer(size, false), *mirror = map_buffer(size, false);
 	int fd = open_dev();
 	bool ok;
 
@@ -295,7 +233,7 @@ static int run_demo(size_t size, uint64_t seed)
 	step_end(true);
 
 	step_begin("HMM_DMIRROR_MIGRATE_TO_DEV: move %zu pages to device memory", npages);
-	ok = dmirror_cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror, npages, NULL);
+	ok = dmirror_cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror, npages);
 	if (!step_end(ok))
 		return finish();
 
@@ -304,7 +242,7 @@ static int run_demo(size_t size, uint64_t seed)
 
 	step_begin("HMM_DMIRROR_READ: the device reads the pattern back");
 	memset(mirror, 0, size);
-	ok = dmirror_cmd(fd, HMM_DMIRROR_READ, buf, mirror, npages, NULL);
+	ok = dmirror_cmd(fd, HMM_DMIRROR_READ, buf, mirror, npages);
 	step_end(ok && check_pattern(mirror, size, seed, "device read") == 0);
 
 	step_begin("CPU reads every byte (faults pages back to system memory)");
@@ -316,7 +254,7 @@ static int run_demo(size_t size, uint64_t seed)
 	step_begin("HMM_DMIRROR_WRITE: the device writes the pattern of seed %" PRIu64,
 		   seed + 1);
 	fill_pattern(mirror, size, seed + 1);
-	ok = dmirror_cmd(fd, HMM_DMIRROR_WRITE, buf, mirror, npages, NULL);
+	ok = dmirror_cmd(fd, HMM_DMIRROR_WRITE, buf, mirror, npages);
 	step_end(ok && check_pattern(buf, size, seed + 1, "CPU read of device write") == 0);
 
 	close(fd);
@@ -326,7 +264,7 @@ static int run_demo(size_t size, uint64_t seed)
 static int run_leave_in_vram(size_t size, uint64_t seed)
 {
 	size_t npages = size / PAGE_SZ;
-	uint8_t *buf = map_buffer(size), *mirror = map_buffer(size);
+	uint8_t *buf = map_buffer(size, false), *mirror = map_buffer(size, false);
 	int fd = open_dev();
 	bool ok;
 
@@ -337,7 +275,7 @@ static int run_leave_in_vram(size_t size, uint64_t seed)
 	step_end(true);
 
 	step_begin("HMM_DMIRROR_MIGRATE_TO_DEV: move %zu pages to device memory", npages);
-	ok = dmirror_cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror, npages, NULL);
+	ok = dmirror_cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror, npages);
 	if (!step_end(ok))
 		return finish();
 
@@ -353,7 +291,7 @@ static int run_leave_in_vram(size_t size, uint64_t seed)
 static int run_rmmod_resident(size_t size, uint64_t seed, const char *module)
 {
 	size_t npages = size / PAGE_SZ;
-	uint8_t *buf = map_buffer(size), *mirror = map_buffer(size);
+	uint8_t *buf = map_buffer(size, false), *mirror = map_buffer(size, false);
 	int fd = open_dev(), status;
 	uint64_t sum_before, sum_after;
 	bool ok;
@@ -368,7 +306,7 @@ static int run_rmmod_resident(size_t size, uint64_t seed, const char *module)
 	step_end(true);
 
 	step_begin("HMM_DMIRROR_MIGRATE_TO_DEV: move %zu pages to device memory", npages);
-	ok = dmirror_cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror, npages, NULL);
+	ok = dmirror_cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror, npages);
 	if (!step_end(ok))
 		return finish();
 
@@ -423,35 +361,6 @@ static void usage(FILE *f)
 		"       hmmgpu-demo [-d DEV] [-s SIZE] [--seed N] [--module NAME] --rmmod-resident\n"
 		"  -d DEV   dmirror device (default /dev/hmm_dmirror0)\n"
 		"  -s SIZE  buffer size, bytes or with K/M/G suffix, a multiple of 4K (default 4M)\n");
-}
-
-static bool parse_u64(const char *s, uint64_t *out, bool suffixes)
-{
-	char *end;
-	unsigned long long v;
-
-	errno = 0;
-	v = strtoull(s, &end, 0);
-	if (errno || end == s || *s == '-')
-		return false;
-	if (suffixes && *end) {
-		unsigned int shift;
-
-		switch (*end) {
-		case 'k': case 'K': shift = 10; break;
-		case 'm': case 'M': shift = 20; break;
-		case 'g': case 'G': shift = 30; break;
-		default: return false;
-		}
-		if (v > (~0ULL >> shift))
-			return false;
-		v <<= shift;
-		end++;
-	}
-	if (*end)
-		return false;
-	*out = v;
-	return true;
 }
 
 int main(int argc, char **argv)

@@ -1,5 +1,5 @@
 //! The VRAM ECC error VM test (catalogue entry 3, docs/fault-injection.md
-//! "`ecc`"). The guest side is `hmmgpu-faults ecc` (ci/guest/hmmgpu-faults.c):
+//! "`ecc`"). The guest side is `hmmgpu-faults ecc` (ci/guest/faults/ecc.c):
 //! it asks for an ECC error (through the console, see tests/faults.rs) in a
 //! free VRAM page, in a device-private page in use, in a device-private THP,
 //! in a device-coherent page in use and in the driver's link canary, and
@@ -11,7 +11,7 @@
 //! responsive afterwards.
 
 use super::faults::{
-    expect_responsive, faults_boot, guest_counter, inject_hook, injected, THEN_RESPONSIVE,
+    expect_responsive, faults_boot, guest_counter, inject_hook, injected, then_responsive,
 };
 use super::recovery::Expected;
 use super::{expect_status_with, Ctx};
@@ -76,7 +76,12 @@ fn removal_accounting(out: &VmOutcome) -> Result<(u64, u64, u64)> {
 
 pub(super) fn t_ecc(ctx: &mut Ctx) -> Result<()> {
     // The removal line is pr_info, below the console's log level: dmesg.
-    let script = format!("hmmgpu-faults ecc && dmesg | grep 'hmmgpu0: removed;'{THEN_RESPONSIVE}");
+    // The workload removed the driver: the round after it is the CPU's.
+    let seed = super::vram_seed()?;
+    let script = format!(
+        "hmmgpu-faults ecc && dmesg | grep 'hmmgpu0: removed;'{}",
+        then_responsive(seed, None)
+    );
     let out = ctx.boot_extra(
         faults_boot("fault-ecc", &["sh", "-c", &script]),
         vm::VmExtra {
@@ -87,7 +92,7 @@ pub(super) fn t_ecc(ctx: &mut Ctx) -> Result<()> {
     )?;
     // ECC errors are handled without any recovery; the script rmmods.
     expect_status_with(&out, 0, &Expected::NONE_UNLOADED)?;
-    expect_responsive(&out)?;
+    expect_responsive(&out, seed)?;
     let flips = injected(&out, "ecc_flips")?;
     let posted = injected(&out, "events_posted")?;
     let dropped = injected(&out, "events_dropped")?;

@@ -1,8 +1,9 @@
 //! Fault-injection VM tests (docs/fault-injection.md, "Expected outcomes in
 //! the guest"): each injects faults of the backend's catalogue while the
-//! guest program `hmmgpu-faults` (ci/guest/hmmgpu-faults.c) runs a workload
-//! with checksummed data, and checks the documented outcome. Any kernel
-//! error on the console (oops, WARNING, lockdep, KASAN) fails the boot.
+//! guest program `hmmgpu-faults` (ci/guest/faults/, a file per catalogue
+//! entry) runs a workload with checksummed data, and checks the documented
+//! outcome. Any kernel error on the console (oops, WARNING, lockdep, KASAN)
+//! fails the boot.
 //!
 //! Faults are armed either by a fault plan at backend start (`--fault-plan`,
 //! deterministic) or at a precise point of the guest program: it prints
@@ -14,6 +15,7 @@ use super::{argv, expect_status, Boot, Ctx};
 use crate::build::log;
 use crate::hostfault;
 use crate::inject;
+use crate::pattern;
 use crate::vm::{self, VmOutcome};
 use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
@@ -105,15 +107,53 @@ pub(super) fn guest_counter(out: &VmOutcome, name: &str) -> Result<u64> {
         .with_context(|| format!("bad counter line {line:?}"))
 }
 
-/// Appended to a guest command: a line the guest shell prints only if it
-/// still runs commands after the workload (see [`expect_responsive`]).
-pub(super) const THEN_RESPONSIVE: &str = " && echo guest-responsive: $(cat /proc/uptime)";
+/// Appended to a guest command: after the fault workload, a fresh data
+/// round through `device` (None: the workload removed the driver, so
+/// through a forked child) with the pattern of `seed`
+/// (`hmmgpu-faults responsive`, ci/guest/faults/responsive.c); see
+/// [`expect_responsive`].
+pub(super) fn then_responsive(seed: u64, device: Option<&str>) -> String {
+    match device {
+        Some(dev) => format!(" && hmmgpu-faults -d {dev} responsive --seed {seed}"),
+        None => format!(" && hmmgpu-faults responsive --seed {seed} --no-device"),
+    }
+}
 
-/// Fails unless the guest shell ran the command [`THEN_RESPONSIVE`] adds.
-pub(super) fn expect_responsive(out: &VmOutcome) -> Result<()> {
+/// Fails unless the guest ran [`then_responsive`]'s round for `seed`.
+pub(super) fn expect_responsive(out: &VmOutcome, seed: u64) -> Result<()> {
+    responsive_round_ran(&out.console, seed)
+}
+
+/// FNV-1a (64-bit), ci/guest/pattern.h's fnv1a().
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Whether `console` has `hmmgpu-faults: responsive: seed=SEED bytes=B
+/// fnv1a=H` with H the checksum of the pattern: a line only a guest that
+/// ran the round can print (init's echo of the command has the seed, not
+/// the checksum).
+fn responsive_round_ran(console: &[String], seed: u64) -> Result<()> {
+    let key = format!("hmmgpu-faults: responsive: seed={seed} ");
+    let line = console.iter().find(|l| l.contains(&key)).with_context(|| {
+        format!("the guest printed no '{key}...' line: it did not run its post-fault round")
+    })?;
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .with_context(|| format!("no {name} in {line:?}"))
+    };
+    let bytes: usize = field("bytes=")?
+        .parse()
+        .with_context(|| format!("bad bytes= in {line:?}"))?;
+    let got = u64::from_str_radix(field("fnv1a=")?, 16)
+        .with_context(|| format!("bad fnv1a= in {line:?}"))?;
+    let want = fnv1a(&pattern::pattern(seed, bytes));
     ensure!(
-        out.console.iter().any(|l| l.contains("guest-responsive:")),
-        "the guest shell did not run its next command"
+        got == want,
+        "the guest's post-fault round read back data with FNV-1a {got:016x}, want {want:016x} (the pattern of seed {seed})"
     );
     Ok(())
 }
@@ -236,7 +276,11 @@ pub(super) fn t_storm(ctx: &mut Ctx) -> Result<()> {
         ]
     });
     std::fs::write(&plan, json.to_string())?;
-    let script = format!("hmmgpu-faults storm --size 1M{THEN_RESPONSIVE}");
+    let seed = super::vram_seed()?;
+    let script = format!(
+        "hmmgpu-faults storm --size 1M{}",
+        then_responsive(seed, Some("/dev/hmm_dmirror0"))
+    );
     let out = ctx.boot_extra(
         faults_boot("fault-storm", &["sh", "-c", &script]),
         vm::VmExtra {
@@ -245,7 +289,7 @@ pub(super) fn t_storm(ctx: &mut Ctx) -> Result<()> {
         },
     )?;
     expect_status(&out, 0)?;
-    expect_responsive(&out)?;
+    expect_responsive(&out, seed)?;
     let posted = injected(&out, "events_posted")?;
     let dropped = injected(&out, "events_dropped")?;
     let received = guest_counter(&out, "driver_fault_events")?;
@@ -371,6 +415,34 @@ mod tests {
         assert!(parse_request("HMMGPU-INJECT-REQUEST gpu=0 {broken")
             .unwrap()
             .is_err());
+    }
+
+    #[test]
+    fn responsive_line() {
+        // Printed by `hmmgpu-faults responsive --seed 5 --no-device`.
+        let ran = |lines: &[&str]| {
+            let console: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+            responsive_round_ran(&console, 5)
+        };
+        let echo = "hmmgpu-init: running: hmmgpu-faults ecc && hmmgpu-faults responsive --seed 5 --no-device";
+        assert!(ran(&[
+            echo,
+            "hmmgpu-faults: responsive: seed=5 bytes=1048576 fnv1a=b24df35af927c496 (read back by a forked child)"
+        ])
+        .is_ok());
+        // The command's echo alone, a wrong checksum, another seed: no.
+        assert!(ran(&[echo]).is_err());
+        assert!(
+            ran(&["hmmgpu-faults: responsive: seed=5 bytes=1048576 fnv1a=b24df35af927c497"])
+                .is_err()
+        );
+        assert!(
+            ran(&["hmmgpu-faults: responsive: seed=6 bytes=1048576 fnv1a=b24df35af927c496"])
+                .is_err()
+        );
+        assert!(
+            ran(&["hmmgpu-faults: responsive: seed=5 bytes=4096 fnv1a=b24df35af927c496"]).is_err()
+        );
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! VM tests for losing the device (docs/fault-injection.md, "Host-side
 //! faults"): the backend killed mid-run (catalogue entry 9, surprise loss)
-//! and the VRAM BAR's link going down (entry 4). The guest side is
-//! `hmmgpu-faults loss kill|link` (ci/guest/hmmgpu-faults.c), which asks for
-//! the fault through the console (see tests/faults.rs) and checks the
-//! outcomes in the guest; here the host checks the driver said why.
+//! and the VRAM BAR's link going down (entry 4), and a machine check on a
+//! device-coherent page (entry 10). The guest side is `hmmgpu-faults loss
+//! kill|link` (ci/guest/faults/loss.c) and `hmmgpu-faults mce`
+//! (ci/guest/faults/mce.c), which ask for the fault through the console
+//! (see tests/faults.rs) and check the outcomes in the guest; here the host
+//! checks the driver said why.
 
 use super::faults::{console_has, faults_boot, inject_hook};
 use super::recovery::Expected;

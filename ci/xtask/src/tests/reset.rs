@@ -3,9 +3,10 @@
 //! polling and by resetting the device (catalogue entry 5), and a PCI reset
 //! announced to the driver through virtio's reset_prepare/reset_done
 //! (entry 7). The guest side is `hmmgpu-faults irq` and `hmmgpu-faults
-//! reset flr` (ci/guest/hmmgpu-faults.c), which ask for the faults through
-//! the console (see tests/faults.rs) and check the outcomes in the guest;
-//! here the host checks what the backend injected and what the driver said.
+//! reset flr|aer` (ci/guest/faults/irq.c, reset.c), which ask for the
+//! faults through the console (see tests/faults.rs) and check the outcomes
+//! in the guest; here the host checks what the backend injected and what
+//! the driver said.
 
 use super::faults::{console_has, faults_boot, guest_counter, inject_hook, injected};
 use super::recovery::Expected;

@@ -1,5 +1,5 @@
 //! VM test of an orderly hot-unplug (docs/fault-injection.md, catalogue
-//! entry 8): `hmmgpu-faults unplug` (ci/guest/hmmgpu-faults.c) puts data in
+//! entry 8): `hmmgpu-faults unplug` (ci/guest/faults/unplug.c) puts data in
 //! both kinds of VRAM, asks for `unplug` (QMP device_del, src/hostfault.rs)
 //! through the console, checks in the guest that everything was evicted to
 //! system RAM and is intact in the process and a forked child, asks for
@@ -8,7 +8,7 @@
 //! process serving both sessions, the re-plugged device's data in the VRAM
 //! file it was given at boot, and a guest that still runs commands.
 
-use super::faults::{expect_responsive, faults_boot, inject_hook, THEN_RESPONSIVE};
+use super::faults::{expect_responsive, faults_boot, inject_hook, then_responsive};
 use super::{expect_status, vram_holds_pattern, vram_seed, Ctx};
 use crate::build::log;
 use crate::cli::Arch;
@@ -54,7 +54,13 @@ pub(super) fn t_hot_unplug(ctx: &mut Ctx) -> Result<()> {
          unplug request needs userspace drmgr (powerpc-utils), which the initramfs lacks"
     );
     let seed = vram_seed()?;
-    let script = format!("hmmgpu-faults unplug --vram-seed {seed}{THEN_RESPONSIVE}");
+    // The round after it through the coherent device: a device-private one
+    // could overwrite the pattern the workload leaves in private VRAM.
+    let round_seed = vram_seed()?;
+    let script = format!(
+        "hmmgpu-faults unplug --vram-seed {seed}{}",
+        then_responsive(round_seed, Some("/dev/hmm_dmirror2"))
+    );
     let out = ctx.boot_extra(
         faults_boot("fault-hot-unplug", &["sh", "-c", &script]),
         vm::VmExtra {
@@ -63,7 +69,7 @@ pub(super) fn t_hot_unplug(ctx: &mut Ctx) -> Result<()> {
         },
     )?;
     expect_status(&out, 0)?;
-    expect_responsive(&out)?;
+    expect_responsive(&out, round_seed)?;
     let evicted = evicted_pages(&out)?;
     ensure!(
         evicted == WORKLOAD_VRAM_PAGES,
