@@ -347,31 +347,83 @@ pub struct FileCoverage {
     pub functions_hit: u64,
 }
 
-/// The per-file totals of an lcov tracefile (SF/LF/LH/FNF/FNH records).
+/// The per-file totals of an lcov tracefile. A merged tracefile keeps one
+/// record per file and test name (each boot is a test name), so a file's
+/// lines are the union of its records' DA lines, hit when any boot ran them,
+/// and its functions the union of FN names, hit when any FNDA counted one
+/// (summing the records' LF and LH would count a file once per boot).
 pub fn parse_tracefile(text: &str) -> BTreeMap<String, FileCoverage> {
-    let mut files: BTreeMap<String, FileCoverage> = BTreeMap::new();
+    #[derive(Default)]
+    struct Seen {
+        lines: BTreeMap<u64, bool>,
+        functions: BTreeMap<String, bool>,
+    }
+    let mut files: BTreeMap<String, Seen> = BTreeMap::new();
     let mut current: Option<String> = None;
     for line in text.lines() {
         let (key, value) = line.split_once(':').unwrap_or((line, ""));
-        let n = || value.trim().parse::<u64>().unwrap_or(0);
+        if key == "SF" {
+            current = Some(value.to_string());
+            files.entry(value.to_string()).or_default();
+            continue;
+        }
+        if key == "end_of_record" {
+            current = None;
+            continue;
+        }
+        let Some(seen) = current.as_ref().and_then(|f| files.get_mut(f)) else {
+            continue;
+        };
+        let mut fields = value.split(',');
         match key {
-            "SF" => current = Some(value.to_string()),
-            "end_of_record" => current = None,
-            "LF" | "LH" | "FNF" | "FNH" => {
-                if let Some(f) = &current {
-                    let e = files.entry(f.clone()).or_default();
-                    match key {
-                        "LF" => e.lines_found += n(),
-                        "LH" => e.lines_hit += n(),
-                        "FNF" => e.functions_found += n(),
-                        _ => e.functions_hit += n(),
-                    }
+            // DA:<line>,<count>[,<checksum>]
+            "DA" => {
+                let number = fields.next().and_then(|n| n.trim().parse::<u64>().ok());
+                let count = fields.next().and_then(|c| c.trim().parse::<u64>().ok());
+                if let (Some(n), Some(c)) = (number, count) {
+                    *seen.lines.entry(n).or_default() |= c > 0;
+                }
+            }
+            // FN:<line>,<name>
+            "FN" => {
+                if let Some(name) = fields.nth(1) {
+                    seen.functions.entry(name.to_string()).or_default();
+                }
+            }
+            // FNDA:<count>,<name>
+            "FNDA" => {
+                let count = fields.next().and_then(|c| c.trim().parse::<u64>().ok());
+                if let (Some(c), Some(name)) = (count, fields.next()) {
+                    *seen.functions.entry(name.to_string()).or_default() |= c > 0;
                 }
             }
             _ => {}
         }
     }
     files
+        .into_iter()
+        .map(|(path, seen)| {
+            let count = |hit: &mut dyn Iterator<Item = bool>| {
+                let (mut found, mut hits) = (0, 0);
+                for h in hit {
+                    found += 1;
+                    hits += u64::from(h);
+                }
+                (found, hits)
+            };
+            let (lines_found, lines_hit) = count(&mut seen.lines.values().copied());
+            let (functions_found, functions_hit) = count(&mut seen.functions.values().copied());
+            (
+                path,
+                FileCoverage {
+                    lines_found,
+                    lines_hit,
+                    functions_found,
+                    functions_hit,
+                },
+            )
+        })
+        .collect()
 }
 
 fn percent(hit: u64, found: u64) -> String {
@@ -651,13 +703,40 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// An lcov record of `lines` (line, count) and `functions` (name, count).
+    fn record(test: &str, file: &str, lines: &[(u64, u64)], functions: &[(&str, u64)]) -> String {
+        let mut r = format!("TN:{test}\nSF:{file}\n");
+        for (i, (name, _)) in functions.iter().enumerate() {
+            r += &format!("FN:{},{name}\n", i + 1);
+        }
+        for (name, count) in functions {
+            r += &format!("FNDA:{count},{name}\n");
+        }
+        let hit = functions.iter().filter(|f| f.1 > 0).count();
+        r += &format!("FNF:{}\nFNH:{hit}\n", functions.len());
+        for (line, count) in lines {
+            r += &format!("DA:{line},{count}\n");
+        }
+        let hit = lines.iter().filter(|l| l.1 > 0).count();
+        r += &format!("LF:{}\nLH:{hit}\nend_of_record\n", lines.len());
+        r
+    }
+
     #[test]
     fn tracefiles_are_summed_per_file() {
-        let info = "TN:demo\nSF:/src/mm/hmm.c\nFNF:10\nFNH:4\nLF:100\nLH:40\nend_of_record\n\
-                    SF:/src/include/linux/mm.h\nLF:5\nLH:5\nend_of_record\n\
-                    SF:/build/driver-x/guest-driver/shim.c\nLF:50\nLH:25\nFNF:4\nFNH:2\nend_of_record\n";
-        let files = parse_tracefile(info);
+        let hmm: Vec<(u64, u64)> = (1..=100).map(|l| (l, u64::from(l <= 40))).collect();
+        let shim: Vec<(u64, u64)> = (1..=50).map(|l| (l, u64::from(l > 25))).collect();
+        let info = record("demo", "/src/mm/hmm.c", &hmm, &[("a", 1), ("b", 0)])
+            + &record("demo", "/src/include/linux/mm.h", &[(1, 3), (2, 3)], &[])
+            + &record(
+                "demo",
+                "/build/driver-x/guest-driver/shim.c",
+                &shim,
+                &[("probe", 2)],
+            );
+        let files = parse_tracefile(&info);
         assert_eq!(files["/src/mm/hmm.c"].lines_hit, 40);
+        assert_eq!(files["/src/mm/hmm.c"].functions_hit, 1);
         let t = table(&files, &[PathBuf::from("/src")]);
         assert!(t.contains("mm/hmm.c"), "{t}");
         assert!(t.contains("40 / 100"), "{t}");
@@ -666,6 +745,33 @@ mod tests {
         assert!(t.contains("65 / 150"), "total of the .c files: {t}");
         assert!(t.contains("1 headers (inlines)"), "{t}");
         assert!(t.contains("mm/migrate.c") && t.contains("no data"), "{t}");
+    }
+
+    #[test]
+    fn boots_merge_as_a_union_of_lines() {
+        // Two boots (lcov --add-tracefile keeps one record per test name):
+        // lines 1-3 in both, each boot runs line 1, only the second line 2.
+        let info = record(
+            "demo",
+            "/src/mm/hmm.c",
+            &[(1, 5), (2, 0), (3, 0)],
+            &[("f", 1), ("g", 0)],
+        ) + &record(
+            "hmm_tests",
+            "/src/mm/hmm.c",
+            &[(1, 7), (2, 2), (3, 0)],
+            &[("f", 0), ("g", 4)],
+        );
+        let c = &parse_tracefile(&info)["/src/mm/hmm.c"];
+        assert_eq!(
+            (
+                c.lines_hit,
+                c.lines_found,
+                c.functions_hit,
+                c.functions_found
+            ),
+            (2, 3, 2, 2)
+        );
     }
 
     #[test]
