@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the host packages hmmgpu needs on Debian 12 (bookworm): the kernel
 # and QEMU build toolchains, Debian's rust-src (the rustup toolchain here has
-# no rust-src component), bindgen-cli, busybox for the initramfs, Debian's
+# no rust-src component), bindgen-cli, busybox for the initramfs, lcov (cargo
+# xtask coverage), Debian's
 # linux-source-7.3 (the guest kernel) and linux-source-7.2 (the own-kernel
 # test's tree), and for PowerPC: cross gcc (ppc64le guest programs; the
 # backend's tests for powerpc64le and big-endian powerpc64), qemu-user to run
@@ -40,7 +41,7 @@ log() { echo "[setup-host] $*" >&2; }
 BUILD_PACKAGES=(build-essential flex bison bc libelf-dev libssl-dev cpio kmod xz-utils
                 libclang-19-dev llvm-19 clang-19 lld-19 dpkg-dev busybox-static
                 libglib2.0-dev libpixman-1-dev libfdt-dev zlib1g-dev ninja-build pkg-config
-                python3-venv rsync socat)
+                python3-venv rsync socat lcov)
 # From bookworm-backports, at least these versions (bookworm's are too old:
 # QEMU 10.0 wants meson >= 1.5; the backend's PowerPC tests want qemu-user 10).
 BACKPORTS=("meson 1.5" "qemu-user 1:10.0")

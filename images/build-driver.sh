@@ -24,6 +24,12 @@ else
     [[ -e "$KDIR/source" ]] && SRCTREE="$KDIR/source"
 fi
 export LIBCLANG_PATH=/usr/lib/llvm-19/lib
+# On a gcov kernel the driver's C is profiled too (cargo xtask coverage);
+# its Rust cannot be (gcov instruments C only).
+# GCOV_PROFILE applies to every object of the module's own directory.
+if grep -qx 'CONFIG_GCOV_KERNEL=y' "$BUILD/.config" 2>/dev/null; then
+    MAKE_VARS+=(GCOV_PROFILE=y)
+fi
 
 # Build in a copy so the source tree stays clean and parallel builds for
 # several kernels, or from several checkouts, do not collide (the .ko is used

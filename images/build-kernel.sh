@@ -8,7 +8,7 @@
 # (LLVM=, ARCH=) and test_hmm.ko all come from the tree itself. $KDIR/logs
 # holds the build log.
 #
-#   build-kernel.sh [--arch x86_64|ppc64le] [--flavour release|debug]
+#   build-kernel.sh [--arch x86_64|ppc64le] [--flavour release|debug|gcov]
 #                   [--release 7.3|7.2] [--plain] [--print-dir]
 #
 # --release picks Debian's linux-source package (default 7.3). --plain builds
@@ -21,7 +21,7 @@ set -euo pipefail
 LOG_TAG=kernel
 source "$(dirname "$0")/lib.sh"
 
-usage="usage: build-kernel.sh [--arch x86_64|ppc64le] [--flavour release|debug] [--release 7.3|7.2] [--plain] [--print-dir]"
+usage="usage: build-kernel.sh [--arch x86_64|ppc64le] [--flavour release|debug|gcov] [--release 7.3|7.2] [--plain] [--print-dir]"
 ARCH_NAME=x86_64 FLAVOUR=release RELEASE=7.3 PLAIN=0 PRINT_DIR=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -38,7 +38,7 @@ while [[ $# -gt 0 ]]; do
         *) die "unknown argument '$1' ($usage)" ;;
     esac
 done
-case "$FLAVOUR" in release|debug) ;; *) die "--flavour must be release or debug, not '$FLAVOUR'" ;; esac
+case "$FLAVOUR" in release|debug|gcov) ;; *) die "--flavour must be release, debug or gcov, not '$FLAVOUR'" ;; esac
 
 # The Debian source packages (ci/setup-host.sh installs these versions).
 case "$RELEASE" in
@@ -65,6 +65,15 @@ if [[ "$FLAVOUR" == debug ]]; then
     fragments+=("$IMAGES_DIR/config/debug.config")
     # Rust with KASAN requires a clang-built kernel.
     [[ " ${MAKE_VARS[*]} " == *" LLVM="* ]] || MAKE_VARS+=(LLVM=-19)
+fi
+if [[ "$FLAVOUR" == gcov ]]; then
+    fragments+=("$IMAGES_DIR/config/gcov.config")
+    # The files cargo xtask coverage reports, profiled one by one (the whole
+    # kernel, GCOV_PROFILE_ALL, would slow every TCG boot down): Makefile.lib
+    # reads GCOV_PROFILE_<stem>.o, and no other object of this config has
+    # these stems.
+    MAKE_VARS+=(GCOV_PROFILE_hmm.o=y GCOV_PROFILE_migrate_device.o=y
+                GCOV_PROFILE_memremap.o=y GCOV_PROFILE_migrate.o=y)
 fi
 
 # Checks that every CONFIG_ line of the fragments landed in the .config as

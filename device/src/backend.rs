@@ -48,6 +48,7 @@ use crate::engine::{
     MAX_COMMAND_LEN,
 };
 use crate::faults::FaultInjector;
+use crate::trace::{self, Record, Tracer};
 
 /// Virtio feature bits the device offers.
 pub const DEVICE_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
@@ -165,6 +166,7 @@ impl HmmGpuBackend {
         let mut events = EventQueue {
             vring: vrings.get(usize::from(QUEUE_EVENT)),
             mem: mem.clone(),
+            tracer: self.engine.tracer().cloned(),
         };
         let mut budget = Budget::per_call();
         let mut run = QueueRun::default();
@@ -230,7 +232,15 @@ impl HmmGpuBackend {
                 .needs_notification()
                 .map_err(|e| queue_error("command queue: reading used_event", e))?
         {
-            signal(vring, self.engine.faults().interrupt())?;
+            let action = self.engine.faults().interrupt();
+            if let Some(tracer) = self.engine.tracer() {
+                tracer.record(Record::Interrupt {
+                    ts: trace::now(),
+                    queue: QUEUE_COMMAND,
+                    action,
+                });
+            }
+            signal(vring, action)?;
         }
         Ok(run)
     }
@@ -240,6 +250,7 @@ impl HmmGpuBackend {
         let mut events = EventQueue {
             vring: vrings.get(usize::from(QUEUE_EVENT)),
             mem: self.mem.memory(),
+            tracer: self.engine.tracer().cloned(),
         };
         self.engine.post_injected(&mut events);
     }
@@ -267,6 +278,9 @@ impl HmmGpuBackend {
             Err(e) => Some(format!("bad writable part ({e})")),
         };
         if let Some(why) = dropped {
+            if let Some(tracer) = self.engine.tracer() {
+                tracer.device("chain dropped", format!("chain {head}: {why}"));
+            }
             self.engine.stats().count_failed();
             self.engine
                 .stats()
@@ -288,6 +302,9 @@ impl HmmGpuBackend {
                 }
             }
             Err(e) => {
+                if let Some(tracer) = self.engine.tracer() {
+                    tracer.device("unreadable command", format!("chain {head}: {e}"));
+                }
                 self.engine.stats().count_failed();
                 self.engine
                     .stats()
@@ -415,6 +432,8 @@ fn write_response(chain: &Chain, response: Response) -> u32 {
 struct EventQueue<'a> {
     vring: Option<&'a VringRwLock>,
     mem: GuestMemoryLoadGuard<GuestRam>,
+    /// The device timeline, when recorded (its interrupts).
+    tracer: Option<Arc<Tracer>>,
 }
 
 impl EventSink for EventQueue<'_> {
@@ -449,6 +468,13 @@ impl EventSink for EventQueue<'_> {
             }
             match vring.needs_notification() {
                 Ok(true) => {
+                    if let Some(tracer) = &self.tracer {
+                        tracer.record(Record::Interrupt {
+                            ts: trace::now(),
+                            queue: QUEUE_EVENT,
+                            action: InterruptAction::Signal,
+                        });
+                    }
                     if let Err(e) = vring.signal_used_queue() {
                         error!("event queue: signalling: {e}");
                     }
@@ -550,6 +576,12 @@ impl VhostUserBackendMut for HmmGpuBackend {
         let forgotten = self.engine.forget_parked();
         self.parked.clear();
         self.current = None;
+        if let Some(tracer) = self.engine.tracer() {
+            tracer.device(
+                "command queue stopped",
+                format!("{forgotten} parked or suspended command(s) forgotten"),
+            );
+        }
         if forgotten > 0 {
             info!("command queue stopped: {forgotten} parked command(s) forgotten");
         }
@@ -557,6 +589,9 @@ impl VhostUserBackendMut for HmmGpuBackend {
     }
 
     fn reset_device(&mut self) {
+        if let Some(tracer) = self.engine.tracer() {
+            tracer.device("device reset", "RESET_DEVICE from the front end".into());
+        }
         self.event_idx = false;
         self.acked_features = 0;
         // The rings are re-initialized after a reset: parked chains are

@@ -16,6 +16,7 @@ use crate::engine::{Engine, FaultInjector, GuestRam, Stats};
 use crate::plan::{Plan, PlanError};
 use crate::session::Sessions;
 use crate::stats::DeviceStats;
+use crate::trace::Tracer;
 use crate::vram::{Vram, VramError};
 
 /// hmmgpu vhost-user device backend: serves one VM's virtual GPU (its
@@ -51,6 +52,11 @@ pub struct Args {
     /// Also write the fault log (`fault #N: ...` lines) to this file.
     #[arg(long, value_name = "FILE")]
     pub fault_log: Option<PathBuf>,
+    /// Record the device timeline into this file: a Chrome trace-event JSON
+    /// file (ui.perfetto.dev, chrome://tracing), timestamps on
+    /// CLOCK_MONOTONIC.
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
     /// Log level: off, error, warn, info, debug or trace (default: RUST_LOG,
     /// else info).
     #[arg(long, value_name = "LEVEL")]
@@ -191,6 +197,9 @@ pub enum RunError {
         /// The daemon's error (which is no `std::error::Error`).
         error: DaemonError,
     },
+    /// The device timeline.
+    #[error(transparent)]
+    Trace(#[from] crate::trace::TraceError),
     /// Wiring the fault injector into the queue worker.
     #[error("registering the fault injector with the queue worker: {0}")]
     FaultWakeup(std::io::Error),
@@ -211,6 +220,7 @@ struct Device {
     vram: Arc<Vram>,
     stats: Arc<Stats>,
     faults: Arc<FaultInjector>,
+    tracer: Option<Arc<Tracer>>,
 }
 
 /// Serves one front end from `listener` until it hangs up.
@@ -224,11 +234,14 @@ fn serve_session(
     // (no contexts, no parked commands, rings set up anew, and the protocol's
     // per-connection state such as SET_OWNER starts over); the VRAM, the
     // counters and the armed faults carry over.
-    let engine = Engine::new(
+    let mut engine = Engine::new(
         device.vram.clone(),
         device.stats.clone(),
         device.faults.clone(),
     );
+    if let Some(tracer) = &device.tracer {
+        engine.set_tracer(tracer.clone());
+    }
     let backend = HmmGpuBackend::new(engine);
     let resume = backend.resume_fd();
     let backend = Arc::new(RwLock::new(backend));
@@ -249,9 +262,18 @@ fn serve_session(
         error,
     })?;
     sessions.begin();
+    if let Some(tracer) = &device.tracer {
+        tracer.device(
+            "session",
+            format!("front end {} connected", sessions.started()),
+        );
+    }
     let served = daemon.wait();
     // Dropping the daemon stops its queue worker (and waits for it).
     drop(daemon);
+    if let Some(tracer) = &device.tracer {
+        tracer.device("session end", "front end disconnected".into());
+    }
     match served {
         // A front end that goes away is the normal end of a session
         // (VhostUserDaemon::serve treats these the same).
@@ -291,6 +313,15 @@ pub fn run(args: &Args) -> Result<DeviceStats, RunError> {
         );
         faults.load_plan(plan)?;
     }
+    let tracer = match &args.trace {
+        Some(path) => {
+            let tracer = Tracer::create(path)?;
+            faults.trace_to(tracer.clone());
+            info!("recording the device timeline into {}", path.display());
+            Some(tracer)
+        }
+        None => None,
+    };
     let sessions = Arc::new(Sessions::default());
     let _control = match &args.control {
         Some(path) => {
@@ -307,6 +338,7 @@ pub fn run(args: &Args) -> Result<DeviceStats, RunError> {
         vram,
         stats,
         faults,
+        tracer,
     };
     // Bound once for all sessions: a device re-plugged while the previous
     // session is still winding down is queued, never refused.
@@ -335,7 +367,18 @@ pub fn run(args: &Args) -> Result<DeviceStats, RunError> {
             args.socket.display()
         );
     }
-    Ok(final_stats(&device.stats, &device.faults, &sessions))
+    let mut stats = final_stats(&device.stats, &device.faults, &sessions);
+    if let Some(tracer) = &device.tracer {
+        let trace = tracer.finish();
+        info!(
+            "device timeline {}: {} records written, {} dropped",
+            tracer.path().display(),
+            trace.written,
+            trace.dropped
+        );
+        stats.trace = Some(trace);
+    }
+    Ok(stats)
 }
 
 /// `hmmgpu-device inject|ctl ...`: talks to a running backend's control

@@ -43,6 +43,7 @@ use vm_memory::{
 };
 
 use crate::mmu::{self, Mmu};
+use crate::trace::{self, CommandRecord, Moved, Outcome, Record, Tracer, Unpark};
 use crate::vram::Vram;
 
 /// Guest RAM as the vhost-user daemon maps it (no dirty-page bitmap).
@@ -654,6 +655,21 @@ pub struct Engine {
     suspended: Option<Suspended>,
     /// Sequence number of the last event reported.
     last_seq: u64,
+    /// The device timeline, when one is recorded ([`Engine::set_tracer`]).
+    tracer: Option<Arc<Tracer>>,
+    /// The command under way as the timeline will show it (at most one:
+    /// commands run in order).
+    traced: Option<CommandTrace>,
+}
+
+/// What the timeline records of the command under way.
+struct CommandTrace {
+    start: u64,
+    request: Box<[u8]>,
+    moved: Moved,
+    slices: u32,
+    /// REPLAY, CANCEL, CTX_DESTROY: the tag of the parked command taken.
+    resumed_tag: Option<u64>,
 }
 
 impl Engine {
@@ -678,7 +694,19 @@ impl Engine {
             parked: HashMap::new(),
             suspended: None,
             last_seq: 0,
+            tracer: None,
+            traced: None,
         }
+    }
+
+    /// Records the device timeline into `tracer` from now on.
+    pub fn set_tracer(&mut self, tracer: Arc<Tracer>) {
+        self.tracer = Some(tracer);
+    }
+
+    /// The timeline's recorder, when one is recorded.
+    pub fn tracer(&self) -> Option<&Arc<Tracer>> {
+        self.tracer.as_ref()
     }
 
     /// The VRAM.
@@ -715,6 +743,7 @@ impl Engine {
     /// suspended one (whose chains the caller forgets too; they are never
     /// completed).
     pub fn reset(&mut self) {
+        self.trace_forgotten();
         self.mmu.clear();
         self.parked.clear();
         self.suspended = None;
@@ -727,6 +756,7 @@ impl Engine {
     /// of their context finds nothing parked). Contexts and their mappings
     /// stay. Returns how many were forgotten.
     pub fn forget_parked(&mut self) -> usize {
+        self.trace_forgotten();
         let n = self.parked.len() + usize::from(self.suspended.is_some());
         self.parked.clear();
         self.suspended = None;
@@ -746,11 +776,19 @@ impl Engine {
             // After the first failure the queue has no buffer left: the
             // rest are dropped without trying.
             event.seq = self.last_seq + 1;
-            if dropped == 0 && events.post(&event) {
+            let was_posted = dropped == 0 && events.post(&event);
+            if was_posted {
                 self.last_seq += 1;
                 posted += 1;
             } else {
                 dropped += 1;
+            }
+            if let Some(tracer) = &self.tracer {
+                tracer.record(Record::InjectedEvent {
+                    ts: trace::now(),
+                    event,
+                    posted: was_posted,
+                });
             }
         }
         if dropped > 0 {
@@ -821,6 +859,15 @@ impl Engine {
         let tag = header.map_or(0, |header| header.tag);
         let op = header.and_then(|header| Opcode::try_from(header.opcode).ok());
         self.faults.before_command(op);
+        if self.tracer.is_some() {
+            self.traced = Some(CommandTrace {
+                start: trace::now(),
+                request: request.get(..MAX_COMMAND_LEN).unwrap_or(request).into(),
+                moved: Moved::default(),
+                slices: 1,
+                resumed_tag: None,
+            });
+        }
         budget.spend(Budget::STEP_COST);
         let started = std::time::Instant::now();
         let bytes_before = self.bytes_moved();
@@ -857,6 +904,9 @@ impl Engine {
         else {
             return Step::Done(Executed::default());
         };
+        if let Some(traced) = &mut self.traced {
+            traced.slices += 1;
+        }
         let step = self.run(mem, job, replay, op, events, budget);
         self.end_slice(step, op, bytes_before, started, events);
         step
@@ -882,9 +932,78 @@ impl Engine {
             _ => {
                 let moved = self.bytes_moved().wrapping_sub(bytes_before);
                 self.faults.after_command(op, moved, started.elapsed());
+                if let Step::Done(executed) = step {
+                    self.trace_command(executed);
+                }
             }
         }
         self.post_injected(events);
+    }
+
+    /// Records the command that just ended (completed or parked).
+    fn trace_command(&mut self, executed: Executed) {
+        let (Some(tracer), Some(traced)) = (&self.tracer, self.traced.take()) else {
+            return;
+        };
+        let outcome = executed
+            .response
+            .map_or(Outcome::Parked, Outcome::Completed);
+        tracer.record(Record::Command(Box::new(CommandRecord {
+            start: traced.start,
+            end: trace::now(),
+            request: traced.request,
+            outcome,
+            moved: traced.moved,
+            slices: traced.slices,
+            resumed: traced
+                .resumed_tag
+                .map(|tag| (tag, executed.resumed.map(|c| c.response))),
+        })));
+    }
+
+    /// Records the parked commands and the suspended one that a reset or a
+    /// queue stop is about to drop.
+    fn trace_forgotten(&mut self) {
+        let Some(tracer) = &self.tracer else {
+            return;
+        };
+        let ts = trace::now();
+        for (ctx, job) in &self.parked {
+            tracer.record(Record::Unparked {
+                ts,
+                ctx: ctx.get(),
+                tag: job.tag,
+                how: Unpark::Forgotten,
+            });
+        }
+        if let Some(traced) = self.traced.take() {
+            tracer.record(Record::Command(Box::new(CommandRecord {
+                start: traced.start,
+                end: ts,
+                request: traced.request,
+                outcome: Outcome::Forgotten,
+                moved: traced.moved,
+                slices: traced.slices,
+                resumed: None,
+            })));
+        }
+    }
+
+    /// Records that the parked command `job` of `ctx` was taken by the
+    /// command under way (`how`).
+    fn trace_unpark(&mut self, ctx: ContextId, job: &Job, how: Unpark) {
+        let Some(tracer) = &self.tracer else {
+            return;
+        };
+        tracer.record(Record::Unparked {
+            ts: trace::now(),
+            ctx: ctx.get(),
+            tag: job.tag,
+            how,
+        });
+        if let Some(traced) = &mut self.traced {
+            traced.resumed_tag = Some(job.tag);
+        }
     }
 
     /// Counts and logs a completion.
@@ -992,7 +1111,7 @@ impl Engine {
             }
             Command::CtxDestroy(ctx) => {
                 if self.mmu.destroy(ctx) {
-                    let resumed = self.cancel_parked(ctx);
+                    let resumed = self.cancel_parked(ctx, Opcode::CtxDestroy);
                     self.immediate(tag, ok, resumed)
                 } else {
                     self.immediate(tag, bad_context, None)
@@ -1020,12 +1139,13 @@ impl Engine {
             }
             Command::Replay(ctx) => match self.parked.remove(&ctx) {
                 Some(job) => {
+                    self.trace_unpark(ctx, &job, Unpark::Replay);
                     self.stats.add(counter::REPLAYS, 1);
                     self.run(mem, job, Some((token, tag)), op, events, budget)
                 }
                 None => self.immediate(tag, bad_context, None),
             },
-            Command::Cancel(ctx) => match self.cancel_parked(ctx) {
+            Command::Cancel(ctx) => match self.cancel_parked(ctx, Opcode::Cancel) {
                 Some(completion) => self.immediate(tag, ok, Some(completion)),
                 None => self.immediate(tag, bad_context, None),
             },
@@ -1042,8 +1162,9 @@ impl Engine {
     }
 
     /// Completes the parked command of `ctx`, if any, with FAULT.
-    fn cancel_parked(&mut self, ctx: ContextId) -> Option<Completion> {
+    fn cancel_parked(&mut self, ctx: ContextId, by: Opcode) -> Option<Completion> {
         let job = self.parked.remove(&ctx)?;
+        self.trace_unpark(ctx, &job, Unpark::Cancel(by));
         let response = Response {
             status: Status::Fault,
             failed_index: job.progress.index,
@@ -1065,6 +1186,7 @@ impl Engine {
         events: &mut dyn EventSink,
         budget: &mut Budget,
     ) -> JobEnd {
+        let before = job.progress;
         let result = match &job.work {
             Work::Physical(ranges) => self
                 .physical(mem, ranges, &mut job.progress, budget)
@@ -1078,6 +1200,11 @@ impl Engine {
                 .map(|()| job.progress.bytes),
         };
         let progress = job.progress;
+        if let Some(traced) = &mut self.traced {
+            traced
+                .moved
+                .add(&moved_between(&job.work, before, progress));
+        }
         let stopped = |status| Response {
             status,
             failed_index: progress.index,
@@ -1102,7 +1229,15 @@ impl Engine {
                     reason,
                     seq: self.last_seq + 1,
                 };
-                if events.post(&event) {
+                let posted = events.post(&event);
+                if let Some(tracer) = &self.tracer {
+                    tracer.record(Record::Fault {
+                        ts: trace::now(),
+                        event,
+                        parked: posted.then_some(job.tag),
+                    });
+                }
+                if posted {
                     self.last_seq += 1;
                     debug!("device fault reported: {event:?}");
                     self.parked.insert(ctx, job);
@@ -1465,6 +1600,40 @@ impl Engine {
         self.stats.add(counter::ATOMICS, 1);
         Ok(old)
     }
+}
+
+/// The bytes a job moved from progress `from` to `to`, by direction, as
+/// the timeline reports them: worked out from its ranges (independently of
+/// the counters, which count each piece as it is copied).
+fn moved_between(work: &Work, from: Progress, to: Progress) -> Moved {
+    let mut moved = Moved::default();
+    match work {
+        Work::Physical(ranges) => {
+            for index in from.index..=to.index {
+                let Some(range) = ranges.get(index as usize) else {
+                    break;
+                };
+                let start = if index == from.index { from.offset } else { 0 };
+                let end = if index == to.index {
+                    to.offset
+                } else {
+                    range.len
+                };
+                let src = (range.op == Op::Copy).then_some(range.src);
+                moved.add_copy(src, range.dst, u64::from(end.saturating_sub(start)));
+            }
+        }
+        Work::Virtual(_, VirtualWork::Transfer { write, .. }) => {
+            let bytes = to.bytes.saturating_sub(from.bytes);
+            if *write {
+                moved.bytes_vwrite += bytes;
+            } else {
+                moved.bytes_vread += bytes;
+            }
+        }
+        Work::Virtual(_, VirtualWork::Atomic(_)) => {}
+    }
+    moved
 }
 
 /// Applies `op` with `operand` to the little-endian u64 in `slice` (8
@@ -2924,5 +3093,112 @@ mod tests {
             Status::BadRequest,
             0,
         );
+    }
+    // -- The device timeline ---------------------------------------------------
+
+    /// The trace events of `path`, checked to be one JSON document.
+    fn trace_events(path: &std::path::Path) -> Vec<serde_json::Value> {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        v["traceEvents"].as_array().unwrap().clone()
+    }
+
+    #[test]
+    fn the_timeline_has_every_command_and_adds_up_to_the_counters() {
+        let mut f = fixture();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trace.json");
+        let tracer = crate::trace::Tracer::create(&path).unwrap();
+        f.engine.set_tracer(tracer.clone());
+        let mut events = Vec::new();
+        // Every copy direction and a fill, in one command.
+        let mixed = [
+            range(RAM0, 0, 0x3000, DST_VRAM),
+            range(0, RAM1, 0x1000, SRC_VRAM),
+            range(0, 0x10_0000, 0x800, RangeFlags::COPY_ALL),
+            range(RAM0, RAM2, 0x200, NONE),
+        ];
+        assert_eq!(
+            f.engine.execute(&f.mem, &command(Opcode::Copy, &mixed)),
+            ok(0x4a00)
+        );
+        assert_eq!(
+            f.engine.execute(&f.mem, &command(Opcode::Fill, &[good()])),
+            ok(4096)
+        );
+        // A copy error half-way: only the first range moved.
+        f.faults.copy_error_next(1);
+        let two = [
+            range(RAM0, 0, 0x1000, DST_VRAM),
+            range(RAM0, 0x1000, 0x1000, DST_VRAM),
+        ];
+        assert_eq!(
+            f.engine.execute(&f.mem, &command(Opcode::Copy, &two)).bytes,
+            0x1000
+        );
+        // A long copy in slices.
+        let long = command(Opcode::Copy, &[range(RAM0, 0, 0x8_0000, DST_VRAM)]);
+        let (executed, calls) = run_in_slices(&mut f, &long, 3, &mut events, 0x1_0000);
+        assert_eq!(executed.response, Some(ok(0x8_0000)));
+        assert!(calls > 4, "{calls}");
+        // A device fault, parked, replayed.
+        exec(&mut f, Opcode::CtxCreate, 5, &[]);
+        let read = [range(VA, RAM2, 0x1000, NONE)];
+        assert_eq!(
+            process(&mut f, Opcode::Vread, 5, &read, 77, &mut events).response,
+            None
+        );
+        exec(&mut f, Opcode::Map, 5, &[range(RAM0, VA, 4096, RW)]);
+        let replayed = process(&mut f, Opcode::Replay, 5, &[], 78, &mut events);
+        assert_eq!(replayed.resumed.map(|c| c.response), Some(ok(0x1000)));
+        // An unknown opcode.
+        assert_eq!(
+            f.engine.execute(&f.mem, &command(0xeeu32, &[])).status,
+            Status::Unsupported
+        );
+        let written = tracer.finish();
+        assert_eq!(written.dropped, 0);
+
+        let all = trace_events(&path);
+        let commands: Vec<&serde_json::Value> = all.iter().filter(|e| e["ph"] == "X").collect();
+        let stats = f.engine.stats().snapshot();
+        // One event per command: the VREAD's ends where it parked, the
+        // REPLAY's says how the VREAD completed.
+        assert_eq!(
+            commands.len() as u64,
+            stats.commands_ok + stats.commands_failed,
+            "{commands:#?}"
+        );
+        for (index, name) in counter::NAMES.iter().enumerate() {
+            if !name.starts_with("bytes_") {
+                continue;
+            }
+            let traced: u64 = commands
+                .iter()
+                .filter_map(|e| e["args"][*name].as_u64())
+                .sum();
+            assert_eq!(traced, stats.values()[index], "{name}");
+        }
+        assert_eq!(stats.bytes_guest_to_vram, 0x3000 + 0x1000 + 0x8_0000);
+        let long_copy = commands
+            .iter()
+            .find(|e| e["args"]["slices"].as_u64().is_some_and(|n| n > 4))
+            .unwrap();
+        assert_eq!(long_copy["args"]["bytes_guest_to_vram"], 0x8_0000);
+        // One after the other on the command track: none overlaps the next.
+        for pair in commands.windows(2) {
+            let end = pair[0]["ts"].as_f64().unwrap() + pair[0]["dur"].as_f64().unwrap();
+            assert!(end <= pair[1]["ts"].as_f64().unwrap(), "{pair:#?}");
+        }
+        let parked = all
+            .iter()
+            .filter(|e| e["cat"] == "parked")
+            .map(|e| e["ph"].as_str().unwrap())
+            .collect::<Vec<_>>();
+        assert_eq!(parked, ["b", "e"]);
+        let replay = commands.iter().find(|e| e["name"] == "REPLAY").unwrap();
+        assert_eq!(replay["args"]["resumed_status"], "ok");
+        assert_eq!(replay["args"]["bytes_vread"], 0x1000);
+        assert!(commands.iter().any(|e| e["name"] == "opcode 0xee"));
     }
 }

@@ -35,6 +35,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::engine::{CopyInfo, FaultHooks, InjectedFault, InterruptAction};
 use crate::mmu::{Mmu, Phys};
 use crate::plan::{Plan, PlanError, PlanState, SplitMix64};
+use crate::trace::{self, Record, Tracer};
 use crate::vram::Vram;
 
 /// Most events one spurious_faults or fault_storm injection may ask for.
@@ -460,6 +461,8 @@ pub struct ActiveFault {
 struct LogSinks {
     file: Option<File>,
     memory: Option<Vec<String>>,
+    /// The device timeline.
+    tracer: Option<Arc<Tracer>>,
 }
 
 /// The mutable state of a [`FaultInjector`].
@@ -548,6 +551,11 @@ impl FaultInjector {
         let file = File::create(path)?;
         self.lock().sinks.file = Some(file);
         Ok(())
+    }
+
+    /// Also puts every fault log line on the device timeline.
+    pub fn trace_to(&self, tracer: Arc<Tracer>) {
+        self.lock().sinks.tracer = Some(tracer);
     }
 
     /// The log lines kept since [`Self::capture_log`].
@@ -743,6 +751,12 @@ impl FaultInjector {
             if let Err(e) = writeln!(file, "{line}").and_then(|()| file.flush()) {
                 warn!("fault log: {e}");
             }
+        }
+        if let Some(tracer) = &state.sinks.tracer {
+            tracer.record(Record::InjectedFault {
+                ts: trace::now(),
+                line: line.clone(),
+            });
         }
         if let Some(lines) = &mut state.sinks.memory {
             lines.push(line);

@@ -16,6 +16,7 @@
 //!   xtask share.
 //! - [`session`]: the front-end sessions (a hot-unplug ends one, a re-plug
 //!   starts the next).
+//! - [`trace`]: the device timeline (`--trace`), a Chrome trace-event file.
 //! - [`cli`]: the command line and the sessions it serves.
 #![forbid(unsafe_code)]
 
@@ -29,6 +30,7 @@ pub mod plan;
 pub mod session;
 pub mod socket;
 pub mod stats;
+pub mod trace;
 pub mod vram;
 
 pub use backend::HmmGpuBackend;

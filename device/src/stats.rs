@@ -30,6 +30,10 @@ pub struct DeviceStats {
     /// `engine::GUEST_WARNINGS_PER_SEC`).
     #[serde(default)]
     pub guest_errors_unlogged: u64,
+    /// The device timeline's records written and dropped (absent without
+    /// `--trace`; final only in the exit line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<crate::trace::TraceStats>,
 }
 
 /// Why a stats line could not be read.
@@ -63,6 +67,7 @@ impl DeviceStats {
             sessions: None,
             guest_errors,
             guest_errors_unlogged,
+            trace: None,
         }
     }
 
@@ -96,6 +101,7 @@ mod tests {
             sessions: Some(2),
             guest_errors: 7,
             guest_errors_unlogged: 1,
+            trace: None,
         };
         let line = stats.exit_line();
         assert!(

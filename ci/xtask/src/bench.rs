@@ -333,6 +333,14 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
     let run_dir = vm::RunDir::create()?;
     let initramfs = art.initramfs(&run_dir.path, &[])?;
     let marks = Rc::new(RefCell::new(host::MarkLog::default()));
+    let mut extra = VmExtra {
+        console_hook: Some(host::mark_hook(Rc::clone(&marks), args.gpus)),
+        ..Default::default()
+    };
+    let traced = args
+        .trace
+        .as_ref()
+        .map(|_| crate::trace::arm(&mut extra, &run_dir.path, args.gpus));
     let cfg = VmConfig {
         arch: args.vm.arch,
         qemu: art.qemu.clone(),
@@ -358,12 +366,12 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
         noload: false,
         echo: Echo::Prefixed("  bench| ".into()),
         run_dir: run_dir.path.clone(),
-        extra: VmExtra {
-            console_hook: Some(host::mark_hook(Rc::clone(&marks), args.gpus)),
-            ..Default::default()
-        },
+        extra,
     };
     let out = vm::run(&cfg)?;
+    if let (Some(dest), Some(armed)) = (&args.trace, &traced) {
+        crate::trace::write(dest, armed, &out, "cargo xtask bench")?;
+    }
     host["loadavg_after"] = json!(loadavg());
     match &out.result {
         VmResult::Exited(0) => {}
@@ -398,6 +406,8 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
             "memory": args.vm.memory,
             "vram": args.vram,
             "flavour": args.vm.flavour.as_str(),
+            // hmmgpu-device --trace: the device timeline was recorded.
+            "device_trace": args.trace.is_some(),
             "guest_kernel": guest_kernel,
             "guest_cpus": guest_cpus,
             // The kernel tree (images/build-kernel.sh's are named by their

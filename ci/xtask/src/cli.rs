@@ -42,6 +42,10 @@ pub enum Command {
     /// with a deadline).
     #[command(hide = true)]
     KvmProbe,
+    /// Runs VM tests on the gcov kernel and reports the lines of mm/hmm.c,
+    /// mm/migrate_device.c, mm/memremap.c, mm/migrate.c and the driver's C
+    /// they executed: a table, an lcov tracefile and an HTML report.
+    Coverage(crate::coverage::CoverageArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -57,6 +61,9 @@ pub enum Flavour {
     Release,
     /// lockdep, DEBUG_VM, KASAN (kernel built with clang).
     Debug,
+    /// Release plus gcov profiling of mm/hmm.c, mm/migrate_device.c,
+    /// mm/memremap.c, mm/migrate.c and the driver's C (cargo xtask coverage).
+    Gcov,
 }
 
 /// The guest architecture (the host's is whatever this runs on: x86_64 or
@@ -101,6 +108,7 @@ impl Flavour {
         match self {
             Flavour::Release => "release",
             Flavour::Debug => "debug",
+            Flavour::Gcov => "gcov",
         }
     }
 }
@@ -160,6 +168,12 @@ pub struct RunArgs {
     /// Put hmmgpu.ko in the initramfs but do not load it (hmmgpu.noload).
     #[arg(long)]
     pub noload: bool,
+    /// Write the device timeline here: a Chrome trace-event JSON file
+    /// (ui.perfetto.dev, chrome://tracing) with every GPU's commands,
+    /// faults, interrupts and resets and the guest's markers, on
+    /// CLOCK_MONOTONIC.
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
     /// An interactive shell on the guest console instead of a command:
     /// stdin and stdout on the terminal, the shell's exit status is the
     /// run's; Ctrl-C goes to the guest, Ctrl-A X ends the VM.
@@ -262,6 +276,10 @@ pub struct BenchArgs {
     /// No VM: print (and --plot) a saved run's JSON instead of running.
     #[arg(long, value_name = "RUN.json")]
     pub from: Option<PathBuf>,
+    /// Record the device timeline while benchmarking (its cost shows with
+    /// --compare against a run without it); written here.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["compare", "from"])]
+    pub trace: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -289,6 +307,13 @@ pub struct TestArgs {
     /// List the VM tests and exit.
     #[arg(long)]
     pub list: bool,
+    /// Write each VM test boot's device timeline into this folder
+    /// (TEST.json, TEST.boot2.json...).
+    #[arg(long, value_name = "DIR")]
+    pub trace: Option<PathBuf>,
+    /// `cargo xtask coverage`: collects each boot's gcov counters.
+    #[arg(skip)]
+    pub coverage: Option<std::rc::Rc<crate::coverage::Collector>>,
     /// Leave out the VM tests matching this name or glob (repeatable).
     #[arg(long, value_name = "PATTERN")]
     pub skip: Vec<String>,

@@ -5,6 +5,7 @@ mod artifacts;
 mod bench;
 mod build;
 mod cli;
+mod coverage;
 mod cross;
 mod doctor;
 mod exit;
@@ -15,7 +16,10 @@ mod pattern;
 mod signals;
 mod splat;
 mod tests;
+mod trace;
 mod vm;
+#[cfg(test)]
+mod workflow;
 
 use anyhow::Result;
 use build::log;
@@ -61,6 +65,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Fuzz(args) => fuzz::run(&args),
         Command::Doctor => doctor::run(),
         Command::KvmProbe => Ok(doctor::kvm::child()),
+        Command::Coverage(args) => coverage::run(&args),
     }
 }
 
@@ -116,6 +121,17 @@ fn run(args: RunArgs) -> Result<i32> {
         (None, true) => Duration::from_secs(100 * 365 * 86400),
         (None, false) => Duration::from_secs(900),
     };
+    let mut extra = vm::VmExtra {
+        artifacts: Some(artifacts_dir.clone()),
+        append: args.append.clone(),
+        qemu_args: args.qemu_arg.clone(),
+        shares,
+        ..Default::default()
+    };
+    let traced = args
+        .trace
+        .as_ref()
+        .map(|_| trace::arm(&mut extra, &run_dir.path, args.gpus));
     let cfg = vm::VmConfig {
         arch: args.vm.arch,
         qemu: art.qemu.clone(),
@@ -138,13 +154,7 @@ fn run(args: RunArgs) -> Result<i32> {
             vm::Echo::Raw
         },
         run_dir: run_dir.path.clone(),
-        extra: vm::VmExtra {
-            artifacts: Some(artifacts_dir.clone()),
-            append: args.append.clone(),
-            qemu_args: args.qemu_arg.clone(),
-            shares,
-            ..Default::default()
-        },
+        extra,
     };
     // Where `cargo xtask inject` finds this run's control sockets.
     inject::record_run(&run_dir.path)?;
@@ -162,6 +172,9 @@ fn run(args: RunArgs) -> Result<i32> {
     log(format!("timing: {}", out.timings));
     for s in &out.stats {
         log(format!("gpu{} stats ({:?}): {}", s.gpu, s.source, s.raw));
+    }
+    if let (Some(dest), Some(armed)) = (&args.trace, &traced) {
+        trace::write(dest, armed, &out, &vm::shell_join(&cfg.cmd))?;
     }
     let passed = match &out.result {
         vm::VmResult::Exited(n) => {

@@ -77,6 +77,12 @@ struct Ctx {
     /// For tests that always run on another flavour or architecture, built
     /// on first use.
     stacks: Vec<((Arch, Flavour), Result<Stack, String>)>,
+    /// `--trace DIR`: each boot's device timeline goes there.
+    trace_dir: Option<PathBuf>,
+    /// Boots per test so far (a test's second boot is TEST.boot2.json).
+    trace_boots: std::cell::RefCell<std::collections::BTreeMap<String, u32>>,
+    /// `cargo xtask coverage`: every boot dumps its gcov counters.
+    coverage: Option<std::rc::Rc<crate::coverage::Collector>>,
     /// When set, every boot runs on this build (a test's `-debug` variant).
     on: Option<Stack>,
     /// This run's artifacts folder, target/xtask/runs/<time>.
@@ -132,6 +138,11 @@ impl Ctx {
     /// The build of `arch` and `flavour` (built the first time it is asked
     /// for; a failed build fails every test that asks for it).
     fn stack(&mut self, arch: Arch, flavour: Flavour) -> Result<Stack> {
+        // Coverage runs every x86_64 boot on the gcov kernel.
+        let flavour = match (&self.coverage, arch) {
+            (Some(_), Arch::X86_64) => Flavour::Gcov,
+            _ => flavour,
+        };
         let key = (arch, flavour);
         if !self.stacks.iter().any(|(k, _)| *k == key) {
             let built = (|| {
@@ -230,14 +241,33 @@ impl Ctx {
             (_, None) => Some(need("hmmgpu-device", &self.device)?.clone()),
         };
         let run_dir = vm::RunDir::create()?;
+        let (cmd, mut adds) = match &self.coverage {
+            Some(c) => (c.wrap(&b.cmd), vec![c.dump_script().to_path_buf()]),
+            None => (b.cmd.clone(), Vec::new()),
+        };
+        adds.extend(extra.adds.iter().cloned());
         let initramfs = build::initramfs(
             kernel,
             &run_dir.path.join("initramfs.cpio.gz"),
             &modules,
             programs,
-            &extra.adds,
+            &adds,
         )?;
         let vram_size = extra.vram_size.unwrap_or(VRAM_SIZE);
+        // --trace DIR, unless the test records the timeline itself.
+        let traced = match &self.trace_dir {
+            Some(dir) if !extra.backend_args.iter().flatten().any(|a| a == "--trace") => {
+                let mut boots = self.trace_boots.borrow_mut();
+                let n = boots.entry(b.test.to_string()).or_default();
+                *n += 1;
+                Some((
+                    crate::trace::boot_file(dir, b.test, *n),
+                    crate::trace::arm(&mut extra, &run_dir.path, b.gpus),
+                ))
+            }
+            _ => None,
+        };
+        let test = b.test;
         let cfg = VmConfig {
             arch: kernel.arch,
             qemu: qemu.to_path_buf(),
@@ -250,7 +280,7 @@ impl Ctx {
             cpus,
             accel,
             timeout: self.timeout,
-            cmd: b.cmd,
+            cmd,
             noload: false,
             echo: match self.format {
                 OutputFormat::Human => Echo::Prefixed(format!("  {}| ", b.test)),
@@ -270,9 +300,15 @@ impl Ctx {
         log(format!("{}: {}", b.test, out.timings));
         for s in &out.stats {
             log(format!(
-                "{}: gpu{} stats ({:?}): {}",
-                b.test, s.gpu, s.source, s.raw
+                "{test}: gpu{} stats ({:?}): {}",
+                s.gpu, s.source, s.raw
             ));
+        }
+        if let Some((dest, armed)) = &traced {
+            crate::trace::write(dest, armed, &out, test)?;
+        }
+        if let Some(c) = &self.coverage {
+            c.collect(test, &out);
         }
         Ok(out)
     }
@@ -326,6 +362,11 @@ const VM_TESTS: &[VmTest] = &[
         name: "demo",
         about: "hmmgpu-demo exits 0",
         run: t_demo,
+    },
+    VmTest {
+        name: "trace-demo",
+        about: "hmmgpu-demo with the device timeline (--trace): a valid Chrome trace whose COPY events add up to the backend's bytes_guest_to_vram and bytes_vram_to_guest, on the guest markers' clock",
+        run: t_trace_demo,
     },
     VmTest {
         name: "vram-holds-data",
@@ -469,6 +510,29 @@ fn t_demo(ctx: &mut Ctx) -> Result<()> {
     })?;
     ctx.demo_ready = out.timings.ready;
     expect_status(&out, 0)
+}
+
+fn t_trace_demo(ctx: &mut Ctx) -> Result<()> {
+    let dest = ctx.trace_dir.clone().map_or_else(
+        || build::target_dir().join("xtask/trace-demo.json"),
+        |dir| dir.join("trace-demo.json"),
+    );
+    let run_dir = vm::RunDir::create()?;
+    let mut extra = vm::VmExtra::default();
+    let armed = crate::trace::arm(&mut extra, &run_dir.path, 1);
+    let out = ctx.boot_extra(
+        Boot {
+            test: "trace-demo",
+            gpus: 1,
+            driver: true,
+            cmd: argv(&["hmmgpu-demo"]),
+        },
+        extra,
+    )?;
+    expect_status(&out, 0)?;
+    crate::trace::write(&dest, &armed, &out, "trace-demo: hmmgpu-demo")?;
+    let stats = out.stats.first().context("gpu0 reported no stats")?;
+    crate::trace::check_against_stats(&dest, stats)
 }
 
 fn t_vram_holds_data(ctx: &mut Ctx) -> Result<()> {
@@ -640,6 +704,11 @@ fn all_tests() -> Vec<Entry> {
         ));
     }
     v
+}
+
+/// The VM tests' names, in run order.
+pub fn names() -> Vec<&'static str> {
+    VM_TESTS.iter().map(|t| t.name).collect()
 }
 
 pub fn list() {
@@ -892,6 +961,9 @@ pub fn run(args: &TestArgs) -> Result<i32> {
         bare_init: None,
         demo_ready: None,
         stacks: Vec::new(),
+        trace_dir: args.trace.clone(),
+        trace_boots: Default::default(),
+        coverage: args.coverage.clone(),
         on: None,
         runs_dir: runs_dir.clone(),
         format: args.format,

@@ -364,6 +364,8 @@ impl BackendStats {
 pub struct VmOutcome {
     pub result: VmResult,
     pub timings: Timings,
+    /// When QEMU was launched (the timings count from here).
+    pub launched: Instant,
     /// One per GPU that reported stats, in GPU order.
     pub stats: Vec<BackendStats>,
     /// The whole console, line by line.
@@ -947,6 +949,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
         ..
     } = scan;
     timings.total = ended.launch.elapsed();
+    let launched = ended.launch;
     let evidence = Evidence {
         stopped: ended.stopped,
         timeout: cfg.timeout,
@@ -1023,6 +1026,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
     Ok(VmOutcome {
         result,
         timings,
+        launched,
         stats,
         console,
         console_times,

@@ -115,6 +115,9 @@ pub fn describe(r: &Value) -> String {
     if let Some(v) = run_field(r, "vram").as_u64() {
         let _ = write!(d, ", VRAM {} MiB/GPU", v >> 20);
     }
+    if run_field(r, "device_trace") == &Value::Bool(true) {
+        d.push_str(", device timeline recorded (--trace)");
+    }
     let load = |k: &str| {
         run_field(r, "host")[k]
             .as_array()
@@ -308,6 +311,7 @@ pub fn compare(a: &Value, b: &Value, a_name: &str, b_name: &str) -> String {
         "guest_kernel",
         "vram",
         "module_params",
+        "device_trace",
     ] {
         let (x, y) = (run_field(a, key), run_field(b, key));
         if x != y && !x.is_null() && !y.is_null() {

@@ -169,8 +169,10 @@ pub fn fragment_names(arch: Arch, flavour: Flavour) -> Vec<String> {
         "base.config".to_string(),
         format!("{}.config", arch.as_str()),
     ];
-    if flavour == Flavour::Debug {
-        v.push("debug.config".to_string());
+    match flavour {
+        Flavour::Release => {}
+        Flavour::Debug => v.push("debug.config".to_string()),
+        Flavour::Gcov => v.push("gcov.config".to_string()),
     }
     v
 }

@@ -137,6 +137,7 @@ mod tests {
         let out = VmOutcome {
             result: VmResult::Exited(0),
             timings: Default::default(),
+            launched: std::time::Instant::now(),
             stats: Vec::new(),
             console: vec![
                 "[   9.1] hmmgpu0: removed; 1024 pages evicted to system memory, 1048556 of 1048576 KiB VRAM free, 20 KiB retired".into(),

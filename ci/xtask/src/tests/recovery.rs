@@ -165,6 +165,7 @@ mod tests {
         VmOutcome {
             result: VmResult::Exited(0),
             timings: Default::default(),
+            launched: std::time::Instant::now(),
             stats: (0..gpus)
                 .map(|gpu| crate::vm::BackendStats {
                     gpu,
