@@ -7,10 +7,9 @@
 use crate::abi::{Event, PAGE_SIZE};
 use crate::gpu::Gpu;
 use crate::migrate::{self, CorruptFolio};
-use crate::shim;
+use crate::pages::{self, PageRef};
 use crate::vram::{MemKind, Retirement, Vram};
 use core::sync::atomic::Ordering;
-use kernel::prelude::*;
 use kernel::sync::{Arc, ArcBorrow};
 use kernel::time::Delta;
 use kernel::workqueue::{self, impl_has_work, WorkItem};
@@ -100,28 +99,21 @@ enum DataOnPage {
 impl Gpu {
     /// An ECC event (interrupt context): queued for the ECC work. O(1), no
     /// allocation.
-    pub(crate) fn on_ecc_event(&self, event: &Event) {
-        let error = EccError { offset: event.addr, bit: event.reason };
-        let queued = self.ecc_queue.lock().push(error);
+    pub(crate) fn on_ecc_event(gpu: ArcBorrow<'_, Gpu>, event: &Event) {
+        let error = EccError {
+            offset: event.addr,
+            bit: event.reason,
+        };
+        let queued = gpu.ecc_queue.lock().push(error);
         if !queued {
-            self.counters.ecc_dropped.fetch_add(1, Ordering::Relaxed);
+            gpu.counters.ecc_dropped.fetch_add(1, Ordering::Relaxed);
         }
-        // SAFETY: a `Gpu` only lives in the `Arc` `Gpu::create` made, so
-        // `self` is its `Arc::as_ptr`; that reference outlives the event
-        // queue (removal resets the device before it drops it).
-        let gpu = unsafe { ArcBorrow::from_raw(self as *const Gpu) };
         // Already queued: that run takes this error too.
         let _ = workqueue::system_long().enqueue(Arc::from(gpu));
     }
 
-    /// Stops the ECC work for good (removal): waits for a run in progress;
-    /// later runs return at once.
-    pub(crate) fn stop_ecc_work(&self) {
-        *self.ecc_stopped.lock() = true;
-    }
-
     /// Waits until no ECC work is queued or running. After
-    /// [`Gpu::stop_ecc_work`] and the device reset (no more events), none
+    /// [`Gpu::begin_removal`] and the device reset (no more events), none
     /// is queued again, so the module can go.
     pub(crate) fn flush_ecc_work(&self) {
         // SAFETY: `ecc_work` is an initialized work item of this live Gpu.
@@ -130,8 +122,8 @@ impl Gpu {
 
     /// The ECC work: handles every queued error, in order.
     fn handle_ecc_errors(&self) {
-        let stopped = self.ecc_stopped.lock();
-        if *stopped {
+        let running = self.ecc_lock.lock();
+        if self.lifecycle().removal_began() {
             return;
         }
         loop {
@@ -146,34 +138,29 @@ impl Gpu {
         }
         let dropped = self.counters.ecc_dropped.load(Ordering::Relaxed);
         if dropped > 0 && !self.ecc_dropped_logged.swap(true, Ordering::Relaxed) {
-            pr_err!(
-                "hmmgpu{}: ECC events came faster than they were handled: {} dropped, their pages not retired (debugfs counters: driver_ecc_dropped)\n",
-                self.index(),
-                dropped
-            );
+            gpu_err!(self, "ECC events came faster than they were handled: {} dropped, their pages not retired (debugfs counters: driver_ecc_dropped)\n", dropped);
         }
-        drop(stopped);
+        drop(running);
     }
 
     /// One ECC error: retires its page and takes any data on it away from
     /// its owner, who gets SIGBUS for that page alone.
     fn handle_ecc_error(&self, error: EccError) {
-        let index = self.index();
         if error.offset >= self.vram_size() {
-            pr_err!(
-                "hmmgpu{}: ECC event for VRAM offset {:#x} (bit {}), beyond the {:#x} bytes of VRAM: ignored\n",
-                index,
-                error.offset,
+            gpu_err!(self, "ECC event for VRAM offset {:#x} (bit {}), beyond the {:#x} bytes of VRAM: ignored\n", error.offset,
                 error.bit,
-                self.vram_size()
-            );
+                self.vram_size());
             return;
         }
         let page = error.offset & !(PAGE_SIZE - 1);
-        let vram = if self.private.contains(page) { &self.private } else { &self.coherent };
-        pr_warn!(
-            "hmmgpu{}: ECC error at VRAM offset {:#x} (bit {}): retiring the {} page at {:#x}\n",
-            index,
+        let vram = if self.private.contains(page) {
+            &self.private
+        } else {
+            &self.coherent
+        };
+        gpu_warn!(
+            self,
+            "ECC error at VRAM offset {:#x} (bit {}): retiring the {} page at {:#x}\n",
             error.offset,
             error.bit,
             vram.kind().name(),
@@ -182,7 +169,7 @@ impl Gpu {
         let retirement = match vram.retire(page) {
             Ok(r) => r,
             Err(e) => {
-                pr_err!("hmmgpu{}: cannot retire VRAM page {:#x}: {:?}\n", index, page, e);
+                gpu_err!(self, "cannot retire VRAM page {:#x}: {:?}\n", page, e);
                 return;
             }
         };
@@ -190,39 +177,24 @@ impl Gpu {
             (Retirement::Held, _) | (_, None) => DataOnPage::None,
             (_, Some(pfn)) => self.move_data_off(vram, pfn),
         };
-        let before = if retirement == Retirement::Already { " (retired before)" } else { "" };
+        let before = if retirement == Retirement::Already {
+            " (retired before)"
+        } else {
+            ""
+        };
         match data {
             DataOnPage::None if retirement == Retirement::Held => {
-                pr_warn!("hmmgpu{}: VRAM page {:#x} retired: it was free\n", index, page)
+                gpu_warn!(self, "VRAM page {:#x} retired: it was free\n", page)
             }
-            DataOnPage::None if retirement == Retirement::Pending => pr_warn!(
-                "hmmgpu{}: VRAM page {:#x} retired: no data on it; it leaves the allocator when the allocation it belongs to is freed\n",
-                index, page
-            ),
-            DataOnPage::None => pr_warn!("hmmgpu{}: VRAM page {:#x} retired before: no data on it\n", index, page),
-            DataOnPage::Moved => pr_warn!(
-                "hmmgpu{}: VRAM page {:#x} retired{}: its data moved to system memory, the corrupt page poisoned (its owner gets SIGBUS there)\n",
-                index, page, before
-            ),
-            DataOnPage::Replaced => pr_warn!(
-                "hmmgpu{}: VRAM page {:#x} retired{}: its owners now map a poisoned system page instead (SIGBUS on their next touch)\n",
-                index, page, before
-            ),
-            DataOnPage::Lost => pr_err!(
-                "hmmgpu{}: VRAM page {:#x} retired{}: the device could not copy its data: lost and poisoned\n",
-                index, page, before
-            ),
-            DataOnPage::Canary => pr_warn!(
-                "hmmgpu{}: VRAM page {:#x} retired{}: it held the link canary, now at VRAM page {:#x}\n",
-                index,
-                page,
+            DataOnPage::None if retirement == Retirement::Pending => gpu_warn!(self, "VRAM page {:#x} retired: no data on it; it leaves the allocator when the allocation it belongs to is freed\n", page),
+            DataOnPage::None => gpu_warn!(self, "VRAM page {:#x} retired before: no data on it\n", page),
+            DataOnPage::Moved => gpu_warn!(self, "VRAM page {:#x} retired{}: its data moved to system memory, the corrupt page poisoned (its owner gets SIGBUS there)\n", page, before),
+            DataOnPage::Replaced => gpu_warn!(self, "VRAM page {:#x} retired{}: its owners now map a poisoned system page instead (SIGBUS on their next touch)\n", page, before),
+            DataOnPage::Lost => gpu_err!(self, "VRAM page {:#x} retired{}: the device could not copy its data: lost and poisoned\n", page, before),
+            DataOnPage::Canary => gpu_warn!(self, "VRAM page {:#x} retired{}: it held the link canary, now at VRAM page {:#x}\n", page,
                 before,
-                self.canary_pfn().and_then(|pfn| self.coherent.offset_of_pfn(pfn)).unwrap_or(0)
-            ),
-            DataOnPage::Stuck => pr_err!(
-                "hmmgpu{}: VRAM page {:#x} retired{}, but its data could not be moved off it: its owner may read the corrupt data\n",
-                index, page, before
-            ),
+                self.canary_pfn().and_then(|pfn| self.coherent.offset_of_pfn(pfn)).unwrap_or(0)),
+            DataOnPage::Stuck => gpu_err!(self, "VRAM page {:#x} retired{}, but its data could not be moved off it: its owner may read the corrupt data\n", page, before),
         }
     }
 
@@ -249,7 +221,7 @@ impl Gpu {
                 match self.move_canary() {
                     Ok(()) => return DataOnPage::Canary,
                     Err(e) => {
-                        pr_err!("hmmgpu{}: cannot move the link canary: {:?}\n", self.index(), e);
+                        gpu_err!(self, "cannot move the link canary: {:?}\n", e);
                         continue;
                     }
                 }
@@ -259,18 +231,15 @@ impl Gpu {
                     Ok(CorruptFolio::Moved) => return DataOnPage::Moved,
                     Ok(CorruptFolio::Lost) => return DataOnPage::Lost,
                     Ok(CorruptFolio::NotMoved) => {}
-                    Err(e) => pr_err!(
-                        "hmmgpu{}: cannot evict the folio at pfn {:#x}: {:?}\n",
-                        self.index(),
-                        head,
-                        e
-                    ),
+                    Err(e) => {
+                        gpu_err!(self, "cannot evict the folio at pfn {:#x}: {:?}\n", head, e)
+                    }
                 },
                 MemKind::Coherent => {
-                    // memory_failure() calls hmmgpu_rust_memory_failure;
-                    // its result shows in whether the page is still used.
-                    // SAFETY: `pfn` is one of our device-coherent pages.
-                    unsafe { shim::hmmgpu_shim_poison_pfn(pfn as core::ffi::c_ulong) };
+                    // memory_failure() calls our pgmap's handler
+                    // (migrate::memory_failure); its result shows in
+                    // whether the page is still used.
+                    let _ = pages::poison_pfn(pfn);
                     if owner_folio(pfn).is_none() {
                         return DataOnPage::Replaced;
                     }
@@ -289,15 +258,11 @@ impl Gpu {
 fn owner_folio(pfn: u64) -> Option<(u64, usize)> {
     // SAFETY: `pfn` is one of our device pages (its struct page exists for
     // as long as the Gpu does); reading a free page's folio is harmless.
-    unsafe {
-        let page = shim::hmmgpu_shim_pfn_to_page(pfn as core::ffi::c_ulong);
-        let head = shim::hmmgpu_shim_folio_head(page);
-        if shim::hmmgpu_shim_folio_ref_count(head) <= 0 {
-            return None;
-        }
-        let head_pfn = shim::hmmgpu_shim_page_to_pfn(head) as u64;
-        let nr = shim::hmmgpu_shim_folio_nr_pages(head) as usize;
-        // A free page may point at a folio it is no longer part of.
-        (pfn >= head_pfn && pfn - head_pfn < nr as u64).then_some((head_pfn, nr))
+    let head = unsafe { PageRef::from_pfn(pfn) }.folio_head();
+    if head.folio_ref_count() <= 0 {
+        return None;
     }
+    let (head_pfn, nr) = (head.pfn(), head.folio_nr_pages());
+    // A free page may point at a folio it is no longer part of.
+    (pfn >= head_pfn && pfn - head_pfn < nr as u64).then_some((head_pfn, nr))
 }

@@ -1,54 +1,37 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! One hmmgpu device: probe (config space, VRAM region, queue, memory
-//! registration, uAPI) and removal (evict VRAM, then tear down).
+//! One hmmgpu device: the [`Gpu`] object, its lifecycle and its link
+//! canary. The rest is split by concern:
+//! - `probe`: probe and removal;
+//! - `commands`: running commands on the device;
+//! - `reset`: device resets (a stalled queue, a PCI reset) and recovery;
+//! - `contexts`: device MMU contexts, MMU accesses, the events;
+//! - `debugfs`: /sys/kernel/debug/hmmgpu<N>.
 
-use crate::abi::{self, opcode, DeviceConfig, Event, Range, Response};
+mod commands;
+mod contexts;
+mod debugfs;
+mod probe;
+mod reset;
+
+use crate::abi::DeviceConfig;
+use crate::compat::SpinLockIrq;
 use crate::ecc::EccQueue;
-use crate::migrate;
-use crate::queue::{Command, InFlight, Queues, RangeList, Wait, COMMAND_TIMEOUT_MS};
-use crate::shim;
+use crate::log::GpuName;
+use crate::pages::PageRef;
+use crate::queue::{Lifecycle, Loss, Queues};
 use crate::uapi::MirrorDevice;
+use crate::virtio::VirtioDevice;
 use crate::vram::{MemKind, Vram};
-use core::ffi::c_void;
-use core::ptr;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use contexts::Contexts;
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use kernel::bindings;
+use kernel::device::Device;
+use kernel::ffi::c_void;
 use kernel::prelude::*;
-use kernel::sync::{Arc, Mutex, SpinLockIrq};
+use kernel::sync::aref::ARef;
+use kernel::sync::{Arc, Mutex};
 use kernel::workqueue::Work;
-use kernel::{new_mutex, new_spinlock_irq, new_work};
-
-/// One device MMU context's slot: who waits on its command, and the fault
-/// the device reported for it.
-struct CtxSlot {
-    used: bool,
-    waiter: *mut shim::Cmd,
-    /// The device virtual range [start, end) of the access (VREAD, VWRITE,
-    /// ATOMIC) being submitted or in flight; None: no access, so every
-    /// FAULT event for this context is spurious.
-    access: Option<(u64, u64)>,
-    /// The pending FAULT event in `access` (the lowest address if several
-    /// came before the waiter took it).
-    fault: Option<Event>,
-}
-
-impl CtxSlot {
-    const fn new(used: bool) -> Self {
-        CtxSlot { used, waiter: ptr::null_mut(), access: None, fault: None }
-    }
-}
-
-/// The device virtual range an MMU access command touches (VREAD reads
-/// through `src`, VWRITE and ATOMIC write through `dst`).
-fn access_span(opcode: u32, ranges: &[Range]) -> (u64, u64) {
-    let va = |r: &Range| if opcode == opcode::VREAD { r.src } else { r.dst };
-    let start = ranges.iter().map(va).min().unwrap_or(0);
-    let end = ranges.iter().map(|r| va(r).saturating_add(u64::from(r.len))).max().unwrap_or(0);
-    (start, end)
-}
-
-/// A command a device reset gave back unexecuted, to submit again.
-struct Resubmit(Command);
 
 /// Counters of the driver's own, shown after the device's in debugfs.
 #[derive(Default)]
@@ -67,38 +50,29 @@ pub(crate) struct DriverCounters {
     pub(crate) ecc_dropped: AtomicU64,
 }
 
-/// The contexts in use; `slots[i]` is context `i + 1`.
-struct Contexts {
-    slots: KVec<CtxSlot>,
-}
-
-// SAFETY: only touched under its lock; `waiter` is a shim token.
-unsafe impl Send for Contexts {}
-
-/// GPU indices in use (bit n: GPU n), which name the uAPI devices.
-static GPU_INDICES: AtomicU32 = AtomicU32::new(0);
-
 /// Most GPUs one guest can have (GPU n gets /dev/hmm_dmirror<n> and
 /// /dev/hmm_dmirror<n + MAX_GPUS>, as test_hmm numbers its devices).
 pub(crate) const MAX_GPUS: u32 = 2;
 
-/// Smallest VRAM the driver can use.
-const MIN_VRAM: u64 = 4 << 20;
 /// The link canary's mark ("HMMGPU-L"); a failed link reads all-ones instead.
 const LINK_CANARY: u64 = u64::from_le_bytes(*b"HMMGPU-L");
+
+/// /sys/kernel/debug/hmmgpu<N>, its files reading through the GPU.
+type DebugfsDir = Pin<KBox<kernel::debugfs::Scope<Arc<Gpu>>>>;
 
 /// A bound hmmgpu device.
 #[pin_data]
 pub(crate) struct Gpu {
-    vdev: *mut shim::VirtioDevice,
+    vdev: VirtioDevice,
+    /// The virtio device's `struct device`, which the driver logs on.
+    dev: ARef<Device>,
     index: u32,
     config: DeviceConfig,
     /// Guest-physical address of the VRAM BAR (the shared memory region).
     vram_bar: u64,
-    queues: Queues,
-    /// False once the queues are torn down (removal): no more submissions.
+    /// The queues and the device's [`Lifecycle`].
     #[pin]
-    queues_live: Mutex<bool>,
+    queues: Queues,
     /// Serializes device resets (see [`Gpu::recover`]).
     #[pin]
     reset_lock: Mutex<()>,
@@ -113,29 +87,21 @@ pub(crate) struct Gpu {
     /// The device-coherent half, over the BAR (/dev/hmm_dmirror<index + 2>).
     #[pin]
     pub(crate) coherent: Vram,
-    /// Set when the device is being removed or stopped working: every new
-    /// uAPI operation fails with ENODEV (device commands still run).
-    dead: AtomicBool,
-    /// Set when the device stopped answering (a command timed out) or its
-    /// link went down: no command is submitted any more, so nothing waits
-    /// for it again.
-    lost: AtomicBool,
     /// A device-coherent page the driver keeps as the link canary: its first
     /// word holds [`LINK_CANARY`] while the VRAM BAR works. Null without
     /// device-coherent VRAM (then a failed link goes unnoticed). Replaced
     /// only by the ECC work, which removal stops before it frees the page.
-    canary: AtomicPtr<shim::Page>,
-    /// Set once the canary read all-ones: the BAR's link is down, and what
-    /// the CPU reads through it is not the VRAM.
-    link_down: AtomicBool,
+    canary: AtomicPtr<bindings::page>,
     tags: AtomicU64,
     pub(crate) counters: DriverCounters,
     /// Set once the first spurious FAULT event was logged.
     spurious_logged: AtomicBool,
     /// Set once dropped ECC events were logged.
     pub(crate) ecc_dropped_logged: AtomicBool,
-    /// /sys/kernel/debug/hmmgpu<index>, removed on removal.
-    debugfs: AtomicPtr<shim::Dentry>,
+    /// /sys/kernel/debug/hmmgpu<index>; its files hold a reference to
+    /// the GPU, dropped (the directory removed) on removal.
+    #[pin]
+    debugfs: Mutex<Option<DebugfsDir>>,
     /// The uAPI devices (private, coherent); taken (deregistered) on removal.
     #[pin]
     mirror_devs: Mutex<KVec<Pin<KBox<MirrorDevice>>>>,
@@ -145,24 +111,24 @@ pub(crate) struct Gpu {
     /// Handles `ecc_queue` in process context.
     #[pin]
     pub(crate) ecc_work: Work<Gpu>,
-    /// Held by the ECC work while it runs; true once removal began: the
-    /// work does nothing more (see [`Gpu::stop_ecc_work`]).
+    /// Held by the ECC work while it runs, and by removal when it begins:
+    /// a work that runs later sees the removal and does nothing (see
+    /// [`Gpu::begin_removal`]).
     #[pin]
-    pub(crate) ecc_stopped: Mutex<bool>,
+    pub(crate) ecc_lock: Mutex<()>,
 }
 
-// SAFETY: `vdev` is only used for calls the virtio core allows from any
-// thread while the device is bound; everything else is Send + Sync.
-unsafe impl Send for Gpu {}
-// SAFETY: as above.
-unsafe impl Sync for Gpu {}
-
-impl Gpu {
-    /// This GPU as the opaque owner/cookie handed to C.
-    pub(crate) fn as_cookie(&self) -> *mut c_void {
-        (self as *const Self).cast_mut().cast()
+impl GpuName for Gpu {
+    fn device(&self) -> &Device {
+        &self.dev
     }
 
+    fn gpu_index(&self) -> u32 {
+        self.index
+    }
+}
+
+impl Gpu {
     /// GPU index (0 for the first one probed).
     pub(crate) fn index(&self) -> u32 {
         self.index
@@ -181,14 +147,36 @@ impl Gpu {
         }
     }
 
-    /// The VRAM offset of `pfn` if it is one of this GPU's device pages.
-    pub(crate) fn vram_offset_of_pfn(&self, pfn: u64) -> Option<u64> {
-        self.private.offset_of_pfn(pfn).or_else(|| self.coherent.offset_of_pfn(pfn))
+    /// The VRAM share whose pgmap owner is `owner` (see [`Vram::owner`]).
+    pub(crate) fn vram_of_owner(&self, owner: *mut c_void) -> Option<&Vram> {
+        [&self.private, &self.coherent]
+            .into_iter()
+            .find(|v| v.owner() == owner)
     }
 
-    /// Fails with ENODEV once the device is gone (and checks the link).
+    /// The link canary's page, if there is one.
+    fn canary(&self) -> Option<PageRef> {
+        // SAFETY: the canary is a coherent page we hold (locked and
+        // referenced) until it is replaced or removal frees it.
+        unsafe { PageRef::from_raw(self.canary.load(Ordering::Acquire)) }
+    }
+
+    /// The VRAM offset of `pfn` if it is one of this GPU's device pages.
+    pub(crate) fn vram_offset_of_pfn(&self, pfn: u64) -> Option<u64> {
+        self.private
+            .offset_of_pfn(pfn)
+            .or_else(|| self.coherent.offset_of_pfn(pfn))
+    }
+
+    /// Where the device is in its life.
+    pub(crate) fn lifecycle(&self) -> Lifecycle {
+        self.queues.lifecycle()
+    }
+
+    /// Fails with ENODEV once uAPI calls are no longer served (removal, a
+    /// lost device; and checks the link).
     pub(crate) fn check_alive(&self) -> Result {
-        if self.dead.load(Ordering::Acquire) || !self.link_ok() {
+        if !self.lifecycle().serves_uapi() || !self.link_ok() {
             Err(ENODEV)
         } else {
             Ok(())
@@ -197,55 +185,49 @@ impl Gpu {
 
     /// Whether the VRAM BAR's link is down (see [`Gpu::link_ok`]).
     pub(crate) fn is_link_down(&self) -> bool {
-        self.link_down.load(Ordering::Acquire)
+        self.lifecycle().loss() == Some(Loss::LinkDown)
     }
 
     /// Reads the link canary: a PCIe link that failed makes the BAR read
     /// all-ones, as real hardware does; the driver then stops using the
-    /// device (dead and lost). Checked at every uAPI operation and at removal.
+    /// device ([`Loss::LinkDown`]). Checked at every uAPI operation
+    /// and at removal.
     fn link_ok(&self) -> bool {
         if self.is_link_down() {
             return false;
         }
-        let page = self.canary.load(Ordering::Acquire);
-        if page.is_null() {
+        let Some(page) = self.canary() else {
             return true; // no canary: nothing to tell by
-        }
-        // SAFETY: the canary is a coherent page we hold, in the direct map.
-        let word = unsafe { shim::hmmgpu_shim_page_address(page) }.cast::<u64>();
-        // SAFETY: as above; volatile: it is device memory that can change.
-        if unsafe { ptr::read_volatile(word) } != u64::MAX {
+        };
+        // Volatile: it is device memory that can change.
+        if page.read_u64_volatile() != u64::MAX {
             return true;
         }
-        self.dead.store(true, Ordering::Release);
-        self.lost.store(true, Ordering::Release);
-        if !self.link_down.swap(true, Ordering::AcqRel) {
-            pr_err!(
-                "hmmgpu{}: the VRAM BAR reads all-ones: the link is down; the device is dead\n",
-                self.index
+        if self.queues.mark_link_down() {
+            gpu_err!(
+                self,
+                "the VRAM BAR reads all-ones: the link is down; the device is dead\n"
             );
         }
         false
     }
 
     /// A fresh device-coherent page with the link canary's mark, locked
-    /// and held until it is freed with `hmmgpu_shim_free_sys_page`.
-    fn new_canary(&self) -> Result<*mut shim::Page> {
+    /// and held until it is freed with [`PageRef::unlock_put`].
+    fn new_canary(&self) -> Result<PageRef> {
         let (page, _) = self.coherent.alloc_page(false)?;
-        // SAFETY: a coherent page is in the direct map; ours.
-        let word = unsafe { shim::hmmgpu_shim_page_address(page) }.cast::<u64>();
-        // SAFETY: as above.
-        unsafe { ptr::write_volatile(word, LINK_CANARY) };
+        // SAFETY: a page we just allocated.
+        unsafe { page.write_u64_volatile(LINK_CANARY) };
         Ok(page)
     }
 
     /// Takes a device-coherent page as the link canary and writes its mark.
     fn set_canary(&self) {
         match self.new_canary() {
-            Ok(page) => self.canary.store(page, Ordering::Release),
-            Err(e) => pr_warn!(
-                "hmmgpu{}: no VRAM for the link canary ({:?}): a failed link will not be noticed\n",
-                self.index,
+            Ok(page) => self.canary.store(page.as_ptr(), Ordering::Release),
+            Err(e) => gpu_warn!(
+                self,
+                "no VRAM for the link canary ({:?}): a failed link will not be noticed\n",
                 e
             ),
         }
@@ -254,21 +236,15 @@ impl Gpu {
     /// Writes the link canary's mark (at setup, and after a device reset,
     /// which on real hardware would have lost it with the rest of VRAM).
     fn write_canary(&self) {
-        let page = self.canary.load(Ordering::Acquire);
-        if page.is_null() {
-            return;
+        if let Some(page) = self.canary() {
+            // SAFETY: the canary is a coherent page we hold.
+            unsafe { page.write_u64_volatile(LINK_CANARY) };
         }
-        // SAFETY: the canary is a coherent page we hold, in the direct map.
-        let word = unsafe { shim::hmmgpu_shim_page_address(page) }.cast::<u64>();
-        // SAFETY: as above.
-        unsafe { ptr::write_volatile(word, LINK_CANARY) };
     }
 
     /// The pfn of the link canary's page, if there is one.
     pub(crate) fn canary_pfn(&self) -> Option<u64> {
-        let page = self.canary.load(Ordering::Acquire);
-        // SAFETY: the canary page is ours until removal.
-        (!page.is_null()).then(|| unsafe { shim::hmmgpu_shim_page_to_pfn(page) } as u64)
+        self.canary().map(PageRef::pfn)
     }
 
     /// Moves the link canary to a fresh device-coherent page (its page went
@@ -278,30 +254,29 @@ impl Gpu {
     /// reused, so its answer is as good as before.
     pub(crate) fn move_canary(&self) -> Result {
         let page = self.new_canary()?;
-        let old = self.canary.swap(page, Ordering::AcqRel);
-        if !old.is_null() {
-            // SAFETY: the old canary page, locked since its allocation;
-            // this unlocks it and drops the last reference.
-            unsafe { shim::hmmgpu_shim_free_sys_page(old) };
+        let old = self.canary.swap(page.as_ptr(), Ordering::AcqRel);
+        // SAFETY: the old canary page, locked since its allocation and ours
+        // alone now: this unlocks it and drops the last reference.
+        unsafe {
+            if let Some(old) = PageRef::from_raw(old) {
+                old.unlock_put();
+            }
         }
         Ok(())
     }
 
-    /// Whether the device stopped answering (see [`Gpu::hung`]).
+    /// Whether the device stopped answering or its link is down.
     pub(crate) fn is_lost(&self) -> bool {
-        self.lost.load(Ordering::Acquire)
+        self.lifecycle().loss().is_some()
     }
 
-    /// Marks the device dead and lost after it failed to complete a command.
-    fn hung(&self, e: Error) -> Error {
-        if e == ETIMEDOUT {
-            self.dead.store(true, Ordering::Release);
-            if !self.lost.swap(true, Ordering::AcqRel) {
-                pr_err!("hmmgpu{}: the device stopped answering; it is dead\n", self.index);
-            }
-            return ENODEV;
+    /// Marks the device lost after it failed to complete a command, or to
+    /// come back from a reset: ENODEV from now on.
+    fn hung(&self) -> Error {
+        if self.queues.mark_lost() {
+            gpu_err!(self, "the device stopped answering; it is dead\n");
         }
-        e
+        ENODEV
     }
 
     /// A fresh tag for a command.
@@ -309,965 +284,11 @@ impl Gpu {
         self.tags.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Submits a prepared command unless the queues are gone, waiting for
-    /// a reset under way to end. Allocates nothing: callable under the
-    /// mirror lock (which memory reclaim can wait for through the MMU
-    /// notifier; a reset never enters reclaim, see [`Gpu::recover`]).
-    /// Returns the reset generation the command runs in.
-    fn submit(&self, mut cmd: Command) -> core::result::Result<(InFlight, u64), (Error, Command)> {
-        loop {
-            {
-                let live = self.queues_live.lock();
-                if !*live || self.is_lost() {
-                    return Err((ENODEV, cmd));
-                }
-                match self.queues.submit(cmd, false) {
-                    Ok(flight) => return Ok((flight, self.resets.load(Ordering::Acquire))),
-                    Err((e, back)) if e == EAGAIN => cmd = back,
-                    Err(other) => return Err(other),
-                }
-            }
-            if !self.queues.wait_running(COMMAND_TIMEOUT_MS) {
-                return Err((ENODEV, cmd));
-            }
-        }
-    }
-
-    /// Waits for a submitted command. A timeout resets the device (see
-    /// [`Gpu::recover`]), which finishes the command: completed, or given
-    /// back with `Err(ECANCELED)`.
-    fn wait(&self, flight: &mut InFlight, generation: u64) -> Result<Wait> {
-        match flight.wait() {
-            Err(e) if e == ETIMEDOUT => {
-                self.recover(generation)?;
-                // The reset finished the command; still nothing: give up.
-                flight.wait().map_err(|e| if e == ETIMEDOUT { self.hung(e) } else { e })
-            }
-            other => other,
-        }
-    }
-
-    /// Executes a prepared command and waits for its response; hands the
-    /// command back for reuse when the device is done with it. A command a
-    /// device reset gave back is submitted once more if that is harmless
-    /// ([`Command::can_resubmit`]), else fails with EIO.
-    pub(crate) fn execute_cmd(&self, cmd: Command) -> Result<(Response, Command)> {
-        let mut cmd = cmd;
-        let mut resubmitted = false;
-        loop {
-            let (mut flight, generation) = self.submit(cmd).map_err(|(e, _)| e)?;
-            let error = loop {
-                match self.wait(&mut flight, generation) {
-                    Ok(Wait::Done(resp)) => {
-                        let cmd = flight.into_command().ok_or(EINVAL)?;
-                        return Ok((resp, cmd));
-                    }
-                    Ok(Wait::Woken) => continue,
-                    Err(e) => break e,
-                }
-            };
-            if error != ECANCELED {
-                return Err(error);
-            }
-            cmd = flight.into_command().ok_or(EIO)?;
-            if resubmitted || !cmd.can_resubmit() {
-                return Err(EIO);
-            }
-            resubmitted = true;
-        }
-    }
-
-    /// Executes a command while the queues restart after a reset (only the
-    /// resetter may): no waiting for the reset, no recovery.
-    fn execute_privileged(&self, opcode: u32, ctx: u32) -> Result<Response> {
-        let cmd = Command::new(opcode, ctx, self.tag(), &[])?;
-        let mut flight = self.queues.submit(cmd, true).map_err(|(e, _)| e)?;
-        loop {
-            match flight.wait()? {
-                Wait::Done(resp) => return Ok(resp),
-                Wait::Woken => continue,
-            }
-        }
-    }
-
-    /// Resets the device after a command of reset generation `generation`
-    /// got no answer in [`COMMAND_TIMEOUT_MS`] (even by polling: not a lost
-    /// interrupt but a stalled queue). Unless another reset came since: the
-    /// virtio reset stops the device, every command in the queue is
-    /// finished (completed or given back), the queues restart and every
-    /// context is recreated empty, since the device may hold mappings
-    /// that an UNMAP refused during the reset should have removed. VRAM is
-    /// untouched: this resets the queues, not the memory. The device is
-    /// declared lost (ENODEV) if it does not come back.
-    fn recover(&self, generation: u64) -> Result {
-        let _serialized = self.reset_lock.lock();
-        if self.resets.load(Ordering::Acquire) != generation {
-            return Ok(()); // another waiter's reset finished our command too
-        }
-        if self.is_lost() || !*self.queues_live.lock() {
-            return Err(ENODEV);
-        }
-        pr_warn!(
-            "hmmgpu{}: a command got no answer in {} ms; resetting the device\n",
-            self.index,
-            COMMAND_TIMEOUT_MS
-        );
-        // SAFETY: the device is bound and its queues exist.
-        unsafe { shim::hmmgpu_shim_queues_stop(self.vdev) };
-        let contexts = self.restart(true)?;
-        pr_notice!(
-            "hmmgpu{}: reset done ({} contexts recreated); commands in flight were retried\n",
-            self.index,
-            contexts
-        );
-        Ok(())
-    }
-
-    /// Restarts stopped queues (`negotiate`: the features too, which the
-    /// virtio core does itself after a transport reset), recreates every
-    /// context in use empty and lets submissions resume, with reclaim off
-    /// (submitters wait for this, some under the mirror lock that reclaim's
-    /// notifiers take). Returns how many contexts were recreated. On
-    /// failure the queues stay dead and the device is lost: ENODEV.
-    fn restart(&self, negotiate: bool) -> Result<usize> {
-        // SAFETY: plain flag save; restored below on this task.
-        let flags = unsafe { shim::hmmgpu_shim_noreclaim_save() };
-        let result = self.restart_queues(negotiate);
-        // Before resuming, so a command submitted after it gets the new one.
-        self.resets.fetch_add(1, Ordering::AcqRel);
-        self.queues.set_running(result.is_ok());
-        // SAFETY: saved above.
-        unsafe { shim::hmmgpu_shim_noreclaim_restore(flags) };
-        result.map_err(|e| {
-            pr_err!("hmmgpu{}: the device did not come back from its reset: {:?}\n", self.index, e);
-            self.hung(ETIMEDOUT)
-        })
-    }
-
-    fn restart_queues(&self, negotiate: bool) -> Result<usize> {
-        // SAFETY: the device is bound; its queues were stopped.
-        let ret = unsafe { shim::hmmgpu_shim_queues_restart(self.vdev, negotiate) };
-        if ret < 0 {
-            return Err(Error::from_errno(ret));
-        }
-        let mut recreated = 0;
-        let mut index = 0;
-        loop {
-            let used = {
-                let contexts = self.contexts.lock();
-                match contexts.slots.get(index) {
-                    None => break,
-                    Some(slot) => slot.used,
-                }
-            };
-            index += 1;
-            if !used {
-                continue;
-            }
-            let ctx = index as u32;
-            // Whatever the destroy answers, the create must succeed.
-            self.execute_privileged(opcode::CTX_DESTROY, ctx)?;
-            let resp = self.execute_privileged(opcode::CTX_CREATE, ctx)?;
-            if resp.status != abi::status::OK {
-                pr_err!("hmmgpu{}: recreating context {}: {}\n", self.index, ctx, abi::status::name(resp.status));
-                return Err(EIO);
-            }
-            recreated += 1;
-        }
-        Ok(recreated)
-    }
-
-    /// `virtio_driver.reset_prepare`: a transport reset (PCI function
-    /// reset, bus reset) is coming, which on a real GPU loses VRAM. While
-    /// the device still works, every page in VRAM is migrated to system
-    /// memory (as on removal); then the queues stop.
-    fn reset_prepare(&self) {
-        pr_notice!("hmmgpu{}: device reset requested: evicting VRAM, then stopping\n", self.index);
-        if !self.is_lost() && self.link_ok() {
-            let evicted = migrate::evict_all(self, &self.private) + migrate::evict_all(self, &self.coherent);
-            self.private.reclaim_deferred();
-            self.coherent.reclaim_deferred();
-            pr_notice!("hmmgpu{}: {} pages evicted to system memory before the reset\n", self.index, evicted);
-        }
-        // Not held while evicting: the eviction's MMU notifiers take mirror
-        // locks, under which a timed-out command takes this lock to recover.
-        let _serialized = self.reset_lock.lock();
-        // SAFETY: the device is bound.
-        unsafe { shim::hmmgpu_shim_queues_stop(self.vdev) };
-    }
-
-    /// `virtio_driver.reset_done`: the virtio core reset the device and
-    /// renegotiated its features; the queues restart and the device is used
-    /// again (its VRAM holds nothing of anyone's but the link canary).
-    fn reset_done(&self) -> Result {
-        let _serialized = self.reset_lock.lock();
-        if self.is_lost() {
-            self.queues.set_running(false);
-            pr_err!("hmmgpu{}: the device was lost before its reset; it stays dead\n", self.index);
-            return Err(ENODEV);
-        }
-        let contexts = self.restart(false)?;
-        self.write_canary();
-        pr_notice!("hmmgpu{}: reset done ({} contexts recreated); the device is back\n", self.index, contexts);
-        Ok(())
-    }
-
-    /// Executes one command on the device and waits for its response.
-    /// Allocates: not under the mirror lock (see [`Gpu::prepare`]).
-    pub(crate) fn execute(&self, opcode: u32, ctx: u32, ranges: &[Range]) -> Result<Response> {
-        let cmd = Command::new(opcode, ctx, self.tag(), ranges)?;
-        self.execute_cmd(cmd).map(|(resp, _)| resp)
-    }
-
-    /// Builds the commands that run `list` as `opcode` of context `ctx`, to
-    /// run later with [`Gpu::run_prepared`] without allocating.
-    pub(crate) fn prepare(&self, opcode: u32, ctx: u32, list: &RangeList) -> Result<KVec<Command>> {
-        let mut cmds = KVec::new();
-        for chunk in list.chunks() {
-            cmds.push(Command::new(opcode, ctx, self.tag(), chunk)?, GFP_KERNEL)?;
-        }
-        Ok(cmds)
-    }
-
-    /// Runs commands built by [`Gpu::prepare`]; EIO if the device reports
-    /// an error for any of them.
-    pub(crate) fn run_prepared(&self, cmds: KVec<Command>) -> Result<u64> {
-        let mut bytes = 0;
-        for cmd in cmds {
-            let (resp, _) = self.execute_cmd(cmd)?;
-            if resp.status != abi::status::OK {
-                self.note_failure(&resp);
-                pr_err!(
-                    "hmmgpu{}: command failed: {} at range {}\n",
-                    self.index,
-                    abi::status::name(resp.status),
-                    resp.failed_index
-                );
-                return Err(EIO);
-            }
-            bytes += resp.bytes;
-        }
-        Ok(bytes)
-    }
-
-    /// Counts a failed command's status.
-    fn note_failure(&self, resp: &Response) {
-        if resp.status == abi::status::COPY_ERROR {
-            self.counters.copy_errors.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Runs every range of `list` as `opcode` (COPY or FILL) until one
-    /// fails. Returns how many ranges, from the start of the list, were done
-    /// in full, and EIO if the device failed one (with COPY_ERROR: the
-    /// ranges before its `failed_index` were done, the rest were not), or
-    /// the error that stopped the submission.
-    pub(crate) fn run_partial(&self, opcode: u32, list: &RangeList) -> (usize, Result) {
-        let cmds = match self.prepare(opcode, 0, list) {
-            Ok(cmds) => cmds,
-            Err(e) => return (0, Err(e)),
-        };
-        let mut done = 0;
-        for (cmd, chunk) in cmds.into_iter().zip(list.chunks()) {
-            let resp = match self.execute_cmd(cmd) {
-                Ok((resp, _)) => resp,
-                Err(e) => return (done, Err(e)),
-            };
-            if resp.status == abi::status::OK {
-                done += chunk.len();
-                continue;
-            }
-            self.note_failure(&resp);
-            let what = if opcode == opcode::FILL { "FILL" } else { "COPY" };
-            pr_warn!(
-                "hmmgpu{}: {} failed: {} at range {} of {}\n",
-                self.index,
-                what,
-                abi::status::name(resp.status),
-                resp.failed_index,
-                chunk.len()
-            );
-            if resp.status == abi::status::COPY_ERROR {
-                done += core::cmp::min(resp.failed_index as usize, chunk.len());
-            }
-            return (done, Err(EIO));
-        }
-        (done, Ok(()))
-    }
-
-    /// Executes a device MMU access (VREAD, VWRITE, ATOMIC) of context
-    /// `ctx`. Each device fault it raises is handed to `resolve`; on success
-    /// the command is replayed, on error it is cancelled and the error
-    /// returned. A FAULT event that turns out not to be this command's (the
-    /// REPLAY or CANCEL finds nothing parked: BAD_CONTEXT) is counted as
-    /// spurious and changes nothing; the command keeps running. `faults`
-    /// counts the device faults resolved and replayed (not spurious ones).
-    pub(crate) fn execute_mmu(
-        &self,
-        opcode: u32,
-        ctx: u32,
-        ranges: &[Range],
-        faults: &mut u64,
-        mut resolve: impl FnMut(&Event) -> Result,
-    ) -> Result<Response> {
-        let span = access_span(opcode, ranges);
-        let mut cmd = Command::new(opcode, ctx, self.tag(), ranges)?;
-        let mut resubmitted = false;
-        loop {
-            match self.execute_access(cmd, ctx, span, faults, &mut resolve) {
-                Err(Resubmit(back)) if !resubmitted && back.can_resubmit() => {
-                    // A device reset gave it back; the context is empty now,
-                    // so the access faults its pages in again.
-                    cmd = back;
-                    resubmitted = true;
-                }
-                Err(Resubmit(_)) => return Err(EIO),
-                Ok(result) => return result,
-            }
-        }
-    }
-
-    /// One submission of an MMU access for [`Gpu::execute_mmu`]; gives the
-    /// command back if a device reset returned it unexecuted.
-    fn execute_access(
-        &self,
-        cmd: Command,
-        ctx: u32,
-        span: (u64, u64),
-        faults: &mut u64,
-        resolve: &mut impl FnMut(&Event) -> Result,
-    ) -> core::result::Result<Result<Response>, Resubmit> {
-        // Before the submission: the device may report a fault before the
-        // waiter is set, and on_event must know the access by then.
-        self.begin_access(ctx, span);
-        let (mut flight, generation) = match self.submit(cmd) {
-            Ok(submitted) => submitted,
-            Err((e, _)) => {
-                self.end_access(ctx);
-                return Ok(Err(e));
-            }
-        };
-        self.set_waiter(ctx, flight.token());
-        let mut failure = None;
-        let result = loop {
-            if let Some(fault) = self.take_fault(ctx) {
-                let (next, error) = match resolve(&fault) {
-                    Ok(()) => (opcode::REPLAY, None),
-                    Err(e) => (opcode::CANCEL, Some(e)),
-                };
-                match self.execute(next, ctx, &[]) {
-                    Err(e) => break Err(e),
-                    // Nothing parked: the event was spurious.
-                    Ok(r) if r.status == abi::status::BAD_CONTEXT => self.note_spurious(&fault),
-                    Ok(_) => {
-                        if error.is_some() {
-                            failure = error;
-                        } else {
-                            *faults += 1;
-                        }
-                    }
-                }
-                continue;
-            }
-            match self.wait(&mut flight, generation) {
-                Ok(Wait::Done(resp)) => break Ok(resp),
-                Ok(Wait::Woken) => continue,
-                Err(e) => break Err(e),
-            }
-        };
-        self.end_access(ctx);
-        match (result, failure) {
-            (Err(e), _) if e == ECANCELED => match flight.into_command() {
-                Some(cmd) => Err(Resubmit(cmd)),
-                None => Ok(Err(EIO)),
-            },
-            (Ok(_), Some(e)) => Ok(Err(e)),
-            (result, _) => Ok(result),
-        }
-    }
-
-    /// Allocates a device MMU context and creates it on the device.
-    pub(crate) fn ctx_create(&self) -> Result<u32> {
-        let ctx = {
-            let mut contexts = self.contexts.lock();
-            let free = contexts.slots.iter().position(|s| !s.used);
-            let index = match free {
-                Some(i) => i,
-                None => {
-                    if contexts.slots.len() >= abi::MAX_CONTEXTS as usize {
-                        return Err(EBUSY);
-                    }
-                    contexts.slots.push(CtxSlot::new(false), GFP_ATOMIC)?;
-                    contexts.slots.len() - 1
-                }
-            };
-            contexts.slots[index] = CtxSlot::new(true);
-            index as u32 + 1
-        };
-        let mut result = self.execute(opcode::CTX_CREATE, ctx, &[]);
-        if matches!(result, Ok(r) if r.status == abi::status::BAD_CONTEXT) {
-            // Left over from a previous driver instance (the device keeps
-            // contexts until it is reset): recreate it empty.
-            let _ = self.execute(opcode::CTX_DESTROY, ctx, &[]);
-            result = self.execute(opcode::CTX_CREATE, ctx, &[]);
-        }
-        match result {
-            Ok(r) if r.status == abi::status::OK => Ok(ctx),
-            other => {
-                self.contexts.lock().slots[ctx as usize - 1].used = false;
-                pr_err!("hmmgpu{}: CTX_CREATE {} failed: {:?}\n", self.index, ctx, other.map(|r| r.status));
-                Err(EIO)
-            }
-        }
-    }
-
-    /// Destroys a context created by [`Gpu::ctx_create`].
-    pub(crate) fn ctx_destroy(&self, ctx: u32) {
-        // Best effort: a dead device has no contexts to destroy.
-        let _ = self.execute(opcode::CTX_DESTROY, ctx, &[]);
-        self.contexts.lock().slots[ctx as usize - 1] = CtxSlot::new(false);
-    }
-
-    /// Marks an access of [span.0, span.1) in flight on `ctx`, dropping any
-    /// stale fault.
-    fn begin_access(&self, ctx: u32, span: (u64, u64)) {
-        if let Some(slot) = self.contexts.lock().slots.get_mut(ctx as usize - 1) {
-            slot.access = Some(span);
-            slot.fault = None;
-        }
-    }
-
-    fn set_waiter(&self, ctx: u32, waiter: *mut shim::Cmd) {
-        if let Some(slot) = self.contexts.lock().slots.get_mut(ctx as usize - 1) {
-            slot.waiter = waiter;
-        }
-    }
-
-    /// The access of `ctx` is over: later FAULT events for it are spurious.
-    fn end_access(&self, ctx: u32) {
-        if let Some(slot) = self.contexts.lock().slots.get_mut(ctx as usize - 1) {
-            slot.waiter = ptr::null_mut();
-            slot.access = None;
-            slot.fault = None;
-        }
-    }
-
-    /// Counts a FAULT event no command was parked on (logged once: a fault
-    /// storm would flood the console).
-    fn note_spurious(&self, event: &Event) {
-        self.counters.spurious_faults.fetch_add(1, Ordering::Relaxed);
-        if !self.spurious_logged.swap(true, Ordering::Relaxed) {
-            pr_info!(
-                "hmmgpu{}: ignoring a FAULT event no command waits on (context {}, address {:#x}); further ones are only counted (debugfs counters)\n",
-                self.index,
-                event.ctx,
-                event.addr
-            );
-        }
-    }
-
-    fn take_fault(&self, ctx: u32) -> Option<Event> {
-        self.contexts.lock().slots.get_mut(ctx as usize - 1)?.fault.take()
-    }
-
-    /// An event from the device (interrupt context). A FAULT event counts
-    /// only if an access of its context is in flight and the address is in
-    /// it; it then wakes the waiter, which resolves and replays. Anything
-    /// else is counted as spurious and dropped: O(1) work per event, so a
-    /// storm of them cannot livelock the driver.
-    fn on_event(&self, event: Event) {
-        if event.kind == abi::event::ECC {
-            self.on_ecc_event(&event);
-            return;
-        }
-        if event.kind != abi::event::FAULT {
-            pr_warn!("hmmgpu{}: unknown event kind {}\n", self.index, event.kind);
-            return;
-        }
-        self.counters.fault_events.fetch_add(1, Ordering::Relaxed);
-        let mut contexts = self.contexts.lock();
-        let slot = (event.ctx as usize).checked_sub(1).and_then(|i| contexts.slots.get_mut(i));
-        let Some(slot) = slot.filter(|s| matches!(s.access, Some((a, b)) if a <= event.addr && event.addr < b)) else {
-            drop(contexts);
-            self.note_spurious(&event);
-            return;
-        };
-        match &slot.fault {
-            // Already pending: the waiter resolves from the lower address.
-            Some(pending) => {
-                if event.addr < pending.addr {
-                    slot.fault = Some(event);
-                }
-            }
-            None => {
-                slot.fault = Some(event);
-                if !slot.waiter.is_null() {
-                    // SAFETY: the waiter's command is in flight until it
-                    // clears itself under this lock.
-                    unsafe { shim::hmmgpu_shim_cmd_wake(slot.waiter) };
-                }
-            }
-        }
-    }
-
-    /// Reads the device's counters (COUNTERS command).
-    pub(crate) fn counters(&self) -> Result<[u64; abi::counter::COUNT]> {
-        let mut buf = KVec::<u8>::with_capacity(abi::counter::BLOCK_SIZE, GFP_KERNEL)?;
-        buf.extend_with(abi::counter::BLOCK_SIZE, 0, GFP_KERNEL)?;
-        // SAFETY: kmalloc'd, in the direct map.
-        let phys = unsafe { shim::hmmgpu_shim_virt_to_phys(buf.as_mut_ptr().cast()) };
-        let range = Range { src: 0, dst: phys, len: abi::counter::BLOCK_SIZE as u32, flags: 0 };
-        let resp = self.execute(opcode::COUNTERS, 0, &[range])?;
-        if resp.status != abi::status::OK {
-            return Err(EIO);
-        }
-        let mut out = [0u64; abi::counter::COUNT];
-        for (i, v) in out.iter_mut().enumerate() {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&buf[i * 8..i * 8 + 8]);
-            *v = u64::from_le_bytes(b);
-        }
-        Ok(out)
-    }
-
-    /// Runs every range of `list` as `opcode` (COPY or FILL); fails with EIO
-    /// if the device reports an error for any of them.
-    pub(crate) fn run(&self, opcode: u32, list: &RangeList) -> Result<u64> {
-        self.run_ctx(opcode, 0, list)
-    }
-
-    /// [`Gpu::run`] for an opcode of context `ctx` (MAP, UNMAP).
-    /// Allocates: not under the mirror lock (see [`Gpu::prepare`]).
-    pub(crate) fn run_ctx(&self, opcode: u32, ctx: u32, list: &RangeList) -> Result<u64> {
-        self.run_prepared(self.prepare(opcode, ctx, list)?)
-    }
-
-    fn probe(vdev: *mut shim::VirtioDevice) -> Result<Arc<Gpu>> {
-        let mut raw = [0u8; DeviceConfig::SIZE];
-        // SAFETY: `vdev` is being probed; the buffer is `raw.len()` bytes.
-        unsafe {
-            shim::hmmgpu_shim_read_config(vdev, 0, raw.as_mut_ptr().cast(), raw.len())
-        };
-        let config = DeviceConfig::from_bytes(&raw).ok_or(EINVAL)?;
-        if config.magic != abi::CONFIG_MAGIC || config.version != abi::ABI_VERSION {
-            pr_err!(
-                "hmmgpu: unsupported device (magic {:#x}, version {})\n",
-                config.magic,
-                config.version
-            );
-            return Err(ENODEV);
-        }
-        // Two halves (private, coherent), each a whole number of the 2 MiB
-        // subsections memremap_pages() works in.
-        if config.page_size as u64 != abi::PAGE_SIZE
-            || config.vram_size < MIN_VRAM
-            || config.vram_size % MIN_VRAM != 0
-        {
-            pr_err!(
-                "hmmgpu: unusable config: page size {} (need 4096), VRAM {} bytes (need a multiple of 4 MiB)\n",
-                config.page_size,
-                config.vram_size
-            );
-            return Err(EINVAL);
-        }
-        // SAFETY: reads a kernel constant.
-        if !unsafe { shim::hmmgpu_shim_pmd_is_2m() } {
-            pr_err!("hmmgpu: needs 2 MiB PMDs (4 KiB pages; on ppc64, the radix MMU)\n");
-            return Err(ENODEV);
-        }
-        let (mut bar, mut bar_len) = (0u64, 0u64);
-        // SAFETY: `vdev` is being probed; out-pointers are valid.
-        if !unsafe { shim::hmmgpu_shim_get_shm(vdev, abi::SHM_ID_VRAM, &mut bar, &mut bar_len) } {
-            pr_err!("hmmgpu: the device has no VRAM shared memory region\n");
-            return Err(ENODEV);
-        }
-        if bar_len != config.vram_size {
-            pr_err!(
-                "hmmgpu: VRAM region is {} bytes but config says {}\n",
-                bar_len,
-                config.vram_size
-            );
-            return Err(EINVAL);
-        }
-
-        let index = claim_index()?;
-        let gpu = Self::create(vdev, index, config, bar).inspect_err(|_| release_index(index))?;
-        Ok(gpu)
-    }
-
-    fn create(
-        vdev: *mut shim::VirtioDevice,
-        index: u32,
-        config: DeviceConfig,
-        vram_bar: u64,
-    ) -> Result<Arc<Gpu>> {
-        // SAFETY: `vdev` is being probed.
-        let queues = unsafe { shim::hmmgpu_shim_queues_create(vdev) };
-        if shim::is_err(queues) {
-            return Err(shim::ptr_err(queues));
-        }
-        let half = config.vram_size / 2;
-        let vram = Vram::new(index, MemKind::Private, 0, half)
-            .and_then(|private| Ok((private, Vram::new(index, MemKind::Coherent, half, half)?)));
-        let (private, coherent) = match vram {
-            Ok(v) => v,
-            Err(e) => {
-                // SAFETY: the queue was created on this device.
-                unsafe { shim::hmmgpu_shim_device_reset(vdev) };
-                return Err(e);
-            }
-        };
-        let gpu = Arc::pin_init(
-            try_pin_init!(Gpu {
-                vdev,
-                index,
-                config,
-                vram_bar,
-                queues: Queues::new(queues),
-                queues_live <- new_mutex!(true),
-                reset_lock <- new_mutex!(()),
-                resets: AtomicU64::new(0),
-                contexts <- new_spinlock_irq!(Contexts { slots: KVec::new() }),
-                private <- private,
-                coherent <- coherent,
-                dead: AtomicBool::new(false),
-                lost: AtomicBool::new(false),
-                canary: AtomicPtr::new(ptr::null_mut()),
-                link_down: AtomicBool::new(false),
-                tags: AtomicU64::new(0),
-                counters: DriverCounters::default(),
-                spurious_logged: AtomicBool::new(false),
-                ecc_dropped_logged: AtomicBool::new(false),
-                debugfs: AtomicPtr::new(ptr::null_mut()),
-                mirror_devs <- new_mutex!(KVec::new()),
-                ecc_queue <- new_spinlock_irq!(EccQueue::new()),
-                ecc_work <- new_work!("hmmgpu::ecc_work"),
-                ecc_stopped <- new_mutex!(false),
-            }),
-            GFP_KERNEL,
-        );
-        let gpu = match gpu {
-            Ok(gpu) => gpu,
-            Err(e) => {
-                // SAFETY: the queue was created on this device.
-                unsafe { shim::hmmgpu_shim_device_reset(vdev) };
-                return Err(e);
-            }
-        };
-        // SAFETY: the queues are set up; the device may start.
-        unsafe { shim::hmmgpu_shim_device_ready(vdev) };
-        if let Err(e) = gpu.queues.start_events(gpu.as_cookie()) {
-            gpu.stop_ecc_work();
-            // SAFETY: the device was set up above.
-            unsafe { shim::hmmgpu_shim_device_reset(vdev) };
-            gpu.flush_ecc_work();
-            return Err(e);
-        }
-
-        // A devm action registered before the pagemap holds a reference, so
-        // page callbacks always find the Gpu until the pages are unmapped.
-        // SAFETY: `vdev` is being probed.
-        let dev = unsafe { shim::hmmgpu_shim_vdev_dev(vdev) };
-        let cookie = Arc::into_raw(gpu.clone()).cast_mut().cast::<c_void>();
-        // SAFETY: `cookie` is an `Arc<Gpu>` reference; the action drops it.
-        let ret = unsafe { shim::hmmgpu_shim_devm_put_on_release(dev, cookie) };
-        let result = if ret < 0 {
-            // The shim already dropped the reference on failure.
-            Err(Error::from_errno(ret))
-        } else {
-            gpu.private.register(dev, gpu.vram_bar, gpu.as_cookie())
-        };
-        let result = result.and_then(|()| {
-            let md = MirrorDevice::register(gpu.clone(), MemKind::Private)?;
-            gpu.mirror_devs.lock().push(md, GFP_KERNEL)?;
-            Ok(())
-        });
-        if let Err(e) = result {
-            gpu.dead.store(true, Ordering::Release);
-            gpu.stop_ecc_work();
-            // SAFETY: the device was set up above.
-            unsafe { shim::hmmgpu_shim_device_reset(vdev) };
-            gpu.flush_ecc_work();
-            return Err(e);
-        }
-        gpu.log_registered(&gpu.private);
-        // SAFETY: the Gpu outlives the directory (removed in `remove`).
-        let dir = unsafe { shim::hmmgpu_shim_debugfs_create(index, gpu.as_cookie()) };
-        gpu.debugfs.store(dir, Ordering::Release);
-        // The coherent personality needs memremap_pages() to accept the BAR;
-        // without it the private one still works, and the log says why.
-        let coherent = gpu.coherent.register(dev, gpu.vram_bar, gpu.as_cookie()).and_then(|()| {
-            let md = MirrorDevice::register(gpu.clone(), MemKind::Coherent)?;
-            gpu.mirror_devs.lock().push(md, GFP_KERNEL)?;
-            Ok(())
-        });
-        match coherent {
-            Ok(()) => {
-                gpu.log_registered(&gpu.coherent);
-                gpu.set_canary();
-            }
-            Err(e) => pr_err!(
-                "hmmgpu{}: device-coherent VRAM not registered ({:?}): /dev/hmm_dmirror{} is not available\n",
-                index,
-                e,
-                index + MAX_GPUS
-            ),
-        }
-        Ok(gpu)
-    }
-
-    fn log_registered(&self, vram: &Vram) {
-        let minor = match vram.kind() {
-            MemKind::Private => self.index,
-            MemKind::Coherent => self.index + MAX_GPUS,
-        };
-        pr_info!(
-            "hmmgpu{}: registered {} MiB VRAM (BAR at {:#x}) as {} memory, pfns {:#x}..{:#x}, uAPI /dev/hmm_dmirror{}\n",
-            self.index,
-            vram.size() >> 20,
-            self.vram_bar,
-            vram.kind().name(),
-            vram.pfn_first(),
-            vram.pfn_first() + vram.pages(),
-            minor
-        );
-    }
-
-    fn remove(&self) {
-        // Before the canary and the VRAM go: the ECC work touches both.
-        self.stop_ecc_work();
-        let dir = self.debugfs.swap(ptr::null_mut(), Ordering::AcqRel);
-        // SAFETY: created in `create`; removal waits for open readers.
-        unsafe { shim::hmmgpu_shim_debugfs_remove(dir) };
-        // No new opens; open files see ENODEV from now on, except the
-        // eviction below which still needs the device.
-        let devs = core::mem::take(&mut *self.mirror_devs.lock());
-        drop(devs);
-        // A link that went down since the last operation is noticed here.
-        self.link_ok();
-        let canary = self.canary.swap(ptr::null_mut(), Ordering::AcqRel);
-        if !canary.is_null() {
-            // SAFETY: the canary page, locked since its allocation; this
-            // unlocks it and drops the last reference (its VRAM is freed).
-            unsafe { shim::hmmgpu_shim_free_sys_page(canary) };
-        }
-        // Commands still run (the queue does not look at `dead`), so the
-        // eviction can copy VRAM back.
-        self.dead.store(true, Ordering::Release);
-        let evicted = migrate::evict_all(self, &self.private) + migrate::evict_all(self, &self.coherent);
-        self.private.reclaim_deferred();
-        self.coherent.reclaim_deferred();
-        match self.counters() {
-            Ok(c) => {
-                pr_info!("hmmgpu{}: device counters:\n", self.index);
-                for (name, value) in abi::counter::NAMES.iter().zip(c.iter()) {
-                    pr_info!("hmmgpu{}:   {} {}\n", self.index, name, value);
-                }
-            }
-            Err(e) => pr_warn!("hmmgpu{}: cannot read device counters: {:?}\n", self.index, e),
-        }
-        pr_info!(
-            "hmmgpu{}: removed; {} pages evicted to system memory, {} of {} KiB VRAM free, {} KiB retired\n",
-            self.index,
-            evicted,
-            (self.private.avail() + self.coherent.avail()) >> 10,
-            self.config.vram_size >> 10,
-            ((self.private.retired_pages() + self.coherent.retired_pages()) * abi::PAGE_SIZE) >> 10
-        );
-        *self.queues_live.lock() = false;
-        // SAFETY: the device is bound; nothing submits any more.
-        unsafe { shim::hmmgpu_shim_device_reset(self.vdev) };
-        // No more events: an ECC work queued until now finds it stopped.
-        self.flush_ecc_work();
-        release_index(self.index);
-    }
-}
-
-fn claim_index() -> Result<u32> {
-    loop {
-        let used = GPU_INDICES.load(Ordering::Acquire);
-        let index = (!used).trailing_zeros();
-        if index >= MAX_GPUS {
-            pr_err!("hmmgpu: at most {} GPUs are supported\n", MAX_GPUS);
-            return Err(EBUSY);
-        }
-        if GPU_INDICES
-            .compare_exchange(used, used | (1 << index), Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            return Ok(index);
-        }
-    }
-}
-
-fn release_index(index: u32) {
-    GPU_INDICES.fetch_and(!(1 << index), Ordering::AcqRel);
-}
-
-/// Called by the shim's virtio probe.
-#[no_mangle]
-pub(crate) extern "C" fn hmmgpu_rust_probe(vdev: *mut shim::VirtioDevice) -> core::ffi::c_int {
-    match Gpu::probe(vdev) {
-        Ok(gpu) => {
-            let raw = Arc::into_raw(gpu).cast_mut().cast::<c_void>();
-            // SAFETY: `vdev` is being probed; the reference is dropped in remove.
-            unsafe { shim::hmmgpu_shim_set_priv(vdev, raw) };
-            0
-        }
-        Err(e) => e.to_errno(),
-    }
-}
-
-/// Called by the shim's virtio remove.
-#[no_mangle]
-pub(crate) extern "C" fn hmmgpu_rust_remove(vdev: *mut shim::VirtioDevice) {
-    // SAFETY: probe stored an `Arc<Gpu>` in priv.
-    let gpu = unsafe { Arc::from_raw(shim::hmmgpu_shim_get_priv(vdev).cast::<Gpu>()) };
-    gpu.remove();
-    // SAFETY: `vdev` is being removed.
-    unsafe { shim::hmmgpu_shim_set_priv(vdev, core::ptr::null_mut()) };
-}
-
-/// Called by the shim's virtio reset_prepare (a PCI function or bus reset).
-#[no_mangle]
-pub(crate) extern "C" fn hmmgpu_rust_reset_prepare(vdev: *mut shim::VirtioDevice) {
-    // SAFETY: probe stored an `Arc<Gpu>` in priv; the driver stays bound
-    // across a reset (the PCI core holds the device lock).
-    let gpu = unsafe { &*shim::hmmgpu_shim_get_priv(vdev).cast::<Gpu>() };
-    gpu.reset_prepare();
-}
-
-/// Called by the shim's virtio reset_done.
-#[no_mangle]
-pub(crate) extern "C" fn hmmgpu_rust_reset_done(vdev: *mut shim::VirtioDevice) -> core::ffi::c_int {
-    // SAFETY: as in `hmmgpu_rust_reset_prepare`.
-    let gpu = unsafe { &*shim::hmmgpu_shim_get_priv(vdev).cast::<Gpu>() };
-    match gpu.reset_done() {
-        Ok(()) => 0,
-        Err(e) => e.to_errno(),
-    }
-}
-
-/// Called by the devm action registered in probe: drops its reference.
-#[no_mangle]
-pub(crate) extern "C" fn hmmgpu_rust_gpu_put(cookie: *mut c_void) {
-    // SAFETY: `cookie` came from `Arc::into_raw` in `Gpu::create`.
-    drop(unsafe { Arc::from_raw(cookie.cast::<Gpu>()) });
-}
-
-/// `dev_pagemap_ops.folio_free` for our device pages.
-#[no_mangle]
-pub(crate) extern "C" fn hmmgpu_rust_folio_free(vram: *mut c_void, page: *mut shim::Page) {
-    // SAFETY: the pgmap owner is a `Vram` inside a `Gpu` kept alive by the
-    // devm action until the pages are unmapped.
-    let vram = unsafe { &*vram.cast::<Vram>() };
-    vram.page_freed(page);
-}
-
-/// An event from the device's event queue (interrupt context).
-#[no_mangle]
-pub(crate) extern "C" fn hmmgpu_rust_event(cookie: *mut c_void, buf: *const u8, len: core::ffi::c_uint) {
-    // SAFETY: the events were started with a `Gpu` cookie that outlives the queues.
-    let gpu = unsafe { &*cookie.cast::<Gpu>() };
-    // SAFETY: the shim hands us its event buffer of at least `len` bytes.
-    let bytes = unsafe { core::slice::from_raw_parts(buf, len as usize) };
-    match Event::from_bytes(bytes) {
-        Some(event) => gpu.on_event(event),
-        None => pr_warn!("hmmgpu{}: short event ({} bytes)\n", gpu.index, len),
-    }
-}
-
-/// debugfs `counters`: the device's counters, read with COUNTERS, one
-/// `name value` line each. Returns the length written into `buf`.
-#[no_mangle]
-pub(crate) extern "C" fn hmmgpu_rust_format_counters(cookie: *mut c_void, buf: *mut u8, len: usize) -> core::ffi::c_long {
-    // SAFETY: the debugfs file is removed before the Gpu goes away.
-    let gpu = unsafe { &*cookie.cast::<Gpu>() };
-    // SAFETY: the shim hands a buffer of `len` bytes.
-    let out = unsafe { core::slice::from_raw_parts_mut(buf, len) };
-    let counters = match gpu.counters() {
-        Ok(c) => c,
-        Err(e) => return e.to_errno() as core::ffi::c_long,
-    };
-    let mut w = SliceWriter { buf: out, pos: 0 };
-    let c = &gpu.counters;
-    let driver = [
-        ("driver_fault_events", c.fault_events.load(Ordering::Relaxed)),
-        ("driver_spurious_faults", c.spurious_faults.load(Ordering::Relaxed)),
-        ("driver_copy_errors", c.copy_errors.load(Ordering::Relaxed)),
-        ("driver_polled_completions", gpu.queues.polled_completions()),
-        ("driver_resets", gpu.resets.load(Ordering::Relaxed)),
-        ("driver_ecc_events", c.ecc_events.load(Ordering::Relaxed)),
-        ("driver_ecc_dropped", c.ecc_dropped.load(Ordering::Relaxed)),
-        (
-            "driver_retired_pages",
-            gpu.private.retired_pages() + gpu.coherent.retired_pages(),
-        ),
-    ];
-    let device = abi::counter::NAMES.iter().copied().zip(counters.iter().copied());
-    for (name, value) in Iterator::chain(device, driver) {
-        if core::fmt::Write::write_fmt(&mut w, format_args!("{} {}\n", name, value)).is_err() {
-            return ENOSPC.to_errno() as core::ffi::c_long;
-        }
-    }
-    w.pos as core::ffi::c_long
-}
-
-/// debugfs `vram`: per half of the VRAM its offset, size, first device pfn,
-/// free bytes and retired pages, then the link canary's VRAM offset. Tests
-/// use it to tell a page's VRAM offset from its pfn (/proc/self/pagemap).
-/// Returns the length written into `buf`.
-#[no_mangle]
-pub(crate) extern "C" fn hmmgpu_rust_format_vram(cookie: *mut c_void, buf: *mut u8, len: usize) -> core::ffi::c_long {
-    // SAFETY: the debugfs file is removed before the Gpu goes away.
-    let gpu = unsafe { &*cookie.cast::<Gpu>() };
-    // SAFETY: the shim hands a buffer of `len` bytes.
-    let out = unsafe { core::slice::from_raw_parts_mut(buf, len) };
-    let mut w = SliceWriter { buf: out, pos: 0 };
-    let mut result = Ok(());
-    for vram in [&gpu.private, &gpu.coherent] {
-        // Pages freed by now count as free.
-        vram.reclaim_deferred();
-        result = result.and_then(|()| {
-            core::fmt::Write::write_fmt(
-                &mut w,
-                format_args!(
-                    "{} base {:#x} size {:#x} pfn_first {:#x} free {:#x} retired {}\n",
-                    match vram.kind() {
-                        MemKind::Private => "private",
-                        MemKind::Coherent => "coherent",
-                    },
-                    vram.base(),
-                    vram.size(),
-                    vram.pfn_first(),
-                    vram.avail(),
-                    vram.retired_pages()
-                ),
-            )
-        });
-    }
-    let canary = gpu.canary_pfn().and_then(|pfn| gpu.coherent.offset_of_pfn(pfn));
-    result = result.and_then(|()| match canary {
-        Some(offset) => core::fmt::Write::write_fmt(&mut w, format_args!("canary {:#x}\n", offset)),
-        None => core::fmt::Write::write_str(&mut w, "canary none\n"),
-    });
-    match result {
-        Ok(()) => w.pos as core::ffi::c_long,
-        Err(_) => ENOSPC.to_errno() as core::ffi::c_long,
-    }
-}
-
-/// `core::fmt::Write` into a byte slice.
-struct SliceWriter<'a> {
-    buf: &'a mut [u8],
-    pos: usize,
-}
-
-impl core::fmt::Write for SliceWriter<'_> {
-    fn write_str(&mut self, s: &str) -> core::fmt::Result {
-        let end = self.pos.checked_add(s.len()).ok_or(core::fmt::Error)?;
-        self.buf.get_mut(self.pos..end).ok_or(core::fmt::Error)?.copy_from_slice(s.as_bytes());
-        self.pos = end;
-        Ok(())
+    /// A new `Arc` of this GPU from its foreign reference.
+    fn arc(&self, foreign: *mut c_void) -> Arc<Gpu> {
+        // SAFETY: `foreign` is this GPU's foreign reference, alive while it
+        // is bound (its devm action runs after remove).
+        let gpu = unsafe { <Arc<Gpu> as kernel::types::ForeignOwnable>::borrow(foreign) };
+        Arc::from(gpu)
     }
 }

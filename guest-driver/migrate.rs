@@ -3,99 +3,121 @@
 //! Migration between system memory and VRAM with migrate_vma_* and
 //! migrate_device_*, every byte moved by the device's copy engine.
 
-use crate::abi::{self, opcode, range_flags, PAGE_SIZE};
+use crate::abi::{self, Opcode, RangeFlags, PAGE_SIZE};
 use crate::gpu::Gpu;
+use crate::pages::{self, MigratePfn, PageRef};
 use crate::queue::RangeList;
-use crate::shim::{self, Migrate};
+use crate::shim::{self, c_const, MigrateVmaRaw};
 use crate::vram::{MemKind, Vram, HUGE_ORDER};
-use core::ffi::c_ulong;
-use core::ptr;
+use core::ptr::{self, NonNull};
+use kernel::bindings;
+use kernel::ffi::c_ulong;
+use kernel::mm::{virt::VmaRef, MmWithUser};
 use kernel::prelude::*;
-
-fn mpfn_valid() -> c_ulong {
-    // SAFETY: constant exported by the shim.
-    unsafe { shim::hmmgpu_MIGRATE_PFN_VALID }
-}
-
-fn mpfn_migrate() -> c_ulong {
-    // SAFETY: constant exported by the shim.
-    unsafe { shim::hmmgpu_MIGRATE_PFN_MIGRATE }
-}
-
-fn mpfn_write() -> c_ulong {
-    // SAFETY: constant exported by the shim.
-    unsafe { shim::hmmgpu_MIGRATE_PFN_WRITE }
-}
 
 /// Most pages one migrate_vma step covers (2 MiB: one PMD, one THP).
 pub(crate) fn max_pages() -> usize {
-    // SAFETY: constant exported by the shim.
-    unsafe { shim::hmmgpu_MIGRATE_MAX_PAGES as usize }
+    c_const!(hmmgpu_MIGRATE_MAX_PAGES)
 }
 
-fn page_phys(page: *mut shim::Page) -> u64 {
-    // SAFETY: `page` is a valid struct page.
-    (unsafe { shim::hmmgpu_shim_page_to_pfn(page) } as u64) * PAGE_SIZE
+/// Whether a PMD maps 2 MiB (4 KiB pages; on ppc64, the radix MMU), which
+/// the device's huge pages and [`max_pages`] assume.
+pub(crate) fn pmd_is_2m() -> bool {
+    // SAFETY: reads a kernel constant.
+    unsafe { shim::hmmgpu_pmd_is_2m() }
 }
 
-/// A `struct hmmgpu_migrate` (migrate_vma plus its pfn arrays), freed on drop.
-pub(crate) struct MigrateArgs(*mut Migrate);
+/// Pages of a THP.
+const HUGE_PAGES: usize = 1 << HUGE_ORDER;
+
+/// Which pages a migrate_vma selects.
+#[derive(Clone, Copy)]
+enum Select {
+    /// System memory (to VRAM).
+    System,
+    /// The device pages of one VRAM share (back to system memory).
+    Device(MemKind),
+}
+
+impl Select {
+    /// The MIGRATE_VMA_SELECT_* flags, `compound` for THPs whole.
+    fn flags(self, compound: bool) -> c_ulong {
+        let select = match self {
+            Select::System => c_const!(hmmgpu_MIGRATE_VMA_SELECT_SYSTEM),
+            Select::Device(MemKind::Private) => c_const!(hmmgpu_MIGRATE_VMA_SELECT_DEVICE_PRIVATE),
+            Select::Device(MemKind::Coherent) => {
+                c_const!(hmmgpu_MIGRATE_VMA_SELECT_DEVICE_COHERENT)
+            }
+        };
+        if compound {
+            select | c_const!(hmmgpu_MIGRATE_VMA_SELECT_COMPOUND)
+        } else {
+            select
+        }
+    }
+}
+
+/// A `struct migrate_vma` and its src/dst arrays of [`max_pages`] entries.
+pub(crate) struct MigrateArgs {
+    args: NonNull<MigrateVmaRaw>,
+    src: KVec<MigratePfn>,
+    dst: KVec<MigratePfn>,
+}
 
 impl MigrateArgs {
     pub(crate) fn new() -> Result<Self> {
-        // SAFETY: plain allocation.
-        let m = unsafe { shim::hmmgpu_shim_migrate_alloc() };
-        if m.is_null() {
-            return Err(ENOMEM);
-        }
-        Ok(Self(m))
+        let mut src = KVec::with_capacity(max_pages(), GFP_KERNEL)?;
+        let mut dst = KVec::with_capacity(max_pages(), GFP_KERNEL)?;
+        src.extend_with(max_pages(), MigratePfn::NONE, GFP_KERNEL)?;
+        dst.extend_with(max_pages(), MigratePfn::NONE, GFP_KERNEL)?;
+        // SAFETY: plain allocation, freed on drop.
+        let args = NonNull::new(unsafe { shim::hmmgpu_migrate_vma_alloc() }).ok_or(ENOMEM)?;
+        Ok(Self { args, src, dst })
     }
 
-    fn src(&mut self, n: usize) -> &mut [c_ulong] {
-        // SAFETY: the array has `max_pages()` entries; `n` is at most that.
-        unsafe { core::slice::from_raw_parts_mut(shim::hmmgpu_shim_migrate_src(self.0), n) }
+    /// The first `n` entries of the src and dst arrays.
+    fn src_dst(&mut self, n: usize) -> (&mut [MigratePfn], &mut [MigratePfn]) {
+        let n = core::cmp::min(n, max_pages());
+        (&mut self.src[..n], &mut self.dst[..n])
     }
 
-    fn src_dst(&mut self, n: usize) -> (&[c_ulong], &mut [c_ulong]) {
-        // SAFETY: as for `src`; the two arrays do not overlap.
-        unsafe {
-            (
-                core::slice::from_raw_parts(shim::hmmgpu_shim_migrate_src(self.0), n),
-                core::slice::from_raw_parts_mut(shim::hmmgpu_shim_migrate_dst(self.0), n),
-            )
-        }
-    }
-}
-
-impl MigrateArgs {
-    /// migrate_vma_setup() for [start, end) of `vma`, selecting `select`
-    /// pages (`shim::SELECT_SYSTEM` or a `MemKind` code) of `vram`'s owner.
+    /// migrate_vma_setup() for [start, end) of `vma` (at most
+    /// `max_pages()` pages), selecting `select` pages of `vram`'s owner;
+    /// `fault_page` is the page of a migrate_to_ram() fault.
     ///
     /// # Safety
     ///
     /// `vma` must be locked for the whole migration (mmap lock, or the fault
-    /// handler's lock), [start, end) inside it and at most `max_pages()`
-    /// pages; `fault_page` is NULL or the page of a migrate_to_ram() fault.
+    /// handler's lock) and [start, end) inside it; `fault_page` is NULL or
+    /// the page of the migrate_to_ram() fault being handled.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn setup(
         &mut self,
-        vma: *mut shim::Vma,
+        vma: *mut bindings::vm_area_struct,
         start: u64,
         end: u64,
         vram: &Vram,
-        select: core::ffi::c_int,
+        select: Select,
         compound: bool,
-        fault_page: *mut shim::Page,
+        fault_page: *mut bindings::page,
     ) -> Result {
-        // SAFETY: per this function's contract.
+        if (end - start) / PAGE_SIZE > max_pages() as u64 {
+            return Err(EINVAL);
+        }
+        self.dst.fill(MigratePfn::NONE);
+        // SAFETY: per this function's contract; the arrays have room for
+        // the range and stay put until the migration is finalized (they
+        // are only reached through `&mut self`).
         let ret = unsafe {
-            shim::hmmgpu_shim_migrate_setup(
-                self.0,
+            shim::hmmgpu_migrate_vma_setup(
+                self.args.as_ptr(),
                 vma,
                 start as c_ulong,
                 end as c_ulong,
+                self.src.as_mut_ptr().cast(),
+                self.dst.as_mut_ptr().cast(),
                 vram.owner(),
-                select,
-                compound,
+                select.flags(compound),
                 fault_page,
             )
         };
@@ -104,42 +126,76 @@ impl MigrateArgs {
         }
         Ok(())
     }
+
+    /// migrate_vma_pages() then migrate_vma_finalize(), after a setup.
+    fn pages_and_finalize(&mut self) {
+        self.pages();
+        self.finalize();
+    }
+
+    /// migrate_vma_pages(): migrates the entries with a dst page.
+    fn pages(&mut self) {
+        // SAFETY: called after a successful setup (every caller does).
+        unsafe { shim::migrate_vma_pages(self.args.as_ptr()) }
+    }
+
+    /// migrate_vma_finalize(): ends the migration, unlocking the pages.
+    fn finalize(&mut self) {
+        // SAFETY: called after a successful setup (every caller does).
+        unsafe { shim::migrate_vma_finalize(self.args.as_ptr()) }
+    }
+
+    /// [`device_range`] into the src array.
+    fn device_range(&mut self, start_pfn: u64, n: usize) -> Result {
+        device_range(self.src_dst(n).0, start_pfn)
+    }
+
+    /// [`device_finish`] of a [`MigrateArgs::device_range`] of `n` pages.
+    fn device_finish(&mut self, n: usize) {
+        let (src, dst) = self.src_dst(n);
+        device_finish(src, dst);
+    }
 }
 
 impl Drop for MigrateArgs {
     fn drop(&mut self) {
-        // SAFETY: allocated by `hmmgpu_shim_migrate_alloc`.
-        unsafe { shim::hmmgpu_shim_migrate_free(self.0) };
+        // SAFETY: allocated (kzalloc) by `hmmgpu_migrate_vma_alloc`.
+        unsafe { bindings::kfree(self.args.as_ptr().cast()) };
     }
 }
 
-fn mpfn_compound() -> c_ulong {
-    // SAFETY: constant exported by the shim.
-    unsafe { shim::hmmgpu_MIGRATE_PFN_COMPOUND }
+/// migrate_device_range(): collects our device pages [start_pfn,
+/// start_pfn + src.len()), whichever process owns them, into `src`.
+/// Callers only pass ranges of their own device pages.
+fn device_range(src: &mut [MigratePfn], start_pfn: u64) -> Result {
+    // SAFETY: `src` has room for its length in entries.
+    let ret = unsafe {
+        shim::migrate_device_range(src.as_mut_ptr().cast(), start_pfn as c_ulong, src.len())
+    };
+    if ret < 0 {
+        return Err(Error::from_errno(ret));
+    }
+    Ok(())
 }
 
-/// Pages of a THP.
-const HUGE_PAGES: usize = 1 << HUGE_ORDER;
-
-/// The 4 KiB pages a migrate entry moves: a THP is one entry, its head's,
-/// marked compound.
-fn entry_pages(entry: c_ulong) -> usize {
-    if entry & mpfn_compound() != 0 {
-        HUGE_PAGES
-    } else {
-        1
+/// migrate_device_pages() and migrate_device_finalize() of a
+/// [`device_range`] into `src` (a NONE dst leaves its page where it is).
+fn device_finish(src: &mut [MigratePfn], dst: &mut [MigratePfn]) {
+    let n = core::cmp::min(src.len(), dst.len());
+    // SAFETY: the arrays of a migrate_device_range() call, `n` entries.
+    unsafe {
+        shim::migrate_device_pages(src.as_mut_ptr().cast(), dst.as_mut_ptr().cast(), n);
+        shim::migrate_device_finalize(src.as_mut_ptr().cast(), dst.as_mut_ptr().cast(), n);
     }
 }
 
-fn page_pfn(page: *mut shim::Page) -> c_ulong {
-    // SAFETY: `page` is a valid struct page.
-    unsafe { shim::hmmgpu_shim_page_to_pfn(page) }
-}
-
-/// The migrate pfn entry for `page`.
-fn mpfn(page: *mut shim::Page) -> c_ulong {
-    // SAFETY: constant conversion of a valid pfn.
-    unsafe { shim::hmmgpu_shim_migrate_pfn(page_pfn(page)) }
+/// Gives back a device folio prepared for a migration that did not happen.
+fn discard_device_folio(entry: MigratePfn) {
+    if let Some(page) = entry.page() {
+        // SAFETY: `entry` holds a device page or THP we prepared (locked,
+        // referenced) that the migration did not take.
+        unsafe { page.unlock_put() };
+    }
 }
 
 /// Fills `dst` with freshly allocated VRAM pages for every migrating entry
@@ -149,20 +205,20 @@ fn mpfn(page: *mut shim::Page) -> c_ulong {
 /// once, as in test_hmm; for a single page it leaves the page behind).
 ///
 /// Entries whose copy failed (COPY_ERROR: the failing range and every later
-/// one; or the device stopped) get their VRAM page back and a zero `dst`, so
+/// one; or the device stopped) get their VRAM page back and a NONE `dst`, so
 /// migrate_vma_pages() leaves those pages in system memory, data intact.
 /// Returns the number of pages whose copy failed.
 fn alloc_and_copy_to_vram(
     gpu: &Gpu,
     vram: &Vram,
-    src: &[c_ulong],
-    dst: &mut [c_ulong],
+    src: &[MigratePfn],
+    dst: &mut [MigratePfn],
     fail_alloc: &mut bool,
 ) -> u64 {
     let mut copies = RangeList::new();
     let mut zeroes = RangeList::new();
     let mut result = Ok(());
-    dst.iter_mut().for_each(|d| *d = 0);
+    dst.fill(MigratePfn::NONE);
     // Which range moves each prepared entry: (dst index, FILL?, range index).
     let Ok(mut placed) = KVec::<(usize, bool, usize)>::with_capacity(src.len(), GFP_KERNEL) else {
         return 0;
@@ -171,7 +227,7 @@ fn alloc_and_copy_to_vram(
     // one if the VRAM is too fragmented for the whole batch).
     let singles = src
         .iter()
-        .filter(|s| **s & mpfn_migrate() != 0 && **s & mpfn_compound() == 0)
+        .filter(|s| s.is_migrating() && !s.is_compound())
         .count();
     let mut batch = match vram.alloc_batch(singles) {
         Ok(b) => b,
@@ -181,35 +237,40 @@ fn alloc_and_copy_to_vram(
     let mut i = 0;
     while i < src.len() && result.is_ok() {
         let s = src[i];
-        if s & mpfn_migrate() == 0 {
+        if !s.is_migrating() {
             i += 1;
             continue;
         }
-        // SAFETY: `s` is a migrate pfn from migrate_vma_setup().
-        let spage = unsafe { shim::hmmgpu_shim_migrate_pfn_to_page(s) };
-        // SAFETY: as above; a NULL page means "not populated, zero".
-        if !spage.is_null() && unsafe { shim::hmmgpu_shim_is_zone_device_page(spage) } {
+        // No page: not populated, zero.
+        let spage = s.page();
+        if spage.is_some_and(|p| p.is_zone_device()) {
             i += 1;
             continue;
         }
-        let sphys = (!spage.is_null()).then(|| page_phys(spage));
-        let write = s & mpfn_write();
-        let mut place = |idx: usize, page: *mut shim::Page, flags: c_ulong, dst_off: u64, src_off: u64, len: u64| -> Result {
+        let sphys = spage.map(|p| p.phys());
+        let writable = s.is_writable();
+        let mut place = |idx: usize,
+                         page: PageRef,
+                         compound: bool,
+                         dst_off: u64,
+                         src_off: u64,
+                         len: u64|
+         -> Result {
             // Set first: on an error below the page is discarded with the rest.
-            dst[idx] = mpfn(page) | write | flags;
+            dst[idx] = MigratePfn::new(page, writable, compound);
             let (fill, range) = match sphys {
                 Some(p) => copies
-                    .push(p + src_off, dst_off, len as u32, range_flags::DST_VRAM)
+                    .push(p + src_off, dst_off, len as u32, RangeFlags::DST_VRAM)
                     .map(|()| (false, copies.len() - 1))?,
                 None => zeroes
-                    .push_fill(0, dst_off, len as u32, range_flags::DST_VRAM)
+                    .push_fill(0, dst_off, len as u32, RangeFlags::DST_VRAM)
                     .map(|()| (true, zeroes.len() - 1))?,
             };
             // Within the capacity reserved above: never allocates.
             placed.push((idx, fill, range), GFP_ATOMIC)?;
             Ok(())
         };
-        if s & mpfn_compound() != 0 {
+        if s.is_compound() {
             let nr = core::cmp::min(HUGE_PAGES, src.len() - i);
             // No device-coherent THPs: the kernel migrates a PMD-mapped
             // coherent folio back only with MIGRATE_VMA_SELECT_SYSTEM (see
@@ -221,13 +282,13 @@ fn alloc_and_copy_to_vram(
                 vram.alloc_page(true)
             };
             if let Ok((page, offset)) = huge {
-                result = place(i, page, mpfn_compound(), offset, 0, abi::HUGE_PAGE_SIZE);
+                result = place(i, page, true, offset, 0, abi::HUGE_PAGE_SIZE);
             } else {
                 for j in 0..nr {
                     let Ok((page, offset)) = single(vram) else {
                         break;
                     };
-                    result = place(i + j, page, 0, offset, j as u64 * PAGE_SIZE, PAGE_SIZE);
+                    result = place(i + j, page, false, offset, j as u64 * PAGE_SIZE, PAGE_SIZE);
                     if result.is_err() {
                         break;
                     }
@@ -242,32 +303,30 @@ fn alloc_and_copy_to_vram(
         }
         // VRAM full: this page stays in system memory.
         if let Ok((page, offset)) = single(vram) {
-            result = place(i, page, 0, offset, 0, PAGE_SIZE);
+            result = place(i, page, false, offset, 0, PAGE_SIZE);
         }
         i += 1;
     }
     if result.is_err() {
         // Out of memory preparing the copy: nothing is migrated.
-        for d in dst.iter_mut().filter(|d| **d != 0) {
-            // SAFETY: `*d` holds a device page or THP prepared above.
-            unsafe { shim::hmmgpu_shim_device_page_discard(shim::hmmgpu_shim_migrate_pfn_to_page(*d)) };
-            *d = 0;
+        for d in dst.iter_mut().filter(|d| !d.is_none()) {
+            discard_device_folio(*d);
+            *d = MigratePfn::NONE;
         }
         return 0;
     }
     // Ranges done in full by each list.
-    let copied = gpu.run_partial(opcode::COPY, &copies).0;
-    let filled = gpu.run_partial(opcode::FILL, &zeroes).0;
+    let copied = gpu.run_partial(Opcode::Copy, &copies).0;
+    let filled = gpu.run_partial(Opcode::Fill, &zeroes).0;
     let mut failed = 0;
     for &(idx, fill, range) in placed.iter() {
         if range < if fill { filled } else { copied } {
             continue;
         }
         // Not copied: give the VRAM back, leave the page where it is.
-        failed += entry_pages(dst[idx]) as u64;
-        // SAFETY: `dst[idx]` holds a device page or THP prepared above.
-        unsafe { shim::hmmgpu_shim_device_page_discard(shim::hmmgpu_shim_migrate_pfn_to_page(dst[idx])) };
-        dst[idx] = 0;
+        failed += dst[idx].pages() as u64;
+        discard_device_folio(dst[idx]);
+        dst[idx] = MigratePfn::NONE;
     }
     failed
 }
@@ -277,44 +336,50 @@ fn alloc_and_copy_to_vram(
 /// single pages if that allocation fails (or `fail_alloc` fails it once).
 /// `vma`/`start` place the new pages (NULL for eviction). Returns the number
 /// of entries prepared, or an error after which no entry is migrated.
-fn alloc_and_copy_to_ram(
+///
+/// # Safety
+///
+/// `vma` is NULL or the VMA being migrated, locked by the caller.
+unsafe fn alloc_and_copy_to_ram(
     gpu: &Gpu,
     vram: &Vram,
-    vma: *mut shim::Vma,
+    vma: *mut bindings::vm_area_struct,
     start: u64,
-    src: &[c_ulong],
-    dst: &mut [c_ulong],
+    src: &[MigratePfn],
+    dst: &mut [MigratePfn],
     fail_alloc: &mut bool,
 ) -> Result<usize> {
     let mut copies = RangeList::new();
     let mut result = Ok(());
-    dst.iter_mut().for_each(|d| *d = 0);
+    dst.fill(MigratePfn::NONE);
     let mut i = 0;
     while i < src.len() && result.is_ok() {
         let s = src[i];
-        // SAFETY: `s` is a migrate pfn from the setup call.
-        let spage = unsafe { shim::hmmgpu_shim_migrate_pfn_to_page(s) };
-        if s & mpfn_migrate() == 0 || spage.is_null() {
+        let Some(spage) = s.page().filter(|_| s.is_migrating()) else {
             i += 1;
             continue;
-        }
-        let Some(offset) = vram.offset_of_pfn(page_pfn(spage) as u64) else {
+        };
+        let Some(offset) = vram.offset_of_pfn(spage.pfn()) else {
             i += 1;
             continue;
         };
         let addr = start + i as u64 * PAGE_SIZE;
-        let write = s & mpfn_write();
-        let nr = if s & mpfn_compound() != 0 {
+        let writable = s.is_writable();
+        let nr = if s.is_compound() {
             core::cmp::min(HUGE_PAGES, src.len() - i)
         } else {
             1
         };
         if nr > 1 && !core::mem::take(fail_alloc) {
-            // SAFETY: `vma` is NULL or the VMA being migrated, locked by the caller.
-            let thp = unsafe { shim::hmmgpu_shim_alloc_sys_page(vma, addr as c_ulong, HUGE_ORDER) };
-            if !thp.is_null() {
-                dst[i] = mpfn(thp) | write | mpfn_compound();
-                result = copies.push(offset, page_phys(thp), abi::HUGE_PAGE_SIZE as u32, range_flags::SRC_VRAM);
+            // SAFETY: `vma` is NULL or locked, per this function's contract.
+            if let Some(thp) = unsafe { PageRef::alloc_locked(vma, addr, HUGE_ORDER) } {
+                dst[i] = MigratePfn::new(thp, writable, true);
+                result = copies.push(
+                    offset,
+                    thp.phys(),
+                    abi::HUGE_PAGE_SIZE as u32,
+                    RangeFlags::SRC_VRAM,
+                );
                 i += nr;
                 continue;
             }
@@ -322,26 +387,32 @@ fn alloc_and_copy_to_ram(
         for j in 0..nr {
             let a = addr + j as u64 * PAGE_SIZE;
             // SAFETY: as above.
-            let page = unsafe { shim::hmmgpu_shim_alloc_sys_page(vma, a as c_ulong, 0) };
-            if page.is_null() {
+            let Some(page) = (unsafe { PageRef::alloc_locked(vma, a, 0) }) else {
                 result = Err(ENOMEM);
                 break;
-            }
-            dst[i + j] = mpfn(page) | write;
-            result = copies.push(offset + j as u64 * PAGE_SIZE, page_phys(page), PAGE_SIZE as u32, range_flags::SRC_VRAM);
+            };
+            dst[i + j] = MigratePfn::new(page, writable, false);
+            result = copies.push(
+                offset + j as u64 * PAGE_SIZE,
+                page.phys(),
+                PAGE_SIZE as u32,
+                RangeFlags::SRC_VRAM,
+            );
             if result.is_err() {
                 break;
             }
         }
         i += nr;
     }
-    let result = result.and_then(|()| gpu.run(opcode::COPY, &copies).map(|_| ()));
-    let prepared = dst.iter().filter(|d| **d != 0).count();
+    let result = result.and_then(|()| gpu.run(Opcode::Copy, &copies).map(|_| ()));
+    let prepared = dst.iter().filter(|d| !d.is_none()).count();
     if let Err(e) = result {
-        for d in dst.iter_mut().filter(|d| **d != 0) {
-            // SAFETY: `*d` holds a locked system page or THP allocated above.
-            unsafe { shim::hmmgpu_shim_free_sys_page(shim::hmmgpu_shim_migrate_pfn_to_page(*d)) };
-            *d = 0;
+        for d in dst.iter_mut().filter(|d| !d.is_none()) {
+            if let Some(page) = d.page() {
+                // SAFETY: a locked system page or THP allocated above.
+                unsafe { page.unlock_put() };
+            }
+            *d = MigratePfn::NONE;
         }
         return Err(e);
     }
@@ -349,40 +420,35 @@ fn alloc_and_copy_to_ram(
 }
 
 /// Counts the entries the core actually migrated.
-fn migrated(src: &[c_ulong]) -> u64 {
+fn migrated(src: &[MigratePfn]) -> u64 {
     src.iter()
-        .filter(|s| **s & mpfn_valid() != 0 && **s & mpfn_migrate() != 0)
+        .filter(|s| s.is_valid() && s.is_migrating())
         .count() as u64
 }
 
-/// Walks the VMAs of [start, end) of `mm` in page-table-sized steps.
+/// Walks the VMAs of [start, end) of `mm` in page-table-sized steps, under
+/// the mmap read lock: `step` gets each readable VMA and the part of the
+/// range in it (at most `max_pages()` pages). EINVAL at a hole or an
+/// unreadable VMA.
 fn for_each_step(
-    mm: *mut shim::Mm,
+    mm: &MmWithUser,
     start: u64,
     end: u64,
-    mut step: impl FnMut(*mut shim::Vma, u64, u64) -> Result,
+    mut step: impl FnMut(&VmaRef, u64, u64) -> Result,
 ) -> Result {
-    // SAFETY: `mm` is the mirrored mm; the caller holds a reference.
-    unsafe { shim::hmmgpu_shim_mmap_read_lock(mm) };
+    let guard = mm.mmap_read_lock();
     let mut addr = start;
-    let mut result = Ok(());
     while addr < end {
-        let mut next = core::cmp::min(end, addr + max_pages() as u64 * PAGE_SIZE) as c_ulong;
-        // SAFETY: the mmap lock is held.
-        let vma = unsafe { shim::hmmgpu_shim_vma_lookup(mm, addr as c_ulong, &mut next) };
-        if vma.is_null() {
-            result = Err(EINVAL);
-            break;
-        }
-        if let Err(e) = step(vma, addr, next as u64) {
-            result = Err(e);
-            break;
-        }
-        addr = next as u64;
+        let vma = guard
+            .vma_lookup(addr as usize)
+            .filter(|vma| vma.flags() & kernel::mm::virt::flags::READ != 0)
+            .ok_or(EINVAL)?;
+        let next = core::cmp::min(end, addr + max_pages() as u64 * PAGE_SIZE);
+        let next = core::cmp::min(next, vma.end() as u64);
+        step(vma, addr, next)?;
+        addr = next;
     }
-    // SAFETY: locked above.
-    unsafe { shim::hmmgpu_shim_mmap_read_unlock(mm) };
-    result
+    Ok(())
 }
 
 /// Migrates the pages of [start, end) of `mm` to VRAM. Pages that cannot be
@@ -396,7 +462,7 @@ fn for_each_step(
 pub(crate) fn to_device(
     gpu: &Gpu,
     vram: &Vram,
-    mm: *mut shim::Mm,
+    mm: &MmWithUser,
     start: u64,
     end: u64,
     fail_alloc: &mut bool,
@@ -407,32 +473,39 @@ pub(crate) fn to_device(
     let mut failed = 0;
     for_each_step(mm, start, end, |vma, s, e| {
         let n = ((e - s) / PAGE_SIZE) as usize;
-        // SAFETY: `vma` is locked by `for_each_step`; `n` <= max_pages().
-        unsafe { args.setup(vma, s, e, vram, shim::SELECT_SYSTEM, true, ptr::null_mut())? };
+        // SAFETY: `vma` is locked by `for_each_step`; [s, e) is in it.
+        unsafe {
+            args.setup(
+                vma.as_ptr(),
+                s,
+                e,
+                vram,
+                Select::System,
+                true,
+                ptr::null_mut(),
+            )?
+        };
         let (src, dst) = args.src_dst(n);
         failed += alloc_and_copy_to_vram(gpu, vram, src, dst, fail_alloc);
-        // SAFETY: set up above.
-        unsafe { shim::hmmgpu_shim_migrate_pages(args.0) };
+        args.pages();
         let (src, dst) = args.src_dst(n);
         let mut list = RangeList::new();
         let mut result = Ok(());
         for (i, (sp, dp)) in src.iter().zip(dst.iter()).enumerate() {
-            if *dp == 0 || *sp & mpfn_migrate() == 0 {
-                continue;
-            }
-            moved += 1;
-            // SAFETY: `*dp` is one of our device pages, migrated.
-            let pfn = unsafe { shim::hmmgpu_shim_page_to_pfn(shim::hmmgpu_shim_migrate_pfn_to_page(*dp)) };
-            let Some(offset) = vram.offset_of_pfn(pfn as u64) else {
+            let Some(page) = dp.page().filter(|_| sp.is_migrating()) else {
                 continue;
             };
-            let mut flags = range_flags::SRC_VRAM | range_flags::MAP_READ;
-            if *sp & mpfn_write() != 0 {
-                flags |= range_flags::MAP_WRITE;
+            moved += 1;
+            let Some(offset) = vram.offset_of_pfn(page.pfn()) else {
+                continue;
+            };
+            let mut flags = RangeFlags::SRC_VRAM | RangeFlags::MAP_READ;
+            if sp.is_writable() {
+                flags |= RangeFlags::MAP_WRITE;
             }
             // A THP is mapped by one huge device MMU entry.
-            let len = if *dp & mpfn_compound() != 0 {
-                flags |= range_flags::MAP_HUGE;
+            let len = if dp.is_compound() {
+                flags |= RangeFlags::MAP_HUGE;
                 abi::HUGE_PAGE_SIZE
             } else {
                 PAGE_SIZE
@@ -445,8 +518,7 @@ pub(crate) fn to_device(
         if result.is_ok() {
             result = map(&list);
         }
-        // SAFETY: as above.
-        unsafe { shim::hmmgpu_shim_migrate_finalize(args.0) };
+        args.finalize();
         result
     })?;
     Ok((moved, failed))
@@ -456,7 +528,7 @@ pub(crate) fn to_device(
 pub(crate) fn to_system(
     gpu: &Gpu,
     vram: &Vram,
-    mm: *mut shim::Mm,
+    mm: &MmWithUser,
     start: u64,
     end: u64,
     fail_alloc: &mut bool,
@@ -465,59 +537,92 @@ pub(crate) fn to_system(
     let mut moved = 0;
     for_each_step(mm, start, end, |vma, s, e| {
         let n = ((e - s) / PAGE_SIZE) as usize;
-        // SAFETY: `vma` is locked by `for_each_step`; `n` <= max_pages().
-        unsafe { args.setup(vma, s, e, vram, vram.kind().code(), true, ptr::null_mut())? };
+        // SAFETY: `vma` is locked by `for_each_step`; [s, e) is in it.
+        unsafe {
+            args.setup(
+                vma.as_ptr(),
+                s,
+                e,
+                vram,
+                Select::Device(vram.kind()),
+                true,
+                ptr::null_mut(),
+            )?
+        };
         let (src, dst) = args.src_dst(n);
-        let copied = alloc_and_copy_to_ram(gpu, vram, vma, s, src, dst, fail_alloc);
-        // SAFETY: set up above; on a failed copy every dst is 0 and the
-        // pages stay where they are.
-        unsafe { shim::hmmgpu_shim_migrate_pages(args.0) };
-        moved += migrated(args.src(n));
-        // SAFETY: as above.
-        unsafe { shim::hmmgpu_shim_migrate_finalize(args.0) };
+        // SAFETY: `vma` is locked by `for_each_step`.
+        let copied =
+            unsafe { alloc_and_copy_to_ram(gpu, vram, vma.as_ptr(), s, src, dst, fail_alloc) };
+        // On a failed copy every dst is NONE and the pages stay where they are.
+        args.pages();
+        moved += migrated(args.src_dst(n).0);
+        args.finalize();
         copied.map(|_| ())
     })?;
     Ok(moved)
 }
 
-/// `dev_pagemap_ops.migrate_to_ram`: a CPU touched a page in VRAM.
-#[no_mangle]
-pub(crate) extern "C" fn hmmgpu_rust_migrate_to_ram(
-    gpu: *mut core::ffi::c_void,
-    vram: *mut core::ffi::c_void,
-    vmf: *mut shim::VmFault,
-) -> shim::VmFaultT {
-    // SAFETY: the pgmap's cookies are a `Gpu` kept alive by the devm
-    // action and the `Vram` inside it that owns the page.
-    let (gpu, vram) = unsafe { (&*gpu.cast::<Gpu>(), &*vram.cast::<Vram>()) };
-    let (mut vma, mut addr, mut page, mut order) = (ptr::null_mut(), 0, ptr::null_mut(), 0);
+/// `dev_pagemap_ops.migrate_to_ram` (see ffi.rs): a CPU touched a page of
+/// `vram` in VRAM. Migrates it (a PMD-mapped THP whole, as test_hmm does)
+/// back to system memory.
+///
+/// # Safety
+///
+/// `vmf` is the fault being handled, on one of `vram`'s device pages.
+pub(crate) unsafe fn migrate_to_ram(
+    gpu: &Gpu,
+    vram: &Vram,
+    vmf: *mut bindings::vm_fault,
+) -> bindings::vm_fault_t {
+    let mut addr = 0;
     // SAFETY: `vmf` is the fault being handled.
-    unsafe { shim::hmmgpu_shim_vmf_info(vmf, &mut vma, &mut addr, &mut page, &mut order) };
-    // A PMD-mapped THP comes back whole (as test_hmm does).
+    let vma = unsafe { shim::hmmgpu_vm_fault_vma(vmf, &mut addr) };
+    // SAFETY: as above.
+    let (page, pte) = unsafe { ((*vmf).page, (*vmf).pte) };
+    // SAFETY: the faulting device page, held by the fault handler.
+    let Some(fault_page) = (unsafe { PageRef::from_raw(page) }) else {
+        return bindings::vm_fault_reason_VM_FAULT_SIGBUS as bindings::vm_fault_t;
+    };
+    // A THP mapped by a PMD comes back whole; one mapped by PTEs per page.
+    let order = if pte.is_null() {
+        fault_page.folio_nr_pages().trailing_zeros()
+    } else {
+        0
+    };
+    let addr = addr as u64 & !(PAGE_SIZE - 1);
     let span = PAGE_SIZE << order;
-    let addr = addr as u64 & !(span - 1);
+    let addr = addr & !(span - 1);
     let n = 1usize << order;
-    // SAFETY: constants exported by the shim.
-    let (sigbus, oom) = unsafe { (shim::hmmgpu_VM_FAULT_SIGBUS, shim::hmmgpu_VM_FAULT_OOM) };
+    let sigbus = bindings::vm_fault_reason_VM_FAULT_SIGBUS as bindings::vm_fault_t;
+    let oom = bindings::vm_fault_reason_VM_FAULT_OOM as bindings::vm_fault_t;
     let Ok(mut args) = MigrateArgs::new() else {
         return oom;
     };
-    // SAFETY: the fault handler holds the mm/VMA lock; one page or one THP.
-    if unsafe { args.setup(vma, addr, addr + span, vram, vram.kind().code(), order > 0, page) }.is_err() {
+    // SAFETY: the fault handler holds the VMA's lock; one page or one THP.
+    if unsafe {
+        args.setup(
+            vma,
+            addr,
+            addr + span,
+            vram,
+            Select::Device(vram.kind()),
+            order > 0,
+            page,
+        )
+    }
+    .is_err()
+    {
         return sigbus;
     }
     let (src, dst) = args.src_dst(n);
-    let result = alloc_and_copy_to_ram(gpu, vram, vma, addr, src, dst, &mut false);
-    // SAFETY: set up above.
-    unsafe {
-        shim::hmmgpu_shim_migrate_pages(args.0);
-        shim::hmmgpu_shim_migrate_finalize(args.0);
-    }
+    // SAFETY: the fault handler holds the VMA's lock.
+    let result = unsafe { alloc_and_copy_to_ram(gpu, vram, vma, addr, src, dst, &mut false) };
+    args.pages_and_finalize();
     match result {
         Ok(_) => 0,
         Err(ENOMEM) => oom,
         Err(_) => {
-            pr_err!("hmmgpu{}: copy from VRAM failed in a CPU fault at {:#x}\n", gpu.index(), addr);
+            gpu_err!(gpu, "copy from VRAM failed in a CPU fault at {:#x}\n", addr);
             sigbus
         }
     }
@@ -527,7 +632,7 @@ pub(crate) extern "C" fn hmmgpu_rust_migrate_to_ram(
 /// memory, whichever process owns it. Returns the number of pages evicted.
 pub(crate) fn evict_all(gpu: &Gpu, vram: &Vram) -> u64 {
     let Ok(mut args) = MigrateArgs::new() else {
-        pr_err!("hmmgpu{}: no memory to evict VRAM\n", gpu.index());
+        gpu_err!(gpu, "no memory to evict VRAM\n");
         return 0;
     };
     let total = vram.pages() as usize;
@@ -554,58 +659,72 @@ struct Eviction {
     lost: bool,
 }
 
+/// Poisons every page of the system pages (or THPs) in `dst` that now stand
+/// for migrating entries of `src`, so their owners get SIGBUS rather than a
+/// page of 0xff (see [`LOST_FILL`]).
+fn poison_stand_ins(gpu: &Gpu, src: &[MigratePfn], dst: &[MigratePfn]) {
+    for (s, d) in src.iter().zip(dst.iter()) {
+        let Some(page) = d.page().filter(|_| s.is_migrating()) else {
+            continue;
+        };
+        let first = page.pfn();
+        for pfn in first..first + d.pages() as u64 {
+            // A system page of ours, now mapped by its owner
+            // (memory_failure splits a THP first).
+            if let Err(e) = pages::poison_pfn(pfn) {
+                gpu_err!(gpu, "poisoning pfn {:#x} failed: {}\n", pfn, e.to_errno());
+            }
+        }
+    }
+}
+
 /// Migrates the device pages [start_pfn, start_pfn + n) of `vram` (n at most
 /// `max_pages()`) to system memory, whichever process owns them, copied by
 /// the device. If the copy fails: with `must_leave` (removal) or once the
 /// device is lost, as [`evict_without_device`] does, poisoning what is
 /// lost; otherwise nothing moves. `args` keeps the src/dst arrays.
-fn evict_pfns(gpu: &Gpu, vram: &Vram, args: &mut MigrateArgs, start_pfn: u64, n: usize, must_leave: bool) -> Eviction {
-    let (src, dst) = args.src_dst(n);
-    // SAFETY: [start_pfn, start_pfn + n) is in our device page range.
-    let ret = unsafe { shim::hmmgpu_shim_evict_range(src.as_ptr().cast_mut(), start_pfn as c_ulong, n as c_ulong) };
-    if ret < 0 {
-        pr_err!("hmmgpu{}: migrate_device_range failed: {}\n", gpu.index(), ret);
-        return Eviction { pages: 0, lost: false };
+fn evict_pfns(
+    gpu: &Gpu,
+    vram: &Vram,
+    args: &mut MigrateArgs,
+    start_pfn: u64,
+    n: usize,
+    must_leave: bool,
+) -> Eviction {
+    if let Err(e) = args.device_range(start_pfn, n) {
+        gpu_err!(gpu, "migrate_device_range failed: {}\n", e.to_errno());
+        return Eviction {
+            pages: 0,
+            lost: false,
+        };
     }
+    let (src, dst) = args.src_dst(n);
     let mut lost = false;
-    if let Err(e) = alloc_and_copy_to_ram(gpu, vram, ptr::null_mut(), 0, src, dst, &mut false) {
+    // SAFETY: no VMA: eviction allocates anywhere.
+    let copied =
+        unsafe { alloc_and_copy_to_ram(gpu, vram, ptr::null_mut(), 0, src, dst, &mut false) };
+    if let Err(e) = copied {
         if must_leave || gpu.is_lost() {
             // Through a failed link the CPU would copy all-ones, not VRAM.
             let cpu_reads_vram = vram.kind() == MemKind::Coherent && !gpu.is_link_down();
             let (saved, gone) = evict_without_device(vram, cpu_reads_vram, src, dst);
-            pr_err!(
-                "hmmgpu{}: eviction copy failed ({:?}): {} {} pages copied by the CPU, {} pages lost with the device\n",
-                gpu.index(),
-                e,
+            gpu_err!(gpu, "eviction copy failed ({:?}): {} {} pages copied by the CPU, {} pages lost with the device\n", e,
                 saved,
                 vram.kind().name(),
-                gone
-            );
+                gone);
             lost = gone > 0;
         }
     }
-    // SAFETY: `src`/`dst` are the arrays filled above, `n` entries (a
-    // zero `dst` leaves its page in VRAM).
-    unsafe { shim::hmmgpu_shim_evict_finish(src.as_ptr().cast_mut(), dst.as_mut_ptr(), n as c_ulong) };
-    let pages = dst.iter().filter(|d| **d != 0).map(|d| entry_pages(*d) as u64).sum::<u64>();
+    args.device_finish(n);
+    let (src, dst) = args.src_dst(n);
+    let pages = dst
+        .iter()
+        .filter(|d| !d.is_none())
+        .map(|d| d.pages() as u64)
+        .sum::<u64>();
     if lost {
-        // Now mapped where the VRAM pages were: poison them, so their
-        // owners get SIGBUS rather than a page of zeroes.
-        for (s, d) in src.iter().zip(dst.iter()) {
-            if *d == 0 || *s & mpfn_migrate() == 0 {
-                continue;
-            }
-            // SAFETY: `*d` is the migrate pfn of a page we allocated.
-            let first = unsafe { shim::hmmgpu_shim_page_to_pfn(shim::hmmgpu_shim_migrate_pfn_to_page(*d)) };
-            for pfn in first..first + entry_pages(*d) as c_ulong {
-                // SAFETY: `pfn` is a system page of ours, now mapped by
-                // its owner (memory_failure splits a THP first).
-                let ret = unsafe { shim::hmmgpu_shim_poison_pfn(pfn) };
-                if ret < 0 {
-                    pr_err!("hmmgpu{}: poisoning pfn {:#x} failed: {}\n", gpu.index(), pfn, ret);
-                }
-            }
-        }
+        // Now mapped where the VRAM pages were.
+        poison_stand_ins(gpu, src, dst);
     }
     Eviction { pages, lost }
 }
@@ -627,8 +746,18 @@ pub(crate) enum CorruptFolio {
 /// device (the rest of its data is good), whichever process owns it, then
 /// poisons the system page that got `pfn`'s data, so its owner gets SIGBUS
 /// there and nowhere else (memory_failure() splits a THP first).
-pub(crate) fn evict_corrupt_folio(gpu: &Gpu, vram: &Vram, head: u64, nr: usize, pfn: u64) -> Result<CorruptFolio> {
-    let idx = pfn.checked_sub(head).map(|i| i as usize).filter(|i| *i < nr && nr <= max_pages()).ok_or(EINVAL)?;
+pub(crate) fn evict_corrupt_folio(
+    gpu: &Gpu,
+    vram: &Vram,
+    head: u64,
+    nr: usize,
+    pfn: u64,
+) -> Result<CorruptFolio> {
+    let idx = pfn
+        .checked_sub(head)
+        .map(|i| i as usize)
+        .filter(|i| *i < nr && nr <= max_pages())
+        .ok_or(EINVAL)?;
     let mut args = MigrateArgs::new()?;
     let eviction = evict_pfns(gpu, vram, &mut args, head, nr, false);
     if eviction.lost {
@@ -636,36 +765,32 @@ pub(crate) fn evict_corrupt_folio(gpu: &Gpu, vram: &Vram, head: u64, nr: usize, 
     }
     let (src, dst) = args.src_dst(nr);
     // A THP moves whole (entry 0, compound), single pages each on their own.
-    let entry = if src[0] & mpfn_compound() != 0 { 0 } else { idx };
-    if src[entry] & mpfn_migrate() == 0 || dst[entry] == 0 {
+    let entry = if src[0].is_compound() { 0 } else { idx };
+    let Some(sys) = dst[entry].page().filter(|_| src[entry].is_migrating()) else {
         return Ok(CorruptFolio::NotMoved);
-    }
-    // SAFETY: `dst[entry]` is the migrate pfn of the system page (or THP)
-    // that now holds the data.
-    let sys = unsafe { shim::hmmgpu_shim_page_to_pfn(shim::hmmgpu_shim_migrate_pfn_to_page(dst[entry])) };
-    let sys = sys + (idx - entry) as c_ulong;
-    // SAFETY: a system page of ours, now mapped by the folio's owners.
-    let ret = unsafe { shim::hmmgpu_shim_poison_pfn(sys) };
-    if ret < 0 {
-        pr_err!("hmmgpu{}: poisoning pfn {:#x} failed: {}\n", gpu.index(), sys, ret);
+    };
+    // The system page (or the page of the THP) that now holds the data.
+    let sys = sys.pfn() + (idx - entry) as u64;
+    if let Err(e) = pages::poison_pfn(sys) {
+        gpu_err!(gpu, "poisoning pfn {:#x} failed: {}\n", sys, e.to_errno());
     }
     Ok(CorruptFolio::Moved)
 }
 
-/// What a page standing in for lost VRAM holds until it is poisoned (see
-/// hmmgpu_shim_fill_pages: not zero).
-const LOST_FILL: core::ffi::c_int = 0xff;
+/// What a page standing in for lost VRAM holds until it is poisoned: not
+/// zero, or splitting its THP (memory_failure does) would map the shared
+/// zero page in its place and the loss would read as zeroes instead of
+/// raising SIGBUS.
+const LOST_FILL: u8 = 0xff;
 
-/// A system page (`order` 0, never null) or THP standing in for VRAM whose
-/// data is lost, filled with [`LOST_FILL`], locked for the migration.
-fn lost_stand_in(order: u32) -> *mut shim::Page {
+/// A system page (`order` 0, never `None`) or THP standing in for VRAM
+/// whose data is lost, filled with [`LOST_FILL`], locked for the migration.
+fn lost_stand_in(order: u32) -> Option<PageRef> {
     // SAFETY: no VMA: anywhere; order 0 does not fail.
-    let page = unsafe { shim::hmmgpu_shim_alloc_sys_page(ptr::null_mut(), 0, order) };
-    if !page.is_null() {
-        // SAFETY: a page (or THP) we just allocated.
-        unsafe { shim::hmmgpu_shim_fill_pages(page, order, LOST_FILL) };
-    }
-    page
+    let page = unsafe { PageRef::alloc_locked(ptr::null_mut(), 0, order) }?;
+    // SAFETY: a page (or THP) we just allocated.
+    unsafe { page.fill(order, LOST_FILL) };
+    Some(page)
 }
 
 /// Eviction once the device cannot copy (it is lost): device-coherent pages
@@ -673,106 +798,100 @@ fn lost_stand_in(order: u32) -> *mut shim::Page {
 /// up); otherwise their data, like device-private data, is gone with the
 /// device, and the pages get fresh system pages that the caller poisons
 /// after the migration. Fills `dst`; returns (pages copied, pages lost).
-fn evict_without_device(vram: &Vram, cpu_reads_vram: bool, src: &[c_ulong], dst: &mut [c_ulong]) -> (u64, u64) {
+fn evict_without_device(
+    vram: &Vram,
+    cpu_reads_vram: bool,
+    src: &[MigratePfn],
+    dst: &mut [MigratePfn],
+) -> (u64, u64) {
     let coherent = vram.kind() == MemKind::Coherent;
     let (mut saved, mut gone) = (0, 0);
     let mut i = 0;
     while i < src.len() {
         let s = src[i];
-        // SAFETY: `s` is a migrate pfn from migrate_device_range().
-        let spage = unsafe { shim::hmmgpu_shim_migrate_pfn_to_page(s) };
-        if s & mpfn_migrate() == 0 || spage.is_null() || vram.offset_of_pfn(page_pfn(spage) as u64).is_none() {
+        let Some(spage) = s
+            .page()
+            .filter(|p| s.is_migrating() && vram.offset_of_pfn(p.pfn()).is_some())
+        else {
             i += 1;
             continue;
-        }
-        if s & mpfn_compound() != 0 && !coherent {
+        };
+        if s.is_compound() && !coherent {
             // A device THP needs a system THP: eviction (no VMA) cannot
             // split it into small pages.
             let nr = core::cmp::min(HUGE_PAGES, src.len() - i);
-            let thp = lost_stand_in(HUGE_ORDER);
-            if !thp.is_null() {
-                dst[i] = mpfn(thp) | (s & mpfn_write()) | mpfn_compound();
+            if let Some(thp) = lost_stand_in(HUGE_ORDER) {
+                dst[i] = MigratePfn::new(thp, s.is_writable(), true);
                 gone += nr as u64;
             }
             i += nr;
             continue;
         }
         let page = if cpu_reads_vram {
-            // SAFETY: no VMA: eviction allocates on the local node.
-            unsafe { shim::hmmgpu_shim_alloc_sys_page(ptr::null_mut(), 0, 0) }
+            // SAFETY: no VMA: eviction allocates anywhere.
+            unsafe { PageRef::alloc_locked(ptr::null_mut(), 0, 0) }
         } else {
             lost_stand_in(0)
         };
-        // A null page stays in VRAM (unmapping the memory waits for it).
-        if !page.is_null() {
+        // No page: it stays in VRAM (unmapping the memory waits for it).
+        if let Some(page) = page {
             if cpu_reads_vram {
-                // SAFETY: both are valid pages; a coherent page is in the direct map.
-                unsafe { shim::hmmgpu_shim_copy_page(page, spage) };
+                // SAFETY: a coherent page is in the direct map; `page` is ours.
+                unsafe { page.copy_from(spage) };
                 saved += 1;
             } else {
                 gone += 1;
             }
-            dst[i] = mpfn(page) | (s & mpfn_write());
+            dst[i] = MigratePfn::new(page, s.is_writable(), false);
         }
         i += 1;
     }
     (saved, gone)
 }
 
-/// `dev_pagemap_ops.memory_failure` of device-coherent VRAM: a machine check
-/// on BAR pages (the kernel's generic handler does nothing for
+/// `dev_pagemap_ops.memory_failure` of device-coherent VRAM (see ffi.rs): a
+/// machine check on BAR pages (the kernel's generic handler does nothing for
 /// MEMORY_DEVICE_COHERENT), or an ECC error the ECC work hands over
 /// (ecc.rs). Their data is corrupt: each mapped page moves to a fresh system
-/// page filled with 0xff (see [`LOST_FILL`]), which is then poisoned, so its
-/// owners get SIGBUS on their next touch instead of reading anything; other
-/// pages are untouched. The poisoning is queued: this runs inside
-/// memory_failure(), which holds its mutex. The VRAM pages are retired.
-/// Runs in process context.
-#[no_mangle]
-pub(crate) extern "C" fn hmmgpu_rust_memory_failure(
-    gpu: *mut core::ffi::c_void,
-    vram: *mut core::ffi::c_void,
-    pfn: c_ulong,
-    nr_pages: c_ulong,
-) -> core::ffi::c_int {
-    // SAFETY: the pgmap's cookies are a `Gpu` kept alive by the devm action
-    // and the `Vram` inside it that owns the pages.
-    let (gpu, vram) = unsafe { (&*gpu.cast::<Gpu>(), &*vram.cast::<Vram>()) };
+/// page filled with [`LOST_FILL`], which is then poisoned, so its owners get
+/// SIGBUS on their next touch instead of reading anything; other pages are
+/// untouched. The poisoning is queued: this runs inside memory_failure(),
+/// which holds its mutex. The VRAM pages are retired. Runs in process
+/// context.
+pub(crate) fn memory_failure(gpu: &Gpu, vram: &Vram, pfn: u64, nr_pages: u64) {
     let mut moved = 0;
     for p in pfn..pfn + nr_pages {
-        let Some(offset) = vram.offset_of_pfn(p as u64) else {
+        let Some(offset) = vram.offset_of_pfn(p) else {
             continue;
         };
-        let (mut src, mut dst) = ([0 as c_ulong; 1], [0 as c_ulong; 1]);
-        // SAFETY: `p` is one of our device pages.
-        let ret = unsafe { shim::hmmgpu_shim_evict_range(src.as_mut_ptr(), p, 1) };
-        if ret < 0 {
-            pr_err!("hmmgpu{}: memory failure at pfn {:#x}: cannot unmap it: {}\n", gpu.index(), p, ret);
+        let (mut src, mut dst) = ([MigratePfn::NONE; 1], [MigratePfn::NONE; 1]);
+        if let Err(e) = device_range(&mut src, p) {
+            gpu_err!(
+                gpu,
+                "memory failure at pfn {:#x}: cannot unmap it: {}\n",
+                p,
+                e.to_errno()
+            );
         } else {
-            // SAFETY: `src[0]` is a migrate pfn from migrate_device_range().
-            let spage = unsafe { shim::hmmgpu_shim_migrate_pfn_to_page(src[0]) };
-            let mut page = ptr::null_mut();
-            if src[0] & mpfn_migrate() != 0 && !spage.is_null() {
-                page = lost_stand_in(0);
-                dst[0] = mpfn(page) | (src[0] & mpfn_write());
+            let mut stand_in = None;
+            if src[0].is_migrating() && src[0].page().is_some() {
+                stand_in = lost_stand_in(0);
+                if let Some(page) = stand_in {
+                    dst[0] = MigratePfn::new(page, src[0].is_writable(), false);
+                }
             }
-            // SAFETY: the arrays of the call above, one entry (dst 0: nothing moves).
-            unsafe { shim::hmmgpu_shim_evict_finish(src.as_mut_ptr(), dst.as_mut_ptr(), 1) };
-            if !page.is_null() && src[0] & mpfn_migrate() != 0 {
-                // SAFETY: a system page of ours, now mapped where the VRAM page was.
-                unsafe { shim::hmmgpu_shim_poison_pfn_later(page_pfn(page)) };
+            // A NONE dst: nothing moves.
+            device_finish(&mut src, &mut dst);
+            if let Some(page) = stand_in.filter(|_| src[0].is_migrating()) {
+                // Now mapped where the VRAM page was.
+                pages::poison_pfn_later(page.pfn());
                 moved += 1;
             }
         }
         // Whether or not its data moved: the page must not be used again.
         vram.retire_and_log(offset, "memory failure");
     }
-    pr_err!(
-        "hmmgpu{}: memory failure on {} device-coherent page(s) at pfn {:#x}: {} moved to poisoned system pages\n",
-        gpu.index(),
-        nr_pages,
+    gpu_err!(gpu, "memory failure on {} device-coherent page(s) at pfn {:#x}: {} moved to poisoned system pages\n", nr_pages,
         pfn,
-        moved
-    );
-    0
+        moved);
 }

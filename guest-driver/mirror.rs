@@ -5,18 +5,24 @@
 //! hmm_range_fault() resolves, under an mmu_interval_notifier so that an
 //! invalidation never races with a device access.
 
-use crate::abi::{self, opcode, range_flags, Range, PAGE_SIZE};
+use crate::abi::{Opcode, Range, RangeFlags, Status, PAGE_SIZE};
+use crate::compat;
 use crate::gpu::Gpu;
 use crate::migrate;
+use crate::pages::{HmmPfn, PageKind, PageRef};
 use crate::queue::{Command, RangeList};
-use crate::shim;
+use crate::shim::{self, c_const};
 use crate::vram::{MemKind, Vram};
-use core::ffi::{c_ulong, c_void};
-use core::ptr;
-use core::sync::atomic::{AtomicPtr, Ordering};
+use core::sync::atomic::{AtomicBool, Ordering};
+use kernel::bindings;
+use kernel::ffi::c_ulong;
+use kernel::mm::{Mm, MmWithUser};
 use kernel::new_mutex;
 use kernel::prelude::*;
+use kernel::sync::aref::ARef;
 use kernel::sync::{Arc, Mutex};
+use kernel::time::{Instant, Monotonic};
+use kernel::types::Opaque;
 use kernel::uaccess::{UserPtr, UserSlice};
 
 /// Pages per hmm_range_fault() step.
@@ -89,12 +95,25 @@ pub(crate) struct Mirror {
     kind: MemKind,
     /// The device MMU context mirroring this address space.
     ctx: u32,
-    notifier: AtomicPtr<shim::Notifier>,
+    /// The mmu_interval_notifier over the whole address space, inserted
+    /// once the mirror is pinned (then `notifying`), removed on drop.
+    #[pin]
+    notifier: Notifier,
+    notifying: AtomicBool,
     /// Held across every device access to the mirrored pages and by the
     /// invalidation callback: an invalidation waits for accesses in flight.
     #[pin]
     pub(crate) state: Mutex<MirrorState>,
 }
+
+/// A `struct mmu_interval_notifier`, filled by its insertion.
+#[repr(transparent)]
+struct Notifier(Opaque<bindings::mmu_interval_notifier>);
+
+// SAFETY: the kernel's notifier may be used (removed, read) from any thread.
+unsafe impl Send for Notifier {}
+// SAFETY: as above; the kernel serializes its own use of it.
+unsafe impl Sync for Notifier {}
 
 /// A vmalloc'd, page-aligned buffer the device reads or writes page by page
 /// at guest-physical addresses.
@@ -110,30 +129,13 @@ impl Bounce {
     }
 
     fn phys(&mut self, page: usize) -> u64 {
-        let addr = self.buf.as_mut_ptr().wrapping_add(page * PAGE_SIZE as usize);
+        let addr = self
+            .buf
+            .as_mut_ptr()
+            .wrapping_add(page * PAGE_SIZE as usize);
         // SAFETY: `addr` is inside the vmalloc'd buffer.
-        unsafe { shim::hmmgpu_shim_vmalloc_to_phys(addr.cast()) }
-    }
-}
-
-/// A reference on the mirrored mm for the duration of a command.
-struct MmRef(*mut shim::Mm);
-
-impl MmRef {
-    fn get(mm: *mut shim::Mm) -> Result<Self> {
-        // SAFETY: the notifier keeps `mm` itself allocated.
-        if unsafe { shim::hmmgpu_shim_mmget_not_zero(mm) } {
-            Ok(Self(mm))
-        } else {
-            Err(EFAULT)
-        }
-    }
-}
-
-impl Drop for MmRef {
-    fn drop(&mut self) {
-        // SAFETY: taken in `get`.
-        unsafe { shim::hmmgpu_shim_mmput(self.0) };
+        let pfn = unsafe { kernel::bindings::vmalloc_to_pfn(addr.cast()) };
+        pfn as u64 * PAGE_SIZE + (addr as u64 & (PAGE_SIZE - 1))
     }
 }
 
@@ -141,7 +143,8 @@ impl Mirror {
     /// Mirrors the calling process's address space for `gpu`.
     pub(crate) fn new(gpu: Arc<Gpu>, kind: MemKind) -> Result<Pin<KBox<Self>>> {
         gpu.check_alive()?;
-        let owner = gpu.vram(kind).owner();
+        let current = kernel::current!();
+        let mm = current.mm().ok_or(EINVAL)?;
         let unmap_cmd = Command::with_capacity(UNMAP_RANGES)?;
         let ctx = gpu.ctx_create()?;
         let gpu2 = gpu.clone();
@@ -150,7 +153,8 @@ impl Mirror {
                 gpu: gpu2,
                 kind,
                 ctx,
-                notifier: AtomicPtr::new(ptr::null_mut()),
+                notifier: Notifier(Opaque::uninit()),
+                notifying: AtomicBool::new(false),
                 state <- new_mutex!(MirrorState {
                     flags: 0,
                     mapped: None,
@@ -162,13 +166,21 @@ impl Mirror {
             GFP_KERNEL,
         )
         .inspect_err(|_| gpu.ctx_destroy(ctx))?;
-        let cookie = (&*mirror as *const Mirror).cast_mut().cast::<c_void>();
-        // SAFETY: `mirror` is pinned and outlives the notifier (removed in drop).
-        let n = unsafe { shim::hmmgpu_shim_notifier_create(cookie, owner) };
-        if shim::is_err(n) {
-            return Err(shim::ptr_err(n));
+        // SAFETY: the notifier is pinned in `mirror`, which removes it
+        // before it goes (drop); `mm` is the caller's, alive.
+        let ret = unsafe {
+            bindings::mmu_interval_notifier_insert(
+                mirror.notifier(),
+                mm.as_raw(),
+                0,
+                c_ulong::MAX & !(PAGE_SIZE as c_ulong - 1),
+                &raw const shim::hmmgpu_notifier_ops,
+            )
+        };
+        if ret < 0 {
+            return Err(Error::from_errno(ret));
         }
-        mirror.notifier.store(n, Ordering::Release);
+        mirror.notifying.store(true, Ordering::Release);
         Ok(mirror)
     }
 
@@ -177,14 +189,117 @@ impl Mirror {
         self.gpu.vram(self.kind)
     }
 
-    fn notifier(&self) -> *mut shim::Notifier {
-        self.notifier.load(Ordering::Acquire)
+    /// The mirror of the notifier the kernel calls back with.
+    ///
+    /// # Safety
+    ///
+    /// `notifier` is the `notifier` of a live `Mirror`.
+    pub(crate) unsafe fn of_notifier<'a>(
+        notifier: *mut bindings::mmu_interval_notifier,
+    ) -> &'a Mirror {
+        let notifier = Opaque::cast_from(notifier).cast::<Notifier>();
+        // SAFETY: per this function's contract (`Notifier` is transparent).
+        unsafe { &*kernel::container_of!(notifier, Mirror, notifier) }
+    }
+
+    fn notifier(&self) -> *mut bindings::mmu_interval_notifier {
+        self.notifier.0.get()
     }
 
     /// The mirrored mm.
-    pub(crate) fn mm(&self) -> *mut shim::Mm {
-        // SAFETY: the notifier is set for the mirror's whole life.
-        unsafe { shim::hmmgpu_shim_notifier_get_mm(self.notifier()) }
+    fn mm(&self) -> &Mm {
+        // SAFETY: the notifier is inserted for the mirror's whole life (a
+        // mirror that failed to insert it is never used) and holds a
+        // reference (mmgrab) on its mm.
+        unsafe { Mm::from_raw((*self.notifier()).mm) }
+    }
+
+    /// Whether the CPU page tables of the range `seq` was taken for
+    /// changed since (then its hmm_range_fault() result is stale).
+    fn retry(&self, seq: c_ulong) -> bool {
+        // SAFETY: the inserted notifier.
+        unsafe { shim::hmmgpu_mmu_interval_read_retry(self.notifier(), seq) }
+    }
+
+    /// hmm_range_fault() of [start, start + pfns.len() pages): with
+    /// `fault`, faulting pages in (`write`: writable), otherwise only a
+    /// snapshot; device-private pages of this mirror's VRAM are reported,
+    /// not faulted. `unlocked`: with hmm_range_fault_unlocked_timeout(),
+    /// which may drop the mmap lock while faulting (needed for
+    /// userfaultfd-backed ranges). Retries while the range is being
+    /// invalidated, for up to HMM_RANGE_DEFAULT_TIMEOUT, then EBUSY. On
+    /// success the notifier sequence to check with [`Mirror::retry`] under
+    /// the mirror's lock.
+    fn range_fault(
+        &self,
+        start: u64,
+        pfns: &mut [HmmPfn],
+        fault: bool,
+        write: bool,
+        unlocked: bool,
+    ) -> Result<c_ulong> {
+        let end = start + pfns.len() as u64 * PAGE_SIZE;
+        let mut flags = 0;
+        if fault {
+            flags |= c_const!(hmmgpu_HMM_PFN_REQ_FAULT);
+        }
+        if write {
+            flags |= c_const!(hmmgpu_HMM_PFN_REQ_WRITE);
+        }
+        let owner = self.vram().owner();
+        let mut fault = |seq: &mut c_ulong, unlocked: bool| {
+            // SAFETY: the inserted notifier; `pfns` has room for the range;
+            // the caller holds the mmap lock unless `unlocked`.
+            unsafe {
+                shim::hmmgpu_hmm_range_fault(
+                    self.notifier(),
+                    start as c_ulong,
+                    end as c_ulong,
+                    pfns.as_mut_ptr().cast(),
+                    flags,
+                    owner,
+                    seq,
+                    unlocked,
+                )
+            }
+        };
+        if unlocked {
+            if !compat::HAS_HMM_RANGE_FAULT_UNLOCKED {
+                return Err(compat::eopnotsupp());
+            }
+            let mut seq = 0;
+            let ret = fault(&mut seq, true);
+            return if ret < 0 {
+                Err(Error::from_errno(ret))
+            } else {
+                Ok(seq)
+            };
+        }
+        let mm = self.mm_user()?;
+        let timeout = i64::from(c_const!(hmmgpu_HMM_RANGE_DEFAULT_TIMEOUT));
+        let started = Instant::<Monotonic>::now();
+        loop {
+            if started.elapsed().as_millis() > timeout {
+                return Err(EBUSY);
+            }
+            // SAFETY: the inserted notifier.
+            let mut seq = unsafe { bindings::mmu_interval_read_begin(self.notifier()) };
+            let ret = {
+                let _locked = mm.mmap_read_lock();
+                fault(&mut seq, false)
+            };
+            match ret {
+                0 => return Ok(seq),
+                ret if ret == EBUSY.to_errno() => continue,
+                ret => return Err(Error::from_errno(ret)),
+            }
+        }
+    }
+
+    /// A user reference (mmget) on the mirrored mm for the duration of a
+    /// command; EFAULT once the process has exited.
+    fn mm_user(&self) -> Result<ARef<MmWithUser>> {
+        self.mm().mmget_not_zero().ok_or(EFAULT)
     }
 
     /// Resolves a device fault: faults [addr, end) of the process in with
@@ -193,39 +308,27 @@ impl Mirror {
     /// resolved at once, as test_hmm does, so one access faults once.
     fn resolve(&self, addr: u64, end: u64, write: bool, unlocked: bool) -> Result {
         let mut start = addr & !(PAGE_SIZE - 1);
-        let mut pfns = [0 as c_ulong; STEP_PAGES];
+        let mut pfns = [HmmPfn::default(); STEP_PAGES];
         while start < end {
             let step_end = core::cmp::min(end, start + STEP_PAGES as u64 * PAGE_SIZE);
             let n = ((step_end - start) / PAGE_SIZE) as usize;
             loop {
-                let mut seq: c_ulong = 0;
-                // SAFETY: `pfns` has room for `n` <= STEP_PAGES entries.
-                let ret = unsafe {
-                    shim::hmmgpu_shim_range_fault(
-                        self.notifier(),
-                        start as c_ulong,
-                        step_end as c_ulong,
-                        pfns.as_mut_ptr(),
-                        true,
-                        write,
-                        unlocked,
-                        &mut seq,
-                    )
-                };
-                if ret < 0 {
-                    return Err(Error::from_errno(ret));
-                }
+                let seq = self.range_fault(start, &mut pfns[..n], true, write, unlocked)?;
                 // Everything is allocated before the lock: the notifier
                 // takes it, and memory reclaim can wait for the notifier.
                 let mut map = RangeList::new();
                 for (i, entry) in pfns[..n].iter().enumerate() {
                     let (target, flags) = self.translation(*entry)?;
-                    map.push(target, start + i as u64 * PAGE_SIZE, PAGE_SIZE as u32, flags)?;
+                    map.push(
+                        target,
+                        start + i as u64 * PAGE_SIZE,
+                        PAGE_SIZE as u32,
+                        flags,
+                    )?;
                 }
-                let cmds = self.gpu.prepare(opcode::MAP, self.ctx, &map)?;
+                let cmds = self.gpu.prepare(Opcode::Map, self.ctx, &map)?;
                 let mut state = self.state.lock();
-                // SAFETY: the notifier is valid.
-                if unsafe { shim::hmmgpu_shim_notifier_retry(self.notifier(), seq) } {
+                if self.retry(seq) {
                     continue;
                 }
                 self.gpu.run_prepared(cmds)?;
@@ -238,33 +341,28 @@ impl Mirror {
     }
 
     /// The device MMU target and MAP flags for an hmm_pfns entry.
-    fn translation(&self, entry: c_ulong) -> Result<(u64, u32)> {
-        let mut pfn: c_ulong = 0;
-        // SAFETY: `entry` was filled by hmm_range_fault().
-        let info = unsafe { shim::hmmgpu_shim_hmm_pfn_info(entry, self.vram().owner(), &mut pfn) };
-        if info & shim::PFN_VALID == 0 {
-            return Err(EFAULT);
-        }
-        let mut flags = range_flags::MAP_READ;
-        if info & shim::PFN_WRITE != 0 {
-            flags |= range_flags::MAP_WRITE;
+    fn translation(&self, entry: HmmPfn) -> Result<(u64, RangeFlags)> {
+        let page = entry.mapped(self.vram().owner()).ok_or(EFAULT)?;
+        let mut flags = RangeFlags::MAP_READ;
+        if page.writable {
+            flags |= RangeFlags::MAP_WRITE;
         }
         // This GPU's pages (either personality) by VRAM offset; device-
         // private pages of other owners are faulted to RAM by hmm.
-        if let Some(offset) = self.gpu.vram_offset_of_pfn(pfn as u64) {
-            return Ok((offset, flags | range_flags::SRC_VRAM));
+        if let Some(offset) = self.gpu.vram_offset_of_pfn(page.pfn) {
+            return Ok((offset, flags | RangeFlags::SRC_VRAM));
         }
-        if info & shim::PFN_DEVICE_PRIVATE != 0 {
+        if page.kind == PageKind::DevicePrivate {
             return Err(EFAULT);
         }
-        Ok((pfn as u64 * PAGE_SIZE, flags))
+        Ok((page.pfn * PAGE_SIZE, flags))
     }
 
     /// Runs a VREAD or VWRITE of `npages` at `addr` against the bounce
     /// buffer, resolving device faults as they come.
     fn access(
         &self,
-        op: u32,
+        op: Opcode,
         addr: u64,
         npages: u64,
         bounce: &mut Bounce,
@@ -272,47 +370,55 @@ impl Mirror {
         policy: FaultPolicy,
     ) -> Result {
         let end = addr + npages * PAGE_SIZE;
-        let write = op == opcode::VWRITE;
+        let write = op == Opcode::Vwrite;
         let mut list = RangeList::new();
         for i in 0..npages as usize {
             let va = addr + i as u64 * PAGE_SIZE;
             let buf = bounce.phys(i);
             if write {
-                list.push(buf, va, PAGE_SIZE as u32, 0)?;
+                list.push(buf, va, PAGE_SIZE as u32, RangeFlags::NONE)?;
             } else {
-                list.push(va, buf, PAGE_SIZE as u32, 0)?;
+                list.push(va, buf, PAGE_SIZE as u32, RangeFlags::NONE)?;
             }
         }
         let unlocked = policy == FaultPolicy::ResolveUnlocked;
         for chunk in list.chunks() {
             let mut unreported = 0;
-            let resp = loop {
-                let resp = self.gpu.execute_mmu(op, self.ctx, chunk, &mut counts.faults, |fault| match policy {
-                    FaultPolicy::Refuse => Err(ENOENT),
-                    FaultPolicy::Resolve | FaultPolicy::ResolveUnlocked => self.resolve(fault.addr, end, write, unlocked),
-                })?;
-                // A fault the device could not report (no free event buffer,
-                // e.g. during an event storm) completes the command with
-                // FAULT at once: resolve from the failing range on and run
-                // the chunk again (VREAD/VWRITE are plain copies), a bounded
-                // number of times.
-                if resp.status != abi::status::FAULT || unreported == MAX_UNREPORTED_FAULTS {
-                    break resp;
-                }
-                if policy == FaultPolicy::Refuse {
-                    return Err(ENOENT);
-                }
-                let failed = chunk.get(resp.failed_index as usize).ok_or(EIO)?;
-                self.resolve(if write { failed.dst } else { failed.src }, end, write, unlocked)?;
-                counts.faults += 1;
-                unreported += 1;
-            };
-            if resp.status != abi::status::OK {
-                pr_err!(
-                    "hmmgpu{}: device access failed: {}\n",
-                    self.gpu.index(),
-                    abi::status::name(resp.status)
-                );
+            let resp =
+                loop {
+                    let resp =
+                        self.gpu
+                            .execute_mmu(op, self.ctx, chunk, &mut counts.faults, |fault| {
+                                match policy {
+                                    FaultPolicy::Refuse => Err(ENOENT),
+                                    FaultPolicy::Resolve | FaultPolicy::ResolveUnlocked => {
+                                        self.resolve(fault.addr, end, write, unlocked)
+                                    }
+                                }
+                            })?;
+                    // A fault the device could not report (no free event buffer,
+                    // e.g. during an event storm) completes the command with
+                    // FAULT at once: resolve from the failing range on and run
+                    // the chunk again (VREAD/VWRITE are plain copies), a bounded
+                    // number of times.
+                    if resp.status != Status::Fault || unreported == MAX_UNREPORTED_FAULTS {
+                        break resp;
+                    }
+                    if policy == FaultPolicy::Refuse {
+                        return Err(ENOENT);
+                    }
+                    let failed = chunk.get(resp.failed_index as usize).ok_or(EIO)?;
+                    self.resolve(
+                        if write { failed.dst } else { failed.src },
+                        end,
+                        write,
+                        unlocked,
+                    )?;
+                    counts.faults += 1;
+                    unreported += 1;
+                };
+            if resp.status != Status::Ok {
+                gpu_err!(self.gpu, "device access failed: {}\n", resp.status.name());
                 return Err(EIO);
             }
         }
@@ -322,22 +428,22 @@ impl Mirror {
     /// Removes the device MMU translations of [start, end) with the
     /// preallocated UNMAP command, in rounds of [`UNMAP_RANGES`] ranges.
     fn unmap(&self, state: &mut MirrorState, start: u64, end: u64) -> Result {
-        let max_len = (u32::MAX as u64) & !(PAGE_SIZE - 1);
+        let max_len = u64::from(u32::MAX) & !(PAGE_SIZE - 1);
         let mut s = start;
         while s < end {
             let mut ranges = [Range::default(); UNMAP_RANGES];
             let mut n = 0;
             while n < UNMAP_RANGES && s < end {
                 let len = core::cmp::min(end - s, max_len);
-                ranges[n] = Range { src: 0, dst: s, len: len as u32, flags: 0 };
+                ranges[n] = Range::new(0, s, len as u32, RangeFlags::NONE);
                 n += 1;
                 s += len;
             }
             let mut cmd = state.unmap_cmd.take().ok_or(ENODEV)?;
-            cmd.encode(opcode::UNMAP, self.ctx, self.gpu.tag(), &ranges[..n])?;
+            cmd.encode(Opcode::Unmap, self.ctx, self.gpu.tag(), &ranges[..n])?;
             let (resp, cmd) = self.gpu.execute_cmd(cmd)?;
             state.unmap_cmd = Some(cmd);
-            if resp.status != abi::status::OK {
+            if resp.status != Status::Ok {
                 return Err(EIO);
             }
         }
@@ -345,13 +451,30 @@ impl Mirror {
     }
 
     /// HMM_DMIRROR_READ: the device reads `npages` at `addr` into user `ptr`.
-    pub(crate) fn read(&self, addr: u64, ptr: u64, npages: u64, policy: FaultPolicy) -> Result<Counts> {
+    pub(crate) fn read(
+        &self,
+        addr: u64,
+        ptr: u64,
+        npages: u64,
+        policy: FaultPolicy,
+    ) -> Result<Counts> {
         self.gpu.check_alive()?;
-        let _mm = MmRef::get(self.mm())?;
+        let _mm = self.mm_user()?;
         let mut bounce = Bounce::new(npages as usize)?;
         let mut counts = Counts::default();
-        self.access(opcode::VREAD, addr, npages, &mut bounce, &mut counts, policy)?;
-        let mut out = UserSlice::new(UserPtr::from_addr(ptr as usize), (npages * PAGE_SIZE) as usize).writer();
+        self.access(
+            Opcode::Vread,
+            addr,
+            npages,
+            &mut bounce,
+            &mut counts,
+            policy,
+        )?;
+        let mut out = UserSlice::new(
+            UserPtr::from_addr(ptr as usize),
+            (npages * PAGE_SIZE) as usize,
+        )
+        .writer();
         out.write_slice(&bounce.buf)?;
         counts.cpages = npages;
         Ok(counts)
@@ -360,12 +483,23 @@ impl Mirror {
     /// HMM_DMIRROR_WRITE: the device writes user `ptr` into `npages` at `addr`.
     pub(crate) fn write(&self, addr: u64, ptr: u64, npages: u64) -> Result<Counts> {
         self.gpu.check_alive()?;
-        let _mm = MmRef::get(self.mm())?;
+        let _mm = self.mm_user()?;
         let mut bounce = Bounce::new(npages as usize)?;
-        let mut input = UserSlice::new(UserPtr::from_addr(ptr as usize), (npages * PAGE_SIZE) as usize).reader();
+        let mut input = UserSlice::new(
+            UserPtr::from_addr(ptr as usize),
+            (npages * PAGE_SIZE) as usize,
+        )
+        .reader();
         input.read_slice(&mut bounce.buf)?;
         let mut counts = Counts::default();
-        self.access(opcode::VWRITE, addr, npages, &mut bounce, &mut counts, FaultPolicy::Resolve)?;
+        self.access(
+            Opcode::Vwrite,
+            addr,
+            npages,
+            &mut bounce,
+            &mut counts,
+            FaultPolicy::Resolve,
+        )?;
         counts.cpages = npages;
         Ok(counts)
     }
@@ -379,7 +513,7 @@ impl Mirror {
     pub(crate) fn migrate_to_device(&self, addr: u64, ptr: u64, npages: u64) -> Result<Counts> {
         self.gpu.check_alive()?;
         {
-            let _mm = MmRef::get(self.mm())?;
+            let mm = self.mm_user()?;
             let mut fail_alloc = {
                 let mut state = self.state.lock();
                 let fail = state.flags & crate::uapi::HMM_DMIRROR_FLAG_FAIL_ALLOC != 0;
@@ -388,13 +522,21 @@ impl Mirror {
                 fail
             };
             let end = addr + npages * PAGE_SIZE;
-            let result = migrate::to_device(&self.gpu, self.vram(), self.mm(), addr, end, &mut fail_alloc, |map| {
-                let cmds = self.gpu.prepare(opcode::MAP, self.ctx, map)?;
-                let mut state = self.state.lock();
-                self.gpu.run_prepared(cmds)?;
-                state.note_mapped(addr, end);
-                Ok(())
-            });
+            let result = migrate::to_device(
+                &self.gpu,
+                self.vram(),
+                &mm,
+                addr,
+                end,
+                &mut fail_alloc,
+                |map| {
+                    let cmds = self.gpu.prepare(Opcode::Map, self.ctx, map)?;
+                    let mut state = self.state.lock();
+                    self.gpu.run_prepared(cmds)?;
+                    state.note_mapped(addr, end);
+                    Ok(())
+                },
+            );
             self.state.lock().migrating_to_device = false;
             let (_, failed) = result?;
             // The device stopped answering during the migration: say so.
@@ -402,16 +544,15 @@ impl Mirror {
             if failed > 0 {
                 // Those pages stayed in system memory, data intact; the rest
                 // moved. The caller learns which with SNAPSHOT.
-                pr_warn!(
-                    "hmmgpu{}: copy engine failed for {} pages of a migration to VRAM: they stay in system memory\n",
-                    self.gpu.index(),
-                    failed
-                );
+                gpu_warn!(self.gpu, "copy engine failed for {} pages of a migration to VRAM: they stay in system memory\n", failed);
                 return Err(EIO);
             }
         }
         let counts = self.read(addr, ptr, npages, FaultPolicy::Refuse)?;
-        Ok(Counts { cpages: counts.cpages, faults: 0 })
+        Ok(Counts {
+            cpages: counts.cpages,
+            faults: 0,
+        })
     }
 
     /// HMM_DMIRROR_EXCLUSIVE: makes every page of the range exclusive to the
@@ -420,46 +561,62 @@ impl Mirror {
     pub(crate) fn exclusive(&self, addr: u64, ptr: u64, npages: u64) -> Result<Counts> {
         self.gpu.check_alive()?;
         {
-            let mm = MmRef::get(self.mm())?;
-            // SAFETY: `mm` is referenced.
-            unsafe { shim::hmmgpu_shim_mmap_read_lock(mm.0) };
-            let result = (0..npages).try_for_each(|i| self.map_exclusive(addr + i * PAGE_SIZE));
-            // SAFETY: locked above.
-            unsafe { shim::hmmgpu_shim_mmap_read_unlock(mm.0) };
-            result?;
+            let mm = self.mm_user()?;
+            let _locked = mm.mmap_read_lock();
+            (0..npages).try_for_each(|i| self.map_exclusive(addr + i * PAGE_SIZE))?;
         }
         // The device's atomics go through these mappings: one atomic
         // (add 0) checks the path without changing the data.
         if npages > 0 {
-            let atomic = Range {
-                src: 0,
-                dst: addr,
-                len: 8,
-                flags: range_flags::ATOMIC_ADD,
-            };
-            let resp = self.gpu.execute_mmu(opcode::ATOMIC, self.ctx, &[atomic], &mut 0, |_| Err(ENOENT))?;
-            if resp.status != abi::status::OK {
+            let atomic = Range::new(0, addr, 8, RangeFlags::ATOMIC_ADD);
+            let resp = self
+                .gpu
+                .execute_mmu(Opcode::Atomic, self.ctx, &[atomic], &mut 0, |_| Err(ENOENT))?;
+            if resp.status != Status::Ok {
                 return Err(EIO);
             }
         }
         self.read(addr, ptr, npages, FaultPolicy::Refuse)
     }
 
+    /// make_device_exclusive() of the page at `va` (the caller holds the
+    /// mmap lock): the CPU mapping is replaced by a device-exclusive entry.
+    /// Returns the page's pfn and, taken while its folio is still locked,
+    /// the notifier sequence to validate the device mapping against.
+    fn make_exclusive(&self, va: u64) -> Result<(u64, c_ulong)> {
+        let mut folio = core::ptr::null_mut();
+        // SAFETY: the mirrored mm, its mmap lock held by the caller.
+        let page = unsafe {
+            shim::make_device_exclusive(
+                self.mm().as_raw(),
+                va as c_ulong,
+                self.vram().owner(),
+                &mut folio,
+            )
+        };
+        let page = kernel::error::from_err_ptr(page)?;
+        // SAFETY: the inserted notifier.
+        let seq = unsafe { bindings::mmu_interval_read_begin(self.notifier()) };
+        // SAFETY: the page make_device_exclusive() returned, its folio
+        // locked and referenced for us.
+        let pfn = unsafe { PageRef::from_raw(page) }.map_or(0, PageRef::pfn);
+        // SAFETY: as above: we give up the lock and the reference.
+        unsafe {
+            bindings::folio_unlock(folio);
+            shim::hmmgpu_folio_put(folio);
+        }
+        Ok((pfn, seq))
+    }
+
     fn map_exclusive(&self, va: u64) -> Result {
         loop {
-            let (mut pfn, mut seq): (c_ulong, c_ulong) = (0, 0);
-            // SAFETY: the mmap lock is held by the caller.
-            let ret = unsafe { shim::hmmgpu_shim_make_exclusive(self.notifier(), va as c_ulong, &mut pfn, &mut seq) };
-            if ret < 0 {
-                return Err(Error::from_errno(ret));
-            }
-            let flags = range_flags::MAP_READ | range_flags::MAP_WRITE | range_flags::MAP_ATOMIC;
+            let (pfn, seq) = self.make_exclusive(va)?;
+            let flags = RangeFlags::MAP_READ | RangeFlags::MAP_WRITE | RangeFlags::MAP_ATOMIC;
             let mut map = RangeList::new();
-            map.push(pfn as u64 * PAGE_SIZE, va, PAGE_SIZE as u32, flags)?;
-            let cmds = self.gpu.prepare(opcode::MAP, self.ctx, &map)?;
+            map.push(pfn * PAGE_SIZE, va, PAGE_SIZE as u32, flags)?;
+            let cmds = self.gpu.prepare(Opcode::Map, self.ctx, &map)?;
             let mut state = self.state.lock();
-            // SAFETY: the notifier is valid.
-            if unsafe { shim::hmmgpu_shim_notifier_retry(self.notifier(), seq) } {
+            if self.retry(seq) {
                 continue;
             }
             // Room for the entry without allocating under the lock: the
@@ -486,7 +643,13 @@ impl Mirror {
     /// atomic mapping in the range.
     pub(crate) fn check_exclusive(&self, addr: u64, npages: u64) -> Result<Counts> {
         let end = addr + npages * PAGE_SIZE;
-        if self.state.lock().atomic.iter().any(|va| (addr..end).contains(va)) {
+        if self
+            .state
+            .lock()
+            .atomic
+            .iter()
+            .any(|va| (addr..end).contains(va))
+        {
             return Err(EPERM);
         }
         Ok(Counts::default())
@@ -496,7 +659,7 @@ impl Mirror {
     /// back to system memory.
     pub(crate) fn migrate_to_system(&self, addr: u64, npages: u64) -> Result<Counts> {
         self.gpu.check_alive()?;
-        let _mm = MmRef::get(self.mm())?;
+        let mm = self.mm_user()?;
         let mut fail_alloc = {
             let mut state = self.state.lock();
             let fail = state.flags & crate::uapi::HMM_DMIRROR_FLAG_FAIL_ALLOC != 0;
@@ -504,52 +667,36 @@ impl Mirror {
             fail
         };
         let end = addr + npages * PAGE_SIZE;
-        let moved = migrate::to_system(&self.gpu, self.vram(), self.mm(), addr, end, &mut fail_alloc)?;
-        Ok(Counts { cpages: moved, faults: 0 })
+        let moved = migrate::to_system(&self.gpu, self.vram(), &mm, addr, end, &mut fail_alloc)?;
+        Ok(Counts {
+            cpages: moved,
+            faults: 0,
+        })
     }
 
     /// HMM_DMIRROR_SNAPSHOT: the state of every page of the range as the
     /// device would see it, one HMM_DMIRROR_PROT_* byte per page into `ptr`.
     pub(crate) fn snapshot(&self, addr: u64, ptr: u64, npages: u64) -> Result<Counts> {
         self.gpu.check_alive()?;
-        let _mm = MmRef::get(self.mm())?;
+        let _mm = self.mm_user()?;
         let mut out = UserSlice::new(UserPtr::from_addr(ptr as usize), npages as usize).writer();
         let mut counts = Counts::default();
         let end = addr + npages * PAGE_SIZE;
         let mut start = addr;
-        let mut pfns = [0 as c_ulong; STEP_PAGES];
+        let mut pfns = [HmmPfn::default(); STEP_PAGES];
         let mut perms = [0u8; STEP_PAGES];
         while start < end {
             let step_end = core::cmp::min(end, start + STEP_PAGES as u64 * PAGE_SIZE);
             let n = ((step_end - start) / PAGE_SIZE) as usize;
             loop {
-                let mut seq: c_ulong = 0;
-                // SAFETY: `pfns` has room for `n` entries.
-                let ret = unsafe {
-                    shim::hmmgpu_shim_range_fault(
-                        self.notifier(),
-                        start as c_ulong,
-                        step_end as c_ulong,
-                        pfns.as_mut_ptr(),
-                        false,
-                        false,
-                        false,
-                        &mut seq,
-                    )
-                };
-                if ret < 0 {
-                    return Err(Error::from_errno(ret));
-                }
+                let seq = self.range_fault(start, &mut pfns[..n], false, false, false)?;
                 let _guard = self.state.lock();
-                // SAFETY: the notifier is valid.
-                if unsafe { shim::hmmgpu_shim_notifier_retry(self.notifier(), seq) } {
+                if self.retry(seq) {
                     continue;
                 }
+                let owner = self.vram().owner();
                 for (p, entry) in perms[..n].iter_mut().zip(pfns[..n].iter()) {
-                    let mut pfn: c_ulong = 0;
-                    // SAFETY: `entry` was filled by hmm_range_fault().
-                    let info = unsafe { shim::hmmgpu_shim_hmm_pfn_info(*entry, self.vram().owner(), &mut pfn) };
-                    *p = crate::uapi::snapshot_prot(info);
+                    *p = crate::uapi::snapshot_prot(*entry, owner);
                 }
                 break;
             }
@@ -562,7 +709,14 @@ impl Mirror {
 
     /// Called from the mmu_interval_notifier: the CPU page tables of
     /// [start, end) change. Waits for device accesses in flight.
-    fn invalidate(&self, start: u64, end: u64, blockable: bool, own_migrate: bool, seq: c_ulong) -> bool {
+    pub(crate) fn invalidate(
+        &self,
+        start: u64,
+        end: u64,
+        blockable: bool,
+        own_migrate: bool,
+        seq: c_ulong,
+    ) -> bool {
         let mut state = if blockable {
             self.state.lock()
         } else {
@@ -574,7 +728,7 @@ impl Mirror {
         state.atomic.retain(|va| !(start..end).contains(va));
         if own_migrate && state.migrating_to_device {
             // SAFETY: the notifier is valid while callbacks run.
-            unsafe { shim::hmmgpu_shim_notifier_set_seq(self.notifier(), seq) };
+            unsafe { shim::hmmgpu_mmu_interval_set_seq(self.notifier(), seq) };
             return true;
         }
         if let Some((ms, me)) = state.mapped.filter(|_| state.overlaps_mapped(start, end)) {
@@ -591,14 +745,14 @@ impl Mirror {
                 // its translations went with it, and it accesses nothing.
                 Ok(()) => {}
                 Err(e) if e == ENODEV => {}
-                Err(e) => pr_warn!("hmmgpu{}: UNMAP failed: {:?}\n", self.gpu.index(), e),
+                Err(e) => gpu_warn!(self.gpu, "UNMAP failed: {:?}\n", e),
             }
             if start <= ms && me <= end {
                 state.mapped = None;
             }
         }
         // SAFETY: the notifier is valid while callbacks run.
-        unsafe { shim::hmmgpu_shim_notifier_set_seq(self.notifier(), seq) };
+        unsafe { shim::hmmgpu_mmu_interval_set_seq(self.notifier(), seq) };
         drop(state);
         true
     }
@@ -607,26 +761,10 @@ impl Mirror {
 #[pinned_drop]
 impl PinnedDrop for Mirror {
     fn drop(self: Pin<&mut Self>) {
-        let n = self.notifier.swap(ptr::null_mut(), Ordering::AcqRel);
-        if !n.is_null() {
-            // SAFETY: created in `new`; removal waits for running callbacks.
-            unsafe { shim::hmmgpu_shim_notifier_destroy(n) };
+        if self.notifying.load(Ordering::Acquire) {
+            // SAFETY: inserted in `new`; removal waits for running callbacks.
+            unsafe { bindings::mmu_interval_notifier_remove(self.notifier()) };
         }
         self.gpu.ctx_destroy(self.ctx);
     }
-}
-
-/// The notifier's invalidate callback.
-#[no_mangle]
-pub(crate) extern "C" fn hmmgpu_rust_invalidate(
-    mirror: *mut c_void,
-    start: c_ulong,
-    end: c_ulong,
-    blockable: bool,
-    own_migrate: bool,
-    cur_seq: c_ulong,
-) -> bool {
-    // SAFETY: the notifier is removed before its `Mirror` is freed.
-    let mirror = unsafe { &*mirror.cast::<Mirror>() };
-    mirror.invalidate(start as u64, end as u64, blockable, own_migrate, cur_seq)
 }

@@ -1,9 +1,18 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! Declarations of the C shim (shim.c / shim.h) and the Rust entry points it
-//! calls. Every C type is opaque here; Rust only passes pointers through.
+//! Declarations of the driver's C functions (virtio.c, mm.c, pagemap.c,
+//! migrate.c, hmm.c; hmmgpu.h declares them for C, keep the two in sync)
+//! and of the exported kernel functions `kernel::bindings` lacks (the C
+//! files check their prototypes). Kernel structs come from
+//! `kernel::bindings`; only those it lacks are opaque here. The typed
+//! wrappers around these are virtio.rs, pages.rs, migrate.rs and mirror.rs;
+//! the Rust functions C calls are in ffi.rs.
 
-use core::ffi::{c_int, c_long, c_uint, c_ulong, c_void};
+use kernel::bindings::{
+    completion, dev_pagemap, device, folio, gfp_t, memory_type, mm_struct, mmu_interval_notifier,
+    mmu_interval_notifier_ops, module, page, scatterlist, vm_area_struct, vm_fault,
+};
+use kernel::ffi::{c_int, c_long, c_uint, c_ulong, c_void};
 
 macro_rules! opaque {
     ($($(#[$m:meta])* $name:ident),* $(,)?) => {
@@ -13,200 +22,187 @@ macro_rules! opaque {
 
 opaque!(
     /// `struct virtio_device`.
-    VirtioDevice,
-    /// `struct device`.
-    Device,
-    /// The shim's queues (`struct hmmgpu_queues`).
-    Queues,
-    /// The shim's command token (`struct hmmgpu_cmd`).
-    Cmd,
-    /// `struct page`.
-    Page,
-    /// `struct vm_area_struct`.
-    Vma,
-    /// `struct vm_fault`.
-    VmFault,
-    /// `struct mm_struct`.
-    Mm,
-    /// The shim's `struct hmmgpu_migrate` (a migrate_vma with its arrays).
-    Migrate,
-    /// The shim's `struct hmmgpu_notifier` (an mmu_interval_notifier).
-    Notifier,
-    /// `struct dentry` (debugfs).
-    Dentry,
+    VirtioDeviceRaw,
+    /// `struct virtqueue`.
+    VirtqueueRaw,
+    /// `struct virtio_driver`.
+    VirtioDriverRaw,
+    /// `struct migrate_vma`.
+    MigrateVmaRaw,
 );
 
-/// `HMMGPU_MEM_SYSTEM` of shim.h: migrate_vma selects system pages.
-pub(crate) const SELECT_SYSTEM: c_int = 0;
-
-/// `vm_fault_t`.
-pub(crate) type VmFaultT = c_uint;
-
-// hmmgpu_shim_hmm_pfn_info() result bits: must match HMMGPU_PFN_* in shim.h.
-pub(crate) const PFN_VALID: u32 = 1 << 0;
-pub(crate) const PFN_WRITE: u32 = 1 << 1;
-pub(crate) const PFN_ERROR: u32 = 1 << 2;
-pub(crate) const PFN_DEVICE_PRIVATE: u32 = 1 << 3;
-pub(crate) const PFN_DEVICE_COHERENT: u32 = 1 << 4;
-pub(crate) const PFN_OWNED: u32 = 1 << 5;
-pub(crate) const PFN_ZERO: u32 = 1 << 6;
-pub(crate) const PFN_ORDER_SHIFT: u32 = 8;
-
+// bindgen's structs end in zero-sized array markers that rustc does not call
+// FFI-safe; pointers to them are (kernel::bindings allows the lint too).
+#[allow(improper_ctypes)]
 extern "C" {
-    pub(crate) static hmmgpu_MIGRATE_PFN_VALID: c_ulong;
-    pub(crate) static hmmgpu_MIGRATE_PFN_MIGRATE: c_ulong;
-    pub(crate) static hmmgpu_MIGRATE_PFN_WRITE: c_ulong;
-    pub(crate) static hmmgpu_MIGRATE_PFN_COMPOUND: c_ulong;
-    pub(crate) static hmmgpu_MIGRATE_MAX_PAGES: c_ulong;
-    pub(crate) static hmmgpu_VM_FAULT_SIGBUS: c_uint;
-    pub(crate) static hmmgpu_VM_FAULT_OOM: c_uint;
-
-    pub(crate) fn hmmgpu_shim_register_driver() -> c_int;
-    pub(crate) fn hmmgpu_shim_unregister_driver();
-    pub(crate) fn hmmgpu_shim_devm_put_on_release(dev: *mut Device, gpu: *mut c_void) -> c_int;
-    pub(crate) fn hmmgpu_shim_vdev_dev(vdev: *mut VirtioDevice) -> *mut Device;
-    pub(crate) fn hmmgpu_shim_set_priv(vdev: *mut VirtioDevice, data: *mut c_void);
-    pub(crate) fn hmmgpu_shim_get_priv(vdev: *mut VirtioDevice) -> *mut c_void;
-    pub(crate) fn hmmgpu_shim_read_config(
-        vdev: *mut VirtioDevice,
+    // virtio.c
+    pub(crate) static mut hmmgpu_virtio_driver: VirtioDriverRaw;
+    pub(crate) static hmmgpu_VIRTIO_S_ACKNOWLEDGE: u8;
+    pub(crate) static hmmgpu_VIRTIO_S_DRIVER: u8;
+    pub(crate) static hmmgpu_VIRTIO_S_FEATURES_OK: u8;
+    pub(crate) fn hmmgpu_virtio_find_vqs(
+        vdev: *mut VirtioDeviceRaw,
+        vqs: *mut *mut VirtqueueRaw,
+    ) -> c_int;
+    pub(crate) fn hmmgpu_virtio_dev(vdev: *mut VirtioDeviceRaw) -> *mut device;
+    pub(crate) fn hmmgpu_virtio_has_access_platform(vdev: *mut VirtioDeviceRaw) -> bool;
+    pub(crate) fn hmmgpu_virtio_read_config(
+        vdev: *mut VirtioDeviceRaw,
         offset: c_uint,
         buf: *mut c_void,
         len: usize,
     );
-    pub(crate) fn hmmgpu_shim_pmd_is_2m() -> bool;
-    pub(crate) fn hmmgpu_shim_copy_page(dst: *mut Page, src: *mut Page);
-    pub(crate) fn hmmgpu_shim_poison_pfn(pfn: c_ulong) -> c_int;
-    pub(crate) fn hmmgpu_shim_poison_pfn_later(pfn: c_ulong);
-    pub(crate) fn hmmgpu_shim_page_address(page: *mut Page) -> *mut c_void;
-    pub(crate) fn hmmgpu_shim_fill_pages(page: *mut Page, order: c_uint, c: c_int);
-    pub(crate) fn hmmgpu_shim_get_shm(
-        vdev: *mut VirtioDevice,
+    pub(crate) fn hmmgpu_virtio_shm_region(
+        vdev: *mut VirtioDeviceRaw,
         id: u8,
         addr: *mut u64,
         len: *mut u64,
     ) -> bool;
-    pub(crate) fn hmmgpu_shim_queues_create(vdev: *mut VirtioDevice) -> *mut Queues;
-    pub(crate) fn hmmgpu_shim_events_start(q: *mut Queues, gpu: *mut c_void) -> c_int;
-    pub(crate) fn hmmgpu_shim_device_ready(vdev: *mut VirtioDevice);
-    pub(crate) fn hmmgpu_shim_device_reset(vdev: *mut VirtioDevice);
-    pub(crate) fn hmmgpu_shim_queues_stop(vdev: *mut VirtioDevice);
-    pub(crate) fn hmmgpu_shim_queues_restart(vdev: *mut VirtioDevice, negotiate: bool) -> c_int;
-    pub(crate) fn hmmgpu_shim_queues_set_running(q: *mut Queues, running: bool);
-    pub(crate) fn hmmgpu_shim_queues_wait_running(q: *mut Queues, timeout_ms: c_uint) -> bool;
-    pub(crate) fn hmmgpu_shim_polled_completions(q: *mut Queues) -> c_ulong;
-    pub(crate) fn hmmgpu_shim_noreclaim_save() -> c_uint;
-    pub(crate) fn hmmgpu_shim_noreclaim_restore(flags: c_uint);
-    pub(crate) fn hmmgpu_shim_cmd_alloc() -> *mut Cmd;
-    pub(crate) fn hmmgpu_shim_cmd_free(cmd: *mut Cmd);
-    pub(crate) fn hmmgpu_shim_cmd_submit(
-        q: *mut Queues,
-        cmd: *mut Cmd,
-        out: *mut c_void,
-        out_len: c_uint,
-        inb: *mut c_void,
-        in_len: c_uint,
-        privileged: bool,
-    ) -> c_int;
-    pub(crate) fn hmmgpu_shim_cmd_wait(q: *mut Queues, cmd: *mut Cmd, timeout_ms: c_uint) -> c_long;
-    pub(crate) fn hmmgpu_shim_cmd_wake(cmd: *mut Cmd);
-    pub(crate) fn hmmgpu_shim_cmd_completed(cmd: *mut Cmd) -> bool;
+    pub(crate) fn hmmgpu_virtio_ready(vdev: *mut VirtioDeviceRaw);
+    pub(crate) fn hmmgpu_virtio_finalize_features(vdev: *mut VirtioDeviceRaw) -> c_int;
+    pub(crate) fn hmmgpu_virtio_status(vdev: *mut VirtioDeviceRaw) -> u8;
+    pub(crate) fn hmmgpu_virtio_del_vqs(vdev: *mut VirtioDeviceRaw);
 
-    pub(crate) fn hmmgpu_shim_memremap(
-        dev: *mut Device,
-        kind: c_int,
-        phys: u64,
-        size: u64,
+    // The kernel's exported virtio functions (include/linux/virtio.h).
+    pub(crate) fn __register_virtio_driver(drv: *mut VirtioDriverRaw, owner: *mut module) -> c_int;
+    pub(crate) fn unregister_virtio_driver(drv: *mut VirtioDriverRaw);
+    pub(crate) fn virtqueue_add_sgs(
+        vq: *mut VirtqueueRaw,
+        sgs: *mut *mut scatterlist,
+        out_sgs: c_uint,
+        in_sgs: c_uint,
+        data: *mut c_void,
+        gfp: gfp_t,
+    ) -> c_int;
+    pub(crate) fn virtqueue_add_inbuf(
+        vq: *mut VirtqueueRaw,
+        sg: *mut scatterlist,
+        num: c_uint,
+        data: *mut c_void,
+        gfp: gfp_t,
+    ) -> c_int;
+    pub(crate) fn virtqueue_kick_prepare(vq: *mut VirtqueueRaw) -> bool;
+    pub(crate) fn virtqueue_notify(vq: *mut VirtqueueRaw) -> bool;
+    pub(crate) fn virtqueue_get_buf(vq: *mut VirtqueueRaw, len: *mut c_uint) -> *mut c_void;
+    pub(crate) fn virtqueue_disable_cb(vq: *mut VirtqueueRaw);
+    pub(crate) fn virtqueue_enable_cb(vq: *mut VirtqueueRaw) -> bool;
+    pub(crate) fn virtqueue_detach_unused_buf(vq: *mut VirtqueueRaw) -> *mut c_void;
+    pub(crate) fn virtio_reset_device(vdev: *mut VirtioDeviceRaw);
+    pub(crate) fn virtio_add_status(vdev: *mut VirtioDeviceRaw, status: c_uint);
+
+    // mm.c
+    pub(crate) fn hmmgpu_pfn_to_page(pfn: c_ulong) -> *mut page;
+    pub(crate) fn hmmgpu_page_to_pfn(page: *mut page) -> c_ulong;
+    pub(crate) fn hmmgpu_page_folio(page: *mut page) -> *mut folio;
+    pub(crate) fn hmmgpu_folio_nr_pages(folio: *mut folio) -> c_ulong;
+    pub(crate) fn hmmgpu_folio_ref_count(folio: *mut folio) -> c_int;
+    pub(crate) fn hmmgpu_folio_lock(folio: *mut folio);
+    pub(crate) fn hmmgpu_folio_put(folio: *mut folio);
+    pub(crate) fn hmmgpu_page_pgmap(page: *mut page) -> *mut dev_pagemap;
+    pub(crate) fn hmmgpu_zone_device_data(page: *mut page) -> *mut c_void;
+    pub(crate) fn hmmgpu_set_zone_device_data(page: *mut page, data: *mut c_void);
+    pub(crate) fn hmmgpu_zone_device_folio_init(page: *mut page, order: c_uint);
+    pub(crate) fn hmmgpu_vma_alloc_folio(
+        vma: *mut vm_area_struct,
+        addr: c_ulong,
+        order: c_uint,
+    ) -> *mut folio;
+    pub(crate) fn hmmgpu_folio_alloc(order: c_uint) -> *mut folio;
+    pub(crate) fn hmmgpu_memalloc_noreclaim_save() -> c_uint;
+    pub(crate) fn hmmgpu_memalloc_noreclaim_restore(flags: c_uint);
+    pub(crate) fn hmmgpu_reinit_completion(x: *mut completion);
+
+    // pagemap.c
+    pub(crate) fn hmmgpu_memremap_pages(
+        dev: *mut device,
+        type_: memory_type,
+        start: u64,
+        end: u64,
         gpu: *mut c_void,
         owner: *mut c_void,
-    ) -> c_ulong;
-    pub(crate) fn hmmgpu_shim_pfn_to_page(pfn: c_ulong) -> *mut Page;
-    pub(crate) fn hmmgpu_shim_page_to_pfn(page: *mut Page) -> c_ulong;
-    pub(crate) fn hmmgpu_shim_virt_to_phys(addr: *mut c_void) -> u64;
-    pub(crate) fn hmmgpu_shim_vmalloc_to_phys(addr: *mut c_void) -> u64;
-    pub(crate) fn hmmgpu_shim_page_get_data(page: *mut Page) -> *mut c_void;
-    pub(crate) fn hmmgpu_shim_page_set_data(page: *mut Page, data: *mut c_void);
-    pub(crate) fn hmmgpu_shim_device_page_init(page: *mut Page, order: c_uint);
-    pub(crate) fn hmmgpu_shim_folio_nr_pages(page: *mut Page) -> c_ulong;
-    pub(crate) fn hmmgpu_shim_folio_head(page: *mut Page) -> *mut Page;
-    pub(crate) fn hmmgpu_shim_folio_ref_count(page: *mut Page) -> c_int;
-    pub(crate) fn hmmgpu_shim_device_page_discard(page: *mut Page);
-    pub(crate) fn hmmgpu_shim_alloc_sys_page(vma: *mut Vma, addr: c_ulong, order: c_uint) -> *mut Page;
-    pub(crate) fn hmmgpu_shim_free_sys_page(page: *mut Page);
-    pub(crate) fn hmmgpu_shim_migrate_pfn(pfn: c_ulong) -> c_ulong;
-    pub(crate) fn hmmgpu_shim_migrate_pfn_to_page(mpfn: c_ulong) -> *mut Page;
-    pub(crate) fn hmmgpu_shim_is_zone_device_page(page: *mut Page) -> bool;
-    pub(crate) fn hmmgpu_shim_vmf_info(
-        vmf: *mut VmFault,
-        vma: *mut *mut Vma,
-        addr: *mut c_ulong,
-        page: *mut *mut Page,
-        order: *mut c_uint,
-    );
+    ) -> c_long;
 
-    pub(crate) fn hmmgpu_shim_migrate_alloc() -> *mut Migrate;
-    pub(crate) fn hmmgpu_shim_migrate_free(m: *mut Migrate);
-    pub(crate) fn hmmgpu_shim_migrate_src(m: *mut Migrate) -> *mut c_ulong;
-    pub(crate) fn hmmgpu_shim_migrate_dst(m: *mut Migrate) -> *mut c_ulong;
-    pub(crate) fn hmmgpu_shim_migrate_setup(
-        m: *mut Migrate,
-        vma: *mut Vma,
+    // migrate.c
+    pub(crate) static hmmgpu_MIGRATE_MAX_PAGES: c_ulong;
+    pub(crate) static hmmgpu_MIGRATE_PFN_VALID: c_ulong;
+    pub(crate) static hmmgpu_MIGRATE_PFN_MIGRATE: c_ulong;
+    pub(crate) static hmmgpu_MIGRATE_PFN_WRITE: c_ulong;
+    pub(crate) static hmmgpu_MIGRATE_PFN_COMPOUND: c_ulong;
+    pub(crate) static hmmgpu_MIGRATE_VMA_SELECT_SYSTEM: c_ulong;
+    pub(crate) static hmmgpu_MIGRATE_VMA_SELECT_DEVICE_PRIVATE: c_ulong;
+    pub(crate) static hmmgpu_MIGRATE_VMA_SELECT_DEVICE_COHERENT: c_ulong;
+    pub(crate) static hmmgpu_MIGRATE_VMA_SELECT_COMPOUND: c_ulong;
+    pub(crate) fn hmmgpu_pmd_is_2m() -> bool;
+    pub(crate) fn hmmgpu_migrate_vma_alloc() -> *mut MigrateVmaRaw;
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn hmmgpu_migrate_vma_setup(
+        args: *mut MigrateVmaRaw,
+        vma: *mut vm_area_struct,
         start: c_ulong,
         end: c_ulong,
-        owner: *mut c_void,
-        select: c_int,
-        compound: bool,
-        fault_page: *mut Page,
-    ) -> c_int;
-    pub(crate) fn hmmgpu_shim_migrate_pages(m: *mut Migrate);
-    pub(crate) fn hmmgpu_shim_migrate_finalize(m: *mut Migrate);
-    pub(crate) fn hmmgpu_shim_evict_range(
         src: *mut c_ulong,
-        start_pfn: c_ulong,
-        npages: c_ulong,
+        dst: *mut c_ulong,
+        owner: *mut c_void,
+        flags: c_ulong,
+        fault_page: *mut page,
     ) -> c_int;
-    pub(crate) fn hmmgpu_shim_evict_finish(src: *mut c_ulong, dst: *mut c_ulong, npages: c_ulong);
+    pub(crate) fn hmmgpu_migrate_pfn(pfn: c_ulong) -> c_ulong;
+    pub(crate) fn hmmgpu_migrate_pfn_to_page(mpfn: c_ulong) -> *mut page;
+    pub(crate) fn hmmgpu_vm_fault_vma(
+        vmf: *mut vm_fault,
+        addr: *mut c_ulong,
+    ) -> *mut vm_area_struct;
 
-    pub(crate) fn hmmgpu_shim_vma_lookup(mm: *mut Mm, addr: c_ulong, end: *mut c_ulong)
-        -> *mut Vma;
-    pub(crate) fn hmmgpu_shim_mmget_not_zero(mm: *mut Mm) -> bool;
-    pub(crate) fn hmmgpu_shim_mmput(mm: *mut Mm);
-    pub(crate) fn hmmgpu_shim_mmap_read_lock(mm: *mut Mm);
-    pub(crate) fn hmmgpu_shim_mmap_read_unlock(mm: *mut Mm);
+    // The kernel's exported migrate functions (include/linux/migrate.h).
+    pub(crate) fn migrate_vma_pages(args: *mut MigrateVmaRaw);
+    pub(crate) fn migrate_vma_finalize(args: *mut MigrateVmaRaw);
+    pub(crate) fn migrate_device_range(src: *mut c_ulong, start: c_ulong, npages: c_ulong)
+        -> c_int;
+    pub(crate) fn migrate_device_pages(src: *mut c_ulong, dst: *mut c_ulong, npages: c_ulong);
+    pub(crate) fn migrate_device_finalize(src: *mut c_ulong, dst: *mut c_ulong, npages: c_ulong);
 
-    pub(crate) fn hmmgpu_shim_notifier_create(mirror: *mut c_void, owner: *mut c_void)
-        -> *mut Notifier;
-    pub(crate) fn hmmgpu_shim_notifier_destroy(n: *mut Notifier);
-    pub(crate) fn hmmgpu_shim_notifier_get_mm(n: *mut Notifier) -> *mut Mm;
-    pub(crate) fn hmmgpu_shim_notifier_set_seq(n: *mut Notifier, seq: c_ulong);
-    pub(crate) fn hmmgpu_shim_notifier_retry(n: *mut Notifier, seq: c_ulong) -> bool;
-    pub(crate) fn hmmgpu_shim_range_fault(
-        n: *mut Notifier,
+    // hmm.c
+    pub(crate) static hmmgpu_HMM_PFN_VALID: c_ulong;
+    pub(crate) static hmmgpu_HMM_PFN_WRITE: c_ulong;
+    pub(crate) static hmmgpu_HMM_PFN_ERROR: c_ulong;
+    pub(crate) static hmmgpu_HMM_PFN_REQ_FAULT: c_ulong;
+    pub(crate) static hmmgpu_HMM_PFN_REQ_WRITE: c_ulong;
+    pub(crate) static hmmgpu_HMM_RANGE_DEFAULT_TIMEOUT: c_uint;
+    pub(crate) static hmmgpu_notifier_ops: mmu_interval_notifier_ops;
+    pub(crate) fn hmmgpu_mmu_interval_set_seq(mni: *mut mmu_interval_notifier, seq: c_ulong);
+    pub(crate) fn hmmgpu_mmu_interval_read_retry(
+        mni: *mut mmu_interval_notifier,
+        seq: c_ulong,
+    ) -> bool;
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn hmmgpu_hmm_range_fault(
+        mni: *mut mmu_interval_notifier,
         start: c_ulong,
         end: c_ulong,
         pfns: *mut c_ulong,
-        fault: bool,
-        write: bool,
+        default_flags: c_ulong,
+        owner: *mut c_void,
+        seq: *mut c_ulong,
         unlocked: bool,
-        seq: *mut c_ulong,
     ) -> c_int;
-    pub(crate) fn hmmgpu_shim_make_exclusive(
-        n: *mut Notifier,
+    pub(crate) fn hmmgpu_hmm_pfn_to_page(entry: c_ulong) -> *mut page;
+    pub(crate) fn hmmgpu_hmm_pfn_to_map_order(entry: c_ulong) -> c_uint;
+    pub(crate) fn hmmgpu_is_zero_pfn(pfn: c_ulong) -> bool;
+
+    // The kernel's exported rmap function (include/linux/rmap.h).
+    pub(crate) fn make_device_exclusive(
+        mm: *mut mm_struct,
         addr: c_ulong,
-        pfn: *mut c_ulong,
-        seq: *mut c_ulong,
-    ) -> c_int;
-    pub(crate) fn hmmgpu_shim_debugfs_create(index: c_uint, gpu: *mut c_void) -> *mut Dentry;
-    pub(crate) fn hmmgpu_shim_debugfs_remove(dir: *mut Dentry);
-    pub(crate) fn hmmgpu_shim_hmm_pfn_info(entry: c_ulong, owner: *mut c_void, pfn: *mut c_ulong)
-        -> c_uint;
+        owner: *mut c_void,
+        foliop: *mut *mut folio,
+    ) -> *mut page;
 }
 
-/// `IS_ERR()` for pointers returned by the shim.
-pub(crate) fn is_err<T>(ptr: *mut T) -> bool {
-    (ptr as usize) >= (-4095isize) as usize
+/// Reads a constant the C side exports.
+macro_rules! c_const {
+    ($name:ident) => {
+        // SAFETY: an immutable constant C defines.
+        unsafe { $crate::shim::$name }
+    };
 }
-
-/// `PTR_ERR()` for pointers returned by the shim.
-pub(crate) fn ptr_err<T>(ptr: *mut T) -> kernel::error::Error {
-    kernel::error::Error::from_errno(ptr as isize as i32)
-}
+pub(crate) use c_const;

@@ -6,15 +6,15 @@
 
 use crate::gpu::{Gpu, MAX_GPUS};
 use crate::mirror::{Counts, FaultPolicy, Mirror};
-use crate::shim;
+use crate::pages::{HmmPfn, PageKind};
 use crate::vram::MemKind;
+use kernel::alloc::flags::__GFP_ZERO;
 use kernel::container_of;
 use kernel::fs::File;
-use kernel::alloc::flags::__GFP_ZERO;
 use kernel::ioctl::_IOWR;
+use kernel::miscdevice::{MiscDevice, MiscDeviceOptions, MiscDeviceRegistration};
 use kernel::mm::virt::VmaNew;
 use kernel::page::Page;
-use kernel::miscdevice::{MiscDevice, MiscDeviceOptions, MiscDeviceRegistration};
 use kernel::prelude::*;
 use kernel::sync::Arc;
 use kernel::transmute::{AsBytes, FromBytes};
@@ -70,34 +70,25 @@ const PROT_DEV_COHERENT_REMOTE: u8 = 0x50;
 const PMD_ORDER: u32 = 9;
 const PUD_ORDER: u32 = 18;
 
-/// The SNAPSHOT byte for a page described by `info` (shim::PFN_* bits).
-pub(crate) fn snapshot_prot(info: u32) -> u8 {
-    if info & shim::PFN_ERROR != 0 {
+/// The SNAPSHOT byte for an hmm_pfns entry, device pages of pgmap owner
+/// `owner` being local.
+pub(crate) fn snapshot_prot(entry: HmmPfn, owner: *mut kernel::ffi::c_void) -> u8 {
+    if entry.is_error() {
         return PROT_ERROR;
     }
-    if info & shim::PFN_VALID == 0 {
+    let Some(page) = entry.mapped(owner) else {
         return PROT_NONE;
-    }
-    let owned = info & shim::PFN_OWNED != 0;
-    let mut prot = if info & shim::PFN_DEVICE_PRIVATE != 0 {
-        if owned {
-            PROT_DEV_PRIVATE_LOCAL
-        } else {
-            PROT_DEV_PRIVATE_REMOTE
-        }
-    } else if info & shim::PFN_DEVICE_COHERENT != 0 {
-        if owned {
-            PROT_DEV_COHERENT_LOCAL
-        } else {
-            PROT_DEV_COHERENT_REMOTE
-        }
-    } else if info & shim::PFN_ZERO != 0 {
-        PROT_ZERO
-    } else {
-        PROT_NONE
     };
-    prot |= if info & shim::PFN_WRITE != 0 { PROT_WRITE } else { PROT_READ };
-    match info >> shim::PFN_ORDER_SHIFT {
+    let mut prot = match (page.kind, page.owned) {
+        (PageKind::DevicePrivate, true) => PROT_DEV_PRIVATE_LOCAL,
+        (PageKind::DevicePrivate, false) => PROT_DEV_PRIVATE_REMOTE,
+        (PageKind::DeviceCoherent, true) => PROT_DEV_COHERENT_LOCAL,
+        (PageKind::DeviceCoherent, false) => PROT_DEV_COHERENT_REMOTE,
+        (PageKind::Zero, _) => PROT_ZERO,
+        (PageKind::System, _) => PROT_NONE,
+    };
+    prot |= if page.writable { PROT_WRITE } else { PROT_READ };
+    match page.order {
         PMD_ORDER => prot |= PROT_PMD,
         PUD_ORDER => prot |= PROT_PUD,
         _ => {}
@@ -106,8 +97,12 @@ pub(crate) fn snapshot_prot(info: u32) -> u8 {
 }
 
 /// Names of the uAPI devices: private ones by GPU index, then coherent ones.
-const NAMES: [&CStr; 2 * MAX_GPUS as usize] =
-    [c"hmm_dmirror0", c"hmm_dmirror1", c"hmm_dmirror2", c"hmm_dmirror3"];
+const NAMES: [&CStr; 2 * MAX_GPUS as usize] = [
+    c"hmm_dmirror0",
+    c"hmm_dmirror1",
+    c"hmm_dmirror2",
+    c"hmm_dmirror3",
+];
 
 /// The registered /dev/hmm_dmirrorN of one GPU.
 #[pin_data]
@@ -144,7 +139,7 @@ impl MiscDevice for Mirror {
     fn open(_file: &File, misc: &MiscDeviceRegistration<Self>) -> Result<Pin<KBox<Mirror>>> {
         // SAFETY: every registration of `Mirror` is the `registration` field
         // of a pinned `MirrorDevice`, alive while the device is registered.
-        let md = unsafe { &*container_of!(misc as *const MiscDeviceRegistration<Mirror>, MirrorDevice, registration) };
+        let md = unsafe { &*container_of!(core::ptr::from_ref(misc), MirrorDevice, registration) };
         Mirror::new(md.gpu.clone(), md.kind)
     }
 
@@ -164,7 +159,8 @@ impl MiscDevice for Mirror {
 
     fn ioctl(mirror: Pin<&Mirror>, _file: &File, cmd: u32, arg: usize) -> Result<isize> {
         let (mut reader, mut writer) =
-            UserSlice::new(UserPtr::from_addr(arg), core::mem::size_of::<DmirrorCmd>()).reader_writer();
+            UserSlice::new(UserPtr::from_addr(arg), core::mem::size_of::<DmirrorCmd>())
+                .reader_writer();
         let mut c: DmirrorCmd = reader.read()?;
         // Same argument checks as test_hmm.
         if c.addr & (crate::abi::PAGE_SIZE - 1) != 0 {
@@ -176,7 +172,12 @@ impl MiscDevice for Mirror {
         }
         let counts: Counts = match cmd {
             HMM_DMIRROR_READ => mirror.read(c.addr, c.ptr, c.npages, FaultPolicy::Resolve)?,
-            HMM_DMIRROR_READ_UNLOCKED => mirror.read(c.addr, c.ptr, c.npages, FaultPolicy::ResolveUnlocked)?,
+            HMM_DMIRROR_READ_UNLOCKED => {
+                crate::compat::unlocked_range_fault(|| {
+                    gpu_warn!(mirror.gpu, "HMM_DMIRROR_READ_UNLOCKED is not supported: this kernel has no hmm_range_fault_unlocked_timeout()\n")
+                })?;
+                mirror.read(c.addr, c.ptr, c.npages, FaultPolicy::ResolveUnlocked)?
+            }
             HMM_DMIRROR_EXCLUSIVE => mirror.exclusive(c.addr, c.ptr, c.npages)?,
             HMM_DMIRROR_CHECK_EXCLUSIVE => mirror.check_exclusive(c.addr, c.npages)?,
             HMM_DMIRROR_WRITE => mirror.write(c.addr, c.ptr, c.npages)?,

@@ -18,19 +18,25 @@
 //! when the allocation it belongs to is freed (see [`Retired`]).
 
 use crate::abi;
+use crate::compat::{new_spinlock_irq, SpinLockIrq};
+use crate::log::GpuName;
+use crate::pages::PageRef;
 use crate::shim;
-use core::ffi::c_void;
 use core::ptr;
 use core::sync::atomic::{AtomicU64, Ordering};
+use kernel::bindings;
+use kernel::device::Device;
+use kernel::ffi::c_void;
 use kernel::gpu::buddy::{
     AllocatedBlocks, GpuBuddy, GpuBuddyAllocFlag, GpuBuddyAllocFlags, GpuBuddyAllocMode,
     GpuBuddyParams,
 };
+use kernel::new_mutex;
 use kernel::prelude::*;
 use kernel::ptr::Alignment;
 use kernel::sizes::{SZ_2M, SZ_4K};
-use kernel::sync::{Mutex, SpinLockIrq};
-use kernel::{new_mutex, new_spinlock_irq};
+use kernel::sync::aref::ARef;
+use kernel::sync::Mutex;
 
 /// Order of a THP (2 MiB of 4 KiB pages).
 pub(crate) const HUGE_ORDER: u32 = 9;
@@ -68,16 +74,16 @@ pub(crate) struct PageBatch<'a> {
 impl PageBatch<'_> {
     /// The next page, initialized and locked for `migrate_vma_pages()`,
     /// with its VRAM offset; `None` when the batch is used up.
-    pub(crate) fn take(&mut self) -> Option<(*mut shim::Page, u64)> {
+    pub(crate) fn take(&mut self) -> Option<(PageRef, u64)> {
         let offset = *self.offsets.get(self.next)?;
         self.next += 1;
         let pfn = self.vram.pfn_first() + (offset - self.vram.base) / abi::PAGE_SIZE;
         // SAFETY: `pfn` is inside our registered range and its VRAM was
         // just allocated, so the page is free.
         unsafe {
-            let page = shim::hmmgpu_shim_pfn_to_page(pfn as _);
-            shim::hmmgpu_shim_device_page_init(page, 0);
-            shim::hmmgpu_shim_page_set_data(page, self.alloc.cast());
+            let page = PageRef::from_pfn(pfn);
+            page.init_device_folio(0);
+            page.set_zone_device_data(self.alloc.cast());
             Some((page, offset))
         }
     }
@@ -114,7 +120,11 @@ struct Retired {
 
 impl Retired {
     fn contains(&self, offset: u64) -> bool {
-        self.pending.contains(&offset) || self.held.iter().any(|b| b.iter().any(|b| b.offset() == offset))
+        self.pending.contains(&offset)
+            || self
+                .held
+                .iter()
+                .any(|b| b.iter().any(|b| b.offset() == offset))
     }
 }
 
@@ -140,14 +150,6 @@ pub(crate) enum MemKind {
 }
 
 impl MemKind {
-    /// The shim's code for the kind (HMMGPU_MEM_* in shim.h).
-    pub(crate) fn code(self) -> core::ffi::c_int {
-        match self {
-            MemKind::Private => 1,
-            MemKind::Coherent => 2,
-        }
-    }
-
     /// Name for logs.
     pub(crate) fn name(self) -> &'static str {
         match self {
@@ -174,14 +176,31 @@ pub(crate) struct Vram {
     retired: Mutex<Retired>,
     /// Pages retired (held or pending), for the counters.
     retired_pages: AtomicU64,
-    /// The GPU's index, for logs.
+    /// The GPU's device and index, for logs.
+    dev: ARef<Device>,
     gpu: u32,
+}
+
+impl GpuName for Vram {
+    fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    fn gpu_index(&self) -> u32 {
+        self.gpu
+    }
 }
 
 impl Vram {
     /// An allocator for `size` bytes of VRAM at offset `base` of GPU `gpu`,
     /// in pages of [`abi::PAGE_SIZE`].
-    pub(crate) fn new(gpu: u32, kind: MemKind, base: u64, size: u64) -> Result<impl PinInit<Self, Error>> {
+    pub(crate) fn new(
+        dev: ARef<Device>,
+        gpu: u32,
+        kind: MemKind,
+        base: u64,
+        size: u64,
+    ) -> Result<impl PinInit<Self, Error>> {
         let buddy = GpuBuddy::new(GpuBuddyParams {
             base_offset: base,
             size,
@@ -196,6 +215,7 @@ impl Vram {
             deferred <- new_spinlock_irq!(FreeList { head: ptr::null_mut() }),
             retired <- new_mutex!(Retired { pending: KVec::new(), held: KVec::new() }),
             retired_pages: AtomicU64::new(0),
+            dev,
             gpu,
         }))
     }
@@ -213,7 +233,7 @@ impl Vram {
     /// This share as the pgmap owner: the identity migrate_vma_*() and
     /// hmm_range_fault() match device pages against.
     pub(crate) fn owner(&self) -> *mut c_void {
-        (self as *const Self).cast_mut().cast()
+        core::ptr::from_ref(self).cast_mut().cast()
     }
 
     /// Number of VRAM pages.
@@ -224,14 +244,62 @@ impl Vram {
     /// Creates the struct pages (devm on `dev`): device-private ones in a
     /// free physical range, or device-coherent ones over the VRAM BAR at
     /// guest-physical `bar`. `gpu` is handed back to the page callbacks.
-    pub(crate) fn register(&self, dev: *mut shim::Device, bar: u64, gpu: *mut c_void) -> Result {
+    pub(crate) fn register(
+        &self,
+        dev: *mut bindings::device,
+        bar: u64,
+        gpu: *mut c_void,
+    ) -> Result {
+        let (kind, start, end) = match self.kind {
+            MemKind::Private => {
+                // SAFETY: `dev` is the bound virtio device; the region is
+                // released with it (devm).
+                let res = unsafe {
+                    bindings::devm_request_free_mem_region(
+                        dev,
+                        &raw mut bindings::iomem_resource,
+                        self.size as usize,
+                    )
+                };
+                let res = kernel::error::from_err_ptr(res).inspect_err(|e| {
+                    gpu_err!(
+                        self,
+                        "no free physical range for {} bytes of VRAM: {}\n",
+                        self.size,
+                        e.to_errno()
+                    )
+                })?;
+                // SAFETY: a region just granted to us.
+                let res = unsafe { &*res };
+                (
+                    bindings::memory_type_MEMORY_DEVICE_PRIVATE,
+                    res.start,
+                    res.end,
+                )
+            }
+            MemKind::Coherent => {
+                let start = bar + self.base;
+                (
+                    bindings::memory_type_MEMORY_DEVICE_COHERENT,
+                    start,
+                    start + self.size - 1,
+                )
+            }
+        };
         // SAFETY: `dev` is the bound virtio device; `gpu` and `self` outlive
         // the mapping (a devm action registered before it holds a reference).
-        let pfn = unsafe {
-            shim::hmmgpu_shim_memremap(dev, self.kind.code(), bar + self.base, self.size, gpu, self.owner())
-        };
-        if pfn == 0 {
-            return Err(ENOMEM);
+        let pfn = unsafe { shim::hmmgpu_memremap_pages(dev, kind, start, end, gpu, self.owner()) };
+        if pfn < 0 {
+            gpu_err!(
+                self,
+                "devm_memremap_pages ({}) failed: {}\n",
+                match self.kind {
+                    MemKind::Private => "private",
+                    MemKind::Coherent => "coherent",
+                },
+                pfn
+            );
+            return Err(Error::from_errno(pfn as i32));
         }
         self.pfn_first.store(pfn as u64, Ordering::Release);
         Ok(())
@@ -296,7 +364,11 @@ impl Vram {
         // Freed pages of the deferred list may include it.
         self.reclaim_locked(&mut retired);
         self.hold_pending(&mut retired);
-        Ok(if retired.pending.contains(&offset) { Retirement::Pending } else { Retirement::Held })
+        Ok(if retired.pending.contains(&offset) {
+            Retirement::Pending
+        } else {
+            Retirement::Held
+        })
     }
 
     /// [`Vram::retire`] for a cause that handles the page's data itself
@@ -305,8 +377,8 @@ impl Vram {
     pub(crate) fn retire_and_log(&self, offset: u64, why: &str) {
         match self.retire(offset) {
             Ok(Retirement::Already) => {}
-            Ok(_) => pr_warn!("hmmgpu{}: VRAM page {:#x} retired ({})\n", self.gpu, offset, why),
-            Err(e) => pr_err!("hmmgpu{}: cannot retire VRAM page {:#x}: {:?}\n", self.gpu, offset, e),
+            Ok(_) => gpu_warn!(self, "VRAM page {:#x} retired ({})\n", offset, why),
+            Err(e) => gpu_err!(self, "cannot retire VRAM page {:#x}: {:?}\n", offset, e),
         }
     }
 
@@ -340,12 +412,8 @@ impl Vram {
                 // Out of memory for the block: the page stays pending and
                 // free, so it may be handed out before a later return
                 // holds it.
-                pr_err!(
-                    "hmmgpu{}: cannot take retired VRAM page {:#x} out of the allocator ({:?}): it may be allocated again\n",
-                    self.gpu,
-                    offset,
-                    e
-                );
+                gpu_err!(self, "cannot take retired VRAM page {:#x} out of the allocator ({:?}): it may be allocated again\n", offset,
+                    e);
                 false
             }
         }
@@ -361,7 +429,7 @@ impl Vram {
     /// Allocates one VRAM page (`huge`: a 2 MiB THP) and returns its device
     /// page (the THP's head), initialized and locked for
     /// `migrate_vma_pages()`, with its VRAM offset.
-    pub(crate) fn alloc_page(&self, huge: bool) -> Result<(*mut shim::Page, u64)> {
+    pub(crate) fn alloc_page(&self, huge: bool) -> Result<(PageRef, u64)> {
         let mut retired = self.retired.lock();
         self.reclaim_locked(&mut retired);
         let (size, align, order) = if huge {
@@ -388,14 +456,14 @@ impl Vram {
             },
             GFP_KERNEL,
         )?;
-        // SAFETY: `pfn` is inside our registered range.
-        let page = unsafe { shim::hmmgpu_shim_pfn_to_page(pfn as _) };
-        // SAFETY: the pages are free (their VRAM was just allocated) and ours.
+        // SAFETY: `pfn` is inside our registered range; the pages are free
+        // (their VRAM was just allocated) and ours.
         unsafe {
-            shim::hmmgpu_shim_device_page_init(page, order);
-            shim::hmmgpu_shim_page_set_data(page, KBox::into_raw(alloc).cast());
+            let page = PageRef::from_pfn(pfn);
+            page.init_device_folio(order);
+            page.set_zone_device_data(KBox::into_raw(alloc).cast());
+            Ok((page, offset))
         }
-        Ok((page, offset))
     }
 
     /// Allocates up to `n` single VRAM pages in one buddy allocation (few
@@ -450,17 +518,14 @@ impl Vram {
     /// Called when the kernel frees a device folio (`page` is its head):
     /// once every page of its allocation is free, the VRAM is. May run in
     /// atomic context.
-    pub(crate) fn page_freed(&self, page: *mut shim::Page) {
-        // SAFETY: `page` is one of our device pages being freed.
-        let alloc = unsafe { shim::hmmgpu_shim_page_get_data(page) }.cast::<VramAlloc>();
+    pub(crate) fn page_freed(&self, page: PageRef) {
+        let alloc = page.zone_device_data().cast::<VramAlloc>();
         if alloc.is_null() {
             return;
         }
-        // SAFETY: as above.
-        let nr = unsafe {
-            shim::hmmgpu_shim_page_set_data(page, ptr::null_mut());
-            shim::hmmgpu_shim_folio_nr_pages(page)
-        } as u64;
+        // SAFETY: one of our device pages, being freed.
+        unsafe { page.set_zone_device_data(ptr::null_mut()) };
+        let nr = page.folio_nr_pages() as u64;
         // SAFETY: `alloc` lives until its last page is freed (below).
         if unsafe { (*alloc).pages.fetch_sub(nr, Ordering::AcqRel) } != nr {
             return;

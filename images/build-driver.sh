@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds the hmmgpu guest driver against a kernel from build-kernel.sh, with
-# warnings as errors (C: W=1 -Werror; Rust: the kernel's lints, -Dwarnings).
-# Prints the path of hmmgpu.ko.
+# warnings as errors (C: W=1 -Werror; Rust: the kernel's lints and clippy
+# (CLIPPY=1), -Dwarnings), after checking that the Rust code is formatted the
+# kernel's way (rustfmt --check with the kernel's .rustfmt.toml). Prints the
+# path of hmmgpu.ko.
 #
 #   build-driver.sh KDIR
 set -euo pipefail
@@ -13,9 +15,13 @@ KDIR="${1:?usage: build-driver.sh KDIR (from build-kernel.sh)}"
 if [[ -f "$KDIR/make.env" ]]; then
     mapfile -t MAKE_VARS <"$KDIR/make.env"
     BUILD="$KDIR/build"
+    SRCTREE="$(cat "$KDIR/src")"
 else
     MAKE_VARS=()          # HMMGPU_KERNEL_DIR: the user's own built tree
     BUILD="$KDIR"
+    # An O= build links its sources as `source`; an in-tree build is them.
+    SRCTREE="$KDIR"
+    [[ -e "$KDIR/source" ]] && SRCTREE="$KDIR/source"
 fi
 export LIBCLANG_PATH=/usr/lib/llvm-19/lib
 # On a gcov kernel the driver's C is profiled too (cargo xtask coverage);
@@ -35,8 +41,16 @@ flock 8
 rsync -a --delete "$REPO_DIR/guest-driver/" "$OUT/guest-driver/"
 rsync -a "$REPO_DIR/device/abi/src/" "$OUT/device/abi/src/"
 
+# rustfmt follows the module tree from the crate root (the device's abi.rs,
+# formatted with the workspace's rustfmt.toml, is skipped there).
+if ! rustfmt --check --config-path "$SRCTREE/.rustfmt.toml" \
+        "$OUT/guest-driver/hmmgpu_main.rs" >"$OUT/rustfmt.log" 2>&1; then
+    cat "$OUT/rustfmt.log" >&2
+    die "the driver's Rust code is not formatted the kernel's way (diff above; fix: rustfmt --config-path $SRCTREE/.rustfmt.toml guest-driver/hmmgpu_main.rs)"
+fi
+
 log "building hmmgpu.ko against $BUILD"
-if ! make -C "$BUILD" M="$OUT/guest-driver" "${MAKE_VARS[@]}" W=1 \
+if ! make -C "$BUILD" M="$OUT/guest-driver" "${MAKE_VARS[@]}" W=1 CLIPPY=1 \
         KCFLAGS=-Werror KRUSTFLAGS=-Dwarnings modules >"$OUT/build.log" 2>&1; then
     cat "$OUT/build.log" >&2
     die "driver build failed"

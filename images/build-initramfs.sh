@@ -5,21 +5,21 @@
 # Cheap (well under a second), so `cargo xtask run` rebuilds it per run.
 # Prints the output file on stdout when done.
 #
-#   build-initramfs.sh --kdir KDIR --out FILE [--module PATH.ko]... \
+#   build-initramfs.sh --arch x86_64|ppc64le --out FILE [--module PATH.ko]... \
 #                      [--prog PATH]... [--add HOSTPATH]...
 #
-# test_hmm.ko from $KDIR/build/lib/test_hmm.ko is always added when it exists.
+# xtask passes the kernel tree's test_hmm.ko as a --module when it has one.
 set -euo pipefail
 LOG_TAG=initramfs
 source "$(dirname "$0")/lib.sh"
 
-usage="usage: build-initramfs.sh --kdir KDIR --out FILE [--module PATH.ko]... [--prog PATH]... [--add HOSTPATH]..."
-KDIR="" OUT=""
+usage="usage: build-initramfs.sh --arch x86_64|ppc64le --out FILE [--module PATH.ko]... [--prog PATH]... [--add HOSTPATH]..."
+ARCH_NAME="" OUT=""
 modules=() progs=() adds=()
 while [[ $# -gt 0 ]]; do
     [[ $# -ge 2 ]] || die "$1 needs a value ($usage)"
     case "$1" in
-        --kdir) KDIR="$2" ;;
+        --arch) ARCH_NAME="$2" ;;
         --out) OUT="$2" ;;
         --module) modules+=("$2") ;;
         --prog) progs+=("$2") ;;
@@ -28,10 +28,8 @@ while [[ $# -gt 0 ]]; do
     esac
     shift 2
 done
-[[ -n "$KDIR" && -n "$OUT" ]] || die "--kdir and --out are required ($usage)"
-[[ -d "$KDIR/build" ]] || die "--kdir $KDIR has no build/ directory (run images/build-kernel.sh)"
-
-ARCH_NAME="$(kdir_arch "$KDIR")"
+[[ -n "$ARCH_NAME" && -n "$OUT" ]] || die "--arch and --out are required ($usage)"
+case "$ARCH_NAME" in x86_64|ppc64le) ;; *) die "--arch must be x86_64 or ppc64le, not '$ARCH_NAME'" ;; esac
 BUSYBOX="$(guest_busybox "$ARCH_NAME")"
 [[ -x "$BUSYBOX" ]] || die "$BUSYBOX missing: run ci/setup-host.sh (installs busybox-static for $ARCH_NAME)"
 # The dynamic busybox package installs /bin/busybox too; the initramfs has no libc.
@@ -45,8 +43,6 @@ command -v cpio >/dev/null || die "cpio missing: run ci/setup-host.sh"
 for f in "${modules[@]}" "${progs[@]}" "${adds[@]}"; do
     [[ -f "$f" ]] || die "no such file: $f"
 done
-test_hmm="$KDIR/build/lib/test_hmm.ko"
-[[ -f "$test_hmm" ]] && modules+=("$test_hmm")
 
 out_dir="$(dirname "$OUT")"
 [[ -d "$out_dir" ]] || die "output directory $out_dir does not exist"

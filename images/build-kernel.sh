@@ -1,42 +1,60 @@
 #!/usr/bin/env bash
-# Builds the hmmgpu guest kernel from Debian's linux-source-7.3 with the config
-# fragments in images/config/, cached under $HMMGPU_CACHE by a hash of every
-# input. Prints the kernel directory (KDIR) on stdout when done:
-#   $KDIR/build     the O= build tree (out-of-tree modules build against it)
-#   $KDIR/image     the bootable kernel image
-#   $KDIR/make.env  the make variables the tree was built with (ARCH, LLVM, ...)
+# Builds the hmmgpu guest kernel from Debian's linux-source-7.3 (or 7.2) with
+# the config fragments in images/config/, cached under $HMMGPU_CACHE by a hash
+# of every input. Prints the tree on stdout when done: $KDIR/build, a plain
+# O= build directory (its `source` links to the unpacked sources), nothing in
+# it but what make wrote. xtask reads it as it reads a user's own tree
+# (`--kernel-dir`, ci/xtask/src/build/tree.rs): the image, the make variables
+# (LLVM=, ARCH=) and test_hmm.ko all come from the tree itself. $KDIR/logs
+# holds the build log.
 #
-#   build-kernel.sh [--arch x86_64|ppc64le] [--flavour release|debug|gcov] [--print-dir]
+#   build-kernel.sh [--arch x86_64|ppc64le] [--flavour release|debug|gcov]
+#                   [--release 7.3|7.2] [--plain] [--print-dir]
 #
-# --print-dir prints the cache directory the inputs map to, building nothing.
+# --release picks Debian's linux-source package (default 7.3). --plain builds
+# the tree the way a user would: Debian's source as shipped, without
+# images/patches/ (the own-kernel test's 7.2 tree). --print-dir prints the
+# tree the inputs map to, building nothing.
 #
-# HMMGPU_KERNEL_DIR=/path/to/built/tree uses your own x86_64 kernel instead
-# (HMMGPU_KERNEL_DIR_PPC64LE a ppc64le one): a configured and built tree
-# (in-tree or O=) with the options of base.config and <arch>.config.
+# Your own kernel instead: `cargo xtask run --kernel-dir DIR` (docs/running.md).
 set -euo pipefail
 LOG_TAG=kernel
 source "$(dirname "$0")/lib.sh"
 
-ARCH_NAME=x86_64 FLAVOUR=release PRINT_DIR=0
+usage="usage: build-kernel.sh [--arch x86_64|ppc64le] [--flavour release|debug] [--release 7.3|7.2] [--plain] [--print-dir]"
+ARCH_NAME=x86_64 FLAVOUR=release RELEASE=7.3 PLAIN=0 PRINT_DIR=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --print-dir) PRINT_DIR=1; shift ;;
-        --arch) ARCH_NAME="$2"; shift 2 ;;
-        --flavour) FLAVOUR="$2"; shift 2 ;;
-        *) die "unknown argument '$1' (usage: build-kernel.sh [--arch x86_64|ppc64le] [--flavour release|debug|gcov])" ;;
+        --plain) PLAIN=1; shift ;;
+        --arch|--flavour|--release)
+            [[ $# -ge 2 ]] || die "$1 needs a value ($usage)"
+            case "$1" in
+                --arch) ARCH_NAME="$2" ;;
+                --flavour) FLAVOUR="$2" ;;
+                --release) RELEASE="$2" ;;
+            esac
+            shift 2 ;;
+        *) die "unknown argument '$1' ($usage)" ;;
     esac
 done
 case "$FLAVOUR" in release|debug|gcov) ;; *) die "--flavour must be release, debug or gcov, not '$FLAVOUR'" ;; esac
 
-KERNEL_VERSION="7.3.4-1~bpo13+1"
-KERNEL_TARBALL=/usr/src/linux-source-7.3.tar.xz
+# The Debian source packages (ci/setup-host.sh installs these versions).
+case "$RELEASE" in
+    7.3) KERNEL_VERSION="7.3.4-1~bpo13+1" ;;
+    7.2) KERNEL_VERSION="7.2.12-1~bpo13+1" ;;
+    *) die "--release must be 7.3 or 7.2, not '$RELEASE'" ;;
+esac
+KERNEL_PACKAGE="linux-source-$RELEASE"
+KERNEL_TARBALL="/usr/src/$KERNEL_PACKAGE.tar.xz"
 RUST_LIB_SRC=/usr/lib/rustlib/src/rust/library
 export LIBCLANG_PATH=/usr/lib/llvm-19/lib
 
 case "$ARCH_NAME" in
-    x86_64)  KARCH=x86_64;  IMAGE_PATH=arch/x86/boot/bzImage; BASE_TARGET=allnoconfig
+    x86_64)  BASE_TARGET=allnoconfig
              MAKE_VARS=(ARCH=x86_64) ;;
-    ppc64le) KARCH=powerpc; IMAGE_PATH=vmlinux; BASE_TARGET=allnoconfig
+    ppc64le) BASE_TARGET=allnoconfig
              # bindgen (libclang) cannot parse gcc's powerpc flags: build with LLVM.
              MAKE_VARS=(ARCH=powerpc LLVM=-19 CROSS_COMPILE=powerpc64le-linux-gnu-) ;;
     *) die "unknown --arch '$ARCH_NAME' (x86_64 or ppc64le)" ;;
@@ -58,7 +76,9 @@ if [[ "$FLAVOUR" == gcov ]]; then
                 GCOV_PROFILE_memremap.o=y GCOV_PROFILE_migrate.o=y)
 fi
 
-# Checks that every CONFIG_ line of the fragments holds in a .config.
+# Checks that every CONFIG_ line of the fragments landed in the .config as
+# written: a fail-fast check of this recipe before the long make (xtask then
+# checks the built tree as it checks any user's, build/tree.rs).
 check_config() {
     local config="$1" frag line sym val missing=0
     for frag in "${fragments[@]}"; do
@@ -74,42 +94,36 @@ check_config() {
     return $missing
 }
 
-own_var=HMMGPU_KERNEL_DIR
-[[ "$ARCH_NAME" == x86_64 ]] || own_var="HMMGPU_KERNEL_DIR_${ARCH_NAME^^}"
-own="${!own_var:-}"
-if [[ -n "$own" ]]; then
-    [[ -f "$own/.config" ]] || die "$own_var=$own has no .config"
-    [[ -f "$own/$IMAGE_PATH" ]] || die "$own_var has no $IMAGE_PATH: build it first"
-    [[ "$(kdir_arch "$own")" == "$ARCH_NAME" ]] || die "$own_var=$own is a $(kdir_arch "$own") kernel, not $ARCH_NAME"
-    check_config "$own/.config" || die "$own_var lacks options hmmgpu needs (listed above)"
-    echo "$own"
-    exit 0
-fi
-
-[[ -f "$KERNEL_TARBALL" ]] || die "$KERNEL_TARBALL missing: run ci/setup-host.sh (installs linux-source-7.3=$KERNEL_VERSION)"
-installed=$(dpkg-query -W -f='${Version}' linux-source-7.3 2>/dev/null || true)
-[[ "$installed" == "$KERNEL_VERSION" ]] || die "linux-source-7.3 is '$installed', want $KERNEL_VERSION: run ci/setup-host.sh"
+[[ -f "$KERNEL_TARBALL" ]] || die "$KERNEL_TARBALL missing: run ci/setup-host.sh (installs $KERNEL_PACKAGE=$KERNEL_VERSION)"
+installed=$(dpkg-query -W -f='${Version}' "$KERNEL_PACKAGE" 2>/dev/null || true)
+[[ "$installed" == "$KERNEL_VERSION" ]] || die "$KERNEL_PACKAGE is '$installed', want $KERNEL_VERSION: run ci/setup-host.sh"
 
 patches=()
-if [[ -d "$IMAGES_DIR/patches/$ARCH_NAME" ]]; then
+if [[ $PLAIN == 0 && -d "$IMAGES_DIR/patches/$ARCH_NAME" ]]; then
     mapfile -t patches < <(find "$IMAGES_DIR/patches/$ARCH_NAME" -name '*.patch' | sort)
 fi
 toolchain="$(rustc --version) $(bindgen --version 2>&1) $(gcc --version | head -1) $(clang-19 --version 2>/dev/null | head -1)"
 src_key=$(hash_inputs "$KERNEL_VERSION" "${patches[@]}")
 # Bump when this script changes how a kernel is built.
 RECIPE=1
-key=$(hash_inputs "$src_key" "$ARCH_NAME" "$FLAVOUR" "${fragments[@]}" "$toolchain" "${MAKE_VARS[*]}" "recipe-$RECIPE")
+# The fragments' CONFIG_ lines, in merge order: their comments change no kernel.
+config_lines="$(grep -h '^CONFIG_' "${fragments[@]}")"
+key=$(hash_inputs "$src_key" "$ARCH_NAME" "$FLAVOUR" "$config_lines" "$toolchain" "${MAKE_VARS[*]}" "recipe-$RECIPE")
 SRC="$HMMGPU_CACHE/linux-src-$src_key"
-KDIR="$HMMGPU_CACHE/kernel-$ARCH_NAME-$FLAVOUR-$key"
+# 7.3 keeps its historical name; other releases and plain trees say so.
+name="kernel"
+[[ "$RELEASE" == 7.3 ]] || name+="-$RELEASE"
+[[ $PLAIN == 0 ]] || name+="-plain"
+KDIR="$HMMGPU_CACHE/$name-$ARCH_NAME-$FLAVOUR-$key"
 LOGDIR="$KDIR/logs"
 if [[ $PRINT_DIR == 1 ]]; then
-    echo "$KDIR"
+    echo "$KDIR/build"
     exit 0
 fi
 
 if [[ -f "$KDIR/done" ]]; then
     log "cached: $KDIR"
-    echo "$KDIR"
+    echo "$KDIR/build"
     exit 0
 fi
 
@@ -123,12 +137,12 @@ if ! flock -n 9; then
 fi
 if [[ -f "$KDIR/done" ]]; then
     log "built meanwhile by another process: $KDIR"
-    echo "$KDIR"
+    echo "$KDIR/build"
     exit 0
 fi
 rm -rf "$KDIR" && mkdir -p "$KDIR/build"
 MAKE=(make -C "$SRC" O="$KDIR/build" "${MAKE_VARS[@]}" RUST_LIB_SRC="$RUST_LIB_SRC")
-log "configuring $ARCH_NAME/$FLAVOUR ($BASE_TARGET + ${fragments[*]##*/})"
+log "configuring $KERNEL_PACKAGE $ARCH_NAME/$FLAVOUR${patches[*]:+ (patched)} ($BASE_TARGET + ${fragments[*]##*/})"
 "${MAKE[@]}" -s "$BASE_TARGET" >/dev/null
 "${MAKE[@]}" -s rustavailable >&2 || die "the Rust toolchain is not usable for the kernel (see above)"
 # merge_config.sh -m merges fragments without running make; olddefconfig resolves.
@@ -138,9 +152,6 @@ check_config "$KDIR/build/.config" || die "config fragments did not apply (liste
 
 jobs=$(nproc)
 run_logged build "${MAKE[@]}" -j"$jobs" all
-cp "$KDIR/build/$IMAGE_PATH" "$KDIR/image"
-printf '%s\n' "${MAKE_VARS[@]}" "RUST_LIB_SRC=$RUST_LIB_SRC" >"$KDIR/make.env"
-echo "$SRC" >"$KDIR/src"
 touch "$KDIR/done"
 log "built $KDIR"
-echo "$KDIR"
+echo "$KDIR/build"

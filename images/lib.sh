@@ -38,23 +38,7 @@ hash_inputs() {
     done | sha256sum | cut -c1-16
 }
 
-# kdir_arch KDIR: the guest architecture (x86_64 or ppc64le) of a kernel
-# tree from build-kernel.sh (KDIR/build/.config) or HMMGPU_KERNEL_DIR.
-kdir_arch() {
-    local cfg="$1/build/.config"
-    [[ -f "$cfg" ]] || cfg="$1/.config"
-    [[ -f "$cfg" ]] || die "$1 has no .config"
-    if grep -q '^CONFIG_X86_64=y' "$cfg"; then
-        echo x86_64
-    elif grep -q '^CONFIG_PPC64=y' "$cfg"; then
-        grep -q '^CONFIG_CPU_LITTLE_ENDIAN=y' "$cfg" || die "$cfg: big-endian ppc64 guests are not supported (ppc64le only)"
-        echo ppc64le
-    else
-        die "$cfg: neither an x86_64 nor a ppc64le kernel"
-    fi
-}
-
-# host_arch: this machine's architecture, in kdir_arch's names.
+# host_arch: this machine's architecture, in the guest names (x86_64, ppc64le).
 host_arch() {
     case "$(uname -m)" in
         x86_64) echo x86_64 ;;

@@ -37,34 +37,21 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
-#include "test_hmm_uapi.h"
+#include "dmirror.h"
 
-#define PAGE_SZ 4096UL
-#define TWO_MB (2UL << 20)
 /* Migration repetitions: about 256 MiB per size, at least 5, at most 50. */
 #define MIN_REPS 5
 #define MAX_REPS 50
 #define REPS_BYTES (256UL << 20)
 #define LAT_SAMPLES 1000
 /* The oversubscription workload's unit of migration: one migrate_vma step. */
-#define OVERSUB_CHUNK TWO_MB
-#define PROT_KIND_MASK 0xF0
+#define OVERSUB_CHUNK HUGE_SZ
 
 static const char *default_dev = "/dev/hmm_dmirror0";
-
-static double now_s(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 static void die(const char *what)
 {
@@ -87,43 +74,23 @@ static int open_dev(const char *dev)
 	return fd;
 }
 
-/* One dmirror ioctl; -errno on failure (EINTR retried). */
-static int try_dmirror(int fd, unsigned long req, void *addr, void *mirror,
-		       unsigned long npages)
+/* A dmirror command that must succeed: exits 1 naming it if it fails. */
+static void dmirror_or_die(int fd, unsigned long req, void *addr, void *mirror,
+			   unsigned long npages)
 {
-	struct hmm_dmirror_cmd cmd = {
-		.addr = (uintptr_t)addr,
-		.ptr = (uintptr_t)mirror,
-		.npages = npages,
-	};
+	int ret = dmirror(fd, req, addr, mirror, npages, NULL);
 
-	while (ioctl(fd, req, &cmd) < 0) {
-		if (errno != EINTR)
-			return -errno;
-	}
-	return 0;
-}
-
-static void dmirror(int fd, unsigned long req, void *addr, void *mirror,
-		    unsigned long npages)
-{
-	int ret = try_dmirror(fd, req, addr, mirror, npages);
-
-	if (ret < 0) {
-		errno = -ret;
-		die("dmirror ioctl");
+	if (ret) {
+		errno = ret;
+		die(dmirror_name(req));
 	}
 }
 
-/* A 2 MiB-aligned anonymous buffer (THP-eligible when large enough). */
-static char *alloc_buf(size_t size, void **base, size_t *map_len)
+/* Single pages only (no THP): exits 1 if the kernel refuses. */
+static void no_huge_pages(void *buf, size_t size)
 {
-	*map_len = size + TWO_MB;
-	*base = mmap(NULL, *map_len, PROT_READ | PROT_WRITE,
-		     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (*base == MAP_FAILED)
-		die("mmap");
-	return (char *)(((uintptr_t)*base + TWO_MB - 1) & ~(TWO_MB - 1));
+	if (madvise(buf, size, MADV_NOHUGEPAGE))
+		die("madvise(MADV_NOHUGEPAGE)");
 }
 
 static void *xmalloc(size_t size)
@@ -176,15 +143,9 @@ static const char *size_label(size_t size, char *out, size_t len)
 
 static size_t parse_size(const char *s)
 {
-	char *end;
-	unsigned long long n = strtoull(s, &end, 0);
+	uint64_t n;
 
-	switch (*end) {
-	case 'K': n <<= 10; end++; break;
-	case 'M': n <<= 20; end++; break;
-	case 'G': n <<= 30; end++; break;
-	}
-	if (*end || !n || n % PAGE_SZ) {
+	if (!parse_u64(s, &n, true) || !n || n % PAGE_SZ) {
 		fprintf(stderr, "hmmgpu-bench: '%s' is not a size in whole pages (K/M/G suffix)\n", s);
 		exit(2);
 	}
@@ -204,32 +165,31 @@ static void migration(int fd, size_t size)
 	if (reps > MAX_REPS)
 		reps = MAX_REPS;
 	for (r = 0; r < reps; r++) {
-		void *base;
-		size_t map_len;
-		char *buf = alloc_buf(size, &base, &map_len);
+		char *buf = map_aligned(size, HUGE_SZ);
 		double t;
 
 		memset(buf, r + 1, size);
-		t = now_s();
-		ret = try_dmirror(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror, npages);
-		to_dev[r] = size / (now_s() - t) / 1e9;
+		t = now_ms();
+		ret = dmirror(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror, npages, NULL);
+		/* Bytes per millisecond / 1e6: GB/s. */
+		to_dev[r] = size / (now_ms() - t) / 1e6;
 		/* A page migrate_vma could not isolate stayed behind: again. */
-		if (ret == -ENOENT && retries++ < MIN_REPS) {
+		if (ret == ENOENT && retries++ < MIN_REPS) {
 			printf("hmmgpu-bench: a %zu-byte migration to the device left pages behind: repeated\n", size);
-			dmirror(fd, HMM_DMIRROR_MIGRATE_TO_SYS, buf, mirror, npages);
-			munmap(base, map_len);
+			dmirror_or_die(fd, HMM_DMIRROR_MIGRATE_TO_SYS, buf, mirror, npages);
+			munmap(buf, size);
 			r--;
 			continue;
 		}
-		if (ret < 0) {
-			errno = -ret;
+		if (ret) {
+			errno = ret;
 			die("migration to the device");
 		}
-		t = now_s();
-		dmirror(fd, HMM_DMIRROR_MIGRATE_TO_SYS, buf, mirror, npages);
-		to_sys[r] = size / (now_s() - t) / 1e9;
+		t = now_ms();
+		dmirror_or_die(fd, HMM_DMIRROR_MIGRATE_TO_SYS, buf, mirror, npages);
+		to_sys[r] = size / (now_ms() - t) / 1e6;
 		check_pages(buf, size, r + 1, "migration");
-		munmap(base, map_len);
+		munmap(buf, size);
 	}
 	size_label(size, label, sizeof(label));
 	printf("BENCH migrate_to_dev_%s_gbps %.4f\n", label, pct(to_dev, reps, 50));
@@ -257,27 +217,25 @@ static void cpu_fault_latency(int fd)
 {
 	size_t size = LAT_SAMPLES * PAGE_SZ;
 	double lat[LAT_SAMPLES];
-	void *base;
 	char *mirror = xmalloc(size);
-	size_t map_len;
-	char *buf = alloc_buf(size, &base, &map_len);
+	char *buf = map_aligned(size, HUGE_SZ);
 	int i;
 
 	/* Single pages: each touch is one migrate_to_ram of one page. */
-	madvise(buf, size, MADV_NOHUGEPAGE);
+	no_huge_pages(buf, size);
 	memset(buf, 7, size);
-	dmirror(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror, LAT_SAMPLES);
+	dmirror_or_die(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror, LAT_SAMPLES);
 	for (i = 0; i < LAT_SAMPLES; i++) {
 		volatile char *p = buf + i * PAGE_SZ;
-		double t = now_s();
+		double t = now_ms();
 
 		if (*p != 7)
 			fail("cpu fault: a page lost its data");
-		lat[i] = (now_s() - t) * 1e6;
+		lat[i] = (now_ms() - t) * 1e3;
 	}
 	printf("BENCH cpu_fault_p50_us %.2f\n", pct(lat, LAT_SAMPLES, 50));
 	printf("BENCH cpu_fault_p99_us %.2f\n", pct(lat, LAT_SAMPLES, 99));
-	munmap(base, map_len);
+	munmap(buf, size);
 	free(mirror);
 }
 
@@ -288,16 +246,13 @@ static void device_fault_latency(int fd)
 	int i;
 
 	for (i = 0; i < LAT_SAMPLES; i++) {
-		char *p = mmap(NULL, PAGE_SZ, PROT_READ | PROT_WRITE,
-			       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		char *p = map_buffer(PAGE_SZ, false);
 		double t;
 
-		if (p == MAP_FAILED)
-			die("mmap");
 		p[0] = (char)i;
-		t = now_s();
-		dmirror(fd, HMM_DMIRROR_READ, p, mirror, 1);
-		lat[i] = (now_s() - t) * 1e6;
+		t = now_ms();
+		dmirror_or_die(fd, HMM_DMIRROR_READ, p, mirror, 1);
+		lat[i] = (now_ms() - t) * 1e3;
 		if (mirror[0] != (char)i)
 			fail("device fault: the device read wrong data");
 		munmap(p, PAGE_SZ);
@@ -321,9 +276,9 @@ static unsigned long resident_pages(int fd, char *buf, unsigned long npages, uns
 {
 	unsigned long i, n = 0;
 
-	dmirror(fd, HMM_DMIRROR_SNAPSHOT, buf, snap, npages);
+	dmirror_or_die(fd, HMM_DMIRROR_SNAPSHOT, buf, snap, npages);
 	for (i = 0; i < npages; i++) {
-		unsigned char kind = snap[i] & PROT_KIND_MASK;
+		unsigned char kind = snap[i] & DMIRROR_PROT_KIND_MASK;
 
 		n += kind == HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL ||
 		     kind == HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL;
@@ -334,14 +289,15 @@ static unsigned long resident_pages(int fd, char *buf, unsigned long npages, uns
 /* What one process of `concurrent` reports to the parent. */
 struct worker_result {
 	double bytes;
+	/* now_ms() after its last step. */
 	double end;
 	/* Migrations to the device that left pages behind (ENOENT). */
 	unsigned long short_steps;
 };
 
 /*
- * Migrates a SIZE buffer to the device and back from `start` until
- * `start + seconds`; writes a worker_result to `out`.
+ * Migrates a SIZE buffer to the device and back from `start` (now_ms(),
+ * from `go`) for `seconds`; writes a worker_result to `out`.
  */
 static void worker(const char *dev, size_t size, double seconds, int ready, int go, int out)
 {
@@ -350,9 +306,7 @@ static void worker(const char *dev, size_t size, double seconds, int ready, int 
 	struct worker_result res = { 0, 0, 0 };
 	char *mirror = xmalloc(size), fill = (char)getpid();
 	unsigned char *snap = xmalloc(npages);
-	void *base;
-	size_t map_len;
-	char *buf = alloc_buf(size, &base, &map_len);
+	char *buf = map_aligned(size, HUGE_SZ);
 	double start;
 
 	memset(buf, fill, size);
@@ -362,7 +316,7 @@ static void worker(const char *dev, size_t size, double seconds, int ready, int 
 	if (read(go, &start, sizeof(start)) != sizeof(start))
 		die("start pipe");
 	do {
-		int ret = try_dmirror(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror, npages);
+		int ret = dmirror(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror, npages, NULL);
 		double moved = size;
 
 		/*
@@ -370,17 +324,17 @@ static void worker(const char *dev, size_t size, double seconds, int ready, int 
 		 * stays behind, and both drivers then fail the read-back with
 		 * ENOENT. Count what did move.
 		 */
-		if (ret == -ENOENT) {
+		if (ret == ENOENT) {
 			moved = resident_pages(fd, buf, npages, snap) * PAGE_SZ;
 			res.short_steps++;
-		} else if (ret < 0) {
-			errno = -ret;
+		} else if (ret) {
+			errno = ret;
 			die("concurrent: migration to the device");
 		}
-		dmirror(fd, HMM_DMIRROR_MIGRATE_TO_SYS, buf, mirror, npages);
+		dmirror_or_die(fd, HMM_DMIRROR_MIGRATE_TO_SYS, buf, mirror, npages);
 		res.bytes += 2.0 * moved;
-		res.end = now_s();
-	} while (res.end < start + seconds);
+		res.end = now_ms();
+	} while (res.end < start + seconds * 1e3);
 	check_pages(buf, size, fill, "concurrent migration");
 	if (write(out, &res, sizeof(res)) != sizeof(res))
 		die("result pipe");
@@ -420,7 +374,7 @@ static void concurrent(const char *label, size_t size, double seconds, char **de
 		if (read(ready[0], &c, 1) != 1)
 			fail("a worker died before it was ready");
 	}
-	start = now_s();
+	start = now_ms();
 	for (i = 0; i < procs; i++) {
 		if (write(go[1], &start, sizeof(start)) != sizeof(start))
 			die("start pipe");
@@ -447,7 +401,7 @@ static void concurrent(const char *label, size_t size, double seconds, char **de
 	if (short_steps)
 		printf("hmmgpu-bench: concurrent %s: %lu migrations to the device left pages behind (only what moved is counted)\n",
 		       label, short_steps);
-	printf("BENCH conc_%s_gbps %.4f\n", label, bytes / (end - start) / 1e9);
+	printf("BENCH conc_%s_gbps %.4f\n", label, bytes / (end - start) / 1e6);
 	printf("BENCH-MOVED %.0f\n", bytes);
 }
 
@@ -468,35 +422,34 @@ static void oversub(size_t ws, const char *dev)
 	unsigned long nchunks = ws / OVERSUB_CHUNK, k, placed = 0, errors = 0;
 	double *step_lat = xmalloc(nchunks * sizeof(double));
 	double *fill_lat = xmalloc(nchunks * sizeof(double));
-	double fault_lat[LAT_SAMPLES], migrate_time = 0, moved = 0;
+	double fault_lat[LAT_SAMPLES], migrate_ms = 0, moved = 0;
 	unsigned char *snap = xmalloc(chunk_pages);
 	char *mirror = xmalloc(OVERSUB_CHUNK);
 	int nfaults = 0, pressured = 0, filling = 0;
-	void *base;
-	size_t map_len, off, stride;
-	char *buf = alloc_buf(ws, &base, &map_len);
+	size_t off, stride;
+	char *buf = map_aligned(ws, HUGE_SZ);
 
-	madvise(buf, ws, MADV_NOHUGEPAGE);
+	no_huge_pages(buf, ws);
 	for (k = 0; k < nchunks; k++)
 		memset(buf + k * OVERSUB_CHUNK, (char)(k + 1), OVERSUB_CHUNK);
 	for (k = 0; k < nchunks; k++) {
 		char *c = buf + k * OVERSUB_CHUNK;
-		double t = now_s();
+		double t = now_ms();
 		/* A full device may fail the step or leave pages behind. */
-		int ret = try_dmirror(fd, HMM_DMIRROR_MIGRATE_TO_DEV, c, mirror, chunk_pages);
-		double dt = now_s() - t;
+		int ret = dmirror(fd, HMM_DMIRROR_MIGRATE_TO_DEV, c, mirror, chunk_pages, NULL);
+		double dt = now_ms() - t;
 		unsigned long n;
 
-		migrate_time += dt;
-		errors += ret < 0;
+		migrate_ms += dt;
+		errors += ret != 0;
 		n = resident_pages(fd, c, chunk_pages, snap);
 		placed += n;
 		moved += n * PAGE_SZ;
 		/* The second half: steps that find the VRAM's worth placed. */
 		if (k >= nchunks / 2)
-			step_lat[pressured++] = dt * 1e6;
+			step_lat[pressured++] = dt * 1e3;
 		else
-			fill_lat[filling++] = dt * 1e6;
+			fill_lat[filling++] = dt * 1e3;
 	}
 	/* CPU faults with the device full, spread over the working set. */
 	stride = ws / LAT_SAMPLES / PAGE_SZ * PAGE_SZ;
@@ -509,10 +462,10 @@ static void oversub(size_t ws, const char *dev)
 
 		if (!resident_pages(fd, (char *)p, 1, snap))
 			continue;
-		t = now_s();
+		t = now_ms();
 		if (*p != want)
 			fail("oversub: a page lost its data in a CPU fault");
-		fault_lat[nfaults++] = (now_s() - t) * 1e6;
+		fault_lat[nfaults++] = (now_ms() - t) * 1e3;
 		moved += PAGE_SZ;
 	}
 	/* Everything back, then every page checked. */
@@ -520,10 +473,10 @@ static void oversub(size_t ws, const char *dev)
 		char *c = buf + k * OVERSUB_CHUNK;
 
 		moved += resident_pages(fd, c, chunk_pages, snap) * PAGE_SZ;
-		dmirror(fd, HMM_DMIRROR_MIGRATE_TO_SYS, c, mirror, chunk_pages);
+		dmirror_or_die(fd, HMM_DMIRROR_MIGRATE_TO_SYS, c, mirror, chunk_pages);
 		check_pages(c, OVERSUB_CHUNK, (char)(k + 1), "oversub");
 	}
-	printf("BENCH oversub_gbps %.4f\n", placed * PAGE_SZ / migrate_time / 1e9);
+	printf("BENCH oversub_gbps %.4f\n", placed * PAGE_SZ / migrate_ms / 1e6);
 	printf("BENCH oversub_resident_pct %.1f\n", 100.0 * placed / (nchunks * chunk_pages));
 	printf("BENCH oversub_step_errors_count %lu\n", errors);
 	printf("BENCH oversub_fill_step_p50_us %.2f\n", pct(fill_lat, filling, 50));
@@ -534,7 +487,7 @@ static void oversub(size_t ws, const char *dev)
 		printf("BENCH oversub_cpu_fault_p99_us %.2f\n", pct(fault_lat, nfaults, 99));
 	}
 	printf("BENCH-MOVED %.0f\n", moved);
-	munmap(base, map_len);
+	munmap(buf, ws);
 	free(step_lat);
 	free(fill_lat);
 	free(snap);

@@ -319,6 +319,8 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
         flavour: args.vm.flavour,
         device: true,
         driver: true,
+        kernel_dir: args.vm.kernel_dir.as_deref(),
+        no_setup: args.vm.no_setup,
     })?;
     // The private half of the VRAM bounds the sizes; twice it is the
     // oversubscribed working set.
@@ -408,8 +410,9 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
             "device_trace": args.trace.is_some(),
             "guest_kernel": guest_kernel,
             "guest_cpus": guest_cpus,
-            // The kernel build's input hash (images/build-kernel.sh's KDIR).
-            "kernel_build": art.kernel.kdir.file_name().map(|n| n.to_string_lossy().into_owned()),
+            // The kernel tree (images/build-kernel.sh's are named by their
+            // input hash; --kernel-dir's is the user's).
+            "kernel_build": art.kernel.build.to_string_lossy(),
             "module_params": {
                 "test_hmm": base.params,
                 "hmmgpu": ours.params,

@@ -82,18 +82,25 @@ fn bash(rel: &str) -> Result<Command> {
     Ok(c)
 }
 
-/// ci/setup-host.sh: idempotent, quick once its stamp exists.
+/// ci/setup-host.sh: installs what is missing (after listing it and asking
+/// on a terminal; it changes nothing without an answer or --yes), quick once
+/// its stamp exists. `--no-setup` / HMMGPU_NO_SETUP=1 skips it.
 pub fn setup_host() -> Result<()> {
     let start = Instant::now();
+    // stdin passed through: on a terminal the script asks before changing
+    // the host.
     let status = bash("ci/setup-host.sh")?
-        .stdin(Stdio::null())
         .status()
         .context("running ci/setup-host.sh")?;
     if signals::interrupted() {
         return Err(exit::interrupted());
     }
     if !status.success() {
-        bail!("ci/setup-host.sh failed ({status})");
+        bail!(
+            "ci/setup-host.sh did not set up this host ({status}; it says why above). \
+             `cargo xtask doctor` lists what is missing; with all of it installed, \
+             --no-setup (or HMMGPU_NO_SETUP=1) skips the script"
+        );
     }
     if start.elapsed().as_secs() >= 2 {
         log(format!(
@@ -104,37 +111,102 @@ pub fn setup_host() -> Result<()> {
     Ok(())
 }
 
-/// A built guest kernel (images/build-kernel.sh's KDIR).
-#[derive(Clone, Debug)]
-pub struct Kernel {
-    pub kdir: PathBuf,
-    pub arch: Arch,
+mod tree;
+pub use tree::Kernel;
+
+/// images/config/, the fragments a guest kernel's config is checked against.
+pub fn config_dir() -> PathBuf {
+    repo_root().join("images/config")
 }
 
-impl Kernel {
-    pub fn image(&self) -> PathBuf {
-        self.kdir.join("image")
+/// The environment variable that names a user's kernel tree for `arch`
+/// guests (aliases of `--kernel-dir`).
+pub fn kernel_dir_var(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => "HMMGPU_KERNEL_DIR",
+        Arch::Ppc64le => "HMMGPU_KERNEL_DIR_PPC64LE",
     }
 }
 
-pub fn kernel(arch: Arch, flavour: Flavour) -> Result<Kernel> {
-    let kdir = PathBuf::from(run_script(
-        "kernel",
-        bash("images/build-kernel.sh")?.args([
-            "--arch",
-            arch.as_str(),
-            "--flavour",
-            flavour.as_str(),
-        ]),
-    )?);
-    let k = Kernel { kdir, arch };
-    if !k.image().is_file() {
-        bail!(
-            "images/build-kernel.sh printed {}, which has no kernel image",
-            k.kdir.display()
-        );
+/// A Debian linux-source release images/build-kernel.sh builds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// The guest kernel of every test but own-kernel.
+    V7_3,
+    /// own-kernel's tree.
+    V7_2,
+}
+
+impl Release {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Release::V7_3 => "7.3",
+            Release::V7_2 => "7.2",
+        }
     }
+}
+
+/// images/build-kernel.sh: builds (or finds cached) a Debian kernel tree and
+/// returns its build directory, a plain `O=` tree. `plain`: the sources as
+/// shipped, without images/patches/, as a user would build them.
+pub fn debian_tree(arch: Arch, flavour: Flavour, release: Release, plain: bool) -> Result<PathBuf> {
+    let mut cmd = bash("images/build-kernel.sh")?;
+    cmd.args([
+        "--arch",
+        arch.as_str(),
+        "--flavour",
+        flavour.as_str(),
+        "--release",
+        release.as_str(),
+    ]);
+    if plain {
+        cmd.arg("--plain");
+    }
+    Ok(PathBuf::from(run_script("kernel", &mut cmd)?))
+}
+
+/// Reads the kernel tree `dir` for an `arch` guest the one way every tree is
+/// read (ours and a user's), checked against images/config for `flavour`.
+pub fn open_kernel(dir: &Path, arch: Arch, flavour: Flavour) -> Result<Kernel> {
+    let k = Kernel::open(dir, arch, flavour, &config_dir())?;
+    log(format!("kernel: {}", k.describe()));
     Ok(k)
+}
+
+/// The guest kernel for `arch`: the tree `kernel_dir` (`--kernel-dir`), else
+/// the one `HMMGPU_KERNEL_DIR` (x86_64) or `HMMGPU_KERNEL_DIR_PPC64LE` names,
+/// else Debian's 7.3 built by images/build-kernel.sh. All three are read by
+/// [`open_kernel`].
+pub fn kernel(arch: Arch, flavour: Flavour, kernel_dir: Option<&Path>) -> Result<Kernel> {
+    let var = kernel_dir_var(arch);
+    let own = match (kernel_dir, std::env::var_os(var)) {
+        (Some(d), env) => {
+            if env.is_some() {
+                log(format!(
+                    "kernel: --kernel-dir {} overrides {var}",
+                    d.display()
+                ));
+            }
+            Some((d.to_path_buf(), "--kernel-dir".to_string()))
+        }
+        (None, Some(d)) if !d.is_empty() => Some((PathBuf::from(d), var.to_string())),
+        (None, _) => None,
+    };
+    match own {
+        Some((dir, from)) => {
+            log(format!(
+                "kernel: your tree {} ({from}; checked against images/config/{})",
+                dir.display(),
+                tree::fragment_names(arch, flavour).join(", images/config/")
+            ));
+            open_kernel(&dir, arch, flavour).context(from)
+        }
+        None => {
+            let dir = debian_tree(arch, flavour, Release::V7_3, false)?;
+            open_kernel(&dir, arch, flavour)
+                .with_context(|| format!("images/build-kernel.sh built {}", dir.display()))
+        }
+    }
 }
 
 /// The patched QEMU for `arch` guests: qemu-patches/build-qemu.sh prints its
@@ -218,10 +290,17 @@ pub fn device() -> Result<PathBuf> {
     exe.context("cargo built no hmmgpu-device executable")
 }
 
-/// images/build-driver.sh KDIR: builds hmmgpu.ko (W=1, warnings as errors).
+/// images/build-driver.sh: builds hmmgpu.ko (W=1, warnings as errors)
+/// against `k`, with the make variables read from the tree (ARCH, LLVM,
+/// CROSS_COMPILE, CC) in its environment.
 pub fn driver(k: &Kernel) -> Result<PathBuf> {
     let mut cmd = bash("images/build-driver.sh").context("cannot build hmmgpu.ko")?;
-    cmd.arg(&k.kdir);
+    cmd.arg(&k.build);
+    for v in &k.make_vars {
+        if let Some((name, value)) = v.split_once('=') {
+            cmd.env(name, value);
+        }
+    }
     let ko = PathBuf::from(run_script("driver", &mut cmd)?);
     if !ko.is_file() {
         bail!(
@@ -232,16 +311,37 @@ pub fn driver(k: &Kernel) -> Result<PathBuf> {
     Ok(ko)
 }
 
-/// The static guest programs of ci/guest/ for `k`'s architecture, built into
-/// target/xtask/guest-<arch>-<flavour>.
-pub fn guest_programs(k: &Kernel, flavour: Flavour) -> Result<Vec<PathBuf>> {
+/// A short stable name for a path (a cache or output directory per tree).
+fn path_key(p: &Path) -> String {
+    // FNV-1a: stable across Rust releases, unlike std's DefaultHasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in p.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The static guest programs of ci/guest/ and the tree's own hmm-tests,
+/// built against `k` (its lib/test_hmm_uapi.h, its uapi headers) into
+/// target/xtask/guest-<arch>-<tree key>.
+pub fn guest_programs(k: &Kernel) -> Result<Vec<PathBuf>> {
     let out = target_dir().join(format!(
         "xtask/guest-{}-{}",
         k.arch.as_str(),
-        flavour.as_str()
+        path_key(&k.build)
     ));
     let mut cmd = bash("images/build-guest-programs.sh")?;
-    cmd.arg("--kdir").arg(&k.kdir).arg("--out").arg(&out);
+    cmd.arg("--build")
+        .arg(&k.build)
+        .arg("--source")
+        .arg(&k.source)
+        .arg("--arch")
+        .arg(k.arch.as_str())
+        .arg("--out")
+        .arg(&out)
+        .arg("--")
+        .args(&k.make_vars);
     let dir = PathBuf::from(run_script("guest programs", &mut cmd)?);
     let mut progs = Vec::new();
     for e in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
@@ -257,6 +357,20 @@ pub fn guest_programs(k: &Kernel, flavour: Flavour) -> Result<Vec<PathBuf>> {
     Ok(progs)
 }
 
+/// The cases of the tree's own hmm-tests (`hmm-tests -l`, written beside the
+/// binary by images/build-guest-programs.sh), as hmm-tests names them in its
+/// TAP output: `fixture.variant.test`.
+pub fn hmm_tests_list(programs: &[PathBuf]) -> Result<String> {
+    let bin = programs
+        .iter()
+        .find(|p| p.file_name().is_some_and(|n| n == "hmm-tests"))
+        .context("the guest programs have no hmm-tests")?;
+    let list = bin.with_extension("list");
+    std::fs::read_to_string(&list).with_context(|| format!("reading {}", list.display()))
+}
+
+/// The initramfs for a guest of `k`: the modules (and the tree's
+/// test_hmm.ko), programs, and `adds` under /host/.
 pub fn initramfs(
     k: &Kernel,
     out: &Path,
@@ -265,8 +379,8 @@ pub fn initramfs(
     adds: &[PathBuf],
 ) -> Result<PathBuf> {
     let mut cmd = bash("images/build-initramfs.sh")?;
-    cmd.arg("--kdir").arg(&k.kdir).arg("--out").arg(out);
-    for m in modules {
+    cmd.arg("--arch").arg(k.arch.as_str()).arg("--out").arg(out);
+    for m in modules.iter().chain(k.test_hmm.iter()) {
         cmd.arg("--module").arg(m);
     }
     for p in progs {
@@ -315,16 +429,26 @@ impl Artifacts {
     }
 }
 
-pub struct Wants {
+pub struct Wants<'a> {
     pub arch: Arch,
     pub flavour: Flavour,
     pub device: bool,
     pub driver: bool,
+    /// `--kernel-dir`: the user's built tree for `arch`.
+    pub kernel_dir: Option<&'a Path>,
+    /// `--no-setup` / HMMGPU_NO_SETUP=1: skip ci/setup-host.sh.
+    pub no_setup: bool,
 }
 
+/// Everything `cargo xtask run` and `bench` need (and own-kernel, the same
+/// way): host setup, the kernel, QEMU, the backend, hmmgpu.ko, the programs.
 pub fn artifacts(w: &Wants) -> Result<Artifacts> {
-    setup_host()?;
-    let kernel = kernel(w.arch, w.flavour)?;
+    if w.no_setup {
+        log("host setup skipped (--no-setup / HMMGPU_NO_SETUP)");
+    } else {
+        setup_host()?;
+    }
+    let kernel = kernel(w.arch, w.flavour, w.kernel_dir)?;
     let qemu = qemu(w.arch)?;
     let device = if w.device { Some(device()?) } else { None };
     let driver = if w.driver {
@@ -332,7 +456,7 @@ pub fn artifacts(w: &Wants) -> Result<Artifacts> {
     } else {
         None
     };
-    let programs = guest_programs(&kernel, w.flavour)?;
+    let programs = guest_programs(&kernel)?;
     Ok(Artifacts {
         kernel,
         qemu,

@@ -37,6 +37,15 @@ pub enum Command {
     /// mm/migrate_device.c, mm/memremap.c, mm/migrate.c and the driver's C
     /// they executed: a table, an lcov tracefile and an HTML report.
     Coverage(crate::coverage::CoverageArgs),
+    /// Checks, changing nothing, what each command needs on this host: tools
+    /// and packages (versions, Debian packages), the kernel toolchain, QEMU,
+    /// hugepages and /dev/shm, KVM (with a probe guest). Exits 1 if
+    /// something needed is missing.
+    Doctor,
+    /// The KVM probe's child process (`doctor` and `--accel auto` run it
+    /// with a deadline).
+    #[command(hide = true)]
+    KvmProbe,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -125,6 +134,15 @@ pub struct VmOpts {
     /// twice as fast.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=8))]
     pub cpus: u32,
+    /// Your own built kernel tree for `--arch` guests: an in-tree build or
+    /// an `O=` build directory, configured with images/config's fragments
+    /// (docs/running.md). Aliases: HMMGPU_KERNEL_DIR (x86_64),
+    /// HMMGPU_KERNEL_DIR_PPC64LE (ppc64le).
+    #[arg(long, value_name = "PATH")]
+    pub kernel_dir: Option<PathBuf>,
+    /// Skip ci/setup-host.sh (you installed what `cargo xtask doctor` lists).
+    #[arg(long, env = "HMMGPU_NO_SETUP", value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_setup: bool,
 }
 
 #[derive(Args, Debug)]
@@ -395,6 +413,26 @@ mod tests {
             _ => panic!(),
         }
         assert!(Cli::try_parse_from(["x", "run", "--arch", "arm64"]).is_err());
+    }
+
+    #[test]
+    fn kernel_dir_and_no_setup() {
+        for cmd in ["run", "test", "bench"] {
+            let c = Cli::try_parse_from(["x", cmd, "--kernel-dir", "/k", "--no-setup"]).unwrap();
+            let vm = match c.command {
+                Command::Run(r) => r.vm,
+                Command::Test(t) => t.vm,
+                Command::Bench(b) => b.vm,
+                _ => panic!(),
+            };
+            assert_eq!(vm.kernel_dir, Some(PathBuf::from("/k")));
+            assert!(vm.no_setup);
+        }
+        let c = Cli::try_parse_from(["x", "run"]).unwrap();
+        match c.command {
+            Command::Run(r) => assert!(r.vm.kernel_dir.is_none()),
+            _ => panic!(),
+        }
     }
 
     #[test]

@@ -527,8 +527,6 @@ pub fn run(args: &CoverageArgs) -> Result<i32> {
             "--kernel-dir {}: no such directory",
             dir.display()
         );
-        // images/build-kernel.sh reads it (checking the gcov fragment too).
-        std::env::set_var("HMMGPU_KERNEL_DIR", dir);
     }
     let tests = if args.tests.is_empty() {
         default_tests()
@@ -543,6 +541,9 @@ pub fn run(args: &CoverageArgs) -> Result<i32> {
             flavour: Flavour::Gcov,
             memory: args.memory,
             cpus: args.cpus,
+            // Checked against images/config/gcov.config too (build/tree.rs).
+            kernel_dir: args.kernel_dir.clone(),
+            no_setup: false,
         },
         vm_only: true,
         timeout: args.timeout,
@@ -560,12 +561,8 @@ pub fn run(args: &CoverageArgs) -> Result<i32> {
     };
     let status = crate::tests::run(&test_args)?;
 
-    let kernel = build::kernel(Arch::X86_64, Flavour::Gcov)?;
-    let tree = if kernel.kdir.join("build/.config").is_file() {
-        kernel.kdir.join("build")
-    } else {
-        kernel.kdir.clone()
-    };
+    let kernel = build::kernel(Arch::X86_64, Flavour::Gcov, args.kernel_dir.as_deref())?;
+    let tree = kernel.build.clone();
     let config = std::fs::read_to_string(tree.join(".config"))
         .with_context(|| format!("reading {}/.config", tree.display()))?;
     ensure!(

@@ -7,6 +7,7 @@ mod build;
 mod cli;
 mod coverage;
 mod cross;
+mod doctor;
 mod exit;
 mod fuzz;
 mod hostfault;
@@ -63,6 +64,8 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Inject(args) => inject::run(&args),
         Command::Fuzz(args) => fuzz::run(&args),
         Command::Coverage(args) => coverage::run(&args),
+        Command::Doctor => doctor::run(),
+        Command::KvmProbe => Ok(doctor::kvm::child()),
     }
 }
 
@@ -104,6 +107,8 @@ fn run(args: RunArgs) -> Result<i32> {
         flavour: args.vm.flavour,
         device: args.gpus > 0,
         driver: !args.no_driver,
+        kernel_dir: args.vm.kernel_dir.as_deref(),
+        no_setup: args.vm.no_setup,
     })?;
     let run_dir = vm::RunDir::create()?;
     let initramfs = art.initramfs(&run_dir.path, &args.add)?;

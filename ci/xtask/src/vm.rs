@@ -74,7 +74,12 @@ pub fn resolve_accel(choice: AccelChoice, arch: Arch) -> Result<Accel> {
         }
         AccelChoice::Auto => {
             let (accel, why) = match (&kvm_open, virt_flag) {
-                (Ok(_), true) => (Accel::Kvm, "/dev/kvm is usable and the CPU has vmx/svm".to_string()),
+                // The KVM probe (doctor.rs): API version, the capabilities
+                // QEMU needs, a tiny guest that must reach HLT in time.
+                (Ok(_), true) => match crate::doctor::kvm_for_auto() {
+                    Ok(why) => (Accel::Kvm, format!("{why}; the CPU has vmx/svm")),
+                    Err(why) => (Accel::Tcg, why),
+                },
                 (Err(e), _) => (Accel::Tcg, format!("/dev/kvm does not open read-write ({e})")),
                 (Ok(_), false) => (
                     Accel::Tcg,

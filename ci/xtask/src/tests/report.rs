@@ -311,7 +311,7 @@ fn sample() -> Vec<TestResult> {
 pub fn kunit_parse_check(k: &crate::build::Kernel) -> anyhow::Result<()> {
     use anyhow::{bail, ensure, Context};
     use std::io::Write;
-    let kunit = k.kdir.join("build/source/tools/testing/kunit/kunit.py");
+    let kunit = k.source.join("tools/testing/kunit/kunit.py");
     ensure!(kunit.is_file(), "{} does not exist", kunit.display());
     let results = sample();
     let text = format!("{}2 passed, 1 failed\n", ktap(&results));
