@@ -65,11 +65,12 @@ pub(super) fn inject_hook() -> vm::ConsoleHook {
     })
 }
 
-/// A temporary directory for plans and fault logs, removed on drop.
-struct TempDir(PathBuf);
+/// A temporary directory for plans, fault logs and wrapper scripts, removed
+/// on drop.
+pub(super) struct TempDir(pub(super) PathBuf);
 
 impl TempDir {
-    fn new(test: &str) -> Result<TempDir> {
+    pub(super) fn new(test: &str) -> Result<TempDir> {
         let p = std::env::temp_dir().join(format!("hmmgpu-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;

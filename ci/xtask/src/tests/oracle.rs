@@ -76,7 +76,7 @@ pub(super) fn t_oracle(ctx: &mut Ctx) -> Result<()> {
     expect_failure("no power-off", &out, Exit::NoPowerOff, "did not power off")?;
 
     let real = need("hmmgpu-device", &ctx.device)?.clone();
-    let dir = tempdir("oracle")?;
+    let dir = super::faults::TempDir::new("oracle")?;
     let real_q = crate::vm::shell_join(&[real.display().to_string()]);
 
     // 3. A backend that serves the whole run, then exits 1 at shutdown.
@@ -153,20 +153,4 @@ pub(super) fn t_oracle(ctx: &mut Ctx) -> Result<()> {
         Err(e) => bail!("a dropped interrupt: failed, but not on the poll: {e:#}"),
     }
     Ok(())
-}
-
-/// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-fn tempdir(test: &str) -> Result<TempDir> {
-    let p = std::env::temp_dir().join(format!("hmmgpu-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
-    Ok(TempDir(p))
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
