@@ -5,24 +5,19 @@
 # kernel's way (rustfmt --check with the kernel's .rustfmt.toml). Prints the
 # path of hmmgpu.ko.
 #
-#   build-driver.sh KDIR
+#   build-driver.sh KDIR    (a kernel build directory: xtask passes the
+#                           tree's, with its make variables in the environment)
 set -euo pipefail
 LOG_TAG=driver
 source "$(dirname "$0")/lib.sh"
 
-KDIR="${1:?usage: build-driver.sh KDIR (from build-kernel.sh)}"
+KDIR="${1:?usage: build-driver.sh KDIR (a kernel build directory)}"
 [[ -d "$KDIR" ]] || die "no kernel directory $KDIR"
-if [[ -f "$KDIR/make.env" ]]; then
-    mapfile -t MAKE_VARS <"$KDIR/make.env"
-    BUILD="$KDIR/build"
-    SRCTREE="$(cat "$KDIR/src")"
-else
-    MAKE_VARS=()          # HMMGPU_KERNEL_DIR: the user's own built tree
-    BUILD="$KDIR"
-    # An O= build links its sources as `source`; an in-tree build is them.
-    SRCTREE="$KDIR"
-    [[ -e "$KDIR/source" ]] && SRCTREE="$KDIR/source"
-fi
+MAKE_VARS=()
+BUILD="$KDIR"
+# An O= build links its sources as `source`; an in-tree build is them.
+SRCTREE="$KDIR"
+[[ -e "$KDIR/source" ]] && SRCTREE="$KDIR/source"
 export LIBCLANG_PATH=/usr/lib/llvm-19/lib
 # On a gcov kernel the driver's C is profiled too (cargo xtask coverage);
 # its Rust cannot be (gcov instruments C only).

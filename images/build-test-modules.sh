@@ -13,15 +13,10 @@ set -euo pipefail
 LOG_TAG=test-modules
 source "$(dirname "$0")/lib.sh"
 
-KDIR="${1:?usage: build-test-modules.sh KDIR (from build-kernel.sh, or a kernel build directory)}"
+KDIR="${1:?usage: build-test-modules.sh KDIR (a kernel build directory)}"
 [[ -d "$KDIR" ]] || die "no kernel directory $KDIR"
-if [[ -f "$KDIR/make.env" ]]; then
-    mapfile -t MAKE_VARS <"$KDIR/make.env"
-    BUILD="$KDIR/build"
-else
-    MAKE_VARS=()          # a build directory (xtask: make variables in the environment)
-    BUILD="$KDIR"
-fi
+MAKE_VARS=()          # xtask puts the tree's make variables in the environment
+BUILD="$KDIR"
 
 shopt -s nullglob
 modules=()
