@@ -53,6 +53,7 @@
 #define HMMGPU_EVENT_SIZE                32u	/* bytes of an event buffer */
 #define HMMGPU_EVENT_FAULT               1u	/* Event.kind */
 #define HMMGPU_EVENT_ECC                 2u	/* Event.kind */
+#define HMMGPU_EVENT_RESTARTED           3u	/* Event.kind */
 #define HMMGPU_COUNTERS_SIZE             128u	/* bytes COUNTERS writes */
 #define HMMGPU_OP_NOP                    0u
 #define HMMGPU_OP_COPY                   1u

@@ -82,6 +82,32 @@ pub struct HmmGpuBackend {
     /// Armed when a call ran out of budget with work left; the worker polls
     /// it ([`register_wakeups`]) and calls again [`RESUME_PAUSE`] later.
     resume: Option<TimerFd>,
+    /// Whose command ring this process serves (see [`RingOrigin`]).
+    origin: RingOrigin,
+}
+
+/// Whether the command ring the front end handed over was set up with this
+/// process, or is one a previous backend process served: a backend that
+/// died, restarted on the same socket and VRAM file under a running guest
+/// (QEMU's chardev reconnect hands the rings over from the used index on).
+/// The VRAM survives in its file; the MMU contexts and parked commands died
+/// with the old process, so the new one executes nothing until the driver
+/// resets the device: it leaves the command ring alone (from the used index
+/// on it may hold commands the dead process completed, out of order, after
+/// a parked one) and tells the driver with a RESTARTED event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RingOrigin {
+    /// Not looked at since this process started (or since an inherited
+    /// ring stopped).
+    Unknown,
+    /// The ring started at index 0 with this process (the driver set the
+    /// device up with it), or the device was reset since (RESET_DEVICE):
+    /// this process's state is what the driver expects. A pause and resume
+    /// keeps it so.
+    Ours,
+    /// The ring started at index `at`: a previous process served it;
+    /// `announced` once the RESTARTED event is posted.
+    Inherited { at: u16, announced: bool },
 }
 
 /// How long the worker leaves the device alone between two calls that
@@ -115,6 +141,7 @@ impl HmmGpuBackend {
             resume: TimerFd::new()
                 .inspect_err(|e| error!("creating the resume timerfd: {e}"))
                 .ok(),
+            origin: RingOrigin::Unknown,
         }
     }
 
@@ -168,6 +195,22 @@ impl HmmGpuBackend {
             mem: mem.clone(),
             tracer: self.engine.tracer().cloned(),
         };
+        if queue_ready(vring) {
+            self.note_ring_origin(vring);
+        }
+        if let RingOrigin::Inherited { at, announced } = self.origin {
+            // Until it is told: an event buffer taken now, or at a later call.
+            if !announced && self.engine.post_restarted(&mut events) {
+                self.origin = RingOrigin::Inherited {
+                    at,
+                    announced: true,
+                };
+                if let Some(tracer) = self.engine.tracer() {
+                    tracer.device("restart announced", "RESTARTED event posted".into());
+                }
+            }
+            return Ok(QueueRun::default());
+        }
         let mut budget = Budget::per_call();
         let mut run = QueueRun::default();
         let mut used = Vec::new();
@@ -243,6 +286,43 @@ impl HmmGpuBackend {
             signal(vring, action)?;
         }
         Ok(run)
+    }
+
+    /// Looks, once per ring start, at where the command ring starts: at 0
+    /// for a driver that set the device up with this process; anywhere else
+    /// for a ring a previous backend process served (see [`RingOrigin`]).
+    /// The first look comes without a kick: the vhost-user library calls
+    /// the worker for a ring as soon as it is enabled, so commands a driver
+    /// queued while no backend served them are seen too.
+    /// (A ring whose index wrapped to exactly 0 would pass for ours: one
+    /// restart in 65536 is not noticed, and the driver then sees
+    /// BAD_CONTEXT for its contexts.)
+    fn note_ring_origin(&mut self, vring: &VringRwLock) {
+        if self.origin != RingOrigin::Unknown {
+            return;
+        }
+        let (next_avail, next_used) = {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            (queue.next_avail(), queue.next_used())
+        };
+        if next_avail == 0 && next_used == 0 {
+            self.origin = RingOrigin::Ours;
+            return;
+        }
+        self.origin = RingOrigin::Inherited {
+            at: next_avail,
+            announced: false,
+        };
+        let message = format!(
+            "the command ring was handed over at index {next_avail} (used {next_used}): \
+             a previous backend served this guest and died; its contexts are gone, so \
+             this one executes nothing until the driver resets the device (RESTARTED event)"
+        );
+        info!("{message}");
+        if let Some(tracer) = self.engine.tracer() {
+            tracer.device("ring inherited", message);
+        }
     }
 
     /// Posts the injected events waiting (ECC, spurious faults, storms).
@@ -576,6 +656,11 @@ impl VhostUserBackendMut for HmmGpuBackend {
         let forgotten = self.engine.forget_parked();
         self.parked.clear();
         self.current = None;
+        // An inherited ring stopped: the driver is resetting the device
+        // (or the VM pauses). Where the ring starts again tells which.
+        if matches!(self.origin, RingOrigin::Inherited { .. }) {
+            self.origin = RingOrigin::Unknown;
+        }
         if let Some(tracer) = self.engine.tracer() {
             tracer.device(
                 "command queue stopped",
@@ -598,6 +683,9 @@ impl VhostUserBackendMut for HmmGpuBackend {
         // forgotten, never completed, and the contexts go with them.
         self.parked.clear();
         self.current = None;
+        // The device is empty now, as the driver that reset it expects:
+        // whatever ring it sets up next is served as its own.
+        self.origin = RingOrigin::Ours;
         self.engine.reset();
     }
 
@@ -676,8 +764,20 @@ impl VhostUserBackendMut for HmmGpuBackend {
                 }
             }
         } else if device_event == QUEUE_EVENT {
-            // New event buffers: they are taken when an event needs one.
+            // New event buffers: they are taken when an event needs one
+            // (a RESTARTED event that found none before, too).
             debug!("event queue kicked");
+            if matches!(
+                self.origin,
+                RingOrigin::Inherited {
+                    announced: false,
+                    ..
+                }
+            ) {
+                if let Err(e) = self.process_queue(vrings) {
+                    error!("{e}");
+                }
+            }
             return Ok(());
         } else if device_event != QUEUE_COMMAND {
             warn!("event for unknown queue {device_event}");
@@ -715,8 +815,12 @@ impl VhostUserBackendMut for HmmGpuBackend {
                 // not ready before it waits for this lock in stop_vring):
                 // chains still in the avail ring cannot be taken, and
                 // looping on them would hold the lock forever. The ring's
-                // restart brings a kick.
-                if self.engine.faults().queue_stalled() || !queue_ready(vring) {
+                // restart brings a kick. An inherited ring is left alone
+                // (its chains stay available).
+                if self.engine.faults().queue_stalled()
+                    || !queue_ready(vring)
+                    || matches!(self.origin, RingOrigin::Inherited { .. })
+                {
                     break Ok(());
                 }
                 match vring.enable_notification() {

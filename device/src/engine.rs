@@ -763,6 +763,21 @@ impl Engine {
         n
     }
 
+    /// Posts a RESTARTED event (see [`event::RESTARTED`]); whether an event
+    /// buffer took it.
+    pub fn post_restarted(&mut self, events: &mut dyn EventSink) -> bool {
+        let event = Event {
+            kind: event::RESTARTED,
+            seq: self.last_seq + 1,
+            ..Event::default()
+        };
+        let posted = events.post(&event);
+        if posted {
+            self.last_seq += 1;
+        }
+        posted
+    }
+
     /// Posts the injected events the fault hooks have waiting (ECC,
     /// spurious faults, storms), numbering them like device faults; those
     /// that find no buffer are dropped. Returns how many were posted.

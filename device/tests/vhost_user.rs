@@ -117,6 +117,9 @@ struct Vm {
     ev_call: EventFd,
     ev_next_avail: u16,
     ev_last_used: u16,
+    /// `publish` makes chains available without kicking the device (a
+    /// driver whose kick went to a backend that died).
+    no_kick: bool,
 }
 
 /// Guest RAM's backing file: an unlinked temporary file the backend maps
@@ -137,6 +140,13 @@ impl Vm {
 
     /// Like `connect`, but does not ack the features in `refused`.
     fn connect_without(socket: &Path, refused: u64) -> Vm {
+        Self::connect_at(socket, refused, 0)
+    }
+
+    /// Like `connect_without`, but hands the command ring over at index
+    /// `base`, as QEMU does to a backend restarted under a running guest
+    /// (its avail and used indices, and SET_VRING_BASE, all at `base`).
+    fn connect_at(socket: &Path, refused: u64, base: u16) -> Vm {
         let mut frontend = Frontend::connect(socket, 1).expect("connect to the backend");
         frontend.set_owner().unwrap();
         let features = frontend.get_features().unwrap();
@@ -171,6 +181,10 @@ impl Vm {
 
         // Ring addresses are the VMM's virtual addresses, as with QEMU.
         let mut start_queue = |index: u16, desc: u64, avail: u64, used: u64| {
+            let base = if index == QUEUE_COMMAND { base } else { 0 };
+            for idx in [avail + 2, used + 2] {
+                mem.write_obj(Le16::from(base), GuestAddress(idx)).unwrap();
+            }
             let index = usize::from(index);
             frontend.set_vring_num(index, QUEUE_SIZE).unwrap();
             let rings = VringConfigData {
@@ -183,7 +197,7 @@ impl Vm {
                 log_addr: None,
             };
             frontend.set_vring_addr(index, &rings).unwrap();
-            frontend.set_vring_base(index, 0).unwrap();
+            frontend.set_vring_base(index, base).unwrap();
             let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
             let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
             frontend.set_vring_kick(index, &kick).unwrap();
@@ -199,13 +213,14 @@ impl Vm {
             mem,
             kick,
             call,
-            next_avail: 0,
+            next_avail: base,
             next_desc: 0,
-            last_used: 0,
+            last_used: base,
             ev_kick,
             ev_call,
             ev_next_avail: 0,
             ev_last_used: 0,
+            no_kick: false,
         }
     }
 
@@ -270,7 +285,9 @@ impl Vm {
             .write_obj(Le16::from(self.next_avail), GuestAddress(AVAIL_RING + 2))
             .unwrap();
         fence(Ordering::SeqCst);
-        self.kick.write(1).unwrap();
+        if !self.no_kick {
+            self.kick.write(1).unwrap();
+        }
     }
 
     /// Waits for the device's interrupt (the call eventfd) and returns the
@@ -1267,6 +1284,134 @@ fn a_new_backend_on_the_same_socket_and_vram_after_sigkill() {
     drop(vm);
     let status = wait_with_timeout(&mut second.0);
     assert!(status.success(), "exit {status}");
+}
+
+/// A backend restarted under a running guest gets the command ring from the
+/// index the dead one left it at (QEMU's chardev reconnect hands it over at
+/// the used index), with commands the guest queued meanwhile and never
+/// kicked for. It executes none of them, since the driver's contexts died
+/// with the old process (and commands the old one completed may be there
+/// again): it leaves the ring alone and posts a RESTARTED event, found
+/// without a kick. Once the driver reset the device, it serves the new
+/// ring, and the VRAM holds what the old backend left in it.
+#[test]
+fn a_ring_handed_over_by_a_dead_backend_gets_a_restarted_event_and_nothing_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vhost.sock");
+    let mut first = Reaped(backend_in(dir.path(), "error").spawn().unwrap());
+    wait_for_path(&socket, &mut first.0);
+    let mut vm = Vm::connect(&socket);
+    let data = pattern(8192, 0x5a);
+    vm.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    let to_vram = Range {
+        src: DATA,
+        dst: 0x10_0000,
+        len: 8192,
+        flags: DST_VRAM,
+    };
+    assert_eq!(vm.command(Opcode::Copy, &[to_vram]), ok(8192));
+    assert_eq!(vm.command_ctx(Opcode::CtxCreate, 2, &[]), ok(0));
+    let base = vm.next_avail;
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    drop(vm);
+    let mut second = Reaped(backend_in(dir.path(), "info").spawn().unwrap());
+    let stderr = second.0.stderr.take().unwrap();
+    let (lines, seen) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let wait_line = |what: &str| loop {
+        let line = seen
+            .recv_timeout(TIMEOUT)
+            .unwrap_or_else(|_| panic!("no {what:?} line"));
+        if line.contains(what) {
+            return line;
+        }
+    };
+    wait_line("listening on");
+    let mut vm = Vm::connect_at(&socket, 0, base);
+    vm.no_kick = true;
+    let back = Range {
+        src: 0x10_0000,
+        dst: DATA + 0x4000,
+        len: 8192,
+        flags: SRC_VRAM,
+    };
+    vm.mem
+        .write_slice(&[0xee; 8192], GuestAddress(DATA + 0x4000))
+        .unwrap();
+    vm.post_command(Opcode::Copy, 0, &[back], CMD_BUF, RESP_BUF);
+    vm.post_event_buffer(0, 32);
+    let (_, len, event) = vm.wait_event();
+    assert_eq!((len, event.kind), (Event::SIZE as u32, event::RESTARTED));
+    let handed_over = wait_line("handed over");
+    assert!(
+        handed_over.contains(&format!("at index {base} (used {base})")),
+        "{handed_over}"
+    );
+    // The command queue is left alone: nothing used, nothing written.
+    assert!(!interrupt_within(&vm.call, Duration::from_millis(200)));
+    assert_eq!(
+        vm.take_used(),
+        None,
+        "a command of the inherited ring was completed"
+    );
+    assert!(
+        vm.read(DATA + 0x4000, 8192) == [0xee; 8192],
+        "a command of the inherited ring was executed"
+    );
+    // The driver resets the device and sets up a new ring.
+    vm.no_kick = false;
+    vm.reset_with_new_ring();
+    assert_eq!(vm.command_ctx(Opcode::CtxCreate, 2, &[]), ok(0));
+    assert_eq!(vm.command(Opcode::Copy, &[back]), ok(8192));
+    assert!(
+        vm.read(DATA + 0x4000, 8192) == data,
+        "the VRAM did not survive the restart"
+    );
+    drop(vm);
+    let status = wait_with_timeout(&mut second.0);
+    assert!(status.success(), "exit {status}");
+}
+
+impl Vm {
+    /// Resets the device as QEMU does when the guest driver resets it: the
+    /// command ring stops (GET_VRING_BASE), RESET_DEVICE, the features
+    /// again, then the driver's new ring from index 0.
+    fn reset_with_new_ring(&mut self) {
+        self.frontend.get_vring_base(0).unwrap();
+        self.frontend.reset_device().unwrap();
+        let features = self.frontend.get_features().unwrap();
+        self.frontend.set_features(features).unwrap();
+        for idx in [AVAIL_RING + 2, USED_RING + 2] {
+            self.mem
+                .write_obj(Le16::from(0), GuestAddress(idx))
+                .unwrap();
+        }
+        self.next_avail = 0;
+        self.last_used = 0;
+        let host = |gpa: u64| self.mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
+        let rings = VringConfigData {
+            queue_max_size: QUEUE_SIZE,
+            queue_size: QUEUE_SIZE,
+            flags: 0,
+            desc_table_addr: host(DESC_TABLE),
+            used_ring_addr: host(USED_RING),
+            avail_ring_addr: host(AVAIL_RING),
+            log_addr: None,
+        };
+        self.frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
+        self.frontend.set_vring_addr(0, &rings).unwrap();
+        self.frontend.set_vring_base(0, 0).unwrap();
+        self.kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        self.call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        self.frontend.set_vring_call(0, &self.call).unwrap();
+        self.frontend.set_vring_kick(0, &self.kick).unwrap();
+        self.frontend.set_vring_enable(0, true).unwrap();
+    }
 }
 
 /// Waits until the control socket's `session` says `connected` is `want`.

@@ -1227,6 +1227,12 @@ pub mod event {
     /// byte offset, `reason` the index (0..=7) of the flipped bit in that
     /// byte; `ctx` and `access` are 0. No command is parked.
     pub const ECC: u32 = 2;
+    /// The device restarted under the driver: a new backend process took
+    /// over the rings of one that died. The VRAM is intact; the contexts,
+    /// parked commands and commands in flight are gone, and the device
+    /// executes nothing (it leaves the command queue alone) until the
+    /// driver resets it. Only `kind` and `seq` mean anything.
+    pub const RESTARTED: u32 = 3;
 
     /// [`super::Event::access`]: a read.
     pub const ACCESS_READ: u32 = 1 << 0;

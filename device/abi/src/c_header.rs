@@ -107,6 +107,7 @@ pub fn render() -> String {
         def("EVENT_SIZE", Event::SIZE, "bytes of an event buffer"),
         def("EVENT_FAULT", event::FAULT, "Event.kind"),
         def("EVENT_ECC", event::ECC, "Event.kind"),
+        def("EVENT_RESTARTED", event::RESTARTED, "Event.kind"),
         def(
             "COUNTERS_SIZE",
             counter::BLOCK_SIZE,
