@@ -5,7 +5,7 @@
 //! owner (docs/driver.md, "Device errors").
 
 use crate::abi::{Event, PAGE_SIZE};
-use crate::gpu::Gpu;
+use crate::gpu::{Gpu, ECC_WORK};
 use crate::migrate::{self, CorruptFolio};
 use crate::pages::{self, PageRef};
 use crate::vram::{MemKind, Retirement, Vram};
@@ -63,10 +63,10 @@ impl EccQueue {
 }
 
 impl_has_work! {
-    impl HasWork<Self> for Gpu { self.ecc_work }
+    impl HasWork<Self, ECC_WORK> for Gpu { self.ecc_work }
 }
 
-impl WorkItem for Gpu {
+impl WorkItem<ECC_WORK> for Gpu {
     type Pointer = Arc<Gpu>;
 
     fn run(gpu: Arc<Gpu>) {
@@ -109,7 +109,7 @@ impl Gpu {
             gpu.counters.ecc_dropped.fetch_add(1, Ordering::Relaxed);
         }
         // Already queued: that run takes this error too.
-        let _ = workqueue::system_long().enqueue(Arc::from(gpu));
+        let _ = workqueue::system_long().enqueue::<Arc<Gpu>, ECC_WORK>(Arc::from(gpu));
     }
 
     /// Waits until no ECC work is queued or running. After

@@ -50,6 +50,10 @@ pub(crate) struct DriverCounters {
     pub(crate) ecc_dropped: AtomicU64,
 }
 
+/// The work items of a [`Gpu`] (their `Work` ids).
+pub(crate) const ECC_WORK: u64 = 0;
+const RESET_WORK: u64 = 1;
+
 /// Most GPUs one guest can have (GPU n gets /dev/hmm_dmirror<n> and
 /// /dev/hmm_dmirror<n + MAX_GPUS>, as test_hmm numbers its devices).
 pub(crate) const MAX_GPUS: u32 = 2;
@@ -73,12 +77,19 @@ pub(crate) struct Gpu {
     /// The queues and the device's [`Lifecycle`].
     #[pin]
     queues: Queues,
-    /// Serializes device resets (see [`Gpu::recover`]).
+    /// Serializes device resets (the reset work's, a transport reset's).
     #[pin]
     reset_lock: Mutex<()>,
     /// Device resets done; a command submitted in generation N that times
     /// out asks for a reset only if no other reset came since.
     resets: AtomicU64,
+    /// The reset asked for ([`Gpu::request_reset`]), for the reset work.
+    #[pin]
+    reset_request: SpinLockIrq<reset::ResetSlot>,
+    /// Runs the reset asked for, on `reset_wq` (reset.rs).
+    #[pin]
+    reset_work: Work<Gpu, RESET_WORK>,
+    reset_wq: reset::ResetQueue,
     #[pin]
     contexts: SpinLockIrq<Contexts>,
     /// The device-private half of the VRAM (/dev/hmm_dmirror<index>).
@@ -110,7 +121,7 @@ pub(crate) struct Gpu {
     pub(crate) ecc_queue: SpinLockIrq<EccQueue>,
     /// Handles `ecc_queue` in process context.
     #[pin]
-    pub(crate) ecc_work: Work<Gpu>,
+    pub(crate) ecc_work: Work<Gpu, ECC_WORK>,
     /// Held by the ECC work while it runs, and by removal when it begins:
     /// a work that runs later sees the removal and does nothing (see
     /// [`Gpu::begin_removal`]).
@@ -277,6 +288,12 @@ impl Gpu {
             gpu_err!(self, "the device stopped answering; it is dead\n");
         }
         ENODEV
+    }
+
+    /// Device resets done so far: a change tells a caller a reset came in
+    /// between (the contexts were recreated empty).
+    pub(crate) fn reset_generation(&self) -> u64 {
+        self.resets.load(Ordering::Acquire)
     }
 
     /// A fresh tag for a command.

@@ -71,6 +71,7 @@ struct folio *hmmgpu_vma_alloc_folio(struct vm_area_struct *vma,
 struct folio *hmmgpu_folio_alloc(unsigned int order);
 unsigned int hmmgpu_memalloc_noreclaim_save(void);
 void hmmgpu_memalloc_noreclaim_restore(unsigned int flags);
+struct workqueue_struct *hmmgpu_alloc_reset_wq(unsigned int index);
 void hmmgpu_reinit_completion(struct completion *x);
 
 /* pagemap.c */

@@ -63,6 +63,10 @@ pub(crate) enum FaultPolicy {
     ResolveUnlocked,
     /// Fail with ENOENT: only what the device already maps is accessible.
     Refuse,
+    /// As `Refuse`, except that this GPU's own VRAM pages are mapped again
+    /// without faulting anything in: after a device reset recreated the
+    /// context empty, what a migration moved and mapped is accessible still.
+    RemapOwn,
 }
 
 impl MirrorState {
@@ -302,23 +306,37 @@ impl Mirror {
         self.mm().mmget_not_zero().ok_or(EFAULT)
     }
 
-    /// Resolves a device fault: faults [addr, end) of the process in with
-    /// hmm_range_fault() and maps it into the device MMU, with write
-    /// permission where the CPU has it. The whole rest of the access is
-    /// resolved at once, as test_hmm does, so one access faults once.
-    fn resolve(&self, addr: u64, end: u64, write: bool, unlocked: bool) -> Result {
+    /// Resolves a device fault as `policy` says: faults [addr, end) of the
+    /// process in with hmm_range_fault() and maps it into the device MMU,
+    /// with write permission where the CPU has it (`RemapOwn`: maps this
+    /// GPU's VRAM pages, ENOENT for anything else). The whole rest of the
+    /// access is resolved at once, as test_hmm does, so one access faults
+    /// once.
+    fn resolve(&self, addr: u64, end: u64, write: bool, policy: FaultPolicy) -> Result {
+        let (fault, unlocked) = match policy {
+            FaultPolicy::Resolve => (true, false),
+            FaultPolicy::ResolveUnlocked => (true, true),
+            FaultPolicy::RemapOwn => (false, false),
+            FaultPolicy::Refuse => return Err(ENOENT),
+        };
+        let own_only = policy == FaultPolicy::RemapOwn;
         let mut start = addr & !(PAGE_SIZE - 1);
         let mut pfns = [HmmPfn::default(); STEP_PAGES];
         while start < end {
             let step_end = core::cmp::min(end, start + STEP_PAGES as u64 * PAGE_SIZE);
             let n = ((step_end - start) / PAGE_SIZE) as usize;
             loop {
-                let seq = self.range_fault(start, &mut pfns[..n], true, write, unlocked)?;
+                let seq = self.range_fault(start, &mut pfns[..n], fault, write, unlocked)?;
                 // Everything is allocated before the lock: the notifier
                 // takes it, and memory reclaim can wait for the notifier.
                 let mut map = RangeList::new();
                 for (i, entry) in pfns[..n].iter().enumerate() {
-                    let (target, flags) = self.translation(*entry)?;
+                    let translated = self.translation(*entry);
+                    let own = matches!(translated, Ok((_, f)) if f.contains(RangeFlags::SRC_VRAM));
+                    if own_only && !own {
+                        return Err(ENOENT);
+                    }
+                    let (target, flags) = translated?;
                     map.push(
                         target,
                         start + i as u64 * PAGE_SIZE,
@@ -381,42 +399,35 @@ impl Mirror {
                 list.push(va, buf, PAGE_SIZE as u32, RangeFlags::NONE)?;
             }
         }
-        let unlocked = policy == FaultPolicy::ResolveUnlocked;
         for chunk in list.chunks() {
             let mut unreported = 0;
-            let resp =
-                loop {
-                    let resp =
-                        self.gpu
-                            .execute_mmu(op, self.ctx, chunk, &mut counts.faults, |fault| {
-                                match policy {
-                                    FaultPolicy::Refuse => Err(ENOENT),
-                                    FaultPolicy::Resolve | FaultPolicy::ResolveUnlocked => {
-                                        self.resolve(fault.addr, end, write, unlocked)
-                                    }
-                                }
-                            })?;
-                    // A fault the device could not report (no free event buffer,
-                    // e.g. during an event storm) completes the command with
-                    // FAULT at once: resolve from the failing range on and run
-                    // the chunk again (VREAD/VWRITE are plain copies), a bounded
-                    // number of times.
-                    if resp.status != Status::Fault || unreported == MAX_UNREPORTED_FAULTS {
-                        break resp;
-                    }
-                    if policy == FaultPolicy::Refuse {
-                        return Err(ENOENT);
-                    }
-                    let failed = chunk.get(resp.failed_index as usize).ok_or(EIO)?;
-                    self.resolve(
-                        if write { failed.dst } else { failed.src },
-                        end,
-                        write,
-                        unlocked,
-                    )?;
-                    counts.faults += 1;
-                    unreported += 1;
-                };
+            let resp = loop {
+                let resp =
+                    self.gpu
+                        .execute_mmu(op, self.ctx, chunk, &mut counts.faults, |fault| {
+                            self.resolve(fault.addr, end, write, policy)
+                        })?;
+                // A fault the device could not report (no free event buffer,
+                // e.g. during an event storm) completes the command with
+                // FAULT at once: resolve from the failing range on and run
+                // the chunk again (VREAD/VWRITE are plain copies), a bounded
+                // number of times.
+                if resp.status != Status::Fault || unreported == MAX_UNREPORTED_FAULTS {
+                    break resp;
+                }
+                if policy == FaultPolicy::Refuse {
+                    return Err(ENOENT);
+                }
+                let failed = chunk.get(resp.failed_index as usize).ok_or(EIO)?;
+                self.resolve(
+                    if write { failed.dst } else { failed.src },
+                    end,
+                    write,
+                    policy,
+                )?;
+                counts.faults += 1;
+                unreported += 1;
+            };
             if resp.status != Status::Ok {
                 gpu_err!(self.gpu, "device access failed: {}\n", resp.status.name());
                 return Err(EIO);
@@ -512,6 +523,7 @@ impl Mirror {
     /// memory with their data, the others are in VRAM (SNAPSHOT tells).
     pub(crate) fn migrate_to_device(&self, addr: u64, ptr: u64, npages: u64) -> Result<Counts> {
         self.gpu.check_alive()?;
+        let generation = self.gpu.reset_generation();
         {
             let mm = self.mm_user()?;
             let mut fail_alloc = {
@@ -548,7 +560,14 @@ impl Mirror {
                 return Err(EIO);
             }
         }
-        let counts = self.read(addr, ptr, npages, FaultPolicy::Refuse)?;
+        // A device reset during the migration recreated the context empty:
+        // what moved is mapped again as the read touches it.
+        let policy = if self.gpu.reset_generation() == generation {
+            FaultPolicy::Refuse
+        } else {
+            FaultPolicy::RemapOwn
+        };
+        let counts = self.read(addr, ptr, npages, policy)?;
         Ok(Counts {
             cpages: counts.cpages,
             faults: 0,

@@ -536,6 +536,26 @@ impl Queues {
         !lifecycle.is_gone() && !lifecycle.is_resetting()
     }
 
+    /// Announces a reset that will run later ([`Queues::stop`] on the reset
+    /// work): submissions wait for it (EAGAIN) from now on; commands in
+    /// flight still complete. Whether the device was in use (running, or
+    /// being removed) and not resetting already, i.e. whether a reset must
+    /// now run to end the wait.
+    pub(crate) fn begin_reset(&self) -> bool {
+        let mut queue = self.cmd.lock();
+        queue.lifecycle = match queue.lifecycle {
+            Lifecycle::Running => Lifecycle::Resetting {
+                then: Settled::Running,
+            },
+            Lifecycle::Removing(None) => Lifecycle::Resetting {
+                then: Settled::Removing,
+            },
+            _ => return false,
+        };
+        self.settled.reinit();
+        true
+    }
+
     /// Starts a reset: resets the device and deletes the virtqueues. Every
     /// command still in the command queue is finished: completed if the
     /// device got to it, otherwise given back ([`Wait::GivenBack`]), and the

@@ -11,6 +11,7 @@
 use kernel::bindings::{
     completion, dev_pagemap, device, folio, gfp_t, memory_type, mm_struct, mmu_interval_notifier,
     mmu_interval_notifier_ops, module, page, scatterlist, vm_area_struct, vm_fault,
+    workqueue_struct,
 };
 use kernel::ffi::{c_int, c_long, c_uint, c_ulong, c_void};
 
@@ -110,6 +111,7 @@ extern "C" {
     pub(crate) fn hmmgpu_folio_alloc(order: c_uint) -> *mut folio;
     pub(crate) fn hmmgpu_memalloc_noreclaim_save() -> c_uint;
     pub(crate) fn hmmgpu_memalloc_noreclaim_restore(flags: c_uint);
+    pub(crate) fn hmmgpu_alloc_reset_wq(index: c_uint) -> *mut workqueue_struct;
     pub(crate) fn hmmgpu_reinit_completion(x: *mut completion);
 
     // pagemap.c

@@ -4,6 +4,7 @@
 //! way), waiting (resetting a stalled device, see reset.rs), resubmission
 //! of a command a reset gave back, and the command kinds built on them.
 
+use super::reset::ResetCause;
 use super::Gpu;
 use crate::abi::{self, Opcode, Range, RangeFlags, Response, Status};
 use crate::pages::PageRef;
@@ -12,11 +13,16 @@ use core::sync::atomic::Ordering;
 use kernel::page::Page;
 use kernel::prelude::*;
 
+/// How long a submission waits for a reset under way: the reset ends with
+/// its first command answered, or with the device declared lost once that
+/// command timed out ([`COMMAND_TIMEOUT_MS`], plus the time to get there).
+const RESET_WAIT_MS: u32 = 2 * COMMAND_TIMEOUT_MS;
+
 impl Gpu {
     /// Submits a prepared command unless the queues are gone, waiting for
     /// a reset under way to end. Allocates nothing: callable under the
     /// mirror lock (which memory reclaim can wait for through the MMU
-    /// notifier; a reset never enters reclaim, see [`Gpu::recover`]).
+    /// notifier; a reset never enters reclaim, see [`Gpu::request_reset`]).
     /// Returns the reset generation the command runs in.
     pub(super) fn submit(
         &self,
@@ -28,24 +34,27 @@ impl Gpu {
                 Err((e, back)) if e == EAGAIN => cmd = back,
                 Err(other) => return Err(other),
             }
-            if !self.queues.wait_settled(COMMAND_TIMEOUT_MS) {
+            if !self.queues.wait_settled(RESET_WAIT_MS) {
                 return Err((ENODEV, cmd));
             }
         }
     }
 
     /// Waits for a submitted command. A timeout resets the device (see
-    /// [`Gpu::recover`]), which finishes the command: completed, or given
-    /// back ([`Wait::GivenBack`]). Never returns [`Wait::TimedOut`]: a
+    /// [`Gpu::request_reset`]), which finishes the command: completed, or
+    /// given back ([`Wait::GivenBack`]). Never returns [`Wait::TimedOut`]: a
     /// command the reset did not finish either makes the device lost.
     pub(super) fn wait(&self, flight: &mut InFlight<'_>, generation: u64) -> Result<Wait> {
         match flight.wait()? {
             Wait::TimedOut => {
-                self.recover(generation)?;
-                // The reset finished the command; still nothing: give up.
-                match flight.wait()? {
-                    Wait::TimedOut => Err(self.hung()),
-                    other => Ok(other),
+                self.request_reset(generation, ResetCause::NoAnswer);
+                // The reset finishes the command; still nothing: give up.
+                loop {
+                    match flight.wait()? {
+                        Wait::TimedOut => return Err(self.hung()),
+                        Wait::Woken => continue,
+                        other => return Ok(other),
+                    }
                 }
             }
             other => Ok(other),

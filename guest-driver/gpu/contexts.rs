@@ -4,6 +4,7 @@
 //! MMU access (VREAD, VWRITE, ATOMIC) runs in a context, and a FAULT event
 //! for it is resolved and the access replayed.
 
+use super::reset::ResetCause;
 use super::Gpu;
 use crate::abi::{self, Event, Opcode, Range, Response, Status};
 use crate::queue::{Command, Token, Wait};
@@ -277,6 +278,13 @@ impl Gpu {
         };
         if event.kind == abi::event::ECC {
             Gpu::on_ecc_event(gpu, &event);
+            return;
+        }
+        if event.kind == abi::event::RESTARTED {
+            // A new backend took over and executes nothing until the reset,
+            // which gives every command in flight back to be submitted
+            // again.
+            gpu.request_reset(gpu.reset_generation(), ResetCause::Restarted);
             return;
         }
         if event.kind != abi::event::FAULT {

@@ -3,6 +3,7 @@
 //! Probe (config space, VRAM region, queues, memory registration, uAPI)
 //! and removal (evict VRAM, then tear down).
 
+use super::reset::{ResetQueue, ResetSlot};
 use super::{contexts::Contexts, DriverCounters, Gpu, MAX_GPUS};
 use crate::abi::{self, DeviceConfig};
 use crate::compat::new_spinlock_irq;
@@ -104,6 +105,7 @@ impl Gpu {
         let private = Vram::new(dev.clone(), index, MemKind::Private, 0, half)?;
         let coherent = Vram::new(dev.clone(), index, MemKind::Coherent, half, half)?;
         let queues = Queues::new(vdev, dev.clone());
+        let reset_wq = ResetQueue::new(index)?;
         Arc::pin_init(
             try_pin_init!(Gpu {
                 vdev,
@@ -114,6 +116,9 @@ impl Gpu {
                 queues <- queues,
                 reset_lock <- new_mutex!(()),
                 resets: AtomicU64::new(0),
+                reset_request <- new_spinlock_irq!(ResetSlot::new()),
+                reset_work <- new_work!("hmmgpu::reset_work"),
+                reset_wq,
                 contexts <- new_spinlock_irq!(Contexts { slots: KVec::new() }),
                 private <- private,
                 coherent <- coherent,
@@ -180,6 +185,7 @@ impl Gpu {
     /// the device any more and its GPU index is free again.
     pub(crate) fn abandon(&self) {
         self.begin_removal();
+        self.close_resets();
         self.queues.shut_down();
         self.flush_ecc_work();
         release_index(self.index);
@@ -242,6 +248,8 @@ impl Gpu {
             self.config.vram_size >> 10,
             ((self.private.retired_pages() + self.coherent.retired_pages()) * abi::PAGE_SIZE) >> 10
         );
+        // A reset asked for runs to its end first; none is asked for after.
+        self.close_resets();
         self.queues.shut_down();
         // No more events: an ECC work queued until now finds it stopped.
         self.flush_ecc_work();
