@@ -31,7 +31,7 @@ struct fault_mode {
 };
 
 extern const struct fault_mode mode_copy_error, mode_data, mode_storm, mode_loss, mode_mce,
-	mode_irq, mode_reset, mode_ecc, mode_unplug, mode_responsive;
+	mode_irq, mode_reset, mode_ecc, mode_unplug, mode_responsive, mode_restart;
 
 /* The device-private dmirror device (-d, default /dev/hmm_dmirror0). */
 extern const char *dev_path;

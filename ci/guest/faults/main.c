@@ -16,6 +16,7 @@
  *   reset flr|aer               entry 7, reset.c
  *   unplug [--vram-seed N]      entry 8, unplug.c
  *   loss kill                   entry 9, loss.c
+ *   restart                     entry 9 with a new backend, restart.c
  *   mce                         entry 10, mce.c
  *   responsive --seed N [--no-device]
  *                               after a workload: the guest still works,
@@ -34,7 +35,7 @@
 
 static const struct fault_mode *const modes[] = {
 	&mode_copy_error, &mode_data, &mode_storm, &mode_loss, &mode_mce,
-	&mode_irq, &mode_reset, &mode_ecc, &mode_unplug, &mode_responsive,
+	&mode_irq, &mode_reset, &mode_ecc, &mode_unplug, &mode_responsive, &mode_restart,
 };
 
 #define NMODES (sizeof(modes) / sizeof(modes[0]))

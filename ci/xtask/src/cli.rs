@@ -193,6 +193,12 @@ pub struct RunArgs {
     /// stdout is the command's output.
     #[arg(long)]
     pub quiet: bool,
+    /// Start a GPU's backend again when it is killed with SIGKILL (e.g.
+    /// `cargo xtask inject kill_backend`), on the same socket and VRAM
+    /// file; QEMU reconnects and the guest driver resets the device
+    /// (docs/fault-injection.md, `kill_backend`).
+    #[arg(long)]
+    pub restart_backends: bool,
     /// Keep the run's artifacts folder under target/xtask/runs/ even if
     /// the run passed.
     #[arg(long)]
@@ -461,11 +467,12 @@ mod tests {
             "--quiet",
             "--share",
             "/tmp/x:/y",
+            "--restart-backends",
         ])
         .unwrap();
         match c.command {
             Command::Run(r) => {
-                assert!(r.shell && r.quiet);
+                assert!(r.shell && r.quiet && r.restart_backends);
                 assert_eq!(r.append, ["a=1 b"]);
                 assert_eq!(r.qemu_arg, ["-d", "guest_errors"]);
                 assert_eq!(r.share[0].guest, "/y");

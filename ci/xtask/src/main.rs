@@ -126,6 +126,7 @@ fn run(args: RunArgs) -> Result<i32> {
         append: args.append.clone(),
         qemu_args: args.qemu_arg.clone(),
         shares,
+        restart_killed_backends: args.restart_backends,
         ..Default::default()
     };
     let traced = args

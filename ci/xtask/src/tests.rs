@@ -424,6 +424,11 @@ const VM_TESTS: &[VmTest] = &[
         run: loss::t_surprise_loss,
     },
     VmTest {
+        name: "fault-backend-restart",
+        about: "the backend is killed mid-migration, then mid-READ, and each time a new one is started on the same socket and VRAM file (QEMU reconnects): the driver resets the device once each time, the migration and the READ complete, every byte intact",
+        run: loss::t_backend_restart,
+    },
+    VmTest {
         name: "fault-link-down",
         about: "the VRAM BAR's link goes down (QEMU link-down): ENODEV, all-ones through the BAR, SIGBUS for lost data, rmmod works",
         run: loss::t_link_down,
@@ -672,6 +677,7 @@ const DEBUG_VARIANTS: &[&str] = &[
     "fault-storm",
     "fault-ecc",
     "fault-surprise-loss",
+    "fault-backend-restart",
     "fault-link-down",
     "fault-hot-unplug",
     "fault-machine-check",

@@ -241,6 +241,12 @@ pub struct VmExtra {
     /// SIGKILL is part of the test, and has no stats line. Any other early
     /// or unclean exit still fails the run.
     pub backends_killed: bool,
+    /// A backend SIGKILLed while the guest runs is started again, with the
+    /// same arguments on the same socket and VRAM file, and QEMU reconnects
+    /// to it (its chardevs get `reconnect-ms`): a backend restarted under a
+    /// running guest (docs/fault-injection.md). The killed process has no
+    /// stats line; the new one must end like any backend.
+    pub restart_killed_backends: bool,
     /// How long QEMU may run after the guest reported its status before the
     /// run fails with [`Exit::NoPowerOff`] (default [`POWEROFF_GRACE`]).
     pub poweroff_grace: Option<Duration>,
@@ -380,6 +386,9 @@ pub struct VmOutcome {
     pub guest_counters: Vec<GpuCounters>,
     /// The VRAM files; removed when the outcome is dropped.
     pub vram: VramFiles,
+    /// Backends started again after a SIGKILL
+    /// ([`VmExtra::restart_killed_backends`]).
+    pub backend_restarts: u32,
 }
 
 /// /sys/kernel/debug/hmmgpu<gpu>/counters at the end of the run, or why it
@@ -832,6 +841,7 @@ fn qemu_args(
             path,
             cfg.vram_size,
             &cfg.run_dir,
+            cfg.extra.restart_killed_backends,
         ));
     }
     a.extend(cfg.extra.qemu_args.iter().cloned());
@@ -843,9 +853,21 @@ fn share_tag(i: usize) -> String {
     format!("hmmgpushare{i}")
 }
 
+/// How often QEMU tries to connect again to a backend that went away, when
+/// killed backends are restarted ([`VmExtra::restart_killed_backends`]).
+const RECONNECT_MS: u32 = 100;
+
 /// QEMU arguments for GPU `n`: its root port (q35), VRAM memdev, vhost-user
-/// chardev (the socket `gpuN.sock` in `run_dir`) and the device.
-fn gpu_qemu_args(arch: Arch, n: u32, vram: &Path, vram_size: u64, run_dir: &Path) -> Vec<String> {
+/// chardev (the socket `gpuN.sock` in `run_dir`; `reconnect`: QEMU connects
+/// again to a backend started anew on it) and the device.
+fn gpu_qemu_args(
+    arch: Arch,
+    n: u32,
+    vram: &Path,
+    vram_size: u64,
+    run_dir: &Path,
+    reconnect: bool,
+) -> Vec<String> {
     let props = gpu_device_props(arch, n);
     let prop = |key: &str| props.iter().find(|(k, _)| *k == key).map(|(_, v)| v);
     let mut a = Vec::new();
@@ -870,8 +892,13 @@ fn gpu_qemu_args(arch: Arch, n: u32, vram: &Path, vram_size: u64, run_dir: &Path
         ),
         "-chardev".into(),
         format!(
-            "socket,id={chardev},path={}",
-            run_dir.join(format!("gpu{n}.sock")).display()
+            "socket,id={chardev},path={}{}",
+            run_dir.join(format!("gpu{n}.sock")).display(),
+            if reconnect {
+                format!(",reconnect-ms={RECONNECT_MS}")
+            } else {
+                String::new()
+            }
         ),
         "-device".into(),
         props
@@ -1033,6 +1060,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
         splats: evidence.all_splats(),
         guest_counters: counters,
         vram: ended.vram,
+        backend_restarts: ended.restarts,
     })
 }
 
@@ -1065,6 +1093,9 @@ struct Running {
     stderr_reader: JoinHandle<()>,
     /// Backends that exited while the guest ran: (index, status).
     died_early: Vec<(usize, std::process::ExitStatus)>,
+    /// Backends started again after a SIGKILL
+    /// ([`VmExtra::restart_killed_backends`]).
+    restarts: u32,
     /// QEMU's command line, program first.
     qemu_argv: Vec<String>,
     /// Interactive runs: the guest started the command (input may flow),
@@ -1159,6 +1190,7 @@ fn spawn(cfg: &VmConfig, initrd: &Path) -> Result<Running> {
         qemu_stderr,
         stderr_reader,
         died_early: Vec::new(),
+        restarts: 0,
         qemu_argv: std::iter::once(cfg.qemu.display().to_string())
             .chain(args)
             .collect(),
@@ -1228,18 +1260,58 @@ fn watch(cfg: &VmConfig, vm: &mut Running, scan: &mut Scanner) -> Result<Stopped
             }
         }
         if scan.status.is_none() {
-            for (i, b) in vm.backends.iter_mut().enumerate() {
-                if let Some(s) = b.proc.poll() {
-                    if !vm.died_early.iter().any(|(j, _)| *j == i) {
-                        vm.died_early.push((i, s));
-                        if !cfg.extra.backends_killed {
-                            return Ok(Stopped::BackendDied);
-                        }
+            for i in 0..vm.backends.len() {
+                let Some(s) = vm.backends[i].proc.poll() else {
+                    continue;
+                };
+                let killed =
+                    std::os::unix::process::ExitStatusExt::signal(&s) == Some(libc::SIGKILL);
+                if cfg.extra.restart_killed_backends && killed {
+                    restart_backend(cfg, vm, i)?;
+                    continue;
+                }
+                if !vm.died_early.iter().any(|(j, _)| *j == i) {
+                    vm.died_early.push((i, s));
+                    if !cfg.extra.backends_killed {
+                        return Ok(Stopped::BackendDied);
                     }
                 }
             }
         }
     }
+}
+
+/// Starts backend `i` again after it was SIGKILLed: the same arguments, so
+/// the same socket (QEMU reconnects) and VRAM file. The dead one's stderr
+/// goes first in the new one's.
+fn restart_backend(cfg: &VmConfig, vm: &mut Running, i: usize) -> Result<()> {
+    let old = &mut vm.backends[i];
+    old.join_reader();
+    let gpu = old.gpu;
+    log(format!(
+        "gpu{gpu}: its backend was killed (SIGKILL); starting a new one on the same socket and VRAM file"
+    ));
+    let bin = Path::new(&old.argv[0]).to_path_buf();
+    let mut dead = std::mem::take(&mut *old.stderr.lock().unwrap());
+    dead.push("[xtask: this backend was killed (SIGKILL); a new one was started]".to_string());
+    let path = vram_path_of(&old.argv).context("the backend's --vram-path")?;
+    // So that spawn_backend waits for the new one's socket.
+    let _ = std::fs::remove_file(cfg.run_dir.join(format!("gpu{gpu}.sock")));
+    let new = spawn_backend(cfg, &bin, gpu, &path)?;
+    {
+        let mut lines = new.stderr.lock().unwrap();
+        dead.append(&mut lines);
+        *lines = dead;
+    }
+    vm.backends[i] = new;
+    vm.restarts += 1;
+    Ok(())
+}
+
+/// The `--vram-path` of a backend's command line.
+fn vram_path_of(argv: &[String]) -> Option<PathBuf> {
+    let at = argv.iter().position(|a| a == "--vram-path")?;
+    argv.get(at + 1).map(PathBuf::from)
 }
 
 /// What [`shut_down`] collected.
@@ -1251,6 +1323,7 @@ struct Ended {
     qemu_stderr: Vec<String>,
     backends: Vec<BackendEnd>,
     vram: VramFiles,
+    restarts: u32,
 }
 
 /// Ends QEMU (after a grace period if the guest is powering off by itself)
@@ -1268,6 +1341,7 @@ fn shut_down(vm: Running, scan: &mut Scanner, stopped: Stopped) -> Ended {
         stderr_reader,
         died_early,
         qemu_argv,
+        restarts,
         ..
     } = vm;
     let grace = if stopped == Stopped::QemuExited {
@@ -1307,6 +1381,7 @@ fn shut_down(vm: Running, scan: &mut Scanner, stopped: Stopped) -> Ended {
         qemu_stderr,
         backends,
         vram,
+        restarts,
     }
 }
 
@@ -1329,6 +1404,7 @@ mod tests {
             Path::new("/dev/shm/v0"),
             64 << 20,
             Path::new("/run/x"),
+            false,
         );
         assert_eq!(
             args,
@@ -1343,8 +1419,16 @@ mod tests {
                 "vhost-user-hmmgpu-pci,id=gpu0,chardev=gpu0,memdev=vram0,bus=rp0,aer=on",
             ]
         );
-        let ppc = gpu_qemu_args(Arch::Ppc64le, 1, Path::new("/v1"), 1 << 30, Path::new("/r"));
+        let ppc = gpu_qemu_args(
+            Arch::Ppc64le,
+            1,
+            Path::new("/v1"),
+            1 << 30,
+            Path::new("/r"),
+            true,
+        );
         assert_eq!(ppc[0], "-object", "no root port on pseries");
+        assert_eq!(ppc[3], "socket,id=gpu1,path=/r/gpu1.sock,reconnect-ms=100");
         assert_eq!(
             ppc[5],
             "vhost-user-hmmgpu-pci,id=gpu1,chardev=gpu1,memdev=vram1"

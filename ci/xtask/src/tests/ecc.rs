@@ -146,6 +146,7 @@ mod tests {
             splats: Vec::new(),
             guest_counters: Vec::new(),
             vram: VramFiles { paths: Vec::new() },
+            backend_restarts: 0,
         };
         assert_eq!(removal_accounting(&out).unwrap(), (1048556, 1048576, 20));
     }

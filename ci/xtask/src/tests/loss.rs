@@ -53,6 +53,47 @@ pub(super) fn t_surprise_loss(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
+/// The backend killed mid-migration and a new one started on the same
+/// socket and VRAM file (QEMU reconnects): `hmmgpu-faults restart`
+/// (ci/guest/faults/restart.c, twice: mid-migration and mid-READ) checks
+/// every byte in the guest; here, that exactly two backends were restarted,
+/// and the driver reset the device once for each,
+/// because the new backend said so (a RESTARTED event; not because a command
+/// timed out), and retried what was in flight.
+pub(super) fn t_backend_restart(ctx: &mut Ctx) -> Result<()> {
+    let out = ctx.boot_extra(
+        faults_boot("fault-backend-restart", &["hmmgpu-faults", "restart"]),
+        vm::VmExtra {
+            console_hook: Some(inject_hook()),
+            restart_killed_backends: true,
+            ..Default::default()
+        },
+    )?;
+    expect_status_with(
+        &out,
+        0,
+        &Expected {
+            counters: &[("driver_resets", 2..=2)],
+            lines: &[
+                "restarted under the driver",
+                "commands in flight were retried",
+            ],
+            loaded_at_end: true,
+        },
+    )?;
+    ensure!(
+        out.backend_restarts == 2,
+        "{} backends were restarted, want 2",
+        out.backend_restarts
+    );
+    console_has(
+        &out,
+        "the device restarted under the driver (its contexts are gone); resetting it",
+    )?;
+    console_has(&out, "PASS: restart: all checks passed")?;
+    Ok(())
+}
+
 pub(super) fn t_machine_check(ctx: &mut Ctx) -> Result<()> {
     ensure!(
         ctx.arch == crate::cli::Arch::X86_64,

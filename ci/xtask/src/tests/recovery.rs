@@ -23,6 +23,8 @@ const COUNTERS: &[&str] = &["driver_resets", "driver_polled_completions"];
 const LINES: &[&str] = &[
     // "a command got no answer in N ms; resetting the device"
     "got no answer in",
+    // "the device restarted under the driver (its contexts are gone); resetting it"
+    "restarted under the driver",
     // "reset done (N contexts recreated); commands in flight were retried"
     "commands in flight were retried",
     // "abandoning a command the device never completed"
@@ -178,6 +180,7 @@ mod tests {
             splats: Vec::new(),
             guest_counters: counters,
             vram: VramFiles { paths: Vec::new() },
+            backend_restarts: 0,
         }
     }
 
