@@ -53,6 +53,23 @@ static long anon_huge_kib_at(const void *addr)
 	return kib;
 }
 
+/*
+ * Faults `npages` pages of `buf` in, in a scattered order (stride 37,
+ * coprime to npages), then writes the pattern of `seed`: neighbouring pages
+ * get physical pages that are not neighbours, so a migration's COPY has
+ * about a range per page. Faulted in address order they can be physically
+ * contiguous and merge into fewer than the 17 ranges case 1 needs (then its
+ * "17th copy" is the read-back's, not the migration's).
+ */
+static void fill_scattered(uint8_t *buf, size_t npages, uint64_t seed)
+{
+	size_t i;
+
+	for (i = 0; i < npages; i++)
+		buf[(i * 37 % npages) * PAGE_SZ] = 1;
+	fill_pattern(buf, npages * PAGE_SZ, seed);
+}
+
 static int run_copy_error(int argc, char **argv)
 {
 	const size_t na = 256, nb = 64, nc = 128;
@@ -66,7 +83,7 @@ static int run_copy_error(int argc, char **argv)
 	errors0 = counter("driver_copy_errors");
 
 	say("[1] migration to VRAM whose 17th copy fails (%zu pages)", na);
-	fill_pattern(a, na * PAGE_SZ, 11);
+	fill_scattered(a, na, 11);
 	/* 16 ranges (one or more pages each) go through, the 17th fails. */
 	inject("{\"kind\":\"copy_error\",\"count\":1,\"skip\":16}");
 	e = dmirror(fd, HMM_DMIRROR_MIGRATE_TO_DEV, a, out, na, NULL);
