@@ -10,10 +10,22 @@
 //!   says so, once, and the ioctl fails with EOPNOTSUPP;
 //! - `hmmgpu_have_rust_spinlock_irq`: the kernel crate has `SpinLockIrq`
 //!   (7.3). Without it, an equivalent lock on compat.c ([`SpinLockIrq`]).
+//! - `hmmgpu_have_param_value_ref`: a module parameter's `value()` returns
+//!   it by value, `value_ref()` by reference (7.3); before, `value()`
+//!   returned a reference ([`param`]).
 
 use core::sync::atomic::{AtomicBool, Ordering};
 use kernel::bindings;
 use kernel::prelude::*;
+
+/// The value of a module parameter.
+pub(crate) fn param<T: Copy>(p: &kernel::module_param::ModuleParamAccess<T>) -> T {
+    #[cfg(hmmgpu_have_param_value_ref)]
+    let value = p.value();
+    #[cfg(not(hmmgpu_have_param_value_ref))]
+    let value = *p.value();
+    value
+}
 
 /// Whether the kernel has hmm_range_fault_unlocked_timeout().
 pub(crate) const HAS_HMM_RANGE_FAULT_UNLOCKED: bool =

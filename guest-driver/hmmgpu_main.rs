@@ -52,6 +52,12 @@ module! {
     authors: ["hmmgpu developers"],
     description: "Driver for the hmmgpu virtual GPU (HMM / ZONE_DEVICE test device)",
     license: "GPL",
+    params: {
+        spin_us: u32 {
+            default: 0,
+            description: "Microseconds a waiter spins for its command before sleeping, while commands complete that fast (0: never)",
+        },
+    },
 }
 
 struct HmmGpuModule;

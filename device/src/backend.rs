@@ -84,6 +84,9 @@ pub struct HmmGpuBackend {
     resume: Option<TimerFd>,
     /// Whose command ring this process serves (see [`RingOrigin`]).
     origin: RingOrigin,
+    /// How long the worker keeps looking at a command ring that ran dry
+    /// before it waits for a kick ([`HmmGpuBackend::set_poll_window`]).
+    poll_window: std::time::Duration,
 }
 
 /// Whether the command ring the front end handed over was set up with this
@@ -142,6 +145,45 @@ impl HmmGpuBackend {
                 .inspect_err(|e| error!("creating the resume timerfd: {e}"))
                 .ok(),
             origin: RingOrigin::Unknown,
+            poll_window: std::time::Duration::ZERO,
+        }
+    }
+
+    /// After the command queue runs dry, the worker keeps looking at it
+    /// for `window` before it waits for a kick, with notifications off, so
+    /// a driver that submits again within it neither kicks (a VM exit) nor
+    /// waits for the worker to wake (vhost-net's busyloop). Zero: off.
+    /// The worker holds the device meanwhile: a config-space read waits
+    /// up to `window` longer.
+    pub fn set_poll_window(&mut self, window: std::time::Duration) {
+        self.poll_window = window;
+    }
+
+    /// Busy-polls the command ring for up to the poll window; whether a
+    /// chain was made available meanwhile.
+    fn poll_for_more(&self, vring: &VringRwLock) -> bool {
+        if self.poll_window.is_zero() {
+            return false;
+        }
+        let mem = self.mem.memory();
+        let start = std::time::Instant::now();
+        loop {
+            {
+                let state = vring.get_ref();
+                let queue = state.get_queue();
+                match queue.avail_idx(&*mem, std::sync::atomic::Ordering::Acquire) {
+                    Ok(idx) if idx.0 != queue.next_avail() => return true,
+                    Ok(_) => {}
+                    Err(_) => return false,
+                }
+            }
+            if start.elapsed() >= self.poll_window
+                || !queue_ready(vring)
+                || self.engine.faults().queue_stalled()
+            {
+                return false;
+            }
+            std::hint::spin_loop();
         }
     }
 
@@ -822,6 +864,9 @@ impl VhostUserBackendMut for HmmGpuBackend {
                     || matches!(self.origin, RingOrigin::Inherited { .. })
                 {
                     break Ok(());
+                }
+                if self.poll_for_more(vring) {
+                    continue;
                 }
                 match vring.enable_notification() {
                     Ok(true) => continue,

@@ -57,11 +57,21 @@ pub struct Args {
     /// CLOCK_MONOTONIC.
     #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
+    /// After the command queue runs dry, keep looking at it this many
+    /// microseconds before waiting for the driver's kick (notifications
+    /// stay off meanwhile, so a driver that submits again within it does
+    /// not kick); 0: off.
+    #[arg(long, value_name = "US", default_value_t = DEFAULT_POLL_US)]
+    pub poll_us: u64,
     /// Log level: off, error, warn, info, debug or trace (default: RUST_LOG,
     /// else info).
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<LevelFilter>,
 }
+
+/// `--poll-us` by default: what `cargo xtask bench` showed best here
+/// (docs/device-spec.md, "Busy polling").
+pub const DEFAULT_POLL_US: u64 = 0;
 
 /// Why a size does not parse.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -221,6 +231,7 @@ struct Device {
     stats: Arc<Stats>,
     faults: Arc<FaultInjector>,
     tracer: Option<Arc<Tracer>>,
+    poll_window: std::time::Duration,
 }
 
 /// Serves one front end from `listener` until it hangs up.
@@ -242,7 +253,8 @@ fn serve_session(
     if let Some(tracer) = &device.tracer {
         engine.set_tracer(tracer.clone());
     }
-    let backend = HmmGpuBackend::new(engine);
+    let mut backend = HmmGpuBackend::new(engine);
+    backend.set_poll_window(device.poll_window);
     let resume = backend.resume_fd();
     let backend = Arc::new(RwLock::new(backend));
     let mut daemon = VhostUserDaemon::new(
@@ -339,6 +351,7 @@ pub fn run(args: &Args) -> Result<DeviceStats, RunError> {
         stats,
         faults,
         tracer,
+        poll_window: std::time::Duration::from_micros(args.poll_us),
     };
     // Bound once for all sessions: a device re-plugged while the previous
     // session is still winding down is queued, never refused.

@@ -479,6 +479,11 @@ struct InProcess {
 
 impl InProcess {
     fn start() -> InProcess {
+        Self::start_with_poll(Duration::ZERO)
+    }
+
+    /// A backend whose worker busy-polls a ring that ran dry for `poll`.
+    fn start_with_poll(poll: Duration) -> InProcess {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("vhost.sock");
         let vram = Arc::new(Vram::open(&dir.path().join("vram"), VRAM_SIZE).unwrap());
@@ -486,7 +491,8 @@ impl InProcess {
         let faults = Arc::new(FaultInjector::with_vram(vram.clone()));
         faults.capture_log();
         let engine = Engine::new(vram, stats.clone(), faults.clone());
-        let backend = HmmGpuBackend::new(engine);
+        let mut backend = HmmGpuBackend::new(engine);
+        backend.set_poll_window(poll);
         let resume = backend.resume_fd();
         let backend = Arc::new(RwLock::new(backend));
         let mut daemon = VhostUserDaemon::new(
@@ -1412,6 +1418,36 @@ impl Vm {
         self.frontend.set_vring_kick(0, &self.kick).unwrap();
         self.frontend.set_vring_enable(0, true).unwrap();
     }
+}
+
+/// With a poll window the worker keeps looking at a command ring that ran
+/// dry: a command made available within it runs without a kick (the driver
+/// is not asked for one meanwhile); once the window is over, one made
+/// available without a kick waits for the kick.
+#[test]
+fn a_poll_window_takes_commands_made_available_without_a_kick() {
+    let backend = InProcess::start_with_poll(Duration::from_millis(500));
+    let mut vm = Vm::connect(&backend.socket);
+    assert_eq!(vm.command(Opcode::Nop, &[]), ok(0));
+    vm.no_kick = true;
+    assert_eq!(
+        vm.command(Opcode::Nop, &[]),
+        ok(0),
+        "the worker polling the ring did not take the command"
+    );
+    // Past the window (and the one the first command's kick, taken late
+    // because the worker was polling, opens again).
+    thread::sleep(Duration::from_millis(1500));
+    let head = vm.post_command(Opcode::Nop, 0, &[], CMD_BUF, RESP_BUF);
+    assert!(
+        !interrupt_within(&vm.call, Duration::from_millis(300)),
+        "a command without a kick ran after the poll window"
+    );
+    vm.kick.write(1).unwrap();
+    assert_eq!(vm.wait_used(), (head, Response::SIZE as u32));
+    assert_eq!(vm.response(), ok(0));
+    drop(vm);
+    assert_eq!(backend.join(), Ok(()));
 }
 
 /// Waits until the control socket's `session` says `connected` is `want`.
