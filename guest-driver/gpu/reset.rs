@@ -2,10 +2,9 @@
 
 //! Device resets: after a command got no answer (a stalled queue) or the
 //! device said it restarted (a RESTARTED event: a new backend took over),
-//! and around a transport
-//! (PCI) reset. The queue side (stopping the rings, giving commands back,
-//! restarting) is queue.rs; this is the policy and what else a reset redoes
-//! (contexts, the link canary).
+//! and around a transport (PCI) reset. The queue side (stopping the rings,
+//! giving commands back, restarting) is queue.rs; this is the policy and
+//! what else a reset redoes (contexts, the link canary).
 //!
 //! A waiter never resets the device itself: it may hold a mirror lock,
 //! which the MMU notifiers take from memory reclaim, while a reset tears the
