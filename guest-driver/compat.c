@@ -5,7 +5,6 @@
  */
 #include <linux/irqflags.h>
 
-#include "compat.h"
 #include "hmmgpu.h"
 
 #ifndef HMMGPU_HAVE_RUST_SPINLOCK_IRQ

@@ -1,9 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * Pages, folios, the sched and completion inlines of queue.rs, and the
- * reset workqueue (a macro). Exists
- * because each is a macro or static inline Rust cannot call: one function
- * each. Rust's view of pages is pages.rs.
+ * Pages, folios, sched, completion and workqueue macros and inlines Rust
+ * cannot call: one function each. Rust's view of pages is pages.rs.
  */
 #include <linux/completion.h>
 #include <linux/mm.h>
@@ -93,10 +91,6 @@ void hmmgpu_memalloc_noreclaim_restore(unsigned int flags)
 	memalloc_noreclaim_restore(flags);
 }
 
-/*
- * Ordered, with a rescuer thread: a reset must make progress while memory
- * reclaim waits for it (an MMU notifier's command waiting on the reset).
- */
 struct workqueue_struct *hmmgpu_alloc_reset_wq(unsigned int index)
 {
 	return alloc_ordered_workqueue("hmmgpu%u-reset", WQ_MEM_RECLAIM, index);

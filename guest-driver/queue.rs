@@ -123,6 +123,20 @@ impl Lifecycle {
         self.loss().is_some() || self == Lifecycle::Removed
     }
 
+    /// Where a device in use (running, or being removed) goes when a
+    /// reset begins; `None` for any other lifecycle.
+    fn resetting(self) -> Option<Lifecycle> {
+        match self {
+            Lifecycle::Running => Some(Lifecycle::Resetting {
+                then: Settled::Running,
+            }),
+            Lifecycle::Removing(None) => Some(Lifecycle::Resetting {
+                then: Settled::Removing,
+            }),
+            _ => None,
+        }
+    }
+
     /// Whether a reset is under way.
     fn is_resetting(self) -> bool {
         matches!(
@@ -455,7 +469,10 @@ impl Queues {
     /// [`POLL_MS`] without an answer, so a lost interrupt costs that much.
     fn wait(&self, token: &Token, timeout_ms: u32) -> Outcome {
         let start = Instant::<Monotonic>::now();
-        self.spin(token);
+        let spin_us = i64::from(crate::compat::param(&crate::module_parameters::spin_us));
+        if spin_us > 0 {
+            self.spin(token, spin_us);
+        }
         while !token.done.wait_timeout(POLL_MS) {
             self.poll();
             if token.is_finished() {
@@ -465,11 +482,13 @@ impl Queues {
                 return Outcome::TimedOut;
             }
         }
-        let waited = start.elapsed().as_nanos().max(0) as u64;
-        // An average of how long commands take, recent ones weighing most.
-        let average = self.service_ns.load(Ordering::Relaxed);
-        self.service_ns
-            .store(average - average / 8 + waited / 8, Ordering::Relaxed);
+        if spin_us > 0 {
+            // An average of how long commands take, recent ones weighing most.
+            let waited = start.elapsed().as_nanos().max(0) as u64;
+            let average = self.service_ns.load(Ordering::Relaxed);
+            self.service_ns
+                .store(average - average / 8 + waited / 8, Ordering::Relaxed);
+        }
         match token.state.load(Ordering::Acquire) {
             PENDING => Outcome::Woken,
             ABORTED => Outcome::GivenBack,
@@ -477,14 +496,13 @@ impl Queues {
         }
     }
 
-    /// Spins up to `spin_us` (module parameter) for `token`'s command to
-    /// be finished, while commands complete within that on average:
-    /// a fast answer then costs no sleep and wakeup. Only the interrupt
-    /// handler finishes the command (nothing is taken from the used ring
-    /// here), so a broken interrupt path shows as before.
-    fn spin(&self, token: &Token) {
-        let budget = i64::from(crate::compat::param(&crate::module_parameters::spin_us));
-        if budget == 0 || self.service_ns.load(Ordering::Relaxed) > budget as u64 * 1000 {
+    /// Spins up to `budget` µs (module parameter `spin_us`) for `token`'s
+    /// command to be finished, while commands complete within that on
+    /// average: a fast answer then costs no sleep and wakeup. Only the
+    /// interrupt handler finishes the command (nothing is taken from the
+    /// used ring here), so a broken interrupt path shows as before.
+    fn spin(&self, token: &Token, budget: i64) {
+        if self.service_ns.load(Ordering::Relaxed) > budget as u64 * 1000 {
             return;
         }
         let start = Instant::<Monotonic>::now();
@@ -568,15 +586,10 @@ impl Queues {
     /// now run to end the wait.
     pub(crate) fn begin_reset(&self) -> bool {
         let mut queue = self.cmd.lock();
-        queue.lifecycle = match queue.lifecycle {
-            Lifecycle::Running => Lifecycle::Resetting {
-                then: Settled::Running,
-            },
-            Lifecycle::Removing(None) => Lifecycle::Resetting {
-                then: Settled::Removing,
-            },
-            _ => return false,
+        let Some(resetting) = queue.lifecycle.resetting() else {
+            return false;
         };
+        queue.lifecycle = resetting;
         self.settled.reinit();
         true
     }
@@ -590,14 +603,8 @@ impl Queues {
         {
             let mut queue = self.cmd.lock();
             queue.lifecycle = match queue.lifecycle {
-                Lifecycle::Running => Lifecycle::Resetting {
-                    then: Settled::Running,
-                },
-                Lifecycle::Removing(None) => Lifecycle::Resetting {
-                    then: Settled::Removing,
-                },
                 Lifecycle::Restarting { then } => Lifecycle::Resetting { then },
-                other => other,
+                other => other.resetting().unwrap_or(other),
             };
             if queue.lifecycle.is_resetting() {
                 self.settled.reinit();

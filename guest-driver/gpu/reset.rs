@@ -63,8 +63,10 @@ impl ResetSlot {
     }
 }
 
-/// The reset work's queue: ordered, with a rescuer (WQ_MEM_RECLAIM).
-/// Destroyed by [`Gpu::close_resets`] (or when dropped unused).
+/// The reset work's queue: ordered, with a rescuer thread (WQ_MEM_RECLAIM,
+/// mm.c): a reset must make progress while memory reclaim waits for it (an
+/// MMU notifier's command waiting on the reset). Destroyed by
+/// [`Gpu::close_resets`] (or when dropped unused).
 pub(super) struct ResetQueue(AtomicPtr<bindings::workqueue_struct>);
 
 impl ResetQueue {
