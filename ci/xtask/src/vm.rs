@@ -1294,10 +1294,9 @@ fn restart_backend(cfg: &VmConfig, vm: &mut Running, i: usize) -> Result<()> {
     let bin = Path::new(&old.argv[0]).to_path_buf();
     let mut dead = std::mem::take(&mut *old.stderr.lock().unwrap());
     dead.push("[xtask: this backend was killed (SIGKILL); a new one was started]".to_string());
-    let path = vram_path_of(&old.argv).context("the backend's --vram-path")?;
     // So that spawn_backend waits for the new one's socket.
     let _ = std::fs::remove_file(cfg.run_dir.join(format!("gpu{gpu}.sock")));
-    let new = spawn_backend(cfg, &bin, gpu, &path)?;
+    let new = spawn_backend(cfg, &bin, gpu, &vm.vram.paths[i])?;
     {
         let mut lines = new.stderr.lock().unwrap();
         dead.append(&mut lines);
@@ -1306,12 +1305,6 @@ fn restart_backend(cfg: &VmConfig, vm: &mut Running, i: usize) -> Result<()> {
     vm.backends[i] = new;
     vm.restarts += 1;
     Ok(())
-}
-
-/// The `--vram-path` of a backend's command line.
-fn vram_path_of(argv: &[String]) -> Option<PathBuf> {
-    let at = argv.iter().position(|a| a == "--vram-path")?;
-    argv.get(at + 1).map(PathBuf::from)
 }
 
 /// What [`shut_down`] collected.
