@@ -1231,6 +1231,62 @@ fn reset_device_drops_the_contexts() {
     assert_eq!(backend.join(), Ok(()));
 }
 
+/// A backend that copied `data` to VRAM offset 0x10_0000 and created
+/// context 2, killed with SIGKILL, and a new one started on the same socket
+/// and VRAM file, listening. Returns the new one, its stderr lines, and
+/// where the dead one left the command ring.
+fn restart_after_sigkill(dir: &Path, data: &[u8]) -> (Reaped, Lines, u16) {
+    let socket = dir.join("vhost.sock");
+    let mut first = Reaped(backend_in(dir, "error").spawn().unwrap());
+    wait_for_path(&socket, &mut first.0);
+    let mut vm = Vm::connect(&socket);
+    vm.mem.write_slice(data, GuestAddress(DATA)).unwrap();
+    let to_vram = Range {
+        src: DATA,
+        dst: 0x10_0000,
+        len: data.len() as u32,
+        flags: DST_VRAM,
+    };
+    assert_eq!(vm.command(Opcode::Copy, &[to_vram]), ok(data.len() as u64));
+    assert_eq!(vm.command_ctx(Opcode::CtxCreate, 2, &[]), ok(0));
+    let base = vm.next_avail;
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    drop(vm);
+    // The dead one's socket file is still there: the new one replaces it,
+    // and says so on stderr when it listens.
+    assert!(socket.exists());
+    let mut second = Reaped(backend_in(dir, "info").spawn().unwrap());
+    let stderr = second.0.stderr.take().unwrap();
+    let (lines, seen) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let lines = Lines(seen);
+    lines.wait_for("listening on");
+    (second, lines, base)
+}
+
+/// A backend's stderr, line by line.
+struct Lines(std::sync::mpsc::Receiver<String>);
+
+impl Lines {
+    /// The next line containing `what` (panics after [`TIMEOUT`]).
+    fn wait_for(&self, what: &str) -> String {
+        loop {
+            let line = self
+                .0
+                .recv_timeout(TIMEOUT)
+                .unwrap_or_else(|_| panic!("no {what:?} line"));
+            if line.contains(what) {
+                return line;
+            }
+        }
+    }
+}
+
 /// A backend killed with SIGKILL under a connected front end, and a new
 /// one started on the same socket and VRAM file: the front end connects
 /// again (QEMU's chardev reconnect) and finds the VRAM as it was; MMU
@@ -1239,37 +1295,8 @@ fn reset_device_drops_the_contexts() {
 fn a_new_backend_on_the_same_socket_and_vram_after_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("vhost.sock");
-    let mut first = Reaped(backend_in(dir.path(), "error").spawn().unwrap());
-    wait_for_path(&socket, &mut first.0);
-    let mut vm = Vm::connect(&socket);
     let data = pattern(8192, 0x3c);
-    vm.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
-    let to_vram = Range {
-        src: DATA,
-        dst: 0x10_0000,
-        len: 8192,
-        flags: DST_VRAM,
-    };
-    assert_eq!(vm.command(Opcode::Copy, &[to_vram]), ok(8192));
-    assert_eq!(vm.command_ctx(Opcode::CtxCreate, 2, &[]), ok(0));
-    first.0.kill().unwrap();
-    first.0.wait().unwrap();
-    drop(vm);
-    // The dead one's socket file is still there: the new one replaces it,
-    // and says so on stderr when it listens.
-    assert!(socket.exists());
-    let mut second = Reaped(backend_in(dir.path(), "info").spawn().unwrap());
-    let stderr = second.0.stderr.take().unwrap();
-    let (listening, seen) = std::sync::mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("listening on") {
-                let _ = listening.send(());
-            }
-        }
-    });
-    seen.recv_timeout(TIMEOUT)
-        .expect("the new backend never listened");
+    let (mut second, _, _) = restart_after_sigkill(dir.path(), &data);
     let mut vm = Vm::connect(&socket);
     let back = Range {
         src: 0x10_0000,
@@ -1304,40 +1331,8 @@ fn a_new_backend_on_the_same_socket_and_vram_after_sigkill() {
 fn a_ring_handed_over_by_a_dead_backend_gets_a_restarted_event_and_nothing_runs() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("vhost.sock");
-    let mut first = Reaped(backend_in(dir.path(), "error").spawn().unwrap());
-    wait_for_path(&socket, &mut first.0);
-    let mut vm = Vm::connect(&socket);
     let data = pattern(8192, 0x5a);
-    vm.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
-    let to_vram = Range {
-        src: DATA,
-        dst: 0x10_0000,
-        len: 8192,
-        flags: DST_VRAM,
-    };
-    assert_eq!(vm.command(Opcode::Copy, &[to_vram]), ok(8192));
-    assert_eq!(vm.command_ctx(Opcode::CtxCreate, 2, &[]), ok(0));
-    let base = vm.next_avail;
-    first.0.kill().unwrap();
-    first.0.wait().unwrap();
-    drop(vm);
-    let mut second = Reaped(backend_in(dir.path(), "info").spawn().unwrap());
-    let stderr = second.0.stderr.take().unwrap();
-    let (lines, seen) = std::sync::mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = lines.send(line);
-        }
-    });
-    let wait_line = |what: &str| loop {
-        let line = seen
-            .recv_timeout(TIMEOUT)
-            .unwrap_or_else(|_| panic!("no {what:?} line"));
-        if line.contains(what) {
-            return line;
-        }
-    };
-    wait_line("listening on");
+    let (mut second, lines, base) = restart_after_sigkill(dir.path(), &data);
     let mut vm = Vm::connect_at(&socket, 0, base);
     vm.no_kick = true;
     let back = Range {
@@ -1353,7 +1348,7 @@ fn a_ring_handed_over_by_a_dead_backend_gets_a_restarted_event_and_nothing_runs(
     vm.post_event_buffer(0, 32);
     let (_, len, event) = vm.wait_event();
     assert_eq!((len, event.kind), (Event::SIZE as u32, event::RESTARTED));
-    let handed_over = wait_line("handed over");
+    let handed_over = lines.wait_for("handed over");
     assert!(
         handed_over.contains(&format!("at index {base} (used {base})")),
         "{handed_over}"

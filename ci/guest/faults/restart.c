@@ -61,6 +61,28 @@ static pid_t kill_backend_soon(int pipe_w, unsigned int after_ms)
 	return pid;
 }
 
+/*
+ * Reaps the child of kill_backend_soon() (exits 3 if it did not get the
+ * kill done) and checks that the host killed the backend between t0 and
+ * t1, while `what` was in flight.
+ */
+static void check_killed_during(pid_t child, int pipe_r, double t0, double t1, const char *what)
+{
+	char msg[96];
+	double killed = 0;
+	int status;
+
+	if (waitpid(child, &status, 0) != child || !WIFEXITED(status) || WEXITSTATUS(status)) {
+		say("FAIL: the child asking for the kill ended with status %#x", status);
+		exit(3);
+	}
+	if (read(pipe_r, &killed, sizeof(killed)) != sizeof(killed))
+		killed = 0;
+	say("  the host killed the backend %.0f ms into the %s", killed - t0, what);
+	snprintf(msg, sizeof(msg), "the backend was killed while the %s was in flight", what);
+	check(killed > t0 && killed < t1, msg);
+}
+
 static int run_restart(int argc, char **argv)
 {
 	const size_t n = 512, size = n * PAGE_SZ;
@@ -69,8 +91,8 @@ static int run_restart(int argc, char **argv)
 	uint8_t *s = map_buffer(size, false), *m = map_buffer(msize, false);
 	uint8_t *r = map_buffer(msize, false), *out = map_buffer(msize, false);
 	struct hmm_dmirror_cmd cmd;
-	int fdp, fdc, e, status, fds[2];
-	double t0, t1, killed = 0;
+	int fdp, fdc, e, fds[2];
+	double t0, t1;
 	size_t moved;
 	pid_t child;
 
@@ -112,14 +134,7 @@ static int run_restart(int argc, char **argv)
 	t1 = now_ms();
 	say("  MIGRATE_TO_DEV of M across the kill: %s, %llu of %zu pages, %.0f ms",
 	    e ? strerror(e) : "success", e ? 0ULL : (unsigned long long)cmd.cpages, mn, t1 - t0);
-	if (waitpid(child, &status, 0) != child || !WIFEXITED(status) || WEXITSTATUS(status)) {
-		say("FAIL: the child asking for the kill ended with status %#x", status);
-		exit(3);
-	}
-	if (read(fds[0], &killed, sizeof(killed)) != sizeof(killed))
-		killed = 0;
-	say("  the host killed the backend %.0f ms into the migration", killed - t0);
-	check(killed > t0 && killed < t1, "the backend was killed while the migration was in flight");
+	check_killed_during(child, fds[0], t0, t1, "migration");
 	check(!e && cmd.cpages == mn, "the migration in flight completed, every page of M moved");
 	moved = device_pages(fdp, m, mn);
 	say("  %zu of %zu pages of M in device-private VRAM", moved, mn);
@@ -150,14 +165,7 @@ static int run_restart(int argc, char **argv)
 	e = dmirror(fdp, HMM_DMIRROR_READ, r, out, mn, &cmd);
 	t1 = now_ms();
 	say("  device READ of R across the kill: %s, %.0f ms", e ? strerror(e) : "success", t1 - t0);
-	if (waitpid(child, &status, 0) != child || !WIFEXITED(status) || WEXITSTATUS(status)) {
-		say("FAIL: the child asking for the kill ended with status %#x", status);
-		exit(3);
-	}
-	if (read(fds[0], &killed, sizeof(killed)) != sizeof(killed))
-		killed = 0;
-	say("  the host killed the backend %.0f ms into the READ", killed - t0);
-	check(killed > t0 && killed < t1, "the backend was killed while the READ was in flight");
+	check_killed_during(child, fds[0], t0, t1, "READ");
 	check(!e && cmd.cpages == mn && !memcmp(out, r, msize),
 	      "the READ in flight completed and returned every byte of R");
 	check(pattern_ok(r, msize, 106, "buffer R"), "R is intact");
