@@ -104,7 +104,9 @@ Pin: release n=bookworm-backports
 Pin-Priority: 100"
 
 # The installed version of a package, empty if it is not installed.
-installed() { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null | sed -n 's/^install ok installed //p'; }
+# Empty when not installed; never fails (a plain `v=$(installed p)` under
+# errexit and pipefail would end the script on a package that is missing).
+installed() { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null | sed -n 's/^install ok installed //p' || true; }
 
 # --- What is missing (nothing is changed yet) ---
 plan=()
