@@ -24,6 +24,7 @@ use crate::uapi::MirrorDevice;
 use crate::virtio::VirtioDevice;
 use crate::vram::{MemKind, Vram};
 use contexts::Contexts;
+pub(crate) use contexts::Replay;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use kernel::bindings;
 use kernel::device::Device;

@@ -456,7 +456,8 @@ fn for_each_step(
 /// number of pages now in VRAM and the number whose copy failed.
 ///
 /// `map` gets the MAP ranges (device virtual = process virtual) of the pages
-/// migrated by each step, called before migrate_vma_finalize() while the
+/// migrated by each step and the step's end, called before
+/// migrate_vma_finalize() while the
 /// pages are still locked, so the device mapping is in place before any CPU
 /// access can move them again.
 pub(crate) fn to_device(
@@ -466,7 +467,7 @@ pub(crate) fn to_device(
     start: u64,
     end: u64,
     fail_alloc: &mut bool,
-    mut map: impl FnMut(&RangeList) -> Result,
+    mut map: impl FnMut(&RangeList, u64) -> Result,
 ) -> Result<(u64, u64)> {
     let mut args = MigrateArgs::new()?;
     let mut moved = 0;
@@ -516,7 +517,7 @@ pub(crate) fn to_device(
             }
         }
         if result.is_ok() {
-            result = map(&list);
+            result = map(&list, e);
         }
         args.finalize();
         result

@@ -7,10 +7,10 @@
 
 use crate::abi::{Opcode, Range, RangeFlags, Status, PAGE_SIZE};
 use crate::compat;
-use crate::gpu::Gpu;
+use crate::gpu::{Gpu, Replay};
 use crate::migrate;
 use crate::pages::{HmmPfn, PageKind, PageRef};
-use crate::queue::{Command, RangeList};
+use crate::queue::{Command, Detached, RangeList};
 use crate::shim::{self, c_const};
 use crate::vram::{MemKind, Vram};
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -45,6 +45,9 @@ pub(crate) struct MirrorState {
     /// The UNMAP command of invalidations, allocated at open (None while in
     /// use, or lost to a device that never completed it).
     unmap_cmd: Option<Command>,
+    /// That command while the device runs it with nobody waiting: the UNMAP
+    /// of a migration of this GPU's own pages (see `Mirror::invalidate`).
+    unmap_pending: Option<Detached>,
 }
 
 /// Ranges of the preallocated UNMAP command (each up to 4 GiB).
@@ -132,6 +135,28 @@ impl Bounce {
         Ok(Self { buf })
     }
 
+    /// The VREAD (device virtual -> here) or VWRITE (here -> device
+    /// virtual) ranges of `npages` at `addr`, a page each.
+    fn access_list(&mut self, op: Opcode, addr: u64, npages: u64) -> Result<RangeList> {
+        let mut list = RangeList::new();
+        for i in 0..npages as usize {
+            let va = addr + i as u64 * PAGE_SIZE;
+            let buf = self.phys(i);
+            if op == Opcode::Vwrite {
+                list.push(buf, va, PAGE_SIZE as u32, RangeFlags::NONE)?;
+            } else {
+                list.push(va, buf, PAGE_SIZE as u32, RangeFlags::NONE)?;
+            }
+        }
+        Ok(list)
+    }
+
+    /// Copies the buffer out to user `ptr`.
+    fn copy_out(&self, ptr: u64) -> Result {
+        let mut out = UserSlice::new(UserPtr::from_addr(ptr as usize), self.buf.len()).writer();
+        out.write_slice(&self.buf)
+    }
+
     fn phys(&mut self, page: usize) -> u64 {
         let addr = self
             .buf
@@ -165,6 +190,7 @@ impl Mirror {
                     migrating_to_device: false,
                     atomic: KVec::new(),
                     unmap_cmd: Some(unmap_cmd),
+                    unmap_pending: None,
                 }),
             }),
             GFP_KERNEL,
@@ -312,7 +338,14 @@ impl Mirror {
     /// GPU's VRAM pages, ENOENT for anything else). The whole rest of the
     /// access is resolved at once, as test_hmm does, so one access faults
     /// once.
-    fn resolve(&self, addr: u64, end: u64, write: bool, policy: FaultPolicy) -> Result {
+    fn resolve(
+        &self,
+        addr: u64,
+        end: u64,
+        write: bool,
+        policy: FaultPolicy,
+        mut replay: Option<&mut Replay>,
+    ) -> Result {
         let (fault, unlocked) = match policy {
             FaultPolicy::Resolve => (true, false),
             FaultPolicy::ResolveUnlocked => (true, true),
@@ -349,7 +382,11 @@ impl Mirror {
                 if self.retry(seq) {
                     continue;
                 }
-                self.gpu.run_prepared(cmds)?;
+                // The last step's MAP takes the REPLAY along.
+                match replay.as_deref_mut().filter(|_| step_end == end) {
+                    Some(replay) => replay.run_behind(&self.gpu, cmds)?,
+                    None => self.gpu.run_prepared(cmds)?,
+                };
                 state.note_mapped(start, step_end);
                 break;
             }
@@ -389,24 +426,17 @@ impl Mirror {
     ) -> Result {
         let end = addr + npages * PAGE_SIZE;
         let write = op == Opcode::Vwrite;
-        let mut list = RangeList::new();
-        for i in 0..npages as usize {
-            let va = addr + i as u64 * PAGE_SIZE;
-            let buf = bounce.phys(i);
-            if write {
-                list.push(buf, va, PAGE_SIZE as u32, RangeFlags::NONE)?;
-            } else {
-                list.push(va, buf, PAGE_SIZE as u32, RangeFlags::NONE)?;
-            }
-        }
+        let list = bounce.access_list(op, addr, npages)?;
         for chunk in list.chunks() {
             let mut unreported = 0;
             let resp = loop {
-                let resp =
-                    self.gpu
-                        .execute_mmu(op, self.ctx, chunk, &mut counts.faults, |fault| {
-                            self.resolve(fault.addr, end, write, policy)
-                        })?;
+                let resp = self.gpu.execute_mmu(
+                    op,
+                    self.ctx,
+                    chunk,
+                    &mut counts.faults,
+                    |fault, replay| self.resolve(fault.addr, end, write, policy, Some(replay)),
+                )?;
                 // A fault the device could not report (no free event buffer,
                 // e.g. during an event storm) completes the command with
                 // FAULT at once: resolve from the failing range on and run
@@ -424,6 +454,7 @@ impl Mirror {
                     end,
                     write,
                     policy,
+                    None,
                 )?;
                 counts.faults += 1;
                 unreported += 1;
@@ -436,9 +467,25 @@ impl Mirror {
         Ok(())
     }
 
+    /// The preallocated UNMAP command, once the device is done with it.
+    fn unmap_cmd(&self, state: &mut MirrorState) -> Result<Command> {
+        if let Some(pending) = state.unmap_pending.take() {
+            let (resp, cmd) = self.gpu.reap(pending)?;
+            if resp.status != Status::Ok {
+                gpu_warn!(self.gpu, "UNMAP failed: {}\n", resp.status.name());
+            }
+            return Ok(cmd);
+        }
+        state.unmap_cmd.take().ok_or(ENODEV)
+    }
+
     /// Removes the device MMU translations of [start, end) with the
     /// preallocated UNMAP command, in rounds of [`UNMAP_RANGES`] ranges.
-    fn unmap(&self, state: &mut MirrorState, start: u64, end: u64) -> Result {
+    /// `detach`: the last round is submitted and not waited for (the next
+    /// user of the command waits), for a caller whose next command on this
+    /// GPU's queue is waited for before the pages it unmaps can be freed:
+    /// the device completes commands in order.
+    fn unmap(&self, state: &mut MirrorState, start: u64, end: u64, detach: bool) -> Result {
         let max_len = u64::from(u32::MAX) & !(PAGE_SIZE - 1);
         let mut s = start;
         while s < end {
@@ -450,8 +497,12 @@ impl Mirror {
                 n += 1;
                 s += len;
             }
-            let mut cmd = state.unmap_cmd.take().ok_or(ENODEV)?;
+            let mut cmd = self.unmap_cmd(state)?;
             cmd.encode(Opcode::Unmap, self.ctx, self.gpu.tag(), &ranges[..n])?;
+            if detach && s >= end {
+                state.unmap_pending = Some(self.gpu.submit_detached(cmd)?);
+                return Ok(());
+            }
             let (resp, cmd) = self.gpu.execute_cmd(cmd)?;
             state.unmap_cmd = Some(cmd);
             if resp.status != Status::Ok {
@@ -481,12 +532,7 @@ impl Mirror {
             &mut counts,
             policy,
         )?;
-        let mut out = UserSlice::new(
-            UserPtr::from_addr(ptr as usize),
-            (npages * PAGE_SIZE) as usize,
-        )
-        .writer();
-        out.write_slice(&bounce.buf)?;
+        bounce.copy_out(ptr)?;
         counts.cpages = npages;
         Ok(counts)
     }
@@ -524,42 +570,60 @@ impl Mirror {
     pub(crate) fn migrate_to_device(&self, addr: u64, ptr: u64, npages: u64) -> Result<Counts> {
         self.gpu.check_alive()?;
         let generation = self.gpu.reset_generation();
-        {
-            let mm = self.mm_user()?;
-            let mut fail_alloc = {
+        let mm = self.mm_user()?;
+        let end = addr + npages * PAGE_SIZE;
+        // The read-back of a migration that fits one step and one command
+        // is submitted right behind the last MAP, before
+        // migrate_vma_finalize(): the device maps and reads in one round
+        // trip (it executes commands in order; the VRAM holds the data
+        // since the COPY).
+        let max_early = core::cmp::min(migrate::max_pages(), crate::abi::MAX_RANGES as usize);
+        let (early_bounce, mut early_read) = if npages as usize <= max_early {
+            let mut bounce = Bounce::new(npages as usize)?;
+            let list = bounce.access_list(Opcode::Vread, addr, npages)?;
+            let ranges = list.chunks().next().ok_or(EINVAL)?;
+            let read = self.gpu.prepare_mmu(Opcode::Vread, self.ctx, ranges)?;
+            (Some(bounce), Some(read))
+        } else {
+            (None, None)
+        };
+        let mut submitted = None;
+        let mut fail_alloc = {
+            let mut state = self.state.lock();
+            let fail = state.flags & crate::uapi::HMM_DMIRROR_FLAG_FAIL_ALLOC != 0;
+            state.flags &= !crate::uapi::HMM_DMIRROR_FLAG_FAIL_ALLOC;
+            state.migrating_to_device = true;
+            fail
+        };
+        let result = migrate::to_device(
+            &self.gpu,
+            self.vram(),
+            &mm,
+            addr,
+            end,
+            &mut fail_alloc,
+            |map, step_end| {
+                let mut cmds = self.gpu.prepare(Opcode::Map, self.ctx, map)?;
                 let mut state = self.state.lock();
-                let fail = state.flags & crate::uapi::HMM_DMIRROR_FLAG_FAIL_ALLOC != 0;
-                state.flags &= !crate::uapi::HMM_DMIRROR_FLAG_FAIL_ALLOC;
-                state.migrating_to_device = true;
-                fail
-            };
-            let end = addr + npages * PAGE_SIZE;
-            let result = migrate::to_device(
-                &self.gpu,
-                self.vram(),
-                &mm,
-                addr,
-                end,
-                &mut fail_alloc,
-                |map| {
-                    let cmds = self.gpu.prepare(Opcode::Map, self.ctx, map)?;
-                    let mut state = self.state.lock();
-                    self.gpu.run_prepared(cmds)?;
-                    state.note_mapped(addr, end);
-                    Ok(())
-                },
-            );
-            self.state.lock().migrating_to_device = false;
-            let (_, failed) = result?;
-            // The device stopped answering during the migration: say so.
-            self.gpu.check_alive()?;
-            if failed > 0 {
-                // Those pages stayed in system memory, data intact; the rest
-                // moved. The caller learns which with SNAPSHOT.
-                gpu_warn!(self.gpu, "copy engine failed for {} pages of a migration to VRAM: they stay in system memory\n", failed);
-                return Err(EIO);
-            }
-        }
+                match early_read.take_if(|_| step_end == end && !cmds.is_empty()) {
+                    Some(read) => {
+                        let last = cmds.pop().ok_or(EINVAL)?;
+                        self.gpu.run_prepared(cmds)?;
+                        let map = self.gpu.submit_detached(last)?;
+                        // Not submitted (e.g. a reset began): read after.
+                        submitted = self.gpu.submit_mmu(read).ok();
+                        let (resp, _) = self.gpu.reap(map)?;
+                        self.gpu.check(&resp)?;
+                    }
+                    None => {
+                        self.gpu.run_prepared(cmds)?;
+                    }
+                }
+                state.note_mapped(addr, end);
+                Ok(())
+            },
+        );
+        self.state.lock().migrating_to_device = false;
         // A device reset during the migration recreated the context empty:
         // what moved is mapped again as the read touches it.
         let policy = if self.gpu.reset_generation() == generation {
@@ -567,9 +631,42 @@ impl Mirror {
         } else {
             FaultPolicy::RemapOwn
         };
-        let counts = self.read(addr, ptr, npages, policy)?;
+        // Finished whatever happened: until then it holds the context.
+        let early = submitted.map(|access| {
+            let usable = matches!(result, Ok((_, 0)));
+            self.gpu.finish_mmu(access, &mut 0, |fault, replay| {
+                if usable {
+                    self.resolve(fault.addr, end, false, policy, Some(replay))
+                } else {
+                    Err(ENOENT)
+                }
+            })
+        });
+        drop(mm);
+        let (_, failed) = result?;
+        // The device stopped answering during the migration: say so.
+        self.gpu.check_alive()?;
+        if failed > 0 {
+            // Those pages stayed in system memory, data intact; the rest
+            // moved. The caller learns which with SNAPSHOT.
+            gpu_warn!(self.gpu, "copy engine failed for {} pages of a migration to VRAM: they stay in system memory\n", failed);
+            return Err(EIO);
+        }
+        match (early, early_bounce.as_ref()) {
+            (Some(Ok(resp)), Some(bounce)) if resp.status == Status::Ok => bounce.copy_out(ptr)?,
+            (Some(Err(e)), _) => return Err(e),
+            (Some(Ok(resp)), _) if resp.status != Status::Fault => {
+                gpu_err!(self.gpu, "device access failed: {}\n", resp.status.name());
+                return Err(EIO);
+            }
+            // No early read, or one that ended in a fault the device could
+            // not report: the read handles that.
+            _ => {
+                self.read(addr, ptr, npages, policy)?;
+            }
+        }
         Ok(Counts {
-            cpages: counts.cpages,
+            cpages: npages,
             faults: 0,
         })
     }
@@ -588,9 +685,11 @@ impl Mirror {
         // (add 0) checks the path without changing the data.
         if npages > 0 {
             let atomic = Range::new(0, addr, 8, RangeFlags::ATOMIC_ADD);
-            let resp = self
-                .gpu
-                .execute_mmu(Opcode::Atomic, self.ctx, &[atomic], &mut 0, |_| Err(ENOENT))?;
+            let resp =
+                self.gpu
+                    .execute_mmu(Opcode::Atomic, self.ctx, &[atomic], &mut 0, |_, _| {
+                        Err(ENOENT)
+                    })?;
             if resp.status != Status::Ok {
                 return Err(EIO);
             }
@@ -759,7 +858,13 @@ impl Mirror {
             // invalidates its whole address space), with the command
             // allocated at open: this runs under memory reclaim too.
             let (us, ue) = (core::cmp::max(start, ms), core::cmp::min(end, me));
-            match self.unmap(&mut state, us, ue) {
+            // A migration this GPU runs (its pagemap is the owner: a CPU
+            // fault, MIGRATE_TO_SYS, eviction, another mirror's migration to
+            // VRAM) copies on this GPU's queue and waits for that before any
+            // page is freed; until then the pages are locked and out of the
+            // CPU's tables. So its UNMAP need not be waited for here: the
+            // device completes it before that COPY.
+            match self.unmap(&mut state, us, ue, own_migrate) {
                 // The device is gone (removed, e.g. hot-unplugged, or lost):
                 // its translations went with it, and it accesses nothing.
                 Ok(()) => {}
@@ -783,6 +888,11 @@ impl PinnedDrop for Mirror {
         if self.notifying.load(Ordering::Acquire) {
             // SAFETY: inserted in `new`; removal waits for running callbacks.
             unsafe { bindings::mmu_interval_notifier_remove(self.notifier()) };
+        }
+        let pending = self.state.lock().unmap_pending.take();
+        if let Some(pending) = pending {
+            // Best effort, as the context's destruction below.
+            let _ = self.gpu.reap(pending);
         }
         self.gpu.ctx_destroy(self.ctx);
     }

@@ -837,6 +837,46 @@ impl InFlight<'_> {
     }
 }
 
+/// A submitted command nobody waits on yet ([`InFlight::detach`]), with
+/// the reset generation it was submitted in; [`Queues::attach`] gives the
+/// [`InFlight`] back to wait on.
+pub(crate) struct Detached {
+    cmd: Option<Command>,
+    pub(crate) generation: u64,
+}
+
+impl InFlight<'_> {
+    /// Stops borrowing the queues, to be waited on later.
+    pub(crate) fn detach(mut self, generation: u64) -> Detached {
+        Detached {
+            cmd: self.cmd.take(),
+            generation,
+        }
+    }
+}
+
+impl Queues {
+    /// The [`InFlight`] of a detached command.
+    pub(crate) fn attach(&self, mut detached: Detached) -> InFlight<'_> {
+        InFlight {
+            queues: self,
+            cmd: detached.cmd.take(),
+        }
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        if let Some(cmd) = self.cmd.take() {
+            if !cmd.token.is_finished() {
+                // The device may still write these: never free them.
+                pr_err!("hmmgpu: abandoning a detached command the device never completed\n");
+                core::mem::forget(cmd);
+            }
+        }
+    }
+}
+
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         if let Some(cmd) = self.cmd.take() {

@@ -8,7 +8,7 @@ use super::reset::ResetCause;
 use super::Gpu;
 use crate::abi::{self, Opcode, Range, RangeFlags, Response, Status};
 use crate::pages::PageRef;
-use crate::queue::{Command, InFlight, RangeList, Wait, COMMAND_TIMEOUT_MS};
+use crate::queue::{Command, Detached, InFlight, RangeList, Wait, COMMAND_TIMEOUT_MS};
 use core::sync::atomic::Ordering;
 use kernel::page::Page;
 use kernel::prelude::*;
@@ -70,21 +70,50 @@ impl Gpu {
         let mut resubmitted = false;
         loop {
             let (mut flight, generation) = self.submit(cmd).map_err(|(e, _)| e)?;
-            loop {
-                match self.wait(&mut flight, generation)? {
-                    Wait::Done(resp) => {
-                        let cmd = flight.into_command().ok_or(EINVAL)?;
-                        return Ok((resp, cmd));
-                    }
-                    Wait::GivenBack => break,
-                    Wait::Woken | Wait::TimedOut => continue,
-                }
+            if let Some(resp) = self.settle(&mut flight, generation)? {
+                let cmd = flight.into_command().ok_or(EINVAL)?;
+                return Ok((resp, cmd));
             }
             cmd = flight.into_command().ok_or(EIO)?;
             if resubmitted || !cmd.can_resubmit() {
                 return Err(EIO);
             }
             resubmitted = true;
+        }
+    }
+
+    /// Submits a prepared command without waiting for it: [`Gpu::reap`]
+    /// waits later. For a command whose completion only matters once a
+    /// later command on the same queue completes (the device executes and
+    /// completes them in order).
+    pub(crate) fn submit_detached(&self, cmd: Command) -> Result<Detached> {
+        let (flight, generation) = self.submit(cmd).map_err(|(e, _)| e)?;
+        Ok(flight.detach(generation))
+    }
+
+    /// Waits for a command [`Gpu::submit_detached`] submitted, as
+    /// [`Gpu::execute_cmd`] would have.
+    pub(crate) fn reap(&self, detached: Detached) -> Result<(Response, Command)> {
+        let generation = detached.generation;
+        let mut flight = self.queues.attach(detached);
+        if let Some(resp) = self.settle(&mut flight, generation)? {
+            return Ok((resp, flight.into_command().ok_or(EINVAL)?));
+        }
+        match flight.into_command() {
+            Some(cmd) if cmd.can_resubmit() => self.execute_cmd(cmd),
+            _ => Err(EIO),
+        }
+    }
+
+    /// Waits until the device answers a submitted command (`Some`), or a
+    /// device reset gives it back unexecuted (`None`).
+    fn settle(&self, flight: &mut InFlight<'_>, generation: u64) -> Result<Option<Response>> {
+        loop {
+            match self.wait(flight, generation)? {
+                Wait::Done(resp) => return Ok(Some(resp)),
+                Wait::GivenBack => return Ok(None),
+                Wait::Woken | Wait::TimedOut => continue,
+            }
         }
     }
 
@@ -116,19 +145,73 @@ impl Gpu {
         let mut bytes = 0;
         for cmd in cmds {
             let (resp, _) = self.execute_cmd(cmd)?;
-            if resp.status != Status::Ok {
-                self.note_failure(&resp);
-                gpu_err!(
-                    self,
-                    "command failed: {} at range {}\n",
-                    resp.status.name(),
-                    resp.failed_index
-                );
-                return Err(EIO);
-            }
+            self.check(&resp)?;
             bytes += resp.bytes;
         }
         Ok(bytes)
+    }
+
+    /// [`Gpu::run_prepared`], with `tail` submitted right behind the last
+    /// command before either is waited for: the device completes both in
+    /// one round trip (it executes commands in order, so `tail` sees what
+    /// they did). Returns the commands' outcome, and the tail's once it was
+    /// submitted: its response, or `None` if a device reset gave it back.
+    /// If the commands failed before the tail was submitted, that is `None`.
+    pub(crate) fn run_prepared_then(
+        &self,
+        mut cmds: KVec<Command>,
+        tail: Command,
+    ) -> (Result<u64>, Option<Result<Option<Response>>>) {
+        let Some(last) = cmds.pop() else {
+            return (Ok(0), Some(self.run_tail(tail)));
+        };
+        let bytes = match self.run_prepared(cmds) {
+            Ok(bytes) => bytes,
+            Err(e) => return (Err(e), None),
+        };
+        let (mut flight, generation) = match self.submit(last) {
+            Ok(submitted) => submitted,
+            Err((e, _)) => return (Err(e), None),
+        };
+        let tail = self.submit(tail);
+        // Both are waited for before anything returns: the device owns
+        // their buffers until then.
+        let last = self.settle(&mut flight, generation);
+        let tail = tail
+            .map_err(|(e, _)| e)
+            .and_then(|(mut tail, generation)| self.settle(&mut tail, generation));
+        let last = match last {
+            Ok(Some(resp)) => Ok(resp),
+            // A reset gave it back: the same as run_prepared would.
+            Ok(None) => match flight.into_command() {
+                Some(cmd) if cmd.can_resubmit() => self.execute_cmd(cmd).map(|(resp, _)| resp),
+                _ => Err(EIO),
+            },
+            Err(e) => Err(e),
+        };
+        let last = last.and_then(|resp| self.check(&resp).map(|()| bytes + resp.bytes));
+        (last, Some(tail))
+    }
+
+    /// The tail of [`Gpu::run_prepared_then`] when there is nothing before it.
+    fn run_tail(&self, tail: Command) -> Result<Option<Response>> {
+        let (mut flight, generation) = self.submit(tail).map_err(|(e, _)| e)?;
+        self.settle(&mut flight, generation)
+    }
+
+    /// EIO, logged, if the device reported an error for a command.
+    pub(crate) fn check(&self, resp: &Response) -> Result {
+        if resp.status == Status::Ok {
+            return Ok(());
+        }
+        self.note_failure(resp);
+        gpu_err!(
+            self,
+            "command failed: {} at range {}\n",
+            resp.status.name(),
+            resp.failed_index
+        );
+        Err(EIO)
     }
 
     /// Counts a failed command's status.

@@ -7,7 +7,7 @@
 use super::reset::ResetCause;
 use super::Gpu;
 use crate::abi::{self, Event, Opcode, Range, Response, Status};
-use crate::queue::{Command, Token, Wait};
+use crate::queue::{Command, Detached, Token, Wait};
 use core::ptr;
 use core::sync::atomic::Ordering;
 use kernel::prelude::*;
@@ -60,6 +60,52 @@ fn access_span(opcode: Opcode, ranges: &[Range]) -> (u64, u64) {
 /// A command a device reset gave back unexecuted, to submit again.
 struct Resubmit(Command);
 
+/// An MMU access [`Gpu::prepare_mmu`] built.
+pub(crate) struct PreparedAccess {
+    ctx: u32,
+    span: (u64, u64),
+    cmd: Command,
+}
+
+/// An MMU access [`Gpu::submit_mmu`] submitted, which
+/// [`Gpu::finish_mmu`] must finish.
+pub(crate) struct SubmittedAccess {
+    ctx: u32,
+    span: (u64, u64),
+    cmd: Detached,
+}
+
+/// The REPLAY that ends a device fault's resolution. The resolver submits
+/// it right behind its last MAP ([`Replay::run_behind`]), so the device
+/// maps, resumes the parked access and completes all three in one round
+/// trip; if the resolver does not, [`Gpu::execute_mmu`] runs it alone.
+pub(crate) struct Replay {
+    cmd: Option<Command>,
+    /// Once submitted: the device's answer (`None`: a reset gave it back).
+    answer: Option<Result<Option<Response>>>,
+}
+
+impl Replay {
+    fn new(gpu: &Gpu, ctx: u32) -> Result<Self> {
+        Ok(Replay {
+            cmd: Some(Command::new(Opcode::Replay, ctx, gpu.tag(), &[])?),
+            answer: None,
+        })
+    }
+
+    /// Runs the MAP commands `cmds` with the REPLAY behind them (see
+    /// [`Gpu::run_prepared_then`]); the MAPs' outcome. Once only: later
+    /// calls run `cmds` alone.
+    pub(crate) fn run_behind(&mut self, gpu: &Gpu, cmds: KVec<Command>) -> Result<u64> {
+        let Some(cmd) = self.cmd.take() else {
+            return gpu.run_prepared(cmds);
+        };
+        let (maps, answer) = gpu.run_prepared_then(cmds, cmd);
+        self.answer = answer;
+        maps
+    }
+}
+
 /// The contexts in use; `slots[i]` is context `i + 1`.
 pub(super) struct Contexts {
     pub(super) slots: KVec<CtxSlot>,
@@ -71,28 +117,69 @@ unsafe impl Send for Contexts {}
 impl Gpu {
     /// Executes a device MMU access (VREAD, VWRITE, ATOMIC) of context
     /// `ctx`. Each device fault it raises is handed to `resolve`; on success
-    /// the command is replayed, on error it is cancelled and the error
-    /// returned. A FAULT event that turns out not to be this command's (the
-    /// REPLAY or CANCEL finds nothing parked: BAD_CONTEXT) is counted as
-    /// spurious and changes nothing; the command keeps running. `faults`
-    /// counts the device faults resolved and replayed (not spurious ones).
+    /// the command is replayed (by `resolve`, behind its MAP, or after it),
+    /// on error it is cancelled and the error returned. A FAULT event that
+    /// turns out not to be this command's (the REPLAY or CANCEL finds
+    /// nothing parked: BAD_CONTEXT) is counted as spurious and changes
+    /// nothing; the command keeps running. `faults` counts the device
+    /// faults resolved and replayed (not spurious ones).
     pub(crate) fn execute_mmu(
         &self,
         opcode: Opcode,
         ctx: u32,
         ranges: &[Range],
         faults: &mut u64,
-        mut resolve: impl FnMut(&Event) -> Result,
+        resolve: impl FnMut(&Event, &mut Replay) -> Result,
     ) -> Result<Response> {
-        let span = access_span(opcode, ranges);
-        let mut cmd = Command::new(opcode, ctx, self.tag(), ranges)?;
+        let access = self.prepare_mmu(opcode, ctx, ranges)?;
+        let access = self.submit_mmu(access)?;
+        self.finish_mmu(access, faults, resolve)
+    }
+
+    /// Builds an MMU access of [`Gpu::execute_mmu`], to submit later with
+    /// [`Gpu::submit_mmu`] without allocating.
+    pub(crate) fn prepare_mmu(
+        &self,
+        opcode: Opcode,
+        ctx: u32,
+        ranges: &[Range],
+    ) -> Result<PreparedAccess> {
+        Ok(PreparedAccess {
+            ctx,
+            span: access_span(opcode, ranges),
+            cmd: Command::new(opcode, ctx, self.tag(), ranges)?,
+        })
+    }
+
+    /// Submits a prepared access, to be finished by [`Gpu::finish_mmu`]
+    /// (always: until then the context's access slot is taken). Allocates
+    /// nothing: callable under the mirror lock.
+    pub(crate) fn submit_mmu(&self, access: PreparedAccess) -> Result<SubmittedAccess> {
+        let PreparedAccess { ctx, span, cmd } = access;
+        Ok(SubmittedAccess {
+            ctx,
+            span,
+            cmd: self.submit_access(cmd, ctx, span)?,
+        })
+    }
+
+    /// The last part of [`Gpu::execute_mmu`]: waits for the access,
+    /// resolving its faults, and submits it once more if a device reset
+    /// gave it back.
+    pub(crate) fn finish_mmu(
+        &self,
+        access: SubmittedAccess,
+        faults: &mut u64,
+        mut resolve: impl FnMut(&Event, &mut Replay) -> Result,
+    ) -> Result<Response> {
+        let SubmittedAccess { ctx, span, mut cmd } = access;
         let mut resubmitted = false;
         loop {
-            match self.execute_access(cmd, ctx, span, faults, &mut resolve) {
+            match self.drive_access(cmd, ctx, faults, &mut resolve) {
                 Err(Resubmit(back)) if !resubmitted && back.can_resubmit() => {
                     // A device reset gave it back; the context is empty now,
                     // so the access faults its pages in again.
-                    cmd = back;
+                    cmd = self.submit_access(back, ctx, span)?;
                     resubmitted = true;
                 }
                 Err(Resubmit(_)) => return Err(EIO),
@@ -101,45 +188,56 @@ impl Gpu {
         }
     }
 
-    /// One submission of an MMU access for [`Gpu::execute_mmu`]; gives the
-    /// command back if a device reset returned it unexecuted.
-    fn execute_access(
-        &self,
-        cmd: Command,
-        ctx: u32,
-        span: (u64, u64),
-        faults: &mut u64,
-        resolve: &mut impl FnMut(&Event) -> Result,
-    ) -> core::result::Result<Result<Response>, Resubmit> {
+    /// Submits an MMU access of [span.0, span.1) on `ctx`.
+    fn submit_access(&self, cmd: Command, ctx: u32, span: (u64, u64)) -> Result<Detached> {
         // Before the submission: the device may report a fault before the
         // waiter is set, and on_event must know the access by then.
         self.begin_access(ctx, span);
-        let (mut flight, generation) = match self.submit(cmd) {
-            Ok(submitted) => submitted,
-            Err((e, _)) => {
-                self.end_access(ctx);
-                return Ok(Err(e));
-            }
-        };
+        self.submit_detached(cmd)
+            .inspect_err(|_| self.end_access(ctx))
+    }
+
+    /// Waits for a submitted MMU access for [`Gpu::finish_mmu`], resolving
+    /// its faults; gives the command back if a device reset returned it
+    /// unexecuted.
+    fn drive_access(
+        &self,
+        cmd: Detached,
+        ctx: u32,
+        faults: &mut u64,
+        resolve: &mut impl FnMut(&Event, &mut Replay) -> Result,
+    ) -> core::result::Result<Result<Response>, Resubmit> {
+        let generation = cmd.generation;
+        let mut flight = self.queues.attach(cmd);
         self.set_waiter(ctx, flight.token());
         let mut failure = None;
         let result = loop {
             if let Some(fault) = self.take_fault(ctx) {
-                let (next, error) = match resolve(&fault) {
-                    Ok(()) => (Opcode::Replay, None),
-                    Err(e) => (Opcode::Cancel, Some(e)),
-                };
-                match self.execute(next, ctx, &[]) {
+                let mut replay = match Replay::new(self, ctx) {
+                    Ok(replay) => replay,
                     Err(e) => break Err(e),
+                };
+                // A resolution that failed after its REPLAY ran: the access
+                // fails, and its next fault is cancelled, not resolved.
+                let resolved = match failure {
+                    Some(e) => Err(e),
+                    None => resolve(&fault, &mut replay),
+                };
+                let answer = match (replay.answer.take(), &resolved) {
+                    (Some(answer), _) => answer,
+                    (None, Ok(())) => self.execute(Opcode::Replay, ctx, &[]).map(Some),
+                    (None, Err(_)) => self.execute(Opcode::Cancel, ctx, &[]).map(Some),
+                };
+                match answer {
+                    Err(e) => break Err(e),
+                    // Given back by a reset, as the access will be.
+                    Ok(None) => {}
                     // Nothing parked: the event was spurious.
-                    Ok(r) if r.status == Status::BadContext => self.note_spurious(&fault),
-                    Ok(_) => {
-                        if error.is_some() {
-                            failure = error;
-                        } else {
-                            *faults += 1;
-                        }
-                    }
+                    Ok(Some(r)) if r.status == Status::BadContext => self.note_spurious(&fault),
+                    Ok(Some(_)) => match resolved {
+                        Ok(()) => *faults += 1,
+                        Err(e) => failure = Some(e),
+                    },
                 }
                 continue;
             }
