@@ -16,10 +16,11 @@
 # The host follows the phases by the module's kernel messages (HOSTILE-PHASE
 # when a bind starts one, HOSTILE-CONFIG and HOSTILE-CHAINS when the unbind
 # ended it) and reads the bystanders' kernel records:
-#   HOSTILE-DATA phase=P end=E round=N status=S
+#   HOSTILE-DATA phase=P end=E round=N status=S start=T0 stop=T1
 #                                            one GPU 0 round (S: the demo's
 #                                            exit status; P, E: the phases
-#                                            it started and ended in)
+#                                            it started and ended in; T0, T1:
+#                                            /proc/uptime around it)
 #   HOSTILE-BYSTANDER ...                    hmmgpu-bystander's figures
 # Kernel records reach the console whole, where this script's own echo can
 # be cut by them. Exits 0 when every step ran (the host judges the figures),
@@ -61,11 +62,16 @@ bystander=$!
     while [ ! -e "$work/stop" ]; do
         n=$((n + 1))
         p=$(cat /sys/module/hmmgpu_hostile/parameters/phase)
-        hmmgpu-demo -d "$bystander_dev" -s 1M --seed "$n" >"$work/demo.log" 2>&1
+        t0=$(cut -d' ' -f1 /proc/uptime)
+        # 256 KiB: rounds short enough that several start in every phase
+        # even on the debug kernel with the other GPU under attack (a 1 MiB
+        # round, 256 CPU faults back, once outlasted a whole phase there).
+        hmmgpu-demo -d "$bystander_dev" -s 256K --seed "$n" >"$work/demo.log" 2>&1
         s=$?
+        t1=$(cut -d' ' -f1 /proc/uptime)
         e=$(cat /sys/module/hmmgpu_hostile/parameters/phase)
         [ "$s" = 0 ] || cat "$work/demo.log"
-        echo "<5>HOSTILE-DATA phase=${p:-none} end=${e:-none} round=$n status=$s" >/dev/kmsg
+        echo "<5>HOSTILE-DATA phase=${p:-none} end=${e:-none} round=$n status=$s start=$t0 stop=$t1" >/dev/kmsg
     done
 ) &
 data=$!

@@ -590,10 +590,19 @@ fn gpu0_rounds(console: &[String]) -> Result<()> {
             (p, n)
         })
         .collect();
+    // The longest round, where the guest gave its times.
+    let longest = rounds
+        .iter()
+        .filter_map(|r| {
+            let at = |k: &str| r.get(k)?.parse::<f64>().ok();
+            Some(at("stop")? - at("start")?)
+        })
+        .fold(None, |m: Option<f64>, d| Some(m.map_or(d, |m| m.max(d))));
     log(format!(
-        "hostile-guest: GPU 0 bystander: {} hmmgpu-demo rounds, {} failed; started or ended per phase: {}",
+        "hostile-guest: GPU 0 bystander: {} hmmgpu-demo rounds, {} failed, longest {}; started or ended per phase: {}",
         rounds.len(),
         failed.len(),
+        longest.map_or_else(|| "unknown".to_string(), |s| format!("{s:.2}s")),
         per_phase
             .iter()
             .map(|(p, n)| format!("{p} {n}"))
