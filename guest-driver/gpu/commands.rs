@@ -66,19 +66,29 @@ impl Gpu {
     /// device reset gave back is submitted once more if that is harmless
     /// ([`Command::can_resubmit`]), else fails with EIO.
     pub(crate) fn execute_cmd(&self, cmd: Command) -> Result<(Response, Command)> {
-        let mut cmd = cmd;
+        let (flight, generation) = self.submit(cmd).map_err(|(e, _)| e)?;
+        self.finish(flight, generation)
+    }
+
+    /// The waiting half of [`Gpu::execute_cmd`]: the response, and the
+    /// command back for reuse; a command a reset gave back is submitted
+    /// once more if that is harmless, else fails with EIO.
+    fn finish<'a>(
+        &'a self,
+        mut flight: InFlight<'a>,
+        mut generation: u64,
+    ) -> Result<(Response, Command)> {
         let mut resubmitted = false;
         loop {
-            let (mut flight, generation) = self.submit(cmd).map_err(|(e, _)| e)?;
             if let Some(resp) = self.settle(&mut flight, generation)? {
-                let cmd = flight.into_command().ok_or(EINVAL)?;
-                return Ok((resp, cmd));
+                return Ok((resp, flight.into_command().ok_or(EINVAL)?));
             }
-            cmd = flight.into_command().ok_or(EIO)?;
+            let cmd = flight.into_command().ok_or(EIO)?;
             if resubmitted || !cmd.can_resubmit() {
                 return Err(EIO);
             }
             resubmitted = true;
+            (flight, generation) = self.submit(cmd).map_err(|(e, _)| e)?;
         }
     }
 
@@ -95,14 +105,7 @@ impl Gpu {
     /// [`Gpu::execute_cmd`] would have.
     pub(crate) fn reap(&self, detached: Detached) -> Result<(Response, Command)> {
         let generation = detached.generation;
-        let mut flight = self.queues.attach(detached);
-        if let Some(resp) = self.settle(&mut flight, generation)? {
-            return Ok((resp, flight.into_command().ok_or(EINVAL)?));
-        }
-        match flight.into_command() {
-            Some(cmd) if cmd.can_resubmit() => self.execute_cmd(cmd),
-            _ => Err(EIO),
-        }
+        self.finish(self.queues.attach(detached), generation)
     }
 
     /// Waits until the device answers a submitted command (`Some`), or a
@@ -169,27 +172,18 @@ impl Gpu {
             Ok(bytes) => bytes,
             Err(e) => return (Err(e), None),
         };
-        let (mut flight, generation) = match self.submit(last) {
+        let (flight, generation) = match self.submit(last) {
             Ok(submitted) => submitted,
             Err((e, _)) => return (Err(e), None),
         };
         let tail = self.submit(tail);
         // Both are waited for before anything returns: the device owns
         // their buffers until then.
-        let last = self.settle(&mut flight, generation);
+        let last = self.finish(flight, generation);
         let tail = tail
             .map_err(|(e, _)| e)
             .and_then(|(mut tail, generation)| self.settle(&mut tail, generation));
-        let last = match last {
-            Ok(Some(resp)) => Ok(resp),
-            // A reset gave it back: the same as run_prepared would.
-            Ok(None) => match flight.into_command() {
-                Some(cmd) if cmd.can_resubmit() => self.execute_cmd(cmd).map(|(resp, _)| resp),
-                _ => Err(EIO),
-            },
-            Err(e) => Err(e),
-        };
-        let last = last.and_then(|resp| self.check(&resp).map(|()| bytes + resp.bytes));
+        let last = last.and_then(|(resp, _)| self.check(&resp).map(|()| bytes + resp.bytes));
         (last, Some(tail))
     }
 
