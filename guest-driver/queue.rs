@@ -796,17 +796,6 @@ impl Command {
     pub(crate) fn can_resubmit(&self) -> bool {
         self.opcode != Opcode::Atomic
     }
-
-    /// Frees the command, unless the device never finished it and may
-    /// still write its buffers: then they are never freed (leaked), and
-    /// this returns true.
-    fn abandon_if_unfinished(self) -> bool {
-        if self.token.is_finished() {
-            return false;
-        }
-        core::mem::forget(self);
-        true
-    }
 }
 
 /// A submitted command.
@@ -878,19 +867,27 @@ impl Queues {
 
 impl Drop for Detached {
     fn drop(&mut self) {
-        if self.cmd.take().is_some_and(Command::abandon_if_unfinished) {
-            pr_err!("hmmgpu: abandoning a detached command the device never completed\n");
+        if let Some(cmd) = self.cmd.take() {
+            if !cmd.token.is_finished() {
+                // The device may still write these: never free them.
+                pr_err!("hmmgpu: abandoning a detached command the device never completed\n");
+                core::mem::forget(cmd);
+            }
         }
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        if self.cmd.take().is_some_and(Command::abandon_if_unfinished) {
-            dev_err!(
-                self.queues.dev,
-                "abandoning a command the device never completed\n"
-            );
+        if let Some(cmd) = self.cmd.take() {
+            if !cmd.token.is_finished() {
+                // The device may still write these: never free them.
+                dev_err!(
+                    self.queues.dev,
+                    "abandoning a command the device never completed\n"
+                );
+                core::mem::forget(cmd);
+            }
         }
     }
 }

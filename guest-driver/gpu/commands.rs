@@ -66,29 +66,19 @@ impl Gpu {
     /// device reset gave back is submitted once more if that is harmless
     /// ([`Command::can_resubmit`]), else fails with EIO.
     pub(crate) fn execute_cmd(&self, cmd: Command) -> Result<(Response, Command)> {
-        let (flight, generation) = self.submit(cmd).map_err(|(e, _)| e)?;
-        self.finish(flight, generation)
-    }
-
-    /// The waiting half of [`Gpu::execute_cmd`]: the response, and the
-    /// command back for reuse; a command a reset gave back is submitted
-    /// once more if that is harmless, else fails with EIO.
-    fn finish<'a>(
-        &'a self,
-        mut flight: InFlight<'a>,
-        mut generation: u64,
-    ) -> Result<(Response, Command)> {
+        let mut cmd = cmd;
         let mut resubmitted = false;
         loop {
+            let (mut flight, generation) = self.submit(cmd).map_err(|(e, _)| e)?;
             if let Some(resp) = self.settle(&mut flight, generation)? {
-                return Ok((resp, flight.into_command().ok_or(EINVAL)?));
+                let cmd = flight.into_command().ok_or(EINVAL)?;
+                return Ok((resp, cmd));
             }
-            let cmd = flight.into_command().ok_or(EIO)?;
+            cmd = flight.into_command().ok_or(EIO)?;
             if resubmitted || !cmd.can_resubmit() {
                 return Err(EIO);
             }
             resubmitted = true;
-            (flight, generation) = self.submit(cmd).map_err(|(e, _)| e)?;
         }
     }
 
@@ -105,7 +95,14 @@ impl Gpu {
     /// [`Gpu::execute_cmd`] would have.
     pub(crate) fn reap(&self, detached: Detached) -> Result<(Response, Command)> {
         let generation = detached.generation;
-        self.finish(self.queues.attach(detached), generation)
+        let mut flight = self.queues.attach(detached);
+        if let Some(resp) = self.settle(&mut flight, generation)? {
+            return Ok((resp, flight.into_command().ok_or(EINVAL)?));
+        }
+        match flight.into_command() {
+            Some(cmd) if cmd.can_resubmit() => self.execute_cmd(cmd),
+            _ => Err(EIO),
+        }
     }
 
     /// Waits until the device answers a submitted command (`Some`), or a
@@ -172,18 +169,27 @@ impl Gpu {
             Ok(bytes) => bytes,
             Err(e) => return (Err(e), None),
         };
-        let (flight, generation) = match self.submit(last) {
+        let (mut flight, generation) = match self.submit(last) {
             Ok(submitted) => submitted,
             Err((e, _)) => return (Err(e), None),
         };
         let tail = self.submit(tail);
         // Both are waited for before anything returns: the device owns
         // their buffers until then.
-        let last = self.finish(flight, generation);
+        let last = self.settle(&mut flight, generation);
         let tail = tail
             .map_err(|(e, _)| e)
             .and_then(|(mut tail, generation)| self.settle(&mut tail, generation));
-        let last = last.and_then(|(resp, _)| self.check(&resp).map(|()| bytes + resp.bytes));
+        let last = match last {
+            Ok(Some(resp)) => Ok(resp),
+            // A reset gave it back: the same as run_prepared would.
+            Ok(None) => match flight.into_command() {
+                Some(cmd) if cmd.can_resubmit() => self.execute_cmd(cmd).map(|(resp, _)| resp),
+                _ => Err(EIO),
+            },
+            Err(e) => Err(e),
+        };
+        let last = last.and_then(|resp| self.check(&resp).map(|()| bytes + resp.bytes));
         (last, Some(tail))
     }
 
